@@ -1,0 +1,87 @@
+"""Stage 1 — capture: turn a Hugging Face causal LM into an exported ``torch.fx`` graph.
+
+``torch.export`` (non-strict) records the model at the ATen level with a dynamic batch and sequence
+dimension, so one capture serves every prompt length.  We check up front that the model is a
+decoder-only *causal* LM: everything downstream assumes position t only sees tokens ≤ t.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class CaptureError(ValueError):
+    """The model cannot be captured as a causal decoder-only graph."""
+
+
+class _LogitsOnly(nn.Module):
+    """Calls the HF model the one way export understands: no KV cache, logits out."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def _check_decoder_only(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    name = type(model).__name__
+    if config is None:
+        raise CaptureError(f"{name} has no `.config`: fxcircuits.trace expects a transformers causal-LM object "
+                           "(e.g. from AutoModelForCausalLM.from_pretrained).")
+    if getattr(config, "is_encoder_decoder", False):
+        raise CaptureError(f"{name} is an encoder-decoder model; fxcircuits decomposes decoder-only causal LMs only. "
+                           "Load a decoder-only checkpoint with AutoModelForCausalLM.")
+
+
+def example_inputs(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (2, 5), generator=generator).to(device)
+    return input_ids, torch.ones_like(input_ids)
+
+
+def _max_positions(config) -> int:
+    """Longest sequence we export for: export needs a finite bound, and some models (GPT-Neo) guard against
+    exactly ``max_position_embeddings``, so we stop one short of it."""
+    for key in ("max_position_embeddings", "n_positions", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 3:
+            return value - 1
+    return 2**16
+
+
+def export(model: nn.Module) -> torch.fx.GraphModule:
+    """Export ``model`` to an ATen-level GraphModule ``(input_ids, attention_mask) -> logits``."""
+    _check_decoder_only(model)
+    model.eval()
+    batch = torch.export.Dim("batch", min=1, max=2**16)
+    seq = torch.export.Dim("seq", min=2, max=_max_positions(model.config))
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
+    try:
+        with torch.no_grad():
+            program = torch.export.export(_LogitsOnly(model), example_inputs(model), strict=False,
+                                          dynamic_shapes=shapes)
+    except Exception as error:  # export raises many exception types; all mean "not traceable"
+        raise CaptureError(f"torch.export could not trace {type(model).__name__}: {type(error).__name__}: "
+                           f"{str(error).splitlines()[0] if str(error) else ''}. fxcircuits needs a model that "
+                           "torch.export handles with use_cache=False.") from error
+    # Functionalise (no in-place ops, no dropout) but keep linear/SDPA/layer_norm as single nodes.
+    module = program.run_decompositions({}).module()
+    _check_causal(module, model)
+    return module
+
+
+def _check_causal(module: torch.fx.GraphModule, model: nn.Module) -> None:
+    """Changing the last token must leave every earlier position's logits untouched."""
+    input_ids, attention_mask = example_inputs(model)
+    changed = input_ids.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % model.get_input_embeddings().num_embeddings
+    with torch.no_grad():
+        before, after = module(input_ids, attention_mask), module(changed, attention_mask)
+    if not torch.allclose(before[:, :-1], after[:, :-1], atol=1e-5, rtol=1e-4):
+        raise CaptureError(f"{type(model).__name__} is not causal: changing the last token changed the logits at "
+                           "earlier positions. fxcircuits decomposes causal (decoder-only) language models.")

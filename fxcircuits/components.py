@@ -1,0 +1,327 @@
+"""Stage 2 — find components: the residual stream, its writers and its readers, by graph structure alone.
+
+The residual stream is the chain of values that *dominate* the logits: every data path from the token
+embedding to the output passes through each of them.  A stream value that is an addition of the previous
+stream value and some other terms is a *residual step*; the other terms are written by the step's
+writers.  A writer whose terms depend on an attention core (a ``scaled_dot_product_attention`` node, or a
+matmul → softmax → matmul pattern) is an attention layer; any other writer is an MLP (an MoE block
+included).  Nothing here looks at module names, so new architectures need no new code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import GraphModule, Node
+
+aten = torch.ops.aten
+
+
+class DecompositionError(ValueError):
+    """The graph does not have the residual-stream structure fxcircuits needs."""
+
+    def __init__(self, model_name: str, node: Node | None, why: str):
+        where = f" at graph node '{node.name}' ({node.target})" if node is not None else ""
+        super().__init__(f"cannot decompose {model_name}{where}: {why}")
+
+
+# Ops that pass the residual stream through unchanged in value (some change its shape, e.g. OPT flattens
+# batch and sequence around its MLP).
+TRANSPARENT = {aten.clone.default, aten.contiguous.default, aten.alias.default, aten._to_copy.default,
+               aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+SOFTMAX = {aten.softmax.int, aten._softmax.default}
+MATMUL = {aten.matmul.default, aten.bmm.default, aten.mm.default}
+SDPA = {aten.scaled_dot_product_attention.default}
+SKIPPED = {aten._assert_tensor_metadata.default}
+RESHAPING = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+             aten.permute.default, aten.clone.default, aten.contiguous.default}
+
+
+def is_tensor_node(node: Node) -> bool:
+    value = node.meta.get("val")
+    if isinstance(value, (list, tuple)):
+        return any(isinstance(v, torch.Tensor) for v in value)
+    return isinstance(value, torch.Tensor)
+
+
+def data_inputs(node: Node) -> list[Node]:
+    return [n for n in node.all_input_nodes if is_tensor_node(n)]
+
+
+def data_users(node: Node) -> list[Node]:
+    return [n for n in node.users if n.op == "output" or (is_tensor_node(n) and n.target not in SKIPPED)]
+
+
+def descendants(node: Node) -> set[Node]:
+    seen, stack = set(), [node]
+    while stack:
+        for user in data_users(stack.pop()):
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
+def ancestors(node: Node) -> set[Node]:
+    seen, stack = set(), [node]
+    while stack:
+        for parent in stack.pop().all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
+
+
+def between(start: Node, ends: list[Node]) -> set[Node]:
+    """Nodes on a data path from ``start`` to any of ``ends`` (ends included, start excluded).
+
+    Both walks stay inside the window of the graph between ``start`` and the last end (fx nodes compare
+    by their position in the graph), so this costs the size of the window, not of the graph."""
+    above, stack = set(ends), list(ends)
+    while stack:
+        for parent in stack.pop().all_input_nodes:
+            if parent > start and parent not in above:
+                above.add(parent)
+                stack.append(parent)
+    reach, stack = set(), [start]
+    while stack:
+        for user in data_users(stack.pop()):
+            if user in above and user not in reach:
+                reach.add(user)
+                stack.append(user)
+    return reach
+
+
+@dataclass
+class Attention:
+    """One attention layer: its core, the q/k/v inputs of the core, and the terms it writes."""
+    layer: int
+    core: list[Node]                      # the SDPA node, or the nodes from score matmul to output matmul
+    inputs: dict[str, Node]               # "q" / "k" / "v" -> the core's input node ([B, heads, ...])
+    output: Node                          # the core's output ([B, H, S, head_dim])
+    terms: list[Node]                     # what it adds to the residual stream
+    n_heads: int = 0
+
+
+@dataclass
+class MLP:
+    layer: int
+    terms: list[Node]
+
+
+@dataclass
+class Step:
+    """One residual step: ``end = start + Σ writer terms (+ constants)``."""
+    start: Node                            # the stream value every writer of this step reads
+    end: Node                              # the add node that yields the next stream value
+    adds: list[Node]                       # the add nodes of the step's sum
+    writers: list[Attention | MLP] = field(default_factory=list)
+
+
+@dataclass
+class Components:
+    model_name: str
+    source: Node                           # the token embedding lookup
+    steps: list[Step]
+    final: Node                            # the last stream value, read by the logits
+    logits: Node                           # the logits tensor returned by the graph
+
+    @property
+    def attentions(self) -> list[Attention]:
+        return [w for s in self.steps for w in s.writers if isinstance(w, Attention)]
+
+
+def find_components(gm: GraphModule, model_name: str) -> Components:
+    """Find the residual stream of ``gm`` and the attention and MLP layers that read and write it."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    logits = _logits_node(output, model_name)
+    source = _token_embedding(gm, model_name)
+    chain = _dominator_chain(source, logits)
+    counts = {"attention": 0, "mlp": 0}
+    steps = []
+    for step in _residual_steps(chain):
+        step.writers = _writers(step, counts, model_name)
+        if step.writers:
+            steps.append(step)
+    if counts["attention"] == 0:
+        raise DecompositionError(model_name, None, "found no attention layer writing to a residual stream between "
+                                 "the token embedding and the logits")
+    _check_pass_through(chain, steps, model_name)
+    return Components(model_name, source, steps, steps[-1].end, logits)
+
+
+def _logits_node(output: Node, model_name: str) -> Node:
+    flat = [a for a in torch.utils._pytree.tree_leaves(output.args) if isinstance(a, Node)]
+    if len(flat) != 1:
+        raise DecompositionError(model_name, output, f"expected the graph to return one logits tensor, got {len(flat)}")
+    return flat[0]
+
+
+def _token_embedding(gm: GraphModule, model_name: str) -> Node:
+    """The first floating-point tensor computed from ``input_ids``."""
+    input_ids = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    reach = descendants(input_ids)
+    for node in gm.graph.nodes:
+        if node in reach and isinstance(node.meta.get("val"), torch.Tensor) and node.meta["val"].is_floating_point():
+            return node
+    raise DecompositionError(model_name, input_ids, "no floating-point value is computed from input_ids")
+
+
+def _dominator_chain(source: Node, sink: Node) -> list[Node]:
+    """Nodes through which every data path from ``source`` to ``sink`` passes, in order."""
+    live = descendants(source) & (ancestors(sink) | {sink})
+    idom: dict[Node, Node | None] = {source: None}
+    depth = {source: 0}
+
+    def meet(a: Node, b: Node) -> Node:
+        while a is not b:
+            if depth[a] >= depth[b]:
+                a = idom[a]
+            else:
+                b = idom[b]
+        return a
+
+    for node in source.graph.nodes:  # fx graphs are topologically ordered
+        if node not in live:
+            continue
+        parents = [p for p in node.all_input_nodes if p in idom]
+        dom = parents[0]
+        for parent in parents[1:]:
+            dom = meet(dom, parent)
+        idom[node], depth[node] = dom, depth[dom] + 1
+    chain, node = [], sink
+    while node is not None:
+        chain.append(node)
+        node = idom[node]
+    return chain[::-1]
+
+
+def _sum_terms(node: Node, inside: set[Node]) -> tuple[list[Node], list[Node]]:
+    """Flatten a tree of ``aten.add.Tensor`` nodes into its terms; returns (terms, add nodes)."""
+    if node in inside and node.target in TRANSPARENT:
+        terms, adds = _sum_terms(node.args[0], inside)
+        return terms, [node] + adds
+    if node.target is aten.add.Tensor and node in inside and node.kwargs.get("alpha", 1) == 1 \
+            and all(isinstance(a, Node) for a in node.args):
+        terms, adds = [], [node]
+        for arg in node.args:
+            t, a = _sum_terms(arg, inside)
+            terms += t
+            adds += a
+        return terms, adds
+    return [node], []
+
+
+def _residual_steps(chain: list[Node]) -> list[Step]:
+    steps = []
+    for previous, node in zip(chain, chain[1:]):
+        if node.target is aten.add.Tensor:
+            terms, adds = _sum_terms(node, between(previous, [node]) | {node})
+            if terms.count(previous) == 1:
+                steps.append(Step(previous, node, adds))
+    return steps
+
+
+def _check_pass_through(chain: list[Node], steps: list[Step], model_name: str) -> None:
+    """Between the first and the last residual step the stream may only be added to or passed through."""
+    ends = {s.end for s in steps}
+    inside = chain[chain.index(steps[0].start) + 1:chain.index(steps[-1].end)]
+    for node in inside:
+        if node not in ends and node.target is not aten.add.Tensor and node.target not in TRANSPARENT:
+            raise DecompositionError(model_name, node, "the residual stream is transformed between two residual "
+                                     "additions by an operation that is not a plain pass-through")
+
+
+def _writers(step: Step, counts: dict[str, int], model_name: str) -> list[Attention | MLP]:
+    inside = between(step.start, [step.end])
+    terms, _ = _sum_terms(step.end, inside | {step.end})
+    terms = [t for t in terms if t is not step.start and t in inside]  # terms that read the stream
+    cores = _attention_cores(step, inside, model_name)
+    attention_terms: dict[int, list[Node]] = {i: [] for i in range(len(cores))}
+    mlp_terms = []
+    for term in terms:
+        above = ancestors(term) | {term}
+        owners = [i for i, core in enumerate(cores) if core[1] in above]
+        if len(owners) > 1:
+            raise DecompositionError(model_name, term, "one residual term depends on two attention cores")
+        (attention_terms[owners[0]] if owners else mlp_terms).append(term)
+    writers: list[Attention | MLP] = []
+    for i, (core_nodes, out, inputs) in enumerate(cores):
+        if not attention_terms[i]:
+            raise DecompositionError(model_name, out, "attention output never reaches the residual stream")
+        writers.append(Attention(counts["attention"], core_nodes, inputs, out, attention_terms[i],
+                                 n_heads=_meta_shape(inputs["q"])[1]))
+        counts["attention"] += 1
+    if mlp_terms:
+        writers.append(MLP(counts["mlp"], mlp_terms))
+        counts["mlp"] += 1
+    return writers
+
+
+def _meta_shape(node: Node) -> tuple:
+    return tuple(node.meta["val"].shape)
+
+
+def _attention_cores(step: Step, inside: set[Node], model_name: str) -> list[tuple[list[Node], Node, dict]]:
+    """Each core as (its nodes, its output, its q/k/v inputs), in graph order.
+
+    Core inputs and output are per-head tensors [batch, heads, ...]; where an eager implementation folds
+    the heads into the batch for ``bmm`` (BLOOM), the core starts and ends at the last 4-d tensors."""
+    cores = []
+    for node in sorted(inside):
+        if node.target in SDPA:
+            q, k, v = node.args[:3]
+            cores.append(([node], node, {"q": q, "k": k, "v": v}))
+        elif node.target in SOFTMAX:
+            score = _nearest(node, ancestors, lambda n: _score_operands(n, inside) is not None)
+            if score is None:
+                continue  # a softmax over one projection (e.g. an MoE router) is not attention
+            out = _nearest(node, descendants, lambda n: n.target in MATMUL)
+            if out is None or out.args[0] not in descendants(node) | {node}:
+                raise DecompositionError(model_name, node, "attention softmax is not followed by a matmul with values")
+            q, k = _score_operands(score, inside)
+            inputs = {"q": _per_head(q, True), "k": _per_head(k, True), "v": _per_head(out.args[1], True)}
+            output = _per_head(out, False)
+            core = set().union(*(between(i, [output]) for i in inputs.values()))
+            cores.append((sorted(core), output, inputs))
+    for nodes, out, inputs in cores:
+        for role, node in inputs.items():
+            shape = _meta_shape(node)
+            if len(shape) != 4:
+                raise DecompositionError(model_name, node, f"the attention {role} input has shape {shape}; fxcircuits "
+                                         "needs per-head tensors laid out as [batch, heads, ...] (load the model with "
+                                         "attn_implementation='sdpa' or 'eager')")
+    return cores
+
+
+def _score_operands(node: Node, inside: set[Node]) -> tuple[Node, Node] | None:
+    """(q, k) if ``node`` multiplies two stream-dependent tensors: ``matmul``/``bmm``, or ``baddbmm``."""
+    if node.target in MATMUL:
+        operands = node.args[:2]
+    elif node.target is aten.baddbmm.default:
+        operands = node.args[1:3]
+    else:
+        return None
+    return tuple(operands) if all(a in inside for a in operands) else None
+
+
+def _per_head(node: Node, upward: bool) -> Node:
+    """Follow reshapes from ``node`` (to its input, or to its only reshaping user) to the nearest 4-d tensor."""
+    while len(_meta_shape(node)) != 4:
+        if upward and node.target in RESHAPING:
+            node = node.args[0]
+            continue
+        users = [u for u in node.users if u.target in RESHAPING]
+        if upward or len(users) != 1:
+            break
+        node = users[0]
+    return node
+
+
+def _nearest(node: Node, direction, wanted) -> Node | None:
+    """The closest node (in graph order) in ``direction(node)`` that satisfies ``wanted``."""
+    candidates = sorted(n for n in direction(node) if n.op == "call_function" and wanted(n))
+    if not candidates:
+        return None
+    return candidates[-1] if candidates[-1] < node else candidates[0]
+

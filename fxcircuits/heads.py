@@ -1,0 +1,190 @@
+"""Splitting attention into heads, found by probing the graph rather than by reading module code.
+
+Two questions are answered numerically, once, at trace time, on a small random input:
+
+* **Read side.** Which output columns of the q (k, v) projection feed each head of the attention core?
+  A backward pass from one head of the core input to the projection output answers it for any layout
+  (fused qkv, interleaved NeoX layout, multi-query, grouped-query with ``repeat_kv``, per-head norms,
+  rotary).  When every head reads its own block of columns the projection can be computed per head
+  from that head's own input at the cost of one ordinary projection; when heads share columns in a
+  non-separable way (a norm over all heads, as in OLMo 2) each head gets a full projection of its own.
+* **Write side.** Which input columns of the output projection carry each head's result?  Each head's
+  write is that block of columns times the matching block of the weight, carried linearly through what
+  follows (bias dropped; a norm after attention keeps the normalisation scale of the whole write, so the
+  heads' writes still sum exactly to what the layer adds to the stream).
+
+The functions at the bottom are called by the rewritten graph at run time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .components import DecompositionError, between
+
+aten = torch.ops.aten
+# Copies of the graph see tensors whose memory layout may differ from the captured run's; ``view`` relies on
+# that layout, ``reshape`` gives the same values whatever it is.
+RELAYOUT = {aten.view.default: aten.reshape.default}
+Ranges = tuple[tuple[int, int], ...]  # column blocks as (start, length)
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A linear map with a fixed weight: ``x @ W_in_out + bias`` in one of three ATen spellings."""
+    node: Node
+    x: Node
+    weight: Node
+    bias: Node | None
+    layout: str  # "out_in" (aten.linear) or "in_out" (addmm / matmul / mm)
+
+
+def as_projection(node: Node, stream_dependent: set[Node]) -> Projection | None:
+    if node.op != "call_function":
+        return None
+    if node.target is aten.linear.default and node.args[1] not in stream_dependent:
+        bias = node.args[2] if len(node.args) > 2 else None
+        return Projection(node, node.args[0], node.args[1], bias, "out_in")
+    if node.target is aten.addmm.default and node.args[2] not in stream_dependent and not node.kwargs:
+        return Projection(node, node.args[1], node.args[2], node.args[0], "in_out")
+    if node.target in (aten.matmul.default, aten.mm.default) and node.args[1] not in stream_dependent:
+        return Projection(node, node.args[0], node.args[1], None, "in_out")
+    return None
+
+
+def last_projection(start: Node, end: Node, model_name: str) -> Projection:
+    path = between(start, [end])
+    found = [p for n in start.graph.nodes if n in path and (p := as_projection(n, path)) is not None]
+    if not found:
+        raise DecompositionError(model_name, end, "no linear projection between the residual stream and this "
+                                 "attention input")
+    return found[-1]
+
+
+def first_projection(start: Node, ends: list[Node], model_name: str) -> Projection:
+    path = between(start, ends)
+    for node in start.graph.nodes:
+        if node in path and (p := as_projection(node, path)) is not None:
+            return p
+    raise DecompositionError(model_name, start, "no output projection between the attention core and the stream")
+
+
+def record_values(gm: GraphModule, *inputs: torch.Tensor) -> dict[Node, object]:
+    """Run ``gm`` once and keep every node's value, for probing."""
+    values: dict[Node, object] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            values[n] = result = super().run_node(n)
+            return result
+
+    with torch.no_grad():
+        Recorder(gm).run(*inputs)
+    return values
+
+
+def _evaluate(region: list[Node], values: dict, replaced: Node, value: torch.Tensor) -> dict[Node, object]:
+    env = {replaced: value}
+    lookup = lambda n: env[n] if n in env else values[n]  # noqa: E731
+    for node in region:
+        args = torch.fx.node.map_arg(node.args, lookup)
+        kwargs = torch.fx.node.map_arg(node.kwargs, lookup)
+        env[node] = RELAYOUT.get(node.target, node.target)(*args, **kwargs)
+    return env
+
+
+def _random_like(value: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(value.shape, generator=generator).to(value)
+
+
+def columns_read(source: Node, target: Node, values: dict) -> list[frozenset[int]]:
+    """For each head of ``target`` (axis 1), the last-axis columns of ``source`` it depends on."""
+    region = sorted(between(source, [target]))
+    generator = torch.Generator().manual_seed(0)
+    leaf = _random_like(values[source], generator).requires_grad_(True)
+    out = _evaluate(region, values, source, leaf)[target]
+    found = []
+    for head in range(out.shape[1]):
+        picked = out[:, head]
+        (grad,) = torch.autograd.grad((picked * _random_like(picked, generator)).sum(), leaf, retain_graph=True)
+        found.append(frozenset(torch.nonzero(grad.abs().flatten(0, -2).sum(0)).flatten().tolist()))
+    return found
+
+
+def columns_written(source: Node, target: Node, values: dict) -> list[frozenset[int]]:
+    """For each head of ``source`` (axis 1), the last-axis columns of ``target`` it reaches.
+
+    The region between them only moves values around (transpose, reshape), so feeding one head of random
+    values and zeros elsewhere lights up exactly that head's columns."""
+    region = sorted(between(source, [target]))
+    generator = torch.Generator().manual_seed(0)
+    value = _random_like(values[source], generator)
+    found = []
+    for head in range(value.shape[1]):
+        alone = torch.zeros_like(value)
+        alone[:, head] = value[:, head]
+        out = _evaluate(region, values, source, alone)[target]
+        found.append(frozenset(torch.nonzero(out.abs().flatten(0, -2).sum(0)).flatten().tolist()))
+    return found
+
+
+def to_ranges(columns: frozenset[int] | set[int]) -> Ranges:
+    """Sorted columns as maximal contiguous blocks."""
+    ranges, ordered = [], sorted(columns)
+    for c in ordered:
+        if ranges and ranges[-1][0] + ranges[-1][1] == c:
+            ranges[-1][1] += 1
+        else:
+            ranges.append([c, 1])
+    return tuple((s, n) for s, n in ranges)
+
+
+# --------------------------------------------------------------------------------------------------
+# Run-time helpers called from the rewritten graph.
+
+def _in_out(weight: torch.Tensor, layout: str) -> torch.Tensor:
+    return weight.t() if layout == "out_in" else weight
+
+
+def _take(t: torch.Tensor, dim: int, ranges: Ranges) -> torch.Tensor:
+    parts = [t.narrow(dim, s, n) for s, n in ranges]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def project_columns(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str,
+                    ranges: Ranges) -> torch.Tensor:
+    """``(x @ W + b)[..., columns]`` computed for those columns only."""
+    out = x @ _take(_in_out(weight, layout), -1, ranges)
+    return out if bias is None else out + _take(bias, 0, ranges)
+
+
+def place_columns(parts: list[torch.Tensor], ranges: list[Ranges], width: int) -> torch.Tensor:
+    """A ``width``-column tensor holding each part at its columns and zeros elsewhere."""
+    out = parts[0].new_zeros(*parts[0].shape[:-1], width)
+    for part, blocks in zip(parts, ranges):
+        offset = 0
+        for start, n in blocks:
+            out[..., start:start + n] = part[..., offset:offset + n]
+            offset += n
+    return out
+
+
+def gather_heads(rounds: list[torch.Tensor], picks: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Query head h's tensor is head ``picks[h][1]`` of ``rounds[picks[h][0]]``, stacked on axis 1."""
+    return torch.stack([rounds[r][:, c] for r, c in picks], dim=1)
+
+
+def head_writes(z: torch.Tensor, weight: torch.Tensor, layout: str, ranges: tuple[Ranges, ...]) -> torch.Tensor:
+    """Each head's share of the output projection, stacked on a new leading axis (bias excluded)."""
+    w = _in_out(weight, layout)
+    return torch.stack([_take(z, -1, r) @ _take(w, 0, r) for r in ranges])
+
+
+def layer_norm_share(share: torch.Tensor, total: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """LayerNorm of one part of a sum, with the mean removed linearly and the whole sum's scale."""
+    centred = share - share.mean(-1, keepdim=True)
+    scale = torch.rsqrt(total.var(-1, unbiased=False, keepdim=True) + eps)
+    out = centred * scale
+    return out if weight is None else out * weight

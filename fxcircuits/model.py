@@ -1,0 +1,114 @@
+"""``fxcircuits.trace``: the traced model, callable like the HF model, with edge and node masks.
+
+    cm = fxcircuits.trace(model)
+    cm(input_ids, attention_mask)                                    # == model(...).logits
+    cm(input_ids, attention_mask, corrupted_input_ids=c, edge_mask=m) # edges at 0 see the corrupted run
+
+A patched call costs one recording pass over the corrupted input and one pass over the clean input,
+whatever the mask; an ``edge_mask`` of shape [n_masks, n_edges] evaluates many masks in one batched call.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .capture import example_inputs, export
+from .components import Attention, find_components
+from .graph import CircuitGraph, Writer
+from .heads import record_values
+from .patching import dense_keep
+from .rewrite import build_patcher, build_recorder, plan_attention
+
+
+def trace(model: nn.Module) -> "CircuitModel":
+    """Capture ``model`` (a transformers causal LM, any device and dtype) and split it into edges."""
+    name = type(model).__name__
+    exported = export(model)
+    components = find_components(exported, name)
+    values = record_values(exported, *example_inputs(model))
+    plans = [plan_attention(step, w, values, name) for step in components.steps for w in step.writers
+             if isinstance(w, Attention)]
+    writers = [Writer("attention", w.layer, w.n_heads, i) if isinstance(w, Attention) else Writer("mlp", w.layer, 0, i)
+               for i, step in enumerate(components.steps) for w in step.writers]
+    graph = CircuitGraph(writers, len(components.steps))
+    return CircuitModel(name, exported, build_recorder(exported, components, plans),
+                        build_patcher(exported, components, plans), graph)
+
+
+class CircuitModel(nn.Module):
+    """A traced causal LM whose edges can be patched.
+
+    ``graph`` lists nodes and edges; ``activations`` returns every upstream node's output; calling the module
+    with a mask runs the edge-patched model."""
+
+    def __init__(self, model_name: str, exported: nn.Module, recorder: nn.Module, patcher: nn.Module,
+                 graph: CircuitGraph):
+        super().__init__()
+        self.model_name = model_name
+        self.exported, self.recorder, self.patcher = exported, recorder, patcher
+        self.graph = graph
+
+    def __repr__(self) -> str:
+        return f"CircuitModel({self.model_name}, {self.graph})"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.exported.parameters()).device
+
+    def _inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] < 2:
+            raise ValueError("input_ids must hold at least 2 tokens per example (the capture's sequence dimension "
+                             "is dynamic from 2 upward)")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
+                             f"{tuple(input_ids.shape)}")
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+    def activations(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Every upstream node's output, [n_upstream, batch, seq, d_model] in ``graph.upstream`` order."""
+        return self.recorder(*self._inputs(input_ids, attention_mask))[1]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                corrupted_input_ids: torch.Tensor | None = None, edge_mask=None, node_mask=None,
+                corrupted_activations: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits; with ``edge_mask``/``node_mask``, logits of the edge-patched run.
+
+        ``edge_mask``: tensor in ``graph.edges`` order ([E], or [n_masks, E] to evaluate several masks at once,
+        giving logits [n_masks, batch, seq, vocab]), ``{edge_name: value}`` (missing edges = 1), or a ``Circuit``.
+        ``node_mask``: tensor over ``graph.upstream`` or ``{node_name: value}``; a node at 0 sends its other-run
+        output along all its outgoing edges.  The other run is ``corrupted_input_ids`` (same shape as
+        ``input_ids``), or ``corrupted_activations`` (e.g. zeros or means of ``activations(...)`` for zero or mean
+        ablation, broadcastable to [n_upstream, batch, seq, d_model])."""
+        input_ids, attention_mask = self._inputs(input_ids, attention_mask)
+        if edge_mask is None and node_mask is None:
+            return self.exported(input_ids, attention_mask)
+        keep = dense_keep(self.graph, edge_mask, node_mask, device=self.device)
+        other = self._other_run(input_ids, attention_mask, corrupted_input_ids, corrupted_activations)
+        n = keep.shape[0]
+        batched = any(isinstance(m, torch.Tensor) and m.dim() == 2 for m in (edge_mask, node_mask))
+        if n > 1:
+            input_ids, attention_mask = input_ids.repeat(n, 1), attention_mask.repeat(n, 1)
+            if other.shape[1] != 1:
+                other = other.repeat(1, n, 1, 1)
+        logits = self.patcher(input_ids, attention_mask, other, keep)
+        return logits.reshape(n, -1, *logits.shape[1:]) if batched else logits
+
+    def _other_run(self, input_ids, attention_mask, corrupted_input_ids, corrupted_activations) -> torch.Tensor:
+        if (corrupted_input_ids is None) == (corrupted_activations is None):
+            raise ValueError("a masked run needs exactly one of corrupted_input_ids (patch from a corrupted prompt) or "
+                             "corrupted_activations (zero / mean ablation values)")
+        if corrupted_activations is not None:
+            if not torch.isfinite(corrupted_activations).all():
+                raise ValueError("corrupted_activations contain NaN or infinite values")
+            return corrupted_activations.to(self.device)
+        if corrupted_input_ids.shape != input_ids.shape:
+            raise ValueError(f"clean input_ids have shape {tuple(input_ids.shape)} but corrupted_input_ids have "
+                             f"{tuple(corrupted_input_ids.shape)}: patching needs clean and corrupted prompts of the "
+                             "same token length; pad them to a common length (and pass the attention_mask) or drop "
+                             "the pairs that tokenize differently")
+        with torch.no_grad():
+            return self.activations(corrupted_input_ids, attention_mask)

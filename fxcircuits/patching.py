@@ -1,0 +1,136 @@
+"""Masks over edges, and the one accumulation every patched run goes through.
+
+A mask value m[u, d] = 1 lets downstream input d see upstream node u's output from the run being patched;
+0 swaps in u's output from the other run (corrupted input, or an ablation value); values in between
+interpolate, and everything is differentiable in m.  Because the residual stream is a sum,
+
+    x_d = x_d(run) + Σ_u (1 − m[u, d]) · (a_u(other) − a_u(run)),
+
+so a patched run costs one pass of the other input plus one pass of the patched input, whatever the mask.
+``accumulate`` is the only place this sum is computed; a fused kernel can replace its body.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from .graph import Circuit, CircuitGraph
+
+
+class DeltaStore:
+    """The rows ``a_u(other) − a_u(run)`` of one patched pass, kept side by side as they are produced.
+
+    Each reader group needs all rows written before it; keeping them in one buffer lets ``accumulate`` do a
+    single matrix product per group instead of re-concatenating the rows every time."""
+
+    def __init__(self, n_upstream: int):
+        self.n_upstream, self.buffer, self.count = n_upstream, None, 0
+
+    def extend(self, deltas: list[torch.Tensor]) -> torch.Tensor:
+        """Copy in the groups not seen yet; return the rows of all of ``deltas``."""
+        if self.buffer is None:
+            self.buffer = deltas[0].new_empty(self.n_upstream, *deltas[0].shape[1:])
+        total = sum(d.shape[0] for d in deltas)
+        with torch.no_grad():
+            first = 0
+            for delta in deltas:
+                n = delta.shape[0]
+                if first >= self.count:
+                    self.buffer[first:first + n] = delta
+                first += n
+        self.count = max(self.count, total)
+        return self.buffer[:total]
+
+
+class _Accumulate(torch.autograd.Function):
+    """``stream + Σ_u (1 − keep[u, d]) · delta_u`` with gradients for the stream, the mask and every delta."""
+
+    @staticmethod
+    def forward(ctx, stream, keep, rows, *deltas):
+        n_masks, n_up, n_readers = keep.shape
+        weights = (1 - keep).to(rows.dtype)
+        patched = torch.einsum("nud,unx->dnx", weights, rows.reshape(n_up, n_masks, -1))
+        ctx.save_for_backward(keep)
+        ctx.rows, ctx.sizes, ctx.stream_shape = rows, [d.shape[0] for d in deltas], stream.shape
+        return stream + patched.reshape(n_readers, *stream.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        n_masks, n_up, n_readers = keep.shape
+        grad_rows = grad.reshape(n_readers, n_masks, -1)
+        rows = ctx.rows.reshape(n_up, n_masks, -1)
+        grad_keep = -torch.einsum("unx,dnx->nud", rows, grad_rows).to(keep.dtype)
+        weights = (1 - keep).to(grad.dtype)
+        grad_deltas = torch.einsum("nud,dnx->unx", weights, grad_rows).reshape(n_up, *ctx.rows.shape[1:])
+        return (grad.sum(0), grad_keep, None, *grad_deltas.split(ctx.sizes))
+
+
+def accumulate(store: DeltaStore, stream: torch.Tensor, deltas: list[torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+    """Inputs of a group of downstream readers.
+
+    stream: the residual stream they read, any shape holding ``rows × …`` values (rows = n_masks · batch).
+    deltas: per upstream group written so far, ``a(other) − a(run)`` of shape [n_nodes, rows, seq, d_model].
+    keep:   mask block [n_masks, n_upstream, n_readers] over those groups' nodes.
+    Returns [n_readers, *stream.shape]."""
+    return _Accumulate.apply(stream, keep, store.extend(deltas), *deltas)
+
+
+def mask_block(keep: torch.Tensor, n_upstream: int, first: int, last: int) -> torch.Tensor:
+    """The rows of upstream nodes written so far and the columns of one group of readers."""
+    return keep[:, :n_upstream, first:last]
+
+
+def edge_vector(graph: CircuitGraph, edge_mask) -> torch.Tensor:
+    """An ``edge_mask`` given as tensor, ``{edge: value}`` dict or ``Circuit`` → tensor [E] or [N, E]."""
+    if isinstance(edge_mask, Circuit):
+        return edge_mask.edge_mask(graph)
+    if isinstance(edge_mask, Mapping):
+        unknown = [e for e in edge_mask if e not in graph.edge_index]
+        if unknown:
+            raise KeyError(f"unknown edge name(s) {unknown[:3]}; names look like {graph.edges[0]!r} — see cm.graph.edges")
+        vector = torch.ones(len(graph.edges))
+        for name, value in edge_mask.items():
+            vector[graph.edge_index[name]] = float(value)
+        return vector
+    if not isinstance(edge_mask, torch.Tensor):
+        raise TypeError(f"edge_mask must be a tensor, a dict of edge names or a Circuit, not {type(edge_mask).__name__}")
+    if edge_mask.dim() not in (1, 2) or edge_mask.shape[-1] != len(graph.edges):
+        raise ValueError(f"edge_mask has shape {tuple(edge_mask.shape)}; expected [{len(graph.edges)}] (one value per "
+                         f"edge in cm.graph.edges order) or [n_masks, {len(graph.edges)}]")
+    return edge_mask
+
+
+def node_vector(graph: CircuitGraph, node_mask) -> torch.Tensor:
+    """A ``node_mask`` given as tensor [U] / [N, U] over upstream nodes, or ``{node: value}`` dict."""
+    if isinstance(node_mask, Mapping):
+        unknown = [n for n in node_mask if n not in graph.node_index]
+        if unknown:
+            raise KeyError(f"unknown node name(s) {unknown[:3]}; upstream nodes are listed in cm.graph.upstream")
+        vector = torch.ones(len(graph.upstream))
+        for name, value in node_mask.items():
+            vector[graph.node_index[name]] = float(value)
+        return vector
+    if node_mask.dim() not in (1, 2) or node_mask.shape[-1] != len(graph.upstream):
+        raise ValueError(f"node_mask has shape {tuple(node_mask.shape)}; expected [{len(graph.upstream)}] (one value "
+                         f"per node in cm.graph.upstream order) or [n_masks, {len(graph.upstream)}]")
+    return node_mask
+
+
+def dense_keep(graph: CircuitGraph, edge_mask=None, node_mask=None, *, device=None) -> torch.Tensor:
+    """Edge and node masks combined into the [n_masks, n_upstream, n_downstream] block ``accumulate`` reads.
+
+    A node mask multiplies the mask of every edge leaving that node.  Pairs that are not edges stay 1."""
+    edges = torch.ones(len(graph.edges), device=device) if edge_mask is None else edge_vector(graph, edge_mask)
+    edges = edges.to(device)
+    if edges.is_floating_point() is False:
+        edges = edges.float()
+    if node_mask is not None:
+        edges = edges * node_vector(graph, node_mask).to(edges)[..., graph.src.to(edges.device)]
+    edges = edges.reshape(-1, len(graph.edges))
+    if not torch.isfinite(edges).all():
+        raise ValueError("edge/node mask contains NaN or infinite values")
+    keep = edges.new_ones(edges.shape[0], len(graph.upstream), len(graph.downstream))
+    src, dst = graph.src.to(edges.device), graph.dst.to(edges.device)
+    return keep.index_put((torch.arange(edges.shape[0], device=edges.device)[:, None], src, dst), edges)

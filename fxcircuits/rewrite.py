@@ -1,0 +1,350 @@
+"""Stage 3 — rewrite: split every residual read into per-edge inputs.
+
+Two graphs are built from the captured one by copying it node by node and replacing the readers of the
+stream:
+
+* the **recorder** runs the model unchanged and also returns every upstream node's output (``input``, each
+  head's write, each MLP's write) stacked as [n_upstream, batch, seq, d_model];
+* the **patcher** takes those outputs from another run plus a mask, and gives every downstream input its
+  own value through :func:`fxcircuits.patching.accumulate`.  Each downstream input then runs its own copy of
+  the reading computation: an MLP's whole block; for attention, the norm and projection of each query head's
+  q, k and v separately (see :mod:`fxcircuits.heads`), the attention core over the per-head tensors, and the
+  unchanged output path.
+
+Copies of the original nodes that end up unused are removed by dead-code elimination.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from .components import SDPA, Attention, Components, DecompositionError, MLP, Step, between, descendants
+from .heads import (RELAYOUT, Projection, Ranges, columns_read, columns_written, first_projection, gather_heads, head_writes,
+                    last_projection, layer_norm_share, place_columns, project_columns, to_ranges)
+from .patching import DeltaStore, accumulate, mask_block
+
+aten = torch.ops.aten
+QKV = ("q", "k", "v")
+DROPPED = {aten._assert_tensor_metadata.default}
+
+
+@dataclass
+class ReadPlan:
+    """How each query head gets its own q (k, v) from its own copy of the stream."""
+    projection: Projection
+    norm: list[Node]          # from the stream to the projection's input
+    post: list[Node]          # from the projection's output to the core input
+    core_input: Node
+    rounds: list[list[tuple[int, Ranges | None]]]  # per pass: (query head, its columns, or None for all)
+    picks: tuple[tuple[int, int], ...]             # per query head: (pass, head of the core input)
+    width: int
+
+
+@dataclass
+class WritePlan:
+    """How the attention output splits into one write per head."""
+    projection: Projection
+    region: list[Node]        # everything from the core output to the terms added to the stream
+    after: list[Node]         # the part of ``region`` after the projection
+    ranges: tuple[Ranges, ...]
+
+
+@dataclass
+class AttentionPlan:
+    reads: dict[str, ReadPlan]
+    write: WritePlan
+
+
+def plan_attention(step: Step, attention: Attention, values: dict, name: str) -> AttentionPlan:
+    reads = {role: _plan_read(step, attention, role, values, name) for role in QKV}
+    return AttentionPlan(reads, _plan_write(attention, values, name))
+
+
+def _plan_read(step: Step, attention: Attention, role: str, values: dict, name: str) -> ReadPlan:
+    core_input = attention.inputs[role]
+    proj = last_projection(step.start, core_input, name)
+    norm = between(step.start, [proj.x]) if proj.x is not step.start else set()
+    post = between(proj.node, [core_input])
+    if not between(step.start, [core_input]) <= norm | post | {proj.node}:
+        raise DecompositionError(name, core_input, f"the attention {role} input reads the residual stream other than "
+                                 "through its projection")
+    columns = columns_read(proj.node, core_input, values)
+    n_heads, n_core = attention.n_heads, len(columns)
+    if n_heads % n_core:
+        raise DecompositionError(name, core_input, f"{n_core} {role} heads cannot serve {n_heads} query heads")
+    core_head = [h * n_core // n_heads for h in range(n_heads)]
+    separable = all(c and (c == d or not c & d) for c in columns for d in columns)
+    if separable:
+        rank, seen = [], {}
+        for h in range(n_heads):
+            key = columns[core_head[h]]
+            rank.append(seen.get(key, 0))
+            seen[key] = rank[-1] + 1
+        rounds = [[(h, to_ranges(columns[core_head[h]])) for h in range(n_heads) if rank[h] == r]
+                  for r in range(max(rank) + 1)]
+        picks = tuple((rank[h], core_head[h]) for h in range(n_heads))
+    else:  # heads share columns (e.g. a norm over all heads): each head projects the full width
+        rounds = [[(h, None)] for h in range(n_heads)]
+        picks = tuple((h, core_head[h]) for h in range(n_heads))
+    width = values[proj.node].shape[-1]
+    return ReadPlan(proj, sorted(norm), sorted(post), core_input, rounds, picks, width)
+
+
+def _plan_write(attention: Attention, values: dict, name: str) -> WritePlan:
+    proj = first_projection(attention.output, attention.terms, name)
+    region = between(attention.output, attention.terms)
+    before = between(attention.output, [proj.x]) | ({proj.x} if proj.x is attention.output else set())
+    after = between(proj.node, attention.terms)
+    if not region <= before | after | {proj.node, attention.output}:
+        raise DecompositionError(name, proj.node, "the attention output reaches the stream other than through its "
+                                 "output projection")
+    columns = columns_written(attention.output, proj.x, values)
+    width = values[proj.x].shape[-1]
+    covered = sorted(c for cols in columns for c in cols)
+    if covered != list(range(width)):
+        raise DecompositionError(name, proj.node, "the heads do not map one-to-one onto the output projection's "
+                                 "input columns")
+    return WritePlan(proj, sorted(region), sorted(after), tuple(to_ranges(c) for c in columns))
+
+
+def as_rows(t: torch.Tensor, like: torch.Tensor, n: int) -> torch.Tensor:
+    """Upstream outputs in the stream's canonical layout: [n, *like.shape]."""
+    return t.reshape(n, *like.shape)
+
+
+class _Builder:
+    """Copies the captured graph into a new one, replacing the stream's readers."""
+
+    def __init__(self, gm: GraphModule, components: Components, plans: list[AttentionPlan], patched: bool):
+        self.gm, self.components, self.patched = gm, components, patched
+        self.plans = dict(zip(map(id, components.attentions), plans))
+        self.graph = Graph()
+        self.env: dict[Node, Node] = {}
+        self.acts: list[Node] = []       # per writer group: [n, *stream.shape]
+        self.deltas: list[Node] = []
+        self.n_upstream = 0
+        self.total_upstream = 1 + sum(w.n_heads if isinstance(w, Attention) else 1
+                                      for s in components.steps for w in s.writers)
+        self.n_downstream = 0
+        self.name = components.model_name
+
+    def call(self, fn, *args, **kwargs) -> Node:
+        return self.graph.call_function(fn, args, kwargs)
+
+    def copy(self, node: Node, lookup) -> Node:
+        new = self.graph.node_copy(node, lookup)
+        new.target = RELAYOUT.get(new.target, new.target)
+        return new
+
+    def clone(self, region: list[Node], substitute: dict[Node, Node]) -> dict[Node, Node]:
+        """Copy ``region`` (in graph order), reading ``substitute`` in place of the original nodes."""
+        local = dict(substitute)
+        for node in region:
+            local[node] = self.copy(node, lambda a: local[a] if a in local else self.env[a])
+        return local
+
+    def build(self) -> GraphModule:
+        steps = {s.end: s for s in self.components.steps}
+        sums = {n for s in self.components.steps for n in s.adds}
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                self.env[node] = self.graph.placeholder(node.name)
+                if node.next.op != "placeholder":
+                    self._extra_placeholders()
+            elif node.op == "output":
+                self._finish()
+            elif node.op == "call_module" or node.target in DROPPED:
+                continue  # export's input guards and metadata asserts
+            elif node in steps:  # a step's writers are emitted just before the sum that adds them
+                self._step(steps[node])
+                for add in sorted(set(steps[node].adds)):
+                    self.env[add] = self.copy(add, self.env.__getitem__)
+            elif node not in sums:
+                self.env[node] = self.copy(node, self.env.__getitem__)
+        self.graph.eliminate_dead_code()
+        return GraphModule(self.gm, self.graph)
+
+    def _extra_placeholders(self) -> None:
+        if self.patched:
+            self.other = self.graph.placeholder("other")   # [n_upstream, rows, seq, d_model]
+            self.keep = self.graph.placeholder("keep")     # [n_masks, n_upstream, n_downstream]
+            self.store = self.call(DeltaStore, self.total_upstream)
+
+    def _add_group(self, act: Node, n: int) -> None:
+        self.acts.append(act)
+        if self.patched:
+            other = self.call(operator.getitem, self.other, slice(self.n_upstream, self.n_upstream + n))
+            self.deltas.append(self.call(operator.sub, other, act))
+        self.n_upstream += n
+
+    def _readers(self, stream: Node, n: int) -> list[Node]:
+        keep = self.call(mask_block, self.keep, self.n_upstream, self.n_downstream, self.n_downstream + n)
+        inputs = self.call(accumulate, self.store, self.env[stream], list(self.deltas), keep)
+        self.n_downstream += n
+        return [self.call(operator.getitem, inputs, i) for i in range(n)]
+
+    def _step(self, step: Step) -> None:
+        if not self.acts:
+            self.reference = self.env[step.start]
+            self._add_group(self.call(as_rows, self.reference, self.reference, 1), 1)
+        if self.patched:
+            sizes = [3 * w.n_heads if isinstance(w, Attention) else 1 for w in step.writers]
+            inputs = self._readers(step.start, sum(sizes))
+            for writer, size in zip(step.writers, sizes):
+                mine, inputs = inputs[:size], inputs[size:]
+                if isinstance(writer, Attention):
+                    self._patched_attention(step, writer, mine)
+                else:
+                    self._patched_mlp(step, writer, mine[0])
+        for writer in step.writers:
+            if isinstance(writer, Attention):
+                self._add_group(self._head_writes(writer, self.env), writer.n_heads)
+            else:
+                total = self.env[writer.terms[0]]
+                for term in writer.terms[1:]:
+                    total = self.call(operator.add, total, self.env[term])
+                self._add_group(self.call(as_rows, total, self.reference, 1), 1)
+
+    def _patched_mlp(self, step: Step, mlp: MLP, x: Node) -> None:
+        local = self.clone(sorted(between(step.start, mlp.terms)), {step.start: x})
+        for term in mlp.terms:
+            self.env[term] = local[term]
+
+    def _patched_attention(self, step: Step, attention: Attention, inputs: list[Node]) -> None:
+        plan, h = self.plans[id(attention)], attention.n_heads
+        per_role = {role: inputs[i * h:(i + 1) * h] for i, role in enumerate(QKV)}
+        core_inputs = {role: self._read(step, plan.reads[role], per_role[role]) for role in QKV}
+        output = self._core(attention, core_inputs)
+        local = self.clone(plan.write.region, {attention.output: output})
+        for term in attention.terms:
+            self.env[term] = local[term]
+        self.env.update({n: local[n] for n in plan.write.region})
+        self.env[attention.output] = output
+
+    def _read(self, step: Step, plan: ReadPlan, inputs: list[Node]) -> Node:
+        proj, passes = plan.projection, []
+        for heads in plan.rounds:
+            parts = []
+            for head, ranges in heads:
+                x = inputs[head]
+                if plan.norm:
+                    x = self.clone(plan.norm, {step.start: x})[proj.x]
+                if ranges is None:
+                    parts.append(self.clone([proj.node], {proj.x: x})[proj.node])
+                else:
+                    bias = self.env[proj.bias] if proj.bias is not None else None
+                    parts.append(self.call(project_columns, x, self.env[proj.weight], bias, proj.layout, ranges))
+            if heads[0][1] is None:
+                projected = parts[0]
+            else:
+                projected = self.call(place_columns, parts, [r for _, r in heads], plan.width)
+            passes.append(self.clone(plan.post, {proj.node: projected})[plan.core_input])
+        return self.call(gather_heads, passes, plan.picks)
+
+    def _core(self, attention: Attention, inputs: dict[str, Node]) -> Node:
+        originals = {attention.inputs[role]: node for role, node in inputs.items()}
+        if attention.core[0].target in SDPA:
+            sdpa = attention.core[0]
+            args = list(torch.fx.node.map_arg(sdpa.args, lambda a: originals[a] if a in originals else self.env[a]))
+            kwargs = dict(torch.fx.node.map_arg(sdpa.kwargs, self.env.__getitem__))
+            if len(args) > 7:
+                args[7] = False
+            kwargs.pop("enable_gqa", None)  # every query head now has its own k and v
+            return self.graph.call_function(sdpa.target, tuple(args), kwargs)
+        return self.clone(attention.core, originals)[attention.output]
+
+    def _head_writes(self, attention: Attention, values: dict[Node, Node]) -> Node:
+        """Each head's write to the stream, [n_heads, *stream.shape], from the nodes in ``values``."""
+        plan = self.plans[id(attention)].write
+        proj = plan.projection
+        shares = {proj.node: self.call(head_writes, values[proj.x], values[proj.weight], proj.layout, plan.ranges)}
+        dependent = descendants(attention.output)
+        for node in plan.after:
+            if any(a in shares for a in node.all_input_nodes):
+                share = linear_share(self, node, shares, values, dependent, attention.n_heads)
+                if share is not None:
+                    shares[node] = share
+        missing = [t for t in attention.terms if t not in shares]
+        if missing:
+            raise DecompositionError(self.name, missing[0], "this attention write is not linear in the heads' outputs")
+        total = shares[attention.terms[0]]
+        for term in attention.terms[1:]:
+            total = self.call(operator.add, total, shares[term])
+        return self.call(as_rows, total, self.reference, attention.n_heads)
+
+    def _finish(self) -> None:
+        logits = self.components.logits
+        if self.patched:
+            (x,) = self._readers(self.components.final, 1)
+            region = sorted(between(self.components.final, [logits]))
+            self.graph.output(self.clone(region, {self.components.final: x})[logits])
+        else:
+            self.graph.output((self.env[logits], self.call(torch.cat, list(self.acts))))
+
+
+def _shift(dim, by: int = 1):
+    if isinstance(dim, (list, tuple)):
+        return type(dim)(_shift(d, by) for d in dim)
+    return dim + by if isinstance(dim, int) and dim >= 0 else dim
+
+
+# Ops that act on one linear argument (arg 0), with the positions of their dimension arguments.
+UNARY_LINEAR = {aten.neg.default: (), aten.clone.default: (), aten.type_as.default: (), aten.contiguous.default: (), aten.alias.default: (),
+                aten._to_copy.default: (), aten.transpose.int: (1, 2), aten.permute.default: (1,),
+                aten.unsqueeze.default: (1,), aten.squeeze.dim: (1,), aten.mean.dim: (1,),
+                aten.sum.dim_IntList: (1,), aten.slice.Tensor: (1,), aten.select.int: (1,)}
+RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
+
+
+def linear_share(builder: _Builder, node: Node, shares: dict, values: dict, dependent: set[Node],
+                 n_heads: int) -> Node | None:
+    """Carry per-head parts through ``node`` linearly: additive constants drop out, and any factor computed
+    from the whole write (a norm's scale) is taken from the whole write.  Returns None for a node that is
+    not linear in its input; it may then only serve as such a factor."""
+    call, target, args = builder.call, node.target, node.args
+    arg_value = lambda a: values[a] if isinstance(a, Node) else a  # noqa: E731
+    first = args[0]
+    if target in (aten.add.Tensor, aten.sub.Tensor):
+        a, b = (shares.get(x) if isinstance(x, Node) else None for x in args[:2])
+        if a is not None and b is not None:
+            return call(target, a, b)
+        other = args[1] if a is not None else args[0]
+        if isinstance(other, Node) and other in dependent:
+            raise DecompositionError(builder.name, node, "adds a term computed non-linearly from the attention output")
+        if a is not None:
+            return a
+        return call(aten.neg.default, b)
+    if target in (aten.mul.Tensor, aten.div.Tensor):
+        a, b = (shares.get(x) if isinstance(x, Node) else None for x in args[:2])
+        if a is not None and b is None:
+            return call(target, a, arg_value(args[1]))
+        if target is aten.mul.Tensor and b is not None and a is None:
+            return call(target, arg_value(args[0]), b)
+    elif first in shares and target in UNARY_LINEAR:
+        new_args = [shares[first]] + [_shift(a) if i in UNARY_LINEAR[target] else arg_value(a)
+                                      for i, a in enumerate(args[1:], start=1)]
+        return builder.graph.call_function(target, tuple(new_args), dict(node.kwargs))
+    elif first in shares and target in RESHAPES:
+        return call(aten.reshape.default, shares[first], [n_heads, *(arg_value(s) for s in args[1])])
+    elif first in shares and target is aten.layer_norm.default:
+        weight = arg_value(args[2]) if len(args) > 2 else None
+        eps = args[4] if len(args) > 4 else 1e-5
+        return call(layer_norm_share, shares[first], values[first], weight, eps)
+    elif first in shares and target is aten.linear.default:
+        return call(aten.linear.default, shares[first], arg_value(args[1]))
+    elif first in shares and target in (aten.matmul.default, aten.mm.default) and args[1] not in dependent:
+        return call(aten.matmul.default, shares[first], arg_value(args[1]))
+    elif target not in (aten.mul.Tensor, aten.div.Tensor):
+        return None  # a non-linear statistic of the whole write (e.g. a norm's variance): used as a whole
+    raise DecompositionError(builder.name, node, "multiplies or divides by the attention output itself")
+
+
+def build_recorder(gm: GraphModule, components: Components, plans: list[AttentionPlan]) -> GraphModule:
+    return _Builder(gm, components, plans, patched=False).build()
+
+
+def build_patcher(gm: GraphModule, components: Components, plans: list[AttentionPlan]) -> GraphModule:
+    return _Builder(gm, components, plans, patched=True).build()

@@ -1,0 +1,130 @@
+"""Masks implement patching: checked against the untouched HF model and hook-based references on it."""
+import pytest
+import torch
+
+from zoo import CONFIGS, modules
+
+
+def _close(ours: torch.Tensor, reference: torch.Tensor, valid: torch.Tensor | None = None):
+    """max |difference| ≤ 1e-4 of the logit scale, over the positions that are not padding."""
+    if valid is not None:
+        ours, reference = ours[valid.bool()], reference[valid.bool()]
+    scale = reference.abs().max().item()
+    difference = (ours - reference).abs().max().item()
+    assert difference <= 1e-4 * scale, f"max |difference| {difference:.3g} exceeds 1e-4 × logit scale {scale:.3g}"
+
+
+def _zeros_except(cm, ones: set[str] = frozenset()) -> torch.Tensor:
+    return torch.tensor([1.0 if e in ones else 0.0 for e in cm.graph.edges])
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+class TestEveryArchitecture:
+    def test_no_mask_equals_hf(self, traced, prompts, name):
+        model, cm = traced(name)
+        clean, _, mask = prompts
+        right = torch.ones_like(mask)
+        right[1, -3:] = 0
+        with torch.no_grad():
+            _close(cm(clean), model(input_ids=clean).logits)
+            _close(cm(clean, mask), model(input_ids=clean, attention_mask=mask).logits, mask)
+            _close(cm(clean, right), model(input_ids=clean, attention_mask=right).logits, right)
+
+    def test_all_edges_zero_is_the_corrupted_run(self, traced, prompts, name):
+        model, cm = traced(name)
+        clean, corrupted, mask = prompts
+        with torch.no_grad():
+            patched = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=torch.zeros(len(cm.graph.edges)))
+            _close(patched, model(input_ids=corrupted, attention_mask=mask).logits, mask)
+            kept = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=torch.ones(len(cm.graph.edges)))
+            _close(kept, model(input_ids=clean, attention_mask=mask).logits, mask)
+
+    def test_edges_into_logits_alone_give_the_corrupted_logits(self, traced, prompts, name):
+        """Patching every edge into the logits and nothing else leaves all other nodes clean."""
+        model, cm = traced(name)
+        clean, corrupted, mask = prompts
+        into_logits = {e: 0.0 for e in cm.graph.edges if e.endswith("->logits")}
+        with torch.no_grad():
+            patched = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=into_logits)
+            _close(patched, model(input_ids=corrupted, attention_mask=mask).logits, mask)
+
+    def test_node_patching_matches_hooks(self, traced, prompts, name):
+        model, cm = traced(name)
+        clean, corrupted, mask = prompts
+        with torch.no_grad():
+            for node in ("m0", "a0.h1"):
+                ours = cm(clean, mask, corrupted_input_ids=corrupted, node_mask={node: 0.0})
+                _close(ours, _hooked_node_patch(model, name, node, clean, corrupted, mask), mask)
+
+    def test_many_masks_in_one_call(self, traced, prompts, name):
+        _, cm = traced(name)
+        clean, corrupted, mask = prompts
+        generator = torch.Generator().manual_seed(2)
+        masks = torch.rand(3, len(cm.graph.edges), generator=generator)
+        with torch.no_grad():
+            together = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks)
+            for i in range(3):
+                alone = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks[i])
+                _close(together[i], alone, mask)
+
+
+def _hooked_node_patch(model, name, node, clean, corrupted, mask):
+    """Reference on the unmodified HF model: replace one MLP's output, or one head's share of the attention
+    output, by its value on the corrupted prompt."""
+    mlp_path, out_path, post_norm_path = (p and p.format(0) for p in modules(name))
+    if node.startswith("m"):
+        module = model.get_submodule(mlp_path)
+        saved = _capture_output(model, module, corrupted, mask)
+        return _run_with(model, module.register_forward_hook(lambda m, i, o: saved.clone()), clean, mask)
+    head = int(node.split("h")[-1])
+    out_proj = model.get_submodule(out_path)
+    width = out_proj.weight.shape[0] if hasattr(out_proj, "nf") else out_proj.weight.shape[1]
+    cols = slice(head * width // 4, (head + 1) * width // 4)
+    z_corrupted = _capture_input(model, out_proj, corrupted, mask)
+    if post_norm_path is None:
+        def swap_head(module, args):
+            z = args[0].clone()
+            z[..., cols] = z_corrupted[..., cols]
+            return (z,)
+        return _run_with(model, out_proj.register_forward_pre_hook(swap_head), clean, mask)
+    # A norm after attention: a head's write keeps the normalisation scale of the whole write (heads.py).
+    norm = model.get_submodule(post_norm_path)
+    o_corrupted = _capture_input(model, norm, corrupted, mask)
+    state = {}
+    handles = [out_proj.register_forward_pre_hook(lambda m, a: state.update(z=a[0]))]
+
+    def share(z, o):
+        zh = torch.zeros_like(z)
+        zh[..., cols] = z[..., cols]
+        o_head = out_proj.forward(zh)
+        eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6))
+        rms = lambda x: torch.sqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)  # noqa: E731
+        return norm.forward(o_head) * rms(o_head) / rms(o)  # forward(): not through the hook itself
+
+    handles.append(norm.register_forward_hook(
+        lambda m, a, out: out + share(z_corrupted, o_corrupted) - share(state["z"], a[0])))
+    return _run_with(model, handles, clean, mask)
+
+
+def _capture_output(model, module, ids, mask):
+    saved = {}
+    # cloned: Falcon adds the attention output into the MLP output in place
+    handle = module.register_forward_hook(lambda m, i, o: saved.update(out=o.clone()))
+    _run_with(model, handle, ids, mask)
+    return saved["out"]
+
+
+def _capture_input(model, module, ids, mask):
+    saved = {}
+    handle = module.register_forward_pre_hook(lambda m, a: saved.update(x=a[0]))
+    _run_with(model, handle, ids, mask)
+    return saved["x"]
+
+
+def _run_with(model, handles, ids, mask):
+    handles = handles if isinstance(handles, list) else [handles]
+    try:
+        return model(input_ids=ids, attention_mask=mask).logits
+    finally:
+        for handle in handles:
+            handle.remove()

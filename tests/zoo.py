@@ -1,0 +1,73 @@
+"""Tiny randomly initialised configs of every architecture the engine supports, and — for the tests'
+independent references only — where each family's MLP output and attention output projection live."""
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+              max_position_embeddings=64)
+GPT2_LIKE = dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=128)
+
+# name: (model_type, config overrides)
+CONFIGS = {
+    "gpt2": ("gpt2", GPT2_LIKE),
+    "gpt_neo": ("gpt_neo", dict(hidden_size=64, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+                                vocab_size=128, max_position_embeddings=64, intermediate_size=128)),
+    "gptj": ("gptj", dict(GPT2_LIKE, rotary_dim=8)),
+    "gpt_neox": ("gpt_neox", dict(COMMON, use_parallel_residual=True)),
+    "gpt_neox_sequential": ("gpt_neox", dict(COMMON, use_parallel_residual=False)),
+    "opt": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                        max_position_embeddings=64, word_embed_proj_dim=64)),
+    "bloom": ("bloom", dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=128)),
+    "falcon_multi_query": ("falcon", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
+                                          multi_query=True, new_decoder_architecture=False, parallel_attn=True)),
+    "falcon_new_arch": ("falcon", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+                                       vocab_size=128, new_decoder_architecture=True)),
+    "llama": ("llama", dict(COMMON, num_key_value_heads=2)),
+    "mistral": ("mistral", dict(COMMON, num_key_value_heads=2)),
+    "mixtral": ("mixtral", dict(COMMON, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2": ("qwen2", dict(COMMON, num_key_value_heads=2)),
+    "qwen3": ("qwen3", dict(COMMON, num_key_value_heads=2, head_dim=16)),
+    "gemma": ("gemma", dict(COMMON, num_key_value_heads=1, head_dim=16)),
+    "gemma2": ("gemma2", dict(COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4)),
+    "gemma3": ("gemma3_text", dict(COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4)),
+    "phi": ("phi", dict(COMMON)),
+    "phi3": ("phi3", dict(COMMON, num_key_value_heads=2, pad_token_id=0)),
+    "olmo": ("olmo", dict(COMMON)),
+    "olmo2": ("olmo2", dict(COMMON, num_key_value_heads=2)),
+    "starcoder2": ("starcoder2", dict(COMMON, num_key_value_heads=2)),
+}
+
+# Test references only: (module writing the MLP node's output, attention output projection, post-attention
+# norm or None).  The engine itself never looks at these names.
+LLAMA_LIKE = ("model.layers.{}.mlp", "model.layers.{}.self_attn.o_proj", None)
+MODULES = {
+    "gpt2": ("transformer.h.{}.mlp", "transformer.h.{}.attn.c_proj", None),
+    "gpt_neo": ("transformer.h.{}.mlp", "transformer.h.{}.attn.attention.out_proj", None),
+    "gptj": ("transformer.h.{}.mlp", "transformer.h.{}.attn.out_proj", None),
+    "gpt_neox": ("gpt_neox.layers.{}.mlp", "gpt_neox.layers.{}.attention.dense", None),
+    "gpt_neox_sequential": ("gpt_neox.layers.{}.mlp", "gpt_neox.layers.{}.attention.dense", None),
+    "opt": ("model.decoder.layers.{}.fc2", "model.decoder.layers.{}.self_attn.out_proj", None),
+    "bloom": ("transformer.h.{}.mlp.dense_4h_to_h", "transformer.h.{}.self_attention.dense", None),
+    "falcon_multi_query": ("transformer.h.{}.mlp", "transformer.h.{}.self_attention.dense", None),
+    "falcon_new_arch": ("transformer.h.{}.mlp", "transformer.h.{}.self_attention.dense", None),
+    "phi": ("model.layers.{}.mlp", "model.layers.{}.self_attn.dense", None),
+    "gemma2": ("model.layers.{}.post_feedforward_layernorm", "model.layers.{}.self_attn.o_proj",
+               "model.layers.{}.post_attention_layernorm"),
+    "gemma3": ("model.layers.{}.post_feedforward_layernorm", "model.layers.{}.self_attn.o_proj",
+               "model.layers.{}.post_attention_layernorm"),
+    "olmo2": ("model.layers.{}.post_feedforward_layernorm", "model.layers.{}.self_attn.o_proj",
+              "model.layers.{}.post_attention_layernorm"),
+}
+
+
+def make(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    model_type, kwargs = CONFIGS[name]
+    config = AutoConfig.for_model(model_type, **{**kwargs, **overrides})
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).to(dtype).eval()
+
+
+def modules(name: str) -> tuple[str, str, str | None]:
+    return MODULES.get(name, LLAMA_LIKE)
