@@ -103,13 +103,14 @@ def columns_read(source: Node, target: Node, values: dict) -> list[frozenset[int
     """For each head of ``target`` (axis 1), the last-axis columns of ``source`` it depends on."""
     region = sorted(between(source, [target]))
     generator = torch.Generator().manual_seed(0)
-    leaf = _random_like(values[source], generator).requires_grad_(True)
-    out = _evaluate(region, values, source, leaf)[target]
     found = []
-    for head in range(out.shape[1]):
-        picked = out[:, head]
-        (grad,) = torch.autograd.grad((picked * _random_like(picked, generator)).sum(), leaf, retain_graph=True)
-        found.append(frozenset(torch.nonzero(grad.abs().flatten(0, -2).sum(0)).flatten().tolist()))
+    with torch.enable_grad():  # trace() may be called under torch.no_grad()
+        leaf = _random_like(values[source], generator).requires_grad_(True)
+        out = _evaluate(region, values, source, leaf)[target]
+        for head in range(out.shape[1]):
+            picked = out[:, head]
+            (grad,) = torch.autograd.grad((picked * _random_like(picked, generator)).sum(), leaf, retain_graph=True)
+            found.append(frozenset(torch.nonzero(grad.abs().flatten(0, -2).sum(0)).flatten().tolist()))
     return found
 
 

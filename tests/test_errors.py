@@ -1,0 +1,74 @@
+"""Bad input gets a clear error that names the problem, never a wrong answer."""
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+import fxcircuits
+
+
+@pytest.fixture
+def llama(traced):
+    return traced("llama")[1]
+
+
+def test_clean_and_corrupted_of_different_lengths(llama):
+    with pytest.raises(ValueError, match="same token length"):
+        llama(torch.zeros(2, 6, dtype=torch.long), corrupted_input_ids=torch.zeros(2, 7, dtype=torch.long),
+              edge_mask=torch.ones(len(llama.graph.edges)))
+
+
+def test_mask_of_the_wrong_length(llama):
+    with pytest.raises(ValueError, match=rf"expected \[{len(llama.graph.edges)}\]"):
+        llama(torch.zeros(1, 4, dtype=torch.long), corrupted_input_ids=torch.zeros(1, 4, dtype=torch.long),
+              edge_mask=torch.ones(len(llama.graph.edges) - 1))
+
+
+def test_unknown_edge_and_node_names(llama):
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(KeyError, match="unknown edge"):
+        llama(ids, corrupted_input_ids=ids, edge_mask={"a0.h9->logits": 0.0})
+    with pytest.raises(KeyError, match="unknown node"):
+        llama(ids, corrupted_input_ids=ids, node_mask={"m7": 0.0})
+    with pytest.raises(KeyError, match="not in this model's graph"):
+        llama(ids, corrupted_input_ids=ids, edge_mask=fxcircuits.Circuit(frozenset({"m1->m0"})))
+
+
+def test_nan_in_masks_or_ablation_values(llama):
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    mask = torch.ones(len(llama.graph.edges))
+    mask[3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        llama(ids, corrupted_input_ids=ids, edge_mask=mask)
+    acts = llama.activations(ids)
+    acts[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        llama(ids, corrupted_activations=acts, edge_mask=torch.zeros(len(llama.graph.edges)))
+
+
+def test_a_masked_run_needs_exactly_one_other_run(llama):
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="exactly one of corrupted_input_ids"):
+        llama(ids, edge_mask=torch.ones(len(llama.graph.edges)))
+
+
+def test_encoder_decoder_models_are_refused():
+    config = AutoConfig.for_model("t5", d_model=32, d_ff=64, num_layers=1, num_heads=2, vocab_size=64, d_kv=16)
+    with pytest.raises(fxcircuits.CaptureError, match="encoder-decoder"):
+        fxcircuits.trace(AutoModelForSeq2SeqLM.from_config(config))
+
+
+def test_bidirectional_models_are_refused():
+    config = AutoConfig.for_model("bert", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, vocab_size=64, is_decoder=False)
+    with pytest.raises(fxcircuits.CaptureError, match="not causal"):
+        fxcircuits.trace(AutoModelForCausalLM.from_config(config))
+
+
+def test_zero_ablation_through_activations(llama):
+    """Zero ablation of every edge: the stream holds only the constants no node writes."""
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    zeros = torch.zeros(len(llama.graph.upstream), 1, 5, 64)
+    with torch.no_grad():
+        ablated = llama(ids, corrupted_activations=zeros, edge_mask=torch.zeros(len(llama.graph.edges)))
+        again = llama(ids.flip(0), corrupted_activations=zeros, edge_mask=torch.zeros(len(llama.graph.edges)))
+    torch.testing.assert_close(ablated, again)  # nothing of the input gets through
