@@ -43,6 +43,34 @@ class DeltaStore:
         return self.buffer[:total]
 
 
+def weighted_rows(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``out[d, n] = Σ_u weights[n, u, d] · rows[u, n]`` by the cheapest exact route.
+
+    A circuit or a single-edge patch moves few edges (few non-zero weights); "patch everything but a circuit"
+    keeps few (few weights below 1).  Both are summed entry by entry; only a dense mix pays for the full
+    product, which costs n_upstream × n_readers × activations."""
+    n_masks, n_up, n_readers = weights.shape
+    sparse = weights.numel() // 10
+    moved = torch.count_nonzero(weights).item()
+    if moved <= sparse:
+        return _sparse_sum(weights, rows)
+    kept = torch.count_nonzero(weights != 1).item()
+    if kept <= sparse:  # Σ_u w·row = Σ_u row − Σ_u (1 − w)·row
+        return _sparse_sum(weights - 1, rows, rows.sum(0).expand(n_readers, *rows.shape[1:]))
+    return torch.einsum("nud,unx->dnx", weights, rows)
+
+
+def _sparse_sum(weights: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The same product with the weights as a sparse block-diagonal matrix [masks·readers, masks·upstream]."""
+    n_masks, n_up, n_readers = weights.shape
+    n, d, u = weights.transpose(1, 2).nonzero(as_tuple=True)  # sorted by (mask, reader, upstream): coalesced
+    matrix = torch.sparse_coo_tensor(torch.stack([n * n_readers + d, n * n_up + u]), weights[n, u, d],
+                                     (n_masks * n_readers, n_masks * n_up), is_coalesced=True, check_invariants=False)
+    product = torch.sparse.mm(matrix, rows.transpose(0, 1).reshape(n_masks * n_up, -1))
+    product = product.reshape(n_masks, n_readers, -1).transpose(0, 1)
+    return product if out is None else out + product
+
+
 class _Accumulate(torch.autograd.Function):
     """``stream + Σ_u (1 − keep[u, d]) · delta_u`` with gradients for the stream, the mask and every delta."""
 
@@ -50,9 +78,9 @@ class _Accumulate(torch.autograd.Function):
     def forward(ctx, stream, keep, rows, *deltas):
         n_masks, n_up, n_readers = keep.shape
         weights = (1 - keep).to(rows.dtype)
-        patched = torch.einsum("nud,unx->dnx", weights, rows.reshape(n_up, n_masks, -1))
+        patched = weighted_rows(weights, rows.reshape(n_up, n_masks, -1))
         ctx.save_for_backward(keep)
-        ctx.rows, ctx.sizes, ctx.stream_shape = rows, [d.shape[0] for d in deltas], stream.shape
+        ctx.rows, ctx.sizes = rows, [d.shape[0] for d in deltas]
         return stream + patched.reshape(n_readers, *stream.shape)
 
     @staticmethod
@@ -60,11 +88,15 @@ class _Accumulate(torch.autograd.Function):
         (keep,) = ctx.saved_tensors
         n_masks, n_up, n_readers = keep.shape
         grad_rows = grad.reshape(n_readers, n_masks, -1)
-        rows = ctx.rows.reshape(n_up, n_masks, -1)
-        grad_keep = -torch.einsum("unx,dnx->nud", rows, grad_rows).to(keep.dtype)
-        weights = (1 - keep).to(grad.dtype)
-        grad_deltas = torch.einsum("nud,dnx->unx", weights, grad_rows).reshape(n_up, *ctx.rows.shape[1:])
-        return (grad.sum(0), grad_keep, None, *grad_deltas.split(ctx.sizes))
+        grad_keep = grad_deltas = None
+        if ctx.needs_input_grad[1]:
+            rows = ctx.rows.reshape(n_up, n_masks, -1)
+            grad_keep = -torch.einsum("unx,dnx->nud", rows, grad_rows).to(keep.dtype)
+        if any(ctx.needs_input_grad[3:]):
+            weights = (1 - keep).to(grad.dtype)
+            flat = torch.einsum("nud,dnx->unx", weights, grad_rows).reshape(n_up, *ctx.rows.shape[1:])
+            grad_deltas = flat.split(ctx.sizes)
+        return (grad.sum(0), grad_keep, None, *(grad_deltas or [None] * len(ctx.sizes)))
 
 
 def accumulate(store: DeltaStore, stream: torch.Tensor, deltas: list[torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
