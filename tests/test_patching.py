@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from zoo import CONFIGS, modules
+import fxcircuits
+from zoo import CONFIGS, make, modules
 
 
 def _close(ours: torch.Tensor, reference: torch.Tensor, valid: torch.Tensor | None = None):
@@ -128,3 +129,19 @@ def _run_with(model, handles, ids, mask):
     finally:
         for handle in handles:
             handle.remove()
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_bfloat16_models(name, prompts):
+    """Any dtype: a bf16 model traces, runs as HF runs it, and an all-zero mask gives its corrupted run."""
+    model = make(name, dtype=torch.bfloat16)
+    cm = fxcircuits.trace(model)
+    clean, corrupted, mask = prompts
+    with torch.no_grad():
+        assert cm(clean, mask).dtype == torch.bfloat16
+        torch.testing.assert_close(cm(clean, mask), model(input_ids=clean, attention_mask=mask).logits)
+        patched = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=torch.zeros(len(cm.graph.edges)))
+        reference = model(input_ids=corrupted, attention_mask=mask).logits
+    # bf16 keeps ~3 significant digits; the patched run adds the same terms in another order
+    difference = (patched.float() - reference.float())[mask.bool()].abs().max()
+    assert difference <= 2e-2 * reference.float().abs().max()
