@@ -44,10 +44,6 @@ def is_tensor_node(node: Node) -> bool:
     return isinstance(value, torch.Tensor)
 
 
-def data_inputs(node: Node) -> list[Node]:
-    return [n for n in node.all_input_nodes if is_tensor_node(n)]
-
-
 def data_users(node: Node) -> list[Node]:
     return [n for n in node.users if n.op == "output" or (is_tensor_node(n) and n.target not in SKIPPED)]
 
@@ -121,7 +117,6 @@ class Step:
 @dataclass
 class Components:
     model_name: str
-    source: Node                           # the token embedding lookup
     steps: list[Step]
     final: Node                            # the last stream value, read by the logits
     logits: Node                           # the logits tensor returned by the graph
@@ -147,7 +142,7 @@ def find_components(gm: GraphModule, model_name: str) -> Components:
         raise DecompositionError(model_name, None, "found no attention layer writing to a residual stream between "
                                  "the token embedding and the logits")
     _check_pass_through(chain, steps, model_name)
-    return Components(model_name, source, steps, steps[-1].end, logits)
+    return Components(model_name, steps, steps[-1].end, logits)
 
 
 def _logits_node(output: Node, model_name: str) -> Node:

@@ -56,7 +56,7 @@ def as_projection(node: Node, stream_dependent: set[Node]) -> Projection | None:
 
 def last_projection(start: Node, end: Node, model_name: str) -> Projection:
     path = between(start, [end])
-    found = [p for n in start.graph.nodes if n in path and (p := as_projection(n, path)) is not None]
+    found = [p for n in sorted(path) if (p := as_projection(n, path)) is not None]
     if not found:
         raise DecompositionError(model_name, end, "no linear projection between the residual stream and this "
                                  "attention input")
@@ -65,8 +65,8 @@ def last_projection(start: Node, end: Node, model_name: str) -> Projection:
 
 def first_projection(start: Node, ends: list[Node], model_name: str) -> Projection:
     path = between(start, ends)
-    for node in start.graph.nodes:
-        if node in path and (p := as_projection(node, path)) is not None:
+    for node in sorted(path):
+        if (p := as_projection(node, path)) is not None:
             return p
     raise DecompositionError(model_name, start, "no output projection between the attention core and the stream")
 
