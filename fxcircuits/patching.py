@@ -118,36 +118,31 @@ def edge_vector(graph: CircuitGraph, edge_mask) -> torch.Tensor:
     """An ``edge_mask`` given as tensor, ``{edge: value}`` dict or ``Circuit`` → tensor [E] or [N, E]."""
     if isinstance(edge_mask, Circuit):
         return edge_mask.edge_mask(graph)
-    if isinstance(edge_mask, Mapping):
-        unknown = [e for e in edge_mask if e not in graph.edge_index]
-        if unknown:
-            raise KeyError(f"unknown edge name(s) {unknown[:3]}; names look like {graph.edges[0]!r} — see cm.graph.edges")
-        vector = torch.ones(len(graph.edges))
-        for name, value in edge_mask.items():
-            vector[graph.edge_index[name]] = float(value)
-        return vector
-    if not isinstance(edge_mask, torch.Tensor):
+    if not isinstance(edge_mask, (Mapping, torch.Tensor)):
         raise TypeError(f"edge_mask must be a tensor, a dict of edge names or a Circuit, not {type(edge_mask).__name__}")
-    if edge_mask.dim() not in (1, 2) or edge_mask.shape[-1] != len(graph.edges):
-        raise ValueError(f"edge_mask has shape {tuple(edge_mask.shape)}; expected [{len(graph.edges)}] (one value per "
-                         f"edge in cm.graph.edges order) or [n_masks, {len(graph.edges)}]")
-    return edge_mask
+    return _vector(edge_mask, graph.edge_index, "edge", "cm.graph.edges")
 
 
 def node_vector(graph: CircuitGraph, node_mask) -> torch.Tensor:
     """A ``node_mask`` given as tensor [U] / [N, U] over upstream nodes, or ``{node: value}`` dict."""
-    if isinstance(node_mask, Mapping):
-        unknown = [n for n in node_mask if n not in graph.node_index]
+    return _vector(node_mask, graph.node_index, "node", "cm.graph.upstream")
+
+
+def _vector(mask, index: dict[str, int], what: str, listing: str) -> torch.Tensor:
+    """A mask by name (missing names = 1) or by position, checked against the ``index`` it refers to."""
+    if isinstance(mask, Mapping):
+        unknown = [name for name in mask if name not in index]
         if unknown:
-            raise KeyError(f"unknown node name(s) {unknown[:3]}; upstream nodes are listed in cm.graph.upstream")
-        vector = torch.ones(len(graph.upstream))
-        for name, value in node_mask.items():
-            vector[graph.node_index[name]] = float(value)
+            raise KeyError(f"unknown {what} name(s) {unknown[:3]}; names look like {next(iter(index))!r} — "
+                           f"see {listing}")
+        vector = torch.ones(len(index))
+        for name, value in mask.items():
+            vector[index[name]] = float(value)
         return vector
-    if node_mask.dim() not in (1, 2) or node_mask.shape[-1] != len(graph.upstream):
-        raise ValueError(f"node_mask has shape {tuple(node_mask.shape)}; expected [{len(graph.upstream)}] (one value "
-                         f"per node in cm.graph.upstream order) or [n_masks, {len(graph.upstream)}]")
-    return node_mask
+    if mask.dim() not in (1, 2) or mask.shape[-1] != len(index):
+        raise ValueError(f"{what}_mask has shape {tuple(mask.shape)}; expected [{len(index)}] (one value per {what} "
+                         f"in {listing} order) or [n_masks, {len(index)}]")
+    return mask
 
 
 def dense_keep(graph: CircuitGraph, edge_mask=None, node_mask=None, *, device=None) -> torch.Tensor:
@@ -155,9 +150,7 @@ def dense_keep(graph: CircuitGraph, edge_mask=None, node_mask=None, *, device=No
 
     A node mask multiplies the mask of every edge leaving that node.  Pairs that are not edges stay 1."""
     edges = torch.ones(len(graph.edges), device=device) if edge_mask is None else edge_vector(graph, edge_mask)
-    edges = edges.to(device)
-    if edges.is_floating_point() is False:
-        edges = edges.float()
+    edges = edges.to(device) if edges.is_floating_point() else edges.to(device, torch.float32)
     if node_mask is not None:
         edges = edges * node_vector(graph, node_mask).to(edges)[..., graph.src.to(edges.device)]
     edges = edges.reshape(-1, len(graph.edges))
