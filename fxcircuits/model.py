@@ -47,6 +47,7 @@ class CircuitModel(nn.Module):
         self.model_name = model_name
         self.exported, self.recorder, self.patcher = exported, recorder, patcher
         self.graph = graph
+        self.traced_device = self.device
 
     def __repr__(self) -> str:
         return f"CircuitModel({self.model_name}, {self.graph})"
@@ -55,7 +56,12 @@ class CircuitModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.exported.parameters()).device
 
-    def _inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inputs(self, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.device != self.traced_device:
+            raise RuntimeError(f"this model was traced on {self.traced_device} and has since been moved to "
+                               f"{self.device}; the captured graph keeps its device, so call fxcircuits.trace(model) "
+                               "again on the device you want to run on")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if input_ids.shape[1] < 2:

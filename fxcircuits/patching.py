@@ -119,7 +119,8 @@ def edge_vector(graph: CircuitGraph, edge_mask) -> torch.Tensor:
     if isinstance(edge_mask, Circuit):
         return edge_mask.edge_mask(graph)
     if not isinstance(edge_mask, (Mapping, torch.Tensor)):
-        raise TypeError(f"edge_mask must be a tensor, a dict of edge names or a Circuit, not {type(edge_mask).__name__}")
+        raise TypeError("edge_mask must be a tensor, a dict of edge names or a Circuit, "
+                        f"not {type(edge_mask).__name__}")
     return _vector(edge_mask, graph.edge_index, "edge", "cm.graph.edges")
 
 

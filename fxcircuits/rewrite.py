@@ -22,8 +22,8 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from .components import SDPA, Attention, Components, DecompositionError, MLP, Step, between, descendants
-from .heads import (RELAYOUT, Projection, Ranges, columns_read, columns_written, first_projection, gather_heads, head_writes,
-                    last_projection, layer_norm_share, place_columns, project_columns, to_ranges)
+from .heads import (RELAYOUT, Projection, Ranges, columns_read, columns_written, first_projection, gather_heads,
+                    head_writes, last_projection, layer_norm_share, place_columns, project_columns, to_ranges)
 from .patching import DeltaStore, accumulate, mask_block
 
 aten = torch.ops.aten
@@ -201,7 +201,7 @@ class _Builder:
                     self._patched_mlp(step, writer, mine[0])
         for writer in step.writers:
             if isinstance(writer, Attention):
-                self._add_group(self._head_writes(writer, self.env), writer.n_heads)
+                self._add_group(self._head_writes(writer), writer.n_heads)
             else:
                 total = self.env[writer.terms[0]]
                 for term in writer.terms[1:]:
@@ -256,9 +256,9 @@ class _Builder:
             return self.graph.call_function(sdpa.target, tuple(args), kwargs)
         return self.clone(attention.core, originals)[attention.output]
 
-    def _head_writes(self, attention: Attention, values: dict[Node, Node]) -> Node:
-        """Each head's write to the stream, [n_heads, *stream.shape], from the nodes in ``values``."""
-        plan = self.plans[id(attention)].write
+    def _head_writes(self, attention: Attention) -> Node:
+        """Each head's write to the stream, [n_heads, *stream.shape], from this graph's (patched) values."""
+        values, plan = self.env, self.plans[id(attention)].write
         proj = plan.projection
         shares = {proj.node: self.call(head_writes, values[proj.x], values[proj.weight], proj.layout, plan.ranges)}
         dependent = descendants(attention.output)
@@ -292,8 +292,9 @@ def _shift(dim, by: int = 1):
 
 
 # Ops that act on one linear argument (arg 0), with the positions of their dimension arguments.
-UNARY_LINEAR = {aten.neg.default: (), aten.clone.default: (), aten.type_as.default: (), aten.contiguous.default: (), aten.alias.default: (),
-                aten._to_copy.default: (), aten.transpose.int: (1, 2), aten.permute.default: (1,),
+UNARY_LINEAR = {aten.neg.default: (), aten.clone.default: (), aten.type_as.default: (), aten.contiguous.default: (),
+                aten.alias.default: (), aten._to_copy.default: (), aten.transpose.int: (1, 2),
+                aten.permute.default: (1,),
                 aten.unsqueeze.default: (1,), aten.squeeze.dim: (1,), aten.mean.dim: (1,),
                 aten.sum.dim_IntList: (1,), aten.slice.Tensor: (1,), aten.select.int: (1,)}
 RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
@@ -323,23 +324,24 @@ def linear_share(builder: _Builder, node: Node, shares: dict, values: dict, depe
             return call(target, a, arg_value(args[1]))
         if target is aten.mul.Tensor and b is not None and a is None:
             return call(target, arg_value(args[0]), b)
-    elif first in shares and target in UNARY_LINEAR:
+        raise DecompositionError(builder.name, node, "multiplies or divides by the attention output itself")
+    if first not in shares:
+        return None
+    if target in UNARY_LINEAR:
         new_args = [shares[first]] + [_shift(a) if i in UNARY_LINEAR[target] else arg_value(a)
                                       for i, a in enumerate(args[1:], start=1)]
         return builder.graph.call_function(target, tuple(new_args), dict(node.kwargs))
-    elif first in shares and target in RESHAPES:
+    if target in RESHAPES:
         return call(aten.reshape.default, shares[first], [n_heads, *(arg_value(s) for s in args[1])])
-    elif first in shares and target is aten.layer_norm.default:
+    if target is aten.layer_norm.default:
         weight = arg_value(args[2]) if len(args) > 2 else None
         eps = args[4] if len(args) > 4 else 1e-5
         return call(layer_norm_share, shares[first], values[first], weight, eps)
-    elif first in shares and target is aten.linear.default:
+    if target is aten.linear.default:
         return call(aten.linear.default, shares[first], arg_value(args[1]))
-    elif first in shares and target in (aten.matmul.default, aten.mm.default) and args[1] not in dependent:
+    if target in (aten.matmul.default, aten.mm.default) and args[1] not in dependent:
         return call(aten.matmul.default, shares[first], arg_value(args[1]))
-    elif target not in (aten.mul.Tensor, aten.div.Tensor):
-        return None  # a non-linear statistic of the whole write (e.g. a norm's variance): used as a whole
-    raise DecompositionError(builder.name, node, "multiplies or divides by the attention output itself")
+    return None  # a non-linear statistic of the whole write (e.g. a norm's variance): used as a whole
 
 
 def build_recorder(gm: GraphModule, components: Components, plans: list[AttentionPlan]) -> GraphModule:

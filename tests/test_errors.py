@@ -72,3 +72,11 @@ def test_zero_ablation_through_activations(llama):
         ablated = llama(ids, corrupted_activations=zeros, edge_mask=torch.zeros(len(llama.graph.edges)))
         again = llama(ids.flip(0), corrupted_activations=zeros, edge_mask=torch.zeros(len(llama.graph.edges)))
     torch.testing.assert_close(ablated, again)  # nothing of the input gets through
+
+
+def test_moving_a_traced_model_asks_for_a_new_trace(traced):
+    model, _ = traced("gpt2")
+    cm = fxcircuits.trace(model)
+    cm.to("meta")
+    with pytest.raises(RuntimeError, match="trace"):
+        cm(torch.zeros(1, 4, dtype=torch.long))
