@@ -57,6 +57,11 @@ class CircuitGraph:
         self.dst = torch.tensor([d for _, d in pairs], dtype=torch.long)
 
     @property
+    def group_sizes(self) -> list[int]:
+        """Upstream nodes per writer, in order: ``input``, then a layer's heads or one MLP."""
+        return [1] + [w.n_heads if w.kind == "attention" else 1 for w in self.writers]
+
+    @property
     def n_layers(self) -> int:
         return sum(w.kind == "attention" for w in self.writers)
 

@@ -76,7 +76,11 @@ class CircuitModel(nn.Module):
 
     def activations(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Every upstream node's output, [n_upstream, batch, seq, d_model] in ``graph.upstream`` order."""
-        return self.recorder(*self._inputs(input_ids, attention_mask))[1]
+        return torch.cat(self._groups(*self._inputs(input_ids, attention_mask)))
+
+    def _groups(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """Upstream outputs as the patcher takes them: one tensor per writer (``input``, a layer's heads, an MLP)."""
+        return self.recorder(input_ids, attention_mask)[1]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 corrupted_input_ids: torch.Tensor | None = None, edge_mask=None, node_mask=None,
@@ -98,23 +102,26 @@ class CircuitModel(nn.Module):
         batched = any(isinstance(m, torch.Tensor) and m.dim() == 2 for m in (edge_mask, node_mask))
         if n > 1:
             input_ids, attention_mask = input_ids.repeat(n, 1), attention_mask.repeat(n, 1)
-            if other.shape[1] != 1:
-                other = other.repeat(1, n, 1, 1)
+            other = [g if g.shape[1] == 1 else g.repeat(1, n, 1, 1) for g in other]
         logits = self.patcher(input_ids, attention_mask, other, keep)
         return logits.reshape(n, -1, *logits.shape[1:]) if batched else logits
 
-    def _other_run(self, input_ids, attention_mask, corrupted_input_ids, corrupted_activations) -> torch.Tensor:
+    def _other_run(self, input_ids, attention_mask, corrupted_input_ids,
+                   corrupted_activations) -> list[torch.Tensor]:
         if (corrupted_input_ids is None) == (corrupted_activations is None):
             raise ValueError("a masked run needs exactly one of corrupted_input_ids (patch from a corrupted prompt) or "
                              "corrupted_activations (zero / mean ablation values)")
         if corrupted_activations is not None:
             if not torch.isfinite(corrupted_activations).all():
                 raise ValueError("corrupted_activations contain NaN or infinite values")
-            return corrupted_activations.to(self.device)
+            if corrupted_activations.dim() != 4 or corrupted_activations.shape[0] != len(self.graph.upstream):
+                raise ValueError(f"corrupted_activations have shape {tuple(corrupted_activations.shape)}; expected "
+                                 f"[{len(self.graph.upstream)}, batch or 1, seq, d_model] as activations() returns")
+            return list(corrupted_activations.to(self.device).split(self.graph.group_sizes))
         if corrupted_input_ids.shape != input_ids.shape:
             raise ValueError(f"clean input_ids have shape {tuple(input_ids.shape)} but corrupted_input_ids have "
                              f"{tuple(corrupted_input_ids.shape)}: patching needs clean and corrupted prompts of the "
                              "same token length; pad them to a common length (and pass the attention_mask) or drop "
                              "the pairs that tokenize differently")
         with torch.no_grad():
-            return self.activations(corrupted_input_ids, attention_mask)
+            return self._groups(corrupted_input_ids.to(self.device), attention_mask)

@@ -4,7 +4,7 @@ Two graphs are built from the captured one by copying it node by node and replac
 stream:
 
 * the **recorder** runs the model unchanged and also returns every upstream node's output (``input``, each
-  head's write, each MLP's write) stacked as [n_upstream, batch, seq, d_model];
+  head's write, each MLP's write), one tensor [n_nodes, batch, seq, d_model] per writer;
 * the **patcher** takes those outputs from another run plus a mask, and gives every downstream input its
   own value through :func:`fxcircuits.patching.accumulate`.  Each downstream input then runs its own copy of
   the reading computation: an MLP's whole block; for attention, the norm and projection of each query head's
@@ -169,14 +169,14 @@ class _Builder:
 
     def _extra_placeholders(self) -> None:
         if self.patched:
-            self.other = self.graph.placeholder("other")   # [n_upstream, rows, seq, d_model]
+            self.other = self.graph.placeholder("other")   # per writer: [n_nodes, rows, seq, d_model]
             self.keep = self.graph.placeholder("keep")     # [n_masks, n_upstream, n_downstream]
             self.store = self.call(DeltaStore, self.total_upstream)
 
     def _add_group(self, act: Node, n: int) -> None:
         self.acts.append(act)
         if self.patched:
-            other = self.call(operator.getitem, self.other, slice(self.n_upstream, self.n_upstream + n))
+            other = self.call(operator.getitem, self.other, len(self.deltas))
             self.deltas.append(self.call(operator.sub, other, act))
         self.n_upstream += n
 
@@ -282,7 +282,7 @@ class _Builder:
             region = sorted(between(self.components.final, [logits]))
             self.graph.output(self.clone(region, {self.components.final: x})[logits])
         else:
-            self.graph.output((self.env[logits], self.call(torch.cat, list(self.acts))))
+            self.graph.output((self.env[logits], list(self.acts)))
 
 
 def _shift(dim, by: int = 1):
