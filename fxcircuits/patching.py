@@ -68,7 +68,7 @@ def _sparse_sum(weights: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | N
                                      (n_masks * n_readers, n_masks * n_up), is_coalesced=True, check_invariants=False)
     product = torch.sparse.mm(matrix, rows.transpose(0, 1).reshape(n_masks * n_up, -1))
     product = product.reshape(n_masks, n_readers, -1).transpose(0, 1)
-    return product if out is None else out + product
+    return product if out is None else product.add_(out)  # product is fresh: add in place
 
 
 class _Accumulate(torch.autograd.Function):
@@ -81,7 +81,8 @@ class _Accumulate(torch.autograd.Function):
         patched = weighted_rows(weights, rows.reshape(n_up, n_masks, -1))
         ctx.save_for_backward(keep)
         ctx.rows, ctx.sizes = rows, [d.shape[0] for d in deltas]
-        return stream + patched.reshape(n_readers, *stream.shape)
+        # ``patched`` is a fresh tensor of the output's size: adding in place spares another large allocation
+        return patched.reshape(n_readers, *stream.shape).add_(stream)
 
     @staticmethod
     def backward(ctx, grad):
