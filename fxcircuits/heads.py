@@ -131,6 +131,22 @@ def columns_written(source: Node, target: Node, values: dict) -> list[frozenset[
     return found
 
 
+def broadcasts(start: Node, end: Node, values: dict) -> bool:
+    """Whether the computation from ``start`` to ``end`` (a norm) also runs on inputs stacked on a new leading
+    axis, giving each row's own result — then all heads' copies can run as one."""
+    if end is start:
+        return True
+    region = sorted(between(start, [end]))
+    generator = torch.Generator().manual_seed(0)
+    rows = [_random_like(values[start], generator) for _ in range(2)]
+    try:
+        together = _evaluate(region, values, start, torch.stack(rows))[end]
+    except RuntimeError:
+        return False
+    apart = torch.stack([_evaluate(region, values, start, row)[end] for row in rows])
+    return together.numel() == apart.numel() and torch.equal(together.reshape(apart.shape), apart)
+
+
 def to_ranges(columns: frozenset[int] | set[int]) -> Ranges:
     """Sorted columns as maximal contiguous blocks."""
     ranges, ordered = [], sorted(columns)
@@ -159,6 +175,21 @@ def project_columns(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """``(x @ W + b)[..., columns]`` computed for those columns only."""
     out = x @ _take(_in_out(weight, layout), -1, ranges)
     return out if bias is None else out + _take(bias, 0, ranges)
+
+
+def project_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str,
+                  ranges: tuple[Ranges, ...]) -> torch.Tensor:
+    """Head h's columns ``ranges[h]`` of ``x[h] @ W + b`` for every head in one batched matmul.
+
+    ``x`` holds the heads' inputs stacked on axis 0 (or flattened with them, as after ``view(-1, d)``);
+    returns [heads, *rows, columns] with the per-head leading shape kept where ``x`` kept it."""
+    n = len(ranges)
+    rows = x.shape[1:-1] if x.shape[0] == n and x.dim() > 2 else (-1,)
+    w = _in_out(weight, layout)
+    out = torch.bmm(x.reshape(n, -1, x.shape[-1]), torch.stack([_take(w, -1, r) for r in ranges]))
+    if bias is not None:
+        out = out + torch.stack([_take(bias, 0, r) for r in ranges])[:, None]
+    return out.reshape(n, *rows, out.shape[-1])
 
 
 def place_columns(parts: list[torch.Tensor], ranges: list[Ranges], width: int) -> torch.Tensor:

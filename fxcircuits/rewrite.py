@@ -22,8 +22,9 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from .components import SDPA, Attention, Components, DecompositionError, MLP, Step, between, descendants
-from .heads import (RELAYOUT, Projection, Ranges, columns_read, columns_written, first_projection, gather_heads,
-                    head_writes, last_projection, layer_norm_share, place_columns, project_columns, to_ranges)
+from .heads import (RELAYOUT, Projection, Ranges, broadcasts, columns_read, columns_written, first_projection,
+                    gather_heads, head_writes, last_projection, layer_norm_share, place_columns, project_columns,
+                    project_heads, to_ranges)
 from .patching import DeltaStore, accumulate, mask_block
 
 aten = torch.ops.aten
@@ -41,6 +42,7 @@ class ReadPlan:
     rounds: list[list[tuple[int, Ranges | None]]]  # per pass: (query head, its columns, or None for all)
     picks: tuple[tuple[int, int], ...]             # per query head: (pass, head of the core input)
     width: int
+    stacked: bool             # all heads' norms and projections can run as one batched computation
 
 
 @dataclass
@@ -90,7 +92,8 @@ def _plan_read(step: Step, attention: Attention, role: str, values: dict, name: 
         rounds = [[(h, None)] for h in range(n_heads)]
         picks = tuple((h, core_head[h]) for h in range(n_heads))
     width = values[proj.node].shape[-1]
-    return ReadPlan(proj, sorted(norm), sorted(post), core_input, rounds, picks, width)
+    stacked = separable and len({len(c) for c in columns}) == 1 and broadcasts(step.start, proj.x, values)
+    return ReadPlan(proj, sorted(norm), sorted(post), core_input, rounds, picks, width, stacked)
 
 
 def _plan_write(attention: Attention, values: dict, name: str) -> WritePlan:
@@ -180,11 +183,14 @@ class _Builder:
             self.deltas.append(self.call(operator.sub, other, act))
         self.n_upstream += n
 
-    def _readers(self, stream: Node, n: int) -> list[Node]:
+    def _readers(self, stream: Node, n: int) -> Node:
+        """The inputs of the next ``n`` downstream readers, stacked: [n, *stream.shape]."""
         keep = self.call(mask_block, self.keep, self.n_upstream, self.n_downstream, self.n_downstream + n)
-        inputs = self.call(accumulate, self.store, self.env[stream], list(self.deltas), keep)
         self.n_downstream += n
-        return [self.call(operator.getitem, inputs, i) for i in range(n)]
+        return self.call(accumulate, self.store, self.env[stream], list(self.deltas), keep)
+
+    def _rows(self, stacked: Node, first: int, n: int) -> Node:
+        return self.call(operator.getitem, stacked, slice(first, first + n))
 
     def _step(self, step: Step) -> None:
         if not self.acts:
@@ -192,13 +198,13 @@ class _Builder:
             self._add_group(self.call(as_rows, self.reference, self.reference, 1), 1)
         if self.patched:
             sizes = [3 * w.n_heads if isinstance(w, Attention) else 1 for w in step.writers]
-            inputs = self._readers(step.start, sum(sizes))
+            inputs, first = self._readers(step.start, sum(sizes)), 0
             for writer, size in zip(step.writers, sizes):
-                mine, inputs = inputs[:size], inputs[size:]
                 if isinstance(writer, Attention):
-                    self._patched_attention(step, writer, mine)
+                    self._patched_attention(step, writer, inputs, first)
                 else:
-                    self._patched_mlp(step, writer, mine[0])
+                    self._patched_mlp(step, writer, self.call(operator.getitem, inputs, first))
+                first += size
         for writer in step.writers:
             if isinstance(writer, Attention):
                 self._add_group(self._head_writes(writer), writer.n_heads)
@@ -213,10 +219,10 @@ class _Builder:
         for term in mlp.terms:
             self.env[term] = local[term]
 
-    def _patched_attention(self, step: Step, attention: Attention, inputs: list[Node]) -> None:
+    def _patched_attention(self, step: Step, attention: Attention, inputs: Node, first: int) -> None:
         plan, h = self.plans[id(attention)], attention.n_heads
-        per_role = {role: inputs[i * h:(i + 1) * h] for i, role in enumerate(QKV)}
-        core_inputs = {role: self._read(step, plan.reads[role], per_role[role]) for role in QKV}
+        core_inputs = {role: self._read(step, plan.reads[role], self._rows(inputs, first + i * h, h))
+                       for i, role in enumerate(QKV)}
         output = self._core(attention, core_inputs)
         local = self.clone(plan.write.region, {attention.output: output})
         for term in attention.terms:
@@ -224,12 +230,17 @@ class _Builder:
         self.env.update({n: local[n] for n in plan.write.region})
         self.env[attention.output] = output
 
-    def _read(self, step: Step, plan: ReadPlan, inputs: list[Node]) -> Node:
+    def _read(self, step: Step, plan: ReadPlan, inputs: Node) -> Node:
+        """The core's q (k, v) input with every query head computed from its own row of ``inputs``."""
         proj, passes = plan.projection, []
+        projected = self._project_all(step, plan, inputs) if plan.stacked else None
         for heads in plan.rounds:
             parts = []
             for head, ranges in heads:
-                x = inputs[head]
+                if projected is not None:
+                    parts.append(self.call(operator.getitem, projected, head))
+                    continue
+                x = self.call(operator.getitem, inputs, head)
                 if plan.norm:
                     x = self.clone(plan.norm, {step.start: x})[proj.x]
                 if ranges is None:
@@ -238,11 +249,20 @@ class _Builder:
                     bias = self.env[proj.bias] if proj.bias is not None else None
                     parts.append(self.call(project_columns, x, self.env[proj.weight], bias, proj.layout, ranges))
             if heads[0][1] is None:
-                projected = parts[0]
+                columns = parts[0]
             else:
-                projected = self.call(place_columns, parts, [r for _, r in heads], plan.width)
-            passes.append(self.clone(plan.post, {proj.node: projected})[plan.core_input])
+                columns = self.call(place_columns, parts, [r for _, r in heads], plan.width)
+            passes.append(self.clone(plan.post, {proj.node: columns})[plan.core_input])
         return self.call(gather_heads, passes, plan.picks)
+
+    def _project_all(self, step: Step, plan: ReadPlan, inputs: Node) -> Node:
+        """Every head's columns at once: one norm over the stacked rows, one batched matmul."""
+        proj = plan.projection
+        normed = self.clone(plan.norm, {step.start: inputs})[proj.x] if plan.norm else inputs
+        by_head = dict(pair for heads in plan.rounds for pair in heads)
+        ranges = tuple(by_head[h] for h in range(len(by_head)))
+        bias = self.env[proj.bias] if proj.bias is not None else None
+        return self.call(project_heads, normed, self.env[proj.weight], bias, proj.layout, ranges)
 
     def _core(self, attention: Attention, inputs: dict[str, Node]) -> Node:
         originals = {attention.inputs[role]: node for role, node in inputs.items()}
@@ -278,7 +298,7 @@ class _Builder:
     def _finish(self) -> None:
         logits = self.components.logits
         if self.patched:
-            (x,) = self._readers(self.components.final, 1)
+            x = self.call(operator.getitem, self._readers(self.components.final, 1), 0)
             region = sorted(between(self.components.final, [logits]))
             self.graph.output(self.clone(region, {self.components.final: x})[logits])
         else:

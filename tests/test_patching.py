@@ -145,3 +145,17 @@ def test_bfloat16_models(name, prompts):
     # bf16 keeps ~3 significant digits; the patched run adds the same terms in another order
     difference = (patched.float() - reference.float())[mask.bool()].abs().max()
     assert difference <= 2e-2 * reference.float().abs().max()
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "olmo2"])
+def test_per_head_copies_equal_the_stacked_projection(name, prompts, monkeypatch):
+    """Where a norm cannot run on all heads' inputs at once, each head gets its own copy: same numbers."""
+    model = make(name)
+    stacked = fxcircuits.trace(model)
+    monkeypatch.setattr("fxcircuits.rewrite.broadcasts", lambda *args: False)
+    copies = fxcircuits.trace(model)
+    clean, corrupted, mask = prompts
+    masks = torch.rand(2, len(stacked.graph.edges), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ours = [cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks) for cm in (stacked, copies)]
+    _close(ours[0], ours[1])
