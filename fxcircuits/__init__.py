@@ -1,11 +1,22 @@
 """fxcircuits: find circuits in any Hugging Face decoder-only model.
 
 The pipeline, one module per stage: capture (torch.export) → components (residual stream, heads, MLPs)
-→ rewrite (per-edge inputs) → patching (masks over edges).
+→ rewrite (per-edge inputs) → patching (masks over edges) → attribution (edge scores) → scores/circuit
+(selection, save/load) → evaluation (faithfulness, CPR/CMD) → lens and draw (what the circuit does, and a
+picture of it).  Data: models (load_model), tasks, data (batches), metrics.
 """
+from . import data, metrics, tasks
+from .attribution import METHODS, attribute
 from .capture import CaptureError
+from .circuit import Circuit
 from .components import DecompositionError
-from .graph import Circuit, CircuitGraph
+from .evaluation import Evaluation, Evaluator, evaluate
+from .graph import CircuitGraph
+from .lens import logit_lens
 from .model import CircuitModel, trace
+from .models import load_model
+from .scores import EdgeScores
 
-__all__ = ["trace", "CircuitModel", "CircuitGraph", "Circuit", "CaptureError", "DecompositionError"]
+__all__ = ["trace", "CircuitModel", "CircuitGraph", "Circuit", "EdgeScores", "attribute", "METHODS", "evaluate",
+           "Evaluator", "Evaluation", "logit_lens", "load_model", "data", "metrics", "tasks", "CaptureError",
+           "DecompositionError"]

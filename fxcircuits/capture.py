@@ -63,8 +63,10 @@ def export(model: nn.Module) -> torch.fx.GraphModule:
     shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
     try:
         with torch.no_grad():
+            # Guards that hold for every size but that export's solver cannot prove (CUDA stride checks, e.g.
+            # Min(64*seq, 192*seq) == 64*seq) become runtime asserts instead of failing the capture.
             program = torch.export.export(_LogitsOnly(model), example_inputs(model), strict=False,
-                                          dynamic_shapes=shapes)
+                                          dynamic_shapes=shapes, prefer_deferred_runtime_asserts_over_guards=True)
     except Exception as error:  # export raises many exception types; all mean "not traceable"
         raise CaptureError(f"torch.export could not trace {type(model).__name__}: {type(error).__name__}: "
                            f"{str(error).splitlines()[0] if str(error) else ''}. fxcircuits needs a model that "

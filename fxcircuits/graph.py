@@ -29,7 +29,8 @@ class Writer:
 class CircuitGraph:
     """Nodes and edges of a traced model, with the index maps the masks use."""
 
-    def __init__(self, writers: list[Writer], n_steps: int):
+    def __init__(self, writers: list[Writer], n_steps: int, d_model: int | None = None):
+        self.d_model = d_model
         self.upstream: list[str] = ["input"]
         self.downstream: list[str] = []
         writes, reads = [-1], []
@@ -55,6 +56,25 @@ class CircuitGraph:
         self.node_index = {name: i for i, name in enumerate(self.upstream)}
         self.src = torch.tensor([u for u, _ in pairs], dtype=torch.long)
         self.dst = torch.tensor([d for _, d in pairs], dtype=torch.long)
+        readers = [self.node_index.get(port.split("<")[0], -1) for port in self.downstream]
+        self.reader = torch.tensor(readers, dtype=torch.long)  # upstream index of each input's node; -1 = logits
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "CircuitGraph":
+        """The graph the EAP-IG/MIB convention builds from ``n_layers``, ``n_heads`` and ``parallel_attn_mlp``.
+
+        It is the graph of any traced model with that shape, so a circuit saved from one tool loads in another."""
+        layers, parallel = range(cfg["n_layers"]), bool(cfg["parallel_attn_mlp"])
+        writers = [Writer(kind, layer, cfg["n_heads"] if kind == "attention" else 0,
+                          layer if parallel else 2 * layer + (kind == "mlp"))
+                   for layer in layers for kind in ("attention", "mlp")]
+        return cls(writers, len(layers) * (1 if parallel else 2), cfg.get("d_model"))
+
+    @property
+    def cfg(self) -> dict:
+        """What EAP-IG's ``Graph.from_json`` needs to rebuild this graph."""
+        return {"n_layers": self.n_layers, "n_heads": self.n_heads, "parallel_attn_mlp": self.parallel_attn_mlp,
+                "d_model": self.d_model}
 
     @property
     def group_sizes(self) -> list[int]:
@@ -93,17 +113,3 @@ class CircuitGraph:
             src, dst = name.split("->")
             g.add_edge(src, dst, name=name)
         return g
-
-
-@dataclass(frozen=True)
-class Circuit:
-    """A set of edges kept from the full graph; every other edge is patched when the circuit runs."""
-    edges: frozenset[str]
-
-    def edge_mask(self, graph: CircuitGraph) -> torch.Tensor:
-        unknown = self.edges - graph.edge_index.keys()
-        if unknown:
-            raise KeyError(f"circuit has {len(unknown)} edges not in this model's graph, e.g. {sorted(unknown)[:3]}")
-        mask = torch.zeros(len(graph.edges))
-        mask[[graph.edge_index[e] for e in self.edges]] = 1.0
-        return mask

@@ -16,8 +16,8 @@ from .capture import example_inputs, export
 from .components import Attention, find_components
 from .graph import CircuitGraph, Writer
 from .heads import record_values
-from .patching import dense_keep
-from .rewrite import build_patcher, build_recorder, plan_attention
+from .patching import Tap, dense_keep
+from .rewrite import build_patcher, build_readout, build_recorder, plan_attention
 
 
 def trace(model: nn.Module) -> "CircuitModel":
@@ -30,22 +30,23 @@ def trace(model: nn.Module) -> "CircuitModel":
              if isinstance(w, Attention)]
     writers = [Writer("attention", w.layer, w.n_heads, i) if isinstance(w, Attention) else Writer("mlp", w.layer, 0, i)
                for i, step in enumerate(components.steps) for w in step.writers]
-    graph = CircuitGraph(writers, len(components.steps))
+    graph = CircuitGraph(writers, len(components.steps), model.config.hidden_size)
     return CircuitModel(name, exported, build_recorder(exported, components, plans),
-                        build_patcher(exported, components, plans), graph)
+                        build_patcher(exported, components, plans), build_readout(exported, components), graph)
 
 
 class CircuitModel(nn.Module):
     """A traced causal LM whose edges can be patched.
 
     ``graph`` lists nodes and edges; ``activations`` returns every upstream node's output; calling the module
-    with a mask runs the edge-patched model."""
+    with a mask runs the edge-patched model; ``readout`` maps a residual stream [B, S, d_model] to logits (the
+    final norm and unembedding alone, for the logit lens)."""
 
     def __init__(self, model_name: str, exported: nn.Module, recorder: nn.Module, patcher: nn.Module,
-                 graph: CircuitGraph):
+                 readout: nn.Module, graph: CircuitGraph):
         super().__init__()
         self.model_name = model_name
-        self.exported, self.recorder, self.patcher = exported, recorder, patcher
+        self.exported, self.recorder, self.patcher, self.readout = exported, recorder, patcher, readout
         self.graph = graph
         self.traced_device = self.device
 
@@ -76,11 +77,11 @@ class CircuitModel(nn.Module):
 
     def activations(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Every upstream node's output, [n_upstream, batch, seq, d_model] in ``graph.upstream`` order."""
-        return torch.cat(self._groups(*self._inputs(input_ids, attention_mask)))
+        return torch.cat(self.groups(input_ids, attention_mask))
 
-    def _groups(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    def groups(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Upstream outputs as the patcher takes them: one tensor per writer (``input``, a layer's heads, an MLP)."""
-        return self.recorder(input_ids, attention_mask)[1]
+        return self.recorder(*self._inputs(input_ids, attention_mask))[1]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 corrupted_input_ids: torch.Tensor | None = None, edge_mask=None, node_mask=None,
@@ -98,13 +99,23 @@ class CircuitModel(nn.Module):
             return self.exported(input_ids, attention_mask)
         keep = dense_keep(self.graph, edge_mask, node_mask, device=self.device)
         other = self._other_run(input_ids, attention_mask, corrupted_input_ids, corrupted_activations)
-        n = keep.shape[0]
+        logits = self.patched(input_ids, attention_mask, other, keep)
         batched = any(isinstance(m, torch.Tensor) and m.dim() == 2 for m in (edge_mask, node_mask))
+        return logits if batched else logits[0]
+
+    def patched(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, other: list[torch.Tensor],
+                keep: torch.Tensor, tap: Tap | None = None) -> torch.Tensor:
+        """The patcher as attribution methods drive it: logits [n_masks, batch, seq, vocab].
+
+        ``other``: the other run's outputs per writer group (``groups()``), [n, batch or 1, seq, d_model], or
+        [n, n_masks·batch, …] when each mask has its own; ``keep``: [n_masks, n_upstream, n_downstream] as
+        ``patching.dense_keep`` builds it; ``tap``: a ``patching.Tap`` to score every edge in the backward pass."""
+        n = keep.shape[0]
         if n > 1:
             input_ids, attention_mask = input_ids.repeat(n, 1), attention_mask.repeat(n, 1)
-            other = [g if g.shape[1] == 1 else g.repeat(1, n, 1, 1) for g in other]
-        logits = self.patcher(input_ids, attention_mask, other, keep)
-        return logits.reshape(n, -1, *logits.shape[1:]) if batched else logits
+            other = [g if g.shape[1] in (1, input_ids.shape[0]) else g.repeat(1, n, 1, 1) for g in other]
+        logits = self.patcher(input_ids, attention_mask, other, keep, tap)
+        return logits.reshape(n, -1, *logits.shape[1:])
 
     def _other_run(self, input_ids, attention_mask, corrupted_input_ids,
                    corrupted_activations) -> list[torch.Tensor]:
@@ -124,4 +135,4 @@ class CircuitModel(nn.Module):
                              "same token length; pad them to a common length (and pass the attention_mask) or drop "
                              "the pairs that tokenize differently")
         with torch.no_grad():
-            return self._groups(corrupted_input_ids.to(self.device), attention_mask)
+            return self.groups(corrupted_input_ids, attention_mask)

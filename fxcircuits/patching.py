@@ -7,15 +7,18 @@ interpolate, and everything is differentiable in m.  Because the residual stream
     x_d = x_d(run) + Σ_u (1 − m[u, d]) · (a_u(other) − a_u(run)),
 
 so a patched run costs one pass of the other input plus one pass of the patched input, whatever the mask.
-``accumulate`` is the only place this sum is computed; a fused kernel can replace its body.
+``accumulate`` is the only place this sum is computed; on CUDA it runs the fused Triton kernels of
+``fxcircuits.kernels`` (see ``products``).
 """
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 
 import torch
 
-from .graph import Circuit, CircuitGraph
+from .circuit import Circuit
+from .graph import CircuitGraph
 
 
 class DeltaStore:
@@ -50,6 +53,8 @@ def weighted_rows(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     keeps few (few weights below 1).  Both are summed entry by entry; only a dense mix pays for the full
     product, which costs n_upstream × n_readers × activations."""
     n_masks, n_up, n_readers = weights.shape
+    if rows.is_cuda:  # CUDA's sparse products lack bf16; there the Triton kernels skip empty tiles instead
+        return torch.einsum("nud,unx->dnx", weights, rows)
     sparse = weights.numel() // 10
     moved = torch.count_nonzero(weights).item()
     if moved <= sparse:
@@ -71,18 +76,52 @@ def _sparse_sum(weights: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | N
     return product if out is None else product.add_(out)  # product is fresh: add in place
 
 
+class TorchProducts:
+    """The three products of ``_Accumulate`` in torch, shaped as ``fxcircuits.kernels`` takes them.
+
+    stream [N, X], keep [N, U, D], rows [U, N, X], grad [D, N, X] (N masks, U upstream nodes, D readers)."""
+
+    @staticmethod
+    def accumulate(stream: torch.Tensor, keep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """out[d, n] = stream[n] + Σ_u (1 − keep[n, u, d]) · rows[u, n], by ``weighted_rows``' cheapest route."""
+        # the product is a fresh tensor of the output's size: adding in place spares another large allocation
+        return weighted_rows((1 - keep).to(rows.dtype), rows).add_(stream)
+
+    @staticmethod
+    def grad_keep(rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """grad_keep[n, u, d] = − Σ_x rows[u, n, x] · grad[d, n, x]: the EAP edge scores."""
+        return -torch.einsum("unx,dnx->nud", rows, grad)
+
+    @staticmethod
+    def grad_rows(keep: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """grad_rows[u, n] = Σ_d (1 − keep[n, u, d]) · grad[d, n]: the forward's product with the mask transposed,
+        so the same cheap routes apply (nothing to multiply where every edge is kept, as in attribution)."""
+        return weighted_rows((1 - keep).transpose(1, 2).to(grad.dtype), grad)
+
+
+def products(rows: torch.Tensor):
+    """Who computes the accumulation: ``fxcircuits.kernels`` (fused Triton) for CUDA tensors of a dtype they
+    read, else ``TorchProducts`` — always on CPU, where its sparse routes are the fast path.
+
+    Triton is optional (the ``triton`` extra): without it CUDA runs take the torch path.  With it installed, a
+    failure to import or run the kernels is raised, never papered over by the slower path.  A benchmark
+    compares the two paths by patching this function."""
+    if not rows.is_cuda or importlib.util.find_spec("triton") is None:
+        return TorchProducts
+    from .kernels import accumulate as kernels
+    return kernels if rows.dtype in kernels.DTYPES else TorchProducts
+
+
 class _Accumulate(torch.autograd.Function):
     """``stream + Σ_u (1 − keep[u, d]) · delta_u`` with gradients for the stream, the mask and every delta."""
 
     @staticmethod
     def forward(ctx, stream, keep, rows, *deltas):
         n_masks, n_up, n_readers = keep.shape
-        weights = (1 - keep).to(rows.dtype)
-        patched = weighted_rows(weights, rows.reshape(n_up, n_masks, -1))
         ctx.save_for_backward(keep)
-        ctx.rows, ctx.sizes = rows, [d.shape[0] for d in deltas]
-        # ``patched`` is a fresh tensor of the output's size: adding in place spares another large allocation
-        return patched.reshape(n_readers, *stream.shape).add_(stream)
+        ctx.rows, ctx.sizes, ctx.products = rows, [d.shape[0] for d in deltas], products(rows)
+        patched = ctx.products.accumulate(stream.reshape(n_masks, -1), keep, rows.reshape(n_up, n_masks, -1))
+        return patched.reshape(n_readers, *stream.shape)
 
     @staticmethod
     def backward(ctx, grad):
@@ -91,11 +130,9 @@ class _Accumulate(torch.autograd.Function):
         grad_rows = grad.reshape(n_readers, n_masks, -1)
         grad_keep = grad_deltas = None
         if ctx.needs_input_grad[1]:
-            rows = ctx.rows.reshape(n_up, n_masks, -1)
-            grad_keep = -torch.einsum("unx,dnx->nud", rows, grad_rows).to(keep.dtype)
+            grad_keep = ctx.products.grad_keep(ctx.rows.reshape(n_up, n_masks, -1), grad_rows).to(keep.dtype)
         if any(ctx.needs_input_grad[3:]):
-            weights = (1 - keep).to(grad.dtype)
-            flat = torch.einsum("nud,dnx->unx", weights, grad_rows).reshape(n_up, *ctx.rows.shape[1:])
+            flat = ctx.products.grad_rows(keep, grad_rows).reshape(n_up, *ctx.rows.shape[1:])
             grad_deltas = flat.split(ctx.sizes)
         return (grad.sum(0), grad_keep, None, *(grad_deltas or [None] * len(ctx.sizes)))
 
@@ -113,6 +150,44 @@ def accumulate(store: DeltaStore, stream: torch.Tensor, deltas: list[torch.Tenso
 def mask_block(keep: torch.Tensor, n_upstream: int, first: int, last: int) -> torch.Tensor:
     """The rows of upstream nodes written so far and the columns of one group of readers."""
     return keep[:, :n_upstream, first:last]
+
+
+class Tap:
+    """Edge attribution at any point of a run: ``weight.grad[u, d] += Σ (a_u(clean) − a_u(other)) · ∂metric/∂x_d``.
+
+    Gradient methods (EAP, EAP-IG, clean-corrupted) need the gradient of the metric with respect to every
+    per-edge input x_d, at some point between the clean and the corrupted run, times each upstream node's
+    clean-vs-other difference.  A tap sits on every group of readers in the patcher: the identity going forward,
+    it adds that product to ``weight.grad`` going backward, so one backward pass scores every edge and no
+    gradient of size [n_downstream, batch, seq, d_model] is ever kept.
+
+    delta: ``a(other) − a(clean)`` per upstream node, [n_upstream, batch, seq, d_model] — the run may hold several
+    points of one batch side by side (masks × batch rows); their gradients are summed."""
+
+    def __init__(self, delta: torch.Tensor, n_downstream: int):
+        self.delta = delta.detach()
+        self.weight = torch.zeros(delta.shape[0], n_downstream, device=delta.device, requires_grad=True)
+
+
+class _Tap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, inputs, weight, delta):
+        ctx.delta, ctx.weight_dtype = delta, weight.dtype
+        return inputs.view_as(inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        n_up, n_readers = ctx.delta.shape[0], grad.shape[0]
+        rows = ctx.delta.reshape(n_up, 1, -1)
+        summed = grad.reshape(n_readers, -1, rows.shape[-1]).sum(1, keepdim=True).to(rows.dtype)
+        return grad, products(rows).grad_keep(rows, summed)[0].to(ctx.weight_dtype), None
+
+
+def tap(t: Tap | None, inputs: torch.Tensor, n_upstream: int, first: int, last: int) -> torch.Tensor:
+    """The readers ``first:last`` through ``t`` (see ``Tap``); unchanged when there is no tap."""
+    if t is None:
+        return inputs
+    return _Tap.apply(inputs, t.weight[:n_upstream, first:last], t.delta[:n_upstream])
 
 
 def edge_vector(graph: CircuitGraph, edge_mask) -> torch.Tensor:

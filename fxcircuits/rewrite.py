@@ -25,7 +25,7 @@ from .components import SDPA, Attention, Components, DecompositionError, MLP, St
 from .heads import (RELAYOUT, Projection, Ranges, broadcasts, columns_read, columns_written, first_projection,
                     gather_heads, head_writes, last_projection, layer_norm_share, place_columns, project_columns,
                     project_heads, to_ranges)
-from .patching import DeltaStore, accumulate, mask_block
+from .patching import DeltaStore, accumulate, mask_block, tap
 
 aten = torch.ops.aten
 QKV = ("q", "k", "v")
@@ -174,6 +174,7 @@ class _Builder:
         if self.patched:
             self.other = self.graph.placeholder("other")   # per writer: [n_nodes, rows, seq, d_model]
             self.keep = self.graph.placeholder("keep")     # [n_masks, n_upstream, n_downstream]
+            self.tap = self.graph.placeholder("tap", default_value=None)  # a patching.Tap, or None
             self.store = self.call(DeltaStore, self.total_upstream)
 
     def _add_group(self, act: Node, n: int) -> None:
@@ -185,9 +186,10 @@ class _Builder:
 
     def _readers(self, stream: Node, n: int) -> Node:
         """The inputs of the next ``n`` downstream readers, stacked: [n, *stream.shape]."""
-        keep = self.call(mask_block, self.keep, self.n_upstream, self.n_downstream, self.n_downstream + n)
-        self.n_downstream += n
-        return self.call(accumulate, self.store, self.env[stream], list(self.deltas), keep)
+        first, self.n_downstream = self.n_downstream, self.n_downstream + n
+        keep = self.call(mask_block, self.keep, self.n_upstream, first, self.n_downstream)
+        inputs = self.call(accumulate, self.store, self.env[stream], list(self.deltas), keep)
+        return self.call(tap, self.tap, inputs, self.n_upstream, first, self.n_downstream)
 
     def _rows(self, stacked: Node, first: int, n: int) -> Node:
         return self.call(operator.getitem, stacked, slice(first, first + n))
@@ -370,3 +372,32 @@ def build_recorder(gm: GraphModule, components: Components, plans: list[Attentio
 
 def build_patcher(gm: GraphModule, components: Components, plans: list[AttentionPlan]) -> GraphModule:
     return _Builder(gm, components, plans, patched=True).build()
+
+
+def build_readout(gm: GraphModule, components: Components) -> GraphModule:
+    """The stream's last reader alone — final norm, unembedding, soft-capping: ``stream [B, S, d] → logits``.
+
+    The logit lens runs partial sums of the stream, or one node's output, through it.  What the readout takes
+    from outside the stream (weights, and values computed from weights alone, such as Gemma's 1 + norm weight)
+    is copied in.  The inputs' batch and sequence sizes (GPT-2 and OPT reshape by them) are the stream's own;
+    a readout that needs anything else from the model's inputs cannot run on the stream and is refused."""
+    graph = Graph()
+    stream = graph.placeholder("stream")
+    env = {components.final: stream}
+
+    def lookup(node: Node) -> Node:
+        if node not in env:
+            if node.target is aten.sym_size.int and node.args[0].op == "placeholder" and node.args[1] in (0, 1):
+                env[node] = graph.call_function(aten.sym_size.int, (stream, node.args[1]))
+            elif node.op == "placeholder":
+                raise DecompositionError(components.model_name, node, "the final norm and unembedding read the "
+                                         "model's inputs, not only the residual stream")
+            else:
+                env[node] = graph.node_copy(node, lookup)
+        return env[node]
+
+    for node in sorted(between(components.final, [components.logits])):
+        env[node] = graph.node_copy(node, lookup)
+        env[node].target = RELAYOUT.get(env[node].target, env[node].target)
+    graph.output(env[components.logits])
+    return GraphModule(gm, graph)

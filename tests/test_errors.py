@@ -30,7 +30,10 @@ def test_unknown_edge_and_node_names(llama):
     with pytest.raises(KeyError, match="unknown node"):
         llama(ids, corrupted_input_ids=ids, node_mask={"m7": 0.0})
     with pytest.raises(KeyError, match="not in this model's graph"):
-        llama(ids, corrupted_input_ids=ids, edge_mask=fxcircuits.Circuit(frozenset({"m1->m0"})))
+        fxcircuits.Circuit(llama.graph, ["m1->m0"])
+    bigger = fxcircuits.CircuitGraph.from_config({"n_layers": 5, "n_heads": 4, "parallel_attn_mlp": False})
+    with pytest.raises(KeyError, match="not in this model's graph"):
+        llama(ids, corrupted_input_ids=ids, edge_mask=fxcircuits.Circuit(bigger, ["m4->logits"]))
 
 
 def test_nan_in_masks_or_ablation_values(llama):

@@ -1,0 +1,109 @@
+"""Discovery cost against the bare HF model doing the same passes (issue 3), measured side by side.
+
+EAP needs a corrupted forward, a clean forward and a clean forward + backward; the reference implementation
+spends ~13x what the bare model spends on them (NOTES.md §5).  Target: ``eap`` ≤ 1.5x.  32 IOI prompts in
+batches of 8, SmolLM2-135M on CPU.  Peak memory is the resident-set growth during the call."""
+import threading
+import time
+
+import pytest
+import torch
+
+import fxcircuits
+from conftest import IOI
+from fxcircuits.runs import metric_values, prepare
+
+NAMES = {"When Mary": (" Mary", " John"), "When Tom": (" Anna", " Tom"), "When Lisa": (" Mark", " Lisa"),
+         "When David": (" Sarah", " David")}
+
+
+@pytest.fixture(scope="module")
+def batches(smollm2, tokenizer):
+    _, _, clean, corrupted = smollm2
+    answers = [next(v for k, v in NAMES.items() if p.startswith(k)) for p in IOI]
+    ids = [[tokenizer(a).input_ids[-1] for a in pair] for pair in answers]
+    batch = {"clean": clean, "corrupted": corrupted, "correct": torch.tensor([[i] for i, _ in ids]),
+             "incorrect": torch.tensor([[j] for _, j in ids])}
+    return [batch] * 4
+
+
+class PeakRSS:
+    """Resident-set growth of this process while the block runs, sampled every millisecond."""
+
+    def __enter__(self):
+        self.start = self.peak = self._rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+    def _watch(self):
+        while self.running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    @property
+    def grown_mb(self) -> float:
+        return (self.peak - self.start) / 2 ** 20
+
+
+def _bare_passes(model, batches):
+    """What any EAP must run: corrupted forward, clean forward, clean forward + backward (to the embeddings;
+    no parameter gradients)."""
+    embed = model.get_input_embeddings()
+    for batch in batches:
+        with torch.no_grad():
+            model(input_ids=batch["corrupted"])
+            model(input_ids=batch["clean"])
+        x = embed(batch["clean"]).detach().requires_grad_(True)
+        logits = model(inputs_embeds=x).logits
+        torch.autograd.grad(fxcircuits.metrics.logit_diff(logits, batch).sum(), x)
+
+
+def _timed(fn) -> tuple[float, float]:
+    fn()  # warm-up
+    with PeakRSS() as peak:
+        start = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - start
+    return seconds, peak.grown_mb
+
+
+@pytest.mark.parametrize("method", ["eap", "eap-ig-inputs"])
+def test_gradient_method_cost(benchmark, smollm2, batches, method):
+    model, cm, _, _ = smollm2
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hf, hf_mb = _timed(lambda: _bare_passes(model, batches))
+    ours, ours_mb = _timed(lambda: fxcircuits.attribute(cm, batches, "logit_diff", method, progress=False))
+    benchmark.pedantic(lambda: None, rounds=1)
+    benchmark.extra_info.update({"ours_s": ours, "hf_s": hf, "ratio": ours / hf, "ours_peak_mb": ours_mb,
+                                 "hf_peak_mb": hf_mb})
+    print(f"\n{method}: {ours:.2f} s vs bare HF passes {hf:.2f} s = {ours / hf:.2f}x; "
+          f"peak memory +{ours_mb:.0f} MB vs +{hf_mb:.0f} MB")
+
+
+def test_exact_throughput(benchmark, smollm2, batches):
+    _, cm, _, _ = smollm2
+    """``exact`` on a random sample of edges (all 123k would take hours on CPU), 32 masks per call."""
+    n, graph = 64, cm.graph
+    edges = torch.randperm(len(graph.edges), generator=torch.Generator().manual_seed(0))[:n]
+    prepared = prepare(cm, batches[:1], fxcircuits.metrics.logit_diff)
+    masks = torch.ones(n, len(graph.edges)).index_put_((torch.arange(n), edges), torch.tensor(0.0))
+    start = time.perf_counter()
+    for chunk in masks.split(32):
+        metric_values(cm, prepared, fxcircuits.metrics.logit_diff, chunk)
+    seconds = time.perf_counter() - start
+    benchmark.pedantic(lambda: None, rounds=1)
+    benchmark.extra_info["edges_per_second"] = n / seconds
+    print(f"\nexact: {n / seconds:.1f} edges/s on 8 prompts ({len(graph.edges) / (n / seconds) / 3600:.1f} h for "
+          f"all {len(graph.edges)} edges)")

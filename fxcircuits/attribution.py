@@ -1,0 +1,223 @@
+"""Attribution: score every edge by how much of the task behaviour it carries.
+
+    scores = fxcircuits.attribute(cm, batches, "logit_diff", method="eap-ig-inputs")
+    circuit = scores.topn(0.01)
+
+Sign and scale as EAP-IG/MIB (NOTES.md §4): score(e) ≈ mean over examples of metric(clean) − metric(clean with
+e patched).  Every method drives the same patcher (``CircuitModel.patched``):
+
+* gradient methods (``eap``, ``eap-ig-inputs``, ``eap-ig-activations``, ``clean-corrupted``) run it at one or
+  more points between the clean and the other run, with a ``patching.Tap`` that turns one backward pass into a
+  score for every edge: Σ (a_u(clean) − a_u(other)) · ∂metric/∂x_d.  The integration steps of one batch run
+  side by side as masks, so the cost grows with the steps, never with the edges;
+* ``exact`` patches one edge per mask, many masks per call;
+* ``acdc`` prunes edges destination by destination (Conmy et al. 2023), many candidates per call;
+* ``mask`` learns a hard-concrete edge mask by gradient descent (Edge Pruning, Bhaskar et al. 2024).
+
+The other run is the corrupted prompt (``ablation="corrupted"``), zeros (``"zero"``) or the mean activation over
+``reference`` batches (``"mean"``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics as metrics_
+from .model import CircuitModel
+from .patching import Tap, dense_keep
+from .runs import Prepared, clean_values, examples, metric_values, prepare
+from .scores import EdgeScores
+
+GRADIENT_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted")
+METHODS = GRADIENT_METHODS + ("exact", "acdc", "mask")
+
+
+def attribute(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable | None = None,
+              method: str = "eap-ig-inputs", *, steps: int = 5, ablation: str = "corrupted",
+              reference: Iterable[dict] | None = None, threshold: float = 0.01, masks_per_call: int = 32,
+              progress: bool = True, seed: int = 0, **options) -> EdgeScores:
+    """Score every edge of ``cm.graph`` on ``batches`` (see ``fxcircuits.data``) with ``metric``.
+
+    ``metric``: a name from ``fxcircuits.metrics`` or any ``metric(logits, batch) -> Tensor[B]``, larger meaning
+    more of the task; ACDC defaults to ``"kl"``.  ``steps``: integration steps of the EAP-IG methods (and the
+    optimisation steps of ``mask``, default 200).  ``threshold``: ACDC's τ.  ``masks_per_call``: how many
+    patched runs one batched call evaluates (integration steps, ``exact``, ``acdc``).  ``options`` go to ``mask``
+    (``density``, ``lr``).  Deterministic given ``seed``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "clean-corrupted" and ablation != "corrupted":
+        raise ValueError("clean-corrupted takes gradients at the corrupted input, so it needs ablation='corrupted'")
+    metric = metrics_.get(metric if metric is not None else _default_metric(method))
+    torch.manual_seed(seed)
+    prepared = prepare(cm, batches, metric, ablation, reference)
+    info = {"metric": getattr(metric, "__name__", str(metric)), "ablation": ablation, "examples": examples(prepared)}
+    if method in GRADIENT_METHODS:
+        scores, info["steps"] = _gradient_scores(cm, prepared, metric, method, steps, masks_per_call, progress), steps
+    elif method == "exact":
+        scores = _exact(cm, prepared, metric, masks_per_call, progress)
+    elif method == "acdc":
+        scores, info["threshold"] = _acdc(cm, prepared, metric, threshold, masks_per_call, progress), threshold
+    else:
+        scores = _learned_mask(cm, prepared, metric, progress, seed, steps=options.pop("mask_steps", 200), **options)
+    return EdgeScores(cm.graph, scores, method, info)
+
+
+def _default_metric(method: str) -> str:
+    if method != "acdc":
+        raise ValueError(f"method {method!r} needs a metric: a name ({', '.join(metrics_.METRICS)}) or a callable "
+                         "metric(logits, batch) -> Tensor[B]")
+    return "kl"
+
+
+def _ones(cm: CircuitModel, n: int = 1) -> torch.Tensor:
+    return dense_keep(cm.graph, device=cm.device).expand(n, -1, -1).clone()
+
+
+# ---------------------------------------------------------------- gradient methods
+
+def _gradient_scores(cm, prepared, metric, method, steps, per_call, progress) -> torch.Tensor:
+    """Σ over batches and points of the edge scores, divided by examples and by points per edge."""
+    total = torch.zeros(len(cm.graph.upstream), len(cm.graph.downstream))
+    for p in tqdm(prepared, desc=method, disable=not progress):
+        if method == "eap":  # at the clean point the mask's own gradient is the score: no tap, no clean pass
+            keep = _ones(cm).requires_grad_(True)
+            value = metric(cm.patched(p.input_ids, p.attention_mask, p.other, keep), p.batch).sum()
+            total += torch.autograd.grad(value, keep)[0][0].cpu()
+            continue
+        with torch.no_grad():
+            clean = cm.groups(p.input_ids, p.attention_mask)
+        delta = torch.cat([o.expand_as(c) for o, c in zip(p.other, clean)]) - torch.cat(clean)
+        for input_ids, keep, other, rows in _points(cm, p, clean, delta, method, steps):
+            for first in range(0, keep.shape[0], per_call):
+                chunk = slice(first, first + per_call)
+                tap = Tap(rows, len(cm.graph.downstream))
+                logits = cm.patched(input_ids, p.attention_mask, _masks(other, chunk, p.size), keep[chunk], tap)
+                value = metric(logits, p.batch).sum()
+                total += torch.autograd.grad(value, tap.weight)[0].cpu()  # no gradient for the model's parameters
+    per_edge = {"eap": 1, "clean-corrupted": 2}.get(method, steps)
+    return total[cm.graph.src, cm.graph.dst] / (examples(prepared) * per_edge)
+
+
+def _masks(other: list[torch.Tensor], chunk: slice, size: int) -> list[torch.Tensor]:
+    """The other run's rows of the masks in ``chunk`` (groups shared by all masks pass unchanged)."""
+    rows = slice(chunk.start * size, chunk.stop * size)
+    return [g if g.shape[1] in (1, size) else g[:, rows] for g in other]
+
+
+def _points(cm, p: Prepared, clean: list[torch.Tensor], delta: torch.Tensor, method: str, steps: int):
+    """Where the tap methods take their gradients: (input ids, keep [n, U, D], the other run per group, the
+    differences the tap scores) per set of points that share them."""
+    if method == "clean-corrupted":
+        yield p.input_ids, _ones(cm), p.other, delta
+        yield p.batch["corrupted"], _ones(cm), p.other, delta
+    elif method == "eap-ig-inputs":  # the input node's edges at k/steps, k = 0 … steps−1 (NOTES.md §4)
+        keep = _ones(cm, steps)
+        keep[:, 0, :] = torch.arange(steps, device=keep.device)[:, None] / steps
+        yield p.input_ids, keep, p.other, delta
+    else:
+        yield from _activation_points(cm, p, clean, delta, steps)
+
+
+def _activation_points(cm, p: Prepared, clean: list[torch.Tensor], delta: torch.Tensor, steps: int):
+    """EAP-IG-activations: each writer's outputs in turn (the input, a layer's heads, an MLP) are set to
+    α·clean + (1 − α)·other, α = k/steps for k = 1 … steps, while everything else runs on the clean input.
+
+    An edge u → d is scored at the points that move u's own writer, so its integral follows the path of u's
+    output, and on a model linear in its activations the score is exact.  (EAP-IG's reference averages every
+    edge over the points of all writers, including those that cut the paths from d to the logits.)"""
+    alphas = torch.arange(1, steps + 1, device=cm.device, dtype=clean[0].dtype)[None, :, None, None, None] / steps
+    first = 0
+    for group, (c, o) in enumerate(zip(clean, p.other)):
+        n = c.shape[0]
+        keep = _ones(cm, steps)
+        keep[:, first:first + n, :] = 0.0
+        other = [g.new_zeros(g.shape[0], 1, 1, 1) for g in clean]
+        other[group] = (alphas * c[:, None] + (1 - alphas) * o[:, None]).reshape(n, -1, *c.shape[2:])
+        rows = torch.zeros_like(delta)
+        rows[first:first + n] = delta[first:first + n]
+        first += n
+        yield p.input_ids, keep, other, rows
+
+
+# ---------------------------------------------------------------- patching methods
+
+def _exact(cm, prepared, metric, per_call: int, progress: bool) -> torch.Tensor:
+    """score(e) = m(clean) − m(clean with e alone patched), ``per_call`` edges per batched call."""
+    n_edges = len(cm.graph.edges)
+    base = clean_values(cm, prepared, metric).mean()
+    scores = torch.empty(n_edges)
+    for first in tqdm(range(0, n_edges, per_call), desc="exact", disable=not progress):
+        edges = torch.arange(first, min(first + per_call, n_edges))
+        masks = torch.ones(len(edges), n_edges).index_put_((torch.arange(len(edges)), edges), torch.tensor(0.0))
+        scores[edges] = base - metric_values(cm, prepared, metric, masks).mean(-1)
+    return scores
+
+
+def _acdc(cm, prepared, metric, tau: float, per_call: int, progress: bool) -> torch.Tensor:
+    """ACDC: destinations from ``logits`` back to the first layer, each one's incoming edges from the latest
+    upstream node back; an edge is removed when removing it costs less than τ (mean metric before − after).
+
+    Sequential decisions are evaluated speculatively in batches: mask j removes candidates i…j together, which
+    is what the sequential walk evaluates if i…j−1 were all removed; at the first edge that must stay, the
+    batch's later masks are void and the walk resumes after it.  Scores are each edge's cost when it was
+    judged (edges of destinations that no longer reach ``logits`` are removed at no cost: score 0)."""
+    g = cm.graph
+    current, scores = torch.ones(len(g.edges)), torch.zeros(len(g.edges))
+    value = float(metric_values(cm, prepared, metric, current[None]).mean())
+    into = [[] for _ in g.downstream]
+    for e, d in enumerate(g.dst.tolist()):
+        into[d].append(e)
+    for d in tqdm(range(len(g.downstream) - 1, -1, -1), desc="acdc", disable=not progress):
+        reader = int(g.reader[d])
+        if reader >= 0 and not bool(current[g.src == reader].any()):
+            current[into[d]] = 0.0
+            continue
+        candidates = [e for e in reversed(into[d]) if current[e] == 1]
+        while candidates:
+            batch = candidates[:per_call]
+            masks = current.repeat(len(batch), 1)
+            for j in range(len(batch)):
+                masks[j:, batch[j]] = 0.0
+            values = metric_values(cm, prepared, metric, masks).mean(-1).tolist()
+            kept_at = None
+            for j, e in enumerate(batch):
+                scores[e] = value - values[j]
+                if scores[e] >= tau:
+                    kept_at = j
+                    break
+                value = values[j]
+            removed = batch if kept_at is None else batch[:kept_at]
+            current[removed] = 0.0
+            candidates = candidates[len(batch) if kept_at is None else kept_at + 1:]
+    return scores
+
+
+# ---------------------------------------------------------------- learned masks
+
+def _learned_mask(cm, prepared, metric, progress, seed, *, steps: int, density: float = 0.05, lr: float = 0.1,
+                  beta: float = 2 / 3, gamma: float = -0.1, zeta: float = 1.1) -> torch.Tensor:
+    """Edge Pruning: a hard-concrete gate per edge, trained to keep the metric while the expected fraction of
+    edges kept is driven to ``density`` by a Lagrangian (multipliers ascend, gates descend).  The scores are the
+    gates' log-odds: positive = kept by the learned mask, and ``topn`` ranks by how firmly."""
+    generator = torch.Generator().manual_seed(seed)
+    n_edges = len(cm.graph.edges)
+    log_alpha = torch.full((n_edges,), 3.0, requires_grad=True)
+    lambdas = torch.zeros(2, requires_grad=True)
+    gates, multipliers = torch.optim.Adam([log_alpha], lr=lr), torch.optim.Adam([lambdas], lr=lr, maximize=True)
+    shift = beta * torch.log(torch.tensor(-gamma / zeta))
+    for step in tqdm(range(steps), desc="mask", disable=not progress):
+        p = prepared[step % len(prepared)]
+        u = torch.rand(n_edges, generator=generator).clamp(1e-6, 1 - 1e-6)
+        s = torch.sigmoid((u.log() - (1 - u).log() + log_alpha) / beta) * (zeta - gamma) + gamma
+        z = s.clamp(0.0, 1.0)
+        keep = dense_keep(cm.graph, z.to(cm.device), device=cm.device)
+        task = metric(cm.patched(p.input_ids, p.attention_mask, p.other, keep), p.batch).float().mean()
+        expected = torch.sigmoid(log_alpha - shift).mean()
+        gap = expected - density
+        loss = -task + lambdas[0] * gap + lambdas[1] * gap ** 2
+        gates.zero_grad(), multipliers.zero_grad()
+        loss.backward()
+        gates.step(), multipliers.step()
+    return log_alpha.detach()

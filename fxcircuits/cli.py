@@ -1,0 +1,185 @@
+"""``fxcircuits`` on the command line: discover, evaluate, show and lens, each with ``--help``.
+
+    fxcircuits discover --model smollm2-135m --task ioi --method eap-ig-inputs --edges 1% --out circuit.json
+    fxcircuits evaluate circuit.json --model smollm2-135m --task ioi --plot curve.png
+    fxcircuits show circuit.json --out circuit.svg
+    fxcircuits lens --model smollm2-135m --task ioi --out lens.png
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import tasks as tasks_
+from .attribution import METHODS, attribute
+from .circuit import Circuit
+from .draw import draw_circuit, plot_faithfulness, plot_heatmap
+from .evaluation import Evaluator
+from .lens import logit_lens
+from .model import trace
+from .models import load_model
+from .scores import EdgeScores
+
+TASKS = ("ioi", "greater-than", "sva")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 1
+    return args.run(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxcircuits", description="Find, evaluate and draw circuits in any "
+                                     "Hugging Face decoder-only model.")
+    commands = parser.add_subparsers(dest="command", metavar="command")
+    discover = commands.add_parser("discover", help="score every edge on a task, keep the best, evaluate, draw",
+                                   description="Score every edge on a task, select a circuit, evaluate its "
+                                   "faithfulness, save it as EAP-IG/MIB JSON and draw it.")
+    _model_options(discover)
+    discover.add_argument("--method", default="eap-ig-inputs", choices=METHODS)
+    discover.add_argument("--steps", type=int, default=5, help="integration steps of the EAP-IG methods")
+    discover.add_argument("--edges", default="1%", help="circuit size: a count (500) or a percentage (1%%)")
+    discover.add_argument("--selection", default="topn", choices=("topn", "greedy"))
+    discover.add_argument("--out", default="circuit.json", help="the circuit, as EAP-IG/MIB JSON")
+    discover.add_argument("--draw", help="picture of the circuit (.svg or .png; default: next to --out)")
+    discover.set_defaults(run=_discover)
+
+    evaluate = commands.add_parser("evaluate", help="faithfulness of a saved circuit; curve, CPR and CMD",
+                                   description="Faithfulness of a saved circuit on a task; with scores in the "
+                                   "file, also MIB's faithfulness curve, CPR and CMD.")
+    evaluate.add_argument("circuit", help="circuit JSON (fxcircuits, EAP-IG or MIB)")
+    _model_options(evaluate)
+    evaluate.add_argument("--plot", help="faithfulness curve picture (.svg or .png)")
+    evaluate.set_defaults(run=_evaluate)
+
+    show = commands.add_parser("show", help="draw a saved circuit", description="Draw a saved circuit.")
+    show.add_argument("circuit", help="circuit JSON (fxcircuits, EAP-IG or MIB)")
+    show.add_argument("--out", required=True, help="the picture (.svg or .png)")
+    show.add_argument("--title")
+    show.set_defaults(run=_show)
+
+    lens = commands.add_parser("lens", help="logit lens: what each layer's stream, or given nodes, predict",
+                               description="The logit lens on a task's first examples: the top tokens after "
+                               "every layer (or of the given nodes) and the answer's probability.")
+    _model_options(lens)
+    lens.add_argument("--nodes", help="comma-separated nodes to read instead of the stream, e.g. a23.h3,m20")
+    lens.add_argument("--example", type=int, default=0, help="which example's top tokens to print")
+    lens.add_argument("--top", type=int, default=5)
+    lens.add_argument("--out", help="heatmap of the answer probability, rows × examples (.svg or .png)")
+    lens.set_defaults(run=_lens)
+    return parser
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="hub id, local folder, or smollm2-135m (offline)")
+    parser.add_argument("--task", default="ioi", help=f"{', '.join(TASKS)}, or a .csv/.jsonl file of your own")
+    parser.add_argument("--size", type=int, default=32, help="number of examples of a built-in task")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _setup(args):
+    """(model, tokenizer, traced model, task) from the shared options."""
+    torch.manual_seed(args.seed)
+    print(f"loading {args.model} …", file=sys.stderr)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    print("tracing …", file=sys.stderr)
+    cm = trace(model)
+    if args.task in TASKS:
+        task = tasks_.load(args.task, tokenizer, size=args.size, seed=args.seed, batch_size=args.batch_size)
+    elif Path(args.task).suffix in (".csv", ".jsonl"):
+        task = tasks_.from_file(args.task, tokenizer, batch_size=args.batch_size)
+    else:
+        raise SystemExit(f"unknown task {args.task!r}: use one of {', '.join(TASKS)} or a .csv/.jsonl file")
+    return model, tokenizer, cm, task
+
+
+def _edge_count(text: str) -> int | float:
+    """``"1%"`` → 0.01 (a fraction of all edges), ``"500"`` → 500."""
+    return float(text[:-1]) / 100 if text.endswith("%") else int(text)
+
+
+def _discover(args) -> int:
+    start = time.perf_counter()
+    _, _, cm, task = _setup(args)
+    scores = attribute(cm, task.batches, task.metric, args.method, steps=args.steps, progress=not args.no_progress,
+                       seed=args.seed)
+    circuit = getattr(scores, args.selection)(_edge_count(args.edges))
+    evaluator = Evaluator(cm, task.batches, task.metric)
+    faithfulness = evaluator.evaluate(circuit).faithfulness
+    circuit.to_json(args.out, model=args.model, task=task.name, method=args.method,
+                    metric=getattr(task.metric, "__name__", ""), faithfulness=faithfulness)
+    picture = args.draw or str(Path(args.out).with_suffix(".svg"))
+    draw_circuit(circuit, picture, title=f"{args.model} · {task.name} · {args.method} · f = {faithfulness:.2f}")
+    _table({"model": args.model, "task": f"{task.name} ({len(task.examples)} examples)",
+            "baseline metric": f"{evaluator.full.mean():.3f} clean, {evaluator.empty.mean():.3f} corrupted",
+            "method": args.method, "circuit": f"{len(circuit)} of {len(cm.graph.edges)} edges, "
+            f"{len(circuit.nodes)} nodes", "faithfulness": f"{faithfulness:.3f}",
+            "time": f"{time.perf_counter() - start:.1f} s", "saved": f"{args.out}, {picture}"})
+    return 0
+
+
+def _evaluate(args) -> int:
+    circuit = Circuit.from_json(args.circuit)
+    _, _, cm, task = _setup(args)
+    evaluator = Evaluator(cm, task.batches, task.metric)
+    result = evaluator.evaluate(circuit)
+    rows = {"circuit": f"{len(circuit)} edges", "faithfulness": f"{result.faithfulness:.3f}",
+            "completeness": f"{evaluator.completeness(circuit):.3f} (faithfulness with the circuit knocked out)"}
+    if circuit.scores is not None:
+        scores = EdgeScores(circuit.graph, circuit.scores)
+        mib = evaluator.mib(scores, progress=not args.no_progress)
+        rows.update({"CPR": f"{mib['cpr']:.3f}", "CMD": f"{mib['cmd']:.3f}",
+                     "curve": " ".join(f"{p:g}:{f:.2f}" for p, f in zip(mib["cpr_curve"].fractions,
+                                                                       mib["cpr_curve"].faithfulness))})
+        if args.plot:
+            figure = plot_faithfulness(mib["cmd_curve"].fractions, mib["cmd_curve"].faithfulness, label="|score|")
+            plot_faithfulness(mib["cpr_curve"].fractions, mib["cpr_curve"].faithfulness, args.plot,
+                              ax=figure.axes[0], label="signed score")
+            rows["plot"] = args.plot
+    _table(rows)
+    return 0
+
+
+def _show(args) -> int:
+    circuit = Circuit.from_json(args.circuit)
+    draw_circuit(circuit, args.out, title=args.title)
+    print(f"{len(circuit)} edges, {len(circuit.nodes)} nodes → {args.out}")
+    return 0
+
+
+def _lens(args) -> int:
+    _, tokenizer, cm, task = _setup(args)
+    batch = task.batches[0]
+    nodes = args.nodes.split(",") if args.nodes else None
+    lens = logit_lens(cm, batch["clean"], batch["attention_mask"], nodes=nodes)
+    print(f"example {args.example}: {task.examples[args.example].clean!r}")
+    print(lens.table(tokenizer, k=args.top, example=args.example))
+    answers = lens.answer_probs(batch["correct"])[:, :, 0]
+    print("\np(correct answer) per row, mean over the batch:")
+    print("  ".join(f"{label} {p:.2f}" for label, p in zip(lens.labels, answers.mean(1).tolist())))
+    if args.out:
+        plot_heatmap(answers, lens.labels, [str(i) for i in range(answers.shape[1])], args.out,
+                     title=f"p(correct) through the layers · {task.name}")
+        print(f"heatmap → {args.out}")
+    return 0
+
+
+def _table(rows: dict[str, str]) -> None:
+    width = max(map(len, rows))
+    print("\n".join(f"{key:<{width}}  {value}" for key, value in rows.items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

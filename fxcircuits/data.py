@@ -1,0 +1,255 @@
+"""Batches of clean/corrupted prompt pairs, in the one format every attribution function reads.
+
+A batch is a dict of tensors:
+
+- ``"clean"`` LongTensor [B, S] and ``"corrupted"`` LongTensor [B, S]: token ids, aligned token by token
+  (patching swaps activations position by position, so the two prompts of a pair must have equal lengths);
+- ``"attention_mask"`` [B, S], 1 on real tokens (left or right padding), shared by clean and corrupted;
+- ``"correct"`` LongTensor [B, K] and ``"incorrect"`` LongTensor [B, K']: answer token ids padded with -1;
+- optionally ``"position"`` LongTensor [B], the position whose next-token prediction is scored (default: the
+  last real token, see :func:`fxcircuits.metrics.answer_position`), and ``"clean_logits"`` [B, V] for metrics
+  that compare with the clean run. Other keys are allowed and ignored; :func:`make_batches` adds ``"index"``
+  LongTensor [B], each row's example number in its input lists (so dropped examples can be traced).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import torch
+
+Answers = Sequence[Sequence[str]] | Sequence[str]
+
+
+def make_batches(tokenizer, clean: Sequence[str], corrupted: Sequence[str], correct: Answers,
+                 incorrect: Answers, *, batch_size: int = 8, padding_side: str = "right",
+                 drop_mismatched: bool = False, labels: Sequence[str] | None = None) -> list[dict]:
+    """Tokenize prompt pairs and their answers into batch dicts of at most ``batch_size`` examples.
+
+    ``correct[i]`` / ``incorrect[i]`` are the answers of example ``i``: one string or a list of strings.
+    An answer is scored as the next token after the clean prompt, so it is written as the text that follows
+    the prompt, leading space included (``" Mary"``, not ``"Mary"``). It is tokenized *in context* (prompt +
+    answer, minus the prompt's tokens), which gets the leading space right for byte-level BPE tokenizers
+    (SmolLM2, GPT-2) and SentencePiece ones alike. An answer that tokenizes to several tokens is scored by its
+    first token only; answers sharing a first token are counted once, and a first token that is both correct
+    and incorrect is an error, since no next-token metric could tell them apart.
+
+    Prompts are tokenized with the tokenizer's own special tokens (a BOS where the tokenizer adds one;
+    SmolLM2's GGUF tokenizer adds none), as the model saw them in training. Tokenizers without a pad token
+    pad with EOS; padded positions are masked, so the id does not matter. Right padding (the default) keeps
+    every real token at the position it has unpadded, so models that number positions from the first slot
+    give exactly the unpadded logits.
+
+    A pair whose clean and corrupted prompts tokenize to different lengths raises ``ValueError`` naming the
+    example, both token counts and tokens; with ``drop_mismatched=True`` such pairs are dropped and reported
+    in a warning instead. ``labels[i]`` names example ``i`` in messages (default ``"example i"``).
+    """
+    n = len(clean)
+    if not (len(corrupted) == len(correct) == len(incorrect) == n):
+        raise ValueError(f"clean, corrupted, correct and incorrect must have one entry per example; got lengths "
+                         f"{n}, {len(corrupted)}, {len(correct)}, {len(incorrect)}")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    labels = list(labels) if labels is not None else [f"example {i}" for i in range(n)]
+    clean_ids, corrupted_ids = _encode(tokenizer, clean), _encode(tokenizer, corrupted)
+    keep = _aligned(tokenizer, clean_ids, corrupted_ids, labels, drop_mismatched)
+    if not keep:
+        raise ValueError(f"no prompt pairs to batch ({n} given, {n - len(keep)} dropped as mismatched)")
+    prompts, labels = [clean[i] for i in keep], [labels[i] for i in keep]
+    clean_ids, corrupted_ids = [clean_ids[i] for i in keep], [corrupted_ids[i] for i in keep]
+    correct_ids, incorrect_ids = (
+        _answer_ids(tokenizer, prompts, [_as_list(answers[i]) for i in keep], labels, kind)
+        for answers, kind in ((correct, "correct"), (incorrect, "incorrect")))
+    _check_disjoint(tokenizer, labels, correct_ids, incorrect_ids)
+    pad = _pad_id(tokenizer)
+    batches = []
+    for start in range(0, len(prompts), batch_size):
+        rows = slice(start, start + batch_size)
+        batch = {
+            "clean": _pad(clean_ids[rows], pad, padding_side),
+            "corrupted": _pad(corrupted_ids[rows], pad, padding_side),
+            "attention_mask": _pad([[1] * len(ids) for ids in clean_ids[rows]], 0, padding_side),
+            "correct": _pad(correct_ids[rows], -1, "right"),
+            "incorrect": _pad(incorrect_ids[rows], -1, "right"),
+            "index": torch.tensor(keep[rows], dtype=torch.long),
+        }
+        check_batch(batch, vocab_size=len(tokenizer))
+        batches.append(batch)
+    return batches
+
+
+def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    return tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+
+
+def _as_list(answers: Sequence[str] | str) -> list[str]:
+    return [answers] if isinstance(answers, str) else list(answers)
+
+
+def _show(tokenizer, ids: Sequence[int]) -> list[str]:
+    """Token ids as the strings they decode to, one per token, for error messages."""
+    return [tokenizer.decode([t]) for t in ids]
+
+
+def _aligned(tokenizer, clean_ids, corrupted_ids, labels, drop_mismatched: bool) -> list[int]:
+    """Indices of the pairs whose prompts have equal token counts; the others raise or warn."""
+    mismatched = [i for i, (a, b) in enumerate(zip(clean_ids, corrupted_ids)) if len(a) != len(b)]
+    if mismatched and not drop_mismatched:
+        i = mismatched[0]
+        raise ValueError(
+            f"{labels[i]}: the clean prompt is {len(clean_ids[i])} tokens but the corrupted prompt is "
+            f"{len(corrupted_ids[i])} tokens ({len(mismatched)} pair(s) mismatched in all).\n"
+            f"  clean:     {_show(tokenizer, clean_ids[i])}\n  corrupted: {_show(tokenizer, corrupted_ids[i])}\n"
+            "Patching swaps activations position by position, so both prompts must tokenize to the same length: "
+            "rephrase the corrupted prompt (e.g. use a word that is as many tokens as the one it replaces), "
+            "drop the example, or pass drop_mismatched=True to drop such pairs with a warning.")
+    if mismatched:
+        warnings.warn(f"dropped {len(mismatched)} of {len(clean_ids)} prompt pairs whose clean and corrupted "
+                      f"prompts tokenize to different lengths: {', '.join(labels[i] for i in mismatched)}",
+                      stacklevel=3)
+    dropped = set(mismatched)
+    return [i for i in range(len(clean_ids)) if i not in dropped]
+
+
+def continuations(tokenizer, prompts: Sequence[str], texts: Sequence[str]) -> list[list[int] | None]:
+    """The tokens ``texts[i]`` adds after ``prompts[i]`` when tokenized together, or None where it does not
+    (the prompt's own tokens change, or nothing is added).
+
+    Tokenizing in context is what makes a leading space right for every tokenizer family: byte-level BPE
+    folds it into the word (``" Mary"`` is one token), SentencePiece marks it on the word (``"▁Mary"``).
+    """
+    unique = list(dict.fromkeys(prompts))
+    prefixes = dict(zip(unique, _encode(tokenizer, unique)))
+    result = []
+    for prompt, full in zip(prompts, _encode(tokenizer, [p + t for p, t in zip(prompts, texts)])):
+        prefix = prefixes[prompt]
+        result.append(full[len(prefix):] if full[:len(prefix)] == prefix and len(full) > len(prefix) else None)
+    return result
+
+
+def _answer_ids(tokenizer, prompts, answers, labels, kind: str) -> list[list[int]]:
+    """The first token of each answer as a continuation of its prompt, deduplicated in order."""
+    for label, example in zip(labels, answers):
+        if not example:
+            raise ValueError(f"{label}: it has no {kind} answer; every example needs at least one")
+    pairs = [(prompt, answer) for prompt, example in zip(prompts, answers) for answer in example]
+    tokens = iter(continuations(tokenizer, [p for p, _ in pairs], [a for _, a in pairs]))
+    result = []
+    for prompt, example, label in zip(prompts, answers, labels):
+        firsts = []
+        for answer in example:
+            ids = next(tokens)
+            if ids is None:
+                raise ValueError(
+                    f"{label}: the {kind} answer {answer!r} does not tokenize as a continuation of the prompt "
+                    f"{prompt!r}; answers are scored as the next token after the prompt, so an answer must start "
+                    "a new token, usually with its leading space (' Mary')")
+            if ids[0] not in firsts:
+                firsts.append(ids[0])
+        result.append(firsts)
+    return result
+
+
+def _check_disjoint(tokenizer, labels, correct_ids, incorrect_ids) -> None:
+    for label, right, wrong in zip(labels, correct_ids, incorrect_ids):
+        both = set(right) & set(wrong)
+        if both:
+            raise ValueError(f"{label}: the answers' first tokens {_show(tokenizer, both)} are both correct and "
+                             "incorrect; a next-token metric cannot separate them, so pick answers that differ in "
+                             "their first token")
+
+
+def _pad_id(tokenizer) -> int:
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0  # padded positions are masked out, so any id in the vocabulary will do
+
+
+def _pad(rows: list[list[int]], value: int, side: str) -> torch.Tensor:
+    width = max(len(row) for row in rows)
+    padded = [row + [value] * (width - len(row)) if side == "right" else [value] * (width - len(row)) + row
+              for row in rows]
+    return torch.tensor(padded, dtype=torch.long)
+
+
+def check_batch(batch: dict, vocab_size: int | None = None) -> None:
+    """Raise ``ValueError`` naming the key and what is expected if ``batch`` is not a well-formed batch.
+
+    Checks shapes, dtypes, that clean and corrupted align, that the mask is 0/1 with a real token in every
+    row, that every row has at least one correct and one incorrect answer, that positions point at real
+    tokens, that ``clean_logits`` is finite, and, given ``vocab_size``, that every token id is in range.
+    """
+    for key in ("clean", "corrupted", "correct", "incorrect"):
+        if key not in batch:
+            raise ValueError(f"batch is missing {key!r}; a batch needs 'clean' and 'corrupted' LongTensors [B, S] "
+                             "and 'correct' and 'incorrect' LongTensors [B, K] (see fxcircuits.data.make_batches)")
+    clean = batch["clean"]
+    _expect(batch, "clean", dim=2, dtype=torch.long, what="token ids [B, S]")
+    if clean.numel() == 0:
+        raise ValueError(f"batch['clean'] is empty (shape {tuple(clean.shape)}); expected at least one token")
+    _expect(batch, "corrupted", shape=clean.shape, dtype=torch.long, what="token ids aligned with batch['clean']")
+    limit = f"< {vocab_size}" if vocab_size is not None else ""
+    for key in ("clean", "corrupted"):
+        _ids_in_range(batch, key, 0, vocab_size, f"token ids >= 0 {limit}")
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        _expect(batch, "attention_mask", shape=clean.shape, what="a 0/1 mask shaped like batch['clean']")
+        if ((mask != 0) & (mask != 1)).any():
+            raise ValueError("batch['attention_mask'] must hold only 0 and 1 (1 = real token)")
+        if (mask.sum(-1) == 0).any():
+            raise ValueError("batch['attention_mask'] has a row with no real token (all zeros)")
+    for key in ("correct", "incorrect"):
+        _expect(batch, key, dim=2, dtype=torch.long, what="answer token ids [B, K] padded with -1")
+        if batch[key].shape[0] != clean.shape[0]:
+            raise ValueError(f"batch[{key!r}] has {batch[key].shape[0]} rows but batch['clean'] has {clean.shape[0]}")
+        _ids_in_range(batch, key, -1, vocab_size, f"answer token ids {limit} or -1 for padding")
+        if ((batch[key] >= 0).sum(-1) == 0).any():
+            raise ValueError(f"batch[{key!r}] has a row with no answer (all -1); every example needs at least one")
+    if "position" in batch:
+        _check_position(batch)
+    if "clean_logits" in batch:
+        _check_clean_logits(batch)
+
+
+def _expect(batch: dict, key: str, *, what: str, dim: int | None = None, shape=None, dtype=None) -> None:
+    value = batch[key]
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"batch[{key!r}] must be a torch.Tensor of {what}, got {type(value).__name__}")
+    if dim is not None and value.dim() != dim:
+        raise ValueError(f"batch[{key!r}] must be {what}, got shape {tuple(value.shape)}")
+    if shape is not None and value.shape != shape:
+        raise ValueError(f"batch[{key!r}] must be {what}, shape {tuple(shape)}; got shape {tuple(value.shape)}")
+    if dtype is not None and value.dtype != dtype:
+        raise ValueError(f"batch[{key!r}] must be {what} of dtype {dtype}, got {value.dtype}")
+
+
+def _ids_in_range(batch: dict, key: str, low: int, vocab_size: int | None, what: str) -> None:
+    ids = batch[key]
+    if (ids < low).any() or (vocab_size is not None and (ids >= vocab_size).any()):
+        raise ValueError(f"batch[{key!r}] must hold {what}; it ranges over {ids.min().item()}..{ids.max().item()}")
+
+
+def _check_position(batch: dict) -> None:
+    clean, position = batch["clean"], batch["position"]
+    _expect(batch, "position", shape=clean.shape[:1], dtype=torch.long, what="one position per example [B]")
+    if ((position < 0) | (position >= clean.shape[1])).any():
+        raise ValueError(f"batch['position'] must lie in 0..{clean.shape[1] - 1}, got {position.tolist()}")
+    mask = batch.get("attention_mask")
+    if mask is not None and (mask.gather(1, position[:, None]) == 0).any():
+        raise ValueError("batch['position'] points at a padded token (attention_mask 0) in some row")
+
+
+def _check_clean_logits(batch: dict) -> None:
+    logits = batch["clean_logits"]
+    _expect(batch, "clean_logits", dim=2, what="the clean run's logits at the answer position [B, V]")
+    if logits.shape[0] != batch["clean"].shape[0] or not logits.is_floating_point():
+        raise ValueError(f"batch['clean_logits'] must be floating point [B={batch['clean'].shape[0]}, V], got "
+                         f"{logits.dtype} {tuple(logits.shape)}")
+    if not torch.isfinite(logits).all():
+        raise ValueError("batch['clean_logits'] holds NaN or infinite values")
+
+
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    """A copy of ``batch`` with every tensor on ``device``."""
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}

@@ -1,0 +1,88 @@
+"""The logit lens: what the residual stream, or one node's output, says about the next token.
+
+The residual stream is the sum of every writer's output, so the stream after any writer is a partial sum of
+``cm.activations``; ``cm.readout`` (the model's own final norm and unembedding, cut out of the captured
+graph) turns it into logits.  Reading a circuit's nodes this way is how the talk explains what they do (an
+MLP that "upweights years > YY").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model import CircuitModel
+
+
+@dataclass
+class Lens:
+    """Logits read off ``labels`` (stream after a writer, or a node's output): [rows, batch, positions, vocab]."""
+    labels: list[str]
+    logits: torch.Tensor
+    positions: torch.Tensor   # [batch, positions]: which token positions were read
+
+    def probs(self) -> torch.Tensor:
+        return self.logits.float().softmax(-1)
+
+    def answer_probs(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Probability of each example's answer set ([batch, K] ids, -1 padded) per row and position:
+        [rows, batch, positions]."""
+        ids = token_ids.to(self.logits.device)
+        valid = ids >= 0
+        index = ids.clamp(min=0)[None, :, None, :].expand(*self.logits.shape[:3], -1)
+        return (self.probs().gather(-1, index) * valid[None, :, None, :]).sum(-1)
+
+    def top(self, tokenizer, k: int = 5, example: int = 0, position: int = -1) -> list[tuple[str, list]]:
+        """For each row, the ``k`` likeliest tokens of one example at one of the read positions:
+        ``[(label, [(token, probability), …]), …]``."""
+        probs = self.probs()[:, example, position]
+        values, ids = probs.topk(k, dim=-1)
+        return [(label, [(tokenizer.decode([int(i)]), float(v)) for i, v in zip(row_ids, row_values)])
+                for label, row_ids, row_values in zip(self.labels, ids, values)]
+
+    def table(self, tokenizer, k: int = 5, example: int = 0, position: int = -1) -> str:
+        """``top`` as aligned text, one row per label."""
+        width = max(len(label) for label in self.labels)
+        return "\n".join(f"{label:>{width}}  " + "  ".join(f"{token!r} {p:.2f}" for token, p in tops)
+                         for label, tops in self.top(tokenizer, k, example, position))
+
+
+@torch.no_grad()
+def logit_lens(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+               nodes: list[str] | None = None, positions: str | list[int] = "last") -> Lens:
+    """Read the stream after every writer (``input``, ``a0``, ``m0``, ``a1``…) or, given ``nodes``, each node's
+    own output, through the final norm and unembedding.
+
+    ``positions``: ``"last"`` (each example's last real token, the one that predicts the answer), ``"all"``,
+    or a list of positions."""
+    acts = cm.activations(input_ids, attention_mask)
+    read = _positions(input_ids, attention_mask, positions).to(acts.device)
+    rows = torch.arange(acts.shape[1], device=acts.device)[:, None]
+    acts = acts[:, rows, read]  # [U, batch, positions, d_model]
+    if nodes is None:
+        labels, streams = _stream_after_each_writer(cm, acts)
+    else:
+        unknown = [n for n in nodes if n not in cm.graph.node_index]
+        if unknown:
+            raise KeyError(f"unknown node(s) {unknown[:3]}; the nodes are cm.graph.upstream, e.g. 'a3.h1', 'm2'")
+        labels, streams = list(nodes), acts[[cm.graph.node_index[n] for n in nodes]]
+    return Lens(labels, torch.stack([cm.readout(s) for s in streams]), read.cpu())
+
+
+def _stream_after_each_writer(cm: CircuitModel, acts: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+    """Partial sums of the upstream outputs, cut after ``input`` and after each layer's heads or MLP."""
+    sizes = cm.graph.group_sizes
+    labels = ["input"] + [f"{'a' if w.kind == 'attention' else 'm'}{w.layer}" for w in cm.graph.writers]
+    ends = torch.tensor(sizes).cumsum(0) - 1
+    return labels, acts.cumsum(0)[ends.to(acts.device)]
+
+
+def _positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, positions) -> torch.Tensor:
+    batch, seq = input_ids.shape
+    if positions == "last":
+        if attention_mask is None:
+            return torch.full((batch, 1), seq - 1)
+        return (attention_mask.cpu().long() * torch.arange(seq)).argmax(-1, keepdim=True)
+    if positions == "all":
+        return torch.arange(seq).expand(batch, seq)
+    return torch.tensor(list(positions)).expand(batch, -1)

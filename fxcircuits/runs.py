@@ -1,0 +1,93 @@
+"""Batches made ready to patch, shared by attribution and evaluation.
+
+Preparing a batch runs what every later patched call reuses: the other run's activations (the corrupted
+prompt, zeros or reference means) and, for metrics that compare with the clean run (KL), the clean logits.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from . import metrics
+from .data import check_batch, to_device
+from .model import CircuitModel
+from .patching import dense_keep
+
+ABLATIONS = ("corrupted", "zero", "mean")
+
+
+@dataclass
+class Prepared:
+    """One batch on the model's device: its inputs, and the other run's outputs per writer group."""
+    batch: dict
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    other: list[torch.Tensor]   # per writer group: [n, batch or 1, seq, d_model]
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def prepare(cm: CircuitModel, batches: Iterable[dict], metric, ablation: str = "corrupted",
+            reference: Iterable[dict] | None = None) -> list[Prepared]:
+    """Check and prepare every batch; ``ablation`` picks the other run (``reference`` for ``"mean"``)."""
+    if ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
+    means = mean_activations(cm, reference) if ablation == "mean" else None
+    prepared = [_prepare(cm, batch, metric, ablation, means) for batch in batches]
+    if not prepared:
+        raise ValueError("no batches given: pass at least one batch (see fxcircuits.data.make_batches)")
+    return prepared
+
+
+def _prepare(cm: CircuitModel, batch: dict, metric, ablation: str, means: torch.Tensor | None) -> Prepared:
+    check_batch(batch)
+    batch = to_device(batch, cm.device)
+    ids, mask = batch["clean"], batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    with torch.no_grad():
+        if metrics.needs_clean_logits(metric):
+            batch["clean_logits"] = metrics.logits_at_answer(cm(ids, mask), batch)
+        if ablation == "corrupted":
+            other = cm.groups(batch["corrupted"], mask)
+        else:
+            values = torch.zeros(len(cm.graph.upstream), 1, 1, cm.graph.d_model) if means is None else means
+            dtype = next(cm.exported.parameters()).dtype
+            other = list(values.to(cm.device, dtype).split(cm.graph.group_sizes))
+    return Prepared(batch, ids, mask, other)
+
+
+def mean_activations(cm: CircuitModel, reference: Iterable[dict] | None) -> torch.Tensor:
+    """Every node's output averaged over the real tokens of ``reference``: [n_upstream, 1, 1, d_model]."""
+    if reference is None:
+        raise ValueError("ablation='mean' averages activations over a reference dataset: pass reference=batches")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in reference:
+            ids = batch["clean"].to(cm.device)
+            mask = batch.get("attention_mask", torch.ones_like(ids)).to(cm.device)
+            acts = cm.activations(ids, mask).float()
+            total = total + (acts * mask[None, :, :, None]).sum((1, 2))
+            count += int(mask.sum())
+    return (total / count)[:, None, None, :]
+
+
+def examples(prepared: list[Prepared]) -> int:
+    return sum(p.size for p in prepared)
+
+
+def metric_values(cm: CircuitModel, prepared: list[Prepared], metric, masks: torch.Tensor) -> torch.Tensor:
+    """The metric of every example under every edge mask [n, E], patched in one call per batch: [n, examples]."""
+    keep = dense_keep(cm.graph, masks, device=cm.device)
+    with torch.no_grad():
+        values = [metric(cm.patched(p.input_ids, p.attention_mask, p.other, keep), p.batch) for p in prepared]
+    return torch.cat(values, -1).float().cpu()
+
+
+def clean_values(cm: CircuitModel, prepared: list[Prepared], metric) -> torch.Tensor:
+    """The metric of every example on the unpatched model: [examples]."""
+    with torch.no_grad():
+        return torch.cat([metric(cm(p.input_ids, p.attention_mask), p.batch) for p in prepared]).float().cpu()

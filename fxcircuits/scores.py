@@ -1,0 +1,113 @@
+"""Edge scores, and the three ways the field turns them into a circuit: top-n, greedy, threshold.
+
+Sign and scale follow EAP-IG/MIB (NOTES.md §4): score(e) ≈ mean over examples of metric(clean) −
+metric(clean with e patched); positive means the edge helps the task.  Every selection is pruned of dangling
+nodes and edges, as EAP-IG prunes, so what it returns is a connected circuit from ``input`` to ``logits``.
+"""
+from __future__ import annotations
+
+import heapq
+from pathlib import Path
+
+import torch
+
+from .circuit import Circuit
+from .graph import CircuitGraph
+
+
+class EdgeScores:
+    """One score per edge of ``graph`` (``tensor``, float [E] in ``graph.edges`` order) and how they were found."""
+
+    def __init__(self, graph: CircuitGraph, tensor: torch.Tensor, method: str = "", info: dict | None = None):
+        if tensor.shape != (len(graph.edges),):
+            raise ValueError(f"scores have shape {tuple(tensor.shape)}; expected [{len(graph.edges)}]")
+        self.graph, self.tensor = graph, tensor.detach().float().cpu()
+        self.method, self.info = method, dict(info or {})
+
+    def __getitem__(self, edge: str) -> float:
+        return float(self.tensor[self.graph.edge_index[edge]])
+
+    def __len__(self) -> int:
+        return len(self.tensor)
+
+    def __repr__(self) -> str:
+        return f"EdgeScores({self.method or 'unnamed'}, {len(self)} edges)"
+
+    def nodes(self) -> dict[str, float]:
+        """Node-level scores: the sum of each upstream node's outgoing edge scores (patching a node patches
+        every edge it sends)."""
+        total = torch.zeros(len(self.graph.upstream)).index_add_(0, self.graph.src, self.tensor)
+        return dict(zip(self.graph.upstream, total.tolist()))
+
+    def _ranked(self, absolute: bool) -> torch.Tensor:
+        return self.tensor.abs() if absolute else self.tensor
+
+    def _circuit(self, flags: torch.Tensor) -> Circuit:
+        return Circuit(self.graph, flags, self.tensor).pruned()
+
+    def topn(self, n: int | float, absolute: bool = True) -> Circuit:
+        """The ``n`` highest-scoring edges (``n`` < 1 is a fraction of all edges), pruned.
+
+        ``absolute=True`` ranks by |score| (MIB's CMD); ``False`` by signed score (MIB's CPR)."""
+        count = _count(n, len(self))
+        flags = torch.zeros(len(self), dtype=torch.bool)
+        flags[torch.argsort(self._ranked(absolute), descending=True, stable=True)[:count]] = True
+        return self._circuit(flags)
+
+    def threshold(self, t: float, absolute: bool = True) -> Circuit:
+        """Every edge whose score (|score| with ``absolute``) is at least ``t``, pruned."""
+        return self._circuit(self._ranked(absolute) >= t)
+
+    def greedy(self, n: int | float, absolute: bool = True) -> Circuit:
+        """``n`` edges grown from ``logits`` backwards, best first (EAP-IG's greedy search): an edge becomes a
+        candidate once its destination node is in the circuit, so the result is connected by construction."""
+        g, ranked = self.graph, self._ranked(absolute).tolist()
+        count = _count(n, len(self))
+        into = [[] for _ in g.nodes]  # edges by destination node
+        for e, d in enumerate(g.dst.tolist()):
+            reader = int(g.reader[d])
+            into[reader if reader >= 0 else len(g.nodes) - 1].append(e)
+        flags, reached = torch.zeros(len(self), dtype=torch.bool), {len(g.nodes) - 1}
+        heap = [(-ranked[e], e) for e in into[-1]]
+        heapq.heapify(heap)
+        while heap and int(flags.sum()) < count:
+            _, e = heapq.heappop(heap)
+            flags[e] = True
+            source = int(g.src[e])
+            if source not in reached:
+                reached.add(source)
+                for parent in into[source]:
+                    heapq.heappush(heap, (-ranked[parent], parent))
+        return self._circuit(flags)
+
+    def save(self, path: str | Path) -> None:
+        """``.json``: the EAP-IG/MIB circuit format with every edge's score (no edge in the graph);
+        anything else: a ``torch.save`` file, compact for large graphs."""
+        if Path(path).suffix == ".json":
+            Circuit(self.graph, torch.zeros(len(self), dtype=torch.bool), self.tensor).to_json(
+                path, method=self.method, **self.info)
+        else:
+            torch.save({"cfg": self.graph.cfg, "edges": self.graph.edges, "scores": self.tensor,
+                        "method": self.method, "info": self.info}, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "EdgeScores":
+        """Read what ``save`` wrote (or any EAP-IG/MIB circuit JSON with scores)."""
+        if Path(path).suffix == ".json":
+            circuit = Circuit.from_json(path)
+            if circuit.scores is None:
+                raise ValueError(f"{path} holds a circuit without scores")
+            return cls(circuit.graph, circuit.scores, str(circuit.info.get("method", "")), circuit.info)
+        data = torch.load(path, weights_only=True)
+        graph = CircuitGraph.from_config(data["cfg"])
+        if graph.edges != data["edges"]:
+            raise ValueError(f"{path}: its edges do not follow the graph its cfg describes")
+        return cls(graph, data["scores"], data["method"], data["info"])
+
+
+def _count(n: int | float, total: int) -> int:
+    """``n`` edges, or ``n`` as a fraction of ``total`` when it is a float below 1 (MIB's int(p·E))."""
+    count = int(n * total) if isinstance(n, float) and n < 1 else int(n)
+    if not 0 <= count <= total:
+        raise ValueError(f"asked for {n} edges of {total}")
+    return count

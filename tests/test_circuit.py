@@ -1,0 +1,110 @@
+"""Selection, pruning and the EAP-IG/MIB circuit files."""
+import json
+
+import pytest
+import torch
+
+import fxcircuits
+from fxcircuits import Circuit, CircuitGraph, EdgeScores
+
+CFG = {"n_layers": 2, "n_heads": 2, "parallel_attn_mlp": False, "d_model": 8}
+
+
+@pytest.fixture
+def graph():
+    return CircuitGraph.from_config(CFG)
+
+
+def _scores(graph, values: dict[str, float]) -> EdgeScores:
+    tensor = torch.zeros(len(graph.edges))
+    for name, value in values.items():
+        tensor[graph.edge_index[name]] = value
+    return EdgeScores(graph, tensor, "hand")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gpt_neox"])
+def test_from_config_rebuilds_a_traced_graph(traced, name):
+    graph = traced(name)[1].graph
+    rebuilt = CircuitGraph.from_config(graph.cfg)
+    assert rebuilt.edges == graph.edges and rebuilt.downstream == graph.downstream
+
+
+def test_pruning_drops_dangling_nodes_and_edges(graph):
+    circuit = Circuit(graph, ["input->a0.h0<q>", "a0.h0->logits", "a0.h1->m1", "input->m0"]).pruned()
+    # a0.h1 has no incoming edge and m0 no outgoing one: both go, with their edges
+    assert circuit.edges == ["input->a0.h0<q>", "a0.h0->logits"]
+    assert circuit.nodes == ["input", "a0.h0", "logits"]
+
+
+def test_topn_ranks_by_absolute_or_signed_score(graph):
+    scores = _scores(graph, {"input->logits": 1.0, "input->a1.h0<v>": -3.0, "a1.h0->logits": 2.0, "m0->logits": 0.5})
+    assert scores.topn(2).edges == ["input->a1.h0<v>", "a1.h0->logits"]
+    assert len(scores.topn(1, absolute=False)) == 0  # a1.h0->logits alone dangles: a1.h0 has no input
+    assert scores.topn(2, absolute=False).edges == ["input->logits"]  # a1.h0->logits dangles without its input
+    assert len(scores.topn(0.5)) <= int(0.5 * len(graph.edges))
+
+
+def test_threshold_and_greedy(graph):
+    scores = _scores(graph, {"input->logits": 1.0, "input->a1.h0<v>": -3.0, "a1.h0->logits": 2.0,
+                             "input->m1": 5.0})
+    assert scores.threshold(1.5).edges == ["input->a1.h0<v>", "a1.h0->logits"]
+    # greedy grows from logits: input->m1 scores highest but m1 never reaches logits, so it is never a candidate
+    greedy = scores.greedy(3)
+    assert "input->m1" not in greedy.edges
+    assert greedy.edges == ["input->a1.h0<v>", "input->logits", "a1.h0->logits"]
+
+
+def test_node_scores_sum_outgoing_edges(graph):
+    scores = _scores(graph, {"a0.h1->logits": 1.5, "a0.h1->m1": -0.5, "m0->logits": 2.0})
+    nodes = scores.nodes()
+    assert nodes["a0.h1"] == pytest.approx(1.0) and nodes["m0"] == 2.0 and nodes["input"] == 0.0
+
+
+def test_json_round_trip_in_the_eap_ig_format(graph, tmp_path):
+    scores = EdgeScores(graph, torch.linspace(-1, 1, len(graph.edges)), "eap")
+    circuit = scores.topn(10)
+    path = tmp_path / "circuit.json"
+    circuit.to_json(path, model="tiny", task="ioi")
+    data = json.loads(path.read_text())
+    assert set(data) == {"cfg", "nodes", "edges"}
+    assert {"n_layers", "n_heads", "parallel_attn_mlp", "d_model"} <= set(data["cfg"]) and data["cfg"]["task"] == "ioi"
+    assert set(data["edges"]) == set(graph.edges) and set(data["nodes"]) == set(graph.nodes)
+    assert all(set(e) == {"score", "in_graph"} for e in data["edges"].values())
+    loaded = Circuit.from_json(path)
+    assert loaded.edges == circuit.edges and loaded.nodes == circuit.nodes
+    torch.testing.assert_close(loaded.scores, circuit.scores)
+    assert loaded.info["model"] == "tiny"
+
+
+def test_scores_save_and_load(graph, tmp_path):
+    scores = EdgeScores(graph, torch.randn(len(graph.edges)), "eap-ig-inputs", {"steps": 5})
+    for suffix in (".json", ".pt"):
+        scores.save(tmp_path / f"scores{suffix}")
+        loaded = EdgeScores.load(tmp_path / f"scores{suffix}")
+        torch.testing.assert_close(loaded.tensor, scores.tensor)
+        assert loaded.method == "eap-ig-inputs" and loaded.info["steps"] == 5
+
+
+def test_bad_files_and_names(graph, tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"cfg": CFG, "edges": {}}))
+    with pytest.raises(ValueError, match="lacks"):
+        Circuit.from_json(path)
+    path.write_text(json.dumps({"cfg": CFG, "nodes": {}, "edges": {"a7.h0->logits": {"score": 1, "in_graph": True}}}))
+    with pytest.raises(ValueError, match="a7.h0->logits"):
+        Circuit.from_json(path)
+    with pytest.raises(KeyError, match="not in this model's graph"):
+        Circuit(graph, ["a0.h0->a0.h1<q>"])
+    with pytest.raises(ValueError, match="asked for"):
+        EdgeScores(graph, torch.zeros(len(graph.edges))).topn(len(graph.edges) + 1)
+
+
+def test_a_circuit_runs_as_an_edge_mask(traced):
+    _, cm = traced("llama")
+    scores = EdgeScores(cm.graph, torch.linspace(-1, 1, len(cm.graph.edges)))
+    circuit = scores.topn(20)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    corrupted = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(cm(ids, corrupted_input_ids=corrupted, edge_mask=circuit),
+                               cm(ids, corrupted_input_ids=corrupted, edge_mask=circuit.in_graph.float()))
+    assert fxcircuits.Circuit(CircuitGraph.from_config(cm.graph.cfg), circuit.edges).edge_mask(cm.graph).sum() == len(circuit)

@@ -1,0 +1,65 @@
+"""The command line end to end on a tiny random model saved as a local folder."""
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fxcircuits import Circuit
+from fxcircuits.cli import main
+from test_models import smollm2_tokenizer
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A random 2-layer Llama with SmolLM2's tokenizer (so the built-in tasks can be built)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    config = LlamaConfig(vocab_size=len(smollm2_tokenizer()), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    smollm2_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def _common(folder):
+    return ["--model", folder, "--task", "ioi", "--size", "8", "--batch-size", "4", "--no-progress"]
+
+
+@pytest.mark.parametrize("command", ["discover", "evaluate", "show", "lens"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0 and "usage: fxcircuits " + command in capsys.readouterr().out
+
+
+def test_discover_evaluate_show_lens(folder, tmp_path, capsys):
+    out = tmp_path / "circuit.json"
+    assert main(["discover", *_common(folder), "--method", "eap", "--edges", "10%", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for key in ("model", "task", "baseline metric", "circuit", "faithfulness", "time"):
+        assert key in printed
+    data = json.loads(out.read_text())
+    assert data["cfg"]["method"] == "eap" and data["cfg"]["task"] == "ioi" and data["cfg"]["n_layers"] == 2
+    circuit = Circuit.from_json(out)
+    assert 0 < len(circuit) <= 0.1 * len(circuit.graph.edges)
+    f = float(next(line for line in printed.splitlines() if line.startswith("faithfulness")).split()[-1])
+    assert f == pytest.approx(data["cfg"]["faithfulness"], abs=1e-3)
+    ET.parse(out.with_suffix(".svg"))  # the drawing is valid SVG
+
+    assert main(["evaluate", str(out), *_common(folder), "--plot", str(tmp_path / "curve.png")]) == 0
+    printed = capsys.readouterr().out
+    assert f"{f:.3f}" in printed and "CPR" in printed and "CMD" in printed
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+    assert main(["show", str(out), "--out", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").exists()
+
+    assert main(["lens", *_common(folder), "--out", str(tmp_path / "lens.svg")]) == 0
+    printed = capsys.readouterr().out
+    assert "input" in printed and "m1" in printed and "p(correct answer)" in printed
+    ET.parse(tmp_path / "lens.svg")
+
+
+def test_unknown_task_is_refused(folder):
+    with pytest.raises(SystemExit, match="unknown task"):
+        main(["discover", "--model", folder, "--task", "nonsense", "--no-progress"])

@@ -1,0 +1,125 @@
+"""make_batches and check_batch on SmolLM2's real tokenizer."""
+import copy
+import re
+
+import pytest
+import torch
+
+from fxcircuits import metrics
+from fxcircuits.data import check_batch, make_batches
+from test_models import smollm2_tokenizer
+
+IOI = "When Mary and John went to the store, John gave a drink to"
+IOI_CORRUPTED = "When Mary and John went to the store, Paul gave a drink to"
+SHORT = "The keys on the cabinet"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return smollm2_tokenizer()
+
+
+def decode(tokenizer, row):
+    return [tokenizer.decode([t]) for t in row.tolist() if t >= 0]
+
+
+def test_pairs_are_aligned_and_right_padded(tokenizer):
+    (batch,) = make_batches(tokenizer, [IOI, SHORT], [IOI_CORRUPTED, "The key on the cabinet"],
+                            [" Mary", [" are", " were"]], [" John", [" is"]])
+    n_ioi, n_short = len(tokenizer(IOI).input_ids), len(tokenizer(SHORT).input_ids)
+    assert batch["clean"].shape == batch["corrupted"].shape == batch["attention_mask"].shape == (2, n_ioi)
+    assert batch["attention_mask"].sum(-1).tolist() == [n_ioi, n_short]
+    assert batch["clean"][0].tolist() == tokenizer(IOI).input_ids  # the tokenizer's own (no) BOS
+    assert batch["clean"][1, :n_short].tolist() == tokenizer(SHORT).input_ids
+    assert decode(tokenizer, batch["correct"][0]) == [" Mary"] and decode(tokenizer, batch["incorrect"][0]) == [" John"]
+    assert decode(tokenizer, batch["correct"][1]) == [" are", " were"] and batch["correct"][0, 1] == -1
+    assert metrics.answer_position(batch).tolist() == [n_ioi - 1, n_short - 1]
+
+
+def test_left_padding_scores_the_last_token(tokenizer):
+    (batch,) = make_batches(tokenizer, [IOI, SHORT], [IOI_CORRUPTED, "The key on the cabinet"],
+                            [" Mary", " are"], [" John", " is"], padding_side="left")
+    assert batch["attention_mask"][1, 0] == 0 and batch["clean"][1, -1].item() == tokenizer(SHORT).input_ids[-1]
+    assert metrics.answer_position(batch).tolist() == [batch["clean"].shape[1] - 1] * 2
+
+
+def test_multi_token_answers_use_their_first_token_once(tokenizer):
+    (batch,) = make_batches(tokenizer, [IOI], [IOI_CORRUPTED], [[" Mary Ann", " Mary", " Marie"]], [" John"])
+    assert decode(tokenizer, batch["correct"][0]) == [" Mary", " Marie"]
+
+
+def test_batch_size_splits_and_index_records_examples(tokenizer):
+    batches = make_batches(tokenizer, [IOI] * 5, [IOI_CORRUPTED] * 5, [" Mary"] * 5, [" John"] * 5, batch_size=2)
+    assert [b["clean"].shape[0] for b in batches] == [2, 2, 1]
+    assert torch.cat([b["index"] for b in batches]).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_mismatched_lengths_name_the_example_counts_tokens_and_the_fix(tokenizer):
+    corrupted = "When Mary and John went to the store, Bartholomew gave a drink to"
+    with pytest.raises(ValueError) as error:
+        make_batches(tokenizer, [IOI, IOI], [IOI_CORRUPTED, corrupted], [" Mary"] * 2, [" John"] * 2)
+    message = str(error.value)
+    n_clean, n_corrupted = len(tokenizer(IOI).input_ids), len(tokenizer(corrupted).input_ids)
+    assert message.startswith(f"example 1: the clean prompt is {n_clean} tokens but the corrupted prompt is "
+                              f"{n_corrupted} tokens")
+    assert "' John'" in message and "' Barth', 'olome'" in message  # the tokens themselves
+    assert "rephrase" in message and "drop_mismatched=True" in message
+
+
+def test_drop_mismatched_warns_with_count_and_which(tokenizer):
+    corrupted = "When Mary and John went to the store, Bartholomew gave a drink to"
+    with pytest.warns(UserWarning, match=re.escape("dropped 1 of 3 prompt pairs") + ".*example 1"):
+        batches = make_batches(tokenizer, [IOI] * 3, [IOI_CORRUPTED, corrupted, IOI_CORRUPTED], [" Mary"] * 3,
+                               [" John"] * 3, drop_mismatched=True)
+    assert batches[0]["index"].tolist() == [0, 2]
+
+
+def test_answers_that_merge_into_the_prompt_or_overlap_are_errors(tokenizer):
+    with pytest.raises(ValueError, match="example 0: the correct answer 's' does not tokenize as a continuation"):
+        make_batches(tokenizer, ["The cat"], ["The dog"], ["s"], [" is"])
+    with pytest.raises(ValueError, match="both correct and incorrect"):
+        make_batches(tokenizer, [IOI], [IOI_CORRUPTED], [" Mary Ann"], [" Mary Lou"])
+    with pytest.raises(ValueError, match="example 0: it has no incorrect answer"):
+        make_batches(tokenizer, [IOI], [IOI_CORRUPTED], [" Mary"], [[]])
+
+
+def test_tokenizer_without_pad_token_pads_with_eos(tokenizer):
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    assert no_pad.pad_token_id is None
+    (batch,) = make_batches(no_pad, [IOI, SHORT], [IOI_CORRUPTED, "The key on the cabinet"], [" Mary", " are"],
+                            [" John", " is"])
+    assert batch["clean"][1, -1].item() == no_pad.eos_token_id
+
+
+def good_batch():
+    return {"clean": torch.tensor([[1, 2, 3], [4, 5, 0]]), "corrupted": torch.tensor([[1, 9, 3], [4, 8, 0]]),
+            "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+            "correct": torch.tensor([[7, -1], [8, 9]]), "incorrect": torch.tensor([[6], [5]])}
+
+
+def test_check_batch_accepts_a_good_batch():
+    check_batch(good_batch(), vocab_size=10)
+    check_batch({**good_batch(), "position": torch.tensor([2, 1]), "clean_logits": torch.zeros(2, 10)})
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda b: b.pop("incorrect"), r"missing 'incorrect'"),
+    (lambda b: b.update(clean=b["clean"].int()), r"batch\['clean'\] must be token ids \[B, S\] of dtype torch.int64"),
+    (lambda b: b.update(corrupted=b["corrupted"][:, :2]), r"batch\['corrupted'\] must be token ids aligned"),
+    (lambda b: b.update(attention_mask=b["attention_mask"] * 2), r"attention_mask.*only 0 and 1"),
+    (lambda b: b.update(attention_mask=torch.tensor([[1, 1, 1], [0, 0, 0]])), r"attention_mask.*no real token"),
+    (lambda b: b.update(correct=torch.tensor([[7, -1], [-1, -1]])), r"batch\['correct'\] has a row with no answer"),
+    (lambda b: b.update(incorrect=torch.tensor([[6]])), r"batch\['incorrect'\] has 1 rows but batch\['clean'\] has 2"),
+    (lambda b: b.update(clean=b["clean"] + 7), r"batch\['clean'\] must hold token ids >= 0 < 10; it ranges over 7..12"),
+    (lambda b: b.update(correct=torch.tensor([[7, -2], [8, 9]])), r"batch\['correct'\] must hold answer token ids"),
+    (lambda b: b.update(position=torch.tensor([2, 2])), r"batch\['position'\] points at a padded token"),
+    (lambda b: b.update(position=torch.tensor([2, 3])), r"batch\['position'\] must lie in 0..2"),
+    (lambda b: b.update(clean_logits=torch.full((2, 10), float("nan"))), r"clean_logits.*NaN"),
+    (lambda b: b.update(clean_logits=torch.zeros(3, 10)), r"clean_logits.*\[B=2, V\]"),
+])
+def test_check_batch_names_the_key_and_what_is_expected(change, message):
+    batch = good_batch()
+    change(batch)
+    with pytest.raises(ValueError, match=message):
+        check_batch(batch, vocab_size=10)

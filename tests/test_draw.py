@@ -1,0 +1,154 @@
+"""Pictures: every circuit node and edge drawn once (found by id in the SVG), q/k/v told apart, widths by |score|."""
+import xml.etree.ElementTree as ET
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from fxcircuits.circuit import Circuit
+from fxcircuits.draw import SIGN_COLOURS, draw_circuit, plot_faithfulness, plot_heatmap
+from fxcircuits.graph import CircuitGraph
+
+LEFT_OUT = "a1.h2"  # no edge of the test circuits touches this head
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_graph(parallel: bool) -> CircuitGraph:
+    return CircuitGraph.from_config({"n_layers": 4, "n_heads": 4, "parallel_attn_mlp": parallel, "d_model": 8})
+
+
+def signed_circuit(graph: CircuitGraph, size: int = 60, scored: bool = True) -> Circuit:
+    """The ``size`` edges of largest |score| (scores of both signs) that avoid ``LEFT_OUT``, plus all three inputs
+    of one head, so q, k and v ports of one head are in use."""
+    scores = torch.randn(len(graph.edges), generator=torch.Generator().manual_seed(0))
+    allowed = torch.tensor([LEFT_OUT not in name for name in graph.edges])
+    chosen = torch.where(allowed, scores.abs(), -1.0).topk(size).indices
+    edges = {graph.edges[i] for i in chosen.tolist()} | {f"input->a2.h1<{role}>" for role in "qkv"}
+    return Circuit(graph, sorted(edges), scores if scored else None)
+
+
+def svg_ids(path) -> Counter:
+    return Counter(element.get("id") for element in ET.parse(path).iter() if element.get("id") is not None)
+
+
+def artist(fig, gid: str):
+    (found,) = fig.findobj(lambda a: a.get_gid() == gid)
+    return found
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_svg_has_every_circuit_node_and_edge_once(tmp_path, parallel):
+    graph = make_graph(parallel)
+    circuit = signed_circuit(graph)
+    path = tmp_path / "circuit.svg"
+    draw_circuit(circuit, path)
+    ids = svg_ids(path)
+    for name in circuit.nodes + circuit.edges:
+        assert ids[name] == 1, name
+    assert LEFT_OUT not in ids and set(graph.nodes) & set(ids) == set(circuit.nodes)
+    assert set(graph.edges) & set(ids) == set(circuit.edges)
+
+
+def test_png_is_written(tmp_path):
+    path = tmp_path / "circuit.png"
+    draw_circuit(signed_circuit(make_graph(False)), path, title="test")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_qkv_inputs_end_at_their_own_ports():
+    fig = draw_circuit(signed_circuit(make_graph(False)))
+    ends = {role: tuple(artist(fig, f"input->a2.h1<{role}>").get_path().vertices[-1]) for role in "qkv"}
+    assert len(set(ends.values())) == 3
+    for role, end in ends.items():
+        assert np.allclose(artist(fig, f"a2.h1<{role}>").center, end)
+
+
+def test_width_grows_with_abs_score_and_colour_follows_sign():
+    circuit = signed_circuit(make_graph(False))
+    fig = draw_circuit(circuit)
+    scores = circuit.scores[circuit.in_graph].tolist()
+    edges = [artist(fig, name) for name in circuit.edges]
+    widths = [edge.get_linewidth() for _, edge in sorted(zip(map(abs, scores), edges), key=lambda pair: pair[0])]
+    assert all(a <= b for a, b in zip(widths, widths[1:])) and widths[0] < widths[-1]
+    colours = {score > 0: edge.get_edgecolor()[:3] for score, edge in zip(scores, edges)}
+    assert np.allclose(colours[True], _rgb(SIGN_COLOURS["positive"]))
+    assert np.allclose(colours[False], _rgb(SIGN_COLOURS["negative"]))
+
+
+def test_unscored_edges_are_uniform():
+    circuit = signed_circuit(make_graph(True), scored=False)
+    fig = draw_circuit(circuit)
+    assert len({artist(fig, name).get_linewidth() for name in circuit.edges}) == 1
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_layout_rows(parallel):
+    """Layers go up; an MLP sits above its layer's heads, or beside them when parallel."""
+    graph = make_graph(parallel)
+    circuit = Circuit(graph, ["input->a0.h0<q>", "a0.h0->a1.h0<q>", "a0.h0->m1", "m1->a3.h0<v>", "a1.h0->a3.h0<k>",
+                              "a3.h0->logits"])
+    fig = draw_circuit(circuit)
+    y = {name: artist(fig, name).center[1] if name.startswith("a") else _box_centre(artist(fig, name))[1]
+         for name in circuit.nodes}
+    assert y["input"] < y["a0.h0"] < y["a1.h0"] < y["a3.h0"] < y["logits"]
+    if parallel:
+        assert y["m1"] == pytest.approx(y["a1.h0"])
+    else:
+        assert y["a1.h0"] < y["m1"] < y["a3.h0"]
+
+
+def test_full_graph_positions_without_compaction():
+    """With ``compact=False`` a node sits at the same place whatever else the circuit holds."""
+    graph = make_graph(False)
+    small = Circuit(graph, ["input->a3.h1<k>", "a3.h1->logits"])
+    centres = [artist(draw_circuit(c, compact=False), "a3.h1").center for c in (small, signed_circuit(graph))]
+    assert np.allclose(*centres)
+    compact = artist(draw_circuit(small), "a3.h1").center
+    assert compact[1] < centres[0][1]  # the empty layers below shrank
+
+
+def test_empty_circuit_and_given_axes(tmp_path):
+    fig = Figure(figsize=(4, 6))
+    FigureCanvasAgg(fig)
+    assert draw_circuit(Circuit(make_graph(False), []), tmp_path / "empty.svg", ax=fig.add_subplot()) is fig
+    assert ET.parse(tmp_path / "empty.svg").getroot().tag.endswith("svg")
+
+
+def test_unsupported_suffix(tmp_path):
+    circuit = signed_circuit(make_graph(False))
+    for draw in (lambda p: draw_circuit(circuit, p), lambda p: plot_faithfulness([1], [1], p),
+                 lambda p: plot_heatmap([[1.0]], ["r"], ["c"], p)):
+        with pytest.raises(ValueError, match=r"\.png or \.svg"):
+            draw(tmp_path / "figure.jpg")
+    assert not (tmp_path / "figure.jpg").exists()
+
+
+def test_faithfulness_curves_share_axes(tmp_path):
+    fig = plot_faithfulness(torch.tensor([10, 100, 1000]), torch.tensor([0.2, 0.7, 0.95]), label="EAP")
+    plot_faithfulness([10, 100, 1000], [0.1, 0.5, 1.02], tmp_path / "faith.png", ax=fig.axes[0], label="EAP-IG")
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.lines if line.get_gid() is None] == ["EAP", "EAP-IG"]
+    assert sorted(line.get_ydata()[0] for line in ax.lines if line.get_gid()) == [0, 1]
+    assert (tmp_path / "faith.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_heatmap_annotations_match_values(tmp_path):
+    values = torch.tensor([[0.123, -1.5, 2.0], [3.25, 0.0, -0.5]])
+    fig = plot_heatmap(values, ["L0", "L1"], ["the", "cat", "sat"], tmp_path / "lens.svg", title="logit lens")
+    texts = [float(t.get_text()) for t in fig.axes[0].texts]
+    assert texts == pytest.approx(values.flatten().tolist(), abs=0.005)
+    assert ET.parse(tmp_path / "lens.svg").getroot().tag.endswith("svg")
+    assert not plot_heatmap(torch.zeros(30, 30), list(map(str, range(30))), list(map(str, range(30)))).axes[0].texts
+    with pytest.raises(ValueError, match="expected"):
+        plot_heatmap(values, ["L0"], ["the", "cat", "sat"])
+
+
+def _rgb(hex_colour: str) -> tuple[float, float, float]:
+    return tuple(int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5))
+
+
+def _box_centre(patch) -> tuple[float, float]:
+    return patch.get_x() + patch.get_width() / 2, patch.get_y() + patch.get_height() / 2

