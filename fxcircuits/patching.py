@@ -131,7 +131,9 @@ class _Accumulate(torch.autograd.Function):
         grad_keep = grad_deltas = None
         if ctx.needs_input_grad[1]:
             grad_keep = ctx.products.grad_keep(ctx.rows.reshape(n_up, n_masks, -1), grad_rows).to(keep.dtype)
-        if any(ctx.needs_input_grad[3:]):
+        # with every edge kept clean (attribution at the clean point) no delta reaches the output: no product,
+        # and no [n_up, rows] of zeros to allocate
+        if any(ctx.needs_input_grad[3:]) and not bool((keep == 1).all()):
             flat = ctx.products.grad_rows(keep, grad_rows).reshape(n_up, *ctx.rows.shape[1:])
             grad_deltas = flat.split(ctx.sizes)
         return (grad.sum(0), grad_keep, None, *(grad_deltas or [None] * len(ctx.sizes)))

@@ -1,7 +1,9 @@
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import fxcircuits
+from test_models import smollm2_tokenizer
 from zoo import make
 
 
@@ -28,3 +30,15 @@ def prompts():
     mask = torch.ones_like(clean)
     mask[0, :2] = 0
     return clean, corrupted, mask
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A random 2-layer Llama with SmolLM2's tokenizer, saved as a local model folder (so the built-in tasks
+    can be built for it)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(vocab_size=len(smollm2_tokenizer()), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    smollm2_tokenizer().save_pretrained(folder)
+    return folder

@@ -3,22 +3,14 @@ import json
 import xml.etree.ElementTree as ET
 
 import pytest
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from fxcircuits import Circuit
 from fxcircuits.cli import main
-from test_models import smollm2_tokenizer
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A random 2-layer Llama with SmolLM2's tokenizer (so the built-in tasks can be built)."""
-    folder = tmp_path_factory.mktemp("tiny")
-    config = LlamaConfig(vocab_size=len(smollm2_tokenizer()), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    smollm2_tokenizer().save_pretrained(folder)
-    return str(folder)
+@pytest.fixture
+def folder(tiny_folder):
+    return str(tiny_folder)
 
 
 def _common(folder):

@@ -8,7 +8,6 @@ import importlib.util
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from fxcircuits import models
 
@@ -22,17 +21,6 @@ def smollm2_tokenizer():
 def smollm2():
     """(model, tokenizer) of the real SmolLM2-135M-Instruct; tens of seconds, so only for slow tests."""
     return models.load_model("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A random 1-layer Llama with SmolLM2's tokenizer, saved as a local model folder."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(vocab_size=len(smollm2_tokenizer()), hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    smollm2_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def test_local_folder_loads_model_and_tokenizer(tiny_folder):
