@@ -41,12 +41,14 @@ def attribute(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable 
     """Score every edge of ``cm.graph`` on ``batches`` (see ``fxcircuits.data``) with ``metric``.
 
     ``metric``: a name from ``fxcircuits.metrics`` or any ``metric(logits, batch) -> Tensor[B]``, larger meaning
-    more of the task; ACDC defaults to ``"kl"``.  ``steps``: integration steps of the EAP-IG methods (and the
-    optimisation steps of ``mask``, default 200).  ``threshold``: ACDC's τ.  ``masks_per_call``: how many
-    patched runs one batched call evaluates (integration steps, ``exact``, ``acdc``).  ``options`` go to ``mask``
-    (``density``, ``lr``).  Deterministic given ``seed``."""
+    more of the task; ACDC defaults to ``"kl"``.  ``steps``: integration steps of the EAP-IG methods.
+    ``threshold``: ACDC's τ.  ``masks_per_call``: how many patched runs one batched call evaluates (integration
+    steps, ``exact``, ``acdc``).  ``options`` are the learned mask's: ``mask_steps`` (200), ``density`` (the
+    fraction of edges to keep, 0.05), ``lr`` (0.1).  Deterministic given ``seed``."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if options and method != "mask":
+        raise TypeError(f"{sorted(options)} are options of method='mask', not of {method!r}")
     if method == "clean-corrupted" and ablation != "corrupted":
         raise ValueError("clean-corrupted takes gradients at the corrupted input, so it needs ablation='corrupted'")
     metric = metrics_.get(metric if metric is not None else _default_metric(method))
@@ -217,7 +219,7 @@ def _learned_mask(cm, prepared, metric, progress, seed, *, steps: int, density: 
         expected = torch.sigmoid(log_alpha - shift).mean()
         gap = expected - density
         loss = -task + lambdas[0] * gap + lambdas[1] * gap ** 2
-        gates.zero_grad(), multipliers.zero_grad()
-        loss.backward()
+        # gradients for the gates and multipliers only: the model's parameters stay untouched
+        log_alpha.grad, lambdas.grad = torch.autograd.grad(loss, [log_alpha, lambdas])
         gates.step(), multipliers.step()
     return log_alpha.detach()

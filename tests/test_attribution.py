@@ -98,8 +98,9 @@ def test_eap_is_the_derivative_of_the_metric_in_each_edge_mask(llama64):
 def test_eap_ig_inputs_converges_to_patching_the_input(llama64):
     """Integrated gradients are complete: the input's edges sum to m(clean) − m(corrupted) as steps grow."""
     batch = _batch()
-    clean = logit_diff(llama64(batch["clean"], batch["attention_mask"]), batch).mean()
-    corrupted = logit_diff(llama64(batch["corrupted"], batch["attention_mask"]), batch).mean()
+    with torch.no_grad():
+        clean = logit_diff(llama64(batch["clean"], batch["attention_mask"]), batch).mean()
+        corrupted = logit_diff(llama64(batch["corrupted"], batch["attention_mask"]), batch).mean()
     target = float(clean - corrupted)
     inputs = [i for i, e in enumerate(llama64.graph.edges) if e.startswith("input->")]
     errors = [abs(float(fxcircuits.attribute(llama64, [batch], "logit_diff", "eap-ig-inputs", steps=steps,
@@ -163,7 +164,19 @@ def test_bad_arguments(llama64):
         fxcircuits.attribute(llama64, [batch], "logit_diff", "magic")
     with pytest.raises(ValueError, match="needs a metric"):
         fxcircuits.attribute(llama64, [batch], None, "eap")
+    with pytest.raises(TypeError, match="options of method='mask'"):
+        fxcircuits.attribute(llama64, [batch], "logit_diff", "eap", density=0.1)
     with pytest.raises(ValueError, match="reference"):
         fxcircuits.attribute(llama64, [batch], "logit_diff", "eap", ablation="mean")
     with pytest.raises(ValueError, match="corrupted"):
         fxcircuits.attribute(llama64, [{**batch, "corrupted": batch["corrupted"][:, :5]}], "logit_diff", "eap")
+
+
+def test_bf16_models_attribute_like_fp32(traced):
+    """bf16 runs the same computation with 8-bit mantissas: the scores agree with fp32's up to that rounding."""
+    batch = _batch()
+    fp32 = fxcircuits.attribute(traced("llama")[1], [batch], "logit_diff", "eap", progress=False).tensor
+    bf16 = fxcircuits.attribute(fxcircuits.trace(make("llama", dtype=torch.bfloat16)), [batch], "logit_diff", "eap",
+                                progress=False).tensor
+    assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
+    assert torch.corrcoef(torch.stack([fp32, bf16]))[0, 1] > 0.95
