@@ -94,8 +94,7 @@ def _setup(args):
     torch.manual_seed(args.seed)
     print(f"loading {args.model} …", file=sys.stderr)
     model, tokenizer = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
-    print("tracing …", file=sys.stderr)
-    cm = trace(model)
+    cm = trace(model, progress=not args.no_progress)
     if args.task in TASKS:
         task = tasks_.load(args.task, tokenizer, size=args.size, seed=args.seed, batch_size=args.batch_size)
     elif Path(args.task).suffix in (".csv", ".jsonl"):
