@@ -173,7 +173,8 @@ def _acdc(cm, prepared, metric, tau: float, per_call: int, progress: bool) -> to
         into[d].append(e)
     for d in tqdm(range(len(g.downstream) - 1, -1, -1), desc="acdc", disable=not progress):
         reader = int(g.reader[d])
-        if reader >= 0 and not bool(current[g.src == reader].any()):
+        # a node (logits aside) with no kept outgoing edge reaches nothing: its inputs go at no cost
+        if reader < len(g.upstream) and not bool(current[g.src == reader].any()):
             current[into[d]] = 0.0
             continue
         candidates = [e for e in reversed(into[d]) if current[e] == 1]

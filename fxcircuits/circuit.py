@@ -48,8 +48,7 @@ class Circuit:
         g = self.graph
         touched = torch.zeros(len(g.nodes), dtype=torch.bool)
         touched[g.src[self.in_graph]] = True
-        readers = g.reader[g.dst[self.in_graph]]
-        touched[torch.where(readers < 0, len(g.nodes) - 1, readers)] = True
+        touched[g.reader[g.dst[self.in_graph]]] = True
         return [g.nodes[i] for i in touched.nonzero().flatten().tolist()]
 
     def edge_mask(self, graph: CircuitGraph) -> torch.Tensor:
@@ -64,8 +63,7 @@ class Circuit:
         g, keep = self.graph, self.in_graph.clone()
         while True:
             alive = _nodes_alive(g, keep)
-            reader_alive = torch.where(g.reader < 0, True, alive[g.reader.clamp(min=0)])
-            pruned = keep & alive[g.src] & reader_alive[g.dst]
+            pruned = keep & alive[g.src] & alive[g.reader[g.dst]]
             if torch.equal(pruned, keep):
                 return Circuit(g, keep, self.scores, self.info)
             keep = pruned
@@ -131,11 +129,11 @@ def _edge_flags(graph: CircuitGraph, edges: Iterable[str] | torch.Tensor) -> tor
 
 
 def _nodes_alive(graph: CircuitGraph, keep: torch.Tensor) -> torch.Tensor:
-    """Upstream nodes with an outgoing kept edge and an incoming one (``input`` counts as fed)."""
-    outgoing = torch.zeros(len(graph.upstream), dtype=torch.bool)
+    """Nodes with an outgoing kept edge and an incoming one (``input`` counts as fed, ``logits`` as read)."""
+    outgoing = torch.zeros(len(graph.nodes), dtype=torch.bool)
     outgoing[graph.src[keep]] = True
-    incoming = torch.zeros(len(graph.upstream), dtype=torch.bool)
-    readers = graph.reader[graph.dst[keep]]
-    incoming[readers[readers >= 0]] = True
+    outgoing[-1] = True
+    incoming = torch.zeros(len(graph.nodes), dtype=torch.bool)
+    incoming[graph.reader[graph.dst[keep]]] = True
     incoming[0] = True
     return outgoing & incoming

@@ -56,8 +56,9 @@ class CircuitGraph:
         self.node_index = {name: i for i, name in enumerate(self.upstream)}
         self.src = torch.tensor([u for u, _ in pairs], dtype=torch.long)
         self.dst = torch.tensor([d for _, d in pairs], dtype=torch.long)
-        readers = [self.node_index.get(port.split("<")[0], -1) for port in self.downstream]
-        self.reader = torch.tensor(readers, dtype=torch.long)  # upstream index of each input's node; -1 = logits
+        position = {name: i for i, name in enumerate(self.nodes)}
+        # for each downstream input, the index in ``nodes`` of the node it feeds (a head, an MLP, ``logits``)
+        self.reader = torch.tensor([position[port.split("<")[0]] for port in self.downstream], dtype=torch.long)
 
     @classmethod
     def from_config(cls, cfg: dict) -> "CircuitGraph":

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .metrics import answer_position
 from .model import CircuitModel
 
 
@@ -79,10 +80,9 @@ def _stream_after_each_writer(cm: CircuitModel, acts: torch.Tensor) -> tuple[lis
 
 def _positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, positions) -> torch.Tensor:
     batch, seq = input_ids.shape
-    if positions == "last":
-        if attention_mask is None:
-            return torch.full((batch, 1), seq - 1)
-        return (attention_mask.cpu().long() * torch.arange(seq)).argmax(-1, keepdim=True)
+    if positions == "last":  # the position the metrics score
+        mask = {} if attention_mask is None else {"attention_mask": attention_mask.cpu()}
+        return answer_position({"clean": input_ids.cpu(), **mask})[:, None]
     if positions == "all":
         return torch.arange(seq).expand(batch, seq)
     return torch.tensor(list(positions)).expand(batch, -1)

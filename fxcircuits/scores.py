@@ -65,8 +65,7 @@ class EdgeScores:
         count = _count(n, len(self))
         into = [[] for _ in g.nodes]  # edges by destination node
         for e, d in enumerate(g.dst.tolist()):
-            reader = int(g.reader[d])
-            into[reader if reader >= 0 else len(g.nodes) - 1].append(e)
+            into[int(g.reader[d])].append(e)
         flags, reached = torch.zeros(len(self), dtype=torch.bool), {len(g.nodes) - 1}
         heap = [(-ranked[e], e) for e in into[-1]]
         heapq.heapify(heap)
