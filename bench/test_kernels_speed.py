@@ -38,9 +38,9 @@ def test_kernel_speed(benchmark, op, shape, dtype):
     from fxcircuits.kernels import accumulate as kernels
     dtype = getattr(torch, dtype)
     tensors, run = _tensors(SHAPES[shape], dtype), OPS[op]
-    ours, reference = run(kernels, tensors).float(), run(TorchProducts, tensors).float()
+    ours, reference = run(kernels, tensors).float(), run(TorchProducts(), tensors).float()
     torch.testing.assert_close(ours, reference, rtol=0, atol=TOLERANCE[dtype] * reference.abs().max().item())
-    ours_ms, torch_ms = do_bench(lambda: run(kernels, tensors)), do_bench(lambda: run(TorchProducts, tensors))
+    ours_ms, torch_ms = do_bench(lambda: run(kernels, tensors)), do_bench(lambda: run(TorchProducts(), tensors))
     benchmark.pedantic(lambda: (run(kernels, tensors), torch.cuda.synchronize()), rounds=20, warmup_rounds=2)
     benchmark.extra_info.update(kernel_ms=ours_ms, torch_ms=torch_ms, speedup=torch_ms / ours_ms)
     print(f"\n{op} {shape} {dtype}: kernel {ours_ms:.3f} ms, torch {torch_ms:.3f} ms, {torch_ms / ours_ms:.2f}x")

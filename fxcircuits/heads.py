@@ -17,6 +17,7 @@ The functions at the bottom are called by the rewritten graph at run time.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -177,18 +178,48 @@ def project_columns(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return out if bias is None else out + _take(bias, 0, ranges)
 
 
+@functools.cache
+def grid(ranges: tuple[Ranges, ...]) -> tuple[int, int, int, int, int] | None:
+    """The heads' column blocks as a grid a strided view can read: (groups, heads per group, first column, step,
+    width) when every head reads one block of ``width`` columns, consecutive heads share a block in equal
+    numbers (grouped-query attention) and the blocks start ``step`` apart.  None for any other layout."""
+    if any(len(r) != 1 for r in ranges):
+        return None
+    blocks = [r[0] for r in ranges]
+    distinct = list(dict.fromkeys(blocks))
+    per_group, (start, width) = len(blocks) // len(distinct), distinct[0]
+    step = distinct[1][0] - start if len(distinct) > 1 else width
+    regular = all(b == (start + g * step, width) for g, b in enumerate(distinct))
+    if not regular or step < width or blocks != [b for b in distinct for _ in range(per_group)]:
+        return None
+    return len(distinct), per_group, start, step, width
+
+
+def _grid_view(t: torch.Tensor, dim: int, layout: tuple[int, int, int, int, int]) -> torch.Tensor:
+    """The grid's blocks of ``t`` along ``dim``, without a copy: ``dim`` becomes [groups, …, width] (groups first)."""
+    groups, _, start, step, width = layout
+    blocks = t.narrow(dim, start, (groups - 1) * step + width).unfold(dim, width, step)
+    return blocks.movedim(dim if dim >= 0 else dim - 1, 0)
+
+
 def project_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str,
                   ranges: tuple[Ranges, ...]) -> torch.Tensor:
     """Head h's columns ``ranges[h]`` of ``x[h] @ W + b`` for every head in one batched matmul.
 
     ``x`` holds the heads' inputs stacked on axis 0 (or flattened with them, as after ``view(-1, d)``);
-    returns [heads, *rows, columns] with the per-head leading shape kept where ``x`` kept it."""
+    returns [heads, *rows, columns] with the per-head leading shape kept where ``x`` kept it.  Where the
+    columns form a grid the weight is read in place (heads of a group share a block and one matmul)."""
     n = len(ranges)
     rows = x.shape[1:-1] if x.shape[0] == n and x.dim() > 2 else (-1,)
-    w = _in_out(weight, layout)
-    out = torch.bmm(x.reshape(n, -1, x.shape[-1]), torch.stack([_take(w, -1, r) for r in ranges]))
-    if bias is not None:
-        out = out + torch.stack([_take(bias, 0, r) for r in ranges])[:, None]
+    w, blocks = _in_out(weight, layout), grid(ranges)
+    if blocks is not None:
+        out = torch.bmm(x.reshape(blocks[0], -1, x.shape[-1]), _grid_view(w, -1, blocks))
+        if bias is not None:
+            out = out + _grid_view(bias, 0, blocks)[:, None]
+    else:
+        out = torch.bmm(x.reshape(n, -1, x.shape[-1]), torch.stack([_take(w, -1, r) for r in ranges]))
+        if bias is not None:
+            out = out + torch.stack([_take(bias, 0, r) for r in ranges])[:, None]
     return out.reshape(n, *rows, out.shape[-1])
 
 
@@ -210,8 +241,12 @@ def gather_heads(rounds: list[torch.Tensor], picks: tuple[tuple[int, int], ...])
 
 def head_writes(z: torch.Tensor, weight: torch.Tensor, layout: str, ranges: tuple[Ranges, ...]) -> torch.Tensor:
     """Each head's share of the output projection, stacked on a new leading axis (bias excluded)."""
-    w = _in_out(weight, layout)
-    return torch.stack([_take(z, -1, r) @ _take(w, 0, r) for r in ranges])
+    w, blocks = _in_out(weight, layout), grid(ranges)
+    if blocks is None or blocks[1] != 1:
+        return torch.stack([_take(z, -1, r) @ _take(w, 0, r) for r in ranges])
+    heads = _grid_view(z.reshape(-1, z.shape[-1]), -1, blocks)            # [heads, rows, width]
+    out = torch.bmm(heads, _grid_view(w, 0, blocks).transpose(1, 2))        # [heads, rows, d_out]
+    return out.reshape(len(ranges), *z.shape[:-1], w.shape[-1])
 
 
 def layer_norm_share(share: torch.Tensor, total: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:

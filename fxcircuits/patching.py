@@ -13,7 +13,7 @@ so a patched run costs one pass of the other input plus one pass of the patched 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -22,36 +22,50 @@ from .graph import CircuitGraph
 
 
 class DeltaStore:
-    """The rows ``a_u(other) − a_u(run)`` of one patched pass, kept side by side as they are produced.
+    """The rows ``a_u(other) − a_u(run)`` of one patched pass, written once, side by side, as the writers produce them.
 
     Each reader group needs all rows written before it; keeping them in one buffer lets ``accumulate`` do a
-    single matrix product per group instead of re-concatenating the rows every time."""
+    single matrix product per group instead of re-concatenating the rows every time.  The store also keeps the
+    running sum of its rows, which patching "everything but a circuit" needs for every group: extending the
+    last group's sum costs one pass over the new rows instead of one over all of them."""
 
     def __init__(self, n_upstream: int):
         self.n_upstream, self.buffer, self.count = n_upstream, None, 0
+        self.summed, self.sum = 0, None
 
-    def extend(self, deltas: list[torch.Tensor]) -> torch.Tensor:
-        """Copy in the groups not seen yet; return the rows of all of ``deltas``."""
+    def extend(self, writes: list[torch.Tensor], others: list[torch.Tensor]) -> torch.Tensor:
+        """Write ``other − write`` for the groups not seen yet; return the rows of all of ``writes``."""
         if self.buffer is None:
-            self.buffer = deltas[0].new_empty(self.n_upstream, *deltas[0].shape[1:])
-        total = sum(d.shape[0] for d in deltas)
+            self.buffer = writes[0].new_empty(self.n_upstream, *writes[0].shape[1:])
+        first = 0
         with torch.no_grad():
-            first = 0
-            for delta in deltas:
-                n = delta.shape[0]
+            for write, other in zip(writes, others):
+                n = write.shape[0]
                 if first >= self.count:
-                    self.buffer[first:first + n] = delta
+                    torch.sub(other, write, out=self.buffer[first:first + n])
                 first += n
-        self.count = max(self.count, total)
-        return self.buffer[:total]
+        self.count = max(self.count, first)
+        return self.buffer[:first]
+
+    def rows_sum(self) -> torch.Tensor:
+        """Σ of the rows written so far."""
+        with torch.no_grad():
+            if self.sum is None:
+                self.sum = self.buffer[:self.count].sum(0)
+            elif self.summed < self.count:
+                self.sum = self.sum + self.buffer[self.summed:self.count].sum(0)
+        self.summed = self.count
+        return self.sum
 
 
-def weighted_rows(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def weighted_rows(weights: torch.Tensor, rows: torch.Tensor,
+                  rows_sum: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """``out[d, n] = Σ_u weights[n, u, d] · rows[u, n]`` by the cheapest exact route.
 
     A circuit or a single-edge patch moves few edges (few non-zero weights); "patch everything but a circuit"
     keeps few (few weights below 1).  Both are summed entry by entry; only a dense mix pays for the full
-    product, which costs n_upstream × n_readers × activations."""
+    product, which costs n_upstream × n_readers × activations.  ``rows_sum`` gives Σ_u rows[u] [N, X] where the
+    caller keeps it; the rows are summed here otherwise."""
     n_masks, n_up, n_readers = weights.shape
     if rows.is_cuda:  # CUDA's sparse products lack bf16; there the Triton kernels skip empty tiles instead
         return torch.einsum("nud,unx->dnx", weights, rows)
@@ -61,7 +75,8 @@ def weighted_rows(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return _sparse_sum(weights, rows)
     kept = torch.count_nonzero(weights != 1).item()
     if kept <= sparse:  # Σ_u w·row = Σ_u row − Σ_u (1 − w)·row
-        return _sparse_sum(weights - 1, rows, rows.sum(0).expand(n_readers, *rows.shape[1:]))
+        total = rows_sum() if rows_sum is not None else rows.sum(0)
+        return _sparse_sum(weights - 1, rows, total.reshape(rows.shape[1:]).expand(n_readers, *rows.shape[1:]))
     return torch.einsum("nud,unx->dnx", weights, rows)
 
 
@@ -79,13 +94,16 @@ def _sparse_sum(weights: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | N
 class TorchProducts:
     """The three products of ``_Accumulate`` in torch, shaped as ``fxcircuits.kernels`` takes them.
 
-    stream [N, X], keep [N, U, D], rows [U, N, X], grad [D, N, X] (N masks, U upstream nodes, D readers)."""
+    stream [N, X], keep [N, U, D], rows [U, N, X], grad [D, N, X] (N masks, U upstream nodes, D readers).
+    ``rows_sum``: where the caller keeps Σ_u rows[u] (the patcher's ``DeltaStore`` does), a function giving it."""
 
-    @staticmethod
-    def accumulate(stream: torch.Tensor, keep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def __init__(self, rows_sum: Callable[[], torch.Tensor] | None = None):
+        self.rows_sum = rows_sum
+
+    def accumulate(self, stream: torch.Tensor, keep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """out[d, n] = stream[n] + Σ_u (1 − keep[n, u, d]) · rows[u, n], by ``weighted_rows``' cheapest route."""
         # the product is a fresh tensor of the output's size: adding in place spares another large allocation
-        return weighted_rows((1 - keep).to(rows.dtype), rows).add_(stream)
+        return weighted_rows((1 - keep).to(rows.dtype), rows, self.rows_sum).add_(stream)
 
     @staticmethod
     def grad_keep(rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -99,7 +117,7 @@ class TorchProducts:
         return weighted_rows((1 - keep).transpose(1, 2).to(grad.dtype), grad)
 
 
-def products(rows: torch.Tensor):
+def products(rows: torch.Tensor, rows_sum: Callable[[], torch.Tensor] | None = None):
     """Who computes the accumulation: ``fxcircuits.kernels`` (fused Triton) for CUDA tensors of a dtype they
     read, else ``TorchProducts`` — always on CPU, where its sparse routes are the fast path.
 
@@ -107,19 +125,26 @@ def products(rows: torch.Tensor):
     failure to import or run the kernels is raised, never papered over by the slower path.  A benchmark
     compares the two paths by patching this function."""
     if not rows.is_cuda or importlib.util.find_spec("triton") is None:
-        return TorchProducts
+        return TorchProducts(rows_sum)
     from .kernels import accumulate as kernels
-    return kernels if rows.dtype in kernels.DTYPES else TorchProducts
+    return kernels if rows.dtype in kernels.DTYPES else TorchProducts(rows_sum)
 
 
 class _Accumulate(torch.autograd.Function):
-    """``stream + Σ_u (1 − keep[u, d]) · delta_u`` with gradients for the stream, the mask and every delta."""
+    """``stream + Σ_u (1 − keep[u, d]) · rows_u`` with rows_u = other_u − write_u, and gradients for the stream,
+    the mask, this run's writes and (where they need it) the other run's."""
 
     @staticmethod
-    def forward(ctx, stream, keep, rows, *deltas):
+    def forward(ctx, stream, keep, store, n_groups, *writes_and_others):
         n_masks, n_up, n_readers = keep.shape
+        writes, others = writes_and_others[:n_groups], writes_and_others[n_groups:]
+        rows = store.extend(writes, others)
         ctx.save_for_backward(keep)
-        ctx.rows, ctx.sizes, ctx.products = rows, [d.shape[0] for d in deltas], products(rows)
+        ctx.rows, ctx.sizes, ctx.products = rows, [w.shape[0] for w in writes], products(rows, store.rows_sum)
+        ctx.other_shapes = [o.shape for o in others]
+        ctx.moved = not bool((keep == 1).all())
+        if not ctx.moved:  # every edge into these readers is kept: they all read the stream as it is
+            return stream.expand(n_readers, *stream.shape)
         patched = ctx.products.accumulate(stream.reshape(n_masks, -1), keep, rows.reshape(n_up, n_masks, -1))
         return patched.reshape(n_readers, *stream.shape)
 
@@ -128,25 +153,32 @@ class _Accumulate(torch.autograd.Function):
         (keep,) = ctx.saved_tensors
         n_masks, n_up, n_readers = keep.shape
         grad_rows = grad.reshape(n_readers, n_masks, -1)
-        grad_keep = grad_deltas = None
+        grad_keep, n_groups = None, len(ctx.sizes)
         if ctx.needs_input_grad[1]:
             grad_keep = ctx.products.grad_keep(ctx.rows.reshape(n_up, n_masks, -1), grad_rows).to(keep.dtype)
-        # with every edge kept clean (attribution at the clean point) no delta reaches the output: no product,
-        # and no [n_up, rows] of zeros to allocate
-        if any(ctx.needs_input_grad[3:]) and not bool((keep == 1).all()):
+        grads = [None] * (2 * n_groups)
+        # with every edge kept clean (attribution at the clean point) no row reaches the output: no product, and
+        # no [n_up, rows] of zeros to allocate
+        if any(ctx.needs_input_grad[4:]) and ctx.moved:
             flat = ctx.products.grad_rows(keep, grad_rows).reshape(n_up, *ctx.rows.shape[1:])
-            grad_deltas = flat.split(ctx.sizes)
-        return (grad.sum(0), grad_keep, None, *(grad_deltas or [None] * len(ctx.sizes)))
+            for i, part in enumerate(flat.split(ctx.sizes)):
+                if ctx.needs_input_grad[4 + i]:
+                    grads[i] = -part
+                if ctx.needs_input_grad[4 + n_groups + i]:
+                    grads[n_groups + i] = part.sum_to_size(ctx.other_shapes[i])
+        return (grad.sum(0), grad_keep, None, None, *grads)
 
 
-def accumulate(store: DeltaStore, stream: torch.Tensor, deltas: list[torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+def accumulate(store: DeltaStore, stream: torch.Tensor, writes: list[torch.Tensor], others: list[torch.Tensor],
+               keep: torch.Tensor) -> torch.Tensor:
     """Inputs of a group of downstream readers.
 
     stream: the residual stream they read, any shape holding ``rows × …`` values (rows = n_masks · batch).
-    deltas: per upstream group written so far, ``a(other) − a(run)`` of shape [n_nodes, rows, seq, d_model].
+    writes: per upstream group written so far, this run's outputs, [n_nodes, rows, seq, d_model];
+    others: the other run's outputs of the same groups, broadcastable to them.
     keep:   mask block [n_masks, n_upstream, n_readers] over those groups' nodes.
-    Returns [n_readers, *stream.shape]."""
-    return _Accumulate.apply(stream, keep, store.extend(deltas), *deltas)
+    Returns [n_readers, *stream.shape]: a view of ``stream`` where no edge into the readers is patched."""
+    return _Accumulate.apply(stream, keep, store, len(writes), *writes, *others)
 
 
 def mask_block(keep: torch.Tensor, n_upstream: int, first: int, last: int) -> torch.Tensor:

@@ -127,7 +127,7 @@ class _Builder:
         self.graph = Graph()
         self.env: dict[Node, Node] = {}
         self.acts: list[Node] = []       # per writer group: [n, *stream.shape]
-        self.deltas: list[Node] = []
+        self.others: list[Node] = []     # the patcher's other run, per writer group
         self.n_upstream = 0
         self.total_upstream = 1 + sum(w.n_heads if isinstance(w, Attention) else 1
                                       for s in components.steps for w in s.writers)
@@ -167,7 +167,8 @@ class _Builder:
                     self.env[add] = self.copy(add, self.env.__getitem__)
             elif node not in sums:
                 self.env[node] = self.copy(node, self.env.__getitem__)
-        self.graph.eliminate_dead_code()
+        # the captured run is in eval mode: a random op (attention with dropout_p = 0) left unused is dead too
+        self.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
         return GraphModule(self.gm, self.graph)
 
     def _extra_placeholders(self) -> None:
@@ -180,15 +181,14 @@ class _Builder:
     def _add_group(self, act: Node, n: int) -> None:
         self.acts.append(act)
         if self.patched:
-            other = self.call(operator.getitem, self.other, len(self.deltas))
-            self.deltas.append(self.call(operator.sub, other, act))
+            self.others.append(self.call(operator.getitem, self.other, len(self.others)))
         self.n_upstream += n
 
     def _readers(self, stream: Node, n: int) -> Node:
         """The inputs of the next ``n`` downstream readers, stacked: [n, *stream.shape]."""
         first, self.n_downstream = self.n_downstream, self.n_downstream + n
         keep = self.call(mask_block, self.keep, self.n_upstream, first, self.n_downstream)
-        inputs = self.call(accumulate, self.store, self.env[stream], list(self.deltas), keep)
+        inputs = self.call(accumulate, self.store, self.env[stream], list(self.acts), list(self.others), keep)
         return self.call(tap, self.tap, inputs, self.n_upstream, first, self.n_downstream)
 
     def _rows(self, stacked: Node, first: int, n: int) -> Node:

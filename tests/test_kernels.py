@@ -39,7 +39,8 @@ def _keep(kind: str, shape: tuple[int, int, int], generator) -> torch.Tensor:
 def _check_products(dtype: torch.dtype) -> None:
     """Each kernel equals ``TorchProducts`` run in float64 on the same (rounded) inputs."""
     from fxcircuits.kernels import accumulate as kernels
-    from fxcircuits.patching import TorchProducts as reference
+    from fxcircuits.patching import TorchProducts
+    reference = TorchProducts()
     generator = torch.Generator().manual_seed(0)
     for (n, u, d, x) in SIZES:
         stream = torch.randn(n, x, generator=generator).to(dtype)
@@ -69,17 +70,18 @@ def _check_accumulate(dtype: torch.dtype) -> None:
     from fxcircuits.kernels import accumulate as kernels
     generator = torch.Generator().manual_seed(1)
     keep = _levels((2, 30, 7), generator)
-    groups = [torch.randn(k, 2, 3, 4, generator=generator).to(dtype) for k in (1, 12, 17)]
+    writes = [torch.randn(k, 2, 3, 4, generator=generator).to(dtype) for k in (1, 12, 17)]
+    others = [torch.randn(k, 2, 3, 4, generator=generator).to(dtype) for k in (1, 12, 17)]
     stream = torch.randn(2, 3, 4, generator=generator).to(dtype)
 
     def run(path):
-        inputs = [t.clone().requires_grad_(True) for t in (stream, keep, *groups)]
-        with mock.patch.object(patching, "products", lambda rows: path):
-            out = patching.accumulate(patching.DeltaStore(30), inputs[0], inputs[2:], inputs[1])
+        inputs = [t.clone().requires_grad_(True) for t in (stream, keep, *writes, *others)]
+        with mock.patch.object(patching, "products", lambda rows, rows_sum=None: path):
+            out = patching.accumulate(patching.DeltaStore(30), inputs[0], inputs[2:5], inputs[5:], inputs[1])
             out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(dtype))
         return [out, *(t.grad for t in inputs)]
 
-    for ours, reference in zip(run(kernels), run(patching.TorchProducts)):
+    for ours, reference in zip(run(kernels), run(patching.TorchProducts())):
         torch.testing.assert_close(ours, reference, **TOLERANCE[dtype])
 
 
