@@ -234,9 +234,113 @@ def place_columns(parts: list[torch.Tensor], ranges: list[Ranges], width: int) -
     return out
 
 
-def gather_heads(rounds: list[torch.Tensor], picks: tuple[tuple[int, int], ...]) -> torch.Tensor:
-    """Query head h's tensor is head ``picks[h][1]`` of ``rounds[picks[h][0]]``, stacked on axis 1."""
-    return torch.stack([rounds[r][:, c] for r, c in picks], dim=1)
+def shared_input(rows: torch.Tensor) -> bool:
+    """Whether every reader of ``rows`` [readers, …] sees the same value and none needs its own gradient.
+
+    ``accumulate`` hands the stream itself, expanded, to readers none of whose edges is patched.  Their heads
+    then read exactly what the unmodified model reads, so the plain projection serves them all."""
+    return rows.stride(0) == 0 and not (rows.requires_grad and torch.is_grad_enabled())
+
+
+def distinct_rows(rows: torch.Tensor, shared: bool) -> torch.Tensor:
+    return rows[:1] if shared else rows
+
+
+def role_rows(rows: torch.Tensor, shared: bool, first: int, n: int, total: int) -> torch.Tensor:
+    """One role's (q, k or v) readers among a layer's ``total`` rows; the one shared row where all read the same.
+    A norm may have flattened the readers with batch and sequence (``view(-1, d)``): they lead, so they split."""
+    if shared:
+        return rows
+    if rows.shape[0] != total:
+        rows = rows.reshape(total, -1, rows.shape[-1])
+    return rows[first:first + n]
+
+
+def project_rounds(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str,
+                   rounds: tuple[tuple[tuple[int, Ranges], ...], ...], width: int, shared: bool) -> torch.Tensor:
+    """The projection's output as the post-projection path reads it, one per round: [rounds, *rows, width].
+
+    Each round holds its heads' columns, each computed from that head's own row of ``x`` [heads, …] (zeros
+    elsewhere).  Where all heads share one row (``shared``) the plain projection holds every head's columns
+    and a single round serves them all."""
+    if shared:
+        x = x[0] if x.shape[0] == 1 and x.dim() > 2 else x
+        out = x @ _in_out(weight, layout)
+        return (out if bias is None else out + bias).unsqueeze(0)
+    ranges = tuple(r for _, r in sorted(pair for heads in rounds for pair in heads))
+    projected = project_heads(x, weight, bias, layout, ranges)
+    blocks, rest = grid(ranges), projected.shape[1:-1]
+    if blocks is None:
+        return torch.stack([place_columns([projected[h] for h, _ in heads], [r for _, r in heads], width)
+                            for heads in rounds])
+    groups, per_group, start, step, columns = blocks  # round r holds head r of every group
+    by_round = projected.reshape(groups, per_group, *rest, columns).movedim(0, -2)
+    if start == 0 and step == columns and groups * columns == width:
+        return by_round.reshape(per_group, *rest, width)
+    out = projected.new_zeros(per_group, *rest, width)
+    out.narrow(-1, start, (groups - 1) * step + columns).unfold(-1, columns, step).copy_(by_round)
+    return out
+
+
+class Post:
+    """The captured path from a q (k, v) projection's output to the attention core's input (reshape into heads,
+    rotary, per-head norms, repeat_kv), run on all rounds at once.
+
+    Rounds are stacked on a new leading axis and ``torch.vmap`` maps the path over them, so tensors shaped by
+    the batch (rotary tables) broadcast as in the model.  Where vmap cannot run the path with the same result
+    (checked once, at trace time), the rounds run one after another."""
+
+    def __init__(self, region: list[Node], source: Node, target: Node, values: dict):
+        self.__name__ = "post"  # how FX names the node that calls it
+        graph, self.externals = torch.fx.Graph(), []
+        env = {source: graph.placeholder("x")}
+
+        def lookup(node: Node) -> Node:
+            if node not in env:
+                env[node] = graph.placeholder(f"external_{len(self.externals)}")
+                self.externals.append(node)
+            return env[node]
+
+        for node in region:
+            env[node] = graph.node_copy(node, lookup)
+            env[node].target = RELAYOUT.get(env[node].target, env[node].target)
+        graph.output(env[target])
+        self.module = GraphModule(torch.nn.Module(), graph)
+        self.mapped = torch.vmap(self.module, in_dims=(0,) + (None,) * len(self.externals))
+        self.batched = self._maps(values[source], [values[e] for e in self.externals])
+
+    def _maps(self, x: torch.Tensor, externals: list) -> bool:
+        rounds = torch.stack([x, _random_like(x, torch.Generator().manual_seed(0))])
+        try:
+            with torch.no_grad():
+                mapped = self.mapped(rounds, *externals)
+        except RuntimeError:
+            return False
+        apart = self._apart(rounds, externals)
+        return mapped.shape == apart.shape and torch.allclose(mapped, apart, rtol=1e-5, atol=1e-6)
+
+    def _apart(self, rounds: torch.Tensor, externals) -> torch.Tensor:
+        return torch.stack([self.module(r, *externals) for r in rounds])
+
+    def __call__(self, rounds: torch.Tensor, *externals) -> torch.Tensor:
+        if rounds.shape[0] == 1:
+            return self.module(rounds[0], *externals).unsqueeze(0)
+        return self.mapped(rounds, *externals) if self.batched else self._apart(rounds, externals)
+
+
+def gather_heads(core: torch.Tensor, picks: tuple[tuple[int, int], ...], shared: bool) -> torch.Tensor:
+    """Query head h's tensor is head ``picks[h][1]`` of round ``picks[h][0]`` of ``core`` [rounds, B, heads, …],
+    stacked on axis 1 (round 0 alone where all heads shared one)."""
+    n_rounds, n_core = core.shape[0], core.shape[2]
+    if shared:
+        picks = tuple((0, c) for _, c in picks)
+    if n_core == len(picks) and all(c == h for h, (_, c) in enumerate(picks)):
+        if all(r == 0 for r, _ in picks):
+            return core[0]
+        if n_core % n_rounds == 0 and all(r == h % n_rounds for h, (r, _) in enumerate(picks)):  # grouped heads: round r serves head r of each
+            by_group = core.unflatten(2, (n_core // n_rounds, n_rounds)).diagonal(0, 0, 3)
+            return by_group.movedim(-1, 2).flatten(1, 2)
+    return torch.stack([core[r, :, c] for r, c in picks], dim=1)
 
 
 def head_writes(z: torch.Tensor, weight: torch.Tensor, layout: str, ranges: tuple[Ranges, ...]) -> torch.Tensor:

@@ -22,9 +22,9 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from .components import SDPA, Attention, Components, DecompositionError, MLP, Step, between, descendants
-from .heads import (RELAYOUT, Projection, Ranges, broadcasts, columns_read, columns_written, first_projection,
-                    gather_heads, head_writes, last_projection, layer_norm_share, place_columns, project_columns,
-                    project_heads, to_ranges)
+from .heads import (RELAYOUT, Post, Projection, Ranges, broadcasts, columns_read, columns_written, distinct_rows,
+                    first_projection, gather_heads, head_writes, last_projection, layer_norm_share, place_columns,
+                    project_columns, project_rounds, role_rows, shared_input, to_ranges)
 from .patching import DeltaStore, accumulate, mask_block, tap
 
 aten = torch.ops.aten
@@ -37,10 +37,10 @@ class ReadPlan:
     """How each query head gets its own q (k, v) from its own copy of the stream."""
     projection: Projection
     norm: list[Node]          # from the stream to the projection's input
-    post: list[Node]          # from the projection's output to the core input
+    post: Post                # from the projection's output to the core input, over all rounds at once
     core_input: Node
-    rounds: list[list[tuple[int, Ranges | None]]]  # per pass: (query head, its columns, or None for all)
-    picks: tuple[tuple[int, int], ...]             # per query head: (pass, head of the core input)
+    rounds: tuple[tuple[tuple[int, Ranges | None], ...], ...]  # per round: (query head, its columns, or None for all)
+    picks: tuple[tuple[int, int], ...]                         # per query head: (round, head of the core input)
     width: int
     stacked: bool             # all heads' norms and projections can run as one batched computation
 
@@ -85,15 +85,16 @@ def _plan_read(step: Step, attention: Attention, role: str, values: dict, name: 
             key = columns[core_head[h]]
             rank.append(seen.get(key, 0))
             seen[key] = rank[-1] + 1
-        rounds = [[(h, to_ranges(columns[core_head[h]])) for h in range(n_heads) if rank[h] == r]
-                  for r in range(max(rank) + 1)]
+        rounds = tuple(tuple((h, to_ranges(columns[core_head[h]])) for h in range(n_heads) if rank[h] == r)
+                       for r in range(max(rank) + 1))
         picks = tuple((rank[h], core_head[h]) for h in range(n_heads))
     else:  # heads share columns (e.g. a norm over all heads): each head projects the full width
-        rounds = [[(h, None)] for h in range(n_heads)]
+        rounds = tuple(((h, None),) for h in range(n_heads))
         picks = tuple((h, core_head[h]) for h in range(n_heads))
     width = values[proj.node].shape[-1]
     stacked = separable and len({len(c) for c in columns}) == 1 and broadcasts(step.start, proj.x, values)
-    return ReadPlan(proj, sorted(norm), sorted(post), core_input, rounds, picks, width, stacked)
+    return ReadPlan(proj, sorted(norm), Post(sorted(post), proj.node, core_input, values), core_input, rounds, picks,
+                    width, stacked)
 
 
 def _plan_write(attention: Attention, values: dict, name: str) -> WritePlan:
@@ -223,48 +224,63 @@ class _Builder:
 
     def _patched_attention(self, step: Step, attention: Attention, inputs: Node, first: int) -> None:
         plan, h = self.plans[id(attention)], attention.n_heads
-        core_inputs = {role: self._read(step, plan.reads[role], self._rows(inputs, first + i * h, h))
-                       for i, role in enumerate(QKV)}
-        output = self._core(attention, core_inputs)
+        reads = [plan.reads[role] for role in QKV]
+        if all(r.stacked for r in reads):
+            core_inputs = self._read_stacked(step, reads, self._rows(inputs, first, 3 * h), h)
+        else:
+            core_inputs = [self._read_apart(step, read, self._rows(inputs, first + i * h, h))
+                           for i, read in enumerate(reads)]
+        output = self._core(attention, dict(zip(QKV, core_inputs)))
         local = self.clone(plan.write.region, {attention.output: output})
         for term in attention.terms:
             self.env[term] = local[term]
         self.env.update({n: local[n] for n in plan.write.region})
         self.env[attention.output] = output
 
-    def _read(self, step: Step, plan: ReadPlan, inputs: Node) -> Node:
-        """The core's q (k, v) input with every query head computed from its own row of ``inputs``."""
-        proj, passes = plan.projection, []
-        projected = self._project_all(step, plan, inputs) if plan.stacked else None
-        for heads in plan.rounds:
+    def _read_stacked(self, step: Step, reads: list[ReadPlan], rows: Node, n_heads: int) -> list[Node]:
+        """The core's q, k and v inputs from a layer's 3·heads rows: norms over all rows at once, one batched
+        matmul per role, the post-projection path once over all rounds.  Where no edge into the layer is patched
+        and no gradient is asked for, one row and the plain projections serve every head."""
+        shared = self.call(shared_input, rows)
+        rows = self.call(distinct_rows, rows, shared)
+        one_norm = len({(tuple(r.norm), r.projection.x) for r in reads}) == 1
+        if one_norm:
+            rows = self._norm(step, reads[0], rows)
+        core_inputs = []
+        for i, read in enumerate(reads):
+            x = self.call(role_rows, rows, shared, i * n_heads, n_heads, 3 * n_heads)
+            x = x if one_norm else self._norm(step, read, x)
+            proj = read.projection
+            bias = self.env[proj.bias] if proj.bias is not None else None
+            rounds = self.call(project_rounds, x, self.env[proj.weight], bias, proj.layout, read.rounds, read.width,
+                               shared)
+            core_inputs.append(self._post(read, rounds, shared))
+        return core_inputs
+
+    def _norm(self, step: Step, read: ReadPlan, x: Node) -> Node:
+        return self.clone(read.norm, {step.start: x})[read.projection.x] if read.norm else x
+
+    def _post(self, read: ReadPlan, rounds: Node, shared: Node | bool) -> Node:
+        core = self.call(read.post, rounds, *[self.env[e] for e in read.post.externals])
+        return self.call(gather_heads, core, read.picks, shared)
+
+    def _read_apart(self, step: Step, read: ReadPlan, inputs: Node) -> Node:
+        """The core's q (k, v) input with each query head's norm and projection run on its own row of ``inputs``."""
+        proj, rounds = read.projection, []
+        for heads in read.rounds:
             parts = []
             for head, ranges in heads:
-                if projected is not None:
-                    parts.append(self.call(operator.getitem, projected, head))
-                    continue
-                x = self.call(operator.getitem, inputs, head)
-                if plan.norm:
-                    x = self.clone(plan.norm, {step.start: x})[proj.x]
+                x = self._norm(step, read, self.call(operator.getitem, inputs, head))
                 if ranges is None:
                     parts.append(self.clone([proj.node], {proj.x: x})[proj.node])
                 else:
                     bias = self.env[proj.bias] if proj.bias is not None else None
                     parts.append(self.call(project_columns, x, self.env[proj.weight], bias, proj.layout, ranges))
             if heads[0][1] is None:
-                columns = parts[0]
+                rounds.append(parts[0])
             else:
-                columns = self.call(place_columns, parts, [r for _, r in heads], plan.width)
-            passes.append(self.clone(plan.post, {proj.node: columns})[plan.core_input])
-        return self.call(gather_heads, passes, plan.picks)
-
-    def _project_all(self, step: Step, plan: ReadPlan, inputs: Node) -> Node:
-        """Every head's columns at once: one norm over the stacked rows, one batched matmul."""
-        proj = plan.projection
-        normed = self.clone(plan.norm, {step.start: inputs})[proj.x] if plan.norm else inputs
-        by_head = dict(pair for heads in plan.rounds for pair in heads)
-        ranges = tuple(by_head[h] for h in range(len(by_head)))
-        bias = self.env[proj.bias] if proj.bias is not None else None
-        return self.call(project_heads, normed, self.env[proj.weight], bias, proj.layout, ranges)
+                rounds.append(self.call(place_columns, parts, [r for _, r in heads], read.width))
+        return self._post(read, self.call(torch.stack, rounds), False)
 
     def _core(self, attention: Attention, inputs: dict[str, Node]) -> Node:
         originals = {attention.inputs[role]: node for role, node in inputs.items()}

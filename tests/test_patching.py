@@ -147,15 +147,34 @@ def test_bfloat16_models(name, prompts):
     assert difference <= 2e-2 * reference.float().abs().max()
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "olmo2"])
-def test_per_head_copies_equal_the_stacked_projection(name, prompts, monkeypatch):
-    """Where a norm cannot run on all heads' inputs at once, each head gets its own copy: same numbers."""
+def _never(*args) -> bool:
+    return False
+
+
+# Ways to run the per-head reads that must give the same numbers as the default (stacked norms and projections,
+# the post-projection path vmapped over rounds, one shared row where nothing is patched into a layer):
+READ_PATHS = {
+    # each head's norm and projection on its own row, as where a norm cannot run on all rows at once
+    "per-head copies": ("fxcircuits.rewrite.broadcasts", _never),
+    # the rounds of the post-projection path one after another, as where vmap cannot run it
+    "rounds apart": ("fxcircuits.heads.Post._maps", _never),
+    # every layer split per head even where no edge into it is patched
+    "never shared": ("fxcircuits.rewrite.shared_input", _never),
+}
+
+
+@pytest.mark.parametrize("path", READ_PATHS)
+@pytest.mark.parametrize("name", ["llama", "gpt2", "olmo2", "falcon_new_arch", "gemma"])
+def test_every_read_path_gives_the_same_numbers(name, path, prompts, monkeypatch):
+    """Masks that patch everywhere, and one edge (most layers then read the stream unpatched)."""
     model = make(name)
-    stacked = fxcircuits.trace(model)
-    monkeypatch.setattr("fxcircuits.rewrite.broadcasts", lambda *args: False)
-    copies = fxcircuits.trace(model)
+    default = fxcircuits.trace(model)
+    monkeypatch.setattr(*READ_PATHS[path])
+    variant = fxcircuits.trace(model)
     clean, corrupted, mask = prompts
-    masks = torch.rand(2, len(stacked.graph.edges), generator=torch.Generator().manual_seed(5))
+    masks = torch.rand(2, len(default.graph.edges), generator=torch.Generator().manual_seed(5))
+    masks[1] = 1.0
+    masks[1, len(default.graph.edges) // 2] = 0.0
     with torch.no_grad():
-        ours = [cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks) for cm in (stacked, copies)]
+        ours = [cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks) for cm in (default, variant)]
     _close(ours[0], ours[1])
