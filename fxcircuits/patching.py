@@ -13,6 +13,7 @@ so a patched run costs one pass of the other input plus one pass of the patched 
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Callable, Mapping
 
 import torch
@@ -24,31 +25,46 @@ from .graph import CircuitGraph
 class DeltaStore:
     """The rows ``a_u(other) − a_u(run)`` of one patched pass, written once, side by side, as the writers produce them.
 
-    Each reader group needs all rows written before it; keeping them in one buffer lets ``accumulate`` do a
-    single matrix product per group instead of re-concatenating the rows every time.  The store also keeps the
-    running sum of its rows, which patching "everything but a circuit" needs for every group: extending the
-    last group's sum costs one pass over the new rows instead of one over all of them."""
+    Each reader group needs the rows written before it; keeping them in one buffer lets ``accumulate`` do a
+    single matrix product per group instead of re-concatenating the rows every time.  Only the groups with an
+    edge the mask moves (keep ≠ 1) are stored — all of them where the mask needs a gradient — so a single-edge
+    patch writes one group's rows, not the model's.  The store also keeps the running sum of its rows, which
+    patching "everything but a circuit" needs for every reader group.
 
-    def __init__(self, n_upstream: int):
-        self.n_upstream, self.buffer, self.count = n_upstream, None, 0
+    keep: the whole mask [n_masks, n_upstream, n_downstream]; sizes: the upstream groups' sizes, in order."""
+
+    def __init__(self, keep: torch.Tensor, sizes: list[int]):
+        moved = keep.detach() != 1
+        self.keep, self.moved_into = keep, moved.any(1).any(0).tolist()
+        moved_from = moved.any(2).any(0).tolist()
+        starts = [sum(sizes[:g]) for g in range(len(sizes))]
+        self.stored = [keep.requires_grad or any(moved_from[f:f + n]) for f, n in zip(starts, sizes)]
+        nodes = [u for f, n, kept in zip(starts, sizes, self.stored) if kept for u in range(f, f + n)]
+        self.nodes = torch.tensor(nodes, dtype=torch.long, device=keep.device)
+        self.n_stored = len(nodes)
+        self.buffer, self.count, self.groups = None, 0, 0
         self.summed, self.sum = 0, None
 
-    def extend(self, writes: list[torch.Tensor], others: list[torch.Tensor]) -> torch.Tensor:
-        """Write ``other − write`` for the groups not seen yet; return the rows of all of ``writes``."""
-        if self.buffer is None:
-            self.buffer = writes[0].new_empty(self.n_upstream, *writes[0].shape[1:])
-        first = 0
+    def moves(self, first: int, last: int) -> bool:
+        """Whether the mask moves any edge into readers ``first:last``."""
+        return any(self.moved_into[first:last])
+
+    def extend(self, writes: list[torch.Tensor], others: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``other − write`` for the stored groups not seen yet.  Returns the stored rows so far and their
+        upstream nodes' positions among all of ``writes``."""
         with torch.no_grad():
-            for write, other in zip(writes, others):
-                n = write.shape[0]
-                if first >= self.count:
-                    torch.sub(other, write, out=self.buffer[first:first + n])
-                first += n
-        self.count = max(self.count, first)
-        return self.buffer[:first]
+            for write, other in zip(writes[self.groups:], others[self.groups:]):
+                if self.stored[self.groups]:
+                    if self.buffer is None:  # pages of rows never written are never touched
+                        self.buffer = write.new_empty(self.n_stored, *write.shape[1:])
+                    torch.sub(other, write, out=self.buffer[self.count:self.count + write.shape[0]])
+                    self.count += write.shape[0]
+                self.groups += 1
+        rows = self.buffer[:self.count] if self.buffer is not None else writes[0].new_empty(0, *writes[0].shape[1:])
+        return rows, self.nodes[:self.count]
 
     def rows_sum(self) -> torch.Tensor:
-        """Σ of the rows written so far."""
+        """Σ of the rows stored so far."""
         with torch.no_grad():
             if self.sum is None:
                 self.sum = self.buffer[:self.count].sum(0)
@@ -58,37 +74,47 @@ class DeltaStore:
         return self.sum
 
 
-def weighted_rows(weights: torch.Tensor, rows: torch.Tensor,
+def weighted_rows(weights: torch.Tensor, rows: torch.Tensor, base: torch.Tensor | None = None,
                   rows_sum: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
-    """``out[d, n] = Σ_u weights[n, u, d] · rows[u, n]`` by the cheapest exact route.
+    """``out[d, n] = base[n] + Σ_u weights[n, u, d] · rows[u, n]`` by the cheapest exact route.
 
     A circuit or a single-edge patch moves few edges (few non-zero weights); "patch everything but a circuit"
     keeps few (few weights below 1).  Both are summed entry by entry; only a dense mix pays for the full
     product, which costs n_upstream × n_readers × activations.  ``rows_sum`` gives Σ_u rows[u] [N, X] where the
     caller keeps it; the rows are summed here otherwise."""
     n_masks, n_up, n_readers = weights.shape
-    if rows.is_cuda:  # CUDA's sparse products lack bf16; there the Triton kernels skip empty tiles instead
-        return torch.einsum("nud,unx->dnx", weights, rows)
     sparse = weights.numel() // 10
-    moved = torch.count_nonzero(weights).item()
-    if moved <= sparse:
-        return _sparse_sum(weights, rows)
-    kept = torch.count_nonzero(weights != 1).item()
-    if kept <= sparse:  # Σ_u w·row = Σ_u row − Σ_u (1 − w)·row
-        total = rows_sum() if rows_sum is not None else rows.sum(0)
-        return _sparse_sum(weights - 1, rows, total.reshape(rows.shape[1:]).expand(n_readers, *rows.shape[1:]))
-    return torch.einsum("nud,unx->dnx", weights, rows)
+    if not rows.is_cuda:  # CUDA's sparse products lack bf16; there the Triton kernels skip empty tiles instead
+        if torch.count_nonzero(weights).item() <= sparse:
+            return _sparse_sum(weights, rows, base)
+        if torch.count_nonzero(weights != 1).item() <= sparse:  # Σ_u w·row = Σ_u row − Σ_u (1 − w)·row
+            total = (rows_sum() if rows_sum is not None else rows.sum(0)).reshape(rows.shape[1:])
+            return _sparse_sum(weights - 1, rows, total if base is None else base + total)
+    out = torch.einsum("nud,unx->dnx", weights, rows)
+    return out if base is None else out.add_(base)  # out is fresh: add in place
 
 
-def _sparse_sum(weights: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The same product with the weights as a sparse block-diagonal matrix [masks·readers, masks·upstream]."""
+def _sparse_sum(weights: torch.Tensor, rows: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+    """The same product with the weights as a sparse matrix [readers·masks, upstream·masks] times the rows as
+    they lie, [upstream·masks, X]: the result [readers·masks, X] is already in the output's layout.  MKL's CSR
+    product where it takes the dtype (fp32, fp64), COO otherwise."""
     n_masks, n_up, n_readers = weights.shape
-    n, d, u = weights.transpose(1, 2).nonzero(as_tuple=True)  # sorted by (mask, reader, upstream): coalesced
-    matrix = torch.sparse_coo_tensor(torch.stack([n * n_readers + d, n * n_up + u]), weights[n, u, d],
-                                     (n_masks * n_readers, n_masks * n_up), is_coalesced=True, check_invariants=False)
-    product = torch.sparse.mm(matrix, rows.transpose(0, 1).reshape(n_masks * n_up, -1))
-    product = product.reshape(n_masks, n_readers, -1).transpose(0, 1)
-    return product if out is None else product.add_(out)  # product is fresh: add in place
+    d, n, u = weights.permute(2, 0, 1).nonzero(as_tuple=True)  # sorted by (reader, mask, upstream)
+    row, column, size = d * n_masks + n, u * n_masks + n, (n_readers * n_masks, n_up * n_masks)
+    if rows.dtype in (torch.float32, torch.float64):
+        crow = torch.zeros(size[0] + 1, dtype=torch.long, device=row.device)
+        crow[1:] = torch.bincount(row, minlength=size[0]).cumsum(0)
+        with warnings.catch_warnings():  # torch calls CSR "beta"; the product here is checked against the dense one
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+            matrix = torch.sparse_csr_tensor(crow, column, weights[n, u, d], size, check_invariants=False)
+    else:
+        matrix = torch.sparse_coo_tensor(torch.stack([row, column]), weights[n, u, d], size, is_coalesced=True,
+                                         check_invariants=False)
+    dense = rows.reshape(size[1], -1)
+    if base is None:
+        return (matrix @ dense).reshape(n_readers, n_masks, -1)
+    start = base.reshape(1, n_masks, -1).expand(n_readers, -1, -1).reshape(size[0], -1)
+    return torch.addmm(start, matrix, dense).reshape(n_readers, n_masks, -1)
 
 
 class TorchProducts:
@@ -102,8 +128,7 @@ class TorchProducts:
 
     def accumulate(self, stream: torch.Tensor, keep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """out[d, n] = stream[n] + Σ_u (1 − keep[n, u, d]) · rows[u, n], by ``weighted_rows``' cheapest route."""
-        # the product is a fresh tensor of the output's size: adding in place spares another large allocation
-        return weighted_rows((1 - keep).to(rows.dtype), rows, self.rows_sum).add_(stream)
+        return weighted_rows((1 - keep).to(rows.dtype), rows, stream, self.rows_sum)
 
     @staticmethod
     def grad_keep(rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -132,58 +157,60 @@ def products(rows: torch.Tensor, rows_sum: Callable[[], torch.Tensor] | None = N
 
 class _Accumulate(torch.autograd.Function):
     """``stream + Σ_u (1 − keep[u, d]) · rows_u`` with rows_u = other_u − write_u, and gradients for the stream,
-    the mask, this run's writes and (where they need it) the other run's."""
+    the mask, this run's writes and (where they need it) the other run's.  Rows the store leaves out belong to
+    nodes whose every edge is kept: their weights are 0 for every reader, and so are their gradients."""
 
     @staticmethod
-    def forward(ctx, stream, keep, store, n_groups, *writes_and_others):
-        n_masks, n_up, n_readers = keep.shape
+    def forward(ctx, stream, keep, store, first, last, n_groups, *writes_and_others):
+        n_masks, _, n_readers = keep.shape
         writes, others = writes_and_others[:n_groups], writes_and_others[n_groups:]
-        rows = store.extend(writes, others)
-        ctx.save_for_backward(keep)
-        ctx.rows, ctx.sizes, ctx.products = rows, [w.shape[0] for w in writes], products(rows, store.rows_sum)
+        rows, nodes = store.extend(writes, others)
+        # nothing stored yet: no node written so far has a moved edge, whatever the mask says of later ones
+        ctx.moved = len(rows) > 0 and store.moves(first, last)
+        ctx.rows, ctx.products = rows, products(rows, store.rows_sum)
+        ctx.sizes, ctx.stored = [w.shape[0] for w in writes], store.stored[:n_groups]
         ctx.other_shapes = [o.shape for o in others]
-        ctx.moved = not bool((keep == 1).all())
+        ctx.save_for_backward(keep, nodes)
         if not ctx.moved:  # every edge into these readers is kept: they all read the stream as it is
             return stream.expand(n_readers, *stream.shape)
-        patched = ctx.products.accumulate(stream.reshape(n_masks, -1), keep, rows.reshape(n_up, n_masks, -1))
+        weights = keep.index_select(1, nodes)
+        patched = ctx.products.accumulate(stream.reshape(n_masks, -1), weights, rows.reshape(len(rows), n_masks, -1))
         return patched.reshape(n_readers, *stream.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        (keep,) = ctx.saved_tensors
+        keep, nodes = ctx.saved_tensors
         n_masks, n_up, n_readers = keep.shape
         grad_rows = grad.reshape(n_readers, n_masks, -1)
         grad_keep, n_groups = None, len(ctx.sizes)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1]:  # the store keeps every row when the mask needs a gradient
             grad_keep = ctx.products.grad_keep(ctx.rows.reshape(n_up, n_masks, -1), grad_rows).to(keep.dtype)
         grads = [None] * (2 * n_groups)
         # with every edge kept clean (attribution at the clean point) no row reaches the output: no product, and
         # no [n_up, rows] of zeros to allocate
-        if any(ctx.needs_input_grad[4:]) and ctx.moved:
-            flat = ctx.products.grad_rows(keep, grad_rows).reshape(n_up, *ctx.rows.shape[1:])
-            for i, part in enumerate(flat.split(ctx.sizes)):
-                if ctx.needs_input_grad[4 + i]:
+        if any(ctx.needs_input_grad[6:]) and ctx.moved:
+            flat = ctx.products.grad_rows(keep.index_select(1, nodes), grad_rows).reshape(ctx.rows.shape)
+            parts = iter(flat.split([n for n, kept in zip(ctx.sizes, ctx.stored) if kept]))
+            for i, kept in enumerate(ctx.stored):
+                part = next(parts) if kept else None
+                if part is not None and ctx.needs_input_grad[6 + i]:
                     grads[i] = -part
-                if ctx.needs_input_grad[4 + n_groups + i]:
+                if part is not None and ctx.needs_input_grad[6 + n_groups + i]:
                     grads[n_groups + i] = part.sum_to_size(ctx.other_shapes[i])
-        return (grad.sum(0), grad_keep, None, None, *grads)
+        return (grad.sum(0), grad_keep, None, None, None, None, *grads)
 
 
 def accumulate(store: DeltaStore, stream: torch.Tensor, writes: list[torch.Tensor], others: list[torch.Tensor],
-               keep: torch.Tensor) -> torch.Tensor:
-    """Inputs of a group of downstream readers.
+               first: int, last: int) -> torch.Tensor:
+    """Inputs of the downstream readers ``first:last``.
 
     stream: the residual stream they read, any shape holding ``rows × …`` values (rows = n_masks · batch).
     writes: per upstream group written so far, this run's outputs, [n_nodes, rows, seq, d_model];
     others: the other run's outputs of the same groups, broadcastable to them.
-    keep:   mask block [n_masks, n_upstream, n_readers] over those groups' nodes.
+    The mask is the store's: its block over those groups' nodes and these readers.
     Returns [n_readers, *stream.shape]: a view of ``stream`` where no edge into the readers is patched."""
-    return _Accumulate.apply(stream, keep, store, len(writes), *writes, *others)
-
-
-def mask_block(keep: torch.Tensor, n_upstream: int, first: int, last: int) -> torch.Tensor:
-    """The rows of upstream nodes written so far and the columns of one group of readers."""
-    return keep[:, :n_upstream, first:last]
+    keep = store.keep[:, :sum(w.shape[0] for w in writes), first:last]
+    return _Accumulate.apply(stream, keep, store, first, last, len(writes), *writes, *others)
 
 
 class Tap:

@@ -25,7 +25,7 @@ from .components import SDPA, Attention, Components, DecompositionError, MLP, St
 from .heads import (RELAYOUT, Post, Projection, Ranges, broadcasts, columns_read, columns_written, distinct_rows,
                     first_projection, gather_heads, head_writes, last_projection, layer_norm_share, place_columns,
                     project_columns, project_rounds, role_rows, shared_input, to_ranges)
-from .patching import DeltaStore, accumulate, mask_block, tap
+from .patching import DeltaStore, accumulate, tap
 
 aten = torch.ops.aten
 QKV = ("q", "k", "v")
@@ -130,8 +130,7 @@ class _Builder:
         self.acts: list[Node] = []       # per writer group: [n, *stream.shape]
         self.others: list[Node] = []     # the patcher's other run, per writer group
         self.n_upstream = 0
-        self.total_upstream = 1 + sum(w.n_heads if isinstance(w, Attention) else 1
-                                      for s in components.steps for w in s.writers)
+        self.sizes = [1] + [w.n_heads if isinstance(w, Attention) else 1 for s in components.steps for w in s.writers]
         self.n_downstream = 0
         self.name = components.model_name
 
@@ -177,7 +176,7 @@ class _Builder:
             self.other = self.graph.placeholder("other")   # per writer: [n_nodes, rows, seq, d_model]
             self.keep = self.graph.placeholder("keep")     # [n_masks, n_upstream, n_downstream]
             self.tap = self.graph.placeholder("tap", default_value=None)  # a patching.Tap, or None
-            self.store = self.call(DeltaStore, self.total_upstream)
+            self.store = self.call(DeltaStore, self.keep, self.sizes)
 
     def _add_group(self, act: Node, n: int) -> None:
         self.acts.append(act)
@@ -188,8 +187,8 @@ class _Builder:
     def _readers(self, stream: Node, n: int) -> Node:
         """The inputs of the next ``n`` downstream readers, stacked: [n, *stream.shape]."""
         first, self.n_downstream = self.n_downstream, self.n_downstream + n
-        keep = self.call(mask_block, self.keep, self.n_upstream, first, self.n_downstream)
-        inputs = self.call(accumulate, self.store, self.env[stream], list(self.acts), list(self.others), keep)
+        inputs = self.call(accumulate, self.store, self.env[stream], list(self.acts), list(self.others), first,
+                           self.n_downstream)
         return self.call(tap, self.tap, inputs, self.n_upstream, first, self.n_downstream)
 
     def _rows(self, stacked: Node, first: int, n: int) -> Node:

@@ -18,18 +18,29 @@ def test_every_route_equals_the_dense_product(kind):
     generator = torch.Generator().manual_seed(0)
     weights = _weights(kind, generator)
     rows = torch.randn(30, 2, 11, generator=generator, dtype=torch.float64)
-    torch.testing.assert_close(weighted_rows(weights, rows), torch.einsum("nud,unx->dnx", weights, rows))
+    base = torch.randn(2, 11, generator=generator, dtype=torch.float64)
+    product = torch.einsum("nud,unx->dnx", weights, rows)
+    torch.testing.assert_close(weighted_rows(weights, rows), product)
+    torch.testing.assert_close(weighted_rows(weights, rows, base), product + base)
+    torch.testing.assert_close(weighted_rows(weights.float(), rows.float(), base.float()), (product + base).float())
 
 
-def test_the_running_sum_equals_the_sum_of_the_rows():
+def test_the_store_keeps_the_rows_of_groups_with_a_moved_edge():
+    """Groups 0 and 2 have an edge the mask moves, group 1 none: its rows are left out, and so is it from the sum."""
     generator = torch.Generator().manual_seed(2)
-    store, writes, others = DeltaStore(30), [], []
+    keep = torch.ones(1, 30, 7)
+    keep[0, 0, 3] = 0.5
+    keep[0, 20, 6] = 0.0
+    store, writes, others = DeltaStore(keep, [1, 12, 17]), [], []
     for n in (1, 12, 17):
         writes.append(torch.randn(n, 2, 3, generator=generator, dtype=torch.float64))
         others.append(torch.randn(n, 1, 3, generator=generator, dtype=torch.float64))
-        rows = store.extend(writes, others)
-        torch.testing.assert_close(store.rows_sum(), (torch.cat(others) - torch.cat(writes)).sum(0))
-        torch.testing.assert_close(rows, torch.cat(others) - torch.cat(writes))
+        rows, nodes = store.extend(writes, others)
+        stored = [o - w for o, w, kept in zip(others, writes, (True, False, True)) if kept]
+        torch.testing.assert_close(rows, torch.cat(stored))
+        torch.testing.assert_close(store.rows_sum(), torch.cat(stored).sum(0))
+    assert nodes.tolist() == [0, *range(13, 30)]
+    assert [store.moves(d, d + 1) for d in range(7)] == [False, False, False, True, False, False, True]
 
 
 @pytest.mark.parametrize("kind", ["dense", "few moved", "few kept", "none", "all"])
@@ -45,7 +56,7 @@ def test_gradients_of_accumulate(kind):
     stream = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64, requires_grad=True)
 
     def ours(stream, keep, *groups):
-        return accumulate(DeltaStore(30), stream, list(groups[:3]), list(groups[3:]), keep)
+        return accumulate(DeltaStore(keep, list(sizes)), stream, list(groups[:3]), list(groups[3:]), 0, 7)
 
     def reference(stream, keep, *groups):
         rows = torch.cat([o - w for w, o in zip(groups[:3], groups[3:])]).reshape(30, 2, -1)
@@ -53,3 +64,27 @@ def test_gradients_of_accumulate(kind):
 
     torch.testing.assert_close(ours(stream, keep, *writes, *others), reference(stream, keep, *writes, *others))
     torch.autograd.gradcheck(ours, (stream, keep, *writes, *others))
+
+
+def test_gradients_where_the_store_leaves_a_group_out():
+    """A fixed mask (no gradient) that moves no edge of group 1: the rows it stores, and the gradients of every
+    write and other-run output, still match the formula."""
+    generator = torch.Generator().manual_seed(3)
+    keep = torch.ones(2, 30, 7, dtype=torch.float64)
+    keep[:, 0, 2] = 0.25
+    keep[1, 14:20, 4:] = torch.rand(6, 3, generator=generator, dtype=torch.float64)
+    sizes = (1, 12, 17)
+    writes = [torch.randn(n, 2, 3, 4, generator=generator, dtype=torch.float64, requires_grad=True) for n in sizes]
+    others = [torch.randn(n, 2, 3, 4, generator=generator, dtype=torch.float64, requires_grad=True) for n in sizes]
+    stream = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+
+    def ours(stream, *groups):
+        return accumulate(DeltaStore(keep, list(sizes)), stream, list(groups[:3]), list(groups[3:]), 0, 7)
+
+    def reference(stream, *groups):
+        rows = torch.cat([o - w for w, o in zip(groups[:3], groups[3:])]).reshape(30, 2, -1)
+        return stream + torch.einsum("nud,unx->dnx", 1 - keep, rows).reshape(7, 2, 3, 4)
+
+    assert DeltaStore(keep, list(sizes)).stored == [True, False, True]
+    torch.testing.assert_close(ours(stream, *writes, *others), reference(stream, *writes, *others))
+    torch.autograd.gradcheck(ours, (stream, *writes, *others))

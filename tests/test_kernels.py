@@ -26,7 +26,7 @@ def _levels(shape, generator) -> torch.Tensor:
 
 
 def _keep(kind: str, shape: tuple[int, int, int], generator) -> torch.Tensor:
-    """A slice of a larger mask, as ``mask_block`` hands it (not contiguous)."""
+    """A slice of a larger mask, as ``accumulate`` hands it (not contiguous)."""
     n, u, d = shape
     full = {"dense": _levels((n, u + 3, d + 2), generator),
             "binary": (torch.rand(n, u + 3, d + 2, generator=generator) < 0.9).float(),
@@ -77,7 +77,8 @@ def _check_accumulate(dtype: torch.dtype) -> None:
     def run(path):
         inputs = [t.clone().requires_grad_(True) for t in (stream, keep, *writes, *others)]
         with mock.patch.object(patching, "products", lambda rows, rows_sum=None: path):
-            out = patching.accumulate(patching.DeltaStore(30), inputs[0], inputs[2:5], inputs[5:], inputs[1])
+            out = patching.accumulate(patching.DeltaStore(inputs[1], [1, 12, 17]), inputs[0], inputs[2:5], inputs[5:],
+                                      0, 7)
             out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(dtype))
         return [out, *(t.grad for t in inputs)]
 
