@@ -32,3 +32,17 @@ def smollm2(tokenizer):
     clean = tokenizer(IOI, return_tensors="pt").input_ids
     corrupted = tokenizer(SWAPPED, return_tensors="pt").input_ids
     return model, fxcircuits.trace(model), clean, corrupted
+
+
+NAMES = {"When Mary": (" Mary", " John"), "When Tom": (" Anna", " Tom"), "When Lisa": (" Mark", " Lisa"),
+         "When David": (" Sarah", " David")}
+
+
+@pytest.fixture(scope="session")
+def batch(smollm2, tokenizer) -> dict:
+    """The 8 IOI prompts as a batch for the logit-difference metric (fxcircuits.data's format)."""
+    _, _, clean, corrupted = smollm2
+    answers = [next(v for k, v in NAMES.items() if p.startswith(k)) for p in IOI]
+    ids = [[tokenizer(a).input_ids[-1] for a in pair] for pair in answers]
+    return {"clean": clean, "corrupted": corrupted, "correct": torch.tensor([[i] for i, _ in ids]),
+            "incorrect": torch.tensor([[j] for _, j in ids])}

@@ -10,20 +10,11 @@ import pytest
 import torch
 
 import fxcircuits
-from conftest import IOI
 from fxcircuits.runs import metric_values, prepare
-
-NAMES = {"When Mary": (" Mary", " John"), "When Tom": (" Anna", " Tom"), "When Lisa": (" Mark", " Lisa"),
-         "When David": (" Sarah", " David")}
 
 
 @pytest.fixture(scope="module")
-def batches(smollm2, tokenizer):
-    _, _, clean, corrupted = smollm2
-    answers = [next(v for k, v in NAMES.items() if p.startswith(k)) for p in IOI]
-    ids = [[tokenizer(a).input_ids[-1] for a in pair] for pair in answers]
-    batch = {"clean": clean, "corrupted": corrupted, "correct": torch.tensor([[i] for i, _ in ids]),
-             "incorrect": torch.tensor([[j] for _, j in ids])}
+def batches(batch):
     return [batch] * 4
 
 
@@ -93,8 +84,8 @@ def test_gradient_method_cost(benchmark, smollm2, batches, method):
 
 
 def test_exact_throughput(benchmark, smollm2, batches):
-    _, cm, _, _ = smollm2
     """``exact`` on a random sample of edges (all 123k would take hours on CPU), 32 masks per call."""
+    _, cm, _, _ = smollm2
     n, graph = 64, cm.graph
     edges = torch.randperm(len(graph.edges), generator=torch.Generator().manual_seed(0))[:n]
     prepared = prepare(cm, batches[:1], fxcircuits.metrics.logit_diff)

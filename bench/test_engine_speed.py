@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch.utils.benchmark import Timer
 
+import fxcircuits
+
 
 def _median(fn) -> float:
     return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=2.0).median
@@ -24,19 +26,22 @@ def test_clean_run(benchmark, smollm2):
     _report(benchmark, "clean", ours, hf)
 
 
-def _mask(kind: str, n_edges: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
+def _mask(kind: str, cm, batch: dict) -> torch.Tensor:
+    n_edges, generator = len(cm.graph.edges), torch.Generator().manual_seed(0)
     if kind == "dense":      # every edge interpolated: the full product in every step
         return torch.rand(n_edges, generator=generator)
-    if kind == "circuit":    # a circuit of 5% of the edges, everything else patched
+    if kind == "circuit":    # a random 5% of the edges kept, everything else patched: the worst circuit
         return (torch.rand(n_edges, generator=generator) < 0.05).float()
+    if kind == "found_circuit":  # the top 5% of EAP's scores on these prompts, everything else patched
+        scores = fxcircuits.attribute(cm, [batch], "logit_diff", "eap", progress=False)
+        return scores.topn(0.05).edge_mask(cm.graph)
     return torch.ones(n_edges).index_fill(0, torch.tensor([n_edges // 2]), 0.0)  # one edge patched
 
 
-@pytest.mark.parametrize("kind", ["dense", "circuit", "one_edge"])
-def test_patched_run(benchmark, smollm2, kind):
+@pytest.mark.parametrize("kind", ["dense", "circuit", "found_circuit", "one_edge"])
+def test_patched_run(benchmark, smollm2, batch, kind):
     model, cm, clean, corrupted = smollm2
-    mask = _mask(kind, len(cm.graph.edges))
+    mask = _mask(kind, cm, batch)
     patched = lambda: cm(clean, corrupted_input_ids=corrupted, edge_mask=mask)  # noqa: E731
     with torch.no_grad():
         hf = _median(lambda: model(input_ids=clean).logits)

@@ -74,22 +74,30 @@ class DeltaStore:
         return self.sum
 
 
+def _dense_cost(n_masks: int, n_up: int, n_readers: int) -> float:
+    """What a dense product costs on CPU, in entries of a sparse one (each reads its row once): about half a row
+    per row for one reader, up to five for ten readers and more, where the product is bound by arithmetic
+    (measured at SmolLM2's shapes; it only picks the route — every route gives the same numbers)."""
+    return n_masks * n_up * min(5.0, max(0.5, n_readers / 2))
+
+
 def weighted_rows(weights: torch.Tensor, rows: torch.Tensor, base: torch.Tensor | None = None,
                   rows_sum: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
     """``out[d, n] = base[n] + Σ_u weights[n, u, d] · rows[u, n]`` by the cheapest exact route.
 
     A circuit or a single-edge patch moves few edges (few non-zero weights); "patch everything but a circuit"
-    keeps few (few weights below 1).  Both are summed entry by entry; only a dense mix pays for the full
-    product, which costs n_upstream × n_readers × activations.  ``rows_sum`` gives Σ_u rows[u] [N, X] where the
-    caller keeps it; the rows are summed here otherwise."""
+    keeps few (few weights below 1).  Both are summed entry by entry, reading one row per entry; a dense mix
+    pays for the full product.  Each route gives the same numbers; the cheapest (``_dense_cost``) runs.
+    ``rows_sum`` gives Σ_u rows[u] [N, X] where the caller keeps it; the rows are summed here otherwise."""
     n_masks, n_up, n_readers = weights.shape
-    sparse = weights.numel() // 10
     if not rows.is_cuda:  # CUDA's sparse products lack bf16; there the Triton kernels skip empty tiles instead
-        if torch.count_nonzero(weights).item() <= sparse:
-            return _sparse_sum(weights, rows, base)
-        if torch.count_nonzero(weights != 1).item() <= sparse:  # Σ_u w·row = Σ_u row − Σ_u (1 − w)·row
+        moved = torch.count_nonzero(weights).item()
+        kept = torch.count_nonzero(weights != 1).item() + (0 if rows_sum is not None else n_masks * n_up)
+        if min(moved, kept) <= _dense_cost(n_masks, n_up, n_readers):
+            if moved <= kept:
+                return _sparse_sum(weights, rows, base)
             total = (rows_sum() if rows_sum is not None else rows.sum(0)).reshape(rows.shape[1:])
-            return _sparse_sum(weights - 1, rows, total if base is None else base + total)
+            return _sparse_sum(weights - 1, rows, total if base is None else base + total)  # Σ row − Σ (1 − w)·row
     out = torch.einsum("nud,unx->dnx", weights, rows)
     return out if base is None else out.add_(base)  # out is fresh: add in place
 
