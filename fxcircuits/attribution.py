@@ -133,8 +133,9 @@ def _activation_points(cm, p: Prepared, clean: list[torch.Tensor], delta: torch.
     first = 0
     for group, (c, o) in enumerate(zip(clean, p.other)):
         n = c.shape[0]
-        keep = _ones(cm, steps)
-        keep[:, first:first + n, :] = 0.0
+        node_mask = torch.ones(steps, len(cm.graph.upstream), device=cm.device)
+        node_mask[:, first:first + n] = 0.0  # every edge out of this writer's nodes, and nothing else
+        keep = dense_keep(cm.graph, node_mask=node_mask, device=cm.device)
         other = [g.new_zeros(g.shape[0], 1, 1, 1) for g in clean]
         other[group] = (alphas * c[:, None] + (1 - alphas) * o[:, None]).reshape(n, -1, *c.shape[2:])
         rows = torch.zeros_like(delta)
