@@ -243,6 +243,7 @@ def shared_input(rows: torch.Tensor) -> bool:
 
 
 def distinct_rows(rows: torch.Tensor, shared: bool) -> torch.Tensor:
+    """The rows the layer's norms must run on: one where all readers share it."""
     return rows[:1] if shared else rows
 
 
@@ -337,7 +338,8 @@ def gather_heads(core: torch.Tensor, picks: tuple[tuple[int, int], ...], shared:
     if n_core == len(picks) and all(c == h for h, (_, c) in enumerate(picks)):
         if all(r == 0 for r, _ in picks):
             return core[0]
-        if n_core % n_rounds == 0 and all(r == h % n_rounds for h, (r, _) in enumerate(picks)):  # grouped heads: round r serves head r of each
+        # grouped heads: round r serves head r of each group
+        if n_core % n_rounds == 0 and all(r == h % n_rounds for h, (r, _) in enumerate(picks)):
             by_group = core.unflatten(2, (n_core // n_rounds, n_rounds)).diagonal(0, 0, 3)
             return by_group.movedim(-1, 2).flatten(1, 2)
     return torch.stack([core[r, :, c] for r, c in picks], dim=1)

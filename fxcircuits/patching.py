@@ -23,7 +23,7 @@ from .graph import CircuitGraph
 
 
 class DeltaStore:
-    """The rows ``a_u(other) − a_u(run)`` of one patched pass, written once, side by side, as the writers produce them.
+    """The rows ``a_u(other) − a_u(run)`` of one patched pass, written once, side by side, as writers produce them.
 
     Each reader group needs the rows written before it; keeping them in one buffer lets ``accumulate`` do a
     single matrix product per group instead of re-concatenating the rows every time.  Only the groups with an
@@ -96,8 +96,9 @@ def weighted_rows(weights: torch.Tensor, rows: torch.Tensor, base: torch.Tensor 
         if min(moved, kept) <= _dense_cost(n_masks, n_up, n_readers):
             if moved <= kept:
                 return _sparse_sum(weights, rows, base)
+            # Σ_u w·row = Σ_u row − Σ_u (1 − w)·row
             total = (rows_sum() if rows_sum is not None else rows.sum(0)).reshape(rows.shape[1:])
-            return _sparse_sum(weights - 1, rows, total if base is None else base + total)  # Σ row − Σ (1 − w)·row
+            return _sparse_sum(weights - 1, rows, total if base is None else base + total)
     out = torch.einsum("nud,unx->dnx", weights, rows)
     return out if base is None else out.add_(base)  # out is fresh: add in place
 
@@ -178,16 +179,16 @@ class _Accumulate(torch.autograd.Function):
         ctx.rows, ctx.products = rows, products(rows, store.rows_sum)
         ctx.sizes, ctx.stored = [w.shape[0] for w in writes], store.stored[:n_groups]
         ctx.other_shapes = [o.shape for o in others]
-        ctx.save_for_backward(keep, nodes)
+        ctx.save_for_backward(keep)
         if not ctx.moved:  # every edge into these readers is kept: they all read the stream as it is
             return stream.expand(n_readers, *stream.shape)
-        weights = keep.index_select(1, nodes)
-        patched = ctx.products.accumulate(stream.reshape(n_masks, -1), weights, rows.reshape(len(rows), n_masks, -1))
-        return patched.reshape(n_readers, *stream.shape)
+        ctx.weights = keep.detach().index_select(1, nodes)  # the stored rows' block of the mask
+        rows = rows.reshape(len(rows), n_masks, -1)
+        return ctx.products.accumulate(stream.reshape(n_masks, -1), ctx.weights, rows).reshape(n_readers, *stream.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        keep, nodes = ctx.saved_tensors
+        (keep,) = ctx.saved_tensors
         n_masks, n_up, n_readers = keep.shape
         grad_rows = grad.reshape(n_readers, n_masks, -1)
         grad_keep, n_groups = None, len(ctx.sizes)
@@ -197,7 +198,7 @@ class _Accumulate(torch.autograd.Function):
         # with every edge kept clean (attribution at the clean point) no row reaches the output: no product, and
         # no [n_up, rows] of zeros to allocate
         if any(ctx.needs_input_grad[6:]) and ctx.moved:
-            flat = ctx.products.grad_rows(keep.index_select(1, nodes), grad_rows).reshape(ctx.rows.shape)
+            flat = ctx.products.grad_rows(ctx.weights, grad_rows).reshape(ctx.rows.shape)
             parts = iter(flat.split([n for n, kept in zip(ctx.sizes, ctx.stored) if kept]))
             for i, kept in enumerate(ctx.stored):
                 part = next(parts) if kept else None
