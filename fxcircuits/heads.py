@@ -258,17 +258,17 @@ def role_rows(rows: torch.Tensor, shared: bool, first: int, n: int, total: int) 
 
 
 def project_rounds(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str,
-                   rounds: tuple[tuple[tuple[int, Ranges], ...], ...], width: int, shared: bool) -> torch.Tensor:
+                   ranges: tuple[Ranges, ...], rounds: tuple[tuple[tuple[int, Ranges], ...], ...], width: int,
+                   shared: bool) -> torch.Tensor:
     """The projection's output as the post-projection path reads it, one per round: [rounds, *rows, width].
 
-    Each round holds its heads' columns, each computed from that head's own row of ``x`` [heads, …] (zeros
-    elsewhere).  Where all heads share one row (``shared``) the plain projection holds every head's columns
-    and a single round serves them all."""
+    Each round holds its heads' columns (``ranges[h]`` for query head h), each computed from that head's own row
+    of ``x`` [heads, …] (zeros elsewhere).  Where all heads share one row (``shared``) the plain projection holds
+    every head's columns and a single round serves them all."""
     if shared:
         x = x[0] if x.shape[0] == 1 and x.dim() > 2 else x
         out = x @ _in_out(weight, layout)
         return (out if bias is None else out + bias).unsqueeze(0)
-    ranges = tuple(r for _, r in sorted(pair for heads in rounds for pair in heads))
     projected = project_heads(x, weight, bias, layout, ranges)
     blocks, rest = grid(ranges), projected.shape[1:-1]
     if blocks is None:

@@ -251,11 +251,14 @@ class _Builder:
             x = self.call(role_rows, rows, shared, i * n_heads, n_heads, 3 * n_heads)
             x = x if one_norm else self._norm(step, read, x)
             proj = read.projection
-            bias = self.env[proj.bias] if proj.bias is not None else None
-            rounds = self.call(project_rounds, x, self.env[proj.weight], bias, proj.layout, read.rounds, read.width,
-                               shared)
+            ranges = tuple(r for _, r in sorted(pair for heads in read.rounds for pair in heads))  # by query head
+            rounds = self.call(project_rounds, x, self.env[proj.weight], self._bias(proj), proj.layout, ranges,
+                               read.rounds, read.width, shared)
             core_inputs.append(self._post(read, rounds, shared))
         return core_inputs
+
+    def _bias(self, proj: Projection) -> Node | None:
+        return self.env[proj.bias] if proj.bias is not None else None
 
     def _norm(self, step: Step, read: ReadPlan, x: Node) -> Node:
         return self.clone(read.norm, {step.start: x})[read.projection.x] if read.norm else x
@@ -274,8 +277,8 @@ class _Builder:
                 if ranges is None:
                     parts.append(self.clone([proj.node], {proj.x: x})[proj.node])
                 else:
-                    bias = self.env[proj.bias] if proj.bias is not None else None
-                    parts.append(self.call(project_columns, x, self.env[proj.weight], bias, proj.layout, ranges))
+                    parts.append(self.call(project_columns, x, self.env[proj.weight], self._bias(proj), proj.layout,
+                                           ranges))
             if heads[0][1] is None:
                 rounds.append(parts[0])
             else:

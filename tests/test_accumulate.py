@@ -43,6 +43,12 @@ def test_the_store_keeps_the_rows_of_groups_with_a_moved_edge():
     assert [store.moves(d, d + 1) for d in range(7)] == [False, False, False, True, False, False, True]
 
 
+def _formula(stream, keep, writes, others):
+    """x_d = stream + Σ_u (1 − keep[u, d]) · (other_u − write_u), for 30 nodes, 7 readers, 2 masks of [3, 4]."""
+    rows = torch.cat([o - w for w, o in zip(writes, others)]).reshape(30, 2, -1)
+    return stream + torch.einsum("nud,unx->dnx", 1 - keep, rows).reshape(7, 2, 3, 4)
+
+
 @pytest.mark.parametrize("kind", ["dense", "few moved", "few kept", "none", "all"])
 def test_gradients_of_accumulate(kind):
     """Against the formula, gradients included: for the stream, the mask, this run's writes and the other run's
@@ -58,11 +64,7 @@ def test_gradients_of_accumulate(kind):
     def ours(stream, keep, *groups):
         return accumulate(DeltaStore(keep, list(sizes)), stream, list(groups[:3]), list(groups[3:]), 0, 7)
 
-    def reference(stream, keep, *groups):
-        rows = torch.cat([o - w for w, o in zip(groups[:3], groups[3:])]).reshape(30, 2, -1)
-        return stream + torch.einsum("nud,unx->dnx", 1 - keep, rows).reshape(7, 2, 3, 4)
-
-    torch.testing.assert_close(ours(stream, keep, *writes, *others), reference(stream, keep, *writes, *others))
+    torch.testing.assert_close(ours(stream, keep, *writes, *others), _formula(stream, keep, writes, others))
     torch.autograd.gradcheck(ours, (stream, keep, *writes, *others))
 
 
@@ -81,10 +83,6 @@ def test_gradients_where_the_store_leaves_a_group_out():
     def ours(stream, *groups):
         return accumulate(DeltaStore(keep, list(sizes)), stream, list(groups[:3]), list(groups[3:]), 0, 7)
 
-    def reference(stream, *groups):
-        rows = torch.cat([o - w for w, o in zip(groups[:3], groups[3:])]).reshape(30, 2, -1)
-        return stream + torch.einsum("nud,unx->dnx", 1 - keep, rows).reshape(7, 2, 3, 4)
-
     assert DeltaStore(keep, list(sizes)).stored == [True, False, True]
-    torch.testing.assert_close(ours(stream, *writes, *others), reference(stream, *writes, *others))
+    torch.testing.assert_close(ours(stream, *writes, *others), _formula(stream, keep, writes, others))
     torch.autograd.gradcheck(ours, (stream, *writes, *others))
