@@ -50,6 +50,17 @@ def test_patched_run(benchmark, smollm2, batch, kind):
     _report(benchmark, f"patched_{kind}", ours, hf)
 
 
+def test_node_patched_run(benchmark, smollm2):
+    """Activation patching: one MLP's output swapped for the corrupted run's on all of its edges."""
+    model, cm, clean, corrupted = smollm2
+    patched = lambda: cm(clean, corrupted_input_ids=corrupted, node_mask={"m5": 0.0})  # noqa: E731
+    with torch.no_grad():
+        hf = _median(lambda: model(input_ids=clean).logits)
+        ours = _median(patched)
+        benchmark(patched)
+    _report(benchmark, "patched_node", ours, hf)
+
+
 def test_exact_patching_throughput(benchmark, smollm2):
     """Single-edge patches, 16 per batched call over the 8 prompts, corrupted activations computed once."""
     _, cm, clean, corrupted = smollm2

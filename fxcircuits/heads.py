@@ -237,8 +237,9 @@ def place_columns(parts: list[torch.Tensor], ranges: list[Ranges], width: int) -
 def shared_input(rows: torch.Tensor) -> bool:
     """Whether every reader of ``rows`` [readers, …] sees the same value and none needs its own gradient.
 
-    ``accumulate`` hands the stream itself, expanded, to readers none of whose edges is patched.  Their heads
-    then read exactly what the unmodified model reads, so the plain projection serves them all."""
+    ``accumulate`` hands one value, expanded, to readers whose edges are all weighted alike (none patched, or
+    every one by the same node mask).  Their heads then all read one stream, as in the unmodified model, so the
+    plain projection serves them all."""
     return rows.stride(0) == 0 and not (rows.requires_grad and torch.is_grad_enabled())
 
 
@@ -255,6 +256,19 @@ def role_rows(rows: torch.Tensor, shared: bool, first: int, n: int, total: int) 
     if rows.shape[0] != total:
         rows = rows.reshape(total, -1, rows.shape[-1])
     return rows[first:first + n]
+
+
+def role_shared(store, rows: torch.Tensor, shared: bool, first: int, n: int) -> bool:
+    """Whether one role's ``n`` readers (from reader ``first``) all see one value: the layer's readers all do
+    (``shared``), or the mask (``store``, a ``patching.DeltaStore``) weights their edges alike — say the k inputs
+    of a layer none of whose k edges a circuit keeps — and none needs its own gradient."""
+    return shared or not (rows.requires_grad and torch.is_grad_enabled()) and store.alike(first, first + n)
+
+
+def role_input(rows: torch.Tensor, alike: bool, shared: bool) -> torch.Tensor:
+    """The rows one role projects: the first where its readers share one value (it already is the only one where
+    the whole layer shares)."""
+    return rows[:1] if alike and not shared else rows
 
 
 def project_rounds(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str,

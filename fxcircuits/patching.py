@@ -31,9 +31,15 @@ class DeltaStore:
     patch writes one group's rows, not the model's.  The store also keeps the running sum of its rows, which
     patching "everything but a circuit" needs for every reader group.
 
-    keep: the whole mask [n_masks, n_upstream, n_downstream]; sizes: the upstream groups' sizes, in order."""
+    A dense mask's product is bound by arithmetic, and a matrix product with few readers (an MLP's one, a
+    layer's 3·heads) runs at half the speed of one with more; an MLP's one reader also reads every row for a
+    single output.  So a dense product serves the next groups' readers too, over the rows written so far
+    (``carried``), and those groups add only the rows written since.
 
-    def __init__(self, keep: torch.Tensor, sizes: list[int]):
+    keep: the whole mask [n_masks, n_upstream, n_downstream]; sizes: the upstream groups' sizes, in order;
+    readers: the reader groups' sizes, in order."""
+
+    def __init__(self, keep: torch.Tensor, sizes: list[int], readers: list[int]):
         moved = keep.detach() != 1
         self.keep, self.moved_into = keep, moved.any(1).any(0).tolist()
         moved_from = moved.any(2).any(0).tolist()
@@ -44,6 +50,8 @@ class DeltaStore:
         self.n_stored = len(nodes)
         self.buffer, self.count, self.groups = None, 0, 0
         self.summed, self.sum = 0, None
+        self.ends = [sum(readers[:g + 1]) for g in range(len(readers))]
+        self.carry: tuple[int, int, int, torch.Tensor] | None = None  # readers first:last, over rows :count, sums
 
     def moves(self, first: int, last: int) -> bool:
         """Whether the mask moves any edge into readers ``first:last``."""
@@ -63,6 +71,29 @@ class DeltaStore:
         rows = self.buffer[:self.count] if self.buffer is not None else writes[0].new_empty(0, *writes[0].shape[1:])
         return rows, self.nodes[:self.count]
 
+    def alike(self, first: int, last: int) -> bool:
+        """Whether the mask weights the edges into readers ``first:last`` alike (from the rows stored so far; the
+        others' edges are all kept), so that they all see one value."""
+        return _alike(self.keep.detach()[:, self.nodes[:self.count], first:last])
+
+    def carried(self, first: int, last: int, stream: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """``stream + Σ_u (1 − keep[u, d]) · rows[u]`` for readers ``first:last`` [readers, n_masks, X], through a
+        dense product over the rows so far that also serves the groups after them (at least ``CARRIED``
+        readers), then only the rows written since.  None where a sparse route is the cheaper one."""
+        keep = self.keep.detach()
+        if self.carry is None or not self.carry[0] <= first < last <= self.carry[1]:
+            ahead = next((end for end in self.ends if end >= last and end - first >= CARRIED), self.ends[-1])
+            weights = (1 - keep[:, self.nodes[:len(rows)], first:ahead]).to(rows.dtype)
+            if ahead == last or _route(weights, rows, True) != "dense":
+                return None
+            self.carry = first, ahead, len(rows), weighted_rows(weights, rows)
+        start, _, count, sums = self.carry
+        sums = sums[first - start:last - start]
+        if count == len(rows):
+            return sums + stream
+        weights = (1 - keep[:, self.nodes[count:len(rows)], first:last]).to(rows.dtype)
+        return weighted_rows(weights, rows[count:], stream).add_(sums)
+
     def rows_sum(self) -> torch.Tensor:
         """Σ of the rows stored so far."""
         with torch.no_grad():
@@ -74,11 +105,28 @@ class DeltaStore:
         return self.sum
 
 
+CARRIED = 100  # readers a dense product serves at once (see DeltaStore); measured best among 56, 100 and 200
+
+
 def _dense_cost(n_masks: int, n_up: int, n_readers: int) -> float:
     """What a dense product costs on CPU, in entries of a sparse one (each reads its row once): about half a row
     per row for one reader, up to five for ten readers and more, where the product is bound by arithmetic
     (measured at SmolLM2's shapes; it only picks the route — every route gives the same numbers)."""
     return n_masks * n_up * min(5.0, max(0.5, n_readers / 2))
+
+
+def _route(weights: torch.Tensor, rows: torch.Tensor, summed: bool) -> str:
+    """How ``weighted_rows`` sums: "moved" (a sparse product over the non-zero weights), "kept" (the sum of all
+    rows minus a sparse product over the weights below 1; ``summed``: that sum is kept by the caller) or "dense".
+    CUDA's sparse products lack bf16; there the Triton kernels skip empty tiles instead, so CUDA is dense."""
+    if rows.is_cuda:
+        return "dense"
+    n_masks, n_up, n_readers = weights.shape
+    moved = torch.count_nonzero(weights).item()
+    kept = torch.count_nonzero(weights != 1).item() + (0 if summed else n_masks * n_up)
+    if min(moved, kept) > _dense_cost(n_masks, n_up, n_readers):
+        return "dense"
+    return "moved" if moved <= kept else "kept"
 
 
 def weighted_rows(weights: torch.Tensor, rows: torch.Tensor, base: torch.Tensor | None = None,
@@ -89,16 +137,12 @@ def weighted_rows(weights: torch.Tensor, rows: torch.Tensor, base: torch.Tensor 
     keeps few (few weights below 1).  Both are summed entry by entry, reading one row per entry; a dense mix
     pays for the full product.  Each route gives the same numbers; the cheapest (``_dense_cost``) runs.
     ``rows_sum`` gives Σ_u rows[u] [N, X] where the caller keeps it; the rows are summed here otherwise."""
-    n_masks, n_up, n_readers = weights.shape
-    if not rows.is_cuda:  # CUDA's sparse products lack bf16; there the Triton kernels skip empty tiles instead
-        moved = torch.count_nonzero(weights).item()
-        kept = torch.count_nonzero(weights != 1).item() + (0 if rows_sum is not None else n_masks * n_up)
-        if min(moved, kept) <= _dense_cost(n_masks, n_up, n_readers):
-            if moved <= kept:
-                return _sparse_sum(weights, rows, base)
-            # Σ_u w·row = Σ_u row − Σ_u (1 − w)·row
-            total = (rows_sum() if rows_sum is not None else rows.sum(0)).reshape(rows.shape[1:])
-            return _sparse_sum(weights - 1, rows, total if base is None else base + total)
+    route = _route(weights, rows, rows_sum is not None)
+    if route == "moved":
+        return _sparse_sum(weights, rows, base)
+    if route == "kept":  # Σ_u w·row = Σ_u row − Σ_u (1 − w)·row
+        total = (rows_sum() if rows_sum is not None else rows.sum(0)).reshape(rows.shape[1:])
+        return _sparse_sum(weights - 1, rows, total if base is None else base + total)
     out = torch.einsum("nud,unx->dnx", weights, rows)
     return out if base is None else out.add_(base)  # out is fresh: add in place
 
@@ -164,6 +208,21 @@ def products(rows: torch.Tensor, rows_sum: Callable[[], torch.Tensor] | None = N
     return kernels if rows.dtype in kernels.DTYPES else TorchProducts(rows_sum)
 
 
+def _alike(weights: torch.Tensor) -> bool:
+    """Whether every reader's column of ``weights`` [n_masks, upstream, readers] is the same."""
+    return bool((weights == weights[..., :1]).all())
+
+
+def _one_reader_if_same(weights: torch.Tensor) -> torch.Tensor:
+    """The first reader's column of ``weights`` [n_masks, upstream, readers] where every reader's is the same.
+
+    Readers whose edges are all weighted alike see the same value: a node mask (activation patching) moves a
+    node's edges into every later reader together, and a circuit leaves many layers with no edge of its own.
+    Their sum is computed once and handed to all of them as a view, and their heads then read through the plain
+    projections (``heads.shared_input``), as the unpatched model does."""
+    return weights[..., :1] if weights.shape[2] > 1 and _alike(weights) else weights
+
+
 class _Accumulate(torch.autograd.Function):
     """``stream + Σ_u (1 − keep[u, d]) · rows_u`` with rows_u = other_u − write_u, and gradients for the stream,
     the mask, this run's writes and (where they need it) the other run's.  Rows the store leaves out belong to
@@ -184,7 +243,11 @@ class _Accumulate(torch.autograd.Function):
             return stream.expand(n_readers, *stream.shape)
         ctx.weights = keep.detach().index_select(1, nodes)  # the stored rows' block of the mask
         rows = rows.reshape(len(rows), n_masks, -1)
-        return ctx.products.accumulate(stream.reshape(n_masks, -1), ctx.weights, rows).reshape(n_readers, *stream.shape)
+        weights, flat = _one_reader_if_same(ctx.weights), stream.reshape(n_masks, -1)
+        out = None if rows.is_cuda else store.carried(first, last, flat, rows)
+        if out is None:  # on CUDA the fused kernels read each row once for all readers already
+            out = ctx.products.accumulate(flat, weights, rows)
+        return out.expand(n_readers, -1, -1).reshape(n_readers, *stream.shape)
 
     @staticmethod
     def backward(ctx, grad):

@@ -3,8 +3,9 @@
 Two graphs are built from the captured one by copying it node by node and replacing the readers of the
 stream:
 
-* the **recorder** runs the model unchanged and also returns every upstream node's output (``input``, each
-  head's write, each MLP's write), one tensor [n_nodes, batch, seq, d_model] per writer;
+* the **recorder** runs the model unchanged up to the last writer and returns every upstream node's output
+  (``input``, each head's write, each MLP's write), one tensor [n_nodes, batch, seq, d_model] per writer — not
+  the logits, which no caller of the other run needs;
 * the **patcher** takes those outputs from another run plus a mask, and gives every downstream input its
   own value through :func:`fxcircuits.patching.accumulate`.  Each downstream input then runs its own copy of
   the reading computation: an MLP's whole block; for attention, the norm and projection of each query head's
@@ -25,7 +26,7 @@ from torch.fx import Graph, GraphModule, Node
 from .components import SDPA, Attention, Components, DecompositionError, MLP, Step, between, descendants
 from .heads import (RELAYOUT, Post, Projection, Ranges, broadcasts, columns_read, columns_written, distinct_rows,
                     first_projection, gather_heads, head_writes, last_projection, layer_norm_share, place_columns,
-                    project_columns, project_rounds, role_rows, shared_input, to_ranges)
+                    project_columns, project_rounds, role_input, role_rows, role_shared, shared_input, to_ranges)
 from .patching import DeltaStore, accumulate, tap
 
 aten = torch.ops.aten
@@ -120,6 +121,11 @@ def as_rows(t: torch.Tensor, like: torch.Tensor, n: int) -> torch.Tensor:
     return t.reshape(n, *like.shape)
 
 
+def _reader_sizes(step: Step) -> list[int]:
+    """Per writer of ``step``, how many inputs read the stream for it: q, k and v of each query head, or one."""
+    return [3 * w.n_heads if isinstance(w, Attention) else 1 for w in step.writers]
+
+
 class _Builder:
     """Copies the captured graph into a new one, replacing the stream's readers."""
 
@@ -132,6 +138,7 @@ class _Builder:
         self.others: list[Node] = []     # the patcher's other run, per writer group
         self.n_upstream = 0
         self.sizes = [1] + [w.n_heads if isinstance(w, Attention) else 1 for s in components.steps for w in s.writers]
+        self.readers = [sum(_reader_sizes(s)) for s in components.steps] + [1]  # the logits read last
         self.n_downstream = 0
         self.name = components.model_name
 
@@ -177,7 +184,7 @@ class _Builder:
             self.other = self.graph.placeholder("other")   # per writer: [n_nodes, rows, seq, d_model]
             self.keep = self.graph.placeholder("keep")     # [n_masks, n_upstream, n_downstream]
             self.tap = self.graph.placeholder("tap", default_value=None)  # a patching.Tap, or None
-            self.store = self.call(DeltaStore, self.keep, self.sizes)
+            self.store = self.call(DeltaStore, self.keep, self.sizes, self.readers)
 
     def _add_group(self, act: Node, n: int) -> None:
         self.acts.append(act)
@@ -200,11 +207,12 @@ class _Builder:
             self.reference = self.env[step.start]
             self._add_group(self.call(as_rows, self.reference, self.reference, 1), 1)
         if self.patched:
-            sizes = [3 * w.n_heads if isinstance(w, Attention) else 1 for w in step.writers]
+            sizes = _reader_sizes(step)
             inputs, first = self._readers(step.start, sum(sizes)), 0
+            group = self.n_downstream - sum(sizes)  # the first reader of this step
             for writer, size in zip(step.writers, sizes):
                 if isinstance(writer, Attention):
-                    self._patched_attention(step, writer, inputs, first)
+                    self._patched_attention(step, writer, inputs, first, group + first)
                 else:
                     self._patched_mlp(step, writer, self.call(operator.getitem, inputs, first))
                 first += size
@@ -222,11 +230,12 @@ class _Builder:
         for term in mlp.terms:
             self.env[term] = local[term]
 
-    def _patched_attention(self, step: Step, attention: Attention, inputs: Node, first: int) -> None:
+    def _patched_attention(self, step: Step, attention: Attention, inputs: Node, first: int, reader: int) -> None:
+        """``inputs[first:]`` are the layer's readers, ``reader`` the first one's position among all readers."""
         plan, h = self.plans[id(attention)], attention.n_heads
         reads = [plan.reads[role] for role in QKV]
         if all(r.stacked for r in reads):
-            core_inputs = self._read_stacked(step, reads, self._rows(inputs, first, 3 * h), h)
+            core_inputs = self._read_stacked(step, reads, self._rows(inputs, first, 3 * h), h, reader)
         else:
             core_inputs = [self._read_apart(step, read, self._rows(inputs, first + i * h, h))
                            for i, read in enumerate(reads)]
@@ -237,10 +246,11 @@ class _Builder:
         self.env.update({n: local[n] for n in plan.write.region})
         self.env[attention.output] = output
 
-    def _read_stacked(self, step: Step, reads: list[ReadPlan], rows: Node, n_heads: int) -> list[Node]:
+    def _read_stacked(self, step: Step, reads: list[ReadPlan], rows: Node, n_heads: int, reader: int) -> list[Node]:
         """The core's q, k and v inputs from a layer's 3·heads rows: norms over all rows at once, one batched
-        matmul per role, the post-projection path once over all rounds.  Where no edge into the layer is patched
-        and no gradient is asked for, one row and the plain projections serve every head."""
+        matmul per role, the post-projection path once over all rounds.  Where the mask weights every edge into
+        the layer (or into one role's readers) alike and no gradient is asked for, one row and the plain
+        projection serve every head (of that role)."""
         shared = self.call(shared_input, rows)
         rows = self.call(distinct_rows, rows, shared)
         one_norm = len({(tuple(r.norm), r.projection.x) for r in reads}) == 1
@@ -250,11 +260,13 @@ class _Builder:
         for i, read in enumerate(reads):
             x = self.call(role_rows, rows, shared, i * n_heads, n_heads, 3 * n_heads)
             x = x if one_norm else self._norm(step, read, x)
+            alike = self.call(role_shared, self.store, x, shared, reader + i * n_heads, n_heads)
+            x = self.call(role_input, x, alike, shared)
             proj = read.projection
             ranges = tuple(r for _, r in sorted(pair for heads in read.rounds for pair in heads))  # by query head
             rounds = self.call(project_rounds, x, self.env[proj.weight], self._bias(proj), proj.layout, ranges,
-                               read.rounds, read.width, shared)
-            core_inputs.append(self._post(read, rounds, shared))
+                               read.rounds, read.width, alike)
+            core_inputs.append(self._post(read, rounds, alike))
         return core_inputs
 
     def _bias(self, proj: Projection) -> Node | None:
@@ -322,8 +334,8 @@ class _Builder:
             x = self.call(operator.getitem, self._readers(self.components.final, 1), 0)
             region = sorted(between(self.components.final, [logits]))
             self.graph.output(self.clone(region, {self.components.final: x})[logits])
-        else:
-            self.graph.output((self.env[logits], list(self.acts)))
+        else:  # no logits: the recording pass skips the final norm and unembedding (a fifth of SmolLM2's forward)
+            self.graph.output(list(self.acts))
 
 
 def _shift(dim, by: int = 1):

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from fxcircuits import patching
 from fxcircuits.patching import DeltaStore, accumulate, weighted_rows
 
 
@@ -31,7 +32,7 @@ def test_the_store_keeps_the_rows_of_groups_with_a_moved_edge():
     keep = torch.ones(1, 30, 7)
     keep[0, 0, 3] = 0.5
     keep[0, 20, 6] = 0.0
-    store, writes, others = DeltaStore(keep, [1, 12, 17]), [], []
+    store, writes, others = DeltaStore(keep, [1, 12, 17], [7]), [], []
     for n in (1, 12, 17):
         writes.append(torch.randn(n, 2, 3, generator=generator, dtype=torch.float64))
         others.append(torch.randn(n, 1, 3, generator=generator, dtype=torch.float64))
@@ -62,7 +63,7 @@ def test_gradients_of_accumulate(kind):
     stream = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64, requires_grad=True)
 
     def ours(stream, keep, *groups):
-        return accumulate(DeltaStore(keep, list(sizes)), stream, list(groups[:3]), list(groups[3:]), 0, 7)
+        return accumulate(DeltaStore(keep, list(sizes), [7]), stream, list(groups[:3]), list(groups[3:]), 0, 7)
 
     torch.testing.assert_close(ours(stream, keep, *writes, *others), _formula(stream, keep, writes, others))
     torch.autograd.gradcheck(ours, (stream, keep, *writes, *others))
@@ -81,8 +82,62 @@ def test_gradients_where_the_store_leaves_a_group_out():
     stream = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64, requires_grad=True)
 
     def ours(stream, *groups):
-        return accumulate(DeltaStore(keep, list(sizes)), stream, list(groups[:3]), list(groups[3:]), 0, 7)
+        return accumulate(DeltaStore(keep, list(sizes), [7]), stream, list(groups[:3]), list(groups[3:]), 0, 7)
 
-    assert DeltaStore(keep, list(sizes)).stored == [True, False, True]
+    assert DeltaStore(keep, list(sizes), [7]).stored == [True, False, True]
     torch.testing.assert_close(ours(stream, *writes, *others), _formula(stream, keep, writes, others))
     torch.autograd.gradcheck(ours, (stream, *writes, *others))
+
+
+def _layered(keep: torch.Tensor, generator, readers=(3, 1, 3, 1, 1), writers=(1, 4, 1, 4, 1)):
+    """Reader groups and writer groups taking turns as in a model (a layer's heads, its MLP, the logits): each
+    group reads every row written before it.  Returns every reader's value, in order, and the formula's."""
+    store = DeltaStore(keep, list(writers), list(readers))
+    writes, others, outs, expected, first = [], [], [], [], 0
+    for n_readers, n_writers in zip(readers, (*writers[1:], 0)):
+        if not writes:
+            writes.append(torch.randn(writers[0], 2, 5, generator=generator, dtype=torch.float64))
+            others.append(torch.randn(writers[0], 2, 5, generator=generator, dtype=torch.float64))
+        stream = torch.randn(2, 5, generator=generator, dtype=torch.float64)
+        outs.append(accumulate(store, stream, list(writes), list(others), first, first + n_readers))
+        rows = torch.cat([o - w for w, o in zip(writes, others)])
+        block = 1 - keep[:, :len(rows), first:first + n_readers]
+        expected.append(stream + torch.einsum("nud,unx->dnx", block, rows))
+        first += n_readers
+        if n_writers:
+            writes.append(torch.randn(n_writers, 2, 5, generator=generator, dtype=torch.float64))
+            others.append(torch.randn(n_writers, 2, 5, generator=generator, dtype=torch.float64))
+    return outs, expected
+
+
+@pytest.mark.parametrize("kind", ["dense", "few moved", "few kept"])
+def test_a_dense_product_carried_over_later_groups(kind, monkeypatch):
+    """A product that also serves the next groups' readers (over the rows written so far; they add only the rows
+    written since) gives every group's readers the formula's values, whatever route each part takes."""
+    monkeypatch.setattr(patching, "CARRIED", 4)  # so that groups of 3 and 1 readers carry
+    monkeypatch.setattr(patching, "_dense_cost", lambda n, u, d: 0.0 if kind == "dense" else 1e9)
+    generator = torch.Generator().manual_seed(4)
+    keep = 1 - torch.rand(1, 11, 9, generator=generator, dtype=torch.float64)
+    if kind != "dense":
+        few = torch.rand(1, 11, 9, generator=generator) < 0.2
+        keep = torch.where(few, keep, torch.ones_like(keep)) if kind == "few moved" else torch.where(few, keep, 0 * keep)
+    carried = []
+    original = DeltaStore.carried
+    monkeypatch.setattr(DeltaStore, "carried", lambda self, *a: carried.append(o := original(self, *a)) or o)
+    outs, expected = _layered(keep, generator)
+    for ours, reference in zip(outs, expected):
+        torch.testing.assert_close(ours, reference)
+    assert any(c is not None for c in carried) == (kind == "dense")
+
+
+def test_readers_weighted_alike_share_one_value():
+    """A node mask moves a node's edges into every later reader alike: each group's readers get one value, as a
+    view (so their heads read through the plain projections), equal to the formula's."""
+    generator = torch.Generator().manual_seed(5)
+    keep = torch.ones(1, 11, 9, dtype=torch.float64)
+    keep[0, 2] = 0.0   # node 2 patched on all of its edges
+    keep[0, 7] = 0.5
+    outs, expected = _layered(keep, generator)
+    for ours, reference in zip(outs, expected):
+        torch.testing.assert_close(ours, reference)
+        assert ours.shape[0] == 1 or ours.stride(0) == 0

@@ -155,26 +155,52 @@ def _never(*args) -> bool:
 # the post-projection path vmapped over rounds, one shared row where nothing is patched into a layer):
 READ_PATHS = {
     # each head's norm and projection on its own row, as where a norm cannot run on all rows at once
-    "per-head copies": ("fxcircuits.rewrite.broadcasts", _never),
+    "per-head copies": [("fxcircuits.rewrite.broadcasts", _never)],
     # the rounds of the post-projection path one after another, as where vmap cannot run it
-    "rounds apart": ("fxcircuits.heads.Post._maps", _never),
-    # every layer split per head even where no edge into it is patched
-    "never shared": ("fxcircuits.rewrite.shared_input", _never),
+    "rounds apart": [("fxcircuits.heads.Post._maps", _never)],
+    # every layer and role split per head even where the mask weights all edges into it alike
+    "never shared": [("fxcircuits.rewrite.shared_input", _never), ("fxcircuits.rewrite.role_shared", _never)],
 }
+
+
+def _read_path_masks(cm) -> torch.Tensor:
+    """Masks that exercise every read path: patched everywhere; one edge (most layers read the stream
+    unpatched); one node's edges all patched (every later layer's readers alike); only q edges patched (the k
+    and v readers of every layer alike)."""
+    n_edges, generator = len(cm.graph.edges), torch.Generator().manual_seed(5)
+    masks = torch.rand(4, n_edges, generator=generator)
+    masks[1] = 1.0
+    masks[1, n_edges // 2] = 0.0
+    masks[2] = (cm.graph.src != cm.graph.node_index["a0.h1"]).float()
+    masks[3] = torch.where(torch.tensor([e.endswith("<q>") for e in cm.graph.edges]), masks[3], 1.0)
+    return masks
 
 
 @pytest.mark.parametrize("path", READ_PATHS)
 @pytest.mark.parametrize("name", ["llama", "gpt2", "olmo2", "falcon_new_arch", "gemma"])
 def test_every_read_path_gives_the_same_numbers(name, path, prompts, monkeypatch):
-    """Masks that patch everywhere, and one edge (most layers then read the stream unpatched)."""
+    """Each mask of ``_read_path_masks`` on its own (sharing is decided per call, over all of its masks)."""
     model = make(name)
     default = fxcircuits.trace(model)
-    monkeypatch.setattr(*READ_PATHS[path])
+    for target, replacement in READ_PATHS[path]:
+        monkeypatch.setattr(target, replacement)
     variant = fxcircuits.trace(model)
     clean, corrupted, mask = prompts
-    masks = torch.rand(2, len(default.graph.edges), generator=torch.Generator().manual_seed(5))
-    masks[1] = 1.0
-    masks[1, len(default.graph.edges) // 2] = 0.0
+    for edge_mask in _read_path_masks(default):
+        with torch.no_grad():
+            ours = [cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=edge_mask) for cm in (default, variant)]
+        _close(ours[0], ours[1])
+
+
+def test_readers_weighted_alike_read_through_the_plain_projection(prompts, monkeypatch):
+    """Only q edges patched: every layer's k and v readers see one value, and take the plain projection."""
+    from fxcircuits import rewrite
+    seen, role_shared = [], rewrite.role_shared
+    monkeypatch.setattr(rewrite, "role_shared", lambda *args: seen.append(role_shared(*args)) or seen[-1])
+    model = make("llama")
+    cm = fxcircuits.trace(model)
+    clean, corrupted, mask = prompts
     with torch.no_grad():
-        ours = [cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks) for cm in (default, variant)]
-    _close(ours[0], ours[1])
+        cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=_read_path_masks(cm)[3])
+    assert len(seen) == 3 * model.config.num_hidden_layers
+    assert not any(seen[0::3]) and all(seen[1::3]) and all(seen[2::3])
