@@ -78,21 +78,32 @@ class DeltaStore:
 
     def carried(self, first: int, last: int, stream: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
         """``stream + Σ_u (1 − keep[u, d]) · rows[u]`` for readers ``first:last`` [readers, n_masks, X], through a
-        dense product over the rows so far that also serves the groups after them (at least ``CARRIED``
+        dense product over the rows so far that also serves the dense groups after them (up to ``CARRIED``
         readers), then only the rows written since.  None where a sparse route is the cheaper one."""
-        keep = self.keep.detach()
         if self.carry is None or not self.carry[0] <= first < last <= self.carry[1]:
-            ahead = next((end for end in self.ends if end >= last and end - first >= CARRIED), self.ends[-1])
-            weights = (1 - keep[:, self.nodes[:len(rows)], first:ahead]).to(rows.dtype)
-            if ahead == last or _route(weights, rows, True) != "dense":
+            if not self._dense(first, last, rows):
                 return None
-            self.carry = first, ahead, len(rows), weighted_rows(weights, rows)
+            ahead = last  # the next groups whose own product is dense, up to CARRIED readers in all
+            for end in (e for e in self.ends if e > last):
+                if ahead - first >= CARRIED or not self._dense(ahead, end, rows):
+                    break
+                ahead = end
+            if ahead == last:
+                return None
+            self.carry = first, ahead, len(rows), weighted_rows(self._weights(0, len(rows), first, ahead, rows), rows)
         start, _, count, sums = self.carry
         sums = sums[first - start:last - start]
         if count == len(rows):
             return sums + stream
-        weights = (1 - keep[:, self.nodes[count:len(rows)], first:last]).to(rows.dtype)
-        return weighted_rows(weights, rows[count:], stream).add_(sums)
+        return weighted_rows(self._weights(count, len(rows), first, last, rows), rows[count:], stream).add_(sums)
+
+    def _weights(self, start: int, stop: int, first: int, last: int, rows: torch.Tensor) -> torch.Tensor:
+        """1 − keep over stored rows ``start:stop`` and readers ``first:last``, as ``weighted_rows`` takes it."""
+        return (1 - self.keep.detach()[:, self.nodes[start:stop], first:last]).to(rows.dtype)
+
+    def _dense(self, first: int, last: int, rows: torch.Tensor) -> bool:
+        """Whether readers ``first:last`` would take the dense product over the rows stored so far."""
+        return _route(self._weights(0, len(rows), first, last, rows), rows, True) == "dense"
 
     def rows_sum(self) -> torch.Tensor:
         """Σ of the rows stored so far."""
