@@ -5,7 +5,8 @@ stream:
 
 * the **recorder** runs the model unchanged up to the last writer and returns every upstream node's output
   (``input``, each head's write, each MLP's write), one tensor [n_nodes, batch, seq, d_model] per writer — not
-  the logits, which no caller of the other run needs;
+  the logits, which no caller of the other run needs.  Where the heads' writes sum to what attention adds
+  (no output bias, no norm after it), both graphs add that sum and never run the output projection itself;
 * the **patcher** takes those outputs from another run plus a mask, and gives every downstream input its
   own value through :func:`fxcircuits.patching.accumulate`.  Each downstream input then runs its own copy of
   the reading computation: an MLP's whole block; for attention, the norm and projection of each query head's
@@ -314,15 +315,21 @@ class _Builder:
         values, plan = self.env, self.plans[id(attention)].write
         proj = plan.projection
         shares = {proj.node: self.call(head_writes, values[proj.x], values[proj.weight], proj.layout, plan.ranges)}
+        whole = {proj.node} if proj.bias is None else set()  # nodes whose heads' shares sum to them
         dependent = descendants(attention.output)
         for node in plan.after:
             if any(a in shares for a in node.all_input_nodes):
                 share = linear_share(self, node, shares, values, dependent, attention.n_heads)
                 if share is not None:
                     shares[node] = share
+                    if sums_to_whole(node, whole, dependent):
+                        whole.add(node)
         missing = [t for t in attention.terms if t not in shares]
         if missing:
             raise DecompositionError(self.name, missing[0], "this attention write is not linear in the heads' outputs")
+        for term in attention.terms:  # the stream adds the heads' writes: the output projection itself is dead
+            if term in whole:
+                self.env[term] = self.call(torch.sum, shares[term], 0)
         total = shares[attention.terms[0]]
         for term in attention.terms[1:]:
             total = self.call(operator.add, total, shares[term])
@@ -395,6 +402,21 @@ def linear_share(builder: _Builder, node: Node, shares: dict, values: dict, depe
     if target in (aten.matmul.default, aten.mm.default) and args[1] not in dependent:
         return call(aten.matmul.default, shares[first], arg_value(args[1]))
     return None  # a non-linear statistic of the whole write (e.g. a norm's variance): used as a whole
+
+
+def sums_to_whole(node: Node, whole: set[Node], dependent: set[Node]) -> bool:
+    """Whether the heads' shares of ``node`` (``linear_share``) sum to its value with nothing else: its inputs from
+    the attention output are such nodes (``whole``), it adds no constant (a bias, which the shares drop) and takes
+    no factor computed from the whole write (a norm's scale, which needs the whole write computed anyway)."""
+    inputs = [a for a in node.all_input_nodes if a in dependent]
+    if not inputs or not all(a in whole for a in inputs):
+        return False
+    if node.target in (aten.add.Tensor, aten.sub.Tensor):
+        return all(isinstance(a, Node) and a in whole for a in node.args[:2])
+    if node.target is aten.linear.default:
+        return len(node.args) < 3 or node.args[2] is None
+    return node.target in UNARY_LINEAR or node.target in RESHAPES or node.target in (
+        aten.mul.Tensor, aten.div.Tensor, aten.matmul.default, aten.mm.default)
 
 
 def build_recorder(gm: GraphModule, components: Components, plans: list[AttentionPlan]) -> GraphModule:

@@ -204,3 +204,18 @@ def test_readers_weighted_alike_read_through_the_plain_projection(prompts, monke
         cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=_read_path_masks(cm)[3])
     assert len(seen) == 3 * model.config.num_hidden_layers
     assert not any(seen[0::3]) and all(seen[1::3]) and all(seen[2::3])
+
+
+PRODUCTS = {torch.ops.aten.linear.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.default,
+            torch.ops.aten.matmul.default}
+
+
+@pytest.mark.parametrize("name, summed", [("llama", True), ("gptj", True), ("gpt2", False), ("gemma2", False)])
+def test_the_recorder_adds_the_heads_writes_and_skips_the_unembedding(name, summed):
+    """Where the heads' writes sum to what attention adds (no output bias, no norm after it), the recording pass
+    adds their sum and runs no output projection of its own; it never computes the logits (nobody reads them).
+    A bias (gpt2) or a norm after attention (gemma2) keeps the output projection."""
+    model = make(name)
+    cm = fxcircuits.trace(model)
+    products = lambda gm: sum(n.op == "call_function" and n.target in PRODUCTS for n in gm.graph.nodes)  # noqa: E731
+    assert products(cm.recorder) == products(cm.exported) - 1 - (model.config.num_hidden_layers if summed else 0)
