@@ -32,13 +32,13 @@ def _mask(kind: str, cm, batch: dict) -> torch.Tensor:
         return torch.rand(n_edges, generator=generator)
     if kind == "circuit":    # a random 5% of the edges kept, everything else patched: the worst circuit
         return (torch.rand(n_edges, generator=generator) < 0.05).float()
-    if kind == "found_circuit":  # the top 5% of EAP's scores on these prompts, everything else patched
+    if kind.startswith("found_circuit"):  # the top 5% (1%) of EAP's scores on these prompts, everything else patched
         scores = fxcircuits.attribute(cm, [batch], "logit_diff", "eap", progress=False)
-        return scores.topn(0.05).edge_mask(cm.graph)
+        return scores.topn(0.01 if kind.endswith("1pct") else 0.05).edge_mask(cm.graph)
     return torch.ones(n_edges).index_fill(0, torch.tensor([n_edges // 2]), 0.0)  # one edge patched
 
 
-@pytest.mark.parametrize("kind", ["dense", "circuit", "found_circuit", "one_edge"])
+@pytest.mark.parametrize("kind", ["dense", "circuit", "found_circuit", "found_circuit_1pct", "one_edge"])
 def test_patched_run(benchmark, smollm2, batch, kind):
     model, cm, clean, corrupted = smollm2
     mask = _mask(kind, cm, batch)

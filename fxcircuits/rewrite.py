@@ -11,8 +11,9 @@ stream:
   own value through :func:`fxcircuits.patching.accumulate`.  Each downstream input then runs its own copy of
   the reading computation: an MLP's whole block; for attention, the norm and projection of each query head's
   q, k and v separately (see :mod:`fxcircuits.heads`), the attention core over the per-head tensors, and the
-  unchanged output path.  Where no edge into a layer is patched and no gradient is asked for, its heads all
-  read the same stream, and the plain projections serve them (decided at run time, per call).
+  unchanged output path.  Where the mask weights every edge into a layer (or into one role's readers) alike
+  and no gradient is asked for, its heads all read one stream, and the plain projections serve them (decided at
+  run time, per call).
 
 Copies of the original nodes that end up unused are removed by dead-code elimination.
 """
