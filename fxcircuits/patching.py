@@ -40,7 +40,8 @@ class DeltaStore:
     readers: the reader groups' sizes, in order."""
 
     def __init__(self, keep: torch.Tensor, sizes: list[int], readers: list[int]):
-        moved = keep.detach() != 1
+        detached = keep.detach()
+        moved = detached != 1
         self.keep, self.moved_into = keep, moved.any(1).any(0).tolist()
         moved_from = moved.any(2).any(0).tolist()
         starts = [sum(sizes[:g]) for g in range(len(sizes))]
@@ -48,6 +49,8 @@ class DeltaStore:
         nodes = [u for f, n, kept in zip(starts, sizes, self.stored) if kept for u in range(f, f + n)]
         self.nodes = torch.tensor(nodes, dtype=torch.long, device=keep.device)
         self.n_stored = len(nodes)
+        self.block = detached.index_select(1, self.nodes)  # the stored rows' mask, [n_masks, n_stored, readers]
+        self.alike_to = _alike_runs(detached)
         self.buffer, self.count, self.groups = None, 0, 0
         self.summed, self.sum = 0, None
         self.ends = [sum(readers[:g + 1]) for g in range(len(readers))]
@@ -57,9 +60,9 @@ class DeltaStore:
         """Whether the mask moves any edge into readers ``first:last``."""
         return any(self.moved_into[first:last])
 
-    def extend(self, writes: list[torch.Tensor], others: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``other − write`` for the stored groups not seen yet.  Returns the stored rows so far and their
-        upstream nodes' positions among all of ``writes``."""
+    def extend(self, writes: list[torch.Tensor], others: list[torch.Tensor]) -> torch.Tensor:
+        """Write ``other − write`` for the stored groups not seen yet.  Returns the stored rows so far (their
+        upstream nodes are ``nodes[:len(rows)]``)."""
         with torch.no_grad():
             for write, other in zip(writes[self.groups:], others[self.groups:]):
                 if self.stored[self.groups]:
@@ -68,13 +71,11 @@ class DeltaStore:
                     torch.sub(other, write, out=self.buffer[self.count:self.count + write.shape[0]])
                     self.count += write.shape[0]
                 self.groups += 1
-        rows = self.buffer[:self.count] if self.buffer is not None else writes[0].new_empty(0, *writes[0].shape[1:])
-        return rows, self.nodes[:self.count]
+        return self.buffer[:self.count] if self.buffer is not None else writes[0].new_empty(0, *writes[0].shape[1:])
 
     def alike(self, first: int, last: int) -> bool:
-        """Whether the mask weights the edges into readers ``first:last`` alike (from the rows stored so far; the
-        others' edges are all kept), so that they all see one value."""
-        return _alike(self.keep.detach()[:, self.nodes[:self.count], first:last])
+        """Whether the mask weights the edges into readers ``first:last`` alike, so that they all see one value."""
+        return self.alike_to[first] >= last - 1
 
     def carried(self, first: int, last: int, stream: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
         """``stream + Σ_u (1 − keep[u, d]) · rows[u]`` for readers ``first:last`` [readers, n_masks, X], through a
@@ -99,7 +100,7 @@ class DeltaStore:
 
     def _weights(self, start: int, stop: int, first: int, last: int, rows: torch.Tensor) -> torch.Tensor:
         """1 − keep over stored rows ``start:stop`` and readers ``first:last``, as ``weighted_rows`` takes it."""
-        return (1 - self.keep.detach()[:, self.nodes[start:stop], first:last]).to(rows.dtype)
+        return (1 - self.block[:, start:stop, first:last]).to(rows.dtype)
 
     def _dense(self, first: int, last: int, rows: torch.Tensor) -> bool:
         """Whether readers ``first:last`` would take the dense product over the rows stored so far."""
@@ -219,19 +220,20 @@ def products(rows: torch.Tensor, rows_sum: Callable[[], torch.Tensor] | None = N
     return kernels if rows.dtype in kernels.DTYPES else TorchProducts(rows_sum)
 
 
-def _alike(weights: torch.Tensor) -> bool:
-    """Whether every reader's column of ``weights`` [n_masks, upstream, readers] is the same."""
-    return bool((weights == weights[..., :1]).all())
+def _alike_runs(keep: torch.Tensor) -> list[int]:
+    """For each reader d, the last reader e ≥ d such that readers d…e have the same column of ``keep``
+    [n_masks, upstream, readers] — whose edges the mask weights alike, so that they see the same value.
 
-
-def _one_reader_if_same(weights: torch.Tensor) -> torch.Tensor:
-    """The first reader's column of ``weights`` [n_masks, upstream, readers] where every reader's is the same.
-
-    Readers whose edges are all weighted alike see the same value: a node mask (activation patching) moves a
-    node's edges into every later reader together, and a circuit leaves many layers with no edge of its own.
-    Their sum is computed once and handed to all of them as a view, and their heads then read through the plain
-    projections (``heads.shared_input``), as the unpatched model does."""
-    return weights[..., :1] if weights.shape[2] > 1 and _alike(weights) else weights
+    A node mask (activation patching) moves a node's edges into every later reader together, and a circuit leaves
+    many readers with no edge of its own.  Such readers' sum is computed once and handed to all of them as a
+    view, and their heads then read through the plain projections (``heads.shared_input``), as the unpatched
+    model does.  Found for every reader at once, with one transfer from the device: asking per group would
+    wait for the device at every layer."""
+    same = (keep[..., 1:] == keep[..., :-1]).flatten(0, 1).all(0).tolist()  # reader d + 1 is like reader d
+    runs = [keep.shape[2] - 1]
+    for d in range(keep.shape[2] - 2, -1, -1):
+        runs.append(runs[-1] if same[d] else d)
+    return runs[::-1]
 
 
 class _Accumulate(torch.autograd.Function):
@@ -243,7 +245,7 @@ class _Accumulate(torch.autograd.Function):
     def forward(ctx, stream, keep, store, first, last, n_groups, *writes_and_others):
         n_masks, _, n_readers = keep.shape
         writes, others = writes_and_others[:n_groups], writes_and_others[n_groups:]
-        rows, nodes = store.extend(writes, others)
+        rows = store.extend(writes, others)
         # nothing stored yet: no node written so far has a moved edge, whatever the mask says of later ones
         ctx.moved = len(rows) > 0 and store.moves(first, last)
         ctx.rows, ctx.products = rows, products(rows, store.rows_sum)
@@ -252,9 +254,10 @@ class _Accumulate(torch.autograd.Function):
         ctx.save_for_backward(keep)
         if not ctx.moved:  # every edge into these readers is kept: they all read the stream as it is
             return stream.expand(n_readers, *stream.shape)
-        ctx.weights = keep.detach().index_select(1, nodes)  # the stored rows' block of the mask
+        ctx.weights = store.block[:, :len(rows), first:last]  # the stored rows' block of the mask
         rows = rows.reshape(len(rows), n_masks, -1)
-        weights, flat = _one_reader_if_same(ctx.weights), stream.reshape(n_masks, -1)
+        one = n_readers > 1 and store.alike(first, last)  # readers weighted alike: one sum, handed to all
+        weights, flat = ctx.weights[..., :1] if one else ctx.weights, stream.reshape(n_masks, -1)
         out = None if rows.is_cuda else store.carried(first, last, flat, rows)
         if out is None:  # on CUDA the fused kernels read each row once for all readers already
             out = ctx.products.accumulate(flat, weights, rows)

@@ -36,11 +36,11 @@ def test_the_store_keeps_the_rows_of_groups_with_a_moved_edge():
     for n in (1, 12, 17):
         writes.append(torch.randn(n, 2, 3, generator=generator, dtype=torch.float64))
         others.append(torch.randn(n, 1, 3, generator=generator, dtype=torch.float64))
-        rows, nodes = store.extend(writes, others)
+        rows = store.extend(writes, others)
         stored = [o - w for o, w, kept in zip(others, writes, (True, False, True)) if kept]
         torch.testing.assert_close(rows, torch.cat(stored))
         torch.testing.assert_close(store.rows_sum(), torch.cat(stored).sum(0))
-    assert nodes.tolist() == [0, *range(13, 30)]
+    assert store.nodes.tolist() == [0, *range(13, 30)]
     assert [store.moves(d, d + 1) for d in range(7)] == [False, False, False, True, False, False, True]
 
 
