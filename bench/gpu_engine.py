@@ -7,11 +7,12 @@ the size of the IOI benchmark on CPU, traced once per dtype.  For fp32 and bf16 
 and forward + backward, a clean run, patched runs (dense random mask, a circuit of 5% of the edges, one edge;
 the corrupted pass included) and the mask gradient (forward + backward to an all-ones edge mask: edge
 attribution patching), each once through the kernels and once through the torch path, and checks that both
-paths give the same logits and edge scores.  Figures are medians of ``torch.utils.benchmark`` blocked runs
-(which synchronise the GPU), measured side by side so that ratios can be compared.  Results go to ``--out`` as
-JSON after each dtype, so a run cut short keeps what it measured; a measurement that fails is recorded as
-its error (so is a model that cannot be traced), and the script then exits with status 1.  ``--device cpu
---layers 2`` is a quick dry run (there both paths are the torch one).
+paths give the same logits and edge scores.  It also counts the operations each run launches, and the scalar
+reads that make the host wait: at this size a GPU is bound by launches.  Figures are medians of
+``torch.utils.benchmark`` blocked runs (which synchronise the GPU), measured side by side so that ratios can be
+compared.  Results go to ``--out`` as JSON after each dtype, so a run cut short keeps what it measured; a
+measurement that fails is recorded as its error (so is a model that cannot be traced), and the script then
+exits with status 1.  ``--device cpu --layers 2`` is a quick dry run (there both paths are the torch one).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+from operations import count
 from torch.utils.benchmark import Timer
 
 import fxcircuits
@@ -134,6 +136,14 @@ def measure_dtype(dtype: torch.dtype, args) -> tuple[dict, bool]:
                 outputs[path] = cm(clean, corrupted_input_ids=corrupted, edge_mask=masks["dense"]).float()
             run.measure(f"{path}.mask_gradient", lambda: edge_scores(cm, clean, other))
             outputs[f"{path}.scores"] = edge_scores(cm, clean, other).float()
+    with torch.no_grad():
+        runs = {"hf_forward": lambda: model(input_ids=clean).logits, "clean": lambda: cm(clean),
+                **{f"patched_{kind}": lambda mask=mask: cm(clean, corrupted_input_ids=corrupted, edge_mask=mask)
+                   for kind, mask in masks.items()}}
+        for name, fn in runs.items():
+            operations = count(fn)
+            run.figures[f"operations.{name}"], run.figures[f"scalar_reads.{name}"] = (operations.launches(),
+                                                                                      operations.waits())
     batch = {"clean": clean, "corrupted": corrupted, "correct": clean[:, :1], "incorrect": clean[:, 1:2]}
     run.measure("hf_eap_passes", lambda: hf_eap_passes(model, batch))
     run.measure("eap_attribute", lambda: fxcircuits.attribute(cm, [batch], "logit_diff", "eap", progress=False))
