@@ -227,11 +227,16 @@ def place_columns(parts: list[torch.Tensor], ranges: list[Ranges], width: int) -
     """A ``width``-column tensor holding each part at its columns and zeros elsewhere."""
     out = parts[0].new_zeros(*parts[0].shape[:-1], width)
     for part, blocks in zip(parts, ranges):
-        offset = 0
-        for start, n in blocks:
-            out[..., start:start + n] = part[..., offset:offset + n]
-            offset += n
+        place_columns_into(out, part, blocks)
     return out
+
+
+def place_columns_into(out: torch.Tensor, part: torch.Tensor, blocks: Ranges) -> None:
+    """Write ``part``'s columns, in order, into ``out``'s column ``blocks``."""
+    offset = 0
+    for start, n in blocks:
+        out[..., start:start + n] = part[..., offset:offset + n]
+        offset += n
 
 
 def shared_input(rows: torch.Tensor) -> bool:
@@ -271,14 +276,32 @@ def role_input(rows: torch.Tensor, alike: bool, shared: bool) -> torch.Tensor:
     return rows[:1] if alike and not shared else rows
 
 
+def wholly_patched(store, rows: torch.Tensor, first: int, n: int, recorded: torch.Tensor | None) -> tuple[int, ...]:
+    """The heads among one role's ``n`` readers (from reader ``first``) whose every edge the mask patches fully.
+
+    They read the other run's stream exactly, so their projection is the one the recording pass computed
+    (``recorded``) and needs no computing: in a circuit found by attribution, a third to a half of the q, k and v
+    inputs have no edge of their own.  None where there is no recording (ablation values are no run of the
+    model) or where the rows need their own gradient."""
+    if recorded is None or (rows.requires_grad and torch.is_grad_enabled()):
+        return ()
+    return store.wholly_patched(first, first + n)
+
+
 def project_rounds(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str,
                    ranges: tuple[Ranges, ...], rounds: tuple[tuple[tuple[int, Ranges], ...], ...], width: int,
-                   shared: bool) -> torch.Tensor:
+                   shared: bool, recorded_heads: tuple[int, ...] = (),
+                   recorded: torch.Tensor | None = None) -> torch.Tensor:
     """The projection's output as the post-projection path reads it, one per round: [rounds, *rows, width].
 
     Each round holds its heads' columns (``ranges[h]`` for query head h), each computed from that head's own row
     of ``x`` [heads, …] (zeros elsewhere).  Where all heads share one row (``shared``) the plain projection holds
-    every head's columns and a single round serves them all."""
+    every head's columns and a single round serves them all.  The heads in ``recorded_heads`` take their columns
+    from ``recorded``, the projection's output in the other run (``wholly_patched``)."""
+    if recorded_heads:
+        if shared:  # readers alike and all wholly patched: the other run's projection serves them all
+            return recorded.unsqueeze(0)
+        return _rounds_with_recorded(x, weight, bias, layout, ranges, rounds, recorded_heads, recorded)
     if shared:
         x = x[0] if x.shape[0] == 1 and x.dim() > 2 else x
         out = x @ _in_out(weight, layout)
@@ -294,6 +317,23 @@ def project_rounds(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         return by_round.reshape(per_group, *rest, width)
     out = projected.new_zeros(per_group, *rest, width)
     out.narrow(-1, start, (groups - 1) * step + columns).unfold(-1, columns, step).copy_(by_round)
+    return out
+
+
+def _rounds_with_recorded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str,
+                          ranges: tuple[Ranges, ...], rounds, recorded_heads: tuple[int, ...],
+                          recorded: torch.Tensor) -> torch.Tensor:
+    """``project_rounds``' rounds with only the heads outside ``recorded_heads`` projected: every round starts as
+    the other run's projection ``recorded`` (columns of heads a round does not hold are never read), and each
+    projected head's columns are written over its own round's, one head at a time (gathering the heads' rows
+    and weights for one batched product would copy more than the product saves)."""
+    out = recorded.expand(len(rounds), *recorded.shape).clone()
+    w, rows = _in_out(weight, layout), out.shape[1:-1]
+    round_of = {h: r for r, heads in enumerate(rounds) for h, _ in heads}
+    for h in range(len(ranges)):
+        if h not in recorded_heads:
+            part = project_columns(x[h], w, bias, "in_out", ranges[h]).reshape(*rows, -1)
+            place_columns_into(out[round_of[h]], part, ranges[h])
     return out
 
 

@@ -91,6 +91,12 @@ class CircuitModel(nn.Module):
 
     def groups(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Upstream outputs as the patcher takes them: one tensor per writer (``input``, a layer's heads, an MLP)."""
+        return self.recording(input_ids, attention_mask)[0]
+
+    def recording(self, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The recording pass: ``groups()``, and the output of every attention layer's q, k and v projections,
+        which a patched run reads for the heads whose every edge it patches from this run."""
         return self.recorder(*self._inputs(input_ids, attention_mask))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -108,27 +114,31 @@ class CircuitModel(nn.Module):
         if edge_mask is None and node_mask is None:
             return self.exported(input_ids, attention_mask)
         keep = dense_keep(self.graph, edge_mask, node_mask, device=self.device)
-        other = self._other_run(input_ids, attention_mask, corrupted_input_ids, corrupted_activations)
-        logits = self.patched(input_ids, attention_mask, other, keep)
+        other, recorded = self._other_run(input_ids, attention_mask, corrupted_input_ids, corrupted_activations)
+        logits = self.patched(input_ids, attention_mask, other, keep, recorded=recorded)
         batched = any(isinstance(m, torch.Tensor) and m.dim() == 2 for m in (edge_mask, node_mask))
         return logits if batched else logits[0]
 
     def patched(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, other: list[torch.Tensor],
-                keep: torch.Tensor, tap: Tap | None = None) -> torch.Tensor:
+                keep: torch.Tensor, tap: Tap | None = None, recorded: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The patcher as attribution methods drive it: logits [n_masks, batch, seq, vocab].
 
         ``other``: the other run's outputs per writer group (``groups()``), [n, batch or 1, seq, d_model], or
         [n, n_masks·batch, …] when each mask has its own; ``keep``: [n_masks, n_upstream, n_downstream] as
-        ``patching.dense_keep`` builds it; ``tap``: a ``patching.Tap`` to score every edge in the backward pass."""
+        ``patching.dense_keep`` builds it; ``tap``: a ``patching.Tap`` to score every edge in the backward pass;
+        ``recorded``: where ``other`` is a recorded run of this batch, its projections (``recording()[1]``), from
+        which the heads that read that run alone take theirs instead of computing them again."""
         n = keep.shape[0]
         if n > 1:
             input_ids, attention_mask = input_ids.repeat(n, 1), attention_mask.repeat(n, 1)
             other = [g if g.shape[1] in (1, input_ids.shape[0]) else g.repeat(1, n, 1, 1) for g in other]
-        logits = self.patcher(input_ids, attention_mask, other, keep, tap)
+            if recorded is not None:
+                recorded = [r.repeat(n, *[1] * (r.dim() - 1)) for r in recorded]
+        logits = self.patcher(input_ids, attention_mask, other, keep, tap, recorded)
         return logits.reshape(n, -1, *logits.shape[1:])
 
     def _other_run(self, input_ids, attention_mask, corrupted_input_ids,
-                   corrupted_activations) -> list[torch.Tensor]:
+                   corrupted_activations) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         if (corrupted_input_ids is None) == (corrupted_activations is None):
             raise ValueError("a masked run needs exactly one of corrupted_input_ids (patch from a corrupted prompt) or "
                              "corrupted_activations (zero / mean ablation values)")
@@ -138,11 +148,11 @@ class CircuitModel(nn.Module):
             if corrupted_activations.dim() != 4 or corrupted_activations.shape[0] != len(self.graph.upstream):
                 raise ValueError(f"corrupted_activations have shape {tuple(corrupted_activations.shape)}; expected "
                                  f"[{len(self.graph.upstream)}, batch or 1, seq, d_model] as activations() returns")
-            return list(corrupted_activations.to(self.device).split(self.graph.group_sizes))
+            return list(corrupted_activations.to(self.device).split(self.graph.group_sizes)), None
         if corrupted_input_ids.shape != input_ids.shape:
             raise ValueError(f"clean input_ids have shape {tuple(input_ids.shape)} but corrupted_input_ids have "
                              f"{tuple(corrupted_input_ids.shape)}: patching needs clean and corrupted prompts of the "
                              "same token length; pad them to a common length (and pass the attention_mask) or drop "
                              "the pairs that tokenize differently")
         with torch.no_grad():
-            return self.groups(corrupted_input_ids, attention_mask)
+            return self.recording(corrupted_input_ids, attention_mask)

@@ -37,9 +37,9 @@ class DeltaStore:
     (``carried``), and those groups add only the rows written since.
 
     keep: the whole mask [n_masks, n_upstream, n_downstream]; sizes: the upstream groups' sizes, in order;
-    readers: the reader groups' sizes, in order."""
+    readers: the reader groups' sizes, in order; reads: how many upstream nodes each reader group reads."""
 
-    def __init__(self, keep: torch.Tensor, sizes: list[int], readers: list[int]):
+    def __init__(self, keep: torch.Tensor, sizes: list[int], readers: list[int], reads: list[int]):
         detached = keep.detach()
         moved = detached != 1
         self.keep, self.moved_into = keep, moved.any(1).any(0).tolist()
@@ -51,6 +51,7 @@ class DeltaStore:
         self.n_stored = len(nodes)
         self.block = detached.index_select(1, self.nodes)  # the stored rows' mask, [n_masks, n_stored, readers]
         self.alike_to = _alike_runs(detached)
+        self.wholly = _wholly_patched(detached, readers, reads)
         self.buffer, self.count, self.groups = None, 0, 0
         self.summed, self.sum = 0, None
         self.ends = [sum(readers[:g + 1]) for g in range(len(readers))]
@@ -76,6 +77,10 @@ class DeltaStore:
     def alike(self, first: int, last: int) -> bool:
         """Whether the mask weights the edges into readers ``first:last`` alike, so that they all see one value."""
         return self.alike_to[first] >= last - 1
+
+    def wholly_patched(self, first: int, last: int) -> tuple[int, ...]:
+        """Readers among ``first:last`` (counted from ``first``) each of whose edges every mask patches fully."""
+        return tuple(d - first for d in range(first, last) if self.wholly[d])
 
     def carried(self, first: int, last: int, stream: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
         """``stream + Σ_u (1 − keep[u, d]) · rows[u]`` for readers ``first:last`` [readers, n_masks, X], through a
@@ -218,6 +223,19 @@ def products(rows: torch.Tensor, rows_sum: Callable[[], torch.Tensor] | None = N
         return TorchProducts(rows_sum)
     from .kernels import accumulate as kernels
     return kernels if rows.dtype in kernels.DTYPES else TorchProducts(rows_sum)
+
+
+def _wholly_patched(keep: torch.Tensor, readers: list[int], reads: list[int]) -> list[bool]:
+    """For each reader, whether ``keep`` [n_masks, upstream, readers] is 0 on every edge into it in every mask.
+
+    Such a reader's input is the other run's stream, Σ_u a_u(other), exactly: a circuit leaves many readers
+    with no edge of their own, and where the other run is a run (a corrupted prompt), what they compute from it
+    is what that run computed (``heads.wholly_patched``).  ``reads``: how many upstream nodes each group of
+    ``readers`` reads; the rows after those are not edges (``dense_keep`` leaves them at 1)."""
+    device = keep.device
+    upstream = torch.tensor(reads, device=device).repeat_interleave(torch.tensor(readers, device=device))
+    edges = torch.arange(keep.shape[1], device=device)[:, None] < upstream
+    return ((keep == 0) | ~edges).flatten(0, 1).all(0).tolist()
 
 
 def _alike_runs(keep: torch.Tensor) -> list[int]:

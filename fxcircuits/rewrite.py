@@ -5,15 +5,17 @@ stream:
 
 * the **recorder** runs the model unchanged up to the last writer and returns every upstream node's output
   (``input``, each head's write, each MLP's write), one tensor [n_nodes, batch, seq, d_model] per writer — not
-  the logits, which no caller of the other run needs.  Where the heads' writes sum to what attention adds
-  (no output bias, no norm after it), both graphs add that sum and never run the output projection itself;
+  the logits, which no caller of the other run needs — and the output of every attention layer's q, k and v
+  projections.  Where the heads' writes sum to what attention adds (no output bias, no norm after it), both
+  graphs add that sum and never run the output projection itself;
 * the **patcher** takes those outputs from another run plus a mask, and gives every downstream input its
   own value through :func:`fxcircuits.patching.accumulate`.  Each downstream input then runs its own copy of
   the reading computation: an MLP's whole block; for attention, the norm and projection of each query head's
   q, k and v separately (see :mod:`fxcircuits.heads`), the attention core over the per-head tensors, and the
   unchanged output path.  Where the mask weights every edge into a layer (or into one role's readers) alike
-  and no gradient is asked for, its heads all read one stream, and the plain projections serve them (decided at
-  run time, per call).
+  and no gradient is asked for, its heads all read one stream, and the plain projections serve them; a head
+  whose every edge the mask patches from a recorded run reads that run's projection (both decided at run time,
+  per call).
 
 Copies of the original nodes that end up unused are removed by dead-code elimination.
 """
@@ -28,7 +30,8 @@ from torch.fx import Graph, GraphModule, Node
 from .components import SDPA, Attention, Components, DecompositionError, MLP, Step, between, descendants
 from .heads import (RELAYOUT, Post, Projection, Ranges, broadcasts, columns_read, columns_written, distinct_rows,
                     first_projection, gather_heads, head_writes, last_projection, layer_norm_share, place_columns,
-                    project_columns, project_rounds, role_input, role_rows, role_shared, shared_input, to_ranges)
+                    project_columns, project_rounds, role_input, role_rows, role_shared, shared_input, to_ranges,
+                    wholly_patched)
 from .patching import DeltaStore, accumulate, tap
 
 aten = torch.ops.aten
@@ -118,6 +121,12 @@ def _plan_write(attention: Attention, values: dict, name: str) -> WritePlan:
     return WritePlan(proj, sorted(region), sorted(after), tuple(to_ranges(c) for c in columns))
 
 
+def recorded_at(recorded: list[torch.Tensor] | None, index: int) -> torch.Tensor | None:
+    """One attention read's projection output in the recorded other run, or None where the other run was given
+    as values (zero or mean ablation) rather than recorded."""
+    return None if recorded is None else recorded[index]
+
+
 def as_rows(t: torch.Tensor, like: torch.Tensor, n: int) -> torch.Tensor:
     """Upstream outputs in the stream's canonical layout: [n, *like.shape]."""
     return t.reshape(n, *like.shape)
@@ -141,6 +150,11 @@ class _Builder:
         self.n_upstream = 0
         self.sizes = [1] + [w.n_heads if isinstance(w, Attention) else 1 for s in components.steps for w in s.writers]
         self.readers = [sum(_reader_sizes(s)) for s in components.steps] + [1]  # the logits read last
+        written = [sum(w.n_heads if isinstance(w, Attention) else 1 for w in s.writers) for s in components.steps]
+        self.reads = [1 + sum(written[:i]) for i in range(len(written) + 1)]  # upstream nodes each reader group reads
+        # the projection outputs of every attention read, which the recorder returns and the patcher takes back
+        self.recorded = [(id(a), role, plan.reads[role].projection.node) for a, plan in zip(components.attentions, plans)
+                         for role in QKV]
         self.n_downstream = 0
         self.name = components.model_name
 
@@ -186,7 +200,8 @@ class _Builder:
             self.other = self.graph.placeholder("other")   # per writer: [n_nodes, rows, seq, d_model]
             self.keep = self.graph.placeholder("keep")     # [n_masks, n_upstream, n_downstream]
             self.tap = self.graph.placeholder("tap", default_value=None)  # a patching.Tap, or None
-            self.store = self.call(DeltaStore, self.keep, self.sizes, self.readers)
+            self.recording = self.graph.placeholder("recorded", default_value=None)  # the recorder's projections
+            self.store = self.call(DeltaStore, self.keep, self.sizes, self.readers, self.reads)
 
     def _add_group(self, act: Node, n: int) -> None:
         self.acts.append(act)
@@ -237,7 +252,7 @@ class _Builder:
         plan, h = self.plans[id(attention)], attention.n_heads
         reads = [plan.reads[role] for role in QKV]
         if all(r.stacked for r in reads):
-            core_inputs = self._read_stacked(step, reads, self._rows(inputs, first, 3 * h), h, reader)
+            core_inputs = self._read_stacked(step, attention, reads, self._rows(inputs, first, 3 * h), reader)
         else:
             core_inputs = [self._read_apart(step, read, self._rows(inputs, first + i * h, h))
                            for i, read in enumerate(reads)]
@@ -248,11 +263,14 @@ class _Builder:
         self.env.update({n: local[n] for n in plan.write.region})
         self.env[attention.output] = output
 
-    def _read_stacked(self, step: Step, reads: list[ReadPlan], rows: Node, n_heads: int, reader: int) -> list[Node]:
+    def _read_stacked(self, step: Step, attention: Attention, reads: list[ReadPlan], rows: Node,
+                      reader: int) -> list[Node]:
         """The core's q, k and v inputs from a layer's 3·heads rows: norms over all rows at once, one batched
         matmul per role, the post-projection path once over all rounds.  Where the mask weights every edge into
         the layer (or into one role's readers) alike and no gradient is asked for, one row and the plain
-        projection serve every head (of that role)."""
+        projection serve every head (of that role); heads whose every edge is patched from a recorded run take
+        their projection from that run's recording."""
+        n_heads = attention.n_heads
         shared = self.call(shared_input, rows)
         rows = self.call(distinct_rows, rows, shared)
         one_norm = len({(tuple(r.norm), r.projection.x) for r in reads}) == 1
@@ -263,13 +281,18 @@ class _Builder:
             x = self.call(role_rows, rows, shared, i * n_heads, n_heads, 3 * n_heads)
             x = x if one_norm else self._norm(step, read, x)
             alike = self.call(role_shared, self.store, x, shared, reader + i * n_heads, n_heads)
+            recorded = self.call(recorded_at, self.recording, self._recorded_index(attention, QKV[i]))
+            wholly = self.call(wholly_patched, self.store, x, reader + i * n_heads, n_heads, recorded)
             x = self.call(role_input, x, alike, shared)
             proj = read.projection
             ranges = tuple(r for _, r in sorted(pair for heads in read.rounds for pair in heads))  # by query head
             rounds = self.call(project_rounds, x, self.env[proj.weight], self._bias(proj), proj.layout, ranges,
-                               read.rounds, read.width, alike)
+                               read.rounds, read.width, alike, wholly, recorded)
             core_inputs.append(self._post(read, rounds, alike))
         return core_inputs
+
+    def _recorded_index(self, attention: Attention, role: str) -> int:
+        return next(i for i, (a, r, _) in enumerate(self.recorded) if a == id(attention) and r == role)
 
     def _bias(self, proj: Projection) -> Node | None:
         return self.env[proj.bias] if proj.bias is not None else None
@@ -343,7 +366,7 @@ class _Builder:
             region = sorted(between(self.components.final, [logits]))
             self.graph.output(self.clone(region, {self.components.final: x})[logits])
         else:  # no logits: the recording pass skips the final norm and unembedding (a fifth of SmolLM2's forward)
-            self.graph.output(list(self.acts))
+            self.graph.output((list(self.acts), [self.env[node] for _, _, node in self.recorded]))
 
 
 def _shift(dim, by: int = 1):

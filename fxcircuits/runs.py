@@ -25,6 +25,7 @@ class Prepared:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     other: list[torch.Tensor]   # per writer group: [n, batch or 1, seq, d_model]
+    recorded: list[torch.Tensor] | None = None  # the corrupted run's projections (CircuitModel.recording)
 
     @property
     def size(self) -> int:
@@ -51,13 +52,14 @@ def _prepare(cm: CircuitModel, batch: dict, metric, ablation: str, means: torch.
     with torch.no_grad():
         if metrics.needs_clean_logits(metric):
             batch["clean_logits"] = metrics.logits_at_answer(cm(ids, mask), batch)
+        recorded = None
         if ablation == "corrupted":
-            other = cm.groups(batch["corrupted"], mask)
+            other, recorded = cm.recording(batch["corrupted"], mask)
         else:
             values = torch.zeros(len(cm.graph.upstream), 1, 1, cm.graph.d_model) if means is None else means
             dtype = next(cm.exported.parameters()).dtype
             other = list(values.to(cm.device, dtype).split(cm.graph.group_sizes))
-    return Prepared(batch, ids, mask, other)
+    return Prepared(batch, ids, mask, other, recorded)
 
 
 def mean_activations(cm: CircuitModel, reference: Iterable[dict] | None) -> torch.Tensor:
@@ -83,7 +85,8 @@ def metric_values(cm: CircuitModel, prepared: list[Prepared], metric, masks: tor
     """The metric of every example under every edge mask [n, E], patched in one call per batch: [n, examples]."""
     keep = dense_keep(cm.graph, masks, device=cm.device)
     with torch.no_grad():
-        values = [metric(cm.patched(p.input_ids, p.attention_mask, p.other, keep), p.batch) for p in prepared]
+        values = [metric(cm.patched(p.input_ids, p.attention_mask, p.other, keep, recorded=p.recorded), p.batch)
+                  for p in prepared]
     return torch.cat(values, -1).float().cpu()
 
 

@@ -1,4 +1,6 @@
 """The accumulation behind every patched run: each route equals the dense product, gradients included."""
+import itertools
+
 import pytest
 import torch
 
@@ -32,7 +34,7 @@ def test_the_store_keeps_the_rows_of_groups_with_a_moved_edge():
     keep = torch.ones(1, 30, 7)
     keep[0, 0, 3] = 0.5
     keep[0, 20, 6] = 0.0
-    store, writes, others = DeltaStore(keep, [1, 12, 17], [7]), [], []
+    store, writes, others = DeltaStore(keep, [1, 12, 17], [7], [30]), [], []
     for n in (1, 12, 17):
         writes.append(torch.randn(n, 2, 3, generator=generator, dtype=torch.float64))
         others.append(torch.randn(n, 1, 3, generator=generator, dtype=torch.float64))
@@ -63,7 +65,8 @@ def test_gradients_of_accumulate(kind):
     stream = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64, requires_grad=True)
 
     def ours(stream, keep, *groups):
-        return accumulate(DeltaStore(keep, list(sizes), [7]), stream, list(groups[:3]), list(groups[3:]), 0, 7)
+        store = DeltaStore(keep, list(sizes), [7], [sum(sizes)])
+        return accumulate(store, stream, list(groups[:3]), list(groups[3:]), 0, 7)
 
     torch.testing.assert_close(ours(stream, keep, *writes, *others), _formula(stream, keep, writes, others))
     torch.autograd.gradcheck(ours, (stream, keep, *writes, *others))
@@ -82,9 +85,10 @@ def test_gradients_where_the_store_leaves_a_group_out():
     stream = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64, requires_grad=True)
 
     def ours(stream, *groups):
-        return accumulate(DeltaStore(keep, list(sizes), [7]), stream, list(groups[:3]), list(groups[3:]), 0, 7)
+        store = DeltaStore(keep, list(sizes), [7], [sum(sizes)])
+        return accumulate(store, stream, list(groups[:3]), list(groups[3:]), 0, 7)
 
-    assert DeltaStore(keep, list(sizes), [7]).stored == [True, False, True]
+    assert DeltaStore(keep, list(sizes), [7], [sum(sizes)]).stored == [True, False, True]
     torch.testing.assert_close(ours(stream, *writes, *others), _formula(stream, keep, writes, others))
     torch.autograd.gradcheck(ours, (stream, *writes, *others))
 
@@ -92,7 +96,7 @@ def test_gradients_where_the_store_leaves_a_group_out():
 def _layered(keep: torch.Tensor, generator, readers=(3, 1, 3, 1, 1), writers=(1, 4, 1, 4, 1)):
     """Reader groups and writer groups taking turns as in a model (a layer's heads, its MLP, the logits): each
     group reads every row written before it.  Returns every reader's value, in order, and the formula's."""
-    store = DeltaStore(keep, list(writers), list(readers))
+    store = DeltaStore(keep, list(writers), list(readers), list(itertools.accumulate(writers))[:len(readers)])
     writes, others, outs, expected, first = [], [], [], [], 0
     for n_readers, n_writers in zip(readers, (*writers[1:], 0)):
         if not writes:

@@ -62,6 +62,8 @@ class TestEveryArchitecture:
         clean, corrupted, mask = prompts
         generator = torch.Generator().manual_seed(2)
         masks = torch.rand(3, len(cm.graph.edges), generator=generator)
+        # every layer's k input of head 0 patched wholly in every mask: read from the recording, repeated per mask
+        masks[:, torch.tensor([e.endswith(".h0<k>") for e in cm.graph.edges])] = 0.0
         with torch.no_grad():
             together = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks)
             for i in range(3):
@@ -160,20 +162,27 @@ READ_PATHS = {
     "rounds apart": [("fxcircuits.heads.Post._maps", _never)],
     # every layer and role split per head even where the mask weights all edges into it alike
     "never shared": [("fxcircuits.rewrite.shared_input", _never), ("fxcircuits.rewrite.role_shared", _never)],
+    # every head projected, even those that read the recorded corrupted run alone
+    "never recorded": [("fxcircuits.rewrite.wholly_patched", lambda *args: ())],
 }
 
 
 def _read_path_masks(cm) -> torch.Tensor:
     """Masks that exercise every read path: patched everywhere; one edge (most layers read the stream
     unpatched); one node's edges all patched (every later layer's readers alike); only q edges patched (the k
-    and v readers of every layer alike)."""
+    and v readers of every layer alike); a circuit in which every layer's q input of head 0, k input of head 1
+    and v input of head 2 keep no edge (they read the corrupted run alone)."""
     n_edges, generator = len(cm.graph.edges), torch.Generator().manual_seed(5)
-    masks = torch.rand(4, n_edges, generator=generator)
+    masks = torch.rand(5, n_edges, generator=generator)
     masks[1] = 1.0
     masks[1, n_edges // 2] = 0.0
     masks[2] = (cm.graph.src != cm.graph.node_index["a0.h1"]).float()
     masks[3] = torch.where(torch.tensor([e.endswith("<q>") for e in cm.graph.edges]), masks[3], 1.0)
+    masks[4] = (masks[4] < 0.5).float() * torch.tensor([not e.endswith(WHOLLY_PATCHED) for e in cm.graph.edges])
     return masks
+
+
+WHOLLY_PATCHED = (".h0<q>", ".h1<k>", ".h2<v>")  # the readers mask 4 of ``_read_path_masks`` leaves no edge
 
 
 @pytest.mark.parametrize("path", READ_PATHS)
@@ -204,6 +213,29 @@ def test_readers_weighted_alike_read_through_the_plain_projection(prompts, monke
         cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=_read_path_masks(cm)[3])
     assert len(seen) == 3 * model.config.num_hidden_layers
     assert not any(seen[0::3]) and all(seen[1::3]) and all(seen[2::3])
+
+
+def test_heads_reading_the_corrupted_run_alone_take_its_projections(prompts, monkeypatch):
+    """The circuit of ``_read_path_masks``: in every layer, q of head 0, k of head 1 and v of head 2 read the
+    recorded corrupted run alone, and take their projections from it.  Nothing is read from a recording where
+    the other run is given as values (zero ablation) or the mask needs a gradient."""
+    from fxcircuits import rewrite
+    seen, wholly_patched = [], rewrite.wholly_patched
+    monkeypatch.setattr(rewrite, "wholly_patched", lambda *args: seen.append(wholly_patched(*args)) or seen[-1])
+    model = make("llama")
+    cm = fxcircuits.trace(model)
+    clean, corrupted, mask = prompts
+    circuit = _read_path_masks(cm)[4]
+    with torch.no_grad():
+        cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=circuit)
+    assert len(seen) == 3 * model.config.num_hidden_layers
+    assert all(head in heads for i, heads in enumerate(seen) for head in [i % 3])
+    seen.clear()
+    zeros = torch.zeros_like(cm.activations(clean, mask))
+    with torch.no_grad():
+        cm(clean, mask, corrupted_activations=zeros, edge_mask=circuit)
+    cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=circuit.clone().requires_grad_(True)).sum().backward()
+    assert len(seen) == 6 * model.config.num_hidden_layers and not any(seen)
 
 
 PRODUCTS = {torch.ops.aten.linear.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.default,
