@@ -282,10 +282,12 @@ def wholly_patched(store, rows: torch.Tensor, first: int, n: int, recorded: torc
     They read the other run's stream exactly, so their projection is the one the recording pass computed
     (``recorded``) and needs no computing: in a circuit found by attribution, a third to a half of the q, k and v
     inputs have no edge of their own.  None where there is no recording (ablation values are no run of the
-    model) or where the rows need their own gradient."""
+    model) or where the rows need their own gradient.  On a GPU, only where all ``n`` are: there a run this size
+    is bound by launches, and projecting some heads one by one launches more than the batched product."""
     if recorded is None or (rows.requires_grad and torch.is_grad_enabled()):
         return ()
-    return store.wholly_patched(first, first + n)
+    heads = store.wholly_patched(first, first + n)
+    return heads if len(heads) == n or not rows.is_cuda else ()
 
 
 def project_rounds(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str,
