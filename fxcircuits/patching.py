@@ -12,6 +12,7 @@ so a patched run costs one pass of the other input plus one pass of the patched 
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import warnings
 from collections.abc import Callable, Mapping
@@ -51,7 +52,7 @@ class DeltaStore:
         self.n_stored = len(nodes)
         self.block = detached.index_select(1, self.nodes)  # the stored rows' mask, [n_masks, n_stored, readers]
         self.alike_to = _alike_runs(detached)
-        self.wholly = _wholly_patched(detached, readers, reads)
+        self.readers, self.reads = readers, reads
         self.buffer, self.count, self.groups = None, 0, 0
         self.summed, self.sum = 0, None
         self.ends = [sum(readers[:g + 1]) for g in range(len(readers))]
@@ -81,6 +82,12 @@ class DeltaStore:
     def wholly_patched(self, first: int, last: int) -> tuple[int, ...]:
         """Readers among ``first:last`` (counted from ``first``) each of whose edges every mask patches fully."""
         return tuple(d - first for d in range(first, last) if self.wholly[d])
+
+    @functools.cached_property
+    def wholly(self) -> list[bool]:
+        """Per reader, whether every mask patches each of its edges fully; found on first use, as only runs that
+        recorded their other run and need no gradient ask."""
+        return _wholly_patched(self.keep.detach(), self.readers, self.reads)
 
     def carried(self, first: int, last: int, stream: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
         """``stream + Σ_u (1 − keep[u, d]) · rows[u]`` for readers ``first:last`` [readers, n_masks, X], through a
