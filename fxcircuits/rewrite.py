@@ -132,6 +132,11 @@ def as_rows(t: torch.Tensor, like: torch.Tensor, n: int) -> torch.Tensor:
     return t.reshape(n, *like.shape)
 
 
+def _writer_sizes(step: Step) -> list[int]:
+    """Per writer of ``step``, how many upstream nodes it writes: one per query head, or one."""
+    return [w.n_heads if isinstance(w, Attention) else 1 for w in step.writers]
+
+
 def _reader_sizes(step: Step) -> list[int]:
     """Per writer of ``step``, how many inputs read the stream for it: q, k and v of each query head, or one."""
     return [3 * w.n_heads if isinstance(w, Attention) else 1 for w in step.writers]
@@ -148,9 +153,9 @@ class _Builder:
         self.acts: list[Node] = []       # per writer group: [n, *stream.shape]
         self.others: list[Node] = []     # the patcher's other run, per writer group
         self.n_upstream = 0
-        self.sizes = [1] + [w.n_heads if isinstance(w, Attention) else 1 for s in components.steps for w in s.writers]
+        self.sizes = [1] + [n for s in components.steps for n in _writer_sizes(s)]
         self.readers = [sum(_reader_sizes(s)) for s in components.steps] + [1]  # the logits read last
-        written = [sum(w.n_heads if isinstance(w, Attention) else 1 for w in s.writers) for s in components.steps]
+        written = [sum(_writer_sizes(s)) for s in components.steps]
         self.reads = [1 + sum(written[:i]) for i in range(len(written) + 1)]  # upstream nodes each reader group reads
         # the projection outputs of every attention read, which the recorder returns and the patcher takes back
         self.recorded = [(id(a), role, plan.reads[role].projection.node) for a, plan in zip(components.attentions, plans)
