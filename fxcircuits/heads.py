@@ -172,10 +172,16 @@ def _take(t: torch.Tensor, dim: int, ranges: Ranges) -> torch.Tensor:
 
 
 def project_columns(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str,
-                    ranges: Ranges) -> torch.Tensor:
-    """``(x @ W + b)[..., columns]`` computed for those columns only."""
-    out = x @ _take(_in_out(weight, layout), -1, ranges)
+                    ranges: Ranges, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``(x · scale @ W + b)[..., columns]`` computed for those columns only (``scale``: one value per row of
+    ``x``, applied to the product: see ``norms``)."""
+    out = _scaled(x @ _take(_in_out(weight, layout), -1, ranges), scale)
     return out if bias is None else out + _take(bias, 0, ranges)
+
+
+def _scaled(out: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """A product of rows times their scale: ``(x · s) @ W = s · (x @ W)``, with ``s`` shaped like x's rows."""
+    return out if scale is None else out * scale.reshape(*out.shape[:-1], 1)
 
 
 @functools.cache
@@ -203,21 +209,23 @@ def _grid_view(t: torch.Tensor, dim: int, layout: tuple[int, int, int, int, int]
 
 
 def project_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str,
-                  ranges: tuple[Ranges, ...]) -> torch.Tensor:
-    """Head h's columns ``ranges[h]`` of ``x[h] @ W + b`` for every head in one batched matmul.
+                  ranges: tuple[Ranges, ...], scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Head h's columns ``ranges[h]`` of ``x[h] · scale[h] @ W + b`` for every head in one batched matmul.
 
-    ``x`` holds the heads' inputs stacked on axis 0 (or flattened with them, as after ``view(-1, d)``);
-    returns [heads, *rows, columns] with the per-head leading shape kept where ``x`` kept it.  Where the
-    columns form a grid the weight is read in place (heads of a group share a block and one matmul)."""
+    ``x`` holds the heads' inputs stacked on axis 0 (or flattened with them, as after ``view(-1, d)``), and
+    ``scale`` one value per row of it, or None; returns [heads, *rows, columns] with the per-head leading shape
+    kept where ``x`` kept it.  Where the columns form a grid the weight is read in place (heads of a group share
+    a block and one matmul)."""
     n = len(ranges)
     rows = x.shape[1:-1] if x.shape[0] == n and x.dim() > 2 else (-1,)
     w, blocks = _in_out(weight, layout), grid(ranges)
     if blocks is not None:
-        out = torch.bmm(x.reshape(blocks[0], -1, x.shape[-1]), _grid_view(w, -1, blocks))
+        out = _scaled(torch.bmm(x.reshape(blocks[0], -1, x.shape[-1]), _grid_view(w, -1, blocks)), scale)
         if bias is not None:
             out = out + _grid_view(bias, 0, blocks)[:, None]
     else:
-        out = torch.bmm(x.reshape(n, -1, x.shape[-1]), torch.stack([_take(w, -1, r) for r in ranges]))
+        out = _scaled(torch.bmm(x.reshape(n, -1, x.shape[-1]), torch.stack([_take(w, -1, r) for r in ranges])),
+                      scale)
         if bias is not None:
             out = out + torch.stack([_take(bias, 0, r) for r in ranges])[:, None]
     return out.reshape(n, *rows, out.shape[-1])
@@ -253,10 +261,11 @@ def distinct_rows(rows: torch.Tensor, shared: bool) -> torch.Tensor:
     return rows[:1] if shared else rows
 
 
-def role_rows(rows: torch.Tensor, shared: bool, first: int, n: int, total: int) -> torch.Tensor:
+def role_rows(rows: torch.Tensor | None, shared: bool, first: int, n: int, total: int) -> torch.Tensor | None:
     """One role's (q, k or v) readers among a layer's ``total`` rows; the one shared row where all read the same.
-    A norm may have flattened the readers with batch and sequence (``view(-1, d)``): they lead, so they split."""
-    if shared:
+    A norm may have flattened the readers with batch and sequence (``view(-1, d)``): they lead, so they split.
+    None (no per-row scale: ``norms.Norm``) stays None."""
+    if shared or rows is None:
         return rows
     if rows.shape[0] != total:
         rows = rows.reshape(total, -1, rows.shape[-1])
@@ -270,10 +279,10 @@ def role_shared(store, rows: torch.Tensor, shared: bool, first: int, n: int) -> 
     return shared or not (rows.requires_grad and torch.is_grad_enabled()) and store.alike(first, first + n)
 
 
-def role_input(rows: torch.Tensor, alike: bool, shared: bool) -> torch.Tensor:
+def role_input(rows: torch.Tensor | None, alike: bool, shared: bool) -> torch.Tensor | None:
     """The rows one role projects: the first where its readers share one value (it already is the only one where
-    the whole layer shares)."""
-    return rows[:1] if alike and not shared else rows
+    the whole layer shares).  None stays None (``role_rows``)."""
+    return rows[:1] if alike and not shared and rows is not None else rows
 
 
 def wholly_patched(store, rows: torch.Tensor, first: int, n: int, recorded: torch.Tensor | None) -> tuple[int, ...]:
@@ -293,22 +302,23 @@ def wholly_patched(store, rows: torch.Tensor, first: int, n: int, recorded: torc
 def project_rounds(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str,
                    ranges: tuple[Ranges, ...], rounds: tuple[tuple[tuple[int, Ranges], ...], ...], width: int,
                    shared: bool, recorded_heads: tuple[int, ...] = (),
-                   recorded: torch.Tensor | None = None) -> torch.Tensor:
+                   recorded: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     """The projection's output as the post-projection path reads it, one per round: [rounds, *rows, width].
 
     Each round holds its heads' columns (``ranges[h]`` for query head h), each computed from that head's own row
-    of ``x`` [heads, …] (zeros elsewhere).  Where all heads share one row (``shared``) the plain projection holds
-    every head's columns and a single round serves them all.  The heads in ``recorded_heads`` take their columns
-    from ``recorded``, the projection's output in the other run (``wholly_patched``)."""
+    of ``x`` [heads, …] (zeros elsewhere) times its ``scale`` (one value per row, or None: see ``norms``).  Where
+    all heads share one row (``shared``) the plain projection holds every head's columns and a single round
+    serves them all.  The heads in ``recorded_heads`` take their columns from ``recorded``, the projection's
+    output in the other run (``wholly_patched``)."""
     if recorded_heads:
         if shared:  # readers alike and all wholly patched: the other run's projection serves them all
             return recorded.unsqueeze(0)
-        return _rounds_with_recorded(x, weight, bias, layout, ranges, rounds, recorded_heads, recorded)
+        return _rounds_with_recorded(x, weight, bias, layout, ranges, rounds, recorded_heads, recorded, scale)
     if shared:
-        x = x[0] if x.shape[0] == 1 and x.dim() > 2 else x
-        out = x @ _in_out(weight, layout)
-        return (out if bias is None else out + bias).unsqueeze(0)
-    projected = project_heads(x, weight, bias, layout, ranges)
+        out = _scaled(x @ _in_out(weight, layout), scale)
+        out = out if bias is None else out + bias
+        return out if x.shape[0] == 1 and x.dim() > 2 else out.unsqueeze(0)
+    projected = project_heads(x, weight, bias, layout, ranges, scale)
     blocks, rest = grid(ranges), projected.shape[1:-1]
     if blocks is None:
         return torch.stack([place_columns([projected[h] for h, _ in heads], [r for _, r in heads], width)
@@ -324,7 +334,7 @@ def project_rounds(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 def _rounds_with_recorded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str,
                           ranges: tuple[Ranges, ...], rounds, recorded_heads: tuple[int, ...],
-                          recorded: torch.Tensor) -> torch.Tensor:
+                          recorded: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """``project_rounds``' rounds with only the heads outside ``recorded_heads`` projected: every round starts as
     the other run's projection ``recorded`` (columns of heads a round does not hold are never read), and each
     projected head's columns are written over its own round's, one head at a time (gathering the heads' rows
@@ -334,7 +344,8 @@ def _rounds_with_recorded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     round_of = {h: r for r, heads in enumerate(rounds) for h, _ in heads}
     for h in range(len(ranges)):
         if h not in recorded_heads:
-            part = project_columns(x[h], w, bias, "in_out", ranges[h]).reshape(*rows, -1)
+            part = project_columns(x[h], w, bias, "in_out", ranges[h], None if scale is None else scale[h])
+            part = part.reshape(*rows, -1)
             place_columns_into(out[round_of[h]], part, ranges[h])
     return out
 

@@ -32,6 +32,7 @@ from .heads import (RELAYOUT, Post, Projection, Ranges, broadcasts, columns_read
                     first_projection, gather_heads, head_writes, last_projection, layer_norm_share, place_columns,
                     project_columns, project_rounds, role_input, role_rows, role_shared, shared_input, to_ranges,
                     wholly_patched)
+from .norms import Norm, fold_columns
 from .patching import DeltaStore, accumulate, tap
 
 aten = torch.ops.aten
@@ -50,6 +51,7 @@ class ReadPlan:
     picks: tuple[tuple[int, int], ...]                         # per query head: (round, head of the core input)
     width: int
     stacked: bool             # all heads' norms and projections can run as one batched computation
+    stacked_norm: Norm | None  # the norm as run on all heads' rows at once (see ``norms``); None without a norm
 
 
 @dataclass
@@ -101,7 +103,7 @@ def _plan_read(step: Step, attention: Attention, role: str, values: dict, name: 
     width = values[proj.node].shape[-1]
     stacked = separable and len({len(c) for c in columns}) == 1 and broadcasts(step.start, proj.x, values)
     return ReadPlan(proj, sorted(norm), Post(sorted(post), proj.node, core_input, values), core_input, rounds, picks,
-                    width, stacked)
+                    width, stacked, Norm(sorted(norm), step.start, proj.x, values, RELAYOUT) if norm and stacked else None)
 
 
 def _plan_write(attention: Attention, values: dict, name: str) -> WritePlan:
@@ -274,27 +276,38 @@ class _Builder:
         matmul per role, the post-projection path once over all rounds.  Where the mask weights every edge into
         the layer (or into one role's readers) alike and no gradient is asked for, one row and the plain
         projection serve every head (of that role); heads whose every edge is patched from a recorded run take
-        their projection from that run's recording."""
+        their projection from that run's recording.  The norms' last factors are applied across the projection
+        (``norms``)."""
         n_heads = attention.n_heads
         shared = self.call(shared_input, rows)
         rows = self.call(distinct_rows, rows, shared)
         one_norm = len({(tuple(r.norm), r.projection.x) for r in reads}) == 1
-        if one_norm:
-            rows = self._norm(step, reads[0], rows)
+        rows, scale = self._stacked_norm(reads[0], rows, shared) if one_norm else (rows, None)
         core_inputs = []
         for i, read in enumerate(reads):
-            x = self.call(role_rows, rows, shared, i * n_heads, n_heads, 3 * n_heads)
-            x = x if one_norm else self._norm(step, read, x)
+            x, s = (self.call(role_rows, t, shared, i * n_heads, n_heads, 3 * n_heads) for t in (rows, scale))
+            if not one_norm:
+                x, s = self._stacked_norm(read, x, shared)
             alike = self.call(role_shared, self.store, x, shared, reader + i * n_heads, n_heads)
             recorded = self.call(recorded_at, self.recording, self._recorded_index(attention, QKV[i]))
             wholly = self.call(wholly_patched, self.store, x, reader + i * n_heads, n_heads, recorded)
-            x = self.call(role_input, x, alike, shared)
-            proj = read.projection
+            x, s = (self.call(role_input, t, alike, shared) for t in (x, s))
+            proj, columns = read.projection, read.stacked_norm.factors.columns if read.stacked_norm else ()
             ranges = tuple(r for _, r in sorted(pair for heads in read.rounds for pair in heads))  # by query head
-            rounds = self.call(project_rounds, x, self.env[proj.weight], self._bias(proj), proj.layout, ranges,
-                               read.rounds, read.width, alike, wholly, recorded)
+            weight = self.call(fold_columns, self.env[proj.weight], proj.layout, shared,
+                               *(self.env[c] for c in columns)) if columns else self.env[proj.weight]
+            rounds = self.call(project_rounds, x, weight, self._bias(proj), proj.layout, ranges,
+                               read.rounds, read.width, alike, wholly, recorded, s)
             core_inputs.append(self._post(read, rounds, alike))
         return core_inputs
+
+    def _stacked_norm(self, read: ReadPlan, x: Node, shared: Node) -> tuple[Node, Node | None]:
+        """The norm of the stacked rows ``x`` and the per-row scale the projection applies, which is None where the
+        norm ran whole (``norms.Norm``)."""
+        if read.stacked_norm is None:
+            return x, None
+        out = self.call(read.stacked_norm, x, shared, *(self.env[e] for e in read.stacked_norm.externals))
+        return self.call(operator.getitem, out, 0), self.call(operator.getitem, out, 1)
 
     def _recorded_index(self, attention: Attention, role: str) -> int:
         return next(i for i, (a, r, _) in enumerate(self.recorded) if a == id(attention) and r == role)

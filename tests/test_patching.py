@@ -164,6 +164,9 @@ READ_PATHS = {
     "never shared": [("fxcircuits.rewrite.shared_input", _never), ("fxcircuits.rewrite.role_shared", _never)],
     # every head projected, even those that read the recorded corrupted run alone
     "never recorded": [("fxcircuits.rewrite.wholly_patched", lambda *args: ())],
+    # every norm run whole, as captured: no factor moved across the projection, x² written out
+    "norms as captured": [("fxcircuits.norms.Norm.__call__", lambda self, rows, shared, *e: (self.whole(rows, *e)[0], None)),
+                          ("fxcircuits.rewrite.fold_columns", lambda weight, *args: weight)],
 }
 
 

@@ -1,0 +1,165 @@
+"""Cheaper copies of the norm in front of each attention input, found in the graph rather than per architecture.
+
+The patcher gives every q, k and v input of every head its own copy of the stream, so a layer runs its input norm
+on 3·heads rows where the model runs it on one, and each of those passes over [readers, batch, seq, d_model]
+costs about as much as a head's projection.  Two rewrites keep the values (up to float rounding) and drop most
+of those passes:
+
+* **Factors at the end of the norm move across the projection** (``peel``).  An RMSNorm ends
+  ``x · rsqrt(mean(x²) + ε) · g``: a scale per row and a weight per column.  Since
+  ``(x · s · g) @ W = s · (x @ (g ⊙ W))``, the weight is folded into the projection's rows (``fold_columns``, a
+  [d_model, columns] product per call) and the scale multiplies the projection's output, a head's columns
+  rather than d_model.  The projection's bias is added after the scale, where it was.
+* **mean(x²) without writing x²** (``fuse_mean_square``): one reduction instead of a pass that writes a copy of
+  the rows and a second that reads it.
+
+Both apply to a layer's stacked rows only (``Norm``).  Where every reader of a layer sees one shared value (no
+edge into it patched, or all alike), the norm runs as captured: the model's own numbers, to the last bit, so an
+all-ones mask gives exactly the clean run and an empty circuit on clean = corrupted exactly the full model.  A
+LayerNorm is one fused ATen operation already and is left as it is.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+aten = torch.ops.aten
+# Operations that leave a value as it is when they keep its dtype (``to(float32)`` on fp32 rows, ``type_as``)
+IDENTITIES = {aten._to_copy.default, aten.type_as.default, aten.clone.default, aten.alias.default}
+
+
+@dataclass(frozen=True)
+class Factors:
+    """The projection's input as ``core · Π rows · Π columns``: ``rows`` hold one value per row ([…, 1], computed
+    from the stream), ``columns`` one per column ([d], computed from weights alone)."""
+    core: Node
+    rows: tuple[Node, ...] = ()
+    columns: tuple[Node, ...] = ()
+
+
+def peel(end: Node, region: set[Node], values: dict) -> Factors:
+    """Walk back from ``end`` (a projection's input) through multiplications by per-row or per-column factors and
+    through casts that change nothing, while every value keeps ``end``'s shape and dtype.  ``region``: the nodes
+    computed from the stream (the norm); a factor outside it is a constant of the run."""
+    rows, columns, node = [], [], end
+    shape, dtype = values[end].shape, values[end].dtype
+    while node in region and _alike(values[node], shape, dtype):
+        source = node.args[0] if node.args else None
+        if node.target in IDENTITIES and isinstance(source, Node) and _alike(values[source], shape, dtype) \
+                and set(node.kwargs) <= {"dtype", "memory_format"}:
+            node = source
+            continue
+        if node.target is not aten.mul.Tensor or not all(isinstance(a, Node) for a in node.args[:2]):
+            break
+        a, b = node.args[:2]
+        full, factor = (a, b) if _alike(values[a], shape, dtype) else (b, a)
+        kind = _factor(values[factor], shape, dtype, factor in region)
+        if kind is None or not _alike(values[full], shape, dtype):
+            break
+        (rows if kind == "row" else columns).append(factor)
+        node = full
+    return Factors(node, tuple(rows), tuple(columns))
+
+
+class Norm:
+    """The captured path from the stream to a projection's input, run on a layer's stacked reader rows [readers, …]:
+    ``norm(rows, shared, *externals)`` → (output, per-row scale or None).
+
+    Where the rows are one shared value (``shared``) it runs as captured and returns its output.  Otherwise it stops
+    at the trailing factors (``peel``) with mean(x²) fused, and returns the product of the per-row factors beside;
+    the projection applies it, with the per-column factors folded into its weight (``fold_columns``)."""
+
+    def __init__(self, region: list[Node], source: Node, end: Node, values: dict, relayout: dict):
+        self.__name__ = "norm"  # how FX names the node that calls it
+        self.factors = peel(end, set(region), values)
+        inside = set(region) | {source}
+        self.externals = list(dict.fromkeys(a for n in region for a in n.all_input_nodes if a not in inside))
+        self.whole = self._module(region, source, [end], relayout)
+        self.factored = fuse_mean_square(self._module(region, source, [self.factors.core, *self.factors.rows],
+                                                      relayout))
+
+    def _module(self, region: list[Node], source: Node, outputs: list[Node], relayout: dict) -> GraphModule:
+        graph = Graph()
+        env = {source: graph.placeholder("x")}
+        env.update({e: graph.placeholder(f"external_{i}") for i, e in enumerate(self.externals)})
+        for node in region:
+            env[node] = graph.node_copy(node, env.__getitem__)
+            env[node].target = relayout.get(env[node].target, env[node].target)
+        graph.output(tuple(env[o] for o in outputs))
+        graph.eliminate_dead_code()
+        return GraphModule(torch.nn.Module(), graph)
+
+    def __call__(self, rows: torch.Tensor, shared: bool, *externals) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if shared:
+            return self.whole(rows, *externals)[0], None
+        core, *factors = self.factored(rows, *externals)
+        return core, row_scale(*factors) if factors else None
+
+
+def _alike(value, shape: torch.Size, dtype: torch.dtype) -> bool:
+    return isinstance(value, torch.Tensor) and value.shape == shape and value.dtype == dtype
+
+
+def _factor(value, shape: torch.Size, dtype: torch.dtype, from_stream: bool) -> str | None:
+    """"row" for a value per row computed from the stream, "column" for a constant value per column, else None."""
+    if not isinstance(value, torch.Tensor) or value.dtype != dtype:
+        return None
+    if from_stream and value.shape == shape[:-1] + (1,):
+        return "row"
+    if not from_stream and value.dim() >= 1 and value.shape[-1] == shape[-1] and value.numel() == shape[-1]:
+        return "column"
+    return None
+
+
+def _dtype(node: Node) -> torch.dtype | None:
+    value = node.meta.get("val")
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Run-time helpers called from the patcher.
+
+def fold_columns(weight: torch.Tensor, layout: str, shared: bool, *columns: torch.Tensor) -> torch.Tensor:
+    """The projection's weight with its input rows scaled by the column factors, in the weight's own layout
+    (``heads.Projection.layout``): ``(x ⊙ g) @ W = x @ (g ⊙ W)``.  Unchanged where the rows are ``shared``: their
+    norm ran whole (``Norm``)."""
+    if shared:
+        return weight
+    for g in columns:
+        g = g.reshape(-1)
+        weight = weight * (g if layout == "out_in" else g[:, None])
+    return weight
+
+
+def row_scale(*rows: torch.Tensor) -> torch.Tensor:
+    """The product of the per-row factors, [readers, …, 1]: what the projection's output is multiplied by."""
+    scale = rows[0]
+    for r in rows[1:]:
+        scale = scale * r
+    return scale
+
+
+def mean_square(x: torch.Tensor, dim: list[int], keepdim: bool = False) -> torch.Tensor:
+    """``mean(x², dim)`` as one reduction (the 2-norm, squared), never writing x² out."""
+    count = math.prod(x.shape[d] for d in dim)
+    return torch.linalg.vector_norm(x, 2, dim, keepdim).square() / count
+
+
+def fuse_mean_square(gm: GraphModule) -> GraphModule:
+    """Replace ``mean(pow(x, 2), dim)`` over fp32 or fp64 values, where the square serves nothing else, by
+    ``mean_square`` (16-bit values keep their own rounding)."""
+    for node in list(gm.graph.nodes):
+        square = node.args[0] if node.target is aten.mean.dim and node.args else None
+        if (isinstance(square, Node) and square.target is aten.pow.Tensor_Scalar and square.args[1] == 2
+                and len(square.users) == 1 and not node.kwargs and len(node.args) >= 2
+                and isinstance(node.args[1], (list, tuple)) and _dtype(square) in (torch.float32, torch.float64)):
+            with gm.graph.inserting_before(node):
+                fused = gm.graph.call_function(mean_square, (square.args[0], *node.args[1:]))
+            node.replace_all_uses_with(fused)
+            gm.graph.erase_node(node)
+            gm.graph.erase_node(square)
+    gm.recompile()
+    return gm
