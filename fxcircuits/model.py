@@ -17,7 +17,7 @@ from .capture import example_inputs, export
 from .components import Attention, find_components
 from .graph import CircuitGraph, Writer
 from .heads import record_values
-from .patching import Tap, dense_keep
+from .patching import Scratch, Tap, dense_keep
 from .rewrite import build_patcher, build_readout, build_recorder, plan_attention
 
 
@@ -50,7 +50,8 @@ class CircuitModel(nn.Module):
 
     ``graph`` lists nodes and edges; ``activations`` returns every upstream node's output; calling the module
     with a mask runs the edge-patched model; ``readout`` maps a residual stream [B, S, d_model] to logits (the
-    final norm and unembedding alone, for the logit lens)."""
+    final norm and unembedding alone, for the logit lens); ``scratch`` keeps the memory patched runs on CPU write
+    their rows into (``patching.Scratch``: ``cm.scratch.clear()`` frees it)."""
 
     def __init__(self, model_name: str, exported: nn.Module, recorder: nn.Module, patcher: nn.Module,
                  readout: nn.Module, graph: CircuitGraph):
@@ -59,6 +60,7 @@ class CircuitModel(nn.Module):
         self.exported, self.recorder, self.patcher, self.readout = exported, recorder, patcher, readout
         self.graph = graph
         self.traced_device = self.device
+        self.scratch = Scratch()
 
     def __repr__(self) -> str:
         return f"CircuitModel({self.model_name}, {self.graph})"
@@ -134,7 +136,8 @@ class CircuitModel(nn.Module):
             other = [g if g.shape[1] in (1, input_ids.shape[0]) else g.repeat(1, n, 1, 1) for g in other]
             if recorded is not None:
                 recorded = [r.repeat(n, *[1] * (r.dim() - 1)) for r in recorded]
-        logits = self.patcher(input_ids, attention_mask, other, keep, tap, recorded)
+        with self.scratch.lend() as scratch:
+            logits = self.patcher(input_ids, attention_mask, other, keep, tap, recorded, scratch)
         return logits.reshape(n, -1, *logits.shape[1:])
 
     def _other_run(self, input_ids, attention_mask, corrupted_input_ids,

@@ -12,10 +12,13 @@ so a patched run costs one pass of the other input plus one pass of the patched 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
+import math
+import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -38,9 +41,12 @@ class DeltaStore:
     (``carried``), and those groups add only the rows written since.
 
     keep: the whole mask [n_masks, n_upstream, n_downstream]; sizes: the upstream groups' sizes, in order;
-    readers: the reader groups' sizes, in order; reads: how many upstream nodes each reader group reads."""
+    readers: the reader groups' sizes, in order; reads: how many upstream nodes each reader group reads;
+    scratch: where the rows may be written when no gradient will read them back (``Scratch``), or None."""
 
-    def __init__(self, keep: torch.Tensor, sizes: list[int], readers: list[int], reads: list[int]):
+    def __init__(self, keep: torch.Tensor, sizes: list[int], readers: list[int], reads: list[int],
+                 scratch: Scratch | None = None):
+        self.scratch = None if torch.is_grad_enabled() else scratch  # a backward pass reads the rows after the run
         detached = keep.detach()
         moved = detached != 1
         self.keep, self.moved_into = keep, moved.any(1).any(0).tolist()
@@ -69,7 +75,8 @@ class DeltaStore:
             for write, other in zip(writes[self.groups:], others[self.groups:]):
                 if self.stored[self.groups]:
                     if self.buffer is None:  # pages of rows never written are never touched
-                        self.buffer = write.new_empty(self.n_stored, *write.shape[1:])
+                        shape = (self.n_stored, *write.shape[1:])
+                        self.buffer = write.new_empty(shape) if self.scratch is None else self.scratch.take(write, shape)
                     torch.sub(other, write, out=self.buffer[self.count:self.count + write.shape[0]])
                     self.count += write.shape[0]
                 self.groups += 1
@@ -127,6 +134,44 @@ class DeltaStore:
                 self.sum = self.sum + self.buffer[self.summed:self.count].sum(0)
         self.summed = self.count
         return self.sum
+
+
+class Scratch:
+    """Memory for the rows of patched runs on CPU, kept from one run to the next.
+
+    The rows take tens of MB (SmolLM2 on 8 prompts: 78 MB).  The C allocator hands a buffer that large back to the
+    OS when it is freed, so every run paid for mapping it afresh: about 20,000 page faults, 5% of the run.  CUDA's
+    caching allocator keeps freed memory already, so GPU runs never use this.  A run that needs a gradient keeps
+    its rows for the backward pass and gets its own buffer; so does a run that starts while another holds this one
+    (``lend``).  ``clear()`` frees it."""
+
+    def __init__(self):
+        self._buffer: torch.Tensor | None = None
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def lend(self) -> Iterator[Scratch | None]:
+        """This scratch for the length of one run, or None where another run holds it."""
+        if not self._lock.acquire(blocking=False):
+            yield None
+            return
+        try:
+            yield self
+        finally:
+            self._lock.release()
+
+    def take(self, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """A tensor of ``shape`` with ``like``'s dtype and device, in the kept memory where it fits (else fresh)."""
+        if like.is_cuda:
+            return like.new_empty(shape)
+        size = math.prod(shape)
+        held = self._buffer
+        if held is None or held.numel() < size or held.dtype != like.dtype or held.device != like.device:
+            self._buffer = held = like.new_empty(size)
+        return held[:size].view(shape)
+
+    def clear(self) -> None:
+        self._buffer = None
 
 
 CARRIED = 100  # readers a dense product serves at once (see DeltaStore); measured best among 56, 100 and 200

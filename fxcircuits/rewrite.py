@@ -208,7 +208,8 @@ class _Builder:
             self.keep = self.graph.placeholder("keep")     # [n_masks, n_upstream, n_downstream]
             self.tap = self.graph.placeholder("tap", default_value=None)  # a patching.Tap, or None
             self.recording = self.graph.placeholder("recorded", default_value=None)  # the recorder's projections
-            self.store = self.call(DeltaStore, self.keep, self.sizes, self.readers, self.reads)
+            scratch = self.graph.placeholder("scratch", default_value=None)  # a patching.Scratch, or None
+            self.store = self.call(DeltaStore, self.keep, self.sizes, self.readers, self.reads, scratch)
 
     def _add_group(self, act: Node, n: int) -> None:
         self.acts.append(act)

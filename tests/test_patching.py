@@ -254,3 +254,34 @@ def test_the_recorder_adds_the_heads_writes_and_skips_the_unembedding(name, summ
     cm = fxcircuits.trace(model)
     products = lambda gm: sum(n.op == "call_function" and n.target in PRODUCTS for n in gm.graph.nodes)  # noqa: E731
     assert products(cm.recorder) == products(cm.exported) - 1 - (model.config.num_hidden_layers if summed else 0)
+
+
+def test_runs_without_a_gradient_write_their_rows_into_the_kept_scratch(traced, prompts):
+    """Two runs in a row write their rows into the same memory and give the numbers of a run with memory of its
+    own; a run that needs a gradient keeps its own rows, so a run in between cannot change its gradient."""
+    _, cm = traced("llama")
+    clean, corrupted, mask = prompts
+    masks = torch.rand(2, len(cm.graph.edges), generator=torch.Generator().manual_seed(3))
+    patched = lambda m: cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=m)  # noqa: E731
+    with torch.no_grad():
+        cm.scratch.clear()
+        first = patched(masks[0])
+        held = cm.scratch._buffer
+        second = patched(masks[1])
+        assert held is not None and cm.scratch._buffer is held
+        with cm.scratch.lend() as taken:  # held elsewhere: the run gets memory of its own
+            assert taken is cm.scratch
+            torch.testing.assert_close(patched(masks[0]), first, rtol=0, atol=0)
+            torch.testing.assert_close(patched(masks[1]), second, rtol=0, atol=0)
+            with cm.scratch.lend() as other:
+                assert other is None
+
+    def gradient(between):
+        edge_mask = masks[0].clone().requires_grad_(True)
+        logits = patched(edge_mask)
+        with torch.no_grad():
+            between()
+        logits[:, -1].sum().backward()
+        return edge_mask.grad
+
+    torch.testing.assert_close(gradient(lambda: patched(masks[1])), gradient(lambda: None), rtol=0, atol=0)
