@@ -76,7 +76,7 @@ class DeltaStore:
                 if self.stored[self.groups]:
                     if self.buffer is None:  # pages of rows never written are never touched
                         shape = (self.n_stored, *write.shape[1:])
-                        self.buffer = write.new_empty(shape) if self.scratch is None else self.scratch.take(write, shape)
+                        self.buffer = self.scratch.take(write, shape) if self.scratch else write.new_empty(shape)
                     torch.sub(other, write, out=self.buffer[self.count:self.count + write.shape[0]])
                     self.count += write.shape[0]
                 self.groups += 1

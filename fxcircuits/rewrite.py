@@ -11,11 +11,11 @@ stream:
 * the **patcher** takes those outputs from another run plus a mask, and gives every downstream input its
   own value through :func:`fxcircuits.patching.accumulate`.  Each downstream input then runs its own copy of
   the reading computation: an MLP's whole block; for attention, the norm and projection of each query head's
-  q, k and v separately (see :mod:`fxcircuits.heads`), the attention core over the per-head tensors, and the
-  unchanged output path.  Where the mask weights every edge into a layer (or into one role's readers) alike
-  and no gradient is asked for, its heads all read one stream, and the plain projections serve them; a head
-  whose every edge the mask patches from a recorded run reads that run's projection (both decided at run time,
-  per call).
+  q, k and v separately (see :mod:`fxcircuits.heads`; the norm's trailing factors cross the projection, see
+  :mod:`fxcircuits.norms`), the attention core over the per-head tensors, and the unchanged output path.
+  Where the mask weights every edge into a layer (or into one role's readers) alike and no gradient is asked
+  for, its heads all read one stream, and the plain projections serve them; a head whose every edge the mask
+  patches from a recorded run reads that run's projection (both decided at run time, per call).
 
 Copies of the original nodes that end up unused are removed by dead-code elimination.
 """
@@ -102,8 +102,9 @@ def _plan_read(step: Step, attention: Attention, role: str, values: dict, name: 
         picks = tuple((h, core_head[h]) for h in range(n_heads))
     width = values[proj.node].shape[-1]
     stacked = separable and len({len(c) for c in columns}) == 1 and broadcasts(step.start, proj.x, values)
+    stacked_norm = Norm(sorted(norm), step.start, proj.x, values, RELAYOUT) if norm and stacked else None
     return ReadPlan(proj, sorted(norm), Post(sorted(post), proj.node, core_input, values), core_input, rounds, picks,
-                    width, stacked, Norm(sorted(norm), step.start, proj.x, values, RELAYOUT) if norm and stacked else None)
+                    width, stacked, stacked_norm)
 
 
 def _plan_write(attention: Attention, values: dict, name: str) -> WritePlan:
