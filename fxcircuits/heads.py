@@ -24,6 +24,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .components import DecompositionError, between
+from .norms import apply_columns
 
 aten = torch.ops.aten
 # Copies of the graph see tensors whose memory layout may differ from the captured run's; ``view`` relies on
@@ -302,17 +303,19 @@ def wholly_patched(store, rows: torch.Tensor, first: int, n: int, recorded: torc
 def project_rounds(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str,
                    ranges: tuple[Ranges, ...], rounds: tuple[tuple[tuple[int, Ranges], ...], ...], width: int,
                    shared: bool, recorded_heads: tuple[int, ...] = (),
-                   recorded: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+                   recorded: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+                   columns: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """The projection's output as the post-projection path reads it, one per round: [rounds, *rows, width].
 
     Each round holds its heads' columns (``ranges[h]`` for query head h), each computed from that head's own row
-    of ``x`` [heads, …] (zeros elsewhere) times its ``scale`` (one value per row, or None: see ``norms``).  Where
-    all heads share one row (``shared``) the plain projection holds every head's columns and a single round
-    serves them all.  The heads in ``recorded_heads`` take their columns from ``recorded``, the projection's
-    output in the other run (``wholly_patched``)."""
+    of ``x`` [heads, …] (zeros elsewhere) times its ``scale`` (one value per row, or None) and the ``columns``
+    factors (the norm's trailing factors, ``norms.Norm``).  Where all heads share one row (``shared``) the plain
+    projection holds every head's columns and a single round serves them all.  The heads in ``recorded_heads``
+    take their columns from ``recorded``, the projection's output in the other run (``wholly_patched``)."""
+    if recorded_heads and shared:  # readers alike and all wholly patched: the other run's projection serves all
+        return recorded.unsqueeze(0)
+    x, weight = apply_columns(x, weight, layout, columns)
     if recorded_heads:
-        if shared:  # readers alike and all wholly patched: the other run's projection serves them all
-            return recorded.unsqueeze(0)
         return _rounds_with_recorded(x, weight, bias, layout, ranges, rounds, recorded_heads, recorded, scale)
     if shared:
         out = _scaled(x @ _in_out(weight, layout), scale)

@@ -7,9 +7,10 @@ of those passes:
 
 * **Factors at the end of the norm move across the projection** (``peel``).  An RMSNorm ends
   ``x · rsqrt(mean(x²) + ε) · g``: a scale per row and a weight per column.  Since
-  ``(x · s · g) @ W = s · (x @ (g ⊙ W))``, the weight is folded into the projection's rows (``fold_columns``, a
-  [d_model, columns] product per call) and the scale multiplies the projection's output, a head's columns
-  rather than d_model.  The projection's bias is added after the scale, where it was.
+  ``(x · s · g) @ W = s · (x @ (g ⊙ W))``, the weight is folded into the projection's rows where a projection
+  runs (``apply_columns``: into whichever of the rows and the weight is smaller) and the scale multiplies the
+  projection's output, a head's columns rather than d_model.  The projection's bias is added after the scale,
+  where it was.
 * **mean(x²) without writing x²** (``fuse_mean_square``): one reduction instead of a pass that writes a copy of
   the rows and a second that reads it.
 
@@ -66,17 +67,18 @@ def peel(end: Node, region: set[Node], values: dict) -> Factors:
 
 class Norm:
     """The captured path from the stream to a projection's input, run on a layer's stacked reader rows [readers, …]:
-    ``norm(rows, shared, *externals)`` → (output, per-row scale or None).
+    ``norm(rows, shared, *externals)`` → (output, per-row scale or None, per-column factors).
 
-    Where the rows are one shared value (``shared``) it runs as captured and returns its output.  Otherwise it stops
-    at the trailing factors (``peel``) with mean(x²) fused, and returns the product of the per-row factors beside;
-    the projection applies it, with the per-column factors folded into its weight (``fold_columns``)."""
+    Where the rows are one shared value (``shared``) it runs as captured and returns its output alone.  Otherwise
+    it stops at the trailing factors (``peel``) with mean(x²) fused, and returns the product of the per-row factors
+    and the per-column factors beside: the projection applies them (``heads.project_rounds``)."""
 
     def __init__(self, region: list[Node], source: Node, end: Node, values: dict, relayout: dict):
         self.__name__ = "norm"  # how FX names the node that calls it
         self.factors = peel(end, set(region), values)
         inside = set(region) | {source}
         self.externals = list(dict.fromkeys(a for n in region for a in n.all_input_nodes if a not in inside))
+        self.column_at = [self.externals.index(c) for c in self.factors.columns]  # constants the region reads
         self.whole = self._module(region, source, [end], relayout)
         self.factored = fuse_mean_square(self._module(region, source, [self.factors.core, *self.factors.rows],
                                                       relayout))
@@ -92,11 +94,12 @@ class Norm:
         graph.eliminate_dead_code()
         return GraphModule(torch.nn.Module(), graph)
 
-    def __call__(self, rows: torch.Tensor, shared: bool, *externals) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, rows: torch.Tensor, shared: bool, *externals) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                             tuple[torch.Tensor, ...]]:
         if shared:
-            return self.whole(rows, *externals)[0], None
+            return self.whole(rows, *externals)[0], None, ()
         core, *factors = self.factored(rows, *externals)
-        return core, row_scale(*factors) if factors else None
+        return core, row_scale(*factors) if factors else None, tuple(externals[i] for i in self.column_at)
 
 
 def _alike(value, shape: torch.Size, dtype: torch.dtype) -> bool:
@@ -122,16 +125,18 @@ def _dtype(node: Node) -> torch.dtype | None:
 # --------------------------------------------------------------------------------------------------
 # Run-time helpers called from the patcher.
 
-def fold_columns(weight: torch.Tensor, layout: str, shared: bool, *columns: torch.Tensor) -> torch.Tensor:
-    """The projection's weight with its input rows scaled by the column factors, in the weight's own layout
-    (``heads.Projection.layout``): ``(x ⊙ g) @ W = x @ (g ⊙ W)``.  Unchanged where the rows are ``shared``: their
-    norm ran whole (``Norm``)."""
-    if shared:
-        return weight
+def apply_columns(x: torch.Tensor, weight: torch.Tensor, layout: str,
+                  columns: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` and the projection's weight (in its own layout, ``heads.Projection.layout``) with the column factors
+    applied to whichever is smaller: ``(x ⊙ g) @ W = x @ (g ⊙ W)``.  The weight where many rows are projected;
+    the rows where few are (one row shared by a role's heads, a short batch)."""
     for g in columns:
         g = g.reshape(-1)
-        weight = weight * (g if layout == "out_in" else g[:, None])
-    return weight
+        if x.numel() <= weight.numel():
+            x = x * g
+        else:
+            weight = weight * (g if layout == "out_in" else g[:, None])
+    return x, weight
 
 
 def row_scale(*rows: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from .heads import (RELAYOUT, Post, Projection, Ranges, broadcasts, columns_read
                     first_projection, gather_heads, head_writes, last_projection, layer_norm_share, place_columns,
                     project_columns, project_rounds, role_input, role_rows, role_shared, shared_input, to_ranges,
                     wholly_patched)
-from .norms import Norm, fold_columns
+from .norms import Norm
 from .patching import DeltaStore, accumulate, tap
 
 aten = torch.ops.aten
@@ -284,32 +284,30 @@ class _Builder:
         shared = self.call(shared_input, rows)
         rows = self.call(distinct_rows, rows, shared)
         one_norm = len({(tuple(r.norm), r.projection.x) for r in reads}) == 1
-        rows, scale = self._stacked_norm(reads[0], rows, shared) if one_norm else (rows, None)
+        rows, scale, columns = self._stacked_norm(reads[0], rows, shared) if one_norm else (rows, None, ())
         core_inputs = []
         for i, read in enumerate(reads):
             x, s = (self.call(role_rows, t, shared, i * n_heads, n_heads, 3 * n_heads) for t in (rows, scale))
             if not one_norm:
-                x, s = self._stacked_norm(read, x, shared)
+                x, s, columns = self._stacked_norm(read, x, shared)
             alike = self.call(role_shared, self.store, x, shared, reader + i * n_heads, n_heads)
             recorded = self.call(recorded_at, self.recording, self._recorded_index(attention, QKV[i]))
             wholly = self.call(wholly_patched, self.store, x, reader + i * n_heads, n_heads, recorded)
             x, s = (self.call(role_input, t, alike, shared) for t in (x, s))
-            proj, columns = read.projection, read.stacked_norm.factors.columns if read.stacked_norm else ()
+            proj = read.projection
             ranges = tuple(r for _, r in sorted(pair for heads in read.rounds for pair in heads))  # by query head
-            weight = self.call(fold_columns, self.env[proj.weight], proj.layout, shared,
-                               *(self.env[c] for c in columns)) if columns else self.env[proj.weight]
-            rounds = self.call(project_rounds, x, weight, self._bias(proj), proj.layout, ranges,
-                               read.rounds, read.width, alike, wholly, recorded, s)
+            rounds = self.call(project_rounds, x, self.env[proj.weight], self._bias(proj), proj.layout, ranges,
+                               read.rounds, read.width, alike, wholly, recorded, s, columns)
             core_inputs.append(self._post(read, rounds, alike))
         return core_inputs
 
-    def _stacked_norm(self, read: ReadPlan, x: Node, shared: Node) -> tuple[Node, Node | None]:
-        """The norm of the stacked rows ``x`` and the per-row scale the projection applies, which is None where the
-        norm ran whole (``norms.Norm``)."""
+    def _stacked_norm(self, read: ReadPlan, x: Node, shared: Node) -> tuple[Node, Node | None, Node | tuple]:
+        """The norm of the stacked rows ``x``, and the per-row scale and per-column factors the projection applies
+        (None and none where the norm ran whole: ``norms.Norm``)."""
         if read.stacked_norm is None:
-            return x, None
+            return x, None, ()
         out = self.call(read.stacked_norm, x, shared, *(self.env[e] for e in read.stacked_norm.externals))
-        return self.call(operator.getitem, out, 0), self.call(operator.getitem, out, 1)
+        return tuple(self.call(operator.getitem, out, i) for i in range(3))
 
     def _recorded_index(self, attention: Attention, role: str) -> int:
         return next(i for i, (a, r, _) in enumerate(self.recorded) if a == id(attention) and r == role)

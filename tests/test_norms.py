@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fxcircuits
-from fxcircuits.norms import Norm, fold_columns, mean_square, row_scale
+from fxcircuits.norms import Norm, apply_columns, mean_square, row_scale
 from zoo import make
 
 aten = torch.ops.aten
@@ -25,10 +25,10 @@ def test_rms_norm_factors_cross_the_projection(name):
     and on stacked rows its mean of squares never writes the squares; run whole, it is the captured norm."""
     model = make(name)
     cm = fxcircuits.trace(model)
-    norms, layers = _norms(cm), model.config.num_hidden_layers
-    assert len(norms) == layers and _targets(cm.patcher).count(fold_columns) == 3 * layers
+    norms = _norms(cm)
+    assert len(norms) == model.config.num_hidden_layers
     for norm in norms:
-        assert len(norm.factors.rows) == 1 and len(norm.factors.columns) == 1
+        assert len(norm.factors.rows) == 1 and len(norm.factors.columns) == 1 and len(norm.column_at) == 1
         assert aten.pow.Tensor_Scalar not in _targets(norm.factored) and mean_square in _targets(norm.factored)
         assert aten.pow.Tensor_Scalar in _targets(norm.whole) and mean_square not in _targets(norm.whole)
 
@@ -46,27 +46,31 @@ def test_layer_norm_is_left_whole():
 
 
 def test_shared_rows_run_the_norm_as_captured():
-    """One shared row: the captured norm's output exactly, and no scale; stacked rows: the core and the scale."""
+    """One shared row: the captured norm's output exactly, and no factors; stacked rows: the core, the scale and
+    the weight."""
     model = make("llama")
     norm = _norms(fxcircuits.trace(model))[0]
     layer = model.model.layers[0].input_layernorm
     rows = torch.randn(3, 2, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     externals = [layer.weight]
-    whole, none = norm(rows[:1], True, *externals)
-    assert none is None and torch.equal(whole, layer(rows[:1]))
-    core, scale = norm(rows, False, *externals)
-    torch.testing.assert_close(core * scale * layer.weight, layer(rows))
+    whole, no_scale, no_columns = norm(rows[:1], True, *externals)
+    assert no_scale is None and no_columns == () and torch.equal(whole, layer(rows[:1]))
+    core, scale, (weight,) = norm(rows, False, *externals)
+    assert weight is layer.weight
+    torch.testing.assert_close(core * scale * weight, layer(rows))
 
 
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
-def test_fold_columns_is_the_product_with_the_weighted_input(layout):
+@pytest.mark.parametrize("rows", [2, 5])
+def test_column_factors_go_to_the_smaller_side(layout, rows):
+    """Two rows of 8 (16 values) take the factors themselves; five (40) leave them to the 8 × 3 weight."""
     generator = torch.Generator().manual_seed(0)
-    x, g, w = (torch.randn(*s, generator=generator, dtype=torch.float64) for s in ((5, 8), (8,), (8, 3)))
+    x, g, w = (torch.randn(*s, generator=generator, dtype=torch.float64) for s in ((rows, 8), (8,), (8, 3)))
     weight = w.t() if layout == "out_in" else w
-    folded = fold_columns(weight, layout, False, g, 1 + g)
-    assert fold_columns(weight, layout, True, g) is weight
-    folded = folded.t() if layout == "out_in" else folded
-    torch.testing.assert_close(x @ folded, (x * g * (1 + g)) @ w)
+    x_applied, weight_applied = apply_columns(x, weight, layout, (g, 1 + g))
+    assert (x_applied is x) == (rows == 5) and (weight_applied is weight) == (rows == 2)
+    weight_applied = weight_applied.t() if layout == "out_in" else weight_applied
+    torch.testing.assert_close(x_applied @ weight_applied, (x * g * (1 + g)) @ w)
 
 
 def test_row_scale_and_mean_square():

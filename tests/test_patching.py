@@ -165,8 +165,8 @@ READ_PATHS = {
     # every head projected, even those that read the recorded corrupted run alone
     "never recorded": [("fxcircuits.rewrite.wholly_patched", lambda *args: ())],
     # every norm run whole, as captured: no factor moved across the projection, x² written out
-    "norms as captured": [("fxcircuits.norms.Norm.__call__", lambda norm, rows, _, *e: (norm.whole(rows, *e)[0], None)),
-                          ("fxcircuits.rewrite.fold_columns", lambda weight, *args: weight)],
+    "norms as captured": [("fxcircuits.norms.Norm.__call__",
+                           lambda norm, rows, _, *e: (norm.whole(rows, *e)[0], None, ()))],
 }
 
 
