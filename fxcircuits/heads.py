@@ -24,7 +24,6 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .components import DecompositionError, between
-from .norms import apply_columns
 
 aten = torch.ops.aten
 # Copies of the graph see tensors whose memory layout may differ from the captured run's; ``view`` relies on
@@ -149,6 +148,28 @@ def broadcasts(start: Node, end: Node, values: dict) -> bool:
     return together.numel() == apart.numel() and torch.equal(together.reshape(apart.shape), apart)
 
 
+def region_module(region: list[Node], source: Node, outputs) -> tuple[GraphModule, list[Node]]:
+    """``region`` (nodes in graph order) as a module of its own, ``module(x, *externals) → outputs``: ``x`` stands
+    for ``source``, and ``externals`` are the nodes outside the region that it reads (weights, rotary tables),
+    in order of first use.  ``outputs``: a node of the region, or a tuple of them.  What the outputs do not need
+    is dropped."""
+    graph, externals = torch.fx.Graph(), []
+    env = {source: graph.placeholder("x")}
+
+    def lookup(node: Node) -> Node:
+        if node not in env:
+            env[node] = graph.placeholder(f"external_{len(externals)}")
+            externals.append(node)
+        return env[node]
+
+    for node in region:
+        env[node] = graph.node_copy(node, lookup)
+        env[node].target = RELAYOUT.get(env[node].target, env[node].target)
+    graph.output(torch.fx.node.map_arg(outputs, env.__getitem__))
+    graph.eliminate_dead_code()
+    return GraphModule(torch.nn.Module(), graph), externals
+
+
 def to_ranges(columns: frozenset[int] | set[int]) -> Ranges:
     """Sorted columns as maximal contiguous blocks."""
     ranges, ordered = [], sorted(columns)
@@ -178,6 +199,20 @@ def project_columns(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     ``x``, applied to the product: see ``norms``)."""
     out = _scaled(x @ _take(_in_out(weight, layout), -1, ranges), scale)
     return out if bias is None else out + _take(bias, 0, ranges)
+
+
+def apply_columns(x: torch.Tensor, weight: torch.Tensor, layout: str,
+                  columns: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` and the projection's weight (in its own ``layout``) with the column factors (a norm's trailing
+    weight: ``norms``) applied to whichever is smaller: ``(x ⊙ g) @ W = x @ (g ⊙ W)``.  The weight where many rows
+    are projected; the rows where few are (one row shared by a role's heads, a short batch)."""
+    for g in columns:
+        g = g.reshape(-1)
+        if x.numel() <= weight.numel():
+            x = x * g
+        else:
+            weight = weight * (g if layout == "out_in" else g[:, None])
+    return x, weight
 
 
 def _scaled(out: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -363,20 +398,7 @@ class Post:
 
     def __init__(self, region: list[Node], source: Node, target: Node, values: dict):
         self.__name__ = "post"  # how FX names the node that calls it
-        graph, self.externals = torch.fx.Graph(), []
-        env = {source: graph.placeholder("x")}
-
-        def lookup(node: Node) -> Node:
-            if node not in env:
-                env[node] = graph.placeholder(f"external_{len(self.externals)}")
-                self.externals.append(node)
-            return env[node]
-
-        for node in region:
-            env[node] = graph.node_copy(node, lookup)
-            env[node].target = RELAYOUT.get(env[node].target, env[node].target)
-        graph.output(env[target])
-        self.module = GraphModule(torch.nn.Module(), graph)
+        self.module, self.externals = region_module(region, source, target)
         self.mapped = torch.vmap(self.module, in_dims=(0,) + (None,) * len(self.externals))
         self.batched = self._maps(values[source], [values[e] for e in self.externals])
 

@@ -8,7 +8,7 @@ of those passes:
 * **Factors at the end of the norm move across the projection** (``peel``).  An RMSNorm ends
   ``x · rsqrt(mean(x²) + ε) · g``: a scale per row and a weight per column.  Since
   ``(x · s · g) @ W = s · (x @ (g ⊙ W))``, the weight is folded into the projection's rows where a projection
-  runs (``apply_columns``: into whichever of the rows and the weight is smaller) and the scale multiplies the
+  runs (``heads.apply_columns``: into whichever of the rows and the weight is smaller) and the scale multiplies the
   projection's output, a head's columns rather than d_model.  The projection's bias is added after the scale,
   where it was.
 * **mean(x²) without writing x²** (``fuse_mean_square``): one reduction instead of a pass that writes a copy of
@@ -25,7 +25,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import GraphModule, Node
+
+from .heads import region_module
 
 aten = torch.ops.aten
 # Operations that leave a value as it is when they keep its dtype (``to(float32)`` on fp32 rows, ``type_as``)
@@ -71,28 +73,17 @@ class Norm:
 
     Where the rows are one shared value (``shared``) it runs as captured and returns its output alone.  Otherwise
     it stops at the trailing factors (``peel``) with mean(x²) fused, and returns the product of the per-row factors
-    and the per-column factors beside: the projection applies them (``heads.project_rounds``)."""
+    and the per-column factors beside: the projection applies them (``heads.project_rounds``).  ``externals``:
+    what the region reads from outside it, in the order the call takes them."""
 
-    def __init__(self, region: list[Node], source: Node, end: Node, values: dict, relayout: dict):
+    def __init__(self, region: list[Node], source: Node, end: Node, values: dict):
         self.__name__ = "norm"  # how FX names the node that calls it
         self.factors = peel(end, set(region), values)
-        inside = set(region) | {source}
-        self.externals = list(dict.fromkeys(a for n in region for a in n.all_input_nodes if a not in inside))
+        # both modules copy the whole region, so they read the same externals in the same order
+        self.whole, self.externals = region_module(region, source, (end,))
+        factored, _ = region_module(region, source, (self.factors.core, *self.factors.rows))
+        self.factored = fuse_mean_square(factored)
         self.column_at = [self.externals.index(c) for c in self.factors.columns]  # constants the region reads
-        self.whole = self._module(region, source, [end], relayout)
-        self.factored = fuse_mean_square(self._module(region, source, [self.factors.core, *self.factors.rows],
-                                                      relayout))
-
-    def _module(self, region: list[Node], source: Node, outputs: list[Node], relayout: dict) -> GraphModule:
-        graph = Graph()
-        env = {source: graph.placeholder("x")}
-        env.update({e: graph.placeholder(f"external_{i}") for i, e in enumerate(self.externals)})
-        for node in region:
-            env[node] = graph.node_copy(node, env.__getitem__)
-            env[node].target = relayout.get(env[node].target, env[node].target)
-        graph.output(tuple(env[o] for o in outputs))
-        graph.eliminate_dead_code()
-        return GraphModule(torch.nn.Module(), graph)
 
     def __call__(self, rows: torch.Tensor, shared: bool, *externals) -> tuple[torch.Tensor, torch.Tensor | None,
                                                                              tuple[torch.Tensor, ...]]:
@@ -124,20 +115,6 @@ def _dtype(node: Node) -> torch.dtype | None:
 
 # --------------------------------------------------------------------------------------------------
 # Run-time helpers called from the patcher.
-
-def apply_columns(x: torch.Tensor, weight: torch.Tensor, layout: str,
-                  columns: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` and the projection's weight (in its own layout, ``heads.Projection.layout``) with the column factors
-    applied to whichever is smaller: ``(x ⊙ g) @ W = x @ (g ⊙ W)``.  The weight where many rows are projected;
-    the rows where few are (one row shared by a role's heads, a short batch)."""
-    for g in columns:
-        g = g.reshape(-1)
-        if x.numel() <= weight.numel():
-            x = x * g
-        else:
-            weight = weight * (g if layout == "out_in" else g[:, None])
-    return x, weight
-
 
 def row_scale(*rows: torch.Tensor) -> torch.Tensor:
     """The product of the per-row factors, [readers, …, 1]: what the projection's output is multiplied by."""

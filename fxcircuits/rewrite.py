@@ -102,7 +102,7 @@ def _plan_read(step: Step, attention: Attention, role: str, values: dict, name: 
         picks = tuple((h, core_head[h]) for h in range(n_heads))
     width = values[proj.node].shape[-1]
     stacked = separable and len({len(c) for c in columns}) == 1 and broadcasts(step.start, proj.x, values)
-    stacked_norm = Norm(sorted(norm), step.start, proj.x, values, RELAYOUT) if norm and stacked else None
+    stacked_norm = Norm(sorted(norm), step.start, proj.x, values) if norm and stacked else None
     return ReadPlan(proj, sorted(norm), Post(sorted(post), proj.node, core_input, values), core_input, rounds, picks,
                     width, stacked, stacked_norm)
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import fxcircuits
-from fxcircuits.norms import Norm, apply_columns, mean_square, row_scale
+from fxcircuits.heads import apply_columns
+from fxcircuits.norms import Norm, mean_square, row_scale
 from zoo import make
 
 aten = torch.ops.aten
