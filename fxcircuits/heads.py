@@ -392,25 +392,36 @@ class Post:
     """The captured path from a q (k, v) projection's output to the attention core's input (reshape into heads,
     rotary, per-head norms, repeat_kv), run on all rounds at once.
 
-    Rounds are stacked on a new leading axis and ``torch.vmap`` maps the path over them, so tensors shaped by
-    the batch (rotary tables) broadcast as in the model.  Where vmap cannot run the path with the same result
-    (checked once, at trace time), the rounds run one after another."""
+    Rounds [rounds, batch, …] are folded into the batch axis and the path runs once on rounds·batch rows: the
+    sizes it reads that count the batch are multiplied by the number of rounds, and the tensors it reads with a
+    row per batch element (rotary tables built from per-prompt positions) are repeated.  Which ones those are is
+    read from the captured shapes (``batch_uses``), and the folded run is checked once, at trace time, against the
+    rounds run one after another — which is what runs where folding does not apply.  (``torch.vmap`` would find
+    the same batching on every call, at a cost of hundreds of microseconds each: on a GPU, where a run this small
+    is bound by the host, that was more than the model's whole forward.)"""
 
     def __init__(self, region: list[Node], source: Node, target: Node, values: dict):
         self.__name__ = "post"  # how FX names the node that calls it
         self.module, self.externals = region_module(region, source, target)
-        self.mapped = torch.vmap(self.module, in_dims=(0,) + (None,) * len(self.externals))
-        self.batched = self._maps(values[source], [values[e] for e in self.externals])
+        self.uses = batch_uses(source, target, self.externals)
+        if self.uses is not None and not self._folds(values[source], [values[e] for e in self.externals]):
+            self.uses = None
 
-    def _maps(self, x: torch.Tensor, externals: list) -> bool:
+    def _folds(self, x: torch.Tensor, externals: list) -> bool:
         rounds = torch.stack([x, _random_like(x, torch.Generator().manual_seed(0))])
         try:
             with torch.no_grad():
-                mapped = self.mapped(rounds, *externals)
+                folded = self._folded(rounds, externals)
         except RuntimeError:
             return False
         apart = self._apart(rounds, externals)
-        return mapped.shape == apart.shape and torch.allclose(mapped, apart, rtol=1e-5, atol=1e-6)
+        return folded.shape == apart.shape and torch.allclose(folded, apart, rtol=1e-5, atol=1e-6)
+
+    def _folded(self, rounds: torch.Tensor, externals) -> torch.Tensor:
+        n = rounds.shape[0]
+        scaled = [e * n if use == "size" else e.repeat(n, *[1] * (e.dim() - 1)) if use == "rows" else e
+                  for e, use in zip(externals, self.uses)]
+        return self.module(rounds.flatten(0, 1), *scaled).unflatten(0, (n, -1))
 
     def _apart(self, rounds: torch.Tensor, externals) -> torch.Tensor:
         return torch.stack([self.module(r, *externals) for r in rounds])
@@ -418,7 +429,50 @@ class Post:
     def __call__(self, rounds: torch.Tensor, *externals) -> torch.Tensor:
         if rounds.shape[0] == 1:
             return self.module(rounds[0], *externals).unsqueeze(0)
-        return self.mapped(rounds, *externals) if self.batched else self._apart(rounds, externals)
+        return self._apart(rounds, externals) if self.uses is None else self._folded(rounds, externals)
+
+
+def batch_uses(source: Node, target: Node, externals: list[Node]) -> tuple[str | None, ...] | None:
+    """How a region from ``source`` to ``target`` that reads ``externals`` sees the batch, from the shapes export
+    captured: per external, "size" (a size that counts batch elements: multiply it by the rounds folded into the
+    batch), "rows" (a tensor with a leading axis of batch elements: repeat it) or None (neither).  None where
+    folding rounds into the leading axis cannot apply: the source or target does not lead with the batch, or the
+    batch appears any other way."""
+    placeholder = next(iter(source.graph.find_nodes(op="placeholder")))  # input_ids [batch, seq]
+    batch = _symbol(placeholder.meta.get("val").shape[0])
+    if batch is None or _leading(source, batch) != "rows" or _leading(target, batch) != "rows":
+        return None
+    uses = tuple(_leading(e, batch) for e in externals)
+    return None if "other" in uses else uses
+
+
+def _symbol(size):
+    """The sympy expression of a symbolic size, or None for a plain int."""
+    return size.node.expr if isinstance(size, torch.SymInt) else None
+
+
+def _counts(size, batch) -> str | None:
+    """Whether a size counts batch elements: "linear" (a multiple of the batch), None (free of it) or "other"."""
+    expr = _symbol(size)
+    if expr is None or batch not in expr.free_symbols:
+        return None
+    return "linear" if batch not in (expr / batch).free_symbols else "other"
+
+
+def _leading(node: Node, batch) -> str | None:
+    """"size" for a size counting the batch, "rows" for a tensor whose leading axis alone does, None for a value
+    free of the batch, "other" for anything else."""
+    if "val" not in node.meta:
+        return "other"
+    value = node.meta["val"]
+    if isinstance(value, torch.SymInt):
+        return {"linear": "size", None: None}.get(_counts(value, batch), "other")
+    if not isinstance(value, torch.Tensor):
+        return None if isinstance(value, (int, float, bool, type(None))) else "other"
+    counts = [_counts(size, batch) for size in value.shape]
+    if not any(counts):
+        return None
+    return "rows" if counts[0] == "linear" and not any(counts[1:]) else "other"
 
 
 def gather_heads(core: torch.Tensor, picks: tuple[tuple[int, int], ...], shared: bool) -> torch.Tensor:

@@ -57,6 +57,7 @@ class DeltaStore:
         self.nodes = torch.tensor(nodes, dtype=torch.long, device=keep.device)
         self.n_stored = len(nodes)
         self.block = detached.index_select(1, self.nodes)  # the stored rows' mask, [n_masks, n_stored, readers]
+        self.weights: torch.Tensor | None = None  # 1 − block, in the rows' dtype (``_weights``)
         self.alike_to = _alike_runs(detached)
         self.readers, self.reads = readers, reads
         self.buffer, self.count, self.groups = None, 0, 0
@@ -119,7 +120,9 @@ class DeltaStore:
 
     def _weights(self, start: int, stop: int, first: int, last: int, rows: torch.Tensor) -> torch.Tensor:
         """1 − keep over stored rows ``start:stop`` and readers ``first:last``, as ``weighted_rows`` takes it."""
-        return (1 - self.block[:, start:stop, first:last]).to(rows.dtype)
+        if self.weights is None or self.weights.dtype != rows.dtype:
+            self.weights = (1 - self.block).to(rows.dtype)
+        return self.weights[:, start:stop, first:last]
 
     def _dense(self, first: int, last: int, rows: torch.Tensor) -> bool:
         """Whether readers ``first:last`` would take the dense product over the rows stored so far."""
@@ -366,7 +369,18 @@ def accumulate(store: DeltaStore, stream: torch.Tensor, writes: list[torch.Tenso
     The mask is the store's: its block over those groups' nodes and these readers.
     Returns [n_readers, *stream.shape]: a view of ``stream`` where no edge into the readers is patched."""
     keep = store.keep[:, :sum(w.shape[0] for w in writes), first:last]
-    return _Accumulate.apply(stream, keep, store, first, last, len(writes), *writes, *others)
+    args = (stream, keep, store, first, last, len(writes), *writes, *others)
+    if not torch.is_grad_enabled():  # autograd's bookkeeping costs tens of µs a call, where the host sets the pace
+        return _Accumulate.forward(_Unrecorded(), *args)
+    return _Accumulate.apply(*args)
+
+
+class _Unrecorded:
+    """Stands in for autograd's context where no gradient is asked for: what a forward keeps for backward is
+    dropped with it."""
+
+    def save_for_backward(self, *tensors: torch.Tensor) -> None:
+        pass
 
 
 class Tap:

@@ -154,12 +154,13 @@ def _never(*args) -> bool:
 
 
 # Ways to run the per-head reads that must give the same numbers as the default (stacked norms and projections,
-# the post-projection path vmapped over rounds, one shared row where nothing is patched into a layer):
+# the post-projection path run once with the rounds folded into the batch, one shared row where nothing is patched
+# into a layer):
 READ_PATHS = {
     # each head's norm and projection on its own row, as where a norm cannot run on all rows at once
     "per-head copies": [("fxcircuits.rewrite.broadcasts", _never)],
-    # the rounds of the post-projection path one after another, as where vmap cannot run it
-    "rounds apart": [("fxcircuits.heads.Post._maps", _never)],
+    # the rounds of the post-projection path one after another, as where they cannot be folded into the batch
+    "rounds apart": [("fxcircuits.heads.Post._folds", _never)],
     # every layer and role split per head even where the mask weights all edges into it alike
     "never shared": [("fxcircuits.rewrite.shared_input", _never), ("fxcircuits.rewrite.role_shared", _never)],
     # every head projected, even those that read the recorded corrupted run alone

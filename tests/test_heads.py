@@ -1,0 +1,85 @@
+"""The post-projection path of the per-head reads (``fxcircuits.heads.Post``): rounds folded into the batch axis,
+checked against running them one after another.  Whole patched runs with and without folding are compared on
+five architectures by ``test_patching.test_every_read_path_gives_the_same_numbers`` ("rounds apart")."""
+import pytest
+import torch
+from torch import nn
+
+import fxcircuits
+from fxcircuits.components import between
+from fxcircuits.heads import Post, record_values
+from zoo import CONFIGS
+
+BATCH, SEQ = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=64)
+
+
+def _posts(cm) -> list[Post]:
+    return [n.target for n in cm.patcher.graph.nodes if isinstance(n.target, Post)]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_architecture_folds_its_rounds_into_the_batch(traced, name):
+    """Folding is a speed property that a wrong shape analysis would lose silently (the rounds would run apart,
+    with the same numbers): every architecture's q, k and v paths must fold."""
+    _, cm = traced(name)
+    posts = _posts(cm)
+    assert posts and all(post.uses is not None for post in posts)
+
+
+class _PerPromptRotary(nn.Module):
+    """A projection output [batch, seq, 8] split into 2 heads and multiplied by a table with a row per prompt, as
+    rotary tables built from per-prompt positions are; ``source`` is the projection, ``target`` the product."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        table = positions[..., None].float().expand(-1, -1, 4).cos()                 # [batch, seq, 4]
+        heads = self.proj(x).view(x.shape[0], x.shape[1], 2, 4).transpose(1, 2)    # [batch, 2, seq, 4]
+        return heads * table[:, None]
+
+
+def _post_of(module: nn.Module, *inputs: torch.Tensor) -> tuple[Post, list]:
+    """The path from the module's projection to its output as a ``Post``, and the values of what it reads."""
+    gm = torch.export.export(module, inputs, dynamic_shapes=({0: BATCH, 1: SEQ}, {0: BATCH, 1: SEQ}),
+                             strict=False).module()
+    source = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default)
+    target = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
+    values = record_values(gm, *inputs)
+    post = Post(sorted(between(source, [target])), source, target, values)
+    return post, [values[e] for e in post.externals]
+
+
+def test_tables_with_a_row_per_prompt_are_repeated_per_round():
+    generator = torch.Generator().manual_seed(0)
+    x, positions = torch.randn(3, 5, 8, generator=generator), torch.randint(0, 9, (3, 5), generator=generator)
+    post, externals = _post_of(_PerPromptRotary(), x, positions)
+    assert "rows" in post.uses and "size" in post.uses
+    rounds = torch.randn(4, 3, 5, 8, generator=generator)
+    expected = torch.stack([post.module(r, *externals) for r in rounds])
+    torch.testing.assert_close(post(rounds, *externals), expected, rtol=0, atol=0)
+
+
+def test_a_path_that_mixes_the_batch_runs_its_rounds_apart():
+    """A path whose values mix prompts (here a mean over the batch) cannot take the rounds as more prompts: that is
+    found at trace time, and the rounds run one after another."""
+
+    class Mixing(_PerPromptRotary):
+        def forward(self, x, positions):
+            heads = self.proj(x).view(x.shape[0], x.shape[1], 2, 4).transpose(1, 2)
+            return heads - heads.mean(0, keepdim=True)
+
+    generator = torch.Generator().manual_seed(0)
+    post, externals = _post_of(Mixing(), torch.randn(3, 5, 8, generator=generator), torch.zeros(3, 5, dtype=torch.long))
+    assert post.uses is None
+    rounds = torch.randn(2, 3, 5, 8, generator=generator)
+    torch.testing.assert_close(post(rounds, *externals), torch.stack([post.module(r, *externals) for r in rounds]))
+
+
+def test_sizes_that_count_the_batch_are_scaled_and_shared_tables_left_alone(traced):
+    """On a traced llama each path reshapes by the batch size (scaled by the rounds) and reads rotary tables with
+    one row for all prompts (left as they are), as the captured shapes say."""
+    _, cm = traced("llama")
+    for post in _posts(cm)[:3]:
+        assert post.uses.count("size") == 1 and set(post.uses) == {"size", None}
