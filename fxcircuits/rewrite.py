@@ -246,10 +246,7 @@ class _Builder:
             if isinstance(writer, Attention):
                 self._add_group(self._head_writes(writer), writer.n_heads)
             else:
-                total = self.env[writer.terms[0]]
-                for term in writer.terms[1:]:
-                    total = self.call(operator.add, total, self.env[term])
-                self._add_group(self.call(as_rows, total, self.reference, 1), 1)
+                self._add_group(self._sum_as_rows([self.env[t] for t in writer.terms], 1), 1)
 
     def _patched_mlp(self, step: Step, mlp: MLP, x: Node) -> None:
         local = self.clone(sorted(between(step.start, mlp.terms)), {step.start: x})
@@ -372,10 +369,16 @@ class _Builder:
         for term in attention.terms:  # the stream adds the heads' writes: the output projection itself is dead
             if term in whole:
                 self.env[term] = self.call(torch.sum, shares[term], 0)
-        total = shares[attention.terms[0]]
-        for term in attention.terms[1:]:
-            total = self.call(operator.add, total, shares[term])
-        return self.call(as_rows, total, self.reference, attention.n_heads)
+        return self._sum_as_rows([shares[t] for t in attention.terms], attention.n_heads)
+
+    def _sum_as_rows(self, terms: list[Node], n: int) -> Node:
+        """A writer's terms summed in the stream's layout, [n, *stream.shape]: a term may be shaped otherwise (an MoE
+        block's routed experts [batch·seq, d] beside its shared expert [batch, seq, d]) and reshaped only as it
+        joins the stream."""
+        total = self.call(as_rows, terms[0], self.reference, n)
+        for term in terms[1:]:
+            total = self.call(operator.add, total, self.call(as_rows, term, self.reference, n))
+        return total
 
     def _finish(self) -> None:
         logits = self.components.logits

@@ -37,6 +37,10 @@ CONFIGS = {
     "olmo": ("olmo", dict(COMMON)),
     "olmo2": ("olmo2", dict(COMMON, num_key_value_heads=2)),
     "starcoder2": ("starcoder2", dict(COMMON, num_key_value_heads=2)),
+    # an MoE block whose routed experts write [batch·seq, d] beside a shared expert's [batch, seq, d]
+    "glm4_moe": ("glm4_moe", dict(COMMON, num_key_value_heads=2, head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                                  moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=0, n_group=1,
+                                  topk_group=1)),
 }
 
 # Test references only: (module writing the MLP node's output, attention output projection, post-attention
