@@ -280,6 +280,7 @@ def _attention_cores(step: Step, inside: set[Node], model_name: str) -> list[tup
             core = set().union(*(between(i, [output]) for i in inputs.values()))
             cores.append((sorted(core), output, inputs))
     for nodes, out, inputs in cores:
+        _check_reads(nodes, inputs, inside, model_name)
         for role, node in inputs.items():
             shape = _meta_shape(node)
             if len(shape) != 4:
@@ -287,6 +288,19 @@ def _attention_cores(step: Step, inside: set[Node], model_name: str) -> list[tup
                                          "needs per-head tensors laid out as [batch, heads, ...] (load the model with "
                                          "attn_implementation='sdpa' or 'eager')")
     return cores
+
+
+def _check_reads(core: list[Node], inputs: dict[str, Node], inside: set[Node], model_name: str) -> None:
+    """The core may read the residual stream through its q, k and v inputs only: those get edges of their own.  A
+    score bias computed from the stream (a relative-position projection of the hidden states) would reach every
+    head from the clean stream alone, whatever the mask — refused rather than patched wrongly."""
+    within = set(core) | set(inputs.values())
+    for node in core:
+        for read in node.all_input_nodes:
+            if read not in within and read in inside:
+                raise DecompositionError(model_name, read, "the attention core reads the residual stream other than "
+                                         "through its q, k and v inputs (e.g. a score bias computed from the hidden "
+                                         "states), which the per-edge inputs cannot patch")
 
 
 def _score_operands(node: Node, inside: set[Node]) -> tuple[Node, Node] | None:

@@ -67,6 +67,28 @@ def test_bidirectional_models_are_refused():
         fxcircuits.trace(AutoModelForCausalLM.from_config(config))
 
 
+def test_attention_scores_computed_from_the_stream_are_refused():
+    """A score bias computed from the hidden states reaches every head from the unpatched stream whatever the mask:
+    such a model must be refused (it used to trace, and patch wrongly)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    class BiasedAttention(LlamaAttention):
+        def forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
+            bias = hidden_states.sum(-1)[:, None, None, :]  # one bias per key position, from the stream
+            return super().forward(hidden_states, position_embeddings, attention_mask + bias, **kwargs)
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=128, max_position_embeddings=64, attn_implementation="eager")
+    model = LlamaForCausalLM(config).eval()
+    layer = model.model.layers[1]
+    biased = BiasedAttention(config, 1)
+    biased.load_state_dict(layer.self_attn.state_dict())
+    layer.self_attn = biased
+    with pytest.raises(fxcircuits.DecompositionError, match="reads the residual stream other than through its q, k"):
+        fxcircuits.trace(model)
+
+
 def test_zero_ablation_through_activations(llama):
     """Zero ablation of every edge: the stream holds only the constants no node writes."""
     ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
