@@ -26,9 +26,18 @@ from torch.fx import GraphModule, Node
 from .components import DecompositionError, between
 
 aten = torch.ops.aten
+
+
+def copy_into(target: torch.Tensor, source: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+    """``aten.copy`` (what functionalisation makes of a slice assignment, as DeepSeek's attention writes its shared
+    rotary key into every head) spelled with a derivative: ``source`` broadcast to ``target``'s shape and dtype."""
+    return source.to(target.dtype).expand(target.shape).clone()
+
+
 # Copies of the graph see tensors whose memory layout may differ from the captured run's; ``view`` relies on
-# that layout, ``reshape`` gives the same values whatever it is.
-RELAYOUT = {aten.view.default: aten.reshape.default}
+# that layout, ``reshape`` gives the same values whatever it is.  ``aten.copy`` has no derivative, which probing
+# the heads' columns needs.
+RELAYOUT = {aten.view.default: aten.reshape.default, aten.copy.default: copy_into}
 Ranges = tuple[tuple[int, int], ...]  # column blocks as (start, length)
 
 
@@ -56,11 +65,21 @@ def as_projection(node: Node, stream_dependent: set[Node]) -> Projection | None:
 
 
 def last_projection(start: Node, end: Node, model_name: str) -> Projection:
+    """The last projection that every path from the stream ``start`` to the attention input ``end`` goes through.
+
+    Usually the last projection on the path (``q_proj``).  Multi-head latent attention (DeepSeek V2/V3, MiniCPM3)
+    projects the stream to a latent and on to the heads' keys, but adds a rotary key taken from the latent
+    directly: only the first projection carries everything the key reads.  Where no projection does, the last
+    one is returned, and the caller reports the path that bypasses it."""
     path = between(start, [end])
     found = [p for n in sorted(path) if (p := as_projection(n, path)) is not None]
     if not found:
         raise DecompositionError(model_name, end, "no linear projection between the residual stream and this "
                                  "attention input")
+    for p in reversed(found):
+        before = between(start, [p.x]) if p.x is not start else set()
+        if path <= before | between(p.node, [end]) | {p.node}:
+            return p
     return found[-1]
 
 

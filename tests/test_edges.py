@@ -102,7 +102,7 @@ def test_grouped_query_heads_get_their_own_k_and_v(pair, edge):
     torch.testing.assert_close(ours[0], ours[1], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma2", "bloom"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma2", "bloom", "deepseek_v3"])
 def test_mask_gradients_match_finite_differences(name, pair):
     model = make(name, dtype=torch.float64)
     cm = fxcircuits.trace(model)

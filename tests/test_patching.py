@@ -190,7 +190,7 @@ WHOLLY_PATCHED = (".h0<q>", ".h1<k>", ".h2<v>")  # the readers mask 4 of ``_read
 
 
 @pytest.mark.parametrize("path", READ_PATHS)
-@pytest.mark.parametrize("name", ["llama", "gpt2", "olmo2", "falcon_new_arch", "gemma"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "olmo2", "falcon_new_arch", "gemma", "deepseek_v3"])
 def test_every_read_path_gives_the_same_numbers(name, path, prompts, monkeypatch):
     """Each mask of ``_read_path_masks`` on its own (sharing is decided per call, over all of its masks)."""
     model = make(name)

@@ -41,6 +41,11 @@ CONFIGS = {
     "glm4_moe": ("glm4_moe", dict(COMMON, num_key_value_heads=2, head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
                                   moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=0, n_group=1,
                                   topk_group=1)),
+    # multi-head latent attention: keys and values from a shared latent, a rotary key shared by every head
+    "deepseek_v3": ("deepseek_v3", dict(COMMON, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+                                        qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+                                        moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
+                                        topk_group=1)),
 }
 
 # Test references only: (module writing the MLP node's output, attention output projection, post-attention
