@@ -139,8 +139,12 @@ def find_components(gm: GraphModule, model_name: str) -> Components:
         if step.writers:
             steps.append(step)
     if counts["attention"] == 0:
-        raise DecompositionError(model_name, None, "found no attention layer writing to a residual stream between "
-                                 "the token embedding and the logits")
+        rescaled = _rescaled_residual(chain)
+        raise DecompositionError(model_name, rescaled, "found no attention layer writing to a residual stream between "
+                                 "the token embedding and the logits" + (
+                                     "; the stream reaches an addition only through this operation, which changes it "
+                                     "(a residual scaled before it is added, x·α + f(x)): fxcircuits needs residual "
+                                     "additions x + f(x)" if rescaled is not None else ""))
     _check_pass_through(chain, steps, model_name)
     return Components(model_name, steps, steps[-1].end, logits)
 
@@ -215,6 +219,17 @@ def _residual_steps(chain: list[Node]) -> list[Step]:
             if terms.count(previous) == 1:
                 steps.append(Step(previous, node, adds))
     return steps
+
+
+def _rescaled_residual(chain: list[Node]) -> Node | None:
+    """Where the stream is added to but not carried by the addition: the first such sum's term that reads the
+    previous stream value (a multiplication by a residual scale, say), or None."""
+    for previous, node in zip(chain, chain[1:]):
+        if node.target is aten.add.Tensor:
+            terms, _ = _sum_terms(node, between(previous, [node]) | {node})
+            if previous not in terms:
+                return next((t for t in terms if previous in t.all_input_nodes), None)
+    return None
 
 
 def _check_pass_through(chain: list[Node], steps: list[Step], model_name: str) -> None:

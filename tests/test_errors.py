@@ -89,6 +89,16 @@ def test_attention_scores_computed_from_the_stream_are_refused():
         fxcircuits.trace(model)
 
 
+def test_a_scaled_residual_is_refused_at_the_scaling():
+    """Doge adds each layer's output to a learned rescaling of the stream (r ⊙ x + f(x)): not a sum of per-node
+    writes.  The error points at the multiplication rather than only saying that no attention was found."""
+    config = AutoConfig.for_model("doge", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=128, vocab_size=128,
+                                  max_position_embeddings=64)
+    with pytest.raises(fxcircuits.DecompositionError, match=r"aten\.mul\.Tensor.*scaled before it is added"):
+        fxcircuits.trace(AutoModelForCausalLM.from_config(config))
+
+
 def test_zero_ablation_through_activations(llama):
     """Zero ablation of every edge: the stream holds only the constants no node writes."""
     ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
