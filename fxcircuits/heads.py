@@ -69,8 +69,7 @@ def last_projection(start: Node, end: Node, model_name: str) -> Projection:
 
     Usually the last projection on the path (``q_proj``).  Multi-head latent attention (DeepSeek V2/V3, MiniCPM3)
     projects the stream to a latent and on to the heads' keys, but adds a rotary key taken from the latent
-    directly: only the first projection carries everything the key reads.  Where no projection does, the last
-    one is returned, and the caller reports the path that bypasses it."""
+    directly: only the first projection carries everything the key reads."""
     path = between(start, [end])
     found = [p for n in sorted(path) if (p := as_projection(n, path)) is not None]
     if not found:
@@ -80,7 +79,8 @@ def last_projection(start: Node, end: Node, model_name: str) -> Projection:
         before = between(start, [p.x]) if p.x is not start else set()
         if path <= before | between(p.node, [end]) | {p.node}:
             return p
-    return found[-1]
+    raise DecompositionError(model_name, end, "this attention input reads the residual stream other than through "
+                             "one projection that every path goes through")
 
 
 def first_projection(start: Node, ends: list[Node], model_name: str) -> Projection:

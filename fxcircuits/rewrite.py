@@ -79,9 +79,6 @@ def _plan_read(step: Step, attention: Attention, role: str, values: dict, name: 
     proj = last_projection(step.start, core_input, name)
     norm = between(step.start, [proj.x]) if proj.x is not step.start else set()
     post = between(proj.node, [core_input])
-    if not between(step.start, [core_input]) <= norm | post | {proj.node}:
-        raise DecompositionError(name, core_input, f"the attention {role} input reads the residual stream other than "
-                                 "through its projection")
     columns = columns_read(proj.node, core_input, values)
     n_heads, n_core = attention.n_heads, len(columns)
     if n_heads % n_core:
