@@ -1,11 +1,10 @@
 """The post-projection path of the per-head reads (``fxcircuits.heads.Post``): rounds folded into the batch axis,
 checked against running them one after another.  Whole patched runs with and without folding are compared on
-five architectures by ``test_patching.test_every_read_path_gives_the_same_numbers`` ("rounds apart")."""
+six architectures by ``test_patching.test_every_read_path_gives_the_same_numbers`` ("rounds apart")."""
 import pytest
 import torch
 from torch import nn
 
-import fxcircuits
 from fxcircuits.components import between
 from fxcircuits.heads import Post, record_values
 from zoo import CONFIGS

@@ -1,6 +1,6 @@
 """The patcher's cheaper norm copies (``fxcircuits.norms``): what is found in the graph, and the run-time helpers
 against the plain computation.  That whole patched runs give the same numbers with and without them is checked
-on five architectures by ``test_patching.test_every_read_path_gives_the_same_numbers`` ("norms as captured")."""
+on six architectures by ``test_patching.test_every_read_path_gives_the_same_numbers`` ("norms as captured")."""
 import pytest
 import torch
 
