@@ -56,6 +56,7 @@ class CircuitGraph:
         self.node_index = {name: i for i, name in enumerate(self.upstream)}
         self.src = torch.tensor([u for u, _ in pairs], dtype=torch.long)
         self.dst = torch.tensor([d for _, d in pairs], dtype=torch.long)
+        self.cells = self.src * len(self.downstream) + self.dst  # each edge's place in an [upstream, downstream] block
         position = {name: i for i, name in enumerate(self.nodes)}
         # for each downstream input, the index in ``nodes`` of the node it feeds (a head, an MLP, ``logits``)
         self.reader = torch.tensor([position[port.split("<")[0]] for port in self.downstream], dtype=torch.long)

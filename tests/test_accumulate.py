@@ -42,7 +42,7 @@ def test_the_store_keeps_the_rows_of_groups_with_a_moved_edge():
         stored = [o - w for o, w, kept in zip(others, writes, (True, False, True)) if kept]
         torch.testing.assert_close(rows, torch.cat(stored))
         torch.testing.assert_close(store.rows_sum(), torch.cat(stored).sum(0))
-    assert store.nodes.tolist() == [0, *range(13, 30)]
+    assert store.stored == [True, False, True] and store.n_stored == 18
     assert [store.moves(d, d + 1) for d in range(7)] == [False, False, False, True, False, False, True]
 
 
@@ -145,3 +145,31 @@ def test_readers_weighted_alike_share_one_value():
     for ours, reference in zip(outs, expected):
         torch.testing.assert_close(ours, reference)
         assert ours.shape[0] == 1 or ours.stride(0) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_store_reads_the_mask_as_comparisons_would(dtype):
+    """``DeltaStore`` reads the mask with differences and maxima instead of comparisons (``patching._summary``):
+    which readers and nodes have a moved edge, which neighbouring readers see the same column, which readers have
+    every edge patched fully — the same answers as comparing values, for values near 1 and 0, NaN, and a
+    bf16 mask with more nodes than bf16 counts exactly (256)."""
+    generator = torch.Generator().manual_seed(6)
+    n_up, readers, reads = 300, [4, 1, 4, 2], [1, 130, 260, 300]
+    keep = torch.ones(2, n_up, sum(readers))
+    keep[:, :, 1] = keep[:, :, 0] = 1 - 2 ** -20             # two alike readers, barely moved
+    keep[1, 5, 2] = float("nan")
+    keep[:, :130, 4] = 0.0                                  # wholly patched ...
+    keep[:, 130:, 4] = 0.5                                  # ... for the rows after its edges are not edges
+    keep[:, :259, 6] = 0.0
+    keep[0, 259, 6] = 2 ** -30                               # all edges but one at 0
+    keep[:, :260, 7] = keep[:, :260, 8] = torch.rand(260, generator=generator) < 0.5
+    keep = keep.to(dtype)
+    store = DeltaStore(keep, [1] + [1] * (n_up - 1), readers, reads)
+    moved = keep != 1
+    assert store.moved_into == moved.any(1).any(0).tolist()
+    assert store.stored == moved.any(2).any(0).tolist()
+    same = (keep[..., 1:] == keep[..., :-1]).all(1).all(0).tolist()  # NaN is unlike itself
+    assert [store.alike(d, d + 2) for d in range(len(same))] == same
+    edges = torch.arange(n_up)[:, None] < torch.tensor(reads).repeat_interleave(torch.tensor(readers))
+    assert store.wholly == ((keep == 0) | ~edges).all(1).all(0).tolist()
+    assert store.wholly[4] and not store.wholly[6]
