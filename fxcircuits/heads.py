@@ -507,6 +507,11 @@ def gather_heads(core: torch.Tensor, picks: tuple[tuple[int, int], ...], shared:
         if n_core % n_rounds == 0 and all(r == h % n_rounds for h, (r, _) in enumerate(picks)):
             by_group = core.unflatten(2, (n_core // n_rounds, n_rounds)).diagonal(0, 0, 3)
             return by_group.movedim(-1, 2).flatten(1, 2)
+    per_core, rest = divmod(len(picks), n_core)
+    if not rest and picks == tuple((0, h // per_core) for h in range(len(picks))):
+        # one round (all heads read one stream) of grouped-query heads: each core head serves consecutive query
+        # heads, as repeat_kv spreads them (one copy, where stacking would slice every head)
+        return core[0].unsqueeze(2).expand(-1, -1, per_core, *core.shape[3:]).flatten(1, 2)
     return torch.stack([core[r, :, c] for r, c in picks], dim=1)
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fxcircuits.components import between
-from fxcircuits.heads import Post, record_values
+from fxcircuits.heads import Post, gather_heads, record_values
 from zoo import CONFIGS
 
 BATCH, SEQ = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=64)
@@ -82,3 +82,18 @@ def test_sizes_that_count_the_batch_are_scaled_and_shared_tables_left_alone(trac
     _, cm = traced("llama")
     for post in _posts(cm)[:3]:
         assert post.uses.count("size") == 1 and set(post.uses) == {"size", None}
+
+
+@pytest.mark.parametrize("picks", [
+    ((0, 0), (0, 0), (0, 1), (0, 1), (0, 2), (0, 2)),   # one round of grouped-query heads (repeat_kv's layout)
+    ((0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)),   # a round per head of a group
+    ((0, 0), (0, 1), (0, 2), (0, 0), (0, 1), (0, 2)),   # core heads taken in turn: no shortcut applies
+    ((1, 2), (0, 0), (1, 1), (0, 2), (1, 0), (0, 1)),   # any other order
+])
+def test_gathering_the_heads_takes_each_query_heads_own(picks):
+    """Query head h's core input is head ``picks[h][1]`` of round ``picks[h][0]``, whichever shortcut serves it."""
+    core = torch.randn(2, 3, 3, 5, 4)  # [rounds, batch, core heads, seq, head size]
+    expected = torch.stack([core[r, :, c] for r, c in picks], dim=1)
+    assert torch.equal(gather_heads(core, picks, False), expected)
+    shared = tuple((0, c) for _, c in picks)  # where all heads read one stream, round 0 serves them all
+    assert torch.equal(gather_heads(core[:1], picks, True), torch.stack([core[0, :, c] for _, c in shared], dim=1))
