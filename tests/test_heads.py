@@ -97,3 +97,17 @@ def test_gathering_the_heads_takes_each_query_heads_own(picks):
     assert torch.equal(gather_heads(core, picks, False), expected)
     shared = tuple((0, c) for _, c in picks)  # where all heads read one stream, round 0 serves them all
     assert torch.equal(gather_heads(core[:1], picks, True), torch.stack([core[0, :, c] for _, c in shared], dim=1))
+
+
+@pytest.mark.parametrize("layout", [(3, 2, 0, 4, 4), (3, 1, 2, 5, 3), (1, 4, 1, 4, 6)])
+@pytest.mark.parametrize("dim", [0, 1, -1])
+def test_the_grid_view_reads_each_groups_block_in_place(layout, dim):
+    """``_grid_view`` [groups, *other axes, width] is block g = columns start + g·step … + width of ``dim``, a view of
+    the same memory, also of a transposed tensor (a weight in aten.linear's layout)."""
+    from fxcircuits.heads import _grid_view
+    groups, _, start, step, width = layout
+    for t in (torch.randn(5, 16, 2), torch.randn(16, 5, 2).transpose(0, 1)):
+        t = t.movedim(1, dim)
+        view = _grid_view(t, dim, layout)
+        expected = torch.stack([t.narrow(dim, start + g * step, width).movedim(dim, -1) for g in range(groups)])
+        assert torch.equal(view, expected) and view.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
