@@ -39,9 +39,12 @@ def test_unknown_edge_and_node_names(llama):
 def test_nan_in_masks_or_ablation_values(llama):
     ids = torch.zeros(1, 4, dtype=torch.long)
     mask = torch.ones(len(llama.graph.edges))
-    mask[3] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        llama(ids, corrupted_input_ids=ids, edge_mask=mask)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        mask[3] = bad
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            llama(ids, corrupted_input_ids=ids, edge_mask=mask)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        llama(ids, corrupted_input_ids=ids, node_mask={"m1": float("nan")})
     acts = llama.activations(ids)
     acts[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
