@@ -49,16 +49,17 @@ class DeltaStore:
                  scratch: Scratch | None = None):
         self.scratch = None if torch.is_grad_enabled() else scratch  # a backward pass reads the rows after the run
         detached = keep.detach()
-        moved_into, moved_from, alike = _summary(detached)
+        change, moved_into, moved_from, alike = _summary(detached)
         self.keep, self.moved_into = keep, moved_into
         starts = list(itertools.accumulate(sizes, initial=0))
         self.stored = [keep.requires_grad or any(moved_from[f:f + n]) for f, n in zip(starts, sizes)]
         nodes = [u for f, n, kept in zip(starts, sizes, self.stored) if kept for u in range(f, f + n)]
         self.n_stored = len(nodes)
-        # the stored rows' mask, [n_masks, n_stored, readers]
-        self.block = detached if self.n_stored == keep.shape[1] else detached.index_select(
-            1, torch.tensor(nodes, dtype=torch.long, device=keep.device))
-        self.weights: torch.Tensor | None = None  # 1 − block, in the rows' dtype (``_weights``)
+        # the stored rows' mask, [n_masks, n_stored, readers], and 1 − that where the summary found it (``_weights``)
+        self.block, self.weights = detached, change
+        if self.n_stored < keep.shape[1]:
+            index = torch.tensor(nodes, dtype=torch.long, device=keep.device)
+            self.block, self.weights = detached.index_select(1, index), None
         self.alike_to = _runs(alike)
         self.readers, self.reads = readers, reads
         self.buffer, self.count, self.groups = None, 0, 0
@@ -121,8 +122,10 @@ class DeltaStore:
 
     def _weights(self, start: int, stop: int, first: int, last: int, rows: torch.Tensor) -> torch.Tensor:
         """1 − keep over stored rows ``start:stop`` and readers ``first:last``, as ``weighted_rows`` takes it."""
-        if self.weights is None or self.weights.dtype != rows.dtype:
-            self.weights = (1 - self.block).to(rows.dtype)
+        if self.weights is None:
+            self.weights = 1 - self.block
+        if self.weights.dtype != rows.dtype:
+            self.weights = self.weights.to(rows.dtype)
         return self.weights[:, start:stop, first:last]
 
     def _dense(self, first: int, last: int, rows: torch.Tensor) -> bool:
@@ -281,11 +284,12 @@ def products(rows: torch.Tensor, rows_sum: Callable[[], torch.Tensor] | None = N
     return kernels if rows.dtype in kernels.DTYPES else TorchProducts(rows_sum)
 
 
-def _summary(keep: torch.Tensor) -> tuple[list[bool], list[bool], list[bool]]:
+def _summary(keep: torch.Tensor) -> tuple[torch.Tensor, list[bool], list[bool], list[bool]]:
     """What the patcher decides from the mask ``keep`` [n_masks, upstream, readers], found for every reader and
     node at once, with one transfer from the device (asking per group would wait for the device at every layer):
     per reader, whether some mask moves an edge into it; per upstream node, whether some mask moves an edge out
-    of it; per reader d but the last, whether reader d + 1 has the same column of ``keep`` (see ``_runs``).
+    of it; per reader d but the last, whether reader d + 1 has the same column of ``keep`` (see ``_runs``).  The
+    weights 1 − keep, found on the way, come first.
 
     Differences and maxima, not comparisons: on CPU, a comparison writing booleans costs six times the
     arithmetic, on a block of SmolLM2's size (250,000 values) hundreds of microseconds a run."""
@@ -295,7 +299,7 @@ def _summary(keep: torch.Tensor) -> tuple[list[bool], list[bool], list[bool]]:
     found = torch.cat([size.amax(1).amax(0), size.amax(2).amax(0), steps.amax(1).amax(0)]).tolist()
     n_up, n_readers = keep.shape[1:]
     moved = [v != 0 for v in found]  # NaN counts as moved and as unlike
-    return moved[:n_readers], moved[n_readers:n_readers + n_up], [not m for m in moved[n_readers + n_up:]]
+    return change, moved[:n_readers], moved[n_readers:n_readers + n_up], [not m for m in moved[n_readers + n_up:]]
 
 
 def _wholly_patched(keep: torch.Tensor, readers: list[int], reads: list[int]) -> list[bool]:
