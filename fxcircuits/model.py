@@ -4,8 +4,9 @@
     cm(input_ids, attention_mask)                                    # == model(...).logits
     cm(input_ids, attention_mask, corrupted_input_ids=c, edge_mask=m) # edges at 0 see the corrupted run
 
-A patched call costs one recording pass over the corrupted input and one pass over the clean input,
-whatever the mask; an ``edge_mask`` of shape [n_masks, n_edges] evaluates many masks in one batched call.
+A patched call costs one pass over the corrupted input and one over the clean input, whatever the mask —
+without a gradient, both in one batched pass; an ``edge_mask`` of shape [n_masks, n_edges] evaluates many masks
+in one call.
 """
 from __future__ import annotations
 
@@ -116,8 +117,12 @@ class CircuitModel(nn.Module):
         if edge_mask is None and node_mask is None:
             return self.exported(input_ids, attention_mask)
         keep = dense_keep(self.graph, edge_mask, node_mask, device=self.device)
-        other, recorded = self._other_run(input_ids, attention_mask, corrupted_input_ids, corrupted_activations)
-        logits = self.patched(input_ids, attention_mask, other, keep, recorded=recorded)
+        if corrupted_input_ids is not None and corrupted_activations is None and not torch.is_grad_enabled():
+            logits = self.patched_alongside(input_ids, attention_mask, self._corrupted(input_ids, corrupted_input_ids),
+                                            keep)
+        else:
+            other, recorded = self._other_run(input_ids, attention_mask, corrupted_input_ids, corrupted_activations)
+            logits = self.patched(input_ids, attention_mask, other, keep, recorded=recorded)
         batched = any(isinstance(m, torch.Tensor) and m.dim() == 2 for m in (edge_mask, node_mask))
         return logits if batched else logits[0]
 
@@ -136,9 +141,22 @@ class CircuitModel(nn.Module):
             other = [g if g.shape[1] in (1, input_ids.shape[0]) else g.repeat(1, n, 1, 1) for g in other]
             if recorded is not None:
                 recorded = [r.repeat(n, *[1] * (r.dim() - 1)) for r in recorded]
+        return self._patch(input_ids, attention_mask, other, keep, tap, recorded)
+
+    def patched_alongside(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          corrupted_input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``patched`` with the corrupted run computed in the same pass, without gradient: the corrupted prompts
+        ride in the batch ahead of the patched ones, and every operation serves both runs.  Where the host sets
+        the pace (a model this size on a GPU) that halves the operations a patched call launches; ``forward``
+        takes this path under ``torch.no_grad()``."""
+        n = keep.shape[0]
+        input_ids = torch.cat([corrupted_input_ids, input_ids.repeat(n, 1)])
+        return self._patch(input_ids, attention_mask.repeat(n + 1, 1), None, keep, None, None, ahead=True)
+
+    def _patch(self, input_ids, attention_mask, other, keep, tap, recorded, ahead: bool = False) -> torch.Tensor:
         with self.scratch.lend() as scratch:
-            logits = self.patcher(input_ids, attention_mask, other, keep, tap, recorded, scratch)
-        return logits.reshape(n, -1, *logits.shape[1:])
+            logits = self.patcher(input_ids, attention_mask, other, keep, tap, recorded, scratch, ahead)
+        return logits.reshape(keep.shape[0], -1, *logits.shape[1:])
 
     def _other_run(self, input_ids, attention_mask, corrupted_input_ids,
                    corrupted_activations) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
@@ -152,10 +170,13 @@ class CircuitModel(nn.Module):
                 raise ValueError(f"corrupted_activations have shape {tuple(corrupted_activations.shape)}; expected "
                                  f"[{len(self.graph.upstream)}, batch or 1, seq, d_model] as activations() returns")
             return list(corrupted_activations.to(self.device).split(self.graph.group_sizes)), None
+        with torch.no_grad():
+            return self.recording(self._corrupted(input_ids, corrupted_input_ids), attention_mask)
+
+    def _corrupted(self, input_ids: torch.Tensor, corrupted_input_ids: torch.Tensor) -> torch.Tensor:
         if corrupted_input_ids.shape != input_ids.shape:
             raise ValueError(f"clean input_ids have shape {tuple(input_ids.shape)} but corrupted_input_ids have "
                              f"{tuple(corrupted_input_ids.shape)}: patching needs clean and corrupted prompts of the "
                              "same token length; pad them to a common length (and pass the attention_mask) or drop "
                              "the pairs that tokenize differently")
-        with torch.no_grad():
-            return self.recording(corrupted_input_ids, attention_mask)
+        return corrupted_input_ids.to(self.device)

@@ -43,11 +43,16 @@ class DeltaStore:
 
     keep: the whole mask [n_masks, n_upstream, n_downstream]; sizes: the upstream groups' sizes, in order;
     readers: the reader groups' sizes, in order; reads: how many upstream nodes each reader group reads;
-    scratch: where the rows may be written when no gradient will read them back (``Scratch``), or None."""
+    scratch: where the rows may be written when no gradient will read them back (``Scratch``), or None;
+    ahead: whether the other run rides in the same pass, as the batch's first rows (``accumulate``)."""
 
     def __init__(self, keep: torch.Tensor, sizes: list[int], readers: list[int], reads: list[int],
-                 scratch: Scratch | None = None):
+                 scratch: Scratch | None = None, ahead: bool = False):
         self.scratch = None if torch.is_grad_enabled() else scratch  # a backward pass reads the rows after the run
+        if ahead and torch.is_grad_enabled():
+            raise RuntimeError("a patched pass that runs the other run alongside takes no gradient: run it under "
+                               "torch.no_grad(), or record the other run first and pass its outputs")
+        self.ahead, self.blocks = ahead, keep.shape[0] + 1  # blocks of rows where the other run rides ahead
         detached = keep.detach()
         change, moved_into, moved_from, alike = _summary(detached)
         self.keep, self.moved_into = keep, moved_into
@@ -77,6 +82,8 @@ class DeltaStore:
         with torch.no_grad():
             for write, other in zip(writes[self.groups:], others[self.groups:]):
                 if self.stored[self.groups]:
+                    if self.ahead:  # the other run's rows lead, the masks' follow
+                        other, write = write.reshape(write.shape[0], self.blocks, -1).split([1, self.blocks - 1], 1)
                     if self.buffer is None:  # pages of rows never written are never touched
                         shape, fresh = (self.n_stored, *write.shape[1:]), self.scratch is None
                         self.buffer = write.new_empty(shape) if fresh else self.scratch.take(write, shape)
@@ -395,7 +402,34 @@ def accumulate(store: DeltaStore, stream: torch.Tensor, writes: list[torch.Tenso
     writes: per upstream group written so far, this run's outputs, [n_nodes, rows, seq, d_model];
     others: the other run's outputs of the same groups, broadcastable to them.
     The mask is the store's: its block over those groups' nodes and these readers.
+    Where the other run rides in the same pass (``store.ahead``), it is the first of 1 + n_masks blocks of rows
+    and ``others`` is unused: see ``_alongside``.
     Returns [n_readers, *stream.shape]: a view of ``stream`` where no edge into the readers is patched."""
+    if store.ahead:
+        return _alongside(store, stream, writes, first, last)
+    return _accumulate(store, stream, writes, others, first, last)
+
+
+def _alongside(store: DeltaStore, stream: torch.Tensor, writes: list[torch.Tensor], first: int,
+               last: int) -> torch.Tensor:
+    """``accumulate`` in a pass that runs the other run and the patched ones side by side, as one batch: the
+    other run's rows first (its readers read the stream as it is), then each mask's.
+
+    Two passes in one halve the operations a patched call launches, which set its cost where the host sets the
+    pace (a model this size on a GPU).  Such a pass needs no gradient (``DeltaStore``)."""
+    n_readers = last - first
+    if not store.moves(first, last):
+        return stream.expand(n_readers, *stream.shape)
+    lead, rest = stream.reshape(store.blocks, -1).split([1, store.blocks - 1])
+    out = _read(store, rest, writes, writes, first, last)[0]
+    if out.stride(0) == 0:  # readers weighted alike share one value: join the blocks once
+        return torch.cat([lead, out[0]]).view(1, *stream.shape).expand(n_readers, *stream.shape)
+    return torch.cat([lead.expand(n_readers, 1, -1), out], 1).view(n_readers, *stream.shape)
+
+
+def _accumulate(store: DeltaStore, stream: torch.Tensor, writes: list[torch.Tensor], others: list[torch.Tensor],
+                first: int, last: int) -> torch.Tensor:
+    """``accumulate`` with the other run given apart."""
     if not torch.is_grad_enabled():  # autograd's bookkeeping costs tens of µs a call, where the host sets the pace
         return _read(store, stream, writes, others, first, last)[0]
     keep = store.keep[:, :sum(w.shape[0] for w in writes), first:last]
@@ -431,6 +465,16 @@ class _Tap(torch.autograd.Function):
         rows = ctx.delta.reshape(n_up, 1, -1)
         summed = grad.reshape(n_readers, -1, rows.shape[-1]).sum(1, keepdim=True).to(rows.dtype)
         return grad, products(rows).grad_keep(rows, summed)[0].to(ctx.weight_dtype), None
+
+
+def patched_rows(store: DeltaStore, x: torch.Tensor) -> torch.Tensor:
+    """``x`` [rows, …] without the other run's rows where that run rides in the same pass (``accumulate``)."""
+    return x[x.shape[0] // store.blocks:] if store.ahead else x
+
+
+def patched_rows_count(store: DeltaStore, n: int) -> int:
+    """How many of ``n`` rows (or prompts) are the patched ones' (``patched_rows``)."""
+    return n - n // store.blocks if store.ahead else n
 
 
 def tap(t: Tap | None, inputs: torch.Tensor, n_upstream: int, first: int, last: int) -> torch.Tensor:

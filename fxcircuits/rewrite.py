@@ -8,8 +8,9 @@ stream:
   the logits, which no caller of the other run needs — and the output of every attention layer's q, k and v
   projections.  Where the heads' writes sum to what attention adds (no output bias, no norm after it), both
   graphs add that sum and never run the output projection itself;
-* the **patcher** takes those outputs from another run plus a mask, and gives every downstream input its
-  own value through :func:`fxcircuits.patching.accumulate`.  Each downstream input then runs its own copy of
+* the **patcher** takes those outputs from another run (or runs that run itself, as the first rows of its
+  batch) plus a mask, and gives every downstream input its own value through
+  :func:`fxcircuits.patching.accumulate`.  Each downstream input then runs its own copy of
   the reading computation: an MLP's whole block; for attention, the norm and projection of each query head's
   q, k and v separately (see :mod:`fxcircuits.heads`; the norm's trailing factors cross the projection, see
   :mod:`fxcircuits.norms`), the attention core over the per-head tensors, and the unchanged output path.
@@ -33,7 +34,7 @@ from .heads import (RELAYOUT, Post, Projection, Ranges, broadcasts, columns_read
                     project_columns, project_rounds, role_input, role_rows, role_shared, shared_input, to_ranges,
                     wholly_patched)
 from .norms import Norm
-from .patching import DeltaStore, accumulate, tap
+from .patching import DeltaStore, accumulate, patched_rows, patched_rows_count, tap
 
 aten = torch.ops.aten
 QKV = ("q", "k", "v")
@@ -121,6 +122,18 @@ def _plan_write(attention: Attention, values: dict, name: str) -> WritePlan:
     return WritePlan(proj, sorted(region), sorted(after), tuple(to_ranges(c) for c in columns))
 
 
+def copy_node(graph: Graph, node: Node, lookup) -> Node:
+    """``node`` copied into ``graph``, its arguments mapped by ``lookup``, in the layout our graphs run (RELAYOUT)."""
+    new = graph.node_copy(node, lookup)
+    new.target = RELAYOUT.get(new.target, new.target)
+    return new
+
+
+def other_group(other: list[torch.Tensor] | None, index: int) -> torch.Tensor | None:
+    """One writer group's outputs in the other run; None where that run rides in the patched pass itself."""
+    return None if other is None else other[index]
+
+
 def recorded_at(recorded: list[torch.Tensor] | None, index: int) -> torch.Tensor | None:
     """One attention read's projection output in the recorded other run, or None where the other run was given
     as values (zero or mean ablation) rather than recorded."""
@@ -167,9 +180,7 @@ class _Builder:
         return self.graph.call_function(fn, args, kwargs)
 
     def copy(self, node: Node, lookup) -> Node:
-        new = self.graph.node_copy(node, lookup)
-        new.target = RELAYOUT.get(new.target, new.target)
-        return new
+        return copy_node(self.graph, node, lookup)
 
     def clone(self, region: list[Node], substitute: dict[Node, Node]) -> dict[Node, Node]:
         """Copy ``region`` (in graph order), reading ``substitute`` in place of the original nodes."""
@@ -207,12 +218,13 @@ class _Builder:
             self.tap = self.graph.placeholder("tap", default_value=None)  # a patching.Tap, or None
             self.recording = self.graph.placeholder("recorded", default_value=None)  # the recorder's projections
             scratch = self.graph.placeholder("scratch", default_value=None)  # a patching.Scratch, or None
-            self.store = self.call(DeltaStore, self.keep, self.sizes, self.readers, self.reads, scratch)
+            ahead = self.graph.placeholder("ahead", default_value=False)  # the other run leads the batch (no other)
+            self.store = self.call(DeltaStore, self.keep, self.sizes, self.readers, self.reads, scratch, ahead)
 
     def _add_group(self, act: Node, n: int) -> None:
         self.acts.append(act)
         if self.patched:
-            self.others.append(self.call(operator.getitem, self.other, len(self.others)))
+            self.others.append(self.call(other_group, self.other, len(self.others)))
         self.n_upstream += n
 
     def _readers(self, stream: Node, n: int) -> Node:
@@ -379,12 +391,15 @@ class _Builder:
 
     def _finish(self) -> None:
         logits = self.components.logits
-        if self.patched:
-            x = self.call(operator.getitem, self._readers(self.components.final, 1), 0)
-            region = sorted(between(self.components.final, [logits]))
-            self.graph.output(self.clone(region, {self.components.final: x})[logits])
+        if self.patched:  # the readout runs on the patched rows alone, at their own batch size
+            x = self.call(patched_rows, self.store, self.call(operator.getitem, self._readers(self.components.final, 1), 0))
+            self.graph.output(_readout(self.graph, self.components, x, self._input_size))
         else:  # no logits: the recording pass skips the final norm and unembedding (a fifth of SmolLM2's forward)
             self.graph.output((list(self.acts), [self.env[node] for _, _, node in self.recorded]))
+
+    def _input_size(self, node: Node, dim: int) -> Node:
+        """The patched rows' batch (``dim`` 0) or sequence size where the readout reads the inputs' (``_readout``)."""
+        return self.call(patched_rows_count, self.store, self.env[node]) if dim == 0 else self.env[node]
 
 
 def _shift(dim, by: int = 1):
@@ -478,21 +493,28 @@ def build_readout(gm: GraphModule, components: Components) -> GraphModule:
     a readout that needs anything else from the model's inputs cannot run on the stream and is refused."""
     graph = Graph()
     stream = graph.placeholder("stream")
+    graph.output(_readout(graph, components, stream, lambda _, dim: graph.call_function(aten.sym_size.int,
+                                                                                       (stream, dim))))
+    return GraphModule(gm, graph)
+
+
+def _readout(graph: Graph, components: Components, stream: Node, input_size) -> Node:
+    """Copy the final norm and unembedding into ``graph``, reading ``stream`` in place of the final residual
+    stream; returns the logits.  Where they read the inputs' batch or sequence size (a node of the captured
+    graph), ``input_size(node, dim)`` gives it; any other read of the inputs is refused (``build_readout``)."""
     env = {components.final: stream}
 
     def lookup(node: Node) -> Node:
         if node not in env:
             if node.target is aten.sym_size.int and node.args[0].op == "placeholder" and node.args[1] in (0, 1):
-                env[node] = graph.call_function(aten.sym_size.int, (stream, node.args[1]))
+                env[node] = input_size(node, node.args[1])
             elif node.op == "placeholder":
                 raise DecompositionError(components.model_name, node, "the final norm and unembedding read the "
                                          "model's inputs, not only the residual stream")
             else:
-                env[node] = graph.node_copy(node, lookup)
+                env[node] = copy_node(graph, node, lookup)
         return env[node]
 
     for node in sorted(between(components.final, [components.logits])):
-        env[node] = graph.node_copy(node, lookup)
-        env[node].target = RELAYOUT.get(env[node].target, env[node].target)
-    graph.output(env[components.logits])
-    return GraphModule(gm, graph)
+        env[node] = copy_node(graph, node, lookup)
+    return env[components.logits]

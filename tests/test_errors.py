@@ -4,6 +4,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 import fxcircuits
+from fxcircuits.patching import dense_keep
 
 
 @pytest.fixture
@@ -11,10 +12,18 @@ def llama(traced):
     return traced("llama")[1]
 
 
-def test_clean_and_corrupted_of_different_lengths(llama):
-    with pytest.raises(ValueError, match="same token length"):
+@pytest.mark.parametrize("gradient", [True, False])  # recorded first, or run alongside the patched rows
+def test_clean_and_corrupted_of_different_lengths(llama, gradient):
+    with torch.set_grad_enabled(gradient), pytest.raises(ValueError, match="same token length"):
         llama(torch.zeros(2, 6, dtype=torch.long), corrupted_input_ids=torch.zeros(2, 7, dtype=torch.long),
               edge_mask=torch.ones(len(llama.graph.edges)))
+
+
+def test_the_corrupted_run_alongside_takes_no_gradient(llama):
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    keep = dense_keep(llama.graph, torch.ones(len(llama.graph.edges)))
+    with pytest.raises(RuntimeError, match="takes no gradient: run it under torch.no_grad"):
+        llama.patched_alongside(ids, torch.ones_like(ids), ids, keep)
 
 
 def test_mask_of_the_wrong_length(llama):

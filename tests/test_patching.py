@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import fxcircuits
+from fxcircuits.patching import dense_keep
 from zoo import CONFIGS, make, modules
 
 
@@ -69,6 +70,26 @@ class TestEveryArchitecture:
             for i in range(3):
                 alone = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks[i])
                 _close(together[i], alone, mask)
+
+    def test_the_corrupted_run_alongside_equals_it_recorded_first(self, traced, prompts, name):
+        """Without a gradient, ``cm(..., corrupted_input_ids=...)`` runs the corrupted prompts in the patched pass
+        itself, ahead of the patched rows (``CircuitModel.patched_alongside``); attribution and evaluation record
+        the corrupted run once and patch from the recording.  Both give the same logits: for a soft mask, a circuit
+        (many heads read the corrupted run alone), one edge, and three masks in one call."""
+        _, cm = traced(name)
+        clean, corrupted, mask = prompts
+        n, generator = len(cm.graph.edges), torch.Generator().manual_seed(3)
+        masks = [torch.rand(n, generator=generator), (torch.rand(n, generator=generator) < 0.1).float(),
+                 torch.ones(n).index_fill(0, torch.tensor([n // 2]), 0.0), torch.rand(3, n, generator=generator)]
+        with torch.no_grad():
+            other, recorded = cm.recording(corrupted, mask)
+            for edge_mask in masks:
+                keep = dense_keep(cm.graph, edge_mask)
+                alongside = cm.patched_alongside(clean, mask, corrupted, keep)
+                valid = mask.expand(keep.shape[0], -1, -1)
+                _close(alongside, cm.patched(clean, mask, other, keep, recorded=recorded), valid)
+                _close(cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=edge_mask).reshape(alongside.shape),
+                       alongside, valid)
 
 
 def _hooked_node_patch(model, name, node, clean, corrupted, mask):
@@ -231,7 +252,8 @@ def test_heads_reading_the_corrupted_run_alone_take_its_projections(prompts, mon
     clean, corrupted, mask = prompts
     circuit = _read_path_masks(cm)[4]
     with torch.no_grad():
-        cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=circuit)
+        other, recorded = cm.recording(corrupted, mask)
+        cm.patched(clean, mask, other, dense_keep(cm.graph, circuit), recorded=recorded)
     assert len(seen) == 3 * model.config.num_hidden_layers
     assert all(head in heads for i, heads in enumerate(seen) for head in [i % 3])
     seen.clear()
