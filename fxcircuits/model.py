@@ -4,9 +4,9 @@
     cm(input_ids, attention_mask)                                    # == model(...).logits
     cm(input_ids, attention_mask, corrupted_input_ids=c, edge_mask=m) # edges at 0 see the corrupted run
 
-A patched call costs one pass over the corrupted input and one over the clean input, whatever the mask —
-without a gradient, both in one batched pass; an ``edge_mask`` of shape [n_masks, n_edges] evaluates many masks
-in one call.
+A patched call costs one pass over the corrupted input and one over the clean input, whatever the mask — on
+a GPU and without a gradient, both in one batched pass; an ``edge_mask`` of shape [n_masks, n_edges] evaluates
+many masks in one call.
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ class CircuitModel(nn.Module):
         if edge_mask is None and node_mask is None:
             return self.exported(input_ids, attention_mask)
         keep = dense_keep(self.graph, edge_mask, node_mask, device=self.device)
-        if corrupted_input_ids is not None and corrupted_activations is None and not torch.is_grad_enabled():
+        if corrupted_input_ids is not None and corrupted_activations is None and self.runs_alongside():
             logits = self.patched_alongside(input_ids, attention_mask, self._corrupted(input_ids, corrupted_input_ids),
                                             keep)
         else:
@@ -143,12 +143,20 @@ class CircuitModel(nn.Module):
                 recorded = [r.repeat(n, *[1] * (r.dim() - 1)) for r in recorded]
         return self._patch(input_ids, attention_mask, other, keep, tap, recorded)
 
+    def runs_alongside(self) -> bool:
+        """Whether a patched call runs the corrupted prompts in the patched pass itself (``patched_alongside``):
+        without a gradient, on an accelerator.  There a model this size is bound by launches, and one pass for
+        both runs halves them.  On CPU arithmetic sets the pace, and the corrupted run recorded apart serves
+        better: the heads that read it alone (in a circuit, a third to a half of the q, k and v inputs) take its
+        projections instead of computing their own, and no head computes its own q, k and v for it."""
+        return not torch.is_grad_enabled() and self.device.type != "cpu"
+
     def patched_alongside(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                           corrupted_input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """``patched`` with the corrupted run computed in the same pass, without gradient: the corrupted prompts
         ride in the batch ahead of the patched ones, and every operation serves both runs.  Where the host sets
         the pace (a model this size on a GPU) that halves the operations a patched call launches; ``forward``
-        takes this path under ``torch.no_grad()``."""
+        takes this path where ``runs_alongside()``."""
         n = keep.shape[0]
         input_ids = torch.cat([corrupted_input_ids, input_ids.repeat(n, 1)])
         return self._patch(input_ids, attention_mask.repeat(n + 1, 1), None, keep, None, None, ahead=True)

@@ -121,10 +121,9 @@ def test_mask_gradients_match_finite_differences(name, pair):
     picks = torch.randperm(len(cm.graph.edges), generator=generator)[:4].tolist() + largest + [len(cm.graph.edges) - 1]
     # float64 weights, but HF computes some norms and softmaxes in float32 (rounding ~1e-7 of the metric):
     # steps of 1e-3 keep that rounding small, central differences keep the truncation error at O(eps²), and the
-    # absolute slack is 1e-4 of the largest gradient.  The differences are taken on the path the gradient took
-    # (with autograd on, the corrupted run is recorded first; without, it runs alongside, rounded otherwise).
+    # absolute slack is 1e-4 of the largest gradient.
     eps, slack = 1e-3, 1e-4 * grad.abs().max()
-    with torch.enable_grad():
+    with torch.no_grad():
         for i in picks:
             up, down = mask.detach().clone(), mask.detach().clone()
             up[i] += eps

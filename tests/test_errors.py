@@ -12,9 +12,10 @@ def llama(traced):
     return traced("llama")[1]
 
 
-@pytest.mark.parametrize("gradient", [True, False])  # recorded first, or run alongside the patched rows
-def test_clean_and_corrupted_of_different_lengths(llama, gradient):
-    with torch.set_grad_enabled(gradient), pytest.raises(ValueError, match="same token length"):
+@pytest.mark.parametrize("alongside", [False, True])  # the corrupted run recorded first, or run in the same pass
+def test_clean_and_corrupted_of_different_lengths(llama, alongside, monkeypatch):
+    monkeypatch.setattr(fxcircuits.CircuitModel, "runs_alongside", lambda self: alongside)
+    with torch.no_grad(), pytest.raises(ValueError, match="same token length"):
         llama(torch.zeros(2, 6, dtype=torch.long), corrupted_input_ids=torch.zeros(2, 7, dtype=torch.long),
               edge_mask=torch.ones(len(llama.graph.edges)))
 

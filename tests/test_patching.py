@@ -71,11 +71,13 @@ class TestEveryArchitecture:
                 alone = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks[i])
                 _close(together[i], alone, mask)
 
-    def test_the_corrupted_run_alongside_equals_it_recorded_first(self, traced, prompts, name):
-        """Without a gradient, ``cm(..., corrupted_input_ids=...)`` runs the corrupted prompts in the patched pass
-        itself, ahead of the patched rows (``CircuitModel.patched_alongside``); attribution and evaluation record
-        the corrupted run once and patch from the recording.  Both give the same logits: for a soft mask, a circuit
-        (many heads read the corrupted run alone), one edge, and three masks in one call."""
+    def test_the_corrupted_run_alongside_equals_it_recorded_first(self, traced, prompts, name, monkeypatch):
+        """On a GPU and without a gradient, ``cm(..., corrupted_input_ids=...)`` runs the corrupted prompts in the
+        patched pass itself, ahead of the patched rows (``CircuitModel.patched_alongside``); on CPU, and in
+        attribution and evaluation, the corrupted run is recorded first and patched from.  Both give the same
+        logits: for a soft mask, a circuit (many heads read the corrupted run alone), one edge, and three masks in
+        one call."""
+        monkeypatch.setattr(fxcircuits.CircuitModel, "runs_alongside", lambda self: True)  # as on a GPU
         _, cm = traced(name)
         clean, corrupted, mask = prompts
         n, generator = len(cm.graph.edges), torch.Generator().manual_seed(3)
