@@ -421,7 +421,7 @@ def _alongside(store: DeltaStore, stream: torch.Tensor, writes: list[torch.Tenso
     if not store.moves(first, last):
         return stream.expand(n_readers, *stream.shape)
     lead, rest = stream.reshape(store.blocks, -1).split([1, store.blocks - 1])
-    out = _read(store, rest, writes, writes, first, last)[0]
+    out = _read(store, rest, writes, writes, first, last)[0]  # the store finds the other run in the writes
     if out.stride(0) == 0:  # readers weighted alike share one value: join the blocks once
         return torch.cat([lead, out[0]]).view(1, *stream.shape).expand(n_readers, *stream.shape)
     return torch.cat([lead.expand(n_readers, 1, -1), out], 1).view(n_readers, *stream.shape)

@@ -392,7 +392,8 @@ class _Builder:
     def _finish(self) -> None:
         logits = self.components.logits
         if self.patched:  # the readout runs on the patched rows alone, at their own batch size
-            x = self.call(patched_rows, self.store, self.call(operator.getitem, self._readers(self.components.final, 1), 0))
+            x = self.call(operator.getitem, self._readers(self.components.final, 1), 0)
+            x = self.call(patched_rows, self.store, x)
             self.graph.output(_readout(self.graph, self.components, x, self._input_size))
         else:  # no logits: the recording pass skips the final norm and unembedding (a fifth of SmolLM2's forward)
             self.graph.output((list(self.acts), [self.env[node] for _, _, node in self.recorded]))
