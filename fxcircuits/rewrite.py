@@ -129,11 +129,10 @@ def flat_module(root: torch.nn.Module, graph: Graph) -> GraphModule:
     on the way: about 1,600 per patched run of a 30-layer model, where the host sets the pace."""
     weights = {}
     for node in graph.find_nodes(op="get_attr"):
-        flat = node.target.replace(".", "_")
-        while flat in weights and weights[flat] is not _weight(root, node.target):
+        weight, flat = _weight(root, node.target), node.target.replace(".", "_")
+        while flat in weights and weights[flat] is not weight:  # another path flattened to the same name
             flat += "_"
-        weights[flat] = _weight(root, node.target)
-        node.target = flat
+        node.target, weights[flat] = flat, weight
     return GraphModule(weights, graph)
 
 
