@@ -4,6 +4,7 @@ import torch
 
 import fxcircuits
 from fxcircuits.patching import dense_keep
+from fxcircuits.rewrite import flat_module
 from zoo import CONFIGS, make, modules
 
 
@@ -279,6 +280,19 @@ def test_the_recorder_adds_the_heads_writes_and_skips_the_unembedding(name, summ
     cm = fxcircuits.trace(model)
     products = lambda gm: sum(n.op == "call_function" and n.target in PRODUCTS for n in gm.graph.nodes)  # noqa: E731
     assert products(cm.recorder) == products(cm.exported) - 1 - (model.config.num_hidden_layers if summed else 0)
+
+
+def test_the_rewritten_graphs_hold_each_weight_under_one_flat_name():
+    """``rewrite.flat_module``: each weight under one attribute, the model's own tensor; two paths that flatten
+    to one name keep apart."""
+    root, graph = torch.nn.Module(), torch.fx.Graph()
+    root.a, root.a_b = torch.nn.Module(), torch.nn.Module()
+    root.a.b_c, root.a_b.c = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.zeros(2))
+    graph.output((graph.get_attr("a.b_c"), graph.get_attr("a_b.c")))
+    module = flat_module(root, graph)
+    first, second = module()
+    assert first is root.a.b_c and second is root.a_b.c
+    assert [n.target for n in module.graph.nodes if n.op == "get_attr"] == ["a_b_c", "a_b_c_"]
 
 
 def test_runs_without_a_gradient_write_their_rows_into_the_kept_scratch(traced, prompts):
