@@ -366,6 +366,8 @@ def project_rounds(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     factors (the norm's trailing factors, ``norms.Norm``).  Where all heads share one row (``shared``) the plain
     projection holds every head's columns and a single round serves them all.  The heads in ``recorded_heads``
     take their columns from ``recorded``, the projection's output in the other run (``wholly_patched``)."""
+    if recorded_heads:
+        recorded = _per_mask(recorded, x if shared else x[0])
     if recorded_heads and shared:  # readers alike and all wholly patched: the other run's projection serves all
         return recorded.unsqueeze(0)
     x, weight = apply_columns(x, weight, layout, columns)
@@ -387,6 +389,13 @@ def project_rounds(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     out = projected.new_zeros(per_group, *rest, width)
     out.narrow(-1, start, (groups - 1) * step + columns).unfold(-1, columns, step).copy_(by_round)
     return out
+
+
+def _per_mask(recorded: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The recorded projection (one batch of the other run) repeated for every mask whose rows one reader's input
+    ``x`` holds, mask after mask as ``CircuitModel.patched`` lays them: copied only where a head reads it."""
+    masks = x.numel() // x.shape[-1] // (recorded.numel() // recorded.shape[-1])
+    return recorded if masks == 1 else recorded.repeat(masks, *[1] * (recorded.dim() - 1))
 
 
 def _rounds_with_recorded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str,
@@ -515,14 +524,26 @@ def gather_heads(core: torch.Tensor, picks: tuple[tuple[int, int], ...], shared:
     return torch.stack([core[r, :, c] for r, c in picks], dim=1)
 
 
-def head_writes(z: torch.Tensor, weight: torch.Tensor, layout: str, ranges: tuple[Ranges, ...]) -> torch.Tensor:
-    """Each head's share of the output projection, stacked on a new leading axis (bias excluded)."""
+def head_writes(z: torch.Tensor, weight: torch.Tensor, layout: str, ranges: tuple[Ranges, ...],
+                each: bool = True) -> torch.Tensor:
+    """Each head's share of the output projection, stacked on a new leading axis (bias excluded); or, where no
+    one reads the heads' writes apart (``each`` false: a patched pass that stores none of them), their sum alone
+    on a leading axis of one — the plain projection, without the heads' [heads, rows, d_model] of writes."""
     w, blocks = _in_out(weight, layout), grid(ranges)
+    if not each:
+        columns = _union(ranges)
+        return (_take(z, -1, columns) @ _take(w, 0, columns)).unsqueeze(0)
     if blocks is None or blocks[1] != 1:
         return torch.stack([_take(z, -1, r) @ _take(w, 0, r) for r in ranges])
     heads = _grid_view(z.reshape(-1, z.shape[-1]), -1, blocks)            # [heads, rows, width]
     out = torch.bmm(heads, _grid_view(w, 0, blocks).transpose(1, 2))        # [heads, rows, d_out]
     return out.reshape(len(ranges), *z.shape[:-1], w.shape[-1])
+
+
+@functools.cache
+def _union(ranges: tuple[Ranges, ...]) -> Ranges:
+    """The columns of all heads' blocks, as blocks."""
+    return to_ranges({c for r in ranges for start, n in r for c in range(start, start + n)})
 
 
 def layer_norm_share(share: torch.Tensor, total: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:

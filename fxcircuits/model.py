@@ -130,17 +130,15 @@ class CircuitModel(nn.Module):
                 keep: torch.Tensor, tap: Tap | None = None, recorded: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The patcher as attribution methods drive it: logits [n_masks, batch, seq, vocab].
 
-        ``other``: the other run's outputs per writer group (``groups()``), [n, batch or 1, seq, d_model], or
-        [n, n_masks·batch, …] when each mask has its own; ``keep``: [n_masks, n_upstream, n_downstream] as
-        ``patching.dense_keep`` builds it; ``tap``: a ``patching.Tap`` to score every edge in the backward pass;
-        ``recorded``: where ``other`` is a recorded run of this batch, its projections (``recording()[1]``), from
-        which the heads that read that run alone take theirs instead of computing them again."""
+        ``other``: the other run's outputs per writer group (``groups()``), [n, batch or 1, seq, d_model] (one
+        batch serves every mask, and is never copied per mask), or [n, n_masks·batch, …] where each mask has its
+        own; ``keep``: [n_masks, n_upstream, n_downstream] as ``patching.dense_keep`` builds it; ``tap``: a
+        ``patching.Tap`` to score every edge in the backward pass; ``recorded``: where ``other`` is a recorded run
+        of this batch, its projections (``recording()[1]``), from which the heads that read that run alone take
+        theirs instead of computing them again."""
         n = keep.shape[0]
         if n > 1:
             input_ids, attention_mask = input_ids.repeat(n, 1), attention_mask.repeat(n, 1)
-            other = [g if g.shape[1] in (1, input_ids.shape[0]) else g.repeat(1, n, 1, 1) for g in other]
-            if recorded is not None:
-                recorded = [r.repeat(n, *[1] * (r.dim() - 1)) for r in recorded]
         return self._patch(input_ids, attention_mask, other, keep, tap, recorded)
 
     def runs_alongside(self) -> bool:
@@ -174,9 +172,10 @@ class CircuitModel(nn.Module):
         if corrupted_activations is not None:
             if not torch.isfinite(corrupted_activations).all():
                 raise ValueError("corrupted_activations contain NaN or infinite values")
-            if corrupted_activations.dim() != 4 or corrupted_activations.shape[0] != len(self.graph.upstream):
-                raise ValueError(f"corrupted_activations have shape {tuple(corrupted_activations.shape)}; expected "
-                                 f"[{len(self.graph.upstream)}, batch or 1, seq, d_model] as activations() returns")
+            shape, batch = tuple(corrupted_activations.shape), input_ids.shape[0]
+            if len(shape) != 4 or shape[0] != len(self.graph.upstream) or shape[1] not in (1, batch):
+                raise ValueError(f"corrupted_activations have shape {shape}; expected [{len(self.graph.upstream)}, "
+                                 f"{batch} (the batch) or 1, seq, d_model] as activations() returns")
             return list(corrupted_activations.to(self.device).split(self.graph.group_sizes)), None
         with torch.no_grad():
             return self.recording(self._corrupted(input_ids, corrupted_input_ids), attention_mask)

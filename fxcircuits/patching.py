@@ -56,9 +56,9 @@ class DeltaStore:
         detached = keep.detach()
         change, moved_into, moved_from, alike = _summary(detached)
         self.keep, self.moved_into = keep, moved_into
-        starts = list(itertools.accumulate(sizes, initial=0))
-        self.stored = [keep.requires_grad or any(moved_from[f:f + n]) for f, n in zip(starts, sizes)]
-        nodes = [u for f, n, kept in zip(starts, sizes, self.stored) if kept for u in range(f, f + n)]
+        self.sizes, self.starts = sizes, list(itertools.accumulate(sizes, initial=0))
+        self.stored = [keep.requires_grad or any(moved_from[f:f + n]) for f, n in zip(self.starts, sizes)]
+        nodes = [u for f, n, kept in zip(self.starts, sizes, self.stored) if kept for u in range(f, f + n)]
         self.n_stored = len(nodes)
         # the stored rows' mask, [n_masks, n_stored, readers], and 1 − that where the summary found it (``_weights``)
         self.block, self.weights = detached, change
@@ -72,6 +72,10 @@ class DeltaStore:
         self.ends = list(itertools.accumulate(readers))
         self.carry: tuple[int, int, int, torch.Tensor] | None = None  # readers first:last, over rows :count, sums
 
+    def stores(self, group: int) -> bool:
+        """Whether the pass reads upstream group ``group``'s writes apart (else only their sum, in the stream)."""
+        return self.stored[group]
+
     def moves(self, first: int, last: int) -> bool:
         """Whether the mask moves any edge into readers ``first:last``."""
         return any(self.moved_into[first:last])
@@ -82,12 +86,17 @@ class DeltaStore:
         with torch.no_grad():
             for write, other in zip(writes[self.groups:], others[self.groups:]):
                 if self.stored[self.groups]:
+                    rows = write  # the shape the rows are kept in
                     if self.ahead:  # the other run's rows lead, the masks' follow
                         other, write = write.reshape(write.shape[0], self.blocks, -1).split([1, self.blocks - 1], 1)
+                        rows = write
+                    elif other.shape[1] not in (1, write.shape[1]):  # one batch of the other run serves every mask
+                        other, write = _per_mask(other, write)
                     if self.buffer is None:  # pages of rows never written are never touched
-                        shape, fresh = (self.n_stored, *write.shape[1:]), self.scratch is None
+                        shape, fresh = (self.n_stored, *rows.shape[1:]), self.scratch is None
                         self.buffer = write.new_empty(shape) if fresh else self.scratch.take(write, shape)
-                    torch.sub(other, write, out=self.buffer[self.count:self.count + write.shape[0]])
+                    out = self.buffer[self.count:self.count + write.shape[0]]
+                    torch.sub(other, write, out=out.view(write.shape))
                     self.count += write.shape[0]
                 self.groups += 1
         return self.buffer[:self.count] if self.buffer is not None else writes[0].new_empty(0, *writes[0].shape[1:])
@@ -148,6 +157,22 @@ class DeltaStore:
                 self.sum = self.sum + self.buffer[self.summed:self.count].sum(0)
         self.summed = self.count
         return self.sum
+
+
+def _per_mask(other: torch.Tensor, write: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``other`` [n, batch, …] and ``write`` [n, n_masks·batch, …] as [n, 1, X] and [n, n_masks, X]: the masks'
+    rows lie mask after mask (``CircuitModel.patched``), so one batch of the other run broadcasts over them, and no
+    copy of it per mask is made (for exact patching, 16 masks a call, that copy was a gigabyte)."""
+    other = other.expand(*other.shape[:2], *write.shape[2:])  # axes after the batch may be broadcast too
+    return other.reshape(other.shape[0], 1, -1), write.reshape(write.shape[0], -1, other[0].numel())
+
+
+def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The gradient [n, n_masks·batch, …] of a tensor of ``shape`` that served every mask's rows: summed over the
+    masks where it holds one batch for all (``_per_mask``), else over the axes it was broadcast along."""
+    if shape[1] not in (1, grad.shape[1]):
+        grad = grad.reshape(grad.shape[0], -1, shape[1], *grad.shape[2:]).sum(1)
+    return grad.sum_to_size(shape)
 
 
 class Scratch:
@@ -366,7 +391,7 @@ class _Accumulate(torch.autograd.Function):
         out, ctx.rows, ctx.moved = _read(store, stream, writes, others, first, last)
         ctx.products = products(ctx.rows, store.rows_sum)
         ctx.weights = store.block[:, :len(ctx.rows), first:last]  # the stored rows' block of the mask
-        ctx.sizes, ctx.stored = [w.shape[0] for w in writes], store.stored[:n_groups]
+        ctx.sizes, ctx.stored = store.sizes[:n_groups], store.stored[:n_groups]
         ctx.other_shapes = [o.shape for o in others]
         ctx.save_for_backward(keep)
         return out
@@ -390,7 +415,7 @@ class _Accumulate(torch.autograd.Function):
                 if part is not None and ctx.needs_input_grad[6 + i]:
                     grads[i] = -part
                 if part is not None and ctx.needs_input_grad[6 + n_groups + i]:
-                    grads[n_groups + i] = part.sum_to_size(ctx.other_shapes[i])
+                    grads[n_groups + i] = _sum_to(part, ctx.other_shapes[i])
         return (grad.sum(0), grad_keep, None, None, None, None, *grads)
 
 
@@ -399,7 +424,8 @@ def accumulate(store: DeltaStore, stream: torch.Tensor, writes: list[torch.Tenso
     """Inputs of the downstream readers ``first:last``.
 
     stream: the residual stream they read, any shape holding ``rows × …`` values (rows = n_masks · batch).
-    writes: per upstream group written so far, this run's outputs, [n_nodes, rows, seq, d_model];
+    writes: per upstream group written so far, this run's outputs, [n_nodes, rows, seq, d_model] (a group the
+    store does not keep may come as its sum alone, [1, …]: ``DeltaStore.stores``);
     others: the other run's outputs of the same groups, broadcastable to them.
     The mask is the store's: its block over those groups' nodes and these readers.
     Where the other run rides in the same pass (``store.ahead``), it is the first of 1 + n_masks blocks of rows
@@ -432,7 +458,7 @@ def _accumulate(store: DeltaStore, stream: torch.Tensor, writes: list[torch.Tens
     """``accumulate`` with the other run given apart."""
     if not torch.is_grad_enabled():  # autograd's bookkeeping costs tens of µs a call, where the host sets the pace
         return _read(store, stream, writes, others, first, last)[0]
-    keep = store.keep[:, :sum(w.shape[0] for w in writes), first:last]
+    keep = store.keep[:, :store.starts[len(writes)], first:last]
     return _Accumulate.apply(stream, keep, store, first, last, len(writes), *writes, *others)
 
 

@@ -159,9 +159,15 @@ def recorded_at(recorded: list[torch.Tensor] | None, index: int) -> torch.Tensor
     return None if recorded is None else recorded[index]
 
 
-def as_rows(t: torch.Tensor, like: torch.Tensor, n: int) -> torch.Tensor:
-    """Upstream outputs in the stream's canonical layout: [n, *like.shape]."""
-    return t.reshape(n, *like.shape)
+def as_rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Upstream outputs in the stream's canonical layout: [n, *like.shape] (n = 1 where a patched pass takes a
+    layer's heads' writes as their sum alone: ``heads.head_writes``)."""
+    return t.reshape(-1, *like.shape)
+
+
+def reshape_heads(t: torch.Tensor, shape: list) -> torch.Tensor:
+    """``t`` [heads or 1, …] reshaped to ``shape`` behind its leading axis (a view of the write carried per head)."""
+    return t.reshape(t.shape[0], *shape)
 
 
 def _writer_sizes(step: Step) -> list[int]:
@@ -259,7 +265,7 @@ class _Builder:
     def _step(self, step: Step) -> None:
         if not self.acts:
             self.reference = self.env[step.start]
-            self._add_group(self.call(as_rows, self.reference, self.reference, 1), 1)
+            self._add_group(self.call(as_rows, self.reference, self.reference), 1)
         if self.patched:
             sizes = _reader_sizes(step)
             inputs, first = self._readers(step.start, sum(sizes)), 0
@@ -274,7 +280,7 @@ class _Builder:
             if isinstance(writer, Attention):
                 self._add_group(self._head_writes(writer), writer.n_heads)
             else:
-                self._add_group(self._sum_as_rows([self.env[t] for t in writer.terms], 1), 1)
+                self._add_group(self._sum_as_rows([self.env[t] for t in writer.terms]), 1)
 
     def _patched_mlp(self, step: Step, mlp: MLP, x: Node) -> None:
         local = self.clone(sorted(between(step.start, mlp.terms)), {step.start: x})
@@ -381,12 +387,15 @@ class _Builder:
         """Each head's write to the stream, [n_heads, *stream.shape], from this graph's (patched) values."""
         values, plan = self.env, self.plans[id(attention)].write
         proj = plan.projection
-        shares = {proj.node: self.call(head_writes, values[proj.x], values[proj.weight], proj.layout, plan.ranges)}
+        # a patched pass that stores none of this layer's writes takes their sum alone (``DeltaStore.stores``)
+        each = self.call(DeltaStore.stores, self.store, len(self.acts)) if self.patched else True
+        shares = {proj.node: self.call(head_writes, values[proj.x], values[proj.weight], proj.layout, plan.ranges,
+                                       each)}
         whole = {proj.node} if proj.bias is None else set()  # nodes whose heads' shares sum to them
         dependent = descendants(attention.output)
         for node in plan.after:
             if any(a in shares for a in node.all_input_nodes):
-                share = linear_share(self, node, shares, values, dependent, attention.n_heads)
+                share = linear_share(self, node, shares, values, dependent)
                 if share is not None:
                     shares[node] = share
                     if sums_to_whole(node, whole, dependent):
@@ -397,15 +406,15 @@ class _Builder:
         for term in attention.terms:  # the stream adds the heads' writes: the output projection itself is dead
             if term in whole:
                 self.env[term] = self.call(torch.sum, shares[term], 0)
-        return self._sum_as_rows([shares[t] for t in attention.terms], attention.n_heads)
+        return self._sum_as_rows([shares[t] for t in attention.terms])
 
-    def _sum_as_rows(self, terms: list[Node], n: int) -> Node:
+    def _sum_as_rows(self, terms: list[Node]) -> Node:
         """A writer's terms summed in the stream's layout, [n, *stream.shape]: a term may be shaped otherwise (an MoE
         block's routed experts [batch·seq, d] beside its shared expert [batch, seq, d]) and reshaped only as it
         joins the stream."""
-        total = self.call(as_rows, terms[0], self.reference, n)
+        total = self.call(as_rows, terms[0], self.reference)
         for term in terms[1:]:
-            total = self.call(operator.add, total, self.call(as_rows, term, self.reference, n))
+            total = self.call(operator.add, total, self.call(as_rows, term, self.reference))
         return total
 
     def _finish(self) -> None:
@@ -437,8 +446,7 @@ UNARY_LINEAR = {aten.neg.default: (), aten.clone.default: (), aten.type_as.defau
 RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
 
 
-def linear_share(builder: _Builder, node: Node, shares: dict, values: dict, dependent: set[Node],
-                 n_heads: int) -> Node | None:
+def linear_share(builder: _Builder, node: Node, shares: dict, values: dict, dependent: set[Node]) -> Node | None:
     """Carry per-head parts through ``node`` linearly: additive constants drop out, and any factor computed
     from the whole write (a norm's scale) is taken from the whole write.  Returns None for a node that is
     not linear in its input; it may then only serve as such a factor."""
@@ -469,7 +477,7 @@ def linear_share(builder: _Builder, node: Node, shares: dict, values: dict, depe
                                       for i, a in enumerate(args[1:], start=1)]
         return builder.graph.call_function(target, tuple(new_args), dict(node.kwargs))
     if target in RESHAPES:
-        return call(aten.reshape.default, shares[first], [n_heads, *(arg_value(s) for s in args[1])])
+        return call(reshape_heads, shares[first], [arg_value(s) for s in args[1]])
     if target is aten.layer_norm.default:
         weight = arg_value(args[2]) if len(args) > 2 else None
         eps = args[4] if len(args) > 4 else 1e-5

@@ -61,6 +61,13 @@ def test_nan_in_masks_or_ablation_values(llama):
         llama(ids, corrupted_activations=acts, edge_mask=torch.zeros(len(llama.graph.edges)))
 
 
+def test_ablation_values_of_another_batch_size_are_refused(llama):
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    acts = llama.activations(torch.zeros(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"corrupted_activations have shape .*2 \(the batch\) or 1"):
+        llama(ids, corrupted_activations=acts, edge_mask=torch.zeros(len(llama.graph.edges)))
+
+
 def test_a_masked_run_needs_exactly_one_other_run(llama):
     ids = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="exactly one of corrupted_input_ids"):

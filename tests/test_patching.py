@@ -64,8 +64,9 @@ class TestEveryArchitecture:
         clean, corrupted, mask = prompts
         generator = torch.Generator().manual_seed(2)
         masks = torch.rand(3, len(cm.graph.edges), generator=generator)
-        # every layer's k input of head 0 patched wholly in every mask: read from the recording, repeated per mask
-        masks[:, torch.tensor([e.endswith(".h0<k>") for e in cm.graph.edges])] = 0.0
+        # in every mask, every layer's k input of head 0 and all its q inputs patched wholly: those heads read the
+        # recording of one batch, repeated for each mask where read
+        masks[:, torch.tensor([e.endswith((".h0<k>", "<q>")) for e in cm.graph.edges])] = 0.0
         with torch.no_grad():
             together = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks)
             for i in range(3):
@@ -93,6 +94,28 @@ class TestEveryArchitecture:
                 _close(alongside, cm.patched(clean, mask, other, keep, recorded=recorded), valid)
                 _close(cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=edge_mask).reshape(alongside.shape),
                        alongside, valid)
+
+
+def test_one_batch_of_the_other_run_serves_every_mask(prompts):
+    """``patched`` takes the other run as one batch for all masks (never copied per mask): the logits, and the
+    gradients to the other run's outputs, equal those of the same batch repeated for each mask."""
+    cm = fxcircuits.trace(make("llama"))
+    clean, corrupted, mask = prompts
+    generator = torch.Generator().manual_seed(4)
+    keep = dense_keep(cm.graph, torch.rand(3, len(cm.graph.edges), generator=generator))
+    weights = torch.randn(3, *clean.shape, 1, generator=generator)  # a metric over the masks' first logit
+    with torch.no_grad():
+        activations = cm.activations(corrupted, mask)
+    grads = []
+    for per_mask in (False, True):
+        other = activations.clone().requires_grad_(True)
+        groups = list((other.repeat(1, 3, 1, 1) if per_mask else other).split(cm.graph.group_sizes))
+        logits = cm.patched(clean, mask, groups, keep)
+        (logits[..., :1] * weights).sum().backward()
+        grads.append((logits.detach(), other.grad))
+    _close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-6)
+    assert grads[0][1].abs().sum() > 0
 
 
 def _hooked_node_patch(model, name, node, clean, corrupted, mask):
@@ -192,6 +215,8 @@ READ_PATHS = {
     # every norm run whole, as captured: no factor moved across the projection, x² written out
     "norms as captured": [("fxcircuits.norms.Norm.__call__",
                            lambda norm, rows, _, *e: (norm.whole(rows, *e)[0], None, ()))],
+    # every layer's heads' writes computed apart, even where the pass reads only their sum
+    "writes apart": [("fxcircuits.patching.DeltaStore.stores", lambda store, group: True)],
 }
 
 
@@ -241,6 +266,29 @@ def test_readers_weighted_alike_read_through_the_plain_projection(prompts, monke
         cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=_read_path_masks(cm)[3])
     assert len(seen) == 3 * model.config.num_hidden_layers
     assert not any(seen[0::3]) and all(seen[1::3]) and all(seen[2::3])
+
+
+def test_heads_whose_writes_no_edge_moves_write_their_sum_alone(prompts, monkeypatch):
+    """One edge out of a head of layer 1 patched: that layer's heads' writes are computed apart (the pass keeps
+    their differences), every other layer's heads give their sum alone, as the plain output projection does.  With
+    a gradient to the mask, every layer's are apart."""
+    from fxcircuits import rewrite
+    seen, head_writes = [], rewrite.head_writes
+    monkeypatch.setattr(rewrite, "head_writes", lambda *args: seen.append(args[-1]) or head_writes(*args))
+    model = make("llama")
+    cm = fxcircuits.trace(model)
+    clean, corrupted, mask = prompts
+    edge = next(i for i, e in enumerate(cm.graph.edges) if e.startswith("a1.h1->"))
+    one_edge = torch.ones(len(cm.graph.edges)).index_fill(0, torch.tensor([edge]), 0.0)
+    with torch.no_grad():
+        other, recorded = cm.recording(corrupted, mask)  # the recorder keeps every head's write
+        seen.clear()
+        cm.patched(clean, mask, other, dense_keep(cm.graph, one_edge), recorded=recorded)
+    assert seen == [layer == 1 for layer in range(model.config.num_hidden_layers)]
+    seen.clear()
+    keep = dense_keep(cm.graph, one_edge.requires_grad_(True))
+    cm.patched(clean, mask, other, keep, recorded=recorded).sum().backward()
+    assert seen == [True] * model.config.num_hidden_layers
 
 
 def test_heads_reading_the_corrupted_run_alone_take_its_projections(prompts, monkeypatch):
