@@ -85,7 +85,7 @@ def _gradient_scores(cm, prepared, metric, method, steps, per_call, progress) ->
     for p in tqdm(prepared, desc=method, disable=not progress):
         if method == "eap":  # at the clean point the mask's own gradient is the score: no tap, no clean pass
             keep = _ones(cm).requires_grad_(True)
-            value = metric(cm.patched(p.input_ids, p.attention_mask, p.other, keep), p.batch).sum()
+            value = p.measure(cm, metric, keep).sum()
             total += torch.autograd.grad(value, keep)[0][0].cpu()
             continue
         with torch.no_grad():
@@ -95,8 +95,8 @@ def _gradient_scores(cm, prepared, metric, method, steps, per_call, progress) ->
             for first in range(0, keep.shape[0], per_call):
                 chunk = slice(first, first + per_call)
                 tap = Tap(rows, len(cm.graph.downstream))
-                logits = cm.patched(input_ids, p.attention_mask, _masks(other, chunk, p.size), keep[chunk], tap)
-                value = metric(logits, p.batch).sum()
+                value = p.measure(cm, metric, keep[chunk], input_ids=input_ids, other=_masks(other, chunk, p.size),
+                                  tap=tap).sum()
                 total += torch.autograd.grad(value, tap.weight)[0].cpu()  # no gradient for the model's parameters
     per_edge = {"eap": 1, "clean-corrupted": 2}.get(method, steps)
     return total[cm.graph.src, cm.graph.dst] / (examples(prepared) * per_edge)
@@ -217,7 +217,7 @@ def _learned_mask(cm, prepared, metric, progress, seed, *, steps: int, density: 
         s = torch.sigmoid((u.log() - (1 - u).log() + log_alpha) / beta) * (zeta - gamma) + gamma
         z = s.clamp(0.0, 1.0)
         keep = dense_keep(cm.graph, z.to(cm.device), device=cm.device)
-        task = metric(cm.patched(p.input_ids, p.attention_mask, p.other, keep), p.batch).float().mean()
+        task = p.measure(cm, metric, keep).float().mean()
         expected = torch.sigmoid(log_alpha - shift).mean()
         gap = expected - density
         loss = -task + lambdas[0] * gap + lambdas[1] * gap ** 2

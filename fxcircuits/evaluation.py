@@ -36,9 +36,11 @@ class Evaluation:
 
 
 def faithfulness(circuit, full, empty) -> float:
-    """(m(C) − m(∅)) / (m(M) − m(∅)); raises when the model does not tell the runs apart (m(M) = m(∅))."""
-    span = float(full) - float(empty)
-    if span == 0:
+    """(m(C) − m(∅)) / (m(M) − m(∅)); raises when the model does not tell the runs apart: m(M) = m(∅) up to
+    rounding (the two runs take different but equal sums, so equal scores may differ in their last digits)."""
+    full, empty = float(full), float(empty)
+    span = full - empty
+    if abs(span) <= 1e-5 * max(abs(full), abs(empty)):
         raise ValueError("the full model and the empty circuit score the same, so faithfulness is undefined: "
                          "the corrupted prompts do not change the metric")
     return (float(circuit) - float(empty)) / span

@@ -532,12 +532,18 @@ def head_writes(z: torch.Tensor, weight: torch.Tensor, layout: str, ranges: tupl
     w, blocks = _in_out(weight, layout), grid(ranges)
     if not each:
         columns = _union(ranges)
-        return (_take(z, -1, columns) @ _take(w, 0, columns)).unsqueeze(0)
+        x = _take(z, -1, columns)
+        return torch.mm(x.reshape(-1, x.shape[-1]), _take(w, 0, columns)).reshape(1, *z.shape[:-1], w.shape[-1])
     if blocks is None or blocks[1] != 1:
         return torch.stack([_take(z, -1, r) @ _take(w, 0, r) for r in ranges])
     heads = _grid_view(z.reshape(-1, z.shape[-1]), -1, blocks)            # [heads, rows, width]
     out = torch.bmm(heads, _grid_view(w, 0, blocks).transpose(1, 2))        # [heads, rows, d_out]
     return out.reshape(len(ranges), *z.shape[:-1], w.shape[-1])
+
+
+def heads_sum(shares: torch.Tensor) -> torch.Tensor:
+    """The heads' shares [heads or 1, …] summed: what the output projection adds to the stream."""
+    return shares[0] if shares.shape[0] == 1 else shares.sum(0)
 
 
 @functools.cache

@@ -65,18 +65,27 @@ def _set_sum(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return (picked * valid).sum(-1)
 
 
+def _at_answer(metric: Metric) -> Metric:
+    """Mark ``metric`` as reading the answer position alone (:func:`reads_answer_alone`)."""
+    metric.reads_answer_alone = True
+    return metric
+
+
+@_at_answer
 def logit_diff(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """Mean logit of the correct answers minus mean logit of the incorrect ones (IOI's metric)."""
     values = logits_at_answer(logits, batch)
     return _set_mean(values, batch["correct"]) - _set_mean(values, batch["incorrect"])
 
 
+@_at_answer
 def prob_diff(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """Σ p(correct) − Σ p(incorrect); greater-than's Σ_{y>YY} p(y) − Σ_{y≤YY} p(y), and SVA's."""
     probs = logits_at_answer(logits, batch).softmax(-1)
     return _set_sum(probs, batch["correct"]) - _set_sum(probs, batch["incorrect"])
 
 
+@_at_answer
 def logprob(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """log Σ p(correct): the log-probability of the correct set as a whole, computed stably."""
     values = logits_at_answer(logits, batch)
@@ -84,6 +93,7 @@ def logprob(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     return picked.masked_fill(~valid, float("-inf")).logsumexp(-1) - values.logsumexp(-1)
 
 
+@_at_answer
 def kl_divergence(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """−KL(p_clean ‖ p) at the answer position: 0 for the clean run itself, more negative the further away.
 
@@ -119,3 +129,10 @@ def get(name: str | Metric) -> Metric:
 def needs_clean_logits(metric: Metric) -> bool:
     """Whether ``metric`` reads ``batch["clean_logits"]``, which the caller must then fill in."""
     return bool(getattr(metric, "needs_clean_logits", False))
+
+
+def reads_answer_alone(metric: Metric) -> bool:
+    """Whether ``metric`` reads the logits at :func:`answer_position` and nowhere else (every metric here does;
+    a callable may say so with ``metric.reads_answer_alone = True``): patched runs then compute the logits there
+    alone, a fifth of a small model's forward saved."""
+    return bool(getattr(metric, "reads_answer_alone", False))

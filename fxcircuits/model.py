@@ -127,7 +127,8 @@ class CircuitModel(nn.Module):
         return logits if batched else logits[0]
 
     def patched(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, other: list[torch.Tensor],
-                keep: torch.Tensor, tap: Tap | None = None, recorded: list[torch.Tensor] | None = None) -> torch.Tensor:
+                keep: torch.Tensor, tap: Tap | None = None, recorded: list[torch.Tensor] | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """The patcher as attribution methods drive it: logits [n_masks, batch, seq, vocab].
 
         ``other``: the other run's outputs per writer group (``groups()``), [n, batch or 1, seq, d_model] (one
@@ -135,11 +136,15 @@ class CircuitModel(nn.Module):
         own; ``keep``: [n_masks, n_upstream, n_downstream] as ``patching.dense_keep`` builds it; ``tap``: a
         ``patching.Tap`` to score every edge in the backward pass; ``recorded``: where ``other`` is a recorded run
         of this batch, its projections (``recording()[1]``), from which the heads that read that run alone take
-        theirs instead of computing them again."""
+        theirs instead of computing them again; ``positions``: LongTensor [batch], one position per prompt, for
+        the logits there alone, [n_masks, batch, 1, vocab] — the final norm and unembedding (a fifth of SmolLM2's
+        forward) then run on one position per prompt, all that a metric reading one position needs."""
+        if positions is not None:
+            _check_positions(positions, input_ids)
         n = keep.shape[0]
         if n > 1:
             input_ids, attention_mask = input_ids.repeat(n, 1), attention_mask.repeat(n, 1)
-        return self._patch(input_ids, attention_mask, other, keep, tap, recorded)
+        return self._patch(input_ids, attention_mask, other, keep, tap, recorded, positions=positions)
 
     def runs_alongside(self) -> bool:
         """Whether a patched call runs the corrupted prompts in the patched pass itself (``patched_alongside``):
@@ -159,9 +164,10 @@ class CircuitModel(nn.Module):
         input_ids = torch.cat([corrupted_input_ids, input_ids.repeat(n, 1)])
         return self._patch(input_ids, attention_mask.repeat(n + 1, 1), None, keep, None, None, ahead=True)
 
-    def _patch(self, input_ids, attention_mask, other, keep, tap, recorded, ahead: bool = False) -> torch.Tensor:
+    def _patch(self, input_ids, attention_mask, other, keep, tap, recorded, ahead: bool = False,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
         with self.scratch.lend() as scratch:
-            logits = self.patcher(input_ids, attention_mask, other, keep, tap, recorded, scratch, ahead)
+            logits = self.patcher(input_ids, attention_mask, other, keep, tap, recorded, scratch, ahead, positions)
         return logits.reshape(keep.shape[0], -1, *logits.shape[1:])
 
     def _other_run(self, input_ids, attention_mask, corrupted_input_ids,
@@ -187,3 +193,14 @@ class CircuitModel(nn.Module):
                              "same token length; pad them to a common length (and pass the attention_mask) or drop "
                              "the pairs that tokenize differently")
         return corrupted_input_ids.to(self.device)
+
+
+def _check_positions(positions: torch.Tensor, input_ids: torch.Tensor) -> None:
+    """Shape, dtype and device; not the values, which would wait for the device on every call (``runs.prepare``
+    checks them once per batch)."""
+    batch = input_ids.shape[0]
+    if positions.shape != (batch,) or positions.dtype != torch.long:
+        raise ValueError(f"positions must be a LongTensor [{batch}] (one position per prompt), got "
+                         f"{positions.dtype} {tuple(positions.shape)}")
+    if positions.device != input_ids.device:
+        raise ValueError(f"positions are on {positions.device} but input_ids on {input_ids.device}")

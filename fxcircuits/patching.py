@@ -503,6 +503,23 @@ def patched_rows_count(store: DeltaStore, n: int) -> int:
     return n - n // store.blocks if store.ahead else n
 
 
+def at_positions(x: torch.Tensor, positions: torch.Tensor | None, seq: int) -> torch.Tensor:
+    """The stream ``x`` ([rows, seq, …] or flattened, [rows·seq, …]) at one position per row, in the same layout
+    with a sequence of one: ``positions`` [batch] holds one per prompt, and the rows are the masks' prompts, mask
+    after mask (``CircuitModel.patched``).  Unchanged where ``positions`` is None."""
+    if positions is None:
+        return x
+    by_row = x.reshape(-1, seq, *x.shape[x.dim() - 1:])  # the stream's layout is [rows, seq, d] or [rows·seq, d]
+    index = positions.repeat(by_row.shape[0] // positions.shape[0])
+    picked = by_row[torch.arange(by_row.shape[0], device=x.device), index]
+    return picked.unsqueeze(1) if x.dim() == by_row.dim() else picked
+
+
+def sequence_length(positions: torch.Tensor | None, seq: int) -> int:
+    """The readout's sequence length: 1 where it runs at one position per prompt (``at_positions``)."""
+    return seq if positions is None else 1
+
+
 def tap(t: Tap | None, inputs: torch.Tensor, n_upstream: int, first: int, last: int) -> torch.Tensor:
     """The readers ``first:last`` through ``t`` (see ``Tap``); unchanged when there is no tap."""
     if t is None:

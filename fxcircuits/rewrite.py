@@ -30,11 +30,12 @@ from torch.fx import Graph, GraphModule, Node
 
 from .components import SDPA, Attention, Components, DecompositionError, MLP, Step, between, descendants
 from .heads import (RELAYOUT, Post, Projection, Ranges, broadcasts, columns_read, columns_written, distinct_rows,
-                    first_projection, gather_heads, head_writes, last_projection, layer_norm_share, place_columns,
-                    project_columns, project_rounds, role_input, role_rows, role_shared, shared_input, to_ranges,
-                    wholly_patched)
+                    first_projection, gather_heads, head_writes, heads_sum, last_projection, layer_norm_share,
+                    place_columns, project_columns, project_rounds, role_input, role_rows, role_shared, shared_input,
+                    to_ranges, wholly_patched)
 from .norms import Norm
-from .patching import DeltaStore, accumulate, patched_rows, patched_rows_count, tap
+from .patching import (DeltaStore, accumulate, at_positions, patched_rows, patched_rows_count, sequence_length,
+                       tap)
 
 aten = torch.ops.aten
 QKV = ("q", "k", "v")
@@ -185,6 +186,7 @@ class _Builder:
 
     def __init__(self, gm: GraphModule, components: Components, plans: list[AttentionPlan], patched: bool):
         self.gm, self.components, self.patched = gm, components, patched
+        self.inputs = next(iter(gm.graph.find_nodes(op="placeholder")))  # input_ids [batch, seq]
         self.plans = dict(zip(map(id, components.attentions), plans))
         self.graph = Graph()
         self.env: dict[Node, Node] = {}
@@ -244,6 +246,7 @@ class _Builder:
             self.recording = self.graph.placeholder("recorded", default_value=None)  # the recorder's projections
             scratch = self.graph.placeholder("scratch", default_value=None)  # a patching.Scratch, or None
             ahead = self.graph.placeholder("ahead", default_value=False)  # the other run leads the batch (no other)
+            self.positions = self.graph.placeholder("positions", default_value=None)  # [batch]: logits only there
             self.store = self.call(DeltaStore, self.keep, self.sizes, self.readers, self.reads, scratch, ahead)
 
     def _add_group(self, act: Node, n: int) -> None:
@@ -405,7 +408,7 @@ class _Builder:
             raise DecompositionError(self.name, missing[0], "this attention write is not linear in the heads' outputs")
         for term in attention.terms:  # the stream adds the heads' writes: the output projection itself is dead
             if term in whole:
-                self.env[term] = self.call(torch.sum, shares[term], 0)
+                self.env[term] = self.call(heads_sum, shares[term])
         return self._sum_as_rows([shares[t] for t in attention.terms])
 
     def _sum_as_rows(self, terms: list[Node]) -> Node:
@@ -418,17 +421,19 @@ class _Builder:
         return total
 
     def _finish(self) -> None:
-        logits = self.components.logits
-        if self.patched:  # the readout runs on the patched rows alone, at their own batch size
+        if self.patched:  # the readout runs on the patched rows alone (at the positions asked for), at their sizes
             x = self.call(operator.getitem, self._readers(self.components.final, 1), 0)
-            x = self.call(patched_rows, self.store, x)
+            seq = self.call(aten.sym_size.int, self.env[self.inputs], 1)
+            x = self.call(at_positions, self.call(patched_rows, self.store, x), self.positions, seq)
             self.graph.output(_readout(self.graph, self.components, x, self._input_size))
         else:  # no logits: the recording pass skips the final norm and unembedding (a fifth of SmolLM2's forward)
             self.graph.output((list(self.acts), [self.env[node] for _, _, node in self.recorded]))
 
     def _input_size(self, node: Node, dim: int) -> Node:
-        """The patched rows' batch (``dim`` 0) or sequence size where the readout reads the inputs' (``_readout``)."""
-        return self.call(patched_rows_count, self.store, self.env[node]) if dim == 0 else self.env[node]
+        """The patched rows' batch (``dim`` 0) or sequence length where the readout reads the inputs' sizes."""
+        if dim == 0:
+            return self.call(patched_rows_count, self.store, self.env[node])
+        return self.call(sequence_length, self.positions, self.env[node])
 
 
 def _shift(dim, by: int = 1):

@@ -13,7 +13,7 @@ import torch
 from . import metrics
 from .data import check_batch, to_device
 from .model import CircuitModel
-from .patching import dense_keep
+from .patching import Tap, dense_keep
 
 ABLATIONS = ("corrupted", "zero", "mean")
 
@@ -26,10 +26,22 @@ class Prepared:
     attention_mask: torch.Tensor
     other: list[torch.Tensor]   # per writer group: [n, batch or 1, seq, d_model]
     recorded: list[torch.Tensor] | None = None  # the corrupted run's projections (CircuitModel.recording)
+    positions: torch.Tensor | None = None  # [batch]: the one position the metric reads, where it reads one
 
     @property
     def size(self) -> int:
         return self.input_ids.shape[0]
+
+    def measure(self, cm: CircuitModel, metric, keep: torch.Tensor, *, input_ids: torch.Tensor | None = None,
+                other: list[torch.Tensor] | None = None, tap: Tap | None = None,
+                recorded: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``metric`` of this batch's patched runs under ``keep`` (``CircuitModel.patched``; ``input_ids`` and
+        ``other`` default to the batch's own), [n_masks, batch].  Where the metric reads the answer position
+        alone, the logits are computed there alone, and the metric reads them as position 0."""
+        logits = cm.patched(self.input_ids if input_ids is None else input_ids, self.attention_mask,
+                            self.other if other is None else other, keep, tap, recorded, positions=self.positions)
+        batch = self.batch if self.positions is None else {**self.batch, "position": torch.zeros_like(self.positions)}
+        return metric(logits, batch)
 
 
 def prepare(cm: CircuitModel, batches: Iterable[dict], metric, ablation: str = "corrupted",
@@ -59,7 +71,8 @@ def _prepare(cm: CircuitModel, batch: dict, metric, ablation: str, means: torch.
             values = torch.zeros(len(cm.graph.upstream), 1, 1, cm.graph.d_model) if means is None else means
             dtype = next(cm.exported.parameters()).dtype
             other = list(values.to(cm.device, dtype).split(cm.graph.group_sizes))
-    return Prepared(batch, ids, mask, other, recorded)
+    positions = metrics.answer_position(batch) if metrics.reads_answer_alone(metric) else None
+    return Prepared(batch, ids, mask, other, recorded, positions)
 
 
 def mean_activations(cm: CircuitModel, reference: Iterable[dict] | None) -> torch.Tensor:
@@ -85,8 +98,7 @@ def metric_values(cm: CircuitModel, prepared: list[Prepared], metric, masks: tor
     """The metric of every example under every edge mask [n, E], patched in one call per batch: [n, examples]."""
     keep = dense_keep(cm.graph, masks, device=cm.device)
     with torch.no_grad():
-        values = [metric(cm.patched(p.input_ids, p.attention_mask, p.other, keep, recorded=p.recorded), p.batch)
-                  for p in prepared]
+        values = [p.measure(cm, metric, keep, recorded=p.recorded) for p in prepared]
     return torch.cat(values, -1).float().cpu()
 
 

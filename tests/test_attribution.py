@@ -95,6 +95,18 @@ def test_eap_is_the_derivative_of_the_metric_in_each_edge_mask(llama64):
             assert abs(eap[e] - numeric) <= slack + 2e-3 * abs(numeric), (e, eap[e], numeric)
 
 
+@pytest.mark.parametrize("method", ["eap", "eap-ig-inputs", "exact", "acdc"])
+def test_metrics_that_read_the_answer_alone_score_as_on_full_logits(llama64, method):
+    """A built-in metric reads the answer position alone, and patched runs compute the logits there alone
+    (``metrics.reads_answer_alone``); the same metric wrapped, so that it says nothing, is given every position.
+    Right padding puts each prompt's answer at a position of its own."""
+    batch = _batch()
+    batch["attention_mask"] = torch.tensor([[1] * 7, [1] * 5 + [0] * 2, [1] * 3 + [0] * 4])
+    scores = [fxcircuits.attribute(llama64, [batch], metric, method, progress=False)
+              for metric in (logit_diff, lambda logits, b: logit_diff(logits, b))]
+    torch.testing.assert_close(scores[0].tensor, scores[1].tensor, rtol=1e-6, atol=1e-9)
+
+
 def test_eap_ig_inputs_converges_to_patching_the_input(llama64):
     """Integrated gradients are complete: the input's edges sum to m(clean) − m(corrupted) as steps grow."""
     batch = _batch()

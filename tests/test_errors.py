@@ -68,6 +68,15 @@ def test_ablation_values_of_another_batch_size_are_refused(llama):
         llama(ids, corrupted_activations=acts, edge_mask=torch.zeros(len(llama.graph.edges)))
 
 
+def test_positions_of_another_shape_are_refused(llama):
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    other = llama.groups(ids)
+    keep = torch.ones(1, len(llama.graph.upstream), len(llama.graph.downstream))
+    for bad in (torch.tensor([3]), torch.tensor([3.0, 3.0]), torch.tensor([[3, 3]])):
+        with pytest.raises(ValueError, match=r"positions must be a LongTensor \[2\]"):
+            llama.patched(ids, torch.ones_like(ids), other, keep, positions=bad)
+
+
 def test_a_masked_run_needs_exactly_one_other_run(llama):
     ids = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="exactly one of corrupted_input_ids"):

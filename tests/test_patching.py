@@ -73,6 +73,20 @@ class TestEveryArchitecture:
                 alone = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks[i])
                 _close(together[i], alone, mask)
 
+    def test_logits_at_positions_are_the_full_logits_there(self, traced, prompts, name):
+        """``patched(..., positions=...)`` runs the readout on one position per prompt: two masks, a position
+        each prompt of its own, as metrics that read the answer position take them (``runs.Prepared``)."""
+        _, cm = traced(name)
+        clean, corrupted, mask = prompts
+        keep = dense_keep(cm.graph, torch.rand(2, len(cm.graph.edges), generator=torch.Generator().manual_seed(6)))
+        positions, rows = torch.tensor([6, 2, 4]), torch.arange(3)
+        with torch.no_grad():
+            other, recorded = cm.recording(corrupted, mask)
+            full = cm.patched(clean, mask, other, keep, recorded=recorded)
+            at = cm.patched(clean, mask, other, keep, recorded=recorded, positions=positions)
+        assert at.shape == (2, 3, 1, full.shape[-1])
+        _close(at[:, :, 0], full[:, rows, positions])
+
     def test_the_corrupted_run_alongside_equals_it_recorded_first(self, traced, prompts, name, monkeypatch):
         """On a GPU and without a gradient, ``cm(..., corrupted_input_ids=...)`` runs the corrupted prompts in the
         patched pass itself, ahead of the patched rows (``CircuitModel.patched_alongside``); on CPU, and in
