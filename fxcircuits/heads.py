@@ -367,7 +367,7 @@ def project_rounds(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     projection holds every head's columns and a single round serves them all.  The heads in ``recorded_heads``
     take their columns from ``recorded``, the projection's output in the other run (``wholly_patched``)."""
     if recorded_heads:
-        recorded = _per_mask(recorded, x if shared else x[0])
+        recorded = _for_every_mask(recorded, x if shared else x[0])
     if recorded_heads and shared:  # readers alike and all wholly patched: the other run's projection serves all
         return recorded.unsqueeze(0)
     x, weight = apply_columns(x, weight, layout, columns)
@@ -391,7 +391,7 @@ def project_rounds(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out
 
 
-def _per_mask(recorded: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _for_every_mask(recorded: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The recorded projection (one batch of the other run) repeated for every mask whose rows one reader's input
     ``x`` holds, mask after mask as ``CircuitModel.patched`` lays them: copied only where a head reads it."""
     masks = x.numel() // x.shape[-1] // (recorded.numel() // recorded.shape[-1])

@@ -86,14 +86,14 @@ class DeltaStore:
         with torch.no_grad():
             for write, other in zip(writes[self.groups:], others[self.groups:]):
                 if self.stored[self.groups]:
-                    rows = write  # the shape the rows are kept in
+                    kept = write  # the shape the store keeps the rows in
                     if self.ahead:  # the other run's rows lead, the masks' follow
                         other, write = write.reshape(write.shape[0], self.blocks, -1).split([1, self.blocks - 1], 1)
-                        rows = write
+                        kept = write
                     elif other.shape[1] not in (1, write.shape[1]):  # one batch of the other run serves every mask
                         other, write = _per_mask(other, write)
                     if self.buffer is None:  # pages of rows never written are never touched
-                        shape, fresh = (self.n_stored, *rows.shape[1:]), self.scratch is None
+                        shape, fresh = (self.n_stored, *kept.shape[1:]), self.scratch is None
                         self.buffer = write.new_empty(shape) if fresh else self.scratch.take(write, shape)
                     out = self.buffer[self.count:self.count + write.shape[0]]
                     torch.sub(other, write, out=out.view(write.shape))
