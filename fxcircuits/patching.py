@@ -509,7 +509,7 @@ def at_positions(x: torch.Tensor, positions: torch.Tensor | None, seq: int) -> t
     after mask (``CircuitModel.patched``).  Unchanged where ``positions`` is None."""
     if positions is None:
         return x
-    by_row = x.reshape(-1, seq, *x.shape[x.dim() - 1:])  # the stream's layout is [rows, seq, d] or [rows·seq, d]
+    by_row = x.reshape(-1, seq, x.shape[-1])  # the stream's layout is [rows, seq, d] or [rows·seq, d]
     index = positions.repeat(by_row.shape[0] // positions.shape[0])
     picked = by_row[torch.arange(by_row.shape[0], device=x.device), index]
     return picked.unsqueeze(1) if x.dim() == by_row.dim() else picked
