@@ -6,7 +6,7 @@
 
 A patched call costs one pass over the corrupted input and one over the clean input, whatever the mask — on
 a GPU and without a gradient, both in one batched pass; an ``edge_mask`` of shape [n_masks, n_edges] evaluates
-many masks in one call.
+many masks in one call, which run the layers before the first reader any of them patches once for all.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from .components import Attention, find_components
 from .graph import CircuitGraph, Writer
 from .heads import record_values
 from .patching import Scratch, Tap, dense_keep
+from .prefix import share_prefix
 from .rewrite import build_patcher, build_readout, build_recorder, plan_attention
 
 
@@ -42,8 +43,9 @@ def trace(model: nn.Module, *, progress: bool = False) -> "CircuitModel":
                    else Writer("mlp", w.layer, 0, i) for i, step in enumerate(components.steps) for w in step.writers]
         graph = CircuitGraph(writers, len(components.steps), model.config.hidden_size)
         recorder, patcher = build_recorder(exported, components, plans), build_patcher(exported, components, plans)
+        shares_prefix = share_prefix(patcher, recorder, *example_inputs(model))
         bar.update()
-    return CircuitModel(name, exported, recorder, patcher, build_readout(exported, components), graph)
+    return CircuitModel(name, exported, recorder, patcher, build_readout(exported, components), graph, shares_prefix)
 
 
 class CircuitModel(nn.Module):
@@ -52,14 +54,15 @@ class CircuitModel(nn.Module):
     ``graph`` lists nodes and edges; ``activations`` returns every upstream node's output; calling the module
     with a mask runs the edge-patched model; ``readout`` maps a residual stream [B, S, d_model] to logits (the
     final norm and unembedding alone, for the logit lens); ``scratch`` keeps the memory patched runs on CPU write
-    their rows into (``patching.Scratch``: ``cm.scratch.clear()`` frees it)."""
+    their rows into (``patching.Scratch``: ``cm.scratch.clear()`` frees it); ``shares_prefix``: whether masks
+    evaluated in one call run the layers before the first reader they patch once for all (``fxcircuits.prefix``)."""
 
     def __init__(self, model_name: str, exported: nn.Module, recorder: nn.Module, patcher: nn.Module,
-                 readout: nn.Module, graph: CircuitGraph):
+                 readout: nn.Module, graph: CircuitGraph, shares_prefix: bool = False):
         super().__init__()
         self.model_name = model_name
         self.exported, self.recorder, self.patcher, self.readout = exported, recorder, patcher, readout
-        self.graph = graph
+        self.graph, self.shares_prefix = graph, shares_prefix
         self.traced_device = self.device
         self.scratch = Scratch()
 
@@ -141,10 +144,15 @@ class CircuitModel(nn.Module):
         forward) then run on one position per prompt, all that a metric reading one position needs."""
         if positions is not None:
             _check_positions(positions, input_ids)
-        n = keep.shape[0]
-        if n > 1:
+        n, prefix = keep.shape[0], self._prefix(keep, tap)
+        if n > 1 and not prefix:
             input_ids, attention_mask = input_ids.repeat(n, 1), attention_mask.repeat(n, 1)
-        return self._patch(input_ids, attention_mask, other, keep, tap, recorded, positions=positions)
+        return self._patch(input_ids, attention_mask, other, keep, tap, recorded, positions=positions, prefix=prefix)
+
+    def _prefix(self, keep: torch.Tensor, tap: Tap | None) -> bool:
+        """Whether a call with ``keep`` runs its shared prefix once (``fxcircuits.prefix``): for several masks, where
+        no gradient is asked per mask — a mask gradient or a tap needs each mask's own rows from the first layer."""
+        return self.shares_prefix and keep.shape[0] > 1 and tap is None and not keep.requires_grad
 
     def runs_alongside(self) -> bool:
         """Whether a patched call runs the corrupted prompts in the patched pass itself (``patched_alongside``):
@@ -160,14 +168,16 @@ class CircuitModel(nn.Module):
         ride in the batch ahead of the patched ones, and every operation serves both runs.  Where the host sets
         the pace (a model this size on a GPU) that halves the operations a patched call launches; ``forward``
         takes this path where ``runs_alongside()``."""
-        n = keep.shape[0]
-        input_ids = torch.cat([corrupted_input_ids, input_ids.repeat(n, 1)])
-        return self._patch(input_ids, attention_mask.repeat(n + 1, 1), None, keep, None, None, ahead=True)
+        copies = 1 if self._prefix(keep, None) else keep.shape[0]
+        input_ids = torch.cat([corrupted_input_ids, input_ids.repeat(copies, 1)])
+        return self._patch(input_ids, attention_mask.repeat(copies + 1, 1), None, keep, None, None, ahead=True,
+                           prefix=copies < keep.shape[0])
 
     def _patch(self, input_ids, attention_mask, other, keep, tap, recorded, ahead: bool = False,
-               positions: torch.Tensor | None = None) -> torch.Tensor:
+               positions: torch.Tensor | None = None, prefix: bool = False) -> torch.Tensor:
         with self.scratch.lend() as scratch:
-            logits = self.patcher(input_ids, attention_mask, other, keep, tap, recorded, scratch, ahead, positions)
+            logits = self.patcher(input_ids, attention_mask, other, keep, tap, recorded, scratch, ahead, positions,
+                                  prefix)
         return logits.reshape(keep.shape[0], -1, *logits.shape[1:])
 
     def _other_run(self, input_ids, attention_mask, corrupted_input_ids,

@@ -44,10 +44,13 @@ class DeltaStore:
     keep: the whole mask [n_masks, n_upstream, n_downstream]; sizes: the upstream groups' sizes, in order;
     readers: the reader groups' sizes, in order; reads: how many upstream nodes each reader group reads;
     scratch: where the rows may be written when no gradient will read them back (``Scratch``), or None;
-    ahead: whether the other run rides in the same pass, as the batch's first rows (``accumulate``)."""
+    ahead: whether the other run rides in the same pass, as the batch's first rows (``accumulate``);
+    prefix: whether the masks share the layers before the first reader any of them moves: the pass runs them on
+    one copy of the batch and widens to every mask's rows at that reader group, ``widen_at`` (``fxcircuits.prefix``).
+    Writes of that one copy then serve every mask's rows here, as one batch of the other run does."""
 
     def __init__(self, keep: torch.Tensor, sizes: list[int], readers: list[int], reads: list[int],
-                 scratch: Scratch | None = None, ahead: bool = False):
+                 scratch: Scratch | None = None, ahead: bool = False, prefix: bool = False):
         self.scratch = None if torch.is_grad_enabled() else scratch  # a backward pass reads the rows after the run
         if ahead and torch.is_grad_enabled():
             raise RuntimeError("a patched pass that runs the other run alongside takes no gradient: run it under "
@@ -71,6 +74,13 @@ class DeltaStore:
         self.summed, self.sum = 0, None
         self.ends = list(itertools.accumulate(readers))
         self.carry: tuple[int, int, int, torch.Tensor] | None = None  # readers first:last, over rows :count, sums
+        self.widen_at = self._first_moved_group() if prefix else None
+
+    def _first_moved_group(self) -> int:
+        """The first reader group into which some mask moves an edge (the last, the logits, where none does)."""
+        starts = [0] + self.ends[:-1]
+        moved = (g for g, (s, e) in enumerate(zip(starts, self.ends)) if any(self.moved_into[s:e]))
+        return next(moved, len(self.ends) - 1)
 
     def stores(self, group: int) -> bool:
         """Whether the pass reads upstream group ``group``'s writes apart (else only their sum, in the stream)."""
@@ -80,26 +90,38 @@ class DeltaStore:
         """Whether the mask moves any edge into readers ``first:last``."""
         return any(self.moved_into[first:last])
 
-    def extend(self, writes: list[torch.Tensor], others: list[torch.Tensor]) -> torch.Tensor:
-        """Write ``other − write`` for the stored groups not seen yet.  Returns the stored rows so far (their
-        upstream nodes are ``nodes[:len(rows)]``)."""
+    def extend(self, writes: list[torch.Tensor], others: list[torch.Tensor], size: int) -> torch.Tensor:
+        """Write ``other − write`` for the stored groups not seen yet; ``size``: how many values one mask's rows of
+        one node hold.  Returns the stored rows so far (their upstream nodes are ``nodes[:len(rows)]``)."""
         with torch.no_grad():
             for write, other in zip(writes[self.groups:], others[self.groups:]):
                 if self.stored[self.groups]:
-                    kept = write  # the shape the store keeps the rows in
-                    if self.ahead:  # the other run's rows lead, the masks' follow
-                        other, write = write.reshape(write.shape[0], self.blocks, -1).split([1, self.blocks - 1], 1)
-                        kept = write
-                    elif other.shape[1] not in (1, write.shape[1]):  # one batch of the other run serves every mask
-                        other, write = _per_mask(other, write)
+                    other, write = self._by_block(write, other, size)
+                    n, masks = write.shape[0], self.keep.shape[0]
                     if self.buffer is None:  # pages of rows never written are never touched
-                        shape, fresh = (self.n_stored, *kept.shape[1:]), self.scratch is None
+                        shape, fresh = (self.n_stored, masks * write.shape[2], *write.shape[3:]), self.scratch is None
                         self.buffer = write.new_empty(shape) if fresh else self.scratch.take(write, shape)
-                    out = self.buffer[self.count:self.count + write.shape[0]]
-                    torch.sub(other, write, out=out.view(write.shape))
-                    self.count += write.shape[0]
+                    out = self.buffer[self.count:self.count + n].view(n, masks, *write.shape[2:])
+                    torch.sub(other, write.expand(out.shape), out=out)
+                    self.count += n
                 self.groups += 1
-        return self.buffer[:self.count] if self.buffer is not None else writes[0].new_empty(0, *writes[0].shape[1:])
+        return self.rows()
+
+    def _by_block(self, write: torch.Tensor, other: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One group's outputs in the other run and in this one as [n, 1 or n_masks, rows of one mask, …]: the
+        batch's rows lie mask after mask (``CircuitModel.patched``), and one batch of either run, with a single
+        block, serves every mask — the other run's, and this run's writes in a prefix the masks share.  Where
+        the other run rides in the same pass, its block leads this run's writes (``accumulate``)."""
+        blocks = write[0].numel() // size
+        write = write.unflatten(1, (blocks, -1))
+        if self.ahead:
+            return tuple(write.split([1, blocks - 1], 1))
+        rows = write.shape[2]
+        return (other.unsqueeze(1) if other.shape[1] in (1, rows) else other.unflatten(1, (-1, rows))), write
+
+    def rows(self) -> torch.Tensor:
+        """The rows stored so far, [nodes, n_masks · rows of one mask, …]."""
+        return self.buffer[:self.count] if self.buffer is not None else self.keep.new_empty(0)
 
     def alike(self, first: int, last: int) -> bool:
         """Whether the mask weights the edges into readers ``first:last`` alike, so that they all see one value."""
@@ -159,17 +181,9 @@ class DeltaStore:
         return self.sum
 
 
-def _per_mask(other: torch.Tensor, write: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``other`` [n, batch, …] and ``write`` [n, n_masks·batch, …] as [n, 1, X] and [n, n_masks, X]: the masks'
-    rows lie mask after mask (``CircuitModel.patched``), so one batch of the other run broadcasts over them, and no
-    copy of it per mask is made (for exact patching, 16 masks a call, that copy was a gigabyte)."""
-    other = other.expand(*other.shape[:2], *write.shape[2:])  # axes after the batch may be broadcast too
-    return other.reshape(other.shape[0], 1, -1), write.reshape(write.shape[0], -1, other[0].numel())
-
-
 def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """The gradient [n, n_masks·batch, …] of a tensor of ``shape`` that served every mask's rows: summed over the
-    masks where it holds one batch for all (``_per_mask``), else over the axes it was broadcast along."""
+    masks where it holds one batch for all (``DeltaStore._by_block``), else over the axes it was broadcast along."""
     if shape[1] not in (1, grad.shape[1]):
         grad = grad.reshape(grad.shape[0], -1, shape[1], *grad.shape[2:]).sum(1)
     return grad.sum_to_size(shape)
@@ -365,11 +379,17 @@ def _runs(alike: list[bool]) -> list[int]:
 def _read(store: DeltaStore, stream: torch.Tensor, writes, others, first: int,
           last: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """``accumulate``'s value, the store's rows so far, and whether the mask moves any edge into the readers."""
-    rows, n_readers = store.extend(writes, others), last - first
-    # nothing stored yet: no node written so far has a moved edge, whatever the mask says of later ones
-    if len(rows) == 0 or not store.moves(first, last):  # every edge kept: the readers all read the stream as it is
+    n_readers, n_masks, moved = last - first, store.keep.shape[0], store.moves(first, last)
+    # the rows are written where a product reads them: where the mask moves an edge into the readers, or needs a
+    # gradient (its backward reads them all); a shared prefix's readers (``DeltaStore``) move none
+    if moved or store.keep.requires_grad:
+        rows = store.extend(writes, others, stream.numel() // n_masks)
+    else:
+        rows = store.rows()
+    # every edge kept, or nothing stored yet (no node written so far has a moved edge, whatever the mask says of
+    # later ones): the readers all read the stream as it is
+    if not moved or len(rows) == 0:
         return stream.expand(n_readers, *stream.shape), rows, False
-    n_masks = store.keep.shape[0]
     weights = store.block[:, :len(rows), first:last]
     if n_readers > 1 and store.alike(first, last):  # readers weighted alike: one sum, handed to all
         weights = weights[..., :1]
@@ -392,7 +412,7 @@ class _Accumulate(torch.autograd.Function):
         ctx.products = products(ctx.rows, store.rows_sum)
         ctx.weights = store.block[:, :len(ctx.rows), first:last]  # the stored rows' block of the mask
         ctx.sizes, ctx.stored = store.sizes[:n_groups], store.stored[:n_groups]
-        ctx.other_shapes = [o.shape for o in others]
+        ctx.write_shapes, ctx.other_shapes = [w.shape for w in writes], [o.shape for o in others]
         ctx.save_for_backward(keep)
         return out
 
@@ -413,7 +433,7 @@ class _Accumulate(torch.autograd.Function):
             for i, kept in enumerate(ctx.stored):
                 part = next(parts) if kept else None
                 if part is not None and ctx.needs_input_grad[6 + i]:
-                    grads[i] = -part
+                    grads[i] = -_sum_to(part, ctx.write_shapes[i])  # summed over masks in a shared prefix
                 if part is not None and ctx.needs_input_grad[6 + n_groups + i]:
                     grads[n_groups + i] = _sum_to(part, ctx.other_shapes[i])
         return (grad.sum(0), grad_keep, None, None, None, None, *grads)
@@ -425,7 +445,8 @@ def accumulate(store: DeltaStore, stream: torch.Tensor, writes: list[torch.Tenso
 
     stream: the residual stream they read, any shape holding ``rows × …`` values (rows = n_masks · batch).
     writes: per upstream group written so far, this run's outputs, [n_nodes, rows, seq, d_model] (a group the
-    store does not keep may come as its sum alone, [1, …]: ``DeltaStore.stores``);
+    store does not keep may come as its sum alone, [1, …]: ``DeltaStore.stores``; a group written in a prefix the
+    masks share, as one batch for all: ``fxcircuits.prefix``);
     others: the other run's outputs of the same groups, broadcastable to them.
     The mask is the store's: its block over those groups' nodes and these readers.
     Where the other run rides in the same pass (``store.ahead``), it is the first of 1 + n_masks blocks of rows

@@ -247,7 +247,8 @@ class _Builder:
             scratch = self.graph.placeholder("scratch", default_value=None)  # a patching.Scratch, or None
             ahead = self.graph.placeholder("ahead", default_value=False)  # the other run leads the batch (no other)
             self.positions = self.graph.placeholder("positions", default_value=None)  # [batch]: logits only there
-            self.store = self.call(DeltaStore, self.keep, self.sizes, self.readers, self.reads, scratch, ahead)
+            prefix = self.graph.placeholder("prefix", default_value=False)  # the masks share a prefix (``prefix``)
+            self.store = self.call(DeltaStore, self.keep, self.sizes, self.readers, self.reads, scratch, ahead, prefix)
 
     def _add_group(self, act: Node, n: int) -> None:
         self.acts.append(act)

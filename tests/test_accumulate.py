@@ -38,7 +38,7 @@ def test_the_store_keeps_the_rows_of_groups_with_a_moved_edge():
     for n in (1, 12, 17):
         writes.append(torch.randn(n, 2, 3, generator=generator, dtype=torch.float64))
         others.append(torch.randn(n, 1, 3, generator=generator, dtype=torch.float64))
-        rows = store.extend(writes, others)
+        rows = store.extend(writes, others, 2 * 3)  # one mask's rows of one node: [2, 3]
         stored = [o - w for o, w, kept in zip(others, writes, (True, False, True)) if kept]
         torch.testing.assert_close(rows, torch.cat(stored))
         torch.testing.assert_close(store.rows_sum(), torch.cat(stored).sum(0))
@@ -91,6 +91,32 @@ def test_gradients_where_the_store_leaves_a_group_out():
     assert DeltaStore(keep, list(sizes), [7], [sum(sizes)]).stored == [True, False, True]
     torch.testing.assert_close(ours(stream, *writes, *others), _formula(stream, keep, writes, others))
     torch.autograd.gradcheck(ours, (stream, *writes, *others))
+
+
+def test_writes_of_one_batch_serve_every_mask():
+    """Writes made in a prefix the masks share (``fxcircuits.prefix``) come as one batch for all masks, beside
+    writes made per mask: the value, and the gradients (summed over the masks for the shared ones), equal the
+    formula's with every write given per mask."""
+    generator = torch.Generator().manual_seed(4)
+    keep = _weights("dense", generator)
+    sizes = (1, 12, 17)
+    writes = [torch.randn(n, 1 if n < 17 else 2, 3, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+              for n in sizes]
+    others = [torch.randn(n, 1, 3, 4, generator=generator, dtype=torch.float64, requires_grad=True) for n in sizes]
+    stream = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+
+    def ours(stream, *groups):
+        store = DeltaStore(keep, list(sizes), [7], [sum(sizes)])
+        return accumulate(store, stream, list(groups[:3]), list(groups[3:]), 0, 7)
+
+    def formula(stream, *groups):
+        return _formula(stream, keep, [w.expand(-1, 2, -1, -1) for w in groups[:3]], groups[3:])
+
+    torch.testing.assert_close(ours(stream, *writes, *others), formula(stream, *writes, *others))
+    torch.autograd.gradcheck(ours, (stream, *writes, *others))
+    grads = torch.autograd.grad(ours(stream, *writes, *others).sum(), writes)
+    for ours_grad, reference in zip(grads, torch.autograd.grad(formula(stream, *writes, *others).sum(), writes)):
+        torch.testing.assert_close(ours_grad, reference)
 
 
 def _layered(keep: torch.Tensor, generator, readers=(3, 1, 3, 1, 1), writers=(1, 4, 1, 4, 1)):

@@ -275,6 +275,7 @@ def test_readers_weighted_alike_read_through_the_plain_projection(prompts, monke
     monkeypatch.setattr(rewrite, "role_shared", lambda *args: seen.append(role_shared(*args)) or seen[-1])
     model = make("llama")
     cm = fxcircuits.trace(model)
+    seen.clear()  # tracing runs the patcher too (``prefix``)
     clean, corrupted, mask = prompts
     with torch.no_grad():
         cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=_read_path_masks(cm)[3])
@@ -316,6 +317,7 @@ def test_heads_reading_the_corrupted_run_alone_take_its_projections(prompts, mon
     cm = fxcircuits.trace(model)
     clean, corrupted, mask = prompts
     circuit = _read_path_masks(cm)[4]
+    seen.clear()  # tracing runs the patcher too (``prefix``)
     with torch.no_grad():
         other, recorded = cm.recording(corrupted, mask)
         cm.patched(clean, mask, other, dense_keep(cm.graph, circuit), recorded=recorded)

@@ -1,0 +1,111 @@
+"""Masks evaluated in one call run the layers before the first reader they patch once for all (``prefix``)."""
+import bisect
+
+import pytest
+import torch
+
+import fxcircuits
+from fxcircuits import prefix
+from fxcircuits.patching import DeltaStore, dense_keep
+from test_patching import _close
+from zoo import CONFIGS, make
+
+
+def _into_last_layer(cm, generator) -> torch.Tensor:
+    """Four masks that move edges into the last layer's readers and the logits only: one edge into the MLP, one
+    into a head's k input, one into the logits, and a soft mix of every edge into the last layer."""
+    last = cm.graph.n_layers - 1
+    into = [e.split("->")[1] for e in cm.graph.edges]
+    late = torch.tensor([d.startswith((f"a{last}.", f"m{last}")) or d == "logits" for d in into])
+    masks = torch.ones(4, len(into))
+    for i, wanted in enumerate((f"m{last}", f"a{last}.h1<k>", "logits")):
+        masks[i, into.index(wanted)] = 0.0
+    masks[3] = torch.where(late, torch.rand(len(into), generator=generator), 1.0)
+    return masks
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_masks_share_the_layers_before_the_first_reader_they_patch(traced, prompts, name, monkeypatch):
+    """Masks that patch the last layer alone: the layers before it run on one copy of the batch — what the later
+    layers read of them is widened once, from one copy to one per mask — and the logits equal each mask's on its
+    own, the same masks run without sharing, and the same with the corrupted run in the pass (as on a GPU)."""
+    _, cm = traced(name)
+    assert cm.shares_prefix
+    clean, corrupted, mask = prompts
+    masks = _into_last_layer(cm, torch.Generator().manual_seed(7))
+    widened, widen = [], prefix._widened
+    monkeypatch.setattr(prefix, "_widened", lambda v, axis, lead, n: widened.append((v, axis, lead, n)) or
+                        widen(v, axis, lead, n))
+    stores, first_moved = [], DeltaStore._first_moved_group
+    monkeypatch.setattr(DeltaStore, "_first_moved_group", lambda self: stores.append(self) or first_moved(self))
+    with torch.no_grad():
+        together = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks)
+        # the widening comes at the last layer's first reader group, once, from one copy of the batch to four
+        last = cm.graph.n_layers - 1
+        first = next(d for d, name in enumerate(cm.graph.downstream) if name.startswith((f"a{last}.", f"m{last}")))
+        assert stores[-1].widen_at == bisect.bisect_right(stores[-1].ends, first) > 0
+        assert widened and all(n == len(masks) and lead == 0 for _, _, lead, n in widened)
+        rows = [v.shape[axis] for v, axis, _, _ in widened if axis != prefix.COUNT]
+        assert len(clean) in rows and all(r % len(clean) == 0 for r in rows)  # one copy of the batch, or its tokens
+        alongside = cm.patched_alongside(clean, mask, corrupted, dense_keep(cm.graph, masks))
+        assert widened[-1][2] == 1  # the corrupted rows lead, and stay single
+        alone = torch.stack([cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=m) for m in masks])
+        monkeypatch.setattr(cm, "shares_prefix", False)
+        unshared = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks)
+    valid = mask.expand(len(masks), -1, -1)
+    for other in (alone, unshared, alongside):
+        _close(together, other, valid)
+
+
+def test_gradients_through_a_shared_prefix(prompts):
+    """Without a gradient per mask, a batched call may still need one for the other run's outputs or the model's
+    weights: through the shared prefix, the writes of its one copy serve every mask, and their gradients are
+    summed over the masks.  Both equal those of the same call with every mask running the whole model."""
+    model = make("llama")
+    cm = fxcircuits.trace(model)
+    clean, corrupted, mask = prompts
+    generator = torch.Generator().manual_seed(8)
+    keep = dense_keep(cm.graph, _into_last_layer(cm, generator))
+    weights = torch.randn(len(keep), *clean.shape, 1, generator=generator)
+    with torch.no_grad():
+        activations = cm.activations(corrupted, mask)
+    results = []
+    for shared in (True, False):
+        cm.shares_prefix = shared
+        other = activations.clone().requires_grad_(True)
+        model.zero_grad()
+        logits = cm.patched(clean, mask, list(other.split(cm.graph.group_sizes)), keep)
+        (logits[..., :1] * weights).sum().backward()
+        embedding = model.get_input_embeddings().weight.grad.clone()
+        results.append((logits.detach(), other.grad, embedding))
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-6)
+    assert results[0][1].abs().sum() > 0 and results[0][2].abs().sum() > 0
+
+
+def test_a_value_that_carries_the_batch_otherwise_turns_sharing_off(prompts, monkeypatch):
+    """Where some value the later layers read changes with the batch in a way ``widen`` cannot repeat, the patcher
+    is left as built, and every mask runs the whole model: the logits are still each mask's own."""
+    monkeypatch.setattr(prefix, "_axis", lambda two, three: prefix._UNKNOWN if two != three else None)
+    cm = fxcircuits.trace(make("llama"))
+    assert not cm.shares_prefix
+    assert not any(n.target is prefix.widen for n in cm.patcher.graph.nodes)
+    clean, corrupted, mask = prompts
+    masks = _into_last_layer(cm, torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        together = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks)
+        for i, m in enumerate(masks):
+            _close(together[i], cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=m), mask)
+
+
+def test_how_a_value_carries_the_batch():
+    """``_axis`` from a value's signature at 2 and at 3 prompts."""
+    tensor = lambda *shape: ("tensor", shape)  # noqa: E731
+    assert prefix._axis(tensor(2, 5, 8), tensor(3, 5, 8)) == 0
+    assert prefix._axis(tensor(4, 10, 8), tensor(4, 15, 8)) == 1  # e.g. [heads, batch · seq, d]
+    assert prefix._axis(tensor(2, 5), tensor(2, 5)) is None
+    assert prefix._axis(10, 15) == prefix.COUNT and prefix._axis(7, 7) is None
+    assert prefix._axis(None, None) is None and prefix._axis((tensor(1, 5),), (tensor(1, 5),)) is None
+    for two, three in ((tensor(2, 2), tensor(3, 3)), (tensor(2), tensor(4)), (2.0, 3.0), (2, 4),
+                       ((tensor(2),), (tensor(3),)), (tensor(2, 5), tensor(3, 5, 1))):
+        assert prefix._axis(two, three) is prefix._UNKNOWN
