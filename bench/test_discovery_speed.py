@@ -94,11 +94,12 @@ def test_exact_throughput(benchmark, smollm2, batches):
     starts = [len(graph.edges) * k // 8 for k in (1, 3, 5, 7)]
     calls = [torch.ones(per_call, len(graph.edges)).index_put_(
         (torch.arange(per_call), torch.arange(s, s + per_call)), torch.tensor(0.0)) for s in starts]
-    start = time.perf_counter()
-    for masks in calls:
-        metric_values(cm, prepared, fxcircuits.metrics.logit_diff, masks)
-    seconds, n = time.perf_counter() - start, per_call * len(calls)
+    with PeakRSS() as peak:
+        start = time.perf_counter()
+        for masks in calls:
+            metric_values(cm, prepared, fxcircuits.metrics.logit_diff, masks)
+        seconds, n = time.perf_counter() - start, per_call * len(calls)
     benchmark.pedantic(lambda: None, rounds=1)
-    benchmark.extra_info["edges_per_second"] = n / seconds
+    benchmark.extra_info.update({"edges_per_second": n / seconds, "peak_mb": peak.grown_mb})
     print(f"\nexact: {n / seconds:.1f} edges/s on 8 prompts ({len(graph.edges) / (n / seconds) / 3600:.1f} h for "
-          f"all {len(graph.edges)} edges)")
+          f"all {len(graph.edges)} edges); peak memory +{peak.grown_mb:.0f} MB")
