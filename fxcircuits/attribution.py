@@ -10,7 +10,8 @@ e patched).  Every method drives the same patcher (``CircuitModel.patched``):
   more points between the clean and the other run, with a ``patching.Tap`` that turns one backward pass into a
   score for every edge: Σ (a_u(clean) − a_u(other)) · ∂metric/∂x_d.  The integration steps of one batch run
   side by side as masks, so the cost grows with the steps, never with the edges;
-* ``exact`` patches one edge per mask, many masks per call;
+* ``exact`` patches one edge per mask, many masks per call, in graph order: a call's edges go into one or two
+  readers, and the layers before them run once for all its masks (``fxcircuits.prefix``);
 * ``acdc`` prunes edges destination by destination (Conmy et al. 2023), many candidates per call;
 * ``mask`` learns a hard-concrete edge mask by gradient descent (Edge Pruning, Bhaskar et al. 2024).
 

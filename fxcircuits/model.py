@@ -144,15 +144,17 @@ class CircuitModel(nn.Module):
         forward) then run on one position per prompt, all that a metric reading one position needs."""
         if positions is not None:
             _check_positions(positions, input_ids)
-        n, prefix = keep.shape[0], self._prefix(keep, tap)
+        n, prefix = keep.shape[0], self._prefix(keep)
         if n > 1 and not prefix:
             input_ids, attention_mask = input_ids.repeat(n, 1), attention_mask.repeat(n, 1)
         return self._patch(input_ids, attention_mask, other, keep, tap, recorded, positions=positions, prefix=prefix)
 
-    def _prefix(self, keep: torch.Tensor, tap: Tap | None) -> bool:
-        """Whether a call with ``keep`` runs its shared prefix once (``fxcircuits.prefix``): for several masks, where
-        no gradient is asked per mask — a mask gradient or a tap needs each mask's own rows from the first layer."""
-        return self.shares_prefix and keep.shape[0] > 1 and tap is None and not keep.requires_grad
+    def _prefix(self, keep: torch.Tensor) -> bool:
+        """Whether a call with ``keep`` runs its shared prefix once (``fxcircuits.prefix``): for several masks, unless
+        the mask needs a gradient — that is one per mask, from every mask's own rows.  A tap sums its gradients over
+        the masks, so it reads the shared rows as it reads every mask's (EAP-IG-activations moves one writer at a
+        time: the layers before it are shared by its integration steps)."""
+        return self.shares_prefix and keep.shape[0] > 1 and not keep.requires_grad
 
     def runs_alongside(self) -> bool:
         """Whether a patched call runs the corrupted prompts in the patched pass itself (``patched_alongside``):
@@ -168,7 +170,7 @@ class CircuitModel(nn.Module):
         ride in the batch ahead of the patched ones, and every operation serves both runs.  Where the host sets
         the pace (a model this size on a GPU) that halves the operations a patched call launches; ``forward``
         takes this path where ``runs_alongside()``."""
-        copies = 1 if self._prefix(keep, None) else keep.shape[0]
+        copies = 1 if self._prefix(keep) else keep.shape[0]
         input_ids = torch.cat([corrupted_input_ids, input_ids.repeat(copies, 1)])
         return self._patch(input_ids, attention_mask.repeat(copies + 1, 1), None, keep, None, None, ahead=True,
                            prefix=copies < keep.shape[0])

@@ -109,3 +109,20 @@ def test_how_a_value_carries_the_batch():
     for two, three in ((tensor(2, 2), tensor(3, 3)), (tensor(2), tensor(4)), (2.0, 3.0), (2, 4),
                        ((tensor(2),), (tensor(3),)), (tensor(2, 5), tensor(3, 5, 1))):
         assert prefix._axis(two, three) is prefix._UNKNOWN
+
+
+@pytest.mark.parametrize("method", ["eap-ig-activations", "exact", "acdc"])
+def test_attribution_scores_the_same_with_a_shared_prefix(method):
+    """EAP-IG-activations moves one writer at a time, its integration steps side by side as masks, with a tap on
+    every reader: the layers before the writer are shared, and the tap, which sums over the masks, reads their one
+    copy.  Exact patching and ACDC share the layers before the readers they judge.  Every score equals the one
+    found with every mask running the whole model."""
+    from test_attribution import _batch
+    cm = fxcircuits.trace(make("llama", dtype=torch.float64))
+    scores = []
+    for shared in (True, False):
+        cm.shares_prefix = shared
+        scores.append(fxcircuits.attribute(cm, [_batch()], "logit_diff", method, steps=3, masks_per_call=7,
+                                           progress=False).tensor)
+    assert scores[0].abs().max() > 1e-3
+    torch.testing.assert_close(scores[0], scores[1], rtol=1e-6, atol=1e-9 * float(scores[1].abs().max()))
