@@ -116,8 +116,8 @@ class DeltaStore:
         write = write.unflatten(1, (blocks, -1))
         if self.ahead:
             return tuple(write.split([1, blocks - 1], 1))
-        rows = write.shape[2]
-        return (other.unsqueeze(1) if other.shape[1] in (1, rows) else other.unflatten(1, (-1, rows))), write
+        per_mask = write.shape[2]
+        return (other.unsqueeze(1) if other.shape[1] in (1, per_mask) else other.unflatten(1, (-1, per_mask))), write
 
     def rows(self) -> torch.Tensor:
         """The rows stored so far, [nodes, n_masks · rows of one mask, …]."""

@@ -35,10 +35,10 @@ def share_prefix(patcher: GraphModule, recorder: GraphModule, input_ids: torch.T
     position = {n: i for i, n in enumerate(nodes)}
     boundaries = [n for n in nodes if n.target is accumulate]
     crossing = [_crossing(nodes, position, position[b]) for b in boundaries]
-    axes = _batch_axes(patcher, recorder, {n for c in crossing for n in c}, input_ids, attention_mask)
+    store = next(n for n in nodes if n.target is DeltaStore)
+    axes = _batch_axes(patcher, recorder, store, {n for c in crossing for n in c}, input_ids, attention_mask)
     if axes is None:
         return False
-    store = next(n for n in nodes if n.target is DeltaStore)
     current: dict[Node, Node] = {}
     for group, (boundary, values) in enumerate(zip(boundaries, crossing)):
         values = [n for n in values if axes[n] is not None]
@@ -65,7 +65,7 @@ def _widened(value, axis, lead: int, masks: int):
     blocks = value.unflatten(axis, (lead + 1, -1))
     head, body = blocks.split([lead, 1], axis)
     body = body.expand(*blocks.shape[:axis], masks, *blocks.shape[axis + 1:])
-    return torch.cat([head, body], axis).flatten(axis, axis + 1) if lead else body.flatten(axis, axis + 1)
+    return torch.cat([head, body], axis).flatten(axis, axis + 1)
 
 
 def _crossing(nodes: list[Node], position: dict[Node, int], at: int) -> list[Node]:
@@ -100,18 +100,18 @@ def _insert_widen(graph: Graph, store: Node, group: int, boundary: Node, values:
         current[value] = out
 
 
-def _batch_axes(patcher: GraphModule, recorder: GraphModule, nodes: set[Node], input_ids: torch.Tensor,
+def _batch_axes(patcher: GraphModule, recorder: GraphModule, store: Node, nodes: set[Node], input_ids: torch.Tensor,
                 attention_mask: torch.Tensor) -> dict[Node, object] | None:
     """For each of ``nodes``, how its value carries the batch: an axis, ``COUNT``, or None (not at all); found
-    by running the patcher unmasked on 2 and 3 prompts.  None where some value carries it otherwise."""
+    by running the patcher unmasked on 2 and 3 prompts.  None where some value carries it otherwise.  ``store``:
+    the patcher's ``DeltaStore`` node, whose arguments give the mask's size."""
+    keep = torch.ones(1, sum(store.args[1]), sum(store.args[2]), device=input_ids.device)
+    with torch.no_grad():
+        other = recorder(input_ids[:1], attention_mask[:1])[0]  # one prompt of the other run serves every row
     runs = []
     for batch in (2, 3):
         ids = input_ids[:1].expand(batch, -1).contiguous()
         mask = attention_mask[:1].expand(batch, -1).contiguous()
-        with torch.no_grad():
-            other = recorder(ids[:1], mask[:1])[0]  # one prompt of the other run serves every row
-        store = next(n for n in patcher.graph.nodes if n.target is DeltaStore)
-        keep = torch.ones(1, sum(store.args[1]), sum(store.args[2]), device=ids.device)
         values = record_values(patcher, ids, mask, other, keep)
         runs.append({n: _signature(values[n]) for n in nodes})
     axes = {n: _axis(runs[0][n], runs[1][n]) for n in nodes}
