@@ -47,11 +47,12 @@ def main() -> None:
           + ", ".join(f"{name} {value:+.2f}" for name, value in ranked))
     top = ranked[0][0]
 
-    # 2. Edge patching by linearity: the logits read the sum of every node's output, so patching the edge
-    #    top -> logits means: take the logits' input, subtract top's clean output, add its corrupted output.
-    acts = cm.activations(clean, mask)
+    # 2. Edge patching by linearity: the logits read the residual stream, a sum of every node's output, so
+    #    patching the edge top -> logits means: take the last stream, subtract top's clean output, add its
+    #    corrupted output.
+    acts, stream = cm.activations(clean, mask), cm.streams(clean, mask)[-1]
     u = cm.graph.node_index[top]
-    by_hand = cm.readout(acts.sum(0) - acts[u] + other[u])
+    by_hand = cm.readout(stream - acts[u] + other[u])
     engine = cm(clean, mask, corrupted_activations=other, edge_mask={f"{top}->logits": 0.0})
     gap = (by_hand - engine).abs().max() / engine.abs().max()
     print(f"\n2. edge {top}->logits patched by hand (stream − clean + corrupted output) and by the engine: "

@@ -46,7 +46,8 @@ def example_inputs(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _max_positions(config) -> int:
     """Longest sequence we export for: export needs a finite bound, and some models (GPT-Neo) guard against
-    exactly ``max_position_embeddings``, so we stop one short of it."""
+    exactly ``max_position_embeddings``, so we stop one short of it.  ``config``: the language model's own (a
+    multimodal model keeps it as its text config)."""
     for key in ("max_position_embeddings", "n_positions", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 3:
@@ -59,7 +60,7 @@ def export(model: nn.Module) -> torch.fx.GraphModule:
     _check_decoder_only(model)
     model.eval()
     batch = torch.export.Dim("batch", min=1, max=2**16)
-    seq = torch.export.Dim("seq", min=2, max=_max_positions(model.config))
+    seq = torch.export.Dim("seq", min=2, max=_max_positions(model.config.get_text_config()))
     shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
     try:
         with torch.no_grad():

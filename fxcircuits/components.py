@@ -259,6 +259,7 @@ def _writers(step: Step, counts: dict[str, int], model_name: str) -> list[Attent
     for i, (core_nodes, out, inputs) in enumerate(cores):
         if not attention_terms[i]:
             raise DecompositionError(model_name, out, "attention output never reaches the residual stream")
+        _check_write(out, attention_terms[i], inside, model_name)
         writers.append(Attention(counts["attention"], core_nodes, inputs, out, attention_terms[i],
                                  n_heads=_meta_shape(inputs["q"])[1]))
         counts["attention"] += 1
@@ -291,8 +292,7 @@ def _attention_cores(step: Step, inside: set[Node], model_name: str) -> list[tup
                 raise DecompositionError(model_name, node, "attention softmax is not followed by a matmul with values")
             q, k = _score_operands(score, inside)
             inputs = {"q": _per_head(q, True), "k": _per_head(k, True), "v": _per_head(out.args[1], True)}
-            output = _per_head(out, False)
-            core = set().union(*(between(i, [output]) for i in inputs.values()))
+            output, core = _joined(_per_head(out, False), inputs, inside)
             cores.append((sorted(core), output, inputs))
     for nodes, out, inputs in cores:
         _check_reads(nodes, inputs, inside, model_name)
@@ -303,6 +303,23 @@ def _attention_cores(step: Step, inside: set[Node], model_name: str) -> list[tup
                                          "needs per-head tensors laid out as [batch, heads, ...] (load the model with "
                                          "attn_implementation='sdpa' or 'eager')")
     return cores
+
+
+def _joined(output: Node, inputs: dict[str, Node], inside: set[Node]) -> tuple[Node, set[Node]]:
+    """The core's output and nodes, the output taken past factors computed beside it from its own q and k: an
+    attention sink applied as ``out · sigmoid(logsumexp(scores) − sink)`` (GraniteSWA, Laguna) belongs to the
+    head's attention, so every head computes it from its own q and k.  A factor that reads the stream any other
+    way (an output gate from the hidden states) is left outside, where ``_check_write`` refuses it."""
+    core = set().union(*(between(i, [output]) for i in inputs.values()))
+    while len(users := data_users(output)) == 1 and len(_meta_shape(users[0])) == 4:
+        user = users[0]
+        if not any(a is not output and a in inside for a in user.all_input_nodes):
+            break  # a reshape or a constant factor: the write path's, as before
+        wider = set().union(*(between(i, [user]) for i in inputs.values()))
+        if any(a in inside and a not in wider and a not in inputs.values() for n in wider for a in n.all_input_nodes):
+            break
+        output, core = user, wider
+    return output, core
 
 
 def _check_reads(core: list[Node], inputs: dict[str, Node], inside: set[Node], model_name: str) -> None:
@@ -316,6 +333,21 @@ def _check_reads(core: list[Node], inputs: dict[str, Node], inside: set[Node], m
                 raise DecompositionError(model_name, read, "the attention core reads the residual stream other than "
                                          "through its q, k and v inputs (e.g. a score bias computed from the hidden "
                                          "states), which the per-edge inputs cannot patch")
+
+
+def _check_write(output: Node, terms: list[Node], inside: set[Node], model_name: str) -> None:
+    """The path from the core's output to the stream may read the stream only through that output.  An output gate
+    computed from the hidden states, or a per-head factor taken from the scores beside the core (an attention sink
+    applied as ``sigmoid(logsumexp(scores) − sink)``), would reach every head from the unpatched run whatever the
+    mask — refused rather than patched wrongly."""
+    region = between(output, terms)
+    for node in sorted(region):
+        for read in node.all_input_nodes:
+            if read in inside and read not in region and read is not output:
+                raise DecompositionError(model_name, read, "the attention output is combined with a value computed "
+                                         "from the residual stream apart from the core's output (e.g. an output gate "
+                                         "from the hidden states, or a per-head factor from the attention scores), "
+                                         "which the per-edge inputs cannot patch")
 
 
 def _score_operands(node: Node, inside: set[Node]) -> tuple[Node, Node] | None:

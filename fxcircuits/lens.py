@@ -1,9 +1,9 @@
 """The logit lens: what the residual stream, or one node's output, says about the next token.
 
-The residual stream is the sum of every writer's output, so the stream after any writer is a partial sum of
-``cm.activations``; ``cm.readout`` (the model's own final norm and unembedding, cut out of the captured
-graph) turns it into logits.  Reading a circuit's nodes this way is how the talk explains what they do (an
-MLP that "upweights years > YY").
+``cm.streams`` gives the stream after each writer as the model holds it (with what no node writes, such as
+an output projection's bias), ``cm.activations`` each node's output; ``cm.readout`` (the model's own final
+norm and unembedding, cut out of the captured graph) turns either into logits.  Reading a circuit's nodes
+this way is how the talk explains what they do (an MLP that "upweights years > YY").
 """
 from __future__ import annotations
 
@@ -56,26 +56,19 @@ def logit_lens(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: torch.
 
     ``positions``: ``"last"`` (each example's last real token, the one that predicts the answer), ``"all"``,
     or a list of positions."""
-    acts = cm.activations(input_ids, attention_mask)
-    read = _positions(input_ids, attention_mask, positions).to(acts.device)
-    rows = torch.arange(acts.shape[1], device=acts.device)[:, None]
-    acts = acts[:, rows, read]  # [U, batch, positions, d_model]
     if nodes is None:
-        labels, streams = _stream_after_each_writer(cm, acts)
+        labels = ["input"] + [f"{'a' if w.kind == 'attention' else 'm'}{w.layer}" for w in cm.graph.writers]
+        values = cm.streams(input_ids, attention_mask)
     else:
         unknown = [n for n in nodes if n not in cm.graph.node_index]
         if unknown:
             raise KeyError(f"unknown node(s) {unknown[:3]}; the nodes are cm.graph.upstream, e.g. 'a3.h1', 'm2'")
-        labels, streams = list(nodes), acts[[cm.graph.node_index[n] for n in nodes]]
-    return Lens(labels, torch.stack([cm.readout(s) for s in streams]), read.cpu())
-
-
-def _stream_after_each_writer(cm: CircuitModel, acts: torch.Tensor) -> tuple[list[str], torch.Tensor]:
-    """Partial sums of the upstream outputs, cut after ``input`` and after each layer's heads or MLP."""
-    sizes = cm.graph.group_sizes
-    labels = ["input"] + [f"{'a' if w.kind == 'attention' else 'm'}{w.layer}" for w in cm.graph.writers]
-    ends = torch.tensor(sizes).cumsum(0) - 1
-    return labels, acts.cumsum(0)[ends.to(acts.device)]
+        labels = list(nodes)
+        values = cm.activations(input_ids, attention_mask)[[cm.graph.node_index[n] for n in nodes]]
+    read = _positions(input_ids, attention_mask, positions).to(values.device)
+    rows = torch.arange(values.shape[1], device=values.device)[:, None]
+    values = values[:, rows, read]  # [labels, batch, positions, d_model]
+    return Lens(labels, torch.stack([cm.readout(v) for v in values]), read.cpu())
 
 
 def _positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, positions) -> torch.Tensor:

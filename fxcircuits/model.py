@@ -20,7 +20,7 @@ from .graph import CircuitGraph, Writer
 from .heads import record_values
 from .patching import Scratch, Tap, dense_keep
 from .prefix import share_prefix
-from .rewrite import build_patcher, build_readout, build_recorder, plan_attention
+from .rewrite import build_patcher, build_readout, build_recorder, build_streams, plan_attention
 
 
 def trace(model: nn.Module, *, progress: bool = False) -> "CircuitModel":
@@ -41,11 +41,12 @@ def trace(model: nn.Module, *, progress: bool = False) -> "CircuitModel":
         bar.set_postfix_str("rewrite")
         writers = [Writer("attention", w.layer, w.n_heads, i) if isinstance(w, Attention)
                    else Writer("mlp", w.layer, 0, i) for i, step in enumerate(components.steps) for w in step.writers]
-        graph = CircuitGraph(writers, len(components.steps), model.config.hidden_size)
+        graph = CircuitGraph(writers, len(components.steps), components.final.meta["val"].shape[-1])
         recorder, patcher = build_recorder(exported, components, plans), build_patcher(exported, components, plans)
         shares_prefix = share_prefix(patcher, recorder, *example_inputs(model))
         bar.update()
-    return CircuitModel(name, exported, recorder, patcher, build_readout(exported, components), graph, shares_prefix)
+    return CircuitModel(name, exported, recorder, patcher, build_readout(exported, components),
+                        build_streams(exported, components), graph, shares_prefix)
 
 
 class CircuitModel(nn.Module):
@@ -53,15 +54,17 @@ class CircuitModel(nn.Module):
 
     ``graph`` lists nodes and edges; ``activations`` returns every upstream node's output; calling the module
     with a mask runs the edge-patched model; ``readout`` maps a residual stream [B, S, d_model] to logits (the
-    final norm and unembedding alone, for the logit lens); ``scratch`` keeps the memory patched runs on CPU write
-    their rows into (``patching.Scratch``: ``cm.scratch.clear()`` frees it); ``shares_prefix``: whether masks
-    evaluated in one call run the layers before the first reader they patch once for all (``fxcircuits.prefix``)."""
+    final norm and unembedding alone, for the logit lens); ``streams`` gives the stream itself after each writer;
+    ``scratch`` keeps the memory patched runs on CPU write their rows into (``patching.Scratch``:
+    ``cm.scratch.clear()`` frees it); ``shares_prefix``: whether masks evaluated in one call run the layers before
+    the first reader they patch once for all (``fxcircuits.prefix``)."""
 
     def __init__(self, model_name: str, exported: nn.Module, recorder: nn.Module, patcher: nn.Module,
-                 readout: nn.Module, graph: CircuitGraph, shares_prefix: bool = False):
+                 readout: nn.Module, stepper: nn.Module, graph: CircuitGraph, shares_prefix: bool = False):
         super().__init__()
         self.model_name = model_name
         self.exported, self.recorder, self.patcher, self.readout = exported, recorder, patcher, readout
+        self.stepper = stepper  # the stream after each residual step (``rewrite.build_streams``)
         self.graph, self.shares_prefix = graph, shares_prefix
         self.traced_device = self.device
         self.scratch = Scratch()
@@ -98,6 +101,21 @@ class CircuitModel(nn.Module):
     def groups(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Upstream outputs as the patcher takes them: one tensor per writer (``input``, a layer's heads, an MLP)."""
         return self.recording(input_ids, attention_mask)[0]
+
+    def streams(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual stream after ``input`` and after each writer (a layer's heads, an MLP), as the model holds
+        it: [1 + n_writers, batch, seq, d_model].  Partial sums of ``activations`` miss what the stream carries and
+        no node writes (an output projection's bias); where attention and MLP write in one step (parallel
+        residual), the stream after the heads is the step's sum less the MLP's write."""
+        ends = self.stepper(*self._inputs(input_ids, attention_mask))  # before the first step, then after each
+        writers = self.graph.writers
+        steps = [w.step for w in writers]
+        acts = self.groups(input_ids, attention_mask) if len(set(steps)) < len(steps) else None
+        out = [ends[0]]
+        for i, step in enumerate(steps):
+            later = [acts[j + 1].sum(0) for j in range(i + 1, len(writers)) if steps[j] == step]
+            out.append(ends[step + 1] - sum(later) if later else ends[step + 1])
+        return torch.stack(out)
 
     def recording(self, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

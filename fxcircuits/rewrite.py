@@ -518,6 +518,24 @@ def build_patcher(gm: GraphModule, components: Components, plans: list[Attention
     return _Builder(gm, components, plans, patched=True).build()
 
 
+def build_streams(gm: GraphModule, components: Components) -> GraphModule:
+    """The residual stream itself, where the model holds it: ``(input_ids, attention_mask) → [1 + steps, …]`` in the
+    layout of the first step's stream ([B, S, d]), the stream before the first step and after each.
+
+    The nodes' outputs do not sum to it: an output projection's bias (GPT-2, OPT, BLOOM, Phi) is no head's write,
+    as the field counts heads, yet the stream carries it.  The logit lens reads the stream as the model holds it."""
+    graph = Graph()
+    env: dict[Node, Node] = {}
+    graph.graph_copy(gm.graph, env)
+    first, steps = env[components.steps[0].start], components.steps
+    ends = [graph.call_function(as_rows, (env[s.end], first)) for s in steps]  # OPT holds it as [B·S, d] at times
+    graph.output(graph.call_function(torch.cat, ([graph.call_function(as_rows, (first, first))] + ends,)))
+    for node in [n for n in graph.nodes if n.op == "call_module" or n.target in DROPPED]:
+        graph.erase_node(node)  # export's input guards and metadata asserts, as ``_Builder`` leaves them out
+    graph.eliminate_dead_code()
+    return flat_module(gm, graph)
+
+
 def build_readout(gm: GraphModule, components: Components) -> GraphModule:
     """The stream's last reader alone — final norm, unembedding, soft-capping: ``stream [B, S, d] → logits``.
 

@@ -118,6 +118,31 @@ def test_attention_scores_computed_from_the_stream_are_refused():
         fxcircuits.trace(model)
 
 
+def test_an_output_gate_computed_from_the_stream_is_refused():
+    """An output gate from the hidden states (AFMoE, Laguna, HRM: ``o_proj(core · sigmoid(g(x)))``) multiplies each
+    head's write by a value the per-edge inputs do not reach: it would come from the unpatched stream whatever the
+    mask, so the model is refused (it used to trace, and patch wrongly)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    class GatedAttention(LlamaAttention):
+        def __init__(self, config, layer_idx):
+            super().__init__(config, layer_idx)
+            self.gate = torch.nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+        def forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
+            out, weights = super().forward(hidden_states, position_embeddings, attention_mask, **kwargs)
+            return out * torch.sigmoid(self.gate(hidden_states)), weights
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=128, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    model.model.layers[1].self_attn = GatedAttention(config, 1)
+    with pytest.raises(fxcircuits.DecompositionError, match=r"graph node 'sigmoid.*combined with a value computed "
+                                                             "from the residual stream apart from the core's output"):
+        fxcircuits.trace(model)
+
+
 def test_a_scaled_residual_is_refused_at_the_scaling():
     """Doge adds each layer's output to a learned rescaling of the stream (r ⊙ x + f(x)): not a sum of per-node
     writes.  The error points at the multiplication rather than only saying that no attention was found."""

@@ -13,24 +13,39 @@ def _ids():
     return ids, mask
 
 
-def _unembed(model, stream):
-    return model.lm_head(model.model.norm(stream))
+FINAL_NORMS = {"llama": "model.norm", "gemma2": "model.norm", "gpt2": "transformer.ln_f",  # test references only
+               "gpt_neox": "gpt_neox.final_layer_norm"}
+
+
+def _unembed(model, stream, name="llama"):
+    return model.get_output_embeddings()(model.get_submodule(FINAL_NORMS[name])(stream))
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_readout_of_the_whole_stream_is_the_logits(traced, name):
-    """The readout cut out of every architecture's graph turns the sum of all writes into the model's logits."""
+def test_readout_of_the_stream_is_the_logits(traced, name):
+    """The readout cut out of every architecture's graph turns the last stream into the model's logits; the stream
+    is the nodes' outputs plus what none of them writes (an output projection's bias), which is the same for
+    every input and position: patching a node leaves it alone."""
     model, cm = traced(name)
     ids, mask = _ids()
     with torch.no_grad():
         logits = model(ids, attention_mask=mask).logits
-        ours = cm.readout(cm.activations(ids, mask).sum(0))
+        stream = cm.streams(ids, mask)[-1]
+        unwritten = stream - cm.activations(ids, mask).sum(0)
+        other = cm.streams(ids.flip(0), mask.flip(0))[-1] - cm.activations(ids.flip(0), mask.flip(0)).sum(0)
     scale = logits.abs().max()
-    torch.testing.assert_close(ours[mask.bool()], logits[mask.bool()], atol=1e-4 * scale, rtol=1e-4)
+    torch.testing.assert_close(cm.readout(stream)[mask.bool()], logits[mask.bool()], atol=1e-4 * scale, rtol=1e-4)
+    valid = mask.bool() & mask.flip(0).bool()
+    atol = 1e-5 * stream.abs().max()
+    torch.testing.assert_close(unwritten[valid], other[valid], atol=atol, rtol=0)
+    torch.testing.assert_close(unwritten[valid], unwritten[valid][:1].expand_as(unwritten[valid]), atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2"])
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2", "gpt_neox"])
 def test_stream_lens_matches_hf_hidden_states(traced, name):
+    """The stream after each layer as HF reports it, through HF's own final norm and unembedding — GPT-2's heads
+    write no part of its output projection's bias, which the stream carries; GPT-NeoX writes attention and MLP
+    in one step."""
     model, cm = traced(name)
     ids, mask = _ids()
     lens = logit_lens(cm, ids, mask, positions="all")
@@ -39,7 +54,7 @@ def test_stream_lens_matches_hf_hidden_states(traced, name):
         out = model(ids, attention_mask=mask, output_hidden_states=True)
     # hidden_states[l + 1] is the stream after layer l; HF's last one already went through the final norm
     for layer in range(model.config.num_hidden_layers - 1):
-        expected = _unembed(model, out.hidden_states[layer + 1])
+        expected = _unembed(model, out.hidden_states[layer + 1], name)
         if name == "gemma2":  # soft-capping is part of the readout
             cap = model.config.final_logit_softcapping
             expected = torch.tanh(expected / cap) * cap

@@ -37,6 +37,17 @@ CONFIGS = {
     "olmo": ("olmo", dict(COMMON)),
     "olmo2": ("olmo2", dict(COMMON, num_key_value_heads=2)),
     "starcoder2": ("starcoder2", dict(COMMON, num_key_value_heads=2)),
+    # attention sinks applied beside the core (out · sigmoid(logsumexp(scores) − sink)), a NoPE layer, multipliers
+    "granite_swa": ("granite_swa", dict(COMMON, num_key_value_heads=2, sliding_window=4, bos_token_id=1, eos_token_id=2,
+                                        layer_types=["full_attention", "sliding_attention"],
+                                        layer_rope_theta=[0.0, 10000.0], residual_multiplier=0.5,
+                                        embedding_multiplier=2.0)),
+    # a vision-language model run on text: the language model's sizes live in its text config
+    "gemma3_multimodal": ("gemma3", dict(text_config=dict(COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4),
+                                         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                            num_attention_heads=2, image_size=28, patch_size=14),
+                                         mm_tokens_per_image=4, boi_token_index=125, eoi_token_index=126,
+                                         image_token_index=127)),
     # an MoE block whose routed experts write [batch·seq, d] beside a shared expert's [batch, seq, d]
     "glm4_moe": ("glm4_moe", dict(COMMON, num_key_value_heads=2, head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
                                   moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=0, n_group=1,
@@ -68,6 +79,9 @@ MODULES = {
                "model.layers.{}.post_attention_layernorm"),
     "olmo2": ("model.layers.{}.post_feedforward_layernorm", "model.layers.{}.self_attn.o_proj",
               "model.layers.{}.post_attention_layernorm"),
+    "gemma3_multimodal": ("model.language_model.layers.{}.post_feedforward_layernorm",
+                          "model.language_model.layers.{}.self_attn.o_proj",
+                          "model.language_model.layers.{}.post_attention_layernorm"),
 }
 
 
@@ -75,7 +89,12 @@ def make(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrid
     model_type, kwargs = CONFIGS[name]
     config = AutoConfig.for_model(model_type, **{**kwargs, **overrides})
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # a constant initialisation (unit norm weights, zero biases and sinks) would hide a head
+        for weight in model.parameters():  # or column taken for another
+            if weight.numel() > 1 and bool((weight == weight.flatten()[0]).all()):
+                weight.add_(0.1 * torch.randn_like(weight))
+    return model.to(dtype).eval()
 
 
 def modules(name: str) -> tuple[str, str, str | None]:
