@@ -1,0 +1,162 @@
+"""Every causal-LM architecture of the installed transformers, traced and checked: which ones fxcircuits serves.
+
+    PYTHONPATH=. python bench/architectures.py --out architectures.jsonl [--only llama,gpt2] [--jobs 2]
+
+``tests/zoo.py`` holds the architectures the test suite checks on every run.  This survey asks the wider
+question for a new transformers release: for each model type registered for ``AutoModelForCausalLM``, it builds
+a tiny random configuration (sizes shrunk where the config has the usual fields), runs the HF model, and
+traces it.  A model that traces is checked on padded prompts against the untouched HF model:
+
+- ``clean``: no mask gives HF's logits;
+- ``zero``: every edge at 0 gives HF's logits on the corrupted prompts;
+- ``logits``: every edge into the logits at 0, the rest at 1, gives them too;
+- ``input``: the ``input`` node patched equals HF with the embedding's output replaced by its corrupted value
+  (a forward hook on ``get_input_embeddings()``: an independent reference).
+
+Each is a max |difference| over the logit scale, ``ok`` at ≤ 1e-4.  Statuses: ``ok``; ``WRONG`` (traced, and
+a check failed: a defect); ``refused`` (fxcircuits raised its own error, which names the model, the node and
+the reason); ``crash`` (it raised anything else: a defect); ``not-built`` (the tiny config, the model or its
+HF forward failed: nothing to learn about fxcircuits).  Each type runs in its own process, with a time limit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=16, vocab_size=128, max_position_embeddings=128, n_embd=64, n_layer=2, n_head=4,
+             n_positions=128, ffn_dim=128, n_inner=128, d_model=64, n_heads=4, n_layers=2, num_layers=2, num_heads=4,
+             moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_local_experts=4,
+             n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+             qk_nope_head_dim=8, v_head_dim=16, rotary_dim=8, sliding_window=8, pad_token_id=0, bos_token_id=1,
+             eos_token_id=2)
+TOLERANCE = 1e-4
+
+
+def tiny_config(model_type: str):
+    """The type's default config with the usual size fields shrunk (its text config's too)."""
+    from transformers import AutoConfig
+    config = AutoConfig.for_model(model_type)
+    for part in (config, getattr(config, "text_config", None)):
+        if part is None:
+            continue
+        for key, value in SIZES.items():
+            try:
+                if not isinstance(getattr(part, key), (list, dict)):
+                    setattr(part, key, value)
+            except Exception:  # absent, per-layer, or a read-only property: the default stays
+                pass
+        if isinstance(getattr(part, "layer_types", None), list):
+            part.layer_types = part.layer_types[:SIZES["num_hidden_layers"]]
+    return config
+
+
+def check(model_type: str) -> dict:
+    """Build, run and trace one model type; the result as a JSON-able dict (run in a child process)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import fxcircuits
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(model_type)).float().eval()
+        generator = torch.Generator().manual_seed(1)
+        clean, corrupted = torch.randint(3, 128, (2, 2, 7), generator=generator)
+        mask = torch.ones_like(clean)
+        mask[0, :2] = 0  # left padding
+        with torch.no_grad():
+            hf = model(input_ids=clean, attention_mask=mask, use_cache=False).logits
+            hf_corrupted = model(input_ids=corrupted, attention_mask=mask, use_cache=False).logits
+    except Exception as error:
+        return {"status": "not-built", "error": _line(error)}
+    started = time.perf_counter()
+    try:
+        cm = fxcircuits.trace(model)
+    except (fxcircuits.CaptureError, fxcircuits.DecompositionError) as error:
+        return {"status": "refused", "error": _line(error)}
+    except Exception as error:
+        return {"status": "crash", "error": _line(error)}
+    result = {"model": type(model).__name__, "trace_s": round(time.perf_counter() - started, 1),
+              "edges": len(cm.graph.edges)}
+    scale = hf.abs().max().item()
+    valid = mask.bool()
+
+    def difference(ours, reference):
+        return (ours - reference)[valid].abs().max().item() / scale
+
+    n = len(cm.graph.edges)
+    into_logits = torch.tensor([0.0 if e.endswith("->logits") else 1.0 for e in cm.graph.edges])
+    try:
+        with torch.no_grad():
+            embedding = model.get_input_embeddings()
+            corrupted_embedding = embedding(corrupted)
+            hook = embedding.register_forward_hook(lambda module, args, out: corrupted_embedding)
+            try:
+                hf_input = model(input_ids=clean, attention_mask=mask, use_cache=False).logits
+            finally:
+                hook.remove()
+            checks = {"clean": difference(cm(clean, mask), hf),
+                      "zero": difference(cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=torch.zeros(n)),
+                                         hf_corrupted),
+                      "logits": difference(cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=into_logits),
+                                           hf_corrupted),
+                      "input": difference(cm(clean, mask, corrupted_input_ids=corrupted, node_mask={"input": 0.0}),
+                                          hf_input)}
+    except Exception as error:
+        return {**result, "status": "crash", "error": _line(error)}
+    wrong = [k for k, v in checks.items() if not v <= TOLERANCE]
+    return {**result, "status": "WRONG" if wrong else "ok", "checks": {k: float(f"{v:.2g}") for k, v in checks.items()}}
+
+
+def _line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:400]
+
+
+def run(model_type: str, timeout: float) -> dict:
+    """``check`` in a child process (one model's failure or hang cannot touch the others)."""
+    command = [sys.executable, __file__, "--child", model_type]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"type": model_type, "status": "not-built", "error": f"no answer in {timeout:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        tail = (done.stderr.strip().splitlines() or [""])[-1]
+        return {"type": model_type, "status": "not-built", "error": f"exit {done.returncode}: {tail[:300]}"}
+    return {"type": model_type, **json.loads(lines[-1])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="architectures.jsonl", help="one JSON line per model type")
+    parser.add_argument("--only", help="comma-separated model types (default: every causal-LM type)")
+    parser.add_argument("--jobs", type=int, default=2, help="model types checked at once")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per model type")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.child:
+        print(json.dumps(check(args.child)))
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    types = args.only.split(",") if args.only else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    counts: dict[str, int] = {}
+    with open(args.out, "w") as out, ThreadPoolExecutor(args.jobs) as pool:
+        for result in pool.map(lambda t: run(t, args.timeout), types):
+            out.write(json.dumps(result) + "\n")
+            out.flush()
+            counts[result["status"]] = counts.get(result["status"], 0) + 1
+            print(f"{result['type']:28s} {result['status']:9s} {result.get('checks') or result.get('error', '')}",
+                  flush=True)
+    print(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    sys.exit(1 if counts.get("WRONG") or counts.get("crash") else 0)
+
+
+if __name__ == "__main__":
+    main()
