@@ -42,6 +42,11 @@ QKV = ("q", "k", "v")
 DROPPED = {aten._assert_tensor_metadata.default}
 
 
+def _dropped(node: Node) -> bool:
+    """Export's input guards (a submodule call) and metadata asserts: left out of every graph built here."""
+    return node.op == "call_module" or node.target in DROPPED
+
+
 @dataclass
 class ReadPlan:
     """How each query head gets its own q (k, v) from its own copy of the stream."""
@@ -226,8 +231,8 @@ class _Builder:
                     self._extra_placeholders()
             elif node.op == "output":
                 self._finish()
-            elif node.op == "call_module" or node.target in DROPPED:
-                continue  # export's input guards and metadata asserts
+            elif _dropped(node):
+                continue
             elif node in steps:  # a step's writers are emitted just before the sum that adds them
                 self._step(steps[node])
                 for add in sorted(set(steps[node].adds)):
@@ -530,8 +535,8 @@ def build_streams(gm: GraphModule, components: Components) -> GraphModule:
     first, steps = env[components.steps[0].start], components.steps
     ends = [graph.call_function(as_rows, (env[s.end], first)) for s in steps]  # OPT holds it as [B·S, d] at times
     graph.output(graph.call_function(torch.cat, ([graph.call_function(as_rows, (first, first))] + ends,)))
-    for node in [n for n in graph.nodes if n.op == "call_module" or n.target in DROPPED]:
-        graph.erase_node(node)  # export's input guards and metadata asserts, as ``_Builder`` leaves them out
+    for node in [n for n in graph.nodes if _dropped(n)]:
+        graph.erase_node(node)
     graph.eliminate_dead_code()
     return flat_module(gm, graph)
 
