@@ -64,7 +64,7 @@ class CircuitModel(nn.Module):
         super().__init__()
         self.model_name = model_name
         self.exported, self.recorder, self.patcher, self.readout = exported, recorder, patcher, readout
-        self.stepper = stepper  # the stream after each residual step (``rewrite.build_streams``)
+        self.stepper = stepper  # the stream after each writer (``rewrite.build_streams``)
         self.graph, self.shares_prefix = graph, shares_prefix
         self.traced_device = self.device
         self.scratch = Scratch()
@@ -105,17 +105,8 @@ class CircuitModel(nn.Module):
     def streams(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The residual stream after ``input`` and after each writer (a layer's heads, an MLP), as the model holds
         it: [1 + n_writers, batch, seq, d_model].  Partial sums of ``activations`` miss what the stream carries and
-        no node writes (an output projection's bias); where attention and MLP write in one step (parallel
-        residual), the stream after the heads is the step's sum less the MLP's write."""
-        ends = self.stepper(*self._inputs(input_ids, attention_mask))  # before the first step, then after each
-        writers = self.graph.writers
-        steps = [w.step for w in writers]
-        acts = self.groups(input_ids, attention_mask) if len(set(steps)) < len(steps) else None
-        out = [ends[0]]
-        for i, step in enumerate(steps):
-            later = [acts[j + 1].sum(0) for j in range(i + 1, len(writers)) if steps[j] == step]
-            out.append(ends[step + 1] - sum(later) if later else ends[step + 1])
-        return torch.stack(out)
+        no node writes (an output projection's bias)."""
+        return self.stepper(*self._inputs(input_ids, attention_mask))
 
     def recording(self, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

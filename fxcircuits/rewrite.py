@@ -524,17 +524,30 @@ def build_patcher(gm: GraphModule, components: Components, plans: list[Attention
 
 
 def build_streams(gm: GraphModule, components: Components) -> GraphModule:
-    """The residual stream itself, where the model holds it: ``(input_ids, attention_mask) → [1 + steps, …]`` in the
-    layout of the first step's stream ([B, S, d]), the stream before the first step and after each.
+    """The residual stream itself, where the model holds it: ``(input_ids, attention_mask) → [1 + writers, …]`` in
+    the layout of the first step's stream ([B, S, d]), the stream before the first writer and after each.
 
     The nodes' outputs do not sum to it: an output projection's bias (GPT-2, OPT, BLOOM, Phi) is no head's write,
-    as the field counts heads, yet the stream carries it.  The logit lens reads the stream as the model holds it."""
+    as the field counts heads, yet the stream carries it.  The logit lens reads the stream as the model holds it.
+    Where a step's writers add to the stream together (parallel attention and MLP), the stream after one of them
+    is the step's start plus what that one and those before it add."""
     graph = Graph()
     env: dict[Node, Node] = {}
     graph.graph_copy(gm.graph, env)
-    first, steps = env[components.steps[0].start], components.steps
-    ends = [graph.call_function(as_rows, (env[s.end], first)) for s in steps]  # OPT holds it as [B·S, d] at times
-    graph.output(graph.call_function(torch.cat, ([graph.call_function(as_rows, (first, first))] + ends,)))
+    first = env[components.steps[0].start]
+
+    def rows(node: Node) -> Node:  # OPT holds the stream as [B·S, d] at times, an MoE term too
+        return graph.call_function(as_rows, (env[node], first))
+
+    streams = [rows(components.steps[0].start)]
+    for step in components.steps:
+        running = rows(step.start)
+        for writer in step.writers[:-1]:
+            for term in writer.terms:
+                running = graph.call_function(operator.add, (running, rows(term)))
+            streams.append(running)
+        streams.append(rows(step.end))
+    graph.output(graph.call_function(torch.cat, (streams,)))
     for node in [n for n in graph.nodes if _dropped(n)]:
         graph.erase_node(node)
     graph.eliminate_dead_code()

@@ -23,22 +23,30 @@ def _unembed(model, stream, name="llama"):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_readout_of_the_stream_is_the_logits(traced, name):
-    """The readout cut out of every architecture's graph turns the last stream into the model's logits; the stream
-    is the nodes' outputs plus what none of them writes (an output projection's bias), which is the same for
-    every input and position: patching a node leaves it alone."""
+    """The readout cut out of every architecture's graph turns the last stream into the model's logits.  What each
+    writer adds to the stream is its nodes' outputs plus what none of them writes (an output projection's bias),
+    which is the same for every input and position: patching a node leaves it alone."""
     model, cm = traced(name)
     ids, mask = _ids()
+
+    def unwritten(ids, mask):
+        """Per writer: the stream's change across it less its nodes' outputs, [writers, B, S, d]."""
+        streams, groups = cm.streams(ids, mask), cm.groups(ids, mask)
+        return streams.diff(dim=0) - torch.stack([g.sum(0) for g in groups[1:]]), streams
+
     with torch.no_grad():
         logits = model(ids, attention_mask=mask).logits
-        stream = cm.streams(ids, mask)[-1]
-        unwritten = stream - cm.activations(ids, mask).sum(0)
-        other = cm.streams(ids.flip(0), mask.flip(0))[-1] - cm.activations(ids.flip(0), mask.flip(0)).sum(0)
+        added, streams = unwritten(ids, mask)
+        other, _ = unwritten(ids.flip(0), mask.flip(0))
+        torch.testing.assert_close(streams[0], cm.groups(ids, mask)[0][0])  # the stream starts as the input node
     scale = logits.abs().max()
-    torch.testing.assert_close(cm.readout(stream)[mask.bool()], logits[mask.bool()], atol=1e-4 * scale, rtol=1e-4)
+    torch.testing.assert_close(cm.readout(streams[-1])[mask.bool()], logits[mask.bool()], atol=1e-4 * scale,
+                               rtol=1e-4)
     valid = mask.bool() & mask.flip(0).bool()
-    atol = 1e-5 * stream.abs().max()
-    torch.testing.assert_close(unwritten[valid], other[valid], atol=atol, rtol=0)
-    torch.testing.assert_close(unwritten[valid], unwritten[valid][:1].expand_as(unwritten[valid]), atol=atol, rtol=0)
+    atol = 1e-5 * streams.abs().max()
+    added, other = added[:, valid], other[:, valid]
+    torch.testing.assert_close(added, other, atol=atol, rtol=0)
+    torch.testing.assert_close(added, added[:, :1].expand_as(added), atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2", "gpt_neox"])
