@@ -5,7 +5,8 @@ embedding to the output passes through each of them.  A stream value that is an 
 stream value and some other terms is a *residual step*; the other terms are written by the step's
 writers.  A writer whose terms depend on an attention core (a ``scaled_dot_product_attention`` node, or a
 matmul → softmax → matmul pattern) is an attention layer; any other writer is an MLP (an MoE block
-included).  Nothing here looks at module names, so new architectures need no new code.
+included).  Between steps the stream may be scaled as a whole by a constant (Gemma 4's ``layer_scalar``).
+Nothing here looks at module names, so new architectures need no new code.
 """
 from __future__ import annotations
 
@@ -89,6 +90,17 @@ def between(start: Node, ends: list[Node]) -> set[Node]:
 
 
 @dataclass
+class Gate:
+    """An output gate computed from the stream (Qwen3-Next, AFMoE, Laguna): ``product = value · gate`` on the
+    write path, ``gate`` computed from the step's stream alone.  A gate acts at the query's position, as q does:
+    each query head's gate is computed from that head's q input."""
+    product: Node                         # the multiplication on the write path
+    value: Node                           # its operand computed from the core's output
+    gate: Node                            # its operand computed from the stream
+    region: list[Node]                    # from the stream to ``gate``, in graph order
+
+
+@dataclass
 class Attention:
     """One attention layer: its core, the q/k/v inputs of the core, and the terms it writes."""
     layer: int
@@ -97,6 +109,7 @@ class Attention:
     output: Node                          # the core's output ([B, H, S, head_dim])
     terms: list[Node]                     # what it adds to the residual stream
     n_heads: int = 0
+    gate: Gate | None = None
 
 
 @dataclass
@@ -115,11 +128,22 @@ class Step:
 
 
 @dataclass
+class Scale:
+    """The whole stream scaled between two residual steps by a factor computed from the weights alone (Gemma 4's
+    ``layer_scalar``): ``node = stream · factor``, or ``stream / factor``.  The rewrite expresses every node's
+    output in the stream's scale at the first layer, so that the stream still sums the nodes' outputs."""
+    node: Node
+    factor: Node | float
+    divides: bool
+
+
+@dataclass
 class Components:
     model_name: str
     steps: list[Step]
     final: Node                            # the last stream value, read by the logits
     logits: Node                           # the logits tensor returned by the graph
+    scales: list[Scale] = field(default_factory=list)  # in graph order, between the first and the last step
 
     @property
     def attentions(self) -> list[Attention]:
@@ -139,14 +163,8 @@ def find_components(gm: GraphModule, model_name: str) -> Components:
         if step.writers:
             steps.append(step)
     if counts["attention"] == 0:
-        rescaled = _rescaled_residual(chain)
-        raise DecompositionError(model_name, rescaled, "found no attention layer writing to a residual stream between "
-                                 "the token embedding and the logits" + (
-                                     "; the stream reaches an addition only through this operation, which changes it "
-                                     "(a residual scaled before it is added, x·α + f(x)): fxcircuits needs residual "
-                                     "additions x + f(x)" if rescaled is not None else ""))
-    _check_pass_through(chain, steps, model_name)
-    return Components(model_name, steps, steps[-1].end, logits)
+        raise _no_attention(chain, model_name)
+    return Components(model_name, steps, steps[-1].end, logits, _stream_scales(chain, steps, model_name))
 
 
 def _logits_node(output: Node, model_name: str) -> Node:
@@ -221,6 +239,23 @@ def _residual_steps(chain: list[Node]) -> list[Step]:
     return steps
 
 
+def _no_attention(chain: list[Node], model_name: str) -> DecompositionError:
+    """Why no attention layer writes to the stream, as far as the chain tells."""
+    why = "found no attention layer writing to a residual stream between the token embedding and the logits"
+    rescaled = _rescaled_residual(chain)
+    if rescaled is not None:
+        return DecompositionError(model_name, rescaled, why + "; the stream reaches an addition only through this "
+                                  "operation, which changes it (a residual scaled before it is added, x·α + f(x)): "
+                                  "fxcircuits needs residual additions x + f(x)")
+    for previous, node in zip(chain, chain[1:]):
+        if any(n.target in SDPA or n.target in SOFTMAX for n in between(previous, [node])):
+            return DecompositionError(model_name, previous, why + "; from this value on, the attention layers are "
+                                      "reached along more than one path (a side input computed from the tokens, "
+                                      "such as the per-layer inputs of Gemma 3n and Gemma 4, besides the stream), "
+                                      "which the per-edge inputs cannot patch")
+    return DecompositionError(model_name, None, why)
+
+
 def _rescaled_residual(chain: list[Node]) -> Node | None:
     """Where the stream is added to but not carried by the addition: the first such sum's term that reads the
     previous stream value (a multiplication by a residual scale, say), or None."""
@@ -232,14 +267,50 @@ def _rescaled_residual(chain: list[Node]) -> Node | None:
     return None
 
 
-def _check_pass_through(chain: list[Node], steps: list[Step], model_name: str) -> None:
-    """Between the first and the last residual step the stream may only be added to or passed through."""
+def _stream_scales(chain: list[Node], steps: list[Step], model_name: str) -> list[Scale]:
+    """Between the first and the last residual step the stream may only be added to, passed through, or scaled
+    as a whole by a constant (``Scale``); returns the scales."""
     ends = {s.end for s in steps}
-    inside = chain[chain.index(steps[0].start) + 1:chain.index(steps[-1].end)]
-    for node in inside:
-        if node not in ends and node.target is not aten.add.Tensor and node.target not in TRANSPARENT:
+    first, last = chain.index(steps[0].start), chain.index(steps[-1].end)
+    scales = []
+    for previous, node in zip(chain[first:last], chain[first + 1:last]):
+        if node in ends or node.target is aten.add.Tensor or node.target in TRANSPARENT:
+            continue
+        scale = _constant_scale(previous, node)
+        if scale is None:
             raise DecompositionError(model_name, node, "the residual stream is transformed between two residual "
-                                     "additions by an operation that is not a plain pass-through")
+                                     "additions by an operation that is neither a plain pass-through nor a scaling "
+                                     "by a constant")
+        scales.append(scale)
+    return scales
+
+
+def _constant_scale(stream: Node, node: Node) -> Scale | None:
+    """``node`` as ``stream`` times (or over) one number computed from the weights alone, else None."""
+    if node.target not in (aten.mul.Tensor, aten.div.Tensor) or len(node.args) != 2 or node.kwargs:
+        return None
+    first, factor = node.args
+    if node.target is aten.mul.Tensor and factor is stream:
+        first, factor = factor, first
+    if first is not stream or factor is stream:
+        return None
+    if isinstance(factor, Node):
+        value = factor.meta.get("val")
+        if not isinstance(value, torch.Tensor) or value.numel() != 1 or value.dim() > len(_meta_shape(stream)) \
+                or any(n.op == "placeholder" for n in ancestors(factor) | {factor}):
+            return None
+    elif not isinstance(factor, (int, float)) or isinstance(factor, bool):
+        return None
+    return Scale(node, factor, node.target is aten.div.Tensor)
+
+
+def check_scales(components: Components, values: dict) -> None:
+    """A stream scaled by zero loses what the nodes before it wrote: their outputs have no first-layer scale."""
+    for scale in components.scales:
+        factor = values[scale.factor] if isinstance(scale.factor, Node) else scale.factor
+        if not bool(torch.as_tensor(factor).ne(0).all()):
+            raise DecompositionError(components.model_name, scale.node, "the residual stream is scaled by zero "
+                                     "here, so the nodes written before cannot be told apart after it")
 
 
 def _writers(step: Step, counts: dict[str, int], model_name: str) -> list[Attention | MLP]:
@@ -259,9 +330,9 @@ def _writers(step: Step, counts: dict[str, int], model_name: str) -> list[Attent
     for i, (core_nodes, out, inputs) in enumerate(cores):
         if not attention_terms[i]:
             raise DecompositionError(model_name, out, "attention output never reaches the residual stream")
-        _check_write(out, attention_terms[i], inside, model_name)
+        gate = _gate(step.start, set(core_nodes) | set(inputs.values()), out, attention_terms[i], inside, model_name)
         writers.append(Attention(counts["attention"], core_nodes, inputs, out, attention_terms[i],
-                                 n_heads=_meta_shape(inputs["q"])[1]))
+                                 n_heads=_meta_shape(inputs["q"])[1], gate=gate))
         counts["attention"] += 1
     if mlp_terms:
         writers.append(MLP(counts["mlp"], mlp_terms))
@@ -309,7 +380,8 @@ def _joined(output: Node, inputs: dict[str, Node], inside: set[Node]) -> tuple[N
     """The core's output and nodes, the output taken past factors computed beside it from its own q and k: an
     attention sink applied as ``out · sigmoid(logsumexp(scores) − sink)`` (GraniteSWA, Laguna) belongs to the
     head's attention, so every head computes it from its own q and k.  A factor that reads the stream any other
-    way (an output gate from the hidden states) is left outside, where ``_check_write`` refuses it."""
+    way (an output gate from the hidden states) is left outside, where ``_gate`` takes it as an output gate or
+    refuses it."""
     core = set().union(*(between(i, [output]) for i in inputs.values()))
     while len(users := data_users(output)) == 1 and len(_meta_shape(users[0])) == 4:
         user = users[0]
@@ -335,19 +407,28 @@ def _check_reads(core: list[Node], inputs: dict[str, Node], inside: set[Node], m
                                          "states), which the per-edge inputs cannot patch")
 
 
-def _check_write(output: Node, terms: list[Node], inside: set[Node], model_name: str) -> None:
-    """The path from the core's output to the stream may read the stream only through that output.  An output gate
-    computed from the hidden states, or a per-head factor taken from the scores beside the core (an attention sink
-    applied as ``sigmoid(logsumexp(scores) − sink)``), would reach every head from the unpatched run whatever the
-    mask — refused rather than patched wrongly."""
+def _gate(start: Node, core: set[Node], output: Node, terms: list[Node], inside: set[Node],
+          model_name: str) -> Gate | None:
+    """The path from the core's output to the stream may read the stream only through that output, or through one
+    output gate (``Gate``) that multiplies it and is computed from the step's stream alone.  Anything else — a
+    per-head factor taken from the scores beside the core, a gate computed from the core or its q, k or v inputs,
+    a second gate — would reach every head from the unpatched run whatever the mask: refused rather than patched
+    wrongly."""
     region = between(output, terms)
-    for node in sorted(region):
-        for read in node.all_input_nodes:
-            if read in inside and read not in region and read is not output:
-                raise DecompositionError(model_name, read, "the attention output is combined with a value computed "
-                                         "from the residual stream apart from the core's output (e.g. an output gate "
-                                         "from the hidden states, or a per-head factor from the attention scores), "
-                                         "which the per-edge inputs cannot patch")
+    foreign = [(node, read) for node in sorted(region) for read in node.all_input_nodes
+               if read in inside and read not in region and read is not output]
+    if not foreign:
+        return None
+    product, gate = foreign[0]
+    gate_region = between(start, [gate]) | {gate}
+    value = next((a for a in product.args if a is not gate), None)
+    if len(foreign) > 1 or product.target is not aten.mul.Tensor or len(product.args) != 2 \
+            or value not in region | {output} or gate_region & (core | region):
+        raise DecompositionError(model_name, gate, "the attention output is combined with a value computed from "
+                                 "the residual stream apart from the core's output, other than as one output gate "
+                                 "computed from the stream (e.g. a per-head factor from the attention scores), which "
+                                 "the per-edge inputs cannot patch")
+    return Gate(product, value, gate, sorted(gate_region))
 
 
 def _score_operands(node: Node, inside: set[Node]) -> tuple[Node, Node] | None:

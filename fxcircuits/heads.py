@@ -151,6 +151,42 @@ def columns_written(source: Node, target: Node, values: dict) -> list[frozenset[
     return found
 
 
+def head_elements(source: Node, target: Node, values: dict) -> torch.Tensor | None:
+    """For each head of ``source`` (axis 1), the elements of ``target`` it reaches, over the axes after the leading
+    ones of dynamic size (batch, sequence): [heads, *those axes] of 0 and 1 in ``target``'s dtype.  None where two
+    heads reach one element."""
+    region = sorted(between(source, [target]))
+    value = _random_like(values[source], torch.Generator().manual_seed(0))
+    lead = next(i for i, size in enumerate(target.meta["val"].shape) if isinstance(size, int))
+    found = []
+    for head in range(value.shape[1]):
+        alone = torch.zeros_like(value)
+        alone[:, head] = value[:, head]
+        out = _evaluate(region, values, source, alone)[target] if region else alone
+        found.append(out.abs().flatten(0, lead - 1).sum(0) != 0)
+    masks = torch.stack(found)
+    return masks.to(values[target].dtype) if bool((masks.sum(0) <= 1).all()) else None
+
+
+class HeadGate:
+    """``value · gate`` where each head's elements (``masks``, from ``head_elements``) take the gate computed from
+    that head's own input (``gates``: [heads, *gate shape], or [1, …] where all heads' inputs are alike: the plain
+    product).  Exactly one head owns each element, so the sum adds zeros to the plain product.  A callable object,
+    so that the patcher's graph holds the masks."""
+
+    def __init__(self, masks: torch.Tensor):
+        self.__name__ = "head_gate"  # how FX names the node that calls it
+        self.masks = masks
+
+    def __call__(self, value: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        if gates.shape[0] == 1:
+            return value * gates[0]
+        gates = gates.reshape(gates.shape[0], *[1] * (value.dim() + 1 - gates.dim()), *gates.shape[1:])
+        masks = self.masks.reshape(self.masks.shape[0], *[1] * (value.dim() + 1 - self.masks.dim()),
+                                   *self.masks.shape[1:])
+        return (value.unsqueeze(0) * masks * gates).sum(0)
+
+
 def broadcasts(start: Node, end: Node, values: dict) -> bool:
     """Whether the computation from ``start`` to ``end`` (a norm) also runs on inputs stacked on a new leading
     axis, giving each row's own result — then all heads' copies can run as one."""

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import example_inputs, export
-from .components import Attention, find_components
+from .components import Attention, check_scales, find_components
 from .graph import CircuitGraph, Writer
 from .heads import record_values
 from .patching import Scratch, Tap, dense_keep
@@ -35,6 +35,7 @@ def trace(model: nn.Module, *, progress: bool = False) -> "CircuitModel":
         bar.set_postfix_str("components")
         components = find_components(exported, name)
         values = record_values(exported, *example_inputs(model))
+        check_scales(components, values)
         plans = [plan_attention(step, w, values, name) for step in components.steps for w in step.writers
                  if isinstance(w, Attention)]
         bar.update()
@@ -95,7 +96,8 @@ class CircuitModel(nn.Module):
         return input_ids.to(self.device), attention_mask.to(self.device)
 
     def activations(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Every upstream node's output, [n_upstream, batch, seq, d_model] in ``graph.upstream`` order."""
+        """Every upstream node's output, [n_upstream, batch, seq, d_model] in ``graph.upstream`` order: what it adds
+        to the stream, in the stream's scale at the first layer where the model rescales it (``stream_scales``)."""
         return torch.cat(self.groups(input_ids, attention_mask))
 
     def groups(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -106,7 +108,14 @@ class CircuitModel(nn.Module):
         """The residual stream after ``input`` and after each writer (a layer's heads, an MLP), as the model holds
         it: [1 + n_writers, batch, seq, d_model].  Partial sums of ``activations`` miss what the stream carries and
         no node writes (an output projection's bias)."""
-        return self.stepper(*self._inputs(input_ids, attention_mask))
+        return self.stepper(*self._inputs(input_ids, attention_mask))[0]
+
+    def stream_scales(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[1 + n_writers]: how far the model has scaled its whole stream at each of ``streams`` — ones, unless it
+        rescales the stream between layers (Gemma 4's ``layer_scalar``).  Node outputs (``activations``) are in the
+        stream's scale at the first layer, so the stream after a writer is its scale times the outputs of the nodes
+        so far plus what no node writes."""
+        return self.stepper(*self._inputs(input_ids, attention_mask))[1]
 
     def recording(self, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

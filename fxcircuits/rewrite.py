@@ -28,11 +28,12 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from .components import SDPA, Attention, Components, DecompositionError, MLP, Step, between, descendants
-from .heads import (RELAYOUT, Post, Projection, Ranges, broadcasts, columns_read, columns_written, distinct_rows,
-                    first_projection, gather_heads, head_writes, heads_sum, last_projection, layer_norm_share,
-                    place_columns, project_columns, project_rounds, role_input, role_rows, role_shared, shared_input,
-                    to_ranges, wholly_patched)
+from .components import (SDPA, Attention, Components, DecompositionError, MLP, Scale, Step, between,
+                         descendants)
+from .heads import (RELAYOUT, HeadGate, Post, Projection, Ranges, broadcasts, columns_read, columns_written,
+                    distinct_rows, first_projection, gather_heads, head_elements, head_writes, heads_sum,
+                    last_projection, layer_norm_share, place_columns, project_columns, project_rounds, role_input,
+                    role_rows, role_shared, shared_input, to_ranges, wholly_patched)
 from .norms import Norm
 from .patching import (DeltaStore, accumulate, at_positions, patched_rows, patched_rows_count, sequence_length,
                        tap)
@@ -68,6 +69,8 @@ class WritePlan:
     region: list[Node]        # everything from the core output to the terms added to the stream
     after: list[Node]         # the part of ``region`` after the projection
     ranges: tuple[Ranges, ...]
+    gate: HeadGate | None = None  # an output gate (``components.Gate``), each head's from its own q input
+    gate_stacked: bool = False    # the gate's computation runs on all heads' rows at once
 
 
 @dataclass
@@ -78,7 +81,7 @@ class AttentionPlan:
 
 def plan_attention(step: Step, attention: Attention, values: dict, name: str) -> AttentionPlan:
     reads = {role: _plan_read(step, attention, role, values, name) for role in QKV}
-    return AttentionPlan(reads, _plan_write(attention, values, name))
+    return AttentionPlan(reads, _plan_write(step, attention, values, name))
 
 
 def _plan_read(step: Step, attention: Attention, role: str, values: dict, name: str) -> ReadPlan:
@@ -111,7 +114,7 @@ def _plan_read(step: Step, attention: Attention, role: str, values: dict, name: 
                     width, stacked, stacked_norm)
 
 
-def _plan_write(attention: Attention, values: dict, name: str) -> WritePlan:
+def _plan_write(step: Step, attention: Attention, values: dict, name: str) -> WritePlan:
     proj = first_projection(attention.output, attention.terms, name)
     region = between(attention.output, attention.terms)
     before = between(attention.output, [proj.x]) | ({proj.x} if proj.x is attention.output else set())
@@ -125,7 +128,14 @@ def _plan_write(attention: Attention, values: dict, name: str) -> WritePlan:
     if covered != list(range(width)):
         raise DecompositionError(name, proj.node, "the heads do not map one-to-one onto the output projection's "
                                  "input columns")
-    return WritePlan(proj, sorted(region), sorted(after), tuple(to_ranges(c) for c in columns))
+    plan = WritePlan(proj, sorted(region), sorted(after), tuple(to_ranges(c) for c in columns))
+    if attention.gate is not None:
+        masks = head_elements(attention.output, attention.gate.value, values)
+        if masks is None:
+            raise DecompositionError(name, attention.gate.product, "the output gate multiplies values that mix "
+                                     "several heads' outputs, so no head's gate can follow its own q input")
+        plan.gate, plan.gate_stacked = HeadGate(masks), broadcasts(step.start, attention.gate.gate, values)
+    return plan
 
 
 def flat_module(root: torch.nn.Module, graph: Graph) -> GraphModule:
@@ -207,6 +217,8 @@ class _Builder:
                          for role in QKV]
         self.n_downstream = 0
         self.name = components.model_name
+        self.scales = {scale.node: scale for scale in components.scales}
+        self.frame: Node | None = None  # the product of the stream's scales so far (``components.Scale``), or 1
 
     def call(self, fn, *args, **kwargs) -> Node:
         return self.graph.call_function(fn, args, kwargs)
@@ -239,6 +251,8 @@ class _Builder:
                     self.env[add] = self.copy(add, self.env.__getitem__)
             elif node not in sums:
                 self.env[node] = self.copy(node, self.env.__getitem__)
+                if node in self.scales:
+                    self._rescale(self.scales[node])
         # the captured run is in eval mode: a random op (attention with dropout_p = 0) left unused is dead too
         self.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
         return flat_module(self.gm, self.graph)
@@ -255,7 +269,19 @@ class _Builder:
             prefix = self.graph.placeholder("prefix", default_value=False)  # the masks share a prefix (``prefix``)
             self.store = self.call(DeltaStore, self.keep, self.sizes, self.readers, self.reads, scratch, ahead, prefix)
 
+    def _rescale(self, scale: Scale) -> None:
+        """Carry the stream's scale so far past one more ``scale``."""
+        factor = self.env[scale.factor] if isinstance(scale.factor, Node) else scale.factor
+        frame = 1.0 if self.frame is None else self.frame
+        self.frame = self.call(operator.truediv if scale.divides else operator.mul, frame, factor)
+
+    def _in_frame(self, value: Node) -> Node:
+        """``value`` (the stream, or what a writer adds to it) in the stream's scale at the first layer, where
+        every node's output is expressed: the stream then sums them, however the model scales it."""
+        return value if self.frame is None else self.call(operator.truediv, value, self.frame)
+
     def _add_group(self, act: Node, n: int) -> None:
+        act = self._in_frame(act)
         self.acts.append(act)
         if self.patched:
             self.others.append(self.call(other_group, self.other, len(self.others)))
@@ -264,9 +290,10 @@ class _Builder:
     def _readers(self, stream: Node, n: int) -> Node:
         """The inputs of the next ``n`` downstream readers, stacked: [n, *stream.shape]."""
         first, self.n_downstream = self.n_downstream, self.n_downstream + n
-        inputs = self.call(accumulate, self.store, self.env[stream], list(self.acts), list(self.others), first,
-                           self.n_downstream)
-        return self.call(tap, self.tap, inputs, self.n_upstream, first, self.n_downstream)
+        inputs = self.call(accumulate, self.store, self._in_frame(self.env[stream]), list(self.acts),
+                           list(self.others), first, self.n_downstream)
+        inputs = self.call(tap, self.tap, inputs, self.n_upstream, first, self.n_downstream)
+        return inputs if self.frame is None else self.call(operator.mul, inputs, self.frame)
 
     def _rows(self, stacked: Node, first: int, n: int) -> Node:
         return self.call(operator.getitem, stacked, slice(first, first + n))
@@ -306,11 +333,29 @@ class _Builder:
             core_inputs = [self._read_apart(step, read, self._rows(inputs, first + i * h, h))
                            for i, read in enumerate(reads)]
         output = self._core(attention, dict(zip(QKV, core_inputs)))
-        local = self.clone(plan.write.region, {attention.output: output})
+        local = {attention.output: output}
+        for node in plan.write.region:
+            if attention.gate is not None and node is attention.gate.product:
+                gates = self._gates(step, attention, self._rows(inputs, first, h), reader)
+                local[node] = self.call(plan.write.gate, local[attention.gate.value], gates)
+            else:
+                local[node] = self.copy(node, lambda a: local[a] if a in local else self.env[a])
         for term in attention.terms:
             self.env[term] = local[term]
         self.env.update({n: local[n] for n in plan.write.region})
         self.env[attention.output] = output
+
+    def _gates(self, step: Step, attention: Attention, rows: Node, reader: int) -> Node:
+        """Each query head's output gate from its own q input (``rows``: [heads, *stream.shape], the first at
+        reader ``reader``), stacked; one for all where every head's q input is alike and no gradient is asked
+        for."""
+        gate = attention.gate
+        if self.plans[id(attention)].write.gate_stacked:
+            alike = self.call(role_shared, self.store, rows, False, reader, attention.n_heads)
+            rows = self.call(role_input, rows, alike, False)
+            return self.clone(gate.region, {step.start: rows})[gate.gate]
+        return self.call(torch.stack, [self.clone(gate.region, {step.start: self.call(operator.getitem, rows, h)})
+                                       [gate.gate] for h in range(attention.n_heads)])
 
     def _read_stacked(self, step: Step, attention: Attention, reads: list[ReadPlan], rows: Node,
                       reader: int) -> list[Node]:
@@ -524,8 +569,10 @@ def build_patcher(gm: GraphModule, components: Components, plans: list[Attention
 
 
 def build_streams(gm: GraphModule, components: Components) -> GraphModule:
-    """The residual stream itself, where the model holds it: ``(input_ids, attention_mask) → [1 + writers, …]`` in
-    the layout of the first step's stream ([B, S, d]), the stream before the first writer and after each.
+    """The residual stream itself, where the model holds it: ``(input_ids, attention_mask) → (streams, scales)``,
+    ``streams`` [1 + writers, …] in the layout of the first step's stream ([B, S, d]), the stream before the first
+    writer and after each; ``scales`` [1 + writers], the factor each carries beyond the nodes' outputs (all ones
+    unless the model scales its whole stream between layers, ``components.Scale``).
 
     The nodes' outputs do not sum to it: an output projection's bias (GPT-2, OPT, BLOOM, Phi) is no head's write,
     as the field counts heads, yet the stream carries it.  The logit lens reads the stream as the model holds it.
@@ -539,19 +586,29 @@ def build_streams(gm: GraphModule, components: Components) -> GraphModule:
     def rows(node: Node) -> Node:  # OPT holds the stream as [B·S, d] at times, an MoE term too
         return graph.call_function(as_rows, (env[node], first))
 
-    streams = [rows(components.steps[0].start)]
+    streams, scales, frame, pending = [rows(components.steps[0].start)], [1.0], 1.0, list(components.scales)
     for step in components.steps:
+        while pending and not step.start < pending[0].node:  # the scales applied before this step reads
+            scale = pending.pop(0)
+            factor = env[scale.factor] if isinstance(scale.factor, Node) else scale.factor
+            frame = graph.call_function(operator.truediv if scale.divides else operator.mul, (frame, factor))
         running = rows(step.start)
         for writer in step.writers[:-1]:
             for term in writer.terms:
                 running = graph.call_function(operator.add, (running, rows(term)))
             streams.append(running)
         streams.append(rows(step.end))
-    graph.output(graph.call_function(torch.cat, (streams,)))
+        scales += [frame] * len(step.writers)
+    graph.output((graph.call_function(torch.cat, (streams,)), graph.call_function(as_scales, (scales, first))))
     for node in [n for n in graph.nodes if _dropped(n)]:
         graph.erase_node(node)
     graph.eliminate_dead_code()
     return flat_module(gm, graph)
+
+
+def as_scales(factors: list, like: torch.Tensor) -> torch.Tensor:
+    """Numbers and one-element tensors as one vector, in ``like``'s dtype and device."""
+    return torch.stack([torch.as_tensor(f, dtype=like.dtype, device=like.device).reshape(()) for f in factors])
 
 
 def build_readout(gm: GraphModule, components: Components) -> GraphModule:

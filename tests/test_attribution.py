@@ -48,6 +48,12 @@ def llama64():
     return fxcircuits.trace(make("llama", dtype=torch.float64))
 
 
+@pytest.fixture(scope="module")
+def gemma4_64():
+    """A model that scales its whole stream between layers: node outputs and reader inputs in one scale."""
+    return fxcircuits.trace(make("gemma4", dtype=torch.float64))
+
+
 def _exact_reference(cm, batch, edges) -> torch.Tensor:
     """m(clean) − m(clean with one edge patched), one unbatched call per edge, averaged over examples."""
     clean = logit_diff(cm(batch["clean"], batch["attention_mask"]), batch).mean()
@@ -80,17 +86,19 @@ def test_exact_equals_one_edge_at_a_time(llama64):
     torch.testing.assert_close(torch.tensor([scores[e] for e in edges]), reference.float(), atol=1e-5, rtol=1e-4)
 
 
-def test_eap_is_the_derivative_of_the_metric_in_each_edge_mask(llama64):
+@pytest.mark.parametrize("name", ["llama64", "gemma4_64"])
+def test_eap_is_the_derivative_of_the_metric_in_each_edge_mask(request, name):
     """score(e) = ∂ mean metric / ∂ m_e at m = 1, checked by central finite differences (steps of 1e-3: HF runs
     some norms in float32 even in a float64 model, rounding the metric at ~1e-7)."""
+    cm = request.getfixturevalue(name)
     batch, h = _batch(), 1e-3
-    eap = fxcircuits.attribute(llama64, [batch], "logit_diff", "eap", progress=False)
+    eap = fxcircuits.attribute(cm, [batch], "logit_diff", "eap", progress=False)
     slack = 1e-4 * eap.tensor.abs().max()
-    picks = llama64.graph.edges[3::17] + [llama64.graph.edges[int(eap.tensor.abs().argmax())]]
+    picks = cm.graph.edges[3::17] + [cm.graph.edges[int(eap.tensor.abs().argmax())]]
     with torch.no_grad():
         for e in picks:
-            values = [logit_diff(llama64(batch["clean"], batch["attention_mask"], corrupted_input_ids=batch["corrupted"],
-                                         edge_mask={e: 1 + s}), batch).mean() for s in (h, -h)]
+            values = [logit_diff(cm(batch["clean"], batch["attention_mask"], corrupted_input_ids=batch["corrupted"],
+                                    edge_mask={e: 1 + s}), batch).mean() for s in (h, -h)]
             numeric = float((values[0] - values[1]) / (2 * h))
             assert abs(eap[e] - numeric) <= slack + 2e-3 * abs(numeric), (e, eap[e], numeric)
 

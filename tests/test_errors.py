@@ -118,10 +118,10 @@ def test_attention_scores_computed_from_the_stream_are_refused():
         fxcircuits.trace(model)
 
 
-def test_an_output_gate_computed_from_the_stream_is_refused():
-    """An output gate from the hidden states (AFMoE, Laguna, HRM: ``o_proj(core · sigmoid(g(x)))``) multiplies each
-    head's write by a value the per-edge inputs do not reach: it would come from the unpatched stream whatever the
-    mask, so the model is refused (it used to trace, and patch wrongly)."""
+def test_an_output_gate_after_the_output_projection_is_refused():
+    """An output gate before the output projection (Qwen3-Next, AFMoE: ``o_proj(core · sigmoid(g(x)))``) gates each
+    head's own columns, computed from that head's q input.  A gate after it (``o_proj(core) · sigmoid(g(x))``)
+    multiplies a sum over every head: no head's gate could follow its own input, so the model is refused."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaAttention
 
@@ -138,8 +138,43 @@ def test_an_output_gate_computed_from_the_stream_is_refused():
                          vocab_size=128, max_position_embeddings=64)
     model = LlamaForCausalLM(config).eval()
     model.model.layers[1].self_attn = GatedAttention(config, 1)
-    with pytest.raises(fxcircuits.DecompositionError, match=r"graph node 'sigmoid.*combined with a value computed "
-                                                             "from the residual stream apart from the core's output"):
+    with pytest.raises(fxcircuits.DecompositionError, match=r"graph node 'mul.*the output gate multiplies values "
+                                                             "that mix several heads' outputs"):
+        fxcircuits.trace(model)
+
+
+def test_a_value_from_the_stream_added_to_the_heads_outputs_is_refused():
+    """A value computed from the hidden states and added to the heads' outputs before the output projection is no
+    gate (a product): the per-edge inputs reach no such value, so the model is refused at it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    seen = {}
+
+    class Shifted(torch.nn.Module):
+        def __init__(self, projection):
+            super().__init__()
+            self.projection, self.shift = projection, torch.nn.Linear(projection.in_features, projection.in_features)
+
+        def forward(self, z):
+            return self.projection(z + self.shift(seen["hidden_states"]))
+
+    class ShiftedAttention(LlamaAttention):
+        def __init__(self, config, layer_idx):
+            super().__init__(config, layer_idx)
+            self.o_proj = Shifted(self.o_proj)
+
+        def forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
+            seen["hidden_states"] = hidden_states
+            return super().forward(hidden_states, position_embeddings, attention_mask, **kwargs)
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=128, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    model.model.layers[1].self_attn = ShiftedAttention(config, 1)
+    with pytest.raises(fxcircuits.DecompositionError, match=r"combined with a value computed from the residual "
+                                                             "stream apart from the core's output, other than as one "
+                                                             "output gate"):
         fxcircuits.trace(model)
 
 

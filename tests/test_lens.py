@@ -25,14 +25,16 @@ def _unembed(model, stream, name="llama"):
 def test_readout_of_the_stream_is_the_logits(traced, name):
     """The readout cut out of every architecture's graph turns the last stream into the model's logits.  What each
     writer adds to the stream is its nodes' outputs plus what none of them writes (an output projection's bias),
-    which is the same for every input and position: patching a node leaves it alone."""
+    which is the same for every input and position: patching a node leaves it alone.  Where the model scales its
+    whole stream between layers (Gemma 4), node outputs are in the first layer's scale."""
     model, cm = traced(name)
     ids, mask = _ids()
 
     def unwritten(ids, mask):
         """Per writer: the stream's change across it less its nodes' outputs, [writers, B, S, d]."""
         streams, groups = cm.streams(ids, mask), cm.groups(ids, mask)
-        return streams.diff(dim=0) - torch.stack([g.sum(0) for g in groups[1:]]), streams
+        unscaled = streams / cm.stream_scales(ids, mask)[:, None, None, None]
+        return unscaled.diff(dim=0) - torch.stack([g.sum(0) for g in groups[1:]]), streams
 
     with torch.no_grad():
         logits = model(ids, attention_mask=mask).logits
@@ -69,6 +71,21 @@ def test_stream_lens_matches_hf_hidden_states(traced, name):
         got = lens.logits[lens.labels.index(f"m{layer}")]
         torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lens.logits[-1][mask.bool()], out.logits[mask.bool()], atol=1e-4, rtol=1e-4)
+
+
+def test_stream_scales_are_the_models_layer_scalars(traced):
+    """Gemma 4 multiplies the whole stream by a constant after each layer: the stream after layer l's MLP, times
+    that layer's scalar, is HF's hidden state after layer l, and the scales are the products of the scalars."""
+    model, cm = traced("gemma4")
+    ids, mask = _ids()
+    scalars = [model.get_submodule(f"model.layers.{layer}").layer_scalar for layer in range(2)]  # test reference
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_hidden_states=True)
+        streams, scales = cm.streams(ids, mask), cm.stream_scales(ids, mask)
+    assert len(scales) == 5 and not torch.allclose(scales, torch.ones(5))
+    expected = torch.cat([torch.ones(3), scalars[0].expand(2)])  # input, a0, m0 | a1, m1
+    torch.testing.assert_close(scales, expected)
+    torch.testing.assert_close(streams[2] * scalars[0], out.hidden_states[1])
 
 
 def test_node_lens_reads_one_node_output(traced):

@@ -132,6 +132,32 @@ def test_one_batch_of_the_other_run_serves_every_mask(prompts):
     assert grads[0][1].abs().sum() > 0
 
 
+def test_an_output_gate_follows_its_heads_q_input(prompts):
+    """Qwen3-Next's q_proj writes each head's query and output gate: every edge into ``a1.h2<q>`` patched equals
+    HF with that head's q_proj columns, query and gate, taken from the corrupted run — not the query alone."""
+    model = make("qwen3_next")
+    cm = fxcircuits.trace(model)
+    clean, corrupted, mask = prompts
+    q_proj = model.get_submodule("model.layers.1.self_attn.q_proj")  # test reference: per head [query | gate]
+    width = q_proj.weight.shape[0] // model.config.num_attention_heads
+    saved = _capture_output(model, q_proj, corrupted, mask)
+
+    def patched_columns(columns):
+        def swap(module, args, out):
+            out = out.clone()
+            out[..., columns] = saved[..., columns]
+            return out
+        return _run_with(model, q_proj.register_forward_hook(swap), clean, mask)
+
+    with torch.no_grad():
+        ours = cm(clean, mask, corrupted_input_ids=corrupted,
+                  edge_mask={e: 0.0 for e in cm.graph.edges if e.endswith("->a1.h2<q>")})
+        head = patched_columns(slice(2 * width, 3 * width))
+        query_alone = patched_columns(slice(2 * width, 2 * width + width // 2))
+    _close(ours, head, mask)
+    assert (ours - query_alone)[mask.bool()].abs().max() > 1e-3 * head.abs().max()
+
+
 def _hooked_node_patch(model, name, node, clean, corrupted, mask):
     """Reference on the unmodified HF model: replace one MLP's output, or one head's share of the attention
     output, by its value on the corrupted prompt."""

@@ -42,6 +42,17 @@ CONFIGS = {
                                         layer_types=["full_attention", "sliding_attention"],
                                         layer_rope_theta=[0.0, 10000.0], residual_multiplier=0.5,
                                         embedding_multiplier=2.0)),
+    # the whole stream scaled after each layer (layer_scalar), keys as values in full layers, an MoE block beside
+    # the MLP
+    "gemma4": ("gemma4_text", dict(COMMON, num_key_value_heads=2, head_dim=16, global_head_dim=16, sliding_window=4,
+                                   layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=0,
+                                   attention_k_eq_v=True, num_global_key_value_heads=1, enable_moe_block=True,
+                                   num_experts=4, top_k_experts=2, moe_intermediate_size=32)),
+    # gated attention: q_proj writes each head's query and output gate (Qwen3-Next's full-attention layers)
+    "qwen3_next": ("qwen3_next", dict(COMMON, num_key_value_heads=2, head_dim=16,
+                                      layer_types=["full_attention", "full_attention"], num_experts=4,
+                                      num_experts_per_tok=2, moe_intermediate_size=32,
+                                      shared_expert_intermediate_size=32)),
     # a vision-language model run on text: the language model's sizes live in its text config
     "gemma3_multimodal": ("gemma3", dict(text_config=dict(COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4),
                                          vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -79,6 +90,8 @@ MODULES = {
                "model.layers.{}.post_attention_layernorm"),
     "olmo2": ("model.layers.{}.post_feedforward_layernorm", "model.layers.{}.self_attn.o_proj",
               "model.layers.{}.post_attention_layernorm"),
+    "gemma4": ("model.layers.{}.post_feedforward_layernorm", "model.layers.{}.self_attn.o_proj",
+               "model.layers.{}.post_attention_layernorm"),
     "gemma3_multimodal": ("model.language_model.layers.{}.post_feedforward_layernorm",
                           "model.language_model.layers.{}.self_attn.o_proj",
                           "model.language_model.layers.{}.post_attention_layernorm"),
@@ -94,6 +107,9 @@ def make(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrid
         for weight in model.parameters():  # or column taken for another
             if weight.numel() > 1 and bool((weight == weight.flatten()[0]).all()):
                 weight.add_(0.1 * torch.randn_like(weight))
+        for buffer in model.buffers():  # a scale of 1 (Gemma 4's layer_scalar) would hide one left out
+            if buffer.is_floating_point() and buffer.numel() == 1:
+                buffer.add_(0.1 * torch.randn_like(buffer))
     return model.to(dtype).eval()
 
 
