@@ -39,21 +39,34 @@ TOLERANCE = 1e-4
 
 
 def tiny_config(model_type: str):
-    """The type's default config with the usual size fields shrunk (its text config's too)."""
+    """The type's default config with the usual size fields shrunk (its text config's too).
+
+    Multi-head latent attention (a ``kv_lora_rank`` field) ties sizes together: its ``head_dim`` is the rotary
+    part of a head and every query head has its own key/value head.
+    """
     from transformers import AutoConfig
     config = AutoConfig.for_model(model_type)
     for part in (config, getattr(config, "text_config", None)):
         if part is None:
             continue
         for key, value in SIZES.items():
-            try:
-                if not isinstance(getattr(part, key), (list, dict)):
-                    setattr(part, key, value)
-            except Exception:  # absent, per-layer, or a read-only property: the default stays
-                pass
-        if isinstance(getattr(part, "layer_types", None), list):
-            part.layer_types = part.layer_types[:SIZES["num_hidden_layers"]]
+            _set(part, key, value)
+        if getattr(part, "kv_lora_rank", None) is not None:
+            _set(part, "head_dim", SIZES["qk_rope_head_dim"])
+            _set(part, "num_key_value_heads", SIZES["num_attention_heads"])
+        for key in ("layer_types", "layers_block_type"):
+            if isinstance(getattr(part, key, None), list):
+                _set(part, key, getattr(part, key)[:SIZES["num_hidden_layers"]], replace_lists=True)
     return config
+
+
+def _set(config, key: str, value, replace_lists: bool = False) -> None:
+    """Set one field where the config has it as a plain value (or as a list, with ``replace_lists``)."""
+    try:
+        if replace_lists or not isinstance(getattr(config, key), (list, dict)):
+            setattr(config, key, value)
+    except Exception:  # absent, per-layer, or a read-only property: the default stays
+        pass
 
 
 def check(model_type: str) -> dict:

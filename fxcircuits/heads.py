@@ -119,16 +119,18 @@ def _random_like(value: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return torch.randn(value.shape, generator=generator).to(value)
 
 
-def columns_read(source: Node, target: Node, values: dict) -> list[frozenset[int]]:
-    """For each head of ``target`` (axis 1), the last-axis columns of ``source`` it depends on."""
+def columns_read(source: Node, target: Node, values: dict, masks: torch.Tensor | None = None) -> list[frozenset[int]]:
+    """For each head of ``target`` (axis 1), the last-axis columns of ``source`` it depends on.  With ``masks``
+    (``head_elements``: each head's elements of a product that ``target`` is broadcast into), for each head the
+    columns its elements of ``target`` depend on."""
     region = sorted(between(source, [target]))
     generator = torch.Generator().manual_seed(0)
     found = []
     with torch.enable_grad():  # trace() may be called under torch.no_grad()
         leaf = _random_like(values[source], generator).requires_grad_(True)
         out = _evaluate(region, values, source, leaf)[target]
-        for head in range(out.shape[1]):
-            picked = out[:, head]
+        for head in range(out.shape[1] if masks is None else len(masks)):
+            picked = out[:, head] if masks is None else out * masks[head]
             (grad,) = torch.autograd.grad((picked * _random_like(picked, generator)).sum(), leaf, retain_graph=True)
             found.append(frozenset(torch.nonzero(grad.abs().flatten(0, -2).sum(0)).flatten().tolist()))
     return found
@@ -170,17 +172,19 @@ def head_elements(source: Node, target: Node, values: dict) -> torch.Tensor | No
 
 class HeadGate:
     """``value · gate`` where each head's elements (``masks``, from ``head_elements``) take the gate computed from
-    that head's own input (``gates``: [heads, *gate shape], or [1, …] where all heads' inputs are alike: the plain
-    product).  Exactly one head owns each element, so the sum adds zeros to the plain product.  A callable object,
-    so that the patcher's graph holds the masks."""
+    that head's own input: ``rounds`` [rounds, *gate shape] as the gate's ``ReadPlan`` computes them, head h's in
+    round ``picks[h]``.  Where one round holds every head's (each head's columns from its own row), or all heads'
+    inputs are alike, it is the plain product; otherwise exactly one head owns each element, so the sum over heads
+    adds zeros to the plain product.  A callable object, so that the patcher's graph holds the masks."""
 
-    def __init__(self, masks: torch.Tensor):
+    def __init__(self, masks: torch.Tensor, picks: tuple[int, ...]):
         self.__name__ = "head_gate"  # how FX names the node that calls it
-        self.masks = masks
+        self.masks, self.picks = masks, list(picks)
 
-    def __call__(self, value: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        if gates.shape[0] == 1:
-            return value * gates[0]
+    def __call__(self, value: torch.Tensor, rounds: torch.Tensor) -> torch.Tensor:
+        if rounds.shape[0] == 1:
+            return value * rounds[0]
+        gates = rounds[self.picks]
         gates = gates.reshape(gates.shape[0], *[1] * (value.dim() + 1 - gates.dim()), *gates.shape[1:])
         masks = self.masks.reshape(self.masks.shape[0], *[1] * (value.dim() + 1 - self.masks.dim()),
                                    *self.masks.shape[1:])

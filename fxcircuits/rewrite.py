@@ -69,8 +69,8 @@ class WritePlan:
     region: list[Node]        # everything from the core output to the terms added to the stream
     after: list[Node]         # the part of ``region`` after the projection
     ranges: tuple[Ranges, ...]
-    gate: HeadGate | None = None  # an output gate (``components.Gate``), each head's from its own q input
-    gate_stacked: bool = False    # the gate's computation runs on all heads' rows at once
+    gate: ReadPlan | None = None       # an output gate (``components.Gate``) as each query head reads it from its
+    head_gate: HeadGate | None = None  # own q input, and how the heads' gates multiply the value
 
 
 @dataclass
@@ -87,13 +87,21 @@ def plan_attention(step: Step, attention: Attention, values: dict, name: str) ->
 def _plan_read(step: Step, attention: Attention, role: str, values: dict, name: str) -> ReadPlan:
     core_input = attention.inputs[role]
     proj = last_projection(step.start, core_input, name)
-    norm = between(step.start, [proj.x]) if proj.x is not step.start else set()
-    post = between(proj.node, [core_input])
     columns = columns_read(proj.node, core_input, values)
     n_heads, n_core = attention.n_heads, len(columns)
     if n_heads % n_core:
         raise DecompositionError(name, core_input, f"{n_core} {role} heads cannot serve {n_heads} query heads")
-    core_head = [h * n_core // n_heads for h in range(n_heads)]
+    return _read_plan(step, proj, core_input, columns, [h * n_core // n_heads for h in range(n_heads)], values)
+
+
+def _read_plan(step: Step, proj: Projection, target: Node, columns: list[frozenset[int]], core_head: list[int],
+               values: dict) -> ReadPlan:
+    """How each query head h computes ``target`` from its own copy of the stream, reading ``columns[core_head[h]]``
+    of the projection ``proj``: only those columns, where the heads' columns are disjoint or equal; the full width
+    otherwise (e.g. a norm over all heads)."""
+    n_heads = len(core_head)
+    norm = between(step.start, [proj.x]) if proj.x is not step.start else set()
+    post = between(proj.node, [target])
     separable = all(c and (c == d or not c & d) for c in columns for d in columns)
     if separable:
         rank, seen = [], {}
@@ -104,13 +112,13 @@ def _plan_read(step: Step, attention: Attention, role: str, values: dict, name: 
         rounds = tuple(tuple((h, to_ranges(columns[core_head[h]])) for h in range(n_heads) if rank[h] == r)
                        for r in range(max(rank) + 1))
         picks = tuple((rank[h], core_head[h]) for h in range(n_heads))
-    else:  # heads share columns (e.g. a norm over all heads): each head projects the full width
+    else:  # heads share columns: each head projects the full width
         rounds = tuple(((h, None),) for h in range(n_heads))
         picks = tuple((h, core_head[h]) for h in range(n_heads))
     width = values[proj.node].shape[-1]
     stacked = separable and len({len(c) for c in columns}) == 1 and broadcasts(step.start, proj.x, values)
     stacked_norm = Norm(sorted(norm), step.start, proj.x, values) if norm and stacked else None
-    return ReadPlan(proj, sorted(norm), Post(sorted(post), proj.node, core_input, values), core_input, rounds, picks,
+    return ReadPlan(proj, sorted(norm), Post(sorted(post), proj.node, target, values), target, rounds, picks,
                     width, stacked, stacked_norm)
 
 
@@ -130,11 +138,15 @@ def _plan_write(step: Step, attention: Attention, values: dict, name: str) -> Wr
                                  "input columns")
     plan = WritePlan(proj, sorted(region), sorted(after), tuple(to_ranges(c) for c in columns))
     if attention.gate is not None:
-        masks = head_elements(attention.output, attention.gate.value, values)
+        gate = attention.gate
+        masks = head_elements(attention.output, gate.value, values)
         if masks is None:
-            raise DecompositionError(name, attention.gate.product, "the output gate multiplies values that mix "
-                                     "several heads' outputs, so no head's gate can follow its own q input")
-        plan.gate, plan.gate_stacked = HeadGate(masks), broadcasts(step.start, attention.gate.gate, values)
+            raise DecompositionError(name, gate.product, "the output gate multiplies values that mix several heads' "
+                                     "outputs, so no head's gate can follow its own q input")
+        proj = last_projection(step.start, gate.gate, name)
+        plan.gate = _read_plan(step, proj, gate.gate, columns_read(proj.node, gate.gate, values, masks),
+                               list(range(attention.n_heads)), values)
+        plan.head_gate = HeadGate(masks, tuple(r for r, _ in plan.gate.picks))
     return plan
 
 
@@ -337,7 +349,7 @@ class _Builder:
         for node in plan.write.region:
             if attention.gate is not None and node is attention.gate.product:
                 gates = self._gates(step, attention, self._rows(inputs, first, h), reader)
-                local[node] = self.call(plan.write.gate, local[attention.gate.value], gates)
+                local[node] = self.call(plan.write.head_gate, local[attention.gate.value], gates)
             else:
                 local[node] = self.copy(node, lambda a: local[a] if a in local else self.env[a])
         for term in attention.terms:
@@ -346,16 +358,16 @@ class _Builder:
         self.env[attention.output] = output
 
     def _gates(self, step: Step, attention: Attention, rows: Node, reader: int) -> Node:
-        """Each query head's output gate from its own q input (``rows``: [heads, *stream.shape], the first at
-        reader ``reader``), stacked; one for all where every head's q input is alike and no gradient is asked
-        for."""
-        gate = attention.gate
-        if self.plans[id(attention)].write.gate_stacked:
-            alike = self.call(role_shared, self.store, rows, False, reader, attention.n_heads)
-            rows = self.call(role_input, rows, alike, False)
-            return self.clone(gate.region, {step.start: rows})[gate.gate]
-        return self.call(torch.stack, [self.clone(gate.region, {step.start: self.call(operator.getitem, rows, h)})
-                                       [gate.gate] for h in range(attention.n_heads)])
+        """The output gate as each query head computes it from its own q input (``rows``: the layer's q readers,
+        the first at reader ``reader``), the way its q is computed: each head projects only the columns its gate
+        reads.  [rounds, *gate shape], as ``HeadGate`` takes them."""
+        read = self.plans[id(attention)].write.gate
+        if not read.stacked:
+            return self._run_post(read, self._rounds_apart(step, read, rows))
+        shared = self.call(shared_input, rows)
+        x, s, columns = self._stacked_norm(read, self.call(distinct_rows, rows, shared), shared)
+        rounds, _ = self._project(read, x, s, columns, shared, reader, attention.n_heads)
+        return self._run_post(read, rounds)
 
     def _read_stacked(self, step: Step, attention: Attention, reads: list[ReadPlan], rows: Node,
                       reader: int) -> list[Node]:
@@ -375,16 +387,27 @@ class _Builder:
             x, s = (self.call(role_rows, t, shared, i * n_heads, n_heads, 3 * n_heads) for t in (rows, scale))
             if not one_norm:
                 x, s, columns = self._stacked_norm(read, x, shared)
-            alike = self.call(role_shared, self.store, x, shared, reader + i * n_heads, n_heads)
-            recorded = self.call(recorded_at, self.recording, self._recorded_index(attention, QKV[i]))
-            wholly = self.call(wholly_patched, self.store, x, reader + i * n_heads, n_heads, recorded)
-            x, s = (self.call(role_input, t, alike, shared) for t in (x, s))
-            proj = read.projection
-            ranges = tuple(r for _, r in sorted(pair for heads in read.rounds for pair in heads))  # by query head
-            rounds = self.call(project_rounds, x, self.env[proj.weight], self._bias(proj), proj.layout, ranges,
-                               read.rounds, read.width, alike, wholly, recorded, s, columns)
+            rounds, alike = self._project(read, x, s, columns, shared, reader + i * n_heads, n_heads,
+                                          self._recorded_index(attention, QKV[i]))
             core_inputs.append(self._post(read, rounds, alike))
         return core_inputs
+
+    def _project(self, read: ReadPlan, x: Node, s: Node, columns, shared: Node, reader: int, n: int,
+                 recorded: int | None = None) -> tuple[Node, Node]:
+        """The projection's rounds for ``n`` readers' normed rows ``x`` (from reader ``reader``), and whether they
+        all read one value.  ``recorded``: the index of the projection's output among the recorder's, whose heads
+        the mask patches wholly then take (``wholly_patched``)."""
+        alike = self.call(role_shared, self.store, x, shared, reader, n)
+        wholly, taken = (), None
+        if recorded is not None:
+            taken = self.call(recorded_at, self.recording, recorded)
+            wholly = self.call(wholly_patched, self.store, x, reader, n, taken)
+        x, s = (self.call(role_input, t, alike, shared) for t in (x, s))
+        proj = read.projection
+        ranges = tuple(r for _, r in sorted(pair for heads in read.rounds for pair in heads))  # by query head
+        rounds = self.call(project_rounds, x, self.env[proj.weight], self._bias(proj), proj.layout, ranges,
+                           read.rounds, read.width, alike, wholly, taken, s, columns)
+        return rounds, alike
 
     def _stacked_norm(self, read: ReadPlan, x: Node, shared: Node) -> tuple[Node, Node | None, Node | tuple]:
         """The norm of the stacked rows ``x``, and the per-row scale and per-column factors the projection applies
@@ -404,11 +427,17 @@ class _Builder:
         return self.clone(read.norm, {step.start: x})[read.projection.x] if read.norm else x
 
     def _post(self, read: ReadPlan, rounds: Node, shared: Node | bool) -> Node:
-        core = self.call(read.post, rounds, *[self.env[e] for e in read.post.externals])
-        return self.call(gather_heads, core, read.picks, shared)
+        return self.call(gather_heads, self._run_post(read, rounds), read.picks, shared)
+
+    def _run_post(self, read: ReadPlan, rounds: Node) -> Node:
+        return self.call(read.post, rounds, *[self.env[e] for e in read.post.externals])
 
     def _read_apart(self, step: Step, read: ReadPlan, inputs: Node) -> Node:
         """The core's q (k, v) input with each query head's norm and projection run on its own row of ``inputs``."""
+        return self._post(read, self._rounds_apart(step, read, inputs), False)
+
+    def _rounds_apart(self, step: Step, read: ReadPlan, inputs: Node) -> Node:
+        """The projection's rounds with each query head's norm and projection run on its own row of ``inputs``."""
         proj, rounds = read.projection, []
         for heads in read.rounds:
             parts = []
@@ -423,7 +452,7 @@ class _Builder:
                 rounds.append(parts[0])
             else:
                 rounds.append(self.call(place_columns, parts, [r for _, r in heads], read.width))
-        return self._post(read, self.call(torch.stack, rounds), False)
+        return self.call(torch.stack, rounds)
 
     def _core(self, attention: Attention, inputs: dict[str, Node]) -> Node:
         originals = {attention.inputs[role]: node for role, node in inputs.items()}

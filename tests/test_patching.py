@@ -132,28 +132,37 @@ def test_one_batch_of_the_other_run_serves_every_mask(prompts):
     assert grads[0][1].abs().sum() > 0
 
 
-def test_an_output_gate_follows_its_heads_q_input(prompts):
-    """Qwen3-Next's q_proj writes each head's query and output gate: every edge into ``a1.h2<q>`` patched equals
-    HF with that head's q_proj columns, query and gate, taken from the corrupted run — not the query alone."""
-    model = make("qwen3_next")
+# test reference: where each model computes head 2's query and output gate (module, columns per head, its slice)
+GATED = {"qwen3_next": [("q_proj", slice(0, 16)), ("q_proj", slice(16, 32))],  # q_proj: per head [query | gate]
+         "afmoe": [("q_proj", slice(0, 16)), ("gate_proj", slice(0, 16))]}
+
+
+@pytest.mark.parametrize("name", sorted(GATED))
+def test_an_output_gate_follows_its_heads_q_input(prompts, name):
+    """An output gate acts at the query's position, as q does: every edge into ``a1.h2<q>`` patched equals HF with
+    head 2's query and output gate both computed from the corrupted run — not its query alone.  Qwen3-Next's q_proj
+    writes each head's query and gate side by side; AFMoE's gate has its own projection."""
+    model = make(name)
     cm = fxcircuits.trace(model)
     clean, corrupted, mask = prompts
-    q_proj = model.get_submodule("model.layers.1.self_attn.q_proj")  # test reference: per head [query | gate]
-    width = q_proj.weight.shape[0] // model.config.num_attention_heads
-    saved = _capture_output(model, q_proj, corrupted, mask)
 
-    def patched_columns(columns):
-        def swap(module, args, out):
-            out = out.clone()
-            out[..., columns] = saved[..., columns]
-            return out
-        return _run_with(model, q_proj.register_forward_hook(swap), clean, mask)
+    def patched(parts):
+        handles = []
+        for module_name, columns in parts:
+            module = model.get_submodule(f"model.layers.1.self_attn.{module_name}")
+            saved = _capture_output(model, module, corrupted, mask)
+            width = module.weight.shape[0] // model.config.num_attention_heads
+            columns = slice(2 * width + columns.start, 2 * width + columns.stop)
+            handles.append(module.register_forward_hook(
+                lambda m, args, out, saved=saved, columns=columns: torch.cat(
+                    [out[..., :columns.start], saved[..., columns], out[..., columns.stop:]], -1)))
+        return _run_with(model, handles, clean, mask)
 
     with torch.no_grad():
         ours = cm(clean, mask, corrupted_input_ids=corrupted,
                   edge_mask={e: 0.0 for e in cm.graph.edges if e.endswith("->a1.h2<q>")})
-        head = patched_columns(slice(2 * width, 3 * width))
-        query_alone = patched_columns(slice(2 * width, 2 * width + width // 2))
+        head = patched(GATED[name])
+        query_alone = patched(GATED[name][:1])
     _close(ours, head, mask)
     assert (ours - query_alone)[mask.bool()].abs().max() > 1e-3 * head.abs().max()
 

@@ -53,6 +53,12 @@ CONFIGS = {
                                       layer_types=["full_attention", "full_attention"], num_experts=4,
                                       num_experts_per_tok=2, moe_intermediate_size=32,
                                       shared_expert_intermediate_size=32)),
+    # an output gate from its own projection (gate_proj), sandwich norms, RoPE in sliding layers alone, muP input
+    # scaling, an MoE block with a shared expert after a dense first layer.  Every expert is routed: a top-k choice
+    # near a tie (this model has one) flips on the rounding by which two ways of computing one run differ
+    "afmoe": ("afmoe", dict(COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                            layer_types=["sliding_attention", "full_attention"], num_dense_layers=1, num_experts=4,
+                            num_experts_per_tok=4, moe_intermediate_size=32, num_shared_experts=1, mup_enabled=True)),
     # a vision-language model run on text: the language model's sizes live in its text config
     "gemma3_multimodal": ("gemma3", dict(text_config=dict(COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4),
                                          vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -92,6 +98,8 @@ MODULES = {
               "model.layers.{}.post_attention_layernorm"),
     "gemma4": ("model.layers.{}.post_feedforward_layernorm", "model.layers.{}.self_attn.o_proj",
                "model.layers.{}.post_attention_layernorm"),
+    "afmoe": ("model.layers.{}.post_mlp_layernorm", "model.layers.{}.self_attn.o_proj",
+              "model.layers.{}.post_attention_layernorm"),
     "gemma3_multimodal": ("model.language_model.layers.{}.post_feedforward_layernorm",
                           "model.language_model.layers.{}.self_attn.o_proj",
                           "model.language_model.layers.{}.post_attention_layernorm"),
