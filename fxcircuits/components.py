@@ -97,7 +97,6 @@ class Gate:
     product: Node                         # the multiplication on the write path
     value: Node                           # its operand computed from the core's output
     gate: Node                            # its operand computed from the stream
-    region: list[Node]                    # from the stream to ``gate``, in graph order
 
 
 @dataclass
@@ -428,7 +427,7 @@ def _gate(start: Node, core: set[Node], output: Node, terms: list[Node], inside:
                                  "the residual stream apart from the core's output, other than as one output gate "
                                  "computed from the stream (e.g. a per-head factor from the attention scores), which "
                                  "the per-edge inputs cannot patch")
-    return Gate(product, value, gate, sorted(gate_region))
+    return Gate(product, value, gate)
 
 
 def _score_operands(node: Node, inside: set[Node]) -> tuple[Node, Node] | None:
