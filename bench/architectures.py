@@ -41,8 +41,9 @@ TOLERANCE = 1e-4
 def tiny_config(model_type: str):
     """The type's default config with the usual size fields shrunk (its text config's too).
 
-    Multi-head latent attention (a ``kv_lora_rank`` field) ties sizes together: its ``head_dim`` is the rotary
-    part of a head and every query head has its own key/value head.
+    A config listing its layers' kinds keeps one layer of each (``_one_of_each``).  Multi-head latent attention
+    (a ``kv_lora_rank`` field) ties sizes together: its ``head_dim`` is the rotary part of a head and every query
+    head has its own key/value head.
     """
     from transformers import AutoConfig
     config = AutoConfig.for_model(model_type)
@@ -56,8 +57,17 @@ def tiny_config(model_type: str):
             _set(part, "num_key_value_heads", SIZES["num_attention_heads"])
         for key in ("layer_types", "layers_block_type"):
             if isinstance(getattr(part, key, None), list):
-                _set(part, key, getattr(part, key)[:SIZES["num_hidden_layers"]], replace_lists=True)
+                kinds = _one_of_each(getattr(part, key))
+                _set(part, key, kinds, replace_lists=True)
+                _set(part, "num_hidden_layers", len(kinds))
     return config
+
+
+def _one_of_each(layer_types: list) -> list:
+    """Layers enough to hold each kind once, in the order they first come (a hybrid's linear-attention and
+    attention layers both), and at least as many as ``SIZES`` asks."""
+    kinds = list(dict.fromkeys(layer_types))
+    return kinds if len(kinds) >= SIZES["num_hidden_layers"] else layer_types[:SIZES["num_hidden_layers"]]
 
 
 def _set(config, key: str, value, replace_lists: bool = False) -> None:

@@ -1,7 +1,10 @@
 """Stage 1 — capture: turn a Hugging Face causal LM into an exported ``torch.fx`` graph.
 
 ``torch.export`` (non-strict) records the model at the ATen level with a dynamic batch and sequence
-dimension, so one capture serves every prompt length.  We check up front that the model is a
+dimension, so one capture serves every prompt length.  Some models need a concrete sequence length to be
+traced at all — linear-attention layers (Qwen3.5, Qwen3-Next, Kimi Linear, OLMo hybrid, Nemotron-H) loop over
+chunks of the sequence in Python — and those are captured once per length, each capture exact for its length
+(``CircuitModel`` builds them as prompts of new lengths arrive).  We check up front that the model is a
 decoder-only *causal* LM: everything downstream assumes position t only sees tokens ≤ t.
 """
 from __future__ import annotations
@@ -36,11 +39,14 @@ def _check_decoder_only(model: nn.Module) -> None:
                            "Load a decoder-only checkpoint with AutoModelForCausalLM.")
 
 
-def example_inputs(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+EXAMPLE_LENGTH = 5
+
+
+def example_inputs(model: nn.Module, length: int = EXAMPLE_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, vocab, (2, 5), generator=generator).to(device)
+    input_ids = torch.randint(0, vocab, (2, length), generator=generator).to(device)
     return input_ids, torch.ones_like(input_ids)
 
 
@@ -55,32 +61,49 @@ def _max_positions(config) -> int:
     return 2**16
 
 
-def export(model: nn.Module) -> torch.fx.GraphModule:
-    """Export ``model`` to an ATen-level GraphModule ``(input_ids, attention_mask) -> logits``."""
+def export(model: nn.Module, length: int | None = None) -> tuple[torch.fx.GraphModule, int | None]:
+    """Export ``model`` to an ATen-level GraphModule ``(input_ids, attention_mask) -> logits``.
+
+    Returns it with the sequence length it is fixed to: ``None`` where one graph serves every length.  With
+    ``length`` None the sequence dimension is dynamic if export can trace it so, and else fixed to
+    ``EXAMPLE_LENGTH``; a given ``length`` fixes it there."""
     _check_decoder_only(model)
     model.eval()
-    batch = torch.export.Dim("batch", min=1, max=2**16)
-    seq = torch.export.Dim("seq", min=2, max=_max_positions(model.config.get_text_config()))
-    shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
     try:
-        with torch.no_grad():
-            # Guards that hold for every size but that export's solver cannot prove (CUDA stride checks, e.g.
-            # Min(64*seq, 192*seq) == 64*seq) become runtime asserts instead of failing the capture.
-            program = torch.export.export(_LogitsOnly(model), example_inputs(model), strict=False,
-                                          dynamic_shapes=shapes, prefer_deferred_runtime_asserts_over_guards=True)
+        program = _export(model, length)
     except Exception as error:  # export raises many exception types; all mean "not traceable"
-        raise CaptureError(f"torch.export could not trace {type(model).__name__}: {type(error).__name__}: "
-                           f"{str(error).splitlines()[0] if str(error) else ''}. fxcircuits needs a model that "
-                           "torch.export handles with use_cache=False.") from error
+        if length is not None:
+            raise _untraceable(model, error) from error
+        try:  # the model's code needs a concrete sequence length (a Python loop over chunks of it)
+            program, length = _export(model, EXAMPLE_LENGTH), EXAMPLE_LENGTH
+        except Exception:
+            raise _untraceable(model, error) from error
     # Functionalise (no in-place ops, no dropout) but keep linear/SDPA/layer_norm as single nodes.
     module = program.run_decompositions({}).module()
-    _check_causal(module, model)
-    return module
+    _check_causal(module, model, length or EXAMPLE_LENGTH)
+    return module, length
 
 
-def _check_causal(module: torch.fx.GraphModule, model: nn.Module) -> None:
+def _export(model: nn.Module, length: int | None) -> torch.export.ExportedProgram:
+    batch = torch.export.Dim("batch", min=1, max=2**16)
+    seq = torch.export.Dim("seq", min=2, max=_max_positions(model.config.get_text_config()))
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}) if length is None else ({0: batch}, {0: batch})
+    with torch.no_grad():
+        # Guards that hold for every size but that export's solver cannot prove (CUDA stride checks, e.g.
+        # Min(64*seq, 192*seq) == 64*seq) become runtime asserts instead of failing the capture.
+        return torch.export.export(_LogitsOnly(model), example_inputs(model, length or EXAMPLE_LENGTH), strict=False,
+                                   dynamic_shapes=shapes, prefer_deferred_runtime_asserts_over_guards=True)
+
+
+def _untraceable(model: nn.Module, error: Exception) -> CaptureError:
+    return CaptureError(f"torch.export could not trace {type(model).__name__}: {type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}. fxcircuits needs a model that "
+                        "torch.export handles with use_cache=False.")
+
+
+def _check_causal(module: torch.fx.GraphModule, model: nn.Module, length: int) -> None:
     """Changing the last token must leave every earlier position's logits untouched."""
-    input_ids, attention_mask = example_inputs(model)
+    input_ids, attention_mask = example_inputs(model, length)
     changed = input_ids.clone()
     changed[:, -1] = (changed[:, -1] + 1) % model.get_input_embeddings().num_embeddings
     with torch.no_grad():

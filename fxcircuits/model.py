@@ -10,11 +10,15 @@ many masks in one call, which run the layers before the first reader any of them
 """
 from __future__ import annotations
 
+import functools
+import warnings
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .capture import example_inputs, export
+from .capture import EXAMPLE_LENGTH, example_inputs, export
 from .components import Attention, check_scales, find_components
 from .graph import CircuitGraph, Writer
 from .heads import record_values
@@ -26,28 +30,62 @@ from .rewrite import build_patcher, build_readout, build_recorder, build_streams
 def trace(model: nn.Module, *, progress: bool = False) -> "CircuitModel":
     """Capture ``model`` (a transformers causal LM, any device and dtype) and split it into edges.
 
-    ``progress`` shows the stages (tens of seconds for a 30-layer model, most of it in ``torch.export``)."""
+    ``progress`` shows the stages (tens of seconds for a 30-layer model, most of it in ``torch.export``).  A model
+    that export can trace only at a fixed sequence length (``capture``) is captured again for each new prompt
+    length, on first use, with a warning here that says so."""
     name = type(model).__name__
     with tqdm(total=3, desc=f"trace {name}", disable=not progress) as bar:
         bar.set_postfix_str("torch.export")
-        exported = export(model)
+        exported, length = export(model)
         bar.update()
-        bar.set_postfix_str("components")
-        components = find_components(exported, name)
-        values = record_values(exported, *example_inputs(model))
-        check_scales(components, values)
-        plans = [plan_attention(step, w, values, name) for step in components.steps for w in step.writers
-                 if isinstance(w, Attention)]
-        bar.update()
-        bar.set_postfix_str("rewrite")
-        writers = [Writer("attention", w.layer, w.n_heads, i) if isinstance(w, Attention)
-                   else Writer("mlp", w.layer, 0, i) for i, step in enumerate(components.steps) for w in step.writers]
-        graph = CircuitGraph(writers, len(components.steps), components.final.meta["val"].shape[-1])
-        recorder, patcher = build_recorder(exported, components, plans), build_patcher(exported, components, plans)
-        shares_prefix = share_prefix(patcher, recorder, *example_inputs(model))
-        bar.update()
-    return CircuitModel(name, exported, recorder, patcher, build_readout(exported, components),
-                        build_streams(exported, components), graph, shares_prefix)
+        engine = build_engine(model, exported, length or EXAMPLE_LENGTH, bar)
+    if length is None:
+        return CircuitModel(name, engine)
+    warnings.warn(f"torch.export traces {name} only at a fixed sequence length (its code loops over the sequence "
+                  "in Python), so fxcircuits captures it once per prompt length, on first use, in about the time "
+                  "trace took: pad prompts to a few common lengths", stacklevel=2)
+    return CircuitModel(name, engine, length, functools.partial(_capture_at, model))
+
+
+def build_engine(model: nn.Module, exported: torch.fx.GraphModule, length: int, bar: tqdm | None = None) -> "Engine":
+    """Find the components of one exported graph and build what runs it: ``length`` is the prompt length the
+    probes use (any, where the graph is dynamic)."""
+    name, inputs = type(model).__name__, example_inputs(model, length)
+    bar = bar or tqdm(disable=True)
+    bar.set_postfix_str("components")
+    components = find_components(exported, name)
+    values = record_values(exported, *inputs)
+    check_scales(components, values)
+    plans = [plan_attention(step, w, values, name) for step in components.steps for w in step.writers
+             if isinstance(w, Attention)]
+    bar.update()
+    bar.set_postfix_str("rewrite")
+    writers = [Writer("attention", w.layer, w.n_heads, i) if isinstance(w, Attention)
+               else Writer("mlp", w.layer, 0, i) for i, step in enumerate(components.steps) for w in step.writers]
+    graph = CircuitGraph(writers, len(components.steps), components.final.meta["val"].shape[-1])
+    recorder, patcher = build_recorder(exported, components, plans), build_patcher(exported, components, plans)
+    shares_prefix = share_prefix(patcher, recorder, *inputs)
+    bar.update()
+    return Engine(exported, recorder, patcher, build_readout(exported, components),
+                  build_streams(exported, components), graph, shares_prefix)
+
+
+def _capture_at(model: nn.Module, length: int) -> "Engine":
+    exported, _ = export(model, length)
+    return build_engine(model, exported, length)
+
+
+class Engine(nn.Module):
+    """What runs one exported graph: the graph itself, the recording pass, the patcher, the readout (final norm
+    and unembedding) and the stepper (the stream after each writer, ``rewrite.build_streams``); its ``graph`` of
+    nodes and edges; ``shares_prefix``: whether its patcher can run the prefix that masks share once
+    (``fxcircuits.prefix``)."""
+
+    def __init__(self, exported: nn.Module, recorder: nn.Module, patcher: nn.Module, readout: nn.Module,
+                 stepper: nn.Module, graph: CircuitGraph, shares_prefix: bool):
+        super().__init__()
+        self.exported, self.recorder, self.patcher, self.readout = exported, recorder, patcher, readout
+        self.stepper, self.graph, self.shares_prefix = stepper, graph, shares_prefix
 
 
 class CircuitModel(nn.Module):
@@ -58,15 +96,18 @@ class CircuitModel(nn.Module):
     final norm and unembedding alone, for the logit lens); ``streams`` gives the stream itself after each writer;
     ``scratch`` keeps the memory patched runs on CPU write their rows into (``patching.Scratch``:
     ``cm.scratch.clear()`` frees it); ``shares_prefix``: whether masks evaluated in one call run the layers before
-    the first reader they patch once for all (``fxcircuits.prefix``)."""
+    the first reader they patch once for all (``fxcircuits.prefix``).
 
-    def __init__(self, model_name: str, exported: nn.Module, recorder: nn.Module, patcher: nn.Module,
-                 readout: nn.Module, stepper: nn.Module, graph: CircuitGraph, shares_prefix: bool = False):
+    ``length``: None where one captured graph serves every prompt length; else the length the model was first
+    captured at, and ``capture_at(length)`` captures it at another (``capture``: a model export traces only at
+    a fixed length).  ``exported``, ``recorder`` and ``patcher`` are the modules of that first capture."""
+
+    def __init__(self, model_name: str, engine: Engine, length: int | None = None,
+                 capture_at: Callable[[int], Engine] | None = None):
         super().__init__()
-        self.model_name = model_name
-        self.exported, self.recorder, self.patcher, self.readout = exported, recorder, patcher, readout
-        self.stepper = stepper  # the stream after each writer (``rewrite.build_streams``)
-        self.graph, self.shares_prefix = graph, shares_prefix
+        self.model_name, self.length, self.capture_at = model_name, length, capture_at
+        self.engines = nn.ModuleDict({str(length): engine})
+        self.graph, self.shares_prefix = engine.graph, engine.shares_prefix
         self.traced_device = self.device
         self.scratch = Scratch()
 
@@ -74,8 +115,42 @@ class CircuitModel(nn.Module):
         return f"CircuitModel({self.model_name}, {self.graph})"
 
     @property
+    def first(self) -> Engine:
+        return self.engines[str(self.length)]
+
+    @property
+    def exported(self) -> nn.Module:
+        return self.first.exported
+
+    @property
+    def recorder(self) -> nn.Module:
+        return self.first.recorder
+
+    @property
+    def patcher(self) -> nn.Module:
+        return self.first.patcher
+
+    @property
     def device(self) -> torch.device:
         return next(self.exported.parameters()).device
+
+    def engine(self, length: int) -> Engine:
+        """What runs prompts of ``length`` tokens: the one capture, or where the model is captured per length,
+        that length's, captured on first use."""
+        if self.length is None:
+            return self.first
+        key = str(length)
+        if key not in self.engines:
+            engine = self.capture_at(length)
+            if engine.graph.edges != self.graph.edges:
+                raise RuntimeError(f"{self.model_name} captured at {length} tokens has other nodes or edges than "
+                                   f"at {self.length}: patch prompts of {self.length} tokens (pad them)")
+            self.engines[key] = engine
+        return self.engines[key]
+
+    def readout(self, stream: torch.Tensor) -> torch.Tensor:
+        """Logits from a residual stream [batch, seq, d_model]: the final norm and unembedding alone."""
+        return self.engine(stream.shape[-2]).readout(stream)
 
     def _inputs(self, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,20 +183,23 @@ class CircuitModel(nn.Module):
         """The residual stream after ``input`` and after each writer (a layer's heads, an MLP), as the model holds
         it: [1 + n_writers, batch, seq, d_model].  Partial sums of ``activations`` miss what the stream carries and
         no node writes (an output projection's bias)."""
-        return self.stepper(*self._inputs(input_ids, attention_mask))[0]
+        return self._step(input_ids, attention_mask)[0]
 
     def stream_scales(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[1 + n_writers]: how far the model has scaled its whole stream at each of ``streams`` — ones, unless it
         rescales the stream between layers (Gemma 4's ``layer_scalar``).  Node outputs (``activations``) are in the
         stream's scale at the first layer, so the stream after a writer is its scale times the outputs of the nodes
         so far plus what no node writes."""
-        return self.stepper(*self._inputs(input_ids, attention_mask))[1]
+        return self._step(input_ids, attention_mask)[1]
+
+    def _step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.engine(input_ids.shape[1]).stepper(*self._inputs(input_ids, attention_mask))
 
     def recording(self, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The recording pass: ``groups()``, and the output of every attention layer's q, k and v projections,
         which a patched run reads for the heads whose every edge it patches from this run."""
-        return self.recorder(*self._inputs(input_ids, attention_mask))
+        return self.engine(input_ids.shape[1]).recorder(*self._inputs(input_ids, attention_mask))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 corrupted_input_ids: torch.Tensor | None = None, edge_mask=None, node_mask=None,
@@ -136,7 +214,7 @@ class CircuitModel(nn.Module):
         ablation, broadcastable to [n_upstream, batch, seq, d_model])."""
         input_ids, attention_mask = self._inputs(input_ids, attention_mask)
         if edge_mask is None and node_mask is None:
-            return self.exported(input_ids, attention_mask)
+            return self.engine(input_ids.shape[1]).exported(input_ids, attention_mask)
         keep = dense_keep(self.graph, edge_mask, node_mask, device=self.device)
         if corrupted_input_ids is not None and corrupted_activations is None and self.runs_alongside():
             logits = self.patched_alongside(input_ids, attention_mask, self._corrupted(input_ids, corrupted_input_ids),
@@ -162,17 +240,18 @@ class CircuitModel(nn.Module):
         forward) then run on one position per prompt, all that a metric reading one position needs."""
         if positions is not None:
             _check_positions(positions, input_ids)
-        n, prefix = keep.shape[0], self._prefix(keep)
+        n, prefix = keep.shape[0], self._prefix(keep, input_ids.shape[1])
         if n > 1 and not prefix:
             input_ids, attention_mask = input_ids.repeat(n, 1), attention_mask.repeat(n, 1)
         return self._patch(input_ids, attention_mask, other, keep, tap, recorded, positions=positions, prefix=prefix)
 
-    def _prefix(self, keep: torch.Tensor) -> bool:
+    def _prefix(self, keep: torch.Tensor, length: int) -> bool:
         """Whether a call with ``keep`` runs its shared prefix once (``fxcircuits.prefix``): for several masks, unless
         the mask needs a gradient — that is one per mask, from every mask's own rows.  A tap sums its gradients over
         the masks, so it reads the shared rows as it reads every mask's (EAP-IG-activations moves one writer at a
         time: the layers before it are shared by its integration steps)."""
-        return self.shares_prefix and keep.shape[0] > 1 and not keep.requires_grad
+        return (self.shares_prefix and self.engine(length).shares_prefix and keep.shape[0] > 1
+                and not keep.requires_grad)
 
     def runs_alongside(self) -> bool:
         """Whether a patched call runs the corrupted prompts in the patched pass itself (``patched_alongside``):
@@ -188,7 +267,7 @@ class CircuitModel(nn.Module):
         ride in the batch ahead of the patched ones, and every operation serves both runs.  Where the host sets
         the pace (a model this size on a GPU) that halves the operations a patched call launches; ``forward``
         takes this path where ``runs_alongside()``."""
-        copies = 1 if self._prefix(keep) else keep.shape[0]
+        copies = 1 if self._prefix(keep, input_ids.shape[1]) else keep.shape[0]
         input_ids = torch.cat([corrupted_input_ids, input_ids.repeat(copies, 1)])
         return self._patch(input_ids, attention_mask.repeat(copies + 1, 1), None, keep, None, None, ahead=True,
                            prefix=copies < keep.shape[0])
@@ -196,8 +275,8 @@ class CircuitModel(nn.Module):
     def _patch(self, input_ids, attention_mask, other, keep, tap, recorded, ahead: bool = False,
                positions: torch.Tensor | None = None, prefix: bool = False) -> torch.Tensor:
         with self.scratch.lend() as scratch:
-            logits = self.patcher(input_ids, attention_mask, other, keep, tap, recorded, scratch, ahead, positions,
-                                  prefix)
+            logits = self.engine(input_ids.shape[1]).patcher(input_ids, attention_mask, other, keep, tap, recorded,
+                                                             scratch, ahead, positions, prefix)
         return logits.reshape(keep.shape[0], -1, *logits.shape[1:])
 
     def _other_run(self, input_ids, attention_mask, corrupted_input_ids,

@@ -89,6 +89,23 @@ def test_encoder_decoder_models_are_refused():
         fxcircuits.trace(AutoModelForSeq2SeqLM.from_config(config))
 
 
+def test_a_model_export_cannot_trace_is_refused():
+    """Control flow on a value (here: the sign of the embeddings' sum) cannot be traced at any length."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class Branching(LlamaForCausalLM):
+        def forward(self, input_ids=None, **kwargs):
+            out = super().forward(input_ids=input_ids, **kwargs)
+            if self.model.embed_tokens(input_ids).sum() > 0:
+                out.logits = out.logits + 1
+            return out
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=64, max_position_embeddings=64)
+    with pytest.raises(fxcircuits.CaptureError, match="torch.export could not trace Branching"):
+        fxcircuits.trace(Branching(config))
+
+
 def test_bidirectional_models_are_refused():
     config = AutoConfig.for_model("bert", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                   num_attention_heads=2, vocab_size=64, is_decoder=False)

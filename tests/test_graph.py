@@ -5,9 +5,10 @@ import pytest
 from zoo import CONFIGS
 
 PARALLEL = {"gptj", "gpt_neox", "falcon_multi_query", "falcon_new_arch", "phi"}
+HYBRID = {"qwen3_5"}  # a layer without attention: the formula's layers are attention layers
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", sorted(set(CONFIGS) - HYBRID))
 def test_counts_follow_the_formula(traced, name):
     _, cm = traced(name)
     g, n_layers, n_heads = cm.graph, 2, 4
@@ -20,6 +21,17 @@ def test_counts_follow_the_formula(traced, name):
     per_layer = [3 * n_heads * (1 + l * (n_heads + 1)) + (1 + l * (n_heads + 1) + own_layer) for l in range(n_layers)]
     assert len(g.edges) == sum(per_layer) + len(g.upstream)
     assert len(set(g.edges)) == len(g.edges)
+
+
+def test_a_writer_other_than_attention_is_an_mlp_node(traced):
+    """Qwen3.5's linear-attention layer (no softmax core) writes the stream as an MLP does: one node, m0, read and
+    written whole; attention layers and other writers are numbered apart."""
+    _, cm = traced("qwen3_5")
+    g = cm.graph
+    assert g.nodes == ["input", "m0", "m1", *[f"a0.h{h}" for h in range(4)], "m2", "logits"]
+    assert g.downstream[-3:] == ["a0.h3<v>", "m2", "logits"] and g.downstream[:2] == ["m0", "m1"]
+    assert "m0->m1" in g.edge_index and "m1->a0.h2<k>" in g.edge_index and "a0.h1->m2" in g.edge_index
+    assert len(g.edges) == 1 + 2 + 12 * 3 + 7 + 8
 
 
 def test_names_and_order(traced):

@@ -423,3 +423,23 @@ def test_runs_without_a_gradient_write_their_rows_into_the_kept_scratch(traced, 
         return edge_mask.grad
 
     torch.testing.assert_close(gradient(lambda: patched(masks[1])), gradient(lambda: None), rtol=0, atol=0)
+
+
+def test_a_model_traced_at_fixed_lengths_is_captured_once_per_length(traced, monkeypatch):
+    """Qwen3.5's linear attention loops over chunks of the sequence in Python, so torch.export traces it only at
+    a fixed length: each prompt length is captured on first use, once, and every length patches exactly."""
+    model, cm = traced("qwen3_5")
+    assert cm.length == 5
+    generator = torch.Generator().manual_seed(3)
+    for length in (5, 9, 11):
+        clean, corrupted = torch.randint(0, 128, (2, 2, length), generator=generator)
+        mask = torch.ones_like(clean)
+        mask[0, :2] = 0
+        with torch.no_grad():
+            _close(cm(clean, mask), model(input_ids=clean, attention_mask=mask).logits, mask)
+            patched = cm(clean, mask, corrupted_input_ids=corrupted, node_mask={"m0": 0.0})
+            _close(patched, _hooked_node_patch(model, "qwen3_5", "m0", clean, corrupted, mask), mask)
+        assert str(length) in cm.engines
+    monkeypatch.setattr(cm, "capture_at", None)  # a length seen before is not captured again
+    with torch.no_grad():
+        assert cm.activations(clean, mask).shape[2] == 11

@@ -11,14 +11,19 @@ from test_patching import _close
 from zoo import CONFIGS, make
 
 
+def _last_layer(cm) -> int:
+    """Where the last attention layer's readers begin in ``graph.downstream``: its first q input."""
+    return cm.graph.downstream.index(f"a{cm.graph.n_layers - 1}.h0<q>")
+
+
 def _into_last_layer(cm, generator) -> torch.Tensor:
-    """Four masks that move edges into the last layer's readers and the logits only: one edge into the MLP, one
-    into a head's k input, one into the logits, and a soft mix of every edge into the last layer."""
-    last = cm.graph.n_layers - 1
-    into = [e.split("->")[1] for e in cm.graph.edges]
-    late = torch.tensor([d.startswith((f"a{last}.", f"m{last}")) or d == "logits" for d in into])
+    """Four masks that move edges into the last layer's readers and the logits only: one edge into the last MLP,
+    one into a head's k input, one into the logits, and a soft mix of every edge into the last layer."""
+    g = cm.graph
+    into = [g.downstream[d] for d in g.dst.tolist()]
+    late = g.dst >= _last_layer(cm)
     masks = torch.ones(4, len(into))
-    for i, wanted in enumerate((f"m{last}", f"a{last}.h1<k>", "logits")):
+    for i, wanted in enumerate((g.downstream[-2], f"a{g.n_layers - 1}.h1<k>", "logits")):
         masks[i, into.index(wanted)] = 0.0
     masks[3] = torch.where(late, torch.rand(len(into), generator=generator), 1.0)
     return masks
@@ -41,8 +46,7 @@ def test_masks_share_the_layers_before_the_first_reader_they_patch(traced, promp
     with torch.no_grad():
         together = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks)
         # the widening comes at the last layer's first reader group, once, from one copy of the batch to four
-        last = cm.graph.n_layers - 1
-        first = next(d for d, name in enumerate(cm.graph.downstream) if name.startswith((f"a{last}.", f"m{last}")))
+        first = _last_layer(cm)
         assert stores[-1].widen_at == bisect.bisect_right(stores[-1].ends, first) > 0
         assert widened and all(n == len(masks) and lead == 0 for _, _, lead, n in widened)
         rows = [v.shape[axis] for v, axis, _, _ in widened if axis != prefix.COUNT]

@@ -59,6 +59,11 @@ CONFIGS = {
     "afmoe": ("afmoe", dict(COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4,
                             layer_types=["sliding_attention", "full_attention"], num_dense_layers=1, num_experts=4,
                             num_experts_per_tok=4, moe_intermediate_size=32, num_shared_experts=1, mup_enabled=True)),
+    # a linear-attention layer (gated delta rule: a Python loop over chunks of the sequence, so torch.export traces
+    # it at fixed lengths alone) before a gated full-attention layer
+    "qwen3_5": ("qwen3_5_text", dict(COMMON, num_key_value_heads=2, head_dim=16,
+                                     layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                                     linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16)),
     # a vision-language model run on text: the language model's sizes live in its text config
     "gemma3_multimodal": ("gemma3", dict(text_config=dict(COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4),
                                          vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -100,6 +105,7 @@ MODULES = {
                "model.layers.{}.post_attention_layernorm"),
     "afmoe": ("model.layers.{}.post_mlp_layernorm", "model.layers.{}.self_attn.o_proj",
               "model.layers.{}.post_attention_layernorm"),
+    "qwen3_5": ("model.layers.{}.linear_attn", "model.layers.1.self_attn.o_proj", None),
     "gemma3_multimodal": ("model.language_model.layers.{}.post_feedforward_layernorm",
                           "model.language_model.layers.{}.self_attn.o_proj",
                           "model.language_model.layers.{}.post_attention_layernorm"),
