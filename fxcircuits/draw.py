@@ -142,14 +142,14 @@ def plot_heatmap(values, row_labels: Sequence[str], col_labels: Sequence[str], p
 
 
 def _rows(graph: CircuitGraph) -> list[tuple[str, str, list[str]]]:
-    """The full graph's rows, bottom to top, as (kind, tick label, node names)."""
+    """The full graph's rows, bottom to top, as (kind, tick label, node names): one per residual step, its heads
+    (and the MLP beside them when parallel) or its MLP."""
     rows = [("end", "", ["input"])]
-    for layer in range(graph.n_layers):
-        heads = [f"a{layer}.h{h}" for h in range(graph.n_heads)]
-        if graph.parallel_attn_mlp:
-            rows.append(("heads", f"L{layer}", heads + [f"m{layer}"]))
-        else:
-            rows += [("heads", f"L{layer}", heads), ("mlp", "", [f"m{layer}"])]
+    for step in sorted({w.step for w in graph.writers}):
+        writers = [w for w in graph.writers if w.step == step]
+        heads = [f"a{w.layer}.h{h}" for w in writers if w.kind == "attention" for h in range(w.n_heads)]
+        mlps = [f"m{w.layer}" for w in writers if w.kind == "mlp"]
+        rows.append(("heads", heads[0].split(".")[0].replace("a", "L"), heads + mlps) if heads else ("mlp", "", mlps))
     return rows + [("end", "", ["logits"])]
 
 

@@ -65,7 +65,11 @@ class CircuitGraph:
     def from_config(cls, cfg: dict) -> "CircuitGraph":
         """The graph the EAP-IG/MIB convention builds from ``n_layers``, ``n_heads`` and ``parallel_attn_mlp``.
 
-        It is the graph of any traced model with that shape, so a circuit saved from one tool loads in another."""
+        It is the graph of any traced model with that shape, so a circuit saved from one tool loads in another.
+        A graph of another shape (a hybrid's layers without attention) lists its ``writers`` in ``cfg`` too."""
+        if "writers" in cfg:
+            writers = [Writer(*w) for w in cfg["writers"]]
+            return cls(writers, max(w.step for w in writers) + 1, cfg.get("d_model"))
         layers, parallel = range(cfg["n_layers"]), bool(cfg["parallel_attn_mlp"])
         writers = [Writer(kind, layer, cfg["n_heads"] if kind == "attention" else 0,
                           layer if parallel else 2 * layer + (kind == "mlp"))
@@ -74,9 +78,13 @@ class CircuitGraph:
 
     @property
     def cfg(self) -> dict:
-        """What EAP-IG's ``Graph.from_json`` needs to rebuild this graph."""
-        return {"n_layers": self.n_layers, "n_heads": self.n_heads, "parallel_attn_mlp": self.parallel_attn_mlp,
-                "d_model": self.d_model}
+        """What EAP-IG's ``Graph.from_json`` needs to rebuild this graph; and where the convention's shape is not
+        this graph's, every writer (kind, layer, heads, residual step), from which ``from_config`` rebuilds it."""
+        cfg = {"n_layers": self.n_layers, "n_heads": self.n_heads, "parallel_attn_mlp": self.parallel_attn_mlp,
+               "d_model": self.d_model}
+        if CircuitGraph.from_config(cfg).edges != self.edges:
+            cfg["writers"] = [[w.kind, w.layer, w.n_heads, w.step] for w in self.writers]
+        return cfg
 
     @property
     def group_sizes(self) -> list[int]:

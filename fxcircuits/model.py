@@ -38,7 +38,7 @@ def trace(model: nn.Module, *, progress: bool = False) -> "CircuitModel":
         bar.set_postfix_str("torch.export")
         exported, length = export(model)
         bar.update()
-        engine = build_engine(model, exported, length or EXAMPLE_LENGTH, bar)
+        engine = _build_engine(model, exported, length or EXAMPLE_LENGTH, bar)
     if length is None:
         return CircuitModel(name, engine)
     warnings.warn(f"torch.export traces {name} only at a fixed sequence length (its code loops over the sequence "
@@ -47,11 +47,12 @@ def trace(model: nn.Module, *, progress: bool = False) -> "CircuitModel":
     return CircuitModel(name, engine, length, functools.partial(_capture_at, model))
 
 
-def build_engine(model: nn.Module, exported: torch.fx.GraphModule, length: int, bar: tqdm | None = None) -> "Engine":
+def _build_engine(model: nn.Module, exported: torch.fx.GraphModule, length: int, bar: tqdm | None = None) -> "Engine":
     """Find the components of one exported graph and build what runs it: ``length`` is the prompt length the
     probes use (any, where the graph is dynamic)."""
     name, inputs = type(model).__name__, example_inputs(model, length)
-    bar = bar or tqdm(disable=True)
+    if bar is None:
+        bar = tqdm(disable=True)
     bar.set_postfix_str("components")
     components = find_components(exported, name)
     values = record_values(exported, *inputs)
@@ -72,7 +73,7 @@ def build_engine(model: nn.Module, exported: torch.fx.GraphModule, length: int, 
 
 def _capture_at(model: nn.Module, length: int) -> "Engine":
     exported, _ = export(model, length)
-    return build_engine(model, exported, length)
+    return _build_engine(model, exported, length)
 
 
 class Engine(nn.Module):
@@ -100,7 +101,8 @@ class CircuitModel(nn.Module):
 
     ``length``: None where one captured graph serves every prompt length; else the length the model was first
     captured at, and ``capture_at(length)`` captures it at another (``capture``: a model export traces only at
-    a fixed length).  ``exported``, ``recorder`` and ``patcher`` are the modules of that first capture."""
+    a fixed length).  ``exported``, ``recorder``, ``patcher`` and ``readout`` are the modules of that first
+    capture."""
 
     def __init__(self, model_name: str, engine: Engine, length: int | None = None,
                  capture_at: Callable[[int], Engine] | None = None):
@@ -131,6 +133,12 @@ class CircuitModel(nn.Module):
         return self.first.patcher
 
     @property
+    def readout(self) -> nn.Module:
+        """Logits from a residual stream [batch, seq, d_model]: the final norm and unembedding alone, which act on
+        each position by itself, so the first capture's serve any number of positions (the logit lens reads one)."""
+        return self.first.readout
+
+    @property
     def device(self) -> torch.device:
         return next(self.exported.parameters()).device
 
@@ -147,10 +155,6 @@ class CircuitModel(nn.Module):
                                    f"at {self.length}: patch prompts of {self.length} tokens (pad them)")
             self.engines[key] = engine
         return self.engines[key]
-
-    def readout(self, stream: torch.Tensor) -> torch.Tensor:
-        """Logits from a residual stream [batch, seq, d_model]: the final norm and unembedding alone."""
-        return self.engine(stream.shape[-2]).readout(stream)
 
     def _inputs(self, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

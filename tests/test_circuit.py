@@ -22,10 +22,13 @@ def _scores(graph, values: dict[str, float]) -> EdgeScores:
     return EdgeScores(graph, tensor, "hand")
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "gpt_neox"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gpt_neox", "qwen3_5"])
 def test_from_config_rebuilds_a_traced_graph(traced, name):
+    """The convention's keys rebuild a transformer's graph; a hybrid's (Qwen3.5: a layer without attention) lists
+    its writers too, and a file of either loads back."""
     graph = traced(name)[1].graph
-    rebuilt = CircuitGraph.from_config(graph.cfg)
+    assert ("writers" in graph.cfg) == (name == "qwen3_5")
+    rebuilt = CircuitGraph.from_config(json.loads(json.dumps(graph.cfg)))
     assert rebuilt.edges == graph.edges and rebuilt.downstream == graph.downstream
 
 

@@ -9,7 +9,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from fxcircuits.circuit import Circuit
-from fxcircuits.draw import SIGN_COLOURS, draw_circuit, plot_faithfulness, plot_heatmap
+from fxcircuits.draw import SIGN_COLOURS, _layout, draw_circuit, plot_faithfulness, plot_heatmap
 from fxcircuits.graph import CircuitGraph
 
 LEFT_OUT = "a1.h2"  # no edge of the test circuits touches this head
@@ -50,6 +50,25 @@ def test_svg_has_every_circuit_node_and_edge_once(tmp_path, parallel):
         assert ids[name] == 1, name
     assert LEFT_OUT not in ids and set(graph.nodes) & set(ids) == set(circuit.nodes)
     assert set(graph.edges) & set(ids) == set(circuit.edges)
+
+
+def test_a_hybrid_draws_each_writer_in_its_own_row(tmp_path):
+    """Layers without attention (Qwen3.5's linear attention: MLP nodes) get rows of their own, in stream order."""
+    kinds = ["mlp", "mlp", "attention", "mlp", "mlp", "mlp", "attention", "mlp"]
+    layers = [0, 1, 0, 2, 3, 4, 1, 5]
+    writers = [[kind, layer, 4 if kind == "attention" else 0, step]
+               for step, (kind, layer) in enumerate(zip(kinds, layers))]
+    graph = CircuitGraph.from_config({"n_layers": 2, "n_heads": 4, "parallel_attn_mlp": False, "d_model": 8,
+                                      "writers": writers})
+    scores = torch.randn(len(graph.edges), generator=torch.Generator().manual_seed(0))
+    circuit = Circuit(graph, [graph.edges[i] for i in scores.abs().topk(40).indices.tolist()], scores)
+    path = tmp_path / "circuit.svg"
+    draw_circuit(circuit, path)
+    ids = svg_ids(path)
+    assert all(ids[name] == 1 for name in circuit.nodes + circuit.edges)
+    xy = _layout(graph, set(graph.nodes), compact=False).xy
+    heights = [xy[name][1] for name in ("input", "m0", "m1", "a0.h0", "m2", "m3", "m4", "a1.h3", "m5", "logits")]
+    assert heights == sorted(set(heights)) and xy["a0.h0"][1] == xy["a0.h3"][1]
 
 
 def test_png_is_written(tmp_path):

@@ -436,7 +436,9 @@ def test_a_model_traced_at_fixed_lengths_is_captured_once_per_length(traced, mon
         mask = torch.ones_like(clean)
         mask[0, :2] = 0
         with torch.no_grad():
-            _close(cm(clean, mask), model(input_ids=clean, attention_mask=mask).logits, mask)
+            logits = model(input_ids=clean, attention_mask=mask).logits
+            _close(cm(clean, mask), logits, mask)
+            _close(cm.readout(cm.streams(clean, mask)[-1]), logits, mask)  # the first capture's, at every length
             patched = cm(clean, mask, corrupted_input_ids=corrupted, node_mask={"m0": 0.0})
             _close(patched, _hooked_node_patch(model, "qwen3_5", "m0", clean, corrupted, mask), mask)
         assert str(length) in cm.engines
