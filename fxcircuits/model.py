@@ -43,7 +43,7 @@ def trace(model: nn.Module, *, progress: bool = False) -> "CircuitModel":
         return CircuitModel(name, engine)
     warnings.warn(f"torch.export traces {name} only at a fixed sequence length (its code loops over the sequence "
                   "in Python), so fxcircuits captures it once per prompt length, on first use, in about the time "
-                  "trace took: pad prompts to a few common lengths", stacklevel=2)
+                  "trace took (attribution and evaluation pad a dataset's batches to one length)", stacklevel=2)
     return CircuitModel(name, engine, length, functools.partial(_capture_at, model))
 
 

@@ -50,10 +50,31 @@ def prepare(cm: CircuitModel, batches: Iterable[dict], metric, ablation: str = "
     if ablation not in ABLATIONS:
         raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
     means = mean_activations(cm, reference) if ablation == "mean" else None
-    prepared = [_prepare(cm, batch, metric, ablation, means) for batch in batches]
+    prepared = [_prepare(cm, batch, metric, ablation, means) for batch in one_length(cm, batches)]
     if not prepared:
         raise ValueError("no batches given: pass at least one batch (see fxcircuits.data.make_batches)")
     return prepared
+
+
+def one_length(cm: CircuitModel, batches: Iterable[dict]) -> list[dict]:
+    """``batches``, and where ``cm`` is captured once per prompt length (``CircuitModel.length``: Qwen3.5 and other
+    linear-attention hybrids), each padded on the right to the longest, so that one capture serves them all.  The
+    padded positions are masked, and a causal model's outputs at the real tokens do not depend on them."""
+    batches = list(batches)
+    if cm.length is None or not batches:
+        return batches
+    longest = max(batch["clean"].shape[1] for batch in batches)
+    return [_padded(batch, longest) for batch in batches]
+
+
+def _padded(batch: dict, length: int) -> dict:
+    extra = length - batch["clean"].shape[1]
+    if not extra:
+        return batch
+    mask = batch.get("attention_mask", torch.ones_like(batch["clean"]))
+    tokens = {key: batch[key] for key in ("clean", "corrupted") if key in batch}
+    return {**batch, **{key: torch.nn.functional.pad(value, (0, extra))
+                        for key, value in {**tokens, "attention_mask": mask}.items()}}
 
 
 def _prepare(cm: CircuitModel, batch: dict, metric, ablation: str, means: torch.Tensor | None) -> Prepared:
@@ -81,7 +102,7 @@ def mean_activations(cm: CircuitModel, reference: Iterable[dict] | None) -> torc
         raise ValueError("ablation='mean' averages activations over a reference dataset: pass reference=batches")
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch in reference:
+        for batch in one_length(cm, reference):
             ids = batch["clean"].to(cm.device)
             mask = batch.get("attention_mask", torch.ones_like(ids)).to(cm.device)
             acts = cm.activations(ids, mask).float()
