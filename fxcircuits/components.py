@@ -5,7 +5,8 @@ embedding to the output passes through each of them.  A stream value that is an 
 stream value and some other terms is a *residual step*; the other terms are written by the step's
 writers.  A writer whose terms depend on an attention core (a ``scaled_dot_product_attention`` node, or a
 matmul → softmax → matmul pattern) is an attention layer; any other writer is an MLP (an MoE block, or a
-hybrid's convolution or linear-attention layer: one node, read and written whole).  Between steps the stream may be scaled as a whole by a constant (Gemma 4's ``layer_scalar``).
+hybrid's convolution or linear-attention layer: one node, read and written whole).  Between steps the stream
+may be scaled as a whole by a constant (Gemma 4's ``layer_scalar``).
 Nothing here looks at module names, so new architectures need no new code.
 """
 from __future__ import annotations

@@ -147,9 +147,10 @@ def _rows(graph: CircuitGraph) -> list[tuple[str, str, list[str]]]:
     rows = [("end", "", ["input"])]
     for step in sorted({w.step for w in graph.writers}):
         writers = [w for w in graph.writers if w.step == step]
-        heads = [f"a{w.layer}.h{h}" for w in writers if w.kind == "attention" for h in range(w.n_heads)]
+        attention = [w for w in writers if w.kind == "attention"]
+        heads = [f"a{w.layer}.h{h}" for w in attention for h in range(w.n_heads)]
         mlps = [f"m{w.layer}" for w in writers if w.kind == "mlp"]
-        rows.append(("heads", heads[0].split(".")[0].replace("a", "L"), heads + mlps) if heads else ("mlp", "", mlps))
+        rows.append(("heads", f"L{attention[0].layer}", heads + mlps) if attention else ("mlp", "", mlps))
     return rows + [("end", "", ["logits"])]
 
 
