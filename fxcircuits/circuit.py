@@ -108,7 +108,8 @@ class Circuit:
         scores = torch.zeros(len(graph.edges))
         for name, edge in data["edges"].items():
             scores[graph.edge_index[name]] = float(edge.get("score") or 0.0)
-        info = {k: v for k, v in data["cfg"].items() if k not in graph.cfg and k != "scored"}
+        known = graph.cfg  # built once: it rebuilds the convention's graph to compare
+        info = {k: v for k, v in data["cfg"].items() if k not in known and k != "scored"}
         return cls(graph, in_graph, scores if scored else None, info)
 
 

@@ -50,6 +50,9 @@ def prepare(cm: CircuitModel, batches: Iterable[dict], metric, ablation: str = "
     if ablation not in ABLATIONS:
         raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
     means = mean_activations(cm, reference) if ablation == "mean" else None
+    batches = list(batches)
+    for batch in batches:  # before padding, which would hide clean and corrupted prompts of different lengths
+        check_batch(batch)
     prepared = [_prepare(cm, batch, metric, ablation, means) for batch in one_length(cm, batches)]
     if not prepared:
         raise ValueError("no batches given: pass at least one batch (see fxcircuits.data.make_batches)")
@@ -71,14 +74,12 @@ def _padded(batch: dict, length: int) -> dict:
     extra = length - batch["clean"].shape[1]
     if not extra:
         return batch
-    mask = batch.get("attention_mask", torch.ones_like(batch["clean"]))
-    tokens = {key: batch[key] for key in ("clean", "corrupted") if key in batch}
-    return {**batch, **{key: torch.nn.functional.pad(value, (0, extra))
-                        for key, value in {**tokens, "attention_mask": mask}.items()}}
+    padded = {key: batch[key] for key in ("clean", "corrupted") if key in batch}
+    padded["attention_mask"] = batch.get("attention_mask", torch.ones_like(batch["clean"]))
+    return {**batch, **{key: torch.nn.functional.pad(value, (0, extra)) for key, value in padded.items()}}
 
 
 def _prepare(cm: CircuitModel, batch: dict, metric, ablation: str, means: torch.Tensor | None) -> Prepared:
-    check_batch(batch)
     batch = to_device(batch, cm.device)
     ids, mask = batch["clean"], batch.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask

@@ -1,4 +1,5 @@
 """Batches made ready to patch (``fxcircuits.runs``)."""
+import pytest
 import torch
 
 from fxcircuits import metrics
@@ -28,3 +29,13 @@ def test_a_model_captured_per_length_runs_every_batch_at_one_length(traced, monk
     torch.testing.assert_close(clean_values(cm, prepared, metric), clean, atol=1e-5, rtol=1e-4)
     patched = metric_values(cm, prepared, metric, torch.zeros(1, len(cm.graph.edges)))[0]
     torch.testing.assert_close(patched, corrupted, atol=1e-5, rtol=1e-4)
+
+
+def test_padding_to_one_length_does_not_hide_prompts_of_different_lengths(traced):
+    """The batches are checked before they are padded: padding both prompts to the longest would align them."""
+    _, cm = traced("qwen3_5")
+    ids = lambda length: torch.randint(3, 128, (2, length))  # noqa: E731
+    answers = {"correct": torch.tensor([[4], [5]]), "incorrect": torch.tensor([[6], [7]])}
+    batches = [{"clean": ids(6), "corrupted": ids(7), **answers}, {"clean": ids(8), "corrupted": ids(8), **answers}]
+    with pytest.raises(ValueError, match="aligned with batch\\['clean'\\]"):
+        prepare(cm, batches, metrics.get("logit_diff"))
