@@ -21,6 +21,7 @@ HF forward failed: nothing to learn about fxcircuits).  Each type runs in its ow
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -34,16 +35,19 @@ SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_local_experts=4,
              n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
              qk_nope_head_dim=8, v_head_dim=16, rotary_dim=8, sliding_window=8, pad_token_id=0, bos_token_id=1,
-             eos_token_id=2)
+             eos_token_id=2, mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16, mamba_dt_rank=8,
+             attn_layer_period=2, attn_layer_offset=1, attn_layer_indices=[1])
 TOLERANCE = 1e-4
 
 
 def tiny_config(model_type: str):
     """The type's default config with the usual size fields shrunk (its text config's too).
 
-    A config listing its layers' kinds keeps one layer of each (``_one_of_each``).  Multi-head latent attention
-    (a ``kv_lora_rank`` field) ties sizes together: its ``head_dim`` is the rotary part of a head and every query
-    head has its own key/value head.
+    A config listing its layers' kinds keeps one layer of each (``_one_of_each``); a hybrid that places its
+    attention layers by period or index gets one at layer 1, after a layer of its other kind (Jamba, Bamba).
+    Multi-head latent attention (a ``kv_lora_rank`` field) ties sizes together: its ``head_dim`` is the rotary
+    part of a head and every query head has its own key/value head.  The config is then built again from its
+    fields, so that sizes it derives from them follow the shrunk ones (``_rebuilt``).
     """
     from transformers import AutoConfig
     config = AutoConfig.for_model(model_type)
@@ -60,7 +64,24 @@ def tiny_config(model_type: str):
                 kinds = _one_of_each(getattr(part, key))
                 _set(part, key, kinds, replace_lists=True)
                 _set(part, "num_hidden_layers", len(kinds))
-    return config
+    return _rebuilt(config)
+
+
+def _rebuilt(config):
+    """``config`` built again from its declared fields, so that sizes its class derives from them follow the shrunk
+    ones (Zamba2's head sizes from ``hidden_size``); fields it does not derive are kept as they were set."""
+    if not dataclasses.is_dataclass(config):
+        return config
+    declared = {f.name for f in dataclasses.fields(config)}
+    fields = config.to_dict()
+    try:
+        rebuilt = type(config)(**{k: v for k, v in fields.items() if k in declared})
+    except Exception:  # a class that will not take its own fields back: they stand as set
+        return config
+    for key, value in fields.items():
+        if key not in vars(rebuilt):
+            _set(rebuilt, key, value, replace_lists=True)
+    return rebuilt
 
 
 def _one_of_each(layer_types: list) -> list:

@@ -241,14 +241,16 @@ def _residual_steps(chain: list[Node]) -> list[Step]:
 
 def _no_attention(chain: list[Node], model_name: str) -> DecompositionError:
     """Why no attention layer writes to the stream, as far as the chain tells."""
-    why = "found no attention layer writing to a residual stream between the token embedding and the logits"
+    why = ("found no attention layer (scaled_dot_product_attention, or matmul → softmax → matmul over q and k) "
+           "writing to a residual stream between the token embedding and the logits")
     rescaled = _rescaled_residual(chain)
     if rescaled is not None:
         return DecompositionError(model_name, rescaled, why + "; the stream reaches an addition only through this "
                                   "operation, which changes it (a residual scaled before it is added, x·α + f(x)): "
                                   "fxcircuits needs residual additions x + f(x)")
     for previous, node in zip(chain, chain[1:]):
-        if any(n.target in SDPA or n.target in SOFTMAX for n in between(previous, [node])):
+        gap = between(previous, [node])
+        if any(_scores(n, gap) is not None for n in gap):
             return DecompositionError(model_name, previous, why + "; from this value on, the attention layers are "
                                       "reached along more than one path (a side input computed from the tokens, "
                                       "such as the per-layer inputs of Gemma 3n and Gemma 4, besides the stream), "
@@ -354,10 +356,7 @@ def _attention_cores(step: Step, inside: set[Node], model_name: str) -> list[tup
         if node.target in SDPA:
             q, k, v = node.args[:3]
             cores.append(([node], node, {"q": q, "k": k, "v": v}))
-        elif node.target in SOFTMAX:
-            score = _nearest(node, ancestors, lambda n: _score_operands(n, inside) is not None)
-            if score is None:
-                continue  # a softmax over one projection (e.g. an MoE router) is not attention
+        elif (score := _scores(node, inside)) is not None:
             out = _nearest(node, descendants, lambda n: n.target in MATMUL)
             if out is None or out.args[0] not in descendants(node) | {node}:
                 raise DecompositionError(model_name, node, "attention softmax is not followed by a matmul with values")
@@ -429,6 +428,17 @@ def _gate(start: Node, core: set[Node], output: Node, terms: list[Node], inside:
                                  "computed from the stream (e.g. a per-head factor from the attention scores), which "
                                  "the per-edge inputs cannot patch")
     return Gate(product, value, gate)
+
+
+def _scores(node: Node, inside: set[Node]) -> Node | None:
+    """For an SDPA node, itself; for a softmax over attention scores (a product of two tensors computed from the
+    stream inside the window), the product; else None: a softmax over one projection (an MoE router) is not
+    attention."""
+    if node.target in SDPA:
+        return node
+    if node.target not in SOFTMAX:
+        return None
+    return _nearest(node, ancestors, lambda n: _score_operands(n, inside) is not None)
 
 
 def _score_operands(node: Node, inside: set[Node]) -> tuple[Node, Node] | None:

@@ -195,6 +195,19 @@ def test_a_value_from_the_stream_added_to_the_heads_outputs_is_refused():
         fxcircuits.trace(model)
 
 
+def test_a_model_without_attention_is_refused_as_such():
+    """Granite 4.0's hybrid with Mamba-2 layers alone: its MoE router's softmax is not attention, so the error says
+    that no attention layer was found instead of pointing at the router as a second path to one."""
+    config = AutoConfig.for_model("granitemoehybrid", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128, mamba_n_heads=8,
+                                  mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16, num_local_experts=4,
+                                  num_experts_per_tok=2, layer_types=["linear_attention"])
+    with pytest.raises(fxcircuits.DecompositionError, match="GraniteMoeHybridForCausalLM: found no attention layer") \
+            as refusal:
+        fxcircuits.trace(AutoModelForCausalLM.from_config(config))
+    assert "more than one path" not in str(refusal.value)
+
+
 def test_a_scaled_residual_is_refused_at_the_scaling():
     """Doge adds each layer's output to a learned rescaling of the stream (r ⊙ x + f(x)): not a sum of per-node
     writes.  The error points at the multiplication rather than only saying that no attention was found."""

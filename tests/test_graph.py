@@ -5,7 +5,7 @@ import pytest
 from zoo import CONFIGS
 
 PARALLEL = {"gptj", "gpt_neox", "falcon_multi_query", "falcon_new_arch", "phi"}
-HYBRID = {"qwen3_5"}  # a layer without attention: the formula's layers are attention layers
+HYBRID = {"qwen3_5", "granite_hybrid"}  # a layer without attention: the formula's layers are attention layers
 
 
 @pytest.mark.parametrize("name", sorted(set(CONFIGS) - HYBRID))
@@ -23,10 +23,11 @@ def test_counts_follow_the_formula(traced, name):
     assert len(set(g.edges)) == len(g.edges)
 
 
-def test_a_writer_other_than_attention_is_an_mlp_node(traced):
-    """Qwen3.5's linear-attention layer (no softmax core) writes the stream as an MLP does: one node, m0, read and
-    written whole; attention layers and other writers are numbered apart."""
-    _, cm = traced("qwen3_5")
+@pytest.mark.parametrize("name", sorted(HYBRID))
+def test_a_writer_other_than_attention_is_an_mlp_node(traced, name):
+    """Qwen3.5's linear-attention layer and Granite 4.0's Mamba-2 layer (no softmax core) write the stream as an MLP
+    does: one node, m0, read and written whole; attention layers and other writers are numbered apart."""
+    _, cm = traced(name)
     g = cm.graph
     assert g.nodes == ["input", "m0", "m1", *[f"a0.h{h}" for h in range(4)], "m2", "logits"]
     assert g.downstream[-3:] == ["a0.h3<v>", "m2", "logits"] and g.downstream[:2] == ["m0", "m1"]

@@ -64,6 +64,12 @@ CONFIGS = {
     "qwen3_5": ("qwen3_5_text", dict(COMMON, num_key_value_heads=2, head_dim=16,
                                      layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
                                      linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16)),
+    # Granite 4.0's hybrid: a Mamba-2 layer (a chunked scan: fixed lengths alone, as above), then attention; each
+    # layer's MoE block beside a shared MLP
+    "granite_hybrid": ("granitemoehybrid", dict(COMMON, num_key_value_heads=2,
+                                                layer_types=["linear_attention", "full_attention"], mamba_n_heads=8,
+                                                mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16,
+                                                num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=64)),
     # a vision-language model run on text: the language model's sizes live in its text config
     "gemma3_multimodal": ("gemma3", dict(text_config=dict(COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4),
                                          vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -106,6 +112,7 @@ MODULES = {
     "afmoe": ("model.layers.{}.post_mlp_layernorm", "model.layers.{}.self_attn.o_proj",
               "model.layers.{}.post_attention_layernorm"),
     "qwen3_5": ("model.layers.{}.linear_attn", "model.layers.1.self_attn.o_proj", None),
+    "granite_hybrid": ("model.layers.{}.mamba", "model.layers.1.self_attn.o_proj", None),
     "gemma3_multimodal": ("model.language_model.layers.{}.post_feedforward_layernorm",
                           "model.language_model.layers.{}.self_attn.o_proj",
                           "model.language_model.layers.{}.post_attention_layernorm"),
