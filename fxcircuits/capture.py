@@ -1,14 +1,18 @@
 """Stage 1 — capture: turn a Hugging Face causal LM into an exported ``torch.fx`` graph.
 
 ``torch.export`` (non-strict) records the model at the ATen level with a dynamic batch and sequence
-dimension, so one capture serves every prompt length.  Some models need a concrete sequence length to be
-traced at all — linear-attention layers (Qwen3.5, Qwen3-Next, Kimi Linear, OLMo hybrid, Nemotron-H) loop over
-chunks of the sequence in Python — and those are captured once per length, each capture exact for its length
-(``CircuitModel`` builds them as prompts of new lengths arrive).  We check up front that the model is a
-decoder-only *causal* LM: everything downstream assumes position t only sees tokens ≤ t.
+dimension, so one capture serves every prompt length.  Where the model's code needs more of the length than a
+symbol gives — a hybrid's chunked scan (Qwen3.5's linear attention, a Mamba-2 layer) loops over chunks of the
+sequence in Python — export records what the code assumed (one chunk) as runtime assertions on it, and the
+capture serves the lengths that satisfy them (``Lengths``); ``CircuitModel`` captures again for a length none
+of its captures serves.  We check up front that the model is a decoder-only *causal* LM: everything
+downstream assumes position t only sees tokens ≤ t.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import sympy
 import torch
 from torch import nn
 
@@ -61,38 +65,76 @@ def _max_positions(config) -> int:
     return 2**16
 
 
-def export(model: nn.Module, length: int | None = None) -> tuple[torch.fx.GraphModule, int | None]:
-    """Export ``model`` to an ATen-level GraphModule ``(input_ids, attention_mask) -> logits``.
+@dataclass(frozen=True)
+class Lengths:
+    """The prompt sizes one capture serves: the example length it was traced at, and what export recorded of the
+    sequence dimension — a symbol in a range, with the conditions the model's code put on it (none for most
+    models; "one chunk" for a chunked scan), or the example length alone where the code fixed it.  The graphs the
+    rewrite builds drop export's runtime assertions, so a run checks here first which capture serves it."""
+    example: int
+    batch: sympy.Symbol | None
+    seq: sympy.Symbol | None
+    low: int
+    high: int
+    conditions: tuple[sympy.Basic, ...]
 
-    Returns it with the sequence length it is fixed to: ``None`` where one graph serves every length.  With
-    ``length`` None the sequence dimension is dynamic if export can trace it so, and else fixed to
-    ``EXAMPLE_LENGTH``; a given ``length`` fixes it there."""
+    def serve(self, batch: int, length: int) -> bool:
+        if self.seq is None:
+            return length == self.example
+        if not self.low <= length <= self.high:
+            return False
+        sizes = {self.seq: sympy.Integer(length)}
+        if self.batch is not None:
+            sizes[self.batch] = sympy.Integer(batch)
+        return all(condition.xreplace(sizes) is sympy.true for condition in self.conditions)
+
+
+def export(model: nn.Module, length: int | None = None) -> tuple[torch.fx.GraphModule, Lengths]:
+    """Export ``model`` to an ATen-level GraphModule ``(input_ids, attention_mask) -> logits``, traced on prompts
+    of ``length`` tokens (``EXAMPLE_LENGTH`` by default), with the prompt lengths it serves."""
     _check_decoder_only(model)
     model.eval()
+    length = length or EXAMPLE_LENGTH
+    high = _max_positions(model.config.get_text_config())
+    if not 2 <= length <= high:
+        raise ValueError(f"prompts of {length} tokens: {type(model).__name__} takes prompts of 2 to {high} tokens")
     try:
-        program = _export(model, length)
+        program = _export(model, length, high)
     except Exception as error:  # export raises many exception types; all mean "not traceable"
-        if length is not None:
-            raise _untraceable(model, error) from error
-        try:  # the model's code needs a concrete sequence length (a Python loop over chunks of it)
-            program, length = _export(model, EXAMPLE_LENGTH), EXAMPLE_LENGTH
-        except Exception:
-            raise _untraceable(model, error) from error
+        raise _untraceable(model, error) from error
     # Functionalise (no in-place ops, no dropout) but keep linear/SDPA/layer_norm as single nodes.
     module = program.run_decompositions({}).module()
-    _check_causal(module, model, length or EXAMPLE_LENGTH)
-    return module, length
+    _check_causal(module, model, length)
+    return module, _lengths(module, program, length)
 
 
-def _export(model: nn.Module, length: int | None) -> torch.export.ExportedProgram:
+def _export(model: nn.Module, length: int, high: int) -> torch.export.ExportedProgram:
     batch = torch.export.Dim("batch", min=1, max=2**16)
-    seq = torch.export.Dim("seq", min=2, max=_max_positions(model.config.get_text_config()))
-    shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}) if length is None else ({0: batch}, {0: batch})
+    # AUTO: where the code needs more of the length than a symbol (a loop over chunks of it), export keeps the
+    # symbol and asserts what the code assumed, or fixes the length, instead of failing
+    seq = torch.export.Dim.AUTO(min=2, max=high)
     with torch.no_grad():
         # Guards that hold for every size but that export's solver cannot prove (CUDA stride checks, e.g.
         # Min(64*seq, 192*seq) == 64*seq) become runtime asserts instead of failing the capture.
-        return torch.export.export(_LogitsOnly(model), example_inputs(model, length or EXAMPLE_LENGTH), strict=False,
-                                   dynamic_shapes=shapes, prefer_deferred_runtime_asserts_over_guards=True)
+        return torch.export.export(_LogitsOnly(model), example_inputs(model, length), strict=False,
+                                   dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
+                                   prefer_deferred_runtime_asserts_over_guards=True)
+
+
+def _lengths(module: torch.fx.GraphModule, program: torch.export.ExportedProgram, example: int) -> Lengths:
+    """What ``module`` assumes of its inputs' sizes: the symbols of ``input_ids``' shape, the sequence symbol's
+    range, and every runtime assertion on the sizes alone that mentions it (one on a value computed from the data
+    cannot be checked before the run)."""
+    input_ids = next(n for n in module.graph.nodes if n.op == "placeholder")
+    batch, seq = (size.node.expr if isinstance(size, torch.SymInt) else None for size in input_ids.meta["val"].shape)
+    if seq is None:
+        return Lengths(example, batch, None, example, example, ())
+    bounds = program.range_constraints[seq]
+    asserted = (node.args[0].meta.get("val") for node in module.graph.nodes
+                if node.target is torch.ops.aten._assert_scalar.default)
+    conditions = tuple(value.node.expr for value in asserted if isinstance(value, torch.SymBool)
+                       and seq in (symbols := value.node.expr.free_symbols) and symbols <= {seq, batch})
+    return Lengths(example, batch, seq, int(bounds.lower), int(bounds.upper), conditions)
 
 
 def _untraceable(model: nn.Module, error: Exception) -> CaptureError:

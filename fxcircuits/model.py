@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .capture import EXAMPLE_LENGTH, example_inputs, export
+from .capture import Lengths, example_inputs, export
 from .components import Attention, check_scales, find_components
 from .graph import CircuitGraph, Writer
 from .heads import record_values
@@ -31,26 +31,22 @@ def trace(model: nn.Module, *, progress: bool = False) -> "CircuitModel":
     """Capture ``model`` (a transformers causal LM, any device and dtype) and split it into edges.
 
     ``progress`` shows the stages (tens of seconds for a 30-layer model, most of it in ``torch.export``).  A model
-    that export can trace only at a fixed sequence length (``capture``) is captured again for each new prompt
-    length, on first use, with a warning here that says so."""
+    whose capture serves some prompt lengths only (``capture.Lengths``: a hybrid's chunked scan serves the lengths
+    of one chunk) is captured again, on first use, for a length none of its captures serves."""
     name = type(model).__name__
     with tqdm(total=3, desc=f"trace {name}", disable=not progress) as bar:
         bar.set_postfix_str("torch.export")
-        exported, length = export(model)
+        exported, lengths = export(model)
         bar.update()
-        engine = _build_engine(model, exported, length or EXAMPLE_LENGTH, bar)
-    if length is None:
-        return CircuitModel(name, engine)
-    warnings.warn(f"torch.export traces {name} only at a fixed sequence length (its code loops over the sequence "
-                  "in Python), so fxcircuits captures it once per prompt length, on first use, in about the time "
-                  "trace took (attribution and evaluation pad a dataset's batches to one length)", stacklevel=2)
-    return CircuitModel(name, engine, length, functools.partial(_capture_at, model))
+        engine = _build_engine(model, exported, lengths, bar)
+    return CircuitModel(name, engine, functools.partial(_capture_at, model))
 
 
-def _build_engine(model: nn.Module, exported: torch.fx.GraphModule, length: int, bar: tqdm | None = None) -> "Engine":
-    """Find the components of one exported graph and build what runs it: ``length`` is the prompt length the
-    probes use (any, where the graph is dynamic)."""
-    name, inputs = type(model).__name__, example_inputs(model, length)
+def _build_engine(model: nn.Module, exported: torch.fx.GraphModule, lengths: Lengths,
+                  bar: tqdm | None = None) -> "Engine":
+    """Find the components of one exported graph and build what runs it; the probes run prompts of the length it
+    was traced at."""
+    name, inputs = type(model).__name__, example_inputs(model, lengths.example)
     if bar is None:
         bar = tqdm(disable=True)
     bar.set_postfix_str("components")
@@ -68,25 +64,24 @@ def _build_engine(model: nn.Module, exported: torch.fx.GraphModule, length: int,
     shares_prefix = share_prefix(patcher, recorder, *inputs)
     bar.update()
     return Engine(exported, recorder, patcher, build_readout(exported, components),
-                  build_streams(exported, components), graph, shares_prefix)
+                  build_streams(exported, components), graph, shares_prefix, lengths)
 
 
 def _capture_at(model: nn.Module, length: int) -> "Engine":
-    exported, _ = export(model, length)
-    return _build_engine(model, exported, length)
+    return _build_engine(model, *export(model, length))
 
 
 class Engine(nn.Module):
     """What runs one exported graph: the graph itself, the recording pass, the patcher, the readout (final norm
     and unembedding) and the stepper (the stream after each writer, ``rewrite.build_streams``); its ``graph`` of
     nodes and edges; ``shares_prefix``: whether its patcher can run the prefix that masks share once
-    (``fxcircuits.prefix``)."""
+    (``fxcircuits.prefix``); ``lengths``: the prompt sizes it serves."""
 
     def __init__(self, exported: nn.Module, recorder: nn.Module, patcher: nn.Module, readout: nn.Module,
-                 stepper: nn.Module, graph: CircuitGraph, shares_prefix: bool):
+                 stepper: nn.Module, graph: CircuitGraph, shares_prefix: bool, lengths: Lengths):
         super().__init__()
         self.exported, self.recorder, self.patcher, self.readout = exported, recorder, patcher, readout
-        self.stepper, self.graph, self.shares_prefix = stepper, graph, shares_prefix
+        self.stepper, self.graph, self.shares_prefix, self.lengths = stepper, graph, shares_prefix, lengths
 
 
 class CircuitModel(nn.Module):
@@ -99,16 +94,16 @@ class CircuitModel(nn.Module):
     ``cm.scratch.clear()`` frees it); ``shares_prefix``: whether masks evaluated in one call run the layers before
     the first reader they patch once for all (``fxcircuits.prefix``).
 
-    ``length``: None where one captured graph serves every prompt length; else the length the model was first
-    captured at, and ``capture_at(length)`` captures it at another (``capture``: a model export traces only at
-    a fixed length).  ``exported``, ``recorder``, ``patcher`` and ``readout`` are the modules of that first
-    capture."""
+    ``engines``: the captures, keyed by the prompt length each was traced at — one, unless the model's code
+    needs more of the length than export's symbol (``capture.Lengths``); ``capture_at(length)`` captures it
+    again, for prompts of a length no capture serves.  ``exported``, ``recorder``, ``patcher`` and ``readout`` are
+    the modules of the first capture."""
 
-    def __init__(self, model_name: str, engine: Engine, length: int | None = None,
-                 capture_at: Callable[[int], Engine] | None = None):
+    def __init__(self, model_name: str, engine: Engine, capture_at: Callable[[int], Engine] | None = None):
         super().__init__()
-        self.model_name, self.length, self.capture_at = model_name, length, capture_at
-        self.engines = nn.ModuleDict({str(length): engine})
+        self.model_name, self.capture_at = model_name, capture_at
+        self.engines = nn.ModuleDict({str(engine.lengths.example): engine})
+        self._served: dict[tuple[int, int], Engine] = {}
         self.graph, self.shares_prefix = engine.graph, engine.shares_prefix
         self.traced_device = self.device
         self.scratch = Scratch()
@@ -118,7 +113,7 @@ class CircuitModel(nn.Module):
 
     @property
     def first(self) -> Engine:
-        return self.engines[str(self.length)]
+        return next(iter(self.engines.values()))
 
     @property
     def exported(self) -> nn.Module:
@@ -142,19 +137,36 @@ class CircuitModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.exported.parameters()).device
 
-    def engine(self, length: int) -> Engine:
-        """What runs prompts of ``length`` tokens: the one capture, or where the model is captured per length,
-        that length's, captured on first use."""
-        if self.length is None:
-            return self.first
-        key = str(length)
-        if key not in self.engines:
-            engine = self.capture_at(length)
-            if engine.graph.edges != self.graph.edges:
-                raise RuntimeError(f"{self.model_name} captured at {length} tokens has other nodes or edges than "
-                                   f"at {self.length}: patch prompts of {self.length} tokens (pad them)")
-            self.engines[key] = engine
-        return self.engines[key]
+    def serving(self, input_ids: torch.Tensor) -> Engine | None:
+        """The capture that serves a batch of ``input_ids``' shape, if one does."""
+        size = tuple(input_ids.shape)
+        if size not in self._served:
+            engine = next((e for e in self.engines.values() if e.lengths.serve(*size)), None)
+            if engine is None:
+                return None
+            self._served[size] = engine
+        return self._served[size]
+
+    def engine(self, input_ids: torch.Tensor) -> Engine:
+        """What runs a batch of ``input_ids``' shape: the capture that serves its length, or a new one, captured
+        here at that length (with a warning: that took about as long as ``trace``)."""
+        engine = self.serving(input_ids)
+        if engine is not None:
+            return engine
+        length = input_ids.shape[1]
+        engine = self.capture_at(length)
+        if engine.graph.edges != self.graph.edges:
+            raise RuntimeError(f"{self.model_name} captured at {length} tokens has other nodes or edges than at "
+                               f"{self.first.lengths.example}: pad the prompts to a length a capture serves")
+        if not engine.lengths.serve(*input_ids.shape):
+            raise RuntimeError(f"{self.model_name} captured at {length} tokens does not serve a batch of "
+                               f"{input_ids.shape[0]} prompts of that length")
+        warnings.warn(f"captured {self.model_name} again for prompts of {length} tokens, which no capture so far "
+                      "served (its code loops over chunks of the sequence in Python), in about the time trace took; "
+                      "attribution and evaluation pad a dataset's batches to a length one capture serves",
+                      stacklevel=3)
+        self.engines[str(length)] = engine
+        return self.engine(input_ids)
 
     def _inputs(self, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,13 +209,15 @@ class CircuitModel(nn.Module):
         return self._step(input_ids, attention_mask)[1]
 
     def _step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.engine(input_ids.shape[1]).stepper(*self._inputs(input_ids, attention_mask))
+        input_ids, attention_mask = self._inputs(input_ids, attention_mask)
+        return self.engine(input_ids).stepper(input_ids, attention_mask)
 
     def recording(self, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The recording pass: ``groups()``, and the output of every attention layer's q, k and v projections,
         which a patched run reads for the heads whose every edge it patches from this run."""
-        return self.engine(input_ids.shape[1]).recorder(*self._inputs(input_ids, attention_mask))
+        input_ids, attention_mask = self._inputs(input_ids, attention_mask)
+        return self.engine(input_ids).recorder(input_ids, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 corrupted_input_ids: torch.Tensor | None = None, edge_mask=None, node_mask=None,
@@ -218,7 +232,7 @@ class CircuitModel(nn.Module):
         ablation, broadcastable to [n_upstream, batch, seq, d_model])."""
         input_ids, attention_mask = self._inputs(input_ids, attention_mask)
         if edge_mask is None and node_mask is None:
-            return self.engine(input_ids.shape[1]).exported(input_ids, attention_mask)
+            return self.engine(input_ids).exported(input_ids, attention_mask)
         keep = dense_keep(self.graph, edge_mask, node_mask, device=self.device)
         if corrupted_input_ids is not None and corrupted_activations is None and self.runs_alongside():
             logits = self.patched_alongside(input_ids, attention_mask, self._corrupted(input_ids, corrupted_input_ids),
@@ -244,17 +258,17 @@ class CircuitModel(nn.Module):
         forward) then run on one position per prompt, all that a metric reading one position needs."""
         if positions is not None:
             _check_positions(positions, input_ids)
-        n, prefix = keep.shape[0], self._prefix(keep, input_ids.shape[1])
+        n, prefix = keep.shape[0], self._prefix(keep, input_ids)
         if n > 1 and not prefix:
             input_ids, attention_mask = input_ids.repeat(n, 1), attention_mask.repeat(n, 1)
         return self._patch(input_ids, attention_mask, other, keep, tap, recorded, positions=positions, prefix=prefix)
 
-    def _prefix(self, keep: torch.Tensor, length: int) -> bool:
+    def _prefix(self, keep: torch.Tensor, input_ids: torch.Tensor) -> bool:
         """Whether a call with ``keep`` runs its shared prefix once (``fxcircuits.prefix``): for several masks, unless
         the mask needs a gradient — that is one per mask, from every mask's own rows.  A tap sums its gradients over
         the masks, so it reads the shared rows as it reads every mask's (EAP-IG-activations moves one writer at a
         time: the layers before it are shared by its integration steps)."""
-        return (self.shares_prefix and self.engine(length).shares_prefix and keep.shape[0] > 1
+        return (self.shares_prefix and self.engine(input_ids).shares_prefix and keep.shape[0] > 1
                 and not keep.requires_grad)
 
     def runs_alongside(self) -> bool:
@@ -271,7 +285,7 @@ class CircuitModel(nn.Module):
         ride in the batch ahead of the patched ones, and every operation serves both runs.  Where the host sets
         the pace (a model this size on a GPU) that halves the operations a patched call launches; ``forward``
         takes this path where ``runs_alongside()``."""
-        copies = 1 if self._prefix(keep, input_ids.shape[1]) else keep.shape[0]
+        copies = 1 if self._prefix(keep, input_ids) else keep.shape[0]
         input_ids = torch.cat([corrupted_input_ids, input_ids.repeat(copies, 1)])
         return self._patch(input_ids, attention_mask.repeat(copies + 1, 1), None, keep, None, None, ahead=True,
                            prefix=copies < keep.shape[0])
@@ -279,8 +293,8 @@ class CircuitModel(nn.Module):
     def _patch(self, input_ids, attention_mask, other, keep, tap, recorded, ahead: bool = False,
                positions: torch.Tensor | None = None, prefix: bool = False) -> torch.Tensor:
         with self.scratch.lend() as scratch:
-            logits = self.engine(input_ids.shape[1]).patcher(input_ids, attention_mask, other, keep, tap, recorded,
-                                                             scratch, ahead, positions, prefix)
+            logits = self.engine(input_ids).patcher(input_ids, attention_mask, other, keep, tap, recorded, scratch,
+                                                    ahead, positions, prefix)
         return logits.reshape(keep.shape[0], -1, *logits.shape[1:])
 
     def _other_run(self, input_ids, attention_mask, corrupted_input_ids,

@@ -53,21 +53,22 @@ def prepare(cm: CircuitModel, batches: Iterable[dict], metric, ablation: str = "
     batches = list(batches)
     for batch in batches:  # before padding, which would hide clean and corrupted prompts of different lengths
         check_batch(batch)
-    prepared = [_prepare(cm, batch, metric, ablation, means) for batch in one_length(cm, batches)]
+    prepared = [_prepare(cm, batch, metric, ablation, means) for batch in served_lengths(cm, batches)]
     if not prepared:
         raise ValueError("no batches given: pass at least one batch (see fxcircuits.data.make_batches)")
     return prepared
 
 
-def one_length(cm: CircuitModel, batches: Iterable[dict]) -> list[dict]:
-    """``batches``, and where ``cm`` is captured once per prompt length (``CircuitModel.length``: Qwen3.5 and other
-    linear-attention hybrids), each padded on the right to the longest, so that one capture serves them all.  The
-    padded positions are masked, and a causal model's outputs at the real tokens do not depend on them."""
+def served_lengths(cm: CircuitModel, batches: Iterable[dict]) -> list[dict]:
+    """``batches``, with those whose length no capture of ``cm`` serves (``capture.Lengths``: a hybrid's chunked
+    scan serves the lengths of one chunk) padded on the right to the longest prompt, so that one more capture at
+    most serves them all.  The padded positions are masked, and a causal model's outputs at the real tokens do not
+    depend on them."""
     batches = list(batches)
-    if cm.length is None or not batches:
+    if not batches:
         return batches
     longest = max(batch["clean"].shape[1] for batch in batches)
-    return [_padded(batch, longest) for batch in batches]
+    return [batch if cm.serving(batch["clean"]) is not None else _padded(batch, longest) for batch in batches]
 
 
 def _padded(batch: dict, length: int) -> dict:
@@ -103,7 +104,7 @@ def mean_activations(cm: CircuitModel, reference: Iterable[dict] | None) -> torc
         raise ValueError("ablation='mean' averages activations over a reference dataset: pass reference=batches")
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch in one_length(cm, reference):
+        for batch in served_lengths(cm, reference):
             ids = batch["clean"].to(cm.device)
             mask = batch.get("attention_mask", torch.ones_like(ids)).to(cm.device)
             acts = cm.activations(ids, mask).float()

@@ -77,6 +77,13 @@ def test_positions_of_another_shape_are_refused(llama):
             llama.patched(ids, torch.ones_like(ids), other, keep, positions=bad)
 
 
+def test_a_prompt_longer_than_the_model_takes_is_refused(llama):
+    """The zoo's llama embeds 64 positions; export's bound on the length is one short of them (GPT-Neo guards
+    against exactly that many)."""
+    with pytest.raises(ValueError, match="LlamaForCausalLM takes prompts of 2 to 63 tokens"):
+        llama(torch.zeros(1, 70, dtype=torch.long))
+
+
 def test_a_masked_run_needs_exactly_one_other_run(llama):
     ids = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="exactly one of corrupted_input_ids"):

@@ -1,8 +1,11 @@
 """Masks implement patching: checked against the untouched HF model and hook-based references on it."""
+import warnings
+
 import pytest
 import torch
 
 import fxcircuits
+from fxcircuits.model import CircuitModel
 from fxcircuits.patching import dense_keep
 from fxcircuits.rewrite import flat_module
 from zoo import CONFIGS, make, modules
@@ -425,23 +428,29 @@ def test_runs_without_a_gradient_write_their_rows_into_the_kept_scratch(traced, 
     torch.testing.assert_close(gradient(lambda: patched(masks[1])), gradient(lambda: None), rtol=0, atol=0)
 
 
-def test_a_model_traced_at_fixed_lengths_is_captured_once_per_length(traced, monkeypatch):
-    """Qwen3.5's linear attention loops over chunks of the sequence in Python, so torch.export traces it only at
-    a fixed length: each prompt length is captured on first use, once, and every length patches exactly."""
-    model, cm = traced("qwen3_5")
-    assert cm.length == 5
+def test_a_capture_serves_the_lengths_its_code_allows_and_others_are_captured_on_first_use(traced, monkeypatch):
+    """Granite 4.0's Mamba-2 layer scans chunks of 16 positions in a Python loop: torch.export keeps the length a
+    symbol and asserts what the loop assumed, so the capture at 5 tokens serves 2 to 15.  Other lengths are
+    captured on first use, with a warning, and each of those serves what its own assertions allow (not 16 alone,
+    here, but 17 to 63 save multiples of 16); every length patches exactly."""
+    model, traced_cm = traced("granite_hybrid")
+    cm = CircuitModel(traced_cm.model_name, traced_cm.first, traced_cm.capture_at)  # the first capture alone
+    assert [n for n in range(2, 64) if cm.first.lengths.serve(2, n)] == list(range(2, 16))
     generator = torch.Generator().manual_seed(3)
-    for length in (5, 9, 11):
+    for length in (5, 9, 16, 20, 40):
         clean, corrupted = torch.randint(0, 128, (2, 2, length), generator=generator)
         mask = torch.ones_like(clean)
         mask[0, :2] = 0
-        with torch.no_grad():
+        new = cm.serving(clean) is None
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             logits = model(input_ids=clean, attention_mask=mask).logits
             _close(cm(clean, mask), logits, mask)
             _close(cm.readout(cm.streams(clean, mask)[-1]), logits, mask)  # the first capture's, at every length
             patched = cm(clean, mask, corrupted_input_ids=corrupted, node_mask={"m0": 0.0})
-            _close(patched, _hooked_node_patch(model, "qwen3_5", "m0", clean, corrupted, mask), mask)
-        assert str(length) in cm.engines
-    monkeypatch.setattr(cm, "capture_at", None)  # a length seen before is not captured again
+            _close(patched, _hooked_node_patch(model, "granite_hybrid", "m0", clean, corrupted, mask), mask)
+        assert any("captured GraniteMoeHybridForCausalLM again" in str(w.message) for w in caught) == new
+    assert list(cm.engines) == ["5", "16", "20"]
+    monkeypatch.setattr(cm, "capture_at", None)  # a length served before is not captured again
     with torch.no_grad():
-        assert cm.activations(clean, mask).shape[2] == 11
+        assert cm.activations(clean, mask).shape[2] == 40

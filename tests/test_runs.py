@@ -3,25 +3,28 @@ import pytest
 import torch
 
 from fxcircuits import metrics
+from fxcircuits.model import CircuitModel
 from fxcircuits.runs import clean_values, metric_values, prepare
 
 
-def test_a_model_captured_per_length_runs_every_batch_at_one_length(traced, monkeypatch):
-    """Qwen3.5 is captured once per prompt length: batches of 6 and 8 tokens are padded on the right to 8, the
-    6-token length is never captured, and every metric equals the unpadded HF model's (all edges at 0: the
-    corrupted run's)."""
-    model, cm = traced("qwen3_5")
-    capture_at, asked = cm.capture_at, []
-    monkeypatch.setattr(cm, "capture_at", lambda length: asked.append(length) or capture_at(length))
+def test_batches_no_capture_serves_are_padded_to_one_length(traced, monkeypatch):
+    """Granite 4.0's first capture serves 2 to 15 tokens (a Mamba-2 chunk): a batch of 12 runs as it is, batches of
+    18 and 20 are padded on the right to 20 and share one new capture, and every metric equals the unpadded HF
+    model's (all edges at 0: the corrupted run's)."""
+    model, traced_cm = traced("granite_hybrid")
+    cm = CircuitModel(traced_cm.model_name, traced_cm.first, traced_cm.capture_at)  # the first capture alone
+    asked = []
+    monkeypatch.setattr(cm, "capture_at", lambda length: asked.append(length) or traced_cm.capture_at(length))
     generator = torch.Generator().manual_seed(5)
     batches = []
-    for length in (6, 8):
+    for length in (12, 18, 20):
         clean, corrupted = torch.randint(3, 128, (2, 2, length), generator=generator)
         batches.append({"clean": clean, "corrupted": corrupted, "correct": torch.tensor([[4], [5]]),
                         "incorrect": torch.tensor([[6], [7]])})
     metric = metrics.get("logit_diff")
-    prepared = prepare(cm, batches, metric)
-    assert [p.input_ids.shape[1] for p in prepared] == [8, 8] and 6 not in asked
+    with pytest.warns(UserWarning, match="captured GraniteMoeHybridForCausalLM again for prompts of 20 tokens"):
+        prepared = prepare(cm, batches, metric)
+    assert [p.input_ids.shape[1] for p in prepared] == [12, 20, 20] and asked == [20]
     with torch.no_grad():
         clean = torch.cat([metric(model(input_ids=b["clean"]).logits, b) for b in batches])
         corrupted = torch.cat([metric(model(input_ids=b["corrupted"]).logits, {**b, "clean": b["corrupted"]})
@@ -33,9 +36,9 @@ def test_a_model_captured_per_length_runs_every_batch_at_one_length(traced, monk
 
 def test_padding_to_one_length_does_not_hide_prompts_of_different_lengths(traced):
     """The batches are checked before they are padded: padding both prompts to the longest would align them."""
-    _, cm = traced("qwen3_5")
+    _, cm = traced("granite_hybrid")
     ids = lambda length: torch.randint(3, 128, (2, length))  # noqa: E731
     answers = {"correct": torch.tensor([[4], [5]]), "incorrect": torch.tensor([[6], [7]])}
-    batches = [{"clean": ids(6), "corrupted": ids(7), **answers}, {"clean": ids(8), "corrupted": ids(8), **answers}]
+    batches = [{"clean": ids(17), "corrupted": ids(18), **answers}, {"clean": ids(19), "corrupted": ids(19), **answers}]
     with pytest.raises(ValueError, match="aligned with batch\\['clean'\\]"):
         prepare(cm, batches, metrics.get("logit_diff"))
