@@ -35,8 +35,8 @@ SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_local_experts=4,
              n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
              qk_nope_head_dim=8, v_head_dim=16, rotary_dim=8, sliding_window=8, pad_token_id=0, bos_token_id=1,
-             eos_token_id=2, mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16, mamba_dt_rank=8,
-             attn_layer_period=2, attn_layer_offset=1, attn_layer_indices=[1])
+             eos_token_id=2, mamba_n_heads=8, mamba_d_head=16, mamba_d_ssm=128, mamba_d_state=16, mamba_chunk_size=16,
+             mamba_dt_rank=8, attn_layer_period=2, attn_layer_offset=1, attn_layer_indices=[1])
 TOLERANCE = 1e-4
 
 

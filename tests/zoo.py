@@ -69,7 +69,8 @@ CONFIGS = {
     "granite_hybrid": ("granitemoehybrid", dict(COMMON, num_key_value_heads=2,
                                                 layer_types=["linear_attention", "full_attention"], mamba_n_heads=8,
                                                 mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16,
-                                                num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=64)),
+                                                num_local_experts=4, num_experts_per_tok=2,
+                                                shared_intermediate_size=64)),
     # a vision-language model run on text: the language model's sizes live in its text config
     "gemma3_multimodal": ("gemma3", dict(text_config=dict(COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4),
                                          vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
