@@ -166,7 +166,8 @@ class CircuitModel(nn.Module):
                       "attribution and evaluation pad a dataset's batches to a length one capture serves",
                       stacklevel=3)
         self.engines[str(length)] = engine
-        return self.engine(input_ids)
+        self._served[tuple(input_ids.shape)] = engine
+        return engine
 
     def _inputs(self, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
