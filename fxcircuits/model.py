@@ -215,8 +215,8 @@ class CircuitModel(nn.Module):
 
     def recording(self, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The recording pass: ``groups()``, and the output of every attention layer's q, k and v projections,
-        which a patched run reads for the heads whose every edge it patches from this run."""
+        """The recording pass: ``groups()``, and the output of every attention layer's q, k and v projections (and
+        of its output gate's), which a patched run reads for the heads whose every edge it patches from this run."""
         input_ids, attention_mask = self._inputs(input_ids, attention_mask)
         return self.engine(input_ids).recorder(input_ids, attention_mask)
 

@@ -6,7 +6,7 @@ stream:
 * the **recorder** runs the model unchanged up to the last writer and returns every upstream node's output
   (``input``, each head's write, each MLP's write), one tensor [n_nodes, batch, seq, d_model] per writer — not
   the logits, which no caller of the other run needs — and the output of every attention layer's q, k and v
-  projections.  Where the heads' writes sum to what attention adds (no output bias, no norm after it), both
+  projections (and of its output gate's).  Where the heads' writes sum to what attention adds (no output bias, no norm after it), both
   graphs add that sum and never run the output projection itself;
 * the **patcher** takes those outputs from another run (or runs that run itself, as the first rows of its
   batch) plus a mask, and gives every downstream input its own value through
@@ -224,9 +224,10 @@ class _Builder:
         self.readers = [sum(_reader_sizes(s)) for s in components.steps] + [1]  # the logits read last
         written = [sum(_writer_sizes(s)) for s in components.steps]
         self.reads = [1 + sum(written[:i]) for i in range(len(written) + 1)]  # upstream nodes each reader group reads
-        # the projection outputs of every attention read, which the recorder returns and the patcher takes back
-        self.recorded = [(id(a), role, plan.reads[role].projection.node) for a, plan in zip(components.attentions, plans)
-                         for role in QKV]
+        # the projection outputs of every attention read (q, k, v, and an output gate's), which the recorder returns
+        # and the patcher takes back
+        self.recorded = [(id(a), role, read.projection.node) for a, plan in zip(components.attentions, plans)
+                         for role, read in [*plan.reads.items(), ("gate", plan.write.gate)] if read is not None]
         self.n_downstream = 0
         self.name = components.model_name
         self.scales = {scale.node: scale for scale in components.scales}
@@ -360,13 +361,15 @@ class _Builder:
     def _gates(self, step: Step, attention: Attention, rows: Node, reader: int) -> Node:
         """The output gate as each query head computes it from its own q input (``rows``: the layer's q readers,
         the first at reader ``reader``), the way its q is computed: each head projects only the columns its gate
-        reads.  [rounds, *gate shape], as ``HeadGate`` takes them."""
+        reads; a head whose every edge the mask patches from a recorded run takes its gate from that run's recording,
+        as its q.  [rounds, *gate shape], as ``HeadGate`` takes them."""
         read = self.plans[id(attention)].write.gate
         if not read.stacked:
             return self._run_post(read, self._rounds_apart(step, read, rows))
         shared = self.call(shared_input, rows)
         x, s, columns = self._stacked_norm(read, self.call(distinct_rows, rows, shared), shared)
-        rounds, _ = self._project(read, x, s, columns, shared, reader, attention.n_heads)
+        rounds, _ = self._project(read, x, s, columns, shared, reader, attention.n_heads,
+                                  self._recorded_index(attention, "gate"))
         return self._run_post(read, rounds)
 
     def _read_stacked(self, step: Step, attention: Attention, reads: list[ReadPlan], rows: Node,

@@ -344,29 +344,34 @@ def test_heads_whose_writes_no_edge_moves_write_their_sum_alone(prompts, monkeyp
     assert seen == [True] * model.config.num_hidden_layers
 
 
-def test_heads_reading_the_corrupted_run_alone_take_its_projections(prompts, monkeypatch):
+@pytest.mark.parametrize("name", ["llama", *sorted(GATED)])
+def test_heads_reading_the_corrupted_run_alone_take_its_projections(name, prompts, monkeypatch):
     """The circuit of ``_read_path_masks``: in every layer, q of head 0, k of head 1 and v of head 2 read the
-    recorded corrupted run alone, and take their projections from it.  Nothing is read from a recording where
-    the other run is given as values (zero ablation) or the mask needs a gradient."""
+    recorded corrupted run alone, and take their projections from it — head 0 its output gate's too, which it
+    computes from its q input — with the logits of a run that computes every projection.  Nothing is read from a
+    recording where the other run is given as values (zero ablation) or the mask needs a gradient."""
     from fxcircuits import rewrite
     seen, wholly_patched = [], rewrite.wholly_patched
     monkeypatch.setattr(rewrite, "wholly_patched", lambda *args: seen.append(wholly_patched(*args)) or seen[-1])
-    model = make("llama")
+    model = make(name)
     cm = fxcircuits.trace(model)
     clean, corrupted, mask = prompts
     circuit = _read_path_masks(cm)[4]
-    seen.clear()  # tracing runs the patcher too (``prefix``)
+    roles = ["q", "k", "v", "gate"] if name in GATED else ["q", "k", "v"]
     with torch.no_grad():
         other, recorded = cm.recording(corrupted, mask)
-        cm.patched(clean, mask, other, dense_keep(cm.graph, circuit), recorded=recorded)
-    assert len(seen) == 3 * model.config.num_hidden_layers
-    assert all(head in heads for i, heads in enumerate(seen) for head in [i % 3])
+        keep = dense_keep(cm.graph, circuit)
+        computed = cm.patched(clean, mask, other, keep)
+        seen.clear()  # tracing runs the patcher too (``prefix``), and so did the run that computes every projection
+        _close(cm.patched(clean, mask, other, keep, recorded=recorded), computed, mask.expand_as(computed[..., 0]))
+    assert len(seen) == len(roles) * model.config.num_hidden_layers
+    assert all(head in heads for i, heads in enumerate(seen) for head in [[0, 1, 2, 0][i % len(roles)]])
     seen.clear()
     zeros = torch.zeros_like(cm.activations(clean, mask))
     with torch.no_grad():
         cm(clean, mask, corrupted_activations=zeros, edge_mask=circuit)
     cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=circuit.clone().requires_grad_(True)).sum().backward()
-    assert len(seen) == 6 * model.config.num_hidden_layers and not any(seen)
+    assert len(seen) == 2 * len(roles) * model.config.num_hidden_layers and not any(seen)
 
 
 PRODUCTS = {torch.ops.aten.linear.default, torch.ops.aten.addmm.default, torch.ops.aten.mm.default,
