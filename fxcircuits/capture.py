@@ -15,6 +15,12 @@ from dataclasses import dataclass
 import sympy
 import torch
 from torch import nn
+from torch._export.utils import _is_cia_op, _is_preservable_cia_op
+from torch.fx.operator_schemas import normalize_function
+
+aten = torch.ops.aten
+CASTS = {aten.to.dtype, aten.to.device, aten.to.dtype_layout}
+RESHAPES = {aten.reshape.default, aten.contiguous.default}  # kept: a view, or a copy where it must
 
 
 class CaptureError(ValueError):
@@ -102,8 +108,7 @@ def export(model: nn.Module, length: int | None = None) -> tuple[torch.fx.GraphM
         program = _export(model, length, high)
     except Exception as error:  # export raises many exception types; all mean "not traceable"
         raise _untraceable(model, error) from error
-    # Functionalise (no in-place ops, no dropout) but keep linear/SDPA/layer_norm as single nodes.
-    module = program.run_decompositions({}).module()
+    module = _functional(program)
     _check_causal(module, model, length)
     return module, _lengths(module, program, length)
 
@@ -119,6 +124,58 @@ def _export(model: nn.Module, length: int, high: int) -> torch.export.ExportedPr
         return torch.export.export(_LogitsOnly(model), example_inputs(model, length), strict=False,
                                    dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
                                    prefer_deferred_runtime_asserts_over_guards=True)
+
+
+def _functional(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """The program as a functional ATen graph (no in-place op, no dropout) that keeps linear, SDPA and layer_norm
+    as single nodes.
+
+    ``run_decompositions({})`` makes one by tracing the program a second time, which costs more than the export
+    itself (SmolLM2: 39 s after 15 s).  A program whose ops are all functional, other than casts that change
+    nothing and an inference-mode dropout (both dropped) and real casts (spelled ``_to_copy``, as decomposition
+    spells them), already is that graph: it is used as it is."""
+    if not all(_functional_as_is(node) for node in program.graph.nodes):
+        return program.run_decompositions({}).module()
+    module = program.module()
+    for node in list(module.graph.nodes):
+        if node.target in CASTS or node.target is aten.dropout.default:
+            _drop_or_copy(module.graph, node)
+    module.recompile()
+    return module
+
+
+def _functional_as_is(node: torch.fx.Node) -> bool:
+    """Whether ``run_decompositions({})`` would leave ``node`` as it is, or ``_drop_or_copy`` stands in for it."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OperatorBase):
+        return True  # placeholders, weights, arithmetic on sizes
+    op = node.target
+    if op in CASTS:  # to(dtype, device) alone: no forced copy, no change of layout or memory format
+        kwargs = _arguments(node)
+        return not kwargs.get("copy") and not kwargs.get("pin_memory") and kwargs.get("layout") in (None, torch.strided) \
+            and kwargs.get("memory_format") in (None, torch.preserve_format)
+    if op is aten.dropout.default:
+        return not _arguments(node)["train"]  # an inference-mode dropout is the identity
+    if not isinstance(op, torch._ops.OpOverload) or op._schema.is_mutable:
+        return False  # a higher-order op (a nested graph), or an in-place op
+    return not _is_cia_op(op) or _is_preservable_cia_op(op) or op in RESHAPES
+
+
+def _arguments(node: torch.fx.Node) -> dict:
+    return normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+
+
+def _drop_or_copy(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    """Replace a cast or an inference-mode dropout by its input where it changes nothing, else by ``_to_copy``."""
+    source, value = node.args[0], node.meta["val"]
+    before = source.meta["val"]
+    if node.target is aten.dropout.default or (value.dtype, value.device) == (before.dtype, before.device):
+        node.replace_all_uses_with(source)
+    else:
+        with graph.inserting_before(node):
+            copy = graph.call_function(aten._to_copy.default, (source,), {"dtype": value.dtype, "device": value.device})
+        copy.meta = dict(node.meta)
+        node.replace_all_uses_with(copy)
+    graph.erase_node(node)
 
 
 def _lengths(module: torch.fx.GraphModule, program: torch.export.ExportedProgram, example: int) -> Lengths:
