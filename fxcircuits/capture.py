@@ -131,9 +131,9 @@ def _functional(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     as single nodes.
 
     ``run_decompositions({})`` makes one by tracing the program a second time, which costs more than the export
-    itself (SmolLM2: 39 s after 15 s).  A program whose ops are all functional, other than casts that change
-    nothing and an inference-mode dropout (both dropped) and real casts (spelled ``_to_copy``, as decomposition
-    spells them), already is that graph: it is used as it is."""
+    itself (a random Llama of SmolLM2's shape: 39 s after 15 s).  A program whose ops are all functional already is
+    that graph, but for its casts and inference-mode dropouts: it is used as exported, with those dropped where they
+    change nothing and real casts spelled ``_to_copy``, as decomposition spells them."""
     if not all(_functional_as_is(node) for node in program.graph.nodes):
         return program.run_decompositions({}).module()
     module = program.module()
@@ -146,18 +146,28 @@ def _functional(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
 
 def _functional_as_is(node: torch.fx.Node) -> bool:
     """Whether ``run_decompositions({})`` would leave ``node`` as it is, or ``_drop_or_copy`` stands in for it."""
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OperatorBase):
-        return True  # placeholders, weights, arithmetic on sizes
+    if node.op != "call_function":
+        return True  # placeholders, weights, the output
     op = node.target
+    if not isinstance(op, torch._ops.OperatorBase):
+        return _size_arithmetic(op)
     if op in CASTS:  # to(dtype, device) alone: no forced copy, no change of layout or memory format
         kwargs = _arguments(node)
-        return not kwargs.get("copy") and not kwargs.get("pin_memory") and kwargs.get("layout") in (None, torch.strided) \
-            and kwargs.get("memory_format") in (None, torch.preserve_format)
+        return (not kwargs.get("copy") and not kwargs.get("pin_memory")
+                and kwargs.get("layout") in (None, torch.strided)
+                and kwargs.get("memory_format") in (None, torch.preserve_format))
     if op is aten.dropout.default:
         return not _arguments(node)["train"]  # an inference-mode dropout is the identity
     if not isinstance(op, torch._ops.OpOverload) or op._schema.is_mutable:
         return False  # a higher-order op (a nested graph), or an in-place op
     return not _is_cia_op(op) or _is_preservable_cia_op(op) or op in RESHAPES
+
+
+def _size_arithmetic(fn) -> bool:
+    """Python arithmetic on sizes (``operator``, ``math``, ``torch.sym_*``), which decomposition keeps; any other
+    call (one that switches grad mode, say) is left to decomposition."""
+    module = getattr(fn, "__module__", None)
+    return module in ("_operator", "math") or (module == "torch" and fn.__name__.startswith("sym_"))
 
 
 def _arguments(node: torch.fx.Node) -> dict:
