@@ -20,7 +20,7 @@ from torch.fx.operator_schemas import normalize_function
 
 aten = torch.ops.aten
 CASTS = {aten.to.dtype, aten.to.device, aten.to.dtype_layout}
-RESHAPES = {aten.reshape.default, aten.contiguous.default}  # kept: a view, or a copy where it must
+KEPT_VIEWS = {aten.reshape.default, aten.contiguous.default}  # kept: a view, or a copy where it must
 
 
 class CaptureError(ValueError):
@@ -160,7 +160,7 @@ def _functional_as_is(node: torch.fx.Node) -> bool:
         return not _arguments(node)["train"]  # an inference-mode dropout is the identity
     if not isinstance(op, torch._ops.OpOverload) or op._schema.is_mutable:
         return False  # a higher-order op (a nested graph), or an in-place op
-    return not _is_cia_op(op) or _is_preservable_cia_op(op) or op in RESHAPES
+    return not _is_cia_op(op) or _is_preservable_cia_op(op) or op in KEPT_VIEWS
 
 
 def _size_arithmetic(fn) -> bool:

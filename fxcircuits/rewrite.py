@@ -6,8 +6,8 @@ stream:
 * the **recorder** runs the model unchanged up to the last writer and returns every upstream node's output
   (``input``, each head's write, each MLP's write), one tensor [n_nodes, batch, seq, d_model] per writer — not
   the logits, which no caller of the other run needs — and the output of every attention layer's q, k and v
-  projections (and of its output gate's).  Where the heads' writes sum to what attention adds (no output bias, no norm after it), both
-  graphs add that sum and never run the output projection itself;
+  projections (and of its output gate's).  Where the heads' writes sum to what attention adds (no output bias, no
+  norm after it), both graphs add that sum and never run the output projection itself;
 * the **patcher** takes those outputs from another run (or runs that run itself, as the first rows of its
   batch) plus a mask, and gives every downstream input its own value through
   :func:`fxcircuits.patching.accumulate`.  Each downstream input then runs its own copy of
