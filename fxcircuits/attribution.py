@@ -90,12 +90,14 @@ def _gradient_scores(cm, prepared, metric, method, steps, per_call, progress) ->
             total += torch.autograd.grad(value, keep)[0][0].cpu()
             continue
         with torch.no_grad():
-            clean = cm.groups(p.input_ids, p.attention_mask)
-        delta = torch.cat([o.expand_as(c) for o, c in zip(p.other, clean)]) - torch.cat(clean)
-        for input_ids, keep, other, rows in _points(cm, p, clean, delta, method, steps):
+            clean = cm.recording(p.input_ids, p.attention_mask)[0]  # per writer group, then per side input
+        n_groups = len(cm.graph.group_sizes)
+        deltas = [o.expand_as(c) - c for o, c in zip(p.other, clean)]
+        delta, sides = torch.cat(deltas[:n_groups]), [d[0] for d in deltas[n_groups:]]
+        for input_ids, keep, other, rows, side_rows in _points(cm, p, clean, delta, sides, method, steps):
             for first in range(0, keep.shape[0], per_call):
                 chunk = slice(first, first + per_call)
-                tap = Tap(rows, len(cm.graph.downstream))
+                tap = Tap(rows, len(cm.graph.downstream), side_rows)
                 value = p.measure(cm, metric, keep[chunk], input_ids=input_ids, other=_masks(other, chunk, p.size),
                                   tap=tap).sum()
                 total += torch.autograd.grad(value, tap.weight)[0].cpu()  # no gradient for the model's parameters
@@ -109,40 +111,46 @@ def _masks(other: list[torch.Tensor], chunk: slice, size: int) -> list[torch.Ten
     return [g if g.shape[1] in (1, size) else g[:, rows] for g in other]
 
 
-def _points(cm, p: Prepared, clean: list[torch.Tensor], delta: torch.Tensor, method: str, steps: int):
-    """Where the tap methods take their gradients: (input ids, keep [n, U, D], the other run per group, the
-    differences the tap scores) per set of points that share them."""
+def _points(cm, p: Prepared, clean: list[torch.Tensor], delta: torch.Tensor, sides: list[torch.Tensor],
+            method: str, steps: int):
+    """Where the tap methods take their gradients: (input ids, keep [n, U, D], the other run per group and side
+    input, the differences the tap scores, the side inputs' differences) per set of points that share them."""
     if method == "clean-corrupted":
-        yield p.input_ids, _ones(cm), p.other, delta
-        yield p.batch["corrupted"], _ones(cm), p.other, delta
+        yield p.input_ids, _ones(cm), p.other, delta, sides
+        yield p.batch["corrupted"], _ones(cm), p.other, delta, sides
     elif method == "eap-ig-inputs":  # the input node's edges at k/steps, k = 0 … steps−1 (NOTES.md §4)
         keep = _ones(cm, steps)
         keep[:, 0, :] = torch.arange(steps, device=keep.device)[:, None] / steps
-        yield p.input_ids, keep, p.other, delta
+        yield p.input_ids, keep, p.other, delta, sides
     else:
-        yield from _activation_points(cm, p, clean, delta, steps)
+        yield from _activation_points(cm, p, clean, delta, sides, steps)
 
 
-def _activation_points(cm, p: Prepared, clean: list[torch.Tensor], delta: torch.Tensor, steps: int):
+def _activation_points(cm, p: Prepared, clean: list[torch.Tensor], delta: torch.Tensor, sides: list[torch.Tensor],
+                       steps: int):
     """EAP-IG-activations: each writer's outputs in turn (the input, a layer's heads, an MLP) are set to
-    α·clean + (1 − α)·other, α = k/steps for k = 1 … steps, while everything else runs on the clean input.
+    α·clean + (1 − α)·other, α = k/steps for k = 1 … steps, while everything else runs on the clean input.  The
+    side inputs go with the input's outputs, whose edges carry them.
 
     An edge u → d is scored at the points that move u's own writer, so its integral follows the path of u's
     output, and on a model linear in its activations the score is exact.  (EAP-IG's reference averages every
     edge over the points of all writers, including those that cut the paths from d to the logits.)"""
-    alphas = torch.arange(1, steps + 1, device=cm.device, dtype=clean[0].dtype)[None, :, None, None, None] / steps
-    first = 0
-    for group, (c, o) in enumerate(zip(clean, p.other)):
-        n = c.shape[0]
+    alphas = torch.arange(1, steps + 1, device=cm.device, dtype=clean[0].dtype) / steps
+    n_groups, first = len(cm.graph.group_sizes), 0
+    for group in range(n_groups):
+        n = clean[group].shape[0]
         node_mask = torch.ones(steps, len(cm.graph.upstream), device=cm.device)
         node_mask[:, first:first + n] = 0.0  # every edge out of this writer's nodes, and nothing else
         keep = dense_keep(cm.graph, node_mask=node_mask, device=cm.device)
-        other = [g.new_zeros(g.shape[0], 1, 1, 1) for g in clean]
-        other[group] = (alphas * c[:, None] + (1 - alphas) * o[:, None]).reshape(n, -1, *c.shape[2:])
+        other = [g.new_zeros(g.shape[0], *[1] * (g.dim() - 1)) for g in clean]
+        for i in [group] + (list(range(n_groups, len(clean))) if group == 0 else []):
+            c, o = clean[i], p.other[i]
+            a = alphas.view(1, steps, *[1] * (c.dim() - 1))
+            other[i] = (a * c[:, None] + (1 - a) * o[:, None]).reshape(c.shape[0], -1, *c.shape[2:])
         rows = torch.zeros_like(delta)
         rows[first:first + n] = delta[first:first + n]
         first += n
-        yield p.input_ids, keep, other, rows
+        yield p.input_ids, keep, other, rows, sides if group == 0 else [torch.zeros_like(s) for s in sides]
 
 
 # ---------------------------------------------------------------- patching methods

@@ -6,7 +6,9 @@ stream value and some other terms is a *residual step*; the other terms are writ
 writers.  A writer whose terms depend on an attention core (a ``scaled_dot_product_attention`` node, or a
 matmul → softmax → matmul pattern) is an attention layer; any other writer is an MLP (an MoE block, or a
 hybrid's convolution or linear-attention layer: one node, read and written whole).  Between steps the stream
-may be scaled as a whole by a constant (Gemma 4's ``layer_scalar``).
+may be scaled as a whole by a constant (Gemma 4's ``layer_scalar``).  A writer outside attention may also read a
+*side input*: a value computed from the tokens beside the stream, before any attention (the per-layer inputs of
+Gemma 4's E-models), which the ``input`` node's edge into that writer carries (``MLP.sides``).
 Nothing here looks at module names, so new architectures need no new code.
 """
 from __future__ import annotations
@@ -50,11 +52,12 @@ def data_users(node: Node) -> list[Node]:
     return [n for n in node.users if n.op == "output" or (is_tensor_node(n) and n.target not in SKIPPED)]
 
 
-def descendants(node: Node) -> set[Node]:
+def descendants(node: Node, held: frozenset[Node] = frozenset()) -> set[Node]:
+    """Nodes on a data path from ``node``, along paths that do not pass through ``held``."""
     seen, stack = set(), [node]
     while stack:
         for user in data_users(stack.pop()):
-            if user not in seen:
+            if user not in seen and user not in held:
                 seen.add(user)
                 stack.append(user)
     return seen
@@ -116,6 +119,7 @@ class Attention:
 class MLP:
     layer: int
     terms: list[Node]
+    sides: list[Node] = field(default_factory=list)  # side inputs its block reads (``_side_inputs``)
 
 
 @dataclass
@@ -149,6 +153,11 @@ class Components:
     def attentions(self) -> list[Attention]:
         return [w for s in self.steps for w in s.writers if isinstance(w, Attention)]
 
+    @property
+    def sides(self) -> list[Node]:
+        """Every side input, in the order of the writers that read them."""
+        return [n for s in self.steps for w in s.writers if isinstance(w, MLP) for n in w.sides]
+
 
 def find_components(gm: GraphModule, model_name: str) -> Components:
     """Find the residual stream of ``gm`` and the attention and MLP layers that read and write it."""
@@ -156,15 +165,71 @@ def find_components(gm: GraphModule, model_name: str) -> Components:
     logits = _logits_node(output, model_name)
     source = _token_embedding(gm, model_name)
     chain = _dominator_chain(source, logits)
+    steps = _steps(chain, model_name)
+    sides = [] if steps else _side_inputs(source, chain)
+    if sides:  # the tokens reach the layers beside the stream: find the stream with those values held fixed
+        chain = _dominator_chain(source, logits, frozenset(sides))
+        steps = _steps(chain, model_name)
+    if not steps:
+        raise _no_attention(chain, model_name)
+    _check_cores(source, steps, model_name)
+    _assign_sides(sides, steps, model_name)
+    return Components(model_name, steps, steps[-1].end, logits, _stream_scales(chain, steps, model_name))
+
+
+def _steps(chain: list[Node], model_name: str) -> list[Step]:
+    """The residual steps along ``chain`` that have writers, or none where no attention layer writes."""
     counts = {"attention": 0, "mlp": 0}
     steps = []
     for step in _residual_steps(chain):
         step.writers = _writers(step, counts, model_name)
         if step.writers:
             steps.append(step)
-    if counts["attention"] == 0:
-        raise _no_attention(chain, model_name)
-    return Components(model_name, steps, steps[-1].end, logits, _stream_scales(chain, steps, model_name))
+    return steps if counts["attention"] else []
+
+
+def _side_inputs(source: Node, chain: list[Node]) -> list[Node]:
+    """Values computed from the token embedding before the first attention core, not on its way to that core, and
+    read after it: what the layers take from the tokens beside the stream (Gemma 4's per-layer inputs, one slice
+    per layer).  Found only where the stream alone leaves no attention layer on the chain, so no model whose
+    stream is found without them changes.  Whether each is read by one writer's block alone is checked later
+    (``_assign_sides``)."""
+    reach = descendants(source)
+    first = next((n for n in source.graph.nodes if n in reach and _scores(n, reach) is not None), None)
+    if first is None:
+        return []
+    after = descendants(first) | {first}
+    before = (reach | {source}) - after
+    feeding = ancestors(first)
+    return [n for n in source.graph.nodes if n in before and n not in feeding and n not in chain
+            and any(u in after for u in data_users(n))]
+
+
+def _check_cores(source: Node, steps: list[Step], model_name: str) -> None:
+    """Every attention core lies in a residual step.  One outside them all reaches the later layers other than
+    through the stream, so that the stream's chain skipped it: refused rather than taken as part of some node."""
+    spans = [(s.start, s.end) for s in steps]
+    reach = descendants(source)
+    for node in sorted(reach):
+        if node.target in SDPA | SOFTMAX and not any(start < node <= end for start, end in spans) \
+                and _scores(node, reach) is not None:
+            raise DecompositionError(model_name, node, "this attention layer reaches the later layers other than "
+                                     "through the residual stream (e.g. its keys and values reused by a later layer: "
+                                     "KV sharing, as in Gemma 3n and Gemma 4's E-models), which the per-edge inputs "
+                                     "cannot patch")
+
+
+def _assign_sides(sides: list[Node], steps: list[Step], model_name: str) -> None:
+    """Give each side input to the one writer outside attention whose block reads it; refuse one read anywhere
+    else (by attention, by the stream's sums, by the readout): no per-edge input would carry it there."""
+    for side in sides:
+        readers = [w for s in steps for w in s.writers if isinstance(w, MLP)
+                   and all(u in between(s.start, w.terms) for u in data_users(side))]
+        if len(readers) != 1:
+            raise DecompositionError(model_name, side, "a value computed from the tokens beside the residual stream "
+                                     "(a side input, such as Gemma 4's per-layer inputs) is read other than by one "
+                                     "MLP-like block, which the per-edge inputs cannot patch")
+        readers[0].sides.append(side)
 
 
 def _logits_node(output: Node, model_name: str) -> Node:
@@ -184,9 +249,10 @@ def _token_embedding(gm: GraphModule, model_name: str) -> Node:
     raise DecompositionError(model_name, input_ids, "no floating-point value is computed from input_ids")
 
 
-def _dominator_chain(source: Node, sink: Node) -> list[Node]:
-    """Nodes through which every data path from ``source`` to ``sink`` passes, in order."""
-    live = descendants(source) & (ancestors(sink) | {sink})
+def _dominator_chain(source: Node, sink: Node, held: frozenset[Node] = frozenset()) -> list[Node]:
+    """Nodes through which every data path from ``source`` to ``sink`` passes, in order; paths through ``held``
+    (side inputs, taken as given) do not count."""
+    live = descendants(source, held) & (ancestors(sink) | {sink})
     idom: dict[Node, Node | None] = {source: None}
     depth = {source: 0}
 
@@ -252,9 +318,9 @@ def _no_attention(chain: list[Node], model_name: str) -> DecompositionError:
         gap = between(previous, [node])
         if any(_scores(n, gap) is not None for n in gap):
             return DecompositionError(model_name, previous, why + "; from this value on, the attention layers are "
-                                      "reached along more than one path (a side input computed from the tokens, "
-                                      "such as the per-layer inputs of Gemma 3n and Gemma 4, besides the stream), "
-                                      "which the per-edge inputs cannot patch")
+                                      "reached along more than one path (a side input computed from the tokens "
+                                      "besides the stream, such as Gemma 3n's per-layer inputs, that is not one "
+                                      "block's own), which the per-edge inputs cannot patch")
     return DecompositionError(model_name, None, why)
 
 
@@ -313,6 +379,16 @@ def check_scales(components: Components, values: dict) -> None:
         if not bool(torch.as_tensor(factor).ne(0).all()):
             raise DecompositionError(components.model_name, scale.node, "the residual stream is scaled by zero "
                                      "here, so the nodes written before cannot be told apart after it")
+
+
+def check_sides(components: Components, values: dict, input_ids: Node) -> None:
+    """A side input is mixed per prompt (``patching.side_input``): it must hold the prompts along its first axis
+    and the positions along its second, as the tokens do."""
+    tokens = tuple(values[input_ids].shape)
+    for side in components.sides:
+        if tuple(values[side].shape[:2]) != tokens:
+            raise DecompositionError(components.model_name, side, f"a side input has shape {tuple(values[side].shape)}"
+                                     f" for tokens of shape {tokens}; fxcircuits needs it laid out as [batch, seq, …]")
 
 
 def _writers(step: Step, counts: dict[str, int], model_name: str) -> list[Attention | MLP]:

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import Lengths, example_inputs, export
-from .components import Attention, check_scales, find_components
+from .components import Attention, check_scales, check_sides, find_components
 from .graph import CircuitGraph, Writer
 from .heads import record_values
 from .patching import Scratch, Tap, dense_keep
@@ -53,6 +53,7 @@ def _build_engine(model: nn.Module, exported: torch.fx.GraphModule, lengths: Len
     components = find_components(exported, name)
     values = record_values(exported, *inputs)
     check_scales(components, values)
+    check_sides(components, values, next(iter(exported.graph.find_nodes(op="placeholder"))))
     plans = [plan_attention(step, w, values, name) for step in components.steps for w in step.writers
              if isinstance(w, Attention)]
     bar.update()
@@ -64,7 +65,8 @@ def _build_engine(model: nn.Module, exported: torch.fx.GraphModule, lengths: Len
     shares_prefix = share_prefix(patcher, recorder, *inputs)
     bar.update()
     return Engine(exported, recorder, patcher, build_readout(exported, components),
-                  build_streams(exported, components), graph, shares_prefix, lengths)
+                  build_streams(exported, components), graph, shares_prefix, lengths,
+                  [tuple(values[side].shape[2:]) for side in components.sides])
 
 
 def _capture_at(model: nn.Module, length: int) -> "Engine":
@@ -75,13 +77,16 @@ class Engine(nn.Module):
     """What runs one exported graph: the graph itself, the recording pass, the patcher, the readout (final norm
     and unembedding) and the stepper (the stream after each writer, ``rewrite.build_streams``); its ``graph`` of
     nodes and edges; ``shares_prefix``: whether its patcher can run the prefix that masks share once
-    (``fxcircuits.prefix``); ``lengths``: the prompt sizes it serves."""
+    (``fxcircuits.prefix``); ``lengths``: the prompt sizes it serves; ``side_shapes``: each side input's shape
+    after [batch, seq] (``components.MLP.sides``)."""
 
     def __init__(self, exported: nn.Module, recorder: nn.Module, patcher: nn.Module, readout: nn.Module,
-                 stepper: nn.Module, graph: CircuitGraph, shares_prefix: bool, lengths: Lengths):
+                 stepper: nn.Module, graph: CircuitGraph, shares_prefix: bool, lengths: Lengths,
+                 side_shapes: list[tuple[int, ...]]):
         super().__init__()
         self.exported, self.recorder, self.patcher, self.readout = exported, recorder, patcher, readout
         self.stepper, self.graph, self.shares_prefix, self.lengths = stepper, graph, shares_prefix, lengths
+        self.side_shapes = side_shapes
 
 
 class CircuitModel(nn.Module):
@@ -91,7 +96,9 @@ class CircuitModel(nn.Module):
     with a mask runs the edge-patched model; ``readout`` maps a residual stream [B, S, d_model] to logits (the
     final norm and unembedding alone, for the logit lens); ``streams`` gives the stream itself after each writer;
     ``scratch`` keeps the memory patched runs on CPU write their rows into (``patching.Scratch``:
-    ``cm.scratch.clear()`` frees it); ``shares_prefix``: whether masks evaluated in one call run the layers before
+    ``cm.scratch.clear()`` frees it); ``side_shapes``: per side input (a value computed from the tokens beside the
+    stream, which the ``input`` node's edge into its reader carries: Gemma 4's per-layer inputs), its shape after
+    [batch, seq] — none for most models; ``shares_prefix``: whether masks evaluated in one call run the layers before
     the first reader they patch once for all (``fxcircuits.prefix``).
 
     ``engines``: the captures, keyed by the prompt length each was traced at — one, unless the model's code
@@ -104,7 +111,7 @@ class CircuitModel(nn.Module):
         self.model_name, self.capture_at = model_name, capture_at
         self.engines = nn.ModuleDict({str(engine.lengths.example): engine})
         self._served: dict[tuple[int, int], Engine] = {}
-        self.graph, self.shares_prefix = engine.graph, engine.shares_prefix
+        self.graph, self.shares_prefix, self.side_shapes = engine.graph, engine.shares_prefix, engine.side_shapes
         self.traced_device = self.device
         self.scratch = Scratch()
 
@@ -194,7 +201,12 @@ class CircuitModel(nn.Module):
 
     def groups(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Upstream outputs as the patcher takes them: one tensor per writer (``input``, a layer's heads, an MLP)."""
-        return self.recording(input_ids, attention_mask)[0]
+        return self.recording(input_ids, attention_mask)[0][:len(self.graph.group_sizes)]
+
+    def side_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Each side input's value, [batch, seq, …] (``side_shapes``): what the ``input`` node's edge into its reader
+        carries beside the stream.  Empty for a model without side inputs."""
+        return [s[0] for s in self.recording(input_ids, attention_mask)[0][len(self.graph.group_sizes):]]
 
     def streams(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The residual stream after ``input`` and after each writer (a layer's heads, an MLP), as the model holds
@@ -215,14 +227,16 @@ class CircuitModel(nn.Module):
 
     def recording(self, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The recording pass: ``groups()``, and the output of every attention layer's q, k and v projections (and
-        of its output gate's), which a patched run reads for the heads whose every edge it patches from this run."""
+        """The recording pass: the other run as ``patched`` takes it — ``groups()`` followed by ``side_inputs()``,
+        each as [1, batch, …] — and the output of every attention layer's q, k and v projections (and of its output
+        gate's), which a patched run reads for the heads whose every edge it patches from this run."""
         input_ids, attention_mask = self._inputs(input_ids, attention_mask)
         return self.engine(input_ids).recorder(input_ids, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 corrupted_input_ids: torch.Tensor | None = None, edge_mask=None, node_mask=None,
-                corrupted_activations: torch.Tensor | None = None) -> torch.Tensor:
+                corrupted_activations: torch.Tensor | None = None,
+                corrupted_side_inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Logits; with ``edge_mask``/``node_mask``, logits of the edge-patched run.
 
         ``edge_mask``: tensor in ``graph.edges`` order ([E], or [n_masks, E] to evaluate several masks at once,
@@ -230,7 +244,9 @@ class CircuitModel(nn.Module):
         ``node_mask``: tensor over ``graph.upstream`` or ``{node_name: value}``; a node at 0 sends its other-run
         output along all its outgoing edges.  The other run is ``corrupted_input_ids`` (same shape as
         ``input_ids``), or ``corrupted_activations`` (e.g. zeros or means of ``activations(...)`` for zero or mean
-        ablation, broadcastable to [n_upstream, batch, seq, d_model])."""
+        ablation, broadcastable to [n_upstream, batch, seq, d_model]); with ``corrupted_activations``, a model with side
+        inputs (``side_shapes``) takes their values too, ``corrupted_side_inputs`` (e.g. zeros, or means of
+        ``side_inputs(...)``), each broadcastable to [batch, seq, …]."""
         input_ids, attention_mask = self._inputs(input_ids, attention_mask)
         if edge_mask is None and node_mask is None:
             return self.engine(input_ids).exported(input_ids, attention_mask)
@@ -239,7 +255,8 @@ class CircuitModel(nn.Module):
             logits = self.patched_alongside(input_ids, attention_mask, self._corrupted(input_ids, corrupted_input_ids),
                                             keep)
         else:
-            other, recorded = self._other_run(input_ids, attention_mask, corrupted_input_ids, corrupted_activations)
+            other, recorded = self._other_run(input_ids, attention_mask, corrupted_input_ids, corrupted_activations,
+                                              corrupted_side_inputs)
             logits = self.patched(input_ids, attention_mask, other, keep, recorded=recorded)
         batched = any(isinstance(m, torch.Tensor) and m.dim() == 2 for m in (edge_mask, node_mask))
         return logits if batched else logits[0]
@@ -251,7 +268,7 @@ class CircuitModel(nn.Module):
 
         ``other``: the other run's outputs per writer group (``groups()``), [n, batch or 1, seq, d_model] (one
         batch serves every mask, and is never copied per mask), or [n, n_masks·batch, …] where each mask has its
-        own; ``keep``: [n_masks, n_upstream, n_downstream] as ``patching.dense_keep`` builds it; ``tap``: a
+        own, followed by its side inputs as [1, batch, …] likewise (``recording()[0]`` is such a list); ``keep``: [n_masks, n_upstream, n_downstream] as ``patching.dense_keep`` builds it; ``tap``: a
         ``patching.Tap`` to score every edge in the backward pass; ``recorded``: where ``other`` is a recorded run
         of this batch, its projections (``recording()[1]``), from which the heads that read that run alone take
         theirs instead of computing them again; ``positions``: LongTensor [batch], one position per prompt, for
@@ -298,8 +315,8 @@ class CircuitModel(nn.Module):
                                                     ahead, positions, prefix)
         return logits.reshape(keep.shape[0], -1, *logits.shape[1:])
 
-    def _other_run(self, input_ids, attention_mask, corrupted_input_ids,
-                   corrupted_activations) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    def _other_run(self, input_ids, attention_mask, corrupted_input_ids, corrupted_activations,
+                   corrupted_side_inputs) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         if (corrupted_input_ids is None) == (corrupted_activations is None):
             raise ValueError("a masked run needs exactly one of corrupted_input_ids (patch from a corrupted prompt) or "
                              "corrupted_activations (zero / mean ablation values)")
@@ -310,9 +327,36 @@ class CircuitModel(nn.Module):
             if len(shape) != 4 or shape[0] != len(self.graph.upstream) or shape[1] not in (1, batch):
                 raise ValueError(f"corrupted_activations have shape {shape}; expected [{len(self.graph.upstream)}, "
                                  f"{batch} (the batch) or 1, seq, d_model] as activations() returns")
-            return list(corrupted_activations.to(self.device).split(self.graph.group_sizes)), None
+            groups = list(corrupted_activations.to(self.device).split(self.graph.group_sizes))
+            return groups + self._side_values(corrupted_side_inputs, input_ids), None
+        if corrupted_side_inputs is not None:
+            raise ValueError("corrupted_side_inputs go with corrupted_activations; a corrupted prompt brings its own")
         with torch.no_grad():
             return self.recording(self._corrupted(input_ids, corrupted_input_ids), attention_mask)
+
+    def _side_values(self, values: list[torch.Tensor] | None, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """The side inputs' ablation values, checked, in the layout ``patched`` takes ([1, …])."""
+        if not self.side_shapes:
+            if values:
+                raise ValueError(f"{self.model_name} reads no side inputs: drop corrupted_side_inputs")
+            return []
+        if values is None:
+            raise ValueError(f"{self.model_name} reads {len(self.side_shapes)} side input(s) computed from the tokens "
+                             "beside the residual stream (such as Gemma 4's per-layer inputs), which the input node's "
+                             "edges carry: with corrupted_activations, pass corrupted_side_inputs too (e.g. zeros, or "
+                             "means of cm.side_inputs(...))")
+        batch, seq = input_ids.shape
+        if len(values) != len(self.side_shapes):
+            raise ValueError(f"corrupted_side_inputs holds {len(values)} tensors; {self.model_name} reads "
+                             f"{len(self.side_shapes)} side inputs (cm.side_shapes)")
+        for value, shape in zip(values, self.side_shapes):
+            expected = (batch, seq, *shape)
+            if value.dim() != len(expected) or any(v not in (1, e) for v, e in zip(value.shape, expected)):
+                raise ValueError(f"a corrupted side input has shape {tuple(value.shape)}; expected one broadcastable "
+                                 f"to {expected} as side_inputs() returns")
+            if not torch.isfinite(value).all():
+                raise ValueError("corrupted_side_inputs contain NaN or infinite values")
+        return [value.to(self.device)[None] for value in values]
 
     def _corrupted(self, input_ids: torch.Tensor, corrupted_input_ids: torch.Tensor) -> torch.Tensor:
         if corrupted_input_ids.shape != input_ids.shape:

@@ -483,6 +483,32 @@ def _accumulate(store: DeltaStore, stream: torch.Tensor, writes: list[torch.Tens
     return _Accumulate.apply(stream, keep, store, first, last, len(writes), *writes, *others)
 
 
+def side_input(store: DeltaStore, run: torch.Tensor, other: torch.Tensor | None, reader: int) -> torch.Tensor:
+    """A side input (``components.MLP.sides``: a value the ``input`` node's edge into ``reader`` carries beside the
+    stream) as that reader sees it: ``run + (1 − keep[input, reader]) · (other − run)``, per mask, as the stream's
+    share from ``input`` in ``accumulate``.
+
+    run: this pass's value, [rows, …] with the rows mask after mask — or one batch for all, in a prefix the masks
+    share, where no mask moves the edge; other: the other run's, [1, rows, …] with rows 1, one batch, or every
+    mask's (None where that run leads this pass's rows, ``store.ahead``)."""
+    if not store.moves(reader, reader + 1) and not store.keep.requires_grad:
+        return run
+    weight = 1 - store.keep[:, 0, reader].to(run.dtype)
+    if store.ahead:
+        lead, rest = run.unflatten(0, (store.blocks, -1)).split([1, store.blocks - 1])
+        return torch.cat([lead, _mixed(rest, lead, weight)]).flatten(0, 1)
+    masks = weight.shape[0]
+    other = other[0]
+    if other.shape[0] not in (1, run.shape[0] // masks):  # each mask's own rows
+        other = other.unflatten(0, (masks, -1))
+    return _mixed(run.unflatten(0, (masks, -1)), other, weight).flatten(0, 1)
+
+
+def _mixed(run: torch.Tensor, other: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``run + weight · (other − run)`` with ``run`` [n_masks, rows, …] and ``weight`` [n_masks]."""
+    return run + weight.view(-1, *[1] * (run.dim() - 1)) * (other.to(run.dtype) - run)
+
+
 class Tap:
     """Edge attribution at any point of a run: ``weight.grad[u, d] += Σ (a_u(clean) − a_u(other)) · ∂metric/∂x_d``.
 
@@ -493,10 +519,11 @@ class Tap:
     gradient of size [n_downstream, batch, seq, d_model] is ever kept.
 
     delta: ``a(other) − a(clean)`` per upstream node, [n_upstream, batch, seq, d_model] — the run may hold several
-    points of one batch side by side (masks × batch rows); their gradients are summed."""
+    points of one batch side by side (masks × batch rows); their gradients are summed.  sides: the same difference
+    of each side input (``side_input``), [batch, …], whose gradient counts for the ``input`` node's edge."""
 
-    def __init__(self, delta: torch.Tensor, n_downstream: int):
-        self.delta = delta.detach()
+    def __init__(self, delta: torch.Tensor, n_downstream: int, sides: list[torch.Tensor] = ()):
+        self.delta, self.sides = delta.detach(), [s.detach() for s in sides]
         self.weight = torch.zeros(delta.shape[0], n_downstream, device=delta.device, requires_grad=True)
 
 
@@ -546,6 +573,14 @@ def tap(t: Tap | None, inputs: torch.Tensor, n_upstream: int, first: int, last: 
     if t is None:
         return inputs
     return _Tap.apply(inputs, t.weight[:n_upstream, first:last], t.delta[:n_upstream])
+
+
+def tap_side(t: Tap | None, value: torch.Tensor, index: int, reader: int) -> torch.Tensor:
+    """Side input ``index`` as ``reader`` reads it, through ``t`` (its gradient scores the edge ``input → reader``
+    as the stream's does); unchanged when there is no tap."""
+    if t is None:
+        return value
+    return _Tap.apply(value[None], t.weight[:1, reader:reader + 1], t.sides[index][None])[0]
 
 
 def edge_vector(graph: CircuitGraph, edge_mask) -> torch.Tensor:

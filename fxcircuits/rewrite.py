@@ -4,14 +4,16 @@ Two graphs are built from the captured one by copying it node by node and replac
 stream:
 
 * the **recorder** runs the model unchanged up to the last writer and returns every upstream node's output
-  (``input``, each head's write, each MLP's write), one tensor [n_nodes, batch, seq, d_model] per writer — not
-  the logits, which no caller of the other run needs — and the output of every attention layer's q, k and v
-  projections (and of its output gate's).  Where the heads' writes sum to what attention adds (no output bias, no
+  (``input``, each head's write, each MLP's write), one tensor [n_nodes, batch, seq, d_model] per writer, then
+  each side input the ``input`` node's edges carry (``components.MLP.sides``) as [1, batch, …] — not the logits,
+  which no caller of the other run needs — and the output of every attention layer's q, k and v projections (and
+  of its output gate's).  Where the heads' writes sum to what attention adds (no output bias, no
   norm after it), both graphs add that sum and never run the output projection itself;
 * the **patcher** takes those outputs from another run (or runs that run itself, as the first rows of its
   batch) plus a mask, and gives every downstream input its own value through
   :func:`fxcircuits.patching.accumulate`.  Each downstream input then runs its own copy of
-  the reading computation: an MLP's whole block; for attention, the norm and projection of each query head's
+  the reading computation: an MLP's whole block (reading its side inputs through
+  :func:`fxcircuits.patching.side_input`); for attention, the norm and projection of each query head's
   q, k and v separately (see :mod:`fxcircuits.heads`; the norm's trailing factors cross the projection, see
   :mod:`fxcircuits.norms`), the attention core over the per-head tensors, and the unchanged output path.
   Where the mask weights every edge into a layer (or into one role's readers) alike and no gradient is asked
@@ -36,7 +38,7 @@ from .heads import (RELAYOUT, HeadGate, Post, Projection, Ranges, broadcasts, co
                     role_rows, role_shared, shared_input, to_ranges, wholly_patched)
 from .norms import Norm
 from .patching import (DeltaStore, accumulate, at_positions, patched_rows, patched_rows_count, sequence_length,
-                       tap)
+                       side_input, tap, tap_side)
 
 aten = torch.ops.aten
 QKV = ("q", "k", "v")
@@ -228,6 +230,7 @@ class _Builder:
         # and the patcher takes back
         self.recorded = [(id(a), role, read.projection.node) for a, plan in zip(components.attentions, plans)
                          for role, read in [*plan.reads.items(), ("gate", plan.write.gate)] if read is not None]
+        self.sides = components.sides    # read by MLP blocks; their other-run values follow the writer groups
         self.n_downstream = 0
         self.name = components.model_name
         self.scales = {scale.node: scale for scale in components.scales}
@@ -323,7 +326,7 @@ class _Builder:
                 if isinstance(writer, Attention):
                     self._patched_attention(step, writer, inputs, first, group + first)
                 else:
-                    self._patched_mlp(step, writer, self.call(operator.getitem, inputs, first))
+                    self._patched_mlp(step, writer, self.call(operator.getitem, inputs, first), group + first)
                 first += size
         for writer in step.writers:
             if isinstance(writer, Attention):
@@ -331,8 +334,15 @@ class _Builder:
             else:
                 self._add_group(self._sum_as_rows([self.env[t] for t in writer.terms]), 1)
 
-    def _patched_mlp(self, step: Step, mlp: MLP, x: Node) -> None:
-        local = self.clone(sorted(between(step.start, mlp.terms)), {step.start: x})
+    def _patched_mlp(self, step: Step, mlp: MLP, x: Node, reader: int) -> None:
+        """The block of ``mlp`` on its input ``x`` (reader ``reader``), with its side inputs as that reader sees them."""
+        substitute = {step.start: x}
+        for side in mlp.sides:
+            index = self.sides.index(side)
+            other = self.call(other_group, self.other, len(self.sizes) + index)
+            value = self.call(side_input, self.store, self.env[side], other, reader)
+            substitute[side] = self.call(tap_side, self.tap, value, index, reader)
+        local = self.clone(sorted(between(step.start, mlp.terms)), substitute)
         for term in mlp.terms:
             self.env[term] = local[term]
 
@@ -510,7 +520,8 @@ class _Builder:
             x = self.call(at_positions, self.call(patched_rows, self.store, x), self.positions, seq)
             self.graph.output(_readout(self.graph, self.components, x, self._input_size))
         else:  # no logits: the recording pass skips the final norm and unembedding (a fifth of SmolLM2's forward)
-            self.graph.output((list(self.acts), [self.env[node] for _, _, node in self.recorded]))
+            sides = [self.call(as_rows, self.env[side], self.env[side]) for side in self.sides]
+            self.graph.output((list(self.acts) + sides, [self.env[node] for _, _, node in self.recorded]))
 
     def _input_size(self, node: Node, dim: int) -> Node:
         """The patched rows' batch (``dim`` 0) or sequence length where the readout reads the inputs' sizes."""

@@ -24,7 +24,7 @@ class Prepared:
     batch: dict
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    other: list[torch.Tensor]   # per writer group: [n, batch or 1, seq, d_model]
+    other: list[torch.Tensor]   # per writer group: [n, batch or 1, seq, d_model]; then per side input [1, …]
     recorded: list[torch.Tensor] | None = None  # the corrupted run's projections (CircuitModel.recording)
     positions: torch.Tensor | None = None  # [batch]: the one position the metric reads, where it reads one
 
@@ -91,26 +91,35 @@ def _prepare(cm: CircuitModel, batch: dict, metric, ablation: str, means: torch.
         if ablation == "corrupted":
             other, recorded = cm.recording(batch["corrupted"], mask)
         else:
-            values = torch.zeros(len(cm.graph.upstream), 1, 1, cm.graph.d_model) if means is None else means
             dtype = next(cm.exported.parameters()).dtype
-            other = list(values.to(cm.device, dtype).split(cm.graph.group_sizes))
+            other = [v.to(cm.device, dtype) for v in (_zeros(cm) if means is None else means)]
     positions = metrics.answer_position(batch) if metrics.reads_answer_alone(metric) else None
     return Prepared(batch, ids, mask, other, recorded, positions)
 
 
-def mean_activations(cm: CircuitModel, reference: Iterable[dict] | None) -> torch.Tensor:
-    """Every node's output averaged over the real tokens of ``reference``: [n_upstream, 1, 1, d_model]."""
+def _zeros(cm: CircuitModel) -> list[torch.Tensor]:
+    """The other run of zero ablation, as ``CircuitModel.patched`` takes it: per writer group, then per side input."""
+    groups = [torch.zeros(n, 1, 1, cm.graph.d_model) for n in cm.graph.group_sizes]
+    return groups + [torch.zeros(1, 1, 1, *shape) for shape in cm.side_shapes]
+
+
+def mean_activations(cm: CircuitModel, reference: Iterable[dict] | None) -> list[torch.Tensor]:
+    """The other run of mean ablation: every node's output (per writer group, [n, 1, 1, d_model]), then every side
+    input ([1, 1, 1, …]), averaged over the real tokens of ``reference``."""
     if reference is None:
         raise ValueError("ablation='mean' averages activations over a reference dataset: pass reference=batches")
-    total, count = 0.0, 0
+    totals, count = None, 0
     with torch.no_grad():
         for batch in served_lengths(cm, reference):
             ids = batch["clean"].to(cm.device)
             mask = batch.get("attention_mask", torch.ones_like(ids)).to(cm.device)
-            acts = cm.activations(ids, mask).float()
-            total = total + (acts * mask[None, :, :, None]).sum((1, 2))
+            sums = [(v.float() * mask.view(1, *mask.shape, *[1] * (v.dim() - 3))).sum((1, 2), keepdim=True)
+                    for v in cm.recording(ids, mask)[0]]
+            totals = sums if totals is None else [t + s for t, s in zip(totals, sums)]
             count += int(mask.sum())
-    return (total / count)[:, None, None, :]
+    if totals is None:
+        raise ValueError("ablation='mean' averages over the reference batches, but reference holds none")
+    return [t / count for t in totals]
 
 
 def examples(prepared: list[Prepared]) -> int:

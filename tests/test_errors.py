@@ -5,6 +5,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 import fxcircuits
 from fxcircuits.patching import dense_keep
+from zoo import make
 
 
 @pytest.fixture
@@ -66,6 +67,28 @@ def test_ablation_values_of_another_batch_size_are_refused(llama):
     acts = llama.activations(torch.zeros(3, 4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"corrupted_activations have shape .*2 \(the batch\) or 1"):
         llama(ids, corrupted_activations=acts, edge_mask=torch.zeros(len(llama.graph.edges)))
+
+
+def test_ablation_values_need_the_side_inputs_where_the_model_reads_them(llama, traced):
+    """Gemma 4's E-models read per-layer inputs beside the stream, which the input node's edges carry: ablation
+    values for the nodes alone leave them undefined."""
+    _, cm = traced("gemma4_per_layer")
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    zeros, edges = torch.zeros(len(cm.graph.upstream), 1, 1, cm.graph.d_model), torch.zeros(len(cm.graph.edges))
+    with pytest.raises(ValueError, match="side input.*pass corrupted_side_inputs"):
+        cm(ids, corrupted_activations=zeros, edge_mask=edges)
+    with pytest.raises(ValueError, match="holds 1 tensors; .* reads 2 side inputs"):
+        cm(ids, corrupted_activations=zeros, corrupted_side_inputs=[torch.zeros(1, 1, 8)], edge_mask=edges)
+    with pytest.raises(ValueError, match=r"shape \(3, 4, 8\); expected one broadcastable to \(2, 4, 8\)"):
+        cm(ids, corrupted_activations=zeros, corrupted_side_inputs=[torch.zeros(3, 4, 8)] * 2, edge_mask=edges)
+    with pytest.raises(ValueError, match="NaN"):
+        cm(ids, corrupted_activations=zeros, corrupted_side_inputs=[torch.full((1, 1, 8), float("nan"))] * 2,
+           edge_mask=edges)
+    with pytest.raises(ValueError, match="go with corrupted_activations"):
+        cm(ids, corrupted_input_ids=ids, corrupted_side_inputs=[torch.zeros(1, 1, 8)] * 2, edge_mask=edges)
+    with pytest.raises(ValueError, match="reads no side inputs"):
+        llama(ids, corrupted_activations=torch.zeros(len(llama.graph.upstream), 1, 1, llama.graph.d_model),
+              corrupted_side_inputs=[torch.zeros(1, 1, 8)], edge_mask=torch.zeros(len(llama.graph.edges)))
 
 
 def test_positions_of_another_shape_are_refused(llama):
@@ -213,6 +236,15 @@ def test_a_model_without_attention_is_refused_as_such():
             as refusal:
         fxcircuits.trace(AutoModelForCausalLM.from_config(config))
     assert "more than one path" not in str(refusal.value)
+
+
+def test_keys_and_values_reused_by_a_later_layer_are_refused():
+    """Gemma 4's E-models reuse an earlier layer's keys and values in their last layers (KV sharing): that layer's
+    attention reaches the later ones beside the stream, and the refusal says so at its core."""
+    model = make("gemma4_per_layer", num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                 num_kv_shared_layers=2)
+    with pytest.raises(fxcircuits.DecompositionError, match="scaled_dot_product_attention.*KV sharing"):
+        fxcircuits.trace(model)
 
 
 def test_a_scaled_residual_is_refused_at_the_scaling():

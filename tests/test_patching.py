@@ -232,6 +232,60 @@ def _run_with(model, handles, ids, mask):
             handle.remove()
 
 
+@pytest.mark.parametrize("ablation", ["corrupted", "zero"])
+def test_the_input_nodes_edge_carries_the_per_layer_input(traced, prompts, ablation):
+    """Gemma 4's E-models compute a per-layer input from the tokens beside the stream and read it in a block after
+    each MLP (m1 in layer 0).  Patching the edge input → m1 alone gives that block the other run's per-layer input,
+    and its stream input the other run's embedding, and changes nothing else: checked against hooks on the
+    unmodified HF model, for a corrupted prompt and for zero ablation."""
+    model, cm = traced("gemma4_per_layer")
+    clean, corrupted, mask = prompts
+    layer, embed = model.model.layers[0], model.model.embed_tokens
+    with torch.no_grad():
+        embed_clean = _capture_output(model, embed, clean, mask)
+        if ablation == "corrupted":
+            kwargs = dict(corrupted_input_ids=corrupted)
+            embed_other = _capture_output(model, embed, corrupted, mask)
+            saved = {}
+            _run_with(model, layer.register_forward_pre_hook(lambda m, a: saved.update(side=a[1])), corrupted, mask)
+            side_other = saved["side"]
+        else:
+            kwargs = dict(corrupted_activations=torch.zeros(len(cm.graph.upstream), 1, 1, cm.graph.d_model),
+                          corrupted_side_inputs=[torch.zeros(1, 1, *shape) for shape in cm.side_shapes])
+            embed_other, side_other = 0.0, 0.0
+
+        def reference(with_side: bool) -> torch.Tensor:
+            hooks = [layer.per_layer_input_gate.register_forward_pre_hook(
+                lambda m, a: (a[0] + embed_other - embed_clean,))]
+            if with_side:
+                hooks.append(layer.register_forward_pre_hook(lambda m, a: (a[0], a[1] * 0 + side_other, *a[2:])))
+            return _run_with(model, hooks, clean, mask)
+
+        ours = cm(clean, mask, edge_mask={"input->m1": 0.0}, **kwargs)
+        _close(ours, reference(True), mask)
+        assert not torch.allclose(ours, reference(False), atol=1e-3)  # the per-layer input matters here
+
+
+@pytest.mark.parametrize("alongside", [False, True])
+def test_masks_that_move_late_edges_share_the_per_layer_inputs_of_the_prefix(traced, prompts, monkeypatch,
+                                                                           alongside):
+    """Masks that move edges into the last layers alone run the layers before once for all (``fxcircuits.prefix``);
+    the per-layer inputs, computed there, are repeated for every mask where the masks part — recorded first or
+    (as on a GPU) alongside."""
+    monkeypatch.setattr(fxcircuits.CircuitModel, "runs_alongside", lambda self: alongside)
+    _, cm = traced("gemma4_per_layer")
+    clean, corrupted, mask = prompts
+    edges = ["input->m3", "input->m1", "a0.h1->m3", "m1->m3"]
+    masks = torch.ones(len(edges), len(cm.graph.edges))
+    for i, edge in enumerate(edges):
+        masks[i, cm.graph.edge_index[edge]] = 0.0
+    assert cm.shares_prefix
+    with torch.no_grad():
+        together = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks)
+        for i in range(len(edges)):
+            _close(together[i], cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks[i]), mask)
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_bfloat16_models(name, prompts):
     """Any dtype: a bf16 model traces, runs as HF runs it, and an all-zero mask gives its corrupted run."""

@@ -48,6 +48,10 @@ CONFIGS = {
                                    layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=0,
                                    attention_k_eq_v=True, num_global_key_value_heads=1, enable_moe_block=True,
                                    num_experts=4, top_k_experts=2, moe_intermediate_size=32)),
+    # Gemma 4's E-models: per-layer inputs, computed from the tokens beside the stream, read by a block after the MLP
+    "gemma4_per_layer": ("gemma4_text", dict(COMMON, num_key_value_heads=2, head_dim=16, global_head_dim=16,
+                                             sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                                             hidden_size_per_layer_input=8, vocab_size_per_layer_input=128)),
     # gated attention: q_proj writes each head's query and output gate (Qwen3-Next's full-attention layers)
     "qwen3_next": ("qwen3_next", dict(COMMON, num_key_value_heads=2, head_dim=16,
                                       layer_types=["full_attention", "full_attention"], num_experts=4,
@@ -110,6 +114,8 @@ MODULES = {
               "model.layers.{}.post_attention_layernorm"),
     "gemma4": ("model.layers.{}.post_feedforward_layernorm", "model.layers.{}.self_attn.o_proj",
                "model.layers.{}.post_attention_layernorm"),
+    "gemma4_per_layer": ("model.layers.{}.post_feedforward_layernorm", "model.layers.{}.self_attn.o_proj",
+                         "model.layers.{}.post_attention_layernorm"),
     "afmoe": ("model.layers.{}.post_mlp_layernorm", "model.layers.{}.self_attn.o_proj",
               "model.layers.{}.post_attention_layernorm"),
     "qwen3_5": ("model.layers.{}.linear_attn", "model.layers.1.self_attn.o_proj", None),
