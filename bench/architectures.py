@@ -10,8 +10,10 @@ traces it.  A model that traces is checked on padded prompts against the untouch
 - ``clean``: no mask gives HF's logits;
 - ``zero``: every edge at 0 gives HF's logits on the corrupted prompts;
 - ``logits``: every edge into the logits at 0, the rest at 1, gives them too;
-- ``input``: the ``input`` node patched equals HF with the embedding's output replaced by its corrupted value
-  (a forward hook on ``get_input_embeddings()``: an independent reference).
+- ``input``: the ``input`` node patched equals HF with every embedding of the tokens replaced by its value on the
+  corrupted prompts (forward hooks on the ``nn.Embedding`` modules called with the token ids — the input
+  embedding, and the per-layer embedding of Gemma 4's E-models, whose per-layer inputs the ``input`` node
+  carries: an independent reference).
 
 Each is a max |difference| over the logit scale, ``ok`` at ≤ 1e-4.  Statuses: ``ok``; ``WRONG`` (traced, and
 a check failed: a defect); ``refused`` (fxcircuits raised its own error, which names the model, the node and
@@ -137,13 +139,13 @@ def check(model_type: str) -> dict:
     into_logits = torch.tensor([0.0 if e.endswith("->logits") else 1.0 for e in cm.graph.edges])
     try:
         with torch.no_grad():
-            embedding = model.get_input_embeddings()
-            corrupted_embedding = embedding(corrupted)
-            hook = embedding.register_forward_hook(lambda module, args, out: corrupted_embedding)
+            hooks = [m.register_forward_hook(_on_corrupted(clean, corrupted)) for m in model.modules()
+                     if isinstance(m, torch.nn.Embedding)]
             try:
                 hf_input = model(input_ids=clean, attention_mask=mask, use_cache=False).logits
             finally:
-                hook.remove()
+                for hook in hooks:
+                    hook.remove()
             checks = {"clean": difference(cm(clean, mask), hf),
                       "zero": difference(cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=torch.zeros(n)),
                                          hf_corrupted),
@@ -155,6 +157,15 @@ def check(model_type: str) -> dict:
         return {**result, "status": "crash", "error": _line(error)}
     wrong = [k for k, v in checks.items() if not v <= TOLERANCE]
     return {**result, "status": "WRONG" if wrong else "ok", "checks": {k: float(f"{v:.2g}") for k, v in checks.items()}}
+
+
+def _on_corrupted(clean, corrupted):
+    """A forward hook that gives an embedding called with the clean token ids its output on the corrupted ones (a
+    position embedding, called with positions, is left alone)."""
+    def hook(module, args, out):
+        ids = args[0]
+        return module(corrupted) if ids.shape == clean.shape and bool((ids == clean).all()) else out
+    return hook
 
 
 def _line(error: Exception) -> str:

@@ -8,7 +8,9 @@ matmul → softmax → matmul pattern) is an attention layer; any other writer i
 hybrid's convolution or linear-attention layer: one node, read and written whole).  Between steps the stream
 may be scaled as a whole by a constant (Gemma 4's ``layer_scalar``).  A writer outside attention may also read a
 *side input*: a value computed from the tokens beside the stream, before any attention (the per-layer inputs of
-Gemma 4's E-models), which the ``input`` node's edge into that writer carries (``MLP.sides``).
+Gemma 4's E-models), which the ``input`` node's edge into that writer carries (``MLP.sides``); and an attention
+layer may reuse the keys and values an earlier one computed (KV sharing), reading them at that layer's stream
+(``Attention.reads``).
 Nothing here looks at module names, so new architectures need no new code.
 """
 from __future__ import annotations
@@ -113,6 +115,7 @@ class Attention:
     terms: list[Node]                     # what it adds to the residual stream
     n_heads: int = 0
     gate: Gate | None = None
+    reads: dict[str, "Step"] = field(default_factory=dict)  # role -> the step whose stream it reads (KV sharing)
 
 
 @dataclass
@@ -165,15 +168,19 @@ def find_components(gm: GraphModule, model_name: str) -> Components:
     logits = _logits_node(output, model_name)
     source = _token_embedding(gm, model_name)
     chain = _dominator_chain(source, logits)
-    steps = _steps(chain, model_name)
-    sides = [] if steps else _side_inputs(source, chain)
-    if sides:  # the tokens reach the layers beside the stream: find the stream with those values held fixed
-        chain = _dominator_chain(source, logits, frozenset(sides))
+    steps, sides = _steps(chain, model_name), []
+    if not steps or _stray_core(source, steps) is not None:
+        # the layers read the tokens, or an earlier layer's keys and values, beside the stream: find the stream with
+        # those values held fixed
+        cores = _core_inputs(source)
+        sides = _side_inputs(source, chain, cores)
+        chain = _dominator_chain(source, logits, frozenset(sides) | cores)
         steps = _steps(chain, model_name)
     if not steps:
         raise _no_attention(chain, model_name)
     _check_cores(source, steps, model_name)
     _assign_sides(sides, steps, model_name)
+    _assign_reads(steps, model_name)
     return Components(model_name, steps, steps[-1].end, logits, _stream_scales(chain, steps, model_name))
 
 
@@ -188,12 +195,12 @@ def _steps(chain: list[Node], model_name: str) -> list[Step]:
     return steps if counts["attention"] else []
 
 
-def _side_inputs(source: Node, chain: list[Node]) -> list[Node]:
+def _side_inputs(source: Node, chain: list[Node], cores: frozenset[Node]) -> list[Node]:
     """Values computed from the token embedding before the first attention core, not on its way to that core, and
-    read after it: what the layers take from the tokens beside the stream (Gemma 4's per-layer inputs, one slice
-    per layer).  Found only where the stream alone leaves no attention layer on the chain, so no model whose
-    stream is found without them changes.  Whether each is read by one writer's block alone is checked later
-    (``_assign_sides``)."""
+    read after it other than as a core's input (``cores``): what the layers take from the tokens beside the stream
+    (Gemma 4's per-layer inputs, one slice per layer).  Looked for only where the stream alone leaves an attention
+    layer off the chain, so no model whose stream is found without them changes.  Whether each is read by one
+    writer's block alone is checked later (``_assign_sides``)."""
     reach = descendants(source)
     first = next((n for n in source.graph.nodes if n in reach and _scores(n, reach) is not None), None)
     if first is None:
@@ -201,22 +208,49 @@ def _side_inputs(source: Node, chain: list[Node]) -> list[Node]:
     after = descendants(first) | {first}
     before = (reach | {source}) - after
     feeding = ancestors(first)
-    return [n for n in source.graph.nodes if n in before and n not in feeding and n not in chain
+    return [n for n in source.graph.nodes if n in before and n not in feeding and n not in chain and n not in cores
             and any(u in after for u in data_users(n))]
 
 
-def _check_cores(source: Node, steps: list[Step], model_name: str) -> None:
-    """Every attention core lies in a residual step.  One outside them all reaches the later layers other than
-    through the stream, so that the stream's chain skipped it: refused rather than taken as part of some node."""
+def _stray_core(source: Node, steps: list[Step]) -> Node | None:
+    """An attention core outside every residual step, if any: one that reaches the later layers other than through
+    the stream, so that the stream's chain skipped it."""
     spans = [(s.start, s.end) for s in steps]
     reach = descendants(source)
-    for node in sorted(reach):
-        if node.target in SDPA | SOFTMAX and not any(start < node <= end for start, end in spans) \
-                and _scores(node, reach) is not None:
-            raise DecompositionError(model_name, node, "this attention layer reaches the later layers other than "
-                                     "through the residual stream (e.g. its keys and values reused by a later layer: "
-                                     "KV sharing, as in Gemma 3n and Gemma 4's E-models), which the per-edge inputs "
-                                     "cannot patch")
+    return next((n for n in sorted(reach) if n.target in SDPA | SOFTMAX
+                 and not any(start < n <= end for start, end in spans) and _scores(n, reach) is not None), None)
+
+
+def _core_inputs(source: Node) -> frozenset[Node]:
+    """The q, k and v inputs of every SDPA core: a later layer may read an earlier one's keys and values."""
+    return frozenset(a for n in descendants(source) if n.target in SDPA for a in n.args[:3] if isinstance(a, Node))
+
+
+def _check_cores(source: Node, steps: list[Step], model_name: str) -> None:
+    """Every attention core lies in a residual step: refused rather than taken as part of some node."""
+    stray = _stray_core(source, steps)
+    if stray is not None:
+        raise DecompositionError(model_name, stray, "this attention layer reaches the later layers other than "
+                                 "through the residual stream, which the per-edge inputs cannot patch (keys and "
+                                 "values reused by a later layer are followed into scaled_dot_product_attention "
+                                 "alone: load the model with attn_implementation='sdpa')")
+
+
+def _assign_reads(steps: list[Step], model_name: str) -> None:
+    """The step at whose stream each attention input is read (``Attention.reads``): the layer's own, or — where a
+    layer reuses the keys and values an earlier layer computed (KV sharing: Gemma 4's E-models) — that layer's.
+    Its q must be its own, and its k and v read at one step."""
+    for i, step in enumerate(steps):
+        for attention in (w for w in step.writers if isinstance(w, Attention)):
+            for role, node in attention.inputs.items():
+                read = next((s for s in reversed(steps[:i + 1]) if between(s.start, [node])), None)
+                if read is None:
+                    raise DecompositionError(model_name, node, f"the attention {role} input is not computed from the "
+                                             "residual stream")
+                attention.reads[role] = read
+            if attention.reads["q"] is not step or attention.reads["k"] is not attention.reads["v"]:
+                raise DecompositionError(model_name, attention.output, "this attention layer reads its query from "
+                                         "another layer's stream, or its keys and values from two different ones")
 
 
 def _assign_sides(sides: list[Node], steps: list[Step], model_name: str) -> None:
@@ -342,7 +376,7 @@ def _stream_scales(chain: list[Node], steps: list[Step], model_name: str) -> lis
     first, last = chain.index(steps[0].start), chain.index(steps[-1].end)
     scales = []
     for previous, node in zip(chain[first:last], chain[first + 1:last]):
-        if node in ends or node.target is aten.add.Tensor or node.target in TRANSPARENT:
+        if node in ends or node.target is aten.add.Tensor or node.target in TRANSPARENT or _whole_slice(node):
             continue
         scale = _constant_scale(previous, node)
         if scale is None:
@@ -351,6 +385,16 @@ def _stream_scales(chain: list[Node], steps: list[Step], model_name: str) -> lis
                                      "by a constant")
         scales.append(scale)
     return scales
+
+
+def _whole_slice(node: Node) -> bool:
+    """A slice that keeps everything (Gemma 4 slices its stream to the positions whose logits it keeps, before the
+    layers that reuse keys and values: all of them, as traced)."""
+    if node.target is not aten.slice.Tensor:
+        return False
+    _, _, start, end, step = (*node.args, *[None] * (5 - len(node.args)))  # slice(x, dim=0, start, end, step=1)
+    step = 1 if step is None else step
+    return start in (None, 0) and (end is None or isinstance(end, int) and end >= 2 ** 62) and step == 1
 
 
 def _constant_scale(stream: Node, node: Node) -> Scale | None:

@@ -5,7 +5,8 @@ Names follow EAP-IG / MIB (NOTES.md §4): ``input``, ``a{layer}.h{head}``, ``m{l
 residual stream feeds every reader that reads the stream after it was written, so an MLP reads the heads of
 its own layer unless attention and MLP run in parallel.  Order is fixed: upstream nodes by the position where
 they write; downstream inputs by the position where they read (per layer: all q inputs, all k, all v, then the
-MLP; ``logits`` last); edges grouped by downstream input, then by upstream node.
+MLP; ``logits`` last — where a layer reuses an earlier layer's keys and values, its k and v inputs read at that
+layer, after that layer's own inputs); edges grouped by downstream input, then by upstream node.
 """
 from __future__ import annotations
 
@@ -19,11 +20,22 @@ QKV = ("q", "k", "v")
 
 @dataclass(frozen=True)
 class Writer:
-    """What the graph needs to know of one writer: its kind, layer, head count and residual step."""
+    """What the graph needs to know of one writer: its kind, layer, head count and residual step; for an attention
+    layer that reuses an earlier layer's keys and values (KV sharing), the step at which its k and v inputs read."""
     kind: str   # "attention" or "mlp"
     layer: int
     n_heads: int
     step: int
+    kv_step: int | None = None
+
+    def reads(self) -> list[tuple[str, int]]:
+        """Its downstream inputs, each with the step at which it reads."""
+        if self.kind != "attention":
+            return [(f"m{self.layer}", self.step)]
+        heads = [f"a{self.layer}.h{h}" for h in range(self.n_heads)]
+        steps = {"q": self.step, "k": self.kv_step, "v": self.kv_step}
+        return [(f"{head}<{role}>", self.step if steps[role] is None else steps[role]) for role in QKV
+                for head in heads]
 
 
 class CircuitGraph:
@@ -32,22 +44,14 @@ class CircuitGraph:
     def __init__(self, writers: list[Writer], n_steps: int, d_model: int | None = None):
         self.d_model = d_model
         self.upstream: list[str] = ["input"]
-        self.downstream: list[str] = []
-        writes, reads = [-1], []
+        writes = [-1]
         for w in writers:
-            if w.kind == "attention":
-                heads = [f"a{w.layer}.h{h}" for h in range(w.n_heads)]
-                self.downstream += [f"{head}<{role}>" for role in QKV for head in heads]
-                reads += [w.step] * (3 * w.n_heads)
-                self.upstream += heads
-                writes += [w.step] * w.n_heads
-            else:
-                self.downstream.append(f"m{w.layer}")
-                reads.append(w.step)
-                self.upstream.append(f"m{w.layer}")
-                writes.append(w.step)
-        self.downstream.append("logits")
-        reads.append(n_steps)
+            names = [f"a{w.layer}.h{h}" for h in range(w.n_heads)] if w.kind == "attention" else [f"m{w.layer}"]
+            self.upstream += names
+            writes += [w.step] * len(names)
+        inputs = sorted([r for w in writers for r in w.reads()], key=lambda r: r[1]) + [("logits", n_steps)]
+        self.downstream: list[str] = [name for name, _ in inputs]
+        reads = [step for _, step in inputs]
         self.writers = writers
         self.nodes: list[str] = self.upstream + ["logits"]
         pairs = [(u, d) for d in range(len(self.downstream)) for u in range(len(self.upstream)) if writes[u] < reads[d]]
@@ -83,7 +87,8 @@ class CircuitGraph:
         cfg = {"n_layers": self.n_layers, "n_heads": self.n_heads, "parallel_attn_mlp": self.parallel_attn_mlp,
                "d_model": self.d_model}
         if CircuitGraph.from_config(cfg).edges != self.edges:
-            cfg["writers"] = [[w.kind, w.layer, w.n_heads, w.step] for w in self.writers]
+            cfg["writers"] = [[w.kind, w.layer, w.n_heads, w.step] + ([w.kv_step] if w.kv_step is not None else [])
+                              for w in self.writers]
         return cfg
 
     @property

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import Lengths, example_inputs, export
-from .components import Attention, check_scales, check_sides, find_components
+from .components import Attention, Components, Step, check_scales, check_sides, find_components
 from .graph import CircuitGraph, Writer
 from .heads import record_values
 from .patching import Scratch, Tap, dense_keep
@@ -58,7 +58,7 @@ def _build_engine(model: nn.Module, exported: torch.fx.GraphModule, lengths: Len
              if isinstance(w, Attention)]
     bar.update()
     bar.set_postfix_str("rewrite")
-    writers = [Writer("attention", w.layer, w.n_heads, i) if isinstance(w, Attention)
+    writers = [Writer("attention", w.layer, w.n_heads, i, _kv_step(components, w, step)) if isinstance(w, Attention)
                else Writer("mlp", w.layer, 0, i) for i, step in enumerate(components.steps) for w in step.writers]
     graph = CircuitGraph(writers, len(components.steps), components.final.meta["val"].shape[-1])
     recorder, patcher = build_recorder(exported, components, plans), build_patcher(exported, components, plans)
@@ -67,6 +67,12 @@ def _build_engine(model: nn.Module, exported: torch.fx.GraphModule, lengths: Len
     return Engine(exported, recorder, patcher, build_readout(exported, components),
                   build_streams(exported, components), graph, shares_prefix, lengths,
                   [tuple(values[side].shape[2:]) for side in components.sides])
+
+
+def _kv_step(components: Components, attention: Attention, step: Step) -> int | None:
+    """The step at which the keys and values of ``attention`` (a writer of ``step``) read, where it is another's."""
+    read = attention.reads["k"]
+    return None if read is step else components.steps.index(read)
 
 
 def _capture_at(model: nn.Module, length: int) -> "Engine":

@@ -82,7 +82,9 @@ class AttentionPlan:
 
 
 def plan_attention(step: Step, attention: Attention, values: dict, name: str) -> AttentionPlan:
-    reads = {role: _plan_read(step, attention, role, values, name) for role in QKV}
+    """How the heads of ``attention`` (a writer of ``step``) read and write: each role from the stream of the step it
+    reads at (``Attention.reads``: an earlier one for keys and values an earlier layer computed)."""
+    reads = {role: _plan_read(attention.reads[role], attention, role, values, name) for role in QKV}
     return AttentionPlan(reads, _plan_write(step, attention, values, name))
 
 
@@ -205,9 +207,26 @@ def _writer_sizes(step: Step) -> list[int]:
     return [w.n_heads if isinstance(w, Attention) else 1 for w in step.writers]
 
 
-def _reader_sizes(step: Step) -> list[int]:
-    """Per writer of ``step``, how many inputs read the stream for it: q, k and v of each query head, or one."""
-    return [3 * w.n_heads if isinstance(w, Attention) else 1 for w in step.writers]
+Reads = list[tuple[Attention | MLP, tuple[str, ...]]]
+
+
+def step_reads(components: Components) -> dict[int, Reads]:
+    """Per step (by id), the writers whose inputs read its stream, in the order of ``graph.CircuitGraph``'s
+    downstream inputs: its own writers (an attention layer with the roles it reads here, an MLP with none), then the
+    later attention layers that reuse keys and values computed here (KV sharing), with k and v."""
+    reads: dict[int, Reads] = {id(s): [] for s in components.steps}
+    for step in components.steps:
+        for writer in step.writers:
+            if isinstance(writer, Attention):
+                for at in {id(writer.reads[role]): role for role in QKV}:  # its own step first: q reads there
+                    reads[at].append((writer, tuple(r for r in QKV if id(writer.reads[r]) == at)))
+            else:
+                reads[id(step)].append((writer, ()))
+    return reads
+
+
+def _read_size(writer: Attention | MLP, roles: tuple[str, ...]) -> int:
+    return len(roles) * writer.n_heads if isinstance(writer, Attention) else 1
 
 
 class _Builder:
@@ -223,7 +242,9 @@ class _Builder:
         self.others: list[Node] = []     # the patcher's other run, per writer group
         self.n_upstream = 0
         self.sizes = [1] + [n for s in components.steps for n in _writer_sizes(s)]
-        self.readers = [sum(_reader_sizes(s)) for s in components.steps] + [1]  # the logits read last
+        self.step_reads = step_reads(components)
+        self.readers = [sum(_read_size(*r) for r in self.step_reads[id(s)]) for s in components.steps] + [1]  # logits
+        self.shared: dict[int, dict[str, Node]] = {}  # per attention layer, the k and v it reads at an earlier step
         written = [sum(_writer_sizes(s)) for s in components.steps]
         self.reads = [1 + sum(written[:i]) for i in range(len(written) + 1)]  # upstream nodes each reader group reads
         # the projection outputs of every attention read (q, k, v, and an output gate's), which the recorder returns
@@ -319,14 +340,17 @@ class _Builder:
             self.reference = self.env[step.start]
             self._add_group(self.call(as_rows, self.reference, self.reference), 1)
         if self.patched:
-            sizes = _reader_sizes(step)
+            reads = self.step_reads[id(step)]
+            sizes = [_read_size(*r) for r in reads]
             inputs, first = self._readers(step.start, sum(sizes)), 0
             group = self.n_downstream - sum(sizes)  # the first reader of this step
-            for writer, size in zip(step.writers, sizes):
-                if isinstance(writer, Attention):
-                    self._patched_attention(step, writer, inputs, first, group + first)
-                else:
+            for (writer, roles), size in zip(reads, sizes):
+                if isinstance(writer, MLP):
                     self._patched_mlp(step, writer, self.call(operator.getitem, inputs, first), group + first)
+                elif writer in step.writers:
+                    self._patched_attention(step, writer, roles, inputs, first, group + first)
+                else:  # a later layer's keys and values, read here: kept until its core runs
+                    self.shared[id(writer)] = self._read_roles(step, writer, roles, inputs, first, group + first)
                 first += size
         for writer in step.writers:
             if isinstance(writer, Attention):
@@ -346,16 +370,14 @@ class _Builder:
         for term in mlp.terms:
             self.env[term] = local[term]
 
-    def _patched_attention(self, step: Step, attention: Attention, inputs: Node, first: int, reader: int) -> None:
-        """``inputs[first:]`` are the layer's readers, ``reader`` the first one's position among all readers."""
+    def _patched_attention(self, step: Step, attention: Attention, roles: tuple[str, ...], inputs: Node, first: int,
+                           reader: int) -> None:
+        """``inputs[first:]`` are the layer's readers of ``roles`` (q first), ``reader`` the first one's position among
+        all readers; the other roles were read at an earlier step (``shared``)."""
         plan, h = self.plans[id(attention)], attention.n_heads
-        reads = [plan.reads[role] for role in QKV]
-        if all(r.stacked for r in reads):
-            core_inputs = self._read_stacked(step, attention, reads, self._rows(inputs, first, 3 * h), reader)
-        else:
-            core_inputs = [self._read_apart(step, read, self._rows(inputs, first + i * h, h))
-                           for i, read in enumerate(reads)]
-        output = self._core(attention, dict(zip(QKV, core_inputs)))
+        core_inputs = {**self.shared.pop(id(attention), {}), **self._read_roles(step, attention, roles, inputs, first,
+                                                                                reader)}
+        output = self._core(attention, core_inputs)
         local = {attention.output: output}
         for node in plan.write.region:
             if attention.gate is not None and node is attention.gate.product:
@@ -367,6 +389,16 @@ class _Builder:
             self.env[term] = local[term]
         self.env.update({n: local[n] for n in plan.write.region})
         self.env[attention.output] = output
+
+    def _read_roles(self, step: Step, attention: Attention, roles: tuple[str, ...], inputs: Node, first: int,
+                    reader: int) -> dict[str, Node]:
+        """The core inputs of ``roles`` from the readers ``inputs[first:]`` (``reader``: the first one's position)."""
+        h, reads = attention.n_heads, [self.plans[id(attention)].reads[role] for role in roles]
+        if all(r.stacked for r in reads):
+            nodes = self._read_stacked(step, attention, roles, self._rows(inputs, first, len(roles) * h), reader)
+        else:
+            nodes = [self._read_apart(step, read, self._rows(inputs, first + i * h, h)) for i, read in enumerate(reads)]
+        return dict(zip(roles, nodes))
 
     def _gates(self, step: Step, attention: Attention, rows: Node, reader: int) -> Node:
         """The output gate as each query head computes it from its own q input (``rows``: the layer's q readers,
@@ -382,26 +414,26 @@ class _Builder:
                                   self._recorded_index(attention, "gate"))
         return self._run_post(read, rounds)
 
-    def _read_stacked(self, step: Step, attention: Attention, reads: list[ReadPlan], rows: Node,
+    def _read_stacked(self, step: Step, attention: Attention, roles: tuple[str, ...], rows: Node,
                       reader: int) -> list[Node]:
-        """The core's q, k and v inputs from a layer's 3·heads rows: norms over all rows at once, one batched
-        matmul per role, the post-projection path once over all rounds.  Where the mask weights every edge into
+        """The core's inputs of ``roles`` (q, k and v, or some) from a layer's rows, heads per role: norms over all
+        rows at once, one batched matmul per role, the post-projection path once over all rounds.  Where the mask weights every edge into
         the layer (or into one role's readers) alike and no gradient is asked for, one row and the plain
         projection serve every head (of that role); heads whose every edge is patched from a recorded run take
         their projection from that run's recording.  The norms' last factors are applied across the projection
         (``norms``)."""
-        n_heads = attention.n_heads
+        n_heads, reads = attention.n_heads, [self.plans[id(attention)].reads[role] for role in roles]
         shared = self.call(shared_input, rows)
         rows = self.call(distinct_rows, rows, shared)
         one_norm = len({(tuple(r.norm), r.projection.x) for r in reads}) == 1
         rows, scale, columns = self._stacked_norm(reads[0], rows, shared) if one_norm else (rows, None, ())
         core_inputs = []
         for i, read in enumerate(reads):
-            x, s = (self.call(role_rows, t, shared, i * n_heads, n_heads, 3 * n_heads) for t in (rows, scale))
+            x, s = (self.call(role_rows, t, shared, i * n_heads, n_heads, len(roles) * n_heads) for t in (rows, scale))
             if not one_norm:
                 x, s, columns = self._stacked_norm(read, x, shared)
             rounds, alike = self._project(read, x, s, columns, shared, reader + i * n_heads, n_heads,
-                                          self._recorded_index(attention, QKV[i]))
+                                          self._recorded_index(attention, roles[i]))
             core_inputs.append(self._post(read, rounds, alike))
         return core_inputs
 

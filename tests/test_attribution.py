@@ -82,20 +82,22 @@ def test_exact_equals_one_edge_at_a_time(llama64):
     torch.testing.assert_close(torch.tensor([scores[e] for e in edges]), reference.float(), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma4", "afmoe", "gemma4_per_layer"])
+@pytest.mark.parametrize("name", ["llama", "gemma4", "afmoe", "gemma4_per_layer", "gemma4_kv_shared"])
 def test_eap_is_the_derivative_of_the_metric_in_each_edge_mask(request, name):
     """score(e) = ∂ mean metric / ∂ m_e at m = 1, checked by central finite differences (steps of 1e-3: HF runs
     some norms in float32 even in a float64 model, rounding the metric at ~1e-7).  Gemma 4 scales its whole
     stream between layers (node outputs and reader inputs in one scale); AFMoE gates each head's output by a value
     computed from its q input; Gemma 4's E-models read per-layer inputs, which the input node's edges into the
-    blocks after the MLPs (m1, m3) carry."""
+    blocks after the MLPs (m1, m3) carry, and reuse keys and values (layer 2's are read at layer 0)."""
     cm = request.getfixturevalue("llama64") if name == "llama" else fxcircuits.trace(make(name, dtype=torch.float64))
     batch, h = _batch(), 1e-3
     eap = fxcircuits.attribute(cm, [batch], "logit_diff", "eap", progress=False)
     slack = 1e-4 * eap.tensor.abs().max()
     picks = cm.graph.edges[3::17] + [cm.graph.edges[int(eap.tensor.abs().argmax())]]
-    if name == "gemma4_per_layer":  # its three float32 norms more round the metric below edges this small: the
-        picks = picks[-1:] + ["input->m1", "input->m3"]  # edges that carry the per-layer inputs
+    if name.startswith("gemma4_"):  # its float32 norms round the metric below the smallest edges' scores: the
+        # edges that carry the per-layer inputs, and edges into the k and v inputs of layers that reuse them
+        picks = picks[-1:] + ["input->m1", "input->m3"] + (["input->a2.h0<k>", "a0.h1->a3.h2<v>", "m1->a3.h0<k>"]
+                                                           if name == "gemma4_kv_shared" else [])
     with torch.no_grad():
         for e in picks:
             values = [logit_diff(cm(batch["clean"], batch["attention_mask"], corrupted_input_ids=batch["corrupted"],

@@ -238,13 +238,13 @@ def test_a_model_without_attention_is_refused_as_such():
     assert "more than one path" not in str(refusal.value)
 
 
-def test_keys_and_values_reused_by_a_later_layer_are_refused():
-    """Gemma 4's E-models reuse an earlier layer's keys and values in their last layers (KV sharing): that layer's
-    attention reaches the later ones beside the stream, and the refusal says so at its core."""
-    model = make("gemma4_per_layer", num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
-                 num_kv_shared_layers=2)
-    with pytest.raises(fxcircuits.DecompositionError, match="scaled_dot_product_attention.*KV sharing"):
-        fxcircuits.trace(model)
+def test_keys_and_values_reused_outside_sdpa_are_refused():
+    """Gemma 4's E-models reuse an earlier layer's keys and values in their last layers (KV sharing), which the
+    engine follows into ``scaled_dot_product_attention``.  Run eagerly, that layer's attention reaches the later
+    ones beside the stream through a matmul: refused at its softmax, saying what to do."""
+    with pytest.raises(fxcircuits.DecompositionError, match=r"'softmax_1'.*other than through the residual stream"
+                                                             r".*attn_implementation='sdpa'"):
+        fxcircuits.trace(make("gemma4_kv_shared", attn_implementation="eager"))
 
 
 def test_a_scaled_residual_is_refused_at_the_scaling():

@@ -6,9 +6,10 @@ from zoo import CONFIGS
 
 PARALLEL = {"gptj", "gpt_neox", "falcon_multi_query", "falcon_new_arch", "phi"}
 HYBRID = {"qwen3_5", "granite_hybrid"}  # a layer without attention: the formula's layers are attention layers
+E_MODELS = {"gemma4_per_layer", "gemma4_kv_shared"}  # two m nodes a layer; keys and values read at another layer
 
 
-@pytest.mark.parametrize("name", sorted(set(CONFIGS) - HYBRID))
+@pytest.mark.parametrize("name", sorted(set(CONFIGS) - HYBRID - E_MODELS))
 def test_counts_follow_the_formula(traced, name):
     _, cm = traced(name)
     g, n_layers, n_heads = cm.graph, 2, 4
@@ -33,6 +34,27 @@ def test_a_writer_other_than_attention_is_an_mlp_node(traced, name):
     assert g.downstream[-3:] == ["a0.h3<v>", "m2", "logits"] and g.downstream[:2] == ["m0", "m1"]
     assert "m0->m1" in g.edge_index and "m1->a0.h2<k>" in g.edge_index and "a0.h1->m2" in g.edge_index
     assert len(g.edges) == 1 + 2 + 12 * 3 + 7 + 8
+
+
+def test_gemma4_e_models_per_layer_blocks_and_reused_keys_and_values(traced):
+    """Gemma 4's E-models: the block that reads a layer's per-layer input is an m node of its own, after the MLP
+    (in layer 0, m0 then m1).  Layers 2 and 3 reuse the keys and values of layers 0 and 1: their k and v inputs read
+    the stream where those layers read it, are listed there (after that layer's own inputs), and have edges from
+    the nodes written before it alone."""
+    _, cm = traced("gemma4_kv_shared")
+    g = cm.graph
+    heads = lambda layer: [f"a{layer}.h{h}" for h in range(4)]  # noqa: E731
+    assert g.upstream == ["input", *heads(0), "m0", "m1", *heads(1), "m2", "m3", *heads(2), "m4", "m5", *heads(3),
+                          "m6", "m7"]
+    assert g.downstream[12:20] == [f"a2.h{h}<{role}>" for role in "kv" for h in range(4)]
+    assert g.downstream[20:22] == ["m0", "m1"]
+    into = lambda port: [e.split("->")[0] for e in g.edges if e.split("->")[1] == port]  # noqa: E731
+    assert into("a2.h0<k>") == ["input"]
+    assert into("a3.h1<v>") == ["input", *heads(0), "m0", "m1"]
+    assert into("a2.h3<q>") == g.upstream[:13]
+    assert into("m1") == ["input", *heads(0), "m0"]
+    # per layer: its q (k, v) inputs, the reused k and v read there, its two m nodes; then the logits
+    assert len(g.edges) == (12 + 8 + 5 + 6) + (12 * 7 + 8 * 7 + 11 + 12) + (4 * 13 + 17 + 18) + (4 * 19 + 23 + 24) + 25
 
 
 def test_names_and_order(traced):

@@ -266,6 +266,38 @@ def test_the_input_nodes_edge_carries_the_per_layer_input(traced, prompts, ablat
         assert not torch.allclose(ours, reference(False), atol=1e-3)  # the per-layer input matters here
 
 
+def test_a_layer_that_reuses_keys_and_values_reads_them_at_the_layer_that_computed_them(traced, prompts):
+    """Gemma 4's E-models reuse in their last layers the keys and values of an earlier layer (layer 2 those of
+    layer 0): the k and v inputs of layer 2's heads read the stream where layer 0 reads it, so an edge from the
+    input into them reaches them at layer 0.  Patching input → a2.h0<k> and input → a2.h1<k> (the two query heads of
+    key head 0) gives layer 2 layer 0's keys of the corrupted run for that key head, and changes nothing else:
+    checked against hooks on the unmodified HF model."""
+    model, cm = traced("gemma4_kv_shared")
+    clean, corrupted, mask = prompts
+    attention = model.model.layers[2].self_attn
+    assert not any(e.startswith(("a0.", "a1.", "m0", "m1")) and e.endswith("->a2.h0<k>") for e in cm.graph.edges)
+    assert fxcircuits.CircuitGraph.from_config(cm.graph.cfg).edges == cm.graph.edges  # saved circuits load back
+    with torch.no_grad():
+        saved = {}
+        hook = attention.register_forward_pre_hook(
+            lambda m, a, kw: saved.update(kv=kw["shared_kv_states"][m.layer_type]), with_kwargs=True)
+        _run_with(model, hook, corrupted, mask)
+        corrupted_k = saved["kv"][0]
+
+        def swap_key_head(module, args, kwargs):
+            k, v = kwargs["shared_kv_states"][module.layer_type]
+            k = k.clone()
+            k[:, 0] = corrupted_k[:, 0]
+            return args, {**kwargs, "shared_kv_states": {module.layer_type: (k, v)}}
+
+        reference = _run_with(model, attention.register_forward_pre_hook(swap_key_head, with_kwargs=True), clean,
+                              mask)
+        ours = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask={"input->a2.h0<k>": 0.0,
+                                                                        "input->a2.h1<k>": 0.0})
+        _close(ours, reference, mask)
+        assert not torch.allclose(ours, model(input_ids=clean, attention_mask=mask).logits, atol=1e-3)
+
+
 @pytest.mark.parametrize("alongside", [False, True])
 def test_masks_that_move_late_edges_share_the_per_layer_inputs_of_the_prefix(traced, prompts, monkeypatch,
                                                                            alongside):

@@ -52,6 +52,12 @@ CONFIGS = {
     "gemma4_per_layer": ("gemma4_text", dict(COMMON, num_key_value_heads=2, head_dim=16, global_head_dim=16,
                                              sliding_window=4, layer_types=["sliding_attention", "full_attention"],
                                              hidden_size_per_layer_input=8, vocab_size_per_layer_input=128)),
+    # and their last layers reuse the keys and values of the last earlier layer of their kind (KV sharing)
+    "gemma4_kv_shared": ("gemma4_text", dict(COMMON, num_hidden_layers=4, num_key_value_heads=2, head_dim=16,
+                                             global_head_dim=16, sliding_window=4,
+                                             layer_types=["sliding_attention", "full_attention"] * 2,
+                                             hidden_size_per_layer_input=8, vocab_size_per_layer_input=128,
+                                             num_kv_shared_layers=2)),
     # gated attention: q_proj writes each head's query and output gate (Qwen3-Next's full-attention layers)
     "qwen3_next": ("qwen3_next", dict(COMMON, num_key_value_heads=2, head_dim=16,
                                       layer_types=["full_attention", "full_attention"], num_experts=4,
@@ -115,6 +121,8 @@ MODULES = {
     "gemma4": ("model.layers.{}.post_feedforward_layernorm", "model.layers.{}.self_attn.o_proj",
                "model.layers.{}.post_attention_layernorm"),
     "gemma4_per_layer": ("model.layers.{}.post_feedforward_layernorm", "model.layers.{}.self_attn.o_proj",
+                         "model.layers.{}.post_attention_layernorm"),
+    "gemma4_kv_shared": ("model.layers.{}.post_feedforward_layernorm", "model.layers.{}.self_attn.o_proj",
                          "model.layers.{}.post_attention_layernorm"),
     "afmoe": ("model.layers.{}.post_mlp_layernorm", "model.layers.{}.self_attn.o_proj",
               "model.layers.{}.post_attention_layernorm"),
