@@ -139,8 +139,8 @@ def check(model_type: str) -> dict:
     into_logits = torch.tensor([0.0 if e.endswith("->logits") else 1.0 for e in cm.graph.edges])
     try:
         with torch.no_grad():
-            hooks = [m.register_forward_hook(_on_corrupted(clean, corrupted)) for m in model.modules()
-                     if isinstance(m, torch.nn.Embedding)]
+            hooks = [m.register_forward_hook(_on_corrupted(clean, corrupted), with_kwargs=True)
+                     for m in model.modules() if isinstance(m, torch.nn.Embedding)]
             try:
                 hf_input = model(input_ids=clean, attention_mask=mask, use_cache=False).logits
             finally:
@@ -162,9 +162,13 @@ def check(model_type: str) -> dict:
 def _on_corrupted(clean, corrupted):
     """A forward hook that gives an embedding called with the clean token ids its output on the corrupted ones (a
     position embedding, called with positions, is left alone)."""
-    def hook(module, args, out):
-        ids = args[0]
-        return module(corrupted) if ids.shape == clean.shape and bool((ids == clean).all()) else out
+    import torch
+
+    def hook(module, args, kwargs, out):
+        ids = args[0] if args else None
+        if isinstance(ids, torch.Tensor) and ids.shape == clean.shape and bool((ids == clean).all()):
+            return module(corrupted, *args[1:], **kwargs)
+        return out
     return hook
 
 

@@ -168,19 +168,20 @@ def find_components(gm: GraphModule, model_name: str) -> Components:
     logits = _logits_node(output, model_name)
     source = _token_embedding(gm, model_name)
     chain = _dominator_chain(source, logits)
-    steps, sides = _steps(chain, model_name), []
+    steps, sides, held = _steps(chain, model_name), [], frozenset()
     if not steps or _stray_core(source, steps) is not None:
         # the layers read the tokens, or an earlier layer's keys and values, beside the stream: find the stream with
         # those values held fixed
         cores = _core_inputs(source)
         sides = _side_inputs(source, chain, cores)
-        chain = _dominator_chain(source, logits, frozenset(sides) | cores)
+        held = frozenset(sides) | cores
+        chain = _dominator_chain(source, logits, held)
         steps = _steps(chain, model_name)
     if not steps:
         raise _no_attention(chain, model_name)
     _check_cores(source, steps, model_name)
     _assign_sides(sides, steps, model_name)
-    _assign_reads(steps, model_name)
+    _assign_reads(steps, descendants(source) if held else set(), model_name)
     return Components(model_name, steps, steps[-1].end, logits, _stream_scales(chain, steps, model_name))
 
 
@@ -236,10 +237,12 @@ def _check_cores(source: Node, steps: list[Step], model_name: str) -> None:
                                  "alone: load the model with attn_implementation='sdpa')")
 
 
-def _assign_reads(steps: list[Step], model_name: str) -> None:
+def _assign_reads(steps: list[Step], tokens: set[Node], model_name: str) -> None:
     """The step at whose stream each attention input is read (``Attention.reads``): the layer's own, or — where a
     layer reuses the keys and values an earlier layer computed (KV sharing: Gemma 4's E-models) — that layer's.
-    Its q must be its own, and its k and v read at one step."""
+    Its q must be its own, and its k and v read at one step.  Where the stream was found with values held fixed,
+    an input may read nothing else computed from the tokens (``tokens``: an earlier layer's values mixed into
+    its own, say), which no edge would carry."""
     for i, step in enumerate(steps):
         for attention in (w for w in step.writers if isinstance(w, Attention)):
             for role, node in attention.inputs.items():
@@ -247,6 +250,13 @@ def _assign_reads(steps: list[Step], model_name: str) -> None:
                 if read is None:
                     raise DecompositionError(model_name, node, f"the attention {role} input is not computed from the "
                                              "residual stream")
+                path = between(read.start, [node])
+                foreign = next((a for n in path for a in n.all_input_nodes
+                                if a in tokens and a not in path and a is not read.start), None)
+                if foreign is not None:
+                    raise DecompositionError(model_name, foreign, f"the attention {role} input reads this value, "
+                                             "computed from the tokens apart from the stream it reads (e.g. an "
+                                             "earlier layer's values), which the per-edge inputs cannot patch")
                 attention.reads[role] = read
             if attention.reads["q"] is not step or attention.reads["k"] is not attention.reads["v"]:
                 raise DecompositionError(model_name, attention.output, "this attention layer reads its query from "

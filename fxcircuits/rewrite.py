@@ -16,6 +16,8 @@ stream:
   :func:`fxcircuits.patching.side_input`); for attention, the norm and projection of each query head's
   q, k and v separately (see :mod:`fxcircuits.heads`; the norm's trailing factors cross the projection, see
   :mod:`fxcircuits.norms`), the attention core over the per-head tensors, and the unchanged output path.
+  A layer that reuses the keys and values an earlier layer computed (KV sharing) has its heads' k and v computed
+  at that layer's step, from their own copies of the stream there, and kept until its core runs.
   Where the mask weights every edge into a layer (or into one role's readers) alike and no gradient is asked
   for, its heads all read one stream, and the plain projections serve them; a head whose every edge the mask
   patches from a recorded run reads that run's projection (both decided at run time, per call).
@@ -347,7 +349,7 @@ class _Builder:
             for (writer, roles), size in zip(reads, sizes):
                 if isinstance(writer, MLP):
                     self._patched_mlp(step, writer, self.call(operator.getitem, inputs, first), group + first)
-                elif writer in step.writers:
+                elif "q" in roles:  # a layer of this step: its q reads here
                     self._patched_attention(step, writer, roles, inputs, first, group + first)
                 else:  # a later layer's keys and values, read here: kept until its core runs
                     self.shared[id(writer)] = self._read_roles(step, writer, roles, inputs, first, group + first)

@@ -247,6 +247,28 @@ def test_keys_and_values_reused_outside_sdpa_are_refused():
         fxcircuits.trace(make("gemma4_kv_shared", attn_implementation="eager"))
 
 
+def test_values_mixed_in_from_an_earlier_layer_beside_the_reused_ones_are_refused():
+    """A model found only with some values held fixed (Gemma 4's E-models: per-layer inputs, reused keys and values)
+    whose layer 3 also adds layer 0's values to the ones it reuses (value residual learning): those reach layer 3
+    beside any stream its edges carry.  Refused at the value read, rather than patched from the clean run."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    seen = {}
+
+    def value_residual(module, q, k, v, mask, **kwargs):
+        if module.layer_idx == 0:
+            seen["v"] = v
+        elif module.layer_idx == 3:
+            v = v + seen["v"]
+        return sdpa_attention_forward(module, q, k, v, mask, **kwargs)
+
+    AttentionInterface.register("fxcircuits_test_value_residual", value_residual)
+    model = make("gemma4_kv_shared", attn_implementation="fxcircuits_test_value_residual")
+    with pytest.raises(fxcircuits.DecompositionError, match="the attention v input reads this value, computed from "
+                                                            "the tokens apart from the stream it reads"):
+        fxcircuits.trace(model)
+
+
 def test_a_scaled_residual_is_refused_at_the_scaling():
     """Doge adds each layer's output to a learned rescaling of the stream (r ⊙ x + f(x)): not a sum of per-node
     writes.  The error points at the multiplication rather than only saying that no attention was found."""
