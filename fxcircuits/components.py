@@ -170,19 +170,28 @@ def find_components(gm: GraphModule, model_name: str) -> Components:
     chain = _dominator_chain(source, logits)
     steps, sides, held = _steps(chain, model_name), [], frozenset()
     if not steps or _stray_core(source, steps) is not None:
-        # the layers read the tokens, or an earlier layer's keys and values, beside the stream: find the stream with
-        # those values held fixed
-        cores = _core_inputs(source)
-        sides = _side_inputs(source, chain, cores)
-        held = frozenset(sides) | cores
-        chain = _dominator_chain(source, logits, held)
-        steps = _steps(chain, model_name)
+        chain, steps, sides, held = _held_stream(source, logits, chain, model_name) or (chain, steps, sides, held)
     if not steps:
         raise _no_attention(chain, model_name)
     _check_cores(source, steps, model_name)
     _assign_sides(sides, steps, model_name)
     _assign_reads(steps, descendants(source) if held else set(), model_name)
     return Components(model_name, steps, steps[-1].end, logits, _stream_scales(chain, steps, model_name))
+
+
+def _held_stream(source: Node, logits: Node, chain: list[Node], model_name: str) -> tuple | None:
+    """Where the layers read the tokens, or an earlier layer's keys and values, beside the stream: the stream found
+    with those values held fixed — (chain, steps, side inputs, held values) — or None where that finds none either
+    (the first attempt's refusal, on ``chain``, then stands)."""
+    cores = _core_inputs(source)
+    sides = _side_inputs(source, chain, cores)
+    held = frozenset(sides) | cores
+    chain = _dominator_chain(source, logits, held)
+    try:
+        steps = _steps(chain, model_name)
+    except DecompositionError:
+        return None
+    return (chain, steps, sides, held) if steps else None
 
 
 def _steps(chain: list[Node], model_name: str) -> list[Step]:
@@ -316,6 +325,8 @@ def _dominator_chain(source: Node, sink: Node, held: frozenset[Node] = frozenset
         for parent in parents[1:]:
             dom = meet(dom, parent)
         idom[node], depth[node] = dom, depth[dom] + 1
+    if sink not in idom:  # every path runs through ``held``
+        return []
     chain, node = [], sink
     while node is not None:
         chain.append(node)
