@@ -18,12 +18,15 @@ def _last_layer(cm) -> int:
 
 def _into_last_layer(cm, generator) -> torch.Tensor:
     """Four masks that move edges into the last layer's readers and the logits only: one edge into the last MLP,
-    one into a head's k input, one into the logits, and a soft mix of every edge into the last layer."""
+    one into a head's k input (its q input where the layer reuses an earlier layer's keys, read there), one into
+    the logits, and a soft mix of every edge into the last layer."""
     g = cm.graph
     into = [g.downstream[d] for d in g.dst.tolist()]
     late = g.dst >= _last_layer(cm)
+    head = next(port for port in (f"a{g.n_layers - 1}.h1<{role}>" for role in "kq")
+                if g.downstream.index(port) >= _last_layer(cm))
     masks = torch.ones(4, len(into))
-    for i, wanted in enumerate((g.downstream[-2], f"a{g.n_layers - 1}.h1<k>", "logits")):
+    for i, wanted in enumerate((g.downstream[-2], head, "logits")):
         masks[i, into.index(wanted)] = 0.0
     masks[3] = torch.where(late, torch.rand(len(into), generator=generator), 1.0)
     return masks
