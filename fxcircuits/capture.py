@@ -10,6 +10,8 @@ downstream assumes position t only sees tokens ≤ t.
 """
 from __future__ import annotations
 
+import itertools
+import operator
 from dataclasses import dataclass
 
 import sympy
@@ -131,35 +133,35 @@ def _functional(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
     as single nodes.
 
     ``run_decompositions({})`` makes one by tracing the program a second time, which costs more than the export
-    itself (a random Llama of SmolLM2's shape: 39 s after 15 s).  A program whose ops are all functional already is
-    that graph, but for its casts and inference-mode dropouts: it is used as exported, with those dropped where they
-    change nothing and real casts spelled ``_to_copy``, as decomposition spells them."""
-    if not all(_functional_as_is(node) for node in program.graph.nodes):
-        return program.run_decompositions({}).module()
+    itself (a random Llama of SmolLM2's shape: 39 s after 15 s; Pythia-160M's: 12 s after 8 s).  Most programs
+    hold only a few nodes it would change, each of which one small rewrite spells as decomposition would
+    (``_respelling``): such a program is used as exported, with those nodes rewritten.  Any other program is
+    decomposed."""
     module = program.module()
-    for node in list(module.graph.nodes):
-        if node.target in CASTS or node.target is aten.dropout.default:
-            _drop_or_copy(module.graph, node)
+    position = {node: index for index, node in enumerate(module.graph.nodes)}
+    respellings = []
+    for node in module.graph.nodes:
+        if node.op != "call_function" or _functional_as_is(node):
+            continue
+        respell = _respelling(node, position)
+        if respell is None:
+            return program.run_decompositions({}).module()
+        respellings.append((node, respell))
+    for node, respell in respellings:
+        respell(module.graph, node)
     module.recompile()
     return module
 
 
 def _functional_as_is(node: torch.fx.Node) -> bool:
-    """Whether ``run_decompositions({})`` would leave ``node`` as it is, or ``_drop_or_copy`` stands in for it."""
-    if node.op != "call_function":
-        return True  # placeholders, weights, the output
+    """Whether ``run_decompositions({})`` would leave the call ``node`` as it is."""
     op = node.target
     if not isinstance(op, torch._ops.OperatorBase):
         return _size_arithmetic(op)
-    if op in CASTS:  # to(dtype, device) alone: no forced copy, no change of layout or memory format
-        kwargs = _arguments(node)
-        return (not kwargs.get("copy") and not kwargs.get("pin_memory")
-                and kwargs.get("layout") in (None, torch.strided)
-                and kwargs.get("memory_format") in (None, torch.preserve_format))
-    if op is aten.dropout.default:
-        return not _arguments(node)["train"]  # an inference-mode dropout is the identity
     if not isinstance(op, torch._ops.OpOverload) or op._schema.is_mutable:
         return False  # a higher-order op (a nested graph), or an in-place op
+    if op in CASTS or op is aten.dropout.default:
+        return False
     return not _is_cia_op(op) or _is_preservable_cia_op(op) or op in KEPT_VIEWS
 
 
@@ -170,22 +172,121 @@ def _size_arithmetic(fn) -> bool:
     return module in ("_operator", "math") or (module == "torch" and fn.__name__.startswith("sym_"))
 
 
+def _respelling(node: torch.fx.Node, position: dict[torch.fx.Node, int]):
+    """How to rewrite ``node`` as decomposition would, as a function ``(graph, node) -> None``; None where no small
+    rewrite is known to be exact (the program is then decomposed)."""
+    op = node.target
+    if op in CASTS:  # to(dtype, device) alone: no forced copy, no change of layout or memory format
+        kwargs = _arguments(node)
+        simple = (not kwargs.get("copy") and not kwargs.get("pin_memory")
+                  and kwargs.get("layout") in (None, torch.strided)
+                  and kwargs.get("memory_format") in (None, torch.preserve_format))
+        return _drop_or_copy if simple else None
+    if op is aten.dropout.default:
+        return None if _arguments(node)["train"] else _drop  # an inference-mode dropout is the identity
+    if op in COMPOSITES:  # composite ops that decomposition spells out
+        return COMPOSITES[op](node)
+    return _out_of_place(node, position)
+
+
 def _arguments(node: torch.fx.Node) -> dict:
     return normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
 
 
+def _drop(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    node.replace_all_uses_with(node.args[0])
+    graph.erase_node(node)
+
+
 def _drop_or_copy(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
-    """Replace a cast or an inference-mode dropout by its input where it changes nothing, else by ``_to_copy``."""
+    """Replace a cast by its input where it changes nothing, else by ``_to_copy``."""
     source, value = node.args[0], node.meta["val"]
     before = source.meta["val"]
-    if node.target is aten.dropout.default or (value.dtype, value.device) == (before.dtype, before.device):
-        node.replace_all_uses_with(source)
-    else:
-        with graph.inserting_before(node):
-            copy = graph.call_function(aten._to_copy.default, (source,), {"dtype": value.dtype, "device": value.device})
-        copy.meta = dict(node.meta)
-        node.replace_all_uses_with(copy)
+    if (value.dtype, value.device) == (before.dtype, before.device):
+        return _drop(graph, node)
+    _replace(graph, node, aten._to_copy.default, (source,), {"dtype": value.dtype, "device": value.device})
+
+
+def _replace(graph: torch.fx.Graph, node: torch.fx.Node, op, args: tuple, kwargs: dict | None = None) -> None:
+    with graph.inserting_before(node):
+        new = graph.call_function(op, args, kwargs or {})
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
     graph.erase_node(node)
+
+
+def _rewrite_as(op, *args):
+    return lambda graph, node: _replace(graph, node, op, (node.args[0], *args))
+
+
+def _chunk(node: torch.fx.Node):
+    """``chunk`` is ``split`` into pieces of ceil(size / chunks), where the size is known."""
+    kwargs = _arguments(node)
+    size = node.args[0].meta["val"].shape[kwargs["dim"]]
+    if not isinstance(size, int) or size == 0:
+        return None
+    return _rewrite_as(aten.split.Tensor, -(-size // kwargs["chunks"]), kwargs["dim"])
+
+
+def _flatten(node: torch.fx.Node):
+    """``flatten`` is a ``reshape`` to the sizes kept, with the merged ones as -1; a symbolic size kept is read
+    from the graph node that already holds it (none: no rewrite)."""
+    kwargs = _arguments(node)
+    shape = node.args[0].meta["val"].shape
+    rank = max(len(shape), 1)
+    start, end = kwargs["start_dim"] % rank, kwargs["end_dim"] % rank
+    holders = {value.node.expr: holder for holder in itertools.takewhile(lambda earlier: earlier is not node,
+                                                                         node.graph.nodes)
+               if isinstance(value := holder.meta.get("val"), torch.SymInt)}
+    sizes = [*shape[:start], -1, *shape[end + 1:]]
+    sizes = [holders.get(size.node.expr) if isinstance(size, torch.SymInt) else size for size in sizes]
+    if len(shape) == 0 or None in sizes:
+        return None
+    return _rewrite_as(aten.reshape.default, sizes)
+
+
+def _numpy_t(node: torch.fx.Node):
+    return _rewrite_as(aten.permute.default, list(reversed(range(node.args[0].meta["val"].dim()))))
+
+
+COMPOSITES = {aten.chunk.default: _chunk, aten.flatten.using_ints: _flatten, aten.numpy_T.default: _numpy_t,
+         aten.broadcast_to.default: lambda node: _rewrite_as(aten.expand.default, _arguments(node)["size"])}
+
+
+def _out_of_place(node: torch.fx.Node, position: dict[torch.fx.Node, int]):
+    """An in-place op whose target is fresh memory that nothing reads after it is its out-of-place twin: export
+    points every later use at the in-place node, so only a view taken before it could see the write."""
+    op = node.target
+    if not isinstance(op, torch._ops.OpOverload) or not op._schema.is_mutable:
+        return None
+    twin = getattr(getattr(aten, op._schema.name.split("::")[-1].rstrip("_"), None), op._overloadname, None)
+    target = node.args[0] if node.args else None
+    if (twin is None or twin._schema.is_mutable or not _fresh(target, position)
+            or any(user is not node and (position[user] > position[node] or _aliases(user))
+                   for user in target.users)):
+        return None
+    return lambda graph, node: _replace(graph, node, twin, node.args, node.kwargs)
+
+
+def _fresh(node, position: dict[torch.fx.Node, int]) -> bool:
+    """Whether ``node`` is a tensor in memory of its own: the output of an op that returns no alias of its
+    inputs (or an item of one), or of an in-place op that ``_out_of_place`` rewrites.  An input or a weight is
+    not: writing to it is a side effect."""
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if node.target is operator.getitem:
+        node = node.args[0]
+    op = node.target
+    if not isinstance(op, torch._ops.OpOverload):
+        return False
+    if op._schema.is_mutable:
+        return _out_of_place(node, position) is not None
+    return not _aliases(node)
+
+
+def _aliases(node: torch.fx.Node) -> bool:
+    op = node.target
+    return not isinstance(op, torch._ops.OpOverload) or any(r.alias_info is not None for r in op._schema.returns)
 
 
 def _lengths(module: torch.fx.GraphModule, program: torch.export.ExportedProgram, example: int) -> Lengths:

@@ -1,6 +1,7 @@
 """Capture: the exported program as the functional ATen graph the later stages read."""
 import pytest
 import torch
+from torch._export.utils import _is_cia_op, _is_preservable_cia_op
 from torch.export import ExportedProgram
 
 from fxcircuits import capture
@@ -10,13 +11,19 @@ aten = torch.ops.aten
 
 
 @pytest.mark.parametrize("name, dtype, as_is", [("llama", torch.float32, True), ("llama", torch.bfloat16, True),
-                                                ("gpt2", torch.float32, True), ("mixtral", torch.float32, False),
-                                                ("gemma4", torch.float32, False)])
+                                                ("gpt2", torch.float32, True), ("gpt_neox", torch.float32, True),
+                                                ("gptj", torch.float32, True), ("gpt_neo", torch.float32, True),
+                                                ("falcon_new_arch", torch.float32, True),
+                                                ("mixtral", torch.float32, True), ("gemma4", torch.float32, True),
+                                                ("deepseek_v3", torch.float32, False)])
 def test_a_program_with_no_op_to_rewrite_is_used_as_exported(name, dtype, as_is, monkeypatch):
-    """``run_decompositions`` traces the program a second time.  A program whose ops are all functional but for
-    casts and dropout (Llama, GPT-2) skips it; one with in-place ops (Mixtral's and Gemma 4's routers) takes it.
-    Either way the graph gives the model's logits and holds no in-place op, no dropout and no cast but those that
-    change a dtype (bf16 Llama's norms compute in fp32)."""
+    """``run_decompositions`` traces the program a second time.  A program whose ops are all functional, or
+    rewritten in place as decomposition would spell them, skips it: casts and dropout (Llama, GPT-2), ``chunk``
+    (Pythia), ``flatten`` (GPT-J), ``numpy_T``, ``broadcast_to`` and an in-place add (Falcon), ``detach_``
+    (GPT-Neo), the routers' in-place writes to fresh tensors (Mixtral, Gemma 4).  DeepSeek-V3 writes into slices
+    of a tensor, which only decomposition handles.  Either way the graph gives the model's logits and holds no
+    in-place op, no dropout, no composite op that decomposition rewrites, and no cast but those that change a
+    dtype (bf16 Llama's norms compute in fp32)."""
     decomposed, decompose = [], ExportedProgram.run_decompositions
     monkeypatch.setattr(ExportedProgram, "run_decompositions",
                         lambda self, *args: decomposed.append(self) or decompose(self, *args))
@@ -26,6 +33,8 @@ def test_a_program_with_no_op_to_rewrite_is_used_as_exported(name, dtype, as_is,
     ops = {node.target for node in module.graph.nodes if node.op == "call_function"}
     assert not ops & (capture.CASTS | {aten.dropout.default})
     assert not any(isinstance(op, torch._ops.OpOverload) and op._schema.is_mutable for op in ops)
+    assert not any(isinstance(op, torch._ops.OpOverload) and _is_cia_op(op) and not _is_preservable_cia_op(op)
+                   for op in ops - capture.KEPT_VIEWS)
     casts = {(node.args[0].meta["val"].dtype, node.meta["val"].dtype) for node in module.graph.nodes
              if node.target is aten._to_copy.default}
     assert all(before != after for before, after in casts)
@@ -36,3 +45,48 @@ def test_a_program_with_no_op_to_rewrite_is_used_as_exported(name, dtype, as_is,
     with torch.no_grad():
         torch.testing.assert_close(module(input_ids, attention_mask),
                                    model(input_ids, attention_mask=attention_mask, use_cache=False).logits)
+
+
+class _WriteAfterView(torch.nn.Module):
+    """Writes in place to a tensor a view of which is read after the write: only decomposition gets it right."""
+
+    def forward(self, x):
+        y = x * 2
+        first = y[:, :1]
+        y.mul_(3)
+        return first + y
+
+
+class _WriteToFresh(torch.nn.Module):
+    """Writes in place to a tensor of its own that nothing reads after the write, as the MoE routers do."""
+
+    def forward(self, x):
+        y = x * 2
+        total = y.sum(-1, keepdim=True)
+        y.div_(total)
+        return y.chunk(2, dim=-1)[1].flatten(0)
+
+
+class _WriteToInput(torch.nn.Module):
+    """Writes in place to its input: a side effect the graph must keep."""
+
+    def forward(self, x):
+        x.mul_(2)
+        return x + 1
+
+
+@pytest.mark.parametrize("module, as_is", [(_WriteAfterView(), False), (_WriteToFresh(), True),
+                                           (_WriteToInput(), False)])
+def test_an_in_place_write_is_rewritten_out_of_place_only_where_nothing_sees_the_difference(module, as_is,
+                                                                                           monkeypatch):
+    """An in-place op becomes its out-of-place twin only when it writes to fresh memory and no view of that memory
+    is read after it; else the program is decomposed.  Both ways, the graph computes what the module does (the
+    test above checks that the models' graphs hold no in-place op)."""
+    decomposed, decompose = [], ExportedProgram.run_decompositions
+    monkeypatch.setattr(ExportedProgram, "run_decompositions",
+                        lambda self, *args: decomposed.append(self) or decompose(self, *args))
+    x = torch.rand(3, 4) + 0.5
+    program = torch.export.export(module, (x.clone(),), strict=False)
+    graph = capture._functional(program)
+    assert bool(decomposed) != as_is
+    torch.testing.assert_close(graph(x.clone()), module(x.clone()), rtol=0, atol=0)
