@@ -250,7 +250,7 @@ def _numpy_t(node: torch.fx.Node):
 
 
 COMPOSITES = {aten.chunk.default: _chunk, aten.flatten.using_ints: _flatten, aten.numpy_T.default: _numpy_t,
-         aten.broadcast_to.default: lambda node: _rewrite_as(aten.expand.default, _arguments(node)["size"])}
+              aten.broadcast_to.default: lambda node: _rewrite_as(aten.expand.default, _arguments(node)["size"])}
 
 
 def _out_of_place(node: torch.fx.Node, position: dict[torch.fx.Node, int]):
