@@ -41,6 +41,7 @@ SDPA = {aten.scaled_dot_product_attention.default}
 SKIPPED = {aten._assert_tensor_metadata.default}
 RESHAPING = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
              aten.permute.default, aten.clone.default, aten.contiguous.default}
+EXPANDING = {aten.expand.default, aten.unsqueeze.default}
 
 
 def is_tensor_node(node: Node) -> bool:
@@ -169,11 +170,16 @@ def find_components(gm: GraphModule, model_name: str) -> Components:
     source = _token_embedding(gm, model_name)
     chain = _dominator_chain(source, logits)
     steps, sides, held = _steps(chain, model_name), [], frozenset()
-    if not steps or _stray_core(source, steps) is not None:
-        chain, steps, sides, held = _held_stream(source, logits, chain, model_name) or (chain, steps, sides, held)
+    stray = _stray_core(source, steps)
+    if not steps or stray is not None:
+        found = _held_stream(source, logits, chain, model_name)
+        if found is not None:
+            chain, steps, sides, held = found
+            stray = _stray_core(source, steps)
     if not steps:
         raise _no_attention(chain, model_name)
-    _check_cores(source, steps, model_name)
+    if stray is not None:
+        raise _stray_error(stray, chain, model_name)
     _assign_sides(sides, steps, model_name)
     _assign_reads(steps, descendants(source) if held else set(), model_name)
     return Components(model_name, steps, steps[-1].end, logits, _stream_scales(chain, steps, model_name))
@@ -236,14 +242,34 @@ def _core_inputs(source: Node) -> frozenset[Node]:
     return frozenset(a for n in descendants(source) if n.target in SDPA for a in n.args[:3] if isinstance(a, Node))
 
 
-def _check_cores(source: Node, steps: list[Step], model_name: str) -> None:
-    """Every attention core lies in a residual step: refused rather than taken as part of some node."""
-    stray = _stray_core(source, steps)
-    if stray is not None:
-        raise DecompositionError(model_name, stray, "this attention layer reaches the later layers other than "
-                                 "through the residual stream, which the per-edge inputs cannot patch (keys and "
-                                 "values reused by a later layer are followed into scaled_dot_product_attention "
-                                 "alone: load the model with attn_implementation='sdpa')")
+def _stray_error(stray: Node, chain: list[Node], model_name: str) -> DecompositionError:
+    """Why an attention core lies outside every residual step: its keys are another core's too (KV sharing that
+    only ``scaled_dot_product_attention`` is followed through), or else the values computed from the tokens run
+    along more than one path around it, named by the stream's nodes before and after it."""
+    reach = descendants(chain[0])
+    others = [n for n in reach if n is not stray and _scores(n, reach) is not None]
+    if any(_key_root(core, reach) is _key_root(stray, reach) for core in others):
+        return DecompositionError(model_name, stray, "this attention layer's keys and values are reused by another "
+                                  "layer beside the residual stream, which the engine follows into "
+                                  "scaled_dot_product_attention alone: load the model with "
+                                  "attn_implementation='sdpa'")
+    before = max(n for n in chain if n < stray)
+    after = min(n for n in chain if n > stray)
+    return DecompositionError(model_name, stray, "this attention layer lies where the values computed from the "
+                              f"tokens run along more than one path, between graph nodes '{before.name}' and "
+                              f"'{after.name}' (a second stream, or a state carried beside the residual stream "
+                              "from one pass over the layers to the next, as in a recurrent model): it is in no "
+                              "residual step, so no per-edge input could patch it")
+
+
+def _key_root(core: Node, reach: set[Node]) -> Node:
+    """The tensor a core's keys are reshaped from (before transposes, repeats over query-head groups and views),
+    which a layer that reuses an earlier layer's keys shares with that layer's core."""
+    scores = _scores(core, reach)
+    key = scores.args[1] if scores.target in SDPA else _score_operands(scores, reach)[1]
+    while key.target in RESHAPING | EXPANDING or _whole_slice(key):
+        key = key.args[0]
+    return key
 
 
 def _assign_reads(steps: list[Step], tokens: set[Node], model_name: str) -> None:
@@ -255,11 +281,11 @@ def _assign_reads(steps: list[Step], tokens: set[Node], model_name: str) -> None
     for i, step in enumerate(steps):
         for attention in (w for w in step.writers if isinstance(w, Attention)):
             for role, node in attention.inputs.items():
-                read = next((s for s in reversed(steps[:i + 1]) if between(s.start, [node])), None)
+                paths = ((s, between(s.start, [node])) for s in reversed(steps[:i + 1]))
+                read, path = next(((s, path) for s, path in paths if path), (None, None))
                 if read is None:
                     raise DecompositionError(model_name, node, f"the attention {role} input is not computed from the "
                                              "residual stream")
-                path = between(read.start, [node])
                 foreign = next((a for n in path for a in n.all_input_nodes
                                 if a in tokens and a not in path and a is not read.start), None)
                 if foreign is not None:

@@ -242,9 +242,24 @@ def test_keys_and_values_reused_outside_sdpa_are_refused():
     """Gemma 4's E-models reuse an earlier layer's keys and values in their last layers (KV sharing), which the
     engine follows into ``scaled_dot_product_attention``.  Run eagerly, that layer's attention reaches the later
     ones beside the stream through a matmul: refused at its softmax, saying what to do."""
-    with pytest.raises(fxcircuits.DecompositionError, match=r"'softmax_1'.*other than through the residual stream"
-                                                             r".*attn_implementation='sdpa'"):
+    with pytest.raises(fxcircuits.DecompositionError, match=r"'softmax_1'.*keys and values are reused by another "
+                                                             r"layer.*attn_implementation='sdpa'"):
         fxcircuits.trace(make("gemma4_kv_shared", attn_implementation="eager"))
+
+
+def test_a_state_carried_beside_the_stream_is_refused_where_it_forks():
+    """HRM runs a low-level stack several times, adding the token embedding back in before each pass, and only then
+    a high-level stack: every layer but the last stack's lies where the values from the tokens take two paths.  The
+    stream alone would fold those layers into ``input``; refused instead, naming the first such attention core and
+    the stream's nodes around the fork, without pointing at KV sharing."""
+    config = AutoConfig.for_model("hrm_text", hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                  num_key_value_heads=4, head_dim=16, vocab_size=128, H_cycles=2, L_cycles=2,
+                                  num_layers_per_stack=1)
+    with pytest.raises(fxcircuits.DecompositionError, match=r"HrmTextForCausalLM at graph node "
+                       r"'scaled_dot_product_attention' .*more than one path, between graph nodes '\w+' and '\w+' "
+                       r"\(a second stream") as refusal:
+        fxcircuits.trace(AutoModelForCausalLM.from_config(config))
+    assert "attn_implementation" not in str(refusal.value)
 
 
 def test_values_mixed_in_from_an_earlier_layer_beside_the_reused_ones_are_refused():
