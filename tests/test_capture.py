@@ -15,15 +15,16 @@ aten = torch.ops.aten
                                                 ("gptj", torch.float32, True), ("gpt_neo", torch.float32, True),
                                                 ("falcon_new_arch", torch.float32, True),
                                                 ("mixtral", torch.float32, True), ("gemma4", torch.float32, True),
-                                                ("deepseek_v3", torch.float32, False)])
+                                                ("deepseek_v3", torch.float32, True),
+                                                ("qwen3_5", torch.float32, True)])
 def test_a_program_with_no_op_to_rewrite_is_used_as_exported(name, dtype, as_is, monkeypatch):
     """``run_decompositions`` traces the program a second time.  A program whose ops are all functional, or
     rewritten in place as decomposition would spell them, skips it: casts and dropout (Llama, GPT-2), ``chunk``
     (Pythia), ``flatten`` (GPT-J), ``numpy_T``, ``broadcast_to`` and an in-place add (Falcon), ``detach_``
-    (GPT-Neo), the routers' in-place writes to fresh tensors (Mixtral, Gemma 4).  DeepSeek-V3 writes into slices
-    of a tensor, which only decomposition handles.  Either way the graph gives the model's logits and holds no
-    in-place op, no dropout, no composite op that decomposition rewrites, and no cast but those that change a
-    dtype (bf16 Llama's norms compute in fp32)."""
+    (GPT-Neo), the routers' in-place writes to fresh tensors (Mixtral, Gemma 4), writes into slices and selects of
+    fresh tensors (DeepSeek-V3's keys; Qwen3.5's rotary embedding and triangular solve).  Either way the graph gives
+    the model's logits and holds no in-place op, no dropout, no composite op that decomposition rewrites, and no
+    cast but those that change a dtype (bf16 Llama's norms compute in fp32)."""
     decomposed, decompose = [], ExportedProgram.run_decompositions
     monkeypatch.setattr(ExportedProgram, "run_decompositions",
                         lambda self, *args: decomposed.append(self) or decompose(self, *args))
@@ -75,12 +76,70 @@ class _WriteToInput(torch.nn.Module):
         return x + 1
 
 
+class _WriteIntoSlices(torch.nn.Module):
+    """Fills a fresh tensor slice by slice and reads it in between, as DeepSeek builds its keys."""
+
+    def forward(self, x):
+        k = x.new_empty(*x.shape[:-1], 6)
+        k[..., :4].copy_(x)
+        first = k[..., :4].sum(-1, keepdim=True)
+        k[..., 4:].copy_(first)
+        return k * 2
+
+
+class _WriteThroughOneView(torch.nn.Module):
+    """Writes three times through one select of a fresh tensor, reading the tensor's other rows for each write,
+    then returns the select: Qwen3.5's rotary embedding."""
+
+    def forward(self, x):
+        y = x * 2
+        first = y[0]
+        for row in (1, 2):
+            first[..., row::2] = y[row, ..., row::2]
+        first[0] = 1.0
+        return first + 1
+
+
+class _SolveByRows(torch.nn.Module):
+    """Forward substitution row by row, each row written through a select and a slice and read by the next:
+    Qwen3.5's triangular solve as exported.  The cast to contiguous memory becomes a contiguous ``_to_copy``, which
+    the ``view`` after it needs."""
+
+    def forward(self, x):
+        system = -(x @ x.transpose(-1, -2)).tril(-1)
+        for i in range(1, system.shape[-1]):
+            row = system[..., i, :i].clone()
+            system[..., i, :i] = row + (row.unsqueeze(-1) * system[..., :i, :i].clone()).sum(-2)
+        return system.transpose(-1, -2).to(torch.float64, memory_format=torch.contiguous_format).view(-1)
+
+
+class _ViewReadAfterWrite(torch.nn.Module):
+    """Reads a transpose, taken before a write into a slice, after it: only decomposition gets it right."""
+
+    def forward(self, x):
+        y = x * 2
+        turned = y.transpose(0, 1)
+        y[:, :2].copy_(x[:, 2:])
+        return turned + 1
+
+
+class _WriteIntoInputSlice(torch.nn.Module):
+    """Writes into a slice of its input: a side effect the graph must keep."""
+
+    def forward(self, x):
+        x[:, :2].copy_(x[:, 2:])
+        return x + 1
+
+
 @pytest.mark.parametrize("module, as_is", [(_WriteAfterView(), False), (_WriteToFresh(), True),
-                                           (_WriteToInput(), False)])
+                                           (_WriteToInput(), False), (_WriteIntoSlices(), True),
+                                           (_WriteThroughOneView(), True), (_SolveByRows(), True),
+                                           (_ViewReadAfterWrite(), False), (_WriteIntoInputSlice(), False)])
 def test_an_in_place_write_is_rewritten_out_of_place_only_where_nothing_sees_the_difference(module, as_is,
                                                                                            monkeypatch):
     """An in-place op becomes its out-of-place twin only when it writes to fresh memory and no view of that memory
-    is read after it; else the program is decomposed.  Both ways, the graph computes what the module does (the
+    is read after it, or, written through slices and selects, its twin scattered back into the memory where every
+    view read is taken again after the writes before it; else the program is decomposed.  Both ways, the graph computes what the module does (the
     test above checks that the models' graphs hold no in-place op)."""
     decomposed, decompose = [], ExportedProgram.run_decompositions
     monkeypatch.setattr(ExportedProgram, "run_decompositions",
