@@ -4,7 +4,7 @@ import torch
 from torch._export.utils import _is_cia_op, _is_preservable_cia_op
 from torch.export import ExportedProgram
 
-from fxcircuits import capture
+from fxcircuits import capture, functional
 from zoo import make
 
 aten = torch.ops.aten
@@ -32,10 +32,10 @@ def test_a_program_with_no_op_to_rewrite_is_used_as_exported(name, dtype, as_is,
     module, _ = capture.export(model)
     assert bool(decomposed) != as_is
     ops = {node.target for node in module.graph.nodes if node.op == "call_function"}
-    assert not ops & (capture.CASTS | {aten.dropout.default})
+    assert not ops & (functional.CASTS | {aten.dropout.default})
     assert not any(isinstance(op, torch._ops.OpOverload) and op._schema.is_mutable for op in ops)
     assert not any(isinstance(op, torch._ops.OpOverload) and _is_cia_op(op) and not _is_preservable_cia_op(op)
-                   for op in ops - capture.KEPT_VIEWS)
+                   for op in ops - functional.KEPT_VIEWS)
     casts = {(node.args[0].meta["val"].dtype, node.meta["val"].dtype) for node in module.graph.nodes
              if node.target is aten._to_copy.default}
     assert all(before != after for before, after in casts)
@@ -146,6 +146,6 @@ def test_an_in_place_write_is_rewritten_out_of_place_only_where_nothing_sees_the
                         lambda self, *args: decomposed.append(self) or decompose(self, *args))
     x = torch.rand(3, 4) + 0.5
     program = torch.export.export(module, (x.clone(),), strict=False)
-    graph = capture._functional(program)
+    graph = functional.functional(program)
     assert bool(decomposed) != as_is
     torch.testing.assert_close(graph(x.clone()), module(x.clone()), rtol=0, atol=0)
