@@ -170,7 +170,7 @@ def find_components(gm: GraphModule, model_name: str) -> Components:
     source = _token_embedding(gm, model_name)
     chain = _dominator_chain(source, logits)
     steps, sides, held = _steps(chain, model_name), [], frozenset()
-    stray = _stray_core(source, steps)
+    stray = _stray_core(source, steps) if steps else None
     if not steps or stray is not None:
         found = _held_stream(source, logits, chain, model_name)
         if found is not None:
@@ -247,8 +247,9 @@ def _stray_error(stray: Node, chain: list[Node], model_name: str) -> Decompositi
     only ``scaled_dot_product_attention`` is followed through), or else the values computed from the tokens run
     along more than one path around it, named by the stream's nodes before and after it."""
     reach = descendants(chain[0])
-    others = [n for n in reach if n is not stray and _scores(n, reach) is not None]
-    if any(_key_root(core, reach) is _key_root(stray, reach) for core in others):
+    keys = _key_root(stray, reach)
+    cores = (n for n in reach if n is not stray and _scores(n, reach) is not None)
+    if any(_key_root(core, reach) is keys for core in cores):
         return DecompositionError(model_name, stray, "this attention layer's keys and values are reused by another "
                                   "layer beside the residual stream, which the engine follows into "
                                   "scaled_dot_product_attention alone: load the model with "
