@@ -2,6 +2,7 @@
 read, where possible without the second trace that decomposition costs (``functional``)."""
 from __future__ import annotations
 
+import bisect
 import itertools
 import operator
 
@@ -250,8 +251,9 @@ def _writes_in_order(base: torch.fx.Node, position: dict[torch.fx.Node, int]) ->
             return False
         elif _aliases(user):
             reads.append((position[user], _last_read(user, position)))
-    ends = [end for _, end in writes]
-    return not any(start < end < last for start, last in writes + reads for end in ends)
+    ends = sorted(end for _, end in writes)  # a write strictly inside a span: bisect finds it
+    return not any(bisect.bisect_right(ends, start) < bisect.bisect_left(ends, last)
+                   for start, last in writes + reads)
 
 
 def _written_through(view: torch.fx.Node) -> torch.fx.Node | None:
