@@ -45,7 +45,8 @@ TOLERANCE = 1e-4
 def tiny_config(model_type: str):
     """The type's default config with the usual size fields shrunk (its text config's too).
 
-    A config listing its layers' kinds keeps one layer of each (``_one_of_each``); a hybrid that places its
+    A config listing its layers' kinds keeps one layer of each (``_one_of_each``), and one whose kinds repeat over
+    the layers in turn (``block_types``) gets layers enough to reach each; a hybrid that places its
     attention layers by period or index gets one at layer 1, after a layer of its other kind (Jamba, Bamba).
     Multi-head latent attention (a ``kv_lora_rank`` field) ties sizes together: its ``head_dim`` is the rotary
     part of a head and every query head has its own key/value head.  The config is then built again from its
@@ -66,6 +67,9 @@ def tiny_config(model_type: str):
                 kinds = _one_of_each(getattr(part, key))
                 _set(part, key, kinds, replace_lists=True)
                 _set(part, "num_hidden_layers", len(kinds))
+        cycle = getattr(part, "block_types", None)  # kinds repeated over the layers in turn (RecurrentGemma)
+        if isinstance(cycle, list) and cycle:
+            _set(part, "num_hidden_layers", max(SIZES["num_hidden_layers"], *(cycle.index(k) + 1 for k in cycle)))
     return _rebuilt(config)
 
 

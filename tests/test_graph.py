@@ -9,7 +9,10 @@ HYBRID = {"qwen3_5", "granite_hybrid"}  # a layer without attention: the formula
 E_MODELS = {"gemma4_per_layer", "gemma4_kv_shared"}  # two m nodes a layer; keys and values read at another layer
 
 
-@pytest.mark.parametrize("name", sorted(set(CONFIGS) - HYBRID - E_MODELS))
+GRIFFIN = {"recurrent_gemma"}  # two recurrent layers before the attention layer
+
+
+@pytest.mark.parametrize("name", sorted(set(CONFIGS) - HYBRID - E_MODELS - GRIFFIN))
 def test_counts_follow_the_formula(traced, name):
     _, cm = traced(name)
     g, n_layers, n_heads = cm.graph, 2, 4
@@ -34,6 +37,19 @@ def test_a_writer_other_than_attention_is_an_mlp_node(traced, name):
     assert g.downstream[-3:] == ["a0.h3<v>", "m2", "logits"] and g.downstream[:2] == ["m0", "m1"]
     assert "m0->m1" in g.edge_index and "m1->a0.h2<k>" in g.edge_index and "a0.h1->m2" in g.edge_index
     assert len(g.edges) == 1 + 2 + 12 * 3 + 7 + 8
+
+
+def test_griffins_recurrent_blocks_are_mlp_nodes(traced):
+    """RecurrentGemma (Griffin): each layer's temporal block (two recurrent blocks, then local attention) is
+    followed by an MLP; a recurrent block has no softmax core, so it is one m node, as Qwen3.5's linear attention
+    is: m0 to m3, then the attention layer's heads, then m4."""
+    g = traced("recurrent_gemma")[1].graph
+    assert g.nodes == ["input", "m0", "m1", "m2", "m3", *[f"a0.h{h}" for h in range(4)], "m4", "logits"]
+    assert g.downstream[:4] == ["m0", "m1", "m2", "m3"] and g.downstream[-2:] == ["m4", "logits"]
+    into = lambda port: [e.split("->")[0] for e in g.edges if e.split("->")[1] == port]  # noqa: E731
+    assert into("a0.h2<k>") == ["input", "m0", "m1", "m2", "m3"]
+    assert into("m4") == ["input", "m0", "m1", "m2", "m3", *[f"a0.h{h}" for h in range(4)]]
+    assert len(g.edges) == (1 + 2 + 3 + 4) + 12 * 5 + 9 + 10
 
 
 def test_gemma4_e_models_per_layer_blocks_and_reused_keys_and_values(traced):

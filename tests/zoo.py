@@ -81,6 +81,11 @@ CONFIGS = {
                                                 mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16,
                                                 num_local_experts=4, num_experts_per_tok=2,
                                                 shared_intermediate_size=64)),
+    # Griffin (RecurrentGemma): two recurrent blocks (a convolution, then the RG-LRU: a Python loop over positions,
+    # so torch.export traces it at fixed lengths alone) before a local multi-query attention layer
+    "recurrent_gemma": ("recurrent_gemma", dict(COMMON, num_hidden_layers=3, num_key_value_heads=1, lru_width=64,
+                                                attention_window_size=4,
+                                                block_types=["recurrent", "recurrent", "attention"])),
     # a vision-language model run on text: the language model's sizes live in its text config
     "gemma3_multimodal": ("gemma3", dict(text_config=dict(COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4),
                                          vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -128,6 +133,7 @@ MODULES = {
               "model.layers.{}.post_attention_layernorm"),
     "qwen3_5": ("model.layers.{}.linear_attn", "model.layers.1.self_attn.o_proj", None),
     "granite_hybrid": ("model.layers.{}.mamba", "model.layers.1.self_attn.o_proj", None),
+    "recurrent_gemma": ("model.layers.{}.temporal_block.linear_out", "model.layers.2.temporal_block.o_proj", None),
     "gemma3_multimodal": ("model.language_model.layers.{}.post_feedforward_layernorm",
                           "model.language_model.layers.{}.self_attn.o_proj",
                           "model.language_model.layers.{}.post_attention_layernorm"),
