@@ -15,6 +15,8 @@ Nothing here looks at module names, so new architectures need no new code.
 """
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +30,34 @@ class DecompositionError(ValueError):
 
     def __init__(self, model_name: str, node: Node | None, why: str):
         where = f" at graph node '{node.name}' ({node.target})" if node is not None else ""
-        super().__init__(f"cannot decompose {model_name}{where}: {why}")
+        origin = source(node) if node is not None else None
+        told = f". The node comes from {origin}" if origin else ""
+        super().__init__(f"cannot decompose {model_name}{where}: {why}{told}")
+
+
+_TORCH = os.path.dirname(torch.__file__) + os.sep
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in [^\n]*\n\s*([^\n]*)')
+
+
+def source(node: Node) -> str | None:
+    """Where in the model's code ``node`` was traced — its module (path in the HF model, and class) and the line
+    of the innermost frame export recorded outside torch itself (an ``nn.Linear`` is called from the model's
+    line, which says more than ``F.linear``'s) — so that a refusal points at code a reader knows, not only at a
+    graph node named by export.  None where export recorded neither (a node fxcircuits' own passes made).
+
+    Export runs the model one attribute down inside ``capture``'s wrapper: that first component of the module
+    path is dropped."""
+    modules = list((node.meta.get("nn_module_stack") or {}).values())
+    frames = [f for f in _FRAME.findall(node.meta.get("stack_trace") or "") if not f[0].startswith(_TORCH)]
+    parts = []
+    if modules:
+        path, kind = modules[-1]
+        inner = path.partition(".")[2]
+        parts.append(f"{inner or 'the model'} ({kind.rsplit('.', 1)[-1]})")
+    if frames:
+        file, line, code = frames[-1]
+        parts.append(f"{file.rsplit('/', 1)[-1]}:{line}: {code.strip()}")
+    return ", ".join(parts) or None
 
 
 # Ops that pass the residual stream through unchanged in value (some change its shape, e.g. OPT flattens

@@ -286,12 +286,40 @@ def test_values_mixed_in_from_an_earlier_layer_beside_the_reused_ones_are_refuse
 
 def test_a_scaled_residual_is_refused_at_the_scaling():
     """Doge adds each layer's output to a learned rescaling of the stream (r ⊙ x + f(x)): not a sum of per-node
-    writes.  The error points at the multiplication rather than only saying that no attention was found."""
+    writes.  The error points at the multiplication rather than only saying that no attention was found, and at
+    the module and line of the model's code it was traced from."""
     config = AutoConfig.for_model("doge", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, intermediate_size=128, vocab_size=128,
                                   max_position_embeddings=64)
-    with pytest.raises(fxcircuits.DecompositionError, match=r"aten\.mul\.Tensor.*scaled before it is added"):
+    with pytest.raises(fxcircuits.DecompositionError, match=r"aten\.mul\.Tensor.*scaled before it is added.*The "
+                       r"node comes from model\.layers\.0 \(DogeDecoderLayer\), modeling_doge\.py:\d+: "
+                       r"hidden_states = self\.input_residual \* residual \+ hidden_states$"):
         fxcircuits.trace(AutoModelForCausalLM.from_config(config))
+
+
+def test_a_refusal_names_the_line_of_the_models_code_outside_torch():
+    """The line named is the model's own, not torch's: a score bias added in a custom attention class is named at
+    the test's line that adds it, and a post-norm model (GPT-1 normalises after each addition) at the line that
+    calls the LayerNorm rather than inside ``nn.LayerNorm``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    class BiasedAttention(LlamaAttention):
+        def forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
+            return super().forward(hidden_states, position_embeddings,
+                                   attention_mask + hidden_states.sum(-1)[:, None, None, :], **kwargs)
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=128, max_position_embeddings=64, attn_implementation="eager")
+    model = LlamaForCausalLM(config).eval()
+    model.model.layers[1].self_attn = BiasedAttention(config, 1)
+    with pytest.raises(fxcircuits.DecompositionError, match=r"comes from model\.layers\.1\.self_attn "
+                       r"\(BiasedAttention\), test_errors\.py:\d+: attention_mask \+ hidden_states\.sum"):
+        fxcircuits.trace(model)
+    gpt1 = AutoConfig.for_model("openai-gpt", n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=128)
+    with pytest.raises(fxcircuits.DecompositionError, match=r"comes from transformer\.h\.0\.ln_1 \(LayerNorm\), "
+                       r"modeling_openai\.py:\d+: n = self\.ln_1\(x \+ a\)"):
+        fxcircuits.trace(AutoModelForCausalLM.from_config(gpt1))
 
 
 def test_zero_ablation_through_activations(llama):
