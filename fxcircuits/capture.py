@@ -10,6 +10,7 @@ downstream assumes position t only sees tokens ≤ t.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import sympy
@@ -95,18 +96,31 @@ def export(model: nn.Module, length: int | None = None) -> tuple[torch.fx.GraphM
     """Export ``model`` to an ATen-level GraphModule ``(input_ids, attention_mask) -> logits``, traced on prompts
     of ``length`` tokens (``EXAMPLE_LENGTH`` by default), with the prompt lengths it serves."""
     _check_decoder_only(model)
-    model.eval()
     length = length or EXAMPLE_LENGTH
     high = _max_positions(model.config.get_text_config())
     if not 2 <= length <= high:
         raise ValueError(f"prompts of {length} tokens: {type(model).__name__} takes prompts of 2 to {high} tokens")
     try:
-        program = _export(model, length, high)
+        with _evaluating(model):
+            program = _export(model, length, high)
     except Exception as error:  # export raises many exception types; all mean "not traceable"
         raise _untraceable(model, error) from error
     module = functional(program)
     _check_causal(module, model, length)
     return module, _lengths(module, program, length)
+
+
+@contextlib.contextmanager
+def _evaluating(model: nn.Module):
+    """``model`` in eval mode (no dropout in the capture), each module's own mode given back afterwards: the user's
+    model is theirs, perhaps in the middle of training."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _export(model: nn.Module, length: int, high: int) -> torch.export.ExportedProgram:

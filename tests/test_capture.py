@@ -149,3 +149,20 @@ def test_an_in_place_write_is_rewritten_out_of_place_only_where_nothing_sees_the
     graph = functional.functional(program)
     assert bool(decomposed) != as_is
     torch.testing.assert_close(graph(x.clone()), module(x.clone()), rtol=0, atol=0)
+
+
+def test_a_model_in_training_is_captured_without_dropout_and_given_back_as_it_was():
+    """The capture runs in eval mode (no dropout), and each module's own mode is given back: a model traced in the
+    middle of training, some of its modules frozen in eval mode, is left that way."""
+    import fxcircuits
+    model = make("gpt2", resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)
+    model.train()
+    model.transformer.h[0].eval()
+    modes = [m.training for m in model.modules()]
+    cm = fxcircuits.trace(model)
+    assert [m.training for m in model.modules()] == modes
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = cm(ids)
+        assert torch.equal(ours, cm(ids))
+        assert torch.allclose(ours, model.eval()(ids).logits, atol=1e-5)
