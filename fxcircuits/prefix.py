@@ -34,7 +34,8 @@ def share_prefix(patcher: GraphModule, recorder: GraphModule, input_ids: torch.T
     nodes = list(graph.nodes)
     position = {n: i for i, n in enumerate(nodes)}
     boundaries = [n for n in nodes if n.target is accumulate]
-    crossing = [_crossing(nodes, position, position[b]) for b in boundaries]
+    last = _last_reads(nodes, position)
+    crossing = [[n for n in nodes[:position[b]] if last[n] >= position[b]] for b in boundaries]
     store = next(n for n in nodes if n.target is DeltaStore)
     axes = _batch_axes(patcher, recorder, store, {n for c in crossing for n in c}, input_ids, attention_mask)
     if axes is None:
@@ -68,15 +69,12 @@ def _widened(value, axis, lead: int, masks: int):
     return torch.cat([head, body], axis).flatten(axis, axis + 1)
 
 
-def _crossing(nodes: list[Node], position: dict[Node, int], at: int) -> list[Node]:
-    """The values computed before ``nodes[at]`` and read from there on — all that the later layers take from the
-    earlier ones — less those that only ``accumulate`` reads as upstream outputs (it takes one batch of them)."""
-    out = []
-    for node in nodes[:at]:
-        later = [u for u in node.users if position[u] >= at]
-        if node.op != "get_attr" and later and not all(_upstream_output(node, u) for u in later):
-            out.append(node)
-    return out
+def _last_reads(nodes: list[Node], position: dict[Node, int]) -> dict[Node, int]:
+    """Per node, the position of its last reader other than an ``accumulate`` that reads it as an upstream output
+    (it takes one batch of those), or -1: a value computed before a boundary crosses it — the later layers take it
+    from the earlier ones — where that last read lies at the boundary or after.  Weights (get_attr) never cross."""
+    return {node: -1 if node.op == "get_attr" else
+            max((position[u] for u in node.users if not _upstream_output(node, u)), default=-1) for node in nodes}
 
 
 def _upstream_output(node: Node, user: Node) -> bool:
