@@ -19,7 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .capture import Lengths, example_inputs, export
-from .components import Attention, Components, Step, check_scales, check_sides, find_components
+from .components import (Attention, Components, DecompositionError, Step, check_scales, check_sides,
+                         find_components)
 from .graph import CircuitGraph, Writer
 from .heads import record_values
 from .patching import Scratch, Tap, dense_keep
@@ -38,8 +39,21 @@ def trace(model: nn.Module, *, progress: bool = False) -> "CircuitModel":
         bar.set_postfix_str("torch.export")
         exported, lengths = export(model)
         bar.update()
-        engine = _build_engine(model, exported, lengths, bar)
+        try:
+            engine = _build_engine(model, exported, lengths, bar)
+        except DecompositionError as error:
+            raise _with_adapter_hint(model, error)
     return CircuitModel(name, engine, functools.partial(_capture_at, model))
+
+
+def _with_adapter_hint(model: nn.Module, error: DecompositionError) -> DecompositionError:
+    """A refusal of a model carrying PEFT adapters, with what to do.  LoRA adds a low-rank path beside each adapted
+    projection, so an adapted attention layer reads the stream (or writes it) through two projections, which no
+    per-head split follows.  Merged into the weights, the adapters give the same model with plain projections."""
+    if callable(getattr(model, "merge_and_unload", None)):
+        error.args = (f"{error.args[0]}. The model carries adapters: merge them into its weights first, "
+                      "model = model.merge_and_unload(), which computes the same function",)
+    return error
 
 
 def _build_engine(model: nn.Module, exported: torch.fx.GraphModule, lengths: Lengths,

@@ -338,3 +338,31 @@ def test_moving_a_traced_model_asks_for_a_new_trace(traced):
     cm.to("meta")
     with pytest.raises(RuntimeError, match="trace"):
         cm(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_lora_adapters_on_attention_are_refused_with_how_to_merge_them():
+    """A PEFT model is accepted as it is.  LoRA on the MLPs alone changes only what an MLP node computes; LoRA on
+    the attention projections gives each a second, low-rank path, which no per-head split follows: refused,
+    saying to merge the adapters, after which the merged model traces and gives the adapted model's logits."""
+    from peft import LoraConfig, get_peft_model
+
+    def adapted(targets):
+        model = get_peft_model(make("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+        with torch.no_grad():  # LoRA starts as the identity (B = 0): make it change the model
+            for name, weight in model.named_parameters():
+                if "lora_B" in name:
+                    weight.normal_(0, 0.1)
+        return model.eval()
+
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    mlp = adapted(["up_proj", "down_proj"])
+    with torch.no_grad():
+        assert torch.allclose(fxcircuits.trace(mlp)(ids), mlp(input_ids=ids).logits, atol=1e-5)
+    attention = adapted(["q_proj", "v_proj", "o_proj"])
+    with pytest.raises(fxcircuits.DecompositionError, match=r"carries adapters: merge them into its weights first, "
+                                                             r"model = model\.merge_and_unload\(\)"):
+        fxcircuits.trace(attention)
+    with torch.no_grad():
+        expected = attention(input_ids=ids).logits
+        merged = attention.merge_and_unload()
+        assert torch.allclose(fxcircuits.trace(merged)(ids), expected, atol=1e-5)
