@@ -153,9 +153,16 @@ def _lengths(module: torch.fx.GraphModule, program: torch.export.ExportedProgram
 
 
 def _untraceable(model: nn.Module, error: Exception) -> CaptureError:
+    """Export's failure, with what to do where the cause is likely the attention kernel a model was loaded with
+    (flex attention guards on data; flash attention's kernels are no ATen ops): SDPA and eager are the two that
+    export traces and the engine reads."""
+    implementation = getattr(model.config, "_attn_implementation", None)
+    hint = "" if implementation in (None, "sdpa", "eager") else (
+        f" It runs its attention with {implementation!r}: switch to 'sdpa' (or 'eager') before tracing, "
+        "model.set_attn_implementation('sdpa'), or load it with attn_implementation='sdpa'.")
     return CaptureError(f"torch.export could not trace {type(model).__name__}: {type(error).__name__}: "
                         f"{str(error).splitlines()[0] if str(error) else ''}. fxcircuits needs a model that "
-                        "torch.export handles with use_cache=False.")
+                        f"torch.export handles with use_cache=False.{hint}")
 
 
 def _check_causal(module: torch.fx.GraphModule, model: nn.Module, length: int) -> None:

@@ -136,6 +136,19 @@ def test_a_model_export_cannot_trace_is_refused():
         fxcircuits.trace(Branching(config))
 
 
+def test_attention_export_cannot_trace_is_refused_with_how_to_switch_it():
+    """Flex attention guards on data, which export cannot trace: the error says to switch to SDPA, after which the
+    same model object traces and gives its own logits."""
+    model = make("llama", attn_implementation="flex_attention")
+    with pytest.raises(fxcircuits.CaptureError, match=r"runs its attention with 'flex_attention': switch to 'sdpa' "
+                                                      r"\(or 'eager'\) before tracing, model\.set_attn_implementation"):
+        fxcircuits.trace(model)
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(fxcircuits.trace(model)(ids), model(input_ids=ids).logits, atol=1e-5)
+
+
 def test_bidirectional_models_are_refused():
     config = AutoConfig.for_model("bert", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                   num_attention_heads=2, vocab_size=64, is_decoder=False)
