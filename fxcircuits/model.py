@@ -196,12 +196,15 @@ class CircuitModel(nn.Module):
         self._served[tuple(input_ids.shape)] = engine
         return engine
 
-    def _inputs(self, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def inputs(self, input_ids: torch.Tensor,
+               attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask as the capture takes them — int64, on its device, the mask all ones where
+        None — checked: what every run of this model, and every attribution batch, goes through."""
         if self.device != self.traced_device:
             raise RuntimeError(f"this model was traced on {self.traced_device} and has since been moved to "
                                f"{self.device}; the captured graph keeps its device, so call fxcircuits.trace(model) "
                                "again on the device you want to run on")
+        input_ids = self._tokens(input_ids, "input_ids")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if input_ids.shape[1] < 2:
@@ -209,10 +212,19 @@ class CircuitModel(nn.Module):
                              "is dynamic from 2 upward)")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has "
-                             f"{tuple(input_ids.shape)}")
-        return input_ids.to(self.device), attention_mask.to(self.device)
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+            raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {got}")
+        # as HF reads a [batch, seq] mask of any dtype (non-zero: attended), and as the capture took it (int64)
+        return input_ids, attention_mask.to(self.device).bool().long()
+
+    def _tokens(self, ids, name: str) -> torch.Tensor:
+        """Token ids on the capture's device and in its dtype (int64: a tokenizer may hand int32)."""
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"{name} must be a tensor of token ids, [batch, seq], as tokenizer(..., "
+                            f"return_tensors='pt') gives; got {type(ids).__name__}"
+                            f"{f' of {ids.dtype}' if isinstance(ids, torch.Tensor) else ''}")
+        return ids.to(self.device, torch.long)
 
     def activations(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Every upstream node's output, [n_upstream, batch, seq, d_model] in ``graph.upstream`` order: what it adds
@@ -242,7 +254,7 @@ class CircuitModel(nn.Module):
         return self._step(input_ids, attention_mask)[1]
 
     def _step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        input_ids, attention_mask = self._inputs(input_ids, attention_mask)
+        input_ids, attention_mask = self.inputs(input_ids, attention_mask)
         return self.engine(input_ids).stepper(input_ids, attention_mask)
 
     def recording(self, input_ids: torch.Tensor,
@@ -250,7 +262,7 @@ class CircuitModel(nn.Module):
         """The recording pass: the other run as ``patched`` takes it — ``groups()`` followed by ``side_inputs()``,
         each as [1, batch, …] — and the output of every attention layer's q, k and v projections (and of its output
         gate's), which a patched run reads for the heads whose every edge it patches from this run."""
-        input_ids, attention_mask = self._inputs(input_ids, attention_mask)
+        input_ids, attention_mask = self.inputs(input_ids, attention_mask)
         return self.engine(input_ids).recorder(input_ids, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -267,7 +279,7 @@ class CircuitModel(nn.Module):
         ablation, broadcastable to [n_upstream, batch, seq, d_model]); with ``corrupted_activations``, a model with side
         inputs (``side_shapes``) takes their values too, ``corrupted_side_inputs`` (e.g. zeros, or means of
         ``side_inputs(...)``), each broadcastable to [batch, seq, …]."""
-        input_ids, attention_mask = self._inputs(input_ids, attention_mask)
+        input_ids, attention_mask = self.inputs(input_ids, attention_mask)
         if edge_mask is None and node_mask is None:
             return self.engine(input_ids).exported(input_ids, attention_mask)
         keep = dense_keep(self.graph, edge_mask, node_mask, device=self.device)
@@ -379,12 +391,13 @@ class CircuitModel(nn.Module):
         return [value.to(self.device)[None] for value in values]
 
     def _corrupted(self, input_ids: torch.Tensor, corrupted_input_ids: torch.Tensor) -> torch.Tensor:
+        corrupted_input_ids = self._tokens(corrupted_input_ids, "corrupted_input_ids")
         if corrupted_input_ids.shape != input_ids.shape:
             raise ValueError(f"clean input_ids have shape {tuple(input_ids.shape)} but corrupted_input_ids have "
                              f"{tuple(corrupted_input_ids.shape)}: patching needs clean and corrupted prompts of the "
                              "same token length; pad them to a common length (and pass the attention_mask) or drop "
                              "the pairs that tokenize differently")
-        return corrupted_input_ids.to(self.device)
+        return corrupted_input_ids
 
 
 def _check_positions(positions: torch.Tensor, input_ids: torch.Tensor) -> None:

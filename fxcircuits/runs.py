@@ -82,8 +82,7 @@ def _padded(batch: dict, length: int) -> dict:
 
 def _prepare(cm: CircuitModel, batch: dict, metric, ablation: str, means: torch.Tensor | None) -> Prepared:
     batch = to_device(batch, cm.device)
-    ids, mask = batch["clean"], batch.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else mask
+    ids, mask = cm.inputs(batch["clean"], batch.get("attention_mask"))
     with torch.no_grad():
         if metrics.needs_clean_logits(metric):
             batch["clean_logits"] = metrics.logits_at_answer(cm(ids, mask), batch)

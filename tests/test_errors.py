@@ -21,6 +21,35 @@ def test_clean_and_corrupted_of_different_lengths(llama, alongside, monkeypatch)
               edge_mask=torch.ones(len(llama.graph.edges)))
 
 
+def test_token_ids_and_masks_as_hf_takes_them_and_anything_else_refused(traced):
+    """int32 ids (some tokenizers hand them) and a mask of any dtype (HF reads non-zero as attended) give HF's
+    logits; ids that are not a tensor of integers, or a mask of another shape, are refused naming what is
+    expected."""
+    model, cm = traced("llama")
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+        for given in (mask.bool(), mask.float(), mask.int()):
+            assert torch.allclose(cm(ids.int(), given)[mask.bool()], expected, atol=1e-5)
+        patched = cm(ids, mask, corrupted_input_ids=ids.flip(0), edge_mask=torch.zeros(len(cm.graph.edges)))
+        assert torch.equal(patched, cm(ids, mask.bool(), corrupted_input_ids=ids.flip(0).int(),
+                                       edge_mask=torch.zeros(len(cm.graph.edges))))
+    batch = {"clean": ids, "corrupted": ids.flip(0), "attention_mask": mask, "correct": torch.tensor([[3], [4]]),
+             "incorrect": torch.tensor([[5], [6]])}
+    scores = [fxcircuits.attribute(cm, [{**batch, "attention_mask": given}], "logit_diff", "eap", progress=False)
+              for given in (mask, mask.bool())]
+    assert torch.equal(scores[0].tensor, scores[1].tensor) and scores[0].tensor.abs().sum() > 0
+    for bad in (ids.tolist(), ids.float()):
+        with pytest.raises(TypeError, match="input_ids must be a tensor of token ids"):
+            cm(bad)
+    with pytest.raises(TypeError, match="corrupted_input_ids must be a tensor of token ids"):
+        cm(ids, corrupted_input_ids=ids.float(), edge_mask=torch.zeros(len(cm.graph.edges)))
+    with pytest.raises(ValueError, match=r"attention_mask must be a tensor of input_ids' shape \(2, 7\)"):
+        cm(ids, mask[:, 1:])
+
+
 def test_the_corrupted_run_alongside_takes_no_gradient(llama):
     ids = torch.zeros(1, 4, dtype=torch.long)
     keep = dense_keep(llama.graph, torch.ones(len(llama.graph.edges)))
