@@ -205,8 +205,9 @@ class CircuitModel(nn.Module):
                                f"{self.device}; the captured graph keeps its device, so call fxcircuits.trace(model) "
                                "again on the device you want to run on")
         input_ids = self._tokens(input_ids, "input_ids")
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or input_ids.shape[0] == 0:
+            raise ValueError(f"input_ids must be [batch, seq] with at least one prompt, got shape "
+                             f"{tuple(input_ids.shape)}")
         if input_ids.shape[1] < 2:
             raise ValueError("input_ids must hold at least 2 tokens per example (the capture's sequence dimension "
                              "is dynamic from 2 upward)")

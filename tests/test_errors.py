@@ -48,6 +48,9 @@ def test_token_ids_and_masks_as_hf_takes_them_and_anything_else_refused(traced):
         cm(ids, corrupted_input_ids=ids.float(), edge_mask=torch.zeros(len(cm.graph.edges)))
     with pytest.raises(ValueError, match=r"attention_mask must be a tensor of input_ids' shape \(2, 7\)"):
         cm(ids, mask[:, 1:])
+    with pytest.raises(ValueError, match=r"input_ids must be \[batch, seq\] with at least one prompt, got shape "
+                                         r"\(0, 7\)"):
+        cm(ids[:0])
 
 
 def test_the_corrupted_run_alongside_takes_no_gradient(llama):
