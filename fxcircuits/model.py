@@ -217,7 +217,8 @@ class CircuitModel(nn.Module):
             got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
             raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {got}")
         # as HF reads a [batch, seq] mask of any dtype (non-zero: attended), and as the capture took it (int64)
-        return input_ids, attention_mask.to(self.device).bool().long()
+        attention_mask = attention_mask.to(self.device)
+        return input_ids, attention_mask if attention_mask.dtype == torch.long else attention_mask.bool().long()
 
     def _tokens(self, ids, name: str) -> torch.Tensor:
         """Token ids on the capture's device and in its dtype (int64: a tokenizer may hand int32)."""
