@@ -156,22 +156,26 @@ class MLP:
 
 
 @dataclass
+class Scale:
+    """The whole stream scaled by a factor computed from the weights alone — one number, or one per channel of the
+    model dimension: ``node = stream · factor``, or ``stream / factor``.  Between two residual steps (Gemma 4's
+    ``layer_scalar``), or as the stream is carried into a step's sum (``Step.carry``).  The rewrite expresses
+    every node's output in the stream's scale at the first layer, so that the stream still sums the nodes'
+    outputs."""
+    node: Node
+    factor: Node | float
+    divides: bool
+
+
+@dataclass
 class Step:
-    """One residual step: ``end = start + Σ writer terms (+ constants)``."""
+    """One residual step: ``end = start + Σ writer terms (+ constants)``, or ``start · α + Σ writer terms`` where
+    the model scales the residual it carries by a constant (Doge's learned ``input_residual``, one per channel)."""
     start: Node                            # the stream value every writer of this step reads
     end: Node                              # the add node that yields the next stream value
     adds: list[Node]                       # the add nodes of the step's sum
     writers: list[Attention | MLP] = field(default_factory=list)
-
-
-@dataclass
-class Scale:
-    """The whole stream scaled between two residual steps by a factor computed from the weights alone (Gemma 4's
-    ``layer_scalar``): ``node = stream · factor``, or ``stream / factor``.  The rewrite expresses every node's
-    output in the stream's scale at the first layer, so that the stream still sums the nodes' outputs."""
-    node: Node
-    factor: Node | float
-    divides: bool
+    carry: Scale | None = None             # the sum's term ``start · α``, where it is not ``start`` itself
 
 
 @dataclass
@@ -273,8 +277,9 @@ def _core_inputs(source: Node) -> frozenset[Node]:
 
 def _stray_error(stray: Node, chain: list[Node], model_name: str) -> DecompositionError:
     """Why an attention core lies outside every residual step: its keys are another core's too (KV sharing that
-    only ``scaled_dot_product_attention`` is followed through), or else the values computed from the tokens run
-    along more than one path around it, named by the stream's nodes before and after it."""
+    only ``scaled_dot_product_attention`` is followed through), the stream around it is scaled by something other
+    than a constant as it is carried into the sum, or else the values computed from the tokens run along more than
+    one path around it, named by the stream's nodes before and after it."""
     reach = descendants(chain[0])
     keys = _key_root(stray, reach)
     cores = (n for n in reach if n is not stray and _scores(n, reach) is not None)
@@ -285,6 +290,9 @@ def _stray_error(stray: Node, chain: list[Node], model_name: str) -> Decompositi
                                   "attn_implementation='sdpa'")
     before = max(n for n in chain if n < stray)
     after = min(n for n in chain if n > stray)
+    rescaled = _rescaled_residual([before, after])
+    if rescaled is not None:
+        return DecompositionError(model_name, rescaled, f"an attention layer lies in no residual step: {RESCALED}")
     return DecompositionError(model_name, stray, "this attention layer lies where the values computed from the "
                               f"tokens run along more than one path, between graph nodes '{before.name}' and "
                               f"'{after.name}' (a second stream, or a state carried beside the residual stream "
@@ -413,7 +421,16 @@ def _residual_steps(chain: list[Node]) -> list[Step]:
             terms, adds = _sum_terms(node, between(previous, [node]) | {node})
             if terms.count(previous) == 1:
                 steps.append(Step(previous, node, adds))
+            elif previous not in terms and (carry := _carried(previous, terms, adds)) is not None:
+                steps.append(Step(previous, node, adds, carry=carry))
     return steps
+
+
+def _carried(stream: Node, terms: list[Node], adds: list[Node]) -> Scale | None:
+    """The one term of a sum that is ``stream`` scaled by a constant and read by the sum alone, else None."""
+    scales = [s for t in terms if (s := _constant_scale(stream, t)) is not None
+              and all(u in adds for u in data_users(t))]
+    return scales[0] if len(scales) == 1 else None
 
 
 def _no_attention(chain: list[Node], model_name: str) -> DecompositionError:
@@ -422,9 +439,7 @@ def _no_attention(chain: list[Node], model_name: str) -> DecompositionError:
            "writing to a residual stream between the token embedding and the logits")
     rescaled = _rescaled_residual(chain)
     if rescaled is not None:
-        return DecompositionError(model_name, rescaled, why + "; the stream reaches an addition only through this "
-                                  "operation, which changes it (a residual scaled before it is added, x·α + f(x)): "
-                                  "fxcircuits needs residual additions x + f(x)")
+        return DecompositionError(model_name, rescaled, f"{why}; {RESCALED}")
     for previous, node in zip(chain, chain[1:]):
         gap = between(previous, [node])
         if any(_scores(n, gap) is not None for n in gap):
@@ -433,6 +448,10 @@ def _no_attention(chain: list[Node], model_name: str) -> DecompositionError:
                                       "besides the stream, such as Gemma 3n's per-layer inputs, that is not one "
                                       "block's own), which the per-edge inputs cannot patch")
     return DecompositionError(model_name, None, why)
+
+
+RESCALED = ("the stream reaches an addition only through this operation, which changes it: fxcircuits needs residual "
+            "additions x + f(x), or x·α + f(x) with α computed from the weights alone, one number or one per channel")
 
 
 def _rescaled_residual(chain: list[Node]) -> Node | None:
@@ -475,7 +494,8 @@ def _whole_slice(node: Node) -> bool:
 
 
 def _constant_scale(stream: Node, node: Node) -> Scale | None:
-    """``node`` as ``stream`` times (or over) one number computed from the weights alone, else None."""
+    """``node`` as ``stream`` times (or over) a factor computed from the weights alone, one number or one per
+    channel of the model dimension (the stream's last), else None."""
     if node.target not in (aten.mul.Tensor, aten.div.Tensor) or len(node.args) != 2 or node.kwargs:
         return None
     first, factor = node.args
@@ -485,7 +505,7 @@ def _constant_scale(stream: Node, node: Node) -> Scale | None:
         return None
     if isinstance(factor, Node):
         value = factor.meta.get("val")
-        if not isinstance(value, torch.Tensor) or value.numel() != 1 or value.dim() > len(_meta_shape(stream)) \
+        if not isinstance(value, torch.Tensor) or not _per_channel(value.shape, _meta_shape(stream)) \
                 or any(n.op == "placeholder" for n in ancestors(factor) | {factor}):
             return None
     elif not isinstance(factor, (int, float)) or isinstance(factor, bool):
@@ -493,9 +513,16 @@ def _constant_scale(stream: Node, node: Node) -> Scale | None:
     return Scale(node, factor, node.target is aten.div.Tensor)
 
 
+def _per_channel(shape: tuple, stream: tuple) -> bool:
+    """Whether a factor of ``shape`` scales a stream of shape ``stream`` by one number, or one per channel."""
+    return len(shape) <= len(stream) and all(size == 1 for size in shape[:-1]) \
+        and (not shape or shape[-1] in (1, stream[-1]))
+
+
 def check_scales(components: Components, values: dict) -> None:
     """A stream scaled by zero loses what the nodes before it wrote: their outputs have no first-layer scale."""
-    for scale in components.scales:
+    carried = [s.carry for s in components.steps if s.carry is not None]
+    for scale in components.scales + carried:
         factor = values[scale.factor] if isinstance(scale.factor, Node) else scale.factor
         if not bool(torch.as_tensor(factor).ne(0).all()):
             raise DecompositionError(components.model_name, scale.node, "the residual stream is scaled by zero "
@@ -515,7 +542,8 @@ def check_sides(components: Components, values: dict, input_ids: Node) -> None:
 def _writers(step: Step, counts: dict[str, int], model_name: str) -> list[Attention | MLP]:
     inside = between(step.start, [step.end])
     terms, _ = _sum_terms(step.end, inside | {step.end})
-    terms = [t for t in terms if t is not step.start and t in inside]  # terms that read the stream
+    carry = step.carry.node if step.carry else None
+    terms = [t for t in terms if t is not step.start and t is not carry and t in inside]  # terms that read the stream
     cores = _attention_cores(step, inside, model_name)
     attention_terms: dict[int, list[Node]] = {i: [] for i in range(len(cores))}
     mlp_terms = []

@@ -249,10 +249,11 @@ class CircuitModel(nn.Module):
         return self._step(input_ids, attention_mask)[0]
 
     def stream_scales(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """[1 + n_writers]: how far the model has scaled its whole stream at each of ``streams`` — ones, unless it
-        rescales the stream between layers (Gemma 4's ``layer_scalar``).  Node outputs (``activations``) are in the
-        stream's scale at the first layer, so the stream after a writer is its scale times the outputs of the nodes
-        so far plus what no node writes."""
+        """[1 + n_writers, d_model]: how far the model has scaled its whole stream, per channel, at each of
+        ``streams`` — ones, unless it rescales the stream between layers (Gemma 4's ``layer_scalar``) or scales the
+        residual it carries into a sum by a constant (``x·α + f(x)``, α one number or one per channel).  Node outputs
+        (``activations``) are in the stream's scale at the first layer, so the stream after a writer is its scale
+        times the outputs of the nodes so far plus what no node writes."""
         return self._step(input_ids, attention_mask)[1]
 
     def _step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -354,6 +354,8 @@ class _Builder:
                 else:  # a later layer's keys and values, read here: kept until its core runs
                     self.shared[id(writer)] = self._read_roles(step, writer, roles, inputs, first, group + first)
                 first += size
+        if step.carry is not None:  # the writers add to the stream as scaled after their reads
+            self._rescale(step.carry)
         for writer in step.writers:
             if isinstance(writer, Attention):
                 self._add_group(self._head_writes(writer), writer.n_heads)
@@ -648,8 +650,8 @@ def build_patcher(gm: GraphModule, components: Components, plans: list[Attention
 def build_streams(gm: GraphModule, components: Components) -> GraphModule:
     """The residual stream itself, where the model holds it: ``(input_ids, attention_mask) → (streams, scales)``,
     ``streams`` [1 + writers, …] in the layout of the first step's stream ([B, S, d]), the stream before the first
-    writer and after each; ``scales`` [1 + writers], the factor each carries beyond the nodes' outputs (all ones
-    unless the model scales its whole stream between layers, ``components.Scale``).
+    writer and after each; ``scales`` [1 + writers, d], the factor each carries beyond the nodes' outputs, per
+    channel (all ones unless the model scales its whole stream, ``components.Scale``).
 
     The nodes' outputs do not sum to it: an output projection's bias (GPT-2, OPT, BLOOM, Phi) is no head's write,
     as the field counts heads, yet the stream carries it.  The logit lens reads the stream as the model holds it.
@@ -663,13 +665,17 @@ def build_streams(gm: GraphModule, components: Components) -> GraphModule:
     def rows(node: Node) -> Node:  # OPT holds the stream as [B·S, d] at times, an MoE term too
         return graph.call_function(as_rows, (env[node], first))
 
+    def rescaled(frame, scale: Scale) -> Node:
+        factor = env[scale.factor] if isinstance(scale.factor, Node) else scale.factor
+        return graph.call_function(operator.truediv if scale.divides else operator.mul, (frame, factor))
+
     streams, scales, frame, pending = [rows(components.steps[0].start)], [1.0], 1.0, list(components.scales)
     for step in components.steps:
         while pending and not step.start < pending[0].node:  # the scales applied before this step reads
-            scale = pending.pop(0)
-            factor = env[scale.factor] if isinstance(scale.factor, Node) else scale.factor
-            frame = graph.call_function(operator.truediv if scale.divides else operator.mul, (frame, factor))
+            frame = rescaled(frame, pending.pop(0))
         running = rows(step.start)
+        if step.carry is not None:  # the step's writers add to the stream as its sum carries it
+            running, frame = rows(step.carry.node), rescaled(frame, step.carry)
         for writer in step.writers[:-1]:
             for term in writer.terms:
                 running = graph.call_function(operator.add, (running, rows(term)))
@@ -684,8 +690,10 @@ def build_streams(gm: GraphModule, components: Components) -> GraphModule:
 
 
 def as_scales(factors: list, like: torch.Tensor) -> torch.Tensor:
-    """Numbers and one-element tensors as one vector, in ``like``'s dtype and device."""
-    return torch.stack([torch.as_tensor(f, dtype=like.dtype, device=like.device).reshape(()) for f in factors])
+    """Numbers, one-element tensors and per-channel factors as [len(factors), d], in ``like``'s dtype and device
+    (``like``: a stream, [..., d])."""
+    return torch.stack([torch.as_tensor(f, dtype=like.dtype, device=like.device).reshape(-1).expand(like.shape[-1])
+                        for f in factors])
 
 
 def build_readout(gm: GraphModule, components: Components) -> GraphModule:

@@ -329,16 +329,33 @@ def test_values_mixed_in_from_an_earlier_layer_beside_the_reused_ones_are_refuse
         fxcircuits.trace(model)
 
 
-def test_a_scaled_residual_is_refused_at_the_scaling():
-    """Doge adds each layer's output to a learned rescaling of the stream (r ⊙ x + f(x)): not a sum of per-node
-    writes.  The error points at the multiplication rather than only saying that no attention was found, and at
-    the module and line of the model's code it was traced from."""
+def test_a_residual_scaled_by_the_input_is_refused_at_the_scaling():
+    """A residual scaled by a constant (``zoo.ScaledResidualLayer``) is a sum of per-node writes in a rescaled
+    frame; one scaled by a factor computed from the stream itself (x·σ(x̄) + f(x)) is not.  The error points at
+    the multiplication, and at the module and line of the model's code it was traced from.  Doge's learned
+    per-channel residual passes, and Doge is refused later, at its dynamic attention mask, which every head
+    computes from all heads' values."""
+    from zoo import ScaledResidualLayer
+
+    class InputScaledLayer(ScaledResidualLayer):
+        def forward(self, hidden_states, **kwargs):
+            attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+            hidden_states = hidden_states * torch.sigmoid(hidden_states.mean(-1, keepdim=True)) + attended
+            return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+    model = make("scaled_residual")
+    model.model.layers[1] = InputScaledLayer(model.config, 1)
+    with pytest.raises(fxcircuits.DecompositionError, match=r"aten\.mul\.Tensor.*in no residual step.*changes it: "
+                       r"fxcircuits needs residual additions x \+ f\(x\), or x·α \+ f\(x\) with α computed from "
+                       r"the weights alone.*The node "
+                       r"comes from model\.layers\.1 \(InputScaledLayer\), test_errors\.py:\d+: hidden_states = "
+                       r"hidden_states \* torch\.sigmoid"):
+        fxcircuits.trace(model)
     config = AutoConfig.for_model("doge", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                   num_key_value_heads=2, intermediate_size=128, vocab_size=128,
                                   max_position_embeddings=64)
-    with pytest.raises(fxcircuits.DecompositionError, match=r"aten\.mul\.Tensor.*scaled before it is added.*The "
-                       r"node comes from model\.layers\.0 \(DogeDecoderLayer\), modeling_doge\.py:\d+: "
-                       r"hidden_states = self\.input_residual \* residual \+ hidden_states$"):
+    with pytest.raises(fxcircuits.DecompositionError, match=r"reads the residual stream other than through its q, k "
+                       r"and v inputs.*model\.layers\.0\.self_attn \(DogeAttention\), modeling_doge\.py:\d+: attn_mask"):
         fxcircuits.trace(AutoModelForCausalLM.from_config(config))
 
 

@@ -33,7 +33,7 @@ def test_readout_of_the_stream_is_the_logits(traced, name):
     def unwritten(ids, mask):
         """Per writer: the stream's change across it less its nodes' outputs, [writers, B, S, d]."""
         streams, groups = cm.streams(ids, mask), cm.groups(ids, mask)
-        unscaled = streams / cm.stream_scales(ids, mask)[:, None, None, None]
+        unscaled = streams / cm.stream_scales(ids, mask)[:, None, None]
         return unscaled.diff(dim=0) - torch.stack([g.sum(0) for g in groups[1:]]), streams
 
     with torch.no_grad():
@@ -82,10 +82,32 @@ def test_stream_scales_are_the_models_layer_scalars(traced):
     with torch.no_grad():
         out = model(ids, attention_mask=mask, output_hidden_states=True)
         streams, scales = cm.streams(ids, mask), cm.stream_scales(ids, mask)
-    assert len(scales) == 5 and not torch.allclose(scales, torch.ones(5))
+    d = model.config.hidden_size
+    assert scales.shape == (5, d) and not torch.allclose(scales, torch.ones(5, d))
     expected = torch.cat([torch.ones(3), scalars[0].expand(2)])  # input, a0, m0 | a1, m1
-    torch.testing.assert_close(scales, expected)
+    torch.testing.assert_close(scales, expected[:, None].expand(5, d))
     torch.testing.assert_close(streams[2] * scalars[0], out.hidden_states[1])
+
+
+def test_stream_scales_are_the_carried_residuals_factors(traced):
+    """A residual scaled as it is carried into the sum (x·α + f(x), ``zoo.ScaledResidualLayer``: a learned factor
+    per channel before attention, a constant before the MLP): each writer's scale is the product of the factors up
+    to its sum, per channel, and the streams are HF's hidden states."""
+    model, cm = traced("scaled_residual")
+    ids, mask = _ids()
+    layers = model.model.layers  # test reference
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_hidden_states=True)
+        streams, scales = cm.streams(ids, mask), cm.stream_scales(ids, mask)
+        expected, frame = [torch.ones(model.config.hidden_size)], torch.tensor(1.0)
+        for layer in layers:
+            frame = frame * layer.input_residual
+            expected.append(frame)
+            frame = frame * layer.mlp_alpha
+            expected.append(frame)
+    torch.testing.assert_close(scales, torch.stack(expected))
+    for layer in range(len(layers) - 1):  # HF's last hidden state has been through the final norm
+        torch.testing.assert_close(streams[2 * layer + 2][mask.bool()], out.hidden_states[layer + 1][mask.bool()])
 
 
 def test_node_lens_reads_one_node_output(traced):

@@ -3,7 +3,41 @@ independent references only — where each family's MLP output and attention out
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+
+class ScaledResidualConfig(LlamaConfig):
+    model_type = "scaled_residual"
+
+
+class ScaledResidualLayer(LlamaDecoderLayer):
+    """A residual scaled as it is carried into the sum, ``x·α + f(x)``: by a learned factor per channel before
+    attention (Doge's ``input_residual``), by a constant from the config before the MLP (as MiniMax
+    does, on a stream it normalises first) — a user's own architecture, which no HF family has in this form."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__(config, layer_idx)
+        self.input_residual = torch.nn.Parameter(torch.ones(config.hidden_size))
+        self.mlp_alpha = config.mlp_alpha_factor
+
+    def forward(self, hidden_states, **kwargs):
+        attended, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+        hidden_states = self.input_residual * hidden_states + attended
+        return hidden_states * self.mlp_alpha + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class ScaledResidualForCausalLM(LlamaForCausalLM):
+    config_class = ScaledResidualConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model.layers = torch.nn.ModuleList(ScaledResidualLayer(config, i) for i in range(config.num_hidden_layers))
+        self.post_init()
+
+
+AutoConfig.register("scaled_residual", ScaledResidualConfig)
+AutoModelForCausalLM.register(ScaledResidualConfig, ScaledResidualForCausalLM)
 
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
               max_position_embeddings=64)
@@ -86,6 +120,8 @@ CONFIGS = {
     "recurrent_gemma": ("recurrent_gemma", dict(COMMON, num_hidden_layers=3, num_key_value_heads=1, lru_width=64,
                                                 attention_window_size=4,
                                                 block_types=["recurrent", "recurrent", "attention"])),
+    # a residual scaled as it is carried into the sum (x·α + f(x)), per channel and by a constant
+    "scaled_residual": ("scaled_residual", dict(COMMON, num_key_value_heads=2, mlp_alpha_factor=0.75)),
     # a vision-language model run on text: the language model's sizes live in its text config
     "gemma3_multimodal": ("gemma3", dict(text_config=dict(COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4),
                                          vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
