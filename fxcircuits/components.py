@@ -30,7 +30,7 @@ class DecompositionError(ValueError):
 
     def __init__(self, model_name: str, node: Node | None, why: str):
         where = f" at graph node '{node.name}' ({node.target})" if node is not None else ""
-        origin = source(node) if node is not None else None
+        origin = _source(node) if node is not None else None
         told = f". The node comes from {origin}" if origin else ""
         super().__init__(f"cannot decompose {model_name}{where}: {why}{told}")
 
@@ -39,7 +39,7 @@ _TORCH = os.path.dirname(torch.__file__) + os.sep
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in [^\n]*\n\s*([^\n]*)')
 
 
-def source(node: Node) -> str | None:
+def _source(node: Node) -> str | None:
     """Where in the model's code ``node`` was traced — its module (path in the HF model, and class) and the line
     of the innermost frame export recorded outside torch itself (an ``nn.Linear`` is called from the model's
     line, which says more than ``F.linear``'s) — so that a refusal points at code a reader knows, not only at a
