@@ -110,6 +110,17 @@ def test_stream_scales_are_the_carried_residuals_factors(traced):
         torch.testing.assert_close(streams[2 * layer + 2][mask.bool()], out.hidden_states[layer + 1][mask.bool()])
 
 
+def test_stream_scales_are_beams_depth_scaling(traced):
+    """Beam adds its i-th residual as x·√((i−1)/i) + f(x)/√i (the embedding being the first): the stream after it
+    carries ∏_{j≤i} √((j−1)/j) = 1/√i of what was written before, on every channel."""
+    _, cm = traced("beam")
+    ids, mask = _ids()
+    with torch.no_grad():
+        scales = cm.stream_scales(ids, mask)
+    expected = torch.arange(1, 6, dtype=torch.float32).rsqrt()  # input, a0, m0, a1, m1
+    torch.testing.assert_close(scales, expected[:, None].expand_as(scales))
+
+
 def test_node_lens_reads_one_node_output(traced):
     model, cm = traced("llama")
     ids, mask = _ids()

@@ -100,6 +100,8 @@ CONFIGS = {
     # an output gate from its own projection (gate_proj), sandwich norms, RoPE in sliding layers alone, muP input
     # scaling, an MoE block with a shared expert after a dense first layer.  Every expert is routed: a top-k choice
     # near a tie (this model has one) flips on the rounding by which two ways of computing one run differ
+    "beam": ("model.layers.{}.post_feedforward_layernorm", "model.layers.{}.self_attn.o_proj",
+             "model.layers.{}.post_attention_layernorm"),
     "afmoe": ("afmoe", dict(COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4,
                             layer_types=["sliding_attention", "full_attention"], num_dense_layers=1, num_experts=4,
                             num_experts_per_tok=4, moe_intermediate_size=32, num_shared_experts=1, mup_enabled=True)),
@@ -120,6 +122,11 @@ CONFIGS = {
     "recurrent_gemma": ("recurrent_gemma", dict(COMMON, num_hidden_layers=3, num_key_value_heads=1, lru_width=64,
                                                 attention_window_size=4,
                                                 block_types=["recurrent", "recurrent", "attention"])),
+    # a depth-scaled residual (x·√((i−1)/i) + f(x)/√i), sandwich norms, full-attention layers without RoPE, an MoE
+    # block after a dense layer
+    "beam": ("beam", dict(COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                          layer_types=["sliding_attention", "full_attention"], mlp_layer_types=["dense", "sparse"],
+                          num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=1, topk_group=1)),
     # a residual scaled as it is carried into the sum (x·α + f(x)), per channel and by a constant
     "scaled_residual": ("scaled_residual", dict(COMMON, num_key_value_heads=2, mlp_alpha_factor=0.75)),
     # a vision-language model run on text: the language model's sizes live in its text config
@@ -165,6 +172,8 @@ MODULES = {
                          "model.layers.{}.post_attention_layernorm"),
     "gemma4_kv_shared": ("model.layers.{}.post_feedforward_layernorm", "model.layers.{}.self_attn.o_proj",
                          "model.layers.{}.post_attention_layernorm"),
+    "beam": ("model.layers.{}.post_feedforward_layernorm", "model.layers.{}.self_attn.o_proj",
+             "model.layers.{}.post_attention_layernorm"),
     "afmoe": ("model.layers.{}.post_mlp_layernorm", "model.layers.{}.self_attn.o_proj",
               "model.layers.{}.post_attention_layernorm"),
     "qwen3_5": ("model.layers.{}.linear_attn", "model.layers.1.self_attn.o_proj", None),
