@@ -15,6 +15,7 @@ Nothing here looks at module names, so new architectures need no new code.
 """
 from __future__ import annotations
 
+import operator
 import os
 import re
 from dataclasses import dataclass, field
@@ -185,6 +186,8 @@ class Components:
     final: Node                            # the last stream value, read by the logits
     logits: Node                           # the logits tensor returned by the graph
     scales: list[Scale] = field(default_factory=list)  # in graph order, between the first and the last step
+    # top-k key selections from the stream (``_key_selection``), taken as what they are where they keep every key
+    selections: list[Node] = field(default_factory=list)
 
     @property
     def attentions(self) -> list[Attention]:
@@ -201,11 +204,13 @@ def find_components(gm: GraphModule, model_name: str) -> Components:
     output = next(n for n in gm.graph.nodes if n.op == "output")
     logits = _logits_node(output, model_name)
     source = _token_embedding(gm, model_name)
-    chain = _dominator_chain(source, logits)
+    reach = descendants(source)
+    selections = [n for n in gm.graph.nodes if n in reach and _key_selection(n)]
+    chain = _dominator_chain(source, logits, _chosen(selections))
     steps, sides, held = _steps(chain, model_name), [], frozenset()
     stray = _stray_core(source, steps) if steps else None
     if not steps or stray is not None:
-        found = _held_stream(source, logits, chain, model_name)
+        found = _held_stream(source, logits, chain, _chosen(selections), model_name)
         if found is not None:
             chain, steps, sides, held = found
             stray = _stray_core(source, steps)
@@ -214,18 +219,19 @@ def find_components(gm: GraphModule, model_name: str) -> Components:
     if stray is not None:
         raise _stray_error(stray, chain, model_name)
     _assign_sides(sides, steps, model_name)
-    _assign_reads(steps, descendants(source) if held else set(), model_name)
-    return Components(model_name, steps, steps[-1].end, logits, _stream_scales(chain, steps, model_name))
+    _assign_reads(steps, reach if held else set(), model_name)
+    return Components(model_name, steps, steps[-1].end, logits, _stream_scales(chain, steps, model_name), selections)
 
 
-def _held_stream(source: Node, logits: Node, chain: list[Node], model_name: str) -> tuple | None:
+def _held_stream(source: Node, logits: Node, chain: list[Node], chosen: frozenset[Node],
+                 model_name: str) -> tuple | None:
     """Where the layers read the tokens, or an earlier layer's keys and values, beside the stream: the stream found
     with those values held fixed — (chain, steps, side inputs, held values) — or None where that finds none either
-    (the first attempt's refusal, on ``chain``, then stands)."""
+    (the first attempt's refusal, on ``chain``, then stands).  ``chosen``: key selections' outputs, held too."""
     cores = _core_inputs(source)
     sides = _side_inputs(source, chain, cores)
     held = frozenset(sides) | cores
-    chain = _dominator_chain(source, logits, held)
+    chain = _dominator_chain(source, logits, held | chosen)
     try:
         steps = _steps(chain, model_name)
     except DecompositionError:
@@ -560,6 +566,7 @@ def _writers(step: Step, counts: dict[str, int], model_name: str) -> list[Attent
         gate = _gate(step.start, set(core_nodes) | set(inputs.values()), out, attention_terms[i], inside, model_name)
         writers.append(Attention(counts["attention"], core_nodes, inputs, out, attention_terms[i],
                                  n_heads=_meta_shape(inputs["q"])[1], gate=gate))
+        _check_reads(core_nodes, inputs, step.start, inside, model_name)
         counts["attention"] += 1
     if mlp_terms:
         writers.append(MLP(counts["mlp"], mlp_terms))
@@ -590,7 +597,6 @@ def _attention_cores(step: Step, inside: set[Node], model_name: str) -> list[tup
             output, core = _joined(_per_head(out, False), inputs, inside)
             cores.append((sorted(core), output, inputs))
     for nodes, out, inputs in cores:
-        _check_reads(nodes, inputs, inside, model_name)
         for role, node in inputs.items():
             shape = _meta_shape(node)
             if len(shape) != 4:
@@ -618,17 +624,81 @@ def _joined(output: Node, inputs: dict[str, Node], inside: set[Node]) -> tuple[N
     return output, core
 
 
-def _check_reads(core: list[Node], inputs: dict[str, Node], inside: set[Node], model_name: str) -> None:
+def _check_reads(core: list[Node], inputs: dict[str, Node], start: Node, inside: set[Node], model_name: str) -> None:
     """The core may read the residual stream through its q, k and v inputs only: those get edges of their own.  A
     score bias computed from the stream (a relative-position projection of the hidden states) would reach every
-    head from the clean stream alone, whatever the mask — refused rather than patched wrongly."""
+    head from the clean stream alone, whatever the mask — refused rather than patched wrongly.  One exception: a
+    mask that depends on the stream only through the set of keys a top-k selection keeps (``_key_selection``),
+    which is the same whatever the stream where it keeps every key."""
     within = set(core) | set(inputs.values())
-    for node in core:
-        for read in node.all_input_nodes:
-            if read not in within and read in inside:
-                raise DecompositionError(model_name, read, "the attention core reads the residual stream other than "
-                                         "through its q, k and v inputs (e.g. a score bias computed from the hidden "
-                                         "states), which the per-edge inputs cannot patch")
+    foreign = [read for node in core for read in node.all_input_nodes if read not in within and read in inside]
+    reach = descendants(start, _chosen([n for n in inside if _key_selection(n)])) if foreign else set()
+    stray = next((read for read in foreign if read in reach), None)
+    if stray is not None:
+        raise DecompositionError(model_name, stray, "the attention core reads the residual stream other than "
+                                 "through its q, k and v inputs (e.g. a score bias computed from the hidden "
+                                 "states), which the per-edge inputs cannot patch")
+
+
+def _chosen(selections: list[Node]) -> frozenset[Node]:
+    """The outputs of top-k key selections, taken as given: what they choose is every key, whatever the stream."""
+    return frozenset(u for s in selections for u in s.users)
+
+
+KEPT_AS_IS = {aten._to_copy.default, aten.clone.default, aten.contiguous.default, aten.alias.default}
+FROM_METADATA = {aten.new_ones.default, aten.new_zeros.default, aten.new_full.default, aten.new_empty.default}
+# what an attention mask passes through on its way to the scores: reshapes, and combining with other masks
+MASKING = KEPT_AS_IS | RESHAPING | EXPANDING | {
+    aten.slice.Tensor, aten.select.int, aten.permute.default, aten.bitwise_not.default, aten.logical_not.default,
+    aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default, aten.__or__.Tensor,
+    aten.bitwise_or.Tensor, aten.logical_or.default, aten.masked_fill.Scalar, aten.masked_fill.Tensor,
+    aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor}
+
+
+def _key_selection(node: Node) -> bool:
+    """Whether ``node`` is a top-k whose indices are used only as a set, each position marked with one value in a
+    tensor along the dimension it chose over — a sparse-attention indexer (DeepSeek V3.2, GLM-5) marking the keys
+    each query keeps.  Where k is that dimension's size every position is marked, whatever the scores: the rewrite
+    checks so at run time (``rewrite.keeps_every_key``)."""
+    if node.target is not aten.topk.default:
+        return False
+    rank = len(_meta_shape(node.args[0]))
+    dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)) % rank
+    outputs = {u.args[1]: u for u in node.users if u.target is operator.getitem}
+    if 1 not in outputs or (0 in outputs and data_users(outputs[0])):
+        return False
+    frontier = [outputs[1]]
+    while frontier:
+        indices = frontier.pop()
+        for user in data_users(indices):
+            if user.target in KEPT_AS_IS:
+                frontier.append(user)
+            elif user.target in FROM_METADATA and user.args[0] is indices and indices not in user.args[1:]:
+                continue  # a fresh tensor that takes only the dtype and device
+            elif not (user.target is aten.scatter.value and user.args[2] is indices and user.args[0] is not indices
+                      and user.args[1] % len(_meta_shape(user)) == dim and _masks_scores(user)):
+                return False
+    return True
+
+
+def _masks_scores(marks: Node) -> bool:
+    """Whether ``marks`` reaches attention scores alone, as a mask: through ``MASKING`` operations to the mask of
+    ``scaled_dot_product_attention`` or to a softmax.  A top-k over groups of MoE experts, marked the same way,
+    goes on to choose experts, and is no key selection."""
+    frontier, seen = [marks], {marks}
+    while frontier:
+        node = frontier.pop()
+        for user in data_users(node):
+            as_mask = len(user.args) > 3 and user.args[3] is node or user.kwargs.get("attn_mask") is node
+            if user.target in SDPA and as_mask and node not in user.args[:3]:
+                continue
+            if user.target in SOFTMAX or user in seen:
+                continue
+            if user.target not in MASKING:
+                return False
+            seen.add(user)
+            frontier.append(user)
+    return True
 
 
 def _gate(start: Node, core: set[Node], output: Node, terms: list[Node], inside: set[Node],

@@ -257,6 +257,7 @@ class _Builder:
         self.n_downstream = 0
         self.name = components.model_name
         self.scales = {scale.node: scale for scale in components.scales}
+        self.selections = set(components.selections) if patched else set()
         self.frame: Node | None = None  # the product of the stream's scales so far (``components.Scale``), or 1
 
     def call(self, fn, *args, **kwargs) -> Node:
@@ -292,6 +293,8 @@ class _Builder:
                 self.env[node] = self.copy(node, self.env.__getitem__)
                 if node in self.scales:
                     self._rescale(self.scales[node])
+                if node in self.selections:  # computed once, from this run's stream: right where it keeps every key
+                    self.env[node] = self.call(keeps_every_key, self.env[node], self.env[node.args[0]], self.name)
         # the captured run is in eval mode: a random op (attention with dropout_p = 0) left unused is dead too
         self.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
         return flat_module(self.gm, self.graph)
@@ -637,6 +640,21 @@ def sums_to_whole(node: Node, whole: set[Node], dependent: set[Node]) -> bool:
         return len(node.args) < 3 or node.args[2] is None
     return node.target in UNARY_LINEAR or node.target in RESHAPES or node.target in (
         aten.mul.Tensor, aten.div.Tensor, aten.matmul.default, aten.mm.default)
+
+
+def keeps_every_key(selection: tuple[torch.Tensor, torch.Tensor], scores: torch.Tensor,
+                    model_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A top-k key selection computed from the stream (``components._key_selection``), checked to keep every key:
+    only then is it the same set whatever the per-edge inputs, and one computed from the patched run's own stream
+    serves every head."""
+    indices = selection[1]  # the scores' shape, but k along the dimension chosen over
+    if indices.numel() < scores.numel():
+        kept, keys = next((k, n) for k, n in zip(indices.shape, scores.shape) if k != n)
+        raise ValueError(f"{model_name}'s attention keeps the {kept} keys per query that a top-k selection computed "
+                         f"from the hidden states chooses (a sparse-attention indexer); prompts of {keys} tokens are "
+                         "longer, so which keys it keeps depends on the stream, which per-edge inputs cannot patch: "
+                         f"patch prompts of at most {kept} tokens")
+    return selection
 
 
 def build_recorder(gm: GraphModule, components: Components, plans: list[AttentionPlan]) -> GraphModule:

@@ -210,6 +210,61 @@ def test_attention_scores_computed_from_the_stream_are_refused():
         fxcircuits.trace(model)
 
 
+def test_a_sparse_attention_indexer_patches_prompts_it_keeps_whole_and_refuses_longer_ones():
+    """DeepSeek V3.2's indexer keeps the top-k keys per query, chosen from the hidden states.  On prompts of at most
+    k tokens it keeps every key, whatever the stream, so patching is exact (the zoo's k = 64 runs every
+    per-architecture test); on longer ones which keys it keeps would follow the stream, and a patched call says
+    so.  A clean run is the model's own at any length."""
+    model, wide = make("deepseek_v32", index_topk=5), make("deepseek_v32")
+    cm = fxcircuits.trace(model)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+        assert (logits - wide(ids, attention_mask=mask).logits)[mask.bool()].abs().max() > 1e-2  # the indexer acts
+        torch.testing.assert_close(cm(ids, attention_mask=mask)[mask.bool()], logits[mask.bool()])
+        with pytest.raises(ValueError, match="keeps the 5 keys per query that a top-k selection computed from the "
+                           "hidden states chooses.*prompts of 8 tokens are longer.*at most 5 tokens"):
+            cm(ids, attention_mask=mask, corrupted_input_ids=ids.flip(0), edge_mask=torch.ones(len(cm.graph.edges)))
+        short = ids[:, :5]
+        patched = cm(short, corrupted_input_ids=short.flip(0), edge_mask=torch.zeros(len(cm.graph.edges)))
+        torch.testing.assert_close(patched, model(short.flip(0)).logits)
+
+
+def test_a_top_k_over_expert_groups_is_no_key_selection():
+    """DeepSeek V3's router marks its top groups of experts the way the indexer marks keys (a top-k scattered into a
+    mask), but its marks go on to choose experts inside the MLP node, which reads its own per-edge input: with
+    fewer groups kept than there are, patched runs are served, not refused."""
+    model = make("deepseek_v3", n_group=2, topk_group=1)
+    cm = fxcircuits.trace(model)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        patched = cm(ids, corrupted_input_ids=ids.flip(0), edge_mask=torch.zeros(len(cm.graph.edges)))
+        torch.testing.assert_close(patched, model(ids.flip(0)).logits)
+
+
+def test_a_mask_from_the_top_k_scores_themselves_is_refused():
+    """A top-k over scores from the stream may mask keys only as a set (``components._key_selection``): a score
+    bias built from the chosen scores' values follows the stream at any length, and is refused."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    class TopBias(LlamaAttention):
+        def forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
+            scores = hidden_states @ hidden_states.transpose(1, 2)  # [B, S, S]
+            top = scores.topk(scores.shape[-1], dim=-1)
+            bias = torch.zeros_like(scores).scatter(-1, top.indices, top.values.sigmoid())
+            return super().forward(hidden_states, position_embeddings, attention_mask + bias[:, None], **kwargs)
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         vocab_size=128, max_position_embeddings=64, attn_implementation="eager")
+    model = LlamaForCausalLM(config).eval()
+    model.model.layers[1].self_attn = TopBias(config, 1)
+    with pytest.raises(fxcircuits.DecompositionError, match="reads the residual stream other than through its q, k"):
+        fxcircuits.trace(model)
+
+
 def test_an_output_gate_after_the_output_projection_is_refused():
     """An output gate before the output projection (Qwen3-Next, AFMoE: ``o_proj(core · sigmoid(g(x)))``) gates each
     head's own columns, computed from that head's q input.  A gate after it (``o_proj(core) · sigmoid(g(x))``)

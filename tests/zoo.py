@@ -144,6 +144,19 @@ CONFIGS = {
                                         qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
                                         moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
                                         topk_group=1)),
+    # DeepSeek sparse attention: an indexer computed from the stream keeps the top-k keys per query, here all of
+    # them (k = 64 is more than any prompt the tests run; see test_patching for fewer)
+    "deepseek_v32": ("deepseek_v32", dict(COMMON, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=32,
+                                          qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4,
+                                          num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                                          first_k_dense_replace=1, n_group=1, topk_group=1, index_n_heads=2,
+                                          index_head_dim=16, index_topk=64)),
+    # GLM-5: the same indexer, whose choice a later layer reuses ("shared") rather than computing its own
+    "glm_moe_dsa": ("glm_moe_dsa", dict(COMMON, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=32,
+                                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8,
+                                        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                        n_shared_experts=1, first_k_dense_replace=1, index_n_heads=2,
+                                        index_head_dim=16, index_topk=64, indexer_types=["full", "shared"])),
 }
 
 # Test references only: (module writing the MLP node's output, attention output projection, post-attention
