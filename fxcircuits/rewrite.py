@@ -313,9 +313,7 @@ class _Builder:
 
     def _rescale(self, scale: Scale) -> None:
         """Carry the stream's scale so far past one more ``scale``."""
-        factor = self.env[scale.factor] if isinstance(scale.factor, Node) else scale.factor
-        frame = 1.0 if self.frame is None else self.frame
-        self.frame = self.call(operator.truediv if scale.divides else operator.mul, frame, factor)
+        self.frame = rescaled(self.graph, self.env, 1.0 if self.frame is None else self.frame, scale)
 
     def _in_frame(self, value: Node) -> Node:
         """``value`` (the stream, or what a writer adds to it) in the stream's scale at the first layer, where
@@ -683,17 +681,13 @@ def build_streams(gm: GraphModule, components: Components) -> GraphModule:
     def rows(node: Node) -> Node:  # OPT holds the stream as [B·S, d] at times, an MoE term too
         return graph.call_function(as_rows, (env[node], first))
 
-    def rescaled(frame, scale: Scale) -> Node:
-        factor = env[scale.factor] if isinstance(scale.factor, Node) else scale.factor
-        return graph.call_function(operator.truediv if scale.divides else operator.mul, (frame, factor))
-
     streams, scales, frame, pending = [rows(components.steps[0].start)], [1.0], 1.0, list(components.scales)
     for step in components.steps:
         while pending and not step.start < pending[0].node:  # the scales applied before this step reads
-            frame = rescaled(frame, pending.pop(0))
+            frame = rescaled(graph, env, frame, pending.pop(0))
         running = rows(step.start)
         if step.carry is not None:  # the step's writers add to the stream as its sum carries it
-            running, frame = rows(step.carry.node), rescaled(frame, step.carry)
+            running, frame = rows(step.carry.node), rescaled(graph, env, frame, step.carry)
         for writer in step.writers[:-1]:
             for term in writer.terms:
                 running = graph.call_function(operator.add, (running, rows(term)))
@@ -705,6 +699,12 @@ def build_streams(gm: GraphModule, components: Components) -> GraphModule:
         graph.erase_node(node)
     graph.eliminate_dead_code()
     return flat_module(gm, graph)
+
+
+def rescaled(graph: Graph, env: dict[Node, Node], frame: Node | float, scale: Scale) -> Node:
+    """``frame`` (the stream's scale so far, in ``graph``) carried past one more ``scale``."""
+    factor = env[scale.factor] if isinstance(scale.factor, Node) else scale.factor
+    return graph.call_function(operator.truediv if scale.divides else operator.mul, (frame, factor))
 
 
 def as_scales(factors: list, like: torch.Tensor) -> torch.Tensor:
