@@ -25,7 +25,7 @@ from .graph import CircuitGraph, Writer
 from .heads import record_values
 from .patching import Scratch, Tap, dense_keep
 from .prefix import share_prefix
-from .rewrite import build_patcher, build_readout, build_recorder, build_streams, plan_attention
+from .rewrite import build_patcher, build_plain, build_readout, build_recorder, build_streams, plan_attention
 
 
 def trace(model: nn.Module, *, progress: bool = False) -> "CircuitModel":
@@ -78,7 +78,7 @@ def _build_engine(model: nn.Module, exported: torch.fx.GraphModule, lengths: Len
     recorder, patcher = build_recorder(exported, components, plans), build_patcher(exported, components, plans)
     shares_prefix = share_prefix(patcher, recorder, *inputs)
     bar.update()
-    return Engine(exported, recorder, patcher, build_readout(exported, components),
+    return Engine(build_plain(exported, components), recorder, patcher, build_readout(exported, components),
                   build_streams(exported, components), graph, shares_prefix, lengths,
                   [tuple(values[side].shape[2:]) for side in components.sides])
 

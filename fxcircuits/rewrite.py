@@ -663,6 +663,21 @@ def build_patcher(gm: GraphModule, components: Components, plans: list[Attention
     return _Builder(gm, components, plans, patched=True).build()
 
 
+def build_plain(gm: GraphModule, components: Components) -> GraphModule:
+    """The captured graph itself, ``(input_ids, attention_mask) → logits``, run as the graphs built here run:
+    without export's input guards and metadata asserts (the capture's lengths are checked before a call), each
+    weight under one flat name (``flat_module``).  Where the host sets the pace, a clean run of the exported
+    module as it comes costs a quarter more than HF's own forward, in those lookups and asserts."""
+    graph = Graph()
+    env: dict[Node, Node] = {}
+    graph.graph_copy(gm.graph, env)
+    graph.output(env[components.logits])
+    for node in [n for n in graph.nodes if _dropped(n)]:
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+    return flat_module(gm, graph)
+
+
 def build_streams(gm: GraphModule, components: Components) -> GraphModule:
     """The residual stream itself, where the model holds it: ``(input_ids, attention_mask) → (streams, scales)``,
     ``streams`` [1 + writers, …] in the layout of the first step's stream ([B, S, d]), the stream before the first
