@@ -649,7 +649,7 @@ KEPT_AS_IS = {aten._to_copy.default, aten.clone.default, aten.contiguous.default
 FROM_METADATA = {aten.new_ones.default, aten.new_zeros.default, aten.new_full.default, aten.new_empty.default}
 # what an attention mask passes through on its way to the scores: reshapes, and combining with other masks
 MASKING = KEPT_AS_IS | RESHAPING | EXPANDING | {
-    aten.slice.Tensor, aten.select.int, aten.permute.default, aten.bitwise_not.default, aten.logical_not.default,
+    aten.slice.Tensor, aten.select.int, aten.bitwise_not.default, aten.logical_not.default,
     aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default, aten.__or__.Tensor,
     aten.bitwise_or.Tensor, aten.logical_or.default, aten.masked_fill.Scalar, aten.masked_fill.Tensor,
     aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor}

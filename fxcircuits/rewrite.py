@@ -667,15 +667,13 @@ def build_plain(gm: GraphModule, components: Components) -> GraphModule:
     """The captured graph itself, ``(input_ids, attention_mask) → logits``, run as the graphs built here run:
     without export's input guards and metadata asserts (the capture's lengths are checked before a call), each
     weight under one flat name (``flat_module``).  Where the host sets the pace, a clean run of the exported
-    module as it comes costs a quarter more than HF's own forward, in those lookups and asserts."""
+    module as it comes cost a third more than HF's own forward (1.32× against 0.94×, 30 layers, 4 tokens), in those
+    lookups and asserts."""
     graph = Graph()
     env: dict[Node, Node] = {}
     graph.graph_copy(gm.graph, env)
     graph.output(env[components.logits])
-    for node in [n for n in graph.nodes if _dropped(n)]:
-        graph.erase_node(node)
-    graph.eliminate_dead_code()
-    return flat_module(gm, graph)
+    return _pruned(gm, graph)
 
 
 def build_streams(gm: GraphModule, components: Components) -> GraphModule:
@@ -710,6 +708,12 @@ def build_streams(gm: GraphModule, components: Components) -> GraphModule:
         streams.append(rows(step.end))
         scales += [frame] * len(step.writers)
     graph.output((graph.call_function(torch.cat, (streams,)), graph.call_function(as_scales, (scales, first))))
+    return _pruned(gm, graph)
+
+
+def _pruned(gm: GraphModule, graph: Graph) -> GraphModule:
+    """``graph``, a copy of ``gm``'s with an output of its own, without export's guards and asserts (``_dropped``)
+    and what its output does not read, as a module with flat weights."""
     for node in [n for n in graph.nodes if _dropped(n)]:
         graph.erase_node(node)
     graph.eliminate_dead_code()
