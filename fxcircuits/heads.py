@@ -266,7 +266,7 @@ def apply_columns(x: torch.Tensor, weight: torch.Tensor, layout: str,
     weight: ``norms``) applied to whichever is smaller: ``(x ⊙ g) @ W = x @ (g ⊙ W)``.  The weight where many rows
     are projected; the rows where few are (one row shared by a role's heads, a short batch)."""
     for g in columns:
-        g = g.reshape(-1)
+        g = g if g.dim() == 1 else g.reshape(-1)
         if x.numel() <= weight.numel():
             x = x * g
         else:
@@ -299,7 +299,8 @@ def grid(ranges: tuple[Ranges, ...]) -> tuple[int, int, int, int, int] | None:
 def _grid_view(t: torch.Tensor, dim: int, layout: tuple[int, int, int, int, int]) -> torch.Tensor:
     """The grid's blocks of ``t`` along ``dim``, without a copy: ``dim`` becomes [groups, …, width] (groups first)."""
     groups, _, start, step, width = layout
-    blocks = t.narrow(dim, start, (groups - 1) * step + width).unfold(dim, width, step)
+    span = (groups - 1) * step + width
+    blocks = (t if start == 0 and span == t.shape[dim] else t.narrow(dim, start, span)).unfold(dim, width, step)
     return blocks.movedim(dim if dim >= 0 else dim - 1, 0)
 
 

@@ -102,7 +102,7 @@ class DeltaStore:
                         shape, fresh = (self.n_stored, masks * write.shape[2], *write.shape[3:]), self.scratch is None
                         self.buffer = write.new_empty(shape) if fresh else self.scratch.take(write, shape)
                     out = self.buffer[self.count:self.count + n].view(n, masks, *write.shape[2:])
-                    torch.sub(other, write.expand(out.shape), out=out)
+                    torch.sub(other, write if write.shape == out.shape else write.expand(out.shape), out=out)
                     self.count += n
                 self.groups += 1
         return self.rows()
@@ -112,7 +112,7 @@ class DeltaStore:
         batch's rows lie mask after mask (``CircuitModel.patched``), and one batch of either run, with a single
         block, serves every mask — the other run's, and this run's writes in a prefix the masks share.  Where
         the other run rides in the same pass, its block leads this run's writes (``accumulate``)."""
-        blocks = write[0].numel() // size
+        blocks = math.prod(write.shape[1:]) // size
         write = write.unflatten(1, (blocks, -1))
         if self.ahead:
             return tuple(write.split([1, blocks - 1], 1))
@@ -379,8 +379,9 @@ def _runs(alike: list[bool]) -> list[int]:
 
 
 def _read(store: DeltaStore, stream: torch.Tensor, writes, others, first: int,
-          last: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """``accumulate``'s value, the store's rows so far, and whether the mask moves any edge into the readers."""
+          last: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``accumulate``'s sums [readers, n_masks, X] (a single row, expanded, where the readers share one), or None
+    where the readers all read ``stream`` as it is; and the store's rows so far."""
     n_readers, n_masks, moved = last - first, store.keep.shape[0], store.moves(first, last)
     # the rows are written where a product reads them: where the mask moves an edge into the readers, or needs a
     # gradient (its backward reads them all); a shared prefix's readers (``DeltaStore``) move none
@@ -391,15 +392,22 @@ def _read(store: DeltaStore, stream: torch.Tensor, writes, others, first: int,
     # every edge kept, or nothing stored yet (no node written so far has a moved edge, whatever the mask says of
     # later ones): the readers all read the stream as it is
     if not moved or len(rows) == 0:
-        return stream.expand(n_readers, *stream.shape), rows, False
-    weights = store.block[:, :len(rows), first:last]
-    if n_readers > 1 and store.alike(first, last):  # readers weighted alike: one sum, handed to all
-        weights = weights[..., :1]
+        return None, rows
     flat, by_mask = stream.reshape(n_masks, -1), rows.reshape(len(rows), n_masks, -1)
     out = None if rows.is_cuda else store.carried(first, last, flat, by_mask)
     if out is None:  # on CUDA the fused kernels read each row once for all readers already
+        weights = store.block[:, :len(rows), first:last]
+        if n_readers > 1 and store.alike(first, last):  # readers weighted alike: one sum, handed to all
+            weights = weights[..., :1]
         out = products(rows, store.rows_sum).accumulate(flat, weights, by_mask)
-    return out.expand(n_readers, -1, -1).reshape(n_readers, *stream.shape), rows, True
+    return (out if out.shape[0] == n_readers else out.expand(n_readers, -1, -1)), rows
+
+
+def _as_read(out: torch.Tensor | None, stream: torch.Tensor, n_readers: int) -> torch.Tensor:
+    """``_read``'s sums in the stream's shape, [readers, *stream.shape]; the stream itself, expanded, for None."""
+    if out is None:
+        return stream.expand(n_readers, *stream.shape)
+    return out.reshape(n_readers, *stream.shape)
 
 
 class _Accumulate(torch.autograd.Function):
@@ -410,13 +418,14 @@ class _Accumulate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stream, keep, store, first, last, n_groups, *writes_and_others):
         writes, others = writes_and_others[:n_groups], writes_and_others[n_groups:]
-        out, ctx.rows, ctx.moved = _read(store, stream, writes, others, first, last)
+        out, ctx.rows = _read(store, stream, writes, others, first, last)
+        ctx.moved = out is not None
         ctx.products = products(ctx.rows, store.rows_sum)
         ctx.weights = store.block[:, :len(ctx.rows), first:last]  # the stored rows' block of the mask
         ctx.sizes, ctx.stored = store.sizes[:n_groups], store.stored[:n_groups]
         ctx.write_shapes, ctx.other_shapes = [w.shape for w in writes], [o.shape for o in others]
         ctx.save_for_backward(keep)
-        return out
+        return _as_read(out, stream, last - first)
 
     @staticmethod
     def backward(ctx, grad):
@@ -471,6 +480,8 @@ def _alongside(store: DeltaStore, stream: torch.Tensor, writes: list[torch.Tenso
         return stream.expand(n_readers, *stream.shape)
     lead, rest = stream.reshape(store.blocks, -1).split([1, store.blocks - 1])
     out = _read(store, rest, writes, writes, first, last)[0]  # the store finds the other run in the writes
+    if out is None:
+        return stream.expand(n_readers, *stream.shape)
     if out.stride(0) == 0:  # readers weighted alike share one value: join the blocks once
         return torch.cat([lead, out[0]]).view(1, *stream.shape).expand(n_readers, *stream.shape)
     return torch.cat([lead.expand(n_readers, 1, -1), out], 1).view(n_readers, *stream.shape)
@@ -480,7 +491,7 @@ def _accumulate(store: DeltaStore, stream: torch.Tensor, writes: list[torch.Tens
                 first: int, last: int) -> torch.Tensor:
     """``accumulate`` with the other run given apart."""
     if not torch.is_grad_enabled():  # autograd's bookkeeping costs tens of µs a call, where the host sets the pace
-        return _read(store, stream, writes, others, first, last)[0]
+        return _as_read(_read(store, stream, writes, others, first, last)[0], stream, last - first)
     keep = store.keep[:, :store.starts[len(writes)], first:last]
     return _Accumulate.apply(stream, keep, store, first, last, len(writes), *writes, *others)
 
