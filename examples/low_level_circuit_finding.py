@@ -1,5 +1,6 @@
 """Low-level circuit finding, the talk's second walkthrough: node patching, edge patching by the linearity of
-the residual stream, path patching to the logits, and the logit lens on what was found.
+the residual stream, path patching to the logits, the logit lens on what was found, and where the found heads
+look.
 
 On the real SmolLM2-135M (offline, CPU), on indirect object identification ("When Mary and John went to the
 store, John gave a drink to" → " Mary"; corrupted: the subject's second mention replaced by a third name).
@@ -76,6 +77,13 @@ def main() -> None:
     found = fxcircuits.logit_lens(cm, clean, mask, nodes=[name for name, _ in ranked[:3]])
     print("   what the found nodes write (example 0, top tokens):")
     print("   " + found.table(tokenizer, k=4).replace("\n", "\n   "))
+
+    # 5. Attention patterns: which tokens the found heads read from the last token (the name movers of IOI read
+    #    the indirect object there).
+    heads = [name for name, _ in ranked if name.startswith("a")] or ["a24.h4"]
+    patterns = fxcircuits.attention_patterns(cm, clean, mask, heads=heads)
+    print("\n5. attention from the last token (example 0, top tokens):")
+    print("   " + patterns.table(tokenizer, k=3).replace("\n", "\n   "))
 
 
 if __name__ == "__main__":

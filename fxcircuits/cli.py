@@ -1,9 +1,10 @@
-"""``fxcircuits`` on the command line: discover, evaluate, show and lens, each with ``--help``.
+"""``fxcircuits`` on the command line: discover, evaluate, show, lens and attention, each with ``--help``.
 
     fxcircuits discover --model smollm2-135m --task ioi --method eap-ig-inputs --edges 1% --out circuit.json
     fxcircuits evaluate circuit.json --model smollm2-135m --task ioi --plot curve.png
     fxcircuits show circuit.json --out circuit.svg
     fxcircuits lens --model smollm2-135m --task ioi --out lens.png
+    fxcircuits attention --model smollm2-135m --task ioi --heads a9.h6,a10.h0 --out attention.png
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .evaluation import Evaluator
 from .lens import logit_lens
 from .model import trace
 from .models import load_model
+from .patterns import attention_patterns
 from .scores import EdgeScores
 
 TASKS = ("ioi", "greater-than", "sva")
@@ -75,6 +77,17 @@ def _parser() -> argparse.ArgumentParser:
     lens.add_argument("--top", type=int, default=5)
     lens.add_argument("--out", help="heatmap of the answer probability, rows × examples (.svg or .png)")
     lens.set_defaults(run=_lens)
+    attention = commands.add_parser("attention", help="where given heads look, from the answer's position",
+                                    description="The attention patterns of given heads on a task's first examples: "
+                                    "the tokens each head attends to most from one query position (by default "
+                                    "the last real token, whose prediction the task scores).")
+    _model_options(attention)
+    attention.add_argument("--heads", required=True, help="comma-separated heads, e.g. a9.h6,a10.h0")
+    attention.add_argument("--example", type=int, default=0, help="which example to read")
+    attention.add_argument("--position", default="last", help="query position: last, or an index")
+    attention.add_argument("--top", type=int, default=3)
+    attention.add_argument("--out", help="heatmap of the weights, heads × tokens (.svg or .png)")
+    attention.set_defaults(run=_attention)
     return parser
 
 
@@ -171,6 +184,20 @@ def _lens(args) -> int:
     if args.out:
         plot_heatmap(answers, lens.labels, [str(i) for i in range(answers.shape[1])], args.out,
                      title=f"p(correct) through the layers · {task.name}")
+        print(f"heatmap → {args.out}")
+    return 0
+
+
+def _attention(args) -> int:
+    _, tokenizer, cm, task = _setup(args)
+    batch = task.batches[0]
+    position = args.position if args.position == "last" else int(args.position)
+    patterns = attention_patterns(cm, batch["clean"], batch["attention_mask"], heads=args.heads.split(","))
+    print(f"example {args.example}: {task.examples[args.example].clean!r}")
+    print(patterns.table(tokenizer, k=args.top, example=args.example, position=position))
+    if args.out:
+        patterns.plot(tokenizer, args.out, example=args.example, position=position,
+                      title=f"attention from position {args.position} · {task.name}")
         print(f"heatmap → {args.out}")
     return 0
 

@@ -114,20 +114,22 @@ def plot_faithfulness(sizes: Sequence[float] | torch.Tensor, faithfulness: Seque
 
 
 def plot_heatmap(values, row_labels: Sequence[str], col_labels: Sequence[str], path: str | Path | None = None, *,
-                 ax: Axes | None = None, title: str | None = None, cmap: str | None = None, annotate: bool = True,
-                 fmt: str = "{:.2f}", max_annotated: int = 400) -> Figure:
+                 ax: Axes | None = None, title: str | None = None, cmap: str | None = None,
+                 limits: tuple[float, float] | None = None, annotate: bool = True, fmt: str = "{:.2f}",
+                 max_annotated: int = 400) -> Figure:
     """A grid of ``values`` [rows, cols] (a tensor or array), e.g. the logit lens over layer × position.
 
     With no ``cmap``, values of both signs get a diverging map centred on 0 (so 0 is white and signs read at a
-    glance) and one-signed values ``viridis``; a given ``cmap`` spans the values' range.  Cells carry their value, as ``fmt`` writes it, when
-    ``annotate`` and the grid has at most ``max_annotated`` cells; beyond that the numbers would not fit."""
+    glance) and one-signed values ``viridis``; a given ``cmap`` spans the values' range, or ``limits`` (low, high)
+    where given (probabilities read on 0 to 1).  Cells carry their value, as ``fmt`` writes it, when ``annotate``
+    and the grid has at most ``max_annotated`` cells; beyond that the numbers would not fit."""
     _check_suffix(path)
     grid = _numpy(values)
     if grid.ndim != 2 or grid.shape != (len(row_labels), len(col_labels)):
         raise ValueError(f"values have shape {grid.shape}; expected [{len(row_labels)}, {len(col_labels)}] "
                          "(one row per row label, one column per column label)")
     fig, ax = _axes(ax, size=(min(2.5 + 0.6 * grid.shape[1], 30), min(1.5 + 0.4 * grid.shape[0], 30)))
-    image = ax.imshow(grid, aspect="auto", **_colour_scale(grid, cmap))
+    image = ax.imshow(grid, aspect="auto", **_colour_scale(grid, cmap, limits))
     fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
     ax.set_xticks(range(grid.shape[1]), col_labels, rotation=45, ha="right", rotation_mode="anchor")
     ax.set_yticks(range(grid.shape[0]), row_labels)
@@ -313,9 +315,11 @@ def _legend(ax: Axes, scored: bool) -> None:
 # ---- heatmap and output -------------------------------------------------------------------------------------
 
 
-def _colour_scale(grid: np.ndarray, cmap: str | None) -> dict:
+def _colour_scale(grid: np.ndarray, cmap: str | None, limits: tuple[float, float] | None = None) -> dict:
     """Without a ``cmap``: values of both signs on a diverging map centred on 0, others on ``viridis``.  The
-    caller's ``cmap`` spans the values' range."""
+    caller's ``cmap`` spans the values' range, or the caller's ``limits``."""
+    if limits is not None:
+        return {"cmap": cmap or "viridis", "vmin": limits[0], "vmax": limits[1]}
     if cmap is None and grid.min(initial=0) < 0 < grid.max(initial=0):
         bound = np.abs(grid).max()
         return {"cmap": "RdBu_r", "vmin": -bound, "vmax": bound}

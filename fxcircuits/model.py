@@ -25,7 +25,8 @@ from .graph import CircuitGraph, Writer
 from .heads import record_values
 from .patching import Scratch, Tap, dense_keep
 from .prefix import share_prefix
-from .rewrite import build_patcher, build_plain, build_readout, build_recorder, build_streams, plan_attention
+from .rewrite import (build_patcher, build_patterns, build_plain, build_readout, build_recorder, build_streams,
+                      plan_attention)
 
 
 def trace(model: nn.Module, *, progress: bool = False) -> "CircuitModel":
@@ -79,8 +80,8 @@ def _build_engine(model: nn.Module, exported: torch.fx.GraphModule, lengths: Len
     shares_prefix = share_prefix(patcher, recorder, *inputs)
     bar.update()
     return Engine(build_plain(exported, components), recorder, patcher, build_readout(exported, components),
-                  build_streams(exported, components), graph, shares_prefix, lengths,
-                  [tuple(values[side].shape[2:]) for side in components.sides])
+                  build_streams(exported, components), build_patterns(exported, components), graph, shares_prefix,
+                  lengths, [tuple(values[side].shape[2:]) for side in components.sides])
 
 
 def _kv_step(components: Components, attention: Attention, step: Step) -> int | None:
@@ -95,17 +96,19 @@ def _capture_at(model: nn.Module, length: int) -> "Engine":
 
 class Engine(nn.Module):
     """What runs one exported graph: the graph itself, the recording pass, the patcher, the readout (final norm
-    and unembedding) and the stepper (the stream after each writer, ``rewrite.build_streams``); its ``graph`` of
+    and unembedding), the stepper (the stream after each writer, ``rewrite.build_streams``) and the attention
+    patterns (``rewrite.build_patterns``); its ``graph`` of
     nodes and edges; ``shares_prefix``: whether its patcher can run the prefix that masks share once
     (``fxcircuits.prefix``); ``lengths``: the prompt sizes it serves; ``side_shapes``: each side input's shape
     after [batch, seq] (``components.MLP.sides``)."""
 
     def __init__(self, exported: nn.Module, recorder: nn.Module, patcher: nn.Module, readout: nn.Module,
-                 stepper: nn.Module, graph: CircuitGraph, shares_prefix: bool, lengths: Lengths,
+                 stepper: nn.Module, patterns: nn.Module, graph: CircuitGraph, shares_prefix: bool, lengths: Lengths,
                  side_shapes: list[tuple[int, ...]]):
         super().__init__()
         self.exported, self.recorder, self.patcher, self.readout = exported, recorder, patcher, readout
-        self.stepper, self.graph, self.shares_prefix, self.lengths = stepper, graph, shares_prefix, lengths
+        self.stepper, self.patterns, self.graph = stepper, patterns, graph
+        self.shares_prefix, self.lengths = shares_prefix, lengths
         self.side_shapes = side_shapes
 
 
@@ -255,6 +258,14 @@ class CircuitModel(nn.Module):
         (``activations``) are in the stream's scale at the first layer, so the stream after a writer is its scale
         times the outputs of the nodes so far plus what no node writes."""
         return self._step(input_ids, attention_mask)[1]
+
+    def patterns(self, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Where every head's queries attend: per attention layer ``a{l}``, [batch, heads, seq_q, seq_k], head h
+        being ``a{l}.h{h}`` — the weights the model's own run multiplies the values by (``rewrite.build_patterns``).
+        A padding query that may attend to nothing gets a row of zeros."""
+        input_ids, attention_mask = self.inputs(input_ids, attention_mask)
+        return list(self.engine(input_ids).patterns(input_ids, attention_mask))
 
     def _step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids, attention_mask = self.inputs(input_ids, attention_mask)

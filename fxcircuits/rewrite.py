@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from .components import (SDPA, Attention, Components, DecompositionError, MLP, Scale, Step, between,
-                         descendants)
+from .components import (MATMUL, SDPA, SOFTMAX, Attention, Components, DecompositionError, MLP, Scale, Step,
+                         ancestors, between, descendants)
 from .heads import (RELAYOUT, HeadGate, Post, Projection, Ranges, broadcasts, columns_read, columns_written,
                     distinct_rows, first_projection, gather_heads, head_elements, head_writes, heads_sum,
                     last_projection, layer_norm_share, place_columns, project_columns, project_rounds, role_input,
@@ -709,6 +709,61 @@ def build_streams(gm: GraphModule, components: Components) -> GraphModule:
         scales += [frame] * len(step.writers)
     graph.output((graph.call_function(torch.cat, (streams,)), graph.call_function(as_scales, (scales, first))))
     return _pruned(gm, graph)
+
+
+def build_patterns(gm: GraphModule, components: Components) -> GraphModule:
+    """Where each attention layer's queries attend: ``(input_ids, attention_mask) → patterns``, one tensor
+    [B, heads, S_q, S_k] per attention layer in ``components.attentions`` order, head h being ``a{layer}.h{h}``.
+
+    A core written out (matmul → softmax → matmul) gives the weights it multiplies the values by, as they reach
+    that product: past an attention sink's column, dropped after the softmax.  A fused core
+    (``scaled_dot_product_attention``) holds its weights inside; they are computed from its own arguments
+    (``sdpa_pattern``).  Either way these are the weights of the model's run, not a re-derivation of them."""
+    graph = Graph()
+    env: dict[Node, Node] = {}
+    graph.graph_copy(gm.graph, env)
+    tokens = next(iter(graph.find_nodes(op="placeholder")))
+    patterns = []
+    for attention in components.attentions:
+        core = attention.core[0]
+        if core.target in SDPA:
+            args, kwargs = torch.fx.node.map_arg((core.args, core.kwargs), env.__getitem__)
+            patterns.append(graph.call_function(sdpa_pattern, args, kwargs))
+        else:
+            patterns.append(graph.call_function(as_pattern, (env[_weights_of_values(attention)], tokens)))
+    graph.output(tuple(patterns))
+    return _pruned(gm, graph)
+
+
+def _weights_of_values(attention: Attention) -> Node:
+    """The operand of a written-out core's last product that comes from its softmax: the attention weights."""
+    softmax = next(n for n in attention.core if n.target in SOFTMAX)
+    product = max(n for n in attention.core if n.target in MATMUL)
+    return next(a for a in product.args[:2] if a is softmax or softmax in ancestors(a))
+
+
+def as_pattern(weights: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """A core's weights as [B, heads, S_q, S_k], whether it laid heads out on their own axis or with the batch."""
+    return weights.reshape(input_ids.shape[0], -1, *weights.shape[-2:])
+
+
+def sdpa_pattern(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                 dropout_p: float = 0.0, is_causal: bool = False, *, scale: float | None = None,
+                 enable_gqa: bool = False) -> torch.Tensor:
+    """The weights ``scaled_dot_product_attention`` takes with these arguments (as its reference implementation
+    spells them), [B, heads, S_q, S_k]; a query that may attend to no key (a padding row) gets zeros."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if enable_gqa:
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], -3)
+    scores = (query @ key.transpose(-2, -1)).float() * scale
+    n_q, n_k = scores.shape[-2:]
+    if is_causal:
+        attn_mask = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).tril()
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:
+        scores = scores + attn_mask
+    return scores.softmax(-1).nan_to_num(0.0).to(query.dtype)
 
 
 def _pruned(gm: GraphModule, graph: Graph) -> GraphModule:

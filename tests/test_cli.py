@@ -1,5 +1,6 @@
 """The command line end to end on a tiny random model saved as a local folder."""
 import json
+import re
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -17,7 +18,7 @@ def _common(folder):
     return ["--model", folder, "--task", "ioi", "--size", "8", "--batch-size", "4", "--no-progress"]
 
 
-@pytest.mark.parametrize("command", ["discover", "evaluate", "show", "lens"])
+@pytest.mark.parametrize("command", ["discover", "evaluate", "show", "lens", "attention"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -50,6 +51,19 @@ def test_discover_evaluate_show_lens(folder, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "input" in printed and "m1" in printed and "p(correct answer)" in printed
     ET.parse(tmp_path / "lens.svg")
+
+
+def test_attention_prints_and_draws_the_heads_weights(folder, tmp_path, capsys):
+    """Each named head's top tokens from the last position, their weights summing to at most 1, and a heatmap
+    with one row per head."""
+    out = tmp_path / "attention.svg"
+    assert main(["attention", *_common(folder), "--heads", "a1.h0,a0.h3", "--top", "2", "--out", str(out)]) == 0
+    rows = [line.strip() for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("a")]
+    assert [row.split()[0] for row in rows] == ["a1.h0", "a0.h3"]
+    for row in rows:
+        weights = [float(w) for w in re.findall(r"['\"] (\d\.\d\d)", row)]  # each token's repr, then its weight
+        assert len(weights) == 2 and weights == sorted(weights, reverse=True) and 0 < sum(weights) <= 1.005
+    ET.parse(out)
 
 
 def test_unknown_task_is_refused(folder):

@@ -33,6 +33,32 @@ def test_logits_and_patching(smollm2):
     assert tokenizer.decode(ours[0, -1].argmax()) == " Mary"
 
 
+def test_attention_patterns_and_name_movers(smollm2):
+    """The patterns equal HF's eager attention weights; and, as in GPT-2's IOI circuit, late heads attend from the
+    last token to the indirect object.  Measured 2026-12-02 on the first prompt: a24.h4 puts 0.81 on " Mary",
+    0.07 on the repeated " John"; a23.h0 0.69."""
+    model, tokenizer, cm = smollm2
+    prompts = ["When Mary and John went to the store, John gave a drink to",
+               "When Tom and Anna went to the park, Tom gave a ball to",
+               "When Lisa and Mark went to the office, Lisa handed a note to"]
+    for prompt, name in zip(prompts, [" Mary", " Anna", " Mark"]):
+        ids = tokenizer([prompt], return_tensors="pt").input_ids
+        model.set_attn_implementation("eager")
+        try:
+            with torch.no_grad():
+                reference = model(input_ids=ids, output_attentions=True).attentions
+        finally:
+            model.set_attn_implementation("sdpa")
+        ours = cm.patterns(ids)
+        assert max((a - b).abs().max().item() for a, b in zip(ours, reference)) <= 1e-5
+        patterns = fxcircuits.attention_patterns(cm, ids)
+        weights, _ = patterns.query()
+        tokens = [tokenizer.decode([i]) for i in ids[0]]
+        on_name = weights[:, tokens.index(name)]
+        head = patterns.heads[on_name.argmax()]
+        assert on_name.max() >= 0.5 and int(head.split(".")[0][1:]) >= 20, (head, on_name.max())
+
+
 def test_ioi_circuit_of_one_percent_of_edges_is_faithful(smollm2):
     """EAP-IG-inputs (5 steps) on 16 IOI examples, top 1% of the edges, pruned.  Measured 2026-11-25 (commit
     fb412a1, CPU): f = 0.546 on these 16 examples, 0.466 on 32 (``fxcircuits discover``); a random top-1% circuit

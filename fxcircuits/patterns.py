@@ -1,0 +1,88 @@
+"""Attention patterns: where a circuit's heads look.
+
+A circuit says which heads carry a behaviour; their patterns say what those heads read.  In IOI, the name movers
+attend from the last token to the indirect object, and that is how the talk tells them from other heads.
+``cm.patterns`` gives every head's weights as the model's own run computes them; ``attention_patterns`` picks
+heads by their node names and reads them from one query position, by default the one the metrics score.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from .draw import plot_heatmap
+from .metrics import answer_position
+from .model import CircuitModel
+
+
+@dataclass
+class Patterns:
+    """The attention weights of ``heads`` (node names, ``a{layer}.h{head}``): [heads, batch, seq_q, seq_k], with
+    the prompts they were computed on (``attention_mask`` [batch, seq], 0 at padding)."""
+    heads: list[str]
+    weights: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def __getitem__(self, head: str) -> torch.Tensor:
+        """One head's weights, [batch, seq_q, seq_k]."""
+        if head not in self.heads:
+            raise KeyError(f"{head!r} is not among these patterns' heads ({', '.join(self.heads[:4])}…)")
+        return self.weights[self.heads.index(head)]
+
+    def query(self, example: int = 0, position: int | str = "last") -> tuple[torch.Tensor, torch.Tensor]:
+        """Every head's weights from one query position of one example over that example's real tokens,
+        [heads, keys], and those tokens' positions.  ``position``: ``"last"`` (the example's last real token, the
+        one that predicts the answer) or an index into the sequence."""
+        if position == "last":
+            position = int(answer_position({"clean": self.input_ids, "attention_mask": self.attention_mask})[example])
+        mask = self.attention_mask[example].bool()
+        if not mask[position]:
+            raise ValueError(f"position {position} of example {example} is padding: it attends to nothing")
+        keys = mask.nonzero().flatten()
+        return self.weights[:, example, position][:, keys], keys
+
+    def top(self, tokenizer, k: int = 3, example: int = 0, position: int | str = "last") -> list[tuple[str, list]]:
+        """For each head, the ``k`` tokens it attends to most from one query position:
+        ``[(head, [(token, weight), …]), …]`` (tokens as the tokenizer decodes them, one by one)."""
+        weights, keys = self.query(example, position)
+        values, order = weights.topk(min(k, len(keys)), dim=-1)
+        ids = self.input_ids[example, keys.to(self.input_ids.device)]
+        return [(head, [(tokenizer.decode([int(ids[i])]), float(v)) for i, v in zip(row, row_values)])
+                for head, row, row_values in zip(self.heads, order.tolist(), values)]
+
+    def table(self, tokenizer, k: int = 3, example: int = 0, position: int | str = "last") -> str:
+        """``top`` as aligned text, one row per head."""
+        width = max(len(head) for head in self.heads)
+        return "\n".join(f"{head:>{width}}  " + "  ".join(f"{token!r} {w:.2f}" for token, w in tops)
+                         for head, tops in self.top(tokenizer, k, example, position))
+
+    def plot(self, tokenizer, path: str | Path | None = None, *, example: int = 0, position: int | str = "last",
+             ax: Axes | None = None, title: str | None = None) -> Figure:
+        """A heatmap of ``query``: heads × the example's tokens, each cell the weight one head puts on one token, on
+        a scale from 0 to 1."""
+        weights, keys = self.query(example, position)
+        tokens = [tokenizer.decode([int(i)]) for i in self.input_ids[example, keys.to(self.input_ids.device)]]
+        return plot_heatmap(weights, self.heads, tokens, path, ax=ax, cmap="Blues", limits=(0.0, 1.0),
+                            title=title)
+
+
+@torch.no_grad()
+def attention_patterns(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                       heads: list[str] | None = None) -> Patterns:
+    """The attention patterns of ``heads`` (node names such as ``"a9.h6"``; every head where None) on a batch."""
+    names = [n for n in cm.graph.upstream if n.startswith("a")]
+    heads = names if heads is None else list(heads)
+    unknown = [h for h in heads if h not in names]
+    if unknown:
+        raise KeyError(f"unknown head(s) {unknown[:3]}; heads are named a{{layer}}.h{{head}}, e.g. {names[0]!r} "
+                       "(see cm.graph.upstream)")
+    layers = cm.patterns(input_ids, attention_mask)
+    weights = torch.stack([layers[int(layer[1:])][:, int(head[1:])]
+                           for layer, head in (h.split(".") for h in heads)])
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    return Patterns(heads, weights, input_ids.cpu(), mask.cpu())

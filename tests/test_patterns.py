@@ -1,0 +1,106 @@
+"""Attention patterns: every architecture's against HF's own (eager attention, ``output_attentions``), the fused
+core's weights against ``scaled_dot_product_attention`` itself, and head names against the heads' writes."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxcircuits
+from fxcircuits.rewrite import sdpa_pattern
+from zoo import CONFIGS, make
+
+TOLERANCE = 1e-5
+
+
+def _hf_patterns(name: str, input_ids, mask) -> list[torch.Tensor]:
+    """HF's attention weights per attention layer, from the same weights run with eager attention."""
+    model = make(name, attn_implementation="eager")
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=mask, output_attentions=True, use_cache=False)
+    return [a for a in out.attentions if a is not None]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_patterns_are_hfs_attention_weights(traced, prompts, name):
+    _, cm = traced(name)
+    clean, _, mask = prompts
+    ours, reference = cm.patterns(clean, mask), _hf_patterns(name, clean, mask)
+    assert len(ours) == len(reference) == cm.graph.n_layers
+    valid = mask.bool()  # a padding query's row is the implementation's choice
+    for layer, (mine, theirs) in enumerate(zip(ours, reference)):
+        assert mine.shape == theirs.shape and mine.shape[1] == sum(
+            n.startswith(f"a{layer}.") for n in cm.graph.upstream)
+        difference = (mine - theirs).abs().amax(-1).amax(1)[valid].max().item()
+        assert difference <= TOLERANCE, f"a{layer}: {difference:.2e}"
+        assert torch.allclose(mine.sum(-1).transpose(1, 2)[valid], torch.ones(1), atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(is_causal=True), dict(mask="bool"), dict(mask="float"),
+                                     dict(is_causal=True, enable_gqa=True, scale=0.3), dict(mask="bool", rows=0)])
+def test_sdpa_pattern_times_values_is_sdpa(options):
+    """The weights ``sdpa_pattern`` finds, times the values, are what ``scaled_dot_product_attention`` returns for
+    the same arguments — causal, with a boolean or additive mask, grouped-query, scaled — and a query that may
+    attend to no key gets zeros."""
+    generator = torch.Generator().manual_seed(0)
+    heads, kv_heads = (4, 2) if options.get("enable_gqa") else (4, 4)
+    q = torch.randn(2, heads, 5, 8, generator=generator)
+    k, v = (torch.randn(2, kv_heads, 5, 8, generator=generator) for _ in range(2))
+    kwargs = {key: value for key, value in options.items() if key in ("is_causal", "enable_gqa", "scale")}
+    if "mask" in options:
+        allowed = torch.rand(2, 1, 5, 5, generator=generator) < 0.7
+        allowed[..., 0] = True
+        if "rows" in options:
+            allowed[0, :, options["rows"]] = False
+        kwargs["attn_mask"] = allowed if options["mask"] == "bool" else torch.where(allowed, 0.0, -1e4)
+    weights = sdpa_pattern(q, k, v, **kwargs)
+    if "rows" in options:
+        assert weights[0, :, options["rows"]].abs().max() == 0
+        return
+    assert torch.allclose(weights @ v.repeat_interleave(heads // kv_heads, 1), F.scaled_dot_product_attention(
+        q, k, v, **kwargs), atol=1e-6)
+
+
+def test_head_names_are_the_heads_whose_writes_the_weights_make(traced, prompts):
+    """Node ``a0.h{h}``'s output is head h's weights times its values, through its columns of the output
+    projection — values and projection taken from the HF model's own modules."""
+    model, cm = traced("llama")
+    clean, _, mask = prompts
+    layer = model.model.layers[0].self_attn
+    n_heads, head_dim = model.config.num_attention_heads, layer.head_dim
+    with torch.no_grad():
+        hidden = model(input_ids=clean, attention_mask=mask, output_hidden_states=True).hidden_states[0]
+        values = layer.v_proj(model.model.layers[0].input_layernorm(hidden)).unflatten(-1, (-1, head_dim))
+        weights = cm.patterns(clean, mask)[0]
+        outputs = cm.activations(clean, mask)
+    groups = n_heads // values.shape[2]
+    for h in range(n_heads):
+        z = weights[:, h] @ values[:, :, h // groups]
+        write = z @ layer.o_proj.weight[:, h * head_dim:(h + 1) * head_dim].T
+        assert torch.allclose(outputs[cm.graph.node_index[f"a0.h{h}"]][mask.bool()], write[mask.bool()], atol=1e-5)
+
+
+class _Tokens:
+    def decode(self, ids):
+        return f"<{ids[0]}>"
+
+
+def test_attention_patterns_by_head_name(traced, prompts):
+    _, cm = traced("llama")
+    clean, _, mask = prompts
+    patterns = fxcircuits.attention_patterns(cm, clean, mask, heads=["a1.h2", "a0.h0"])
+    every = cm.patterns(clean, mask)
+    assert torch.equal(patterns["a1.h2"], every[1][:, 2]) and torch.equal(patterns["a0.h0"], every[0][:, 0])
+    weights, keys = patterns.query(example=0)  # left-padded by two: the real tokens are positions 2…6
+    assert keys.tolist() == [2, 3, 4, 5, 6] and torch.equal(weights[0], every[1][0, 2, -1, 2:])
+    top = patterns.top(_Tokens(), k=2, example=0)
+    assert [head for head, _ in top] == ["a1.h2", "a0.h0"]
+    best = weights[0].argmax().item()
+    assert top[0][1][0] == (f"<{clean[0, keys[best]].item()}>", pytest.approx(weights[0, best].item()))
+    figure = patterns.plot(_Tokens(), example=0)
+    assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == ["a1.h2", "a0.h0"]
+    with pytest.raises(ValueError, match="padding"):
+        patterns.query(example=0, position=1)
+    with pytest.raises(KeyError, match="a{layer}.h{head}"):
+        fxcircuits.attention_patterns(cm, clean, mask, heads=["a7.h0"])
+    with pytest.raises(KeyError, match="not among"):
+        patterns["a1.h0"]
+    assert len(fxcircuits.attention_patterns(cm, clean, mask).heads) == sum(w.shape[1] for w in every)
