@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -259,13 +259,19 @@ class CircuitModel(nn.Module):
         times the outputs of the nodes so far plus what no node writes."""
         return self._step(input_ids, attention_mask)[1]
 
-    def patterns(self, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def patterns(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 layers: Iterable[int] | None = None) -> list[torch.Tensor | None]:
         """Where every head's queries attend: per attention layer ``a{l}``, [batch, heads, seq_q, seq_k], head h
         being ``a{l}.h{h}`` — the weights the model's own run multiplies the values by (``rewrite.build_patterns``).
-        A padding query that may attend to nothing gets a row of zeros."""
+        A padding query that may attend to nothing gets a row of zeros.  ``layers``: the attention layers to give
+        (all where None; the others are None), since each takes seq² values a head."""
         input_ids, attention_mask = self.inputs(input_ids, attention_mask)
-        return list(self.engine(input_ids).patterns(input_ids, attention_mask))
+        wanted = set(range(self.graph.n_layers) if layers is None else layers)
+        unknown = sorted(wanted - set(range(self.graph.n_layers)))
+        if unknown:
+            raise ValueError(f"no attention layer {unknown[0]}: {self.model_name} has {self.graph.n_layers}, "
+                             f"a0 to a{self.graph.n_layers - 1}")
+        return list(self.engine(input_ids).patterns(input_ids, attention_mask, wanted))
 
     def _step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids, attention_mask = self.inputs(input_ids, attention_mask)

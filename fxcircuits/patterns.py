@@ -81,8 +81,8 @@ def attention_patterns(cm: CircuitModel, input_ids: torch.Tensor, attention_mask
     if unknown:
         raise KeyError(f"unknown head(s) {unknown[:3]}; heads are named a{{layer}}.h{{head}}, e.g. {names[0]!r} "
                        "(see cm.graph.upstream)")
-    layers = cm.patterns(input_ids, attention_mask)
-    weights = torch.stack([layers[int(layer[1:])][:, int(head[1:])]
-                           for layer, head in (h.split(".") for h in heads)])
+    picks = [(int(layer[1:]), int(head[1:])) for layer, head in (h.split(".") for h in heads)]
+    layers = cm.patterns(input_ids, attention_mask, layers={layer for layer, _ in picks})
+    weights = torch.stack([layers[layer][:, head] for layer, head in picks])
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     return Patterns(heads, weights, input_ids.cpu(), mask.cpu())

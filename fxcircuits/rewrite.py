@@ -712,8 +712,9 @@ def build_streams(gm: GraphModule, components: Components) -> GraphModule:
 
 
 def build_patterns(gm: GraphModule, components: Components) -> GraphModule:
-    """Where each attention layer's queries attend: ``(input_ids, attention_mask) → patterns``, one tensor
-    [B, heads, S_q, S_k] per attention layer in ``components.attentions`` order, head h being ``a{layer}.h{h}``.
+    """Where each attention layer's queries attend: ``(input_ids, attention_mask, layers) → patterns``, one tensor
+    [B, heads, S_q, S_k] per attention layer in ``components.attentions`` order (head h being ``a{layer}.h{h}``),
+    None for a layer not in ``layers``: a layer's weights take S² values a head, so only those asked for are made.
 
     A core written out (matmul → softmax → matmul) gives the weights it multiplies the values by, as they reach
     that product: past an attention sink's column, dropped after the softmax.  A fused core
@@ -722,15 +723,19 @@ def build_patterns(gm: GraphModule, components: Components) -> GraphModule:
     graph = Graph()
     env: dict[Node, Node] = {}
     graph.graph_copy(gm.graph, env)
-    tokens = next(iter(graph.find_nodes(op="placeholder")))
+    inputs = list(graph.find_nodes(op="placeholder"))
+    with graph.inserting_after(inputs[-1]):
+        layers = graph.placeholder("layers")
     patterns = []
-    for attention in components.attentions:
+    for index, attention in enumerate(components.attentions):
         core = attention.core[0]
+        wanted = graph.call_function(operator.contains, (layers, index))
         if core.target in SDPA:
             args, kwargs = torch.fx.node.map_arg((core.args, core.kwargs), env.__getitem__)
-            patterns.append(graph.call_function(sdpa_pattern, args, kwargs))
+            patterns.append(graph.call_function(sdpa_pattern, args, {**kwargs, "wanted": wanted}))
         else:
-            patterns.append(graph.call_function(as_pattern, (env[_weights_of_values(attention)], tokens)))
+            weights = env[_weights_of_values(attention)]
+            patterns.append(graph.call_function(as_pattern, (weights, inputs[0], wanted)))
     graph.output(tuple(patterns))
     return _pruned(gm, graph)
 
@@ -742,16 +747,22 @@ def _weights_of_values(attention: Attention) -> Node:
     return next(a for a in product.args[:2] if a is softmax or softmax in ancestors(a))
 
 
-def as_pattern(weights: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """A core's weights as [B, heads, S_q, S_k], whether it laid heads out on their own axis or with the batch."""
+def as_pattern(weights: torch.Tensor, input_ids: torch.Tensor, wanted: bool = True) -> torch.Tensor | None:
+    """A core's weights as [B, heads, S_q, S_k], whether it laid heads out on their own axis or with the batch;
+    None where not ``wanted`` (a layer the caller did not ask for)."""
+    if not wanted:
+        return None
     return weights.reshape(input_ids.shape[0], -1, *weights.shape[-2:])
 
 
 def sdpa_pattern(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
                  dropout_p: float = 0.0, is_causal: bool = False, *, scale: float | None = None,
-                 enable_gqa: bool = False) -> torch.Tensor:
+                 enable_gqa: bool = False, wanted: bool = True) -> torch.Tensor | None:
     """The weights ``scaled_dot_product_attention`` takes with these arguments (as its reference implementation
-    spells them), [B, heads, S_q, S_k]; a query that may attend to no key (a padding row) gets zeros."""
+    spells them), [B, heads, S_q, S_k]; a query that may attend to no key (a padding row) gets zeros.  None where
+    not ``wanted`` (a layer the caller did not ask for)."""
+    if not wanted:
+        return None
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     if enable_gqa:
         key = key.repeat_interleave(query.shape[-3] // key.shape[-3], -3)

@@ -104,3 +104,12 @@ def test_attention_patterns_by_head_name(traced, prompts):
     with pytest.raises(KeyError, match="not among"):
         patterns["a1.h0"]
     assert len(fxcircuits.attention_patterns(cm, clean, mask).heads) == sum(w.shape[1] for w in every)
+
+
+def test_patterns_of_chosen_layers_only(traced, prompts):
+    _, cm = traced("gpt2")
+    clean, _, mask = prompts
+    every, chosen = cm.patterns(clean, mask), cm.patterns(clean, mask, layers=[1])
+    assert chosen[0] is None and torch.equal(chosen[1], every[1])
+    with pytest.raises(ValueError, match="no attention layer 2"):
+        cm.patterns(clean, mask, layers=[2])
