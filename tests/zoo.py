@@ -100,8 +100,6 @@ CONFIGS = {
     # an output gate from its own projection (gate_proj), sandwich norms, RoPE in sliding layers alone, muP input
     # scaling, an MoE block with a shared expert after a dense first layer.  Every expert is routed: a top-k choice
     # near a tie (this model has one) flips on the rounding by which two ways of computing one run differ
-    "beam": ("model.layers.{}.post_feedforward_layernorm", "model.layers.{}.self_attn.o_proj",
-             "model.layers.{}.post_attention_layernorm"),
     "afmoe": ("afmoe", dict(COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4,
                             layer_types=["sliding_attention", "full_attention"], num_dense_layers=1, num_experts=4,
                             num_experts_per_tok=4, moe_intermediate_size=32, num_shared_experts=1, mup_enabled=True)),
