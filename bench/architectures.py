@@ -15,7 +15,10 @@ traces it.  A model that traces is checked on padded prompts against the untouch
   embedding, and the per-layer embedding of Gemma 4's E-models, whose per-layer inputs the ``input`` node
   carries: an independent reference).
 
-Each is a max |difference| over the logit scale, ``ok`` at ≤ 1e-4.  Statuses: ``ok``; ``WRONG`` (traced, and
+- ``patterns``: ``cm.patterns`` equals HF's attention weights (the same weights with eager attention,
+  ``output_attentions``) on real query positions, where HF gives them for the attention layers alone.
+
+Each is a max |difference| over the logit scale (the weights' own, for ``patterns``), ``ok`` at ≤ 1e-4.  Statuses: ``ok``; ``WRONG`` (traced, and
 a check failed: a defect); ``refused`` (fxcircuits raised its own error, which names the model, the node and
 the reason); ``crash`` (it raised anything else: a defect); ``not-built`` (the tiny config, the model or its
 HF forward failed: nothing to learn about fxcircuits).  Each type runs in its own process, with a time limit.
@@ -157,10 +160,33 @@ def check(model_type: str) -> dict:
                                            hf_corrupted),
                       "input": difference(cm(clean, mask, corrupted_input_ids=corrupted, node_mask={"input": 0.0}),
                                           hf_input)}
+        patterns = _patterns_difference(model_type, model, cm, clean, mask)
     except Exception as error:
         return {**result, "status": "crash", "error": _line(error)}
+    if patterns is not None:
+        checks["patterns"] = patterns
     wrong = [k for k, v in checks.items() if not v <= TOLERANCE]
     return {**result, "status": "WRONG" if wrong else "ok", "checks": {k: float(f"{v:.2g}") for k, v in checks.items()}}
+
+
+def _patterns_difference(model_type: str, model, cm, clean, mask) -> float | None:
+    """Max |difference| between ``cm.patterns`` and HF's attention weights (the same weights run with eager
+    attention, ``output_attentions``) over real query positions; None where HF gives no weights to compare (no
+    eager attention, or weights for other layers than the attention layers)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    try:
+        eager = AutoModelForCausalLM.from_config(tiny_config(model_type), attn_implementation="eager").float().eval()
+        eager.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            attentions = eager(input_ids=clean, attention_mask=mask, output_attentions=True, use_cache=False).attentions
+    except Exception:
+        return None
+    reference = [a for a in attentions or () if a is not None]
+    ours = cm.patterns(clean, mask)
+    if len(reference) != len(ours) or any(a.shape != b.shape for a, b in zip(ours, reference)):
+        return None
+    return max((a - b).abs().amax(-1).amax(1)[mask.bool()].max().item() for a, b in zip(ours, reference))
 
 
 def _on_corrupted(clean, corrupted):

@@ -262,8 +262,8 @@ class CircuitModel(nn.Module):
     def patterns(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  layers: Iterable[int] | None = None) -> list[torch.Tensor | None]:
         """Where every head's queries attend: per attention layer ``a{l}``, [batch, heads, seq_q, seq_k], head h
-        being ``a{l}.h{h}`` — the weights the model's own run multiplies the values by (``rewrite.build_patterns``).
-        A padding query that may attend to nothing gets a row of zeros.  ``layers``: the attention layers to give
+        being ``a{l}.h{h}`` — the softmax over the keys of the model's own run, as HF's ``output_attentions`` gives
+        it (``rewrite.build_patterns``).  A padding query that may attend to nothing gets a row of zeros.  ``layers``: the attention layers to give
         (all where None; the others are None), since each takes seq² values a head."""
         input_ids, attention_mask = self.inputs(input_ids, attention_mask)
         wanted = set(range(self.graph.n_layers) if layers is None else layers)

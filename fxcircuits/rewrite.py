@@ -719,7 +719,8 @@ def build_patterns(gm: GraphModule, components: Components) -> GraphModule:
     A core written out (matmul → softmax → matmul) gives the weights it multiplies the values by, as they reach
     that product: past an attention sink's column, dropped after the softmax.  A fused core
     (``scaled_dot_product_attention``) holds its weights inside; they are computed from its own arguments
-    (``sdpa_pattern``).  Either way these are the weights of the model's run, not a re-derivation of them."""
+    (``sdpa_pattern``).  A sink applied beside the core, as a factor on its output (GraniteSWA, Laguna:
+    ``sigmoid(logsumexp(scores) − sink)``), is left out, as HF's ``output_attentions`` leaves it."""
     graph = Graph()
     env: dict[Node, Node] = {}
     graph.graph_copy(gm.graph, env)
