@@ -18,10 +18,11 @@ traces it.  A model that traces is checked on padded prompts against the untouch
 - ``patterns``: ``cm.patterns`` equals HF's attention weights (the same weights with eager attention,
   ``output_attentions``) on real query positions, where HF gives them for the attention layers alone.
 
-Each is a max |difference| over the logit scale (the weights' own, for ``patterns``), ``ok`` at ≤ 1e-4.  Statuses: ``ok``; ``WRONG`` (traced, and
-a check failed: a defect); ``refused`` (fxcircuits raised its own error, which names the model, the node and
-the reason); ``crash`` (it raised anything else: a defect); ``not-built`` (the tiny config, the model or its
-HF forward failed: nothing to learn about fxcircuits).  Each type runs in its own process, with a time limit.
+Each is a max |difference| over the logit scale (the weights' own, for ``patterns``), ``ok`` at ≤ 1e-4.
+Statuses: ``ok``; ``WRONG`` (traced, and a check failed: a defect); ``refused`` (fxcircuits raised its own error,
+which names the model, the node and the reason); ``crash`` (it raised anything else: a defect); ``not-built`` (the
+tiny config, the model or its HF forward failed: nothing to learn about fxcircuits).  Each type runs in its own
+process, with a time limit.
 """
 from __future__ import annotations
 

@@ -97,10 +97,9 @@ def _capture_at(model: nn.Module, length: int) -> "Engine":
 class Engine(nn.Module):
     """What runs one exported graph: the graph itself, the recording pass, the patcher, the readout (final norm
     and unembedding), the stepper (the stream after each writer, ``rewrite.build_streams``) and the attention
-    patterns (``rewrite.build_patterns``); its ``graph`` of
-    nodes and edges; ``shares_prefix``: whether its patcher can run the prefix that masks share once
-    (``fxcircuits.prefix``); ``lengths``: the prompt sizes it serves; ``side_shapes``: each side input's shape
-    after [batch, seq] (``components.MLP.sides``)."""
+    patterns (``rewrite.build_patterns``); its ``graph`` of nodes and edges; ``shares_prefix``: whether its patcher
+    can run the prefix that masks share once (``fxcircuits.prefix``); ``lengths``: the prompt sizes it serves;
+    ``side_shapes``: each side input's shape after [batch, seq] (``components.MLP.sides``)."""
 
     def __init__(self, exported: nn.Module, recorder: nn.Module, patcher: nn.Module, readout: nn.Module,
                  stepper: nn.Module, patterns: nn.Module, graph: CircuitGraph, shares_prefix: bool, lengths: Lengths,
@@ -263,8 +262,9 @@ class CircuitModel(nn.Module):
                  layers: Iterable[int] | None = None) -> list[torch.Tensor | None]:
         """Where every head's queries attend: per attention layer ``a{l}``, [batch, heads, seq_q, seq_k], head h
         being ``a{l}.h{h}`` — the softmax over the keys of the model's own run, as HF's ``output_attentions`` gives
-        it (``rewrite.build_patterns``).  A padding query that may attend to nothing gets a row of zeros.  ``layers``: the attention layers to give
-        (all where None; the others are None), since each takes seq² values a head."""
+        it (``rewrite.build_patterns``).  A padding query that may attend to nothing gets a row of zeros.
+        ``layers``: the attention layers to give (all where None; the others are None), since each takes seq²
+        values a head."""
         input_ids, attention_mask = self.inputs(input_ids, attention_mask)
         wanted = set(range(self.graph.n_layers) if layers is None else layers)
         unknown = sorted(wanted - set(range(self.graph.n_layers)))
