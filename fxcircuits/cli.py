@@ -173,11 +173,11 @@ def _show(args) -> int:
 
 def _lens(args) -> int:
     _, tokenizer, cm, task = _setup(args)
-    batch = task.batches[0]
+    batch, row = _example(task, args.example)
     nodes = args.nodes.split(",") if args.nodes else None
     lens = logit_lens(cm, batch["clean"], batch["attention_mask"], nodes=nodes)
     print(f"example {args.example}: {task.examples[args.example].clean!r}")
-    print(lens.table(tokenizer, k=args.top, example=args.example))
+    print(lens.table(tokenizer, k=args.top, example=row))
     answers = lens.answer_probs(batch["correct"])[:, :, 0]
     print("\np(correct answer) per row, mean over the batch:")
     print("  ".join(f"{label} {p:.2f}" for label, p in zip(lens.labels, answers.mean(1).tolist())))
@@ -190,16 +190,29 @@ def _lens(args) -> int:
 
 def _attention(args) -> int:
     _, tokenizer, cm, task = _setup(args)
-    batch = task.batches[0]
+    batch, row = _example(task, args.example)
     position = args.position if args.position == "last" else int(args.position)
     patterns = attention_patterns(cm, batch["clean"], batch["attention_mask"], heads=args.heads.split(","))
     print(f"example {args.example}: {task.examples[args.example].clean!r}")
-    print(patterns.table(tokenizer, k=args.top, example=args.example, position=position))
+    print(patterns.table(tokenizer, k=args.top, example=row, position=position))
     if args.out:
-        patterns.plot(tokenizer, args.out, example=args.example, position=position,
+        patterns.plot(tokenizer, args.out, example=row, position=position,
                       title=f"attention from position {args.position} · {task.name}")
         print(f"heatmap → {args.out}")
     return 0
+
+
+def _example(task, index: int) -> tuple[dict, int]:
+    """The batch holding example ``index`` of ``task`` and its row there (``task.examples`` lists the batches'
+    rows in order)."""
+    if not 0 <= index < len(task.examples):
+        raise SystemExit(f"--example {index}: the task has {len(task.examples)} examples (0 to "
+                         f"{len(task.examples) - 1})")
+    for batch in task.batches:
+        if index < len(batch["clean"]):
+            return batch, index
+        index -= len(batch["clean"])
+    raise AssertionError("task.examples and task.batches disagree")
 
 
 def _table(rows: dict[str, str]) -> None:
