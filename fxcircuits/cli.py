@@ -196,8 +196,9 @@ def _attention(args) -> int:
     print(f"example {args.example}: {task.examples[args.example].clean!r}")
     print(patterns.table(tokenizer, k=args.top, example=row, position=position))
     if args.out:
+        where = "the last token" if position == "last" else f"position {position}"
         patterns.plot(tokenizer, args.out, example=row, position=position,
-                      title=f"attention from position {args.position} · {task.name}")
+                      title=f"attention from {where} · {task.name}")
         print(f"heatmap → {args.out}")
     return 0
 
