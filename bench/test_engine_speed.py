@@ -30,6 +30,21 @@ def test_clean_run(benchmark, smollm2):
     _report(benchmark, "clean", ours, hf)
 
 
+def test_attention_patterns(benchmark, smollm2):
+    """Every head's pattern (``cm.patterns``) against HF's forward returning its attention weights, eager attention
+    (``output_attentions``: the way HF users get them), both on the 8 IOI prompts."""
+    model, cm, clean, _ = smollm2
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        try:
+            hf = _median(lambda: model(input_ids=clean, output_attentions=True).attentions)
+        finally:
+            model.set_attn_implementation("sdpa")
+        ours = _median(lambda: cm.patterns(clean))
+        benchmark(cm.patterns, clean)
+    _report(benchmark, "patterns", ours, hf)
+
+
 def _mask(kind: str, cm, batch: dict) -> torch.Tensor:
     n_edges, generator = len(cm.graph.edges), torch.Generator().manual_seed(0)
     if kind == "dense":      # every edge interpolated: the full product in every step
