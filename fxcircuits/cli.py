@@ -204,16 +204,11 @@ def _attention(args) -> int:
 
 
 def _example(task, index: int) -> tuple[dict, int]:
-    """The batch holding example ``index`` of ``task`` and its row there (``task.examples`` lists the batches'
-    rows in order)."""
-    if not 0 <= index < len(task.examples):
-        raise SystemExit(f"--example {index}: the task has {len(task.examples)} examples (0 to "
-                         f"{len(task.examples) - 1})")
-    for batch in task.batches:
-        if index < len(batch["clean"]):
-            return batch, index
-        index -= len(batch["clean"])
-    raise AssertionError("task.examples and task.batches disagree")
+    """``task.locate(index)``, an index beyond the task refused as a usage error."""
+    try:
+        return task.locate(index)
+    except IndexError as error:
+        raise SystemExit(f"--{error}") from None
 
 
 def _table(rows: dict[str, str]) -> None:

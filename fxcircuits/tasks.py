@@ -51,6 +51,17 @@ class Task:
     metric: Metric
     notes: list[str] = field(default_factory=list)
 
+    def locate(self, index: int) -> tuple[dict, int]:
+        """The batch holding ``examples[index]`` and its row there."""
+        if not 0 <= index < len(self.examples):
+            raise IndexError(f"example {index}: the task has {len(self.examples)} examples (0 to "
+                             f"{len(self.examples) - 1})")
+        for batch in self.batches:
+            if index < len(batch["clean"]):
+                return batch, index
+            index -= len(batch["clean"])
+        raise AssertionError("examples and batches disagree")
+
     def baseline(self, model: Callable, *, corrupted: bool = False) -> float:
         """The mean metric over all examples when ``model`` runs the clean (or the corrupted) prompts.
 
