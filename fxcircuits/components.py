@@ -652,7 +652,8 @@ MASKING = KEPT_AS_IS | RESHAPING | EXPANDING | {
     aten.slice.Tensor, aten.select.int, aten.bitwise_not.default, aten.logical_not.default,
     aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default, aten.__or__.Tensor,
     aten.bitwise_or.Tensor, aten.logical_or.default, aten.masked_fill.Scalar, aten.masked_fill.Tensor,
-    aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor}
+    aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar, aten.add.Tensor,
+    aten.sub.Tensor, aten.mul.Tensor}
 
 
 def _key_selection(node: Node) -> bool:

@@ -3,6 +3,7 @@ read, where possible without the second trace that decomposition costs (``functi
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import operator
 
@@ -33,12 +34,49 @@ def functional(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
             continue
         respell = _respelling(node, position)
         if respell is None:
-            return program.run_decompositions({}).module()
+            return additive_masks(program.run_decompositions({}).module())
         respellings.append((node, respell))
     for node, respell in respellings:
         respell(module.graph, node)
+    return additive_masks(module)
+
+
+def additive_masks(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Each boolean mask that ``scaled_dot_product_attention`` takes, made additive (0 where a query attends, −inf
+    where it does not) once, where the mask is made.
+
+    SDPA turns a boolean mask into exactly that on every call, three launches a layer; a model builds one mask
+    (or one per kind of layer) for all its layers, and where the host sets the pace (a model this size on a GPU,
+    one pass for all heads' patched inputs) those launches add up.  The values SDPA sees are the same."""
+    graph, made = module.graph, {}
+    for node in list(graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default)):
+        at = 3 if len(node.args) > 3 else "attn_mask"
+        mask = node.args[3] if at == 3 else node.kwargs.get(at)
+        value = mask.meta.get("val") if isinstance(mask, torch.fx.Node) else None
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.bool:
+            continue
+        dtype = node.args[0].meta["val"].dtype
+        if (mask, dtype) not in made:
+            made[mask, dtype] = _additive(graph, mask, dtype)
+        if at == 3:
+            node.update_arg(3, made[mask, dtype])
+        else:
+            node.update_kwarg(at, made[mask, dtype])
     module.recompile()
     return module
+
+
+def _additive(graph: torch.fx.Graph, mask: torch.fx.Node, dtype: torch.dtype) -> torch.fx.Node:
+    """``where(mask, 0, −inf)`` in ``dtype``, as SDPA would make it, placed after ``mask``."""
+    with graph.inserting_after(mask), torch._guards.detect_fake_mode([mask.meta["val"]]) or contextlib.nullcontext():
+        additive = graph.call_function(aten.where.Scalar, (mask, 0.0, float("-inf")))
+        additive.meta["val"] = torch.where(mask.meta["val"], 0.0, float("-inf"))
+        if dtype == additive.meta["val"].dtype:
+            return additive
+        with graph.inserting_after(additive):
+            cast = graph.call_function(aten._to_copy.default, (additive,), {"dtype": dtype})
+        cast.meta["val"] = additive.meta["val"].to(dtype)
+        return cast
 
 
 def _functional_as_is(node: torch.fx.Node) -> bool:

@@ -48,6 +48,32 @@ def test_a_program_with_no_op_to_rewrite_is_used_as_exported(name, dtype, as_is,
                                    model(input_ids, attention_mask=attention_mask, use_cache=False).logits)
 
 
+@pytest.mark.parametrize("name, dtype", [("llama", torch.float32), ("llama", torch.bfloat16),
+                                         ("gemma4", torch.float32)])
+def test_each_boolean_attention_mask_is_made_additive_once_for_all_layers(name, dtype, monkeypatch):
+    """SDPA turns a boolean mask into 0 / −inf on every call, three launches a layer.  The capture does it once
+    where the mask is made (Gemma 4: a full and a sliding-window mask, each shared by the layers of its kind), in
+    the query's dtype, and the logits are those of the graph that leaves it to SDPA, bit for bit, padding
+    included."""
+    model = make(name, dtype=dtype)
+    module, _ = capture.export(model)
+    sdpa = list(module.graph.find_nodes(op="call_function", target=aten.scaled_dot_product_attention.default))
+    masks = {node.args[3] if len(node.args) > 3 else node.kwargs["attn_mask"] for node in sdpa}
+    assert len(sdpa) == 2 and len(masks) == (2 if name == "gemma4" else 1)
+    for mask in masks:
+        assert mask.meta["val"].dtype == dtype
+        made = mask.args[0] if mask.target is aten._to_copy.default else mask
+        assert made.target is aten.where.Scalar and made.args[0].meta["val"].dtype == torch.bool
+    monkeypatch.setattr(functional, "additive_masks", lambda module: module)
+    left_to_sdpa, _ = capture.export(model)
+    assert not any(n.target is aten.where.Scalar for n in left_to_sdpa.graph.nodes)
+    input_ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :2] = 0
+    with torch.no_grad():
+        assert torch.equal(module(input_ids, attention_mask), left_to_sdpa(input_ids, attention_mask))
+
+
 class _WriteAfterView(torch.nn.Module):
     """Writes in place to a tensor a view of which is read after the write: only decomposition gets it right."""
 
