@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from .components import DecompositionError, between
+from .components import EXPANDING, RESHAPING, DecompositionError, between
 
 aten = torch.ops.aten
 
@@ -134,6 +134,32 @@ def columns_read(source: Node, target: Node, values: dict, masks: torch.Tensor |
             (grad,) = torch.autograd.grad((picked * _random_like(picked, generator)).sum(), leaf, retain_graph=True)
             found.append(frozenset(torch.nonzero(grad.abs().flatten(0, -2).sum(0)).flatten().tolist()))
     return found
+
+
+def repeated_heads(target: Node, values: dict) -> Node:
+    """The node whose heads (axis 1) ``target`` repeats, each one for several heads in a row, by moving data alone
+    (``repeat_kv``: grouped-query keys and values copied for each query head of their group); ``target`` itself
+    where there is none.  Patching gives every query head its own keys and values, so such copies would only be
+    thrown away: the heads are gathered from before them (``gather_heads``)."""
+    found, node = target, target
+    while node.target in RESHAPING | EXPANDING | {aten.slice.Tensor} and isinstance(node.args[0], Node):
+        node = node.args[0]
+        if _repeats_heads(node, target, values):
+            found = node
+    return found
+
+
+def _repeats_heads(source: Node, target: Node, values: dict) -> bool:
+    before, after = values.get(source), values[target]
+    if not isinstance(before, torch.Tensor) or before.dim() != after.dim() or before.dim() < 2:
+        return False
+    heads, copies = before.shape[1], after.shape[1] // max(before.shape[1], 1)
+    if (before.shape[0], *before.shape[2:]) != (after.shape[0], *after.shape[2:]) or copies < 2 \
+            or heads * copies != after.shape[1]:
+        return False
+    probe = _random_like(before, torch.Generator().manual_seed(0))
+    out = _evaluate(sorted(between(source, [target])), values, source, probe)[target]
+    return torch.equal(out, probe.repeat_interleave(copies, 1))
 
 
 def columns_written(source: Node, target: Node, values: dict) -> list[frozenset[int]]:
@@ -558,6 +584,9 @@ def gather_heads(core: torch.Tensor, picks: tuple[tuple[int, int], ...], shared:
             by_group = core.unflatten(2, (n_core // n_rounds, n_rounds)).diagonal(0, 0, 3)
             return by_group.movedim(-1, 2).flatten(1, 2)
     per_core, rest = divmod(len(picks), n_core)
+    if not rest and per_core == n_rounds and picks == tuple((h % n_rounds, h // n_rounds) for h in range(len(picks))):
+        # grouped heads gathered before their copies (``repeated_heads``): round r serves head r of each group
+        return core.movedim(0, 2).flatten(1, 2)
     if not rest and picks == tuple((0, h // per_core) for h in range(len(picks))):
         # one round (all heads read one stream) of grouped-query heads: each core head serves consecutive query
         # heads, as repeat_kv spreads them (one copy, where stacking would slice every head)

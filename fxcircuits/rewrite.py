@@ -36,8 +36,8 @@ from .components import (MATMUL, SDPA, SOFTMAX, Attention, Components, Decomposi
                          ancestors, between, descendants)
 from .heads import (RELAYOUT, HeadGate, Post, Projection, Ranges, broadcasts, columns_read, columns_written,
                     distinct_rows, first_projection, gather_heads, head_elements, head_writes, heads_sum,
-                    last_projection, layer_norm_share, place_columns, project_columns, project_rounds, role_input,
-                    role_rows, role_shared, shared_input, to_ranges, wholly_patched)
+                    last_projection, layer_norm_share, place_columns, project_columns, project_rounds,
+                    repeated_heads, role_input, role_rows, role_shared, shared_input, to_ranges, wholly_patched)
 from .norms import Norm
 from .patching import (DeltaStore, accumulate, at_positions, patched_rows, patched_rows_count, sequence_length,
                        side_input, tap, tap_side)
@@ -91,7 +91,7 @@ def plan_attention(step: Step, attention: Attention, values: dict, name: str) ->
 
 
 def _plan_read(step: Step, attention: Attention, role: str, values: dict, name: str) -> ReadPlan:
-    core_input = attention.inputs[role]
+    core_input = repeated_heads(attention.inputs[role], values)
     proj = last_projection(step.start, core_input, name)
     columns = columns_read(proj.node, core_input, values)
     n_heads, n_core = attention.n_heads, len(columns)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fxcircuits.components import between
-from fxcircuits.heads import Post, gather_heads, record_values
+from fxcircuits.heads import Post, gather_heads, record_values, repeated_heads
 from zoo import CONFIGS
 
 BATCH, SEQ = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=64)
@@ -84,9 +84,37 @@ def test_sizes_that_count_the_batch_are_scaled_and_shared_tables_left_alone(trac
         assert post.uses.count("size") == 1 and set(post.uses) == {"size", None}
 
 
+class _CopiedHeads(nn.Module):
+    """A projection split into 2 heads [batch, 2, seq, 4], then each head copied 3 times: in a row for each query
+    head of its group (``repeat_kv``), or the group taken in turn (``tiled``)."""
+
+    def __init__(self, tiled: bool):
+        super().__init__()
+        self.proj, self.tiled = nn.Linear(8, 8), tiled
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        b, s = x.shape[:2]
+        heads = self.proj(x).view(b, s, 2, 4).transpose(1, 2)
+        copies = heads[:, None].expand(b, 3, 2, s, 4) if self.tiled else heads[:, :, None].expand(b, 2, 3, s, 4)
+        return copies.reshape(b, 6, s, 4)
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_heads_copied_for_their_group_are_read_from_before_the_copies(tiled):
+    """Grouped-query keys and values are copied for each query head of their group (``repeat_kv``); patching gives
+    each query head its own, so the per-head reads stop before the copies (``repeated_heads``) and gather each
+    head's own.  Only copies in a row are taken so: heads taken in turn are read as they are."""
+    inputs = torch.randn(2, 5, 8), torch.arange(5).expand(2, -1)
+    gm = torch.export.export(_CopiedHeads(tiled), inputs, dynamic_shapes=({0: BATCH, 1: SEQ}, {0: BATCH, 1: SEQ}),
+                             strict=False).module()
+    target = next(n for n in gm.graph.nodes if n.op == "output").args[0][0]
+    found = repeated_heads(target, record_values(gm, *inputs))
+    assert (found is target) == tiled
+    assert found.meta["val"].shape[1] == (6 if tiled else 2)
+
 @pytest.mark.parametrize("picks", [
     ((0, 0), (0, 0), (0, 1), (0, 1), (0, 2), (0, 2)),   # one round of grouped-query heads (repeat_kv's layout)
-    ((0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)),   # a round per head of a group
+    ((0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)),   # a round per head of a group, before repeat_kv's copies
     ((0, 0), (0, 1), (0, 2), (0, 0), (0, 1), (0, 2)),   # core heads taken in turn: no shortcut applies
     ((1, 2), (0, 0), (1, 1), (0, 2), (1, 0), (0, 1)),   # any other order
 ])
@@ -111,3 +139,11 @@ def test_the_grid_view_reads_each_groups_block_in_place(layout, dim):
         view = _grid_view(t, dim, layout)
         expected = torch.stack([t.narrow(dim, start + g * step, width).movedim(dim, -1) for g in range(groups)])
         assert torch.equal(view, expected) and view.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+
+
+def test_grouped_query_keys_and_values_are_read_before_their_copies(traced):
+    """Llama (4 query heads, 2 key-value heads) copies its keys and values per query head; each layer's k and v
+    paths end before the copies, at the 2 heads."""
+    _, cm = traced("llama")
+    heads = [next(iter(p.module.graph.find_nodes(op="output"))).args[0].meta["val"].shape[1] for p in _posts(cm)]
+    assert sorted(heads) == [2, 2, 2, 2, 4, 4]
