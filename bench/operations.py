@@ -1,9 +1,13 @@
 """Counting the operations a run dispatches: on a GPU each one that is not a view is a kernel launch, and at
 small sizes (SmolLM2 on a few prompts) launches, not arithmetic, set the cost."""
+import contextlib
 from collections import Counter
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from fxcircuits import CircuitModel, heads, norms, patching
 
 SCALAR_READ = torch.ops.aten._local_scalar_dense.default  # ``.item()``, ``bool(t)``: on a GPU the host waits
 
@@ -31,3 +35,17 @@ def count(run) -> Operations:
     with Operations() as operations:
         run()
     return operations
+
+
+@contextlib.contextmanager
+def as_on_a_gpu(dense: bool = False):
+    """The run-time choices a GPU makes, made on CPU: the corrupted run in the patched pass (``runs_alongside``),
+    the routes that launch fewer operations (``heads.launch_bound``), and with ``dense`` the accumulation by the
+    dense product (CUDA's route; the CPU's sparse routes are decided on the host, and cost more of it there)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(CircuitModel, "runs_alongside", lambda self: True))
+        for module in (heads, norms):
+            stack.enter_context(mock.patch.object(module, "launch_bound", lambda t: True))
+        if dense:
+            stack.enter_context(mock.patch.object(patching, "_route", lambda *args: "dense"))
+        yield

@@ -1,15 +1,13 @@
 """Engine cost against the bare HF model, measured side by side in one run (ratios, not seconds).
 
 Targets (issue 2): a clean run ≤ 1.2× the HF forward; a patched run (corrupted pass included) ≤ 2.5×."""
-from unittest import mock
 
 import pytest
 import torch
-from operations import count
+from operations import as_on_a_gpu, count
 from torch.utils.benchmark import Timer
 
 import fxcircuits
-from fxcircuits import CircuitModel, patching
 
 
 def _median(fn) -> float:
@@ -124,7 +122,7 @@ def test_mask_gradient(benchmark, smollm2):
 def test_operations_per_run(benchmark, smollm2, batch, kind):
     """Operations per patched run against the HF forward: where a small model on a GPU is bound by launches
     (SmolLM2 on 8 prompts is), this ratio, not arithmetic, sets the patched run's cost.  Counted as the run goes
-    on a GPU, with the corrupted run in the patched pass (``runs_alongside``), and against the same run with the
+    on a GPU (``as_on_a_gpu``: the corrupted run in the patched pass, among others), and against the same run with the
     corrupted run recorded first, as on CPU.  On CPU the sparse routes add a few CPU-only decisions per reader
     group (counted here too)."""
     model, cm, clean, corrupted = smollm2
@@ -132,7 +130,7 @@ def test_operations_per_run(benchmark, smollm2, batch, kind):
     patched = lambda: cm(clean, corrupted_input_ids=corrupted, edge_mask=mask)  # noqa: E731
     with torch.no_grad():
         hf, apart = count(lambda: model(input_ids=clean).logits), count(patched)
-        with mock.patch.object(CircuitModel, "runs_alongside", lambda self: True):
+        with as_on_a_gpu():
             alongside = count(patched)
             benchmark.pedantic(patched, rounds=1)
     hf, waits = hf.launches(), alongside.waits()
@@ -159,9 +157,8 @@ def narrow():
 @pytest.mark.parametrize("kind", ["dense", "circuit", "one_edge", "clean"])
 def test_host_bound_run(benchmark, narrow, kind):
     """A run where the host, not the arithmetic, sets the cost (``narrow``), against the HF forward there: the
-    stand-in on CPU for SmolLM2 on a GPU, which no CI machine has.  The run goes as it does on CUDA: the corrupted
-    run in the patched pass (``runs_alongside``), the accumulation by the dense product (the CPU's sparse routes
-    are decided on the host too, and cost more of it)."""
+    stand-in on CPU for SmolLM2 on a GPU, which no CI machine has.  The run makes CUDA's choices (``as_on_a_gpu``).
+    """
     model, cm = narrow
     generator = torch.Generator().manual_seed(1)
     clean, corrupted = (torch.randint(0, 512, (1, 4), generator=generator) for _ in range(2))
@@ -171,8 +168,7 @@ def test_host_bound_run(benchmark, narrow, kind):
              "one_edge": torch.ones(n_edges).index_fill(0, torch.tensor([n_edges // 2]), 0.0)}
     run = (lambda: cm(clean)) if kind == "clean" else (  # noqa: E731
         lambda: cm(clean, corrupted_input_ids=corrupted, edge_mask=masks[kind]))
-    with torch.no_grad(), mock.patch.object(patching, "_route", lambda *args: "dense"), \
-            mock.patch.object(CircuitModel, "runs_alongside", lambda self: True):
+    with torch.no_grad(), as_on_a_gpu(dense=True):
         hf = _median(lambda: model(input_ids=clean).logits)
         ours = _median(run)
         benchmark(run)

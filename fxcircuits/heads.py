@@ -369,6 +369,13 @@ def place_columns_into(out: torch.Tensor, part: torch.Tensor, blocks: Ranges) ->
         offset += n
 
 
+def launch_bound(t: torch.Tensor) -> bool:
+    """Whether a run on ``t``'s device is bound by the operations it launches rather than by their arithmetic: on
+    an accelerator, where a model this size waits on the host (``CircuitModel.runs_alongside``).  On CPU the
+    arithmetic sets the pace.  Every route gives the same numbers; this only picks the cheaper."""
+    return t.device.type != "cpu"
+
+
 def shared_input(rows: torch.Tensor) -> bool:
     """Whether every reader of ``rows`` [readers, …] sees the same value and none needs its own gradient.
 
@@ -413,12 +420,12 @@ def wholly_patched(store, rows: torch.Tensor, first: int, n: int, recorded: torc
     They read the other run's stream exactly, so their projection is the one the recording pass computed
     (``recorded``) and needs no computing: in a circuit found by attribution, a third to a half of the q, k and v
     inputs have no edge of their own.  None where there is no recording (ablation values are no run of the
-    model) or where the rows need their own gradient.  On a GPU, only where all ``n`` are: there a run this size
-    is bound by launches, and projecting some heads one by one launches more than the batched product."""
+    model) or where the rows need their own gradient.  Where launches set the pace (``launch_bound``), only where
+    all ``n`` are: projecting some heads one by one launches more than the batched product."""
     if recorded is None or (rows.requires_grad and torch.is_grad_enabled()):
         return ()
     heads = store.wholly_patched(first, first + n)
-    return heads if len(heads) == n or not rows.is_cuda else ()
+    return heads if len(heads) == n or not launch_bound(rows) else ()
 
 
 def project_rounds(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from .heads import region_module
+from .heads import launch_bound, region_module
 
 aten = torch.ops.aten
 # Operations that leave a value as it is when they keep its dtype (``to(float32)`` on fp32 rows, ``type_as``)
@@ -71,9 +71,11 @@ class Norm:
     """The captured path from the stream to a projection's input, run on a layer's stacked reader rows [readers, …]:
     ``norm(rows, shared, *externals)`` → (output, per-row scale or None, per-column factors).
 
-    Where the rows are one shared value (``shared``) it runs as captured and returns its output alone.  Otherwise
-    it stops at the trailing factors (``peel``) with mean(x²) fused, and returns the product of the per-row factors
-    and the per-column factors beside: the projection applies them (``heads.project_rounds``).  ``externals``:
+    Where the rows are one shared value (``shared``) it runs as captured and returns its output alone, and so where
+    launches set the pace (``heads.launch_bound``): the rewrites save arithmetic at the cost of operations, the
+    factors applied across each role's projection rather than once.  Otherwise it stops at the trailing factors
+    (``peel``) with mean(x²) fused, and returns the product of the per-row factors and the per-column factors
+    beside: the projection applies them (``heads.project_rounds``).  ``externals``:
     what the region reads from outside it, in the order the call takes them."""
 
     def __init__(self, region: list[Node], source: Node, end: Node, values: dict):
@@ -87,7 +89,7 @@ class Norm:
 
     def __call__(self, rows: torch.Tensor, shared: bool, *externals) -> tuple[torch.Tensor, torch.Tensor | None,
                                                                              tuple[torch.Tensor, ...]]:
-        if shared:
+        if shared or launch_bound(rows):
             return self.whole(rows, *externals)[0], None, ()
         core, *factors = self.factored(rows, *externals)
         return core, row_scale(*factors) if factors else None, tuple(externals[i] for i in self.column_at)

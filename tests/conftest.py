@@ -22,6 +22,18 @@ def traced():
 
 
 @pytest.fixture
+def as_on_a_gpu(monkeypatch):
+    """``as_on_a_gpu()`` makes, from then on in the test, the run-time choices a GPU makes, on CPU: the corrupted
+    run in the patched pass (``runs_alongside``), and the routes that launch fewer operations at the cost of more
+    arithmetic (``heads.launch_bound``)."""
+    def choose():
+        monkeypatch.setattr(fxcircuits.CircuitModel, "runs_alongside", lambda self: True)
+        for module in (fxcircuits.heads, fxcircuits.norms):
+            monkeypatch.setattr(module, "launch_bound", lambda t: True)
+    return choose
+
+
+@pytest.fixture
 def prompts():
     """Clean and corrupted token ids [3, 7] with a left-padded first row."""
     generator = torch.Generator().manual_seed(1)

@@ -90,25 +90,26 @@ class TestEveryArchitecture:
         assert at.shape == (2, 3, 1, full.shape[-1])
         _close(at[:, :, 0], full[:, rows, positions])
 
-    def test_the_corrupted_run_alongside_equals_it_recorded_first(self, traced, prompts, name, monkeypatch):
+    def test_the_corrupted_run_alongside_equals_it_recorded_first(self, traced, prompts, name, as_on_a_gpu):
         """On a GPU and without a gradient, ``cm(..., corrupted_input_ids=...)`` runs the corrupted prompts in the
-        patched pass itself, ahead of the patched rows (``CircuitModel.patched_alongside``); on CPU, and in
-        attribution and evaluation, the corrupted run is recorded first and patched from.  Both give the same
-        logits: for a soft mask, a circuit (many heads read the corrupted run alone), one edge, and three masks in
-        one call."""
-        monkeypatch.setattr(fxcircuits.CircuitModel, "runs_alongside", lambda self: True)  # as on a GPU
+        patched pass itself, ahead of the patched rows (``CircuitModel.patched_alongside``), with the norms in front
+        of the heads' projections as captured (``heads.launch_bound``); on CPU, and in attribution and evaluation,
+        the corrupted run is recorded first and patched from.  Both give the same logits: for a soft mask, a circuit
+        (many heads read the corrupted run alone), one edge, and three masks in one call."""
         _, cm = traced(name)
         clean, corrupted, mask = prompts
         n, generator = len(cm.graph.edges), torch.Generator().manual_seed(3)
         masks = [torch.rand(n, generator=generator), (torch.rand(n, generator=generator) < 0.1).float(),
                  torch.ones(n).index_fill(0, torch.tensor([n // 2]), 0.0), torch.rand(3, n, generator=generator)]
+        keeps = [dense_keep(cm.graph, edge_mask) for edge_mask in masks]
         with torch.no_grad():
             other, recorded = cm.recording(corrupted, mask)
-            for edge_mask in masks:
-                keep = dense_keep(cm.graph, edge_mask)
+            on_cpu = [cm.patched(clean, mask, other, keep, recorded=recorded) for keep in keeps]
+            as_on_a_gpu()
+            for edge_mask, keep, expected in zip(masks, keeps, on_cpu):
                 alongside = cm.patched_alongside(clean, mask, corrupted, keep)
                 valid = mask.expand(keep.shape[0], -1, -1)
-                _close(alongside, cm.patched(clean, mask, other, keep, recorded=recorded), valid)
+                _close(alongside, expected, valid)
                 _close(cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=edge_mask).reshape(alongside.shape),
                        alongside, valid)
 
