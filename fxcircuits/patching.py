@@ -265,10 +265,13 @@ def weighted_rows(weights: torch.Tensor, rows: torch.Tensor, base: torch.Tensor 
     if route == "kept":  # Σ_u w·row = Σ_u row − Σ_u (1 − w)·row
         total = (rows_sum() if rows_sum is not None else rows.sum(0)).reshape(rows.shape[1:])
         return _sparse_sum(weights - 1, rows, total if base is None else base + total)
-    # one bmm over the masks, [n, d, u] @ [n, u, x]: einsum would reach the same bmm through a dozen view ops, and
-    # where the host sets the pace each costs as much as the product
-    out = torch.bmm(weights.transpose(1, 2), rows.transpose(0, 1)).transpose(0, 1)
-    return out if base is None else out.add_(base)  # out is fresh: add in place
+    # one bmm over the masks, [n, d, u] @ [n, u, x], the base added by the same call: einsum would reach the same
+    # bmm through a dozen view ops, and where the host sets the pace each costs as much as the product
+    product = weights.transpose(1, 2), rows.transpose(0, 1)
+    if base is None:
+        return torch.bmm(*product).transpose(0, 1)
+    start = torch.broadcast_to(base, (weights.shape[2], *rows.shape[1:])).transpose(0, 1)
+    return torch.baddbmm(start, *product).transpose(0, 1)
 
 
 def _sparse_sum(weights: torch.Tensor, rows: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
