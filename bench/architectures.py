@@ -51,7 +51,8 @@ def tiny_config(model_type: str):
 
     A config listing its layers' kinds keeps one layer of each (``_one_of_each``), and one whose kinds repeat over
     the layers in turn (``block_types``) gets layers enough to reach each; a hybrid that places its
-    attention layers by period or index gets one at layer 1, after a layer of its other kind (Jamba, Bamba).
+    attention layers by period or index gets one at layer 1, after a layer of its other kind (Jamba, Bamba), and
+    one whose default lists linear-attention layers alone gets a layer of full attention (``_with_attention``).
     Multi-head latent attention (a ``kv_lora_rank`` field) ties sizes together: its ``head_dim`` is the rotary
     part of a head and every query head has its own key/value head.  The config is then built again from its
     fields, so that sizes it derives from them follow the shrunk ones (``_rebuilt``).
@@ -68,7 +69,7 @@ def tiny_config(model_type: str):
             _set(part, "num_key_value_heads", SIZES["num_attention_heads"])
         for key in ("layer_types", "layers_block_type"):
             if isinstance(getattr(part, key, None), list):
-                kinds = _one_of_each(getattr(part, key))
+                kinds = _with_attention(_one_of_each(getattr(part, key)))
                 _set(part, key, kinds, replace_lists=True)
                 _set(part, "num_hidden_layers", len(kinds))
         cycle = getattr(part, "block_types", None)  # kinds repeated over the layers in turn (RecurrentGemma)
@@ -99,6 +100,12 @@ def _one_of_each(layer_types: list) -> list:
     attention layers both), and at least as many as ``SIZES`` asks."""
     kinds = list(dict.fromkeys(layer_types))
     return kinds if len(kinds) >= SIZES["num_hidden_layers"] else layer_types[:SIZES["num_hidden_layers"]]
+
+
+def _with_attention(kinds: list) -> list:
+    """A hybrid whose default lists only linear-attention layers (GraniteMoeHybrid: Granite 4.0 is Mamba layers with
+    a few of attention) gets one of full attention after them; a type that has none takes no notice of the list."""
+    return kinds + ["full_attention"] if set(kinds) == {"linear_attention"} else kinds
 
 
 def _set(config, key: str, value, replace_lists: bool = False) -> None:

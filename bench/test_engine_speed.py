@@ -122,15 +122,15 @@ def test_mask_gradient(benchmark, smollm2):
 def test_operations_per_run(benchmark, smollm2, batch, kind):
     """Operations per patched run against the HF forward: where a small model on a GPU is bound by launches
     (SmolLM2 on 8 prompts is), this ratio, not arithmetic, sets the patched run's cost.  Counted as the run goes
-    on a GPU (``as_on_a_gpu``: the corrupted run in the patched pass, among others), and against the same run with the
-    corrupted run recorded first, as on CPU.  On CPU the sparse routes add a few CPU-only decisions per reader
-    group (counted here too)."""
+    on a GPU (``as_on_a_gpu``: the corrupted run in the patched pass, the dense product, among others), and against
+    the same run as it goes on CPU: the corrupted run recorded first, the sparse routes, which add a few decisions
+    per reader group."""
     model, cm, clean, corrupted = smollm2
     mask = _mask(kind, cm, batch)
     patched = lambda: cm(clean, corrupted_input_ids=corrupted, edge_mask=mask)  # noqa: E731
     with torch.no_grad():
         hf, apart = count(lambda: model(input_ids=clean).logits), count(patched)
-        with as_on_a_gpu():
+        with as_on_a_gpu(dense=True):
             alongside = count(patched)
             benchmark.pedantic(patched, rounds=1)
     hf, waits = hf.launches(), alongside.waits()
