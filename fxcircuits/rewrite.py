@@ -58,7 +58,7 @@ class ReadPlan:
     projection: Projection
     norm: list[Node]          # from the stream to the projection's input
     post: Post                # from the projection's output to the core input, over all rounds at once
-    core_input: Node
+    core_input: Node          # the core's input, or the heads its copies per query head come from
     rounds: tuple[tuple[tuple[int, Ranges | None], ...], ...]  # per round: (query head, its columns, or None for all)
     picks: tuple[tuple[int, int], ...]                         # per query head: (round, head of the core input)
     width: int
