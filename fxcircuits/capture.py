@@ -17,7 +17,7 @@ import sympy
 import torch
 from torch import nn
 
-from .functional import functional
+from .functional import additive_masks, functional
 
 
 class CaptureError(ValueError):
@@ -105,7 +105,7 @@ def export(model: nn.Module, length: int | None = None) -> tuple[torch.fx.GraphM
             program = _export(model, length, high)
     except Exception as error:  # export raises many exception types; all mean "not traceable"
         raise _untraceable(model, error) from error
-    module = functional(program)
+    module = additive_masks(functional(program))
     _check_causal(module, model, length)
     return module, _lengths(module, program, length)
 

@@ -1,5 +1,6 @@
 """Stage 1, second half — functionalise: the exported program as the functional ATen graph the later stages
-read, where possible without the second trace that decomposition costs (``functional``)."""
+read, where possible without the second trace that decomposition costs (``functional``), with each boolean
+attention mask made additive once for all layers (``additive_masks``)."""
 from __future__ import annotations
 
 import bisect
@@ -34,11 +35,12 @@ def functional(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
             continue
         respell = _respelling(node, position)
         if respell is None:
-            return additive_masks(program.run_decompositions({}).module())
+            return program.run_decompositions({}).module()
         respellings.append((node, respell))
     for node, respell in respellings:
         respell(module.graph, node)
-    return additive_masks(module)
+    module.recompile()
+    return module
 
 
 def additive_masks(module: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -64,7 +64,7 @@ def test_each_boolean_attention_mask_is_made_additive_once_for_all_layers(name, 
         assert mask.meta["val"].dtype == dtype
         made = mask.args[0] if mask.target is aten._to_copy.default else mask
         assert made.target is aten.where.Scalar and made.args[0].meta["val"].dtype == torch.bool
-    monkeypatch.setattr(functional, "additive_masks", lambda module: module)
+    monkeypatch.setattr(capture, "additive_masks", lambda module: module)
     left_to_sdpa, _ = capture.export(model)
     assert not any(n.target is aten.where.Scalar for n in left_to_sdpa.graph.nodes)
     input_ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
