@@ -45,7 +45,7 @@ def as_on_a_gpu(dense: bool = False):
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(CircuitModel, "runs_alongside", lambda self: True))
         for module in (heads, norms):
-            stack.enter_context(mock.patch.object(module, "launch_bound", lambda t: True))
+            stack.enter_context(mock.patch.object(module, "launch_bound", lambda device: True))
         if dense:
             stack.enter_context(mock.patch.object(patching, "_route", lambda *args: "dense"))
         yield

@@ -369,11 +369,11 @@ def place_columns_into(out: torch.Tensor, part: torch.Tensor, blocks: Ranges) ->
         offset += n
 
 
-def launch_bound(t: torch.Tensor) -> bool:
-    """Whether a run on ``t``'s device is bound by the operations it launches rather than by their arithmetic: on
-    an accelerator, where a model this size waits on the host (``CircuitModel.runs_alongside``).  On CPU the
-    arithmetic sets the pace.  Every route gives the same numbers; this only picks the cheaper."""
-    return t.device.type != "cpu"
+def launch_bound(device: torch.device) -> bool:
+    """Whether a run on ``device`` is bound by the operations it launches rather than by their arithmetic: on an
+    accelerator, where a model this size waits on the host.  On CPU the arithmetic sets the pace.  Every route
+    gives the same numbers; this only picks the cheaper (here, in ``norms`` and in ``CircuitModel.runs_alongside``)."""
+    return device.type != "cpu"
 
 
 def shared_input(rows: torch.Tensor) -> bool:
@@ -425,7 +425,7 @@ def wholly_patched(store, rows: torch.Tensor, first: int, n: int, recorded: torc
     if recorded is None or (rows.requires_grad and torch.is_grad_enabled()):
         return ()
     heads = store.wholly_patched(first, first + n)
-    return heads if len(heads) == n or not launch_bound(rows) else ()
+    return heads if len(heads) == n or not launch_bound(rows.device) else ()
 
 
 def project_rounds(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layout: str,

@@ -89,7 +89,7 @@ class Norm:
 
     def __call__(self, rows: torch.Tensor, shared: bool, *externals) -> tuple[torch.Tensor, torch.Tensor | None,
                                                                              tuple[torch.Tensor, ...]]:
-        if shared or launch_bound(rows):
+        if shared or launch_bound(rows.device):
             return self.whole(rows, *externals)[0], None, ()
         core, *factors = self.factored(rows, *externals)
         return core, row_scale(*factors) if factors else None, tuple(externals[i] for i in self.column_at)

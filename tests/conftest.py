@@ -29,7 +29,7 @@ def as_on_a_gpu(monkeypatch):
     def choose():
         monkeypatch.setattr(fxcircuits.CircuitModel, "runs_alongside", lambda self: True)
         for module in (fxcircuits.heads, fxcircuits.norms):
-            monkeypatch.setattr(module, "launch_bound", lambda t: True)
+            monkeypatch.setattr(module, "launch_bound", lambda device: True)
     return choose
 
 
