@@ -274,16 +274,25 @@ def weighted_rows(weights: torch.Tensor, rows: torch.Tensor, base: torch.Tensor 
     return torch.baddbmm(start, *product).transpose(0, 1)
 
 
+CSR_ROW_ENTRIES = 24  # entries in an output row beyond which MKL's CSR product loses to torch's COO one (below)
+
+
 def _sparse_sum(weights: torch.Tensor, rows: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
     """The same product with the weights as a sparse matrix [readers·masks, upstream·masks] times the rows as
-    they lie, [upstream·masks, X]: the result [readers·masks, X] is already in the output's layout.  MKL's CSR
-    product where it takes the dtype (fp32, fp64), COO otherwise."""
+    they lie, [upstream·masks, X]: the result [readers·masks, X] is already in the output's layout.
+
+    Two products, the same sums: MKL's CSR (fp32, fp64) splits the output rows among threads, but slows per entry
+    as a row gathers more of them, to a quarter of the speed of torch's COO product for an MLP's one reader with
+    ~90 (a found circuit's MLP inputs keep that many edges); COO adds one entry's row at a time, threaded along
+    the row, at the speed of memory whatever the rows.  So CSR takes the products whose rows are all short — a
+    random circuit's, where its threads gain a quarter — and COO the rest (measured on SmolLM2's calls)."""
     n_masks, n_up, n_readers = weights.shape
     d, n, u = weights.permute(2, 0, 1).nonzero(as_tuple=True)  # sorted by (reader, mask, upstream)
     row, column, size = d * n_masks + n, u * n_masks + n, (n_readers * n_masks, n_up * n_masks)
-    if rows.dtype in (torch.float32, torch.float64):
+    entries = torch.bincount(row, minlength=size[0])
+    if rows.dtype in (torch.float32, torch.float64) and entries.max() <= CSR_ROW_ENTRIES:
         crow = torch.zeros(size[0] + 1, dtype=torch.long, device=row.device)
-        crow[1:] = torch.bincount(row, minlength=size[0]).cumsum(0)
+        crow[1:] = entries.cumsum(0)
         with warnings.catch_warnings():  # torch calls CSR "beta"; the product here is checked against the dense one
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
             matrix = torch.sparse_csr_tensor(crow, column, weights[n, u, d], size, check_invariants=False)

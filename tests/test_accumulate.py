@@ -12,12 +12,14 @@ def _weights(kind: str, generator) -> torch.Tensor:
     shape = (2, 30, 7)
     dense = torch.rand(shape, generator=generator, dtype=torch.float64)
     few = (torch.rand(shape, generator=generator) < 0.03).double()
+    one_reader = torch.zeros(shape, dtype=torch.float64).index_copy_(2, torch.tensor([4]), dense[..., 4:5])
     return {"dense": dense, "few moved": few * dense, "few kept": 1 - few * dense, "none": torch.zeros(shape),
-            "all": torch.ones(shape)}[kind].double()
+            "all": torch.ones(shape), "one reader's many": one_reader}[kind].double()
 
 
-@pytest.mark.parametrize("kind", ["dense", "few moved", "few kept", "none", "all"])
+@pytest.mark.parametrize("kind", ["dense", "few moved", "few kept", "none", "all", "one reader's many"])
 def test_every_route_equals_the_dense_product(kind):
+    """"few moved" takes the CSR product, "one reader's many" (30 entries in one output row) the COO one."""
     generator = torch.Generator().manual_seed(0)
     weights = _weights(kind, generator)
     rows = torch.randn(30, 2, 11, generator=generator, dtype=torch.float64)
