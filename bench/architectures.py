@@ -39,10 +39,14 @@ SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              head_dim=16, vocab_size=128, max_position_embeddings=128, n_embd=64, n_layer=2, n_head=4,
              n_positions=128, ffn_dim=128, n_inner=128, d_model=64, n_heads=4, n_layers=2, num_layers=2, num_heads=4,
              moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_local_experts=4,
-             n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+             n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+             first_k_dense_replace=1, num_dense_layers=1,  # a dense first layer, then one of experts
+             kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
              qk_nope_head_dim=8, v_head_dim=16, rotary_dim=8, sliding_window=8, pad_token_id=0, bos_token_id=1,
              eos_token_id=2, mamba_n_heads=8, mamba_d_head=16, mamba_d_ssm=128, mamba_d_state=16, mamba_chunk_size=16,
              mamba_dt_rank=8, attn_layer_period=2, attn_layer_offset=1, attn_layer_indices=[1])
+# fields a type's default config leaves unset although its model needs them (its checkpoints set them)
+UNSET = {"lfm2_moe": dict(layer_types=["conv", "full_attention"])}
 TOLERANCE = 1e-4
 
 
@@ -59,6 +63,8 @@ def tiny_config(model_type: str):
     """
     from transformers import AutoConfig
     config = AutoConfig.for_model(model_type)
+    for key, value in UNSET.get(model_type, {}).items():
+        _set(config, key, value, replace_lists=True)
     for part in (config, getattr(config, "text_config", None)):
         if part is None:
             continue
