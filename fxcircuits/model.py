@@ -117,7 +117,7 @@ class CircuitModel(nn.Module):
     ``graph`` lists nodes and edges; ``activations`` returns every upstream node's output; calling the module
     with a mask runs the edge-patched model; ``readout`` maps a residual stream [B, S, d_model] to logits (the
     final norm and unembedding alone, for the logit lens); ``streams`` gives the stream itself after each writer;
-    ``scratch`` keeps the memory patched runs on CPU write their rows into (``patching.Scratch``:
+    ``scratch`` keeps the memory patched runs on CPU write their rows and products into (``patching.Scratch``:
     ``cm.scratch.clear()`` frees it); ``side_shapes``: per side input (a value computed from the tokens beside the
     stream, which the ``input`` node's edge into its reader carries: Gemma 4's per-layer inputs), its shape after
     [batch, seq] — none for most models; ``shares_prefix``: whether masks evaluated in one call run the layers before

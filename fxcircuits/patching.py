@@ -151,12 +151,20 @@ class DeltaStore:
                 ahead = end
             if ahead == last:
                 return None
-            self.carry = first, ahead, len(rows), weighted_rows(self._weights(0, len(rows), first, ahead, rows), rows)
+            self.carry = first, ahead, len(rows), self._sums(first, ahead, rows)
         start, _, count, sums = self.carry
         sums = sums[first - start:last - start]
         if count == len(rows):
             return sums + stream
         return weighted_rows(self._weights(count, len(rows), first, last, rows), rows[count:], stream).add_(sums)
+
+    def _sums(self, first: int, last: int, rows: torch.Tensor) -> torch.Tensor:
+        """``carried``'s dense product over the rows so far for readers ``first:last``, written into the scratch where
+        there is one (``Scratch``: fresh memory this size is mapped afresh by the OS every time).  Each product
+        replaces the one before, which no reader holds: ``carried`` hands out sums computed from it, never views."""
+        weights = self._weights(0, len(rows), first, last, rows)
+        shape = weights.shape[0], last - first, rows.shape[2]
+        return _dense_rows(weights, rows, out=None if self.scratch is None else self.scratch.take(rows, shape, "sums"))
 
     def _weights(self, start: int, stop: int, first: int, last: int, rows: torch.Tensor) -> torch.Tensor:
         """1 − keep over stored rows ``start:stop`` and readers ``first:last``, as ``weighted_rows`` takes it."""
@@ -190,16 +198,17 @@ def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 class Scratch:
-    """Memory for the rows of patched runs on CPU, kept from one run to the next.
+    """Memory for the rows of patched runs on CPU, and for their dense products, kept from one run to the next.
 
-    The rows take tens of MB (SmolLM2 on 8 prompts: 78 MB).  The C allocator hands a buffer that large back to the
-    OS when it is freed, so every run paid for mapping it afresh: about 20,000 page faults, 2–6% of the patched
-    pass.  CUDA's caching allocator keeps freed memory already, so runs on a GPU never use this.  A run that
-    needs a gradient keeps its rows for the backward pass and gets its own buffer; so does a run that starts while
-    another holds this one (``lend``).  ``clear()`` frees it."""
+    The rows take tens of MB (SmolLM2 on 8 prompts: 78 MB), a dense product 29 MB.  The C allocator hands a buffer
+    that large back to the OS when it is freed, so every run paid for mapping them afresh: about 20,000 page
+    faults for the rows (2–6% of a patched pass) and 7,000 per product (80 ms of system time in a dense run).
+    CUDA's caching allocator keeps freed memory already, so runs on a GPU never use this.  A run that needs a
+    gradient keeps its rows for the backward pass and gets its own memory; so does a run that starts while another
+    holds this one (``lend``).  ``clear()`` frees it."""
 
     def __init__(self):
-        self._buffer: torch.Tensor | None = None
+        self._buffers: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -213,18 +222,19 @@ class Scratch:
         finally:
             self._lock.release()
 
-    def take(self, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        """A tensor of ``shape`` with ``like``'s dtype and device, in the kept memory where it fits (else fresh)."""
+    def take(self, like: torch.Tensor, shape: tuple[int, ...], use: str = "rows") -> torch.Tensor:
+        """A tensor of ``shape`` with ``like``'s dtype and device, in the memory kept for ``use`` where it fits (else
+        fresh).  Each use has its own memory: what one holds is never overwritten by another."""
         if like.device.type != "cpu":
             return like.new_empty(shape)
         size = math.prod(shape)
-        held = self._buffer
+        held = self._buffers.get(use)
         if held is None or held.numel() < size or held.dtype != like.dtype or held.device != like.device:
-            self._buffer = held = like.new_empty(size)
+            self._buffers[use] = held = like.new_empty(size)
         return held[:size].view(shape)
 
     def clear(self) -> None:
-        self._buffer = None
+        self._buffers.clear()
 
 
 CARRIED = 100  # readers a dense product serves at once (see DeltaStore); measured best among 56, 100 and 200
@@ -265,11 +275,17 @@ def weighted_rows(weights: torch.Tensor, rows: torch.Tensor, base: torch.Tensor 
     if route == "kept":  # Σ_u w·row = Σ_u row − Σ_u (1 − w)·row
         total = (rows_sum() if rows_sum is not None else rows.sum(0)).reshape(rows.shape[1:])
         return _sparse_sum(weights - 1, rows, total if base is None else base + total)
-    # one bmm over the masks, [n, d, u] @ [n, u, x], the base added by the same call: einsum would reach the same
-    # bmm through a dozen view ops, and where the host sets the pace each costs as much as the product
+    return _dense_rows(weights, rows, base)
+
+
+def _dense_rows(weights: torch.Tensor, rows: torch.Tensor, base: torch.Tensor | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """``weighted_rows``' dense route: one bmm over the masks, [n, d, u] @ [n, u, x], the base added by the same
+    call (einsum would reach the same bmm through a dozen view ops, and where the host sets the pace each costs as
+    much as the product).  ``out``: where to write the product, [n, d, x], when there is no base."""
     product = weights.transpose(1, 2), rows.transpose(0, 1)
     if base is None:
-        return torch.bmm(*product).transpose(0, 1)
+        return torch.bmm(*product, out=out).transpose(0, 1)
     start = torch.broadcast_to(base, (weights.shape[2], *rows.shape[1:])).transpose(0, 1)
     return torch.baddbmm(start, *product).transpose(0, 1)
 

@@ -499,9 +499,9 @@ def test_runs_without_a_gradient_write_their_rows_into_the_kept_scratch(traced, 
     with torch.no_grad():
         cm.scratch.clear()
         first = patched(masks[0])
-        held = cm.scratch._buffer
+        held = dict(cm.scratch._buffers)
         second = patched(masks[1])
-        assert held is not None and cm.scratch._buffer is held
+        assert held.keys() == {"rows", "sums"} and all(cm.scratch._buffers[use] is held[use] for use in held)
         with cm.scratch.lend() as taken:  # held elsewhere: the run gets memory of its own
             assert taken is cm.scratch
             torch.testing.assert_close(patched(masks[0]), first, rtol=0, atol=0)
