@@ -7,7 +7,7 @@ from unittest import mock
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fxcircuits import CircuitModel, heads, norms, patching
+from fxcircuits import heads, patching
 
 SCALAR_READ = torch.ops.aten._local_scalar_dense.default  # ``.item()``, ``bool(t)``: on a GPU the host waits
 
@@ -43,9 +43,7 @@ def as_on_a_gpu(dense: bool = False):
     the routes that launch fewer operations (``heads.launch_bound``), and with ``dense`` the accumulation by the
     dense product (CUDA's route; the CPU's sparse routes are decided on the host, and cost more of it there)."""
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(CircuitModel, "runs_alongside", lambda self: True))
-        for module in (heads, norms):
-            stack.enter_context(mock.patch.object(module, "launch_bound", lambda device: True))
+        stack.enter_context(mock.patch.object(heads, "launch_bound", lambda device: True))
         if dense:
             stack.enter_context(mock.patch.object(patching, "_route", lambda *args: "dense"))
         yield

@@ -372,7 +372,8 @@ def place_columns_into(out: torch.Tensor, part: torch.Tensor, blocks: Ranges) ->
 def launch_bound(device: torch.device) -> bool:
     """Whether a run on ``device`` is bound by the operations it launches rather than by their arithmetic: on an
     accelerator, where a model this size waits on the host.  On CPU the arithmetic sets the pace.  Every route
-    gives the same numbers; this only picks the cheaper (here, in ``norms`` and in ``CircuitModel.runs_alongside``)."""
+    gives the same numbers; this only picks the cheaper (here, in ``norms`` and in ``CircuitModel.runs_alongside``,
+    which call it through this module, so that tests and benchmarks make a GPU's choices on CPU by patching it)."""
     return device.type != "cpu"
 
 

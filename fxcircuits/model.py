@@ -22,7 +22,8 @@ from .capture import Lengths, example_inputs, export
 from .components import (Attention, Components, DecompositionError, Step, check_scales, check_sides,
                          find_components)
 from .graph import CircuitGraph, Writer
-from .heads import launch_bound, record_values
+from . import heads
+from .heads import record_values
 from .patching import Scratch, Tap, dense_keep
 from .prefix import share_prefix
 from .rewrite import (build_patcher, build_patterns, build_plain, build_readout, build_recorder, build_streams,
@@ -347,7 +348,7 @@ class CircuitModel(nn.Module):
         both runs halves them.  On CPU arithmetic sets the pace, and the corrupted run recorded apart serves
         better: the heads that read it alone (in a circuit, a third to a half of the q, k and v inputs) take its
         projections instead of computing their own, and no head computes its own q, k and v for it."""
-        return not torch.is_grad_enabled() and launch_bound(self.device)
+        return not torch.is_grad_enabled() and heads.launch_bound(self.device)
 
     def patched_alongside(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                           corrupted_input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from .heads import launch_bound, region_module
+from . import heads
+from .heads import region_module
 
 aten = torch.ops.aten
 # Operations that leave a value as it is when they keep its dtype (``to(float32)`` on fp32 rows, ``type_as``)
@@ -89,7 +90,7 @@ class Norm:
 
     def __call__(self, rows: torch.Tensor, shared: bool, *externals) -> tuple[torch.Tensor, torch.Tensor | None,
                                                                              tuple[torch.Tensor, ...]]:
-        if shared or launch_bound(rows.device):
+        if shared or heads.launch_bound(rows.device):
             return self.whole(rows, *externals)[0], None, ()
         core, *factors = self.factored(rows, *externals)
         return core, row_scale(*factors) if factors else None, tuple(externals[i] for i in self.column_at)

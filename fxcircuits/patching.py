@@ -100,7 +100,7 @@ class DeltaStore:
                     n, masks = write.shape[0], self.keep.shape[0]
                     if self.buffer is None:  # pages of rows never written are never touched
                         shape, fresh = (self.n_stored, masks * write.shape[2], *write.shape[3:]), self.scratch is None
-                        self.buffer = write.new_empty(shape) if fresh else self.scratch.take(write, shape)
+                        self.buffer = write.new_empty(shape) if fresh else self.scratch.take(write, shape, "rows")
                     out = self.buffer[self.count:self.count + n].view(n, masks, *write.shape[2:])
                     torch.sub(other, write if write.shape == out.shape else write.expand(out.shape), out=out)
                     self.count += n
@@ -222,7 +222,7 @@ class Scratch:
         finally:
             self._lock.release()
 
-    def take(self, like: torch.Tensor, shape: tuple[int, ...], use: str = "rows") -> torch.Tensor:
+    def take(self, like: torch.Tensor, shape: tuple[int, ...], use: str) -> torch.Tensor:
         """A tensor of ``shape`` with ``like``'s dtype and device, in the memory kept for ``use`` where it fits (else
         fresh).  Each use has its own memory: what one holds is never overwritten by another."""
         if like.device.type != "cpu":

@@ -23,14 +23,10 @@ def traced():
 
 @pytest.fixture
 def as_on_a_gpu(monkeypatch):
-    """``as_on_a_gpu()`` makes, from then on in the test, the run-time choices a GPU makes, on CPU: the corrupted
-    run in the patched pass (``runs_alongside``), and the routes that launch fewer operations at the cost of more
-    arithmetic (``heads.launch_bound``)."""
-    def choose():
-        monkeypatch.setattr(fxcircuits.CircuitModel, "runs_alongside", lambda self: True)
-        for module in (fxcircuits.heads, fxcircuits.norms):
-            monkeypatch.setattr(module, "launch_bound", lambda device: True)
-    return choose
+    """``as_on_a_gpu()`` makes, from then on in the test, the run-time choices a GPU makes, on CPU
+    (``heads.launch_bound``): the corrupted run in the patched pass where no gradient is taken
+    (``runs_alongside``), and the routes that launch fewer operations at the cost of more arithmetic."""
+    return lambda: monkeypatch.setattr(fxcircuits.heads, "launch_bound", lambda device: True)
 
 
 @pytest.fixture
