@@ -45,7 +45,7 @@ def trace(model: nn.Module, *, progress: bool = False) -> "CircuitModel":
             engine = _build_engine(model, exported, lengths, bar)
         except DecompositionError as error:
             raise _with_adapter_hint(model, error)
-    return CircuitModel(name, engine, functools.partial(_capture_at, model))
+    return CircuitModel(name, engine, functools.partial(_capture_at, model), TracedWeights(model))
 
 
 def _with_adapter_hint(model: nn.Module, error: DecompositionError) -> DecompositionError:
@@ -95,6 +95,47 @@ def _capture_at(model: nn.Module, length: int) -> "Engine":
     return _build_engine(model, *export(model, length))
 
 
+class TracedWeights:
+    """The model's parameters as ``trace`` found them: whether they still are the ones the captures compute with.
+
+    The captured graphs hold the model's own tensors, so a weight edited in place (``weight.mul_(0)``,
+    ``weight.copy_(new)``) reaches every run.  A parameter replaced by another tensor (assigned, or loaded with
+    ``load_state_dict(..., assign=True)``) does not: the captures would go on computing with the old one, a wrong
+    answer with no error.  Nor does a model converted to another dtype (``.half()``, or its norms alone kept in
+    fp32) or moved to another device: the captures keep the casts and device they were traced with.  ``check``
+    finds either before a run and names the parameter and what to do; it reads each parameter's slot and dtype
+    (tens of µs a run).  ``CircuitModel.inputs`` checks the device, of its own weights: the model's, or copies of
+    them where the ``CircuitModel`` itself was moved."""
+
+    def __init__(self, model: nn.Module):
+        self.model_name = type(model).__name__
+        self.slots = [(f"{prefix}.{key}" if prefix else key, module._parameters, key, tensor, tensor.dtype,
+                       tensor.device) for prefix, module in model.named_modules()
+                      for key, tensor in module._parameters.items() if tensor is not None]
+
+    def check(self) -> None:
+        """Raise where a parameter is no longer the tensor traced, or no longer in the dtype traced."""
+        for name, slots, key, tensor, dtype, device in self.slots:
+            now = slots.get(key)
+            if now is not tensor or now.dtype is not dtype:
+                raise RuntimeError(self._changed(name, now, dtype, device))
+
+    def _changed(self, name: str, now: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> str:
+        """What happened to parameter ``name`` (now ``now``, traced in ``dtype`` on ``device``), and what to do."""
+        if now is not None and now.device != device:
+            return (f"{self.model_name} was traced on {device} and has since been moved to {now.device} "
+                    f"({name}); the captured graphs keep their device, so call fxcircuits.trace(model) again on the "
+                    "device you want to run on")
+        if now is not None and now.dtype is not dtype:
+            return (f"{self.model_name} was traced with its parameter {name} in {dtype}, and it is now {now.dtype}; "
+                    "the captured graphs keep the casts they were traced with, so call fxcircuits.trace(model) again "
+                    "after converting the model")
+        return (f"{self.model_name}'s parameter {name} is no longer the tensor fxcircuits.trace captured (it was "
+                "replaced, e.g. assigned or loaded with load_state_dict(..., assign=True)), so the captured graphs "
+                "would compute with the old one: change weights in place (with torch.no_grad(): weight.copy_(new)), "
+                "or call fxcircuits.trace(model) again")
+
+
 class Engine(nn.Module):
     """What runs one exported graph: the graph itself, the recording pass, the patcher, the readout (final norm
     and unembedding), the stepper (the stream after each writer, ``rewrite.build_streams``) and the attention
@@ -122,16 +163,17 @@ class CircuitModel(nn.Module):
     ``cm.scratch.clear()`` frees it); ``side_shapes``: per side input (a value computed from the tokens beside the
     stream, which the ``input`` node's edge into its reader carries: Gemma 4's per-layer inputs), its shape after
     [batch, seq] — none for most models; ``shares_prefix``: whether masks evaluated in one call run the layers before
-    the first reader they patch once for all (``fxcircuits.prefix``).
+    the first reader they patch once for all (``fxcircuits.prefix``); ``weights``: the model's parameters as traced,
+    checked before every run (``TracedWeights``: one replaced or converted since is refused with what to do).
 
     ``engines``: the captures, keyed by the prompt length each was traced at — one, unless the model's code
     needs more of the length than export's symbol (``capture.Lengths``); ``capture_at(length)`` captures it
     again, for prompts of a length no capture serves.  ``exported``, ``recorder``, ``patcher`` and ``readout`` are
     the modules of the first capture."""
 
-    def __init__(self, model_name: str, engine: Engine, capture_at: Callable[[int], Engine] | None = None):
+    def __init__(self, model_name: str, engine: Engine, capture_at: Callable[[int], Engine], weights: TracedWeights):
         super().__init__()
-        self.model_name, self.capture_at = model_name, capture_at
+        self.model_name, self.capture_at, self.weights = model_name, capture_at, weights
         self.engines = nn.ModuleDict({str(engine.lengths.example): engine})
         self._served: dict[tuple[int, int], Engine] = {}
         self.graph, self.shares_prefix, self.side_shapes = engine.graph, engine.shares_prefix, engine.side_shapes
@@ -207,6 +249,7 @@ class CircuitModel(nn.Module):
             raise RuntimeError(f"this model was traced on {self.traced_device} and has since been moved to "
                                f"{self.device}; the captured graph keeps its device, so call fxcircuits.trace(model) "
                                "again on the device you want to run on")
+        self.weights.check()
         input_ids = self._tokens(input_ids, "input_ids")
         if input_ids.dim() != 2 or input_ids.shape[0] == 0:
             raise ValueError(f"input_ids must be [batch, seq] with at least one prompt, got shape "

@@ -457,6 +457,49 @@ def test_moving_a_traced_model_asks_for_a_new_trace(traced):
         cm(torch.zeros(1, 4, dtype=torch.long))
 
 
+def test_weights_edited_in_place_reach_every_run():
+    """The captures hold the model's own tensors: an edit in place after the trace is what the next run computes
+    with, on the clean run and on both passes of a patched one."""
+    model = make("llama")
+    cm = fxcircuits.trace(model)
+    clean, corrupted = torch.randint(0, 128, (2, 2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for weight in (model.model.layers[0].mlp.down_proj.weight, model.model.layers[1].self_attn.k_proj.weight):
+            weight.mul_(-2.0)
+        torch.testing.assert_close(cm(clean), model(clean).logits, rtol=0, atol=1e-5)
+        zeros = torch.zeros(len(cm.graph.edges))
+        torch.testing.assert_close(cm(clean, corrupted_input_ids=corrupted, edge_mask=zeros),
+                                   model(corrupted).logits, rtol=0, atol=1e-5)
+
+
+def _replace(model):
+    down = model.model.layers[0].mlp.down_proj
+    down.weight = torch.nn.Parameter(down.weight * 2)
+
+
+def _load_assigned(model):
+    model.load_state_dict({k: v * 2 for k, v in model.state_dict().items()}, assign=True)
+
+
+@pytest.mark.parametrize("change, says", [
+    (_replace, "model.layers.0.mlp.down_proj.weight is no longer the tensor fxcircuits.trace captured"),
+    (_load_assigned, "is no longer the tensor fxcircuits.trace captured"),
+    (lambda model: model.double(), "traced with its parameter model.embed_tokens.weight in torch.float32, and it is "
+                                   "now torch.float64"),
+    (lambda model: model.model.norm.double(), "model.norm.weight in torch.float32, and it is now torch.float64"),
+    (lambda model: model.to("meta"), "traced on cpu and has since been moved to meta")])
+def test_weights_replaced_or_converted_after_the_trace_ask_for_a_new_trace(change, says):
+    """A parameter replaced by another tensor would leave the captures computing with the old one (a wrong answer,
+    no error); one converted or moved would fail inside the run: each is named before the run, with what to do."""
+    model = make("llama")
+    cm = fxcircuits.trace(model)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    change(model)
+    with pytest.raises(RuntimeError, match="trace") as raised:
+        cm(ids)
+    assert says in str(raised.value)
+
+
 def test_lora_adapters_on_attention_are_refused_with_how_to_merge_them():
     """A PEFT model is accepted as it is.  LoRA on the MLPs alone changes only what an MLP node computes; LoRA on
     the attention projections gives each a second, low-rank path, which no per-head split follows: refused,

@@ -526,7 +526,8 @@ def test_a_capture_serves_the_lengths_its_code_allows_and_others_are_captured_on
     captured on first use, with a warning, and each of those serves what its own assertions allow (not 16 alone,
     here, but 17 to 63 save multiples of 16); every length patches exactly."""
     model, traced_cm = traced("granite_hybrid")
-    cm = CircuitModel(traced_cm.model_name, traced_cm.first, traced_cm.capture_at)  # the first capture alone
+    cm = CircuitModel(traced_cm.model_name, traced_cm.first, traced_cm.capture_at,  # the first capture alone
+                      traced_cm.weights)
     assert [n for n in range(2, 64) if cm.first.lengths.serve(2, n)] == list(range(2, 16))
     generator = torch.Generator().manual_seed(3)
     for length in (5, 9, 16, 20, 40):

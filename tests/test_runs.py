@@ -12,7 +12,8 @@ def test_batches_no_capture_serves_are_padded_to_one_length(traced, monkeypatch)
     18 and 20 are padded on the right to 20 and share one new capture, and every metric equals the unpadded HF
     model's (all edges at 0: the corrupted run's)."""
     model, traced_cm = traced("granite_hybrid")
-    cm = CircuitModel(traced_cm.model_name, traced_cm.first, traced_cm.capture_at)  # the first capture alone
+    cm = CircuitModel(traced_cm.model_name, traced_cm.first, traced_cm.capture_at,  # the first capture alone
+                      traced_cm.weights)
     asked = []
     monkeypatch.setattr(cm, "capture_at", lambda length: asked.append(length) or traced_cm.capture_at(length))
     generator = torch.Generator().manual_seed(5)
