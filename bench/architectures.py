@@ -58,7 +58,8 @@ def tiny_config(model_type: str):
     attention layers by period or index gets one at layer 1, after a layer of its other kind (Jamba, Bamba), and
     one whose default lists linear-attention layers alone gets a layer of full attention (``_with_attention``).
     Multi-head latent attention (a ``kv_lora_rank`` field) ties sizes together: its ``head_dim`` is the rotary
-    part of a head and every query head has its own key/value head.  The config is then built again from its
+    part of a head, every query head has its own key/value head, and a ``qk_head_dim`` the config keeps as a field
+    of its own is the sum of the shrunk parts.  The config is then built again from its
     fields, so that sizes it derives from them follow the shrunk ones (``_rebuilt``).
     """
     from transformers import AutoConfig
@@ -73,6 +74,8 @@ def tiny_config(model_type: str):
         if getattr(part, "kv_lora_rank", None) is not None:
             _set(part, "head_dim", SIZES["qk_rope_head_dim"])
             _set(part, "num_key_value_heads", SIZES["num_attention_heads"])
+            if getattr(part, "qk_head_dim", None) is not None:  # kept as a field of its own (LongCat-Flash)
+                _set(part, "qk_head_dim", SIZES["qk_nope_head_dim"] + SIZES["qk_rope_head_dim"])
         for key in ("layer_types", "layers_block_type"):
             if isinstance(getattr(part, key, None), list):
                 kinds = _with_attention(_one_of_each(getattr(part, key)))
