@@ -45,7 +45,8 @@ def trace(model: nn.Module, *, progress: bool = False) -> "CircuitModel":
             engine = _build_engine(model, exported, lengths, bar)
         except DecompositionError as error:
             raise _with_adapter_hint(model, error)
-    return CircuitModel(name, engine, functools.partial(_capture_at, model), TracedWeights(model))
+    weights = TracedWeights(model, next(engine.exported.parameters()).device)
+    return CircuitModel(name, engine, functools.partial(_capture_at, model), weights)
 
 
 def _with_adapter_hint(model: nn.Module, error: DecompositionError) -> DecompositionError:
@@ -104,28 +105,29 @@ class TracedWeights:
     answer with no error.  Nor does a model converted to another dtype (``.half()``, or its norms alone kept in
     fp32) or moved to another device: the captures keep the casts and device they were traced with.  ``check``
     finds either before a run and names the parameter and what to do; it reads each parameter's slot and dtype
-    (tens of µs a run).  ``CircuitModel.inputs`` checks the device, of its own weights: the model's, or copies of
-    them where the ``CircuitModel`` itself was moved."""
+    (tens of µs a run), and the device the captures' own weights are on now: the model's, or copies of them where
+    the ``CircuitModel`` itself was moved.  ``device``: theirs at the trace."""
 
-    def __init__(self, model: nn.Module):
-        self.model_name = type(model).__name__
+    def __init__(self, model: nn.Module, device: torch.device):
+        self.model_name, self.device = type(model).__name__, device
         self.slots = [(f"{prefix}.{key}" if prefix else key, module._parameters, key, tensor, tensor.dtype,
                        tensor.device) for prefix, module in model.named_modules()
                       for key, tensor in module._parameters.items() if tensor is not None]
 
-    def check(self) -> None:
-        """Raise where a parameter is no longer the tensor traced, or no longer in the dtype traced."""
-        for name, slots, key, tensor, dtype, device in self.slots:
+    def check(self, device: torch.device) -> None:
+        """Raise where the captures' weights are no longer on the device traced (they are on ``device``), or a
+        parameter is no longer the tensor traced, or no longer in the dtype traced."""
+        if device != self.device:
+            raise RuntimeError(self._moved(self.device, device))
+        for name, slots, key, tensor, dtype, traced_on in self.slots:
             now = slots.get(key)
             if now is not tensor or now.dtype is not dtype:
-                raise RuntimeError(self._changed(name, now, dtype, device))
+                raise RuntimeError(self._changed(name, now, dtype, traced_on))
 
     def _changed(self, name: str, now: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> str:
         """What happened to parameter ``name`` (now ``now``, traced in ``dtype`` on ``device``), and what to do."""
         if now is not None and now.device != device:
-            return (f"{self.model_name} was traced on {device} and has since been moved to {now.device} "
-                    f"({name}); the captured graphs keep their device, so call fxcircuits.trace(model) again on the "
-                    "device you want to run on")
+            return self._moved(device, now.device, f" ({name})")
         if now is not None and now.dtype is not dtype:
             return (f"{self.model_name} was traced with its parameter {name} in {dtype}, and it is now {now.dtype}; "
                     "the captured graphs keep the casts they were traced with, so call fxcircuits.trace(model) again "
@@ -134,6 +136,10 @@ class TracedWeights:
                 "replaced, e.g. assigned or loaded with load_state_dict(..., assign=True)), so the captured graphs "
                 "would compute with the old one: change weights in place (with torch.no_grad(): weight.copy_(new)), "
                 "or call fxcircuits.trace(model) again")
+
+    def _moved(self, traced: torch.device, now: torch.device, which: str = "") -> str:
+        return (f"{self.model_name} was traced on {traced} and has since been moved to {now}{which}; the captured "
+                "graphs keep their device, so call fxcircuits.trace(model) again on the device you want to run on")
 
 
 class Engine(nn.Module):
@@ -177,7 +183,6 @@ class CircuitModel(nn.Module):
         self.engines = nn.ModuleDict({str(engine.lengths.example): engine})
         self._served: dict[tuple[int, int], Engine] = {}
         self.graph, self.shares_prefix, self.side_shapes = engine.graph, engine.shares_prefix, engine.side_shapes
-        self.traced_device = self.device
         self.scratch = Scratch()
 
     def __repr__(self) -> str:
@@ -245,11 +250,7 @@ class CircuitModel(nn.Module):
                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask as the capture takes them — int64, on its device, the mask all ones where
         None — checked: what every run of this model, and every attribution batch, goes through."""
-        if self.device != self.traced_device:
-            raise RuntimeError(f"this model was traced on {self.traced_device} and has since been moved to "
-                               f"{self.device}; the captured graph keeps its device, so call fxcircuits.trace(model) "
-                               "again on the device you want to run on")
-        self.weights.check()
+        self.weights.check(self.device)
         input_ids = self._tokens(input_ids, "input_ids")
         if input_ids.dim() != 2 or input_ids.shape[0] == 0:
             raise ValueError(f"input_ids must be [batch, seq] with at least one prompt, got shape "
