@@ -44,9 +44,13 @@ SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
              qk_nope_head_dim=8, v_head_dim=16, rotary_dim=8, sliding_window=8, pad_token_id=0, bos_token_id=1,
              eos_token_id=2, mamba_n_heads=8, mamba_d_head=16, mamba_d_ssm=128, mamba_d_state=16, mamba_chunk_size=16,
-             mamba_dt_rank=8, attn_layer_period=2, attn_layer_offset=1, attn_layer_indices=[1])
+             mamba_dt_rank=8, attn_layer_period=2, attn_layer_offset=1, attn_layer_indices=[1],
+             # the decoder of an encoder-decoder family, which some register as a causal LM (Whisper's, BART's)
+             decoder_attention_heads=4, decoder_layers=2, decoder_ffn_dim=128, encoder_attention_heads=4,
+             encoder_layers=2, encoder_ffn_dim=128)
 # fields a type's default config leaves unset although its model needs them (its checkpoints set them)
-UNSET = {"lfm2_moe": dict(layer_types=["conv", "full_attention"])}
+UNSET = {"lfm2_moe": dict(layer_types=["conv", "full_attention"]),
+         "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}})}
 TOLERANCE = 1e-4
 
 
@@ -59,7 +63,8 @@ def tiny_config(model_type: str):
     one whose default lists linear-attention layers alone gets a layer of full attention (``_with_attention``).
     Multi-head latent attention (a ``kv_lora_rank`` field) ties sizes together: its ``head_dim`` is the rotary
     part of a head, every query head has its own key/value head, and a ``qk_head_dim`` the config keeps as a field
-    of its own is the sum of the shrunk parts.  The config is then built again from its
+    of its own is the sum of the shrunk parts.  A config sharing keys and values across more layers than the tiny
+    one has (Gemma 3n's last 15 of 35) shares none.  The config is then built again from its
     fields, so that sizes it derives from them follow the shrunk ones (``_rebuilt``).
     """
     from transformers import AutoConfig
@@ -81,6 +86,8 @@ def tiny_config(model_type: str):
                 kinds = _with_attention(_one_of_each(getattr(part, key)))
                 _set(part, key, kinds, replace_lists=True)
                 _set(part, "num_hidden_layers", len(kinds))
+        if (getattr(part, "num_kv_shared_layers", None) or 0) >= getattr(part, "num_hidden_layers", 1):
+            _set(part, "num_kv_shared_layers", 0)  # more than the tiny config has (Gemma 3n: 15 of 35): none shared
         cycle = getattr(part, "block_types", None)  # kinds repeated over the layers in turn (RecurrentGemma)
         if isinstance(cycle, list) and cycle:
             _set(part, "num_hidden_layers", max(SIZES["num_hidden_layers"], *(cycle.index(k) + 1 for k in cycle)))
