@@ -159,6 +159,36 @@ class Engine(nn.Module):
         self.side_shapes = side_shapes
 
 
+def _one_token_too(cut: Callable):
+    """A method that takes prompts of one token, as the HF model does.  Export specialises sizes 0 and 1, so the
+    captures serve prompts of two tokens and more: a batch of one-token prompts runs with its token (and its
+    corrupted token, and its attention mask) repeated at a second position, which no earlier position of a causal
+    model sees, and ``cut`` takes the first position of what the method returns.  Anything else — inconsistent
+    shapes included, whose errors then name the shapes given — goes to the method as it is."""
+    def wrap(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def run(self, input_ids, attention_mask=None, **kwargs):
+            given = (input_ids, attention_mask, kwargs.get("corrupted_input_ids"))
+            if not (_one_token(input_ids) and all(t is None or _one_token(t) and t.shape == input_ids.shape
+                                                  for t in given[1:])):
+                return method(self, input_ids, attention_mask, **kwargs)
+            twice = [None if t is None else torch.cat([t, t], 1) for t in given]
+            if twice[2] is not None:
+                kwargs["corrupted_input_ids"] = twice[2]
+            return cut(method(self, twice[0], twice[1], **kwargs))
+        return run
+    return wrap
+
+
+def _one_token(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == 1
+
+
+def _first_position(out: torch.Tensor) -> torch.Tensor:
+    """[…, seq, features] → […, 1, features]."""
+    return out[..., :1, :]
+
+
 class CircuitModel(nn.Module):
     """A traced causal LM whose edges can be patched.
 
@@ -231,6 +261,11 @@ class CircuitModel(nn.Module):
         if engine is not None:
             return engine
         length = input_ids.shape[1]
+        if length < 2:
+            raise ValueError("no capture serves prompts of one token (export specialises that size): cm(...) and "
+                             "the methods that give values per position (activations, streams, patterns, …) take "
+                             "them, running the token at a second position too; elsewhere, pad them on the right "
+                             "to two tokens, with attention_mask 0")
         engine = self.capture_at(length)
         if engine.graph.edges != self.graph.edges:
             raise RuntimeError(f"{self.model_name} captured at {length} tokens has other nodes or edges than at "
@@ -255,9 +290,6 @@ class CircuitModel(nn.Module):
         if input_ids.dim() != 2 or input_ids.shape[0] == 0:
             raise ValueError(f"input_ids must be [batch, seq] with at least one prompt, got shape "
                              f"{tuple(input_ids.shape)}")
-        if input_ids.shape[1] < 2:
-            raise ValueError("input_ids must hold at least 2 tokens per example (the capture's sequence dimension "
-                             "is dynamic from 2 upward)")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
@@ -280,21 +312,25 @@ class CircuitModel(nn.Module):
         to the stream, in the stream's scale at the first layer where the model rescales it (``stream_scales``)."""
         return torch.cat(self.groups(input_ids, attention_mask))
 
+    @_one_token_too(lambda groups: [_first_position(g) for g in groups])
     def groups(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Upstream outputs as the patcher takes them: one tensor per writer (``input``, a layer's heads, an MLP)."""
         return self.recording(input_ids, attention_mask)[0][:len(self.graph.group_sizes)]
 
+    @_one_token_too(lambda sides: [s[:, :1] for s in sides])
     def side_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Each side input's value, [batch, seq, …] (``side_shapes``): what the ``input`` node's edge into its reader
         carries beside the stream.  Empty for a model without side inputs."""
         return [s[0] for s in self.recording(input_ids, attention_mask)[0][len(self.graph.group_sizes):]]
 
+    @_one_token_too(_first_position)
     def streams(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The residual stream after ``input`` and after each writer (a layer's heads, an MLP), as the model holds
         it: [1 + n_writers, batch, seq, d_model].  Partial sums of ``activations`` miss what the stream carries and
         no node writes (an output projection's bias)."""
         return self._step(input_ids, attention_mask)[0]
 
+    @_one_token_too(lambda scales: scales)
     def stream_scales(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[1 + n_writers, d_model]: how far the model has scaled its whole stream, per channel, at each of
         ``streams`` — ones, unless it rescales the stream between layers (Gemma 4's ``layer_scalar``) or scales the
@@ -303,6 +339,7 @@ class CircuitModel(nn.Module):
         times the outputs of the nodes so far plus what no node writes."""
         return self._step(input_ids, attention_mask)[1]
 
+    @_one_token_too(lambda layers: [None if w is None else w[..., :1, :1] for w in layers])
     def patterns(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  layers: Iterable[int] | None = None) -> list[torch.Tensor | None]:
         """Where every head's queries attend: per attention layer ``a{l}``, [batch, heads, seq_q, seq_k], head h
@@ -330,6 +367,7 @@ class CircuitModel(nn.Module):
         input_ids, attention_mask = self.inputs(input_ids, attention_mask)
         return self.engine(input_ids).recorder(input_ids, attention_mask)
 
+    @_one_token_too(_first_position)
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 corrupted_input_ids: torch.Tensor | None = None, edge_mask=None, node_mask=None,
                 corrupted_activations: torch.Tensor | None = None,

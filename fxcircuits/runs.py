@@ -61,13 +61,13 @@ def prepare(cm: CircuitModel, batches: Iterable[dict], metric, ablation: str = "
 
 def served_lengths(cm: CircuitModel, batches: Iterable[dict]) -> list[dict]:
     """``batches``, with those whose length no capture of ``cm`` serves (``capture.Lengths``: a hybrid's chunked
-    scan serves the lengths of one chunk) padded on the right to the longest prompt, so that one more capture at
-    most serves them all.  The padded positions are masked, and a causal model's outputs at the real tokens do not
-    depend on them."""
+    scan serves the lengths of one chunk; none serves one token) padded on the right to the longest prompt, and
+    to two tokens at least, so that one more capture at most serves them all.  The padded positions are masked,
+    and a causal model's outputs at the real tokens do not depend on them."""
     batches = list(batches)
     if not batches:
         return batches
-    longest = max(batch["clean"].shape[1] for batch in batches)
+    longest = max(2, *(batch["clean"].shape[1] for batch in batches))
     return [batch if cm.serving(batch["clean"]) is not None else _padded(batch, longest) for batch in batches]
 
 

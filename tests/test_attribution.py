@@ -82,6 +82,24 @@ def test_exact_equals_one_edge_at_a_time(llama64):
     torch.testing.assert_close(torch.tensor([scores[e] for e in edges]), reference.float(), atol=1e-5, rtol=1e-4)
 
 
+def test_prompts_of_one_token(llama64):
+    """No capture serves one token (export specialises that size): attribution pads such batches on the right
+    (``runs.served_lengths``).  Exact scores equal one-edge-at-a-time patching through ``cm(...)``, which takes one
+    token itself, and EAP equals EAP on the same batch padded by hand."""
+    batch = {key: value[:, -1:] for key, value in _batch().items() if key in ("clean", "corrupted")}
+    batch.update(correct=torch.tensor([[5], [6], [7]]), incorrect=torch.tensor([[8], [9], [10]]),
+                 attention_mask=torch.ones(3, 1, dtype=torch.long))
+    exact = fxcircuits.attribute(llama64, [batch], "logit_diff", "exact", progress=False)
+    edges = [e for e in llama64.graph.edges if "<q>" not in e][::7]  # a query that sees one key changes nothing
+    reference = _exact_reference(llama64, batch, edges)
+    assert reference.abs().max() > 1e-3
+    torch.testing.assert_close(torch.tensor([exact[e] for e in edges]), reference.float(), atol=1e-5, rtol=1e-4)
+    padded = {**batch, **{key: torch.nn.functional.pad(batch[key], (0, 2))
+                          for key in ("clean", "corrupted", "attention_mask")}}
+    eap = [fxcircuits.attribute(llama64, [b], "logit_diff", "eap", progress=False).tensor for b in (batch, padded)]
+    torch.testing.assert_close(eap[0], eap[1], rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("name", ["llama", "gemma4", "afmoe", "gemma4_per_layer", "gemma4_kv_shared"])
 def test_eap_is_the_derivative_of_the_metric_in_each_edge_mask(request, name):
     """score(e) = ∂ mean metric / ∂ m_e at m = 1, checked by central finite differences (steps of 1e-3: HF runs

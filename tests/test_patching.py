@@ -114,6 +114,33 @@ class TestEveryArchitecture:
                        alongside, valid)
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2", "opt", "bloom", "gemma2", "falcon_new_arch", "gemma4_per_layer"])
+def test_prompts_of_one_token(traced, prompts, name):
+    """The HF model takes prompts of one token, and so does ``cm``, though no capture serves them (export
+    specialises that size): the token runs at a second position too, which no earlier position of a causal model
+    sees.  OPT and BLOOM compute positions (or ALiBi) from the attention mask; Gemma 4's E-models read per-layer
+    inputs beside the stream."""
+    model, cm = traced(name)
+    clean, corrupted, _ = (p[:, 3:4] for p in prompts)
+    mask, longer = torch.ones_like(clean), torch.cat([clean, corrupted], 1)
+    zeros = torch.zeros(len(cm.graph.edges))
+    with torch.no_grad():
+        _close(cm(clean), model(input_ids=clean).logits)
+        _close(cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=zeros), model(input_ids=corrupted).logits)
+        for node in ("m0", "a0.h1"):
+            _close(cm(clean, mask, corrupted_input_ids=corrupted, node_mask={node: 0.0}),
+                   _hooked_node_patch(model, name, node, clean, corrupted, mask))
+        torch.testing.assert_close(cm.activations(clean), cm.activations(longer)[:, :, :1])
+        torch.testing.assert_close(cm.streams(clean, mask), cm.streams(longer)[:, :, :1])
+        for side, of_longer in zip(cm.side_inputs(clean), cm.side_inputs(longer), strict=True):
+            torch.testing.assert_close(side, of_longer[:, :1])
+        assert [tuple(p.shape) for p in cm.patterns(clean)] == [(3, cm.graph.n_heads, 1, 1)] * cm.graph.n_layers
+    with pytest.raises(ValueError, match=r"have shape \(3, 1\) but corrupted_input_ids have \(3, 2\)"):
+        cm(clean, corrupted_input_ids=longer[:, :2], edge_mask=zeros)
+    with pytest.raises(ValueError, match="no capture serves prompts of one token"):
+        cm.recording(clean)
+
+
 def test_one_batch_of_the_other_run_serves_every_mask(prompts):
     """``patched`` takes the other run as one batch for all masks (never copied per mask): the logits, and the
     gradients to the other run's outputs, equal those of the same batch repeated for each mask."""
