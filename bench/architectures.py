@@ -51,6 +51,16 @@ SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
 # fields a type's default config leaves unset although its model needs them (its checkpoints set them)
 UNSET = {"lfm2_moe": dict(layer_types=["conv", "full_attention"]),
          "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}})}
+# types whose config keeps sizes per kind of layer, set through aliases, so that no field can be shrunk on its own
+# (Dots 3 Note: multi-head latent attention of other sizes in its sliding-window layers): built from these fields
+BUILT_FROM = {"dots3_note_text": dict(
+    hidden_size=64, intermediate_size=128, moe_intermediate_size=32, shared_experts_intermediate_size=32,
+    num_hidden_layers=3, layer_types=["indexed_attention", "indexed_attention", "sliding_attention"],
+    mlp_layer_types=["dense", "sparse", "sparse"], num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+    num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+    head_dim=16, index_head_dim=16, index_n_heads=2, sliding_window=8, swa_num_attention_heads=4,
+    swa_num_key_value_heads=4, swa_q_lora_rank=32, swa_kv_lora_rank=16, swa_head_dim=16, swa_qk_nope_head_dim=8,
+    swa_v_head_dim=16, vocab_size=128, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)}
 TOLERANCE = 1e-4
 
 
@@ -64,10 +74,13 @@ def tiny_config(model_type: str):
     Multi-head latent attention (a ``kv_lora_rank`` field) ties sizes together: its ``head_dim`` is the rotary
     part of a head, every query head has its own key/value head, and a ``qk_head_dim`` the config keeps as a field
     of its own is the sum of the shrunk parts.  A config sharing keys and values across more layers than the tiny
-    one has (Gemma 3n's last 15 of 35) shares none.  The config is then built again from its
+    one has (Gemma 3n's last 15 of 35) shares none.  A type in ``BUILT_FROM`` is built from the fields given
+    there instead.  The config is then built again from its
     fields, so that sizes it derives from them follow the shrunk ones (``_rebuilt``).
     """
     from transformers import AutoConfig
+    if model_type in BUILT_FROM:
+        return AutoConfig.for_model(model_type, **BUILT_FROM[model_type])
     config = AutoConfig.for_model(model_type)
     for key, value in UNSET.get(model_type, {}).items():
         _set(config, key, value, replace_lists=True)
