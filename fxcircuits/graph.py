@@ -10,6 +10,8 @@ layer, after that layer's own inputs); edges grouped by downstream input, then b
 """
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import networkx as nx
@@ -49,21 +51,36 @@ class CircuitGraph:
             names = [f"a{w.layer}.h{h}" for h in range(w.n_heads)] if w.kind == "attention" else [f"m{w.layer}"]
             self.upstream += names
             writes += [w.step] * len(names)
+        if writes != sorted(writes):
+            raise ValueError("writers must be listed in the order they write to the stream")
         inputs = sorted([r for w in writers for r in w.reads()], key=lambda r: r[1]) + [("logits", n_steps)]
         self.downstream: list[str] = [name for name, _ in inputs]
-        reads = [step for _, step in inputs]
         self.writers = writers
         self.nodes: list[str] = self.upstream + ["logits"]
-        pairs = [(u, d) for d in range(len(self.downstream)) for u in range(len(self.upstream)) if writes[u] < reads[d]]
-        self.edges: list[str] = [f"{self.upstream[u]}->{self.downstream[d]}" for u, d in pairs]
-        self.edge_index = {name: i for i, name in enumerate(self.edges)}
+        # upstream nodes come in the order they write, so each input reads a prefix of them: those written before
+        self.n_sources = torch.searchsorted(torch.tensor(writes), torch.tensor([step for _, step in inputs])).tolist()
+        self.first_edge = list(itertools.accumulate(self.n_sources, initial=0))[:-1]
+        arrows = [f"{name}->" for name in self.upstream]
+        self.edges: list[str] = [arrow + port for port, n in zip(self.downstream, self.n_sources)
+                                 for arrow in arrows[:n]]
         self.node_index = {name: i for i, name in enumerate(self.upstream)}
-        self.src = torch.tensor([u for u, _ in pairs], dtype=torch.long)
-        self.dst = torch.tensor([d for _, d in pairs], dtype=torch.long)
+        self.port_index = {name: d for d, name in enumerate(self.downstream)}
+        self.edge_index = EdgeIndex(self)
+        counts = torch.tensor(self.n_sources)
+        self.dst = torch.repeat_interleave(torch.arange(len(self.downstream)), counts)
+        self.src = torch.arange(len(self.edges)) - torch.repeat_interleave(torch.tensor(self.first_edge), counts)
         self.cells = self.src * len(self.downstream) + self.dst  # each edge's place in an [upstream, downstream] block
         position = {name: i for i, name in enumerate(self.nodes)}
         # for each downstream input, the index in ``nodes`` of the node it feeds (a head, an MLP, ``logits``)
         self.reader = torch.tensor([position[port.split("<")[0]] for port in self.downstream], dtype=torch.long)
+
+    def edge_id(self, name: str) -> int | None:
+        """``name``'s index in ``edges``, or None for a name that is no edge of this graph."""
+        source, arrow, port = name.partition("->") if isinstance(name, str) else ("", "", "")
+        u, d = self.node_index.get(source), self.port_index.get(port)
+        if not arrow or u is None or d is None or u >= self.n_sources[d]:
+            return None
+        return self.first_edge[d] + u
 
     @classmethod
     def from_config(cls, cfg: dict) -> "CircuitGraph":
@@ -128,3 +145,24 @@ class CircuitGraph:
             src, dst = name.split("->")
             g.add_edge(src, dst, name=name)
         return g
+
+
+class EdgeIndex(Mapping):
+    """``{edge name: its index in graph.edges}``, worked out from the name (``CircuitGraph.edge_id``) rather than
+    stored: a model of 14B parameters has ~6M edges, and a dict of them took longer to build than the rest of
+    the graph, and a gigabyte."""
+
+    def __init__(self, graph: CircuitGraph):
+        self.graph = graph
+
+    def __getitem__(self, name: str) -> int:
+        index = self.graph.edge_id(name)
+        if index is None:
+            raise KeyError(name)
+        return index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.graph.edges)
+
+    def __len__(self) -> int:
+        return len(self.graph.edges)

@@ -1,7 +1,10 @@
 """Components found by structure: node/edge names, order and counts as the field writes them."""
+import math
+
 import networkx as nx
 import pytest
 
+from fxcircuits.graph import CircuitGraph, Writer
 from zoo import CONFIGS
 
 PARALLEL = {"gptj", "gpt_neox", "falcon_multi_query", "falcon_new_arch", "phi"}
@@ -82,6 +85,31 @@ def test_names_and_order(traced):
     assert "a0.h3->a1.h1<k>" in g.edge_index and "m1->logits" in g.edge_index
     assert "a1.h0->a0.h0<q>" not in g.edge_index  # no edge backwards in depth
     assert "a0.h0->m0" in g.edge_index  # sequential: the MLP reads its own layer's heads
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_edges_are_the_nodes_written_before_each_input_reads(traced, name):
+    """Against a listing of every (upstream node, downstream input) pair: the edges, in order, ``src`` and ``dst``,
+    and ``edge_index``, which works an edge's index out from its name (no dict of millions of names) and knows no
+    other name — an edge backwards in depth, or anything that is no edge at all."""
+    g = traced(name)[1].graph
+    writes = [-1] + [w.step for w in g.writers for _ in range(w.n_heads if w.kind == "attention" else 1)]
+    reads = {**{port: step for w in g.writers for port, step in w.reads()}, "logits": math.inf}
+    pairs = [(u, d) for d, port in enumerate(g.downstream) for u in range(len(g.upstream)) if writes[u] < reads[port]]
+    assert g.edges == [f"{g.upstream[u]}->{g.downstream[d]}" for u, d in pairs]
+    assert (g.src.tolist(), g.dst.tolist()) == ([u for u, _ in pairs], [d for _, d in pairs])
+    assert [g.edge_index[e] for e in g.edges] == list(range(len(g.edges))) and len(g.edge_index) == len(g.edges)
+    backwards = [f"{g.upstream[u]}->{port}" for port in g.downstream for u in range(len(g.upstream))
+                 if writes[u] >= reads[port]]
+    others = ["logits->m0", "input->input", "input->a0.h0", "input-> m0", "input->m0 ", "input->a9.h0<q>", "", 3]
+    assert backwards and not any(e in g.edge_index for e in backwards + others)
+    with pytest.raises(KeyError):
+        g.edge_index[backwards[0]]
+
+
+def test_writers_are_listed_in_the_order_they_write():
+    with pytest.raises(ValueError, match="in the order they write"):
+        CircuitGraph([Writer("mlp", 1, 0, 3), Writer("mlp", 0, 0, 1)], 4)
 
 
 def test_networkx_keeps_every_edge(traced):
