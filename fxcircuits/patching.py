@@ -639,7 +639,7 @@ def node_vector(graph: CircuitGraph, node_mask) -> torch.Tensor:
     return _vector(node_mask, graph.node_index, "node", "cm.graph.upstream")
 
 
-def _vector(mask, index: dict[str, int], what: str, listing: str) -> torch.Tensor:
+def _vector(mask, index: Mapping[str, int], what: str, listing: str) -> torch.Tensor:
     """A mask by name (missing names = 1) or by position, checked against the ``index`` it refers to."""
     if isinstance(mask, Mapping):
         unknown = [name for name in mask if name not in index]
