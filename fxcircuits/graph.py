@@ -76,7 +76,9 @@ class CircuitGraph:
 
     def edge_id(self, name: str) -> int | None:
         """``name``'s index in ``edges``, or None for a name that is no edge of this graph."""
-        source, arrow, port = name.partition("->") if isinstance(name, str) else ("", "", "")
+        if not isinstance(name, str):
+            return None
+        source, arrow, port = name.partition("->")
         u, d = self.node_index.get(source), self.port_index.get(port)
         if not arrow or u is None or d is None or u >= self.n_sources[d]:
             return None
