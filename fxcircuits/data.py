@@ -13,10 +13,11 @@ A batch is a dict of tensors:
 """
 from __future__ import annotations
 
-import warnings
 from typing import Sequence
 
 import torch
+
+from .caller import warn_at_caller
 
 Answers = Sequence[Sequence[str]] | Sequence[str]
 
@@ -104,9 +105,8 @@ def _aligned(tokenizer, clean_ids, corrupted_ids, labels, drop_mismatched: bool)
             "rephrase the corrupted prompt (e.g. use a word that is as many tokens as the one it replaces), "
             "drop the example, or pass drop_mismatched=True to drop such pairs with a warning.")
     if mismatched:
-        warnings.warn(f"dropped {len(mismatched)} of {len(clean_ids)} prompt pairs whose clean and corrupted "
-                      f"prompts tokenize to different lengths: {', '.join(labels[i] for i in mismatched)}",
-                      stacklevel=3)
+        warn_at_caller(f"dropped {len(mismatched)} of {len(clean_ids)} prompt pairs whose clean and corrupted "
+                       f"prompts tokenize to different lengths: {', '.join(labels[i] for i in mismatched)}")
     dropped = set(mismatched)
     return [i for i in range(len(clean_ids)) if i not in dropped]
 

@@ -11,14 +11,13 @@ many masks in one call, which run the layers before the first reader any of them
 from __future__ import annotations
 
 import functools
-import sys
-import warnings
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .caller import warn_at_caller
 from .capture import Lengths, example_inputs, export
 from .components import (Attention, Components, DecompositionError, Step, check_scales, check_sides,
                          find_components)
@@ -160,15 +159,6 @@ class Engine(nn.Module):
         self.side_shapes = side_shapes
 
 
-def _warn_at_caller(message: str) -> None:
-    """``warnings.warn`` at the line that called into fxcircuits: the first frame outside it and torch (whose
-    ``nn.Module`` call sits between a user's ``cm(...)`` and ``forward``), wherever in the package it was raised."""
-    frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_globals.get("__name__", "").startswith(("fxcircuits.", "torch.")):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, stacklevel=level)
-
-
 def _one_token_too(cut: Callable):
     """A method that takes prompts of one token, as the HF model does.  Export specialises sizes 0 and 1, so the
     captures serve prompts of two tokens and more: a batch of one-token prompts runs with its token (and its
@@ -283,7 +273,7 @@ class CircuitModel(nn.Module):
         if not engine.lengths.serve(*input_ids.shape):
             raise RuntimeError(f"{self.model_name} captured at {length} tokens does not serve a batch of "
                                f"{input_ids.shape[0]} prompts of that length")
-        _warn_at_caller(f"captured {self.model_name} again for prompts of {length} tokens, which no capture so far "
+        warn_at_caller(f"captured {self.model_name} again for prompts of {length} tokens, which no capture so far "
                         "served (its code loops over chunks of the sequence in Python), in about the time trace took; "
                         "attribution and evaluation pad a dataset's batches to a length one capture serves")
         self.engines[str(length)] = engine

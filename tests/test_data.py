@@ -68,9 +68,10 @@ def test_mismatched_lengths_name_the_example_counts_tokens_and_the_fix(tokenizer
 
 def test_drop_mismatched_warns_with_count_and_which(tokenizer):
     corrupted = "When Mary and John went to the store, Bartholomew gave a drink to"
-    with pytest.warns(UserWarning, match=re.escape("dropped 1 of 3 prompt pairs") + ".*example 1"):
+    with pytest.warns(UserWarning, match=re.escape("dropped 1 of 3 prompt pairs") + ".*example 1") as caught:
         batches = make_batches(tokenizer, [IOI] * 3, [IOI_CORRUPTED, corrupted, IOI_CORRUPTED], [" Mary"] * 3,
                                [" John"] * 3, drop_mismatched=True)
+    assert [w.filename for w in caught] == [__file__]  # the line that called, not one inside the package
     assert batches[0]["index"].tolist() == [0, 2]
 
 

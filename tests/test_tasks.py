@@ -172,8 +172,9 @@ def test_from_file_mismatched_rows_error_or_drop_with_a_warning(tmp_path, tokeni
                                               [IOI, IOI_CORRUPTED, " Mary", " John"]])
     with pytest.raises(ValueError, match="line 2: the clean prompt is 14 tokens but the corrupted prompt is 16"):
         tasks.from_file(path, tokenizer)
-    with pytest.warns(UserWarning, match="dropped 1 of 2 .*: line 2"):
+    with pytest.warns(UserWarning, match="dropped 1 of 2 .*: line 2") as caught:
         task = tasks.from_file(path, tokenizer, drop_mismatched=True)
+    assert [w.filename for w in caught] == [__file__]  # through tasks too, not a frame inside the package
     assert [e.corrupted for e in task.examples] == [IOI_CORRUPTED]
 
 
