@@ -102,7 +102,8 @@ class Circuit:
         unknown = data["edges"].keys() - graph.edge_index.keys()
         if unknown:
             raise ValueError(f"{path} names {len(unknown)} edges that a {data['cfg']['n_layers']}-layer, "
-                             f"{data['cfg']['n_heads']}-head graph lacks, e.g. {sorted(unknown)[:3]}")
+                             f"{data['cfg']['n_heads']}-head graph lacks, e.g. {sorted(unknown)[:3]}; "
+                             f"{graph.not_an_edge(sorted(unknown)[0])}")
         in_graph = [name for name, edge in data["edges"].items() if edge["in_graph"]]
         scored = data["cfg"].get("scored", True)
         scores = torch.zeros(len(graph.edges))
@@ -123,7 +124,7 @@ def _edge_flags(graph: CircuitGraph, edges: Iterable[str] | torch.Tensor) -> tor
     unknown = [e for e in edges if e not in graph.edge_index]
     if unknown:
         raise KeyError(f"circuit has {len(unknown)} edge(s) not in this model's graph, e.g. {unknown[:3]}; "
-                       "edge names look like 'a0.h3->a2.h1<k>' (see cm.graph.edges)")
+                       f"{graph.not_an_edge(unknown[0])} (see cm.graph.edges)")
     flags = torch.zeros(len(graph.edges), dtype=torch.bool)
     flags[[graph.edge_index[e] for e in edges]] = True
     return flags

@@ -84,6 +84,50 @@ class CircuitGraph:
             return None
         return self.first_edge[d] + u
 
+    def not_an_edge(self, name) -> str:
+        """Why ``name`` names no edge of this graph, as an error message says it: names are typed by hand, and
+        "unknown edge" alone does not tell a missing port from an edge that runs backwards."""
+        if not isinstance(name, str):
+            return f"{name!r} ({type(name).__name__}) is no edge name: those are strings such as {self.edges[-1]!r}"
+        tidy = "".join(name.split()).lower()
+        if tidy != name and self.edge_id(tidy) is not None:
+            return f"{name!r} is not written as edges are (lower case, no spaces): the edge is {tidy!r}"
+        source, arrow, port = name.partition("->")
+        if not arrow:
+            return f"{name!r} has no '->': an edge is named '{{upstream node}}->{{downstream input}}', e.g. {self.edges[-1]!r}"
+        if source not in self.node_index:
+            return f"{name!r}: {self.not_a_node(source)}"
+        if port not in self.port_index:
+            return f"{name!r}: {self._not_an_input(port)}"
+        return (f"{name!r}: {source} writes to the stream after {port} reads it (or as it reads it), so no edge joins "
+                "them; edges run from earlier writers to later readers")
+
+    def not_a_node(self, name) -> str:
+        """Why ``name`` is no upstream node (what node masks, activations and the logit lens take)."""
+        if name == "logits":
+            return "'logits' reads the stream and writes nothing, so it is no upstream node; mask its edges instead"
+        if isinstance(name, str) and "->" in name:
+            return f"{name!r} is an edge, not a node: pass it in edge_mask"
+        if isinstance(name, str) and name.partition("<")[0] in self.node_index:
+            return f"{name!r} is one of {name.partition('<')[0]}'s inputs, not a node: its edges are '…->{name}'"
+        return (f"{name!r} is not an upstream node of this graph: those are 'input', the heads "
+                f"{self._span('a')} and the MLPs {self._span('m')} (cm.graph.upstream)")
+
+    def _not_an_input(self, port: str) -> str:
+        """Why ``port`` is no downstream input."""
+        if f"{port}<q>" in self.port_index:
+            return f"{port} is a head, read through three inputs: name one, {port}<q>, {port}<k> or {port}<v>"
+        node = port.partition("<")[0]
+        if node != port and node in self.port_index:
+            return f"{node} has a single input, named {node!r} with no <q>, <k> or <v>"
+        return (f"{port!r} is not a downstream input of this graph: those are each head's <q>, <k> and <v>, the "
+                f"MLPs {self._span('m')} and 'logits' (cm.graph.downstream)")
+
+    def _span(self, kind: str) -> str:
+        """The first and last upstream node of a kind ("a" heads, "m" MLPs), as 'a0.h0'…'a5.h3'."""
+        names = [n for n in self.upstream if n[0] == kind]
+        return f"{names[0]!r}…{names[-1]!r}" if names else "(none)"
+
     @classmethod
     def from_config(cls, cfg: dict) -> "CircuitGraph":
         """The graph the EAP-IG/MIB convention builds from ``n_layers``, ``n_heads`` and ``parallel_attn_mlp``.
@@ -160,8 +204,11 @@ class EdgeIndex(Mapping):
     def __getitem__(self, name: str) -> int:
         index = self.graph.edge_id(name)
         if index is None:
-            raise KeyError(name)
+            raise KeyError(self.graph.not_an_edge(name))
         return index
+
+    def __contains__(self, name) -> bool:
+        return self.graph.edge_id(name) is not None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.graph.edges)

@@ -62,7 +62,8 @@ def logit_lens(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: torch.
     else:
         unknown = [n for n in nodes if n not in cm.graph.node_index]
         if unknown:
-            raise KeyError(f"unknown node(s) {unknown[:3]}; the nodes are cm.graph.upstream, e.g. 'a3.h1', 'm2'")
+            raise KeyError(f"unknown node{'s' if len(unknown) > 1 else ''} {unknown[:3]}: "
+                           f"{cm.graph.not_a_node(unknown[0])}")
         labels = list(nodes)
         values = cm.activations(input_ids, attention_mask)[[cm.graph.node_index[n] for n in nodes]]
     read = _positions(input_ids, attention_mask, positions).to(values.device)

@@ -631,21 +631,22 @@ def edge_vector(graph: CircuitGraph, edge_mask) -> torch.Tensor:
     if not isinstance(edge_mask, (Mapping, torch.Tensor)):
         raise TypeError("edge_mask must be a tensor, a dict of edge names or a Circuit, "
                         f"not {type(edge_mask).__name__}")
-    return _vector(edge_mask, graph.edge_index, "edge", "cm.graph.edges")
+    return _vector(edge_mask, graph.edge_index, "edge", "cm.graph.edges", graph.not_an_edge)
 
 
 def node_vector(graph: CircuitGraph, node_mask) -> torch.Tensor:
     """A ``node_mask`` given as tensor [U] / [N, U] over upstream nodes, or ``{node: value}`` dict."""
-    return _vector(node_mask, graph.node_index, "node", "cm.graph.upstream")
+    return _vector(node_mask, graph.node_index, "node", "cm.graph.upstream", graph.not_a_node)
 
 
-def _vector(mask, index: Mapping[str, int], what: str, listing: str) -> torch.Tensor:
-    """A mask by name (missing names = 1) or by position, checked against the ``index`` it refers to."""
+def _vector(mask, index: Mapping[str, int], what: str, listing: str, why: Callable[[str], str]) -> torch.Tensor:
+    """A mask by name (missing names = 1) or by position, checked against the ``index`` it refers to; ``why``
+    says why a name is none of its names."""
     if isinstance(mask, Mapping):
         unknown = [name for name in mask if name not in index]
         if unknown:
-            raise KeyError(f"unknown {what} name(s) {unknown[:3]}; names look like {next(iter(index))!r} — "
-                           f"see {listing}")
+            raise KeyError(f"unknown {what} name{'s' if len(unknown) > 1 else ''} in {what}_mask "
+                           f"({len(unknown)} of {len(mask)}): {why(unknown[0])}")
         vector = torch.ones(len(index))
         for name, value in mask.items():
             vector[index[name]] = float(value)

@@ -68,11 +68,12 @@ def test_mask_of_the_wrong_length(llama):
 
 def test_unknown_edge_and_node_names(llama):
     ids = torch.zeros(1, 4, dtype=torch.long)
-    with pytest.raises(KeyError, match="unknown edge"):
-        llama(ids, corrupted_input_ids=ids, edge_mask={"a0.h9->logits": 0.0})
-    with pytest.raises(KeyError, match="unknown node"):
+    with pytest.raises(KeyError, match=r"unknown edge name in edge_mask \(1 of 2\): 'a0.h9->logits': 'a0.h9' is "
+                                       "not an upstream node"):
+        llama(ids, corrupted_input_ids=ids, edge_mask={"a0.h9->logits": 0.0, "m0->logits": 0.0})
+    with pytest.raises(KeyError, match=r"unknown node name in node_mask \(1 of 1\): 'm7' is not an upstream node"):
         llama(ids, corrupted_input_ids=ids, node_mask={"m7": 0.0})
-    with pytest.raises(KeyError, match="not in this model's graph"):
+    with pytest.raises(KeyError, match="not in this model's graph.*m1 writes to the stream after m0 reads it"):
         fxcircuits.Circuit(llama.graph, ["m1->m0"])
     bigger = fxcircuits.CircuitGraph.from_config({"n_layers": 5, "n_heads": 4, "parallel_attn_mlp": False})
     with pytest.raises(KeyError, match="not in this model's graph"):

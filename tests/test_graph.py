@@ -1,5 +1,6 @@
 """Components found by structure: node/edge names, order and counts as the field writes them."""
 import math
+import re
 
 import networkx as nx
 import pytest
@@ -105,6 +106,32 @@ def test_edges_are_the_nodes_written_before_each_input_reads(traced, name):
     assert backwards and not any(e in g.edge_index for e in backwards + others)
     with pytest.raises(KeyError):
         g.edge_index[backwards[0]]
+
+
+@pytest.mark.parametrize("name, why", [
+    ("a0.h1 -> a2.h0<K>", "not written as edges are .*the edge is 'a0.h1->a2.h0<k>'"),
+    ("a0.h1a2.h0<k>", "no '->'"),
+    ("a9.h0->m2", "'a9.h0' is not an upstream node.*'a0.h0'…'a2.h1'.*'m0'…'m2'"),
+    ("logits->m1", "'logits' reads the stream and writes nothing"),
+    ("a2.h0->a1.h1<q>", "a2.h0 writes to the stream after a1.h1<q> reads it"),
+    ("a1.h0->m1", r"a1.h0 writes to the stream after m1 reads it \(or as it reads it\)"),  # parallel: same step
+    ("a0.h1->a2.h0", "a2.h0 is a head, read through three inputs: name one, a2.h0<q>"),
+    ("a0.h1->m2<q>", "m2 has a single input, named 'm2'"),
+    ("a0.h1->x", "'x' is not a downstream input"),
+    (3, r"3 \(int\) is no edge name"),
+])
+def test_a_name_that_is_no_edge_says_why(name, why):
+    graph = CircuitGraph.from_config({"n_layers": 3, "n_heads": 2, "parallel_attn_mlp": name == "a1.h0->m1"})
+    assert name not in graph.edge_index
+    with pytest.raises(KeyError, match=why):
+        graph.edge_index[name]
+
+
+@pytest.mark.parametrize("name, why", [("logits", "writes nothing"), ("a0.h1->m1", "is an edge, not a node"),
+                                       ("a1.h0<q>", "one of a1.h0's inputs"), ("m9", "'m0'…'m2'")])
+def test_a_name_that_is_no_node_says_why(name, why):
+    graph = CircuitGraph.from_config({"n_layers": 3, "n_heads": 2, "parallel_attn_mlp": False})
+    assert re.search(why, graph.not_a_node(name))
 
 
 def test_writers_are_listed_in_the_order_they_write():

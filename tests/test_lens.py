@@ -151,5 +151,5 @@ def test_answers_and_top_tokens(traced):
     best = int(probs[-1, 1, 0].argmax())
     assert top[-1][1][0] == (f"<{best}>", pytest.approx(float(probs[-1, 1, 0, best])))
     assert "input" in lens.table(Tokenizer(), k=2)
-    with pytest.raises(KeyError, match="unknown node"):
+    with pytest.raises(KeyError, match="unknown node.*'m9' is not an upstream node"):
         logit_lens(cm, ids, mask, nodes=["m9"])
