@@ -141,6 +141,24 @@ def test_prompts_of_one_token(traced, prompts, name):
         cm.recording(clean)
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_mask_values_outside_0_1_extrapolate_along_the_line(traced, prompts, name):
+    """An edge into the logits at mask m adds (1 − m)·(a_u(corrupted) − a_u(clean)) to the final stream, also for m
+    outside [0, 1]: checked against the readout of that stream, built from the recorded outputs."""
+    _, cm = traced(name)
+    clean, corrupted, mask = prompts
+    source = cm.graph.upstream[2]
+    with torch.no_grad():
+        final = cm.streams(clean, mask)[-1]
+        delta = cm.activations(corrupted, mask)[2] - cm.activations(clean, mask)[2]
+        values = torch.tensor([2.0, -0.5, 0.3])
+        masks = torch.ones(len(values), len(cm.graph.edges))
+        masks[:, cm.graph.edge_index[f"{source}->logits"]] = values
+        patched = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks)
+        for m, ours in zip(values, patched):  # [n_masks, batch, seq, vocab]
+            _close(ours, cm.readout(final + (1 - m) * delta), mask)
+
+
 def test_one_batch_of_the_other_run_serves_every_mask(prompts):
     """``patched`` takes the other run as one batch for all masks (never copied per mask): the logits, and the
     gradients to the other run's outputs, equal those of the same batch repeated for each mask."""
