@@ -159,6 +159,22 @@ def test_mask_values_outside_0_1_extrapolate_along_the_line(traced, prompts, nam
             _close(ours, cm.readout(final + (1 - m) * delta), mask)
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma4", "gemma4_per_layer", "scaled_residual", "qwen3_5"])
+def test_the_corrupted_run_recorded_once_serves_later_calls(traced, prompts, name):
+    """``corrupted_activations=cm.activations(corrupted)`` (with the side inputs where the model reads them) gives
+    the numbers ``corrupted_input_ids=corrupted`` gives, so a loop over masks can record the corrupted run once —
+    also where the stream is rescaled (Gemma 4, a scaled residual) or a writer is no attention (Qwen3.5)."""
+    _, cm = traced(name)
+    clean, corrupted, mask = prompts
+    masks = torch.rand(2, len(cm.graph.edges), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sides = cm.side_inputs(corrupted, mask)
+        recorded = cm(clean, mask, corrupted_activations=cm.activations(corrupted, mask), edge_mask=masks,
+                      **({"corrupted_side_inputs": sides} if sides else {}))
+        for ours, reference in zip(recorded, cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks)):
+            _close(ours, reference, mask)
+
+
 def test_one_batch_of_the_other_run_serves_every_mask(prompts):
     """``patched`` takes the other run as one batch for all masks (never copied per mask): the logits, and the
     gradients to the other run's outputs, equal those of the same batch repeated for each mask."""
