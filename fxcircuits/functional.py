@@ -7,6 +7,7 @@ import bisect
 import contextlib
 import itertools
 import operator
+import sys
 
 import torch
 from torch._export.utils import _is_cia_op, _is_preservable_cia_op
@@ -190,7 +191,24 @@ def _numpy_t(node: torch.fx.Node):
     return _rewrite_as(aten.permute.default, list(reversed(range(node.args[0].meta["val"].dim()))))
 
 
+def _tensor_split(node: torch.fx.Node):
+    """``tensor_split`` at indices is one ``slice`` per piece, between consecutive indices (Qwen3.5's scan splits
+    its sequence where the whole chunks end); each piece read is sliced where it is read."""
+    if not all(user.target is operator.getitem for user in node.users):
+        return None
+    kwargs = _arguments(node)
+    ends = [0, *kwargs["indices"], sys.maxsize]  # slice clamps its end to the size, as the last piece needs
+
+    def respell(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+        for piece in list(node.users):
+            at = piece.args[1]
+            _replace(graph, piece, aten.slice.Tensor, (node.args[0], kwargs["dim"], ends[at], ends[at + 1]))
+        graph.erase_node(node)
+    return respell
+
+
 COMPOSITES = {aten.chunk.default: _chunk, aten.flatten.using_ints: _flatten, aten.numpy_T.default: _numpy_t,
+              aten.tensor_split.indices: _tensor_split,
               aten.broadcast_to.default: lambda node: _rewrite_as(aten.expand.default, _arguments(node)["size"])}
 
 
