@@ -630,9 +630,14 @@ def _union(ranges: tuple[Ranges, ...]) -> Ranges:
     return to_ranges({c for r in ranges for start, n in r for c in range(start, start + n)})
 
 
-def layer_norm_share(share: torch.Tensor, total: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """LayerNorm of one part of a sum, with the mean removed linearly and the whole sum's scale."""
-    centred = share - share.mean(-1, keepdim=True)
-    scale = torch.rsqrt(total.var(-1, unbiased=False, keepdim=True) + eps)
-    out = centred * scale
+def norm_share(share: torch.Tensor, total: torch.Tensor, weight: torch.Tensor | None, eps: float,
+               centre: bool) -> torch.Tensor:
+    """LayerNorm (``centre``) or RMSNorm of one part of a sum over the last dimension: the mean removed linearly,
+    the scale the whole sum's, so the parts' norms sum to the norm of the sum."""
+    if centre:
+        share = share - share.mean(-1, keepdim=True)
+        spread = total.var(-1, unbiased=False, keepdim=True)
+    else:
+        spread = total.pow(2).mean(-1, keepdim=True)
+    out = share * torch.rsqrt(spread + eps)
     return out if weight is None else out * weight

@@ -17,7 +17,8 @@ of those passes:
 Both apply to a layer's stacked rows only (``Norm``).  Where every reader of a layer sees one shared value (no
 edge into it patched, or all alike), the norm runs as captured: the model's own numbers, to the last bit, so an
 all-ones mask gives exactly the clean run and an empty circuit on clean = corrupted exactly the full model.  A
-LayerNorm is one fused ATen operation already and is left as it is.
+LayerNorm is one fused ATen operation already and is left as it is, as is an RMSNorm computed by the fused
+operation (``F.rms_norm``, ``nn.RMSNorm``).
 """
 from __future__ import annotations
 

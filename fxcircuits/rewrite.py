@@ -36,7 +36,7 @@ from .components import (MATMUL, SDPA, SOFTMAX, Attention, Components, Decomposi
                          ancestors, between, descendants)
 from .heads import (RELAYOUT, HeadGate, Post, Projection, Ranges, broadcasts, columns_read, columns_written,
                     distinct_rows, first_projection, gather_heads, head_elements, head_writes, heads_sum,
-                    last_projection, layer_norm_share, place_columns, project_columns, project_rounds,
+                    last_projection, norm_share, place_columns, project_columns, project_rounds,
                     repeated_heads, role_input, role_rows, role_shared, shared_input, to_ranges, wholly_patched)
 from .norms import Norm
 from .patching import (DeltaStore, accumulate, at_positions, patched_rows, patched_rows_count, sequence_length,
@@ -580,6 +580,7 @@ UNARY_LINEAR = {aten.neg.default: (), aten.clone.default: (), aten.type_as.defau
                 aten.unsqueeze.default: (1,), aten.squeeze.dim: (1,), aten.mean.dim: (1,),
                 aten.sum.dim_IntList: (1,), aten.slice.Tensor: (1,), aten.select.int: (1,)}
 RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
+NORMS = {aten.layer_norm.default, aten.rms_norm.default}  # over the last dimension: a factor from the whole write
 
 
 def linear_share(builder: _Builder, node: Node, shares: dict, values: dict, dependent: set[Node]) -> Node | None:
@@ -614,10 +615,13 @@ def linear_share(builder: _Builder, node: Node, shares: dict, values: dict, depe
         return builder.graph.call_function(target, tuple(new_args), dict(node.kwargs))
     if target in RESHAPES:
         return call(reshape_heads, shares[first], [arg_value(s) for s in args[1]])
-    if target is aten.layer_norm.default:
+    if target in NORMS and len(args[1]) == 1:
+        centre = target is aten.layer_norm.default
         weight = arg_value(args[2]) if len(args) > 2 else None
-        eps = args[4] if len(args) > 4 else 1e-5
-        return call(layer_norm_share, shares[first], values[first], weight, eps)
+        eps = args[4 if centre else 3] if len(args) > (4 if centre else 3) else None
+        if eps is None:  # LayerNorm's default, and RMSNorm's: the input dtype's machine epsilon
+            eps = 1e-5 if centre else torch.finfo(first.meta["val"].dtype).eps
+        return call(norm_share, shares[first], values[first], weight, eps, centre)
     if target is aten.linear.default:
         return call(aten.linear.default, shares[first], arg_value(args[1]))
     if target in (aten.matmul.default, aten.mm.default) and args[1] not in dependent:

@@ -125,6 +125,13 @@ CONFIGS = {
     "beam": ("beam", dict(COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4,
                           layer_types=["sliding_attention", "full_attention"], mlp_layer_types=["dense", "sparse"],
                           num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=1, topk_group=1)),
+    # a residual and a branch each scaled per channel as they are summed (x·α + f(x)·β, both from one learned
+    # vector), sandwich norms computed by the fused RMSNorm op (F.rms_norm), an MoE block after a dense layer
+    "ergo": ("ergo", dict(COMMON, num_key_value_heads=2, sliding_window=4,
+                          layer_types=["sliding_attention", "full_attention"], mlp_layer_types=["dense", "sparse"],
+                          first_dense_intermediate_size=128, num_dense_blocks=1, num_experts=4,
+                          num_experts_per_tok=4, moe_intermediate_size=32, shared_intermediate_size=32,
+                          rms_norm_eps=1e-6)),
     # a residual scaled as it is carried into the sum (x·α + f(x)), per channel and by a constant
     "scaled_residual": ("scaled_residual", dict(COMMON, num_key_value_heads=2, mlp_alpha_factor=0.75)),
     # a vision-language model run on text: the language model's sizes live in its text config
@@ -184,6 +191,8 @@ MODULES = {
     "gemma4_kv_shared": ("model.layers.{}.post_feedforward_layernorm", "model.layers.{}.self_attn.o_proj",
                          "model.layers.{}.post_attention_layernorm"),
     "beam": ("model.layers.{}.post_feedforward_layernorm", "model.layers.{}.self_attn.o_proj",
+             "model.layers.{}.post_attention_layernorm"),
+    "ergo": ("model.layers.{}.post_feedforward_layernorm", "model.layers.{}.self_attn.o_proj",
              "model.layers.{}.post_attention_layernorm"),
     "afmoe": ("model.layers.{}.post_mlp_layernorm", "model.layers.{}.self_attn.o_proj",
               "model.layers.{}.post_attention_layernorm"),
