@@ -22,7 +22,7 @@ def test_a_program_with_no_op_to_rewrite_is_used_as_exported(name, dtype, as_is,
     rewritten in place as decomposition would spell them, skips it: casts and dropout (Llama, GPT-2), ``chunk``
     (Pythia), ``flatten`` (GPT-J), ``numpy_T``, ``broadcast_to`` and an in-place add (Falcon), ``detach_``
     (GPT-Neo), the routers' in-place writes to fresh tensors (Mixtral, Gemma 4), writes into slices and selects of
-    fresh tensors (DeepSeek-V3's keys; Qwen3.5's rotary embedding and triangular solve).  Either way the graph gives
+    fresh tensors (DeepSeek-V3's keys; Qwen3.5's rotary embedding and triangular solve), Qwen3.5's ``tensor_split``.  Either way the graph gives
     the model's logits and holds no in-place op, no dropout, no composite op that decomposition rewrites, and no
     cast but those that change a dtype (bf16 Llama's norms compute in fp32)."""
     decomposed, decompose = [], ExportedProgram.run_decompositions
@@ -175,6 +175,32 @@ def test_an_in_place_write_is_rewritten_out_of_place_only_where_nothing_sees_the
     graph = functional.functional(program)
     assert bool(decomposed) != as_is
     torch.testing.assert_close(graph(x.clone()), module(x.clone()), rtol=0, atol=0)
+
+
+class _SplitAtTheLength(torch.nn.Module):
+    """Splits the sequence at indices that depend on its length, one past its end: Qwen3.5's scan under
+    transformers 5.25 splits it where its whole chunks end."""
+
+    def forward(self, x):
+        first, middle, last, past = torch.tensor_split(x, [1, x.shape[1] - 1, x.shape[1] + 3], dim=-2)
+        return first.sum(1) + middle.sum(1) * 2 + last.sum(1) * 3 + past.sum(1) * 5
+
+
+def test_tensor_split_at_indices_is_sliced_without_a_second_trace(monkeypatch):
+    """``tensor_split`` at indices, symbolic or past the end, becomes one slice per piece, which gives the same
+    numbers at every length the export serves."""
+    decomposed, decompose = [], ExportedProgram.run_decompositions
+    monkeypatch.setattr(ExportedProgram, "run_decompositions",
+                        lambda self, *args: decomposed.append(self) or decompose(self, *args))
+    module = _SplitAtTheLength()
+    program = torch.export.export(module, (torch.rand(2, 9, 3),), strict=False,
+                                  dynamic_shapes=({1: torch.export.Dim.DYNAMIC},))
+    graph = functional.functional(program)
+    assert not decomposed
+    assert not any(node.target is aten.tensor_split.indices for node in graph.graph.nodes)
+    for length in (4, 7, 12):
+        x = torch.rand(2, length, 3)
+        torch.testing.assert_close(graph(x), module(x), rtol=0, atol=0)
 
 
 def test_a_model_in_training_is_captured_without_dropout_and_given_back_as_it_was():
