@@ -632,8 +632,8 @@ def _union(ranges: tuple[Ranges, ...]) -> Ranges:
 
 def norm_share(share: torch.Tensor, total: torch.Tensor, weight: torch.Tensor | None, eps: float,
                centre: bool) -> torch.Tensor:
-    """LayerNorm (``centre``) or RMSNorm of one part of a sum over the last dimension: the mean removed linearly,
-    the scale the whole sum's, so the parts' norms sum to the norm of the sum."""
+    """LayerNorm (``centre``: the part's own mean removed, which is linear) or RMSNorm of one part of a sum over
+    the last dimension, scaled by the whole sum's spread, so the parts' norms sum to the norm of the sum."""
     if centre:
         share = share - share.mean(-1, keepdim=True)
         spread = total.var(-1, unbiased=False, keepdim=True)

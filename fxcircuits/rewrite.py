@@ -618,7 +618,8 @@ def linear_share(builder: _Builder, node: Node, shares: dict, values: dict, depe
     if target in NORMS and len(args[1]) == 1:
         centre = target is aten.layer_norm.default
         weight = arg_value(args[2]) if len(args) > 2 else None
-        eps = args[4 if centre else 3] if len(args) > (4 if centre else 3) else None
+        at = 4 if centre else 3  # layer_norm(x, shape, weight, bias, eps); rms_norm(x, shape, weight, eps)
+        eps = args[at] if len(args) > at else None
         if eps is None:  # LayerNorm's default, and RMSNorm's: the input dtype's machine epsilon
             eps = 1e-5 if centre else torch.finfo(first.meta["val"].dtype).eps
         return call(norm_share, shares[first], values[first], weight, eps, centre)

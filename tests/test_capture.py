@@ -22,9 +22,9 @@ def test_a_program_with_no_op_to_rewrite_is_used_as_exported(name, dtype, as_is,
     rewritten in place as decomposition would spell them, skips it: casts and dropout (Llama, GPT-2), ``chunk``
     (Pythia), ``flatten`` (GPT-J), ``numpy_T``, ``broadcast_to`` and an in-place add (Falcon), ``detach_``
     (GPT-Neo), the routers' in-place writes to fresh tensors (Mixtral, Gemma 4), writes into slices and selects of
-    fresh tensors (DeepSeek-V3's keys; Qwen3.5's rotary embedding and triangular solve), Qwen3.5's ``tensor_split``.  Either way the graph gives
-    the model's logits and holds no in-place op, no dropout, no composite op that decomposition rewrites, and no
-    cast but those that change a dtype (bf16 Llama's norms compute in fp32)."""
+    fresh tensors (DeepSeek-V3's keys; Qwen3.5's rotary embedding and triangular solve), ``tensor_split`` (Qwen3.5's
+    scan).  Either way the graph gives the model's logits and holds no in-place op, no dropout, no composite op that
+    decomposition rewrites, and no cast but those that change a dtype (bf16 Llama's norms compute in fp32)."""
     decomposed, decompose = [], ExportedProgram.run_decompositions
     monkeypatch.setattr(ExportedProgram, "run_decompositions",
                         lambda self, *args: decomposed.append(self) or decompose(self, *args))
