@@ -10,7 +10,9 @@ may be scaled as a whole by a constant (Gemma 4's ``layer_scalar``).  A writer o
 *side input*: a value computed from the tokens beside the stream, before any attention (the per-layer inputs of
 Gemma 4's E-models), which the ``input`` node's edge into that writer carries (``MLP.sides``); and an attention
 layer may reuse the keys and values an earlier one computed (KV sharing), reading them at that layer's stream
-(``Attention.reads``).
+(``Attention.reads``).  A writer outside attention may also add its output to the stream later than it reads it,
+after other writers have read and written (a *delayed write*: LongCat-Flash's shortcut MoE), reading an earlier
+step's stream (``MLP.read``).
 Nothing here looks at module names, so new architectures need no new code.
 """
 from __future__ import annotations
@@ -154,6 +156,7 @@ class MLP:
     layer: int
     terms: list[Node]
     sides: list[Node] = field(default_factory=list)  # side inputs its block reads (``_side_inputs``)
+    read: "Step | None" = None  # the earlier step whose stream it reads, for a delayed write; else its own
 
 
 @dataclass
@@ -177,6 +180,8 @@ class Step:
     adds: list[Node]                       # the add nodes of the step's sum
     writers: list[Attention | MLP] = field(default_factory=list)
     carry: Scale | None = None             # the sum's term ``start · α``, where it is not ``start`` itself
+    # terms of the sum computed from an earlier step's stream (delayed writes, ``_split_midway``), each with that step
+    early: dict[Node, "Step"] = field(default_factory=dict)
 
 
 @dataclass
@@ -243,7 +248,7 @@ def _steps(chain: list[Node], model_name: str) -> list[Step]:
     """The residual steps along ``chain`` that have writers, or none where no attention layer writes."""
     counts = {"attention": 0, "mlp": 0}
     steps = []
-    for step in _residual_steps(chain):
+    for step in _residual_steps(chain, model_name):
         step.writers = _writers(step, counts, model_name)
         if step.writers:
             steps.append(step)
@@ -347,7 +352,7 @@ def _assign_sides(sides: list[Node], steps: list[Step], model_name: str) -> None
     else (by attention, by the stream's sums, by the readout): no per-edge input would carry it there."""
     for side in sides:
         readers = [w for s in steps for w in s.writers if isinstance(w, MLP)
-                   and all(u in between(s.start, w.terms) for u in data_users(side))]
+                   and all(u in between((w.read or s).start, w.terms) for u in data_users(side))]
         if len(readers) != 1:
             raise DecompositionError(model_name, side, "a value computed from the tokens beside the residual stream "
                                      "(a side input, such as Gemma 4's per-layer inputs) is read other than by one "
@@ -420,16 +425,69 @@ def _sum_terms(node: Node, inside: set[Node]) -> tuple[list[Node], list[Node]]:
     return [node], []
 
 
-def _residual_steps(chain: list[Node]) -> list[Step]:
+def _residual_steps(chain: list[Node], model_name: str) -> list[Step]:
     steps = []
     for previous, node in zip(chain, chain[1:]):
         if node.target is aten.add.Tensor:
             terms, adds = _sum_terms(node, between(previous, [node]) | {node})
             if terms.count(previous) == 1:
-                steps.append(Step(previous, node, adds))
+                steps += _split_midway(Step(previous, node, adds), model_name)
             elif previous not in terms and (carry := _carried(previous, terms, adds)) is not None:
                 steps.append(Step(previous, node, adds, carry=carry))
     return steps
+
+
+def _split_midway(step: Step, model_name: str) -> list[Step]:
+    """``step`` as one step per stream value its sum passes through and a later writer reads: a sum read part-way,
+    after some of its terms, is the stream at that point.  A term computed from the stream before such a point is a
+    delayed write (LongCat-Flash's shortcut MoE reads the stream after a layer's first attention and adds its output
+    at the layer's end, after two more writers): ``Step.early`` holds it, with the step whose stream it reads.  The
+    dominator chain passes over those points, since the delayed write runs beside them."""
+    midway = _read_midway(step)
+    if not midway:
+        return [step]
+    window = between(step.start, [step.end])
+    steps: list[Step] = []
+    for start, end in zip([step.start, *midway], [*midway, step.end]):
+        inside = between(start, [end]) | {end}
+        terms, adds = _sum_terms(end, inside)
+        part = Step(start, end, adds)
+        for term in terms:
+            if term is not start and term not in inside and term in window:
+                part.early[term] = next(s for s in reversed(steps) if between(s.start, [term]))
+        steps.append(part)
+    _check_midway(steps, window | {step.start}, model_name)
+    return steps
+
+
+def _read_midway(step: Step) -> list[Node]:
+    """The partial sums of ``step`` that carry its start and that something beside the sum reads, in order."""
+    adds = set(step.adds)
+    return sorted(n for n in adds if n is not step.end and any(u not in adds for u in data_users(n))
+                  and step.start in _sum_terms(n, between(step.start, [n]) | {n})[0])
+
+
+def _check_midway(steps: list[Step], stream: set[Node], model_name: str) -> None:
+    """Each block of a step split midway (``_split_midway``) reads the stream at one point alone — a delayed write
+    at the step it reads, every other at its own — and a delayed write is no attention layer: the engine gives a
+    head its q, k and v at its own step.  A value computed from the stream at another point would reach the block
+    from the unpatched run whatever the mask: refused rather than patched wrongly.  ``stream``: the split step's
+    start and every value computed from it up to its end."""
+    blocks = [(s.start, between(s.start, [s.end]), s.adds, s.early) for s in steps]
+    blocks += [(read.start, between(read.start, [term]), [], {}) for s in steps for term, read in s.early.items()]
+    for start, region, adds, early in blocks:
+        for node in sorted(region):
+            stray = next((a for a in node.all_input_nodes if a in stream and a not in region and a is not start
+                          and not (a in early and node in adds)), None)
+            if stray is not None:
+                raise DecompositionError(model_name, node, "this block reads the residual stream at two points of one "
+                                         f"residual sum (here through '{stray.name}', computed from it before later "
+                                         "writers added to it), which no per-edge input can give")
+        if not adds and any(_scores(n, region) is not None for n in region):
+            core = next(n for n in sorted(region) if _scores(n, region) is not None)
+            raise DecompositionError(model_name, core, "this attention layer's output is added to the stream after "
+                                     "later writers read it (a delayed write); fxcircuits takes delayed writes from "
+                                     "blocks without attention alone")
 
 
 def _carried(stream: Node, terms: list[Node], adds: list[Node]) -> Scale | None:
@@ -571,6 +629,12 @@ def _writers(step: Step, counts: dict[str, int], model_name: str) -> list[Attent
     if mlp_terms:
         writers.append(MLP(counts["mlp"], mlp_terms))
         counts["mlp"] += 1
+    reads: list[Step] = []
+    for read in step.early.values():  # delayed writes: one block per stream they read, after this step's own
+        if not any(read is r for r in reads):
+            reads.append(read)
+            writers.append(MLP(counts["mlp"], [t for t, r in step.early.items() if r is read], read=read))
+            counts["mlp"] += 1
     return writers
 
 

@@ -6,7 +6,8 @@ residual stream feeds every reader that reads the stream after it was written, s
 its own layer unless attention and MLP run in parallel.  Order is fixed: upstream nodes by the position where
 they write; downstream inputs by the position where they read (per layer: all q inputs, all k, all v, then the
 MLP; ``logits`` last — where a layer reuses an earlier layer's keys and values, its k and v inputs read at that
-layer, after that layer's own inputs); edges grouped by downstream input, then by upstream node.
+layer, after that layer's own inputs, and an MLP whose write is delayed reads with the layer where it reads, after
+that layer's own inputs); edges grouped by downstream input, then by upstream node.
 """
 from __future__ import annotations
 
@@ -22,22 +23,23 @@ QKV = ("q", "k", "v")
 
 @dataclass(frozen=True)
 class Writer:
-    """What the graph needs to know of one writer: its kind, layer, head count and residual step; for an attention
-    layer that reuses an earlier layer's keys and values (KV sharing), the step at which its k and v inputs read."""
+    """What the graph needs to know of one writer: its kind, layer, head count and residual step; and where it reads
+    at an earlier step than it writes, that step: the k and v inputs of an attention layer that reuses an earlier
+    layer's keys and values (KV sharing), the input of an MLP whose output is added later (a delayed write)."""
     kind: str   # "attention" or "mlp"
     layer: int
     n_heads: int
     step: int
-    kv_step: int | None = None
+    read_step: int | None = None
 
     def reads(self) -> list[tuple[str, int]]:
         """Its downstream inputs, each with the step at which it reads."""
+        early = self.step if self.read_step is None else self.read_step
         if self.kind != "attention":
-            return [(f"m{self.layer}", self.step)]
+            return [(f"m{self.layer}", early)]
         heads = [f"a{self.layer}.h{h}" for h in range(self.n_heads)]
-        steps = {"q": self.step, "k": self.kv_step, "v": self.kv_step}
-        return [(f"{head}<{role}>", self.step if steps[role] is None else steps[role]) for role in QKV
-                for head in heads]
+        steps = {"q": self.step, "k": early, "v": early}
+        return [(f"{head}<{role}>", steps[role]) for role in QKV for head in heads]
 
 
 class CircuitGraph:
@@ -150,7 +152,7 @@ class CircuitGraph:
         cfg = {"n_layers": self.n_layers, "n_heads": self.n_heads, "parallel_attn_mlp": self.parallel_attn_mlp,
                "d_model": self.d_model}
         if CircuitGraph.from_config(cfg).edges != self.edges:
-            cfg["writers"] = [[w.kind, w.layer, w.n_heads, w.step] + ([w.kv_step] if w.kv_step is not None else [])
+            cfg["writers"] = [[w.kind, w.layer, w.n_heads, w.step] + ([w.read_step] if w.read_step is not None else [])
                               for w in self.writers]
         return cfg
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .caller import warn_at_caller
 from .capture import Lengths, example_inputs, export
-from .components import (Attention, Components, DecompositionError, Step, check_scales, check_sides,
+from .components import (MLP, Attention, Components, DecompositionError, Step, check_scales, check_sides,
                          find_components)
 from .graph import CircuitGraph, Writer
 from . import heads
@@ -75,8 +75,9 @@ def _build_engine(model: nn.Module, exported: torch.fx.GraphModule, lengths: Len
              if isinstance(w, Attention)]
     bar.update()
     bar.set_postfix_str("rewrite")
-    writers = [Writer("attention", w.layer, w.n_heads, i, _kv_step(components, w, step)) if isinstance(w, Attention)
-               else Writer("mlp", w.layer, 0, i) for i, step in enumerate(components.steps) for w in step.writers]
+    writers = [Writer("attention", w.layer, w.n_heads, i, _read_step(components, w, step)) if isinstance(w, Attention)
+               else Writer("mlp", w.layer, 0, i, _read_step(components, w, step))
+               for i, step in enumerate(components.steps) for w in step.writers]
     graph = CircuitGraph(writers, len(components.steps), components.final.meta["val"].shape[-1])
     recorder, patcher = build_recorder(exported, components, plans), build_patcher(exported, components, plans)
     shares_prefix = share_prefix(patcher, recorder, *inputs)
@@ -86,10 +87,11 @@ def _build_engine(model: nn.Module, exported: torch.fx.GraphModule, lengths: Len
                   lengths, [tuple(values[side].shape[2:]) for side in components.sides])
 
 
-def _kv_step(components: Components, attention: Attention, step: Step) -> int | None:
-    """The step at which the keys and values of ``attention`` (a writer of ``step``) read, where it is another's."""
-    read = attention.reads["k"]
-    return None if read is step else components.steps.index(read)
+def _read_step(components: Components, writer: Attention | MLP, step: Step) -> int | None:
+    """The earlier step at which ``writer`` (of ``step``) reads, if any: the keys and values of an attention layer
+    that reuses an earlier one's (KV sharing), the input of an MLP whose write is delayed."""
+    read = writer.reads["k"] if isinstance(writer, Attention) else writer.read or step
+    return None if read is step else next(i for i, s in enumerate(components.steps) if s is read)
 
 
 def _capture_at(model: nn.Module, length: int) -> "Engine":

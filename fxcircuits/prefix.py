@@ -11,7 +11,8 @@ other run.  Exact patching of an edge into layer l then computes l layers once i
 
 Which values carry the batch, and along which axis, is found by running the patcher at two batch sizes — by
 what the graph computes, not by what any model is.  A value that changes with the batch in any other way than
-along one axis (or as a count) leaves the patcher as it was: every mask then runs the whole model.
+along one axis (or as a count), or that does not hold one copy per prompt along it, leaves the patcher as it was:
+every mask then runs the whole model.
 """
 from __future__ import annotations
 
@@ -113,7 +114,23 @@ def _batch_axes(patcher: GraphModule, recorder: GraphModule, store: Node, nodes:
         values = record_values(patcher, ids, mask, other, keep)
         runs.append({n: _signature(values[n]) for n in nodes})
     axes = {n: _axis(runs[0][n], runs[1][n]) for n in nodes}
-    return None if any(a is _UNKNOWN for a in axes.values()) else axes
+    if any(a is _UNKNOWN or isinstance(a, int) and not _copies(values[n], a, batch)  # the last run's values
+           for n, a in axes.items()):
+        return None
+    return axes
+
+
+def _copies(value: torch.Tensor, axis: int, batch: int) -> bool:
+    """Whether ``value``, computed for ``batch`` copies of one prompt, holds one copy per prompt along ``axis`` —
+    what ``widen`` repeats — rather than something that only grows with the batch (an index over the batch's
+    tokens, which repeated would point into the first copy alone)."""
+    if value.numel() == 0:
+        return True
+    blocks = value.unflatten(axis, (batch, -1))
+    first = blocks.narrow(axis, 0, 1).expand_as(blocks)
+    if not value.is_floating_point():
+        return torch.equal(blocks, first)
+    return torch.allclose(blocks, first, rtol=1e-4, atol=1e-6 * float(value.abs().max()))
 
 
 _UNKNOWN = object()

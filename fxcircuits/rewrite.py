@@ -33,7 +33,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from .components import (MATMUL, SDPA, SOFTMAX, Attention, Components, DecompositionError, MLP, Scale, Step,
-                         ancestors, between, descendants)
+                         ancestors, between, descendants, is_tensor_node)
 from .heads import (RELAYOUT, HeadGate, Post, Projection, Ranges, broadcasts, columns_read, columns_written,
                     distinct_rows, first_projection, gather_heads, head_elements, head_writes, heads_sum,
                     last_projection, norm_share, place_columns, project_columns, project_rounds,
@@ -193,6 +193,23 @@ def recorded_at(recorded: list[torch.Tensor] | None, index: int) -> torch.Tensor
     return None if recorded is None else recorded[index]
 
 
+def from_sizes(block: set[Node]) -> set[Node]:
+    """The tensors ``block`` reads that are computed from sizes alone (an MoE block's index over its tokens,
+    ``arange(batch · seq · k)``), with the tensors they are computed from: copied with the block, they follow the
+    sizes where it runs.  A shared prefix (``fxcircuits.prefix``) widens the batch between an MLP's read and its
+    block, and an index built before that, from one copy of the batch, repeated for every mask, is no index over
+    the widened tokens."""
+    found: dict[Node, bool] = {}
+
+    def sized(node: Node) -> bool:
+        if node not in found:
+            found[node] = node.op == "call_function" and is_tensor_node(node) and all(
+                sized(a) for a in node.all_input_nodes if is_tensor_node(a))
+        return found[node]
+    read = {a for node in block for a in node.all_input_nodes if a not in block and sized(a)}
+    return read | {n for a in read for n in ancestors(a) if found.get(n)}
+
+
 def as_rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Upstream outputs in the stream's canonical layout: [n, *like.shape] (n = 1 where a patched pass takes a
     layer's heads' writes as their sum alone: ``heads.head_writes``)."""
@@ -215,7 +232,8 @@ Reads = list[tuple[Attention | MLP, tuple[str, ...]]]
 def step_reads(components: Components) -> dict[int, Reads]:
     """Per step (by id), the writers whose inputs read its stream, in the order of ``graph.CircuitGraph``'s
     downstream inputs: its own writers (an attention layer with the roles it reads here, an MLP with none), then the
-    later attention layers that reuse keys and values computed here (KV sharing), with k and v."""
+    later writers that read here — attention layers that reuse keys and values computed here (KV sharing), with k
+    and v; MLPs whose write is delayed, with none."""
     reads: dict[int, Reads] = {id(s): [] for s in components.steps}
     for step in components.steps:
         for writer in step.writers:
@@ -223,7 +241,7 @@ def step_reads(components: Components) -> dict[int, Reads]:
                 for at in {id(writer.reads[role]): role for role in QKV}:  # its own step first: q reads there
                     reads[at].append((writer, tuple(r for r in QKV if id(writer.reads[r]) == at)))
             else:
-                reads[id(step)].append((writer, ()))
+                reads[id(writer.read or step)].append((writer, ()))
     return reads
 
 
@@ -247,6 +265,7 @@ class _Builder:
         self.step_reads = step_reads(components)
         self.readers = [sum(_read_size(*r) for r in self.step_reads[id(s)]) for s in components.steps] + [1]  # logits
         self.shared: dict[int, dict[str, Node]] = {}  # per attention layer, the k and v it reads at an earlier step
+        self.delayed: dict[int, tuple[Node, int]] = {}  # per delayed MLP, its input read at an earlier step, its reader
         written = [sum(_writer_sizes(s)) for s in components.steps]
         self.reads = [1 + sum(written[:i]) for i in range(len(written) + 1)]  # upstream nodes each reader group reads
         # the projection outputs of every attention read (q, k, v, and an output gate's), which the recorder returns
@@ -348,13 +367,18 @@ class _Builder:
             inputs, first = self._readers(step.start, sum(sizes)), 0
             group = self.n_downstream - sum(sizes)  # the first reader of this step
             for (writer, roles), size in zip(reads, sizes):
-                if isinstance(writer, MLP):
+                if isinstance(writer, MLP) and writer.read is None:
                     self._patched_mlp(step, writer, self.call(operator.getitem, inputs, first), group + first)
+                elif isinstance(writer, MLP):  # its write is delayed: its block runs where it writes
+                    self.delayed[id(writer)] = (self.call(operator.getitem, inputs, first), group + first)
                 elif "q" in roles:  # a layer of this step: its q reads here
                     self._patched_attention(step, writer, roles, inputs, first, group + first)
                 else:  # a later layer's keys and values, read here: kept until its core runs
                     self.shared[id(writer)] = self._read_roles(step, writer, roles, inputs, first, group + first)
                 first += size
+            for writer in step.writers:
+                if id(writer) in self.delayed:  # after its block's nodes, which may follow the step it read at
+                    self._patched_mlp(writer.read, writer, *self.delayed.pop(id(writer)))
         if step.carry is not None:  # the writers add to the stream as scaled after their reads
             self._rescale(step.carry)
         for writer in step.writers:
@@ -364,14 +388,16 @@ class _Builder:
                 self._add_group(self._sum_as_rows([self.env[t] for t in writer.terms]), 1)
 
     def _patched_mlp(self, step: Step, mlp: MLP, x: Node, reader: int) -> None:
-        """The block of ``mlp`` on its input ``x`` (reader ``reader``), with its side inputs as that reader sees them."""
+        """The block of ``mlp`` on its input ``x`` (reader ``reader``), read at ``step``'s stream, with its side inputs
+        as that reader sees them."""
         substitute = {step.start: x}
         for side in mlp.sides:
             index = self.sides.index(side)
             other = self.call(other_group, self.other, len(self.sizes) + index)
             value = self.call(side_input, self.store, self.env[side], other, reader)
             substitute[side] = self.call(tap_side, self.tap, value, index, reader)
-        local = self.clone(sorted(between(step.start, mlp.terms)), substitute)
+        block = between(step.start, mlp.terms)
+        local = self.clone(sorted(block | from_sizes(block)), substitute)
         for term in mlp.terms:
             self.env[term] = local[term]
 

@@ -415,6 +415,48 @@ def test_a_residual_scaled_by_the_input_is_refused_at_the_scaling():
         fxcircuits.trace(AutoModelForCausalLM.from_config(config))
 
 
+def _llama_with_layer(forward):
+    """A tiny Llama whose second decoder layer runs ``forward(layer, hidden_states, **kwargs)``: a user's own
+    architecture."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    class Layer(LlamaDecoderLayer):
+        def forward(self, hidden_states, **kwargs):
+            return forward(self, hidden_states, **kwargs)
+
+    model = make("llama")
+    model.model.layers[1] = Layer(model.config, 1).eval()
+    return model
+
+
+def test_a_delayed_attention_write_is_refused():
+    """A delayed write (a block that reads the stream and adds its output after later writers have read it, as
+    LongCat-Flash's shortcut MoE does) is taken from blocks without attention alone: an attention layer written late
+    would need its heads' q, k and v at one step and their writes at another.  Refused at its core."""
+    def forward(self, x, **kwargs):
+        attended, _ = self.self_attn(hidden_states=self.input_layernorm(x), **kwargs)
+        x_mid = x + self.mlp(self.post_attention_layernorm(x))
+        return x_mid + self.mlp(self.post_attention_layernorm(x_mid)) + attended
+
+    with pytest.raises(fxcircuits.DecompositionError, match=r"attention layer's output is added to the stream after "
+                                                             r"later writers read it \(a delayed write\)"):
+        fxcircuits.trace(_llama_with_layer(forward))
+
+
+def test_a_block_that_reads_the_stream_at_two_points_of_one_sum_is_refused():
+    """An MLP that reads the stream after attention and, beside it, the stream before (through the attention's own
+    norm): no per-edge input carries both, so it is refused naming the value read from the earlier point."""
+    def forward(self, x, **kwargs):
+        normed = self.input_layernorm(x)
+        attended, _ = self.self_attn(hidden_states=normed, **kwargs)
+        x_mid = x + attended
+        return x_mid + self.mlp(self.post_attention_layernorm(x_mid) + normed)
+
+    with pytest.raises(fxcircuits.DecompositionError, match=r"reads the residual stream at two points of one residual "
+                                                             r"sum \(here through '\w+'"):
+        fxcircuits.trace(_llama_with_layer(forward))
+
+
 def test_a_refusal_names_the_line_of_the_models_code_outside_torch():
     """The line named is the model's own, not torch's: a score bias added in a custom attention class is named at
     the test's line that adds it, and a post-norm model (GPT-1 normalises after each addition) at the line that

@@ -14,9 +14,10 @@ E_MODELS = {"gemma4_per_layer", "gemma4_kv_shared"}  # two m nodes a layer; keys
 
 
 GRIFFIN = {"recurrent_gemma"}  # two recurrent layers before the attention layer
+DELAYED = {"longcat_flash"}  # two attention layers a decoder layer, and a delayed write
 
 
-@pytest.mark.parametrize("name", sorted(set(CONFIGS) - HYBRID - E_MODELS - GRIFFIN))
+@pytest.mark.parametrize("name", sorted(set(CONFIGS) - HYBRID - E_MODELS - GRIFFIN - DELAYED))
 def test_counts_follow_the_formula(traced, name):
     _, cm = traced(name)
     g, n_layers, n_heads = cm.graph, 2, 4
@@ -75,6 +76,26 @@ def test_gemma4_e_models_per_layer_blocks_and_reused_keys_and_values(traced):
     assert into("m1") == ["input", *heads(0), "m0"]
     # per layer: its q (k, v) inputs, the reused k and v read there, its two m nodes; then the logits
     assert len(g.edges) == (12 + 8 + 5 + 6) + (12 * 7 + 8 * 7 + 11 + 12) + (4 * 13 + 17 + 18) + (4 * 19 + 23 + 24) + 25
+
+
+def test_a_delayed_write_reads_where_its_block_reads_and_writes_where_its_sum_adds_it(traced):
+    """LongCat-Flash: each decoder layer has two attention layers and two MLPs, and a shortcut MoE that reads the
+    stream with the first MLP and adds its output at the layer's end, after the second MLP.  The shortcut is an m
+    node of its own (m2 in decoder layer 0): listed with the first MLP among the readers, with edges from the nodes
+    written before that read alone; listed after the second MLP among the writers, and read by no reader before the
+    layer's end."""
+    g = traced("longcat_flash")[1].graph
+    heads = lambda layer: [f"a{layer}.h{h}" for h in range(4)]  # noqa: E731
+    assert g.upstream == ["input", *heads(0), "m0", *heads(1), "m1", "m2", *heads(2), "m3", *heads(3), "m4", "m5"]
+    assert g.downstream[12:15] == ["m0", "m2", "a1.h0<q>"] and g.downstream[-3:] == ["a3.h3<v>", "m4", "logits"]
+    into = lambda port: [e.split("->")[0] for e in g.edges if e.split("->")[1] == port]  # noqa: E731
+    assert into("m2") == into("m0") == ["input", *heads(0)]
+    assert into("m1") == ["input", *heads(0), "m0", *heads(1)]
+    assert into("a2.h1<k>") == g.upstream[:12] and into("m5") == into("m3") == g.upstream[:16]
+    assert "m2->a1.h0<q>" not in g.edge_index and "m2->m1" not in g.edge_index
+    readers = [1, 5, 5, 6, 10, 12, 16, 16, 17, 21]  # upstream nodes each reader of a kind reads, in order
+    assert len(g.edges) == sum(n * (12 if n in (1, 6, 12, 17) else 1) for n in readers) + 23
+    assert g.parallel_attn_mlp and CircuitGraph.from_config(g.cfg).edges == g.edges  # saved circuits load back
 
 
 def test_names_and_order(traced):

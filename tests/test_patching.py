@@ -360,6 +360,32 @@ def test_a_layer_that_reuses_keys_and_values_reads_them_at_the_layer_that_comput
         assert not torch.allclose(ours, model(input_ids=clean, attention_mask=mask).logits, atol=1e-3)
 
 
+def test_a_delayed_write_is_patched_where_it_reads_and_where_it_writes(traced, prompts):
+    """LongCat-Flash's shortcut MoE (m2) reads the stream after layer 0's first attention and writes at the end of
+    decoder layer 0, after the second attention and MLP (m1).  Patching the node m2 gives every later reader its
+    corrupted output, as replacing the module's output does on the unmodified HF model; patching the edge
+    input → m2 gives the shortcut alone the corrupted token embedding in the stream it reads, as a hook that rebuilds
+    its input that way does — while the first MLP, which reads the same normed stream, keeps the clean one."""
+    model, cm = traced("longcat_flash")
+    clean, corrupted, mask = prompts
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        shortcut = _capture_output(model, layer.mlp, corrupted, mask)
+        reference = _run_with(model, layer.mlp.register_forward_hook(lambda m, a, out: shortcut.clone()), clean, mask)
+        _close(cm(clean, mask, corrupted_input_ids=corrupted, node_mask={"m2": 0.0}), reference, mask)
+
+        embed = model.get_input_embeddings()
+        swap = embed(corrupted) - embed(clean)
+        seen = {}
+        norm = layer.post_attention_layernorm[0]
+        handles = [norm.register_forward_pre_hook(lambda m, a: seen.update(stream=a[0])),
+                   layer.mlp.register_forward_pre_hook(lambda m, a: (norm.forward(seen["stream"] + swap),))]
+        reference = _run_with(model, handles, clean, mask)
+        ours = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask={"input->m2": 0.0})
+        _close(ours, reference, mask)
+        assert not torch.allclose(ours, model(input_ids=clean, attention_mask=mask).logits, atol=1e-3)
+
+
 @pytest.mark.parametrize("alongside", [False, True])
 def test_masks_that_move_late_edges_share_the_per_layer_inputs_of_the_prefix(traced, prompts, monkeypatch,
                                                                            alongside):

@@ -64,6 +64,45 @@ def test_masks_share_the_layers_before_the_first_reader_they_patch(traced, promp
         _close(together, other, valid)
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_masks_whose_first_moved_reader_is_an_mlp_equal_each_mask_alone(traced, prompts, name):
+    """The widening comes at the group of the first reader a mask moves an edge into: here each MLP's (and a delayed
+    write's, read with another layer's).  An MoE block builds an index over its tokens from the batch's size; built
+    from one copy of the batch and repeated for every mask, it would point into the first copy alone: the block
+    computes it again where it runs (``rewrite.from_sizes``).  Beside a mask that moves an edge into the MLP, an
+    all-ones mask gives the clean logits, and the mask its own."""
+    model, cm = traced(name)
+    clean, corrupted, mask = prompts
+    g = cm.graph
+    with torch.no_grad():
+        hf = model(input_ids=clean, attention_mask=mask).logits
+        for port in (p for p in g.downstream if p.startswith("m")):
+            masks = torch.ones(2, len(g.edges))
+            masks[0, g.edge_index[f"input->{port}"]] = 0.0
+            together = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks)
+            _close(together[1], hf, mask)
+            _close(together[0], cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks[0]), mask)
+    assert cm.shares_prefix
+
+
+def test_an_index_over_the_batchs_tokens_built_before_the_widening_turns_sharing_off(prompts, monkeypatch):
+    """Were an MoE block's index over its tokens (``arange(batch · seq · k)``) built in the shared prefix, widening
+    would repeat one copy's index for every mask.  Such a value is no copy per prompt: sharing is off for the
+    capture (``prefix._copies``), and every mask gets its own logits."""
+    from fxcircuits import rewrite
+    monkeypatch.setattr(rewrite, "from_sizes", lambda block: set())  # the block reads the index built before
+    model = make("mixtral")
+    cm = fxcircuits.trace(model)
+    assert not cm.shares_prefix
+    clean, corrupted, mask = prompts
+    masks = torch.ones(2, len(cm.graph.edges))
+    masks[0, cm.graph.edge_index["input->m1"]] = 0.0
+    with torch.no_grad():
+        together = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks)
+        _close(together[1], model(input_ids=clean, attention_mask=mask).logits, mask)
+    assert not prefix._copies(torch.arange(12).reshape(6, 2), 0, 3) and prefix._copies(torch.ones(6, 2), 0, 3)
+
+
 def test_gradients_through_a_shared_prefix(prompts):
     """Without a gradient per mask, a batched call may still need one for the other run's outputs or the model's
     weights: through the shared prefix, the writes of its one copy serve every mask, and their gradients are

@@ -132,6 +132,14 @@ CONFIGS = {
                           first_dense_intermediate_size=128, num_dense_blocks=1, num_experts=4,
                           num_experts_per_tok=4, moe_intermediate_size=32, shared_intermediate_size=32,
                           rms_norm_eps=1e-6)),
+    # LongCat-Flash: two attention layers and two MLPs per decoder layer, and a shortcut MoE that reads the stream
+    # after the first MLP's read and writes at the layer's end (a delayed write); multi-head latent attention,
+    # identity ("zero") experts.  Every expert is routed (see afmoe)
+    "longcat_flash": ("longcat_flash", dict(hidden_size=64, num_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=4, ffn_hidden_size=128, expert_ffn_hidden_size=32,
+                                            n_routed_experts=4, zero_expert_num=2, moe_topk=6, kv_lora_rank=16,
+                                            q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, qk_head_dim=16,
+                                            head_dim=8, v_head_dim=16, vocab_size=128, max_position_embeddings=64)),
     # a residual scaled as it is carried into the sum (x·α + f(x)), per channel and by a constant
     "scaled_residual": ("scaled_residual", dict(COMMON, num_key_value_heads=2, mlp_alpha_factor=0.75)),
     # a vision-language model run on text: the language model's sizes live in its text config
@@ -196,6 +204,7 @@ MODULES = {
              "model.layers.{}.post_attention_layernorm"),
     "afmoe": ("model.layers.{}.post_mlp_layernorm", "model.layers.{}.self_attn.o_proj",
               "model.layers.{}.post_attention_layernorm"),
+    "longcat_flash": ("model.layers.{}.mlps.0", "model.layers.{}.self_attn.0.o_proj", None),
     "qwen3_5": ("model.layers.{}.linear_attn", "model.layers.1.self_attn.o_proj", None),
     "granite_hybrid": ("model.layers.{}.mamba", "model.layers.1.self_attn.o_proj", None),
     "recurrent_gemma": ("model.layers.{}.temporal_block.linear_out", "model.layers.2.temporal_block.o_proj", None),
