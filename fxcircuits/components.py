@@ -473,6 +473,8 @@ def _check_midway(steps: list[Step], stream: set[Node], model_name: str) -> None
     head its q, k and v at its own step.  A value computed from the stream at another point would reach the block
     from the unpatched run whatever the mask: refused rather than patched wrongly.  ``stream``: the split step's
     start and every value computed from it up to its end."""
+    # (where it reads, what it computes, its sum's adds, which may read the delayed writes' outputs); a delayed
+    # write's block has no sum of its own
     blocks = [(s.start, between(s.start, [s.end]), s.adds, s.early) for s in steps]
     blocks += [(read.start, between(read.start, [term]), [], {}) for s in steps for term, read in s.early.items()]
     for start, region, adds, early in blocks:
@@ -483,8 +485,8 @@ def _check_midway(steps: list[Step], stream: set[Node], model_name: str) -> None
                 raise DecompositionError(model_name, node, "this block reads the residual stream at two points of one "
                                          f"residual sum (here through '{stray.name}', computed from it before later "
                                          "writers added to it), which no per-edge input can give")
-        if not adds and any(_scores(n, region) is not None for n in region):
-            core = next(n for n in sorted(region) if _scores(n, region) is not None)
+        core = None if adds else next((n for n in sorted(region) if _scores(n, region) is not None), None)
+        if core is not None:
             raise DecompositionError(model_name, core, "this attention layer's output is added to the stream after "
                                      "later writers read it (a delayed write); fxcircuits takes delayed writes from "
                                      "blocks without attention alone")
