@@ -65,18 +65,19 @@ def test_masks_share_the_layers_before_the_first_reader_they_patch(traced, promp
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_masks_whose_first_moved_reader_is_an_mlp_equal_each_mask_alone(traced, prompts, name):
-    """The widening comes at the group of the first reader a mask moves an edge into: here each MLP's (and a delayed
-    write's, read with another layer's).  An MoE block builds an index over its tokens from the batch's size; built
-    from one copy of the batch and repeated for every mask, it would point into the first copy alone: the block
-    computes it again where it runs (``rewrite.from_sizes``).  Beside a mask that moves an edge into the MLP, an
-    all-ones mask gives the clean logits, and the mask its own."""
+def test_the_widening_at_any_reader_gives_each_mask_its_own_logits(traced, prompts, name):
+    """The widening comes at the group of the first reader a mask moves an edge into: here each layer's, each MLP's
+    (a delayed write's, read with another layer's) and the logits'.  An MoE block builds an index over its tokens from
+    the batch's size; built from one copy of the batch and repeated for every mask, it would point into the first
+    copy alone: the block computes it again where it runs (``rewrite.from_sizes``).  Beside a mask that moves an edge
+    into the reader, an all-ones mask gives the clean logits, and the mask its own."""
     model, cm = traced(name)
     clean, corrupted, mask = prompts
     g = cm.graph
+    readers = [p for p in g.downstream if p.startswith("m") or p.endswith((".h0<q>", ".h0<k>")) or p == "logits"]
     with torch.no_grad():
         hf = model(input_ids=clean, attention_mask=mask).logits
-        for port in (p for p in g.downstream if p.startswith("m")):
+        for port in readers:
             masks = torch.ones(2, len(g.edges))
             masks[0, g.edge_index[f"input->{port}"]] = 0.0
             together = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks)
