@@ -15,6 +15,9 @@ traces it.  A model that traces is checked on padded prompts against the untouch
   embedding, and the per-layer embedding of Gemma 4's E-models, whose per-layer inputs the ``input`` node
   carries: an independent reference).
 
+- ``masks``: masks evaluated together equal each on its own — for each layer's first q input and each MLP, a mask
+  that moves the edge from ``input`` into it beside an all-ones mask, in one call (the layers before that reader
+  are then run once for both: ``fxcircuits.prefix``), against the mask alone and the clean HF logits;
 - ``patterns``: ``cm.patterns`` equals HF's attention weights (the same weights with eager attention,
   ``output_attentions``) on real query positions, where HF gives them for the attention layers alone.
 
@@ -196,7 +199,8 @@ def check(model_type: str) -> dict:
                       "logits": difference(cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=into_logits),
                                            hf_corrupted),
                       "input": difference(cm(clean, mask, corrupted_input_ids=corrupted, node_mask={"input": 0.0}),
-                                          hf_input)}
+                                          hf_input),
+                      "masks": _masks_difference(cm, clean, corrupted, mask, hf, difference)}
         patterns = _patterns_difference(model_type, model, cm, clean, mask)
     except Exception as error:
         return {**result, "status": "crash", "error": _line(error)}
@@ -204,6 +208,20 @@ def check(model_type: str) -> dict:
         checks["patterns"] = patterns
     wrong = [k for k, v in checks.items() if not v <= TOLERANCE]
     return {**result, "status": "WRONG" if wrong else "ok", "checks": {k: float(f"{v:.2g}") for k, v in checks.items()}}
+
+
+def _masks_difference(cm, clean, corrupted, mask, hf, difference) -> float:
+    """The ``masks`` check: the largest difference of a mask run beside another from the same mask alone, and of an
+    all-ones mask run beside it from HF's clean logits."""
+    import torch
+    graph, worst = cm.graph, 0.0
+    for port in (p for p in graph.downstream if p.startswith("m") or p.endswith(".h0<q>")):
+        masks = torch.ones(2, len(graph.edges))
+        masks[0, graph.edge_index[f"input->{port}"]] = 0.0
+        together = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks)
+        alone = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks[0])
+        worst = max(worst, difference(together[0], alone), difference(together[1], hf))
+    return worst
 
 
 def _patterns_difference(model_type: str, model, cm, clean, mask) -> float | None:
