@@ -158,14 +158,16 @@ def test_how_a_value_carries_the_batch():
         assert prefix._axis(two, three) is prefix._UNKNOWN
 
 
+@pytest.mark.parametrize("name", ["llama", "mixtral"])
 @pytest.mark.parametrize("method", ["eap-ig-activations", "exact", "acdc"])
-def test_attribution_scores_the_same_with_a_shared_prefix(method):
+def test_attribution_scores_the_same_with_a_shared_prefix(method, name):
     """EAP-IG-activations moves one writer at a time, its integration steps side by side as masks, with a tap on
     every reader: the layers before the writer are shared, and the tap, which sums over the masks, reads their one
-    copy.  Exact patching and ACDC share the layers before the readers they judge.  Every score equals the one
+    copy.  Exact patching and ACDC share the layers before the readers they judge (on Mixtral, an MoE block among
+    them: exact patching scored 21 of its 110 edges wrong before ``rewrite.from_sizes``).  Every score equals the one
     found with every mask running the whole model."""
     from test_attribution import _batch
-    cm = fxcircuits.trace(make("llama", dtype=torch.float64))
+    cm = fxcircuits.trace(make(name, dtype=torch.float64))
     scores = []
     for shared in (True, False):
         cm.shares_prefix = shared
