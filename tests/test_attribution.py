@@ -7,7 +7,7 @@ import fxcircuits
 from fxcircuits.metrics import logit_diff
 from fxcircuits.patching import dense_keep
 from fxcircuits.runs import prepare
-from zoo import make
+from zoo import DELAYED_WRITE_EDGES, make
 
 
 def _batch(vocab: int = 128, seed: int = 1) -> dict:
@@ -120,7 +120,7 @@ def test_eap_is_the_derivative_of_the_metric_in_each_edge_mask(request, name):
         picks = picks[-1:] + ["input->m1", "input->m3"] + (["input->a2.h0<k>", "a0.h1->a3.h2<v>", "m1->a3.h0<k>"]
                                                            if name == "gemma4_kv_shared" else [])
     if name == "longcat_flash":
-        picks += ["a0.h1->m2", "m2->a2.h3<v>", "m2->m5", "input->m5"]
+        picks += list(DELAYED_WRITE_EDGES)
     with torch.no_grad():
         for e in picks:
             values = [logit_diff(cm(batch["clean"], batch["attention_mask"], corrupted_input_ids=batch["corrupted"],

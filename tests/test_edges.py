@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fxcircuits
-from zoo import make
+from zoo import DELAYED_WRITE_EDGES, make
 
 HEAD = 16  # head_dim of the tiny llama configs
 
@@ -119,8 +119,8 @@ def test_mask_gradients_match_finite_differences(name, pair):
     (grad,) = torch.autograd.grad(metric(mask), mask)
     largest = grad.abs().topk(3).indices.tolist()
     picks = torch.randperm(len(cm.graph.edges), generator=generator)[:4].tolist() + largest + [len(cm.graph.edges) - 1]
-    if name == "longcat_flash":  # into and out of the delayed writes (the shortcut MoE: m2, m5)
-        picks += [cm.graph.edge_index[e] for e in ("a0.h1->m2", "m2->a2.h3<v>", "m2->m5", "input->m5")]
+    if name == "longcat_flash":
+        picks += [cm.graph.edge_index[e] for e in DELAYED_WRITE_EDGES]
     # float64 weights, but HF computes some norms and softmaxes in float32 (rounding ~1e-7 of the metric):
     # steps of 1e-3 keep that rounding small, central differences keep the truncation error at O(eps²), and the
     # absolute slack is 1e-4 of the largest gradient.
