@@ -647,7 +647,7 @@ def _vector(mask, index: Mapping[str, int], what: str, listing: str, why: Callab
         if unknown:
             raise KeyError(f"unknown {what} name{'s' if len(unknown) > 1 else ''} in {what}_mask "
                            f"({len(unknown)} of {len(mask)}): {why(unknown[0])}")
-        vector = torch.ones(len(index))
+        vector = torch.ones(len(index), dtype=torch.float64)  # the values as given: a float64 model reads them all
         for name, value in mask.items():
             vector[index[name]] = float(value)
         return vector
@@ -660,11 +660,14 @@ def _vector(mask, index: Mapping[str, int], what: str, listing: str, why: Callab
 def dense_keep(graph: CircuitGraph, edge_mask=None, node_mask=None, *, device=None) -> torch.Tensor:
     """Edge and node masks combined into the [n_masks, n_upstream, n_downstream] block ``accumulate`` reads.
 
-    A node mask multiplies the mask of every edge leaving that node.  Pairs that are not edges stay 1."""
+    A node mask multiplies the mask of every edge leaving that node.  Pairs that are not edges stay 1.  The block
+    holds the wider of the two masks' dtypes (float32 at least), and each use casts it to the values it weights:
+    a float64 model reads a float64 mask as given."""
     edges = torch.ones(len(graph.edges), device=device) if edge_mask is None else edge_vector(graph, edge_mask)
     edges = edges.to(device) if edges.is_floating_point() else edges.to(device, torch.float32)
     if node_mask is not None:
-        edges = edges * node_vector(graph, node_mask).to(edges)[..., graph.src.to(edges.device)]
+        nodes = node_vector(graph, node_mask).to(edges.device)
+        edges = edges * (nodes if nodes.is_floating_point() else nodes.float())[..., graph.src.to(edges.device)]
     edges = edges.reshape(-1, len(graph.edges))
     if not edges.detach().abs().amax().isfinite():  # the maximum carries NaN and ∞; isfinite().all() costs 10×
         raise ValueError("edge/node mask contains NaN or infinite values")

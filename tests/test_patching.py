@@ -422,6 +422,22 @@ def test_bfloat16_models(name, prompts):
     assert difference <= 2e-2 * reference.float().abs().max()
 
 
+def test_a_float64_model_reads_masks_by_name_and_node_masks_as_given(prompts):
+    """A mask value of 1/3 by name, or a float64 node mask of 1/3, is the float64 tensor mask of 1/3 on those
+    edges, to the last bit (both were rounded to float32 once: 1.6e-9 and 3.1e-8 off on this Llama)."""
+    cm = fxcircuits.trace(make("llama", dtype=torch.float64))
+    clean, corrupted, mask = prompts
+    edge, node = cm.graph.edges[40], cm.graph.upstream[3]
+    by_tensor = torch.ones(len(cm.graph.edges), dtype=torch.float64).index_fill(0, torch.tensor([40]), 1 / 3)
+    out_of_node = torch.ones(len(cm.graph.edges), dtype=torch.float64).masked_fill(cm.graph.src == 3, 1 / 3)
+    node_mask = torch.ones(len(cm.graph.upstream), dtype=torch.float64).index_fill(0, torch.tensor([3]), 1 / 3)
+    with torch.no_grad():
+        patch = lambda **masks: cm(clean, mask, corrupted_input_ids=corrupted, **masks)
+        assert torch.equal(patch(edge_mask={edge: 1 / 3}), patch(edge_mask=by_tensor))
+        assert torch.equal(patch(node_mask=node_mask), patch(edge_mask=out_of_node))
+        assert torch.equal(patch(node_mask={node: 1 / 3}), patch(edge_mask=out_of_node))
+
+
 def _never(*args) -> bool:
     return False
 
