@@ -661,8 +661,8 @@ def dense_keep(graph: CircuitGraph, edge_mask=None, node_mask=None, *, device=No
     """Edge and node masks combined into the [n_masks, n_upstream, n_downstream] block ``accumulate`` reads.
 
     A node mask multiplies the mask of every edge leaving that node.  Pairs that are not edges stay 1.  The block
-    holds the wider of the two masks' dtypes (float32 at least), and each use casts it to the values it weights:
-    a float64 model reads a float64 mask as given."""
+    keeps the masks' dtype (the wider of the two; integer and boolean masks become float32, masks by name float64),
+    and each use casts it to the values it weights: a float64 model reads a float64 mask as given."""
     edges = torch.ones(len(graph.edges), device=device) if edge_mask is None else edge_vector(graph, edge_mask)
     edges = edges.to(device) if edges.is_floating_point() else edges.to(device, torch.float32)
     if node_mask is not None:
