@@ -98,9 +98,12 @@ class DeltaStore:
                 if self.stored[self.groups]:
                     other, write = self._by_block(write, other, size)
                     n, masks = write.shape[0], self.keep.shape[0]
+                    dtype = torch.promote_types(write.dtype, other.dtype)
                     if self.buffer is None:  # pages of rows never written are never touched
                         shape, fresh = (self.n_stored, masks * write.shape[2], *write.shape[3:]), self.scratch is None
-                        self.buffer = write.new_empty(shape) if fresh else self.scratch.take(write, shape, "rows")
+                        self.buffer = (write.new_empty(shape, dtype=dtype) if fresh
+                                       else self.scratch.take(write, shape, "rows", dtype))
+                    self.widen(dtype)
                     out = self.buffer[self.count:self.count + n].view(n, masks, *write.shape[2:])
                     torch.sub(other, write if write.shape == out.shape else write.expand(out.shape), out=out)
                     self.count += n
@@ -122,6 +125,15 @@ class DeltaStore:
     def rows(self) -> torch.Tensor:
         """The rows stored so far, [nodes, n_masks · rows of one mask, …]."""
         return self.buffer[:self.count] if self.buffer is not None else self.keep.new_empty(0)
+
+    def widen(self, dtype: torch.dtype) -> torch.Tensor:
+        """The rows so far, held from now on in ``dtype`` where that is wider than theirs.  A model may keep its
+        stream wider than its layers compute (Ergo: a float32 stream in a bf16 model, whose embedding is bf16 and
+        whose layers' writes are normed in float32): the stream sums in the wider dtype, and so do the rows."""
+        if self.buffer is not None and torch.promote_types(self.buffer.dtype, dtype) != self.buffer.dtype:
+            self.buffer = self.buffer.to(dtype)
+            self.carry, self.sum, self.summed = None, None, 0  # sums of the narrower rows: summed again
+        return self.rows()
 
     def alike(self, first: int, last: int) -> bool:
         """Whether the mask weights the edges into readers ``first:last`` alike, so that they all see one value."""
@@ -222,15 +234,17 @@ class Scratch:
         finally:
             self._lock.release()
 
-    def take(self, like: torch.Tensor, shape: tuple[int, ...], use: str) -> torch.Tensor:
-        """A tensor of ``shape`` with ``like``'s dtype and device, in the memory kept for ``use`` where it fits (else
-        fresh).  Each use has its own memory: what one holds is never overwritten by another."""
+    def take(self, like: torch.Tensor, shape: tuple[int, ...], use: str,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A tensor of ``shape`` with ``like``'s device and dtype (or ``dtype``), in the memory kept for ``use`` where
+        it fits (else fresh).  Each use has its own memory: what one holds is never overwritten by another."""
+        dtype = dtype or like.dtype
         if like.device.type != "cpu":
-            return like.new_empty(shape)
+            return like.new_empty(shape, dtype=dtype)
         size = math.prod(shape)
         held = self._buffers.get(use)
-        if held is None or held.numel() < size or held.dtype != like.dtype or held.device != like.device:
-            self._buffers[use] = held = like.new_empty(size)
+        if held is None or held.numel() < size or held.dtype != dtype or held.device != like.device:
+            self._buffers[use] = held = like.new_empty(size, dtype=dtype)
         return held[:size].view(shape)
 
     def clear(self) -> None:
@@ -421,13 +435,15 @@ def _read(store: DeltaStore, stream: torch.Tensor, writes, others, first: int,
     # later ones): the readers all read the stream as it is
     if not moved or len(rows) == 0:
         return None, rows
-    flat, by_mask = stream.reshape(n_masks, -1), rows.reshape(len(rows), n_masks, -1)
+    rows = store.widen(stream.dtype)  # a stream wider than the rows stored so far (``DeltaStore.widen``)
+    flat, by_mask = stream.reshape(n_masks, -1).to(rows.dtype), rows.reshape(len(rows), n_masks, -1)
     out = None if rows.is_cuda else store.carried(first, last, flat, by_mask)
     if out is None:  # on CUDA the fused kernels read each row once for all readers already
         weights = store.block[:, :len(rows), first:last]
         if n_readers > 1 and store.alike(first, last):  # readers weighted alike: one sum, handed to all
             weights = weights[..., :1]
         out = products(rows, store.rows_sum).accumulate(flat, weights, by_mask)
+    out = out.to(stream.dtype)  # the readers read the stream's dtype, where the model casts its stream down
     return (out if out.shape[0] == n_readers else out.expand(n_readers, -1, -1)), rows
 
 
@@ -459,14 +475,16 @@ class _Accumulate(torch.autograd.Function):
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
         n_masks, n_up, n_readers = keep.shape
-        grad_rows = grad.reshape(n_readers, n_masks, -1)
+        # with every edge kept clean (attribution at the clean point) no row reaches the output: no product, and
+        # no [n_up, rows] of zeros to allocate
+        to_rows = any(ctx.needs_input_grad[6:]) and ctx.moved
+        if ctx.needs_input_grad[1] or to_rows:  # then the readers hold every mask's rows (not a shared prefix's one)
+            grad_rows = grad.reshape(n_readers, n_masks, -1).to(ctx.rows.dtype)
         grad_keep, n_groups = None, len(ctx.sizes)
         if ctx.needs_input_grad[1]:  # the store keeps every row when the mask needs a gradient
             grad_keep = ctx.products.grad_keep(ctx.rows.reshape(n_up, n_masks, -1), grad_rows).to(keep.dtype)
         grads = [None] * (2 * n_groups)
-        # with every edge kept clean (attribution at the clean point) no row reaches the output: no product, and
-        # no [n_up, rows] of zeros to allocate
-        if any(ctx.needs_input_grad[6:]) and ctx.moved:
+        if to_rows:
             flat = ctx.products.grad_rows(ctx.weights, grad_rows).reshape(ctx.rows.shape)
             parts = iter(flat.split([n for n, kept in zip(ctx.sizes, ctx.stored) if kept]))
             for i, kept in enumerate(ctx.stored):

@@ -211,15 +211,11 @@ def test_mean_ablation_uses_the_reference_means(request, name, edge):
     assert scores[edge] == pytest.approx(float(expected), abs=1e-5)
 
 
-@pytest.mark.parametrize("method", ["eap-ig-inputs", "eap-ig-activations"])
-def test_taps_score_the_per_layer_inputs_with_the_input_nodes_edges(method):
-    """Taps score an edge u → d by Σ (a_u(other) − a_u(clean)) · ∂metric/∂x_d at each point; where the point runs
-    u itself on the clean input (the edges a point moves), the gradient of the metric in the edge's mask there is
-    an independent reference.  For the input node's edges into the blocks that read Gemma 4's per-layer inputs,
-    the two agree only if the tap scores the per-layer input as well."""
-    cm = fxcircuits.trace(make("gemma4_per_layer", dtype=torch.float64))
-    batch, steps = _batch(), 3
-    scores = fxcircuits.attribute(cm, [batch], "logit_diff", method, steps=steps, progress=False)
+def _tap_reference(cm, batch: dict, method: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scores of the EAP-IG methods from the gradient of the metric in the edge masks, and which edges it
+    covers.  Taps score an edge u → d by Σ (a_u(other) − a_u(clean)) · ∂metric/∂x_d at each point; where the point
+    runs u itself on the clean input (the edges a point moves), the gradient of the metric in the edge's mask there
+    is an independent reference."""
     prepared = prepare(cm, [batch], logit_diff)[0]
     n_up, sizes = len(cm.graph.upstream), cm.graph.group_sizes
     points = []  # (node mask per step, the upstream nodes whose edges the point scores)
@@ -240,10 +236,30 @@ def test_taps_score_the_per_layer_inputs_with_the_input_nodes_edges(method):
         value = prepared.measure(cm, logit_diff, keep).sum()
         total += torch.autograd.grad(value, keep)[0].sum(0) * scored[:, None]
         scored_nodes |= scored
-    scored = scored_nodes[cm.graph.src]
-    expected = (total[cm.graph.src, cm.graph.dst] / (3 * steps))[scored]
-    torch.testing.assert_close(scores.tensor.double()[scored], expected, rtol=1e-4,
-                               atol=1e-6 * float(expected.abs().max()))
+    return total[cm.graph.src, cm.graph.dst] / (prepared.size * steps), scored_nodes[cm.graph.src]
+
+
+def _assert_scores_the_reference(cm, batch: dict, method: str, steps: int) -> None:
+    scores = fxcircuits.attribute(cm, [batch], "logit_diff", method, steps=steps, progress=False)
+    expected, scored = _tap_reference(cm, batch, method, steps)
+    torch.testing.assert_close(scores.tensor.double()[scored], expected[scored], rtol=1e-4,
+                               atol=1e-6 * float(expected[scored].abs().max()))
+
+
+@pytest.mark.parametrize("method", ["eap-ig-inputs", "eap-ig-activations"])
+def test_taps_score_the_per_layer_inputs_with_the_input_nodes_edges(method):
+    """For the input node's edges into the blocks that read Gemma 4's per-layer inputs, the taps and the mask's
+    gradient (``_tap_reference``) agree only if the tap scores the per-layer input as well."""
+    _assert_scores_the_reference(fxcircuits.trace(make("gemma4_per_layer", dtype=torch.float64)), _batch(), method, 3)
+
+
+@pytest.mark.parametrize("method", ["eap-ig-inputs", "eap-ig-activations"])
+def test_the_default_five_steps_score_as_the_masks_gradient(llama64, method):
+    """Five steps run as five masks, and a batch's values at a reader (3 × 7 × 64) do not split into five: the
+    backward pass of the layers the steps share (``fxcircuits.prefix``) reshaped their gradient by mask anyway, and
+    EAP-IG-activations at its default steps crashed, as it would on SmolLM2 wherever batch × length is no
+    multiple of five."""
+    _assert_scores_the_reference(llama64, _batch(), method, 5)
 
 
 def test_bad_arguments(llama64):
