@@ -84,7 +84,8 @@ def _build_engine(model: nn.Module, exported: torch.fx.GraphModule, lengths: Len
     bar.update()
     return Engine(build_plain(exported, components), recorder, patcher, build_readout(exported, components),
                   build_streams(exported, components), build_patterns(exported, components), graph, shares_prefix,
-                  lengths, [tuple(values[side].shape[2:]) for side in components.sides])
+                  lengths, [tuple(values[side].shape[2:]) for side in components.sides],
+                  model.get_input_embeddings().num_embeddings)
 
 
 def _read_step(components: Components, writer: Attention | MLP, step: Step) -> int | None:
@@ -149,16 +150,17 @@ class Engine(nn.Module):
     and unembedding), the stepper (the stream after each writer, ``rewrite.build_streams``) and the attention
     patterns (``rewrite.build_patterns``); its ``graph`` of nodes and edges; ``shares_prefix``: whether its patcher
     can run the prefix that masks share once (``fxcircuits.prefix``); ``lengths``: the prompt sizes it serves;
-    ``side_shapes``: each side input's shape after [batch, seq] (``components.MLP.sides``)."""
+    ``side_shapes``: each side input's shape after [batch, seq] (``components.MLP.sides``); ``vocab``: how many
+    token ids its embedding holds."""
 
     def __init__(self, exported: nn.Module, recorder: nn.Module, patcher: nn.Module, readout: nn.Module,
                  stepper: nn.Module, patterns: nn.Module, graph: CircuitGraph, shares_prefix: bool, lengths: Lengths,
-                 side_shapes: list[tuple[int, ...]]):
+                 side_shapes: list[tuple[int, ...]], vocab: int):
         super().__init__()
         self.exported, self.recorder, self.patcher, self.readout = exported, recorder, patcher, readout
         self.stepper, self.patterns, self.graph = stepper, patterns, graph
         self.shares_prefix, self.lengths = shares_prefix, lengths
-        self.side_shapes = side_shapes
+        self.side_shapes, self.vocab = side_shapes, vocab
 
 
 def _one_token_too(cut: Callable):
@@ -215,6 +217,7 @@ class CircuitModel(nn.Module):
         self.engines = nn.ModuleDict({str(engine.lengths.example): engine})
         self._served: dict[tuple[int, int], Engine] = {}
         self.graph, self.shares_prefix, self.side_shapes = engine.graph, engine.shares_prefix, engine.side_shapes
+        self.vocab = engine.vocab
         self.scratch = Scratch()
 
     def __repr__(self) -> str:
@@ -291,6 +294,7 @@ class CircuitModel(nn.Module):
         if input_ids.dim() != 2 or input_ids.shape[0] == 0:
             raise ValueError(f"input_ids must be [batch, seq] with at least one prompt, got shape "
                              f"{tuple(input_ids.shape)}")
+        self._check_vocab(input_ids, "input_ids")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
@@ -307,6 +311,15 @@ class CircuitModel(nn.Module):
                             f"return_tensors='pt') gives; got {type(ids).__name__}"
                             f"{f' of {ids.dtype}' if isinstance(ids, torch.Tensor) else ''}")
         return ids.to(self.device, torch.long)
+
+    def _check_vocab(self, ids: torch.Tensor, name: str) -> None:
+        """Token ids the embedding holds: the embedding's own error (an IndexError deep in the captured graph, or a
+        device assert on CUDA) says neither which ids nor why, and the likely cause is another model's tokenizer."""
+        low, high = torch.stack(torch.aminmax(ids)).tolist()  # one wait for the device
+        if low < 0 or high >= self.vocab:
+            raise ValueError(f"{name} holds token id {low if low < 0 else high}, outside {self.model_name}'s vocabulary "
+                             f"of {self.vocab} ids (0 to {self.vocab - 1}): were the prompts tokenized by this "
+                             "model's tokenizer?")
 
     def activations(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Every upstream node's output, [n_upstream, batch, seq, d_model] in ``graph.upstream`` order: what it adds
@@ -385,6 +398,10 @@ class CircuitModel(nn.Module):
         ``side_inputs(...)``), each broadcastable to [batch, seq, …]."""
         input_ids, attention_mask = self.inputs(input_ids, attention_mask)
         if edge_mask is None and node_mask is None:
+            if corrupted_input_ids is not None or corrupted_activations is not None:
+                raise ValueError("a corrupted run was given but no edge_mask or node_mask says what to patch from it "
+                                 "(the run would be the clean one): pass edge_mask= (0 patches an edge) or node_mask=, "
+                                 "or drop the corrupted run for the clean logits")
             return self.engine(input_ids).exported(input_ids, attention_mask)
         keep = dense_keep(self.graph, edge_mask, node_mask, device=self.device)
         if corrupted_input_ids is not None and corrupted_activations is None and self.runs_alongside():
@@ -501,6 +518,7 @@ class CircuitModel(nn.Module):
                              f"{tuple(corrupted_input_ids.shape)}: patching needs clean and corrupted prompts of the "
                              "same token length; pad them to a common length (and pass the attention_mask) or drop "
                              "the pairs that tokenize differently")
+        self._check_vocab(corrupted_input_ids, "corrupted_input_ids")
         return corrupted_input_ids
 
 

@@ -685,6 +685,9 @@ def dense_keep(graph: CircuitGraph, edge_mask=None, node_mask=None, *, device=No
     edges = edges.to(device) if edges.is_floating_point() else edges.to(device, torch.float32)
     if node_mask is not None:
         nodes = node_vector(graph, node_mask).to(edges.device)
+        if edges.dim() == nodes.dim() == 2 and 1 not in (len(edges), len(nodes)) and len(edges) != len(nodes):
+            raise ValueError(f"edge_mask holds {len(edges)} masks and node_mask {len(nodes)}: give both the same "
+                             "number of masks, or either one mask for all")
         edges = edges * (nodes if nodes.is_floating_point() else nodes.float())[..., graph.src.to(edges.device)]
     edges = edges.reshape(-1, len(graph.edges))
     if not edges.detach().abs().amax().isfinite():  # the maximum carries NaN and ∞; isfinite().all() costs 10×

@@ -146,6 +146,36 @@ def test_a_masked_run_needs_exactly_one_other_run(llama):
         llama(ids, edge_mask=torch.ones(len(llama.graph.edges)))
 
 
+def test_a_corrupted_run_without_a_mask_is_refused(llama):
+    """It was ignored: the call gave the clean logits, as if the corrupted run had been patched in nowhere."""
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    for other in (dict(corrupted_input_ids=ids), dict(corrupted_activations=llama.activations(ids))):
+        with pytest.raises(ValueError, match="no edge_mask or node_mask says what to patch"):
+            llama(ids, **other)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(llama):
+    """The embedding's own error was an IndexError from inside the captured graph, naming no id."""
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    for name, bad in (("input_ids", dict(input_ids=ids.index_fill(1, torch.tensor([2]), 128))),
+                      ("input_ids", dict(input_ids=ids - 1)),
+                      ("corrupted_input_ids", dict(input_ids=ids, corrupted_input_ids=ids + 130,
+                                                   edge_mask=torch.zeros(len(llama.graph.edges))))):
+        with pytest.raises(ValueError, match=rf"{name} holds token id (128|-1|130), outside LlamaForCausalLM's "
+                                             r"vocabulary of 128 ids \(0 to 127\)"):
+            llama(**bad)
+
+
+def test_edge_and_node_masks_of_different_counts_are_refused(llama):
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="edge_mask holds 2 masks and node_mask 3"):
+        llama(ids, corrupted_input_ids=ids, edge_mask=torch.ones(2, len(llama.graph.edges)),
+              node_mask=torch.ones(3, len(llama.graph.upstream)))
+    one_node_mask = llama(ids, corrupted_input_ids=ids + 1, edge_mask=torch.ones(2, len(llama.graph.edges)),
+                          node_mask=torch.zeros(1, len(llama.graph.upstream)))  # one mask serves both
+    assert one_node_mask.shape[0] == 2 and torch.equal(one_node_mask[0], one_node_mask[1])
+
+
 def test_encoder_decoder_models_are_refused():
     config = AutoConfig.for_model("t5", d_model=32, d_ff=64, num_layers=1, num_heads=2, vocab_size=64, d_kv=16)
     with pytest.raises(fxcircuits.CaptureError, match="encoder-decoder"):
