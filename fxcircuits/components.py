@@ -631,12 +631,10 @@ def _writers(step: Step, counts: dict[str, int], model_name: str) -> list[Attent
     if mlp_terms:
         writers.append(MLP(counts["mlp"], mlp_terms))
         counts["mlp"] += 1
-    reads: list[Step] = []
-    for read in step.early.values():  # delayed writes: one block per stream they read, after this step's own
-        if not any(read is r for r in reads):
-            reads.append(read)
-            writers.append(MLP(counts["mlp"], [t for t, r in step.early.items() if r is read], read=read))
-            counts["mlp"] += 1
+    # delayed writes, after this step's own writers: one block per stream they read
+    for read in {id(r): r for r in step.early.values()}.values():
+        writers.append(MLP(counts["mlp"], [t for t, r in step.early.items() if r is read], read=read))
+        counts["mlp"] += 1
     return writers
 
 
