@@ -55,7 +55,7 @@ def attribute(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable 
     metric = metrics_.get(metric if metric is not None else _default_metric(method))
     torch.manual_seed(seed)
     prepared = prepare(cm, batches, metric, ablation, reference)
-    info = {"metric": getattr(metric, "__name__", str(metric)), "ablation": ablation, "examples": examples(prepared)}
+    info = {"metric": metrics_.name_of(metric), "ablation": ablation, "examples": examples(prepared)}
     if method in GRADIENT_METHODS:
         scores, info["steps"] = _gradient_scores(cm, prepared, metric, method, steps, masks_per_call, progress), steps
     elif method == "exact":

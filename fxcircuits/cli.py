@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import metrics as metrics_
 from . import tasks as tasks_
 from .attribution import METHODS, attribute
 from .circuit import Circuit
@@ -24,6 +25,7 @@ from .lens import logit_lens
 from .model import trace
 from .models import load_model
 from .patterns import attention_patterns
+from .runs import ABLATIONS
 from .scores import EdgeScores
 
 TASKS = ("ioi", "greater-than", "sva")
@@ -46,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                                    description="Score every edge on a task, select a circuit, evaluate its "
                                    "faithfulness, save it as EAP-IG/MIB JSON and draw it.")
     _model_options(discover)
+    _patching_options(discover)
     discover.add_argument("--method", default="eap-ig-inputs", choices=METHODS)
     discover.add_argument("--steps", type=int, default=5, help="integration steps of the EAP-IG methods")
     discover.add_argument("--edges", default="1%", help="circuit size: a count (500) or a percentage (1%%)")
@@ -59,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "file, also MIB's faithfulness curve, CPR and CMD.")
     evaluate.add_argument("circuit", help="circuit JSON (fxcircuits, EAP-IG or MIB)")
     _model_options(evaluate)
+    _patching_options(evaluate, recorded=True)
     evaluate.add_argument("--plot", help="faithfulness curve picture (.svg or .png)")
     evaluate.set_defaults(run=_evaluate)
 
@@ -102,6 +106,25 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _patching_options(parser: argparse.ArgumentParser, recorded: bool = False) -> None:
+    """``--metric`` and ``--ablation``; ``recorded``: their defaults are what the circuit file says."""
+    first = "the circuit file's, else " if recorded else ""
+    parser.add_argument("--metric", choices=sorted(metrics_.METRICS), help=f"what scores the task (default: {first}the task's)")
+    parser.add_argument("--ablation", choices=ABLATIONS, help="what a patched edge carries instead: the corrupted "
+                        "prompt's value, zero, or the node's mean output over the task's clean prompts "
+                        f"(default: {first}corrupted)")
+
+
+def _patching(args, task, recorded: dict) -> tuple[str, str, dict]:
+    """The metric and ablation the command patches with — given on the command line, else as ``recorded`` (the
+    circuit file's cfg) says, else the task's metric and the corrupted prompt — and the options that give them."""
+    metric = args.metric or recorded.get("metric")
+    metric = metric if metric in metrics_.METRICS else metrics_.name_of(task.metric)
+    ablation = args.ablation or recorded.get("ablation")
+    ablation = ablation if ablation in ABLATIONS else "corrupted"
+    return metric, ablation, {"ablation": ablation, "reference": task.batches if ablation == "mean" else None}
+
+
 def _setup(args):
     """(model, tokenizer, traced model, task) from the shared options."""
     torch.manual_seed(args.seed)
@@ -117,6 +140,11 @@ def _setup(args):
     return model, tokenizer, cm, task
 
 
+def _carry(ablation: str) -> str:
+    return {"corrupted": "carry the corrupted prompt's values", "zero": "carry zero",
+            "mean": "carry their mean over the task"}[ablation]
+
+
 def _edge_count(text: str) -> int | float:
     """``"1%"`` → 0.01 (a fraction of all edges), ``"500"`` → 500."""
     return float(text[:-1]) / 100 if text.endswith("%") else int(text)
@@ -125,17 +153,18 @@ def _edge_count(text: str) -> int | float:
 def _discover(args) -> int:
     start = time.perf_counter()
     _, _, cm, task = _setup(args)
-    scores = attribute(cm, task.batches, task.metric, args.method, steps=args.steps, progress=not args.no_progress,
-                       seed=args.seed)
+    metric, ablation, patching = _patching(args, task, {})
+    scores = attribute(cm, task.batches, metric, args.method, steps=args.steps, progress=not args.no_progress,
+                       seed=args.seed, **patching)
     circuit = getattr(scores, args.selection)(_edge_count(args.edges))
-    evaluator = Evaluator(cm, task.batches, task.metric)
+    evaluator = Evaluator(cm, task.batches, metric, **patching)
     faithfulness = evaluator.evaluate(circuit).faithfulness
-    circuit.to_json(args.out, model=args.model, task=task.name, method=args.method,
-                    metric=getattr(task.metric, "__name__", ""), faithfulness=faithfulness)
+    circuit.to_json(args.out, model=args.model, task=task.name, faithfulness=faithfulness)
     picture = args.draw or str(Path(args.out).with_suffix(".svg"))
     draw_circuit(circuit, picture, title=f"{args.model} · {task.name} · {args.method} · f = {faithfulness:.2f}")
     _table({"model": args.model, "task": f"{task.name} ({len(task.examples)} examples)",
-            "baseline metric": f"{evaluator.full.mean():.3f} clean, {evaluator.empty.mean():.3f} corrupted",
+            "metric": f"{metric}, patched edges {_carry(ablation)}",
+            "baseline metric": f"{evaluator.full.mean():.3f} clean, {evaluator.empty.mean():.3f} all edges patched",
             "method": args.method, "circuit": f"{len(circuit)} of {len(cm.graph.edges)} edges, "
             f"{len(circuit.nodes)} nodes", "faithfulness": f"{faithfulness:.3f}",
             "time": f"{time.perf_counter() - start:.1f} s", "saved": f"{args.out}, {picture}"})
@@ -145,9 +174,11 @@ def _discover(args) -> int:
 def _evaluate(args) -> int:
     circuit = Circuit.from_json(args.circuit)
     _, _, cm, task = _setup(args)
-    evaluator = Evaluator(cm, task.batches, task.metric)
+    metric, ablation, patching = _patching(args, task, circuit.info)
+    evaluator = Evaluator(cm, task.batches, metric, **patching)
     result = evaluator.evaluate(circuit)
-    rows = {"circuit": f"{len(circuit)} edges", "faithfulness": f"{result.faithfulness:.3f}",
+    rows = {"circuit": f"{len(circuit)} edges", "metric": f"{metric}, patched edges {_carry(ablation)}",
+            "faithfulness": f"{result.faithfulness:.3f}",
             "completeness": f"{evaluator.completeness(circuit):.3f} (faithfulness with the circuit knocked out)"}
     if circuit.scores is not None:
         scores = EdgeScores(circuit.graph, circuit.scores)

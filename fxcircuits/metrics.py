@@ -126,6 +126,12 @@ def get(name: str | Metric) -> Metric:
     return METRICS[name]
 
 
+def name_of(metric: Metric) -> str:
+    """The name :func:`get` knows ``metric`` by (``"kl"``, not the function's ``kl_divergence``), so that a saved
+    circuit says which metric found it in a form that loads again; another callable's own ``__name__``."""
+    return next((name for name, known in METRICS.items() if known is metric), getattr(metric, "__name__", str(metric)))
+
+
 def needs_clean_logits(metric: Metric) -> bool:
     """Whether ``metric`` reads ``batch["clean_logits"]``, which the caller must then fill in."""
     return bool(getattr(metric, "needs_clean_logits", False))

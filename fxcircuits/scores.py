@@ -43,7 +43,8 @@ class EdgeScores:
         return self.tensor.abs() if absolute else self.tensor
 
     def _circuit(self, flags: torch.Tensor) -> Circuit:
-        return Circuit(self.graph, flags, self.tensor).pruned()
+        """The circuit of ``flags``, pruned, saying how its scores were found (method, metric, ablation…)."""
+        return Circuit(self.graph, flags, self.tensor, {"method": self.method, **self.info}).pruned()
 
     def topn(self, n: int | float, absolute: bool = True) -> Circuit:
         """The ``n`` highest-scoring edges (``n`` < 1 is a fraction of all edges), pruned.

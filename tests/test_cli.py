@@ -5,7 +5,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from fxcircuits import Circuit
+from fxcircuits import Circuit, Evaluator, attribute, load_model, tasks, trace
 from fxcircuits.cli import main
 
 
@@ -72,3 +72,30 @@ def test_attention_prints_and_draws_the_heads_weights(folder, tmp_path, capsys):
 def test_unknown_task_is_refused(folder):
     with pytest.raises(SystemExit, match="unknown task"):
         main(["discover", "--model", folder, "--task", "nonsense", "--no-progress"])
+
+
+def test_metric_and_ablation_are_chosen_saved_and_read_back(folder, tmp_path, capsys):
+    """``--metric`` and ``--ablation`` reach attribution and evaluation, the circuit file records them, and
+    ``evaluate`` patches as the file says unless told otherwise; the numbers are the library's own."""
+    out = tmp_path / "circuit.json"
+    assert main(["discover", *_common(folder), "--method", "eap", "--metric", "prob_diff", "--ablation", "mean",
+                 "--edges", "10%", "--out", str(out)]) == 0
+    assert "prob_diff, patched edges carry their mean over the task" in capsys.readouterr().out
+    cfg = json.loads(out.read_text())["cfg"]
+    assert cfg["metric"] == "prob_diff" and cfg["ablation"] == "mean" and cfg["method"] == "eap"
+
+    model, tokenizer = load_model(folder)
+    cm, task = trace(model), tasks.load("ioi", tokenizer, size=8, batch_size=4)
+    mean = dict(ablation="mean", reference=task.batches)
+    circuit = Circuit.from_json(out)
+    assert circuit.edges == attribute(cm, task.batches, "prob_diff", "eap", progress=False, **mean).topn(0.1).edges
+    faithfulness = {ablation: Evaluator(cm, task.batches, "prob_diff", **options).evaluate(circuit).faithfulness
+                    for ablation, options in [("mean", mean), ("zero", dict(ablation="zero"))]}
+    assert cfg["faithfulness"] == pytest.approx(faithfulness["mean"], abs=1e-6)
+    assert abs(faithfulness["mean"] - faithfulness["zero"]) > 1e-2  # the ablation matters on this circuit
+
+    for flags, ablation in [([], "mean"), (["--ablation", "zero"], "zero")]:
+        assert main(["evaluate", str(out), *_common(folder), *flags]) == 0
+        printed = capsys.readouterr().out
+        row = next(line for line in printed.splitlines() if line.startswith("faithfulness"))
+        assert row.split()[-1] == f"{faithfulness[ablation]:.3f}" and "prob_diff" in printed

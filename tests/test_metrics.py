@@ -104,3 +104,13 @@ def test_registry():
         metrics.get("accuracy")
     assert metrics.needs_clean_logits(metrics.get("kl"))
     assert not metrics.needs_clean_logits(metrics.logit_diff)
+
+
+def test_a_metric_is_named_as_the_registry_knows_it():
+    """What a saved circuit records as its metric loads again by that name."""
+    for name, metric in metrics.METRICS.items():
+        assert metrics.name_of(metric) == name and metrics.get(metrics.name_of(metric)) is metric
+
+    def accuracy(logits, batch):
+        return logits[..., -1, 0]
+    assert metrics.name_of(accuracy) == "accuracy"
