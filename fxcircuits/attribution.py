@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import metrics as metrics_
 from .model import CircuitModel
 from .patching import Tap, dense_keep
-from .runs import Prepared, clean_values, examples, metric_values, prepare
+from .runs import Prepared, check_finite, clean_values, examples, metric_values, prepare
 from .scores import EdgeScores
 
 GRADIENT_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted")
@@ -57,14 +57,27 @@ def attribute(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable 
     prepared = prepare(cm, batches, metric, ablation, reference)
     info = {"metric": metrics_.name_of(metric), "ablation": ablation, "examples": examples(prepared)}
     if method in GRADIENT_METHODS:
-        scores, info["steps"] = _gradient_scores(cm, prepared, metric, method, steps, masks_per_call, progress), steps
+        scores = _gradient_scores(cm, prepared, metric, method, steps, masks_per_call, progress)
+        if method.startswith("eap-ig"):  # the others take no steps
+            info["steps"] = steps
     elif method == "exact":
         scores = _exact(cm, prepared, metric, masks_per_call, progress)
     elif method == "acdc":
         scores, info["threshold"] = _acdc(cm, prepared, metric, threshold, masks_per_call, progress), threshold
     else:
         scores = _learned_mask(cm, prepared, metric, progress, seed, steps=options.pop("mask_steps", 200), **options)
+    if not torch.isfinite(scores).all():
+        raise _not_finite(cm, prepared, metric)
     return EdgeScores(cm.graph, scores, method, info)
+
+
+def _not_finite(cm: CircuitModel, prepared: list[Prepared], metric) -> ValueError:
+    """Why scores came out NaN or infinite: the examples where the clean or the fully patched run is (raised by
+    ``check_finite``), else a run between the two."""
+    check_finite(cm, prepared, metric)
+    return ValueError("some edges' scores are NaN or infinite, although the metric is finite on the clean run and "
+                      "with every edge patched: a run between the two (an integration step, a candidate mask) or "
+                      "its gradient overflowed; run the model in float32")
 
 
 def _default_metric(method: str) -> str:
@@ -227,6 +240,8 @@ def _learned_mask(cm, prepared, metric, progress, seed, *, steps: int, density: 
         z = s.clamp(0.0, 1.0)
         keep = dense_keep(cm.graph, z.to(cm.device), device=cm.device)
         task = p.measure(cm, metric, keep).float().mean()
+        if not task.isfinite():
+            raise _not_finite(cm, prepared, metric)
         expected = torch.sigmoid(log_alpha - shift).mean()
         gap = expected - density
         loss = -task + lambdas[0] * gap + lambdas[1] * gap ** 2

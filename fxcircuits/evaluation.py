@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from . import metrics as metrics_
 from .circuit import Circuit
 from .model import CircuitModel
-from .runs import Prepared, metric_values, prepare
+from .runs import Prepared, check_finite, metric_values, prepare
 from .scores import EdgeScores
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -56,8 +56,9 @@ class Evaluator:
         self.prepared: list[Prepared] = prepare(cm, batches, self.metric, ablation, reference)
         self.masks_per_call = masks_per_call
         n_edges = len(cm.graph.edges)
-        full, empty = self.values(torch.stack([torch.ones(n_edges), torch.zeros(n_edges)]))
-        self.full, self.empty = full, empty
+        values = self.values(torch.stack([torch.ones(n_edges), torch.zeros(n_edges)]))
+        check_finite(cm, self.prepared, self.metric, values)
+        self.full, self.empty = values
 
     def values(self, masks: torch.Tensor, progress: bool = False) -> torch.Tensor:
         """Per-example metric under each edge mask [n, E]: [n, examples]."""

@@ -133,6 +133,26 @@ def metric_values(cm: CircuitModel, prepared: list[Prepared], metric, masks: tor
     return torch.cat(values, -1).float().cpu()
 
 
+def check_finite(cm: CircuitModel, prepared: list[Prepared], metric, values: torch.Tensor | None = None) -> None:
+    """Raise naming the examples where the metric is NaN or infinite on the clean run or with every edge patched
+    (``values``: those two runs' metric [2, examples], when already computed).  A score or a faithfulness averaged
+    over such an example is NaN too, and would not say why; the model's own logits are the usual cause."""
+    if values is None:
+        n_edges = len(cm.graph.edges)
+        values = metric_values(cm, prepared, metric, torch.stack([torch.ones(n_edges), torch.zeros(n_edges)]))
+    for row, run in zip(values, ("the clean run", "the run with every edge patched")):
+        bad = (~torch.isfinite(row)).nonzero().flatten().tolist()
+        if bad:
+            dtype = next(cm.exported.parameters()).dtype
+            raise ValueError(f"the metric is NaN or infinite on {run} of {len(bad)} of {row.numel()} examples "
+                             f"(counting from 0 over the batches: {', '.join(map(str, bad[:8]))}"
+                             f"{' …' if len(bad) > 8 else ''}), and so would every score and faithfulness be. The "
+                             f"model's own logits are the usual cause: check cm(ids, mask) there ({cm.model_name} "
+                             f"in {dtype}: float16 can overflow, and some HF models return NaN in float64 under "
+                             "padding), then run the model in float32, pad on the other side, or leave those "
+                             "examples out")
+
+
 def clean_values(cm: CircuitModel, prepared: list[Prepared], metric) -> torch.Tensor:
     """The metric of every example on the unpatched model: [examples]."""
     with torch.no_grad():

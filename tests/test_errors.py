@@ -599,3 +599,48 @@ def test_lora_adapters_on_attention_are_refused_with_how_to_merge_them():
         expected = attention(input_ids=ids).logits
         merged = attention.merge_and_unload()
         assert torch.allclose(fxcircuits.trace(merged)(ids), expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def poisoned():
+    """A Llama whose embedding of token 5 is NaN: every later position of a row holding it gives NaN logits, as
+    some HF models' own runs do (Granite in float64 under left padding)."""
+    model = make("llama")
+    cm = fxcircuits.trace(model)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[5] = float("nan")
+    return cm
+
+
+def _nan_batch(where: str | None) -> dict:
+    """Four examples; token 5 at rows 1 and 3 of the ``where`` prompts ("clean", "corrupted" or neither)."""
+    prompts = {"clean": torch.randint(6, 128, (4, 5), generator=torch.Generator().manual_seed(0))}
+    prompts["corrupted"] = prompts["clean"].flip(0)
+    if where is not None:
+        prompts[where][[1, 3], 2] = 5
+    return {**prompts, "attention_mask": torch.ones(4, 5, dtype=torch.long), "correct": torch.tensor([[7]] * 4),
+            "incorrect": torch.tensor([[8]] * 4)}
+
+
+@pytest.mark.parametrize("method", ["eap", "exact", "acdc", "mask"])
+def test_nan_logits_name_the_examples_and_the_run(poisoned, method):
+    """Scores that the model's own NaNs would make NaN are refused, naming which examples and which run; the
+    second batch's examples count on from the first's."""
+    batches = [_nan_batch("corrupted"), _nan_batch("clean")]
+    with pytest.raises(ValueError, match=r"NaN or infinite on the clean run of 2 of 8 examples \(counting from 0 "
+                                         r"over the batches: 5, 7\).*float32"):
+        fxcircuits.attribute(poisoned, batches, "logit_diff", method, progress=False,
+                             **({"mask_steps": 2} if method == "mask" else {}))
+    with pytest.raises(ValueError, match=r"the run with every edge patched of 2 of 4 examples .*: 1, 3\)"):
+        fxcircuits.Evaluator(poisoned, batches[:1], "logit_diff")
+
+
+def test_scores_that_overflow_between_the_runs_are_refused(poisoned):
+    """A metric finite on the clean and the fully patched run but not at the points between them (here: wherever
+    a gradient is taken) leaves some scores NaN: refused, saying where else to look."""
+    def fragile(logits, batch):
+        value = fxcircuits.metrics.logit_diff(logits, batch)
+        return value * float("nan") if torch.is_grad_enabled() else value
+    with pytest.raises(ValueError, match="finite on the clean run and with every edge patched: a run between"):
+        fxcircuits.attribute(poisoned, [_nan_batch(None)], fragile, "eap",
+                             progress=False)
