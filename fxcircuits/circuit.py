@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+import networkx as nx
 import torch
 
 from .graph import CircuitGraph
@@ -56,6 +57,21 @@ class Circuit:
         if graph.edges == self.graph.edges:
             return self.in_graph.float()
         return _edge_flags(graph, self.edges).float()
+
+    def to_networkx(self) -> nx.DiGraph:
+        """The circuit as ``graph.to_networkx()`` draws the whole graph — its edges (with their ``score`` when the
+        circuit has scores), their nodes, and the q/k/v inputs they enter joined to their heads — for networkx's
+        path queries and layouts (``nx.all_simple_paths(circuit.to_networkx(), "input", "logits")``)."""
+        full, kept = self.graph.to_networkx(), set(self.edges)
+        edges = [(src, dst) for src, dst, name in full.edges(data="name") if name in kept]
+        ports = [(port, head) for _, port in edges if full.nodes[port]["kind"] == "input"
+                 for head in full.successors(port)]  # a q/k/v input's one link, to its head
+        circuit = full.edge_subgraph(edges + ports).copy()
+        if self.scores is not None:
+            for src, dst, name in circuit.edges(data="name"):
+                if name is not None:
+                    circuit.edges[src, dst]["score"] = float(self.scores[self.graph.edge_index[name]])
+        return circuit
 
     def pruned(self) -> "Circuit":
         """The circuit without dangling pieces, as EAP-IG prunes: repeatedly drop nodes that lack an incoming edge

@@ -1,6 +1,7 @@
 """Selection, pruning and the EAP-IG/MIB circuit files."""
 import json
 
+import networkx as nx
 import pytest
 import torch
 
@@ -111,3 +112,21 @@ def test_a_circuit_runs_as_an_edge_mask(traced):
     torch.testing.assert_close(cm(ids, corrupted_input_ids=corrupted, edge_mask=circuit),
                                cm(ids, corrupted_input_ids=corrupted, edge_mask=circuit.in_graph.float()))
     assert fxcircuits.Circuit(CircuitGraph.from_config(cm.graph.cfg), circuit.edges).edge_mask(cm.graph).sum() == len(circuit)
+
+
+def test_a_circuit_in_networkx_holds_its_edges_and_their_scores(graph):
+    """One networkx edge per circuit edge, scored; q/k/v inputs linked to their heads; and, the circuit being
+    pruned, every node on a path from input to logits."""
+    scores = _scores(graph, {"input->a0.h1<k>": 3.0, "a0.h1->a1.h0<v>": -2.0, "a1.h0->logits": 1.5,
+                             "input->m0": 1.0, "m0->logits": 0.5, "a0.h0->m1": 4.0})
+    circuit = scores.topn(6)
+    assert "a0.h0->m1" not in circuit.edges  # a0.h0 has no input: pruned
+    g = circuit.to_networkx()
+    named = {data["name"]: data["score"] for *_, data in g.edges(data=True) if data["name"] is not None}
+    assert named == {e: scores[e] for e in circuit.edges}
+    assert set(g.nodes) == set(circuit.nodes) | {"a0.h1<k>", "a1.h0<v>"}
+    assert set(g.successors("a0.h1<k>")) == {"a0.h1"} and g.nodes["a1.h0<v>"]["kind"] == "input"
+    assert nx.descendants(g, "input") | {"input"} == set(g.nodes) == nx.ancestors(g, "logits") | {"logits"}
+    assert len(list(nx.all_simple_paths(g, "input", "logits"))) == 2
+    unscored = Circuit(graph, circuit.edges).to_networkx()
+    assert all("score" not in data for *_, data in unscored.edges(data=True))
