@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     _patching_options(discover)
     discover.add_argument("--method", default="eap-ig-inputs", choices=METHODS)
     discover.add_argument("--steps", type=int, default=5, help="integration steps of the EAP-IG methods")
-    discover.add_argument("--edges", default="1%", help="circuit size: a count (500) or a percentage (1%%)")
+    discover.add_argument("--edges", type=_edge_count, default="1%", help="circuit size: a count (500) or a percentage (1%%)")
     discover.add_argument("--selection", default="topn", choices=("topn", "greedy"))
     discover.add_argument("--out", default="circuit.json", help="the circuit, as EAP-IG/MIB JSON")
     discover.add_argument("--draw", help="picture of the circuit (.svg or .png; default: next to --out)")
@@ -146,8 +146,15 @@ def _carry(ablation: str) -> str:
 
 
 def _edge_count(text: str) -> int | float:
-    """``"1%"`` → 0.01 (a fraction of all edges), ``"500"`` → 500."""
-    return float(text[:-1]) / 100 if text.endswith("%") else int(text)
+    """``"1%"`` → 0.01 (a fraction of all edges), ``"500"`` → 500; anything else is a usage error."""
+    try:
+        count = float(text[:-1]) / 100 if text.endswith("%") else int(text)
+    except ValueError:
+        count = None
+    if count is None or count < 0 or (text.endswith("%") and count > 1):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a count of edges (500) or a percentage of all edges from "
+                                         "0% to 100% (1%)")
+    return count
 
 
 def _discover(args) -> int:
@@ -156,7 +163,7 @@ def _discover(args) -> int:
     metric, ablation, patching = _patching(args, task, {})
     scores = attribute(cm, task.batches, metric, args.method, steps=args.steps, progress=not args.no_progress,
                        seed=args.seed, **patching)
-    circuit = getattr(scores, args.selection)(_edge_count(args.edges))
+    circuit = getattr(scores, args.selection)(args.edges)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
     faithfulness = evaluator.evaluate(circuit).faithfulness
     circuit.to_json(args.out, model=args.model, task=task.name, faithfulness=faithfulness)

@@ -75,7 +75,7 @@ class Evaluator:
     def curve(self, scores: EdgeScores, fractions: Sequence[float] = MIB_FRACTIONS, absolute: bool = True,
               progress: bool = False) -> "Curve":
         """Faithfulness of the pruned top-``p`` circuits, ranked by |score| (``absolute``) or signed score."""
-        circuits = [scores.topn(float(p) if p < 1 else len(scores), absolute) for p in fractions]
+        circuits = [scores.topn(float(p), absolute) for p in fractions]
         masks = torch.stack([c.edge_mask(self.cm.graph) for c in circuits])
         return Curve(list(fractions), [len(c) for c in circuits], self.faithfulness(masks, progress))
 

@@ -47,7 +47,7 @@ class EdgeScores:
         return Circuit(self.graph, flags, self.tensor, {"method": self.method, **self.info}).pruned()
 
     def topn(self, n: int | float, absolute: bool = True) -> Circuit:
-        """The ``n`` highest-scoring edges (``n`` < 1 is a fraction of all edges), pruned.
+        """The ``n`` highest-scoring edges (a float is a fraction of all edges: 0.01, or 1.0 for all), pruned.
 
         ``absolute=True`` ranks by |score| (MIB's CMD); ``False`` by signed score (MIB's CPR)."""
         count = _count(n, len(self))
@@ -106,8 +106,12 @@ class EdgeScores:
 
 
 def _count(n: int | float, total: int) -> int:
-    """``n`` edges, or ``n`` as a fraction of ``total`` when it is a float below 1 (MIB's int(p·E))."""
-    count = int(n * total) if isinstance(n, float) and n < 1 else int(n)
-    if not 0 <= count <= total:
+    """``n`` edges: an int is a count, a float a fraction of ``total`` (MIB's int(p·E); 1.0 is every edge)."""
+    if isinstance(n, float):
+        if not 0 <= n <= 1:
+            raise ValueError(f"{n} is no fraction of the edges: a float is a fraction from 0 to 1 (0.01 keeps 1%); "
+                             "pass an int to keep a count of edges")
+        return int(n * total)
+    if not 0 <= n <= total:
         raise ValueError(f"asked for {n} edges of {total}")
-    return count
+    return int(n)

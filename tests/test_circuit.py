@@ -101,6 +101,16 @@ def test_bad_files_and_names(graph, tmp_path):
         Circuit(graph, ["a0.h0->a0.h1<q>"])
     with pytest.raises(ValueError, match="asked for"):
         EdgeScores(graph, torch.zeros(len(graph.edges))).topn(len(graph.edges) + 1)
+    with pytest.raises(ValueError, match="1.5 is no fraction of the edges.*pass an int"):
+        EdgeScores(graph, torch.zeros(len(graph.edges))).greedy(1.5)
+
+
+def test_a_float_is_a_fraction_and_one_is_every_edge(graph):
+    """MIB's fractions, 1.0 among them, keep int(p·E) edges; an int is a count, 1 one edge."""
+    scores = _scores(graph, {"input->logits": 1.0})
+    assert len(scores.topn(1.0)) == len(graph.edges) == len(scores.greedy(1.0))
+    assert scores.topn(1).edges == ["input->logits"]
+    assert len(scores.topn(0.0)) == 0
 
 
 def test_a_circuit_runs_as_an_edge_mask(traced):

@@ -69,6 +69,13 @@ def test_attention_prints_and_draws_the_heads_weights(folder, tmp_path, capsys):
         main(["attention", *_common(folder), "--heads", "a1.h0", "--example", "8"])
 
 
+@pytest.mark.parametrize("edges", ["abc", "150%", "-3"])
+def test_a_circuit_size_that_is_neither_a_count_nor_a_percentage_is_refused(folder, edges, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["discover", "--model", folder, "--edges", edges])
+    assert exit_.value.code == 2 and "a count of edges (500) or a percentage" in capsys.readouterr().err
+
+
 def test_unknown_task_is_refused(folder):
     with pytest.raises(SystemExit, match="unknown task"):
         main(["discover", "--model", folder, "--task", "nonsense", "--no-progress"])
