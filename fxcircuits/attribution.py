@@ -50,6 +50,8 @@ def attribute(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable 
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if options and method != "mask":
         raise TypeError(f"{sorted(options)} are options of method='mask', not of {method!r}")
+    if steps < 1 or masks_per_call < 1:
+        raise ValueError(f"steps and masks_per_call must be at least 1, got {steps} and {masks_per_call}")
     if method == "clean-corrupted" and ablation != "corrupted":
         raise ValueError("clean-corrupted takes gradients at the corrupted input, so it needs ablation='corrupted'")
     metric = metrics_.get(metric if metric is not None else _default_metric(method))

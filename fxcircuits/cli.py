@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     _model_options(discover)
     _patching_options(discover)
     discover.add_argument("--method", default="eap-ig-inputs", choices=METHODS)
-    discover.add_argument("--steps", type=int, default=5, help="integration steps of the EAP-IG methods")
+    discover.add_argument("--steps", type=_positive, default=5, help="integration steps of the EAP-IG methods")
     discover.add_argument("--edges", type=_edge_count, default="1%", help="circuit size: a count (500) or a percentage (1%%)")
     discover.add_argument("--selection", default="topn", choices=("topn", "greedy"))
     discover.add_argument("--out", default="circuit.json", help="the circuit, as EAP-IG/MIB JSON")
@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     _model_options(lens)
     lens.add_argument("--nodes", help="comma-separated nodes to read instead of the stream, e.g. a23.h3,m20")
     lens.add_argument("--example", type=int, default=0, help="which example's top tokens to print")
-    lens.add_argument("--top", type=int, default=5)
+    lens.add_argument("--top", type=_positive, default=5)
     lens.add_argument("--out", help="heatmap of the answer probability, rows × examples (.svg or .png)")
     lens.set_defaults(run=_lens)
     attention = commands.add_parser("attention", help="where given heads look, from the answer's position",
@@ -88,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     _model_options(attention)
     attention.add_argument("--heads", required=True, help="comma-separated heads, e.g. a9.h6,a10.h0")
     attention.add_argument("--example", type=int, default=0, help="which example to read")
-    attention.add_argument("--position", default="last", help="query position: last, or an index")
-    attention.add_argument("--top", type=int, default=3)
+    attention.add_argument("--position", type=_position, default="last", help="query position: last, or an index")
+    attention.add_argument("--top", type=_positive, default=3)
     attention.add_argument("--out", help="heatmap of the weights, heads × tokens (.svg or .png)")
     attention.set_defaults(run=_attention)
     return parser
@@ -98,8 +98,8 @@ def _parser() -> argparse.ArgumentParser:
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="hub id, local folder, or smollm2-135m (offline)")
     parser.add_argument("--task", default="ioi", help=f"{', '.join(TASKS)}, or a .csv/.jsonl file of your own")
-    parser.add_argument("--size", type=int, default=32, help="number of examples of a built-in task")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--size", type=_positive, default=32, help="number of examples of a built-in task")
+    parser.add_argument("--batch-size", type=_positive, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
     parser.add_argument("--seed", type=int, default=0)
@@ -143,6 +143,19 @@ def _setup(args):
 def _carry(ablation: str) -> str:
     return {"corrupted": "carry the corrupted prompt's values", "zero": "carry zero",
             "mean": "carry their mean over the task"}[ablation]
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number, 1 or more")
+    return int(text)
+
+
+def _position(text: str) -> int | str:
+    """``"last"``, or a position in the prompts (negative counts from their end)."""
+    if text != "last" and not text.lstrip("-").isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: give 'last' or a position (an integer)")
+    return text if text == "last" else int(text)
 
 
 def _edge_count(text: str) -> int | float:
@@ -228,11 +241,13 @@ def _lens(args) -> int:
 
 def _attention(args) -> int:
     _, tokenizer, cm, task = _setup(args)
-    batch, row = _example(task, args.example)
-    position = args.position if args.position == "last" else int(args.position)
+    batch, row, position = *_example(task, args.example), args.position
     patterns = attention_patterns(cm, batch["clean"], batch["attention_mask"], heads=args.heads.split(","))
     print(f"example {args.example}: {task.examples[args.example].clean!r}")
-    print(patterns.table(tokenizer, k=args.top, example=row, position=position))
+    try:
+        print(patterns.table(tokenizer, k=args.top, example=row, position=position))
+    except IndexError as error:
+        raise SystemExit(f"--{error}") from None
     if args.out:
         where = "the last token" if position == "last" else f"position {position}"
         patterns.plot(tokenizer, args.out, example=row, position=position,

@@ -46,6 +46,10 @@ def make_batches(tokenizer, clean: Sequence[str], corrupted: Sequence[str], corr
     in a warning instead. ``labels[i]`` names example ``i`` in messages (default ``"example i"``).
     """
     n = len(clean)
+    if n == 0:
+        raise ValueError("no prompt pairs given: a task needs at least one example")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if not (len(corrupted) == len(correct) == len(incorrect) == n):
         raise ValueError(f"clean, corrupted, correct and incorrect must have one entry per example; got lengths "
                          f"{n}, {len(corrupted)}, {len(correct)}, {len(incorrect)}")

@@ -41,6 +41,8 @@ class Patterns:
         if position == "last":
             position = int(answer_position({"clean": self.input_ids, "attention_mask": self.attention_mask})[example])
         mask = self.attention_mask[example].bool()
+        if not -len(mask) <= position < len(mask):
+            raise IndexError(f"position {position}: the prompts have positions 0 to {len(mask) - 1}")
         if not mask[position]:
             raise ValueError(f"position {position} of example {example} is padding: it attends to nothing")
         keys = mask.nonzero().flatten()

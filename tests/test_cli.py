@@ -67,13 +67,22 @@ def test_attention_prints_and_draws_the_heads_weights(folder, tmp_path, capsys):
     ET.parse(out)
     with pytest.raises(SystemExit, match="the task has 8 examples"):
         main(["attention", *_common(folder), "--heads", "a1.h0", "--example", "8"])
+    with pytest.raises(SystemExit, match=r"--position 99: the prompts have positions 0 to \d+"):
+        main(["attention", *_common(folder), "--heads", "a1.h0", "--position", "99"])
 
 
-@pytest.mark.parametrize("edges", ["abc", "150%", "-3"])
-def test_a_circuit_size_that_is_neither_a_count_nor_a_percentage_is_refused(folder, edges, capsys):
+@pytest.mark.parametrize("command, says", [
+    (["discover", "--edges", "abc"], "a count of edges (500) or a percentage"),
+    (["discover", "--edges", "150%"], "a count of edges (500) or a percentage"),
+    (["discover", "--edges", "-3"], "a count of edges (500) or a percentage"),
+    (["discover", "--size", "0"], "'0': give a whole number, 1 or more"),
+    (["evaluate", "c.json", "--batch-size", "0"], "'0': give a whole number, 1 or more"),
+    (["discover", "--steps", "-1"], "'-1': give a whole number, 1 or more"),
+    (["attention", "--heads", "a0.h0", "--position", "x"], "'x': give 'last' or a position")])
+def test_options_out_of_their_range_are_usage_errors(folder, command, says, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["discover", "--model", folder, "--edges", edges])
-    assert exit_.value.code == 2 and "a count of edges (500) or a percentage" in capsys.readouterr().err
+        main([*command, "--model", folder])
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
 
 
 def test_unknown_task_is_refused(folder):

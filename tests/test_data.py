@@ -66,6 +66,13 @@ def test_mismatched_lengths_name_the_example_counts_tokens_and_the_fix(tokenizer
     assert "rephrase" in message and "drop_mismatched=True" in message
 
 
+def test_no_pairs_or_no_room_in_a_batch_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="no prompt pairs given"):
+        make_batches(tokenizer, [], [], [], [])
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        make_batches(tokenizer, [IOI], [IOI_CORRUPTED], [" Mary"], [" John"], batch_size=0)
+
+
 def test_drop_mismatched_warns_with_count_and_which(tokenizer):
     corrupted = "When Mary and John went to the store, Bartholomew gave a drink to"
     with pytest.warns(UserWarning, match=re.escape("dropped 1 of 3 prompt pairs") + ".*example 1") as caught:

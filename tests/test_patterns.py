@@ -99,6 +99,8 @@ def test_attention_patterns_by_head_name(traced, prompts):
     assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == ["a1.h2", "a0.h0"]
     with pytest.raises(ValueError, match="padding"):
         patterns.query(example=0, position=1)
+    with pytest.raises(IndexError, match=f"position {clean.shape[1]}: the prompts have positions 0 to "):
+        patterns.query(example=0, position=clean.shape[1])
     with pytest.raises(KeyError, match="a{layer}.h{head}"):
         fxcircuits.attention_patterns(cm, clean, mask, heads=["a7.h0"])
     with pytest.raises(KeyError, match="not among"):
