@@ -8,6 +8,7 @@ this way is how the talk explains what they do (an MLP that "upweights years > Y
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 
@@ -74,9 +75,13 @@ def logit_lens(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: torch.
 
 def _positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, positions) -> torch.Tensor:
     batch, seq = input_ids.shape
-    if positions == "last":  # the position the metrics score
+    if isinstance(positions, str) and positions == "last":  # the position the metrics score
         mask = {} if attention_mask is None else {"attention_mask": attention_mask.cpu()}
         return answer_position({"clean": input_ids.cpu(), **mask})[:, None]
-    if positions == "all":
+    if isinstance(positions, str) and positions == "all":
         return torch.arange(seq).expand(batch, seq)
+    positions = positions.tolist() if hasattr(positions, "tolist") else positions  # a tensor or an array
+    if isinstance(positions, str) or not all(isinstance(p, Integral) and -seq <= p < seq for p in positions):
+        raise ValueError(f"positions={positions!r}: give 'last', 'all' or a list of positions from {-seq} to "
+                         f"{seq - 1} (the prompts are {seq} tokens)")
     return torch.tensor(list(positions)).expand(batch, -1)

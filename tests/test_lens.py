@@ -153,3 +153,13 @@ def test_answers_and_top_tokens(traced):
     assert "input" in lens.table(Tokenizer(), k=2)
     with pytest.raises(KeyError, match="unknown node.*'m9' is not an upstream node"):
         logit_lens(cm, ids, mask, nodes=["m9"])
+
+
+def test_positions_outside_the_prompts_are_refused(traced):
+    _, cm = traced("llama")
+    ids, mask = _ids()
+    for positions in ([6], "first", [0.5]):
+        with pytest.raises(ValueError, match="give 'last', 'all' or a list of positions from -6 to 5"):
+            logit_lens(cm, ids, mask, positions=positions)
+    for positions in ([-1, 0], torch.tensor([-1, 0]), (-1, 0)):
+        assert logit_lens(cm, ids, mask, positions=positions).positions.tolist() == [[-1, 0], [-1, 0]]
