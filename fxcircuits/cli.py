@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     _patching_options(discover)
     discover.add_argument("--method", default="eap-ig-inputs", choices=METHODS)
     discover.add_argument("--steps", type=_positive, default=5, help="integration steps of the EAP-IG methods")
-    discover.add_argument("--edges", type=_edge_count, default="1%", help="circuit size: a count (500) or a percentage (1%%)")
+    discover.add_argument("--edges", type=_edge_count, default="1%",
+                          help="circuit size: a count (500) or a percentage (1%%)")
     discover.add_argument("--selection", default="topn", choices=("topn", "greedy"))
     discover.add_argument("--out", default="circuit.json", help="the circuit, as EAP-IG/MIB JSON")
     discover.add_argument("--draw", help="picture of the circuit (.svg or .png; default: next to --out)")
@@ -109,7 +110,8 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 def _patching_options(parser: argparse.ArgumentParser, recorded: bool = False) -> None:
     """``--metric`` and ``--ablation``; ``recorded``: their defaults are what the circuit file says."""
     first = "the circuit file's, else " if recorded else ""
-    parser.add_argument("--metric", choices=sorted(metrics_.METRICS), help=f"what scores the task (default: {first}the task's)")
+    parser.add_argument("--metric", choices=sorted(metrics_.METRICS),
+                        help=f"what scores the task (default: {first}the task's)")
     parser.add_argument("--ablation", choices=ABLATIONS, help="what a patched edge carries instead: the corrupted "
                         "prompt's value, zero, or the node's mean output over the task's clean prompts "
                         f"(default: {first}corrupted)")
@@ -241,7 +243,8 @@ def _lens(args) -> int:
 
 def _attention(args) -> int:
     _, tokenizer, cm, task = _setup(args)
-    batch, row, position = *_example(task, args.example), args.position
+    batch, row = _example(task, args.example)
+    position = args.position
     patterns = attention_patterns(cm, batch["clean"], batch["attention_mask"], heads=args.heads.split(","))
     print(f"example {args.example}: {task.examples[args.example].clean!r}")
     try:
