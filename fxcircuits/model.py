@@ -249,6 +249,10 @@ class CircuitModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.exported.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.exported.parameters()).dtype
+
     def serving(self, input_ids: torch.Tensor) -> Engine | None:
         """The capture that serves a batch of ``input_ids``' shape, if one does."""
         size = tuple(input_ids.shape)

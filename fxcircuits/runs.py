@@ -90,8 +90,7 @@ def _prepare(cm: CircuitModel, batch: dict, metric, ablation: str, means: torch.
         if ablation == "corrupted":
             other, recorded = cm.recording(batch["corrupted"], mask)
         else:
-            dtype = next(cm.exported.parameters()).dtype
-            other = [v.to(cm.device, dtype) for v in (_zeros(cm) if means is None else means)]
+            other = [v.to(cm.device, cm.dtype) for v in (_zeros(cm) if means is None else means)]
     positions = metrics.answer_position(batch) if metrics.reads_answer_alone(metric) else None
     return Prepared(batch, ids, mask, other, recorded, positions)
 
@@ -143,12 +142,11 @@ def check_finite(cm: CircuitModel, prepared: list[Prepared], metric, values: tor
     for row, run in zip(values, ("the clean run", "the run with every edge patched")):
         bad = (~torch.isfinite(row)).nonzero().flatten().tolist()
         if bad:
-            dtype = next(cm.exported.parameters()).dtype
             raise ValueError(f"the metric is NaN or infinite on {run} of {len(bad)} of {row.numel()} examples "
                              f"(counting from 0 over the batches: {', '.join(map(str, bad[:8]))}"
                              f"{' …' if len(bad) > 8 else ''}), and so would every score and faithfulness be. The "
                              f"model's own logits are the usual cause: check cm(ids, mask) there ({cm.model_name} "
-                             f"in {dtype}: float16 can overflow, and some HF models return NaN in float64 under "
+                             f"in {cm.dtype}: float16 can overflow, and some HF models return NaN in float64 under "
                              "padding), then run the model in float32, pad on the other side, or leave those "
                              "examples out")
 

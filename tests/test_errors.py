@@ -642,5 +642,4 @@ def test_scores_that_overflow_between_the_runs_are_refused(poisoned):
         value = fxcircuits.metrics.logit_diff(logits, batch)
         return value * float("nan") if torch.is_grad_enabled() else value
     with pytest.raises(ValueError, match="finite on the clean run and with every edge patched: a run between"):
-        fxcircuits.attribute(poisoned, [_nan_batch(None)], fragile, "eap",
-                             progress=False)
+        fxcircuits.attribute(poisoned, [_nan_batch(None)], fragile, "eap", progress=False)
