@@ -2,7 +2,8 @@
 
 On the real SmolLM2-135M (offline, CPU): build a task, score every edge with EAP-IG, keep the best 1%,
 check that the circuit is faithful (everything outside it patched), see how faithfulness grows with circuit
-size, and save the circuit (EAP-IG/MIB JSON) and its picture.
+size, read what its nodes write with the logit lens (the talk's "upweight y > YY"), and save the circuit
+(EAP-IG/MIB JSON) and its picture.
 
     python examples/high_level_circuit_finding.py [--task greater-than] [--size 32] [--method eap-ig-inputs]
 """
@@ -54,10 +55,25 @@ def main() -> None:
     print("faithfulness by circuit size: " + ", ".join(f"{n} edges {f:.2f}" for n, f in
                                                       zip(curve.edges, curve.faithfulness)))
     plot_faithfulness(curve.fractions, curve.faithfulness, f"{args.out}_curve.png", label=args.method)
+    explain(cm, circuit, task.batches[0], tokenizer)
     circuit.to_json(f"{args.out}.json", model="smollm2-135m", task=task.name, method=args.method)
     draw_circuit(circuit, f"{args.out}.svg", title=f"SmolLM2-135M · {task.name} · {args.method}")
     print(f"\nsaved {args.out}.json (EAP-IG/MIB format), {args.out}.svg and {args.out}_curve.png "
           f"in {time.perf_counter() - start:.0f} s")
+
+
+def explain(cm, circuit, batch: dict, tokenizer, k: int = 5) -> None:
+    """The logit lens on each node of the circuit: how much more probability its output alone, read through the
+    final norm and unembedding, puts on the correct answers than on the incorrect ones (for greater-than: years
+    after YY against years up to YY), mean over one batch.  The nodes that push hardest are the ones to read."""
+    lens = fxcircuits.logit_lens(cm, batch["clean"], batch["attention_mask"], nodes=circuit)
+    push = (lens.answer_probs(batch["correct"]) - lens.answer_probs(batch["incorrect"]))[:, :, 0].mean(1)
+    top = dict(lens.top(tokenizer, k=3))
+    print(f"\nthe logit lens on the circuit's {len(lens.labels)} nodes, p(correct) − p(incorrect) of each alone:")
+    for index in push.argsort(descending=True)[:k].tolist():
+        label = lens.labels[index]
+        tokens = ", ".join(f"{token!r}" for token, _ in top[label])
+        print(f"  {label:8} {push[index]:+.3f}   top tokens of example 0: {tokens}")
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@
     fxcircuits evaluate circuit.json --model smollm2-135m --task ioi --plot curve.png
     fxcircuits show circuit.json --out circuit.svg
     fxcircuits lens --model smollm2-135m --task ioi --out lens.png
+    fxcircuits lens circuit.json --model smollm2-135m --task ioi
     fxcircuits attention --model smollm2-135m --task ioi --heads a9.h6,a10.h0 --out attention.png
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -75,7 +77,10 @@ def _parser() -> argparse.ArgumentParser:
 
     lens = commands.add_parser("lens", help="logit lens: what each layer's stream, or given nodes, predict",
                                description="The logit lens on a task's first examples: the top tokens after "
-                               "every layer (or of the given nodes) and the answer's probability.")
+                               "every layer (or of the given nodes, or of a saved circuit's nodes) and the "
+                               "answer's probability.")
+    lens.add_argument("circuit", nargs="?", help="circuit JSON whose nodes to read (what each pushes the "
+                      "prediction towards)")
     _model_options(lens)
     lens.add_argument("--nodes", help="comma-separated nodes to read instead of the stream, e.g. a23.h3,m20")
     lens.add_argument("--example", type=int, default=0, help="which example's top tokens to print")
@@ -225,15 +230,17 @@ def _show(args) -> int:
 
 
 def _lens(args) -> int:
+    if args.circuit and args.nodes:
+        raise SystemExit("give a circuit or --nodes, not both")
+    nodes = Circuit.from_json(args.circuit) if args.circuit else args.nodes.split(",") if args.nodes else None
     _, tokenizer, cm, task = _setup(args)
     batch, row = _example(task, args.example)
-    nodes = args.nodes.split(",") if args.nodes else None
     lens = logit_lens(cm, batch["clean"], batch["attention_mask"], nodes=nodes)
     print(f"example {args.example}: {task.examples[args.example].clean!r}")
     print(lens.table(tokenizer, k=args.top, example=row))
     answers = lens.answer_probs(batch["correct"])[:, :, 0]
     print("\np(correct answer) per row, mean over the batch:")
-    print("  ".join(f"{label} {p:.2f}" for label, p in zip(lens.labels, answers.mean(1).tolist())))
+    print(_columns([f"{label} {p:.2f}" for label, p in zip(lens.labels, answers.mean(1).tolist())]))
     if args.out:
         plot_heatmap(answers, lens.labels, [str(i) for i in range(answers.shape[1])], args.out,
                      title=f"p(correct) through the layers · {task.name}")
@@ -265,6 +272,14 @@ def _example(task, index: int) -> tuple[dict, int]:
         return task.locate(index)
     except IndexError as error:
         raise SystemExit(f"--{error}") from None
+
+
+def _columns(items: list[str]) -> str:
+    """``items`` in aligned columns as wide as the terminal: a lens over a whole circuit has a hundred rows."""
+    width = max(map(len, items)) + 2
+    per_line = max(1, shutil.get_terminal_size().columns // width)
+    return "\n".join("".join(f"{item:>{width}}" for item in items[i:i + per_line])
+                     for i in range(0, len(items), per_line))
 
 
 def _table(rows: dict[str, str]) -> None:

@@ -3,7 +3,7 @@
 ``cm.streams`` gives the stream after each writer as the model holds it (with what no node writes, such as
 an output projection's bias), ``cm.activations`` each node's output; ``cm.readout`` (the model's own final
 norm and unembedding, cut out of the captured graph) turns either into logits.  Reading a circuit's nodes
-this way is how the talk explains what they do (an MLP that "upweights years > YY").
+this way is how the talk explains what they do (an MLP that "upweights years > YY"): ``nodes=circuit``.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from numbers import Integral
 
 import torch
 
+from .circuit import Circuit
 from .metrics import answer_position
 from .model import CircuitModel
 
@@ -51,12 +52,17 @@ class Lens:
 
 @torch.no_grad()
 def logit_lens(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-               nodes: list[str] | None = None, positions: str | list[int] = "last") -> Lens:
+               nodes: list[str] | Circuit | None = None, positions: str | list[int] = "last") -> Lens:
     """Read the stream after every writer (``input``, ``a0``, ``m0``, ``a1``…) or, given ``nodes``, each node's
-    own output, through the final norm and unembedding.
+    own output, through the final norm and unembedding.  Given a ``Circuit``, its nodes that write (all but
+    ``logits``), in graph order: what each part of the circuit pushes the prediction towards.
 
     ``positions``: ``"last"`` (each example's last real token, the one that predicts the answer), ``"all"``,
     or a list of positions."""
+    if isinstance(nodes, Circuit):
+        nodes = [n for n in nodes.nodes if n in nodes.graph.node_index]
+    if nodes is not None and not len(nodes):
+        raise ValueError("no nodes to read: give node names, or a circuit with edges (an empty circuit has no nodes)")
     if nodes is None:
         labels = ["input"] + [f"{'a' if w.kind == 'attention' else 'm'}{w.layer}" for w in cm.graph.writers]
         values = cm.streams(input_ids, attention_mask)

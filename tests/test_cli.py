@@ -52,6 +52,13 @@ def test_discover_evaluate_show_lens(folder, tmp_path, capsys):
     assert "input" in printed and "m1" in printed and "p(correct answer)" in printed
     ET.parse(tmp_path / "lens.svg")
 
+    assert main(["lens", str(out), *_common(folder)]) == 0  # the circuit's nodes, explained
+    probabilities = capsys.readouterr().out.split("mean over the batch:\n")[1].split()
+    assert probabilities[::2] == [n for n in circuit.nodes if n != "logits"]
+    assert all(0 <= float(p) <= 1 for p in probabilities[1::2])
+    with pytest.raises(SystemExit, match="not both"):
+        main(["lens", str(out), *_common(folder), "--nodes", "m0"])
+
 
 def test_attention_prints_and_draws_the_heads_weights(folder, tmp_path, capsys):
     """Each named head's top tokens from the last position, their weights summing to at most 1, and a heatmap

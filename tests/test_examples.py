@@ -25,6 +25,8 @@ def test_high_level_circuit_finding(tmp_path):
     faithfulness = float(re.search(r"faithfulness (-?[\d.]+)", out).group(1))
     assert faithfulness > 0.5, out  # measured 0.770 on these 8 examples (1% of the edges)
     assert "123211 edges 1.00" in out  # the whole graph is the whole model
+    push = float(re.search(r"of each alone:\n\s+\S+\s+([+-][\d.]+)", out).group(1))
+    assert push > 0.05, out  # a node of the circuit alone favours the later years (a27.h4, +0.182, measured)
     for suffix in (".json", ".svg", "_curve.png"):
         assert (tmp_path / f"gt{suffix}").stat().st_size > 0
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from fxcircuits.circuit import Circuit
 from fxcircuits.lens import logit_lens
 from zoo import CONFIGS
 
@@ -131,6 +132,19 @@ def test_node_lens_reads_one_node_output(traced):
         with torch.no_grad():
             expected = _unembed(model, acts[cm.graph.node_index[node]])[torch.arange(2), last]
         torch.testing.assert_close(lens.logits[row][:, 0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_circuit_lens_reads_the_nodes_its_edges_leave_and_enter(traced):
+    """``nodes=circuit``: the circuit's nodes that write (``logits`` only reads), in graph order, as their names
+    would; a circuit without edges has nothing to read."""
+    _, cm = traced("llama")
+    ids, mask = _ids()
+    circuit = Circuit(cm.graph, ["a0.h1->m1", "m1->logits", "input->a1.h2<k>"])
+    lens = logit_lens(cm, ids, mask, nodes=circuit)
+    assert lens.labels == ["input", "a0.h1", "a1.h2", "m1"]
+    torch.testing.assert_close(lens.logits, logit_lens(cm, ids, mask, nodes=lens.labels).logits, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="no nodes to read"):
+        logit_lens(cm, ids, mask, nodes=Circuit(cm.graph, []))
 
 
 def test_answers_and_top_tokens(traced):
