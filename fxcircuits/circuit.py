@@ -52,6 +52,36 @@ class Circuit:
         touched[g.reader[g.dst[self.in_graph]]] = True
         return [g.nodes[i] for i in touched.nonzero().flatten().tolist()]
 
+    def __and__(self, other: "Circuit") -> "Circuit":
+        return self._combine(other, torch.logical_and)
+
+    def __or__(self, other: "Circuit") -> "Circuit":
+        return self._combine(other, torch.logical_or)
+
+    def __sub__(self, other: "Circuit") -> "Circuit":
+        return self._combine(other, lambda mine, theirs: mine & ~theirs)
+
+    def _combine(self, other: "Circuit", op) -> "Circuit":
+        """Edges of this circuit's graph from both circuits' flags, matched by name (circuits read from files, or
+        found on two models of one architecture, hold graphs of their own).  The scores are kept only where both
+        circuits carry the same ones (two sizes cut from one ``EdgeScores``): otherwise no one score is right."""
+        if not isinstance(other, Circuit):
+            return NotImplemented
+        theirs = other.edge_mask(self.graph).bool()
+        same = (self.scores is not None and other.scores is not None and self.graph.edges == other.graph.edges
+                and torch.equal(self.scores, other.scores))
+        return Circuit(self.graph, op(self.in_graph, theirs), self.scores if same else None)
+
+    def overlap(self, other: "Circuit") -> dict[str, float]:
+        """How far two circuits agree, as circuits found by two methods (or on two tasks or models) are compared:
+        the edges and nodes they share, and each count over their union's (intersection over union: 1 is the same
+        circuit, 0 disjoint; two empty circuits count as the same)."""
+        shared, union = len(self & other), len(self | other)
+        mine, theirs = set(self.nodes), set(other.nodes)
+        return {"shared_edges": shared, "edge_iou": shared / union if union else 1.0,
+                "shared_nodes": len(mine & theirs),
+                "node_iou": len(mine & theirs) / len(mine | theirs) if mine | theirs else 1.0}
+
     def edge_mask(self, graph: CircuitGraph) -> torch.Tensor:
         """The mask [E] of ``graph`` that runs this circuit: 1 on its edges, 0 (patched) everywhere else."""
         if graph.edges == self.graph.edges:

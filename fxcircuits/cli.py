@@ -1,8 +1,9 @@
-"""``fxcircuits`` on the command line: discover, evaluate, show, lens and attention, each with ``--help``.
+"""``fxcircuits`` on the command line: discover, evaluate, show, compare, lens and attention, each with ``--help``.
 
     fxcircuits discover --model smollm2-135m --task ioi --method eap-ig-inputs --edges 1% --out circuit.json
     fxcircuits evaluate circuit.json --model smollm2-135m --task ioi --plot curve.png
     fxcircuits show circuit.json --out circuit.svg
+    fxcircuits compare eap.json eap-ig.json --out both.svg
     fxcircuits lens --model smollm2-135m --task ioi --out lens.png
     fxcircuits lens circuit.json --model smollm2-135m --task ioi
     fxcircuits attention --model smollm2-135m --task ioi --heads a9.h6,a10.h0 --out attention.png
@@ -21,7 +22,7 @@ from . import metrics as metrics_
 from . import tasks as tasks_
 from .attribution import METHODS, attribute
 from .circuit import Circuit
-from .draw import draw_circuit, plot_faithfulness, plot_heatmap
+from .draw import draw_circuit, draw_comparison, plot_faithfulness, plot_heatmap
 from .evaluation import Evaluator
 from .lens import logit_lens
 from .model import trace
@@ -74,6 +75,15 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--out", required=True, help="the picture (.svg or .png)")
     show.add_argument("--title")
     show.set_defaults(run=_show)
+
+    compare = commands.add_parser("compare", help="two saved circuits: shared edges and nodes, what each adds",
+                                  description="Compare two saved circuits of one model (two methods, tasks, sizes or "
+                                  "models of one architecture): the edges and nodes they share, their intersection "
+                                  "over union, the strongest edges each holds alone, and a picture of both.")
+    compare.add_argument("circuits", nargs=2, metavar="circuit", help="circuit JSON (fxcircuits, EAP-IG or MIB)")
+    compare.add_argument("--top", type=_positive, default=5, help="how many of the edges each holds alone to list")
+    compare.add_argument("--out", help="picture of both, edges coloured by which holds them (.svg or .png)")
+    compare.set_defaults(run=_compare)
 
     lens = commands.add_parser("lens", help="logit lens: what each layer's stream, or given nodes, predict",
                                description="The logit lens on a task's first examples: the top tokens after "
@@ -229,6 +239,44 @@ def _show(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    first, second = map(Circuit.from_json, args.circuits)
+    labels = _labels(args.circuits)
+    overlap = first.overlap(second)
+    rows = {label: f"{len(c)} edges, {len(c.nodes)} nodes" + "".join(f", {key} {c.info[key]}" for key in
+                                                                    ("method", "task", "faithfulness") if key in c.info)
+            for label, c in zip(labels, (first, second))}
+    rows.update({"shared edges": f"{overlap['shared_edges']} (IoU {overlap['edge_iou']:.3f})",
+                 "shared nodes": f"{overlap['shared_nodes']} (IoU {overlap['node_iou']:.3f})"})
+    for label, mine, theirs in ((labels[0], first, second), (labels[1], second, first)):
+        alone = mine - theirs
+        rows[f"only in {label}"] = "\n".join([f"{len(alone)} edges", *_strongest(mine, alone, args.top)])
+    _table(rows)
+    if args.out:
+        draw_comparison(first, second, args.out, labels=labels)
+        print(f"picture → {args.out}")
+    return 0
+
+
+def _labels(paths: list[str]) -> tuple[str, str]:
+    """The files' names as short as tells them apart: their stems, their paths when the stems agree, or first and
+    second for one file given twice."""
+    for labels in (tuple(Path(p).stem for p in paths), tuple(paths)):
+        if labels[0] != labels[1]:
+            return labels
+    return "first", "second"
+
+
+def _strongest(circuit: Circuit, subset: Circuit, n: int) -> list[str]:
+    """``subset``'s edges, the ``n`` of largest |score| in ``circuit``'s scores (its first ``n`` when unscored),
+    each with its score."""
+    index = subset.in_graph.nonzero().flatten()
+    if circuit.scores is None:
+        return [circuit.graph.edges[i] for i in index[:n].tolist()]
+    order = index[circuit.scores[index].abs().argsort(descending=True)[:n]].tolist()
+    return [f"{circuit.graph.edges[i]} {circuit.scores[i]:+.4g}" for i in order]
+
+
 def _lens(args) -> int:
     if args.circuit and args.nodes:
         raise SystemExit("give a circuit or --nodes, not both")
@@ -283,8 +331,9 @@ def _columns(items: list[str]) -> str:
 
 
 def _table(rows: dict[str, str]) -> None:
+    """``key  value`` lines, values aligned, a value's further lines under its first."""
     width = max(map(len, rows))
-    print("\n".join(f"{key:<{width}}  {value}" for key, value in rows.items()))
+    print("\n".join(f"{key:<{width}}  " + value.replace("\n", "\n" + " " * (width + 2)) for key, value in rows.items()))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ LABEL_SIZE = 0.13  # node label font height, in data units
 EDGE_WIDTH = (0.3, 2.4)  # edge linewidth range (points per inch of data unit), weakest to strongest |score|
 
 SIGN_COLOURS = {"positive": "#2166ac", "negative": "#b2182b", "unscored": "#666666"}
+COMPARISON_COLOURS = {"both": "#542788", "first": "#1b7837", "second": "#e08214"}  # which circuit holds an edge
 PORT_COLOURS = {"q": "#1b9e77", "k": "#e6ab02", "v": "#7570b3"}
 NODE_COLOURS = {"head": "#fbfbfb", "mlp": "#e3e3e3", "end": "#d0d0d0"}
 
@@ -74,14 +75,49 @@ def draw_circuit(circuit: Circuit, path: str | Path | None = None, *, ax: Axes |
     gaps.  Edges end on the q, k or v port of a head; their width follows |score| and their colour its sign
     (grey when the circuit has no scores).  Call ``circuit.pruned()`` first to leave out dangling pieces.
     """
+    if circuit.scores is None:
+        scores, strength = np.full(len(circuit), np.nan), np.full(len(circuit), 0.5)
+    else:
+        scores = circuit.scores[circuit.in_graph].numpy()
+        strength = np.abs(scores) / max(np.abs(scores).max(initial=0.0), 1e-12)
+    colours = [_sign_colour(score) for score in scores]
+    signs = ("positive", "negative") if circuit.scores is not None else ("unscored",)
+    key = [(SIGN_COLOURS[s], f"{s} score" if circuit.scores is not None else "edge") for s in signs]
+    title = title if title is not None else f"{len(circuit)} edges, {len(circuit.nodes)} nodes"
+    return _draw(circuit, colours, strength, key, path, ax, title, compact)
+
+
+def draw_comparison(first: Circuit, second: Circuit, path: str | Path | None = None, *,
+                    labels: tuple[str, str] = ("first", "second"), ax: Axes | None = None, title: str | None = None,
+                    compact: bool = True) -> Figure:
+    """Two circuits of one model in one picture, laid out as ``draw_circuit`` lays out each: every edge of
+    either, coloured by which of them holds it (``labels`` name them in the key), so where two methods, tasks or
+    models agree and where they part reads at a glance."""
+    union = first | second
+    mine, theirs = (c.edge_mask(union.graph).bool()[union.in_graph].tolist() for c in (first, second))
+    held = ["both" if a and b else "first" if a else "second" for a, b in zip(mine, theirs)]
+    colours = [COMPARISON_COLOURS[h] for h in held]
+    strength = np.array([1.0 if h == "both" else 0.5 for h in held])  # shared edges on top
+    key = [(COMPARISON_COLOURS["both"], "in both"), (COMPARISON_COLOURS["first"], f"only in {labels[0]}"),
+           (COMPARISON_COLOURS["second"], f"only in {labels[1]}")]
+    overlap = first.overlap(second)
+    title = title if title is not None else (f"{labels[0]}: {len(first)} edges, {labels[1]}: {len(second)} edges, "
+                                             f"{overlap['shared_edges']} shared (IoU {overlap['edge_iou']:.2f})")
+    return _draw(union, colours, strength, key, path, ax, title, compact)
+
+
+def _draw(circuit: Circuit, colours: list[str], strength: np.ndarray, key: list[tuple[str, str]],
+          path: str | Path | None, ax: Axes | None, title: str, compact: bool) -> Figure:
+    """Lay out ``circuit``'s nodes and draw its edges in ``colours``, widths and opacities by ``strength`` (0 to
+    1, in ``circuit.edges`` order), with ``key`` (colour, label) for the edges in the legend."""
     _check_suffix(path)
     nodes = circuit.nodes
     layout = _layout(circuit.graph, set(nodes), compact)
     fig, ax = _circuit_axes(ax, layout)
-    ax.set_title(title if title is not None else f"{len(circuit)} edges, {len(nodes)} nodes", fontsize=10)
-    _legend(ax, scored=circuit.scores is not None)
+    ax.set_title(title, fontsize=10)
+    _legend(ax, key)
     scale = _inches_per_unit(ax, layout)
-    _draw_edges(ax, circuit, layout.xy, scale)
+    _draw_edges(ax, circuit.edges, colours, strength, layout.xy, scale)
     for name in nodes:
         _draw_node(ax, name, layout.xy[name], scale)
     _draw_ports(ax, circuit.edges, layout.xy)
@@ -269,17 +305,12 @@ def _draw_ports(ax: Axes, edges: list[str], xy: dict[str, tuple[float, float]]) 
                             zorder=5, gid=port))
 
 
-def _draw_edges(ax: Axes, circuit: Circuit, xy: dict[str, tuple[float, float]], scale: float) -> None:
-    """Curved edges, weakest first so the strong ones lie on top; width and opacity grow with |score|."""
-    names = circuit.edges
-    if circuit.scores is None:
-        scores, strength = np.full(len(names), np.nan), np.full(len(names), 0.5)
-    else:
-        scores = circuit.scores[circuit.in_graph].numpy()
-        strength = np.abs(scores) / max(np.abs(scores).max(initial=0.0), 1e-12)
+def _draw_edges(ax: Axes, names: list[str], colours: list[str], strength: np.ndarray,
+                xy: dict[str, tuple[float, float]], scale: float) -> None:
+    """Curved edges, weakest first so the strong ones lie on top; width and opacity grow with ``strength``."""
     for i in np.argsort(strength, kind="stable"):
         start, end = _edge_ends(names[i], xy)
-        ax.add_patch(PathPatch(_curve(start, end), facecolor="none", edgecolor=_sign_colour(scores[i]),
+        ax.add_patch(PathPatch(_curve(start, end), facecolor="none", edgecolor=colours[i],
                                linewidth=scale * (EDGE_WIDTH[0] + (EDGE_WIDTH[1] - EDGE_WIDTH[0]) * strength[i]),
                                alpha=0.25 + 0.55 * strength[i], capstyle="round", zorder=1 + strength[i],
                                gid=names[i]))
@@ -302,11 +333,9 @@ def _sign_colour(score: float) -> str:
     return SIGN_COLOURS["positive" if score > 0 else "negative"]
 
 
-def _legend(ax: Axes, scored: bool) -> None:
-    """Explain edge colours (when scored) and the q/k/v port dots, outside the drawing on the right."""
-    signs = ("positive", "negative") if scored else ("unscored",)
-    handles = [Line2D([], [], color=SIGN_COLOURS[s], linewidth=2, label=f"{s} score" if scored else "edge")
-               for s in signs]
+def _legend(ax: Axes, key: list[tuple[str, str]]) -> None:
+    """Explain edge colours (``key``: colour, label) and the q/k/v port dots, outside the drawing on the right."""
+    handles = [Line2D([], [], color=colour, linewidth=2, label=label) for colour, label in key]
     handles += [Line2D([], [], linestyle="none", marker="o", markersize=6, color=PORT_COLOURS[r], label=f"{r} input")
                 for r in QKV]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
@@ -355,4 +384,4 @@ def _save(fig: Figure, path: str | Path | None) -> Figure:
     return fig
 
 
-__all__ = ["draw_circuit", "plot_faithfulness", "plot_heatmap"]
+__all__ = ["draw_circuit", "draw_comparison", "plot_faithfulness", "plot_heatmap"]

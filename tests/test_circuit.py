@@ -140,3 +140,37 @@ def test_a_circuit_in_networkx_holds_its_edges_and_their_scores(graph):
     assert len(list(nx.all_simple_paths(g, "input", "logits"))) == 2
     unscored = Circuit(graph, circuit.edges).to_networkx()
     assert all("score" not in data for *_, data in unscored.edges(data=True))
+
+
+def test_circuits_combine_as_sets_of_edge_names(graph, tmp_path):
+    """&, | and - agree with Python's sets of edge names, also against a circuit read back from a file (a graph
+    of its own); the scores stay only where both circuits carry the same ones."""
+    scores = EdgeScores(graph, torch.randn(len(graph.edges), generator=torch.Generator().manual_seed(0)))
+    big, small = scores.topn(20), scores.topn(6)
+    other = Circuit(graph, graph.edges[::3])
+    other.to_json(tmp_path / "other.json")
+    read = Circuit.from_json(tmp_path / "other.json")
+    for mine, theirs in ((big, other), (big, read), (small, big), (other, small)):
+        for combined, expected in ((mine & theirs, set(mine.edges) & set(theirs.edges)),
+                                   (mine | theirs, set(mine.edges) | set(theirs.edges)),
+                                   (mine - theirs, set(mine.edges) - set(theirs.edges))):
+            assert set(combined.edges) == expected and combined.graph is mine.graph
+    assert torch.equal((big | small).scores, scores.tensor) and (big & other).scores is None
+
+
+def test_overlap_counts_shared_edges_and_nodes(graph):
+    one = Circuit(graph, ["input->a0.h1<q>", "a0.h1->m0", "m0->logits"])
+    two = Circuit(graph, ["input->a0.h1<k>", "a0.h1->m0", "input->m1", "m1->logits"])
+    # edges: 1 shared of 6; nodes: {input, a0.h1, m0, logits} and {input, a0.h1, m0, m1, logits}
+    assert one.overlap(two) == {"shared_edges": 1, "edge_iou": 1 / 6, "shared_nodes": 4, "node_iou": 4 / 5}
+    assert one.overlap(one)["edge_iou"] == 1.0 and one.overlap(Circuit(graph, []))["edge_iou"] == 0.0
+    assert Circuit(graph, []).overlap(Circuit(graph, [])) == {"shared_edges": 0, "edge_iou": 1.0,
+                                                            "shared_nodes": 0, "node_iou": 1.0}
+
+
+def test_circuits_of_different_graphs_do_not_combine(graph):
+    deeper = CircuitGraph.from_config({**CFG, "n_layers": 3})
+    with pytest.raises(KeyError, match="not in this model's graph"):
+        Circuit(graph, graph.edges[:5]) | Circuit(deeper, ["a2.h0->logits"])
+    with pytest.raises(TypeError):
+        Circuit(graph, graph.edges[:5]) & set(graph.edges[:5])

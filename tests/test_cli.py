@@ -4,8 +4,9 @@ import re
 import xml.etree.ElementTree as ET
 
 import pytest
+import torch
 
-from fxcircuits import Circuit, Evaluator, attribute, load_model, tasks, trace
+from fxcircuits import Circuit, CircuitGraph, EdgeScores, Evaluator, attribute, load_model, tasks, trace
 from fxcircuits.cli import main
 
 
@@ -18,7 +19,7 @@ def _common(folder):
     return ["--model", folder, "--task", "ioi", "--size", "8", "--batch-size", "4", "--no-progress"]
 
 
-@pytest.mark.parametrize("command", ["discover", "evaluate", "show", "lens", "attention"])
+@pytest.mark.parametrize("command", ["discover", "evaluate", "show", "compare", "lens", "attention"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -58,6 +59,28 @@ def test_discover_evaluate_show_lens(folder, tmp_path, capsys):
     assert all(0 <= float(p) <= 1 for p in probabilities[1::2])
     with pytest.raises(SystemExit, match="not both"):
         main(["lens", str(out), *_common(folder), "--nodes", "m0"])
+
+
+def test_compare_prints_what_two_circuits_share_and_draws_both(tmp_path, capsys):
+    """Shared edges and nodes with their IoU, and each file's strongest edges that the other lacks, by |score|."""
+    graph = CircuitGraph.from_config({"n_layers": 2, "n_heads": 2, "parallel_attn_mlp": False, "d_model": 8})
+    scores = EdgeScores(graph, torch.randn(len(graph.edges), generator=torch.Generator().manual_seed(0)))
+    scores.topn(12).to_json(tmp_path / "big.json", method="eap")
+    Circuit(graph, graph.edges[::4]).to_json(tmp_path / "other.json")
+    big, other = Circuit.from_json(tmp_path / "big.json"), Circuit.from_json(tmp_path / "other.json")
+    assert main(["compare", str(tmp_path / "big.json"), str(tmp_path / "other.json"), "--top", "2",
+                 "--out", str(tmp_path / "both.svg")]) == 0
+    printed = capsys.readouterr().out
+    overlap = big.overlap(other)
+    assert f"big            {len(big)} edges, {len(big.nodes)} nodes, method eap" in printed
+    assert f"shared edges   {overlap['shared_edges']} (IoU {overlap['edge_iou']:.3f})" in printed
+    assert f"shared nodes   {overlap['shared_nodes']} (IoU {overlap['node_iou']:.3f})" in printed
+    alone = big - other
+    strongest = sorted(alone.edges, key=lambda e: -abs(scores[e]))[:2]
+    assert f"only in big    {len(alone)} edges\n" + "".join(f"               {e} {scores[e]:+.4g}\n"
+                                                           for e in strongest) in printed
+    assert f"only in other  {len(other - big)} edges\n" in printed  # unscored: listed in graph order
+    ET.parse(tmp_path / "both.svg")
 
 
 def test_attention_prints_and_draws_the_heads_weights(folder, tmp_path, capsys):

@@ -9,7 +9,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from fxcircuits.circuit import Circuit
-from fxcircuits.draw import SIGN_COLOURS, _layout, draw_circuit, plot_faithfulness, plot_heatmap
+from fxcircuits.draw import (COMPARISON_COLOURS, SIGN_COLOURS, _layout, draw_circuit, draw_comparison,
+                             plot_faithfulness, plot_heatmap)
 from fxcircuits.graph import CircuitGraph
 
 LEFT_OUT = "a1.h2"  # no edge of the test circuits touches this head
@@ -69,6 +70,28 @@ def test_a_hybrid_draws_each_writer_in_its_own_row(tmp_path):
     xy = _layout(graph, set(graph.nodes), compact=False).xy
     heights = [xy[name][1] for name in ("input", "m0", "m1", "a0.h0", "m2", "m3", "m4", "a1.h3", "m5", "logits")]
     assert heights == sorted(set(heights)) and xy["a0.h0"][1] == xy["a0.h3"][1]
+
+
+def test_a_comparison_draws_both_circuits_edges_coloured_by_which_holds_them(tmp_path):
+    graph = make_graph(False)
+    first, second = signed_circuit(graph, 60), Circuit(graph, graph.edges[::7])
+    path = tmp_path / "both.svg"
+    fig = draw_comparison(first, second, path, labels=("eap", "acdc"))
+    ids = svg_ids(path)
+    union = set(first.edges) | set(second.edges)
+    assert all(ids[name] == 1 for name in union) and set(graph.edges) & set(ids) == union
+    assert set(graph.nodes) & set(ids) == set(first.nodes) | set(second.nodes)
+    holders = set()
+    for name in union:
+        held = ("both" if name in first and name in second else "first" if name in first else "second")
+        holders.add(held)
+        assert np.allclose(artist(fig, name).get_edgecolor()[:3], _rgb(COMPARISON_COLOURS[held])), name
+    assert holders == {"both", "first", "second"}
+    legend = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+    assert legend[:3] == ["in both", "only in eap", "only in acdc"]
+    shared = len(set(first.edges) & set(second.edges))
+    assert fig.axes[0].get_title() == (f"eap: {len(first)} edges, acdc: {len(second)} edges, {shared} shared "
+                                       f"(IoU {shared / len(union):.2f})")
 
 
 def test_png_is_written(tmp_path):
