@@ -242,7 +242,10 @@ def _show(args) -> int:
 def _compare(args) -> int:
     first, second = map(Circuit.from_json, args.circuits)
     labels = _labels(args.circuits)
-    overlap = first.overlap(second)
+    try:
+        overlap = first.overlap(second)
+    except KeyError as error:
+        raise SystemExit(f"{args.circuits[1]} is no circuit of {args.circuits[0]}'s model: {error.args[0]}") from None
     rows = {label: f"{len(c)} edges, {len(c.nodes)} nodes" + "".join(f", {key} {c.info[key]}" for key in
                                                                     ("method", "task", "faithfulness") if key in c.info)
             for label, c in zip(labels, (first, second))}
