@@ -6,6 +6,7 @@ edge of the full graph, an ``in_graph`` flag and a score, so a circuit found her
 """
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -62,15 +63,19 @@ class Circuit:
         return self._combine(other, lambda mine, theirs: mine & ~theirs)
 
     def _combine(self, other: "Circuit", op) -> "Circuit":
-        """Edges of this circuit's graph from both circuits' flags, matched by name (circuits read from files, or
-        found on two models of one architecture, hold graphs of their own).  The scores are kept only where both
-        circuits carry the same ones (two sizes cut from one ``EdgeScores``): otherwise no one score is right."""
+        """Edges of this circuit's graph from both circuits' flags.  The graphs must list the same edges (circuits
+        read from files, or found on two models of one architecture, hold equal graphs of their own): a name such
+        as ``m1->logits`` means another edge in a deeper model.  The scores are kept only where both circuits carry
+        the same ones (two sizes cut from one ``EdgeScores``): otherwise no one score is right."""
         if not isinstance(other, Circuit):
             return NotImplemented
-        theirs = other.edge_mask(self.graph).bool()
-        same = (self.scores is not None and other.scores is not None and self.graph.edges == other.graph.edges
-                and torch.equal(self.scores, other.scores))
-        return Circuit(self.graph, op(self.in_graph, theirs), self.scores if same else None)
+        if other.graph.edges != self.graph.edges:
+            differ = next((a, b) for a, b in itertools.zip_longest(self.graph.edges, other.graph.edges) if a != b)
+            raise ValueError(f"the circuits are of different graphs ({len(self.graph.edges)} and "
+                             f"{len(other.graph.edges)} edges; first difference {differ[0]!r} against {differ[1]!r}): "
+                             "combine or compare circuits of one model, or of models of one architecture")
+        same = self.scores is not None and other.scores is not None and torch.equal(self.scores, other.scores)
+        return Circuit(self.graph, op(self.in_graph, other.in_graph), self.scores if same else None)
 
     def overlap(self, other: "Circuit") -> dict[str, float]:
         """How far two circuits agree, as circuits found by two methods (or on two tasks or models) are compared:

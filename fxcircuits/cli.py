@@ -244,8 +244,8 @@ def _compare(args) -> int:
     labels = _labels(args.circuits)
     try:
         overlap = first.overlap(second)
-    except KeyError as error:
-        raise SystemExit(f"{args.circuits[1]} is no circuit of {args.circuits[0]}'s model: {error.args[0]}") from None
+    except ValueError as error:
+        raise SystemExit(f"{args.circuits[1]} is no circuit of {args.circuits[0]}'s model: {error}") from None
     rows = {label: f"{len(c)} edges, {len(c.nodes)} nodes" + "".join(f", {key} {c.info[key]}" for key in
                                                                     ("method", "task", "faithfulness") if key in c.info)
             for label, c in zip(labels, (first, second))}

@@ -170,7 +170,8 @@ def test_overlap_counts_shared_edges_and_nodes(graph):
 
 def test_circuits_of_different_graphs_do_not_combine(graph):
     deeper = CircuitGraph.from_config({**CFG, "n_layers": 3})
-    with pytest.raises(KeyError, match="not in this model's graph"):
-        Circuit(graph, graph.edges[:5]) | Circuit(deeper, ["a2.h0->logits"])
+    for edges in (["a2.h0->logits"], ["m1->logits"]):  # m1->logits names another edge in the deeper graph
+        with pytest.raises(ValueError, match=r"different graphs \(\d+ and \d+ edges; first difference"):
+            Circuit(graph, graph.edges[:5]) | Circuit(deeper, edges)
     with pytest.raises(TypeError):
         Circuit(graph, graph.edges[:5]) & set(graph.edges[:5])
