@@ -1,8 +1,12 @@
 """Circuits: the edges kept from a model's graph, pruned of dangling pieces, saved as the field saves them.
 
-A circuit runs by patching every edge outside it (``cm(..., edge_mask=circuit)``).  The JSON form is the one
-EAP-IG writes and MIB takes as submissions (NOTES.md §4): ``{"cfg", "nodes", "edges"}`` with every node and
-edge of the full graph, an ``in_graph`` flag and a score, so a circuit found here loads in those tools and back.
+A circuit runs by patching every edge outside it (``cm(..., edge_mask=circuit)``).  It is saved in the two forms
+EAP-IG writes and MIB takes as submissions, so a circuit found here loads in those tools and back:
+- JSON (NOTES.md §4): ``{"cfg", "nodes", "edges"}`` with every node and edge of the full graph, an ``in_graph``
+  flag and a score;
+- ``torch.save`` (``Graph.to_pt``), compact for large models: ``cfg``, the ``src_nodes`` (upstream) and
+  ``dst_nodes`` (downstream inputs) in graph order, and [src, dst] matrices of edge scores and flags, in which the
+  cells of no edge (``m1->m0``) hold zeros.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import networkx as nx
 import torch
 
 from .graph import CircuitGraph
+
+FORMATS = {".json": "json", ".pt": "pt", ".pth": "pt"}  # suffix → the format read and written
 
 
 class Circuit:
@@ -126,12 +132,18 @@ class Circuit:
         total = torch.zeros(len(self.graph.upstream)).index_add_(0, self.graph.src, self.scores)
         return dict(zip(self.graph.upstream, total.tolist()))
 
+    def save(self, path: str | Path, **info) -> None:
+        """``to_json`` or ``to_pt``, as the path ends (``.json``; ``.pt`` or ``.pth``)."""
+        (self.to_json if _format(path) == "json" else self.to_pt)(path, **info)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Circuit":
+        """``from_json`` or ``from_pt``, as the path ends (``.json``; ``.pt`` or ``.pth``)."""
+        return (cls.from_json if _format(path) == "json" else cls.from_pt)(path)
+
     def to_json(self, path: str | Path, **info) -> None:
         """Write the EAP-IG/MIB circuit JSON; ``info`` (model, task, method…) is kept in ``cfg``."""
         g = self.graph
-        if g.d_model is None:
-            raise ValueError("this graph does not know d_model, which EAP-IG's Graph.from_json needs; build it with "
-                             "fxcircuits.trace(model) or CircuitGraph.from_config({... 'd_model': ...})")
         alive = set(self.nodes)
         nodes = {name: {"in_graph": name in alive} for name in g.nodes}
         for name, score in (self.node_scores() or {}).items():
@@ -139,16 +151,26 @@ class Circuit:
         scores = self.scores.tolist() if self.scores is not None else [0.0] * len(g.edges)
         edges = {name: {"score": s, "in_graph": bool(flag)}
                  for name, s, flag in zip(g.edges, scores, self.in_graph.tolist())}
-        cfg = {**self.info, **info, **g.cfg, "scored": self.scores is not None}
-        Path(path).write_text(json.dumps({"cfg": cfg, "nodes": nodes, "edges": edges}))
+        Path(path).write_text(json.dumps({"cfg": self._cfg(info), "nodes": nodes, "edges": edges}))
+
+    def to_pt(self, path: str | Path, **info) -> None:
+        """Write the circuit as EAP-IG's ``Graph.to_pt`` does (``torch.save``; read by its ``Graph.from_pt`` and
+        MIB's loader); ``info`` is kept in ``cfg``."""
+        g = self.graph
+        alive = set(self.nodes)
+        data = {"cfg": self._cfg(info), "src_nodes": list(g.upstream), "dst_nodes": list(g.downstream),
+                "edges_scores": self._matrix(self.scores if self.scores is not None else torch.zeros(len(g.edges))),
+                "edges_in_graph": self._matrix(self.in_graph),
+                "nodes_in_graph": torch.tensor([name in alive for name in g.upstream])}
+        if self.scores is not None:
+            data["nodes_scores"] = torch.tensor(list(self.node_scores().values()))
+        torch.save(data, path)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Circuit":
         """Read a circuit JSON written by fxcircuits, EAP-IG or for MIB."""
         data = json.loads(Path(path).read_text())
-        missing = {"cfg", "nodes", "edges"} - data.keys()
-        if missing:
-            raise ValueError(f"{path} is not an EAP-IG/MIB circuit file: it lacks {sorted(missing)}")
+        _require(data, {"cfg", "nodes", "edges"}, path)
         graph = CircuitGraph.from_config(data["cfg"])
         unknown = data["edges"].keys() - graph.edge_index.keys()
         if unknown:
@@ -156,13 +178,72 @@ class Circuit:
                              f"{data['cfg']['n_heads']}-head graph lacks, e.g. {sorted(unknown)[:3]}; "
                              f"{graph.not_an_edge(sorted(unknown)[0])}")
         in_graph = [name for name, edge in data["edges"].items() if edge["in_graph"]]
-        scored = data["cfg"].get("scored", True)
         scores = torch.zeros(len(graph.edges))
         for name, edge in data["edges"].items():
             scores[graph.edge_index[name]] = float(edge.get("score") or 0.0)
+        return cls._from_cfg(graph, data["cfg"], in_graph, scores)
+
+    @classmethod
+    def from_pt(cls, path: str | Path) -> "Circuit":
+        """Read a circuit written by ``to_pt`` or by EAP-IG's ``Graph.to_pt``.  Scores in the cells of no edge
+        (EAP-IG scores every [src, dst] pair) are left out; a flag there means the file is of another graph."""
+        data = torch.load(path, weights_only=True)
+        _require(data, {"cfg", "src_nodes", "dst_nodes", "edges_scores", "edges_in_graph"}, path)
+        graph = CircuitGraph.from_config(data["cfg"])
+        shape = (len(graph.upstream), len(graph.downstream))
+        if (list(data["src_nodes"]), list(data["dst_nodes"])) != (graph.upstream, graph.downstream):
+            raise ValueError(f"{path}: its src_nodes and dst_nodes are not those of the graph its cfg describes "
+                             f"({shape[0]} upstream nodes, {shape[1]} downstream inputs, in graph order)")
+        flags, scores = (data[key].reshape(-1) if data[key].shape == shape else None
+                         for key in ("edges_in_graph", "edges_scores"))
+        if flags is None or scores is None:
+            raise ValueError(f"{path}: edges_in_graph and edges_scores must be [src, dst] = {list(shape)} matrices; "
+                             f"they are {list(data['edges_in_graph'].shape)} and {list(data['edges_scores'].shape)}")
+        outside = flags.bool().clone()
+        outside[graph.cells] = False
+        if outside.any():
+            src, dst = divmod(int(outside.nonzero()[0]), shape[1])
+            raise ValueError(f"{path} flags {int(outside.sum())} [src, dst] pairs that are no edge of its graph, "
+                             f"e.g. {graph.upstream[src]} -> {graph.downstream[dst]}: a later node cannot feed an "
+                             "earlier input")
+        return cls._from_cfg(graph, data["cfg"], flags[graph.cells].bool(), scores[graph.cells].float())
+
+    def _cfg(self, info: dict) -> dict:
+        """The file's ``cfg``: the graph's shape as the convention gives it, with what is known of the circuit."""
+        if self.graph.d_model is None:
+            raise ValueError("this graph does not know d_model, which EAP-IG's Graph.from_json needs; build it with "
+                             "fxcircuits.trace(model) or CircuitGraph.from_config({... 'd_model': ...})")
+        return {**self.info, **info, **self.graph.cfg, "scored": self.scores is not None}
+
+    @classmethod
+    def _from_cfg(cls, graph: CircuitGraph, cfg: dict, in_graph, scores: torch.Tensor) -> "Circuit":
+        """A circuit read back: the scores only where the file says it has them (EAP-IG's files always do), and
+        what ``cfg`` holds beyond the graph's shape as ``info``."""
         known = graph.cfg  # built once: it rebuilds the convention's graph to compare
-        info = {k: v for k, v in data["cfg"].items() if k not in known and k != "scored"}
-        return cls(graph, in_graph, scores if scored else None, info)
+        info = {k: v for k, v in cfg.items() if k not in known and k != "scored"}
+        return cls(graph, in_graph, scores if cfg.get("scored", True) else None, info)
+
+    def _matrix(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-edge ``values`` [E] laid out as EAP-IG's [src, dst] matrix, zeros where no edge is."""
+        g = self.graph
+        matrix = torch.zeros(len(g.upstream) * len(g.downstream), dtype=values.dtype)
+        matrix[g.cells] = values
+        return matrix.view(len(g.upstream), len(g.downstream))
+
+
+def _format(path: str | Path) -> str:
+    """``json`` or ``pt`` by the file's suffix; any other suffix is refused rather than guessed."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise ValueError(f"{Path(path).name!r}: a circuit file ends in {' or '.join(FORMATS)}, by its format")
+    return FORMATS[suffix]
+
+
+def _require(data, keys: set[str], path) -> None:
+    """Refuse a file that is no circuit file, naming what it lacks."""
+    missing = keys - data.keys() if isinstance(data, dict) else keys
+    if missing:
+        raise ValueError(f"{path} is not an EAP-IG/MIB circuit file: it lacks {sorted(missing)}")
 
 
 def _edge_flags(graph: CircuitGraph, edges: Iterable[str] | torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from . import metrics as metrics_
 from . import tasks as tasks_
 from .attribution import METHODS, attribute
-from .circuit import Circuit
+from .circuit import FORMATS, Circuit
 from .draw import draw_circuit, draw_comparison, plot_faithfulness, plot_heatmap
 from .evaluation import Evaluator
 from .lens import logit_lens
@@ -32,6 +32,7 @@ from .runs import ABLATIONS
 from .scores import EdgeScores
 
 TASKS = ("ioi", "greater-than", "sva")
+CIRCUIT_FILE = "circuit file, .json or .pt (fxcircuits, EAP-IG or MIB)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="command")
     discover = commands.add_parser("discover", help="score every edge on a task, keep the best, evaluate, draw",
                                    description="Score every edge on a task, select a circuit, evaluate its "
-                                   "faithfulness, save it as EAP-IG/MIB JSON and draw it.")
+                                   "faithfulness, save it in EAP-IG/MIB's format and draw it.")
     _model_options(discover)
     _patching_options(discover)
     discover.add_argument("--method", default="eap-ig-inputs", choices=METHODS)
@@ -57,21 +58,22 @@ def _parser() -> argparse.ArgumentParser:
     discover.add_argument("--edges", type=_edge_count, default="1%",
                           help="circuit size: a count (500) or a percentage (1%%)")
     discover.add_argument("--selection", default="topn", choices=("topn", "greedy"))
-    discover.add_argument("--out", default="circuit.json", help="the circuit, as EAP-IG/MIB JSON")
+    discover.add_argument("--out", type=_circuit_path, default="circuit.json", help="the circuit, in EAP-IG/MIB's format: .json, or "
+                          ".pt (torch.save, compact for large models)")
     discover.add_argument("--draw", help="picture of the circuit (.svg or .png; default: next to --out)")
     discover.set_defaults(run=_discover)
 
     evaluate = commands.add_parser("evaluate", help="faithfulness of a saved circuit; curve, CPR and CMD",
                                    description="Faithfulness of a saved circuit on a task; with scores in the "
                                    "file, also MIB's faithfulness curve, CPR and CMD.")
-    evaluate.add_argument("circuit", help="circuit JSON (fxcircuits, EAP-IG or MIB)")
+    evaluate.add_argument("circuit", help=CIRCUIT_FILE)
     _model_options(evaluate)
     _patching_options(evaluate, recorded=True)
     evaluate.add_argument("--plot", help="faithfulness curve picture (.svg or .png)")
     evaluate.set_defaults(run=_evaluate)
 
     show = commands.add_parser("show", help="draw a saved circuit", description="Draw a saved circuit.")
-    show.add_argument("circuit", help="circuit JSON (fxcircuits, EAP-IG or MIB)")
+    show.add_argument("circuit", help=CIRCUIT_FILE)
     show.add_argument("--out", required=True, help="the picture (.svg or .png)")
     show.add_argument("--title")
     show.set_defaults(run=_show)
@@ -80,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
                                   description="Compare two saved circuits of one model (two methods, tasks, sizes or "
                                   "models of one architecture): the edges and nodes they share, their intersection "
                                   "over union, the strongest edges each holds alone, and a picture of both.")
-    compare.add_argument("circuits", nargs=2, metavar="circuit", help="circuit JSON (fxcircuits, EAP-IG or MIB)")
+    compare.add_argument("circuits", nargs=2, metavar="circuit", help=CIRCUIT_FILE)
     compare.add_argument("--top", type=_positive, default=5, help="how many of the edges each holds alone to list")
     compare.add_argument("--out", help="picture of both, edges coloured by which holds them (.svg or .png)")
     compare.set_defaults(run=_compare)
@@ -89,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
                                description="The logit lens on a task's first examples: the top tokens after "
                                "every layer (or of the given nodes, or of a saved circuit's nodes) and the "
                                "answer's probability.")
-    lens.add_argument("circuit", nargs="?", help="circuit JSON whose nodes to read (what each pushes the "
+    lens.add_argument("circuit", nargs="?", help="circuit file (.json or .pt) whose nodes to read (what each pushes the "
                       "prediction towards)")
     _model_options(lens)
     lens.add_argument("--nodes", help="comma-separated nodes to read instead of the stream, e.g. a23.h3,m20")
@@ -175,6 +177,13 @@ def _position(text: str) -> int | str:
     return text if text == "last" else int(text)
 
 
+def _circuit_path(text: str) -> str:
+    """A path a circuit can be saved to (``.json`` or ``.pt``), checked before the run rather than after it."""
+    if Path(text).suffix.lower() not in FORMATS:
+        raise argparse.ArgumentTypeError(f"{text!r}: a circuit file ends in {' or '.join(FORMATS)}")
+    return text
+
+
 def _edge_count(text: str) -> int | float:
     """``"1%"`` → 0.01 (a fraction of all edges), ``"500"`` → 500; anything else is a usage error."""
     try:
@@ -196,7 +205,7 @@ def _discover(args) -> int:
     circuit = getattr(scores, args.selection)(args.edges)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
     faithfulness = evaluator.evaluate(circuit).faithfulness
-    circuit.to_json(args.out, model=args.model, task=task.name, faithfulness=faithfulness)
+    circuit.save(args.out, model=args.model, task=task.name, faithfulness=faithfulness)
     picture = args.draw or str(Path(args.out).with_suffix(".svg"))
     draw_circuit(circuit, picture, title=f"{args.model} · {task.name} · {args.method} · f = {faithfulness:.2f}")
     _table({"model": args.model, "task": f"{task.name} ({len(task.examples)} examples)",
@@ -209,7 +218,7 @@ def _discover(args) -> int:
 
 
 def _evaluate(args) -> int:
-    circuit = Circuit.from_json(args.circuit)
+    circuit = Circuit.load(args.circuit)
     _, _, cm, task = _setup(args)
     metric, ablation, patching = _patching(args, task, circuit.info)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
@@ -233,14 +242,14 @@ def _evaluate(args) -> int:
 
 
 def _show(args) -> int:
-    circuit = Circuit.from_json(args.circuit)
+    circuit = Circuit.load(args.circuit)
     draw_circuit(circuit, args.out, title=args.title)
     print(f"{len(circuit)} edges, {len(circuit.nodes)} nodes → {args.out}")
     return 0
 
 
 def _compare(args) -> int:
-    first, second = map(Circuit.from_json, args.circuits)
+    first, second = map(Circuit.load, args.circuits)
     labels = _labels(args.circuits)
     try:
         overlap = first.overlap(second)
@@ -283,7 +292,7 @@ def _strongest(circuit: Circuit, subset: Circuit, n: int) -> list[str]:
 def _lens(args) -> int:
     if args.circuit and args.nodes:
         raise SystemExit("give a circuit or --nodes, not both")
-    nodes = Circuit.from_json(args.circuit) if args.circuit else args.nodes.split(",") if args.nodes else None
+    nodes = Circuit.load(args.circuit) if args.circuit else args.nodes.split(",") if args.nodes else None
     _, tokenizer, cm, task = _setup(args)
     batch, row = _example(task, args.example)
     lens = logit_lens(cm, batch["clean"], batch["attention_mask"], nodes=nodes)

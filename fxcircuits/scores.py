@@ -81,28 +81,18 @@ class EdgeScores:
         return self._circuit(flags)
 
     def save(self, path: str | Path) -> None:
-        """``.json``: the EAP-IG/MIB circuit format with every edge's score (no edge in the graph);
-        anything else: a ``torch.save`` file, compact for large graphs."""
-        if Path(path).suffix == ".json":
-            Circuit(self.graph, torch.zeros(len(self), dtype=torch.bool), self.tensor).to_json(
-                path, method=self.method, **self.info)
-        else:
-            torch.save({"cfg": self.graph.cfg, "edges": self.graph.edges, "scores": self.tensor,
-                        "method": self.method, "info": self.info}, path)
+        """Every edge's score in a circuit file with no edge in the circuit: EAP-IG/MIB JSON for a path ending in
+        ``.json``, else EAP-IG's ``torch.save`` form (compact for large graphs)."""
+        Circuit(self.graph, torch.zeros(len(self), dtype=torch.bool), self.tensor).save(
+            path, method=self.method, **self.info)
 
     @classmethod
     def load(cls, path: str | Path) -> "EdgeScores":
-        """Read what ``save`` wrote (or any EAP-IG/MIB circuit JSON with scores)."""
-        if Path(path).suffix == ".json":
-            circuit = Circuit.from_json(path)
-            if circuit.scores is None:
-                raise ValueError(f"{path} holds a circuit without scores")
-            return cls(circuit.graph, circuit.scores, str(circuit.info.get("method", "")), circuit.info)
-        data = torch.load(path, weights_only=True)
-        graph = CircuitGraph.from_config(data["cfg"])
-        if graph.edges != data["edges"]:
-            raise ValueError(f"{path}: its edges do not follow the graph its cfg describes")
-        return cls(graph, data["scores"], data["method"], data["info"])
+        """Read what ``save`` wrote, or any EAP-IG/MIB circuit file with scores."""
+        circuit = Circuit.load(path)
+        if circuit.scores is None:
+            raise ValueError(f"{path} holds a circuit without scores")
+        return cls(circuit.graph, circuit.scores, str(circuit.info.get("method", "")), circuit.info)
 
 
 def _count(n: int | float, total: int) -> int:

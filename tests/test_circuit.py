@@ -1,5 +1,6 @@
 """Selection, pruning and the EAP-IG/MIB circuit files."""
 import json
+import re
 
 import networkx as nx
 import pytest
@@ -87,6 +88,65 @@ def test_scores_save_and_load(graph, tmp_path):
         loaded = EdgeScores.load(tmp_path / f"scores{suffix}")
         torch.testing.assert_close(loaded.tensor, scores.tensor)
         assert loaded.method == "eap-ig-inputs" and loaded.info["steps"] == 5
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_pt_files_lay_out_edges_as_eap_ig_indexes_them(parallel, tmp_path):
+    """EAP-IG's [src, dst] matrices: src = 1 + l·(H+1) + h for a head, + H for the MLP; dst = l·(3H+1) + i·H + h
+    for input i (q, k, v) of head h, + 3H for the MLP, the last for logits.  Each edge's score and flag lands in its
+    cell, nothing else is flagged, and the file reads back."""
+    graph = CircuitGraph.from_config({**CFG, "n_layers": 3, "n_heads": 3, "parallel_attn_mlp": parallel})
+    scores = EdgeScores(graph, torch.randn(len(graph.edges), generator=torch.Generator().manual_seed(0)), "eap")
+    circuit = scores.topn(15)
+    circuit.save(tmp_path / "circuit.pt", task="ioi")
+    data = torch.load(tmp_path / "circuit.pt", weights_only=True)
+    heads = 3
+
+    def src(name):
+        if name == "input":
+            return 0
+        layer, head = re.fullmatch(r"[am](\d+)(?:\.h(\d+))?", name).groups()
+        return 1 + int(layer) * (heads + 1) + (heads if head is None else int(head))
+
+    def dst(name):
+        if name == "logits":
+            return data["edges_scores"].shape[1] - 1
+        layer, head, role = re.fullmatch(r"[am](\d+)(?:\.h(\d+)<([qkv])>)?", name).groups()
+        block = int(layer) * (3 * heads + 1)
+        return block + 3 * heads if head is None else block + "qkv".index(role) * heads + int(head)
+
+    flagged = torch.zeros_like(data["edges_in_graph"])
+    for name in graph.edges:
+        cell = src(name.split("->")[0]), dst(name.split("->")[1])
+        assert data["edges_scores"][cell] == scores[name]
+        flagged[cell] = name in circuit
+    assert torch.equal(flagged, data["edges_in_graph"]) and data["cfg"]["task"] == "ioi"
+    assert data["nodes_in_graph"].tolist() == [name in circuit.nodes for name in graph.upstream]
+    loaded = Circuit.load(tmp_path / "circuit.pt")
+    assert loaded.edges == circuit.edges and torch.equal(loaded.scores, scores.tensor) and loaded.info["task"] == "ioi"
+    Circuit(graph, circuit.edges).save(tmp_path / "unscored.pth")
+    assert Circuit.load(tmp_path / "unscored.pth").scores is None
+
+
+def test_pt_files_of_another_layout_are_refused(graph, tmp_path):
+    """EAP-IG scores every [src, dst] pair, real edge or not: those scores are left out, but a flag there, other
+    node lists or other shapes mean another graph."""
+    Circuit(graph, graph.edges[:4], torch.ones(len(graph.edges))).save(tmp_path / "c.pt")
+    data = torch.load(tmp_path / "c.pt", weights_only=True)
+    data["edges_scores"][3, 0] = 9.0  # m0 -> a0.h0<q>: no edge
+    torch.save(data, tmp_path / "c.pt")
+    assert torch.equal(Circuit.load(tmp_path / "c.pt").scores, torch.ones(len(graph.edges)))
+    for change, says in ((lambda d: d["edges_in_graph"].__setitem__((3, 0), True), "flags 1 .* m0 -> a0.h0<q>"),
+                         (lambda d: d["src_nodes"].reverse(), "src_nodes and dst_nodes are not those"),
+                         (lambda d: d.update(edges_scores=d["edges_scores"][:, :-1]), r"must be \[src, dst\]"),
+                         (lambda d: d.pop("edges_in_graph"), r"lacks \['edges_in_graph'\]")):
+        broken = torch.load(tmp_path / "c.pt", weights_only=True)
+        change(broken)
+        torch.save(broken, tmp_path / "broken.pt")
+        with pytest.raises(ValueError, match=says):
+            Circuit.load(tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match="'c.txt': a circuit file ends in .json or .pt"):
+        Circuit(graph, []).save(tmp_path / "c.txt")
 
 
 def test_bad_files_and_names(graph, tmp_path):

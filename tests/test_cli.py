@@ -112,7 +112,8 @@ def test_attention_prints_and_draws_the_heads_weights(folder, tmp_path, capsys):
     (["discover", "--size", "0"], "'0': give a whole number, 1 or more"),
     (["evaluate", "c.json", "--batch-size", "0"], "'0': give a whole number, 1 or more"),
     (["discover", "--steps", "-1"], "'-1': give a whole number, 1 or more"),
-    (["attention", "--heads", "a0.h0", "--position", "x"], "'x': give 'last' or a position")])
+    (["attention", "--heads", "a0.h0", "--position", "x"], "'x': give 'last' or a position"),
+    (["discover", "--out", "circuit.svg"], "'circuit.svg': a circuit file ends in .json or .pt")])
 def test_options_out_of_their_range_are_usage_errors(folder, command, says, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--model", folder])
