@@ -55,9 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     _patching_options(discover)
     discover.add_argument("--method", default="eap-ig-inputs", choices=METHODS)
     discover.add_argument("--steps", type=_positive, default=5, help="integration steps of the EAP-IG methods")
-    discover.add_argument("--edges", type=_edge_count, default="1%",
-                          help="circuit size: a count (500) or a percentage (1%%)")
-    discover.add_argument("--selection", default="topn", choices=("topn", "greedy"))
+    discover.add_argument("--edges", type=_edge_count,
+                          help="circuit size for topn and greedy: a count (500) or a percentage (1%%; the default)")
+    discover.add_argument("--selection", choices=("topn", "greedy", "threshold"),
+                          help="how the circuit is cut from the scores: the --edges best, grown greedily from the "
+                          "logits, or every edge scoring at least --threshold (default: topn; for acdc, threshold: "
+                          "the edges ACDC kept)")
+    discover.add_argument("--threshold", type=float, help="ACDC's tau (default 0.01), and the score (|score|, or "
+                          "ACDC's signed score) --selection threshold keeps an edge at")
     discover.add_argument("--out", type=_circuit_path, default="circuit.json", help="the circuit, in EAP-IG/MIB's format: .json, or "
                           ".pt (torch.save, compact for large models)")
     discover.add_argument("--draw", help="picture of the circuit (.svg or .png; default: next to --out)")
@@ -198,11 +203,13 @@ def _edge_count(text: str) -> int | float:
 
 def _discover(args) -> int:
     start = time.perf_counter()
+    selection = _selection(args)
     _, _, cm, task = _setup(args)
     metric, ablation, patching = _patching(args, task, {})
+    tau = {"threshold": args.threshold} if args.method == "acdc" and args.threshold is not None else {}
     scores = attribute(cm, task.batches, metric, args.method, steps=args.steps, progress=not args.no_progress,
-                       seed=args.seed, **patching)
-    circuit = getattr(scores, args.selection)(args.edges)
+                       seed=args.seed, **patching, **tau)
+    circuit = _select(scores, selection, args)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
     faithfulness = evaluator.evaluate(circuit).faithfulness
     circuit.save(args.out, model=args.model, task=task.name, faithfulness=faithfulness)
@@ -215,6 +222,27 @@ def _discover(args) -> int:
             f"{len(circuit.nodes)} nodes", "faithfulness": f"{faithfulness:.3f}",
             "time": f"{time.perf_counter() - start:.1f} s", "saved": f"{args.out}, {picture}"})
     return 0
+
+
+def _selection(args) -> str:
+    """``--selection``, or its default for the method; options that contradict it are refused before the run."""
+    selection = args.selection or ("threshold" if args.method == "acdc" else "topn")
+    if selection == "threshold" and args.edges is not None:
+        raise SystemExit("--edges sizes a topn or greedy circuit; --selection threshold keeps every edge scoring at "
+                         "least --threshold: give one of them")
+    if selection == "threshold" and args.threshold is None and args.method != "acdc":
+        raise SystemExit(f"--selection threshold needs --threshold: the |score| an edge of {args.method} must reach")
+    return selection
+
+
+def _select(scores: EdgeScores, selection: str, args) -> Circuit:
+    """The circuit ``selection`` cuts from ``scores``.  ACDC's threshold cut is at its τ on the signed score: the
+    edges it kept."""
+    if selection != "threshold":
+        return getattr(scores, selection)(0.01 if args.edges is None else args.edges)
+    if args.method == "acdc":
+        return scores.threshold(scores.info["threshold"], absolute=False)
+    return scores.threshold(args.threshold)
 
 
 def _evaluate(args) -> int:

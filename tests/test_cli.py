@@ -150,3 +150,30 @@ def test_metric_and_ablation_are_chosen_saved_and_read_back(folder, tmp_path, ca
         printed = capsys.readouterr().out
         row = next(line for line in printed.splitlines() if line.startswith("faithfulness"))
         assert row.split()[-1] == f"{faithfulness[ablation]:.3f}" and "prob_diff" in printed
+
+
+def test_acdc_keeps_the_edges_it_kept_and_thresholds_cut_by_score(folder, tmp_path):
+    """``--method acdc`` cuts its circuit at τ on the signed score (the edges ACDC kept), ``--threshold`` being τ;
+    ``--selection threshold`` on another method keeps |score| ≥ the threshold; contradicting options are refused
+    before any run."""
+    model, tokenizer = load_model(folder)
+    cm, task = trace(model), tasks.load("ioi", tokenizer, size=8, batch_size=4)
+    tau = 0.02 * abs(task.baseline(cm) - task.baseline(cm, corrupted=True))  # kept 12 to 21 of 110 edges, 5 seeds
+    acdc = attribute(cm, task.batches, task.metric, "acdc", threshold=tau, progress=False)
+    out = tmp_path / "acdc.json"
+    assert main(["discover", *_common(folder), "--method", "acdc", "--metric", "logit_diff", "--threshold", repr(tau),
+                 "--out", str(out)]) == 0
+    circuit = Circuit.load(out)
+    assert circuit.edges == acdc.threshold(tau, absolute=False).edges and circuit.info["threshold"] == tau
+    assert 0 < len(circuit) < len(cm.graph.edges)
+
+    scores = attribute(cm, task.batches, task.metric, "eap", progress=False)
+    cut = float(scores.tensor.abs().quantile(0.9))
+    assert main(["discover", *_common(folder), "--method", "eap", "--selection", "threshold", "--threshold", str(cut),
+                 "--out", str(out)]) == 0
+    assert Circuit.load(out).edges == scores.threshold(cut).edges
+
+    for options, says in ((["--selection", "threshold", "--threshold", "1", "--edges", "5"], "give one of them"),
+                          (["--method", "eap", "--selection", "threshold"], "needs --threshold")):
+        with pytest.raises(SystemExit, match=says):
+            main(["discover", *_common(folder), *options])
