@@ -61,10 +61,11 @@ def _parser() -> argparse.ArgumentParser:
                           help="how the circuit is cut from the scores: the --edges best, grown greedily from the "
                           "logits, or every edge scoring at least --threshold (default: topn; for acdc, threshold: "
                           "the edges ACDC kept)")
-    discover.add_argument("--threshold", type=float, help="ACDC's tau (default 0.01), and the score (|score|, or "
-                          "ACDC's signed score) --selection threshold keeps an edge at")
-    discover.add_argument("--out", type=_circuit_path, default="circuit.json", help="the circuit, in EAP-IG/MIB's format: .json, or "
-                          ".pt (torch.save, compact for large models)")
+    discover.add_argument("--threshold", type=float, help="ACDC's tau (default 0.01); with --selection threshold, "
+                          "the least score an edge needs (|score|; for acdc, its signed score)")
+    discover.add_argument("--out", type=_circuit_path, default="circuit.json",
+                          help="the circuit, in EAP-IG/MIB's format: .json, or .pt (torch.save, compact for large "
+                          "models)")
     discover.add_argument("--draw", help="picture of the circuit (.svg or .png; default: next to --out)")
     discover.set_defaults(run=_discover)
 
@@ -96,8 +97,8 @@ def _parser() -> argparse.ArgumentParser:
                                description="The logit lens on a task's first examples: the top tokens after "
                                "every layer (or of the given nodes, or of a saved circuit's nodes) and the "
                                "answer's probability.")
-    lens.add_argument("circuit", nargs="?", help="circuit file (.json or .pt) whose nodes to read (what each pushes the "
-                      "prediction towards)")
+    lens.add_argument("circuit", nargs="?", help="circuit file (.json or .pt) whose nodes to read (what each pushes "
+                      "the prediction towards)")
     _model_options(lens)
     lens.add_argument("--nodes", help="comma-separated nodes to read instead of the stream, e.g. a23.h3,m20")
     lens.add_argument("--example", type=int, default=0, help="which example's top tokens to print")
@@ -283,8 +284,7 @@ def _compare(args) -> int:
         overlap = first.overlap(second)
     except ValueError as error:
         raise SystemExit(f"{args.circuits[1]} is no circuit of {args.circuits[0]}'s model: {error}") from None
-    rows = {label: f"{len(c)} edges, {len(c.nodes)} nodes" + "".join(f", {key} {c.info[key]}" for key in
-                                                                    ("method", "task", "faithfulness") if key in c.info)
+    rows = {label: ", ".join([f"{len(c)} edges, {len(c.nodes)} nodes", *_recorded(c.info)])
             for label, c in zip(labels, (first, second))}
     rows.update({"shared edges": f"{overlap['shared_edges']} (IoU {overlap['edge_iou']:.3f})",
                  "shared nodes": f"{overlap['shared_nodes']} (IoU {overlap['node_iou']:.3f})"})
@@ -296,6 +296,12 @@ def _compare(args) -> int:
         draw_comparison(first, second, args.out, labels=labels)
         print(f"picture → {args.out}")
     return 0
+
+
+def _recorded(info: dict) -> list[str]:
+    """How a circuit file says its circuit was found and how it did: ``method eap``, ``faithfulness 0.466``."""
+    return [f"{key} {info[key]:.3f}" if isinstance(info[key], float) else f"{key} {info[key]}"
+            for key in ("method", "task", "faithfulness") if key in info]
 
 
 def _labels(paths: list[str]) -> tuple[str, str]:

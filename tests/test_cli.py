@@ -83,7 +83,8 @@ def test_compare_prints_what_two_circuits_share_and_draws_both(tmp_path, capsys)
     ET.parse(tmp_path / "both.svg")
     deeper = CircuitGraph.from_config({"n_layers": 3, "n_heads": 2, "parallel_attn_mlp": False, "d_model": 8})
     Circuit(deeper, ["a2.h0->logits"]).to_json(tmp_path / "deeper.json")
-    with pytest.raises(SystemExit, match="deeper.json is no circuit of .*big.json's model: the circuits are of different graphs"):
+    with pytest.raises(SystemExit, match="deeper.json is no circuit of .*big.json's model: the circuits are of "
+                                         "different graphs"):
         main(["compare", str(tmp_path / "big.json"), str(tmp_path / "deeper.json")])
 
 
