@@ -177,6 +177,8 @@ class Circuit:
             raise ValueError(f"{path} names {len(unknown)} edges that a {data['cfg']['n_layers']}-layer, "
                              f"{data['cfg']['n_heads']}-head graph lacks, e.g. {sorted(unknown)[:3]}; "
                              f"{graph.not_an_edge(sorted(unknown)[0])}")
+        _whole_nodes(path, [(name, node["in_graph"], node["neurons"]) for name, node in data["nodes"].items()
+                            if "neurons" in node])
         in_graph = [name for name, edge in data["edges"].items() if edge["in_graph"]]
         scores = torch.zeros(len(graph.edges))
         for name, edge in data["edges"].items():
@@ -185,28 +187,22 @@ class Circuit:
 
     @classmethod
     def from_pt(cls, path: str | Path) -> "Circuit":
-        """Read a circuit written by ``to_pt`` or by EAP-IG's ``Graph.to_pt``.  Scores in the cells of no edge
-        (EAP-IG scores every [src, dst] pair) are left out; a flag there means the file is of another graph."""
+        """Read a circuit written by ``to_pt`` or by EAP-IG's ``Graph.to_pt``.  The cells of no edge are left out:
+        EAP-IG scores every [src, dst] pair, and its node-level circuits flag every pair leaving a kept node."""
         data = torch.load(path, weights_only=True)
-        _require(data, {"cfg", "src_nodes", "dst_nodes", "edges_scores", "edges_in_graph"}, path)
+        _require(data, {"cfg", "src_nodes", "dst_nodes", "edges_scores", "edges_in_graph", "nodes_in_graph"}, path)
         graph = CircuitGraph.from_config(data["cfg"])
         shape = (len(graph.upstream), len(graph.downstream))
         if (list(data["src_nodes"]), list(data["dst_nodes"])) != (graph.upstream, graph.downstream):
             raise ValueError(f"{path}: its src_nodes and dst_nodes are not those of the graph its cfg describes "
                              f"({shape[0]} upstream nodes, {shape[1]} downstream inputs, in graph order)")
-        flags, scores = (data[key].reshape(-1) if data[key].shape == shape else None
-                         for key in ("edges_in_graph", "edges_scores"))
-        if flags is None or scores is None:
+        if data["edges_in_graph"].shape != shape or data["edges_scores"].shape != shape:
             raise ValueError(f"{path}: edges_in_graph and edges_scores must be [src, dst] = {list(shape)} matrices; "
                              f"they are {list(data['edges_in_graph'].shape)} and {list(data['edges_scores'].shape)}")
-        outside = flags.bool().clone()
-        outside[graph.cells] = False
-        if outside.any():
-            src, dst = divmod(int(outside.nonzero()[0]), shape[1])
-            raise ValueError(f"{path} flags {int(outside.sum())} [src, dst] pairs that are no edge of its graph, "
-                             f"e.g. {graph.upstream[src]} -> {graph.downstream[dst]}: a later node cannot feed an "
-                             "earlier input")
-        return cls._from_cfg(graph, data["cfg"], flags[graph.cells].bool(), scores[graph.cells].float())
+        if data.get("neurons_in_graph") is not None:
+            _whole_nodes(path, zip(graph.upstream, data["nodes_in_graph"].tolist(), data["neurons_in_graph"]))
+        flags, scores = (data[key].reshape(-1)[graph.cells] for key in ("edges_in_graph", "edges_scores"))
+        return cls._from_cfg(graph, data["cfg"], flags.bool(), scores.float())
 
     def _cfg(self, info: dict) -> dict:
         """The file's ``cfg``: the graph's shape as the convention gives it, with what is known of the circuit."""
@@ -237,6 +233,16 @@ def _format(path: str | Path) -> str:
     if suffix not in FORMATS:
         raise ValueError(f"{Path(path).name!r}: a circuit file ends in {' or '.join(FORMATS)}, by its format")
     return FORMATS[suffix]
+
+
+def _whole_nodes(path, nodes: Iterable[tuple[str, bool, object]]) -> None:
+    """Refuse a neuron-level circuit (EAP-IG's neurons in graph, per node): it keeps part of a node, which an edge
+    mask cannot, and evaluating the whole node instead would give another circuit's answer.  ``nodes``: (name, in
+    the circuit, its neuron flags)."""
+    partial = [name for name, kept, neurons in nodes if kept and not bool(torch.as_tensor(neurons).bool().all())]
+    if partial:
+        raise ValueError(f"{path} keeps part of the neurons of {len(partial)} node(s), e.g. {partial[0]}: "
+                         "neuron-level circuits are not edge circuits; fxcircuits reads circuits of whole nodes")
 
 
 def _require(data, keys: set[str], path) -> None:

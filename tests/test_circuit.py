@@ -129,15 +129,15 @@ def test_pt_files_lay_out_edges_as_eap_ig_indexes_them(parallel, tmp_path):
 
 
 def test_pt_files_of_another_layout_are_refused(graph, tmp_path):
-    """EAP-IG scores every [src, dst] pair, real edge or not: those scores are left out, but a flag there, other
-    node lists or other shapes mean another graph."""
+    """EAP-IG scores every [src, dst] pair, and its node-level circuits flag every pair leaving a kept node, real
+    edge or not: those cells are left out.  Other node lists, other shapes or missing keys mean another file."""
     Circuit(graph, graph.edges[:4], torch.ones(len(graph.edges))).save(tmp_path / "c.pt")
     data = torch.load(tmp_path / "c.pt", weights_only=True)
-    data["edges_scores"][3, 0] = 9.0  # m0 -> a0.h0<q>: no edge
+    data["edges_scores"][3, 0], data["edges_in_graph"][3, 0] = 9.0, True  # m0 -> a0.h0<q>: no edge
     torch.save(data, tmp_path / "c.pt")
-    assert torch.equal(Circuit.load(tmp_path / "c.pt").scores, torch.ones(len(graph.edges)))
-    for change, says in ((lambda d: d["edges_in_graph"].__setitem__((3, 0), True), "flags 1 .* m0 -> a0.h0<q>"),
-                         (lambda d: d["src_nodes"].reverse(), "src_nodes and dst_nodes are not those"),
+    loaded = Circuit.load(tmp_path / "c.pt")
+    assert loaded.edges == graph.edges[:4] and torch.equal(loaded.scores, torch.ones(len(graph.edges)))
+    for change, says in ((lambda d: d["src_nodes"].reverse(), "src_nodes and dst_nodes are not those"),
                          (lambda d: d.update(edges_scores=d["edges_scores"][:, :-1]), r"must be \[src, dst\]"),
                          (lambda d: d.pop("edges_in_graph"), r"lacks \['edges_in_graph'\]")):
         broken = torch.load(tmp_path / "c.pt", weights_only=True)
@@ -147,6 +147,31 @@ def test_pt_files_of_another_layout_are_refused(graph, tmp_path):
             Circuit.load(tmp_path / "broken.pt")
     with pytest.raises(ValueError, match="'c.txt': a circuit file ends in .json or .pt"):
         Circuit(graph, []).save(tmp_path / "c.txt")
+
+
+def test_neuron_level_circuits_are_refused_whole_nodes_read(graph, tmp_path):
+    """EAP-IG's neuron-level circuits keep part of a node, which no edge mask can: refused in both formats, unless
+    every kept node keeps all its neurons (then it is an edge circuit); a dropped node's neurons do not matter."""
+    circuit = Circuit(graph, ["input->a0.h1<q>", "a0.h1->logits"])
+    circuit.save(tmp_path / "c.json")
+    circuit.save(tmp_path / "c.pt")
+    data, pt = json.loads((tmp_path / "c.json").read_text()), torch.load(tmp_path / "c.pt", weights_only=True)
+    pt["neurons_in_graph"] = torch.ones(len(graph.upstream), 8, dtype=torch.bool)
+    pt["neurons_in_graph"][graph.node_index["m1"], 3] = False  # m1 is not in the circuit
+    for name, node in data["nodes"].items():
+        node["neurons"] = [name != "m1" or i != 3 for i in range(8)]
+    for keep_part in (False, True):
+        if keep_part:
+            pt["neurons_in_graph"][graph.node_index["a0.h1"], 5] = False
+            data["nodes"]["a0.h1"]["neurons"][5] = False
+        (tmp_path / "n.json").write_text(json.dumps(data))
+        torch.save(pt, tmp_path / "n.pt")
+        for path in (tmp_path / "n.json", tmp_path / "n.pt"):
+            if keep_part:
+                with pytest.raises(ValueError, match="part of the neurons of 1 node.*a0.h1"):
+                    Circuit.load(path)
+            else:
+                assert Circuit.load(path).edges == circuit.edges
 
 
 def test_bad_files_and_names(graph, tmp_path):
