@@ -351,7 +351,7 @@ def from_file(path: str | Path, tokenizer, *, metric: str | Metric | None = None
 
 
 def _read_csv(path: Path) -> list[tuple[int, dict]]:
-    with path.open(newline="", encoding="utf-8") as file:
+    with path.open(newline="", encoding="utf-8-sig") as file:  # -sig: a spreadsheet's byte-order mark
         reader = csv.DictReader(file)
         missing = [column for column in _COLUMNS if column not in (reader.fieldnames or ())]
         if missing:
@@ -363,7 +363,7 @@ def _read_csv(path: Path) -> list[tuple[int, dict]]:
 def _read_jsonl(path: Path) -> list[tuple[int, dict | str]]:
     """(line number, object) per non-blank line; a line that is not a JSON object is kept as its error."""
     rows = []
-    for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line, text in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not text.strip():
             continue
         try:

@@ -144,6 +144,10 @@ def test_from_csv_and_jsonl(tmp_path, tokenizer):
                                                                             (" John",))
     assert rows(from_csv, "correct")[:1] == rows(from_jsonl, "correct")
     assert tasks.from_file(csv_path, tokenizer, metric="logprob").metric is metrics.logprob
+    for path in (csv_path, jsonl_path):  # saved by a spreadsheet or an editor with a byte-order mark: the same task
+        marked = path.with_name("marked" + path.suffix)
+        marked.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+        assert tasks.from_file(marked, tokenizer).examples == tasks.from_file(path, tokenizer).examples
 
 
 def test_from_file_reports_every_bad_row_by_line(tmp_path, tokenizer):
