@@ -35,18 +35,30 @@ TASKS = ("ioi", "greater-than", "sva")
 CIRCUIT_FILE = "circuit file, .json or .pt (fxcircuits, EAP-IG or MIB)"
 
 
+# What the library raises for input it cannot use (a missing file, an unknown node, a model it cannot decompose):
+# the command says so in a line; a traceback would bury it.  Other exceptions are bugs, and keep theirs.
+REFUSALS = (ValueError, KeyError, OSError, ImportError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 1
-    return args.run(args)
+    try:
+        return args.run(args)
+    except REFUSALS as error:
+        if args.traceback:
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        parser.exit(1, f"fxcircuits {args.command}: error: {message}\n(--traceback shows where it was raised)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxcircuits", description="Find, evaluate and draw circuits in any "
                                      "Hugging Face decoder-only model.")
+    parser.add_argument("--traceback", action="store_true", help="show where an error was raised, not just what")
     commands = parser.add_subparsers(dest="command", metavar="command")
     discover = commands.add_parser("discover", help="score every edge on a task, keep the best, evaluate, draw",
                                    description="Score every edge on a task, select a circuit, evaluate its "

@@ -178,3 +178,21 @@ def test_acdc_keeps_the_edges_it_kept_and_thresholds_cut_by_score(folder, tmp_pa
                           (["--method", "eap", "--selection", "threshold"], "needs --threshold")):
         with pytest.raises(SystemExit, match=says):
             main(["discover", *_common(folder), *options])
+
+
+def test_refused_input_is_one_line_and_traceback_shows_where(tmp_path, capsys):
+    """A missing file, an unknown node or a bad picture suffix: exit status 1 and the library's message on stderr;
+    with --traceback the exception itself."""
+    missing = str(tmp_path / "missing.json")
+    with pytest.raises(SystemExit) as exit_:
+        main(["show", missing, "--out", str(tmp_path / "c.svg")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.startswith("fxcircuits show: error: ") and missing in err
+    assert "Traceback" not in err
+    graph = CircuitGraph.from_config({"n_layers": 2, "n_heads": 2, "parallel_attn_mlp": False, "d_model": 8})
+    Circuit(graph, graph.edges[:3]).save(tmp_path / "c.json")
+    with pytest.raises(SystemExit):
+        main(["show", str(tmp_path / "c.json"), "--out", str(tmp_path / "c.txt")])
+    assert "error: cannot save a figure as 'c.txt'" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError):
+        main(["--traceback", "show", missing, "--out", str(tmp_path / "c.svg")])
