@@ -67,12 +67,15 @@ def _parser() -> argparse.ArgumentParser:
     _patching_options(discover)
     discover.add_argument("--method", default="eap-ig-inputs", choices=METHODS)
     discover.add_argument("--steps", type=_positive, default=5, help="integration steps of the EAP-IG methods")
-    discover.add_argument("--edges", type=_edge_count,
+    discover.add_argument("--edges", type=_size,
                           help="circuit size for topn and greedy: a count (500) or a percentage (1%%; the default)")
-    discover.add_argument("--selection", choices=("topn", "greedy", "threshold"),
+    discover.add_argument("--nodes", type=_size,
+                          help="circuit size for --selection nodes: a count of nodes (40) or a percentage of them")
+    discover.add_argument("--selection", choices=("topn", "greedy", "nodes", "threshold"),
                           help="how the circuit is cut from the scores: the --edges best, grown greedily from the "
-                          "logits, or every edge scoring at least --threshold (default: topn; for acdc, threshold: "
-                          "the edges ACDC kept)")
+                          "logits, every edge among the --nodes best nodes (node patching), or every edge scoring at "
+                          "least --threshold (default: topn; nodes when --nodes is given; for acdc, threshold: the "
+                          "edges ACDC kept)")
     discover.add_argument("--threshold", type=float, help="ACDC's tau (default 0.01); with --selection threshold, "
                           "the least score an edge needs (|score|; for acdc, its signed score)")
     discover.add_argument("--out", type=_circuit_path, default="circuit.json",
@@ -202,15 +205,14 @@ def _circuit_path(text: str) -> str:
     return text
 
 
-def _edge_count(text: str) -> int | float:
-    """``"1%"`` → 0.01 (a fraction of all edges), ``"500"`` → 500; anything else is a usage error."""
+def _size(text: str) -> int | float:
+    """``"1%"`` → 0.01 (a fraction of all edges or nodes), ``"500"`` → 500; anything else is a usage error."""
     try:
         count = float(text[:-1]) / 100 if text.endswith("%") else int(text)
     except ValueError:
         count = None
     if count is None or count < 0 or (text.endswith("%") and count > 1):
-        raise argparse.ArgumentTypeError(f"{text!r}: give a count of edges (500) or a percentage of all edges from "
-                                         "0% to 100% (1%)")
+        raise argparse.ArgumentTypeError(f"{text!r}: give a count (500) or a percentage from 0% to 100% (1%)")
     return count
 
 
@@ -238,11 +240,17 @@ def _discover(args) -> int:
 
 
 def _selection(args) -> str:
-    """``--selection``, or its default for the method; options that contradict it are refused before the run."""
-    selection = args.selection or ("threshold" if args.method == "acdc" else "topn")
-    if selection == "threshold" and args.edges is not None:
-        raise SystemExit("--edges sizes a topn or greedy circuit; --selection threshold keeps every edge scoring at "
-                         "least --threshold: give one of them")
+    """``--selection``, or its default for the options and method; a size that does not size it is refused
+    before the run, as is a threshold cut without a threshold."""
+    default = "nodes" if args.nodes is not None else "threshold" if args.method == "acdc" else "topn"
+    selection = args.selection or default
+    sizes = {"topn": "edges", "greedy": "edges", "nodes": "nodes", "threshold": None}
+    for option in ("edges", "nodes"):
+        if getattr(args, option) is not None and sizes[selection] != option:
+            raise SystemExit(f"--{option} does not size a {selection} circuit: give "
+                             + (f"--{sizes[selection]}" if sizes[selection] else "--threshold") + " instead")
+    if selection == "nodes" and args.nodes is None:
+        raise SystemExit("--selection nodes needs --nodes: how many nodes to keep (40) or what share of them (10%)")
     if selection == "threshold" and args.threshold is None and args.method != "acdc":
         raise SystemExit(f"--selection threshold needs --threshold: the |score| an edge of {args.method} must reach")
     return selection
@@ -251,6 +259,8 @@ def _selection(args) -> str:
 def _select(scores: EdgeScores, selection: str, args) -> Circuit:
     """The circuit ``selection`` cuts from ``scores``.  ACDC's threshold cut is at its τ on the signed score: the
     edges it kept."""
+    if selection == "nodes":
+        return scores.topn_nodes(args.nodes)
     if selection != "threshold":
         return getattr(scores, selection)(0.01 if args.edges is None else args.edges)
     if args.method == "acdc":

@@ -1,4 +1,4 @@
-"""Edge scores, and the three ways the field turns them into a circuit: top-n, greedy, threshold.
+"""Edge scores, and the ways the field turns them into a circuit: top-n edges, greedy, threshold, top-n nodes.
 
 Sign and scale follow EAP-IG/MIB (NOTES.md §4): score(e) ≈ mean over examples of metric(clean) −
 metric(clean with e patched); positive means the edge helps the task.  Every selection is pruned of dangling
@@ -55,6 +55,17 @@ class EdgeScores:
         flags[torch.argsort(self._ranked(absolute), descending=True, stable=True)[:count]] = True
         return self._circuit(flags)
 
+    def topn_nodes(self, n: int | float, absolute: bool = True) -> Circuit:
+        """A node-level circuit, cut as EAP-IG's ``apply_topn(level="node")`` cuts one: the ``n`` upstream nodes of
+        highest score (``nodes()``; a float is a fraction of them), with every edge among them and from them into
+        ``logits``, pruned.  Running it patches every other node on all its edges: node (activation) patching."""
+        g, ranked = self.graph, torch.tensor(list(self.nodes().values()))
+        kept = torch.zeros(len(g.nodes), dtype=torch.bool)
+        order = torch.argsort(ranked.abs() if absolute else ranked, descending=True, stable=True)
+        kept[order[:_count(n, len(ranked), "nodes")]] = True
+        kept[-1] = True  # logits reads whatever is kept
+        return self._circuit(kept[g.src] & kept[g.reader[g.dst]])
+
     def threshold(self, t: float, absolute: bool = True) -> Circuit:
         """Every edge whose score (|score| with ``absolute``) is at least ``t``, pruned."""
         return self._circuit(self._ranked(absolute) >= t)
@@ -95,13 +106,13 @@ class EdgeScores:
         return cls(circuit.graph, circuit.scores, str(circuit.info.get("method", "")), circuit.info)
 
 
-def _count(n: int | float, total: int) -> int:
-    """``n`` edges: an int is a count, a float a fraction of ``total`` (MIB's int(p·E); 1.0 is every edge)."""
+def _count(n: int | float, total: int, what: str = "edges") -> int:
+    """``n`` of ``total`` edges (or nodes): an int is a count, a float a fraction (MIB's int(p·E); 1.0 is all)."""
     if isinstance(n, float):
         if not 0 <= n <= 1:
-            raise ValueError(f"{n} is no fraction of the edges: a float is a fraction from 0 to 1 (0.01 keeps 1%); "
-                             "pass an int to keep a count of edges")
+            raise ValueError(f"{n} is no fraction of the {what}: a float is a fraction from 0 to 1 (0.01 keeps 1%); "
+                             f"pass an int to keep a count of {what}")
         return int(n * total)
     if not 0 <= n <= total:
-        raise ValueError(f"asked for {n} edges of {total}")
+        raise ValueError(f"asked for {n} {what} of {total}")
     return int(n)

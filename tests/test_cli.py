@@ -107,9 +107,9 @@ def test_attention_prints_and_draws_the_heads_weights(folder, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command, says", [
-    (["discover", "--edges", "abc"], "a count of edges (500) or a percentage"),
-    (["discover", "--edges", "150%"], "a count of edges (500) or a percentage"),
-    (["discover", "--edges", "-3"], "a count of edges (500) or a percentage"),
+    (["discover", "--edges", "abc"], "a count (500) or a percentage from 0% to 100%"),
+    (["discover", "--edges", "150%"], "a count (500) or a percentage from 0% to 100%"),
+    (["discover", "--edges", "-3"], "a count (500) or a percentage from 0% to 100%"),
     (["discover", "--size", "0"], "'0': give a whole number, 1 or more"),
     (["evaluate", "c.json", "--batch-size", "0"], "'0': give a whole number, 1 or more"),
     (["discover", "--steps", "-1"], "'-1': give a whole number, 1 or more"),
@@ -153,10 +153,10 @@ def test_metric_and_ablation_are_chosen_saved_and_read_back(folder, tmp_path, ca
         assert row.split()[-1] == f"{faithfulness[ablation]:.3f}" and "prob_diff" in printed
 
 
-def test_acdc_keeps_the_edges_it_kept_and_thresholds_cut_by_score(folder, tmp_path):
+def test_selections_acdc_threshold_and_nodes(folder, tmp_path):
     """``--method acdc`` cuts its circuit at τ on the signed score (the edges ACDC kept), ``--threshold`` being τ;
-    ``--selection threshold`` on another method keeps |score| ≥ the threshold; contradicting options are refused
-    before any run."""
+    ``--selection threshold`` on another method keeps |score| ≥ the threshold; ``--nodes`` cuts a node-level
+    circuit; a size that does not size the selection is refused before any run."""
     model, tokenizer = load_model(folder)
     cm, task = trace(model), tasks.load("ioi", tokenizer, size=8, batch_size=4)
     tau = 0.02 * abs(task.baseline(cm) - task.baseline(cm, corrupted=True))  # kept 12 to 21 of 110 edges, 5 seeds
@@ -174,7 +174,13 @@ def test_acdc_keeps_the_edges_it_kept_and_thresholds_cut_by_score(folder, tmp_pa
                  "--out", str(out)]) == 0
     assert Circuit.load(out).edges == scores.threshold(cut).edges
 
-    for options, says in ((["--selection", "threshold", "--threshold", "1", "--edges", "5"], "give one of them"),
+    assert main(["discover", *_common(folder), "--method", "eap", "--nodes", "4", "--out", str(out)]) == 0
+    assert Circuit.load(out).edges == scores.topn_nodes(4).edges
+
+    for options, says in ((["--selection", "threshold", "--threshold", "1", "--edges", "5"],
+                           "--edges does not size a threshold circuit: give --threshold instead"),
+                          (["--nodes", "3", "--edges", "5"], "--edges does not size a nodes circuit: give --nodes"),
+                          (["--selection", "nodes"], "--selection nodes needs --nodes"),
                           (["--method", "eap", "--selection", "threshold"], "needs --threshold")):
         with pytest.raises(SystemExit, match=says):
             main(["discover", *_common(folder), *options])
