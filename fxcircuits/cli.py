@@ -355,8 +355,11 @@ def _lens(args) -> int:
     print(f"example {args.example}: {task.examples[args.example].clean!r}")
     print(lens.table(tokenizer, k=args.top, example=row))
     answers = lens.answer_probs(batch["correct"])[:, :, 0]
-    print("\np(correct answer) per row, mean over the batch:")
-    print(_columns([f"{label} {p:.2f}" for label, p in zip(lens.labels, answers.mean(1).tolist())]))
+    push = answers - lens.answer_probs(batch["incorrect"])[:, :, 0]
+    for what, values in (("p(correct answer)", answers), ("p(correct) − p(incorrect)", push)):
+        print(f"\n{what} per row, mean over the batch:")
+        print(_columns([f"{label} {p:+.2f}" if values is push else f"{label} {p:.2f}"
+                        for label, p in zip(lens.labels, values.mean(1).tolist())]))
     if args.out:
         plot_heatmap(answers, lens.labels, [str(i) for i in range(answers.shape[1])], args.out,
                      title=f"p(correct) through the layers · {task.name}")

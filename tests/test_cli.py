@@ -54,9 +54,10 @@ def test_discover_evaluate_show_lens(folder, tmp_path, capsys):
     ET.parse(tmp_path / "lens.svg")
 
     assert main(["lens", str(out), *_common(folder)]) == 0  # the circuit's nodes, explained
-    probabilities = capsys.readouterr().out.split("mean over the batch:\n")[1].split()
-    assert probabilities[::2] == [n for n in circuit.nodes if n != "logits"]
-    assert all(0 <= float(p) <= 1 for p in probabilities[1::2])
+    _, correct, push = capsys.readouterr().out.split("mean over the batch:\n")
+    correct = correct.split("\n\n")[0].split()
+    assert correct[::2] == push.split()[::2] == [n for n in circuit.nodes if n != "logits"]
+    assert all(0 <= float(p) <= 1 for p in correct[1::2]) and all(-1 <= float(p) <= 1 for p in push.split()[1::2])
     with pytest.raises(SystemExit, match="not both"):
         main(["lens", str(out), *_common(folder), "--nodes", "m0"])
 
