@@ -129,8 +129,7 @@ class Circuit:
         """A node's score is the sum of its outgoing edges' scores: patching a node patches all of them."""
         if self.scores is None:
             return None
-        total = torch.zeros(len(self.graph.upstream)).index_add_(0, self.graph.src, self.scores)
-        return dict(zip(self.graph.upstream, total.tolist()))
+        return dict(zip(self.graph.upstream, self.graph.by_source(self.scores).tolist()))
 
     def save(self, path: str | Path, **info) -> None:
         """``to_json`` or ``to_pt``, as the path ends (``.json``; ``.pt`` or ``.pth``)."""
@@ -163,7 +162,7 @@ class Circuit:
                 "edges_in_graph": self._matrix(self.in_graph),
                 "nodes_in_graph": torch.tensor([name in alive for name in g.upstream])}
         if self.scores is not None:
-            data["nodes_scores"] = torch.tensor(list(self.node_scores().values()))
+            data["nodes_scores"] = g.by_source(self.scores)
         torch.save(data, path)
 
     @classmethod

@@ -76,6 +76,11 @@ class CircuitGraph:
         # for each downstream input, the index in ``nodes`` of the node it feeds (a head, an MLP, ``logits``)
         self.reader = torch.tensor([position[port.split("<")[0]] for port in self.downstream], dtype=torch.long)
 
+    def by_source(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-edge ``values`` [E] summed over each upstream node's outgoing edges, [U]: a node's score, since
+        patching a node patches every edge it sends."""
+        return torch.zeros(len(self.upstream), dtype=values.dtype).index_add_(0, self.src, values)
+
     def edge_id(self, name: str) -> int | None:
         """``name``'s index in ``edges``, or None for a name that is no edge of this graph."""
         if not isinstance(name, str):

@@ -36,8 +36,7 @@ class EdgeScores:
     def nodes(self) -> dict[str, float]:
         """Node-level scores: the sum of each upstream node's outgoing edge scores (patching a node patches
         every edge it sends)."""
-        total = torch.zeros(len(self.graph.upstream)).index_add_(0, self.graph.src, self.tensor)
-        return dict(zip(self.graph.upstream, total.tolist()))
+        return dict(zip(self.graph.upstream, self.graph.by_source(self.tensor).tolist()))
 
     def _ranked(self, absolute: bool) -> torch.Tensor:
         return self.tensor.abs() if absolute else self.tensor
@@ -59,7 +58,7 @@ class EdgeScores:
         """A node-level circuit, cut as EAP-IG's ``apply_topn(level="node")`` cuts one: the ``n`` upstream nodes of
         highest score (``nodes()``; a float is a fraction of them), with every edge among them and from them into
         ``logits``, pruned.  Running it patches every other node on all its edges: node (activation) patching."""
-        g, ranked = self.graph, torch.tensor(list(self.nodes().values()))
+        g, ranked = self.graph, self.graph.by_source(self.tensor)
         kept = torch.zeros(len(g.nodes), dtype=torch.bool)
         order = torch.argsort(ranked.abs() if absolute else ranked, descending=True, stable=True)
         kept[order[:_count(n, len(ranked), "nodes")]] = True
@@ -93,7 +92,7 @@ class EdgeScores:
 
     def save(self, path: str | Path) -> None:
         """Every edge's score in a circuit file with no edge in the circuit: EAP-IG/MIB JSON for a path ending in
-        ``.json``, else EAP-IG's ``torch.save`` form (compact for large graphs)."""
+        ``.json``, EAP-IG's ``torch.save`` form (compact for large graphs) for ``.pt`` or ``.pth``."""
         Circuit(self.graph, torch.zeros(len(self), dtype=torch.bool), self.tensor).save(
             path, method=self.method, **self.info)
 
