@@ -356,10 +356,10 @@ def _lens(args) -> int:
     print(lens.table(tokenizer, k=args.top, example=row))
     answers = lens.answer_probs(batch["correct"])[:, :, 0]
     push = answers - lens.answer_probs(batch["incorrect"])[:, :, 0]
-    for what, values in (("p(correct answer)", answers), ("p(correct) − p(incorrect)", push)):
+    for what, values, fmt in (("p(correct answer)", answers, "{:.2f}"),
+                              ("p(correct) − p(incorrect)", push, "{:+.2f}")):
         print(f"\n{what} per row, mean over the batch:")
-        print(_columns([f"{label} {p:+.2f}" if values is push else f"{label} {p:.2f}"
-                        for label, p in zip(lens.labels, values.mean(1).tolist())]))
+        print(_columns([f"{label} {fmt.format(p)}" for label, p in zip(lens.labels, values.mean(1).tolist())]))
     if args.out:
         plot_heatmap(answers, lens.labels, [str(i) for i in range(answers.shape[1])], args.out,
                      title=f"p(correct) through the layers · {task.name}")
