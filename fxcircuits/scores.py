@@ -1,7 +1,7 @@
 """Edge scores, and the ways the field turns them into a circuit: top-n edges, greedy, threshold, top-n nodes.
 
 Sign and scale follow EAP-IG/MIB (NOTES.md §4): score(e) ≈ mean over examples of metric(clean) −
-metric(clean with e patched); positive means the edge helps the task.  Every selection is pruned of dangling
+metric(clean with e patched); positive means the edge helps the task.  Every edge selection is pruned of dangling
 nodes and edges, as EAP-IG prunes, so what it returns is a connected circuit from ``input`` to ``logits``.
 """
 from __future__ import annotations
@@ -41,9 +41,11 @@ class EdgeScores:
     def _ranked(self, absolute: bool) -> torch.Tensor:
         return self.tensor.abs() if absolute else self.tensor
 
-    def _circuit(self, flags: torch.Tensor) -> Circuit:
-        """The circuit of ``flags``, pruned, saying how its scores were found (method, metric, ablation…)."""
-        return Circuit(self.graph, flags, self.tensor, {"method": self.method, **self.info}).pruned()
+    def _circuit(self, flags: torch.Tensor, pruned: bool = True) -> Circuit:
+        """The circuit of ``flags``, pruned unless told not, saying how its scores were found (method, metric,
+        ablation…)."""
+        circuit = Circuit(self.graph, flags, self.tensor, {"method": self.method, **self.info})
+        return circuit.pruned() if pruned else circuit
 
     def topn(self, n: int | float, absolute: bool = True) -> Circuit:
         """The ``n`` highest-scoring edges (a float is a fraction of all edges: 0.01, or 1.0 for all), pruned.
@@ -57,13 +59,15 @@ class EdgeScores:
     def topn_nodes(self, n: int | float, absolute: bool = True) -> Circuit:
         """A node-level circuit, cut as EAP-IG's ``apply_topn(level="node")`` cuts one: the ``n`` upstream nodes of
         highest score (``nodes()``; a float is a fraction of them), with every edge among them and from them into
-        ``logits``, pruned.  Running it patches every other node on all its edges: node (activation) patching."""
+        ``logits``.  Running it patches every other node on all its edges: node (activation) patching, for every
+        ablation.  Not pruned, for that reason: a kept node whose inputs are all patched still computes from them
+        (under zero or mean ablation, not what patching it would give)."""
         g, ranked = self.graph, self.graph.by_source(self.tensor)
         kept = torch.zeros(len(g.nodes), dtype=torch.bool)
         order = torch.argsort(ranked.abs() if absolute else ranked, descending=True, stable=True)
         kept[order[:_count(n, len(ranked), "nodes")]] = True
         kept[-1] = True  # logits reads whatever is kept
-        return self._circuit(kept[g.src] & kept[g.reader[g.dst]])
+        return self._circuit(kept[g.src] & kept[g.reader[g.dst]], pruned=False)
 
     def threshold(self, t: float, absolute: bool = True) -> Circuit:
         """Every edge whose score (|score| with ``absolute``) is at least ``t``, pruned."""

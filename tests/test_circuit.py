@@ -191,8 +191,8 @@ def test_bad_files_and_names(graph, tmp_path):
 
 
 def test_topn_nodes_keeps_every_edge_among_the_best_nodes(graph):
-    """Node scores sum outgoing edges; the best n nodes keep every edge among them and into logits, pruned (a kept
-    node with no kept input goes, as EAP-IG prunes); a float is a fraction of the nodes."""
+    """Node scores sum outgoing edges; the best n nodes keep every edge among them and into logits, unpruned (a
+    kept node fed by no kept node stays, as in EAP-IG's node-level cut); a float is a fraction of the nodes."""
     scores = _scores(graph, {"input->m1": 3.0, "a0.h1->logits": -2.5, "m0->logits": 0.5, "a1.h0->logits": -0.1,
                              "a0.h0->m1": 0.2, "m1->logits": 1.0})
     # node scores: input 3, a0.h1 −2.5, m1 1, m0 0.5, a0.h0 0.2, a1.h0 −0.1
@@ -201,22 +201,27 @@ def test_topn_nodes_keeps_every_edge_among_the_best_nodes(graph):
                 and re.sub(r"<.>$", "", e.split("->")[1]) in kept | {"logits"}]
     assert scores.topn_nodes(3).edges == expected and scores.topn_nodes(3).nodes == ["input", "a0.h1", "m1", "logits"]
     assert set(scores.topn_nodes(3, absolute=False).nodes) == {"input", "m1", "m0", "logits"}
-    assert len(_scores(graph, {"m1->logits": 5.0}).topn_nodes(1)) == 0  # m1 alone: fed by no kept node, pruned
+    assert _scores(graph, {"m1->logits": 5.0}).topn_nodes(1).edges == ["m1->logits"]  # m1 alone, fed by no kept node
     assert scores.topn_nodes(0.5).edges == scores.topn_nodes(3).edges  # half of 7 upstream nodes
     with pytest.raises(ValueError, match="asked for 8 nodes of 7"):
         scores.topn_nodes(8)
 
 
 def test_a_node_circuit_runs_as_node_patching(traced):
-    """Running a node-level circuit patches every other node on all its edges: the logits of node patching."""
+    """Running a node-level circuit patches every other node on all its edges: the logits of node patching, with
+    the corrupted prompt's values and with zeros, also where a kept node is fed by no kept node."""
     _, cm = traced("llama")
     g = torch.Generator().manual_seed(0)
     clean, corrupted = torch.randint(0, 128, (2, 6), generator=g), torch.randint(0, 128, (2, 6), generator=g)
-    circuit = EdgeScores(cm.graph, torch.randn(len(cm.graph.edges), generator=g)).topn_nodes(5)
-    dropped = {n: 0.0 for n in cm.graph.upstream if n not in circuit.nodes}
-    assert 0 < len(dropped) < len(cm.graph.upstream)
-    torch.testing.assert_close(cm(clean, corrupted_input_ids=corrupted, edge_mask=circuit),
-                               cm(clean, corrupted_input_ids=corrupted, node_mask=dropped), atol=1e-5, rtol=1e-5)
+    scores = EdgeScores(cm.graph, torch.randn(len(cm.graph.edges), generator=g))
+    for n in (5, 1):
+        circuit = scores.topn_nodes(n)
+        dropped = {node: 0.0 for node in cm.graph.upstream if node not in circuit.nodes}
+        assert 0 < len(dropped) < len(cm.graph.upstream)
+        for other in ({"corrupted_input_ids": corrupted},
+                      {"corrupted_activations": torch.zeros_like(cm.activations(clean))}):
+            torch.testing.assert_close(cm(clean, edge_mask=circuit, **other), cm(clean, node_mask=dropped, **other),
+                                       atol=1e-5, rtol=1e-5)
 
 
 def test_a_float_is_a_fraction_and_one_is_every_edge(graph):
