@@ -97,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("circuit", help=CIRCUIT_FILE)
     show.add_argument("--out", required=True, help="the picture (.svg or .png)")
     show.add_argument("--title")
+    show.add_argument("--edges", type=_positive, help="draw only the circuit's N edges of largest |score| (pruned): "
+                      "a thousand edges do not read")
     show.set_defaults(run=_show)
 
     compare = commands.add_parser("compare", help="two saved circuits: shared edges and nodes, what each adds",
@@ -294,6 +296,7 @@ def _evaluate(args) -> int:
 
 def _show(args) -> int:
     circuit = Circuit.load(args.circuit)
+    circuit = circuit.strongest(args.edges).pruned() if args.edges else circuit
     draw_circuit(circuit, args.out, title=args.title)
     print(f"{len(circuit)} edges, {len(circuit.nodes)} nodes → {args.out}")
     return 0
@@ -336,13 +339,13 @@ def _labels(paths: list[str]) -> tuple[str, str]:
 
 
 def _strongest(circuit: Circuit, subset: Circuit, n: int) -> list[str]:
-    """``subset``'s edges, the ``n`` of largest |score| in ``circuit``'s scores (its first ``n`` when unscored),
-    each with its score."""
-    index = subset.in_graph.nonzero().flatten()
+    """``subset``'s ``n`` edges of largest |score| in ``circuit``'s scores, strongest first, each with its score
+    (the first ``n`` in graph order when ``circuit`` has none)."""
     if circuit.scores is None:
-        return [circuit.graph.edges[i] for i in index[:n].tolist()]
-    order = index[circuit.scores[index].abs().argsort(descending=True)[:n]].tolist()
-    return [f"{circuit.graph.edges[i]} {circuit.scores[i]:+.4g}" for i in order]
+        return subset.edges[:n]
+    score = {e: float(circuit.scores[circuit.graph.edge_index[e]]) for e in
+             Circuit(circuit.graph, subset.in_graph, circuit.scores).strongest(n).edges}
+    return [f"{e} {s:+.4g}" for e, s in sorted(score.items(), key=lambda item: -abs(item[1]))]
 
 
 def _lens(args) -> int:

@@ -224,6 +224,18 @@ def test_a_node_circuit_runs_as_node_patching(traced):
                                        atol=1e-5, rtol=1e-5)
 
 
+def test_strongest_keeps_a_circuits_edges_of_largest_abs_score(graph):
+    """Of the circuit's own edges only (an edge outside it scores higher here), the n of largest |score|."""
+    scores = _scores(graph, {"input->a0.h0<q>": 5.0, "a0.h0->logits": -4.0, "input->m1": 3.0, "m1->logits": 0.5,
+                             "input->logits": 9.0})
+    circuit = Circuit(graph, ["input->a0.h0<q>", "a0.h0->logits", "input->m1", "m1->logits"], scores.tensor)
+    assert circuit.strongest(3).edges == ["input->a0.h0<q>", "input->m1", "a0.h0->logits"]
+    assert circuit.strongest(3).pruned().edges == ["input->a0.h0<q>", "a0.h0->logits"]  # m1 feeds nothing now
+    assert circuit.strongest(10).edges == circuit.edges
+    with pytest.raises(ValueError, match="no scores to rank"):
+        Circuit(graph, circuit.edges).strongest(2)
+
+
 def test_a_float_is_a_fraction_and_one_is_every_edge(graph):
     """MIB's fractions, 1.0 among them, keep int(p·E) edges; an int is a count, 1 one edge."""
     scores = _scores(graph, {"input->logits": 1.0})

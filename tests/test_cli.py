@@ -47,6 +47,11 @@ def test_discover_evaluate_show_lens(folder, tmp_path, capsys):
 
     assert main(["show", str(out), "--out", str(tmp_path / "again.png")]) == 0
     assert (tmp_path / "again.png").exists()
+    assert main(["show", str(out), "--edges", "5", "--out", str(tmp_path / "core.svg")]) == 0
+    core = circuit.strongest(5).pruned()
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"{len(core)} edges, {len(core.nodes)} nodes → ")
+    assert len(core) <= 5
+    assert set(core.edges) == set(circuit.edges) & {e.get("id") for e in ET.parse(tmp_path / "core.svg").iter()}
 
     assert main(["lens", *_common(folder), "--out", str(tmp_path / "lens.svg")]) == 0
     printed = capsys.readouterr().out
