@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from . import metrics as metrics_
 from .circuit import Circuit
 from .model import CircuitModel
-from .runs import Prepared, check_finite, metric_values, prepare
+from .runs import Prepared, check_finite, ends, metric_values, prepare
 from .scores import EdgeScores
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -55,8 +55,7 @@ class Evaluator:
         self.cm, self.metric = cm, metrics_.get(metric)
         self.prepared: list[Prepared] = prepare(cm, batches, self.metric, ablation, reference)
         self.masks_per_call = masks_per_call
-        n_edges = len(cm.graph.edges)
-        values = self.values(torch.stack([torch.ones(n_edges), torch.zeros(n_edges)]))
+        values = self.values(ends(cm.graph))
         check_finite(cm, self.prepared, self.metric, values)
         self.full, self.empty = values
 

@@ -132,13 +132,17 @@ def metric_values(cm: CircuitModel, prepared: list[Prepared], metric, masks: tor
     return torch.cat(values, -1).float().cpu()
 
 
+def ends(graph) -> torch.Tensor:
+    """The two masks faithfulness is measured between, [2, E]: every edge kept (the model), every edge patched."""
+    return torch.stack([torch.ones(len(graph.edges)), torch.zeros(len(graph.edges))])
+
+
 def check_finite(cm: CircuitModel, prepared: list[Prepared], metric, values: torch.Tensor | None = None) -> None:
     """Raise naming the examples where the metric is NaN or infinite on the clean run or with every edge patched
     (``values``: those two runs' metric [2, examples], when already computed).  A score or a faithfulness averaged
     over such an example is NaN too, and would not say why; the model's own logits are the usual cause."""
     if values is None:
-        n_edges = len(cm.graph.edges)
-        values = metric_values(cm, prepared, metric, torch.stack([torch.ones(n_edges), torch.zeros(n_edges)]))
+        values = metric_values(cm, prepared, metric, ends(cm.graph))
     for row, run in zip(values, ("the clean run", "the run with every edge patched")):
         bad = (~torch.isfinite(row)).nonzero().flatten().tolist()
         if bad:
