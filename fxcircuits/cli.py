@@ -1,4 +1,5 @@
-"""``fxcircuits`` on the command line: discover, evaluate, show, compare, lens and attention, each with ``--help``.
+"""``fxcircuits`` on the command line: discover, evaluate, show, compare, lens, direct and attention, each with
+``--help``.
 
     fxcircuits discover --model smollm2-135m --task ioi --method eap-ig-inputs --edges 1% --out circuit.json
     fxcircuits evaluate circuit.json --model smollm2-135m --task ioi --plot curve.png
@@ -6,6 +7,7 @@
     fxcircuits compare eap.json eap-ig.json --out both.svg
     fxcircuits lens --model smollm2-135m --task ioi --out lens.png
     fxcircuits lens circuit.json --model smollm2-135m --task ioi
+    fxcircuits direct --model smollm2-135m --task ioi --out direct.png
     fxcircuits attention --model smollm2-135m --task ioi --heads a9.h6,a10.h0 --out attention.png
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .attribution import METHODS, attribute
 from .circuit import FORMATS, Circuit
 from .draw import draw_circuit, draw_comparison, plot_faithfulness, plot_heatmap
 from .evaluation import Evaluator
-from .lens import logit_lens
+from .lens import direct_logits, logit_lens
 from .model import trace
 from .models import load_model
 from .patterns import attention_patterns
@@ -122,6 +124,19 @@ def _parser() -> argparse.ArgumentParser:
     lens.add_argument("--top", type=_positive, default=5)
     lens.add_argument("--out", help="heatmap of the answer probability, rows × examples (.svg or .png)")
     lens.set_defaults(run=_lens)
+    direct = commands.add_parser("direct", help="direct logit attribution: what each node writes to the answer",
+                                 description="Direct logit attribution over a task: each node's share of "
+                                 "logit(correct) − logit(incorrect) that it writes straight into the final stream, "
+                                 "through the final norm as the whole stream scales it; the nodes of largest mean "
+                                 "share, the tokens they push up most in one example, and what no node writes.")
+    direct.add_argument("circuit", nargs="?", help="circuit file (.json or .pt) whose nodes to read (default: all)")
+    _model_options(direct)
+    direct.add_argument("--nodes", help="comma-separated nodes to read instead of all, e.g. a23.h3,m20")
+    direct.add_argument("--rows", type=_positive, default=20, help="how many nodes to list, largest |share| first")
+    direct.add_argument("--example", type=int, default=0, help="which example's top tokens to print")
+    direct.add_argument("--top", type=_positive, default=5)
+    direct.add_argument("--out", help="heatmap of the listed nodes' shares, nodes × examples (.svg or .png)")
+    direct.set_defaults(run=_direct)
     attention = commands.add_parser("attention", help="where given heads look, from the answer's position",
                                     description="The attention patterns of given heads on a task's first examples: "
                                     "the tokens each head attends to most from one query position (by default "
@@ -348,10 +363,15 @@ def _strongest(circuit: Circuit, subset: Circuit, n: int) -> list[str]:
     return [f"{e} {s:+.4g}" for e, s in sorted(score.items(), key=lambda item: -abs(item[1]))]
 
 
-def _lens(args) -> int:
+def _read_nodes(args) -> Circuit | list[str] | None:
+    """The nodes ``lens`` and ``direct`` read: a circuit file's, ``--nodes``, or None."""
     if args.circuit and args.nodes:
         raise SystemExit("give a circuit or --nodes, not both")
-    nodes = Circuit.load(args.circuit) if args.circuit else args.nodes.split(",") if args.nodes else None
+    return Circuit.load(args.circuit) if args.circuit else args.nodes.split(",") if args.nodes else None
+
+
+def _lens(args) -> int:
+    nodes = _read_nodes(args)
     _, tokenizer, cm, task = _setup(args)
     batch, row = _example(task, args.example)
     lens = logit_lens(cm, batch["clean"], batch["attention_mask"], nodes=nodes)
@@ -366,6 +386,37 @@ def _lens(args) -> int:
     if args.out:
         plot_heatmap(answers, lens.labels, [str(i) for i in range(answers.shape[1])], args.out,
                      title=f"p(correct) through the layers · {task.name}")
+        print(f"heatmap → {args.out}")
+    return 0
+
+
+def _direct(args) -> int:
+    nodes = _read_nodes(args)
+    _, tokenizer, cm, task = _setup(args)
+    shares, whole = [], {"rest": [], "total": []}
+    for batch in task.batches:
+        direct = direct_logits(cm, batch["clean"], batch["attention_mask"], nodes=nodes)
+        answers = batch["correct"], batch["incorrect"]
+        shares.append(direct.logit_diff(*answers)[..., 0])
+        for of, values in whole.items():
+            values.append(direct.logit_diff(*answers, of=of)[..., 0])
+    labels, shares = direct.labels, torch.cat(shares, 1)  # [nodes, examples]
+    rest, total = (float(torch.cat(values).mean()) for values in whole.values())
+    order = shares.mean(1).abs().argsort(descending=True)[:args.rows].tolist()
+    batch, row = _example(task, args.example)
+    strongest = direct_logits(cm, batch["clean"], batch["attention_mask"], nodes=[labels[i] for i in order])
+    print(f"example {args.example}: {task.examples[args.example].clean!r}")
+    print(strongest.table(tokenizer, k=args.top, example=row))
+    print(f"\ndirect share of logit(correct) − logit(incorrect), mean over {shares.shape[1]} examples, "
+          f"largest first:")
+    print(_columns([f"{labels[i]} {float(shares[i].mean()):+.3f}" for i in order]))
+    read = float(shares.sum(0).mean())
+    _table({"the model's logit difference": f"{total:+.3f}", f"the {len(labels)} nodes read": f"{read:+.3f}",
+            "the other nodes": f"{total - rest - read:+.3f}",
+            "what no node writes": f"{rest:+.3f}" + ("" if direct.linear else " (and what first order leaves out)")})
+    if args.out:
+        plot_heatmap(shares[order], [labels[i] for i in order], [str(i) for i in range(shares.shape[1])], args.out,
+                     title=f"direct logit difference · {task.name}")
         print(f"heatmap → {args.out}")
     return 0
 

@@ -4,6 +4,11 @@
 an output projection's bias), ``cm.activations`` each node's output; ``cm.readout`` (the model's own final
 norm and unembedding, cut out of the captured graph) turns either into logits.  Reading a circuit's nodes
 this way is how the talk explains what they do (an MLP that "upweights years > YY"): ``nodes=circuit``.
+
+Direct logit attribution (``direct_logits``) reads each node's output as the whole stream's final norm scales it:
+the norm's statistics come from the whole stream and are held fixed (``norms.freeze_statistics``), so the
+readout is linear in what the nodes write, and their direct logits, plus what no node writes (``rest``: biases),
+add up to the model's logits.  The lens on a node normalises that node's output by itself instead.
 """
 from __future__ import annotations
 
@@ -11,18 +16,47 @@ from dataclasses import dataclass
 from numbers import Integral
 
 import torch
+from torch.func import jvp, vmap
 
 from .circuit import Circuit
 from .metrics import answer_position
 from .model import CircuitModel
+from .norms import freeze_statistics
 
 
 @dataclass
-class Lens:
-    """Logits read off ``labels`` (stream after a writer, or a node's output): [rows, batch, positions, vocab]."""
+class Readings:
+    """Logits read off ``labels``: [rows, batch, positions, vocab], and which token positions were read
+    ([batch, positions]).  ``top`` and ``table`` rank each row's tokens by ``values``."""
     labels: list[str]
     logits: torch.Tensor
-    positions: torch.Tensor   # [batch, positions]: which token positions were read
+    positions: torch.Tensor
+    number = "{:.2f}"  # how ``table`` writes a value
+
+    def values(self) -> torch.Tensor:
+        return self.logits
+
+    def top(self, tokenizer, k: int = 5, example: int = 0, position: int = -1) -> list[tuple[str, list]]:
+        """For each row, the ``k`` tokens of largest value for one example at one of the read positions:
+        ``[(label, [(token, value), …]), …]``."""
+        values, ids = self.values()[:, example, position].topk(k, dim=-1)
+        return [(label, [(tokenizer.decode([int(i)]), float(v)) for i, v in zip(row_ids, row_values)])
+                for label, row_ids, row_values in zip(self.labels, ids, values)]
+
+    def table(self, tokenizer, k: int = 5, example: int = 0, position: int = -1) -> str:
+        """``top`` as aligned text, one row per label."""
+        width = max(len(label) for label in self.labels)
+        return "\n".join(f"{label:>{width}}  " + "  ".join(f"{token!r} {self.number.format(v)}" for token, v in tops)
+                         for label, tops in self.top(tokenizer, k, example, position))
+
+
+@dataclass
+class Lens(Readings):
+    """The logit lens: logits read off the stream after each writer, or off nodes' outputs; ``top`` ranks tokens
+    by probability."""
+
+    def values(self) -> torch.Tensor:
+        return self.probs()
 
     def probs(self) -> torch.Tensor:
         return self.logits.float().softmax(-1)
@@ -30,24 +64,46 @@ class Lens:
     def answer_probs(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Probability of each example's answer set ([batch, K] ids, -1 padded) per row and position:
         [rows, batch, positions]."""
-        ids = token_ids.to(self.logits.device)
-        valid = ids >= 0
-        index = ids.clamp(min=0)[None, :, None, :].expand(*self.logits.shape[:3], -1)
-        return (self.probs().gather(-1, index) * valid[None, :, None, :]).sum(-1)
+        probs, valid = _answers(self.probs(), token_ids)
+        return (probs * valid).sum(-1)
 
-    def top(self, tokenizer, k: int = 5, example: int = 0, position: int = -1) -> list[tuple[str, list]]:
-        """For each row, the ``k`` likeliest tokens of one example at one of the read positions:
-        ``[(label, [(token, probability), …]), …]``."""
-        probs = self.probs()[:, example, position]
-        values, ids = probs.topk(k, dim=-1)
-        return [(label, [(tokenizer.decode([int(i)]), float(v)) for i, v in zip(row_ids, row_values)])
-                for label, row_ids, row_values in zip(self.labels, ids, values)]
 
-    def table(self, tokenizer, k: int = 5, example: int = 0, position: int = -1) -> str:
-        """``top`` as aligned text, one row per label."""
-        width = max(len(label) for label in self.labels)
-        return "\n".join(f"{label:>{width}}  " + "  ".join(f"{token!r} {p:.2f}" for token, p in tops)
-                         for label, tops in self.top(tokenizer, k, example, position))
+@dataclass
+class DirectLogits(Readings):
+    """Direct logit attribution: ``logits[i]`` is what node ``labels[i]`` adds to the logits straight through the
+    final norm, scaled as the whole stream is; ``top`` ranks the tokens each node pushes up most.
+
+    ``total`` [batch, positions, vocab]: the model's logits.  ``rest``: ``total`` less every node's direct logits
+    (those not read too) — what no node writes (an output projection's bias, the final norm's and unembedding's
+    biases), and nothing more where ``linear``.  ``linear``: whether the frozen readout is affine in the stream;
+    where it is not (soft-capped logits), each node's direct logits are taken to first order at the whole stream,
+    and ``rest`` also holds what that leaves out."""
+    total: torch.Tensor = None
+    rest: torch.Tensor = None
+    linear: bool = True
+    number = "{:+.2f}"
+
+    def logit_diff(self, correct: torch.Tensor, incorrect: torch.Tensor, of: str = "nodes") -> torch.Tensor:
+        """The ``logit_diff`` metric — mean logit of the correct answers ([batch, K] ids, -1 padded) less that of
+        the incorrect ones — of each node's direct logits (``of="nodes"``: [rows, batch, positions]), of ``rest`` or
+        of ``total`` ([batch, positions]).  Every node's and the rest's add up to the total."""
+        values = {"nodes": self.logits, "rest": self.rest[None], "total": self.total[None]}[of]
+        diff = _set_mean(values, correct) - _set_mean(values, incorrect)
+        return diff if of == "nodes" else diff[0]
+
+
+def _set_mean(values: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    picked, valid = _answers(values, token_ids)
+    return (picked * valid).sum(-1) / valid.sum(-1)
+
+
+def _answers(values: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values`` [rows, batch, positions, vocab] at each example's answer ids [batch, K] (-1 padded):
+    [rows, batch, positions, K], and which of those are real answers."""
+    ids = token_ids.to(values.device)
+    valid = (ids >= 0)[None, :, None, :]
+    index = ids.clamp(min=0)[None, :, None, :].expand(*values.shape[:3], -1)
+    return values.gather(-1, index), valid
 
 
 @torch.no_grad()
@@ -59,24 +115,61 @@ def logit_lens(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: torch.
 
     ``positions``: ``"last"`` (each example's last real token, the one that predicts the answer), ``"all"``,
     or a list of positions."""
-    if isinstance(nodes, Circuit):
-        nodes = [n for n in nodes.nodes if n in nodes.graph.node_index]
-    if nodes is not None and not len(nodes):
-        raise ValueError("no nodes to read: give node names, or a circuit with edges (an empty circuit has no nodes)")
+    nodes = _nodes(cm, nodes)
     if nodes is None:
         labels = ["input"] + [f"{'a' if w.kind == 'attention' else 'm'}{w.layer}" for w in cm.graph.writers]
         values = cm.streams(input_ids, attention_mask)
     else:
-        unknown = [n for n in nodes if n not in cm.graph.node_index]
-        if unknown:
-            raise KeyError(f"unknown node{'s' if len(unknown) > 1 else ''} {unknown[:3]}: "
-                           f"{cm.graph.not_a_node(unknown[0])}")
-        labels = list(nodes)
+        labels = nodes
         values = cm.activations(input_ids, attention_mask)[[cm.graph.node_index[n] for n in nodes]]
     read = _positions(input_ids, attention_mask, positions).to(values.device)
-    rows = torch.arange(values.shape[1], device=values.device)[:, None]
-    values = values[:, rows, read]  # [labels, batch, positions, d_model]
+    values = _at(values, read)  # [labels, batch, positions, d_model]
     return Lens(labels, torch.stack([cm.readout(v) for v in values]), read.cpu())
+
+
+@torch.no_grad()
+def direct_logits(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                  nodes: list[str] | Circuit | None = None, positions: str | list[int] = "last",
+                  chunk_size: int = 16) -> DirectLogits:
+    """Direct logit attribution: the logits each node (every upstream node, or ``nodes``; a ``Circuit``'s
+    writing nodes) adds through the final norm, whose statistics — a row's mean square or variance — come from
+    the whole stream and are held fixed.  Each node's output is taken in the final stream's scale (a model
+    that rescales its stream, such as Gemma 4, has scaled it since).  ``positions`` as for ``logit_lens``;
+    ``chunk_size``: how many nodes' vocab-wide logits are computed at once."""
+    labels = _nodes(cm, nodes) or list(cm.graph.upstream)
+    frozen, linear = freeze_statistics(cm.readout, cm.model_name)
+    read = _positions(input_ids, attention_mask, positions)
+    stream = _at(cm.streams(input_ids, attention_mask)[-1:], read.to(cm.device))[0]
+    outputs = _at(cm.activations(input_ids, attention_mask), read.to(cm.device))
+    outputs *= cm.stream_scales(input_ids, attention_mask)[-1]
+
+    def through(part: torch.Tensor) -> torch.Tensor:
+        return jvp(frozen, (stream,), (part,))[1]
+
+    direct = vmap(through, chunk_size=chunk_size)(outputs[[cm.graph.node_index[n] for n in labels]])
+    total = cm.readout(stream)
+    return DirectLogits(labels, direct, read, total, total - through(outputs.sum(0)), linear)
+
+
+def _nodes(cm: CircuitModel, nodes: list[str] | Circuit | None) -> list[str] | None:
+    """Node names to read: as given (each checked), or a circuit's writing nodes in graph order."""
+    if isinstance(nodes, Circuit):
+        nodes = [n for n in nodes.nodes if n in nodes.graph.node_index]
+    if nodes is None:
+        return None
+    if not len(nodes):
+        raise ValueError("no nodes to read: give node names, or a circuit with edges (an empty circuit has no nodes)")
+    unknown = [n for n in nodes if n not in cm.graph.node_index]
+    if unknown:
+        raise KeyError(f"unknown node{'s' if len(unknown) > 1 else ''} {unknown[:3]}: "
+                       f"{cm.graph.not_a_node(unknown[0])}")
+    return list(nodes)
+
+
+def _at(values: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
+    """[rows, batch, seq, d] at each example's read positions [batch, positions]: [rows, batch, positions, d]."""
+    rows = torch.arange(values.shape[1], device=values.device)[:, None]
+    return values[:, rows, read]
 
 
 def _positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, positions) -> torch.Tensor:

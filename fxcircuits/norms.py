@@ -19,6 +19,10 @@ edge into it patched, or all alike), the norm runs as captured: the model's own 
 all-ones mask gives exactly the clean run and an empty circuit on clean = corrupted exactly the full model.  A
 LayerNorm is one fused ATen operation already and is left as it is, as is an RMSNorm computed by the fused
 operation (``F.rms_norm``, ``nn.RMSNorm``).
+
+The final norm, frozen (``freeze_statistics``): direct logit attribution reads each node's output through the final
+norm with the norm's statistics taken from the whole stream, as if they were constants, so that the readout is
+linear in what the nodes write and their direct logits add up.
 """
 from __future__ import annotations
 
@@ -26,9 +30,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node, map_arg
 
 from . import heads
+from .components import DecompositionError
 from .heads import region_module
 
 aten = torch.ops.aten
@@ -149,3 +154,104 @@ def fuse_mean_square(gm: GraphModule) -> GraphModule:
             gm.graph.erase_node(square)
     gm.recompile()
     return gm
+
+
+# --------------------------------------------------------------------------------------------------
+# The final norm with its statistics frozen, for direct logit attribution.
+
+VIEWS = IDENTITIES | {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor,
+                      aten.select.int, aten.expand.default, aten.permute.default, aten.transpose.int, aten.t.default,
+                      aten.unsqueeze.default, aten.squeeze.dim, aten.contiguous.default, aten.flatten.using_ints}
+SUMS = {aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.mean.dim, aten.sum.dim_IntList}
+# Products linear in one stream-dependent factor, and the argument positions it may take
+PRODUCTS = {aten.mul.Tensor: (0, 1), aten.div.Tensor: (0,), aten.linear.default: (0,), aten.mm.default: (0, 1),
+            aten.matmul.default: (0, 1)}
+
+
+def freeze_statistics(readout: GraphModule, model_name: str) -> tuple[GraphModule, bool]:
+    """``readout`` (stream → logits) with every statistic its norm computes from the stream detached: a row's
+    mean square or variance, and what is computed from it alone (ε added, the reciprocal square root).  Under
+    forward-mode differentiation (``torch.func.jvp``) the returned module then maps a node's output to the logits
+    it writes directly, as the whole stream's norm scales it.  A fused ``layer_norm`` or ``rms_norm`` is written
+    out, its statistics detached alike.
+
+    Returns the module and whether it is affine in the stream: true unless something after the norm is not,
+    such as Gemma 2's soft-capping ``tanh``, which the derivative then takes to first order at the whole stream.
+    What mixes a row's values other than a norm (a softmax over the features) is refused."""
+    graph, env = Graph(), {}
+    dependent, affine = set(), set()  # nodes computed from the stream, and those of them affine in it
+    for node in readout.graph.nodes:
+        env[node] = graph.node_copy(node, env.__getitem__)
+        read = [a for a in node.all_input_nodes if a in dependent]
+        if node.op == "placeholder":
+            dependent.add(node)
+            affine.add(node)
+        elif node.op != "call_function" or not read or node.target is aten.sym_size.int:
+            continue
+        elif node.target in FUSED_NORMS:
+            graph.erase_node(env[node])
+            args, kwargs = map_arg((node.args, node.kwargs), env.__getitem__)
+            env[node] = FUSED_NORMS[node.target](graph, node.meta["val"].dtype, *args, **kwargs)
+            dependent.add(node)
+            if read[0] in affine:
+                affine.add(node)
+        elif _affine(node, dependent) and all(a in affine for a in read):
+            dependent.add(node)
+            affine.add(node)
+        elif _statistic(node):
+            env[node] = graph.call_function(aten.detach.default, (env[node],))
+        elif torch.Tag.pointwise in getattr(node.target, "tags", ()):
+            dependent.add(node)
+        else:
+            raise DecompositionError(model_name, node, "the final norm mixes a row's values in a way that is neither "
+                                     "a statistic of the row nor elementwise, so it cannot be frozen for direct logit "
+                                     "attribution (the logit lens, logit_lens, still reads the nodes)")
+    output = next(iter(readout.graph.find_nodes(op="output")))
+    return GraphModule(readout, graph), all(n in affine for n in output.all_input_nodes)
+
+
+def _affine(node: Node, dependent: set[Node]) -> bool:
+    """Whether ``node``'s output is affine in its arguments computed from the stream (``dependent``)."""
+    at = [i for i, a in enumerate(node.args) if isinstance(a, Node) and a in dependent]
+    if node.target in VIEWS:  # type_as reads its second argument's dtype alone
+        return at[:1] == [0] and (len(at) == 1 or node.target is aten.type_as.default)
+    if node.target in SUMS:
+        return True
+    return node.target in PRODUCTS and len(at) == 1 and at[0] in PRODUCTS[node.target]
+
+
+def _statistic(node: Node) -> bool:
+    """Whether ``node`` holds one value per row of the stream (a reduction over its last dimension)."""
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and (value.dim() < 3 or value.shape[-1] == 1)
+
+
+def _layer_norm(graph: Graph, dtype: torch.dtype, x: Node, shape, weight=None, bias=None, eps: float = 1e-5,
+                *_) -> Node:
+    dims = list(range(-len(shape), 0))
+    variance = graph.call_function(aten.var.correction, (x, dims), {"correction": 0, "keepdim": True})
+    centred = graph.call_function(aten.sub.Tensor, (x, graph.call_function(aten.mean.dim, (x, dims, True))))
+    return _scaled(graph, centred, _frozen_rstd(graph, variance, eps), weight, bias)
+
+
+def _rms_norm(graph: Graph, dtype: torch.dtype, x: Node, shape, weight=None, eps: float | None = None) -> Node:
+    dims = list(range(-len(shape), 0))
+    if eps is None:  # as torch does: the machine epsilon of the input's dtype
+        eps = torch.finfo(dtype).eps
+    square = graph.call_function(aten.mean.dim, (graph.call_function(aten.mul.Tensor, (x, x)), dims, True))
+    return _scaled(graph, x, _frozen_rstd(graph, square, eps), weight, None)
+
+
+def _frozen_rstd(graph: Graph, variance: Node, eps: float) -> Node:
+    rstd = graph.call_function(aten.rsqrt.default, (graph.call_function(aten.add.Tensor, (variance, eps)),))
+    return graph.call_function(aten.detach.default, (rstd,))
+
+
+def _scaled(graph: Graph, x: Node, rstd: Node, weight, bias) -> Node:
+    out = graph.call_function(aten.mul.Tensor, (x, rstd))
+    if weight is not None:
+        out = graph.call_function(aten.mul.Tensor, (out, weight))
+    return out if bias is None else graph.call_function(aten.add.Tensor, (out, bias))
+
+
+FUSED_NORMS = {aten.layer_norm.default: _layer_norm, aten.rms_norm.default: _rms_norm}

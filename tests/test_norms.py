@@ -6,7 +6,8 @@ import torch
 
 import fxcircuits
 from fxcircuits.heads import apply_columns
-from fxcircuits.norms import Norm, mean_square, row_scale
+from fxcircuits.components import DecompositionError
+from fxcircuits.norms import Norm, freeze_statistics, mean_square, row_scale
 from zoo import make
 
 aten = torch.ops.aten
@@ -82,3 +83,74 @@ def test_row_scale_and_mean_square():
     a, b = x[..., :1], x[..., 1:2]
     torch.testing.assert_close(row_scale(a, b), a * b)
     assert row_scale(a) is a
+
+
+class _Readout(torch.nn.Module):
+    """A final norm and unembedding as a model might write them."""
+
+    def __init__(self, norm, after=None):
+        super().__init__()
+        self.norm, self.after = norm, after
+        self.weight = torch.nn.Parameter(torch.randn(8) + 1)
+        self.unembed = torch.nn.Parameter(torch.randn(5, 8))
+
+    def forward(self, stream):
+        logits = torch.nn.functional.linear(self.norm(stream, self.weight), self.unembed)
+        return logits if self.after is None else self.after(logits)
+
+
+def _written_layer_norm(x, w):
+    centred = x - x.mean(-1, keepdim=True)
+    return centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+
+def _exported(readout, stream):
+    """``readout`` as an ATen graph whose output is a tuple of one, as ``torch.export`` gives it."""
+    return torch.export.export(readout, (stream,)).module()
+
+
+FROZEN = {  # norm, and its statistic computed from the stream: the reference scale
+    "layer norm written out": (_written_layer_norm, lambda x: torch.rsqrt(x.var(-1, False, keepdim=True) + 1e-5)),
+    "F.layer_norm": (lambda x, w: torch.nn.functional.layer_norm(x, (8,), w, w / 2, 1e-5),
+                     lambda x: torch.rsqrt(x.var(-1, False, keepdim=True) + 1e-5)),
+    "F.rms_norm": (lambda x, w: torch.nn.functional.rms_norm(x, (8,), w),
+                   lambda x: torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(x.dtype).eps)),
+    "rms norm written out": (lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w,
+                             lambda x: torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FROZEN))
+def test_frozen_statistics_make_the_readout_linear_in_a_part(kind):
+    """With the norm's statistics frozen, a part of the stream maps to the logits through its scale at the whole
+    stream: a LayerNorm still centres the part (its mean is linear, so it stays live), an RMSNorm does not; fused
+    norms are written out so, and the primal output stays the readout's own."""
+    norm, statistic = FROZEN[kind]
+    readout = _Readout(norm)
+    stream, part = torch.randn(2, 2, 3, 8, generator=torch.Generator().manual_seed(0))
+    frozen, linear = freeze_statistics(_exported(readout, stream), "readout")
+    (out,), (direct,) = torch.func.jvp(frozen, (stream,), (part,))
+    centred = part - part.mean(-1, keepdim=True) if "layer" in kind else part
+    expected = torch.nn.functional.linear(centred * statistic(stream) * readout.weight, readout.unembed)
+    assert linear
+    torch.testing.assert_close(out, readout(stream))
+    torch.testing.assert_close(direct, expected)
+
+
+def test_soft_capping_is_taken_to_first_order_and_mixing_is_refused():
+    """An elementwise function after the norm (soft-capping) leaves the readout not linear, and its slope at the
+    whole stream scales each part; a function that mixes a row's values other than a norm's statistic is refused."""
+    plain = _Readout(FROZEN["rms norm written out"][0])
+    capped = _Readout(plain.norm, lambda logits: 3 * torch.tanh(logits / 3))
+    capped.load_state_dict(plain.state_dict())
+    stream, part = torch.randn(2, 2, 3, 8, generator=torch.Generator().manual_seed(1))
+    frozen, linear = freeze_statistics(_exported(capped, stream), "capped")
+    uncapped, _ = freeze_statistics(_exported(plain, stream), "plain")
+    with torch.no_grad():
+        slope = 1 - torch.tanh(plain(stream) / 3) ** 2
+        (direct,) = torch.func.jvp(frozen, (stream,), (part,))[1]
+        torch.testing.assert_close(direct, slope * torch.func.jvp(uncapped, (stream,), (part,))[1][0])
+    assert not linear
+    mixing = _Readout(lambda x, w: x.softmax(-1) * w)
+    with pytest.raises(DecompositionError, match="neither a statistic of the row nor elementwise"):
+        freeze_statistics(_exported(mixing, stream), "mixing")
