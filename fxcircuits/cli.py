@@ -411,7 +411,7 @@ def _direct(args) -> int:
           f"largest first:")
     print(_columns([f"{labels[i]} {float(shares[i].mean()):+.3f}" for i in order]))
     read = float(shares.sum(0).mean())
-    _table({"the model's logit difference": f"{total:+.3f}", f"the {len(labels)} nodes read": f"{read:+.3f}",
+    _table({"the model's logit difference": f"{total:+.3f}", f"the {len(labels)} node{'s' * (len(labels) > 1)} read": f"{read:+.3f}",
             "the other nodes": f"{total - rest - read:+.3f}",
             "what no node writes": f"{rest:+.3f}" + ("" if direct.linear else " (and what first order leaves out)")})
     if args.out:

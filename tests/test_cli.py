@@ -19,7 +19,7 @@ def _common(folder):
     return ["--model", folder, "--task", "ioi", "--size", "8", "--batch-size", "4", "--no-progress"]
 
 
-@pytest.mark.parametrize("command", ["discover", "evaluate", "show", "compare", "lens", "attention"])
+@pytest.mark.parametrize("command", ["discover", "evaluate", "show", "compare", "lens", "direct", "attention"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -65,6 +65,32 @@ def test_discover_evaluate_show_lens(folder, tmp_path, capsys):
     assert all(0 <= float(p) <= 1 for p in correct[1::2]) and all(-1 <= float(p) <= 1 for p in push.split()[1::2])
     with pytest.raises(SystemExit, match="not both"):
         main(["lens", str(out), *_common(folder), "--nodes", "m0"])
+
+
+def test_direct_lists_the_largest_shares_and_what_they_add_up_to(folder, tmp_path, capsys):
+    """``direct`` lists the nodes of largest mean direct share of the logit difference, and accounts for the
+    model's logit difference: the nodes read, the others, and what no node writes (nothing, in a Llama)."""
+    def accounts() -> dict[str, float]:
+        printed = capsys.readouterr().out
+        shares = printed.split("largest first:\n")[1].split("\nthe model")[0].split()
+        account = dict(re.findall(r"^(the model's logit difference|the \d+ nodes? read|the other nodes|"
+                                  r"what no node writes) +([-+][\d.]+)", printed, re.M))
+        return dict(zip(shares[::2], map(float, shares[1::2]))), {k: float(v) for k, v in account.items()}
+
+    assert main(["direct", *_common(folder), "--rows", "3", "--out", str(tmp_path / "direct.svg")]) == 0
+    shares, account = accounts()
+    graph = trace(load_model(folder)[0]).graph
+    assert len(shares) == 3 and set(shares) <= set(graph.upstream)
+    assert [abs(v) for v in shares.values()] == sorted(map(abs, shares.values()), reverse=True)
+    read = account[f"the {len(graph.upstream)} nodes read"]
+    assert read == pytest.approx(account["the model's logit difference"], abs=2e-3)
+    assert account["the other nodes"] == pytest.approx(0, abs=2e-3) and account["what no node writes"] == 0
+    ET.parse(tmp_path / "direct.svg")
+
+    assert main(["direct", *_common(folder), "--nodes", "m0,a1.h0"]) == 0
+    some, account = accounts()
+    assert set(some) == {"m0", "a1.h0"} and "the 2 nodes read" in account
+    assert account["the 2 nodes read"] + account["the other nodes"] == pytest.approx(read, abs=2e-3)
 
 
 def test_compare_prints_what_two_circuits_share_and_draws_both(tmp_path, capsys):

@@ -1,10 +1,12 @@
-"""The logit lens against the HF model's own hidden states, final norm and unembedding."""
+"""The logit lens and direct logit attribution against the HF model's own hidden states, final norm and
+unembedding."""
 import pytest
 import torch
 
+import fxcircuits
 from fxcircuits.circuit import Circuit
-from fxcircuits.lens import logit_lens
-from zoo import CONFIGS
+from fxcircuits.lens import direct_logits, logit_lens
+from zoo import CONFIGS, modules
 
 
 def _ids():
@@ -177,3 +179,106 @@ def test_positions_outside_the_prompts_are_refused(traced):
             logit_lens(cm, ids, mask, positions=positions)
     for positions in ([-1, 0], torch.tensor([-1, 0]), (-1, 0)):
         assert logit_lens(cm, ids, mask, positions=positions).positions.tolist() == [[-1, 0], [-1, 0]]
+
+
+def _hf_run(model, name, ids, mask):
+    """The HF model's logits, and its stream at the final norm, after the embeddings and out of MLP 1."""
+    seen, layer0 = {}, modules(name)[0].format(0).rsplit(".", 1)[0]
+    handles = [model.get_submodule(FINAL_NORMS[name]).register_forward_pre_hook(lambda m, a: seen.update(final=a[0])),
+               model.get_submodule(layer0).register_forward_pre_hook(
+                   lambda m, a, k: seen.update(input=a[0] if a else k["hidden_states"]), with_kwargs=True),
+               model.get_submodule(modules(name)[0].format(1)).register_forward_hook(
+                   lambda m, a, out: seen.update(m1=out[0] if isinstance(out, tuple) else out))]
+    with torch.no_grad():
+        seen["logits"] = model(ids, attention_mask=mask).logits
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def _frozen_readout(model, name, stream, part):
+    """Reference direct logits of ``part``: the HF final norm with its statistics computed from ``stream``, the
+    unembedding, and, where the logits are soft-capped, the cap's slope at the whole stream."""
+    norm = model.get_submodule(FINAL_NORMS[name])
+    if isinstance(norm, torch.nn.LayerNorm):
+        rstd = torch.rsqrt(stream.var(-1, unbiased=False, keepdim=True) + norm.eps)
+        normed = (part - part.mean(-1, keepdim=True)) * rstd * norm.weight
+    else:  # an RMSNorm: Llama's weight, Gemma's 1 + weight
+        eps = norm.eps if hasattr(norm, "eps") else norm.variance_epsilon
+        rstd = torch.rsqrt(stream.pow(2).mean(-1, keepdim=True) + eps)
+        normed = part * rstd * (1 + norm.weight if name.startswith("gemma") else norm.weight)
+    logits = model.get_output_embeddings()(normed)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = logits * (1 - torch.tanh(model.get_output_embeddings()(norm(stream)) / cap) ** 2)
+    return logits
+
+
+@pytest.mark.parametrize("name", sorted(FINAL_NORMS))
+def test_direct_logits_are_a_frozen_final_norm_on_the_hf_model(traced, name):
+    """Each node's direct logits equal its output (read off the HF model by hooks) through the HF model's final norm
+    with the whole stream's statistics, then the unembedding: RMSNorm and LayerNorm (which still centres the part),
+    and Gemma 2's soft-capping to first order.  The nodes and the rest add up to the model's logits."""
+    model, cm = traced(name)
+    ids, mask = _ids()
+    seen, last = _hf_run(model, name, ids, mask), torch.tensor([5, 5])
+    direct = direct_logits(cm, ids, mask, nodes=["input", "m1"])
+    scale = seen["logits"].abs().max()
+    assert direct.labels == ["input", "m1"] and direct.linear == (name != "gemma2")
+    rows = torch.arange(2)
+    with torch.no_grad():
+        for i, node in enumerate(direct.labels):
+            expected = _frozen_readout(model, name, seen["final"], seen[node])[rows, last]
+            torch.testing.assert_close(direct.logits[i, :, 0], expected, atol=1e-5 * scale, rtol=1e-4)
+    torch.testing.assert_close(direct.total[:, 0], seen["logits"][rows, last], atol=1e-4 * scale, rtol=1e-4)
+    every = direct_logits(cm, ids, mask)
+    assert every.labels == cm.graph.upstream
+    torch.testing.assert_close(every.logits[[0, cm.graph.node_index["m1"]]], direct.logits)
+    torch.testing.assert_close(every.rest, direct.rest)
+    torch.testing.assert_close(every.logits.sum(0) + every.rest, every.total, atol=1e-5 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "olmo", "gemma4", "scaled_residual", "deepseek_v3"])
+def test_direct_logits_of_every_node_are_the_logits_where_nothing_else_is_written(traced, name):
+    """Where no bias is written into the stream, the nodes' direct logits add up to the model's logits: also where
+    the model rescales its stream (Gemma 4's layer scalars, a residual scaled as it is carried), whose later
+    factors scale each node's output; and with them the ``logit_diff`` metric, of which each node gets its share."""
+    model, cm = traced(name)
+    ids, mask = _ids()
+    direct = direct_logits(cm, ids, mask, positions="all")
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    scale = logits.abs().max()
+    real = mask.bool()
+    torch.testing.assert_close(direct.logits.sum(0)[real], logits[real], atol=1e-5 * scale, rtol=0)
+    assert float(direct.rest.abs().max()) < 1e-5 * scale
+    correct, incorrect = torch.tensor([[3, 4], [5, -1]]), torch.tensor([[7], [8]])
+    batch = {"clean": ids, "attention_mask": mask, "correct": correct, "incorrect": incorrect}
+    shares = direct.logit_diff(correct, incorrect)[..., -1]
+    torch.testing.assert_close(shares.sum(0) + direct.logit_diff(correct, incorrect, of="rest")[:, -1],
+                               fxcircuits.metrics.logit_diff(logits, batch), atol=1e-5 * scale, rtol=0)
+    torch.testing.assert_close(direct.logit_diff(correct, incorrect, of="total")[:, -1],
+                               fxcircuits.metrics.logit_diff(logits, batch), atol=1e-5 * scale, rtol=1e-5)
+
+
+def test_direct_logits_of_a_circuit_and_their_top_tokens(traced):
+    """``nodes=circuit`` reads the circuit's writing nodes; ``top`` ranks each node's tokens by direct logit and
+    ``table`` signs them; unknown nodes and empty circuits are refused as the lens refuses them."""
+    _, cm = traced("llama")
+    ids, mask = _ids()
+    circuit = Circuit(cm.graph, ["a0.h1->m1", "m1->logits", "input->a1.h2<k>"])
+    direct = direct_logits(cm, ids, mask, nodes=circuit)
+    assert direct.labels == ["input", "a0.h1", "a1.h2", "m1"]
+
+    class Tokenizer:
+        def decode(self, ids):
+            return f"<{ids[0]}>"
+
+    best = int(direct.logits[3, 1, 0].argmax())
+    assert direct.top(Tokenizer(), k=2, example=1)[3][1][0] == (f"<{best}>",
+                                                               pytest.approx(float(direct.logits[3, 1, 0, best])))
+    assert f"'<{best}>' +" in direct.table(Tokenizer(), k=1, example=1).splitlines()[3]
+    with pytest.raises(KeyError, match="unknown node"):
+        direct_logits(cm, ids, mask, nodes=["m9"])
+    with pytest.raises(ValueError, match="no nodes to read"):
+        direct_logits(cm, ids, mask, nodes=Circuit(cm.graph, []))

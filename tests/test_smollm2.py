@@ -59,6 +59,26 @@ def test_attention_patterns_and_name_movers(smollm2):
         assert on_name.max() >= 0.5 and int(head.split(".")[0][1:]) >= 20, (head, on_name.max())
 
 
+def test_direct_logits_name_the_name_mover(smollm2):
+    """The nodes' direct logits add up to SmolLM2's logits (it writes no bias), and the head that writes the most
+    of logit(IO) − logit(S) straight into the logits is a23.h3 on each prompt.  Measured 2026-12-04: a23.h3
+    +2.86, +2.56, +2.15 of 6.12, 6.87, 5.22; a24.h4, which attends to the IO most, writes −1.07 on the first
+    (a negative name mover)."""
+    _, tokenizer, cm = smollm2
+    prompts = ["When Mary and John went to the store, John gave a drink to",
+               "When Tom and Anna went to the park, Tom gave a ball to",
+               "When Lisa and Mark went to the office, Lisa handed a note to"]
+    for prompt, io, s in zip(prompts, [" Mary", " Anna", " Mark"], [" John", " Tom", " Lisa"]):
+        ids = tokenizer([prompt], return_tensors="pt").input_ids
+        direct = fxcircuits.direct_logits(cm, ids)
+        assert direct.rest.abs().max() <= 1e-5 * direct.total.abs().max()
+        correct, incorrect = (torch.tensor([tokenizer.encode(name)]) for name in (io, s))
+        shares = direct.logit_diff(correct, incorrect)[:, 0, 0]
+        heads = [i for i, label in enumerate(direct.labels) if label.startswith("a")]
+        assert direct.labels[heads[int(shares[heads].argmax())]] == "a23.h3", prompt
+        assert float(shares.sum()) == pytest.approx(float(direct.logit_diff(correct, incorrect, of="total")), abs=1e-3)
+
+
 def test_ioi_circuit_of_one_percent_of_edges_is_faithful(smollm2):
     """EAP-IG-inputs (5 steps) on 16 IOI examples, top 1% of the edges, pruned.  Measured 2026-11-25 (commit
     fb412a1, CPU): f = 0.546 on these 16 examples, 0.466 on 32 (``fxcircuits discover``); a random top-1% circuit
