@@ -1,6 +1,6 @@
 """Low-level circuit finding, the talk's second walkthrough: node patching, edge patching by the linearity of
-the residual stream, path patching to the logits, the logit lens on what was found, and where the found heads
-look.
+the residual stream, path patching to the logits (and direct logit attribution, which estimates its direct path),
+the logit lens on what was found, and where the found heads look.
 
 On the real SmolLM2-135M (offline, CPU), on indirect object identification ("When Mary and John went to the
 store, John gave a drink to" → " Mary"; corrupted: the subject's second mention replaced by a third name).
@@ -67,6 +67,14 @@ def main() -> None:
     total = dict(ranked)[top]
     print(f"3. paths of {top}: total effect {total:+.2f}, direct to the logits {direct:+.2f}, "
           f"through later nodes {indirect:+.2f}")
+    #    Direct logit attribution estimates each found node's direct path without a patched run: what it writes
+    #    straight into the logit difference (through the final norm at the whole stream's scale), clean less
+    #    corrupted.  A node whose total effect is large and direct share small acts through later nodes.
+    names = [name for name, _ in ranked]
+    share = [fxcircuits.direct_logits(cm, ids, mask, nodes=names).logit_diff(batch["correct"], batch["incorrect"])
+             .mean((1, 2)) for ids in (clean, corrupted)]
+    print("   direct logit attribution, clean less corrupted: "
+          + ", ".join(f"{name} {value:+.2f}" for name, value in zip(names, share[0] - share[1])))
 
     # 4. The logit lens: what the stream predicts after each layer, and what the found nodes write.
     lens = fxcircuits.logit_lens(cm, clean, mask)

@@ -140,6 +140,12 @@ def direct_logits(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: tor
     frozen, linear = freeze_statistics(cm.readout, cm.model_name)
     read = _positions(input_ids, attention_mask, positions)
     stream = _at(cm.streams(input_ids, attention_mask)[-1:], read.to(cm.device))[0]
+    bad = (~torch.isfinite(stream)).flatten(1).any(1).nonzero().flatten().tolist()
+    if bad:  # the norm's statistics would be NaN, and with them every node's direct logits
+        raise ValueError(f"the final stream is NaN or infinite at the positions read in examples {bad[:8]}: the "
+                         f"model's own logits are too (check cm(ids, mask); {cm.model_name} in {cm.dtype}: float16 "
+                         "can overflow, and some HF models return NaN in float64 under padding); run the model in "
+                         "float32, pad on the other side, or leave those examples out")
     outputs = _at(cm.activations(input_ids, attention_mask), read.to(cm.device))
     outputs *= cm.stream_scales(input_ids, attention_mask)[-1]
 

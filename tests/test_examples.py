@@ -36,5 +36,8 @@ def test_low_level_circuit_finding(tmp_path):
     assert "1. node patching" in out and "3. paths of" in out and "4. logit lens" in out and "5. attention" in out
     gap = float(re.search(r"relative difference ([\d.e+-]+)", out).group(1))
     assert gap < 1e-4, out  # edge patching by hand through the readout equals the engine's
+    patched = float(re.search(r"direct to the logits ([-+][\d.]+)", out).group(1))
+    estimated = float(re.search(r"clean less corrupted: \S+ ([-+][\d.]+)", out).group(1))
+    assert abs(estimated - patched) < 0.25, out  # the top node's direct path, by DLA and by patching (2.45, 2.44)
     final = float(re.search(r"m29 ([\d.]+)", out).group(1))
     assert final > 0.3, out  # after the last layer the stream predicts the indirect object

@@ -6,7 +6,7 @@ import torch
 import fxcircuits
 from fxcircuits.circuit import Circuit
 from fxcircuits.lens import direct_logits, logit_lens
-from zoo import CONFIGS, modules
+from zoo import CONFIGS, make, modules
 
 
 def _ids():
@@ -282,3 +282,16 @@ def test_direct_logits_of_a_circuit_and_their_top_tokens(traced):
         direct_logits(cm, ids, mask, nodes=["m9"])
     with pytest.raises(ValueError, match="no nodes to read"):
         direct_logits(cm, ids, mask, nodes=Circuit(cm.graph, []))
+
+
+def test_direct_logits_of_a_nan_stream_are_refused_naming_the_examples():
+    """Gemma 2 in float64 under left padding: HF's own logits are NaN at the padded example, and so would every
+    node's direct logits be there, the norm's statistics being NaN."""
+    model = make("gemma2", dtype=torch.float64)
+    cm = fxcircuits.trace(model)
+    ids, mask = _ids()
+    with torch.no_grad():
+        assert model(ids, attention_mask=mask).logits[1].isnan().any()
+    with pytest.raises(ValueError, match=r"NaN or infinite at the positions read in examples \[1\]"):
+        direct_logits(cm, ids, mask)
+    assert direct_logits(cm, ids[:1], mask[:1]).total.isfinite().all()
