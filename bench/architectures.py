@@ -19,7 +19,10 @@ traces it.  A model that traces is checked on padded prompts against the untouch
   that moves the edge from ``input`` into it beside an all-ones mask, in one call (the layers before that reader
   are then run once for both: ``fxcircuits.prefix``), against the mask alone and the clean HF logits;
 - ``patterns``: ``cm.patterns`` equals HF's attention weights (the same weights with eager attention,
-  ``output_attentions``) on real query positions, where HF gives them for the attention layers alone.
+  ``output_attentions``) on real query positions, where HF gives them for the attention layers alone;
+- ``direct``: every node's direct logits (``fxcircuits.direct_logits``, the final norm's statistics frozen) and
+  what no node writes add up to HF's logits at each prompt's last position.  ``readout`` says whether the frozen
+  readout is linear, taken to first order (soft-capping), or refused (with the reason): patching does not need it.
 
 Each is a max |difference| over the logit scale (the weights' own, for ``patterns``), ``ok`` at ≤ 1e-4.
 Statuses: ``ok``; ``WRONG`` (traced, and a check failed: a defect); ``refused`` (fxcircuits raised its own error,
@@ -206,6 +209,16 @@ def check(model_type: str) -> dict:
         return {**result, "status": "crash", "error": _line(error)}
     if patterns is not None:
         checks["patterns"] = patterns
+    try:
+        direct = fxcircuits.direct_logits(cm, clean, mask)
+    except fxcircuits.DecompositionError as error:
+        result["readout"] = f"refused: {_line(error)}"
+    except Exception as error:
+        return {**result, "status": "crash", "error": f"direct_logits: {_line(error)}"}
+    else:
+        result["readout"] = "linear" if direct.linear else "first order"
+        last = hf[torch.arange(len(hf)), -1]  # the last position is real under left padding
+        checks["direct"] = (direct.logits.sum(0) + direct.rest)[:, 0].sub(last).abs().max().item() / scale
     wrong = [k for k, v in checks.items() if not v <= TOLERANCE]
     return {**result, "status": "WRONG" if wrong else "ok", "checks": {k: float(f"{v:.2g}") for k, v in checks.items()}}
 
