@@ -78,16 +78,19 @@ class DirectLogits(Readings):
     biases), and nothing more where ``linear``.  ``linear``: whether the frozen readout is affine in the stream;
     where it is not (soft-capped logits), each node's direct logits are taken to first order at the whole stream,
     and ``rest`` also holds what that leaves out."""
-    total: torch.Tensor = None
-    rest: torch.Tensor = None
-    linear: bool = True
+    total: torch.Tensor
+    rest: torch.Tensor
+    linear: bool
     number = "{:+.2f}"
 
     def logit_diff(self, correct: torch.Tensor, incorrect: torch.Tensor, of: str = "nodes") -> torch.Tensor:
         """The ``logit_diff`` metric — mean logit of the correct answers ([batch, K] ids, -1 padded) less that of
         the incorrect ones — of each node's direct logits (``of="nodes"``: [rows, batch, positions]), of ``rest`` or
         of ``total`` ([batch, positions]).  Every node's and the rest's add up to the total."""
-        values = {"nodes": self.logits, "rest": self.rest[None], "total": self.total[None]}[of]
+        choices = {"nodes": self.logits, "rest": self.rest[None], "total": self.total[None]}
+        if of not in choices:
+            raise ValueError(f"of={of!r}: give one of {', '.join(map(repr, choices))}")
+        values = choices[of]
         diff = _set_mean(values, correct) - _set_mean(values, incorrect)
         return diff if of == "nodes" else diff[0]
 

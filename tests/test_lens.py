@@ -278,6 +278,8 @@ def test_direct_logits_of_a_circuit_and_their_top_tokens(traced):
     assert direct.top(Tokenizer(), k=2, example=1)[3][1][0] == (f"<{best}>",
                                                                pytest.approx(float(direct.logits[3, 1, 0, best])))
     assert f"'<{best}>' +" in direct.table(Tokenizer(), k=1, example=1).splitlines()[3]
+    with pytest.raises(ValueError, match="of='heads': give one of 'nodes', 'rest', 'total'"):
+        direct.logit_diff(torch.tensor([[3], [4]]), torch.tensor([[5], [6]]), of="heads")
     with pytest.raises(KeyError, match="unknown node"):
         direct_logits(cm, ids, mask, nodes=["m9"])
     with pytest.raises(ValueError, match="no nodes to read"):
