@@ -221,9 +221,10 @@ def _affine(node: Node, dependent: set[Node]) -> bool:
 
 
 def _statistic(node: Node) -> bool:
-    """Whether ``node`` holds one value per row of the stream (a reduction over its last dimension)."""
+    """Whether ``node`` holds one value per row of the stream: a reduction over its last dimension that keeps it,
+    as a norm's does to broadcast back (one that drops it is refused, rather than guessed at)."""
     value = node.meta.get("val")
-    return isinstance(value, torch.Tensor) and (value.dim() < 3 or value.shape[-1] == 1)
+    return isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[-1] == 1
 
 
 def _layer_norm(graph: Graph, dtype: torch.dtype, x: Node, shape, weight=None, bias=None, eps: float = 1e-5,

@@ -139,7 +139,8 @@ def test_frozen_statistics_make_the_readout_linear_in_a_part(kind):
 
 def test_soft_capping_is_taken_to_first_order_and_mixing_is_refused():
     """An elementwise function after the norm (soft-capping) leaves the readout not linear, and its slope at the
-    whole stream scales each part; a function that mixes a row's values other than a norm's statistic is refused."""
+    whole stream scales each part; a function that mixes a row's values other than a norm's statistic kept as a
+    column is refused."""
     plain = _Readout(FROZEN["rms norm written out"][0])
     capped = _Readout(plain.norm, lambda logits: 3 * torch.tanh(logits / 3))
     capped.load_state_dict(plain.state_dict())
@@ -151,6 +152,7 @@ def test_soft_capping_is_taken_to_first_order_and_mixing_is_refused():
         (direct,) = torch.func.jvp(frozen, (stream,), (part,))[1]
         torch.testing.assert_close(direct, slope * torch.func.jvp(uncapped, (stream,), (part,))[1][0])
     assert not linear
-    mixing = _Readout(lambda x, w: x.softmax(-1) * w)
-    with pytest.raises(DecompositionError, match="neither a statistic of the row nor elementwise"):
-        freeze_statistics(_exported(mixing, stream), "mixing")
+    dropped = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1) + 1e-6).unsqueeze(-1) * w  # noqa: E731
+    for mixing in (lambda x, w: x.softmax(-1) * w, dropped):  # a softmax; a statistic whose dimension is dropped
+        with pytest.raises(DecompositionError, match="neither a statistic of the row nor elementwise"):
+            freeze_statistics(_exported(_Readout(mixing), stream), "mixing")
