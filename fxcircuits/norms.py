@@ -162,7 +162,8 @@ def fuse_mean_square(gm: GraphModule) -> GraphModule:
 VIEWS = IDENTITIES | {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor,
                       aten.select.int, aten.expand.default, aten.permute.default, aten.transpose.int, aten.t.default,
                       aten.unsqueeze.default, aten.squeeze.dim, aten.contiguous.default, aten.flatten.using_ints}
-SUMS = {aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.mean.dim, aten.sum.dim_IntList}
+REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList}  # of a value not affine in the stream: a norm's statistic
+SUMS = {aten.add.Tensor, aten.sub.Tensor, aten.neg.default} | REDUCTIONS
 # Products linear in one stream-dependent factor, and the argument positions it may take
 PRODUCTS = {aten.mul.Tensor: (0, 1), aten.div.Tensor: (0,), aten.linear.default: (0,), aten.mm.default: (0, 1),
             aten.matmul.default: (0, 1)}
@@ -175,8 +176,9 @@ def freeze_statistics(readout: GraphModule, model_name: str) -> tuple[GraphModul
     it writes directly, as the whole stream's norm scales it.  A fused ``layer_norm`` or ``rms_norm`` is written
     out, its statistics detached alike.
 
-    Returns the module and whether it is affine in the stream: true unless something after the norm is not,
-    such as Gemma 2's soft-capping ``tanh``, which the derivative then takes to first order at the whole stream.
+    Returns the module and whether it is affine in the stream: true unless the readout computes an elementwise
+    function of it beside the norm's statistics — Gemma 2's soft-capping ``tanh``, the activation of a prediction
+    head before the norm (ModernBERT's decoder) — which the derivative then takes to first order at the whole stream.
     What mixes a row's values other than a norm (a softmax over the features) is refused."""
     graph, env = Graph(), {}
     dependent, affine = set(), set()  # nodes computed from the stream, and those of them affine in it
@@ -200,8 +202,9 @@ def freeze_statistics(readout: GraphModule, model_name: str) -> tuple[GraphModul
             affine.add(node)
         elif _statistic(node):
             env[node] = graph.call_function(aten.detach.default, (env[node],))
-        elif torch.Tag.pointwise in getattr(node.target, "tags", ()):
-            dependent.add(node)
+        elif (_affine(node, dependent) and node.target not in REDUCTIONS
+              or torch.Tag.pointwise in getattr(node.target, "tags", ())):
+            dependent.add(node)  # taken to first order
         else:
             raise DecompositionError(model_name, node, "the final norm mixes a row's values in a way that is neither "
                                      "a statistic of the row nor elementwise, so it cannot be frozen for direct logit "

@@ -138,8 +138,8 @@ def test_frozen_statistics_make_the_readout_linear_in_a_part(kind):
 
 
 def test_soft_capping_is_taken_to_first_order_and_mixing_is_refused():
-    """An elementwise function after the norm (soft-capping) leaves the readout not linear, and its slope at the
-    whole stream scales each part; a function that mixes a row's values other than a norm's statistic kept as a
+    """An elementwise function after the norm (soft-capping), or before it (a prediction head's activation), leaves
+    the readout not linear, and its slope at the whole stream scales each part; a function that mixes a row's values other than a norm's statistic kept as a
     column is refused."""
     plain = _Readout(FROZEN["rms norm written out"][0])
     capped = _Readout(plain.norm, lambda logits: 3 * torch.tanh(logits / 3))
@@ -151,6 +151,17 @@ def test_soft_capping_is_taken_to_first_order_and_mixing_is_refused():
         slope = 1 - torch.tanh(plain(stream) / 3) ** 2
         (direct,) = torch.func.jvp(frozen, (stream,), (part,))[1]
         torch.testing.assert_close(direct, slope * torch.func.jvp(uncapped, (stream,), (part,))[1][0])
+    assert not linear
+    dense = torch.randn(8, 8, generator=torch.Generator().manual_seed(2))
+    head = _Readout(lambda x, w: torch.nn.functional.layer_norm(torch.nn.functional.gelu(x @ dense), (8,), w))
+    frozen, linear = freeze_statistics(_exported(head, stream), "head")
+    with torch.no_grad():  # a prediction head before the norm (ModernBERT's decoder): its activation to first order
+        z = stream @ dense
+        rstd = torch.rsqrt(torch.nn.functional.gelu(z).var(-1, False, keepdim=True) + 1e-5)
+        tangent = torch.func.jvp(torch.nn.functional.gelu, (z,), (part @ dense,))[1]
+        expected = torch.nn.functional.linear((tangent - tangent.mean(-1, keepdim=True)) * rstd * head.weight,
+                                              head.unembed)
+        torch.testing.assert_close(torch.func.jvp(frozen, (stream,), (part,))[1][0], expected)
     assert not linear
     dropped = lambda x, w: x * torch.rsqrt(x.pow(2).mean(-1) + 1e-6).unsqueeze(-1) * w  # noqa: E731
     for mixing in (lambda x, w: x.softmax(-1) * w, dropped):  # a softmax; a statistic whose dimension is dropped
