@@ -2,8 +2,9 @@
 
 The pipeline, one module per stage: capture (torch.export) → components (residual stream, heads, MLPs)
 → rewrite (per-edge inputs) → patching (masks over edges) → attribution (edge scores) → scores/circuit
-(selection, save/load) → evaluation (faithfulness, CPR/CMD) → lens, patterns and draw (what the circuit does and what each node
-writes straight into the logits, where its heads look, and a picture of it).  Data: models (load_model), tasks, data (batches), metrics.
+(selection, save/load) → evaluation (faithfulness, CPR/CMD) → lens, patterns and draw (what the circuit does and
+what each node writes straight into the logits, where its heads look, and a picture of it).  Data: models
+(load_model), tasks, data (batches), metrics.
 """
 from . import data, metrics, tasks
 from .attribution import METHODS, attribute

@@ -393,15 +393,7 @@ def _lens(args) -> int:
 def _direct(args) -> int:
     nodes = _read_nodes(args)
     _, tokenizer, cm, task = _setup(args)
-    shares, whole = [], {"rest": [], "total": []}
-    for batch in task.batches:
-        direct = direct_logits(cm, batch["clean"], batch["attention_mask"], nodes=nodes)
-        answers = batch["correct"], batch["incorrect"]
-        shares.append(direct.logit_diff(*answers)[..., 0])
-        for of, values in whole.items():
-            values.append(direct.logit_diff(*answers, of=of)[..., 0])
-    labels, shares = direct.labels, torch.cat(shares, 1)  # [nodes, examples]
-    rest, total = (float(torch.cat(values).mean()) for values in whole.values())
+    labels, shares, whole, linear = _direct_shares(cm, task, nodes)
     order = shares.mean(1).abs().argsort(descending=True)[:args.rows].tolist()
     batch, row = _example(task, args.example)
     strongest = direct_logits(cm, batch["clean"], batch["attention_mask"], nodes=[labels[i] for i in order])
@@ -411,14 +403,29 @@ def _direct(args) -> int:
           f"largest first:")
     print(_columns([f"{labels[i]} {float(shares[i].mean()):+.3f}" for i in order]))
     read = float(shares.sum(0).mean())
-    _table({"the model's logit difference": f"{total:+.3f}", f"the {len(labels)} node{'s' * (len(labels) > 1)} read": f"{read:+.3f}",
-            "the other nodes": f"{total - rest - read:+.3f}",
-            "what no node writes": f"{rest:+.3f}" + ("" if direct.linear else " (and what first order leaves out)")})
+    _table({"the model's logit difference": f"{whole['total']:+.3f}",
+            f"the {len(labels)} node{'s' * (len(labels) > 1)} read": f"{read:+.3f}",
+            "the other nodes": f"{whole['total'] - whole['rest'] - read:+.3f}",
+            "what no node writes": f"{whole['rest']:+.3f}" + ("" if linear else " (and what first order leaves out)")})
     if args.out:
         plot_heatmap(shares[order], [labels[i] for i in order], [str(i) for i in range(shares.shape[1])], args.out,
                      title=f"direct logit difference · {task.name}")
         print(f"heatmap → {args.out}")
     return 0
+
+
+def _direct_shares(cm, task, nodes) -> tuple[list[str], torch.Tensor, dict[str, float], bool]:
+    """Over every batch of ``task``: the nodes read, each one's direct share of the logit difference per example
+    [nodes, examples], the mean ``rest`` and ``total`` shares, and whether the readout is linear."""
+    shares, whole = [], {"rest": [], "total": []}
+    for batch in task.batches:
+        direct = direct_logits(cm, batch["clean"], batch["attention_mask"], nodes=nodes)
+        answers = batch["correct"], batch["incorrect"]
+        shares.append(direct.logit_diff(*answers)[..., 0])
+        for of, values in whole.items():
+            values.append(direct.logit_diff(*answers, of=of)[..., 0])
+    means = {of: float(torch.cat(values).mean()) for of, values in whole.items()}
+    return direct.labels, torch.cat(shares, 1), means, direct.linear
 
 
 def _attention(args) -> int:

@@ -139,8 +139,8 @@ def test_frozen_statistics_make_the_readout_linear_in_a_part(kind):
 
 def test_soft_capping_is_taken_to_first_order_and_mixing_is_refused():
     """An elementwise function after the norm (soft-capping), or before it (a prediction head's activation), leaves
-    the readout not linear, and its slope at the whole stream scales each part; a function that mixes a row's values other than a norm's statistic kept as a
-    column is refused."""
+    the readout not linear, and its slope at the whole stream scales each part; a function that mixes a row's
+    values other than a norm's statistic kept as a column is refused."""
     plain = _Readout(FROZEN["rms norm written out"][0])
     capped = _Readout(plain.norm, lambda logits: 3 * torch.tanh(logits / 3))
     capped.load_state_dict(plain.state_dict())
