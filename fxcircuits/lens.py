@@ -142,7 +142,8 @@ def direct_logits(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: tor
     labels = _nodes(cm, nodes) or list(cm.graph.upstream)
     frozen, linear = freeze_statistics(cm.readout, cm.model_name)
     read = _positions(input_ids, attention_mask, positions)
-    stream = _at(cm.streams(input_ids, attention_mask)[-1:], read.to(cm.device))[0]
+    streams, scales = cm.streams_and_scales(input_ids, attention_mask)
+    stream = _at(streams[-1:], read.to(cm.device))[0]
     bad = (~torch.isfinite(stream)).flatten(1).any(1).nonzero().flatten().tolist()
     if bad:  # the norm's statistics would be NaN, and with them every node's direct logits
         raise ValueError(f"the final stream is NaN or infinite at the positions read in examples {bad[:8]}: the "
@@ -150,7 +151,7 @@ def direct_logits(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: tor
                          "can overflow, and some HF models return NaN in float64 under padding); run the model in "
                          "float32, pad on the other side, or leave those examples out")
     outputs = _at(cm.activations(input_ids, attention_mask), read.to(cm.device))
-    outputs *= cm.stream_scales(input_ids, attention_mask)[-1]
+    outputs *= scales[-1]
 
     def through(part: torch.Tensor) -> torch.Tensor:
         return jvp(frozen, (stream,), (part,))[1]

@@ -341,21 +341,26 @@ class CircuitModel(nn.Module):
         carries beside the stream.  Empty for a model without side inputs."""
         return [s[0] for s in self.recording(input_ids, attention_mask)[0][len(self.graph.group_sizes):]]
 
-    @_one_token_too(_first_position)
     def streams(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The residual stream after ``input`` and after each writer (a layer's heads, an MLP), as the model holds
         it: [1 + n_writers, batch, seq, d_model].  Partial sums of ``activations`` miss what the stream carries and
         no node writes (an output projection's bias)."""
-        return self._step(input_ids, attention_mask)[0]
+        return self.streams_and_scales(input_ids, attention_mask)[0]
 
-    @_one_token_too(lambda scales: scales)
     def stream_scales(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[1 + n_writers, d_model]: how far the model has scaled its whole stream, per channel, at each of
         ``streams`` — ones, unless it rescales the stream between layers (Gemma 4's ``layer_scalar``) or scales the
         residual it carries into a sum by a constant (``x·α + f(x)``, α one number or one per channel).  Node outputs
         (``activations``) are in the stream's scale at the first layer, so the stream after a writer is its scale
         times the outputs of the nodes so far plus what no node writes."""
-        return self._step(input_ids, attention_mask)[1]
+        return self.streams_and_scales(input_ids, attention_mask)[1]
+
+    @_one_token_too(lambda both: (_first_position(both[0]), both[1]))
+    def streams_and_scales(self, input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``streams`` and ``stream_scales`` from one pass (the stepper computes both)."""
+        input_ids, attention_mask = self.inputs(input_ids, attention_mask)
+        return self.engine(input_ids).stepper(input_ids, attention_mask)
 
     @_one_token_too(lambda layers: [None if w is None else w[..., :1, :1] for w in layers])
     def patterns(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -372,10 +377,6 @@ class CircuitModel(nn.Module):
             raise ValueError(f"no attention layer {unknown[0]}: {self.model_name} has {self.graph.n_layers}, "
                              f"a0 to a{self.graph.n_layers - 1}")
         return list(self.engine(input_ids).patterns(input_ids, attention_mask, wanted))
-
-    def _step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        input_ids, attention_mask = self.inputs(input_ids, attention_mask)
-        return self.engine(input_ids).stepper(input_ids, attention_mask)
 
     def recording(self, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
