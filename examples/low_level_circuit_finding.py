@@ -70,9 +70,9 @@ def main() -> None:
     #    Direct logit attribution estimates each found node's direct path without a patched run: what it writes
     #    straight into the logit difference (through the final norm at the whole stream's scale), clean less
     #    corrupted.  A node whose total effect is large and direct share small acts through later nodes.
-    names = [name for name, _ in ranked]
-    share = [fxcircuits.direct_logits(cm, ids, mask, nodes=names).logit_diff(batch["correct"], batch["incorrect"])
-             .mean((1, 2)) for ids in (clean, corrupted)]
+    names, answers = [name for name, _ in ranked], (batch["correct"], batch["incorrect"])
+    share = [fxcircuits.direct_logits(cm, ids, mask, nodes=names, tokens=torch.cat(answers, 1))  # only these logits
+             .logit_diff(*answers).mean((1, 2)) for ids in (clean, corrupted)]
     print("   direct logit attribution, clean less corrupted: "
           + ", ".join(f"{name} {value:+.2f}" for name, value in zip(names, share[0] - share[1])))
 

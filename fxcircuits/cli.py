@@ -396,9 +396,11 @@ def _direct(args) -> int:
     labels, shares, whole, linear = _direct_shares(cm, task, nodes)
     order = shares.mean(1).abs().argsort(descending=True)[:args.rows].tolist()
     batch, row = _example(task, args.example)
-    strongest = direct_logits(cm, batch["clean"], batch["attention_mask"], nodes=[labels[i] for i in order])
+    one = slice(row, row + 1)  # its top tokens are read vocab-wide: of that example alone
+    strongest = direct_logits(cm, batch["clean"][one], batch["attention_mask"][one],
+                              nodes=[labels[i] for i in order])
     print(f"example {args.example}: {task.examples[args.example].clean!r}")
-    print(strongest.table(tokenizer, k=args.top, example=row))
+    print(strongest.table(tokenizer, k=args.top))
     print(f"\ndirect share of logit(correct) − logit(incorrect), mean over {shares.shape[1]} examples, "
           f"largest first:")
     print(_columns([f"{labels[i]} {float(shares[i].mean()):+.3f}" for i in order]))
@@ -416,11 +418,12 @@ def _direct(args) -> int:
 
 def _direct_shares(cm, task, nodes) -> tuple[list[str], torch.Tensor, dict[str, float], bool]:
     """Over every batch of ``task``: the nodes read, each one's direct share of the logit difference per example
-    [nodes, examples], the mean ``rest`` and ``total`` shares, and whether the readout is linear."""
+    [nodes, examples], the mean ``rest`` and ``total`` shares, and whether the readout is linear.  Only the
+    answers' logits are read."""
     shares, whole = [], {"rest": [], "total": []}
     for batch in task.batches:
-        direct = direct_logits(cm, batch["clean"], batch["attention_mask"], nodes=nodes)
         answers = batch["correct"], batch["incorrect"]
+        direct = direct_logits(cm, batch["clean"], batch["attention_mask"], nodes=nodes, tokens=torch.cat(answers, 1))
         shares.append(direct.logit_diff(*answers)[..., 0])
         for of, values in whole.items():
             values.append(direct.logit_diff(*answers, of=of)[..., 0])

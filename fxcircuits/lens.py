@@ -12,11 +12,11 @@ add up to the model's logits.  The lens on a node normalises that node's output 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Integral
 
 import torch
-from torch.func import jvp, vmap
+from torch.func import jvp, vjp, vmap
 
 from .circuit import Circuit
 from .metrics import answer_position
@@ -36,10 +36,17 @@ class Readings:
     def values(self) -> torch.Tensor:
         return self.logits
 
+    def token_ids(self, example: int) -> torch.Tensor:
+        """The vocabulary ids of ``logits``' last dimension for one example (-1: a column that reads nothing)."""
+        return torch.arange(self.logits.shape[-1])
+
     def top(self, tokenizer, k: int = 5, example: int = 0, position: int = -1) -> list[tuple[str, list]]:
         """For each row, the ``k`` tokens of largest value for one example at one of the read positions:
         ``[(label, [(token, value), …]), …]``."""
-        values, ids = self.values()[:, example, position].topk(k, dim=-1)
+        ids = self.token_ids(example).to(self.logits.device)
+        real = ids >= 0
+        values, columns = self.values()[:, example, position][:, real].topk(min(k, int(real.sum())), dim=-1)
+        ids = ids[real][columns]
         return [(label, [(tokenizer.decode([int(i)]), float(v)) for i, v in zip(row_ids, row_values)])
                 for label, row_ids, row_values in zip(self.labels, ids, values)]
 
@@ -77,11 +84,19 @@ class DirectLogits(Readings):
     (those not read too) — what no node writes (an output projection's bias, the final norm's and unembedding's
     biases), and nothing more where ``linear``.  ``linear``: whether the frozen readout is affine in the stream;
     where it is not (soft-capped logits), each node's direct logits are taken to first order at the whole stream,
-    and ``rest`` also holds what that leaves out."""
+    and ``rest`` also holds what that leaves out.
+
+    ``tokens`` [batch, K]: where only some tokens were read (``direct_logits(tokens=…)``), the vocabulary id of
+    each example's columns of ``logits``, ``total`` and ``rest`` (-1: padding, which reads 0); ``None``: the whole
+    vocabulary."""
     total: torch.Tensor
     rest: torch.Tensor
     linear: bool
+    tokens: torch.Tensor | None = field(default=None, kw_only=True)
     number = "{:+.2f}"
+
+    def token_ids(self, example: int) -> torch.Tensor:
+        return super().token_ids(example) if self.tokens is None else self.tokens[example]
 
     def logit_diff(self, correct: torch.Tensor, incorrect: torch.Tensor, of: str = "nodes") -> torch.Tensor:
         """The ``logit_diff`` metric — mean logit of the correct answers ([batch, K] ids, -1 padded) less that of
@@ -91,8 +106,22 @@ class DirectLogits(Readings):
         if of not in choices:
             raise ValueError(f"of={of!r}: give one of {', '.join(map(repr, choices))}")
         values = choices[of]
-        diff = _set_mean(values, correct) - _set_mean(values, incorrect)
+        diff = _set_mean(values, self._columns(correct)) - _set_mean(values, self._columns(incorrect))
         return diff if of == "nodes" else diff[0]
+
+    def _columns(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Answer ids [batch, K] (-1 padded) as columns of ``logits``: the ids themselves where the whole vocabulary
+        was read, else where each example's ``tokens`` hold them; an answer that was not read is refused."""
+        if self.tokens is None:
+            return token_ids
+        ids = token_ids.to(self.tokens.device)
+        found = (ids[:, :, None] == self.tokens[:, None, :]) & (ids[:, :, None] >= 0)
+        missing = ((ids >= 0) & ~found.any(-1)).nonzero().tolist()
+        if missing:
+            example, k = missing[0]
+            raise ValueError(f"token {int(ids[example, k])} (an answer of example {example}) was not read: "
+                             "direct_logits read only the tokens given as tokens=; give it there too")
+        return torch.where(ids >= 0, found.int().argmax(-1), -1)
 
 
 def _set_mean(values: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -133,12 +162,17 @@ def logit_lens(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: torch.
 @torch.no_grad()
 def direct_logits(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                   nodes: list[str] | Circuit | None = None, positions: str | list[int] = "last",
-                  chunk_size: int = 16) -> DirectLogits:
+                  tokens: list[int] | torch.Tensor | None = None, chunk_size: int = 16) -> DirectLogits:
     """Direct logit attribution: the logits each node (every upstream node, or ``nodes``; a ``Circuit``'s
     writing nodes) adds through the final norm, whose statistics — a row's mean square or variance — come from
     the whole stream and are held fixed.  Each node's output is taken in the final stream's scale (a model
-    that rescales its stream, such as Gemma 4, has scaled it since).  ``positions`` as for ``logit_lens``;
-    ``chunk_size``: how many nodes' vocab-wide logits are computed at once."""
+    that rescales its stream, such as Gemma 4, has scaled it since).  ``positions`` as for ``logit_lens``.
+
+    ``tokens``: read only these vocabulary ids — a list for every example, or [batch, K] ids per example, -1
+    padded (a task's answers: ``torch.cat([batch["correct"], batch["incorrect"]], 1)``).  The readout is then
+    pulled back once per token to the direction it reads in the stream, and each node's logit is its output's
+    dot product with that direction: K backward passes through the unembedding instead of one forward per node.
+    ``chunk_size``: how many nodes (or tokens) are taken through the readout at once."""
     labels = _nodes(cm, nodes) or list(cm.graph.upstream)
     frozen, linear = freeze_statistics(cm.readout, cm.model_name)
     read = _positions(input_ids, attention_mask, positions)
@@ -152,13 +186,51 @@ def direct_logits(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: tor
                          "float32, pad on the other side, or leave those examples out")
     outputs = _at(cm.activations(input_ids, attention_mask), read.to(cm.device))
     outputs *= scales[-1]
-
-    def through(part: torch.Tensor) -> torch.Tensor:
-        return jvp(frozen, (stream,), (part,))[1]
-
-    direct = vmap(through, chunk_size=chunk_size)(outputs[[cm.graph.node_index[n] for n in labels]])
+    read_nodes = outputs[[cm.graph.node_index[n] for n in labels]]
     total = cm.readout(stream)
-    return DirectLogits(labels, direct, read, total, total - through(outputs.sum(0)), linear)
+    if tokens is None:
+        def through(part: torch.Tensor) -> torch.Tensor:
+            return jvp(frozen, (stream,), (part,))[1]
+
+        direct = vmap(through, chunk_size=chunk_size)(read_nodes)
+        return DirectLogits(labels, direct, read, total, total - through(outputs.sum(0)), linear)
+    tokens = _token_table(tokens, batch=total.shape[0], vocab=total.shape[-1])
+    directions = _directions(frozen, stream, tokens.to(cm.device), chunk_size)  # [K, batch, positions, d_model]
+    direct = torch.einsum("rbpd,kbpd->rbpk", read_nodes, directions)
+    columns = tokens.to(cm.device)[:, None].expand(-1, stream.shape[1], -1)
+    total = total.gather(-1, columns.clamp(min=0)) * (columns >= 0)
+    rest = total - torch.einsum("bpd,kbpd->bpk", outputs.sum(0), directions)
+    return DirectLogits(labels, direct, read, total, rest, linear, tokens=tokens)
+
+
+def _directions(frozen, stream: torch.Tensor, tokens: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """The direction in the stream that the frozen readout reads each example's k-th token along (the readout's
+    row for it, pulled back through the frozen norm): [K, batch, positions, d_model]; padding reads nothing."""
+    logits, pull = vjp(frozen, stream)
+    vocab = torch.arange(logits.shape[-1], device=stream.device)
+
+    def direction(ids: torch.Tensor) -> torch.Tensor:  # ids [batch]: one token per example
+        return pull((vocab == ids[:, None, None]).to(logits.dtype).expand_as(logits))[0]
+
+    return vmap(direction, chunk_size=chunk_size)(tokens.T)
+
+
+def _token_table(tokens, batch: int, vocab: int) -> torch.Tensor:
+    """``tokens`` as given to ``direct_logits`` — ids for every example, or [batch, K] per example, -1 padded —
+    as a [batch, K] tensor, each id checked against the vocabulary."""
+    table = torch.as_tensor(tokens)
+    if table.dtype.is_floating_point or table.dtype == torch.bool or table.dim() not in (1, 2) or not table.numel():
+        raise ValueError(f"tokens of shape {tuple(table.shape)} and dtype {table.dtype}: give vocabulary ids, a list "
+                         f"for every example or [batch, K] per example (-1 padded)")
+    if table.dim() == 1:
+        table = table.expand(batch, -1)
+    if table.shape[0] != batch:
+        raise ValueError(f"tokens has {table.shape[0]} rows for {batch} examples: give one row per example, or a "
+                         "list of ids for every example")
+    bad = ((table < -1) | (table >= vocab)).nonzero().tolist()
+    if bad:
+        raise ValueError(f"token {int(table[tuple(bad[0])])} is not in the vocabulary of {vocab} tokens (-1 pads)")
+    return table.long().cpu()
 
 
 def _nodes(cm: CircuitModel, nodes: list[str] | Circuit | None) -> list[str] | None:

@@ -261,6 +261,59 @@ def test_direct_logits_of_every_node_are_the_logits_where_nothing_else_is_writte
                                fxcircuits.metrics.logit_diff(logits, batch), atol=1e-5 * scale, rtol=1e-5)
 
 
+def _gathered(values: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Vocab-wide ``values`` [..., batch, positions, vocab] at each example's ``tokens`` [batch, K], padding 0."""
+    index = tokens.clamp(min=0)[:, None, :].expand(*values.shape[:-1], -1)
+    return values.gather(-1, index) * (tokens >= 0)[:, None, :]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma2", "gemma4"])
+def test_direct_logits_of_some_tokens_are_those_of_the_whole_vocabulary(traced, name):
+    """``tokens=`` reads each node's logits through the readout pulled back to one direction per token: they, the
+    total and the rest (biases, in gpt2) equal the vocab-wide ones at those tokens, also to first order (Gemma 2's
+    soft-cap) and in a rescaled stream (Gemma 4); and so do the ``logit_diff`` shares and ``top``'s ranking."""
+    _, cm = traced(name)
+    ids, mask = _ids()
+    whole = direct_logits(cm, ids, mask, positions="all")
+    tokens = torch.tensor([[3, 4, 7, 9], [5, 8, 4, -1]])
+    some = direct_logits(cm, ids, mask, positions="all", tokens=tokens)
+    assert some.logits.shape == (*whole.logits.shape[:3], 4) and some.tokens.tolist() == tokens.tolist()
+    scale = whole.total.abs().max()
+    for part, vocab_wide in [(some.logits, whole.logits), (some.total, whole.total), (some.rest, whole.rest)]:
+        torch.testing.assert_close(part, _gathered(vocab_wide, tokens), atol=1e-6 * scale, rtol=1e-5)
+    correct, incorrect = torch.tensor([[3, 4], [5, -1]]), torch.tensor([[7], [8]])
+    for of in ["nodes", "rest", "total"]:
+        torch.testing.assert_close(some.logit_diff(correct, incorrect, of=of),
+                                   whole.logit_diff(correct, incorrect, of=of), atol=1e-6 * scale, rtol=1e-5)
+
+    class Tokenizer:
+        def decode(self, ids):
+            return f"<{ids[0]}>"
+
+    best = [[f"<{int(tokens[1, j])}>" for j in _gathered(whole.logits, tokens)[i, 1, 2, :3].argsort(descending=True)]
+            for i in range(len(whole.labels))]
+    assert [[token for token, _ in tops] for _, tops in some.top(Tokenizer(), k=9, example=1, position=2)] == best
+    same = direct_logits(cm, ids, mask, tokens=[3, 9])
+    assert same.tokens.tolist() == [[3, 9], [3, 9]]
+    torch.testing.assert_close(same.logits, _gathered(direct_logits(cm, ids, mask).logits, same.tokens),
+                               atol=1e-6 * scale, rtol=1e-5)
+
+
+def test_direct_logits_of_tokens_refuse_what_they_cannot_read(traced):
+    """Token ids outside the vocabulary, a row count other than the batch's, or no ids are refused; so is an
+    answer ``logit_diff`` is asked about that was not read."""
+    _, cm = traced("llama")
+    ids, mask = _ids()
+    for tokens, message in [([3, 128], "token 128 is not in the vocabulary of 128 tokens"),
+                            ([[3], [4], [5]], "tokens has 3 rows for 2 examples"),
+                            ([], "tokens of shape"), ([0.5], "give vocabulary ids")]:
+        with pytest.raises(ValueError, match=message):
+            direct_logits(cm, ids, mask, tokens=tokens)
+    direct = direct_logits(cm, ids, mask, tokens=[[3, 7], [5, 8]])
+    with pytest.raises(ValueError, match=r"token 4 \(an answer of example 0\) was not read"):
+        direct.logit_diff(torch.tensor([[3, 4], [5, -1]]), torch.tensor([[7], [8]]))
+
+
 def test_direct_logits_of_a_circuit_and_their_top_tokens(traced):
     """``nodes=circuit`` reads the circuit's writing nodes; ``top`` ranks each node's tokens by direct logit and
     ``table`` signs them; unknown nodes and empty circuits are refused as the lens refuses them."""

@@ -63,7 +63,7 @@ def test_direct_logits_name_the_name_mover(smollm2):
     """The nodes' direct logits add up to SmolLM2's logits (it writes no bias), and the head that writes the most
     of logit(IO) − logit(S) straight into the logits is a23.h3 on each prompt.  Measured 2026-12-04: a23.h3
     +2.86, +2.56, +2.15 of 6.12, 6.87, 5.22; a24.h4, which attends to the IO most, writes −1.07 on the first
-    (a negative name mover)."""
+    (a negative name mover).  Reading only the two names' logits gives the same shares."""
     _, tokenizer, cm = smollm2
     prompts = ["When Mary and John went to the store, John gave a drink to",
                "When Tom and Anna went to the park, Tom gave a ball to",
@@ -77,6 +77,8 @@ def test_direct_logits_name_the_name_mover(smollm2):
         heads = [i for i, label in enumerate(direct.labels) if label.startswith("a")]
         assert direct.labels[heads[int(shares[heads].argmax())]] == "a23.h3", prompt
         assert float(shares.sum()) == pytest.approx(float(direct.logit_diff(correct, incorrect, of="total")), abs=1e-3)
+        answers = fxcircuits.direct_logits(cm, ids, tokens=torch.cat([correct, incorrect], 1))
+        torch.testing.assert_close(answers.logit_diff(correct, incorrect)[:, 0, 0], shares, atol=1e-4, rtol=0)
 
 
 def test_ioi_circuit_of_one_percent_of_edges_is_faithful(smollm2):
