@@ -22,7 +22,9 @@ traces it.  A model that traces is checked on padded prompts against the untouch
   ``output_attentions``) on real query positions, where HF gives them for the attention layers alone;
 - ``direct``: every node's direct logits (``fxcircuits.direct_logits``, the final norm's statistics frozen) and
   what no node writes add up to HF's logits at each prompt's last position.  ``readout`` says whether the frozen
-  readout is linear, taken to first order (soft-capping), or refused (with the reason): patching does not need it.
+  readout is linear, taken to first order (soft-capping), or refused (with the reason): patching does not need it;
+- ``tokens``: direct logits read for a few tokens (``tokens=``, along each token's direction in the stream) equal
+  the vocab-wide ones at those tokens.
 
 Each is a max |difference| over the logit scale (the weights' own, for ``patterns``), ``ok`` at ≤ 1e-4.
 Statuses: ``ok``; ``WRONG`` (traced, and a check failed: a defect); ``refused`` (fxcircuits raised its own error,
@@ -209,8 +211,10 @@ def check(model_type: str) -> dict:
         return {**result, "status": "crash", "error": _line(error)}
     if patterns is not None:
         checks["patterns"] = patterns
+    tokens = torch.tensor([[5, 9, 17], [3, 5, -1]])
     try:
         direct = fxcircuits.direct_logits(cm, clean, mask)
+        some = fxcircuits.direct_logits(cm, clean, mask, tokens=tokens)
     except fxcircuits.DecompositionError as error:
         result["readout"] = f"refused: {_line(error)}"
     except Exception as error:
@@ -219,6 +223,8 @@ def check(model_type: str) -> dict:
         result["readout"] = "linear" if direct.linear else "first order"
         last = hf[torch.arange(len(hf)), -1]  # the last position is real under left padding
         checks["direct"] = (direct.logits.sum(0) + direct.rest)[:, 0].sub(last).abs().max().item() / scale
+        read = direct.logits.gather(-1, tokens.clamp(min=0)[None, :, None].expand(len(direct.labels), -1, 1, -1))
+        checks["tokens"] = (some.logits - read * (tokens >= 0)[:, None]).abs().max().item() / scale
     wrong = [k for k, v in checks.items() if not v <= TOLERANCE]
     return {**result, "status": "WRONG" if wrong else "ok", "checks": {k: float(f"{v:.2g}") for k, v in checks.items()}}
 
