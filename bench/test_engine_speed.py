@@ -96,6 +96,19 @@ def test_node_patched_run(benchmark, smollm2):
     _report(benchmark, "patched_node", ours, hf)
 
 
+@pytest.mark.parametrize("read", ["answers", "vocabulary"])
+def test_direct_logits(benchmark, smollm2, batch, read):
+    """Direct logit attribution of every node (301) on the 8 prompts, against the HF forward: reading only the
+    answers' logits (``tokens=``, one pulled-back direction per token), or every node's logits vocab-wide."""
+    model, cm, clean, _ = smollm2
+    tokens = torch.cat([batch["correct"], batch["incorrect"]], 1) if read == "answers" else None
+    direct = lambda: fxcircuits.direct_logits(cm, clean, tokens=tokens)  # noqa: E731
+    with torch.no_grad():
+        hf, ours = _alternating(lambda: model(input_ids=clean).logits, direct)
+        benchmark(direct)
+    _report(benchmark, f"direct_logits_{read}", ours, hf)
+
+
 @pytest.mark.parametrize("order", ["spread", "in_graph_order"])
 def test_exact_patching_throughput(benchmark, smollm2, order):
     """Single-edge patches, 16 per batched call over the 8 prompts, corrupted activations computed once.  "spread":
