@@ -24,7 +24,9 @@ traces it.  A model that traces is checked on padded prompts against the untouch
   what no node writes add up to HF's logits at each prompt's last position.  ``readout`` says whether the frozen
   readout is linear, taken to first order (soft-capping), or refused (with the reason): patching does not need it;
 - ``tokens``: direct logits read for a few tokens (``tokens=``, along each token's direction in the stream) equal
-  the vocab-wide ones at those tokens.
+  the vocab-wide ones at those tokens;
+- ``sources``: the first and last heads' direct logits split by key position (``fxcircuits.source_logits``) add up
+  to their direct logits.
 
 Each is a max |difference| over the logit scale (the weights' own, for ``patterns``), ``ok`` at ≤ 1e-4.
 Statuses: ``ok``; ``WRONG`` (traced, and a check failed: a defect); ``refused`` (fxcircuits raised its own error,
@@ -215,6 +217,8 @@ def check(model_type: str) -> dict:
     try:
         direct = fxcircuits.direct_logits(cm, clean, mask)
         some = fxcircuits.direct_logits(cm, clean, mask, tokens=tokens)
+        heads = [n for n in cm.graph.upstream if n.startswith("a")]
+        sources = fxcircuits.source_logits(cm, clean, mask, heads=heads[:1] + heads[-1:])
     except fxcircuits.DecompositionError as error:
         result["readout"] = f"refused: {_line(error)}"
     except Exception as error:
@@ -225,6 +229,8 @@ def check(model_type: str) -> dict:
         checks["direct"] = (direct.logits.sum(0) + direct.rest)[:, 0].sub(last).abs().max().item() / scale
         read = direct.logits.gather(-1, tokens.clamp(min=0)[None, :, None].expand(len(direct.labels), -1, 1, -1))
         checks["tokens"] = (some.logits - read * (tokens >= 0)[:, None]).abs().max().item() / scale
+        split = sources.logits.sum(3) - direct.logits[[direct.labels.index(h) for h in sources.heads]]
+        checks["sources"] = split.abs().max().item() / scale
     wrong = [k for k, v in checks.items() if not v <= TOLERANCE]
     return {**result, "status": "WRONG" if wrong else "ok", "checks": {k: float(f"{v:.2g}") for k, v in checks.items()}}
 

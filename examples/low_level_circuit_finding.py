@@ -1,6 +1,6 @@
 """Low-level circuit finding, the talk's second walkthrough: node patching, edge patching by the linearity of
 the residual stream, path patching to the logits (and direct logit attribution, which estimates its direct path),
-the logit lens on what was found, and where the found heads look.
+the logit lens on what was found, and where the found heads look and what they write from there.
 
 On the real SmolLM2-135M (offline, CPU), on indirect object identification ("When Mary and John went to the
 store, John gave a drink to" → " Mary"; corrupted: the subject's second mention replaced by a third name).
@@ -92,6 +92,11 @@ def main() -> None:
     patterns = fxcircuits.attention_patterns(cm, clean, mask, heads=heads)
     print("\n5. attention from the last token (example 0, top tokens):")
     print("   " + patterns.table(tokenizer, k=3).replace("\n", "\n   "))
+    #    What they write from there: each head's direct logit difference split by the token it reads (its weight
+    #    there times its value) — a name mover writes for the IO from the IO, a negative one against it.
+    sources = fxcircuits.source_logits(cm, clean, mask, heads=heads, tokens=torch.cat(answers, 1))
+    print("   direct share of the logit difference by the token read (example 0, largest first):")
+    print("   " + sources.table(tokenizer, *answers, k=3).replace("\n", "\n   "))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 The pipeline, one module per stage: capture (torch.export) → components (residual stream, heads, MLPs)
 → rewrite (per-edge inputs) → patching (masks over edges) → attribution (edge scores) → scores/circuit
 (selection, save/load) → evaluation (faithfulness, CPR/CMD) → lens, patterns and draw (what the circuit does and
-what each node writes straight into the logits, where its heads look, and a picture of it).  Data: models
+what each node writes straight into the logits, and each head from which token; where its heads look, and a
+picture of it).  Data: models
 (load_model), tasks, data (batches), metrics.
 """
 from . import data, metrics, tasks
@@ -13,12 +14,13 @@ from .circuit import Circuit
 from .components import DecompositionError
 from .evaluation import Evaluation, Evaluator, evaluate
 from .graph import CircuitGraph
-from .lens import DirectLogits, Lens, direct_logits, logit_lens
+from .lens import DirectLogits, Lens, SourceLogits, direct_logits, logit_lens, source_logits
 from .model import CircuitModel, trace
 from .models import load_model
 from .patterns import Patterns, attention_patterns
 from .scores import EdgeScores
 
 __all__ = ["trace", "CircuitModel", "CircuitGraph", "Circuit", "EdgeScores", "attribute", "METHODS", "evaluate",
-           "Evaluator", "Evaluation", "logit_lens", "Lens", "direct_logits", "DirectLogits", "attention_patterns",
-           "Patterns", "load_model", "data", "metrics", "tasks", "CaptureError", "DecompositionError"]
+           "Evaluator", "Evaluation", "logit_lens", "Lens", "direct_logits", "DirectLogits", "source_logits",
+           "SourceLogits", "attention_patterns", "Patterns", "load_model", "data", "metrics", "tasks", "CaptureError",
+           "DecompositionError"]

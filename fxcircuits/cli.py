@@ -26,7 +26,7 @@ from .attribution import METHODS, attribute
 from .circuit import FORMATS, Circuit
 from .draw import draw_circuit, draw_comparison, plot_faithfulness, plot_heatmap
 from .evaluation import Evaluator
-from .lens import direct_logits, logit_lens
+from .lens import direct_logits, logit_lens, source_logits
 from .model import trace
 from .models import load_model
 from .patterns import attention_patterns
@@ -137,10 +137,12 @@ def _parser() -> argparse.ArgumentParser:
     direct.add_argument("--top", type=_positive, default=5)
     direct.add_argument("--out", help="heatmap of the listed nodes' shares, nodes × examples (.svg or .png)")
     direct.set_defaults(run=_direct)
-    attention = commands.add_parser("attention", help="where given heads look, from the answer's position",
-                                    description="The attention patterns of given heads on a task's first examples: "
+    attention = commands.add_parser("attention", help="where given heads look, and what they write from there",
+                                    description="The attention patterns of given heads on one of a task's examples: "
                                     "the tokens each head attends to most from one query position (by default "
-                                    "the last real token, whose prediction the task scores).")
+                                    "the last real token, whose prediction the task scores); then the tokens whose "
+                                    "values each head writes most directly into logit(correct) − logit(incorrect) "
+                                    "there (direct logit attribution split by key position).")
     _model_options(attention)
     attention.add_argument("--heads", required=True, help="comma-separated heads, e.g. a9.h6,a10.h0")
     attention.add_argument("--example", type=int, default=0, help="which example to read")
@@ -441,6 +443,12 @@ def _attention(args) -> int:
         print(patterns.table(tokenizer, k=args.top, example=row, position=position))
     except IndexError as error:
         raise SystemExit(f"--{error}") from None
+    one, answers = slice(row, row + 1), (batch["correct"][row:row + 1], batch["incorrect"][row:row + 1])
+    sources = source_logits(cm, batch["clean"][one], batch["attention_mask"][one], heads=patterns.heads,
+                            positions="last" if position == "last" else [position], tokens=torch.cat(answers, 1))
+    print("\nwhat each head writes to logit(correct) − logit(incorrect) directly, by the token it reads "
+          "(token@position), largest first:")
+    print(sources.table(tokenizer, *answers, k=args.top))
     if args.out:
         where = "the last token" if position == "last" else f"position {position}"
         patterns.plot(tokenizer, args.out, example=row, position=position,

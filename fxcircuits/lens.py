@@ -9,6 +9,8 @@ Direct logit attribution (``direct_logits``) reads each node's output as the who
 the norm's statistics come from the whole stream and are held fixed (``norms.freeze_statistics``), so the
 readout is linear in what the nodes write, and their direct logits, plus what no node writes (``rest``: biases),
 add up to the model's logits.  The lens on a node normalises that node's output by itself instead.
+``source_logits`` splits a head's direct logits by the key position it reads (``cm.sources``): which token's value
+it moves into the answer.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from .circuit import Circuit
 from .metrics import answer_position
 from .model import CircuitModel
 from .norms import freeze_statistics
+from .patterns import head_indices
 
 
 @dataclass
@@ -105,23 +108,71 @@ class DirectLogits(Readings):
         choices = {"nodes": self.logits, "rest": self.rest[None], "total": self.total[None]}
         if of not in choices:
             raise ValueError(f"of={of!r}: give one of {', '.join(map(repr, choices))}")
-        values = choices[of]
-        diff = _set_mean(values, self._columns(correct)) - _set_mean(values, self._columns(incorrect))
+        diff = _logit_diff(choices[of], self.tokens, correct, incorrect)
         return diff if of == "nodes" else diff[0]
 
-    def _columns(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Answer ids [batch, K] (-1 padded) as columns of ``logits``: the ids themselves where the whole vocabulary
-        was read, else where each example's ``tokens`` hold them; an answer that was not read is refused."""
-        if self.tokens is None:
-            return token_ids
-        ids = token_ids.to(self.tokens.device)
-        found = (ids[:, :, None] == self.tokens[:, None, :]) & (ids[:, :, None] >= 0)
-        missing = ((ids >= 0) & ~found.any(-1)).nonzero().tolist()
-        if missing:
-            example, k = missing[0]
-            raise ValueError(f"token {int(ids[example, k])} (an answer of example {example}) was not read: "
-                             "direct_logits read only the tokens given as tokens=; give it there too")
-        return torch.where(ids >= 0, found.int().argmax(-1), -1)
+
+@dataclass
+class SourceLogits:
+    """Direct logit attribution of heads, split by the key position each reads: ``logits[i, b, p, k]`` is what
+    head ``heads[i]`` writes into the logits (as ``direct_logits`` reads them) at example b's read position p from
+    its attention weight on key position k times its value there.  Summed over the keys, a head's direct logits.
+
+    ``logits`` [heads, batch, positions, keys, vocab or K]; ``positions`` [batch, positions] read; ``input_ids``
+    and ``attention_mask`` [batch, keys]: the prompts, whose tokens the keys are; ``tokens`` as for
+    ``DirectLogits``; ``linear`` whether the frozen readout is affine in the stream."""
+    heads: list[str]
+    logits: torch.Tensor
+    positions: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    linear: bool
+    tokens: torch.Tensor | None = field(default=None, kw_only=True)
+
+    def logit_diff(self, correct: torch.Tensor, incorrect: torch.Tensor) -> torch.Tensor:
+        """Each key's share of each head's direct ``logit_diff`` (answers [batch, K] ids, -1 padded):
+        [heads, batch, positions, keys]."""
+        return _logit_diff(self.logits, self.tokens, correct, incorrect)
+
+    def top(self, tokenizer, correct: torch.Tensor, incorrect: torch.Tensor, k: int = 3, example: int = 0,
+            position: int = -1) -> list[tuple[str, list]]:
+        """For each head, the ``k`` key tokens of largest share (either sign) of its direct logit difference for one
+        example at one read position: ``[(head, [(token, key position, share), …]), …]``."""
+        shares = self.logit_diff(correct, incorrect)[:, example, position]
+        keys = self.attention_mask[example].bool().nonzero().flatten()
+        shares = shares[:, keys.to(shares.device)]
+        order = shares.abs().topk(min(k, len(keys)), dim=-1).indices
+        ids = self.input_ids[example, keys]
+        return [(head, [(tokenizer.decode([int(ids[i])]), int(keys[i]), float(row[i])) for i in picks])
+                for head, row, picks in zip(self.heads, shares, order.tolist())]
+
+    def table(self, tokenizer, correct: torch.Tensor, incorrect: torch.Tensor, k: int = 3, example: int = 0,
+              position: int = -1) -> str:
+        """``top`` as aligned text, one row per head, each token with its key position."""
+        width = max(len(head) for head in self.heads)
+        return "\n".join(f"{head:>{width}}  " + "  ".join(f"{token!r}@{key} {v:+.2f}" for token, key, v in tops)
+                         for head, tops in self.top(tokenizer, correct, incorrect, k, example, position))
+
+
+def _logit_diff(values: torch.Tensor, tokens: torch.Tensor | None, correct: torch.Tensor,
+                incorrect: torch.Tensor) -> torch.Tensor:
+    """The ``logit_diff`` metric of ``values`` [rows, batch, …, vocab or K] (read at ``tokens``, or vocab-wide)."""
+    return _set_mean(values, _columns(tokens, correct)) - _set_mean(values, _columns(tokens, incorrect))
+
+
+def _columns(tokens: torch.Tensor | None, token_ids: torch.Tensor) -> torch.Tensor:
+    """Answer ids [batch, K] (-1 padded) as columns of logits read at ``tokens`` [batch, K'] (the ids themselves
+    where the whole vocabulary was read): where each example's ``tokens`` hold them; an answer not read is refused."""
+    if tokens is None:
+        return token_ids
+    ids = token_ids.to(tokens.device)
+    found = (ids[:, :, None] == tokens[:, None, :]) & (ids[:, :, None] >= 0)
+    missing = ((ids >= 0) & ~found.any(-1)).nonzero().tolist()
+    if missing:
+        example, k = missing[0]
+        raise ValueError(f"token {int(ids[example, k])} (an answer of example {example}) was not read: "
+                         "only the tokens given as tokens= were; give it there too")
+    return torch.where(ids >= 0, found.int().argmax(-1), -1)
 
 
 def _set_mean(values: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -130,12 +181,12 @@ def _set_mean(values: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _answers(values: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``values`` [rows, batch, positions, vocab] at each example's answer ids [batch, K] (-1 padded):
-    [rows, batch, positions, K], and which of those are real answers."""
+    """``values`` [rows, batch, …, vocab] at each example's answer ids [batch, K] (-1 padded):
+    [rows, batch, …, K], and which of those are real answers."""
     ids = token_ids.to(values.device)
-    valid = (ids >= 0)[None, :, None, :]
-    index = ids.clamp(min=0)[None, :, None, :].expand(*values.shape[:3], -1)
-    return values.gather(-1, index), valid
+    shape = (1, ids.shape[0]) + (1,) * (values.dim() - 3) + (ids.shape[1],)
+    index = ids.clamp(min=0).reshape(shape).expand(*values.shape[:-1], -1)
+    return values.gather(-1, index), (ids >= 0).reshape(shape)
 
 
 @torch.no_grad()
@@ -174,33 +225,71 @@ def direct_logits(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: tor
     dot product with that direction: K backward passes through the unembedding instead of one forward per node.
     ``chunk_size``: how many nodes (or tokens) are taken through the readout at once."""
     labels = _nodes(cm, nodes) or list(cm.graph.upstream)
-    frozen, linear = freeze_statistics(cm.readout, cm.model_name)
-    read = _positions(input_ids, attention_mask, positions)
-    streams, scales = cm.streams_and_scales(input_ids, attention_mask)
-    stream = _at(streams[-1:], read.to(cm.device))[0]
-    bad = (~torch.isfinite(stream)).flatten(1).any(1).nonzero().flatten().tolist()
-    if bad:  # the norm's statistics would be NaN, and with them every node's direct logits
-        raise ValueError(f"the final stream is NaN or infinite at the positions read in examples {bad[:8]}: the "
-                         f"model's own logits are too (check cm(ids, mask); {cm.model_name} in {cm.dtype}: float16 "
-                         "can overflow, and some HF models return NaN in float64 under padding); run the model in "
-                         "float32, pad on the other side, or leave those examples out")
-    outputs = _at(cm.activations(input_ids, attention_mask), read.to(cm.device))
-    outputs *= scales[-1]
-    read_nodes = outputs[[cm.graph.node_index[n] for n in labels]]
-    total = cm.readout(stream)
-    if tokens is None:
-        def through(part: torch.Tensor) -> torch.Tensor:
-            return jvp(frozen, (stream,), (part,))[1]
+    final = _FinalStream(cm, input_ids, attention_mask, positions, tokens)
+    outputs = _at(cm.activations(input_ids, attention_mask), final.read.to(cm.device)) * final.scales[-1]
+    picked = outputs[[cm.graph.node_index[n] for n in labels]]
+    logits = final.through(torch.cat([picked, outputs.sum(0, keepdim=True)]), chunk_size)
+    return DirectLogits(labels, logits[:-1], final.read, final.total, final.total - logits[-1], final.linear,
+                        tokens=final.tokens)
 
-        direct = vmap(through, chunk_size=chunk_size)(read_nodes)
-        return DirectLogits(labels, direct, read, total, total - through(outputs.sum(0)), linear)
-    tokens = _token_table(tokens, batch=total.shape[0], vocab=total.shape[-1])
-    directions = _directions(frozen, stream, tokens.to(cm.device), chunk_size)  # [K, batch, positions, d_model]
-    direct = torch.einsum("rbpd,kbpd->rbpk", read_nodes, directions)
-    columns = tokens.to(cm.device)[:, None].expand(-1, stream.shape[1], -1)
-    total = total.gather(-1, columns.clamp(min=0)) * (columns >= 0)
-    rest = total - torch.einsum("bpd,kbpd->bpk", outputs.sum(0), directions)
-    return DirectLogits(labels, direct, read, total, rest, linear, tokens=tokens)
+
+@torch.no_grad()
+def source_logits(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                  heads: list[str], positions: str | list[int] = "last", tokens: list[int] | torch.Tensor | None = None,
+                  chunk_size: int = 16) -> SourceLogits:
+    """Direct logit attribution of ``heads`` (``"a23.h3"``…), split by the key position each reads: which token's
+    value a head moves into the answer.  A head's output is its attention weights times its values, summed over
+    the keys, and its path to the logits is linear once the norms' statistics are frozen, so each key's part adds
+    up to the head's direct logits (``direct_logits``).  ``positions`` and ``tokens`` as for ``direct_logits``;
+    each head takes one pass through its layer's output path per key (``cm.sources``)."""
+    heads, picks = head_indices(cm, heads)
+    final = _FinalStream(cm, input_ids, attention_mask, positions, tokens)
+    wanted: dict[int, list[int]] = {}
+    for layer, head in picks:
+        wanted.setdefault(layer, []).append(head)
+    writes = cm.sources(input_ids, attention_mask, heads=wanted)
+    at = {w.layer: 1 + i for i, w in enumerate(cm.graph.writers) if w.kind == "attention"}  # its stream's scale
+    parts = torch.stack([writes[layer][wanted[layer].index(head)] * (final.scales[-1] / final.scales[at[layer]])
+                         for layer, head in picks])  # [heads, keys, batch, seq, d_model]
+    logits = final.through(_at(parts.flatten(0, 1), final.read.to(cm.device)), chunk_size)
+    logits = logits.unflatten(0, parts.shape[:2]).movedim(1, 3)  # [heads, batch, positions, keys, …]
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    return SourceLogits(heads, logits, final.read, input_ids.cpu(), mask.cpu(), final.linear, tokens=final.tokens)
+
+
+class _FinalStream:
+    """The final stream at the positions read, with the readout frozen there (``norms.freeze_statistics``): what
+    turns parts of the stream into their direct logits, vocab-wide or at each example's ``tokens``.
+
+    ``read`` [batch, positions]; ``scales``: the stream's scales after each writer (``cm.stream_scales``);
+    ``total``: the model's logits there (at ``tokens``, 0 at padding); ``tokens``: the [batch, K] table, or None."""
+
+    def __init__(self, cm: CircuitModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, positions,
+                 tokens):
+        self.frozen, self.linear = freeze_statistics(cm.readout, cm.model_name)
+        self.read = _positions(input_ids, attention_mask, positions)
+        streams, self.scales = cm.streams_and_scales(input_ids, attention_mask)
+        self.stream = _at(streams[-1:], self.read.to(cm.device))[0]
+        bad = (~torch.isfinite(self.stream)).flatten(1).any(1).nonzero().flatten().tolist()
+        if bad:  # the norm's statistics would be NaN, and with them every node's direct logits
+            raise ValueError(f"the final stream is NaN or infinite at the positions read in examples {bad[:8]}: the "
+                             f"model's own logits are too (check cm(ids, mask); {cm.model_name} in {cm.dtype}: "
+                             "float16 can overflow, and some HF models return NaN in float64 under padding); run the "
+                             "model in float32, pad on the other side, or leave those examples out")
+        self.total = cm.readout(self.stream)
+        self.tokens = None if tokens is None else _token_table(tokens, batch=self.total.shape[0],
+                                                               vocab=self.total.shape[-1])
+        if self.tokens is not None:
+            columns = self.tokens.to(cm.device)[:, None].expand(-1, self.stream.shape[1], -1)
+            self.total = self.total.gather(-1, columns.clamp(min=0)) * (columns >= 0)
+
+    def through(self, parts: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        """Direct logits of ``parts`` [rows, batch, positions, d_model] (in the final stream's scale):
+        [rows, batch, positions, vocab or K].  At ``tokens``, each part's dot product with each token's direction."""
+        if self.tokens is None:
+            return vmap(lambda part: jvp(self.frozen, (self.stream,), (part,))[1], chunk_size=chunk_size)(parts)
+        directions = _directions(self.frozen, self.stream, self.tokens.to(self.stream.device), chunk_size)
+        return torch.einsum("rbpd,kbpd->rbpk", parts, directions)
 
 
 def _directions(frozen, stream: torch.Tensor, tokens: torch.Tensor, chunk_size: int) -> torch.Tensor:

@@ -26,8 +26,8 @@ from . import heads
 from .heads import record_values
 from .patching import Scratch, Tap, dense_keep
 from .prefix import share_prefix
-from .rewrite import (build_patcher, build_patterns, build_plain, build_readout, build_recorder, build_streams,
-                      plan_attention)
+from .rewrite import (build_patcher, build_patterns, build_plain, build_readout, build_recorder, build_sources,
+                      build_streams, plan_attention)
 
 
 def trace(model: nn.Module, *, progress: bool = False) -> "CircuitModel":
@@ -83,7 +83,8 @@ def _build_engine(model: nn.Module, exported: torch.fx.GraphModule, lengths: Len
     shares_prefix = share_prefix(patcher, recorder, *inputs)
     bar.update()
     return Engine(build_plain(exported, components), recorder, patcher, build_readout(exported, components),
-                  build_streams(exported, components), build_patterns(exported, components), graph, shares_prefix,
+                  build_streams(exported, components), build_patterns(exported, components),
+                  build_sources(exported, components), graph, shares_prefix,
                   lengths, [tuple(values[side].shape[2:]) for side in components.sides],
                   model.get_input_embeddings().num_embeddings)
 
@@ -147,18 +148,18 @@ class TracedWeights:
 
 class Engine(nn.Module):
     """What runs one exported graph: the graph itself, the recording pass, the patcher, the readout (final norm
-    and unembedding), the stepper (the stream after each writer, ``rewrite.build_streams``) and the attention
-    patterns (``rewrite.build_patterns``); its ``graph`` of nodes and edges; ``shares_prefix``: whether its patcher
-    can run the prefix that masks share once (``fxcircuits.prefix``); ``lengths``: the prompt sizes it serves;
-    ``side_shapes``: each side input's shape after [batch, seq] (``components.MLP.sides``); ``vocab``: how many
-    token ids its embedding holds."""
+    and unembedding), the stepper (the stream after each writer, ``rewrite.build_streams``), the attention
+    patterns (``rewrite.build_patterns``) and the heads' writes by key position (``rewrite.build_sources``); its
+    ``graph`` of nodes and edges; ``shares_prefix``: whether its patcher can run the prefix that masks share once
+    (``fxcircuits.prefix``); ``lengths``: the prompt sizes it serves; ``side_shapes``: each side input's shape after
+    [batch, seq] (``components.MLP.sides``); ``vocab``: how many token ids its embedding holds."""
 
     def __init__(self, exported: nn.Module, recorder: nn.Module, patcher: nn.Module, readout: nn.Module,
-                 stepper: nn.Module, patterns: nn.Module, graph: CircuitGraph, shares_prefix: bool, lengths: Lengths,
-                 side_shapes: list[tuple[int, ...]], vocab: int):
+                 stepper: nn.Module, patterns: nn.Module, sources: nn.Module, graph: CircuitGraph, shares_prefix: bool,
+                 lengths: Lengths, side_shapes: list[tuple[int, ...]], vocab: int):
         super().__init__()
         self.exported, self.recorder, self.patcher, self.readout = exported, recorder, patcher, readout
-        self.stepper, self.patterns, self.graph = stepper, patterns, graph
+        self.stepper, self.patterns, self.sources, self.graph = stepper, patterns, sources, graph
         self.shares_prefix, self.lengths = shares_prefix, lengths
         self.side_shapes, self.vocab = side_shapes, vocab
 
@@ -377,6 +378,21 @@ class CircuitModel(nn.Module):
             raise ValueError(f"no attention layer {unknown[0]}: {self.model_name} has {self.graph.n_layers}, "
                              f"a0 to a{self.graph.n_layers - 1}")
         return list(self.engine(input_ids).patterns(input_ids, attention_mask, wanted))
+
+    @torch.no_grad()
+    def sources(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                heads: dict[int, list[int]]) -> list[torch.Tensor | None]:
+        """What heads write from each key position: per attention layer ``a{l}`` in ``heads`` (layer → head indices),
+        [len(heads[l]), seq_k, batch, seq, d_model] — head ``heads[l][i]``'s write made of its attention weight on
+        key position k times its value there, in the stream's scale at that layer; they sum over k to the head's
+        write (``rewrite.build_sources``).  None for the other layers.  Each head takes seq_k passes through its
+        layer's output path."""
+        input_ids, attention_mask = self.inputs(input_ids, attention_mask)
+        unknown = sorted(set(heads) - set(range(self.graph.n_layers)))
+        if unknown:
+            raise ValueError(f"no attention layer {unknown[0]}: {self.model_name} has {self.graph.n_layers}, "
+                             f"a0 to a{self.graph.n_layers - 1}")
+        return list(self.engine(input_ids).sources(input_ids, attention_mask, dict(heads)))
 
     def recording(self, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

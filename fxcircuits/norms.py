@@ -166,29 +166,30 @@ REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList}  # of a value not affine in t
 SUMS = {aten.add.Tensor, aten.sub.Tensor, aten.neg.default} | REDUCTIONS
 # Products linear in one stream-dependent factor, and the argument positions it may take
 PRODUCTS = {aten.mul.Tensor: (0, 1), aten.div.Tensor: (0,), aten.linear.default: (0,), aten.mm.default: (0, 1),
-            aten.matmul.default: (0, 1)}
+            aten.matmul.default: (0, 1), aten.addmm.default: (1, 2)}
 
 
-def freeze_statistics(readout: GraphModule, model_name: str) -> tuple[GraphModule, bool]:
+def freeze_statistics(readout: GraphModule, model_name: str, reading: str = "the final norm") -> tuple[GraphModule,
+                                                                                                      bool]:
     """``readout`` (stream → logits) with every statistic its norm computes from the stream detached: a row's
     mean square or variance, and what is computed from it alone (ε added, the reciprocal square root).  Under
     forward-mode differentiation (``torch.func.jvp``) the returned module then maps a node's output to the logits
     it writes directly, as the whole stream's norm scales it.  A fused ``layer_norm`` or ``rms_norm`` is written
-    out, its statistics detached alike.
+    out, its statistics detached alike.  Any module whose first input stands for a sum of parts freezes alike
+    (an attention layer's write region, from its core's output: ``rewrite.SourceWrites``); its other inputs are
+    constants of the run.  ``reading`` names what it is, for a refusal.
 
     Returns the module and whether it is affine in the stream: true unless the readout computes an elementwise
     function of it beside the norm's statistics — Gemma 2's soft-capping ``tanh``, the activation of a prediction
     head before the norm (ModernBERT's decoder) — which the derivative then takes to first order at the whole stream.
     What mixes a row's values other than a norm (a softmax over the features) is refused."""
     graph, env = Graph(), {}
-    dependent, affine = set(), set()  # nodes computed from the stream, and those of them affine in it
+    stream = next(iter(readout.graph.find_nodes(op="placeholder")))
+    dependent, affine = {stream}, {stream}  # nodes computed from the stream, and those of them affine in it
     for node in readout.graph.nodes:
         env[node] = graph.node_copy(node, env.__getitem__)
         read = [a for a in node.all_input_nodes if a in dependent]
-        if node.op == "placeholder":
-            dependent.add(node)
-            affine.add(node)
-        elif node.op != "call_function" or not read or node.target is aten.sym_size.int:
+        if node.op != "call_function" or not read or node.target is aten.sym_size.int:
             continue
         elif node.target in FUSED_NORMS:
             graph.erase_node(env[node])
@@ -206,8 +207,8 @@ def freeze_statistics(readout: GraphModule, model_name: str) -> tuple[GraphModul
               or torch.Tag.pointwise in getattr(node.target, "tags", ())):
             dependent.add(node)  # taken to first order
         else:
-            raise DecompositionError(model_name, node, "the final norm mixes a row's values in a way that is neither "
-                                     "a statistic of the row nor elementwise, so it cannot be frozen for direct logit "
+            raise DecompositionError(model_name, node, f"{reading} mixes a row's values in a way that is neither a "
+                                     "statistic of the row nor elementwise, so it cannot be frozen for direct logit "
                                      "attribution (the logit lens, logit_lens, still reads the nodes)")
     output = next(iter(readout.graph.find_nodes(op="output")))
     return GraphModule(readout, graph), all(n in affine for n in output.all_input_nodes)

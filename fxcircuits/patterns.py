@@ -77,14 +77,21 @@ class Patterns:
 def attention_patterns(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                        heads: list[str] | None = None) -> Patterns:
     """The attention patterns of ``heads`` (node names such as ``"a9.h6"``; every head where None) on a batch."""
-    names = [n for n in cm.graph.upstream if n.startswith("a")]
-    heads = names if heads is None else list(heads)
-    unknown = [h for h in heads if h not in names]
-    if unknown:
-        raise KeyError(f"unknown head(s) {unknown[:3]}; heads are named a{{layer}}.h{{head}}, e.g. {names[0]!r} "
-                       "(see cm.graph.upstream)")
-    picks = [(int(layer[1:]), int(head[1:])) for layer, head in (h.split(".") for h in heads)]
+    heads, picks = head_indices(cm, heads)
     layers = cm.patterns(input_ids, attention_mask, layers={layer for layer, _ in picks})
     weights = torch.stack([layers[layer][:, head] for layer, head in picks])
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     return Patterns(heads, weights, input_ids.cpu(), mask.cpu())
+
+
+def head_indices(cm: CircuitModel, heads: list[str] | None) -> tuple[list[str], list[tuple[int, int]]]:
+    """Head node names (every head where None), each checked, and their (layer, head) indices."""
+    names = [n for n in cm.graph.upstream if n.startswith("a")]
+    heads = names if heads is None else list(heads)
+    unknown = [h for h in heads if h not in names]
+    if not heads:
+        raise ValueError(f"no heads given: name some, e.g. {names[0]!r} (see cm.graph.upstream)")
+    if unknown:
+        raise KeyError(f"unknown head(s) {unknown[:3]}; heads are named a{{layer}}.h{{head}}, e.g. {names[0]!r} "
+                       "(see cm.graph.upstream)")
+    return heads, [(int(layer[1:]), int(head[1:])) for layer, head in (h.split(".") for h in heads)]

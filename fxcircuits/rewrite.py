@@ -22,6 +22,10 @@ stream:
   for, its heads all read one stream, and the plain projections serve them; a head whose every edge the mask
   patches from a recorded run reads that run's projection (both decided at run time, per call).
 
+Beside them, copies that read the model rather than patch it: the captured graph as it is (``build_plain``), the
+stream after each writer (``build_streams``), the attention patterns (``build_patterns``), the heads' writes split by
+key position (``build_sources``) and the readout alone (``build_readout``).
+
 Copies of the original nodes that end up unused are removed by dead-code elimination.
 """
 from __future__ import annotations
@@ -36,9 +40,9 @@ from .components import (MATMUL, SDPA, SOFTMAX, Attention, Components, Decomposi
                          ancestors, between, descendants, is_tensor_node)
 from .heads import (RELAYOUT, HeadGate, Post, Projection, Ranges, broadcasts, columns_read, columns_written,
                     distinct_rows, first_projection, gather_heads, head_elements, head_writes, heads_sum,
-                    last_projection, norm_share, place_columns, project_columns, project_rounds,
+                    last_projection, norm_share, place_columns, project_columns, project_rounds, region_module,
                     repeated_heads, role_input, role_rows, role_shared, shared_input, to_ranges, wholly_patched)
-from .norms import Norm
+from .norms import Norm, freeze_statistics
 from .patching import (DeltaStore, accumulate, at_positions, patched_rows, patched_rows_count, sequence_length,
                        side_input, tap, tap_side)
 
@@ -807,6 +811,100 @@ def sdpa_pattern(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, at
     elif attn_mask is not None:
         scores = scores + attn_mask
     return scores.softmax(-1).nan_to_num(0.0).to(query.dtype)
+
+
+def build_sources(gm: GraphModule, components: Components) -> GraphModule:
+    """What each head writes from each source position: ``(input_ids, attention_mask, heads) → writes``, one per
+    attention layer in ``components.attentions`` order — [len(heads[layer]), S_k, B, S, d] in the stream's layout,
+    the write of head ``heads[layer][i]`` (``a{layer}.h{h}``) made of what it reads at key position k — and None for
+    a layer not in ``heads`` (a dict, layer → head indices): each head takes S_k passes through the output path.
+
+    A head's output at a query position is its attention weights times its values, summed over the key positions,
+    so it is the sum of one term per key position; the output path after the core (output gate, output
+    projection, a norm of the write) is linear in the core's output once a norm's statistics are taken from the
+    whole write (``SourceWrites``), so the head's write is the sum of the terms' writes."""
+    graph = Graph()
+    env: dict[Node, Node] = {}
+    graph.graph_copy(gm.graph, env)
+    inputs = list(graph.find_nodes(op="placeholder"))
+    with graph.inserting_after(inputs[-1]):
+        wanted = graph.placeholder("heads")
+    like = env[components.steps[0].start]
+    writes = []
+    for index, attention in enumerate(components.attentions):
+        product = attention.core[0]  # where the weights multiply the values
+        if product.target in SDPA:
+            args, kwargs = torch.fx.node.map_arg((product.args, product.kwargs), env.__getitem__)
+            weights, values = graph.call_function(sdpa_pattern, args, kwargs), args[2]
+        else:
+            weights, product = _weights_of_values(attention), max(n for n in attention.core if n.target in MATMUL)
+            if product.args[0] is not weights:
+                raise DecompositionError(components.model_name, product, "the attention core does not multiply its "
+                                         "weights by its values (weights @ values), so its output does not split by "
+                                         "key position")
+            weights, values = env[weights], env[product.args[1]]
+        # from the product on (a sink's factor on the core's output, GraniteSWA's, is a constant of this path)
+        write, externals = region_module(sorted(between(product, attention.terms)), product, tuple(attention.terms))
+        split = SourceWrites(write, index, attention.n_heads, components.model_name, product)
+        writes.append(graph.call_function(split, (wanted, weights, values, env[product], like,
+                                                  *(env[n] for n in externals))))
+    graph.output(tuple(writes))
+    return _pruned(gm, graph)
+
+
+class SourceWrites:
+    """One attention layer's heads' writes, split by key position (``build_sources``).
+
+    The product of the core's weights and values is split into one term per key position k,
+    ``weights[..., k] · values[k]`` (their sum is checked against it: a core that computes anything else is
+    refused).  ``write``, the layer's path from that product to what it adds to the stream, has its norms' statistics frozen at the whole output
+    (``norms.freeze_statistics``), so it is linear in the output beside its constants (the bias), and
+    forward-mode differentiation at the whole output takes each term of one head through it alone."""
+
+    def __init__(self, write: GraphModule, layer: int, n_heads: int, model_name: str, core: Node,
+                 chunk_size: int = 64):
+        self.__name__ = "source_writes"  # how FX names the node that calls it
+        self.write, _ = freeze_statistics(write, model_name, "the attention output's path to the stream")
+        self.layer, self.n_heads, self.model_name, self.core, self.chunk_size = layer, n_heads, model_name, core, \
+            chunk_size
+
+    def __call__(self, wanted: dict[int, list[int]], weights: torch.Tensor, values: torch.Tensor,
+                 output: torch.Tensor, like: torch.Tensor, *externals) -> torch.Tensor | None:
+        """The writes of the heads ``wanted[layer]`` asks for, by key position; None where it asks for none."""
+        heads = wanted.get(self.layer)
+        if heads is None:
+            return None
+        if values.dim() == weights.dim() and values.shape[-3] != weights.shape[-3]:  # grouped keys and values
+            values = values.repeat_interleave(weights.shape[-3] // values.shape[-3], -3)
+        terms = weights.to(values.dtype).movedim(-1, 0)[..., None] * values.movedim(-2, 0)[..., None, :]
+        self._check(terms, output)
+        terms = terms.expand(-1, *output.shape)
+        by_head = terms.reshape(terms.shape[0], like.shape[0], self.n_heads, -1)  # [S_k, B, heads, …]
+        head_ids = torch.arange(self.n_heads, device=output.device)
+
+        def one(key: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+            part = (by_head[key] * (head_ids == head).to(output.dtype)[:, None]).reshape(output.shape)
+            written = torch.func.jvp(lambda out: self.write(out, *externals), (output,), (part,))[1]
+            return sum(as_rows(term, like)[0] for term in written)
+
+        keys, picks = torch.meshgrid(torch.arange(terms.shape[0]), torch.tensor(heads), indexing="xy")
+        parts = torch.func.vmap(one, chunk_size=self.chunk_size)(keys.flatten().to(output.device),
+                                                                 picks.flatten().to(output.device))
+        return parts.reshape(len(heads), terms.shape[0], *like.shape)
+
+    def _check(self, terms: torch.Tensor, output: torch.Tensor) -> None:
+        """Refuse a core whose output is not the sum of ``terms`` [S_k, …]."""
+        if terms.dim() - 1 > output.dim() or any(t not in (1, o) for t, o in zip(terms.shape[1:][::-1],
+                                                                                  output.shape[::-1])):
+            raise DecompositionError(self.model_name, self.core, f"the attention core's output {tuple(output.shape)} "
+                                     f"is not laid out as its weights times its values {tuple(terms.shape[1:])}, so "
+                                     "its heads' writes do not split by key position")
+        scale = float(output.abs().max()) or 1.0
+        error = float((terms.sum(0) - output).abs().max())
+        if not error <= 1e-3 * scale:
+            raise DecompositionError(self.model_name, self.core, f"the attention core's output is not its weights "
+                                     f"times its values (they differ by {error:.2g} of {scale:.2g}), so its heads' "
+                                     "writes do not split by key position")
 
 
 def _pruned(gm: GraphModule, graph: Graph) -> GraphModule:

@@ -16,7 +16,7 @@ def test_survey_checks_refuses_and_flags(tmp_path):
     results = {r["type"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert results["llama"]["status"] == "ok" and results["laguna"]["status"] == "ok"
     assert set(results["llama"]["checks"]) == {"clean", "zero", "logits", "input", "masks", "patterns", "direct",
-                                                 "tokens"}
+                                                 "tokens", "sources"}
     assert results["llama"]["readout"] == results["laguna"]["readout"] == "linear"
     assert all(v <= 1e-4 for v in results["laguna"]["checks"].values())
     assert results["bert"]["status"] == "refused" and "not causal" in results["bert"]["error"]

@@ -122,15 +122,22 @@ def test_compare_prints_what_two_circuits_share_and_draws_both(tmp_path, capsys)
 
 def test_attention_prints_and_draws_the_heads_weights(folder, tmp_path, capsys):
     """Each named head's top tokens from the last position, their weights summing to at most 1, and a heatmap
-    with one row per head."""
+    with one row per head; then the tokens whose values each head writes most directly into the logit difference,
+    with their positions, by size."""
     out = tmp_path / "attention.svg"
     assert main(["attention", *_common(folder), "--heads", "a1.h0,a0.h3", "--top", "2", "--example", "5",
                  "--out", str(out)]) == 0  # example 5: the second batch's
-    rows = [line.strip() for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("a")]
+    looks, writes = capsys.readouterr().out.split("by the token it reads")
+    rows = [line.strip() for line in looks.splitlines() if line.lstrip().startswith("a")]
     assert [row.split()[0] for row in rows] == ["a1.h0", "a0.h3"]
     for row in rows:
         weights = [float(w) for w in re.findall(r"['\"] (\d\.\d\d)", row)]  # each token's repr, then its weight
         assert len(weights) == 2 and weights == sorted(weights, reverse=True) and 0 < sum(weights) <= 1.005
+    rows = [line.strip() for line in writes.splitlines() if line.lstrip().startswith("a")]
+    assert [row.split()[0] for row in rows] == ["a1.h0", "a0.h3"]
+    for row in rows:
+        shares = [float(w) for w in re.findall(r"['\"]@\d+ ([+-]\d+\.\d\d)", row)]
+        assert len(shares) == 2 and [abs(v) for v in shares] == sorted(map(abs, shares), reverse=True)
     ET.parse(out)
     with pytest.raises(SystemExit, match="the task has 8 examples"):
         main(["attention", *_common(folder), "--heads", "a1.h0", "--example", "8"])

@@ -34,6 +34,7 @@ def test_high_level_circuit_finding(tmp_path):
 def test_low_level_circuit_finding(tmp_path):
     out = _run("low_level_circuit_finding.py", "--size", "2", cwd=tmp_path)
     assert "1. node patching" in out and "3. paths of" in out and "4. logit lens" in out and "5. attention" in out
+    assert "by the token read" in out
     gap = float(re.search(r"relative difference ([\d.e+-]+)", out).group(1))
     assert gap < 1e-4, out  # edge patching by hand through the readout equals the engine's
     patched = float(re.search(r"direct to the logits ([-+][\d.]+)", out).group(1))

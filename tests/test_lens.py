@@ -5,7 +5,9 @@ import torch
 
 import fxcircuits
 from fxcircuits.circuit import Circuit
-from fxcircuits.lens import direct_logits, logit_lens
+from fxcircuits.components import DecompositionError
+from fxcircuits.lens import direct_logits, logit_lens, source_logits
+from fxcircuits.rewrite import SourceWrites
 from zoo import CONFIGS, make, modules
 
 
@@ -350,3 +352,95 @@ def test_direct_logits_of_a_nan_stream_are_refused_naming_the_examples():
     with pytest.raises(ValueError, match=r"NaN or infinite at the positions read in examples \[1\]"):
         direct_logits(cm, ids, mask)
     assert direct_logits(cm, ids[:1], mask[:1]).total.isfinite().all()
+
+
+def _heads(cm) -> list[str]:
+    """The first two heads and the last: two of one layer, another layer's."""
+    heads = [n for n in cm.graph.upstream if n.startswith("a")]
+    return heads[:2] + heads[-1:]
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_source_logits_add_up_to_each_heads_direct_logits(traced, name):
+    """Split by key position, a head's direct logits add up to its direct logits (``direct_logits``) at every real
+    query position, vocab-wide and at given tokens: in every architecture (grouped and multi-query heads, MLA,
+    output gates, a sink's factor on the core's output, Gemma 2's norm after attention, rescaled streams).  A real
+    query puts nothing on a padding key."""
+    _, cm = traced(name)
+    ids, mask = _ids()
+    heads = _heads(cm)
+    sources = source_logits(cm, ids, mask, heads=heads, positions="all")
+    direct = direct_logits(cm, ids, mask, nodes=heads, positions="all")
+    scale = direct.total.abs().max()
+    assert sources.logits.shape == (3, 2, 6, 6, direct.logits.shape[-1]) and sources.heads == heads
+    real = mask.bool()
+    torch.testing.assert_close(sources.logits.sum(3)[:, real], direct.logits[:, real], atol=1e-6 * scale, rtol=0)
+    assert float(sources.logits[:, 1, 2:, :2].abs().max()) <= 1e-6 * scale
+    tokens = torch.tensor([[3, 4], [5, 6]])
+    some = source_logits(cm, ids, mask, heads=heads, tokens=tokens)
+    torch.testing.assert_close(some.logits, _gathered(sources.logits[:, :, -1:].movedim(3, 0), tokens).movedim(0, 3),
+                               atol=1e-6 * scale, rtol=0)
+
+
+def test_source_logits_are_attention_weights_times_values_on_the_hf_model(traced):
+    """Against the HF model read by hooks (eager attention): head h's part from key k is its attention weight on k
+    times its value at k (grouped: its key-value head's), through its block of the output projection, then through
+    the final norm with the whole stream's statistics and the unembedding."""
+    model, cm = traced("llama")
+    ids, mask = _ids()
+    layer, n_heads = 1, model.config.num_attention_heads
+    attention = model.model.layers[layer].self_attn
+    seen = {}
+    handle = attention.v_proj.register_forward_hook(lambda m, a, out: seen.update(values=out))
+    model.set_attn_implementation("eager")
+    try:
+        hf = _hf_run(model, "llama", ids, mask)
+        with torch.no_grad():
+            weights = model(ids, attention_mask=mask, output_attentions=True).attentions[layer]
+    finally:
+        model.set_attn_implementation("sdpa")
+        handle.remove()
+    size = model.config.hidden_size // n_heads
+    values = seen["values"].unflatten(-1, (-1, size)).repeat_interleave(n_heads // model.config.num_key_value_heads, 2)
+    heads = [f"a{layer}.h0", f"a{layer}.h3"]
+    sources = source_logits(cm, ids, mask, heads=heads)
+    rows, last = torch.arange(2), torch.tensor([5, 5])
+    with torch.no_grad():
+        for i, head in enumerate([0, 3]):
+            block = attention.o_proj.weight[:, head * size:(head + 1) * size]
+            parts = weights[rows, head, last][..., None] * values[:, :, head] @ block.T  # [batch, keys, d_model]
+            expected = _frozen_readout(model, "llama", hf["final"][rows, last][:, None], parts)
+            torch.testing.assert_close(sources.logits[i, :, 0], expected, atol=1e-5 * hf["logits"].abs().max(),
+                                       rtol=1e-4)
+
+
+def test_source_logits_rank_the_keys_and_refuse_what_they_cannot_split(traced):
+    """``top`` ranks each head's keys by their share of its direct logit difference, either sign, real keys only;
+    unknown heads and no heads are refused; a core whose output is not its weights times its values is refused,
+    naming the node."""
+    _, cm = traced("llama")
+    ids, mask = _ids()
+    correct, incorrect = torch.tensor([[3], [4]]), torch.tensor([[5], [6]])
+    sources = source_logits(cm, ids, mask, heads=["a1.h2"], tokens=torch.cat([correct, incorrect], 1))
+    shares = sources.logit_diff(correct, incorrect)[0, 1, 0]
+
+    class Tokenizer:
+        def decode(self, ids):
+            return f"<{ids[0]}>"
+
+    (head, tops), = sources.top(Tokenizer(), correct, incorrect, k=9, example=1)
+    order = [2 + int(i) for i in shares[2:].abs().argsort(descending=True)]
+    assert head == "a1.h2" and [key for _, key, _ in tops] == order
+    assert tops[0] == (f"<{int(ids[1, order[0]])}>", order[0], pytest.approx(float(shares[order[0]])))
+    assert f"'<{int(ids[1, order[0]])}>'@{order[0]} " in sources.table(Tokenizer(), correct, incorrect, example=1)
+    with pytest.raises(KeyError, match="unknown head"):
+        source_logits(cm, ids, mask, heads=["a9.h0"])
+    with pytest.raises(ValueError, match="no heads given"):
+        source_logits(cm, ids, mask, heads=[])
+    graph = torch.fx.Graph()
+    graph.output(graph.placeholder("x"))
+    split = SourceWrites(torch.fx.GraphModule(torch.nn.Module(), graph), 0, 1, "Model", next(iter(graph.nodes)))
+    weights, values = torch.rand(1, 1, 3, 3), torch.rand(1, 1, 3, 2)
+    assert split({0: [0]}, weights, values, weights @ values, torch.zeros(1, 3, 2)).shape == (1, 3, 1, 3, 2)
+    with pytest.raises(DecompositionError, match="not its weights times its values"):
+        split({0: [0]}, weights, values, 2 * weights @ values, torch.zeros(1, 3, 2))

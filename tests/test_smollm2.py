@@ -81,6 +81,27 @@ def test_direct_logits_name_the_name_mover(smollm2):
         torch.testing.assert_close(answers.logit_diff(correct, incorrect)[:, 0, 0], shares, atol=1e-4, rtol=0)
 
 
+def test_source_logits_show_which_name_each_head_moves(smollm2):
+    """Split by the token each reads, a24.h4 (a negative name mover) writes against the IO from the IO, and a23.h0
+    (a name mover) for it, on each prompt; the keys' parts add up to each head's direct share.  Measured
+    2026-12-04, reading " Mary", " Anna", " Mark": a24.h4 −1.17, −1.59, −1.46; a23.h0 +1.14, +1.54, +1.27."""
+    _, tokenizer, cm = smollm2
+    prompts = ["When Mary and John went to the store, John gave a drink to",
+               "When Tom and Anna went to the park, Tom gave a ball to",
+               "When Lisa and Mark went to the office, Lisa handed a note to"]
+    for prompt, io, s in zip(prompts, [" Mary", " Anna", " Mark"], [" John", " Tom", " Lisa"]):
+        ids = tokenizer([prompt], return_tensors="pt").input_ids
+        correct, incorrect = (torch.tensor([tokenizer.encode(name)]) for name in (io, s))
+        answers = torch.cat([correct, incorrect], 1)
+        sources = fxcircuits.source_logits(cm, ids, heads=["a24.h4", "a23.h0"], tokens=answers)
+        direct = fxcircuits.direct_logits(cm, ids, nodes=sources.heads, tokens=answers)
+        shares = sources.logit_diff(correct, incorrect)[:, 0, 0]  # [heads, keys]
+        torch.testing.assert_close(shares.sum(-1), direct.logit_diff(correct, incorrect)[:, 0, 0], atol=1e-4, rtol=0)
+        (_, negative), (_, mover) = sources.top(tokenizer, correct, incorrect, k=1)
+        assert negative[0][0] == io and negative[0][2] < -0.5, (prompt, negative)
+        assert mover[0][0] == io and mover[0][2] > 0.5, (prompt, mover)
+
+
 def test_ioi_circuit_of_one_percent_of_edges_is_faithful(smollm2):
     """EAP-IG-inputs (5 steps) on 16 IOI examples, top 1% of the edges, pruned.  Measured 2026-11-25 (commit
     fb412a1, CPU): f = 0.546 on these 16 examples, 0.466 on 32 (``fxcircuits discover``); a random top-1% circuit
