@@ -756,12 +756,8 @@ def build_patterns(gm: GraphModule, components: Components) -> GraphModule:
     (``scaled_dot_product_attention``) holds its weights inside; they are computed from its own arguments
     (``sdpa_pattern``).  A sink applied beside the core, as a factor on its output (GraniteSWA, Laguna:
     ``sigmoid(logsumexp(scores) − sink)``), is left out, as HF's ``output_attentions`` leaves it."""
-    graph = Graph()
-    env: dict[Node, Node] = {}
-    graph.graph_copy(gm.graph, env)
+    graph, env, layers = _copy_taking(gm, "layers")
     inputs = list(graph.find_nodes(op="placeholder"))
-    with graph.inserting_after(inputs[-1]):
-        layers = graph.placeholder("layers")
     patterns = []
     for index, attention in enumerate(components.attentions):
         core = attention.core[0]
@@ -774,6 +770,16 @@ def build_patterns(gm: GraphModule, components: Components) -> GraphModule:
             patterns.append(graph.call_function(as_pattern, (weights, inputs[0], wanted)))
     graph.output(tuple(patterns))
     return _pruned(gm, graph)
+
+
+def _copy_taking(gm: GraphModule, name: str) -> tuple[Graph, dict[Node, Node], Node]:
+    """A copy of ``gm``'s graph (without its output), the map from its nodes to the copy's, and one more input,
+    ``name``, after the model's: what a reading of the model is asked for."""
+    graph = Graph()
+    env: dict[Node, Node] = {}
+    graph.graph_copy(gm.graph, env)
+    with graph.inserting_after(list(graph.find_nodes(op="placeholder"))[-1]):
+        return graph, env, graph.placeholder(name)
 
 
 def _weights_of_values(attention: Attention) -> Node:
@@ -823,12 +829,7 @@ def build_sources(gm: GraphModule, components: Components) -> GraphModule:
     so it is the sum of one term per key position; the output path after the core (output gate, output
     projection, a norm of the write) is linear in the core's output once a norm's statistics are taken from the
     whole write (``SourceWrites``), so the head's write is the sum of the terms' writes."""
-    graph = Graph()
-    env: dict[Node, Node] = {}
-    graph.graph_copy(gm.graph, env)
-    inputs = list(graph.find_nodes(op="placeholder"))
-    with graph.inserting_after(inputs[-1]):
-        wanted = graph.placeholder("heads")
+    graph, env, wanted = _copy_taking(gm, "heads")
     like = env[components.steps[0].start]
     writes = []
     for index, attention in enumerate(components.attentions):

@@ -8,6 +8,18 @@ import test_models
 pytestmark = pytest.mark.slow
 
 
+IOI = [("When Mary and John went to the store, John gave a drink to", " Mary", " John"),
+       ("When Tom and Anna went to the park, Tom gave a ball to", " Anna", " Tom"),
+       ("When Lisa and Mark went to the office, Lisa handed a note to", " Mark", " Lisa")]
+
+
+def _ioi(tokenizer):
+    """Each IOI prompt: (prompt, its IO name, ids [1, S], correct [1, 1], incorrect [1, 1])."""
+    for prompt, io, s in IOI:
+        ids = tokenizer([prompt], return_tensors="pt").input_ids
+        yield prompt, io, ids, *(torch.tensor([tokenizer.encode(name)]) for name in (io, s))
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     model, tokenizer = test_models.smollm2()  # loaded once per session, shared with the task tests
@@ -38,11 +50,7 @@ def test_attention_patterns_and_name_movers(smollm2):
     last token to the indirect object.  Measured 2026-12-02 on the first prompt: a24.h4 puts 0.81 on " Mary",
     0.07 on the repeated " John"; a23.h0 0.69."""
     model, tokenizer, cm = smollm2
-    prompts = ["When Mary and John went to the store, John gave a drink to",
-               "When Tom and Anna went to the park, Tom gave a ball to",
-               "When Lisa and Mark went to the office, Lisa handed a note to"]
-    for prompt, name in zip(prompts, [" Mary", " Anna", " Mark"]):
-        ids = tokenizer([prompt], return_tensors="pt").input_ids
+    for prompt, name, ids, _, _ in _ioi(tokenizer):
         model.set_attn_implementation("eager")
         try:
             with torch.no_grad():
@@ -65,14 +73,9 @@ def test_direct_logits_name_the_name_mover(smollm2):
     +2.86, +2.56, +2.15 of 6.12, 6.87, 5.22; a24.h4, which attends to the IO most, writes −1.07 on the first
     (a negative name mover).  Reading only the two names' logits gives the same shares."""
     _, tokenizer, cm = smollm2
-    prompts = ["When Mary and John went to the store, John gave a drink to",
-               "When Tom and Anna went to the park, Tom gave a ball to",
-               "When Lisa and Mark went to the office, Lisa handed a note to"]
-    for prompt, io, s in zip(prompts, [" Mary", " Anna", " Mark"], [" John", " Tom", " Lisa"]):
-        ids = tokenizer([prompt], return_tensors="pt").input_ids
+    for prompt, _, ids, correct, incorrect in _ioi(tokenizer):
         direct = fxcircuits.direct_logits(cm, ids)
         assert direct.rest.abs().max() <= 1e-5 * direct.total.abs().max()
-        correct, incorrect = (torch.tensor([tokenizer.encode(name)]) for name in (io, s))
         shares = direct.logit_diff(correct, incorrect)[:, 0, 0]
         heads = [i for i, label in enumerate(direct.labels) if label.startswith("a")]
         assert direct.labels[heads[int(shares[heads].argmax())]] == "a23.h3", prompt
@@ -86,12 +89,7 @@ def test_source_logits_show_which_name_each_head_moves(smollm2):
     (a name mover) for it, on each prompt; the keys' parts add up to each head's direct share.  Measured
     2026-12-04, reading " Mary", " Anna", " Mark": a24.h4 −1.17, −1.59, −1.46; a23.h0 +1.14, +1.54, +1.27."""
     _, tokenizer, cm = smollm2
-    prompts = ["When Mary and John went to the store, John gave a drink to",
-               "When Tom and Anna went to the park, Tom gave a ball to",
-               "When Lisa and Mark went to the office, Lisa handed a note to"]
-    for prompt, io, s in zip(prompts, [" Mary", " Anna", " Mark"], [" John", " Tom", " Lisa"]):
-        ids = tokenizer([prompt], return_tensors="pt").input_ids
-        correct, incorrect = (torch.tensor([tokenizer.encode(name)]) for name in (io, s))
+    for prompt, io, ids, correct, incorrect in _ioi(tokenizer):
         answers = torch.cat([correct, incorrect], 1)
         sources = fxcircuits.source_logits(cm, ids, heads=["a24.h4", "a23.h0"], tokens=answers)
         direct = fxcircuits.direct_logits(cm, ids, nodes=sources.heads, tokens=answers)
