@@ -839,11 +839,8 @@ def build_sources(gm: GraphModule, components: Components) -> GraphModule:
             weights, values = graph.call_function(sdpa_pattern, args, kwargs), args[2]
         else:
             weights, product = _weights_of_values(attention), max(n for n in attention.core if n.target in MATMUL)
-            if product.args[0] is not weights:
-                raise DecompositionError(components.model_name, product, "the attention core does not multiply its "
-                                         "weights by its values (weights @ values), so its output does not split by "
-                                         "key position")
-            weights, values = env[weights], env[product.args[1]]
+            values = next(a for a in product.args[:2] if a is not weights)
+            weights, values = env[weights], env[values]
         # from the product on (a sink's factor on the core's output, GraniteSWA's, is a constant of this path)
         write, externals = region_module(sorted(between(product, attention.terms)), product, tuple(attention.terms))
         split = SourceWrites(write, index, attention.n_heads, components.model_name, product)
@@ -857,17 +854,23 @@ class SourceWrites:
     """One attention layer's heads' writes, split by key position (``build_sources``).
 
     The product of the core's weights and values is split into one term per key position k,
-    ``weights[..., k] · values[k]`` (their sum is checked against it: a core that computes anything else is
-    refused).  ``write``, the layer's path from that product to what it adds to the stream, has its norms' statistics frozen at the whole output
-    (``norms.freeze_statistics``), so it is linear in the output beside its constants (the bias), and
-    forward-mode differentiation at the whole output takes each term of one head through it alone."""
+    ``weights[..., k] · values[k]`` (their sum is checked against the product: a core that computes anything else
+    is refused).  ``write``, the layer's path from the product to what it adds to the stream, has its norms'
+    statistics frozen at the whole product (``norms.freeze_statistics``), so it is linear in the product beside its
+    constants (the bias), and forward-mode differentiation at the whole product takes each term of one head through
+    it alone.  A path that cannot be frozen is refused when a head of the layer is asked for, not before: patching
+    does not need it."""
 
     def __init__(self, write: GraphModule, layer: int, n_heads: int, model_name: str, core: Node,
                  chunk_size: int = 64):
         self.__name__ = "source_writes"  # how FX names the node that calls it
-        self.write, _ = freeze_statistics(write, model_name, "the attention output's path to the stream")
-        self.layer, self.n_heads, self.model_name, self.core, self.chunk_size = layer, n_heads, model_name, core, \
-            chunk_size
+        self.layer, self.n_heads, self.chunk_size = layer, n_heads, chunk_size
+        self.model_name, self.core = model_name, core
+        self.write, self.refusal = write, None
+        try:
+            self.write, _ = freeze_statistics(write, model_name, "the attention output's path to the stream")
+        except DecompositionError as error:
+            self.refusal = error
 
     def __call__(self, wanted: dict[int, list[int]], weights: torch.Tensor, values: torch.Tensor,
                  output: torch.Tensor, like: torch.Tensor, *externals) -> torch.Tensor | None:
@@ -875,6 +878,8 @@ class SourceWrites:
         heads = wanted.get(self.layer)
         if heads is None:
             return None
+        if self.refusal is not None:
+            raise self.refusal
         if values.dim() == weights.dim() and values.shape[-3] != weights.shape[-3]:  # grouped keys and values
             values = values.repeat_interleave(weights.shape[-3] // values.shape[-3], -3)
         terms = weights.to(values.dtype).movedim(-1, 0)[..., None] * values.movedim(-2, 0)[..., None, :]

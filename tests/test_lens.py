@@ -444,3 +444,11 @@ def test_source_logits_rank_the_keys_and_refuse_what_they_cannot_split(traced):
     assert split({0: [0]}, weights, values, weights @ values, torch.zeros(1, 3, 2)).shape == (1, 3, 1, 3, 2)
     with pytest.raises(DecompositionError, match="not its weights times its values"):
         split({0: [0]}, weights, values, 2 * weights @ values, torch.zeros(1, 3, 2))
+    mixing = torch.fx.Graph()  # a path that mixes a row's values (a softmax over them): refused when asked for
+    x = mixing.placeholder("x")
+    x.meta["val"] = weights @ values
+    mixing.output(mixing.call_function(torch.ops.aten._softmax.default, (x, -1, False)))
+    split = SourceWrites(torch.fx.GraphModule(torch.nn.Module(), mixing), 0, 1, "Model", x)
+    assert split({1: [0]}, weights, values, weights @ values, torch.zeros(1, 3, 2)) is None
+    with pytest.raises(DecompositionError, match="the attention output's path to the stream mixes a row's values"):
+        split({0: [0]}, weights, values, weights @ values, torch.zeros(1, 3, 2))
