@@ -149,6 +149,8 @@ def _parser() -> argparse.ArgumentParser:
     attention.add_argument("--position", type=_position, default="last", help="query position: last, or an index")
     attention.add_argument("--top", type=_positive, default=3)
     attention.add_argument("--out", help="heatmap of the weights, heads × tokens (.svg or .png)")
+    attention.add_argument("--direct-out", help="heatmap of what each head writes to the logit difference from each "
+                           "token, heads × tokens (.svg or .png)")
     attention.set_defaults(run=_attention)
     return parser
 
@@ -443,7 +445,8 @@ def _attention(args) -> int:
         print(patterns.table(tokenizer, k=args.top, example=row, position=position))
     except IndexError as error:
         raise SystemExit(f"--{error}") from None
-    one, answers = slice(row, row + 1), (batch["correct"][row:row + 1], batch["incorrect"][row:row + 1])
+    one = slice(row, row + 1)
+    answers = batch["correct"][one], batch["incorrect"][one]
     sources = source_logits(cm, batch["clean"][one], batch["attention_mask"][one], heads=patterns.heads,
                             positions="last" if position == "last" else [position], tokens=torch.cat(answers, 1))
     print("\nwhat each head writes to logit(correct) − logit(incorrect) directly, by the token it reads "
@@ -454,6 +457,10 @@ def _attention(args) -> int:
         patterns.plot(tokenizer, args.out, example=row, position=position,
                       title=f"attention from {where} · {task.name}")
         print(f"heatmap → {args.out}")
+    if args.direct_out:
+        sources.plot(tokenizer, *answers, args.direct_out,
+                     title=f"direct logit difference by token read · {task.name}")
+        print(f"heatmap → {args.direct_out}")
     return 0
 
 

@@ -16,11 +16,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from numbers import Integral
+from pathlib import Path
 
 import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from torch.func import jvp, vjp, vmap
 
 from .circuit import Circuit
+from .draw import plot_heatmap
 from .metrics import answer_position
 from .model import CircuitModel
 from .norms import freeze_statistics
@@ -145,6 +149,15 @@ class SourceLogits:
         ids = self.input_ids[example, keys]
         return [(head, [(tokenizer.decode([int(ids[i])]), int(keys[i]), float(row[i])) for i in picks])
                 for head, row, picks in zip(self.heads, shares, order.tolist())]
+
+    def plot(self, tokenizer, correct: torch.Tensor, incorrect: torch.Tensor, path: str | Path | None = None, *,
+             example: int = 0, position: int = -1, ax: Axes | None = None, title: str | None = None) -> Figure:
+        """A heatmap of heads × the example's real tokens, each cell a head's direct share of the logit difference
+        from its weight on that token times its value there (0 white, the signs apart)."""
+        keys = self.attention_mask[example].bool().nonzero().flatten()
+        shares = self.logit_diff(correct, incorrect)[:, example, position][:, keys.to(self.logits.device)]
+        tokens = [tokenizer.decode([int(i)]) for i in self.input_ids[example, keys]]
+        return plot_heatmap(shares, self.heads, tokens, path, ax=ax, title=title, fmt="{:+.2f}")
 
     def table(self, tokenizer, correct: torch.Tensor, incorrect: torch.Tensor, k: int = 3, example: int = 0,
               position: int = -1) -> str:

@@ -126,7 +126,7 @@ def test_attention_prints_and_draws_the_heads_weights(folder, tmp_path, capsys):
     with their positions, by size."""
     out = tmp_path / "attention.svg"
     assert main(["attention", *_common(folder), "--heads", "a1.h0,a0.h3", "--top", "2", "--example", "5",
-                 "--out", str(out)]) == 0  # example 5: the second batch's
+                 "--out", str(out), "--direct-out", str(tmp_path / "direct.svg")]) == 0  # example 5: the second batch's
     looks, writes = capsys.readouterr().out.split("by the token it reads")
     rows = [line.strip() for line in looks.splitlines() if line.lstrip().startswith("a")]
     assert [row.split()[0] for row in rows] == ["a1.h0", "a0.h3"]
@@ -139,6 +139,7 @@ def test_attention_prints_and_draws_the_heads_weights(folder, tmp_path, capsys):
         shares = [float(w) for w in re.findall(r"['\"]@\d+ ([+-]\d+\.\d\d)", row)]
         assert len(shares) == 2 and [abs(v) for v in shares] == sorted(map(abs, shares), reverse=True)
     ET.parse(out)
+    ET.parse(tmp_path / "direct.svg")
     with pytest.raises(SystemExit, match="the task has 8 examples"):
         main(["attention", *_common(folder), "--heads", "a1.h0", "--example", "8"])
     with pytest.raises(SystemExit, match=r"--position 99: the prompts have positions 0 to \d+"):
