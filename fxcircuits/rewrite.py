@@ -884,7 +884,7 @@ class SourceWrites:
             values = values.repeat_interleave(weights.shape[-3] // values.shape[-3], -3)
         terms = weights.to(values.dtype).movedim(-1, 0)[..., None] * values.movedim(-2, 0)[..., None, :]
         self._check(terms, output)
-        terms = terms.expand(-1, *output.shape)
+        terms = terms.expand(-1, *output.shape).to(output.dtype)
         by_head = terms.reshape(terms.shape[0], like.shape[0], self.n_heads, -1)  # [S_k, B, heads, …]
         head_ids = torch.arange(self.n_heads, device=output.device)
 
@@ -906,8 +906,8 @@ class SourceWrites:
                                      f"is not laid out as its weights times its values {tuple(terms.shape[1:])}, so "
                                      "its heads' writes do not split by key position")
         scale = float(output.abs().max()) or 1.0
-        error = float((terms.sum(0) - output).abs().max())
-        if not error <= 1e-3 * scale:
+        error = float((terms.sum(0, dtype=torch.float64) - output).abs().max())
+        if not error <= max(1e-3, 4 * torch.finfo(output.dtype).eps) * scale:  # bfloat16 rounds each term apart
             raise DecompositionError(self.model_name, self.core, f"the attention core's output is not its weights "
                                      f"times its values (they differ by {error:.2g} of {scale:.2g}), so its heads' "
                                      "writes do not split by key position")

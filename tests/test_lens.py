@@ -382,6 +382,20 @@ def test_source_logits_add_up_to_each_heads_direct_logits(traced, name):
                                atol=1e-6 * scale, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["llama", "bloom"])
+def test_source_logits_in_bfloat16(name):
+    """In bfloat16 each key's term is rounded apart from the core's own product: the split is still taken (not
+    refused as a core that computes something else) and adds up to the head's direct logits to bfloat16's
+    precision — a fused core (SDPA) and a written-out one (BLOOM's bmm)."""
+    cm = fxcircuits.trace(make(name, dtype=torch.bfloat16))
+    ids, mask = _ids()
+    sources = source_logits(cm, ids, mask, heads=["a0.h0", "a1.h1"])
+    direct = direct_logits(cm, ids, mask, nodes=["a0.h0", "a1.h1"])
+    assert sources.logits.dtype == torch.bfloat16
+    scale = direct.total.float().abs().max()
+    torch.testing.assert_close(sources.logits.float().sum(3), direct.logits.float(), atol=1e-2 * scale, rtol=0)
+
+
 def test_source_logits_are_attention_weights_times_values_on_the_hf_model(traced):
     """Against the HF model read by hooks (eager attention): head h's part from key k is its attention weight on k
     times its value at k (grouped: its key-value head's), through its block of the output projection, then through
