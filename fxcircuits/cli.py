@@ -24,6 +24,7 @@ from . import metrics as metrics_
 from . import tasks as tasks_
 from .attribution import METHODS, attribute
 from .circuit import FORMATS, Circuit
+from .components import DecompositionError
 from .draw import draw_circuit, draw_comparison, plot_faithfulness, plot_heatmap
 from .evaluation import Evaluator
 from .lens import direct_logits, logit_lens, source_logits
@@ -447,17 +448,22 @@ def _attention(args) -> int:
         raise SystemExit(f"--{error}") from None
     one = slice(row, row + 1)
     answers = batch["correct"][one], batch["incorrect"][one]
-    sources = source_logits(cm, batch["clean"][one], batch["attention_mask"][one], heads=patterns.heads,
-                            positions="last" if position == "last" else [position], tokens=torch.cat(answers, 1))
     print("\nwhat each head writes to logit(correct) − logit(incorrect) directly, by the token it reads "
           "(token@position), largest first:")
-    print(sources.table(tokenizer, *answers, k=args.top))
+    try:
+        sources = source_logits(cm, batch["clean"][one], batch["attention_mask"][one], heads=patterns.heads,
+                                positions="last" if position == "last" else [position], tokens=torch.cat(answers, 1))
+    except DecompositionError as error:  # the patterns stand without it
+        sources = None
+        print(f"(not split: {error})")
+    else:
+        print(sources.table(tokenizer, *answers, k=args.top))
     if args.out:
         where = "the last token" if position == "last" else f"position {position}"
         patterns.plot(tokenizer, args.out, example=row, position=position,
                       title=f"attention from {where} · {task.name}")
         print(f"heatmap → {args.out}")
-    if args.direct_out:
+    if args.direct_out and sources is not None:
         sources.plot(tokenizer, *answers, args.direct_out,
                      title=f"direct logit difference by token read · {task.name}")
         print(f"heatmap → {args.direct_out}")

@@ -6,7 +6,8 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-from fxcircuits import Circuit, CircuitGraph, EdgeScores, Evaluator, attribute, load_model, tasks, trace
+from fxcircuits import (Circuit, CircuitGraph, DecompositionError, EdgeScores, Evaluator, attribute, cli, load_model,
+                        tasks, trace)
 from fxcircuits.cli import main
 
 
@@ -118,6 +119,21 @@ def test_compare_prints_what_two_circuits_share_and_draws_both(tmp_path, capsys)
     with pytest.raises(SystemExit, match="deeper.json is no circuit of .*big.json's model: the circuits are of "
                                          "different graphs"):
         main(["compare", str(tmp_path / "big.json"), str(tmp_path / "deeper.json")])
+
+
+def test_attention_without_a_split_by_token_still_shows_the_patterns(folder, tmp_path, capsys, monkeypatch):
+    """Where the heads' writes do not split by key position, ``attention`` says why and still prints and draws
+    the weights."""
+    def refuse(*args, **kwargs):
+        raise DecompositionError("Model", None, "its core is not weights times values")
+
+    monkeypatch.setattr(cli, "source_logits", refuse)
+    out = tmp_path / "attention.svg"
+    assert main(["attention", *_common(folder), "--heads", "a1.h0", "--out", str(out),
+                 "--direct-out", str(tmp_path / "direct.svg")]) == 0
+    printed = capsys.readouterr().out
+    assert "(not split: cannot decompose Model" in printed and "its core is not weights times values" in printed
+    assert printed.splitlines()[1].startswith("a1.h0") and out.exists() and not (tmp_path / "direct.svg").exists()
 
 
 def test_attention_prints_and_draws_the_heads_weights(folder, tmp_path, capsys):
