@@ -142,9 +142,7 @@ class SourceLogits:
             position: int = -1) -> list[tuple[str, list]]:
         """For each head, the ``k`` key tokens of largest share (either sign) of its direct logit difference for one
         example at one read position: ``[(head, [(token, key position, share), …]), …]``."""
-        shares = self.logit_diff(correct, incorrect)[:, example, position]
-        keys = self.attention_mask[example].bool().nonzero().flatten()
-        shares = shares[:, keys.to(shares.device)]
+        shares, keys = self._at_keys(correct, incorrect, example, position)
         order = shares.abs().topk(min(k, len(keys)), dim=-1).indices
         ids = self.input_ids[example, keys]
         return [(head, [(tokenizer.decode([int(ids[i])]), int(keys[i]), float(row[i])) for i in picks])
@@ -154,10 +152,15 @@ class SourceLogits:
              example: int = 0, position: int = -1, ax: Axes | None = None, title: str | None = None) -> Figure:
         """A heatmap of heads × the example's real tokens, each cell a head's direct share of the logit difference
         from its weight on that token times its value there (0 white, the signs apart)."""
-        keys = self.attention_mask[example].bool().nonzero().flatten()
-        shares = self.logit_diff(correct, incorrect)[:, example, position][:, keys.to(self.logits.device)]
+        shares, keys = self._at_keys(correct, incorrect, example, position)
         tokens = [tokenizer.decode([int(i)]) for i in self.input_ids[example, keys]]
         return plot_heatmap(shares, self.heads, tokens, path, ax=ax, title=title, fmt="{:+.2f}")
+
+    def _at_keys(self, correct: torch.Tensor, incorrect: torch.Tensor, example: int,
+                 position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each head's shares over one example's real keys at one read position, [heads, keys], and those keys."""
+        keys = self.attention_mask[example].bool().nonzero().flatten()
+        return self.logit_diff(correct, incorrect)[:, example, position][:, keys.to(self.logits.device)], keys
 
     def table(self, tokenizer, correct: torch.Tensor, incorrect: torch.Tensor, k: int = 3, example: int = 0,
               position: int = -1) -> str:
