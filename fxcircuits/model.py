@@ -372,14 +372,11 @@ class CircuitModel(nn.Module):
         ``layers``: the attention layers to give (all where None; the others are None), since each takes seq²
         values a head."""
         input_ids, attention_mask = self.inputs(input_ids, attention_mask)
-        wanted = set(range(self.graph.n_layers) if layers is None else layers)
-        unknown = sorted(wanted - set(range(self.graph.n_layers)))
-        if unknown:
-            raise ValueError(f"no attention layer {unknown[0]}: {self.model_name} has {self.graph.n_layers}, "
-                             f"a0 to a{self.graph.n_layers - 1}")
+        wanted = self._attention_layers(range(self.graph.n_layers) if layers is None else layers)
         return list(self.engine(input_ids).patterns(input_ids, attention_mask, wanted))
 
     @torch.no_grad()
+    @_one_token_too(lambda layers: [None if w is None else w[:, :1, :, :1] for w in layers])
     def sources(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 heads: dict[int, list[int]]) -> list[torch.Tensor | None]:
         """What heads write from each key position: per attention layer ``a{l}`` in ``heads`` (layer → head indices),
@@ -388,11 +385,17 @@ class CircuitModel(nn.Module):
         write (``rewrite.build_sources``).  None for the other layers.  Each head takes seq_k passes through its
         layer's output path."""
         input_ids, attention_mask = self.inputs(input_ids, attention_mask)
-        unknown = sorted(set(heads) - set(range(self.graph.n_layers)))
+        self._attention_layers(heads)
+        return list(self.engine(input_ids).sources(input_ids, attention_mask, dict(heads)))
+
+    def _attention_layers(self, layers: Iterable[int]) -> set[int]:
+        """``layers`` as a set, each checked to be one of the attention layers."""
+        wanted = set(layers)
+        unknown = sorted(wanted - set(range(self.graph.n_layers)))
         if unknown:
             raise ValueError(f"no attention layer {unknown[0]}: {self.model_name} has {self.graph.n_layers}, "
                              f"a0 to a{self.graph.n_layers - 1}")
-        return list(self.engine(input_ids).sources(input_ids, attention_mask, dict(heads)))
+        return wanted
 
     def recording(self, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

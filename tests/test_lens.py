@@ -447,6 +447,12 @@ def test_source_logits_rank_the_keys_and_refuse_what_they_cannot_split(traced):
     assert head == "a1.h2" and [key for _, key, _ in tops] == order
     assert tops[0] == (f"<{int(ids[1, order[0]])}>", order[0], pytest.approx(float(shares[order[0]])))
     assert f"'<{int(ids[1, order[0]])}>'@{order[0]} " in sources.table(Tokenizer(), correct, incorrect, example=1)
+    first = ids[:, :1]  # prompts of one token, which the captures serve at a second position too
+    one = source_logits(cm, first, heads=["a1.h2"])
+    assert one.logits.shape[3] == 1
+    torch.testing.assert_close(one.logits[:, :, :, 0], direct_logits(cm, first, nodes=["a1.h2"]).logits)
+    with pytest.raises(ValueError, match="no attention layer 7: LlamaForCausalLM has 2"):
+        cm.sources(ids, mask, heads={7: [0]})
     with pytest.raises(KeyError, match="unknown head"):
         source_logits(cm, ids, mask, heads=["a9.h0"])
     with pytest.raises(ValueError, match="no heads given"):
