@@ -117,12 +117,7 @@ def _parser() -> argparse.ArgumentParser:
                                description="The logit lens on a task's first examples: the top tokens after "
                                "every layer (or of the given nodes, or of a saved circuit's nodes) and the "
                                "answer's probability.")
-    lens.add_argument("circuit", nargs="?", help="circuit file (.json or .pt) whose nodes to read (what each pushes "
-                      "the prediction towards)")
-    _model_options(lens)
-    lens.add_argument("--nodes", help="comma-separated nodes to read instead of the stream, e.g. a23.h3,m20")
-    lens.add_argument("--example", type=int, default=0, help="which example's top tokens to print")
-    lens.add_argument("--top", type=_positive, default=5)
+    _node_options(lens, instead="the stream after each layer")
     lens.add_argument("--out", help="heatmap of the answer probability, rows × examples (.svg or .png)")
     lens.set_defaults(run=_lens)
     direct = commands.add_parser("direct", help="direct logit attribution: what each node writes to the answer",
@@ -130,12 +125,8 @@ def _parser() -> argparse.ArgumentParser:
                                  "logit(correct) − logit(incorrect) that it writes straight into the final stream, "
                                  "through the final norm as the whole stream scales it; the nodes of largest mean "
                                  "share, the tokens they push up most in one example, and what no node writes.")
-    direct.add_argument("circuit", nargs="?", help="circuit file (.json or .pt) whose nodes to read (default: all)")
-    _model_options(direct)
-    direct.add_argument("--nodes", help="comma-separated nodes to read instead of all, e.g. a23.h3,m20")
+    _node_options(direct, instead="every node")
     direct.add_argument("--rows", type=_positive, default=20, help="how many nodes to list, largest |share| first")
-    direct.add_argument("--example", type=int, default=0, help="which example's top tokens to print")
-    direct.add_argument("--top", type=_positive, default=5)
     direct.add_argument("--out", help="heatmap of the listed nodes' shares, nodes × examples (.svg or .png)")
     direct.set_defaults(run=_direct)
     attention = commands.add_parser("attention", help="where given heads look, and what they write from there",
@@ -154,6 +145,17 @@ def _parser() -> argparse.ArgumentParser:
                            "token, heads × tokens (.svg or .png)")
     attention.set_defaults(run=_attention)
     return parser
+
+
+def _node_options(parser: argparse.ArgumentParser, instead: str) -> None:
+    """The options of a command that reads nodes (``_read_nodes``) — a saved circuit's, or ``--nodes``, else
+    ``instead`` — and prints one example's top tokens; and the model's."""
+    parser.add_argument("circuit", nargs="?", help=f"circuit file (.json or .pt) whose nodes to read (default: "
+                        f"{instead})")
+    _model_options(parser)
+    parser.add_argument("--nodes", help=f"comma-separated nodes to read instead of {instead}, e.g. a23.h3,m20")
+    parser.add_argument("--example", type=int, default=0, help="which example's top tokens to print")
+    parser.add_argument("--top", type=_positive, default=5)
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
