@@ -1,11 +1,11 @@
 """fxcircuits: find circuits in any Hugging Face decoder-only model.
 
 The pipeline, one module per stage: capture (torch.export) → components (residual stream, heads, MLPs)
-→ rewrite (per-edge inputs) → patching (masks over edges) → attribution (edge scores) → scores/circuit
-(selection, save/load) → evaluation (faithfulness, CPR/CMD) → lens, patterns and draw (what the circuit does and
-what each node writes straight into the logits, and each head from which token; where its heads look, and a
-picture of it).  Data: models
-(load_model), tasks, data (batches), metrics.
+→ rewrite (per-edge inputs) → patching (masks over edges, at all positions or some; ``positions`` sweeps layers or
+nodes over them) → attribution (edge scores) → scores/circuit (selection, save/load) → evaluation (faithfulness,
+CPR/CMD) → lens, patterns and draw (what the circuit does and what each node writes straight into the logits, and
+each head from which token; where its heads look, and a picture of it).  Data: models (load_model), tasks, data
+(batches), metrics.
 """
 from . import data, metrics, tasks
 from .attribution import METHODS, attribute
@@ -18,9 +18,10 @@ from .lens import DirectLogits, Lens, SourceLogits, direct_logits, logit_lens, s
 from .model import CircuitModel, trace
 from .models import load_model
 from .patterns import Patterns, attention_patterns
+from .positions import PositionEffects, patch_by_position
 from .scores import EdgeScores
 
 __all__ = ["trace", "CircuitModel", "CircuitGraph", "Circuit", "EdgeScores", "attribute", "METHODS", "evaluate",
            "Evaluator", "Evaluation", "logit_lens", "Lens", "direct_logits", "DirectLogits", "source_logits",
-           "SourceLogits", "attention_patterns", "Patterns", "load_model", "data", "metrics", "tasks", "CaptureError",
+           "SourceLogits", "attention_patterns", "Patterns", "patch_by_position", "PositionEffects", "load_model", "data", "metrics", "tasks", "CaptureError",
            "DecompositionError"]

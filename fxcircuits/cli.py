@@ -1,5 +1,5 @@
-"""``fxcircuits`` on the command line: discover, evaluate, show, compare, lens, direct and attention, each with
-``--help``.
+"""``fxcircuits`` on the command line: discover, evaluate, show, compare, lens, direct, attention and patch, each
+with ``--help``.
 
     fxcircuits discover --model smollm2-135m --task ioi --method eap-ig-inputs --edges 1% --out circuit.json
     fxcircuits evaluate circuit.json --model smollm2-135m --task ioi --plot curve.png
@@ -9,6 +9,7 @@
     fxcircuits lens circuit.json --model smollm2-135m --task ioi
     fxcircuits direct --model smollm2-135m --task ioi --out direct.png
     fxcircuits attention --model smollm2-135m --task ioi --heads a9.h6,a10.h0 --out attention.png
+    fxcircuits patch --model smollm2-135m --task ioi --out positions.png
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from .lens import direct_logits, logit_lens, source_logits
 from .model import trace
 from .models import load_model
 from .patterns import attention_patterns
+from .positions import DIRECTIONS, patch_by_position
 from .runs import ABLATIONS
 from .scores import EdgeScores
 
@@ -144,6 +146,19 @@ def _parser() -> argparse.ArgumentParser:
     attention.add_argument("--direct-out", help="heatmap of what each head writes to the logit difference from each "
                            "token, heads × tokens (.svg or .png)")
     attention.set_defaults(run=_attention)
+    patch = commands.add_parser("patch", help="activation patching by position: which layer or node, at which token",
+                                description="Activation patching by position on one of a task's examples: the "
+                                "residual stream entering each layer (causal tracing), or each of given nodes' "
+                                "outputs, patched at one token at a time; for each, the tokens where that moves the "
+                                "task's metric most, as a fraction of its difference between the clean and the "
+                                "corrupted prompt.")
+    _node_options(patch, instead="the stream entering each layer")
+    patch.add_argument("--direction", choices=DIRECTIONS, default="noising", help="noising: the clean prompt, "
+                       "values of the corrupted one patched in (what the behaviour needs); denoising: the other way "
+                       "round (what restores it)")
+    patch.add_argument("--runs", type=_positive, default=16, help="patched runs per call")
+    patch.add_argument("--out", help="heatmap of the fractions, rows × tokens (.svg or .png)")
+    patch.set_defaults(run=_patch)
     return parser
 
 
@@ -470,6 +485,32 @@ def _attention(args) -> int:
                      title=f"direct logit difference by token read · {task.name}")
         print(f"heatmap → {args.direct_out}")
     return 0
+
+
+def _patch(args) -> int:
+    nodes = _read_nodes(args)
+    _, tokenizer, cm, task = _setup(args)
+    batch = _one_example(*_example(task, args.example))
+    effects = patch_by_position(cm, batch, task.metric, nodes=nodes, direction=args.direction, batch_size=args.runs,
+                                progress=not args.no_progress)
+    print(f"example {args.example}: {task.examples[args.example].clean!r}")
+    print(f"{metrics_.name_of(task.metric)}: {float(effects.clean[0]):+.3f} on the clean prompt, "
+          f"{float(effects.corrupted[0]):+.3f} on the corrupted one; {args.direction}, the tokens where patching each "
+          "row moves it most, as a fraction of that difference:")
+    print(effects.table(tokenizer, k=args.top, normalized=True))
+    if args.out:
+        what = "the stream entering each layer" if nodes is None else "each node"
+        effects.plot(tokenizer, args.out, title=f"{args.direction} {what}, by token · {task.name}")
+        print(f"heatmap → {args.out}")
+    return 0
+
+
+def _one_example(batch: dict, row: int) -> dict:
+    """Example ``row`` of ``batch`` as a batch of its own, without padding."""
+    real = batch["attention_mask"][row].bool().nonzero().flatten()
+    span = slice(int(real[0]), int(real[-1]) + 1)
+    return {key: value[row:row + 1, span] if key in ("clean", "corrupted", "attention_mask") else value[row:row + 1]
+            for key, value in batch.items()}
 
 
 def _example(task, index: int) -> tuple[dict, int]:

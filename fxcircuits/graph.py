@@ -60,7 +60,8 @@ class CircuitGraph:
         self.writers = writers
         self.nodes: list[str] = self.upstream + ["logits"]
         # upstream nodes come in the order they write, so each input reads a prefix of them: those written before
-        self.n_sources = torch.searchsorted(torch.tensor(writes), torch.tensor([step for _, step in inputs])).tolist()
+        self.write_steps, self.read_steps = torch.tensor(writes), torch.tensor([step for _, step in inputs])
+        self.n_sources = torch.searchsorted(self.write_steps, self.read_steps).tolist()
         self.first_edge = list(itertools.accumulate(self.n_sources, initial=0))[:-1]
         arrows = [f"{name}->" for name in self.upstream]
         self.edges: list[str] = [arrow + port for port, n in zip(self.downstream, self.n_sources)
@@ -165,6 +166,24 @@ class CircuitGraph:
     def group_sizes(self) -> list[int]:
         """Upstream nodes per writer, in order: ``input``, then a layer's heads or one MLP."""
         return [1] + [w.n_heads if w.kind == "attention" else 1 for w in self.writers]
+
+    @property
+    def layers(self) -> list[int]:
+        """The decoder layers that hold a node, in order."""
+        return sorted({w.layer for w in self.writers})
+
+    def into_layer(self, layer: int) -> torch.Tensor:
+        """The edges that carry the residual stream into decoder layer ``layer``, bool [E]: from every node written
+        before the layer first reads the stream to every input read there or later.  Patched at a position, they
+        patch the stream entering the layer there (causal tracing's unit, TransformerLens's ``resid_pre``): the
+        layer and those after it see that position's stream from the other run, the layers before their own.  (Keys
+        and values a layer reuses from an earlier one were read before it, and stay as they were.)"""
+        reads = [step for w in self.writers if w.layer == layer for name, step in w.reads()
+                 if not name.endswith(("<k>", "<v>"))]
+        if not reads:
+            raise ValueError(f"layer {layer} holds no node: the layers are {self.layers[0]} to {self.layers[-1]}")
+        first = min(reads)
+        return (self.write_steps[self.src] < first) & (self.read_steps[self.dst] >= first)
 
     @property
     def n_layers(self) -> int:

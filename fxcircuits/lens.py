@@ -214,7 +214,7 @@ def logit_lens(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: torch.
 
     ``positions``: ``"last"`` (each example's last real token, the one that predicts the answer), ``"all"``,
     or a list of positions."""
-    nodes = _nodes(cm, nodes)
+    nodes = node_names(cm, nodes)
     if nodes is None:
         labels = ["input"] + [f"{'a' if w.kind == 'attention' else 'm'}{w.layer}" for w in cm.graph.writers]
         values = cm.streams(input_ids, attention_mask)
@@ -240,7 +240,7 @@ def direct_logits(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: tor
     pulled back once per token to the direction it reads in the stream, and each node's logit is its output's
     dot product with that direction: K backward passes through the unembedding instead of one forward per node.
     ``chunk_size``: how many nodes (or tokens) are taken through the readout at once."""
-    labels = _nodes(cm, nodes) or list(cm.graph.upstream)
+    labels = node_names(cm, nodes) or list(cm.graph.upstream)
     final = _FinalStream(cm, input_ids, attention_mask, positions, tokens)
     outputs = _at(cm.activations(input_ids, attention_mask), final.read.to(cm.device)) * final.scales[-1]
     picked = outputs[[cm.graph.node_index[n] for n in labels]]
@@ -338,7 +338,7 @@ def _token_table(tokens, batch: int, vocab: int) -> torch.Tensor:
     return table.long().cpu()
 
 
-def _nodes(cm: CircuitModel, nodes: list[str] | Circuit | None) -> list[str] | None:
+def node_names(cm: CircuitModel, nodes: list[str] | Circuit | None) -> list[str] | None:
     """Node names to read: as given (each checked), or a circuit's writing nodes in graph order."""
     if isinstance(nodes, Circuit):
         nodes = [n for n in nodes.nodes if n in nodes.graph.node_index]

@@ -3,6 +3,7 @@
     cm = fxcircuits.trace(model)
     cm(input_ids, attention_mask)                                    # == model(...).logits
     cm(input_ids, attention_mask, corrupted_input_ids=c, edge_mask=m) # edges at 0 see the corrupted run
+    cm(input_ids, attention_mask, corrupted_input_ids=c, node_mask={"m3": 0}, patch_positions=[5])  # ... there alone
 
 A patched call costs one pass over the corrupted input and one over the clean input, whatever the mask — on
 a GPU and without a gradient, both in one batched pass; an ``edge_mask`` of shape [n_masks, n_edges] evaluates
@@ -24,7 +25,7 @@ from .components import (MLP, Attention, Components, DecompositionError, Step, c
 from .graph import CircuitGraph, Writer
 from . import heads
 from .heads import record_values
-from .patching import Scratch, Tap, dense_keep
+from .patching import Scratch, Tap, dense_keep, position_weights, where_per_mask
 from .prefix import share_prefix
 from .rewrite import (build_patcher, build_patterns, build_plain, build_readout, build_recorder, build_sources,
                       build_streams, plan_attention)
@@ -180,6 +181,9 @@ def _one_token_too(cut: Callable):
             twice = [None if t is None else torch.cat([t, t], 1) for t in given]
             if twice[2] is not None:
                 kwargs["corrupted_input_ids"] = twice[2]
+            if kwargs.get("patch_positions") is not None:  # the second position is never patched
+                weights = position_weights(kwargs["patch_positions"], 1)
+                kwargs["patch_positions"] = torch.cat([weights, torch.zeros_like(weights)], -1)
             return cut(method(self, twice[0], twice[1], **kwargs))
         return run
     return wrap
@@ -409,7 +413,7 @@ class CircuitModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 corrupted_input_ids: torch.Tensor | None = None, edge_mask=None, node_mask=None,
                 corrupted_activations: torch.Tensor | None = None,
-                corrupted_side_inputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+                corrupted_side_inputs: list[torch.Tensor] | None = None, patch_positions=None) -> torch.Tensor:
         """Logits; with ``edge_mask``/``node_mask``, logits of the edge-patched run.
 
         ``edge_mask``: tensor in ``graph.edges`` order ([E], or [n_masks, E] to evaluate several masks at once,
@@ -419,28 +423,39 @@ class CircuitModel(nn.Module):
         ``input_ids``), or ``corrupted_activations`` (e.g. zeros or means of ``activations(...)`` for zero or mean
         ablation, broadcastable to [n_upstream, batch, seq, d_model]); with ``corrupted_activations``, a model with side
         inputs (``side_shapes``) takes their values too, ``corrupted_side_inputs`` (e.g. zeros, or means of
-        ``side_inputs(...)``), each broadcastable to [batch, seq, …]."""
+        ``side_inputs(...)``), each broadcastable to [batch, seq, …].
+
+        ``patch_positions``: where the masks apply (elsewhere every edge is kept): position indices, the same for
+        every prompt, or bool/float weights over the positions, [seq], [batch, seq] or [n_masks, batch, seq]
+        (``patching.position_weights``).  Weights per mask with one mask given evaluate it at each of them: a
+        node's effect position by position, in one call."""
         input_ids, attention_mask = self.inputs(input_ids, attention_mask)
         if edge_mask is None and node_mask is None:
-            if corrupted_input_ids is not None or corrupted_activations is not None:
-                raise ValueError("a corrupted run was given but no edge_mask or node_mask says what to patch from it "
-                                 "(the run would be the clean one): pass edge_mask= (0 patches an edge) or node_mask=, "
-                                 "or drop the corrupted run for the clean logits")
+            if corrupted_input_ids is not None or corrupted_activations is not None or patch_positions is not None:
+                raise ValueError("a corrupted run or patch_positions was given but no edge_mask or node_mask says what "
+                                 "to patch (the run would be the clean one): pass edge_mask= (0 patches an edge) or "
+                                 "node_mask=, or drop them for the clean logits")
             return self.engine(input_ids).exported(input_ids, attention_mask)
         keep = dense_keep(self.graph, edge_mask, node_mask, device=self.device)
+        where = None
+        if patch_positions is not None:
+            where = position_weights(patch_positions, input_ids.shape[1]).to(self.device)
+            if where.dim() == 3 and keep.shape[0] == 1:
+                keep = keep.expand(where.shape[0], -1, -1)
         if corrupted_input_ids is not None and corrupted_activations is None and self.runs_alongside():
             logits = self.patched_alongside(input_ids, attention_mask, self._corrupted(input_ids, corrupted_input_ids),
-                                            keep)
+                                            keep, where)
         else:
             other, recorded = self._other_run(input_ids, attention_mask, corrupted_input_ids, corrupted_activations,
                                               corrupted_side_inputs)
-            logits = self.patched(input_ids, attention_mask, other, keep, recorded=recorded)
-        batched = any(isinstance(m, torch.Tensor) and m.dim() == 2 for m in (edge_mask, node_mask))
+            logits = self.patched(input_ids, attention_mask, other, keep, recorded=recorded, where=where)
+        batched = (any(isinstance(m, torch.Tensor) and m.dim() == 2 for m in (edge_mask, node_mask))
+                   or where is not None and where.dim() == 3)
         return logits if batched else logits[0]
 
     def patched(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, other: list[torch.Tensor],
                 keep: torch.Tensor, tap: Tap | None = None, recorded: list[torch.Tensor] | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, where: torch.Tensor | None = None) -> torch.Tensor:
         """The patcher as attribution methods drive it: logits [n_masks, batch, seq, vocab].
 
         ``other``: the other run's outputs per writer group (``groups()``), [n, batch or 1, seq, d_model] (one
@@ -450,13 +465,16 @@ class CircuitModel(nn.Module):
         of this batch, its projections (``recording()[1]``), from which the heads that read that run alone take
         theirs instead of computing them again; ``positions``: LongTensor [batch], one position per prompt, for
         the logits there alone, [n_masks, batch, 1, vocab] — the final norm and unembedding (a fifth of SmolLM2's
-        forward) then run on one position per prompt, all that a metric reading one position needs."""
+        forward) then run on one position per prompt, all that a metric reading one position needs; ``where``: the
+        positions the masks patch (``patching.position_weights``), all of them where None."""
         if positions is not None:
             _check_positions(positions, input_ids)
         n, prefix = keep.shape[0], self._prefix(keep, input_ids)
+        where = None if where is None else where_per_mask(where, n, input_ids.shape[0])
         if n > 1 and not prefix:
             input_ids, attention_mask = input_ids.repeat(n, 1), attention_mask.repeat(n, 1)
-        return self._patch(input_ids, attention_mask, other, keep, tap, recorded, positions=positions, prefix=prefix)
+        return self._patch(input_ids, attention_mask, other, keep, tap, recorded, positions=positions, prefix=prefix,
+                           where=where)
 
     def _prefix(self, keep: torch.Tensor, input_ids: torch.Tensor) -> bool:
         """Whether a call with ``keep`` runs its shared prefix once (``fxcircuits.prefix``): for several masks, unless
@@ -475,21 +493,24 @@ class CircuitModel(nn.Module):
         return not torch.is_grad_enabled() and heads.launch_bound(self.device)
 
     def patched_alongside(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                          corrupted_input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+                          corrupted_input_ids: torch.Tensor, keep: torch.Tensor,
+                          where: torch.Tensor | None = None) -> torch.Tensor:
         """``patched`` with the corrupted run computed in the same pass, without gradient: the corrupted prompts
         ride in the batch ahead of the patched ones, and every operation serves both runs.  Where the host sets
         the pace (a model this size on a GPU) that halves the operations a patched call launches; ``forward``
         takes this path where ``runs_alongside()``."""
         copies = 1 if self._prefix(keep, input_ids) else keep.shape[0]
+        where = None if where is None else where_per_mask(where, keep.shape[0], input_ids.shape[0])
         input_ids = torch.cat([corrupted_input_ids, input_ids.repeat(copies, 1)])
         return self._patch(input_ids, attention_mask.repeat(copies + 1, 1), None, keep, None, None, ahead=True,
-                           prefix=copies < keep.shape[0])
+                           prefix=copies < keep.shape[0], where=where)
 
     def _patch(self, input_ids, attention_mask, other, keep, tap, recorded, ahead: bool = False,
-               positions: torch.Tensor | None = None, prefix: bool = False) -> torch.Tensor:
+               positions: torch.Tensor | None = None, prefix: bool = False,
+               where: torch.Tensor | None = None) -> torch.Tensor:
         with self.scratch.lend() as scratch:
             logits = self.engine(input_ids).patcher(input_ids, attention_mask, other, keep, tap, recorded, scratch,
-                                                    ahead, positions, prefix)
+                                                    ahead, positions, prefix, where)
         return logits.reshape(keep.shape[0], -1, *logits.shape[1:])
 
     def _other_run(self, input_ids, attention_mask, corrupted_input_ids, corrupted_activations,

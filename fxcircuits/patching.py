@@ -8,7 +8,9 @@ interpolate, and everything is differentiable in m.  Because the residual stream
 
 so a patched run costs one pass of the other input plus one pass of the patched input, whatever the mask.
 ``accumulate`` is the only place this sum is computed; on CUDA it runs the fused Triton kernels of
-``fxcircuits.kernels`` (see ``products``).
+``fxcircuits.kernels`` (see ``products``).  A mask may apply at some positions alone, weights w[p] per prompt
+(``position_weights``): then each difference is weighted by w at its position as it is stored (``DeltaStore``),
+and x_d[p] = x_d(run)[p] + Σ_u (1 − m[u, d]) · w[p] · (a_u(other)[p] − a_u(run)[p]).
 """
 from __future__ import annotations
 
@@ -47,10 +49,14 @@ class DeltaStore:
     ahead: whether the other run rides in the same pass, as the batch's first rows (``accumulate``);
     prefix: whether the masks share the layers before the first reader any of them moves: the pass runs them on
     one copy of the batch and widens to every mask's rows at that reader group, ``widen_at`` (``fxcircuits.prefix``).
-    Writes of that one copy then serve every mask's rows here, as one batch of the other run does."""
+    Writes of that one copy then serve every mask's rows here, as one batch of the other run does;
+    where: the positions each mask patches, [n_masks, batch, seq] (``position_weights``), or None for all of them.
+    The rows are weighted by it as they are written, so every sum over them — products, carried sums, the rows'
+    sum — and the mask's gradient see the edges patched there alone."""
 
     def __init__(self, keep: torch.Tensor, sizes: list[int], readers: list[int], reads: list[int],
-                 scratch: Scratch | None = None, ahead: bool = False, prefix: bool = False):
+                 scratch: Scratch | None = None, ahead: bool = False, prefix: bool = False,
+                 where: torch.Tensor | None = None):
         self.scratch = None if torch.is_grad_enabled() else scratch  # a backward pass reads the rows after the run
         if ahead and torch.is_grad_enabled():
             raise RuntimeError("a patched pass that runs the other run alongside takes no gradient: run it under "
@@ -75,6 +81,7 @@ class DeltaStore:
         self.ends = list(itertools.accumulate(readers))
         self.carry: tuple[int, int, int, torch.Tensor] | None = None  # readers first:last, over rows :count, sums
         self.widen_at = self._first_moved_group() if prefix else None
+        self.where = where
 
     def _first_moved_group(self) -> int:
         """The first reader group into which some mask moves an edge (the last, the logits, where none does)."""
@@ -106,6 +113,8 @@ class DeltaStore:
                     self.widen(dtype)
                     out = self.buffer[self.count:self.count + n].view(n, masks, *write.shape[2:])
                     torch.sub(other, write if write.shape == out.shape else write.expand(out.shape), out=out)
+                    if self.where is not None:
+                        at_where(out, self.where, out)  # [n, n_masks, …] as ``at_where`` reads it
                     self.count += n
                 self.groups += 1
         return self.rows()
@@ -146,7 +155,10 @@ class DeltaStore:
     @functools.cached_property
     def wholly(self) -> list[bool]:
         """Per reader, whether every mask patches each of its edges fully; found on first use, as only runs that
-        recorded their other run and need no gradient ask."""
+        recorded their other run and need no gradient ask.  None does where the masks patch some positions alone:
+        the reader then reads the other run's stream at those positions only."""
+        if self.where is not None:
+            return [False] * sum(self.readers)
         return _wholly_patched(self.keep.detach(), self.readers, self.reads)
 
     def carried(self, first: int, last: int, stream: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
@@ -199,6 +211,18 @@ class DeltaStore:
                 self.sum = self.sum + self.buffer[self.summed:self.count].sum(0)
         self.summed = self.count
         return self.sum
+
+
+def at_where(rows: torch.Tensor, where: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``rows`` [n, n_masks · batch or n_masks, …] — each mask's values in prompt, position, feature order — each
+    weighted by ``where`` [n_masks, batch, seq] at its prompt and position: the rows of masks that patch some
+    positions alone (``DeltaStore``).  Into ``out`` where given (``rows`` itself, in place)."""
+    shaped = rows.reshape(rows.shape[0], *where.shape, -1)
+    weights = where.to(rows.dtype).unsqueeze(-1)
+    if out is None:
+        return (shaped * weights).view(rows.shape)
+    torch.mul(shaped, weights, out=out.view(shaped.shape))
+    return out
 
 
 def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -466,7 +490,7 @@ class _Accumulate(torch.autograd.Function):
         ctx.moved = out is not None
         ctx.products = products(ctx.rows, store.rows_sum)
         ctx.weights = store.block[:, :len(ctx.rows), first:last]  # the stored rows' block of the mask
-        ctx.sizes, ctx.stored = store.sizes[:n_groups], store.stored[:n_groups]
+        ctx.sizes, ctx.stored, ctx.where = store.sizes[:n_groups], store.stored[:n_groups], store.where
         ctx.write_shapes, ctx.other_shapes = [w.shape for w in writes], [o.shape for o in others]
         ctx.save_for_backward(keep)
         return _as_read(out, stream, last - first)
@@ -486,6 +510,8 @@ class _Accumulate(torch.autograd.Function):
         grads = [None] * (2 * n_groups)
         if to_rows:
             flat = ctx.products.grad_rows(ctx.weights, grad_rows).reshape(ctx.rows.shape)
+            if ctx.where is not None:  # the rows were weighted by position as they were written
+                flat = at_where(flat, ctx.where)
             parts = iter(flat.split([n for n, kept in zip(ctx.sizes, ctx.stored) if kept]))
             for i, kept in enumerate(ctx.stored):
                 part = next(parts) if kept else None
@@ -553,6 +579,8 @@ def side_input(store: DeltaStore, run: torch.Tensor, other: torch.Tensor | None,
     if not store.moves(reader, reader + 1) and not store.keep.requires_grad:
         return run
     weight = 1 - store.keep[:, 0, reader].to(run.dtype)
+    if store.where is not None:  # [n_masks, batch, seq]: the value is [rows, seq, …] (``components.check_sides``)
+        weight = weight[:, None, None] * store.where.to(run.dtype)
     if store.ahead:
         lead, rest = run.unflatten(0, (store.blocks, -1)).split([1, store.blocks - 1])
         return torch.cat([lead, _mixed(rest, lead, weight)]).flatten(0, 1)
@@ -564,8 +592,9 @@ def side_input(store: DeltaStore, run: torch.Tensor, other: torch.Tensor | None,
 
 
 def _mixed(run: torch.Tensor, other: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``run + weight · (other − run)`` with ``run`` [n_masks, rows, …] and ``weight`` [n_masks]."""
-    return run + weight.view(-1, *[1] * (run.dim() - 1)) * (other.to(run.dtype) - run)
+    """``run + weight · (other − run)`` with ``run`` [n_masks, rows, …] and ``weight`` [n_masks], or [n_masks, rows,
+    seq] where the masks patch some positions alone."""
+    return run + weight.view(*weight.shape, *[1] * (run.dim() - weight.dim())) * (other.to(run.dtype) - run)
 
 
 class Tap:
@@ -673,6 +702,49 @@ def _vector(mask, index: Mapping[str, int], what: str, listing: str, why: Callab
         raise ValueError(f"{what}_mask has shape {tuple(mask.shape)}; expected [{len(index)}] (one value per {what} "
                          f"in {listing} order) or [n_masks, {len(index)}]")
     return mask
+
+
+def position_weights(patch_positions, seq: int) -> torch.Tensor:
+    """``patch_positions`` — where a call's masks apply — as weights over the ``seq`` positions: [seq], [batch, seq] or
+    [n_masks, batch, seq] (each of the leading sizes may be 1), 1 where the masks patch, 0 where every edge is kept.
+
+    Positions are given as indices (ints, a list of them, or an integer tensor, negative from the end), the same for
+    every prompt; or as weights, a bool or float tensor over the positions, per prompt and per mask where it has
+    those axes (between 0 and 1 they interpolate, as mask values do).  Indices count the sequence as given, padding
+    included: with right padding, -1 is not each prompt's last token."""
+    if isinstance(patch_positions, torch.Tensor) and (patch_positions.is_floating_point()
+                                                       or patch_positions.dtype == torch.bool):
+        weights = patch_positions
+        if weights.requires_grad:
+            raise ValueError("patch_positions takes no gradient: detach it (a gradient with respect to each position "
+                             "is not computed; a mask's gradient is, at the positions it patches)")
+        if weights.dim() not in (1, 2, 3) or weights.shape[-1] != seq:
+            raise ValueError(f"patch_positions has shape {tuple(weights.shape)}; expected weights over the {seq} "
+                             f"positions: [{seq}], [batch, {seq}] or [n_masks, batch, {seq}]")
+        weights = weights.to(torch.float32) if weights.dtype == torch.bool else weights
+        if not weights.abs().amax().isfinite():
+            raise ValueError("patch_positions contains NaN or infinite values")
+        return weights
+    try:
+        index = torch.as_tensor(patch_positions)
+    except (TypeError, ValueError, RuntimeError):
+        index = torch.empty(0)
+    if index.is_floating_point() or index.dtype == torch.bool or index.dim() > 1 or index.numel() == 0:
+        raise ValueError(f"patch_positions must be position indices (an int or a list of them) or a bool or float "
+                         f"tensor of weights over the positions; got {patch_positions!r}")
+    outside = [int(i) for i in index.flatten() if not -seq <= int(i) < seq]
+    if outside:
+        raise IndexError(f"patch_positions {outside}: the prompts have positions 0 to {seq - 1} (or -{seq} to -1)")
+    return torch.zeros(seq).index_fill_(0, index.flatten().long() % seq, 1.0)
+
+
+def where_per_mask(weights: torch.Tensor, n_masks: int, batch: int) -> torch.Tensor:
+    """``position_weights`` expanded to every mask and prompt, [n_masks, batch, seq], as ``DeltaStore`` reads them."""
+    full = weights.reshape(*[1] * (3 - weights.dim()), *weights.shape)
+    if full.shape[0] not in (1, n_masks) or full.shape[1] not in (1, batch):
+        raise ValueError(f"patch_positions has shape {tuple(weights.shape)} for {n_masks} mask(s) of {batch} prompt(s):"
+                         f" its leading sizes must be the masks' and the prompts' counts, or 1")
+    return full.expand(n_masks, batch, full.shape[2])
 
 
 def dense_keep(graph: CircuitGraph, edge_mask=None, node_mask=None, *, device=None) -> torch.Tensor:

@@ -34,12 +34,14 @@ class Prepared:
 
     def measure(self, cm: CircuitModel, metric, keep: torch.Tensor, *, input_ids: torch.Tensor | None = None,
                 other: list[torch.Tensor] | None = None, tap: Tap | None = None,
-                recorded: list[torch.Tensor] | None = None) -> torch.Tensor:
+                recorded: list[torch.Tensor] | None = None, where: torch.Tensor | None = None) -> torch.Tensor:
         """``metric`` of this batch's patched runs under ``keep`` (``CircuitModel.patched``; ``input_ids`` and
-        ``other`` default to the batch's own), [n_masks, batch].  Where the metric reads the answer position
-        alone, the logits are computed there alone, and the metric reads them as position 0."""
+        ``other`` default to the batch's own; ``where``: the positions each mask patches), [n_masks, batch].  Where
+        the metric reads the answer position alone, the logits are computed there alone, and the metric reads them
+        as position 0."""
         logits = cm.patched(self.input_ids if input_ids is None else input_ids, self.attention_mask,
-                            self.other if other is None else other, keep, tap, recorded, positions=self.positions)
+                            self.other if other is None else other, keep, tap, recorded, positions=self.positions,
+                            where=where)
         batch = self.batch if self.positions is None else {**self.batch, "position": torch.zeros_like(self.positions)}
         return metric(logits, batch)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fxcircuits import (Circuit, CircuitGraph, DecompositionError, EdgeScores, Evaluator, attribute, cli, load_model,
-                        tasks, trace)
+                        patch_by_position, tasks, trace)
 from fxcircuits.cli import main
 
 
@@ -20,7 +20,8 @@ def _common(folder):
     return ["--model", folder, "--task", "ioi", "--size", "8", "--batch-size", "4", "--no-progress"]
 
 
-@pytest.mark.parametrize("command", ["discover", "evaluate", "show", "compare", "lens", "direct", "attention"])
+@pytest.mark.parametrize("command", ["discover", "evaluate", "show", "compare", "lens", "direct", "attention",
+                                     "patch"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -258,3 +259,24 @@ def test_refused_input_is_one_line_and_traceback_shows_where(tmp_path, capsys):
     assert "error: cannot save a figure as 'c.txt'" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError):
         main(["--traceback", "show", missing, "--out", str(tmp_path / "c.svg")])
+
+
+def test_patch_prints_and_draws_where_each_layers_stream_carries_the_answer(folder, tmp_path, capsys):
+    """``patch`` sweeps the stream entering each layer over one example's tokens, and lists per layer the tokens of
+    largest effect as fractions of the whole: those of the library run on the whole batch holding the example."""
+    out = tmp_path / "patch.svg"
+    assert main(["patch", *_common(folder), "--example", "5", "--top", "2", "--runs", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.lstrip().startswith("layer")]
+    model, tokenizer = load_model(folder)
+    task = tasks.load("ioi", tokenizer, size=8, seed=0, batch_size=4)
+    batch, row = task.locate(5)
+    values, positions = patch_by_position(trace(model), batch, task.metric).example(row, normalized=True)
+    assert len(rows) == len(values) == 2
+    for line, expected in zip(rows, values):
+        cells = [(int(p), float(v)) for p, v in re.findall(r"@(\d+) ([-+]\d+\.\d\d)", line)]
+        assert len(cells) == 2 and cells[0][0] == int(positions[expected.abs().argmax()])
+        for p, v in cells:  # each the library's value there, and among its two largest (ties at rounding aside)
+            assert v == pytest.approx(float(expected[positions.tolist().index(p)]), abs=0.006)
+            assert abs(v) >= float(expected.abs().topk(2).values[-1]) - 0.006
+    assert out.exists()

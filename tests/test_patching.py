@@ -233,14 +233,18 @@ def test_an_output_gate_follows_its_heads_q_input(prompts, name):
     assert (ours - query_alone)[mask.bool()].abs().max() > 1e-3 * head.abs().max()
 
 
-def _hooked_node_patch(model, name, node, clean, corrupted, mask):
+def _hooked_node_patch(model, name, node, clean, corrupted, mask, at: torch.Tensor | None = None):
     """Reference on the unmodified HF model: replace one MLP's output, or one head's share of the attention
-    output, by its value on the corrupted prompt."""
+    output, by its value on the corrupted prompt — at the positions ``at`` weights ([seq]; all where None)."""
     mlp_path, out_path, post_norm_path = (p and p.format(0) for p in modules(name))
+    at = torch.ones(clean.shape[1]) if at is None else at
+    def mix(run, other):  # [batch, seq, features], or [batch · seq, features] (OPT's MLP)
+        by_position = (other - run).reshape(*clean.shape, -1)
+        return run + (at[:, None] * by_position).reshape(run.shape)
     if node.startswith("m"):
         module = model.get_submodule(mlp_path)
         saved = _capture_output(model, module, corrupted, mask)
-        return _run_with(model, module.register_forward_hook(lambda m, i, o: saved.clone()), clean, mask)
+        return _run_with(model, module.register_forward_hook(lambda m, i, o: mix(o, saved)), clean, mask)
     head = int(node.split("h")[-1])
     out_proj = model.get_submodule(out_path)
     width = out_proj.weight.shape[0] if hasattr(out_proj, "nf") else out_proj.weight.shape[1]
@@ -249,7 +253,7 @@ def _hooked_node_patch(model, name, node, clean, corrupted, mask):
     if post_norm_path is None:
         def swap_head(module, args):
             z = args[0].clone()
-            z[..., cols] = z_corrupted[..., cols]
+            z[..., cols] = mix(z[..., cols], z_corrupted[..., cols])
             return (z,)
         return _run_with(model, out_proj.register_forward_pre_hook(swap_head), clean, mask)
     # A norm after attention: a head's write keeps the normalisation scale of the whole write (heads.py).
@@ -267,7 +271,7 @@ def _hooked_node_patch(model, name, node, clean, corrupted, mask):
         return norm.forward(o_head) * rms(o_head) / rms(o)  # forward(): not through the hook itself
 
     handles.append(norm.register_forward_hook(
-        lambda m, a, out: out + share(z_corrupted, o_corrupted) - share(state["z"], a[0])))
+        lambda m, a, out: mix(out, out + share(z_corrupted, o_corrupted) - share(state["z"], a[0]))))
     return _run_with(model, handles, clean, mask)
 
 

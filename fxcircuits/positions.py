@@ -1,0 +1,145 @@
+"""Activation patching by position: which layer's stream, or which node, carries the behaviour at which token.
+
+A circuit's edges say *what* carries a behaviour; patching by position says *where in the prompt*.  A mask
+restricted to some positions (``patch_positions``, ``CircuitModel.forward``) patches its edges there alone.
+``patch_by_position`` sweeps units × positions with it: for each unit — the residual stream entering a layer (causal
+tracing, Meng et al. 2022; TransformerLens's ``resid_pre``) or one node's output (a head, an MLP) — and each
+position, one patched run, many in one call, and the metric's change.  On SmolLM2's IOI prompts the stream carries
+the answer at the indirect object's token through the early layers, and at the last token from the name movers'
+layers on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+from . import metrics
+from .circuit import Circuit
+from .draw import plot_heatmap
+from .lens import node_names
+from .model import CircuitModel
+from .patching import dense_keep
+from .runs import ends, metric_values, prepare
+
+DIRECTIONS = ("noising", "denoising")
+
+
+@dataclass
+class PositionEffects:
+    """What patching each unit at each position does to the metric, per prompt: ``effects`` [units, batch, seq],
+    NaN at padding.  ``units``: node names, or ``"layer {l}"`` for the stream entering layer l.
+
+    Noising runs the clean prompts and patches in the corrupted prompts' values: the effect is metric(clean) −
+    metric(patched), how much the behaviour needs that unit there.  Denoising runs the corrupted prompts and patches
+    in the clean values: metric(patched) − metric(corrupted), how much of the behaviour that unit there restores.
+    Either way larger means the unit carries more of it there; ``normalized`` divides by metric(clean) −
+    metric(corrupted), the whole of it (``clean`` and ``corrupted`` [batch]: the metric on either prompt)."""
+    units: list[str]
+    effects: torch.Tensor
+    clean: torch.Tensor
+    corrupted: torch.Tensor
+    direction: str
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    @property
+    def normalized(self) -> torch.Tensor:
+        """``effects`` as a fraction of metric(clean) − metric(corrupted), per prompt."""
+        return self.effects / (self.clean - self.corrupted)[None, :, None]
+
+    def mean(self, normalized: bool = False) -> torch.Tensor:
+        """[units, seq]: the mean over the prompts that hold each position.  It means something where the prompts
+        share a template, so that a position plays one role in all of them."""
+        return (self.normalized if normalized else self.effects).nanmean(1)
+
+    def example(self, index: int = 0, normalized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One prompt's effects over its real tokens, [units, tokens], and those tokens' positions."""
+        if not -len(self.input_ids) <= index < len(self.input_ids):
+            raise IndexError(f"example {index}: the effects hold {len(self.input_ids)} prompts")
+        positions = self.attention_mask[index].bool().nonzero().flatten()
+        values = self.normalized if normalized else self.effects
+        return values[:, index, positions], positions
+
+    def top(self, tokenizer, k: int = 3, example: int = 0,
+            normalized: bool = False) -> list[tuple[str, list[tuple[str, int, float]]]]:
+        """For each unit, the ``k`` positions of one prompt where patching it moves the metric most (either sign):
+        ``[(unit, [(token, position, effect), …]), …]``, the effect as a fraction of the whole where ``normalized``."""
+        values, positions = self.example(example, normalized)
+        order = values.abs().topk(min(k, len(positions)), dim=-1).indices
+        ids = self.input_ids[example, positions]
+        return [(unit, [(tokenizer.decode([int(ids[i])]), int(positions[i]), float(row[i])) for i in picks])
+                for unit, row, picks in zip(self.units, values, order.tolist())]
+
+    def table(self, tokenizer, k: int = 3, example: int = 0, normalized: bool = False) -> str:
+        """``top`` as aligned text, one row per unit, each token with its position."""
+        width = max(len(unit) for unit in self.units)
+        return "\n".join(f"{unit:>{width}}  " + "  ".join(f"{token!r}@{p} {v:+.2f}" for token, p, v in tops)
+                         for unit, tops in self.top(tokenizer, k, example, normalized))
+
+    def plot(self, tokenizer, path: str | Path | None = None, *, example: int = 0, normalized: bool = True,
+             ax: Axes | None = None, title: str | None = None) -> Figure:
+        """A heatmap of units × one prompt's tokens, each cell the effect of patching that unit at that token (by
+        default as a fraction of the whole effect; 0 white, the signs apart)."""
+        values, positions = self.example(example, normalized)
+        tokens = [tokenizer.decode([int(i)]) for i in self.input_ids[example, positions]]
+        return plot_heatmap(values, self.units, tokens, path, ax=ax, title=title, fmt="{:+.2f}")
+
+
+@torch.no_grad()
+def patch_by_position(cm: CircuitModel, batch: dict, metric, *, nodes: list[str] | Circuit | None = None,
+                      direction: str = "noising", batch_size: int = 16, progress: bool = False) -> PositionEffects:
+    """Patch each unit at each position of ``batch`` (a batch dict: ``clean``, ``corrupted``, ``attention_mask`` and
+    what ``metric`` reads) and measure ``metric``: see ``PositionEffects``.
+
+    ``nodes``: node names (or a circuit's nodes) whose outputs to patch one at a time; None patches the residual
+    stream entering each layer instead (``CircuitGraph.into_layer``).  ``direction``: ``"noising"`` (the clean run,
+    the corrupted values patched in) or ``"denoising"`` (the other way round).  ``batch_size``: how many patched
+    runs, units × positions, one call evaluates; each holds the whole batch of prompts."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; choose one of {', '.join(DIRECTIONS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    given = batch
+    if direction == "denoising":
+        if metrics.needs_clean_logits(metric):
+            raise ValueError(f"{metrics.name_of(metric)} compares with the run being patched, which denoising "
+                             "runs on the corrupted prompts: use a metric of the answers (logit_diff, prob_diff, "
+                             "logprob), or noising")
+        batch = {**batch, "clean": batch["corrupted"], "corrupted": batch["clean"]}
+    (prepared,) = prepare(cm, [batch], metric)
+    units, masks = _units(cm, nodes)
+    seq = batch["clean"].shape[1]  # the prompts as given: a capture may have padded them (``runs.served_lengths``)
+    width = prepared.input_ids.shape[1]
+    runs = [(u, p) for u in range(len(units)) for p in range(seq)]  # by unit: the masks of a call share a prefix
+    values = torch.empty(len(runs), prepared.size)
+    for start in tqdm(range(0, len(runs), batch_size), desc="patching by position", unit="call",
+                      disable=not progress):
+        chunk = runs[start:start + batch_size]
+        keep = dense_keep(cm.graph, masks[[u for u, _ in chunk]], device=cm.device)
+        where = torch.zeros(len(chunk), 1, width, device=cm.device)
+        where[torch.arange(len(chunk)), 0, torch.tensor([p for _, p in chunk])] = 1.0
+        values[start:start + len(chunk)] = prepared.measure(cm, metric, keep, recorded=prepared.recorded,
+                                                            where=where).float().cpu()
+    run, other = metric_values(cm, [prepared], metric, ends(cm.graph))
+    patched = values.view(len(units), seq, -1).permute(0, 2, 1)  # [units, batch, seq]
+    effects = run[:, None] - patched if direction == "noising" else patched - run[:, None]
+    mask = given.get("attention_mask", torch.ones_like(given["clean"])).cpu()
+    effects = effects.masked_fill(~mask.bool(), float("nan"))
+    clean, corrupted = (run, other) if direction == "noising" else (other, run)
+    return PositionEffects(units, effects, clean, corrupted, direction, given["clean"].cpu(), mask)
+
+
+def _units(cm: CircuitModel, nodes: list[str] | Circuit | None) -> tuple[list[str], torch.Tensor]:
+    """The units' names and their edge masks [units, E]: 0 on the edges each one patches."""
+    if nodes is None:
+        layers = cm.graph.layers
+        return [f"layer {layer}" for layer in layers], torch.stack([(~cm.graph.into_layer(layer)).float()
+                                                                    for layer in layers])
+    names = node_names(cm, nodes)
+    index = torch.tensor([cm.graph.node_index[n] for n in names])
+    return names, (cm.graph.src[None, :] != index[:, None]).float()

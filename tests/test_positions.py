@@ -1,0 +1,282 @@
+"""Masks that patch some positions alone (``patch_positions``): checked against hooks on the untouched HF model,
+against the same masks over every position, and by finite differences."""
+import pytest
+import torch
+from torch import nn
+
+from fxcircuits import metrics
+from fxcircuits.patching import position_weights
+from fxcircuits.positions import DIRECTIONS, patch_by_position
+from test_patching import _close, _hooked_node_patch, _run_with
+from zoo import make
+
+NODE_NAMES = ["llama", "gpt2", "opt", "bloom", "gemma2", "falcon_new_arch", "gpt_neox", "mixtral"]
+
+
+@pytest.mark.parametrize("name", NODE_NAMES)
+def test_a_node_patched_at_some_positions_matches_hooks(traced, prompts, name):
+    """One MLP and one head, patched at one position and at two, by index and by weights."""
+    model, cm = traced(name)
+    clean, corrupted, mask = prompts
+    with torch.no_grad():
+        for node in ("m0", "a0.h1"):
+            for positions in ([4], [2, -1]):
+                at = position_weights(positions, clean.shape[1])
+                ours = cm(clean, mask, corrupted_input_ids=corrupted, node_mask={node: 0.0}, patch_positions=positions)
+                reference = _hooked_node_patch(model, name, node, clean, corrupted, mask, at)
+                _close(ours, reference, mask)
+                _close(cm(clean, mask, corrupted_input_ids=corrupted, node_mask={node: 0.0}, patch_positions=at),
+                       reference, mask)
+            whole = cm(clean, mask, corrupted_input_ids=corrupted, node_mask={node: 0.0})
+            assert (whole - ours)[mask.bool()].abs().max() > 1e-3 * whole.abs().max()  # the positions matter
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers: the model's longest ModuleList."""
+    return max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len)
+
+
+def _hooked_stream_patch(model, layer: int, position: int, clean, corrupted, mask):
+    """Reference: the stream entering decoder layer ``layer`` at ``position``, taken from the corrupted run (causal
+    tracing's patch, on the unmodified HF model)."""
+    block, saved = _layers(model)[layer], {}
+
+    def hidden(args, kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    def record(module, args, kwargs):
+        saved["x"] = hidden(args, kwargs).clone()
+
+    def swap(module, args, kwargs):
+        x = hidden(args, kwargs).clone()
+        x[:, position] = saved["x"][:, position]
+        return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+    _run_with(model, block.register_forward_pre_hook(record, with_kwargs=True), corrupted, mask)
+    return _run_with(model, block.register_forward_pre_hook(swap, with_kwargs=True), clean, mask)
+
+
+def _crossing(cm, layer: int) -> dict[str, float]:
+    """Every edge from a node written before decoder layer ``layer`` into one read at it or after: 0."""
+    def index(node: str) -> float:
+        return -1 if node == "input" else float("inf") if node == "logits" else int(node[1:].split(".")[0])
+    return {e: 0.0 for e, u, d in zip(cm.graph.edges, cm.graph.src.tolist(), cm.graph.dst.tolist())
+            if index(cm.graph.upstream[u]) < layer <= index(cm.graph.downstream[d].split("<")[0])}
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_the_stream_patched_at_one_position_matches_hooks(traced, prompts, name):
+    """Causal tracing: the stream entering layer 1 at one position from the corrupted run is every edge crossing
+    into layer 1, patched at that position."""
+    model, cm = traced(name)
+    clean, corrupted, mask = prompts
+    with torch.no_grad():
+        for position in (3, 6):
+            ours = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=_crossing(cm, 1), patch_positions=position)
+            _close(ours, _hooked_stream_patch(model, 1, position, clean, corrupted, mask), mask)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma4_per_layer", "deepseek_v3"])
+def test_positions_per_mask_in_one_call_equal_calls_one_by_one(traced, prompts, name, as_on_a_gpu):
+    """Weights [n_masks, batch, seq] with one mask evaluate it at each; with as many masks, each at its own; the
+    corrupted run recorded first and riding in the pass (as on a GPU) agree."""
+    _, cm = traced(name)
+    clean, corrupted, mask = prompts
+    generator = torch.Generator().manual_seed(7)
+    masks = torch.rand(3, len(cm.graph.edges), generator=generator)
+    weights = torch.rand(3, 3, clean.shape[1], generator=generator)
+    with torch.no_grad():
+        patch = lambda m, w: cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=m, patch_positions=w)  # noqa
+        one_by_one = torch.stack([patch(m, w) for m, w in zip(masks, weights)])
+        _close(patch(masks, weights), one_by_one, mask.expand(3, -1, -1))
+        each = torch.eye(clean.shape[1])[:, None]
+        _close(patch(masks[0], each), torch.stack([patch(masks[0], [p]) for p in range(clean.shape[1])]),
+               mask.expand(clean.shape[1], -1, -1))
+        as_on_a_gpu()
+        _close(patch(masks, weights), one_by_one, mask.expand(3, -1, -1))
+
+
+def test_every_position_is_the_plain_mask_and_none_is_the_clean_run(traced, prompts):
+    _, cm = traced("llama")
+    clean, corrupted, mask = prompts
+    edge_mask = torch.rand(len(cm.graph.edges), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        patch = lambda w: cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=edge_mask, patch_positions=w)  # noqa
+        _close(patch(torch.ones(clean.shape[1], dtype=torch.bool)),
+               cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=edge_mask), mask)
+        _close(patch(torch.zeros(clean.shape[1])), cm(clean, mask), mask)
+        later = patch([5])
+        torch.testing.assert_close(later[:, :5], cm(clean, mask)[:, :5])  # a causal model: earlier positions unmoved
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma4_per_layer"])
+def test_mask_gradients_at_some_positions_match_finite_differences(name, prompts):
+    model = make(name, dtype=torch.float64)
+    from fxcircuits import trace
+    cm = trace(model)
+    clean, corrupted, mask = prompts
+    generator = torch.Generator().manual_seed(9)
+    edge_mask = torch.rand(len(cm.graph.edges), generator=generator, dtype=torch.float64)
+    weights = torch.rand(3, clean.shape[1], generator=generator, dtype=torch.float64)
+
+    def metric(m):
+        logits = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=m, patch_positions=weights)
+        return logits[:, -1, :5].sum()
+
+    edge_mask.requires_grad_(True)
+    (grad,) = torch.autograd.grad(metric(edge_mask), edge_mask)
+    picks = grad.abs().topk(4).indices.tolist() + torch.randperm(len(grad), generator=generator)[:4].tolist()
+    # HF rounds some norms and softmaxes in float32 (~1e-7 of the metric): the slack is 2e-4 of the largest gradient
+    eps, slack = 1e-3, 2e-4 * grad.abs().max()
+    with torch.no_grad():
+        for i in picks:
+            up, down = edge_mask.detach().clone(), edge_mask.detach().clone()
+            up[i] += eps
+            down[i] -= eps
+            numeric = (metric(up) - metric(down)) / (2 * eps)
+            assert abs(numeric - grad[i]) <= slack + 2e-3 * abs(numeric), (cm.graph.edges[i], numeric, grad[i])
+    everywhere = torch.autograd.grad(cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=edge_mask)[:, -1, :5]
+                                     .sum(), edge_mask)[0]
+    assert (grad - everywhere).abs().max() > 1e-3 * everywhere.abs().max()  # the weights matter
+
+
+def test_the_per_layer_input_is_patched_at_the_positions_alone(traced, prompts):
+    """Gemma 4's per-layer input (a side input the ``input`` node's edges carry) mixes at those positions only:
+    patching input → m1 at one position equals patching it everywhere with the other run equal to the clean one
+    elsewhere."""
+    _, cm = traced("gemma4_per_layer")
+    clean, corrupted, mask = prompts
+    hybrid = clean.clone()
+    hybrid[:, 4] = corrupted[:, 4]
+    with torch.no_grad():
+        ours = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask={"input->m1": 0.0}, patch_positions=[4])
+        reference = cm(clean, mask, corrupted_input_ids=hybrid, edge_mask={"input->m1": 0.0})
+    _close(ours, reference, mask)
+
+
+def test_one_token_prompts_take_positions(traced):
+    _, cm = traced("llama")
+    clean, corrupted = torch.tensor([[5], [9]]), torch.tensor([[7], [3]])
+    with torch.no_grad():
+        for positions in ([0], [-1], torch.ones(1)):
+            torch.testing.assert_close(cm(clean, corrupted_input_ids=corrupted, node_mask={"m0": 0.0},
+                                          patch_positions=positions),
+                                       cm(clean, corrupted_input_ids=corrupted, node_mask={"m0": 0.0}))
+
+
+@pytest.mark.parametrize("positions, error", [
+    ([7], "positions 0 to 6"),
+    ([-8], "positions 0 to 6"),
+    (torch.ones(5), "weights over the 7 positions"),
+    (torch.ones(2, 2, 2, 7), "weights over the 7 positions"),
+    (torch.tensor([1.0, float("nan"), 0, 0, 0, 0, 0]), "NaN"),
+    (torch.ones(7, requires_grad=True), "takes no gradient"),
+    ("last", "position indices"),
+    ([], "position indices"),
+    (torch.ones(4, 3, 7), "leading sizes"),
+    (torch.ones(2, 7), "leading sizes"),
+])
+def test_bad_positions_are_refused_by_name(traced, prompts, positions, error):
+    _, cm = traced("llama")
+    clean, corrupted, mask = prompts
+    with pytest.raises((ValueError, IndexError), match=error):
+        cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=torch.rand(2, len(cm.graph.edges)),
+           patch_positions=positions)
+
+
+def test_positions_without_a_mask_are_refused(traced, prompts):
+    _, cm = traced("llama")
+    clean, corrupted, mask = prompts
+    with pytest.raises(ValueError, match="no edge_mask or node_mask"):
+        cm(clean, mask, patch_positions=[3])
+
+
+def _batch(prompts) -> dict:
+    clean, corrupted, mask = prompts
+    corrupted = corrupted.clone()
+    corrupted[:, :3] = clean[:, :3]  # the first three tokens shared: patching them changes nothing
+    return {"clean": clean, "corrupted": corrupted, "attention_mask": mask,
+            "correct": torch.tensor([[5], [9], [3]]), "incorrect": torch.tensor([[7], [1], [2]])}
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_patching_the_stream_by_position_matches_hooks(traced, prompts, direction):
+    """Causal tracing over every layer and position against the stream swapped by a hook on the HF model."""
+    model, cm = traced("llama")
+    batch = _batch(prompts)
+    effects = patch_by_position(cm, batch, metrics.logit_diff, direction=direction, batch_size=5)
+    assert effects.units == [f"layer {layer}" for layer in range(cm.graph.n_layers)]
+    assert effects.effects.shape == (cm.graph.n_layers, 3, 7)
+    run, other = (batch["clean"], batch["corrupted"]) if direction == "noising" else (batch["corrupted"],
+                                                                                       batch["clean"])
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        unpatched = metrics.logit_diff(model(input_ids=run, attention_mask=mask).logits, batch)
+        for layer in range(cm.graph.n_layers):
+            for position in range(7):
+                hooked = metrics.logit_diff(_hooked_stream_patch(model, layer, position, run, other, mask), batch)
+                expected = unpatched - hooked if direction == "noising" else hooked - unpatched
+                real = mask[:, position].bool()
+                torch.testing.assert_close(effects.effects[layer, real, position], expected[real], atol=1e-5,
+                                           rtol=1e-4)
+                assert effects.effects[layer, ~real, position].isnan().all()  # padding
+        ends = [metrics.logit_diff(model(input_ids=batch[k], attention_mask=mask).logits, batch)
+                for k in ("clean", "corrupted")]
+    torch.testing.assert_close([effects.clean, effects.corrupted], ends)
+    assert effects.effects[:, 1:, :3].abs().max() < 1e-5  # tokens the prompts share
+    torch.testing.assert_close(effects.normalized, effects.effects / (ends[0] - ends[1])[None, :, None],
+                               equal_nan=True)
+
+
+def test_patching_nodes_by_position_matches_hooks(traced, prompts):
+    model, cm = traced("gpt2")
+    batch = _batch(prompts)
+    nodes = ["a0.h1", "m0"]
+    effects = patch_by_position(cm, batch, metrics.logit_diff, nodes=nodes, batch_size=3)
+    clean, corrupted, mask = batch["clean"], batch["corrupted"], batch["attention_mask"]
+    with torch.no_grad():
+        unpatched = metrics.logit_diff(model(input_ids=clean, attention_mask=mask).logits, batch)
+        for row, node in enumerate(nodes):
+            for position in (3, 5, 6):
+                at = position_weights([position], 7)
+                hooked = metrics.logit_diff(_hooked_node_patch(model, "gpt2", node, clean, corrupted, mask, at), batch)
+                torch.testing.assert_close(effects.effects[row, :, position], unpatched - hooked, atol=1e-5,
+                                           rtol=1e-4)
+    one_at_a_time = patch_by_position(cm, batch, metrics.logit_diff, nodes=nodes, batch_size=1)
+    torch.testing.assert_close(one_at_a_time.effects, effects.effects, equal_nan=True)
+
+
+def test_the_effects_read_as_a_table_and_a_heatmap(traced, prompts, tmp_path):
+    _, cm = traced("llama")
+    effects = patch_by_position(cm, _batch(prompts), metrics.logit_diff, nodes=["m0", "a1.h0"])
+    tokenizer = _Tokens()
+    values, positions = effects.example(0)
+    assert positions.tolist() == [2, 3, 4, 5, 6]  # example 0 is left-padded by two
+    (unit, tops), _ = effects.top(tokenizer, k=2, example=0)
+    assert unit == "m0" and len(tops) == 2
+    assert abs(tops[0][2]) == float(values[0].abs().max()) and tops[0][0] == f"t{int(effects.input_ids[0, tops[0][1]])}"
+    assert effects.table(tokenizer, k=2).splitlines()[1].lstrip().startswith("a1.h0")
+    torch.testing.assert_close(effects.mean(), effects.effects.nanmean(1))
+    figure = effects.plot(tokenizer, tmp_path / "positions.png", example=1)
+    assert (tmp_path / "positions.png").stat().st_size > 0
+    assert len(figure.axes[0].get_yticklabels()) == 2 and len(figure.axes[0].get_xticklabels()) == 7
+
+
+class _Tokens:
+    def decode(self, ids):
+        return "".join(f"t{i}" for i in ids)
+
+
+def test_bad_sweeps_are_refused(traced, prompts):
+    _, cm = traced("llama")
+    batch = _batch(prompts)
+    with pytest.raises(ValueError, match="unknown direction"):
+        patch_by_position(cm, batch, metrics.logit_diff, direction="forwards")
+    with pytest.raises(ValueError, match="denoising"):
+        patch_by_position(cm, batch, metrics.kl_divergence, direction="denoising")
+    with pytest.raises(ValueError, match="batch_size"):
+        patch_by_position(cm, batch, metrics.logit_diff, batch_size=0)
+    with pytest.raises(KeyError, match="unknown node"):
+        patch_by_position(cm, batch, metrics.logit_diff, nodes=["a9.h0"])
+    with pytest.raises(ValueError, match="holds no node"):
+        cm.graph.into_layer(7)
