@@ -18,13 +18,14 @@ def _median(fn) -> float:
     return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=2.0).median
 
 
-def _alternating(hf, ours, min_run_time: float = 2.0) -> tuple[float, float]:
+def _alternating(hf, ours, min_run_time: float = 2.0, min_runs: int = 5) -> tuple[float, float]:
     """Median seconds per call of ``hf`` and of ``ours``, called in turn until each has run ``min_run_time`` (and at
-    least 5 times): the machine's drift then weighs on both alike, so their ratio holds where two medians taken one
-    after the other do not (on this project's CPU machines the HF forward has drifted 2× within one session)."""
+    least ``min_runs`` times): the machine's drift then weighs on both alike, so their ratio holds where two medians
+    taken one after the other do not (on this project's CPU machines the HF forward has drifted 2× within one
+    session)."""
     hf(), ours()  # warm-up
     times = ([], [])
-    while min(len(t) for t in times) < 5 or min(sum(t) for t in times) < min_run_time:
+    while min(len(t) for t in times) < min_runs or min(sum(t) for t in times) < min_run_time:
         for fn, spent in zip((hf, ours), times):
             start = time.perf_counter()
             fn()
@@ -107,6 +108,21 @@ def test_direct_logits(benchmark, smollm2, batch, read):
         hf, ours = _alternating(lambda: model(input_ids=clean).logits, direct)
         benchmark(direct)
     _report(benchmark, f"direct_logits_{read}", ours, hf)
+
+
+def test_patch_by_position(benchmark, smollm2, batch):
+    """Causal tracing on the 8 prompts: the stream entering each of the 30 layers patched at each position, one at a
+    time (30 × S patched runs, 16 per call), against the HF forward.  A sweep with hooks on the HF model runs one
+    forward per layer and position, 30 × S of them."""
+    model, cm, clean, _ = smollm2
+    sweep = lambda: fxcircuits.patch_by_position(cm, batch, fxcircuits.metrics.logit_diff)  # noqa: E731
+    with torch.no_grad():
+        hf, ours = _alternating(lambda: model(input_ids=clean).logits, sweep, min_runs=2)
+        benchmark.pedantic(sweep, rounds=1)
+    _report(benchmark, "patch_by_position", ours, hf)
+    runs = cm.graph.n_layers * clean.shape[1]
+    benchmark.extra_info["vs_hooked_sweep"] = ours / (runs * hf)
+    print(f"= {ours / (runs * hf):.3f} of the {runs} HF forwards a sweep with hooks runs")
 
 
 @pytest.mark.parametrize("order", ["spread", "in_graph_order"])

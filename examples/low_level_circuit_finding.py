@@ -1,6 +1,7 @@
 """Low-level circuit finding, the talk's second walkthrough: node patching, edge patching by the linearity of
 the residual stream, path patching to the logits (and direct logit attribution, which estimates its direct path),
-the logit lens on what was found, and where the found heads look and what they write from there.
+the logit lens on what was found, where the found heads look and what they write from there, and at which tokens
+the found nodes act.
 
 On the real SmolLM2-135M (offline, CPU), on indirect object identification ("When Mary and John went to the
 store, John gave a drink to" → " Mary"; corrupted: the subject's second mention replaced by a third name).
@@ -97,6 +98,13 @@ def main() -> None:
     sources = fxcircuits.source_logits(cm, clean, mask, heads=heads, tokens=torch.cat(answers, 1))
     print("   direct share of the logit difference by the token read (example 0, largest first):")
     print("   " + sources.table(tokenizer, *answers, k=3).replace("\n", "\n   "))
+
+    # 6. Where in the prompt: each found node's output patched at one token at a time (example 0 alone), as a
+    #    fraction of the logit difference's drop with every node patched.  The late heads of step 5 act at the last
+    #    token, whose query reads the names; an earlier node may act where the prompts differ, at the second S.
+    where = fxcircuits.patch_by_position(cm, fxcircuits.data.example(batch, 0), task.metric, nodes=names)
+    print("\n6. patched at one token, largest effect first (example 0, fraction of the whole):")
+    print("   " + where.table(tokenizer, k=3, normalized=True).replace("\n", "\n   "))
 
 
 if __name__ == "__main__":

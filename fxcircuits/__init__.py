@@ -23,5 +23,5 @@ from .scores import EdgeScores
 
 __all__ = ["trace", "CircuitModel", "CircuitGraph", "Circuit", "EdgeScores", "attribute", "METHODS", "evaluate",
            "Evaluator", "Evaluation", "logit_lens", "Lens", "direct_logits", "DirectLogits", "source_logits",
-           "SourceLogits", "attention_patterns", "Patterns", "patch_by_position", "PositionEffects", "load_model", "data", "metrics", "tasks", "CaptureError",
-           "DecompositionError"]
+           "SourceLogits", "attention_patterns", "Patterns", "patch_by_position", "PositionEffects", "load_model",
+           "data", "metrics", "tasks", "CaptureError", "DecompositionError"]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from . import data
 from . import metrics as metrics_
 from . import tasks as tasks_
 from .attribution import METHODS, attribute
@@ -490,7 +491,7 @@ def _attention(args) -> int:
 def _patch(args) -> int:
     nodes = _read_nodes(args)
     _, tokenizer, cm, task = _setup(args)
-    batch = _one_example(*_example(task, args.example))
+    batch = data.example(*_example(task, args.example))
     effects = patch_by_position(cm, batch, task.metric, nodes=nodes, direction=args.direction, batch_size=args.runs,
                                 progress=not args.no_progress)
     print(f"example {args.example}: {task.examples[args.example].clean!r}")
@@ -503,14 +504,6 @@ def _patch(args) -> int:
         effects.plot(tokenizer, args.out, title=f"{args.direction} {what}, by token · {task.name}")
         print(f"heatmap → {args.out}")
     return 0
-
-
-def _one_example(batch: dict, row: int) -> dict:
-    """Example ``row`` of ``batch`` as a batch of its own, without padding."""
-    real = batch["attention_mask"][row].bool().nonzero().flatten()
-    span = slice(int(real[0]), int(real[-1]) + 1)
-    return {key: value[row:row + 1, span] if key in ("clean", "corrupted", "attention_mask") else value[row:row + 1]
-            for key, value in batch.items()}
 
 
 def _example(task, index: int) -> tuple[dict, int]:

@@ -254,6 +254,23 @@ def _check_clean_logits(batch: dict) -> None:
         raise ValueError("batch['clean_logits'] holds NaN or infinite values")
 
 
+def example(batch: dict, row: int) -> dict:
+    """Example ``row`` of ``batch`` as a batch of its own, its padding cut away: a sweep over its positions
+    (``fxcircuits.patch_by_position``) then runs on its tokens alone.  A given answer ``position`` moves with them."""
+    if not -len(batch["clean"]) <= row < len(batch["clean"]):
+        raise IndexError(f"row {row}: the batch holds {len(batch['clean'])} examples")
+    mask = batch.get("attention_mask")
+    real = (torch.ones_like(batch["clean"][row]) if mask is None else mask[row]).bool().nonzero().flatten()
+    start, stop = int(real[0]), int(real[-1]) + 1
+    one = {key: value[row:row + 1] for key, value in batch.items()}
+    for key in ("clean", "corrupted", "attention_mask"):
+        if key in one:
+            one[key] = one[key][:, start:stop]
+    if "position" in one:
+        one["position"] = one["position"] - start
+    return one
+
+
 def to_device(batch: dict, device: torch.device | str) -> dict:
     """A copy of ``batch`` with every tensor on ``device``."""
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}

@@ -592,8 +592,8 @@ def side_input(store: DeltaStore, run: torch.Tensor, other: torch.Tensor | None,
 
 
 def _mixed(run: torch.Tensor, other: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``run + weight · (other − run)`` with ``run`` [n_masks, rows, …] and ``weight`` [n_masks], or [n_masks, rows,
-    seq] where the masks patch some positions alone."""
+    """``run + weight · (other − run)`` with ``run`` [n_masks, rows, …] and ``weight`` [n_masks], or
+    [n_masks, rows, seq] where the masks patch some positions alone."""
     return run + weight.view(*weight.shape, *[1] * (run.dim() - weight.dim())) * (other.to(run.dtype) - run)
 
 
@@ -705,8 +705,9 @@ def _vector(mask, index: Mapping[str, int], what: str, listing: str, why: Callab
 
 
 def position_weights(patch_positions, seq: int) -> torch.Tensor:
-    """``patch_positions`` — where a call's masks apply — as weights over the ``seq`` positions: [seq], [batch, seq] or
-    [n_masks, batch, seq] (each of the leading sizes may be 1), 1 where the masks patch, 0 where every edge is kept.
+    """``patch_positions`` — where a call's masks apply — as weights over the ``seq`` positions: [seq],
+    [batch, seq] or [n_masks, batch, seq] (each leading size may be 1), 1 where the masks patch, 0 where every edge
+    is kept.
 
     Positions are given as indices (ints, a list of them, or an integer tensor, negative from the end), the same for
     every prompt; or as weights, a bool or float tensor over the positions, per prompt and per mask where it has

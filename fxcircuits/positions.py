@@ -68,7 +68,7 @@ class PositionEffects:
     def top(self, tokenizer, k: int = 3, example: int = 0,
             normalized: bool = False) -> list[tuple[str, list[tuple[str, int, float]]]]:
         """For each unit, the ``k`` positions of one prompt where patching it moves the metric most (either sign):
-        ``[(unit, [(token, position, effect), …]), …]``, the effect as a fraction of the whole where ``normalized``."""
+        ``[(unit, [(token, position, effect), …]), …]``, as fractions of the whole where ``normalized``."""
         values, positions = self.example(example, normalized)
         order = values.abs().topk(min(k, len(positions)), dim=-1).indices
         ids = self.input_ids[example, positions]

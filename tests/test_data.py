@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fxcircuits import metrics
-from fxcircuits.data import check_batch, make_batches
+from fxcircuits.data import check_batch, example, make_batches
 from test_models import smollm2_tokenizer
 
 IOI = "When Mary and John went to the store, John gave a drink to"
@@ -52,6 +52,22 @@ def test_batch_size_splits_and_index_records_examples(tokenizer):
     batches = make_batches(tokenizer, [IOI] * 5, [IOI_CORRUPTED] * 5, [" Mary"] * 5, [" John"] * 5, batch_size=2)
     assert [b["clean"].shape[0] for b in batches] == [2, 2, 1]
     assert torch.cat([b["index"] for b in batches]).tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_one_example_as_a_batch_of_its_own_loses_its_padding(tokenizer, side):
+    (batch,) = make_batches(tokenizer, [IOI, SHORT], [IOI_CORRUPTED, "The key on the cabinet"],
+                            [" Mary", [" are", " were"]], [" John", [" is"]], padding_side=side)
+    short = example(batch, 1)
+    assert short["clean"].tolist() == [tokenizer(SHORT).input_ids] and short["attention_mask"].all()
+    assert short["corrupted"].tolist() == [tokenizer("The key on the cabinet").input_ids]
+    assert short["correct"].tolist() == batch["correct"][1:].tolist()
+    assert metrics.answer_position(short).tolist() == [len(tokenizer(SHORT).input_ids) - 1]
+    second_last = int(batch["attention_mask"][1].nonzero()[-2])
+    pinned = example({**batch, "position": torch.tensor([3, second_last])}, 1)
+    assert pinned["position"].tolist() == [len(tokenizer(SHORT).input_ids) - 2]  # a given position moves with them
+    with pytest.raises(IndexError, match="holds 2 examples"):
+        example(batch, 2)
 
 
 def test_mismatched_lengths_name_the_example_counts_tokens_and_the_fix(tokenizer):

@@ -100,6 +100,21 @@ def test_source_logits_show_which_name_each_head_moves(smollm2):
         assert mover[0][0] == io and mover[0][2] > 0.5, (prompt, mover)
 
 
+def test_patching_by_position_traces_the_subject_to_the_last_token(smollm2):
+    """Causal tracing on the IOI task's first prompt (``fxcircuits patch --task ioi``): the second mention of the
+    subject, where the corrupted prompt differs, carries nearly all of the difference in the stream up to layer 19,
+    the last token most of it from layer 24 on; the tokens before it, the same in both prompts, nothing.  Measured
+    2026-12-04: S2 ≥ 0.95 of the difference through layer 19, the last token 0.77 at layer 29."""
+    _, tokenizer, cm = smollm2
+    task = fxcircuits.tasks.load("ioi", tokenizer, size=32, seed=0, batch_size=8)
+    batch = fxcircuits.data.example(*task.locate(0))
+    fractions = fxcircuits.patch_by_position(cm, batch, task.metric).normalized[:, 0]  # [layers, tokens]
+    (s2,) = (batch["clean"] != batch["corrupted"])[0].nonzero().flatten().tolist()
+    assert fractions[:20, s2].min() > 0.9
+    assert fractions[24:, -1].min() > 0.6 and fractions[24:, s2].abs().max() < 0.2
+    assert fractions[:, :s2].abs().max() < 1e-4
+
+
 def test_ioi_circuit_of_one_percent_of_edges_is_faithful(smollm2):
     """EAP-IG-inputs (5 steps) on 16 IOI examples, top 1% of the edges, pruned.  Measured 2026-11-25 (commit
     fb412a1, CPU): f = 0.546 on these 16 examples, 0.466 on 32 (``fxcircuits discover``); a random top-1% circuit
