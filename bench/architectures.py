@@ -14,6 +14,8 @@ traces it.  A model that traces is checked on padded prompts against the untouch
   corrupted prompts (forward hooks on the ``nn.Embedding`` modules called with the token ids — the input
   embedding, and the per-layer embedding of Gemma 4's E-models, whose per-layer inputs the ``input`` node
   carries: an independent reference).
+- ``positions``: the ``input`` node patched at one position alone (``patch_positions``) equals HF with the
+  embeddings of that position's token replaced by the corrupted token's, the same way.
 
 - ``masks``: masks evaluated together equal each on its own — for each layer's first q input and each MLP, a mask
   that moves the edge from ``input`` into it beside an all-ones mask, in one call (the layers before that reader
@@ -192,14 +194,10 @@ def check(model_type: str) -> dict:
     n = len(cm.graph.edges)
     into_logits = torch.tensor([0.0 if e.endswith("->logits") else 1.0 for e in cm.graph.edges])
     try:
+        hybrid = clean.clone()
+        hybrid[:, 4] = corrupted[:, 4]
         with torch.no_grad():
-            hooks = [m.register_forward_hook(_on_corrupted(clean, corrupted), with_kwargs=True)
-                     for m in model.modules() if isinstance(m, torch.nn.Embedding)]
-            try:
-                hf_input = model(input_ids=clean, attention_mask=mask, use_cache=False).logits
-            finally:
-                for hook in hooks:
-                    hook.remove()
+            hf_input, hf_position = (_embedded_as(model, clean, other, mask) for other in (corrupted, hybrid))
             checks = {"clean": difference(cm(clean, mask), hf),
                       "zero": difference(cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=torch.zeros(n)),
                                          hf_corrupted),
@@ -207,6 +205,8 @@ def check(model_type: str) -> dict:
                                            hf_corrupted),
                       "input": difference(cm(clean, mask, corrupted_input_ids=corrupted, node_mask={"input": 0.0}),
                                           hf_input),
+                      "positions": difference(cm(clean, mask, corrupted_input_ids=corrupted, node_mask={"input": 0.0},
+                                                 patch_positions=[4]), hf_position),
                       "masks": _masks_difference(cm, clean, corrupted, mask, hf, difference)}
         patterns = _patterns_difference(model_type, model, cm, clean, mask)
     except Exception as error:
@@ -267,6 +267,18 @@ def _patterns_difference(model_type: str, model, cm, clean, mask) -> float | Non
     if len(reference) != len(ours) or any(a.shape != b.shape for a, b in zip(ours, reference)):
         return None
     return max((a - b).abs().amax(-1).amax(1)[mask.bool()].max().item() for a, b in zip(ours, reference))
+
+
+def _embedded_as(model, clean, other, mask):
+    """HF's logits on ``clean`` with every embedding of its tokens replaced by the embedding of ``other``'s."""
+    import torch
+    hooks = [m.register_forward_hook(_on_corrupted(clean, other), with_kwargs=True)
+             for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    try:
+        return model(input_ids=clean, attention_mask=mask, use_cache=False).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _on_corrupted(clean, corrupted):

@@ -8,7 +8,7 @@ from fxcircuits import metrics
 from fxcircuits.patching import position_weights
 from fxcircuits.positions import DIRECTIONS, patch_by_position
 from test_patching import _close, _hooked_node_patch, _run_with
-from zoo import make
+from zoo import CONFIGS, make
 
 NODE_NAMES = ["llama", "gpt2", "opt", "bloom", "gemma2", "falcon_new_arch", "gpt_neox", "mixtral"]
 
@@ -280,3 +280,16 @@ def test_bad_sweeps_are_refused(traced, prompts):
         patch_by_position(cm, batch, metrics.logit_diff, nodes=["a9.h0"])
     with pytest.raises(ValueError, match="holds no node"):
         cm.graph.into_layer(7)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_the_input_node_patched_at_one_position_is_the_prompt_with_that_token_swapped(traced, prompts, name):
+    """What is written before the first layer at a position depends on its token alone, so the ``input`` node
+    patched at position 4 is the HF model on the clean prompts with token 4 taken from the corrupted ones."""
+    model, cm = traced(name)
+    clean, corrupted, mask = prompts
+    hybrid = clean.clone()
+    hybrid[:, 4] = corrupted[:, 4]
+    with torch.no_grad():
+        ours = cm(clean, mask, corrupted_input_ids=corrupted, node_mask={"input": 0.0}, patch_positions=[4])
+        _close(ours, model(input_ids=hybrid, attention_mask=mask).logits, mask)
