@@ -104,11 +104,7 @@ def _gradient_scores(cm, prepared, metric, method, steps, per_call, progress) ->
             value = p.measure(cm, metric, keep).sum()
             total += torch.autograd.grad(value, keep)[0][0].cpu()
             continue
-        with torch.no_grad():
-            clean = cm.recording(p.input_ids, p.attention_mask)[0]  # per writer group, then per side input
-        n_groups = len(cm.graph.group_sizes)
-        deltas = [o.expand_as(c) - c for o, c in zip(p.other, clean)]
-        delta, sides = torch.cat(deltas[:n_groups]), [d[0] for d in deltas[n_groups:]]
+        clean, delta, sides = differences(cm, p)
         for input_ids, keep, other, rows, side_rows in _points(cm, p, clean, delta, sides, method, steps):
             for first in range(0, keep.shape[0], per_call):
                 chunk = slice(first, first + per_call)
@@ -118,6 +114,17 @@ def _gradient_scores(cm, prepared, metric, method, steps, per_call, progress) ->
                 total += torch.autograd.grad(value, tap.weight)[0].cpu()  # no gradient for the model's parameters
     per_edge = {"eap": 1, "clean-corrupted": 2}.get(method, steps)
     return total[cm.graph.src, cm.graph.dst] / (examples(prepared) * per_edge)
+
+
+def differences(cm: CircuitModel, p: Prepared) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+    """The batch's own run (per writer group, then per side input, as ``CircuitModel.recording`` gives it), and
+    what a ``Tap`` scores: the other run less it per upstream node, [n_upstream, batch, seq, d_model], and per side
+    input, [batch, seq, …]."""
+    with torch.no_grad():
+        run = cm.recording(p.input_ids, p.attention_mask)[0]
+    n_groups = len(cm.graph.group_sizes)
+    deltas = [o.expand_as(r) - r for o, r in zip(p.other, run)]
+    return run, torch.cat(deltas[:n_groups]), [d[0] for d in deltas[n_groups:]]
 
 
 def _masks(other: list[torch.Tensor], chunk: slice, size: int) -> list[torch.Tensor]:

@@ -34,6 +34,7 @@ from .model import trace
 from .models import load_model
 from .patterns import attention_patterns
 from .positions import DIRECTIONS, patch_by_position
+from .positions import METHODS as POSITION_METHODS  # beside attribution's METHODS
 from .runs import ABLATIONS
 from .scores import EdgeScores
 
@@ -157,7 +158,10 @@ def _parser() -> argparse.ArgumentParser:
     patch.add_argument("--direction", choices=DIRECTIONS, default="noising", help="noising: the clean prompt, "
                        "values of the corrupted one patched in (what the behaviour needs); denoising: the other way "
                        "round (what restores it)")
-    patch.add_argument("--runs", type=_positive, default=16, help="patched runs per call")
+    patch.add_argument("--method", choices=POSITION_METHODS, default="exact", help="exact: one patched run per row "
+                       "and token; attribution: all of them to first order, from one backward pass (attribution "
+                       "patching: fast enough for every node, a first look)")
+    patch.add_argument("--runs", type=_positive, default=16, help="patched runs per call (exact)")
     patch.add_argument("--out", help="heatmap of the fractions, rows × tokens (.svg or .png)")
     patch.set_defaults(run=_patch)
     return parser
@@ -492,12 +496,13 @@ def _patch(args) -> int:
     nodes = _read_nodes(args)
     _, tokenizer, cm, task = _setup(args)
     batch = data.example(*_example(task, args.example))
-    effects = patch_by_position(cm, batch, task.metric, nodes=nodes, direction=args.direction, batch_size=args.runs,
-                                progress=not args.no_progress)
+    effects = patch_by_position(cm, batch, task.metric, nodes=nodes, direction=args.direction, method=args.method,
+                                batch_size=args.runs, progress=not args.no_progress)
     print(f"example {args.example}: {task.examples[args.example].clean!r}")
     print(f"{metrics_.name_of(task.metric)}: {float(effects.clean[0]):+.3f} on the clean prompt, "
-          f"{float(effects.corrupted[0]):+.3f} on the corrupted one; {args.direction}, the tokens where patching each "
-          "row moves it most, as a fraction of that difference:")
+          f"{float(effects.corrupted[0]):+.3f} on the corrupted one; {args.direction}"
+          f"{' (to first order)' if args.method == 'attribution' else ''}, the tokens where patching each row moves "
+          "it most, as a fraction of that difference:")
     print(effects.table(tokenizer, k=args.top, normalized=True))
     if args.out:
         what = "the stream entering each layer" if nodes is None else "each node"

@@ -608,25 +608,32 @@ class Tap:
 
     delta: ``a(other) − a(clean)`` per upstream node, [n_upstream, batch, seq, d_model] — the run may hold several
     points of one batch side by side (masks × batch rows); their gradients are summed.  sides: the same difference
-    of each side input (``side_input``), [batch, …], whose gradient counts for the ``input`` node's edge."""
+    of each side input (``side_input``), [batch, …], whose gradient counts for the ``input`` node's edge.
+    by_position: keep each prompt's positions apart, ``weight`` [n_upstream, n_downstream, batch · seq]: the score
+    of each edge patched at one position (``fxcircuits.positions``)."""
 
-    def __init__(self, delta: torch.Tensor, n_downstream: int, sides: list[torch.Tensor] = ()):
+    def __init__(self, delta: torch.Tensor, n_downstream: int, sides: list[torch.Tensor] = (),
+                 by_position: bool = False):
         self.delta, self.sides = delta.detach(), [s.detach() for s in sides]
-        self.weight = torch.zeros(delta.shape[0], n_downstream, device=delta.device, requires_grad=True)
+        positions = (delta.shape[1] * delta.shape[2],) if by_position else ()
+        self.weight = torch.zeros(delta.shape[0], n_downstream, *positions, device=delta.device, requires_grad=True)
 
 
 class _Tap(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs, weight, delta):
-        ctx.delta, ctx.weight_dtype = delta, weight.dtype
+        ctx.delta, ctx.weight_dtype, ctx.positions = delta, weight.dtype, weight.shape[2:]
         return inputs.view_as(inputs)
 
     @staticmethod
     def backward(ctx, grad):
-        n_up, n_readers = ctx.delta.shape[0], grad.shape[0]
-        rows = ctx.delta.reshape(n_up, 1, -1)
-        summed = grad.reshape(n_readers, -1, rows.shape[-1]).sum(1, keepdim=True).to(rows.dtype)
-        return grad, products(rows).grad_keep(rows, summed)[0].to(ctx.weight_dtype), None
+        """The scores summed over every value, or per position (``Tap``): the einsum of ``grad_keep`` batches over
+        its second axis, the mask's there, the positions' here."""
+        n_up, n_readers, points = ctx.delta.shape[0], grad.shape[0], math.prod(ctx.positions)
+        rows = ctx.delta.reshape(n_up, points, -1)
+        summed = grad.reshape(n_readers, -1, points, rows.shape[-1]).sum(1).to(rows.dtype)
+        scores = products(rows).grad_keep(rows, summed)  # [points, n_up, n_readers]
+        return grad, scores.permute(1, 2, 0).reshape(n_up, n_readers, *ctx.positions).to(ctx.weight_dtype), None
 
 
 def patched_rows(store: DeltaStore, x: torch.Tensor) -> torch.Tensor:

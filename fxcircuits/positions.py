@@ -4,7 +4,8 @@ A circuit's edges say *what* carries a behaviour; patching by position says *whe
 restricted to some positions (``patch_positions``, ``CircuitModel.forward``) patches its edges there alone.
 ``patch_by_position`` sweeps units × positions with it: for each unit — the residual stream entering a layer (causal
 tracing, Meng et al. 2022; TransformerLens's ``resid_pre``) or one node's output (a head, an MLP) — and each
-position, one patched run, many in one call, and the metric's change.  On SmolLM2's IOI prompts the stream carries
+position, one patched run, many in one call, and the metric's change; or, to first order, every unit at every
+position from one backward pass (attribution patching).  On SmolLM2's IOI prompts the stream carries
 the answer at the indirect object's token through the early layers, and at the last token from the name movers'
 layers on.
 """
@@ -23,10 +24,12 @@ from .circuit import Circuit
 from .draw import plot_heatmap
 from .lens import node_names
 from .model import CircuitModel
-from .patching import dense_keep
-from .runs import ends, metric_values, prepare
+from .attribution import differences
+from .patching import Tap, dense_keep
+from .runs import Prepared, ends, metric_values, prepare
 
 DIRECTIONS = ("noising", "denoising")
+METHODS = ("exact", "attribution")
 
 
 @dataclass
@@ -38,7 +41,8 @@ class PositionEffects:
     metric(patched), how much the behaviour needs that unit there.  Denoising runs the corrupted prompts and patches
     in the clean values: metric(patched) − metric(corrupted), how much of the behaviour that unit there restores.
     Either way larger means the unit carries more of it there; ``normalized`` divides by metric(clean) −
-    metric(corrupted), the whole of it (``clean`` and ``corrupted`` [batch]: the metric on either prompt)."""
+    metric(corrupted), the whole of it (``clean`` and ``corrupted`` [batch]: the metric on either prompt).
+    ``method``: ``"exact"`` (patched runs) or ``"attribution"`` (their first-order estimate)."""
     units: list[str]
     effects: torch.Tensor
     clean: torch.Tensor
@@ -46,6 +50,7 @@ class PositionEffects:
     direction: str
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
+    method: str = "exact"
 
     @property
     def normalized(self) -> torch.Tensor:
@@ -92,16 +97,23 @@ class PositionEffects:
 
 @torch.no_grad()
 def patch_by_position(cm: CircuitModel, batch: dict, metric, *, nodes: list[str] | Circuit | None = None,
-                      direction: str = "noising", batch_size: int = 16, progress: bool = False) -> PositionEffects:
+                      direction: str = "noising", method: str = "exact", batch_size: int = 16,
+                      progress: bool = False) -> PositionEffects:
     """Patch each unit at each position of ``batch`` (a batch dict: ``clean``, ``corrupted``, ``attention_mask`` and
     what ``metric`` reads) and measure ``metric``: see ``PositionEffects``.
 
     ``nodes``: node names (or a circuit's nodes) whose outputs to patch one at a time; None patches the residual
     stream entering each layer instead (``CircuitGraph.into_layer``).  ``direction``: ``"noising"`` (the clean run,
-    the corrupted values patched in) or ``"denoising"`` (the other way round).  ``batch_size``: how many patched
-    runs, units × positions, one call evaluates; each holds the whole batch of prompts."""
+    the corrupted values patched in) or ``"denoising"`` (the other way round).  ``method``: ``"exact"``, one
+    patched run per unit and position, ``batch_size`` of them (units × positions) a call, each holding the whole
+    batch of prompts; or ``"attribution"``, attribution patching: each edge's first-order score at each position
+    from one forward and backward pass of the run (``patching.Tap`` by position), summed over each unit's edges —
+    every node of a large model at every position, at the cost of one gradient, as a first look to pick what to
+    patch exactly."""
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; choose one of {', '.join(DIRECTIONS)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     given = batch
@@ -114,24 +126,44 @@ def patch_by_position(cm: CircuitModel, batch: dict, metric, *, nodes: list[str]
     (prepared,) = prepare(cm, [batch], metric)
     units, masks = _units(cm, nodes)
     seq = batch["clean"].shape[1]  # the prompts as given: a capture may have padded them (``runs.served_lengths``)
-    width = prepared.input_ids.shape[1]
-    runs = [(u, p) for u in range(len(units)) for p in range(seq)]  # by unit: the masks of a call share a prefix
-    values = torch.empty(len(runs), prepared.size)
+    run, other = metric_values(cm, [prepared], metric, ends(cm.graph))
+    if method == "exact":
+        drops = run[:, None] - _patched(cm, prepared, metric, masks, seq, batch_size, progress)
+    else:
+        drops = _attributed(cm, prepared, metric, masks)[..., :seq]
+    effects = drops if direction == "noising" else -drops
+    mask = given.get("attention_mask", torch.ones_like(given["clean"])).cpu()
+    effects = effects.masked_fill(~mask.bool(), float("nan"))
+    clean, corrupted = (run, other) if direction == "noising" else (other, run)
+    return PositionEffects(units, effects, clean, corrupted, direction, given["clean"].cpu(), mask, method)
+
+
+def _patched(cm: CircuitModel, p: Prepared, metric, masks: torch.Tensor, seq: int, batch_size: int,
+             progress: bool) -> torch.Tensor:
+    """The metric with each unit patched at each position, [units, batch, seq]."""
+    width = p.input_ids.shape[1]
+    runs = [(u, q) for u in range(len(masks)) for q in range(seq)]  # by unit: the masks of a call share a prefix
+    values = torch.empty(len(runs), p.size)
     for start in tqdm(range(0, len(runs), batch_size), desc="patching by position", unit="call",
                       disable=not progress):
         chunk = runs[start:start + batch_size]
         keep = dense_keep(cm.graph, masks[[u for u, _ in chunk]], device=cm.device)
         where = torch.zeros(len(chunk), 1, width, device=cm.device)
-        where[torch.arange(len(chunk)), 0, torch.tensor([p for _, p in chunk])] = 1.0
-        values[start:start + len(chunk)] = prepared.measure(cm, metric, keep, recorded=prepared.recorded,
-                                                            where=where).float().cpu()
-    run, other = metric_values(cm, [prepared], metric, ends(cm.graph))
-    patched = values.view(len(units), seq, -1).permute(0, 2, 1)  # [units, batch, seq]
-    effects = run[:, None] - patched if direction == "noising" else patched - run[:, None]
-    mask = given.get("attention_mask", torch.ones_like(given["clean"])).cpu()
-    effects = effects.masked_fill(~mask.bool(), float("nan"))
-    clean, corrupted = (run, other) if direction == "noising" else (other, run)
-    return PositionEffects(units, effects, clean, corrupted, direction, given["clean"].cpu(), mask)
+        where[torch.arange(len(chunk)), 0, torch.tensor([q for _, q in chunk])] = 1.0
+        values[start:start + len(chunk)] = p.measure(cm, metric, keep, recorded=p.recorded, where=where).float().cpu()
+    return values.view(len(masks), seq, -1).permute(0, 2, 1)
+
+
+def _attributed(cm: CircuitModel, p: Prepared, metric, masks: torch.Tensor) -> torch.Tensor:
+    """metric(run) − ``_patched`` to first order, [units, batch, seq]: each edge's score at each position, summed
+    over each unit's edges (those its mask patches)."""
+    _, delta, sides = differences(cm, p)
+    tap = Tap(delta, len(cm.graph.downstream), sides, by_position=True)
+    with torch.enable_grad():
+        value = p.measure(cm, metric, dense_keep(cm.graph, device=cm.device), tap=tap).sum()
+        scores = torch.autograd.grad(value, tap.weight)[0]  # [upstream, downstream, batch · seq]
+    per_edge = scores[cm.graph.src, cm.graph.dst].float().cpu()
+    return ((1 - masks) @ per_edge).view(len(masks), p.size, -1)
 
 
 def _units(cm: CircuitModel, nodes: list[str] | Circuit | None) -> tuple[list[str], torch.Tensor]:

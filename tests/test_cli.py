@@ -280,3 +280,19 @@ def test_patch_prints_and_draws_where_each_layers_stream_carries_the_answer(fold
             assert v == pytest.approx(float(expected[positions.tolist().index(p)]), abs=0.006)
             assert abs(v) >= float(expected.abs().topk(2).values[-1]) - 0.006
     assert out.exists()
+
+
+def test_patch_by_attribution_reads_given_nodes_to_first_order(folder, capsys):
+    assert main(["patch", *_common(folder), "--nodes", "a1.h0,m0", "--method", "attribution", "--top", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "noising (to first order)" in printed
+    rows = {line.split()[0]: line for line in printed.splitlines() if line.lstrip().startswith(("a1.h0", "m0"))}
+    model, tokenizer = load_model(folder)
+    task = tasks.load("ioi", tokenizer, size=8, seed=0, batch_size=4)
+    effects = patch_by_position(trace(model), task.batches[0], task.metric, nodes=["a1.h0", "m0"],
+                                method="attribution")
+    values, positions = effects.example(0, normalized=True)  # example 0: the first batch's first row
+    for unit, row in zip(effects.units, values):
+        (cell,) = re.findall(r"@(\d+) ([-+]\d+\.\d\d)", rows[unit])
+        assert int(cell[0]) == int(positions[row.abs().argmax()])
+        assert float(cell[1]) == pytest.approx(float(row[row.abs().argmax()]), abs=0.006)
