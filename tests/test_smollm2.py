@@ -115,6 +115,22 @@ def test_patching_by_position_traces_the_subject_to_the_last_token(smollm2):
     assert fractions[:, :s2].abs().max() < 1e-4
 
 
+def test_attribution_by_position_picks_the_nodes_patching_confirms(smollm2):
+    """Attribution patching by position over all 301 nodes of the IOI task's first prompt, against patched runs of
+    the 12 it ranks strongest.  Measured 2026-12-04: correlation 0.97 over their 12 × 16 fractions; a24.h4 at the
+    last token −0.87 estimated, −0.77 patched."""
+    _, tokenizer, cm = smollm2
+    task = fxcircuits.tasks.load("ioi", tokenizer, size=32, seed=0, batch_size=8)
+    batch = fxcircuits.data.example(*task.locate(0))
+    estimate = fxcircuits.patch_by_position(cm, batch, task.metric, nodes=cm.graph.upstream, method="attribution")
+    strongest = estimate.effects[:, 0].abs().amax(-1).topk(12).indices
+    names = [estimate.units[i] for i in strongest]
+    exact = fxcircuits.patch_by_position(cm, batch, task.metric, nodes=names)
+    pairs = torch.stack([estimate.normalized[strongest, 0].flatten(), exact.normalized[:, 0].flatten()])
+    assert torch.corrcoef(pairs)[0, 1] > 0.9
+    assert "a24.h4" in names and exact.normalized[names.index("a24.h4"), 0, -1] < -0.5
+
+
 def test_ioi_circuit_of_one_percent_of_edges_is_faithful(smollm2):
     """EAP-IG-inputs (5 steps) on 16 IOI examples, top 1% of the edges, pruned.  Measured 2026-11-25 (commit
     fb412a1, CPU): f = 0.546 on these 16 examples, 0.466 on 32 (``fxcircuits discover``); a random top-1% circuit
