@@ -110,16 +110,17 @@ def test_direct_logits(benchmark, smollm2, batch, read):
     _report(benchmark, f"direct_logits_{read}", ours, hf)
 
 
-def test_patch_by_position(benchmark, smollm2, batch):
+@pytest.mark.parametrize("method", ["exact", "attribution"])
+def test_patch_by_position(benchmark, smollm2, batch, method):
     """Causal tracing on the 8 prompts: the stream entering each of the 30 layers patched at each position, one at a
-    time (30 × S patched runs, 16 per call), against the HF forward.  A sweep with hooks on the HF model runs one
-    forward per layer and position, 30 × S of them."""
+    time (30 × S patched runs, 16 per call), or all of them to first order from one backward pass; against the HF
+    forward.  A sweep with hooks on the HF model runs one forward per layer and position, 30 × S of them."""
     model, cm, clean, _ = smollm2
-    sweep = lambda: fxcircuits.patch_by_position(cm, batch, fxcircuits.metrics.logit_diff)  # noqa: E731
+    sweep = lambda: fxcircuits.patch_by_position(cm, batch, fxcircuits.metrics.logit_diff, method=method)  # noqa
     with torch.no_grad():
         hf, ours = _alternating(lambda: model(input_ids=clean).logits, sweep, min_runs=2)
         benchmark.pedantic(sweep, rounds=1)
-    _report(benchmark, "patch_by_position", ours, hf)
+    _report(benchmark, f"patch_by_position_{method}", ours, hf)
     runs = cm.graph.n_layers * clean.shape[1]
     benchmark.extra_info["vs_hooked_sweep"] = ours / (runs * hf)
     print(f"= {ours / (runs * hf):.3f} of the {runs} HF forwards a sweep with hooks runs")

@@ -161,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     patch.add_argument("--method", choices=POSITION_METHODS, default="exact", help="exact: one patched run per row "
                        "and token; attribution: all of them to first order, from one backward pass (attribution "
                        "patching: fast enough for every node, a first look)")
-    patch.add_argument("--runs", type=_positive, default=16, help="patched runs per call (exact)")
+    patch.add_argument("--per-call", type=_positive, default=16, help="patched runs per call (exact)")
     patch.add_argument("--out", help="heatmap of the fractions, rows × tokens (.svg or .png)")
     patch.set_defaults(run=_patch)
     return parser
@@ -497,7 +497,7 @@ def _patch(args) -> int:
     _, tokenizer, cm, task = _setup(args)
     batch = data.example(*_example(task, args.example))
     effects = patch_by_position(cm, batch, task.metric, nodes=nodes, direction=args.direction, method=args.method,
-                                batch_size=args.runs, progress=not args.no_progress)
+                                masks_per_call=args.per_call, progress=not args.no_progress)
     print(f"example {args.example}: {task.examples[args.example].clean!r}")
     print(f"{metrics_.name_of(task.metric)}: {float(effects.clean[0]):+.3f} on the clean prompt, "
           f"{float(effects.corrupted[0]):+.3f} on the corrupted one; {args.direction}"

@@ -26,7 +26,7 @@ from .lens import node_names
 from .model import CircuitModel
 from .attribution import differences
 from .patching import Tap, dense_keep
-from .runs import Prepared, ends, metric_values, prepare
+from .runs import Prepared, check_finite, ends, metric_values, prepare
 
 DIRECTIONS = ("noising", "denoising")
 METHODS = ("exact", "attribution")
@@ -97,7 +97,7 @@ class PositionEffects:
 
 @torch.no_grad()
 def patch_by_position(cm: CircuitModel, batch: dict, metric, *, nodes: list[str] | Circuit | None = None,
-                      direction: str = "noising", method: str = "exact", batch_size: int = 16,
+                      direction: str = "noising", method: str = "exact", masks_per_call: int = 16,
                       progress: bool = False) -> PositionEffects:
     """Patch each unit at each position of ``batch`` (a batch dict: ``clean``, ``corrupted``, ``attention_mask`` and
     what ``metric`` reads) and measure ``metric``: see ``PositionEffects``.
@@ -105,17 +105,18 @@ def patch_by_position(cm: CircuitModel, batch: dict, metric, *, nodes: list[str]
     ``nodes``: node names (or a circuit's nodes) whose outputs to patch one at a time; None patches the residual
     stream entering each layer instead (``CircuitGraph.into_layer``).  ``direction``: ``"noising"`` (the clean run,
     the corrupted values patched in) or ``"denoising"`` (the other way round).  ``method``: ``"exact"``, one
-    patched run per unit and position, ``batch_size`` of them (units × positions) a call, each holding the whole
-    batch of prompts; or ``"attribution"``, attribution patching: each edge's first-order score at each position
-    from one forward and backward pass of the run (``patching.Tap`` by position), summed over each unit's edges —
-    every node of a large model at every position, at the cost of one gradient, as a first look to pick what to
-    patch exactly."""
+    patched run per unit and position, ``masks_per_call`` of them (units × positions) a call, each holding the
+    whole batch of prompts; or ``"attribution"``, attribution patching: each edge's first-order score at each
+    position from one forward and backward pass of the run (``patching.Tap`` by position), summed over each unit's
+    edges — every node of a large model at every position, at the cost of one gradient, as a first look to pick
+    what to patch exactly."""
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; choose one of {', '.join(DIRECTIONS)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if masks_per_call < 1:
+        raise ValueError(f"masks_per_call must be at least 1, got {masks_per_call}")
+    metric = metrics.get(metric)
     given = batch
     if direction == "denoising":
         if metrics.needs_clean_logits(metric):
@@ -126,9 +127,11 @@ def patch_by_position(cm: CircuitModel, batch: dict, metric, *, nodes: list[str]
     (prepared,) = prepare(cm, [batch], metric)
     units, masks = _units(cm, nodes)
     seq = batch["clean"].shape[1]  # the prompts as given: a capture may have padded them (``runs.served_lengths``)
-    run, other = metric_values(cm, [prepared], metric, ends(cm.graph))
+    run_and_other = metric_values(cm, [prepared], metric, ends(cm.graph))  # every edge kept, every one patched
+    check_finite(cm, [prepared], metric, run_and_other)  # a NaN of the model's own would fill every effect
+    run, other = run_and_other
     if method == "exact":
-        drops = run[:, None] - _patched(cm, prepared, metric, masks, seq, batch_size, progress)
+        drops = run[:, None] - _patched(cm, prepared, metric, masks, seq, masks_per_call, progress)
     else:
         drops = _attributed(cm, prepared, metric, masks)[..., :seq]
     effects = drops if direction == "noising" else -drops
@@ -138,15 +141,15 @@ def patch_by_position(cm: CircuitModel, batch: dict, metric, *, nodes: list[str]
     return PositionEffects(units, effects, clean, corrupted, direction, given["clean"].cpu(), mask, method)
 
 
-def _patched(cm: CircuitModel, p: Prepared, metric, masks: torch.Tensor, seq: int, batch_size: int,
+def _patched(cm: CircuitModel, p: Prepared, metric, masks: torch.Tensor, seq: int, per_call: int,
              progress: bool) -> torch.Tensor:
     """The metric with each unit patched at each position, [units, batch, seq]."""
     width = p.input_ids.shape[1]
     runs = [(u, q) for u in range(len(masks)) for q in range(seq)]  # by unit: the masks of a call share a prefix
     values = torch.empty(len(runs), p.size)
-    for start in tqdm(range(0, len(runs), batch_size), desc="patching by position", unit="call",
+    for start in tqdm(range(0, len(runs), per_call), desc="patching by position", unit="call",
                       disable=not progress):
-        chunk = runs[start:start + batch_size]
+        chunk = runs[start:start + per_call]
         keep = dense_keep(cm.graph, masks[[u for u, _ in chunk]], device=cm.device)
         where = torch.zeros(len(chunk), 1, width, device=cm.device)
         where[torch.arange(len(chunk)), 0, torch.tensor([q for _, q in chunk])] = 1.0

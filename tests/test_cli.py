@@ -265,7 +265,7 @@ def test_patch_prints_and_draws_where_each_layers_stream_carries_the_answer(fold
     """``patch`` sweeps the stream entering each layer over one example's tokens, and lists per layer the tokens of
     largest effect as fractions of the whole: those of the library run on the whole batch holding the example."""
     out = tmp_path / "patch.svg"
-    assert main(["patch", *_common(folder), "--example", "5", "--top", "2", "--runs", "3", "--out", str(out)]) == 0
+    assert main(["patch", *_common(folder), "--example", "5", "--top", "2", "--per-call", "3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     rows = [line for line in printed.splitlines() if line.lstrip().startswith("layer")]
     model, tokenizer = load_model(folder)

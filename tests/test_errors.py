@@ -635,6 +635,12 @@ def test_nan_logits_name_the_examples_and_the_run(poisoned, method):
         fxcircuits.Evaluator(poisoned, batches[:1], "logit_diff")
 
 
+@pytest.mark.parametrize("method", ["exact", "attribution"])
+def test_effects_by_position_that_nan_logits_would_fill_are_refused(poisoned, method):
+    with pytest.raises(ValueError, match=r"the run with every edge patched of 2 of 4 examples .*: 1, 3\)"):
+        fxcircuits.patch_by_position(poisoned, _nan_batch("corrupted"), "logit_diff", method=method)
+
+
 def test_scores_that_overflow_between_the_runs_are_refused(poisoned):
     """A metric finite on the clean and the fully patched run but not at the points between them (here: wherever
     a gradient is taken) leaves some scores NaN: refused, saying where else to look."""

@@ -204,7 +204,7 @@ def test_patching_the_stream_by_position_matches_hooks(traced, prompts, directio
     """Causal tracing over every layer and position against the stream swapped by a hook on the HF model."""
     model, cm = traced("llama")
     batch = _batch(prompts)
-    effects = patch_by_position(cm, batch, metrics.logit_diff, direction=direction, batch_size=5)
+    effects = patch_by_position(cm, batch, metrics.logit_diff, direction=direction, masks_per_call=5)
     assert effects.units == [f"layer {layer}" for layer in range(cm.graph.n_layers)]
     assert effects.effects.shape == (cm.graph.n_layers, 3, 7)
     run, other = (batch["clean"], batch["corrupted"]) if direction == "noising" else (batch["corrupted"],
@@ -232,7 +232,7 @@ def test_patching_nodes_by_position_matches_hooks(traced, prompts):
     model, cm = traced("gpt2")
     batch = _batch(prompts)
     nodes = ["a0.h1", "m0"]
-    effects = patch_by_position(cm, batch, metrics.logit_diff, nodes=nodes, batch_size=3)
+    effects = patch_by_position(cm, batch, metrics.logit_diff, nodes=nodes, masks_per_call=3)
     clean, corrupted, mask = batch["clean"], batch["corrupted"], batch["attention_mask"]
     with torch.no_grad():
         unpatched = metrics.logit_diff(model(input_ids=clean, attention_mask=mask).logits, batch)
@@ -242,7 +242,7 @@ def test_patching_nodes_by_position_matches_hooks(traced, prompts):
                 hooked = metrics.logit_diff(_hooked_node_patch(model, "gpt2", node, clean, corrupted, mask, at), batch)
                 torch.testing.assert_close(effects.effects[row, :, position], unpatched - hooked, atol=1e-5,
                                            rtol=1e-4)
-    one_at_a_time = patch_by_position(cm, batch, metrics.logit_diff, nodes=nodes, batch_size=1)
+    one_at_a_time = patch_by_position(cm, batch, "logit_diff", nodes=nodes, masks_per_call=1)  # a metric by name
     torch.testing.assert_close(one_at_a_time.effects, effects.effects, equal_nan=True)
 
 
@@ -274,8 +274,8 @@ def test_bad_sweeps_are_refused(traced, prompts):
         patch_by_position(cm, batch, metrics.logit_diff, direction="forwards")
     with pytest.raises(ValueError, match="denoising"):
         patch_by_position(cm, batch, metrics.kl_divergence, direction="denoising")
-    with pytest.raises(ValueError, match="batch_size"):
-        patch_by_position(cm, batch, metrics.logit_diff, batch_size=0)
+    with pytest.raises(ValueError, match="masks_per_call"):
+        patch_by_position(cm, batch, metrics.logit_diff, masks_per_call=0)
     with pytest.raises(KeyError, match="unknown node"):
         patch_by_position(cm, batch, metrics.logit_diff, nodes=["a9.h0"])
     with pytest.raises(ValueError, match="holds no node"):
