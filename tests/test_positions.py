@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from fxcircuits import metrics
+from fxcircuits import metrics, trace
 from fxcircuits.patching import position_weights
-from fxcircuits.positions import DIRECTIONS, patch_by_position
+from fxcircuits.positions import DIRECTIONS, _units, patch_by_position
 from test_patching import _close, _hooked_node_patch, _run_with
 from zoo import CONFIGS, make
 
@@ -112,7 +112,6 @@ def test_every_position_is_the_plain_mask_and_none_is_the_clean_run(traced, prom
 @pytest.mark.parametrize("name", ["llama", "gpt2", "gemma4_per_layer"])
 def test_mask_gradients_at_some_positions_match_finite_differences(name, prompts):
     model = make(name, dtype=torch.float64)
-    from fxcircuits import trace
     cm = trace(model)
     clean, corrupted, mask = prompts
     generator = torch.Generator().manual_seed(9)
@@ -302,7 +301,6 @@ def test_attribution_by_position_is_the_slope_of_patching_there(prompts, name, n
     """Attribution patching by position is the first-order effect of each unit at each position: the slope of the
     metric as the unit's mask there moves from 1, by central differences of patched runs (float64)."""
     model = make(name, dtype=torch.float64)
-    from fxcircuits import trace
     cm = trace(model)
     batch = _batch(prompts)
     estimate = patch_by_position(cm, batch, metrics.logit_diff, nodes=nodes, direction=direction,
@@ -310,7 +308,6 @@ def test_attribution_by_position_is_the_slope_of_patching_there(prompts, name, n
     assert estimate.method == "attribution"
     run, other = (batch["clean"], batch["corrupted"]) if direction == "noising" else (batch["corrupted"],
                                                                                        batch["clean"])
-    from fxcircuits.positions import _units
     _, masks = _units(cm, nodes)
     h, mask = 1e-3, batch["attention_mask"]
     scale = float(estimate.effects.nan_to_num().abs().max())  # HF rounds some steps in float32: ~1e-7 of the metric
