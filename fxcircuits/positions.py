@@ -164,7 +164,7 @@ def _attributed(cm: CircuitModel, p: Prepared, metric, masks: torch.Tensor) -> t
     tap = Tap(delta, len(cm.graph.downstream), sides, by_position=True)
     with torch.enable_grad():
         value = p.measure(cm, metric, dense_keep(cm.graph, device=cm.device), tap=tap).sum()
-        scores = torch.autograd.grad(value, tap.weight)[0]  # [upstream, downstream, batch · seq]
+        scores = tap.scores(value)  # [upstream, downstream, batch · seq]
     per_edge = scores[cm.graph.src, cm.graph.dst].float().cpu()
     return ((1 - masks) @ per_edge).view(len(masks), p.size, -1)
 
