@@ -131,7 +131,8 @@ def patch_by_position(cm: CircuitModel, batch: dict, metric, *, nodes: list[str]
     check_finite(cm, [prepared], metric, run_and_other)  # a NaN of the model's own would fill every effect
     run, other = run_and_other
     if method == "exact":
-        drops = run[:, None] - _patched(cm, prepared, metric, masks, seq, masks_per_call, progress)
+        moving = _moving(cm, prepared, masks)[:, :seq]
+        drops = run[:, None] - _patched(cm, prepared, metric, masks, moving, run, masks_per_call, progress)
     else:
         drops = _attributed(cm, prepared, metric, masks)[..., :seq]
     effects = drops if direction == "noising" else -drops
@@ -141,20 +142,34 @@ def patch_by_position(cm: CircuitModel, batch: dict, metric, *, nodes: list[str]
     return PositionEffects(units, effects, clean, corrupted, direction, given["clean"].cpu(), mask, method)
 
 
-def _patched(cm: CircuitModel, p: Prepared, metric, masks: torch.Tensor, seq: int, per_call: int,
-             progress: bool) -> torch.Tensor:
-    """The metric with each unit patched at each position, [units, batch, seq]."""
+def _patched(cm: CircuitModel, p: Prepared, metric, masks: torch.Tensor, moving: torch.Tensor, run: torch.Tensor,
+             per_call: int, progress: bool) -> torch.Tensor:
+    """The metric with each unit patched at each position, [units, batch, seq]: ``run`` (the metric unpatched)
+    where the unit moves nothing there (``moving`` [units, seq] False), a patched run elsewhere."""
     width = p.input_ids.shape[1]
-    runs = [(u, q) for u in range(len(masks)) for q in range(seq)]  # by unit: the masks of a call share a prefix
-    values = torch.empty(len(runs), p.size)
+    runs = moving.nonzero().tolist()  # by unit: the masks of a call share a prefix
+    values = run.repeat(*moving.shape, 1)  # [units, seq, batch]
     for start in tqdm(range(0, len(runs), per_call), desc="patching by position", unit="call",
                       disable=not progress):
-        chunk = runs[start:start + per_call]
-        keep = dense_keep(cm.graph, masks[[u for u, _ in chunk]], device=cm.device)
+        chunk = torch.tensor(runs[start:start + per_call])
+        keep = dense_keep(cm.graph, masks[chunk[:, 0]], device=cm.device)
         where = torch.zeros(len(chunk), 1, width, device=cm.device)
-        where[torch.arange(len(chunk)), 0, torch.tensor([q for _, q in chunk])] = 1.0
-        values[start:start + len(chunk)] = p.measure(cm, metric, keep, recorded=p.recorded, where=where).float().cpu()
-    return values.view(len(masks), seq, -1).permute(0, 2, 1)
+        where[torch.arange(len(chunk)), 0, chunk[:, 1].to(cm.device)] = 1.0
+        values[chunk[:, 0], chunk[:, 1]] = p.measure(cm, metric, keep, recorded=p.recorded, where=where).float().cpu()
+    return values.permute(0, 2, 1)
+
+
+def _moving(cm: CircuitModel, p: Prepared, masks: torch.Tensor) -> torch.Tensor:
+    """Per unit and position, whether patching the unit there moves anything, [units, width]: whether the other run
+    differs from this one there, in some prompt, at a node (or side input) whose edges the unit patches.  Where the
+    prompts share their first tokens — a corrupted prompt that changes one name — a causal model's runs agree
+    before the change in every layer, and those patched runs would each cost a forward to give the run itself."""
+    _, delta, sides = differences(cm, p)
+    differs = delta.ne(0).flatten(3).any(-1).any(1)  # [upstream, width]
+    for side in sides:  # the input node's edges carry them
+        differs[0] |= side.ne(0).flatten(2).any(-1).any(0)
+    patched = torch.zeros(len(masks), len(cm.graph.upstream)).index_add_(1, cm.graph.src, 1 - masks)
+    return (patched.ne(0).float() @ differs.float().cpu()).ne(0)
 
 
 def _attributed(cm: CircuitModel, p: Prepared, metric, masks: torch.Tensor) -> torch.Tensor:

@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from fxcircuits import metrics, trace
+from fxcircuits import metrics, positions, trace
 from fxcircuits.patching import position_weights
 from fxcircuits.positions import DIRECTIONS, _units, patch_by_position
+from fxcircuits.runs import Prepared
 from test_patching import _close, _hooked_node_patch, _run_with
 from zoo import CONFIGS, make
 
@@ -324,3 +325,25 @@ def test_attribution_by_position_is_the_slope_of_patching_there(prompts, name, n
                 torch.testing.assert_close(estimate.effects[unit, real, position], expected[real].float(),
                                            atol=1e-4 * scale, rtol=2e-3)
     assert estimate.effects[:, 1:, :3].abs().max() < 1e-6  # tokens the prompts share
+
+
+def test_runs_that_would_move_nothing_are_not_made(traced, prompts, monkeypatch):
+    """Where a unit's nodes agree in both runs (the three tokens the prompts share, in every layer of a causal
+    model) patching it changes nothing: the effect is 0 without a patched run, and the rest is as when every run is
+    made."""
+    _, cm = traced("llama")
+    batch, made = _batch(prompts), []
+    measure = Prepared.measure
+
+    def counted(self, cm, metric, keep, **kwargs):
+        if kwargs.get("where") is not None:
+            made.append(keep.shape[0])
+        return measure(self, cm, metric, keep, **kwargs)
+
+    monkeypatch.setattr(Prepared, "measure", counted)
+    skipping = patch_by_position(cm, batch, metrics.logit_diff, nodes=["a0.h1", "m1"])
+    assert sum(made) == 2 * 4 and (skipping.effects[:, 1:, :3] == 0).all()  # row 0: padding there
+    monkeypatch.setattr(positions, "_moving", lambda cm, p, masks: torch.ones(len(masks), 7, dtype=torch.bool))
+    every = patch_by_position(cm, batch, metrics.logit_diff, nodes=["a0.h1", "m1"])
+    assert sum(made) == 2 * 4 + 2 * 7
+    torch.testing.assert_close(skipping.effects, every.effects, equal_nan=True, rtol=0, atol=1e-6)
