@@ -5,9 +5,9 @@ restricted to some positions (``patch_positions``, ``CircuitModel.forward``) pat
 ``patch_by_position`` sweeps units × positions with it: for each unit — the residual stream entering a layer (causal
 tracing, Meng et al. 2022; TransformerLens's ``resid_pre``) or one node's output (a head, an MLP) — and each
 position, one patched run, many in one call, and the metric's change; or, to first order, every unit at every
-position from one backward pass (attribution patching).  On SmolLM2's IOI prompts the stream carries
-the answer at the indirect object's token through the early layers, and at the last token from the name movers'
-layers on.
+position from one backward pass (attribution patching).  On SmolLM2's first IOI prompt the stream carries the
+difference at the token the corrupted prompt changes (the subject's second mention) through layer 19, and at the
+last token from the name movers' layers on.
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from . import metrics
+from .attribution import differences
 from .circuit import Circuit
 from .draw import plot_heatmap
 from .lens import node_names
 from .model import CircuitModel
-from .attribution import differences
 from .patching import Tap, dense_keep
 from .runs import Prepared, check_finite, ends, metric_values, prepare
 
