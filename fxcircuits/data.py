@@ -9,22 +9,28 @@ A batch is a dict of tensors:
 - optionally ``"position"`` LongTensor [B], the position whose next-token prediction is scored (default: the
   last real token, see :func:`fxcircuits.metrics.answer_position`), and ``"clean_logits"`` [B, V] for metrics
   that compare with the clean run. Other keys are allowed and ignored; :func:`make_batches` adds ``"index"``
-  LongTensor [B], each row's example number in its input lists (so dropped examples can be traced).
+  LongTensor [B], each row's example number in its input lists (so dropped examples can be traced);
+- optionally ``"spans"``, a dict from a name to a LongTensor [B, 2]: each example's token range [start, stop) that
+  plays that role (IOI's ``"S2"``, the subject's second mention).  Prompts of different templates put a role at
+  different positions; spans line them up, so that effects by position can be compared and averaged across a
+  batch (``fxcircuits.patch_by_position(..., spans=True)``).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from .caller import warn_at_caller
 
 Answers = Sequence[Sequence[str]] | Sequence[str]
+Spans = Mapping[str, tuple[int, int]]  # a name → the character range [start, stop) of a prompt it covers
 
 
 def make_batches(tokenizer, clean: Sequence[str], corrupted: Sequence[str], correct: Answers,
                  incorrect: Answers, *, batch_size: int = 8, padding_side: str = "right",
-                 drop_mismatched: bool = False, labels: Sequence[str] | None = None) -> list[dict]:
+                 drop_mismatched: bool = False, labels: Sequence[str] | None = None,
+                 spans: Sequence[Spans] | None = None) -> list[dict]:
     """Tokenize prompt pairs and their answers into batch dicts of at most ``batch_size`` examples.
 
     ``correct[i]`` / ``incorrect[i]`` are the answers of example ``i``: one string or a list of strings.
@@ -44,15 +50,20 @@ def make_batches(tokenizer, clean: Sequence[str], corrupted: Sequence[str], corr
     A pair whose clean and corrupted prompts tokenize to different lengths raises ``ValueError`` naming the
     example, both token counts and tokens; with ``drop_mismatched=True`` such pairs are dropped and reported
     in a warning instead. ``labels[i]`` names example ``i`` in messages (default ``"example i"``).
+
+    ``spans[i]``, if given, names parts of example ``i``'s clean prompt by their character ranges, ``{"S2": (37,
+    41)}``; every example names the same parts.  Each becomes the tokens it overlaps, ``batch["spans"]`` (see the
+    module's docstring).  It needs a tokenizer that reports offsets (a fast one).
     """
     n = len(clean)
     if n == 0:
         raise ValueError("no prompt pairs given: a task needs at least one example")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if not (len(corrupted) == len(correct) == len(incorrect) == n):
-        raise ValueError(f"clean, corrupted, correct and incorrect must have one entry per example; got lengths "
-                         f"{n}, {len(corrupted)}, {len(correct)}, {len(incorrect)}")
+    if not (len(corrupted) == len(correct) == len(incorrect) == n) or (spans is not None and len(spans) != n):
+        raise ValueError(f"clean, corrupted, correct, incorrect (and spans, if given) must have one entry per "
+                         f"example; got lengths {n}, {len(corrupted)}, {len(correct)}, {len(incorrect)}"
+                         + (f", {len(spans)}" if spans is not None else ""))
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     labels = list(labels) if labels is not None else [f"example {i}" for i in range(n)]
@@ -66,6 +77,7 @@ def make_batches(tokenizer, clean: Sequence[str], corrupted: Sequence[str], corr
         _answer_ids(tokenizer, prompts, [_as_list(answers[i]) for i in keep], labels, kind)
         for answers, kind in ((correct, "correct"), (incorrect, "incorrect")))
     _check_disjoint(tokenizer, labels, correct_ids, incorrect_ids)
+    token_spans = _token_spans(tokenizer, prompts, [spans[i] for i in keep], labels) if spans is not None else None
     pad = _pad_id(tokenizer)
     batches = []
     for start in range(0, len(prompts), batch_size):
@@ -78,6 +90,8 @@ def make_batches(tokenizer, clean: Sequence[str], corrupted: Sequence[str], corr
             "incorrect": _pad(incorrect_ids[rows], -1, "right"),
             "index": torch.tensor(keep[rows], dtype=torch.long),
         }
+        if token_spans is not None:
+            batch["spans"] = _padded_spans(token_spans[rows], clean_ids[rows], padding_side)
         check_batch(batch, vocab_size=len(tokenizer))
         batches.append(batch)
     return batches
@@ -113,6 +127,47 @@ def _aligned(tokenizer, clean_ids, corrupted_ids, labels, drop_mismatched: bool)
                        f"prompts tokenize to different lengths: {', '.join(labels[i] for i in mismatched)}")
     dropped = set(mismatched)
     return [i for i in range(len(clean_ids)) if i not in dropped]
+
+
+def _token_spans(tokenizer, prompts: Sequence[str], spans: Sequence[Spans], labels) -> list[dict]:
+    """Each example's spans as the token ranges [start, stop) their characters overlap, in its unpadded tokens."""
+    names = list(spans[0])
+    for named, label in zip(spans, labels):
+        if list(named) != names:
+            raise ValueError(f"{label} names the spans {list(named)} but {labels[0]} names {names}: spans line "
+                             "examples up by role, so every example must name the same ones, in the same order")
+    if not names:
+        raise ValueError("spans were given but name no part of any prompt; give spans=None for none")
+    result = []
+    for prompt, named, label in zip(prompts, spans, labels):
+        try:
+            offsets = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)["offset_mapping"]
+        except (NotImplementedError, KeyError, TypeError) as error:
+            raise ValueError(f"spans need a tokenizer that reports character offsets (a fast tokenizer); "
+                             f"{type(tokenizer).__name__} does not ({error})") from None
+        result.append({name: _overlapped(offsets, named[name], prompt, f"{label}: span {name!r}") for name in names})
+    return result
+
+
+def _overlapped(offsets, span, prompt: str, what: str) -> tuple[int, int]:
+    """The range [first, last + 1) of the tokens whose characters overlap ``span``, [start, stop) of ``prompt``."""
+    if not (isinstance(span, (tuple, list)) and len(span) == 2 and all(isinstance(c, int) for c in span)
+            and 0 <= span[0] < span[1] <= len(prompt)):
+        raise ValueError(f"{what} is {span!r}; a span is a character range (start, stop) with 0 <= start < stop "
+                         f"<= {len(prompt)}, the prompt's length")
+    start, stop = span
+    tokens = [i for i, (a, b) in enumerate(offsets) if a < stop and b > start]
+    if not tokens:
+        raise ValueError(f"{what} covers the characters {prompt[start:stop]!r}, which no token holds")
+    return tokens[0], tokens[-1] + 1
+
+
+def _padded_spans(spans: list[dict], ids: list[list[int]], side: str) -> dict[str, torch.Tensor]:
+    """Token ranges moved to where padding puts their tokens: a left-padded row's tokens start later."""
+    width = max(len(row) for row in ids)
+    shifts = [width - len(row) if side == "left" else 0 for row in ids]
+    return {name: torch.tensor([[a + shift, b + shift] for (a, b), shift in zip((s[name] for s in spans), shifts)],
+                               dtype=torch.long) for name in spans[0]}
 
 
 def continuations(tokenizer, prompts: Sequence[str], texts: Sequence[str]) -> list[list[int] | None]:
@@ -214,6 +269,8 @@ def check_batch(batch: dict, vocab_size: int | None = None) -> None:
         _check_position(batch)
     if "clean_logits" in batch:
         _check_clean_logits(batch)
+    if "spans" in batch:
+        _check_spans(batch)
 
 
 def _expect(batch: dict, key: str, *, what: str, dim: int | None = None, shape=None, dtype=None) -> None:
@@ -254,23 +311,53 @@ def _check_clean_logits(batch: dict) -> None:
         raise ValueError("batch['clean_logits'] holds NaN or infinite values")
 
 
+def _check_spans(batch: dict) -> None:
+    spans, (size, seq) = batch["spans"], batch["clean"].shape
+    if not isinstance(spans, dict) or not spans:
+        raise ValueError("batch['spans'] must be a dict from a name to token ranges [B, 2] (see make_batches)")
+    mask = batch.get("attention_mask", torch.ones_like(batch["clean"]))
+    for name, ranges in spans.items():
+        if not isinstance(ranges, torch.Tensor) or ranges.shape != (size, 2) or ranges.dtype != torch.long:
+            raise ValueError(f"batch['spans'][{name!r}] must be a LongTensor [B={size}, 2] of token ranges [start, "
+                             f"stop), got {getattr(ranges, 'dtype', type(ranges).__name__)} "
+                             f"{tuple(getattr(ranges, 'shape', ()))}")
+        start, stop = ranges.unbind(-1)
+        if ((start < 0) | (stop <= start) | (stop > seq)).any():
+            raise ValueError(f"batch['spans'][{name!r}] must hold ranges 0 <= start < stop <= {seq}, got "
+                             f"{ranges.tolist()}")
+        if (span_weights(ranges, seq).bool() & ~mask.bool()).any():
+            raise ValueError(f"batch['spans'][{name!r}] covers padded tokens (attention_mask 0) in some row")
+
+
+def span_weights(ranges: torch.Tensor, seq: int) -> torch.Tensor:
+    """Token ranges [B, 2] as 0/1 weights over the ``seq`` positions, [B, seq]: 1 on each row's span."""
+    positions = torch.arange(seq, device=ranges.device)
+    return ((positions >= ranges[:, :1]) & (positions < ranges[:, 1:])).float()
+
+
 def example(batch: dict, row: int) -> dict:
     """Example ``row`` of ``batch`` as a batch of its own, its padding cut away: a sweep over its positions
     (``fxcircuits.patch_by_position``) then runs on its tokens alone.  A given answer ``position`` moves with them."""
     if not -len(batch["clean"]) <= row < len(batch["clean"]):
         raise IndexError(f"row {row}: the batch holds {len(batch['clean'])} examples")
+    row %= len(batch["clean"])  # a slice from -1 to 0 would be empty
     mask = batch.get("attention_mask")
     real = (torch.ones_like(batch["clean"][row]) if mask is None else mask[row]).bool().nonzero().flatten()
     start, stop = int(real[0]), int(real[-1]) + 1
-    one = {key: value[row:row + 1] for key, value in batch.items()}
+    one = {key: value[row:row + 1] for key, value in batch.items() if key != "spans"}
     for key in ("clean", "corrupted", "attention_mask"):
         if key in one:
             one[key] = one[key][:, start:stop]
     if "position" in one:
         one["position"] = one["position"] - start
+    if "spans" in batch:
+        one["spans"] = {name: ranges[row:row + 1] - start for name, ranges in batch["spans"].items()}
     return one
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:
-    """A copy of ``batch`` with every tensor on ``device``."""
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    """A copy of ``batch`` with every tensor on ``device`` (``spans``' too)."""
+    moved = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    if "spans" in batch:
+        moved["spans"] = {name: ranges.to(device) for name, ranges in batch["spans"].items()}
+    return moved

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Sequence
 
 import torch
 from matplotlib.axes import Axes
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from .attribution import differences
 from .circuit import Circuit
+from .data import span_weights
 from .draw import plot_heatmap
 from .lens import node_names
 from .model import CircuitModel
@@ -34,15 +36,19 @@ METHODS = ("exact", "attribution")
 
 @dataclass
 class PositionEffects:
-    """What patching each unit at each position does to the metric, per prompt: ``effects`` [units, batch, seq],
-    NaN at padding.  ``units``: node names, or ``"layer {l}"`` for the stream entering layer l.
+    """What patching each unit at each position does to the metric, per prompt: ``effects`` [units, batch, positions],
+    NaN at padding.  ``units``: node names, or ``"layer {l}"`` for the stream entering layer l.  A position is a
+    token, or with ``spans`` (their names) a named part of each prompt — IOI's ``S2``, wherever each prompt has it.
 
     Noising runs the clean prompts and patches in the corrupted prompts' values: the effect is metric(clean) −
     metric(patched), how much the behaviour needs that unit there.  Denoising runs the corrupted prompts and patches
     in the clean values: metric(patched) − metric(corrupted), how much of the behaviour that unit there restores.
     Either way larger means the unit carries more of it there; ``normalized`` divides by metric(clean) −
     metric(corrupted), the whole of it (``clean`` and ``corrupted`` [batch]: the metric on either prompt).
-    ``method``: ``"exact"`` (patched runs) or ``"attribution"`` (their first-order estimate)."""
+    ``method``: ``"exact"`` (patched runs) or ``"attribution"`` (their first-order estimate).
+
+    ``example=`` of ``top``, ``table`` and ``plot`` picks one prompt, or None the mean over the prompts: by span,
+    the mean over prompts of every template; by token, over the prompts that hold each position."""
     units: list[str]
     effects: torch.Tensor
     clean: torch.Tensor
@@ -51,6 +57,7 @@ class PositionEffects:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     method: str = "exact"
+    spans: list[str] | None = None
 
     @property
     def normalized(self) -> torch.Tensor:
@@ -58,58 +65,79 @@ class PositionEffects:
         return self.effects / (self.clean - self.corrupted)[None, :, None]
 
     def mean(self, normalized: bool = False) -> torch.Tensor:
-        """[units, seq]: the mean over the prompts that hold each position.  It means something where the prompts
-        share a template, so that a position plays one role in all of them."""
+        """[units, positions]: the mean over the prompts that hold each position.  By token it means something
+        where the prompts share a template, so that a position plays one role in all of them; by span it does."""
         return (self.normalized if normalized else self.effects).nanmean(1)
 
     def example(self, index: int = 0, normalized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """One prompt's effects over its real tokens, [units, tokens], and those tokens' positions."""
+        """One prompt's effects over its real tokens (or every span), [units, positions], and their indices."""
         if not -len(self.input_ids) <= index < len(self.input_ids):
             raise IndexError(f"example {index}: the effects hold {len(self.input_ids)} prompts")
-        positions = self.attention_mask[index].bool().nonzero().flatten()
         values = self.normalized if normalized else self.effects
+        if self.spans is not None:
+            return values[:, index], torch.arange(len(self.spans))
+        positions = self.attention_mask[index].bool().nonzero().flatten()
         return values[:, index, positions], positions
 
-    def top(self, tokenizer, k: int = 3, example: int = 0,
+    def top(self, tokenizer=None, k: int = 3, example: int | None = 0,
             normalized: bool = False) -> list[tuple[str, list[tuple[str, int, float]]]]:
-        """For each unit, the ``k`` positions of one prompt where patching it moves the metric most (either sign):
-        ``[(unit, [(token, position, effect), …]), …]``, as fractions of the whole where ``normalized``."""
-        values, positions = self.example(example, normalized)
-        order = values.abs().topk(min(k, len(positions)), dim=-1).indices
-        ids = self.input_ids[example, positions]
-        return [(unit, [(tokenizer.decode([int(ids[i])]), int(positions[i]), float(row[i])) for i in picks])
+        """For each unit, the ``k`` positions where patching it moves the metric most (either sign), in one prompt
+        or (``example=None``) on average: ``[(unit, [(token or span, position, effect), …]), …]``, as fractions of
+        the whole where ``normalized``.  ``tokenizer`` names the tokens (by span it is not needed)."""
+        values, positions, labels = self._view(tokenizer, example, normalized)
+        order = values.abs().nan_to_num(-1.0).topk(min(k, len(positions)), dim=-1).indices
+        return [(unit, [(labels[i], int(positions[i]), float(row[i])) for i in picks])
                 for unit, row, picks in zip(self.units, values, order.tolist())]
 
-    def table(self, tokenizer, k: int = 3, example: int = 0, normalized: bool = False) -> str:
-        """``top`` as aligned text, one row per unit, each token with its position."""
+    def table(self, tokenizer=None, k: int = 3, example: int | None = 0, normalized: bool = False) -> str:
+        """``top`` as aligned text, one row per unit, each token with its position (each span by its name)."""
         width = max(len(unit) for unit in self.units)
-        return "\n".join(f"{unit:>{width}}  " + "  ".join(f"{token!r}@{p} {v:+.2f}" for token, p, v in tops)
+        cell = ("{0} {2:+.2f}" if self.spans is not None else "{0!r}@{1} {2:+.2f}").format
+        return "\n".join(f"{unit:>{width}}  " + "  ".join(cell(*top) for top in tops)
                          for unit, tops in self.top(tokenizer, k, example, normalized))
 
-    def plot(self, tokenizer, path: str | Path | None = None, *, example: int = 0, normalized: bool = True,
-             ax: Axes | None = None, title: str | None = None) -> Figure:
-        """A heatmap of units × one prompt's tokens, each cell the effect of patching that unit at that token (by
-        default as a fraction of the whole effect; 0 white, the signs apart)."""
-        values, positions = self.example(example, normalized)
-        tokens = [tokenizer.decode([int(i)]) for i in self.input_ids[example, positions]]
-        return plot_heatmap(values, self.units, tokens, path, ax=ax, title=title, fmt="{:+.2f}")
+    def plot(self, tokenizer=None, path: str | Path | None = None, *, example: int | None = 0,
+             normalized: bool = True, ax: Axes | None = None, title: str | None = None) -> Figure:
+        """A heatmap of units × positions — one prompt's tokens, its spans, or (``example=None``) their mean — each
+        cell the effect of patching that unit there (by default as a fraction of the whole; 0 white, signs apart)."""
+        values, _, labels = self._view(tokenizer, example, normalized)
+        return plot_heatmap(values, self.units, labels, path, ax=ax, title=title, fmt="{:+.2f}")
+
+    def _view(self, tokenizer, example: int | None, normalized: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """The effects ``top`` and ``plot`` show, [units, positions], the positions' indices, and their labels."""
+        if example is None:
+            values = self.mean(normalized)
+            positions = values.isfinite().any(0).nonzero().flatten()  # by token: those some prompt holds
+            values = values[:, positions]
+        else:
+            values, positions = self.example(example, normalized)
+        if self.spans is not None:
+            return values, positions, [self.spans[int(i)] for i in positions]
+        if example is None:
+            return values, positions, [f"@{int(i)}" for i in positions]
+        if tokenizer is None:
+            raise ValueError("effects by token name their tokens with a tokenizer: pass the model's tokenizer")
+        return values, positions, [tokenizer.decode([int(i)]) for i in self.input_ids[example, positions]]
 
 
 @torch.no_grad()
-def patch_by_position(cm: CircuitModel, batch: dict, metric, *, nodes: list[str] | Circuit | None = None,
+def patch_by_position(cm: CircuitModel, batches: dict | Iterable[dict], metric, *,
+                      nodes: list[str] | Circuit | None = None, spans: bool | Sequence[str] = False,
                       direction: str = "noising", method: str = "exact", masks_per_call: int = 16,
                       progress: bool = False) -> PositionEffects:
-    """Patch each unit at each position of ``batch`` (a batch dict: ``clean``, ``corrupted``, ``attention_mask`` and
-    what ``metric`` reads) and measure ``metric``: see ``PositionEffects``.
+    """Patch each unit at each position of ``batches`` (a batch dict, or several: ``clean``, ``corrupted``,
+    ``attention_mask`` and what ``metric`` reads) and measure ``metric``: see ``PositionEffects``.
 
     ``nodes``: node names (or a circuit's nodes) whose outputs to patch one at a time; None patches the residual
-    stream entering each layer instead (``CircuitGraph.into_layer``).  ``direction``: ``"noising"`` (the clean run,
-    the corrupted values patched in) or ``"denoising"`` (the other way round).  ``method``: ``"exact"``, one
-    patched run per unit and position, ``masks_per_call`` of them (units × positions) a call, each holding the
-    whole batch of prompts; or ``"attribution"``, attribution patching: each edge's first-order score at each
-    position from one forward and backward pass of the run (``patching.Tap`` by position), summed over each unit's
-    edges — every node of a large model at every position, at the cost of one gradient, as a first look to pick
-    what to patch exactly."""
+    stream entering each layer instead (``CircuitGraph.into_layer``).  ``spans``: False patches at each token; True
+    at each span the batches name (``batch["spans"]``, ``data.make_batches``; the built-in tasks name theirs), all
+    of its tokens at once, or a list of those names — positions that line up across prompts of different templates.
+    ``direction``: ``"noising"`` (the clean run, the corrupted values patched in) or ``"denoising"`` (the other way
+    round).  ``method``: ``"exact"``, one patched run per unit and position, ``masks_per_call`` of them (units ×
+    positions) a call, each holding a whole batch of prompts; or ``"attribution"``, attribution patching: each
+    edge's first-order score at each position from one forward and backward pass of the run (``patching.Tap`` by
+    position), summed over each unit's edges — every node of a large model at every position, at the cost of one
+    gradient, as a first look to pick what to patch exactly."""
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; choose one of {', '.join(DIRECTIONS)}")
     if method not in METHODS:
@@ -117,46 +145,96 @@ def patch_by_position(cm: CircuitModel, batch: dict, metric, *, nodes: list[str]
     if masks_per_call < 1:
         raise ValueError(f"masks_per_call must be at least 1, got {masks_per_call}")
     metric = metrics.get(metric)
-    given = batch
-    if direction == "denoising":
-        if metrics.needs_clean_logits(metric):
-            raise ValueError(f"{metrics.name_of(metric)} compares with the run being patched, which denoising "
-                             "runs on the corrupted prompts: use a metric of the answers (logit_diff, prob_diff, "
-                             "logprob), or noising")
-        batch = {**batch, "clean": batch["corrupted"], "corrupted": batch["clean"]}
-    (prepared,) = prepare(cm, [batch], metric)
+    given = [batches] if isinstance(batches, dict) else list(batches)
+    if not given:
+        raise ValueError("no batches given: pass at least one batch (see fxcircuits.data.make_batches)")
+    names = _span_names(given, spans)
+    if direction == "denoising" and metrics.needs_clean_logits(metric):
+        raise ValueError(f"{metrics.name_of(metric)} compares with the run being patched, which denoising runs on "
+                         "the corrupted prompts: use a metric of the answers (logit_diff, prob_diff, logprob), or "
+                         "noising")
+    runs = [{**b, "clean": b["corrupted"], "corrupted": b["clean"]} if direction == "denoising" else b for b in given]
+    prepared = prepare(cm, runs, metric)
     units, masks = _units(cm, nodes)
-    seq = batch["clean"].shape[1]  # the prompts as given: a capture may have padded them (``runs.served_lengths``)
-    run_and_other = metric_values(cm, [prepared], metric, ends(cm.graph))  # every edge kept, every one patched
-    check_finite(cm, [prepared], metric, run_and_other)  # a NaN of the model's own would fill every effect
+    run_and_other = metric_values(cm, prepared, metric, ends(cm.graph))  # every edge kept, every one patched
+    check_finite(cm, prepared, metric, run_and_other)  # a NaN of the model's own would fill every effect
     run, other = run_and_other
+    columns = [_columns(batch, names, p.input_ids.shape[1]) for batch, p in zip(given, prepared)]
     if method == "exact":
-        moving = _moving(cm, prepared, masks)[:, :seq]
-        drops = run[:, None] - _patched(cm, prepared, metric, masks, moving, run, masks_per_call, progress)
+        drops = _patched(cm, prepared, metric, masks, columns, run, masks_per_call, progress)
     else:
-        drops = _attributed(cm, prepared, metric, masks)[..., :seq]
-    effects = drops if direction == "noising" else -drops
-    mask = given.get("attention_mask", torch.ones_like(given["clean"])).cpu()
-    effects = effects.masked_fill(~mask.bool(), float("nan"))
+        drops = [_attributed(cm, p, metric, masks, c) for p, c in zip(prepared, columns)]
+    drops = [d if names is not None else d.masked_fill(~_mask(b).bool(), float("nan")) for d, b in zip(drops, given)]
+    effects = _joined(drops, fill=float("nan"))
     clean, corrupted = (run, other) if direction == "noising" else (other, run)
-    return PositionEffects(units, effects, clean, corrupted, direction, given["clean"].cpu(), mask, method)
+    return PositionEffects(units, effects if direction == "noising" else -effects, clean, corrupted, direction,
+                           _joined([b["clean"].cpu() for b in given], fill=0),
+                           _joined([_mask(b) for b in given], fill=0), method, names)
 
 
-def _patched(cm: CircuitModel, p: Prepared, metric, masks: torch.Tensor, moving: torch.Tensor, run: torch.Tensor,
-             per_call: int, progress: bool) -> torch.Tensor:
-    """The metric with each unit patched at each position, [units, batch, seq]: ``run`` (the metric unpatched)
-    where the unit moves nothing there (``moving`` [units, seq] False), a patched run elsewhere."""
-    width = p.input_ids.shape[1]
-    runs = moving.nonzero().tolist()  # by unit: the masks of a call share a prefix
-    values = run.repeat(*moving.shape, 1)  # [units, seq, batch]
-    for start in tqdm(range(0, len(runs), per_call), desc="patching by position", unit="call",
-                      disable=not progress):
-        chunk = torch.tensor(runs[start:start + per_call])
-        keep = dense_keep(cm.graph, masks[chunk[:, 0]], device=cm.device)
-        where = torch.zeros(len(chunk), 1, width, device=cm.device)
-        where[torch.arange(len(chunk)), 0, chunk[:, 1].to(cm.device)] = 1.0
-        values[chunk[:, 0], chunk[:, 1]] = p.measure(cm, metric, keep, recorded=p.recorded, where=where).float().cpu()
-    return values.permute(0, 2, 1)
+def _span_names(batches: list[dict], spans: bool | Sequence[str]) -> list[str] | None:
+    """The spans to patch at (None: each token), each named by every batch."""
+    if spans is False:
+        return None
+    if not all("spans" in batch for batch in batches):
+        raise ValueError("patching by span needs batches that name their spans (batch['spans']): build them with "
+                         "fxcircuits.data.make_batches(..., spans=...), or use a built-in task, which names its own")
+    names = list(batches[0]["spans"]) if spans is True else list(spans)
+    for batch in batches:
+        missing = [name for name in names if name not in batch["spans"]]
+        if missing:
+            raise ValueError(f"no span named {', '.join(map(repr, missing))} in a batch; the batches name "
+                             f"{', '.join(map(repr, batch['spans']))}")
+    if not names:
+        raise ValueError("spans=[] names no span to patch at")
+    return names
+
+
+def _columns(batch: dict, names: list[str] | None, width: int) -> torch.Tensor:
+    """Where each position of the effects patches, as weights [positions, batch, width]: each token, or each span's
+    tokens in each prompt (``width``: the prepared prompts', which a capture may have padded)."""
+    if names is None:
+        size, seq = batch["clean"].shape
+        return torch.eye(seq, width)[:, None].expand(seq, size, width)
+    return torch.stack([span_weights(batch["spans"][name].cpu(), width) for name in names])
+
+
+def _mask(batch: dict) -> torch.Tensor:
+    return batch.get("attention_mask", torch.ones_like(batch["clean"])).cpu()
+
+
+def _joined(parts: list[torch.Tensor], fill: float) -> torch.Tensor:
+    """Per-batch ``parts`` [..., batch, positions] concatenated along the batch, each padded with ``fill`` at its end
+    to the most positions."""
+    longest = max(part.shape[-1] for part in parts)
+    return torch.cat([torch.nn.functional.pad(part, (0, longest - part.shape[-1]), value=fill) for part in parts], -2)
+
+
+def _patched(cm: CircuitModel, prepared: list[Prepared], metric, masks: torch.Tensor, columns: list[torch.Tensor],
+             run: torch.Tensor, per_call: int, progress: bool) -> list[torch.Tensor]:
+    """metric(run) − the metric with each unit patched at each position, [units, batch, positions] per batch: 0
+    where the unit moves nothing there (``_moving``), a patched run's difference elsewhere."""
+    runs = []  # per batch, the (unit, position) pairs that move something: by unit, so a call's masks share a prefix
+    for p, weights in zip(prepared, columns):
+        moving = (_moving(cm, p, masks).float() @ weights.ne(0).any(1).float().T).ne(0)
+        runs.append(moving.nonzero().tolist())
+    bar = tqdm(total=sum(-(-len(r) // per_call) for r in runs), desc="patching by position", unit="call",
+               disable=not progress)
+    drops, offset = [], 0
+    for p, weights, pairs in zip(prepared, columns, runs):
+        baseline = run[offset:offset + p.size]
+        offset += p.size
+        values = baseline.repeat(len(masks), len(weights), 1)  # [units, positions, batch]
+        for start in range(0, len(pairs), per_call):
+            chunk = torch.tensor(pairs[start:start + per_call])
+            keep = dense_keep(cm.graph, masks[chunk[:, 0]], device=cm.device)
+            where = weights[chunk[:, 1]].to(cm.device)
+            values[chunk[:, 0], chunk[:, 1]] = p.measure(cm, metric, keep, recorded=p.recorded,
+                                                         where=where).float().cpu()
+            bar.update()
+        drops.append(baseline[None, :, None] - values.permute(0, 2, 1))
+    bar.close()
+    return drops
 
 
 def _moving(cm: CircuitModel, p: Prepared, masks: torch.Tensor) -> torch.Tensor:
@@ -172,16 +250,17 @@ def _moving(cm: CircuitModel, p: Prepared, masks: torch.Tensor) -> torch.Tensor:
     return (patched.ne(0).float() @ differs.float().cpu()).ne(0)
 
 
-def _attributed(cm: CircuitModel, p: Prepared, metric, masks: torch.Tensor) -> torch.Tensor:
-    """metric(run) − ``_patched`` to first order, [units, batch, seq]: each edge's score at each position, summed
-    over each unit's edges (those its mask patches)."""
+def _attributed(cm: CircuitModel, p: Prepared, metric, masks: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``_patched`` to first order, [units, batch, positions]: each edge's score at each token, summed over each
+    unit's edges (those its mask patches) and weighted by each position's ``columns``."""
     _, delta, sides = differences(cm, p)
     tap = Tap(delta, len(cm.graph.downstream), sides, by_position=True)
     with torch.enable_grad():
         value = p.measure(cm, metric, dense_keep(cm.graph, device=cm.device), tap=tap).sum()
         scores = tap.scores(value)  # [upstream, downstream, batch · seq]
     per_edge = scores[cm.graph.src, cm.graph.dst].float().cpu()
-    return ((1 - masks) @ per_edge).view(len(masks), p.size, -1)
+    by_token = ((1 - masks) @ per_edge).view(len(masks), p.size, -1)
+    return torch.einsum("ubw,cbw->ubc", by_token, columns)
 
 
 def _units(cm: CircuitModel, nodes: list[str] | Circuit | None) -> tuple[list[str], torch.Tensor]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,11 +32,13 @@ from .metrics import Metric
 
 @dataclass(frozen=True)
 class Example:
-    """One prompt pair and its answers, as text (answers are continuations, leading space included)."""
+    """One prompt pair and its answers, as text (answers are continuations, leading space included), and the
+    parts of the clean prompt named by their role: ``spans`` maps a name to a character range [start, stop)."""
     clean: str
     corrupted: str
     correct: tuple[str, ...]
     incorrect: tuple[str, ...]
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict, compare=False)
 
 
 @dataclass
@@ -145,11 +148,25 @@ def _sample(tokenizer, draw: Callable[[random.Random], Example], size: int, seed
 
 def _task(name: str, tokenizer, examples: list[Example], metric: str, batch_size: int, notes: list[str],
           labels: Sequence[str] | None = None, drop_mismatched: bool = False) -> Task:
+    spans = [e.spans for e in examples] if any(e.spans for e in examples) else None
     batches = make_batches(tokenizer, [e.clean for e in examples], [e.corrupted for e in examples],
                            [e.correct for e in examples], [e.incorrect for e in examples],
-                           batch_size=batch_size, labels=labels, drop_mismatched=drop_mismatched)
+                           batch_size=batch_size, labels=labels, drop_mismatched=drop_mismatched, spans=spans)
     kept = [examples[i] for batch in batches for i in batch["index"].tolist()]
     return Task(name, kept, batches, _metrics.get(metric), notes)
+
+
+def _fill(template: str, values: dict[str, str], roles: dict[str, str]) -> tuple[str, dict[str, tuple[int, int]]]:
+    """``template.format(**values)``, and the character range of each field named in ``roles`` (field → span
+    name), with ``"END"``, the prompt's last character (the token whose next-token prediction is scored)."""
+    text, spans = "", {}
+    for literal, name, _, _ in string.Formatter().parse(template):
+        text += literal
+        if name is not None:
+            if name in roles:
+                spans[roles[name]] = (len(text), len(text) + len(values[name]))
+            text += values[name]
+    return text, {**{role: spans[role] for role in roles.values()}, "END": (len(text) - 1, len(text))}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -159,6 +176,9 @@ _EVENTS = ("war", "expedition", "reign", "siege", "journey", "voyage", "dynasty"
            "occupation", "rebellion", "crisis", "treaty", "alliance", "marriage", "famine", "plague", "project",
            "pilgrimage", "quest", "rivalry", "friendship", "empire", "tradition", "construction", "investigation",
            "negotiation", "insurgency", "epidemic")
+
+
+_YEARS_TEMPLATE = "The {event} lasted from {century}{start} to {century}"
 
 
 def greater_than(tokenizer, size: int = 64, seed: int = 0, batch_size: int = 8) -> Task:
@@ -175,6 +195,7 @@ def greater_than(tokenizer, size: int = 64, seed: int = 0, batch_size: int = 8) 
       second digit marginalised out, not an approximation of it.
 
     The case is found by tokenizing years, not from the model's name; other year splits raise ``ValueError``.
+    Spans: ``YY`` (the start year's last two digits, which the corruption changes) and ``END`` (the last token).
     """
     notes: list[str] = []
     digits = _year_token_digits(tokenizer)
@@ -186,9 +207,11 @@ def greater_than(tokenizer, size: int = 64, seed: int = 0, batch_size: int = 8) 
     def draw(rng: random.Random) -> Example:
         event, century = rng.choice(_EVENTS), rng.randint(11, 17)
         yy = rng.randint(2, 98) if digits == 2 else 10 * rng.randint(1, 8) + 9
-        prompt = lambda start: f"The {event} lasted from {century}{start:02d} to {century}"  # noqa: E731
-        return Example(prompt(yy), prompt(1), tuple(a for a in answers if int(a) * scale > yy),
-                       tuple(a for a in answers if int(a) * scale <= yy))
+        values = dict(event=event, century=str(century))
+        clean, spans = _fill(_YEARS_TEMPLATE, {**values, "start": f"{yy:02d}"}, {"start": "YY"})
+        corrupted, _ = _fill(_YEARS_TEMPLATE, {**values, "start": "01"}, {})
+        return Example(clean, corrupted, tuple(a for a in answers if int(a) * scale > yy),
+                       tuple(a for a in answers if int(a) * scale <= yy), spans)
 
     return _task("greater-than", tokenizer, _sample(tokenizer, draw, size, seed, notes), "prob_diff",
                  batch_size, notes)
@@ -227,6 +250,9 @@ _SVA_FRAMES = ("We know that the", "You can see that the", "Everyone knows that 
                "It is clear that the", "It is true that the")
 
 
+_SVA_TEMPLATE = "{frame} {subject} {preposition} the {attractor}"
+
+
 def sva(tokenizer, size: int = 64, seed: int = 0, batch_size: int = 8) -> Task:
     """"We know that the keys on the cabinet" → a verb agreeing with "keys"; corrupted "… the key on the …".
 
@@ -234,6 +260,7 @@ def sva(tokenizer, size: int = 64, seed: int = 0, batch_size: int = 8) -> Task:
     case where agreement is not just copying the nearest noun. Metric ``prob_diff``: Σ p(verbs agreeing with
     the clean subject) − Σ p(the others), over the pairs is/are, was/were, has/have that are single tokens.
     Only nouns whose singular and plural are as many tokens as each other are used (so the prompts align).
+    Spans: ``subject``, ``attractor`` and ``END`` (the last token).
     """
     notes: list[str] = []
     nouns = _keep(_NOUNS, [a is not None and a == b for a, b in _pair_counts(tokenizer, _NOUNS)],
@@ -245,9 +272,12 @@ def sva(tokenizer, size: int = 64, seed: int = 0, batch_size: int = 8) -> Task:
         subject, attractor = rng.sample(nouns, 2)
         number = rng.randrange(2)  # the clean subject's: 0 singular, 1 plural (the index into each pair)
         frame, preposition = rng.choice(_SVA_FRAMES), rng.choice(_PREPOSITIONS)
-        prompt = lambda noun: f"{frame} {noun} {preposition} the {attractor[1 - number]}"  # noqa: E731
-        return Example(prompt(subject[number]), prompt(subject[1 - number]),
-                       tuple(" " + pair[number] for pair in verbs), tuple(" " + pair[1 - number] for pair in verbs))
+        values = dict(frame=frame, preposition=preposition, attractor=attractor[1 - number])
+        roles = {"subject": "subject", "attractor": "attractor"}
+        clean, spans = _fill(_SVA_TEMPLATE, {**values, "subject": subject[number]}, roles)
+        corrupted, _ = _fill(_SVA_TEMPLATE, {**values, "subject": subject[1 - number]}, {})
+        return Example(clean, corrupted, tuple(" " + pair[number] for pair in verbs),
+                       tuple(" " + pair[1 - number] for pair in verbs), spans)
 
     return _task("sva", tokenizer, _sample(tokenizer, draw, size, seed, notes), "prob_diff", batch_size, notes)
 
@@ -277,6 +307,9 @@ _IOI_TEMPLATES = (
 )
 
 
+_IOI_SPANS = ("IO", "S1", "S2", "END")  # the indirect object, the subject's two mentions, the last token
+
+
 def ioi(tokenizer, size: int = 64, seed: int = 0, batch_size: int = 8) -> Task:
     """"When Mary and John went to the store, John gave a drink to" → " Mary" (Wang et al. 2023).
 
@@ -285,7 +318,8 @@ def ioi(tokenizer, size: int = 64, seed: int = 0, batch_size: int = 8) -> Task:
     in context; this is the corruption whose difference is exactly the duplicated-subject signal that IOI
     circuits carry. Names are drawn from those that are single tokens for the tokenizer, the order of the
     two first names (IO first or subject first) is random, and 8 templates are used. Metric ``logit_diff``:
-    logit(IO) − logit(subject).
+    logit(IO) − logit(subject). Spans (Wang et al.'s positions): ``IO``, ``S1`` and ``S2`` (the subject's two
+    mentions) and ``END`` (the last token).
     """
     notes: list[str] = []
     names = _keep(_NAMES, [count == 1 for count in _token_counts(tokenizer, _NAMES, context="When")],
@@ -296,8 +330,10 @@ def ioi(tokenizer, size: int = 64, seed: int = 0, batch_size: int = 8) -> Task:
         first, second = (io, subject) if rng.random() < 0.5 else (subject, io)
         template = rng.choice(_IOI_TEMPLATES)
         fill = dict(A=first, B=second, place=rng.choice(_PLACES), object=rng.choice(_OBJECTS))
-        return Example(template.format(S=subject, **fill), template.format(S=other, **fill), (" " + io,),
-                       (" " + subject,))
+        roles = {"A": "IO", "B": "S1"} if first == io else {"B": "IO", "A": "S1"}
+        clean, spans = _fill(template, {**fill, "S": subject}, {**roles, "S": "S2"})
+        return Example(clean, template.format(S=other, **fill), (" " + io,), (" " + subject,),
+                       {name: spans[name] for name in _IOI_SPANS})
 
     return _task("ioi", tokenizer, _sample(tokenizer, draw, size, seed, notes), "logit_diff", batch_size, notes)
 
@@ -329,7 +365,8 @@ def from_file(path: str | Path, tokenizer, *, metric: str | Metric | None = None
     (one value for the whole file), else ``logit_diff``. Malformed rows (missing fields, empty strings, bad
     JSON) raise ``ValueError`` listing the rows by line number. Rows whose clean and corrupted prompts
     tokenize to different lengths raise too, or with ``drop_mismatched=True`` are dropped with a warning
-    naming their lines.
+    naming their lines. An optional field ``spans`` names parts of the clean prompt by their character ranges,
+    ``{"S2": [37, 41]}`` (in CSV, that JSON as text), the same names in every row (see ``data.make_batches``).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -386,7 +423,27 @@ def _parse_row(row: dict | str) -> Example | str:
     bad += [key for key, value in answers.items() if value is None]
     if bad:
         return f"missing or empty {', '.join(bad)}"
-    return Example(prompts["clean"], prompts["corrupted"], answers["correct"], answers["incorrect"])
+    spans = _spans(row.get("spans"))
+    if spans is None:
+        return 'spans must be an object from names to character ranges, {"S2": [37, 41]}'
+    return Example(prompts["clean"], prompts["corrupted"], answers["correct"], answers["incorrect"], spans)
+
+
+def _spans(value) -> dict[str, tuple[int, int]] | None:
+    """A spans field (an object in JSONL, its JSON text in CSV) as name → (start, stop); {} if absent, None if
+    malformed."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return None
+    ranges = value.values() if isinstance(value, dict) else None
+    if ranges is None or not all(isinstance(r, list) and len(r) == 2 and all(type(c) is int for c in r)
+                                 for r in ranges):
+        return None
+    return {str(name): (r[0], r[1]) for name, r in value.items()}
 
 
 def _answers(value) -> tuple[str, ...] | None:

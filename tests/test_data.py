@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fxcircuits import metrics
-from fxcircuits.data import check_batch, example, make_batches
+from fxcircuits.data import check_batch, example, make_batches, to_device
 from test_models import smollm2_tokenizer
 
 IOI = "When Mary and John went to the store, John gave a drink to"
@@ -147,3 +147,48 @@ def test_check_batch_names_the_key_and_what_is_expected(change, message):
     change(batch)
     with pytest.raises(ValueError, match=message):
         check_batch(batch, vocab_size=10)
+
+
+def _span(prompt: str, word: str, last: bool = False) -> tuple[int, int]:
+    start = prompt.rindex(word) if last else prompt.index(word)
+    return start, start + len(word)
+
+
+SPANS = [{"IO": _span(IOI, "Mary"), "S2": _span(IOI, "John", last=True)},
+         {"IO": _span(SHORT, "keys"), "S2": _span(SHORT, "the cabinet")}]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_spans_become_the_tokens_they_overlap_wherever_padding_puts_them(tokenizer, side):
+    (batch,) = make_batches(tokenizer, [IOI, SHORT], [IOI_CORRUPTED, "The key on the cabinet"], [" Mary", " are"],
+                            [" John", " is"], padding_side=side, spans=SPANS)
+    assert list(batch["spans"]) == ["IO", "S2"]
+    words = {name: [tokenizer.decode(row[a:b]) for row, (a, b) in zip(batch["clean"], ranges.tolist())]
+             for name, ranges in batch["spans"].items()}
+    assert words == {"IO": [" Mary", " keys"], "S2": [" John", " the cabinet"]}
+    shift = batch["clean"].shape[1] - len(tokenizer(SHORT).input_ids) if side == "left" else 0
+    assert batch["spans"]["IO"][1].tolist() == [1 + shift, 2 + shift]
+    short = example(batch, -1)
+    assert short["spans"]["S2"].tolist() == [[3, 5]] and tokenizer.decode(short["clean"][0, 3:5]) == " the cabinet"
+    moved = to_device(batch, "meta")
+    assert moved["spans"]["IO"].device.type == "meta" and batch["spans"]["IO"].device.type == "cpu"
+
+
+def test_bad_spans_are_refused_by_name(tokenizer):
+    def batches(spans, prompts=(IOI, SHORT)):
+        return make_batches(tokenizer, list(prompts), [IOI_CORRUPTED, "The key on the cabinet"][:len(prompts)],
+                            [" Mary", " are"][:len(prompts)], [" John", " is"][:len(prompts)], spans=spans)
+    with pytest.raises(ValueError, match=r"example 1 names the spans \['IO'\] but example 0 names \['IO', 'S2'\]"):
+        batches([SPANS[0], {"IO": SPANS[1]["IO"]}])
+    with pytest.raises(ValueError, match=r"example 1: span 'S2' is \(20, 99\); .*<= 23"):
+        batches([SPANS[0], {**SPANS[1], "S2": (20, 99)}])
+    with pytest.raises(ValueError, match="name no part"):
+        batches([{}, {}])
+    with pytest.raises(ValueError, match="and spans, if given"):
+        batches(SPANS[:1])
+    (batch,) = batches(SPANS)
+    for spans, problem in [({"IO": torch.tensor([1, 2])}, "LongTensor \\[B=2, 2\\]"),
+                           ({"IO": torch.tensor([[1, 1], [0, 2]])}, "0 <= start < stop"),
+                           ({"IO": torch.tensor([[1, 2], [0, 14]])}, "covers padded tokens"), ({}, "a dict")]:
+        with pytest.raises(ValueError, match=problem):
+            check_batch({**batch, "spans": spans})

@@ -235,12 +235,13 @@ def test_an_output_gate_follows_its_heads_q_input(prompts, name):
 
 def _hooked_node_patch(model, name, node, clean, corrupted, mask, at: torch.Tensor | None = None):
     """Reference on the unmodified HF model: replace one MLP's output, or one head's share of the attention
-    output, by its value on the corrupted prompt — at the positions ``at`` weights ([seq]; all where None)."""
+    output, by its value on the corrupted prompt — at the positions ``at`` weights ([seq] or [batch, seq]; all
+    where None)."""
     mlp_path, out_path, post_norm_path = (p and p.format(0) for p in modules(name))
     at = torch.ones(clean.shape[1]) if at is None else at
     def mix(run, other):  # [batch, seq, features], or [batch · seq, features] (OPT's MLP)
         by_position = (other - run).reshape(*clean.shape, -1)
-        return run + (at[:, None] * by_position).reshape(run.shape)
+        return run + (at[..., None] * by_position).reshape(run.shape)
     if node.startswith("m"):
         module = model.get_submodule(mlp_path)
         saved = _capture_output(model, module, corrupted, mask)

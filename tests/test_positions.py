@@ -37,9 +37,9 @@ def _layers(model: nn.Module) -> nn.ModuleList:
     return max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len)
 
 
-def _hooked_stream_patch(model, layer: int, position: int, clean, corrupted, mask):
-    """Reference: the stream entering decoder layer ``layer`` at ``position``, taken from the corrupted run (causal
-    tracing's patch, on the unmodified HF model)."""
+def _hooked_stream_patch(model, layer: int, position: int | torch.Tensor, clean, corrupted, mask):
+    """Reference: the stream entering decoder layer ``layer`` at ``position`` (an index, or 0/1 weights [batch,
+    seq]), taken from the corrupted run (causal tracing's patch, on the unmodified HF model)."""
     block, saved = _layers(model)[layer], {}
 
     def hidden(args, kwargs):
@@ -49,8 +49,9 @@ def _hooked_stream_patch(model, layer: int, position: int, clean, corrupted, mas
         saved["x"] = hidden(args, kwargs).clone()
 
     def swap(module, args, kwargs):
-        x = hidden(args, kwargs).clone()
-        x[:, position] = saved["x"][:, position]
+        x = hidden(args, kwargs)
+        at = position_weights([position], x.shape[1]) if isinstance(position, int) else position
+        x = torch.where(at.bool()[..., None], saved["x"], x)
         return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
 
     _run_with(model, block.register_forward_pre_hook(record, with_kwargs=True), corrupted, mask)
@@ -347,3 +348,124 @@ def test_runs_that_would_move_nothing_are_not_made(traced, prompts, monkeypatch)
     every = patch_by_position(cm, batch, metrics.logit_diff, nodes=["a0.h1", "m1"])
     assert sum(made) == 2 * 4 + 2 * 7
     torch.testing.assert_close(skipping.effects, every.effects, equal_nan=True, rtol=0, atol=1e-6)
+
+
+SPANS = {"A": torch.tensor([[3, 5], [4, 5], [2, 4]]), "B": torch.tensor([[6, 7], [5, 7], [6, 7]])}  # per prompt
+
+
+def _spanned(prompts) -> dict:
+    return {**_batch(prompts), "spans": dict(SPANS)}
+
+
+def _covered(ranges: torch.Tensor) -> torch.Tensor:
+    """[3, 7]: 1 on each prompt's tokens [start, stop), written out for the references."""
+    at = torch.zeros(3, 7)
+    for row, (start, stop) in enumerate(ranges.tolist()):
+        at[row, start:stop] = 1.0
+    return at
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_patching_the_stream_by_span_matches_hooks(traced, prompts, direction):
+    """Each span patched whole, at each prompt's own tokens (they differ from prompt to prompt), against the stream
+    swapped there by a hook on the HF model; a span of one token is that token's effect."""
+    model, cm = traced("llama")
+    batch = _spanned(prompts)
+    effects = patch_by_position(cm, batch, metrics.logit_diff, spans=True, direction=direction, masks_per_call=3)
+    assert effects.spans == ["A", "B"] and effects.effects.shape == (cm.graph.n_layers, 3, 2)
+    run, other = (batch["clean"], batch["corrupted"]) if direction == "noising" else (batch["corrupted"],
+                                                                                       batch["clean"])
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        unpatched = metrics.logit_diff(model(input_ids=run, attention_mask=mask).logits, batch)
+        for layer in range(cm.graph.n_layers):
+            for column, name in enumerate(effects.spans):
+                at = _covered(SPANS[name])
+                hooked = metrics.logit_diff(_hooked_stream_patch(model, layer, at, run, other, mask), batch)
+                expected = unpatched - hooked if direction == "noising" else hooked - unpatched
+                torch.testing.assert_close(effects.effects[layer, :, column], expected, atol=1e-5, rtol=1e-4)
+    by_token = patch_by_position(cm, batch, metrics.logit_diff, direction=direction)
+    torch.testing.assert_close(effects.effects[:, 0, 1], by_token.effects[:, 0, 6])  # prompt 0's B is token 6
+    assert effects.effects[:, 1:, 0].abs().max() > 1e-4  # A holds tokens the prompts do not share
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_patching_nodes_by_span_matches_hooks_and_attribution_sums_its_tokens(traced, prompts, direction):
+    """A node patched over a span is the hook reference there; attributed over a span, the sum of its tokens'
+    first-order effects (attribution is linear in the positions patched)."""
+    model, cm = traced("gpt2")
+    batch, nodes = _spanned(prompts), ["a0.h1", "m0"]
+    effects = patch_by_position(cm, batch, metrics.logit_diff, nodes=nodes, spans=["B", "A"], direction=direction)
+    assert effects.spans == ["B", "A"]
+    run, other = (batch["clean"], batch["corrupted"]) if direction == "noising" else (batch["corrupted"],
+                                                                                       batch["clean"])
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        unpatched = metrics.logit_diff(model(input_ids=run, attention_mask=mask).logits, batch)
+        for row, node in enumerate(nodes):
+            for column, name in enumerate(effects.spans):
+                at = _covered(SPANS[name])
+                hooked = metrics.logit_diff(_hooked_node_patch(model, "gpt2", node, run, other, mask, at), batch)
+                expected = unpatched - hooked if direction == "noising" else hooked - unpatched
+                torch.testing.assert_close(effects.effects[row, :, column], expected, atol=1e-5, rtol=1e-4)
+    attributed = patch_by_position(cm, batch, metrics.logit_diff, nodes=nodes, spans=True, direction=direction,
+                                   method="attribution")
+    by_token = patch_by_position(cm, batch, metrics.logit_diff, nodes=nodes, direction=direction,
+                                 method="attribution").effects.nan_to_num()
+    for column, name in enumerate(attributed.spans):
+        summed = (by_token * _covered(SPANS[name])).sum(-1)
+        torch.testing.assert_close(attributed.effects[..., column], summed, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spans", [False, True])
+def test_several_batches_are_the_batches_swept_alone_one_after_the_other(traced, prompts, spans):
+    """Batches of different lengths: their effects side by side, by token padded with NaN."""
+    _, cm = traced("llama")
+    first = _spanned(prompts)
+    second = {key: value[1:] for key, value in first.items() if key != "spans"}
+    second = {**second, "clean": second["clean"][:, :5], "corrupted": second["corrupted"][:, :5],
+              "attention_mask": second["attention_mask"][:, :5],
+              "spans": {"A": torch.tensor([[4, 5], [2, 4]]), "B": torch.tensor([[3, 5], [4, 5]])}}
+    both = patch_by_position(cm, [first, second], metrics.logit_diff, spans=spans, nodes=["m0", "a1.h1"])
+    alone = [patch_by_position(cm, batch, metrics.logit_diff, spans=spans, nodes=["m0", "a1.h1"])
+             for batch in (first, second)]
+    width = 2 if spans else 7
+    assert both.effects.shape == (2, 5, width)
+    torch.testing.assert_close(both.effects[:, :3], alone[0].effects, equal_nan=True)
+    torch.testing.assert_close(both.effects[:, 3:, :alone[1].effects.shape[2]], alone[1].effects, equal_nan=True)
+    assert spans or (both.effects[:, 3:, 5:].isnan().all() and (both.attention_mask[3:, 5:] == 0).all())
+    torch.testing.assert_close(both.clean, torch.cat([alone[0].clean, alone[1].clean]))
+
+
+def test_effects_by_span_read_by_name_and_on_average(traced, prompts, tmp_path):
+    _, cm = traced("llama")
+    effects = patch_by_position(cm, _spanned(prompts), metrics.logit_diff, nodes=["m0", "a1.h0"], spans=True)
+    values, positions = effects.example(1)
+    assert values.shape == (2, 2) and positions.tolist() == [0, 1]
+    (unit, tops), _ = effects.top(k=2, example=None)
+    mean = effects.mean()
+    assert unit == "m0" and {name for name, _, _ in tops} == {"A", "B"}
+    assert tops[0][2] == float(mean[0, mean[0].abs().argmax()])
+    assert effects.table(k=1, example=None).splitlines()[0].split()[1] == tops[0][0]
+    figure = effects.plot(path=tmp_path / "spans.png", example=None)
+    assert [label.get_text() for label in figure.axes[0].get_xticklabels()] == ["A", "B"]
+    by_token = patch_by_position(cm, _batch(prompts), metrics.logit_diff, nodes=["m0"])
+    assert [label.get_text() for label in by_token.plot(example=None).axes[0].get_xticklabels()] == [
+        f"@{p}" for p in range(7)]
+    with pytest.raises(ValueError, match="tokenizer"):
+        by_token.table(example=0)
+
+
+def test_bad_span_sweeps_are_refused(traced, prompts):
+    _, cm = traced("llama")
+    with pytest.raises(ValueError, match="name their spans"):
+        patch_by_position(cm, _batch(prompts), metrics.logit_diff, spans=True)
+    with pytest.raises(ValueError, match="no span named 'C'"):
+        patch_by_position(cm, _spanned(prompts), metrics.logit_diff, spans=["A", "C"])
+    with pytest.raises(ValueError, match="names no span"):
+        patch_by_position(cm, _spanned(prompts), metrics.logit_diff, spans=[])
+    with pytest.raises(ValueError, match="no batches"):
+        patch_by_position(cm, [], metrics.logit_diff)
+    outside = {**_spanned(prompts), "spans": {"A": torch.tensor([[1, 3], [4, 5], [2, 4]])}}  # row 0: padding
+    with pytest.raises(ValueError, match="covers padded tokens"):
+        patch_by_position(cm, outside, metrics.logit_diff, spans=True)

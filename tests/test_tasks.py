@@ -99,6 +99,38 @@ def toy_tokenizer(pattern):
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="[UNK]")
 
 
+# The span each task's corruption changes: the tokens where its clean and corrupted prompts differ lie there.
+CHANGED = {"ioi": "S2", "greater-than": "YY", "sva": "subject"}
+
+
+@pytest.mark.parametrize("name", list(tasks.TASKS))
+def test_built_in_tasks_name_their_spans_in_every_example(built, tokenizer, name):
+    task = built[name]
+    for batch in task.batches:
+        assert list(batch["spans"]) == {"ioi": ["IO", "S1", "S2", "END"], "greater-than": ["YY", "END"],
+                                        "sva": ["subject", "attractor", "END"]}[name]
+        last = batch["attention_mask"].sum(-1)
+        assert (batch["spans"]["END"] == torch.stack([last - 1, last], -1)).all()
+        for row, index in enumerate(batch["index"].tolist()):
+            example, ids = task.examples[index], batch["clean"][row]
+            for span, (start, stop) in example.spans.items():
+                (a, b) = batch["spans"][span][row].tolist()
+                words = tokenizer.decode(ids[a:b]).strip()  # END's last character lies in its last word
+                assert words == example.clean[start:stop] or (span == "END" and b - a == 1 and
+                                                              words.endswith(example.clean[start:stop]))
+            a, b = batch["spans"][CHANGED[name]][row].tolist()
+            differ = (ids != batch["corrupted"][row]).nonzero().flatten()
+            assert len(differ) and ((differ >= a) & (differ < b)).all()
+
+
+def test_ioi_spans_are_the_names_answers_are_made_of(built):
+    for batch in built["ioi"].batches:
+        at = {name: ranges[:, 0] for name, ranges in batch["spans"].items()}
+        token = lambda name: batch["clean"].gather(1, at[name][:, None])[:, 0]  # noqa: E731
+        assert (token("IO") == batch["correct"][:, 0]).all() and (token("S2") == batch["incorrect"][:, 0]).all()
+        assert (token("S1") == token("S2")).all() and (at["S1"] < at["S2"]).all() and (at["IO"] < at["S2"]).all()
+
+
 def test_greater_than_with_two_digit_year_tokens():
     """GPT-2 style (" 17" + "41"): the answers are the tokens "00".."99", correct above YY."""
     tokenizer = toy_tokenizer(r" ?[A-Za-z]+| ?\d\d|\d| ")
@@ -148,6 +180,25 @@ def test_from_csv_and_jsonl(tmp_path, tokenizer):
         marked = path.with_name("marked" + path.suffix)
         marked.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
         assert tasks.from_file(marked, tokenizer).examples == tasks.from_file(path, tokenizer).examples
+
+
+def test_from_file_reads_spans_as_character_ranges(tmp_path, tokenizer):
+    spans = {"IO": [5, 9], "S2": [IOI.rindex("John"), IOI.rindex("John") + 4]}
+    jsonl = tmp_path / "spans.jsonl"
+    jsonl.write_text(json.dumps({"clean": IOI, "corrupted": IOI_CORRUPTED, "correct": " Mary", "incorrect": " John",
+                                 "spans": spans}) + "\n", encoding="utf-8")
+    csv_path = write_csv(tmp_path / "spans.csv", [HEADER + ["spans"], [IOI, IOI_CORRUPTED, " Mary", " John",
+                                                                      json.dumps(spans)]])
+    for path in (jsonl, csv_path):
+        task = tasks.from_file(path, tokenizer)
+        assert task.examples[0].spans == {"IO": (5, 9), "S2": tuple(spans["S2"])}
+        (batch,) = task.batches
+        assert [tokenizer.decode(batch["clean"][0, a:b]) for (a, b) in
+                (r[0].tolist() for r in batch["spans"].values())] == [" Mary", " John"]
+    bad = write_csv(tmp_path / "bad_spans.csv", [HEADER + ["spans"], [IOI, IOI_CORRUPTED, " Mary", " John", "[5, 9]"],
+                                                 [IOI, IOI_CORRUPTED, " Mary", " John", '{"IO": [5, "9"]}']])
+    with pytest.raises(ValueError, match=r"(?s)line 2: spans must be.*line 3: spans must be"):
+        tasks.from_file(bad, tokenizer)
 
 
 def test_from_file_reports_every_bad_row_by_line(tmp_path, tokenizer):
