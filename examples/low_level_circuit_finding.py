@@ -105,6 +105,11 @@ def main() -> None:
     where = fxcircuits.patch_by_position(cm, fxcircuits.data.example(batch, 0), task.metric, nodes=names)
     print("\n6. patched at one token, largest effect first (example 0, fraction of the whole):")
     print("   " + where.table(tokenizer, k=3, normalized=True).replace("\n", "\n   "))
+    #    The same over the whole batch: its prompts follow different templates, so each node is patched at each
+    #    named role (IO, S1, S2, END: the task's spans), wherever each prompt has it, and the effects averaged.
+    roles = fxcircuits.patch_by_position(cm, batch, task.metric, nodes=names, spans=True)
+    print("   by role, over the batch (mean fraction of the whole):")
+    print("   " + roles.table(k=2, example=None, normalized=True).replace("\n", "\n   "))
 
 
 if __name__ == "__main__":

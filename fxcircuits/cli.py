@@ -10,6 +10,7 @@ with ``--help``.
     fxcircuits direct --model smollm2-135m --task ioi --out direct.png
     fxcircuits attention --model smollm2-135m --task ioi --heads a9.h6,a10.h0 --out attention.png
     fxcircuits patch --model smollm2-135m --task ioi --out positions.png
+    fxcircuits patch --model smollm2-135m --task ioi --spans --out spans.png
 """
 from __future__ import annotations
 
@@ -153,7 +154,8 @@ def _parser() -> argparse.ArgumentParser:
                                 "residual stream entering each layer (causal tracing), or each of given nodes' "
                                 "outputs, patched at one token at a time; for each, the tokens where that moves the "
                                 "task's metric most, as a fraction of its difference between the clean and the "
-                                "corrupted prompt.")
+                                "corrupted prompt.  With --spans, at each named part of every example instead (IOI: "
+                                "IO, S1, S2, END), on average over the task.")
     _node_options(patch, instead="the stream entering each layer")
     patch.add_argument("--direction", choices=DIRECTIONS, default="noising", help="noising: the clean prompt, "
                        "values of the corrupted one patched in (what the behaviour needs); denoising: the other way "
@@ -161,8 +163,11 @@ def _parser() -> argparse.ArgumentParser:
     patch.add_argument("--method", choices=POSITION_METHODS, default="exact", help="exact: one patched run per row "
                        "and token; attribution: all of them to first order, from one backward pass (attribution "
                        "patching: fast enough for every node, a first look)")
+    patch.add_argument("--spans", nargs="?", const="all", help="patch each span the task names, all of its tokens "
+                       "at once, in every example, and average (IOI: IO, S1, S2, END; your file's 'spans' field); "
+                       "optionally the comma-separated spans to patch")
     patch.add_argument("--per-call", type=_positive, default=16, help="patched runs per call (exact)")
-    patch.add_argument("--out", help="heatmap of the fractions, rows × tokens (.svg or .png)")
+    patch.add_argument("--out", help="heatmap of the fractions, rows × tokens or spans (.svg or .png)")
     patch.set_defaults(run=_patch)
     return parser
 
@@ -495,18 +500,26 @@ def _attention(args) -> int:
 def _patch(args) -> int:
     nodes = _read_nodes(args)
     _, tokenizer, cm, task = _setup(args)
-    batch = data.example(*_example(task, args.example))
-    effects = patch_by_position(cm, batch, task.metric, nodes=nodes, direction=args.direction, method=args.method,
-                                masks_per_call=args.per_call, progress=not args.no_progress)
-    print(f"example {args.example}: {task.examples[args.example].clean!r}")
-    print(f"{metrics_.name_of(task.metric)}: {float(effects.clean[0]):+.3f} on the clean prompt, "
-          f"{float(effects.corrupted[0]):+.3f} on the corrupted one; {args.direction}"
-          f"{' (to first order)' if args.method == 'attribution' else ''}, the tokens where patching each row moves "
-          "it most, as a fraction of that difference:")
-    print(effects.table(tokenizer, k=args.top, normalized=True))
+    spans = None if args.spans is None else True if args.spans == "all" else args.spans.split(",")
+    batches = task.batches if spans is not None else data.example(*_example(task, args.example))
+    effects = patch_by_position(cm, batches, task.metric, nodes=nodes, spans=spans or False, direction=args.direction,
+                                method=args.method, masks_per_call=args.per_call, progress=not args.no_progress)
+    how = f"{args.direction}{' (to first order)' if args.method == 'attribution' else ''}"
+    if spans is None:
+        print(f"example {args.example}: {task.examples[args.example].clean!r}")
+        print(f"{metrics_.name_of(task.metric)}: {float(effects.clean[0]):+.3f} on the clean prompt, "
+              f"{float(effects.corrupted[0]):+.3f} on the corrupted one; {how}, the tokens where patching each row "
+              "moves it most, as a fraction of that difference:")
+    else:
+        print(f"{len(task.examples)} examples; {metrics_.name_of(task.metric)}: {float(effects.clean.mean()):+.3f} on "
+              f"the clean prompts, {float(effects.corrupted.mean()):+.3f} on the corrupted ones (means); {how}, the "
+              "spans where patching each row moves it most, as a fraction of that difference, on average:")
+    example = None if spans is not None else 0
+    print(effects.table(tokenizer, k=args.top, example=example, normalized=True))
     if args.out:
         what = "the stream entering each layer" if nodes is None else "each node"
-        effects.plot(tokenizer, args.out, title=f"{args.direction} {what}, by token · {task.name}")
+        by = "by token" if spans is None else f"by span, mean of {len(task.examples)}"
+        effects.plot(tokenizer, args.out, example=example, title=f"{args.direction} {what}, {by} · {task.name}")
         print(f"heatmap → {args.out}")
     return 0
 

@@ -66,8 +66,14 @@ class PositionEffects:
 
     def mean(self, normalized: bool = False) -> torch.Tensor:
         """[units, positions]: the mean over the prompts that hold each position.  By token it means something
-        where the prompts share a template, so that a position plays one role in all of them; by span it does."""
-        return (self.normalized if normalized else self.effects).nanmean(1)
+        where the prompts share a template, so that a position plays one role in all of them; by span it does.
+        ``normalized``: as a fraction of the mean whole effect over those prompts — a ratio of means, which a prompt
+        whose clean and corrupted metrics nearly agree cannot blow up."""
+        mean = self.effects.nanmean(1)
+        if not normalized:
+            return mean
+        whole = (self.clean - self.corrupted)[None, :, None].expand_as(self.effects)
+        return mean / whole.masked_fill(self.effects.isnan(), float("nan")).nanmean(1)
 
     def example(self, index: int = 0, normalized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """One prompt's effects over its real tokens (or every span), [units, positions], and their indices."""

@@ -282,6 +282,30 @@ def test_patch_prints_and_draws_where_each_layers_stream_carries_the_answer(fold
     assert out.exists()
 
 
+def test_patch_by_span_averages_every_example_of_the_task(folder, tmp_path, capsys):
+    """``patch --spans`` sweeps the stream entering each layer over IOI's named spans in all of the task's examples:
+    per layer, the spans of largest mean effect as fractions of the mean whole, the library's figures."""
+    out = tmp_path / "spans.png"
+    assert main(["patch", *_common(folder), "--spans", "--top", "4", "--per-call", "5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("8 examples; logit_diff:") and out.stat().st_size > 0
+    model, tokenizer = load_model(folder)
+    task = tasks.load("ioi", tokenizer, size=8, seed=0, batch_size=4)
+    mean = patch_by_position(trace(model), task.batches, task.metric, spans=True).mean(normalized=True)
+    rows = [line for line in printed.splitlines() if line.lstrip().startswith("layer")]
+    assert len(rows) == len(mean) == 2
+    for line, expected in zip(rows, mean):
+        cells = dict((name, float(v)) for name, v in re.findall(r"(IO|S1|S2|END) ([-+]\d+\.\d\d)", line))
+        assert set(cells) == {"IO", "S1", "S2", "END"}
+        for column, name in enumerate(["IO", "S1", "S2", "END"]):
+            assert cells[name] == pytest.approx(float(expected[column]), abs=0.006)
+    assert main(["patch", *_common(folder), "--spans", "S2,END", "--nodes", "m0", "--top", "1"]) == 0
+    assert re.search(r"m0  (S2|END) [-+]", capsys.readouterr().out)
+    with pytest.raises(SystemExit):
+        main(["patch", *_common(folder), "--spans", "S3"])
+    assert "no span named 'S3'" in capsys.readouterr().err
+
+
 def test_patch_by_attribution_reads_given_nodes_to_first_order(folder, capsys):
     assert main(["patch", *_common(folder), "--nodes", "a1.h0,m0", "--method", "attribution", "--top", "1"]) == 0
     printed = capsys.readouterr().out

@@ -449,7 +449,11 @@ def test_effects_by_span_read_by_name_and_on_average(traced, prompts, tmp_path):
     assert effects.table(k=1, example=None).splitlines()[0].split()[1] == tops[0][0]
     figure = effects.plot(path=tmp_path / "spans.png", example=None)
     assert [label.get_text() for label in figure.axes[0].get_xticklabels()] == ["A", "B"]
+    whole = effects.clean - effects.corrupted  # normalized means are ratios of means, over the prompts holding each
+    torch.testing.assert_close(effects.mean(normalized=True), effects.effects.mean(1) / whole.mean())
     by_token = patch_by_position(cm, _batch(prompts), metrics.logit_diff, nodes=["m0"])
+    torch.testing.assert_close(by_token.mean(normalized=True)[:, :2], by_token.effects[:, 1:, :2].mean(1)
+                               / whole[1:].mean())  # prompt 0 is padded there
     assert [label.get_text() for label in by_token.plot(example=None).axes[0].get_xticklabels()] == [
         f"@{p}" for p in range(7)]
     with pytest.raises(ValueError, match="tokenizer"):
