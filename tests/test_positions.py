@@ -58,6 +58,18 @@ def _hooked_stream_patch(model, layer: int, position: int | torch.Tensor, clean,
     return _run_with(model, block.register_forward_pre_hook(swap, with_kwargs=True), clean, mask)
 
 
+def _hooked_effect(model, batch: dict, direction: str, hooked) -> torch.Tensor:
+    """The reference effect [batch] of a patch made by hooks, ``hooked(run, other, mask)`` → logits: the HF model's
+    metric unpatched minus patched (noising, the clean run), or patched minus unpatched (denoising, the corrupted
+    run)."""
+    run, other = (batch["clean"], batch["corrupted"]) if direction == "noising" else (batch["corrupted"],
+                                                                                       batch["clean"])
+    mask = batch["attention_mask"]
+    unpatched = metrics.logit_diff(model(input_ids=run, attention_mask=mask).logits, batch)
+    patched = metrics.logit_diff(hooked(run, other, mask), batch)
+    return unpatched - patched if direction == "noising" else patched - unpatched
+
+
 def _crossing(cm, layer: int) -> dict[str, float]:
     """Every edge from a node written before decoder layer ``layer`` into one read at it or after: 0."""
     def index(node: str) -> float:
@@ -208,15 +220,12 @@ def test_patching_the_stream_by_position_matches_hooks(traced, prompts, directio
     effects = patch_by_position(cm, batch, metrics.logit_diff, direction=direction, masks_per_call=5)
     assert effects.units == [f"layer {layer}" for layer in range(cm.graph.n_layers)]
     assert effects.effects.shape == (cm.graph.n_layers, 3, 7)
-    run, other = (batch["clean"], batch["corrupted"]) if direction == "noising" else (batch["corrupted"],
-                                                                                       batch["clean"])
     mask = batch["attention_mask"]
     with torch.no_grad():
-        unpatched = metrics.logit_diff(model(input_ids=run, attention_mask=mask).logits, batch)
         for layer in range(cm.graph.n_layers):
             for position in range(7):
-                hooked = metrics.logit_diff(_hooked_stream_patch(model, layer, position, run, other, mask), batch)
-                expected = unpatched - hooked if direction == "noising" else hooked - unpatched
+                expected = _hooked_effect(model, batch, direction, lambda *runs: _hooked_stream_patch(
+                    model, layer, position, *runs))
                 real = mask[:, position].bool()
                 torch.testing.assert_close(effects.effects[layer, real, position], expected[real], atol=1e-5,
                                            rtol=1e-4)
@@ -373,16 +382,11 @@ def test_patching_the_stream_by_span_matches_hooks(traced, prompts, direction):
     batch = _spanned(prompts)
     effects = patch_by_position(cm, batch, metrics.logit_diff, spans=True, direction=direction, masks_per_call=3)
     assert effects.spans == ["A", "B"] and effects.effects.shape == (cm.graph.n_layers, 3, 2)
-    run, other = (batch["clean"], batch["corrupted"]) if direction == "noising" else (batch["corrupted"],
-                                                                                       batch["clean"])
-    mask = batch["attention_mask"]
     with torch.no_grad():
-        unpatched = metrics.logit_diff(model(input_ids=run, attention_mask=mask).logits, batch)
         for layer in range(cm.graph.n_layers):
             for column, name in enumerate(effects.spans):
-                at = _covered(SPANS[name])
-                hooked = metrics.logit_diff(_hooked_stream_patch(model, layer, at, run, other, mask), batch)
-                expected = unpatched - hooked if direction == "noising" else hooked - unpatched
+                expected = _hooked_effect(model, batch, direction, lambda *runs: _hooked_stream_patch(
+                    model, layer, _covered(SPANS[name]), *runs))
                 torch.testing.assert_close(effects.effects[layer, :, column], expected, atol=1e-5, rtol=1e-4)
     by_token = patch_by_position(cm, batch, metrics.logit_diff, direction=direction)
     torch.testing.assert_close(effects.effects[:, 0, 1], by_token.effects[:, 0, 6])  # prompt 0's B is token 6
@@ -397,16 +401,11 @@ def test_patching_nodes_by_span_matches_hooks_and_attribution_sums_its_tokens(tr
     batch, nodes = _spanned(prompts), ["a0.h1", "m0"]
     effects = patch_by_position(cm, batch, metrics.logit_diff, nodes=nodes, spans=["B", "A"], direction=direction)
     assert effects.spans == ["B", "A"]
-    run, other = (batch["clean"], batch["corrupted"]) if direction == "noising" else (batch["corrupted"],
-                                                                                       batch["clean"])
-    mask = batch["attention_mask"]
     with torch.no_grad():
-        unpatched = metrics.logit_diff(model(input_ids=run, attention_mask=mask).logits, batch)
         for row, node in enumerate(nodes):
             for column, name in enumerate(effects.spans):
-                at = _covered(SPANS[name])
-                hooked = metrics.logit_diff(_hooked_node_patch(model, "gpt2", node, run, other, mask, at), batch)
-                expected = unpatched - hooked if direction == "noising" else hooked - unpatched
+                expected = _hooked_effect(model, batch, direction, lambda *runs: _hooked_node_patch(
+                    model, "gpt2", node, *runs, _covered(SPANS[name])))
                 torch.testing.assert_close(effects.effects[row, :, column], expected, atol=1e-5, rtol=1e-4)
     attributed = patch_by_position(cm, batch, metrics.logit_diff, nodes=nodes, spans=True, direction=direction,
                                    method="attribution")
