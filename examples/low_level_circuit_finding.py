@@ -93,6 +93,10 @@ def main() -> None:
     patterns = fxcircuits.attention_patterns(cm, clean, mask, heads=heads)
     print("\n5. attention from the last token (example 0, top tokens):")
     print("   " + patterns.table(tokenizer, k=3).replace("\n", "\n   "))
+    on_roles = patterns.by_span(batch["spans"]).mean(1)  # [heads, spans]: the batch's templates lined up by role
+    print("   mean weight on each role over the batch:")
+    for head, row in zip(heads, on_roles.tolist()):
+        print(f"   {head:>6}  " + "  ".join(f"{name} {w:.2f}" for name, w in zip(batch["spans"], row)))
     #    What they write from there: each head's direct logit difference split by the token it reads (its weight
     #    there times its value) — a name mover writes for the IO from the IO, a negative one against it.
     sources = fxcircuits.source_logits(cm, clean, mask, heads=heads, tokens=torch.cat(answers, 1))

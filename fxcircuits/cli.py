@@ -9,6 +9,7 @@ with ``--help``.
     fxcircuits lens circuit.json --model smollm2-135m --task ioi
     fxcircuits direct --model smollm2-135m --task ioi --out direct.png
     fxcircuits attention --model smollm2-135m --task ioi --heads a9.h6,a10.h0 --out attention.png
+    fxcircuits attention --model smollm2-135m --task ioi --heads a23.h0,a24.h4 --spans
     fxcircuits patch --model smollm2-135m --task ioi --out positions.png
     fxcircuits patch --model smollm2-135m --task ioi --spans --out spans.png
 """
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import data
 from . import metrics as metrics_
@@ -139,11 +141,15 @@ def _parser() -> argparse.ArgumentParser:
                                     "the tokens each head attends to most from one query position (by default "
                                     "the last real token, whose prediction the task scores); then the tokens whose "
                                     "values each head writes most directly into logit(correct) − logit(incorrect) "
-                                    "there (direct logit attribution split by key position).")
+                                    "there (direct logit attribution split by key position).  With --spans, on "
+                                    "average over every example, by the spans the task names (IOI: IO, S1, S2, END).")
     _model_options(attention)
     attention.add_argument("--heads", required=True, help="comma-separated heads, e.g. a9.h6,a10.h0")
     attention.add_argument("--example", type=int, default=0, help="which example to read")
-    attention.add_argument("--position", type=_position, default="last", help="query position: last, or an index")
+    attention.add_argument("--position", type=_position, default="last", help="query position: last, an index, or "
+                           "with --spans a span's name (its last token)")
+    attention.add_argument("--spans", action="store_true", help="the weight on each span and what each head writes "
+                           "from it, averaged over all of the task's examples, instead of one example's tokens")
     attention.add_argument("--top", type=_positive, default=3)
     attention.add_argument("--out", help="heatmap of the weights, heads × tokens (.svg or .png)")
     attention.add_argument("--direct-out", help="heatmap of what each head writes to the logit difference from each "
@@ -241,10 +247,13 @@ def _positive(text: str) -> int:
 
 
 def _position(text: str) -> int | str:
-    """``"last"``, or a position in the prompts (negative counts from their end)."""
-    if text != "last" and not text.lstrip("-").isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r}: give 'last' or a position (an integer)")
-    return text if text == "last" else int(text)
+    """``"last"``, a position in the prompts (negative counts from their end), or a span's name (IOI's ``S2``)."""
+    if text.lstrip("-").isdigit():
+        return int(text)
+    if not (text[:1].isalpha() and text.replace("+", "").replace("_", "").isalnum()):
+        raise argparse.ArgumentTypeError(f"{text!r}: give 'last', a position (an integer) or, with --spans, a "
+                                         "span's name")
+    return text
 
 
 def _circuit_path(text: str) -> str:
@@ -464,7 +473,11 @@ def _direct_shares(cm, task, nodes) -> tuple[list[str], torch.Tensor, dict[str, 
 
 
 def _attention(args) -> int:
+    if args.position != "last" and isinstance(args.position, str) and not args.spans:
+        raise SystemExit(f"--position {args.position!r} names a span: add --spans")
     _, tokenizer, cm, task = _setup(args)
+    if args.spans:
+        return _attention_by_span(args, cm, task)
     batch, row = _example(task, args.example)
     position = args.position
     patterns = attention_patterns(cm, batch["clean"], batch["attention_mask"], heads=args.heads.split(","))
@@ -495,6 +508,43 @@ def _attention(args) -> int:
                      title=f"direct logit difference by token read · {task.name}")
         print(f"heatmap → {args.direct_out}")
     return 0
+
+
+def _attention_by_span(args, cm, task) -> int:
+    """``attention --spans``: per head, the mean weight on each span and its mean direct share of the logit
+    difference from each, over every example of the task."""
+    if "spans" not in task.batches[0]:
+        raise SystemExit(f"--spans: the task {task.name!r} names no spans (give your file a 'spans' field)")
+    heads, names = args.heads.split(","), list(task.batches[0]["spans"])
+    weights, shares = [], []
+    for batch in tqdm(task.batches, desc="attention by span", unit="batch", disable=args.no_progress):
+        patterns = attention_patterns(cm, batch["clean"], batch["attention_mask"], heads=heads)
+        weights.append(patterns.by_span(batch["spans"], args.position))
+        answers = batch["correct"], batch["incorrect"]
+        sources = source_logits(cm, batch["clean"], batch["attention_mask"], heads=heads, tokens=torch.cat(answers, 1))
+        shares.append(sources.by_span(batch["spans"], *answers))
+    weight, share = torch.cat(weights, 1).mean(1), torch.cat(shares, 1).mean(1)
+    where = "the last token" if args.position == "last" else f"{args.position}"
+    print(f"{len(task.examples)} examples; mean attention weight on each span from {where}:")
+    print(_span_table(heads, names, weight, "{:.2f}"))
+    print("\nmean direct share of logit(correct) − logit(incorrect) from each span, at the last token:")
+    print(_span_table(heads, names, share, "{:+.2f}"))
+    if args.out:
+        plot_heatmap(weight, heads, names, args.out, cmap="Blues", limits=(0.0, 1.0),
+                     title=f"mean attention from {where}, by span · {task.name}")
+        print(f"heatmap → {args.out}")
+    if args.direct_out:
+        plot_heatmap(share, heads, names, args.direct_out, fmt="{:+.2f}",
+                     title=f"mean direct logit difference by span read · {task.name}")
+        print(f"heatmap → {args.direct_out}")
+    return 0
+
+
+def _span_table(rows: list[str], names: list[str], values: torch.Tensor, fmt: str) -> str:
+    """``values`` [rows, spans] as aligned text, one line per row, each value after its span's name."""
+    width = max(map(len, rows))
+    return "\n".join(f"{row:>{width}}  " + "  ".join(f"{name} {fmt.format(float(v))}" for name, v in zip(names, line))
+                     for row, line in zip(rows, values))
 
 
 def _patch(args) -> int:

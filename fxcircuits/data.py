@@ -335,6 +335,15 @@ def span_weights(ranges: torch.Tensor, seq: int) -> torch.Tensor:
     return ((positions >= ranges[:, :1]) & (positions < ranges[:, 1:])).float()
 
 
+def span_sums(values: torch.Tensor, spans: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``values`` [..., batch, seq] summed over each span's tokens (``batch["spans"]``): [..., batch, spans], in the
+    order ``spans`` names them — what a head puts on IOI's IO, wherever each prompt has it."""
+    if not spans:
+        raise ValueError("no spans given: pass a batch's 'spans' (see fxcircuits.data.make_batches)")
+    cover = torch.stack([span_weights(r.to(values.device), values.shape[-1]) for r in spans.values()], -1)
+    return torch.einsum("...bs,bsn->...bn", values, cover.to(values.dtype))
+
+
 def example(batch: dict, row: int) -> dict:
     """Example ``row`` of ``batch`` as a batch of its own, its padding cut away: a sweep over its positions
     (``fxcircuits.patch_by_position``) then runs on its tokens alone.  A given answer ``position`` moves with them."""

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from torch.func import jvp, vjp, vmap
 
 from .circuit import Circuit
+from .data import span_sums
 from .draw import plot_heatmap
 from .metrics import answer_position
 from .model import CircuitModel
@@ -137,6 +138,12 @@ class SourceLogits:
         """Each key's share of each head's direct ``logit_diff`` (answers [batch, K] ids, -1 padded):
         [heads, batch, positions, keys]."""
         return _logit_diff(self.logits, self.tokens, correct, incorrect)
+
+    def by_span(self, spans: dict[str, torch.Tensor], correct: torch.Tensor, incorrect: torch.Tensor,
+                position: int = -1) -> torch.Tensor:
+        """Each head's direct share of the logit difference from each span it reads (``batch["spans"]``), at one
+        read position of every example: [heads, batch, spans] — IOI's name movers write for the IO from the IO."""
+        return span_sums(self.logit_diff(correct, incorrect)[:, :, position], spans)
 
     def top(self, tokenizer, correct: torch.Tensor, incorrect: torch.Tensor, k: int = 3, example: int = 0,
             position: int = -1) -> list[tuple[str, list]]:

@@ -14,6 +14,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from .data import span_sums
 from .draw import plot_heatmap
 from .metrics import answer_position
 from .model import CircuitModel
@@ -62,6 +63,23 @@ class Patterns:
         width = max(len(head) for head in self.heads)
         return "\n".join(f"{head:>{width}}  " + "  ".join(f"{token!r} {w:.2f}" for token, w in tops)
                          for head, tops in self.top(tokenizer, k, example, position))
+
+    def by_span(self, spans: dict[str, torch.Tensor], query: int | str = "last") -> torch.Tensor:
+        """The weight each head puts on each span's tokens (``batch["spans"]``) from one query position of every
+        example, [heads, batch, spans]: prompts of different templates, lined up by role.  ``query``: ``"last"``,
+        an index, or a span's name (its last token: IOI's ``"S2"``)."""
+        if isinstance(query, str) and query != "last":
+            if query not in spans:
+                raise KeyError(f"no span named {query!r} to query from; the spans are {', '.join(spans)}")
+            positions = spans[query][:, 1].cpu() - 1
+        elif query == "last":
+            positions = answer_position({"clean": self.input_ids, "attention_mask": self.attention_mask})
+        else:
+            positions = torch.full((len(self.input_ids),), query) % self.input_ids.shape[1]
+        if not self.attention_mask.gather(1, positions[:, None]).all():
+            raise ValueError(f"query {query!r} is padding in some example: it attends to nothing")
+        rows = self.weights[:, torch.arange(len(positions)), positions.to(self.weights.device)]  # [heads, batch, keys]
+        return span_sums(rows, spans)
 
     def plot(self, tokenizer, path: str | Path | None = None, *, example: int = 0, position: int | str = "last",
              ax: Axes | None = None, title: str | None = None) -> Figure:

@@ -6,8 +6,8 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-from fxcircuits import (Circuit, CircuitGraph, DecompositionError, EdgeScores, Evaluator, attribute, cli, load_model,
-                        patch_by_position, tasks, trace)
+from fxcircuits import (Circuit, CircuitGraph, DecompositionError, EdgeScores, Evaluator, attention_patterns, attribute,
+                        cli, load_model, patch_by_position, source_logits, tasks, trace)
 from fxcircuits.cli import main
 
 
@@ -170,7 +170,8 @@ def test_attention_prints_and_draws_the_heads_weights(folder, tmp_path, capsys):
     (["discover", "--size", "0"], "'0': give a whole number, 1 or more"),
     (["evaluate", "c.json", "--batch-size", "0"], "'0': give a whole number, 1 or more"),
     (["discover", "--steps", "-1"], "'-1': give a whole number, 1 or more"),
-    (["attention", "--heads", "a0.h0", "--position", "x"], "'x': give 'last' or a position"),
+    (["attention", "--heads", "a0.h0", "--position", "1.5"], "'1.5': give 'last', a position (an integer) or, "
+                                                             "with --spans, a span's name"),
     (["discover", "--out", "circuit.svg"], "'circuit.svg': a circuit file ends in .json or .pt")])
 def test_options_out_of_their_range_are_usage_errors(folder, command, says, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -304,6 +305,31 @@ def test_patch_by_span_averages_every_example_of_the_task(folder, tmp_path, caps
     with pytest.raises(SystemExit):
         main(["patch", *_common(folder), "--spans", "S3"])
     assert "no span named 'S3'" in capsys.readouterr().err
+
+
+def test_attention_by_span_averages_every_example_of_the_task(folder, tmp_path, capsys):
+    """``attention --spans``: per head, the mean weight on IOI's spans from the last token (or S2's), and the mean
+    direct share from each: the library's figures over all of the task's examples."""
+    out, direct = tmp_path / "weights.png", tmp_path / "direct.png"
+    assert main(["attention", *_common(folder), "--heads", "a1.h0,a0.h1", "--spans", "--out", str(out),
+                 "--direct-out", str(direct)]) == 0
+    printed = capsys.readouterr().out
+    model, tokenizer = load_model(folder)
+    task = tasks.load("ioi", tokenizer, size=8, seed=0, batch_size=4)
+    cm, heads = trace(model), ["a1.h0", "a0.h1"]
+    weights = torch.cat([attention_patterns(cm, b["clean"], b["attention_mask"], heads=heads).by_span(b["spans"])
+                         for b in task.batches], 1).mean(1)
+    shares = torch.cat([source_logits(cm, b["clean"], b["attention_mask"], heads=heads).by_span(
+        b["spans"], b["correct"], b["incorrect"]) for b in task.batches], 1).mean(1)
+    lines = [line.split() for line in printed.splitlines() if line.lstrip().startswith(("a1.h0", "a0.h1"))]
+    assert len(lines) == 4 and out.stat().st_size > 0 and direct.stat().st_size > 0
+    for line, expected in zip(lines, [*weights, *shares]):
+        assert line[1::2] == ["IO", "S1", "S2", "END"]
+        assert [float(v) for v in line[2::2]] == pytest.approx(expected.tolist(), abs=0.006)
+    assert main(["attention", *_common(folder), "--heads", "a1.h0", "--spans", "--position", "S2"]) == 0
+    assert "from S2:" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="names a span: add --spans"):
+        main(["attention", *_common(folder), "--heads", "a1.h0", "--position", "S2"])
 
 
 def test_patch_by_attribution_reads_given_nodes_to_first_order(folder, capsys):

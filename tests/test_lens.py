@@ -447,6 +447,11 @@ def test_source_logits_rank_the_keys_and_refuse_what_they_cannot_split(traced):
     assert head == "a1.h2" and [key for _, key, _ in tops] == order
     assert tops[0] == (f"<{int(ids[1, order[0]])}>", order[0], pytest.approx(float(shares[order[0]])))
     assert f"'<{int(ids[1, order[0]])}>'@{order[0]} " in sources.table(Tokenizer(), correct, incorrect, example=1)
+    spans = {"X": torch.tensor([[2, 4], [3, 4]]), "Y": torch.tensor([[4, 6], [2, 3]])}
+    by_span = sources.by_span(spans, correct, incorrect)
+    every = sources.logit_diff(correct, incorrect)[0, :, 0]  # [batch, keys]
+    torch.testing.assert_close(by_span[0], torch.stack([every[0, 2:4].sum(), every[0, 4:6].sum(), every[1, 3:4].sum(),
+                                                        every[1, 2:3].sum()]).view(2, 2))
     first = ids[:, :1]  # prompts of one token, which the captures serve at a second position too
     one = source_logits(cm, first, heads=["a1.h2"])
     assert one.logits.shape[3] == 1

@@ -108,6 +108,29 @@ def test_attention_patterns_by_head_name(traced, prompts):
     assert len(fxcircuits.attention_patterns(cm, clean, mask).heads) == sum(w.shape[1] for w in every)
 
 
+def test_attention_by_span_sums_each_prompts_own_tokens(traced, prompts):
+    """The weight on a span, from the last token, a span's last token or an index, is the sum of the weights on
+    that prompt's tokens of the span, read off cm.patterns."""
+    _, cm = traced("llama")
+    clean, _, mask = prompts
+    spans = {"A": torch.tensor([[2, 4], [0, 1], [3, 6]]), "B": torch.tensor([[5, 6], [4, 6], [1, 2]])}
+    patterns = fxcircuits.attention_patterns(cm, clean, mask, heads=["a1.h2", "a0.h0"])
+    every = cm.patterns(clean, mask)
+    for query, rows in [("last", [6, 6, 6]), ("B", [5, 5, 1]), (-2, [5, 5, 5]), (4, [4, 4, 4])]:
+        shares = patterns.by_span(spans, query=query)
+        assert shares.shape == (2, 3, 2)
+        for b, row in enumerate(rows):
+            for n, (start, stop) in enumerate(r[b].tolist() for r in spans.values()):
+                expected = every[1][b, 2, row, start:stop].sum()
+                torch.testing.assert_close(shares[0, b, n], expected)
+    with pytest.raises(KeyError, match="no span named 'C'"):
+        patterns.by_span(spans, query="C")
+    with pytest.raises(ValueError, match="padding"):
+        patterns.by_span(spans, query=0)  # example 0 is left-padded by two
+    with pytest.raises(ValueError, match="no spans given"):
+        patterns.by_span({})
+
+
 def test_patterns_of_chosen_layers_only(traced, prompts):
     _, cm = traced("gpt2")
     clean, _, mask = prompts
