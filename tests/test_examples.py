@@ -42,9 +42,14 @@ def test_low_level_circuit_finding(tmp_path):
     assert abs(estimated - patched) < 0.25, out  # the top node's direct path, by DLA and by patching (2.45, 2.44)
     final = float(re.search(r"m29 ([\d.]+)", out).group(1))
     assert final > 0.3, out  # after the last layer the stream predicts the indirect object
-    step_6 = out.split("6. patched at one token")[1].splitlines()[1:]
-    rows = [re.match(r"\s*(\S+)  (.*)", line).groups() for line in step_6 if line.strip()]
+    assert "mean weight on each role over the batch:" in out
+    by_token, by_role = out.split("6. patched at one token")[1].split("   by role")
+    rows = [re.match(r"\s*(\S+)  (.*)", line).groups() for line in by_token.splitlines()[1:] if line.strip()]
     cells = {node: [(int(p), float(v)) for p, v in re.findall(r"@(\d+) ([-+][\d.]+)", line)] for node, line in rows}
     last = max(p for row in cells.values() for p, _ in row)
     late = [row for node, row in cells.items() if node.startswith("a") and int(node[1:].split(".")[0]) >= 20]
     assert late and all(row[0][0] == last for row in late if abs(row[0][1]) >= 0.1), out  # late heads act at the end
+    rows = [re.match(r"\s*(\S+)  (.*)", line).groups() for line in by_role.splitlines()[1:] if line.strip()]
+    roles = {node: re.findall(r"(IO|S1|S2|END) ([-+][\d.]+)", line) for node, line in rows}
+    assert roles.keys() == cells.keys()  # the same nodes, by role over the batch: the late heads at END too
+    assert all(roles[node][0][0] == "END" for node, row in cells.items() if row in late and abs(row[0][1]) >= 0.1)
