@@ -214,13 +214,13 @@ def _answers(values: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tenso
 
 @torch.no_grad()
 def logit_lens(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-               nodes: list[str] | Circuit | None = None, positions: str | list[int] = "last") -> Lens:
+               nodes: list[str] | Circuit | None = None, positions: str | list[int] | torch.Tensor = "last") -> Lens:
     """Read the stream after every writer (``input``, ``a0``, ``m0``, ``a1``…) or, given ``nodes``, each node's
     own output, through the final norm and unembedding.  Given a ``Circuit``, its nodes that write (all but
     ``logits``), in graph order: what each part of the circuit pushes the prediction towards.
 
     ``positions``: ``"last"`` (each example's last real token, the one that predicts the answer), ``"all"``,
-    or a list of positions."""
+    a list of positions, or each example's own, [batch, positions] (IOI's S2: ``spans["S2"][:, 1:] - 1``)."""
     nodes = node_names(cm, nodes)
     if nodes is None:
         labels = ["input"] + [f"{'a' if w.kind == 'attention' else 'm'}{w.layer}" for w in cm.graph.writers]
@@ -235,7 +235,7 @@ def logit_lens(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: torch.
 
 @torch.no_grad()
 def direct_logits(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                  nodes: list[str] | Circuit | None = None, positions: str | list[int] = "last",
+                  nodes: list[str] | Circuit | None = None, positions: str | list[int] | torch.Tensor = "last",
                   tokens: list[int] | torch.Tensor | None = None, chunk_size: int = 16) -> DirectLogits:
     """Direct logit attribution: the logits each node (every upstream node, or ``nodes``; a ``Circuit``'s
     writing nodes) adds through the final norm, whose statistics — a row's mean square or variance — come from
@@ -258,8 +258,8 @@ def direct_logits(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: tor
 
 @torch.no_grad()
 def source_logits(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                  heads: list[str], positions: str | list[int] = "last", tokens: list[int] | torch.Tensor | None = None,
-                  chunk_size: int = 16) -> SourceLogits:
+                  heads: list[str], positions: str | list[int] | torch.Tensor = "last",
+                  tokens: list[int] | torch.Tensor | None = None, chunk_size: int = 16) -> SourceLogits:
     """Direct logit attribution of ``heads`` (``"a23.h3"``…), split by the key position each reads: which token's
     value a head moves into the answer.  A head's output is its attention weights times its values, summed over
     the keys, and its path to the logits is linear once the norms' statistics are frozen, so each key's part adds
@@ -373,6 +373,12 @@ def _positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pos
         return answer_position({"clean": input_ids.cpu(), **mask})[:, None]
     if isinstance(positions, str) and positions == "all":
         return torch.arange(seq).expand(batch, seq)
+    if isinstance(positions, torch.Tensor) and positions.dim() == 2:  # each example's own: a span's last token
+        outside = ((positions < -seq) | (positions >= seq)).any()
+        if positions.shape[0] != batch or positions.is_floating_point() or outside:
+            raise ValueError(f"positions of shape {tuple(positions.shape)}: per-example positions are integers "
+                             f"[batch={batch}, positions] from {-seq} to {seq - 1}")
+        return positions.cpu()
     positions = positions.tolist() if hasattr(positions, "tolist") else positions  # a tensor or an array
     if isinstance(positions, str) or not all(isinstance(p, Integral) and -seq <= p < seq for p in positions):
         raise ValueError(f"positions={positions!r}: give 'last', 'all' or a list of positions from {-seq} to "

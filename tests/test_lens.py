@@ -181,6 +181,22 @@ def test_positions_outside_the_prompts_are_refused(traced):
             logit_lens(cm, ids, mask, positions=positions)
     for positions in ([-1, 0], torch.tensor([-1, 0]), (-1, 0)):
         assert logit_lens(cm, ids, mask, positions=positions).positions.tolist() == [[-1, 0], [-1, 0]]
+    for positions in (torch.tensor([[1], [6]]), torch.tensor([[1, 2]]), torch.tensor([[1.0], [2.0]])):
+        with pytest.raises(ValueError, match="per-example positions are integers \\[batch=2, positions\\]"):
+            logit_lens(cm, ids, mask, positions=positions)
+
+
+def test_each_example_read_at_its_own_positions(traced):
+    """Per-example positions (a span's token in prompts of different templates) read what ``"all"`` reads there."""
+    _, cm = traced("llama")
+    ids, mask = _ids()
+    own = torch.tensor([[3, 5], [4, -1]])
+    lens, every = logit_lens(cm, ids, mask, positions=own), logit_lens(cm, ids, mask, positions="all")
+    assert lens.positions.tolist() == own.tolist()
+    direct, direct_every = (direct_logits(cm, ids, mask, positions=p) for p in (own, "all"))
+    for row in range(2):
+        torch.testing.assert_close(lens.logits[:, row], every.logits[:, row, own[row]])
+        torch.testing.assert_close(direct.logits[:, row], direct_every.logits[:, row, own[row]])
 
 
 def _hf_run(model, name, ids, mask):
