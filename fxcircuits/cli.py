@@ -41,7 +41,6 @@ from .positions import METHODS as POSITION_METHODS  # beside attribution's METHO
 from .runs import ABLATIONS
 from .scores import EdgeScores
 
-TASKS = ("ioi", "greater-than", "sva")
 CIRCUIT_FILE = "circuit file, .json or .pt (fxcircuits, EAP-IG or MIB)"
 
 
@@ -191,7 +190,7 @@ def _node_options(parser: argparse.ArgumentParser, instead: str) -> None:
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="hub id, local folder, or smollm2-135m (offline)")
-    parser.add_argument("--task", default="ioi", help=f"{', '.join(TASKS)}, or a .csv/.jsonl file of your own")
+    parser.add_argument("--task", default="ioi", help=f"{', '.join(tasks_.TASKS)}, or a .csv/.jsonl file of your own")
     parser.add_argument("--size", type=_positive, default=32, help="number of examples of a built-in task")
     parser.add_argument("--batch-size", type=_positive, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -226,12 +225,12 @@ def _setup(args):
     print(f"loading {args.model} …", file=sys.stderr)
     model, tokenizer = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     cm = trace(model, progress=not args.no_progress)
-    if args.task in TASKS:
+    if args.task in tasks_.TASKS:
         task = tasks_.load(args.task, tokenizer, size=args.size, seed=args.seed, batch_size=args.batch_size)
     elif Path(args.task).suffix in (".csv", ".jsonl"):
         task = tasks_.from_file(args.task, tokenizer, batch_size=args.batch_size)
     else:
-        raise SystemExit(f"unknown task {args.task!r}: use one of {', '.join(TASKS)} or a .csv/.jsonl file")
+        raise SystemExit(f"unknown task {args.task!r}: use one of {', '.join(tasks_.TASKS)} or a .csv/.jsonl file")
     return model, tokenizer, cm, task
 
 

@@ -9,8 +9,8 @@ recorded in ``Task.notes``, never silently::
     task.baseline(cm)            # mean metric on the clean prompts; > 0 when the model does the task
     for batch in task.batches: ...
 
-Built-in tasks: ``greater-than`` (Hanna et al. 2023), ``sva`` (subject-verb agreement), ``ioi`` (Wang et al.
-2023). Your own data: :func:`from_file` (CSV or JSONL).
+Built-in tasks: ``greater-than`` (Hanna et al. 2023), ``sva`` (subject-verb agreement), ``ioi`` and ``ioi-abc``
+(Wang et al. 2023; two corruptions). Your own data: :func:`from_file` (CSV or JSONL).
 """
 from __future__ import annotations
 
@@ -310,20 +310,25 @@ _IOI_TEMPLATES = (
 _IOI_SPANS = ("IO", "S1", "S2", "END")  # the indirect object, the subject's two mentions, the last token
 
 
-def ioi(tokenizer, size: int = 64, seed: int = 0, batch_size: int = 8) -> Task:
+def ioi(tokenizer, size: int = 64, seed: int = 0, batch_size: int = 8, corruption: str = "s2") -> Task:
     """"When Mary and John went to the store, John gave a drink to" → " Mary" (Wang et al. 2023).
 
-    Corruption: the subject's second mention is replaced by a third name ("…, Paul gave a drink to"), so the
-    corrupted prompt no longer says which of the two first names is the indirect object while keeping both
-    in context; this is the corruption whose difference is exactly the duplicated-subject signal that IOI
-    circuits carry. Names are drawn from those that are single tokens for the tokenizer, the order of the
+    Corruption ``"s2"`` (task ``ioi``): the subject's second mention is replaced by a third name ("…, Paul gave a
+    drink to"), so the corrupted prompt no longer says which of the two first names is the indirect object while
+    keeping both in context; this is the corruption whose difference is exactly the duplicated-subject signal that
+    IOI circuits carry, and the tokens before S2 are the same in both prompts.  Corruption ``"abc"`` (task
+    ``ioi-abc``): all three mentions replaced by three other names ("When Paul and Kate went to the store, Luke gave
+    a drink to"), Wang et al.'s ABC distribution: the IO's and S1's positions differ too. Names are drawn from those that are single tokens for the tokenizer, the order of the
     two first names (IO first or subject first) is random, and 8 templates are used. Metric ``logit_diff``:
     logit(IO) − logit(subject). Spans (Wang et al.'s positions): ``IO``, ``S1`` and ``S2`` (the subject's two
     mentions) and ``END`` (the last token).
     """
+    if corruption not in _IOI_CORRUPTIONS:
+        raise ValueError(f"unknown IOI corruption {corruption!r}; choose one of {', '.join(_IOI_CORRUPTIONS)}")
     notes: list[str] = []
     names = _keep(_NAMES, [count == 1 for count in _token_counts(tokenizer, _NAMES, context="When")],
-                  "names that are a single token", notes, minimum=3)
+                  "names that are a single token", notes, minimum=3 if corruption == "s2" else 5)
+    others = random.Random(f"abc {seed}")  # ABC's names apart: the same seed draws the same clean prompts as ioi's
 
     def draw(rng: random.Random) -> Example:
         io, subject, other = rng.sample(names, 3)
@@ -332,13 +337,26 @@ def ioi(tokenizer, size: int = 64, seed: int = 0, batch_size: int = 8) -> Task:
         fill = dict(A=first, B=second, place=rng.choice(_PLACES), object=rng.choice(_OBJECTS))
         roles = {"A": "IO", "B": "S1"} if first == io else {"B": "IO", "A": "S1"}
         clean, spans = _fill(template, {**fill, "S": subject}, {**roles, "S": "S2"})
-        return Example(clean, template.format(S=other, **fill), (" " + io,), (" " + subject,),
-                       {name: spans[name] for name in _IOI_SPANS})
+        if corruption == "s2":
+            corrupted = template.format(S=other, **fill)
+        else:
+            a, b, c = others.sample([name for name in names if name not in (io, subject)], 3)
+            corrupted = template.format(**{**fill, "A": a, "B": b, "S": c})
+        return Example(clean, corrupted, (" " + io,), (" " + subject,), {name: spans[name] for name in _IOI_SPANS})
 
-    return _task("ioi", tokenizer, _sample(tokenizer, draw, size, seed, notes), "logit_diff", batch_size, notes)
+    name = "ioi" if corruption == "s2" else f"ioi-{corruption}"
+    return _task(name, tokenizer, _sample(tokenizer, draw, size, seed, notes), "logit_diff", batch_size, notes)
 
 
-TASKS: dict[str, Callable[..., Task]] = {"greater-than": greater_than, "sva": sva, "ioi": ioi}
+_IOI_CORRUPTIONS = ("s2", "abc")
+
+
+def ioi_abc(tokenizer, size: int = 64, seed: int = 0, batch_size: int = 8) -> Task:
+    """IOI with Wang et al.'s ABC corruption: every name of the corrupted prompt replaced (see :func:`ioi`)."""
+    return ioi(tokenizer, size, seed, batch_size, corruption="abc")
+
+
+TASKS: dict[str, Callable[..., Task]] = {"greater-than": greater_than, "sva": sva, "ioi": ioi, "ioi-abc": ioi_abc}
 
 
 def load(name: str, tokenizer, *, size: int = 64, seed: int = 0, batch_size: int = 8) -> Task:

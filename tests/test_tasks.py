@@ -52,11 +52,21 @@ def test_examples_batches_and_answers_agree(built, tokenizer, name):
         assert [tokenizer.decode([t]) for t in correct + incorrect] == list(example.correct + example.incorrect)
 
 
-@pytest.mark.parametrize("name, differing", [("ioi", 1), ("sva", 1), ("greater-than", 2)])
+@pytest.mark.parametrize("name, differing", [("ioi", 1), ("ioi-abc", 3), ("sva", 1), ("greater-than", 2)])
 def test_corruption_changes_only_the_task_tokens(built, name, differing):
     task = built[name]
     for clean, corrupted in zip(rows(task, "clean"), rows(task, "corrupted")):
         assert sum(a != b for a, b in zip(clean, corrupted)) == differing
+
+
+def test_ioi_abc_is_ioi_with_every_name_of_the_corrupted_prompt_replaced(built):
+    """The same clean prompts and answers as ``ioi``; the corrupted prompt names none of the clean prompt's names."""
+    for s2, abc in zip(built["ioi"].examples, built["ioi-abc"].examples):
+        assert (abc.clean, abc.correct, abc.incorrect) == (s2.clean, s2.correct, s2.incorrect)
+        assert abc.corrupted.split()[-2:] == s2.corrupted.split()[-2:]
+        assert not {name.strip() for name in abc.correct + abc.incorrect} & set(abc.corrupted.replace(",", " ").split())
+    with pytest.raises(ValueError, match="unknown IOI corruption 'xyz'; choose one of s2, abc"):
+        tasks.ioi(smollm2_tokenizer(), size=2, corruption="xyz")
 
 
 def test_seed_decides_the_examples(tokenizer, built):
@@ -100,14 +110,15 @@ def toy_tokenizer(pattern):
 
 
 # The span each task's corruption changes: the tokens where its clean and corrupted prompts differ lie there.
-CHANGED = {"ioi": "S2", "greater-than": "YY", "sva": "subject"}
+CHANGED = {"ioi": ["S2"], "ioi-abc": ["IO", "S1", "S2"], "greater-than": ["YY"], "sva": ["subject"]}
 
 
 @pytest.mark.parametrize("name", list(tasks.TASKS))
 def test_built_in_tasks_name_their_spans_in_every_example(built, tokenizer, name):
     task = built[name]
     for batch in task.batches:
-        assert list(batch["spans"]) == {"ioi": ["IO", "S1", "S2", "END"], "greater-than": ["YY", "END"],
+        assert list(batch["spans"]) == {"ioi": ["IO", "S1", "S2", "END"], "ioi-abc": ["IO", "S1", "S2", "END"],
+                                        "greater-than": ["YY", "END"],
                                         "sva": ["subject", "attractor", "END"]}[name]
         last = batch["attention_mask"].sum(-1)
         assert (batch["spans"]["END"] == torch.stack([last - 1, last], -1)).all()
@@ -118,13 +129,14 @@ def test_built_in_tasks_name_their_spans_in_every_example(built, tokenizer, name
                 words = tokenizer.decode(ids[a:b]).strip()  # END's last character lies in its last word
                 assert words == example.clean[start:stop] or (span == "END" and b - a == 1 and
                                                               words.endswith(example.clean[start:stop]))
-            a, b = batch["spans"][CHANGED[name]][row].tolist()
-            differ = (ids != batch["corrupted"][row]).nonzero().flatten()
-            assert len(differ) and ((differ >= a) & (differ < b)).all()
+            differ = (ids != batch["corrupted"][row]).nonzero().flatten().tolist()
+            changed = [p for span in CHANGED[name] for p in range(*batch["spans"][span][row].tolist())]
+            assert differ and differ == sorted(changed)
 
 
-def test_ioi_spans_are_the_names_answers_are_made_of(built):
-    for batch in built["ioi"].batches:
+@pytest.mark.parametrize("name", ["ioi", "ioi-abc"])
+def test_ioi_spans_are_the_names_answers_are_made_of(built, name):
+    for batch in built[name].batches:
         at = {name: ranges[:, 0] for name, ranges in batch["spans"].items()}
         token = lambda name: batch["clean"].gather(1, at[name][:, None])[:, 0]  # noqa: E731
         assert (token("IO") == batch["correct"][:, 0]).all() and (token("S2") == batch["incorrect"][:, 0]).all()
@@ -148,7 +160,7 @@ def test_greater_than_refuses_other_year_splits():
 
 
 def test_unknown_task_lists_the_tasks(tokenizer):
-    with pytest.raises(ValueError, match="greater-than, sva, ioi.*from_file"):
+    with pytest.raises(ValueError, match="greater-than, sva, ioi, ioi-abc.*from_file"):
         tasks.load("docstring", tokenizer)
 
 
@@ -257,7 +269,7 @@ def test_baseline_runs_any_callable_and_fills_clean_logits_for_kl(tmp_path, toke
 # SVA 0.234; over seeds 0-3 the per-example standard deviations are 2.1, 0.076 and 0.17, so each floor below
 # is > 4 standard errors of a 16-example mean under its measurement. Corrupted runs measured lower in all three
 # (size 64: IOI 0.64, greater-than -0.79, SVA -0.28).
-FLOORS = {"ioi": 2.0, "greater-than": 0.7, "sva": 0.1}
+FLOORS = {"ioi": 2.0, "ioi-abc": 2.0, "greater-than": 0.7, "sva": 0.1}
 
 
 @pytest.mark.slow
