@@ -178,9 +178,9 @@ def patch_by_position(cm: CircuitModel, batches: dict | Iterable[dict], metric, 
                            _joined([_mask(b) for b in given], fill=0), method, names)
 
 
-def _span_names(batches: list[dict], spans: bool | Sequence[str]) -> list[str] | None:
+def _span_names(batches: list[dict], spans: bool | Sequence[str] | None) -> list[str] | None:
     """The spans to patch at (None: each token), each named by every batch."""
-    if spans is False:
+    if spans is False or spans is None:
         return None
     if not all("spans" in batch for batch in batches):
         raise ValueError("patching by span needs batches that name their spans (batch['spans']): build them with "
