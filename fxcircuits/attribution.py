@@ -104,16 +104,27 @@ def _gradient_scores(cm, prepared, metric, method, steps, per_call, progress) ->
             value = p.measure(cm, metric, keep).sum()
             total += torch.autograd.grad(value, keep)[0][0].cpu()
             continue
-        clean, delta, sides = differences(cm, p)
-        for input_ids, keep, other, rows, side_rows in _points(cm, p, clean, delta, sides, method, steps):
-            for first in range(0, keep.shape[0], per_call):
-                chunk = slice(first, first + per_call)
-                tap = Tap(rows, len(cm.graph.downstream), side_rows)
-                value = p.measure(cm, metric, keep[chunk], input_ids=input_ids, other=_masks(other, chunk, p.size),
-                                  tap=tap).sum()
-                total += tap.scores(value).cpu()
+        total += tapped(cm, p, metric, method, steps, per_call)
     per_edge = {"eap": 1, "clean-corrupted": 2}.get(method, steps)
     return total[cm.graph.src, cm.graph.dst] / (examples(prepared) * per_edge)
+
+
+def tapped(cm: CircuitModel, p: Prepared, metric, method: str, steps: int, per_call: int,
+           by_position: bool = False) -> torch.Tensor:
+    """Every edge's tap score (``Tap``) on one batch, summed over the points ``method`` takes its gradients at
+    (``_points``; "eap": the run itself), ``per_call`` points a call: [n_upstream, n_downstream], or by position
+    [n_upstream, n_downstream, batch · seq]."""
+    clean, delta, sides = differences(cm, p)
+    total = 0.0
+    for input_ids, keep, other, rows, side_rows in _points(cm, p, clean, delta, sides, method, steps):
+        for first in range(0, keep.shape[0], per_call):
+            chunk = slice(first, first + per_call)
+            tap = Tap(rows, len(cm.graph.downstream), side_rows, by_position=by_position)
+            with torch.enable_grad():
+                value = p.measure(cm, metric, keep[chunk], input_ids=input_ids, other=_masks(other, chunk, p.size),
+                                  tap=tap).sum()
+                total = total + tap.scores(value).cpu()
+    return total
 
 
 def differences(cm: CircuitModel, p: Prepared) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
@@ -137,7 +148,9 @@ def _points(cm, p: Prepared, clean: list[torch.Tensor], delta: torch.Tensor, sid
             method: str, steps: int):
     """Where the tap methods take their gradients: (input ids, keep [n, U, D], the other run per group and side
     input, the differences the tap scores, the side inputs' differences) per set of points that share them."""
-    if method == "clean-corrupted":
+    if method == "eap":
+        yield p.input_ids, _ones(cm), p.other, delta, sides
+    elif method == "clean-corrupted":
         yield p.input_ids, _ones(cm), p.other, delta, sides
         yield p.batch["corrupted"], _ones(cm), p.other, delta, sides
     elif method == "eap-ig-inputs":  # the input node's edges at k/steps, k = 0 … steps−1 (NOTES.md §4)

@@ -167,11 +167,14 @@ def _parser() -> argparse.ArgumentParser:
                        "round (what restores it)")
     patch.add_argument("--method", choices=POSITION_METHODS, default="exact", help="exact: one patched run per row "
                        "and token; attribution: all of them to first order, from one backward pass (attribution "
-                       "patching: fast enough for every node, a first look)")
+                       "patching: fast enough for every node, a first look); attribution-ig: from gradients "
+                       "averaged over --steps points between the corrupted and the clean input")
+    patch.add_argument("--steps", type=_positive, default=5, help="integration steps of attribution-ig")
     patch.add_argument("--spans", nargs="?", const="all", help="patch each span the task names, all of its tokens "
                        "at once, in every example, and average (IOI: IO, S1, S2, END; your file's 'spans' field); "
                        "optionally the comma-separated spans to patch")
-    patch.add_argument("--per-call", type=_positive, default=16, help="patched runs per call (exact)")
+    patch.add_argument("--per-call", type=_positive, default=16, help="patched runs (exact) or integration points "
+                       "(attribution-ig) per call")
     patch.add_argument("--out", help="heatmap of the fractions, rows × tokens or spans (.svg or .png)")
     patch.set_defaults(run=_patch)
     return parser
@@ -552,8 +555,10 @@ def _patch(args) -> int:
     spans = None if args.spans is None else True if args.spans == "all" else args.spans.split(",")
     batches = task.batches if spans is not None else data.example(*_example(task, args.example))
     effects = patch_by_position(cm, batches, task.metric, nodes=nodes, spans=spans or False, direction=args.direction,
-                                method=args.method, masks_per_call=args.per_call, progress=not args.no_progress)
-    how = f"{args.direction}{' (to first order)' if args.method == 'attribution' else ''}"
+                                method=args.method, steps=args.steps, masks_per_call=args.per_call,
+                                progress=not args.no_progress)
+    how = args.direction + {"exact": "", "attribution": " (to first order)",
+                            "attribution-ig": f" (by integrated gradients, {args.steps} steps)"}[args.method]
     if spans is None:
         print(f"example {args.example}: {task.examples[args.example].clean!r}")
         print(f"{metrics_.name_of(task.metric)}: {float(effects.clean[0]):+.3f} on the clean prompt, "

@@ -21,17 +21,17 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from . import metrics
-from .attribution import differences
+from .attribution import differences, tapped
 from .circuit import Circuit
 from .data import span_weights
 from .draw import plot_heatmap
 from .lens import node_names
 from .model import CircuitModel
-from .patching import Tap, dense_keep
+from .patching import dense_keep
 from .runs import Prepared, check_finite, ends, metric_values, prepare
 
 DIRECTIONS = ("noising", "denoising")
-METHODS = ("exact", "attribution")
+METHODS = ("exact", "attribution", "attribution-ig")
 
 
 @dataclass
@@ -45,7 +45,8 @@ class PositionEffects:
     in the clean values: metric(patched) − metric(corrupted), how much of the behaviour that unit there restores.
     Either way larger means the unit carries more of it there; ``normalized`` divides by metric(clean) −
     metric(corrupted), the whole of it (``clean`` and ``corrupted`` [batch]: the metric on either prompt).
-    ``method``: ``"exact"`` (patched runs) or ``"attribution"`` (their first-order estimate).
+    ``method``: ``"exact"`` (patched runs), ``"attribution"`` (their first-order estimate) or ``"attribution-ig"``
+    (their estimate by integrated gradients).
 
     ``example=`` of ``top``, ``table`` and ``plot`` picks one prompt, or None the mean over the prompts: by span,
     the mean over prompts of every template; by token, over the prompts that hold each position."""
@@ -129,7 +130,7 @@ class PositionEffects:
 @torch.no_grad()
 def patch_by_position(cm: CircuitModel, batches: dict | Iterable[dict], metric, *,
                       nodes: list[str] | Circuit | None = None, spans: bool | Sequence[str] = False,
-                      direction: str = "noising", method: str = "exact", masks_per_call: int = 16,
+                      direction: str = "noising", method: str = "exact", steps: int = 5, masks_per_call: int = 16,
                       progress: bool = False) -> PositionEffects:
     """Patch each unit at each position of ``batches`` (a batch dict, or several: ``clean``, ``corrupted``,
     ``attention_mask`` and what ``metric`` reads) and measure ``metric``: see ``PositionEffects``.
@@ -143,13 +144,15 @@ def patch_by_position(cm: CircuitModel, batches: dict | Iterable[dict], metric, 
     positions) a call, each holding a whole batch of prompts; or ``"attribution"``, attribution patching: each
     edge's first-order score at each position from one forward and backward pass of the run (``patching.Tap`` by
     position), summed over each unit's edges — every node of a large model at every position, at the cost of one
-    gradient, as a first look to pick what to patch exactly."""
+    gradient, as a first look to pick what to patch exactly; or ``"attribution-ig"``, the gradients averaged over
+    ``steps`` points between the corrupted and the clean input (EAP-IG-inputs), ``masks_per_call`` points a call:
+    ``steps`` gradients, and closer where one patch moves the metric far (the stream at the changed token)."""
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; choose one of {', '.join(DIRECTIONS)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if masks_per_call < 1:
-        raise ValueError(f"masks_per_call must be at least 1, got {masks_per_call}")
+    if masks_per_call < 1 or steps < 1:
+        raise ValueError(f"masks_per_call and steps must be at least 1, got {masks_per_call} and {steps}")
     metric = metrics.get(metric)
     given = [batches] if isinstance(batches, dict) else list(batches)
     if not given:
@@ -169,7 +172,7 @@ def patch_by_position(cm: CircuitModel, batches: dict | Iterable[dict], metric, 
     if method == "exact":
         drops = _patched(cm, prepared, metric, masks, columns, run, masks_per_call, progress)
     else:
-        drops = [_attributed(cm, p, metric, masks, c) for p, c in zip(prepared, columns)]
+        drops = [_attributed(cm, p, metric, masks, c, method, steps, masks_per_call) for p, c in zip(prepared, columns)]
     drops = [d if names is not None else d.masked_fill(~_mask(b).bool(), float("nan")) for d, b in zip(drops, given)]
     effects = _joined(drops, fill=float("nan"))
     clean, corrupted = (run, other) if direction == "noising" else (other, run)
@@ -256,15 +259,16 @@ def _moving(cm: CircuitModel, p: Prepared, masks: torch.Tensor) -> torch.Tensor:
     return (patched.ne(0).float() @ differs.float().cpu()).ne(0)
 
 
-def _attributed(cm: CircuitModel, p: Prepared, metric, masks: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-    """``_patched`` to first order, [units, batch, positions]: each edge's score at each token, summed over each
-    unit's edges (those its mask patches) and weighted by each position's ``columns``."""
-    _, delta, sides = differences(cm, p)
-    tap = Tap(delta, len(cm.graph.downstream), sides, by_position=True)
-    with torch.enable_grad():
-        value = p.measure(cm, metric, dense_keep(cm.graph, device=cm.device), tap=tap).sum()
-        scores = tap.scores(value)  # [upstream, downstream, batch · seq]
-    per_edge = scores[cm.graph.src, cm.graph.dst].float().cpu()
+def _attributed(cm: CircuitModel, p: Prepared, metric, masks: torch.Tensor, columns: torch.Tensor, method: str,
+                steps: int, per_call: int) -> torch.Tensor:
+    """``_patched`` estimated from gradients, [units, batch, positions]: each edge's score at each token — at the
+    run itself (``"attribution"``), or averaged over ``steps`` points with the input's edges at 0, 1/steps, …
+    (``"attribution-ig"``, EAP-IG-inputs) — summed over each unit's edges (those its mask patches) and weighted by
+    each position's ``columns``."""
+    points = {"attribution": ("eap", 1), "attribution-ig": ("eap-ig-inputs", steps)}
+    gradients, n_points = points[method]
+    scores = tapped(cm, p, metric, gradients, n_points, per_call, by_position=True) / n_points
+    per_edge = scores[cm.graph.src, cm.graph.dst].float()  # [edges, batch · seq]
     by_token = ((1 - masks) @ per_edge).view(len(masks), p.size, -1)
     return torch.einsum("ubw,cbw->ubc", by_token, columns)
 

@@ -332,15 +332,18 @@ def test_attention_by_span_averages_every_example_of_the_task(folder, tmp_path, 
         main(["attention", *_common(folder), "--heads", "a1.h0", "--position", "S2"])
 
 
-def test_patch_by_attribution_reads_given_nodes_to_first_order(folder, capsys):
-    assert main(["patch", *_common(folder), "--nodes", "a1.h0,m0", "--method", "attribution", "--top", "1"]) == 0
+@pytest.mark.parametrize("method, says", [("attribution", "noising (to first order)"),
+                                          ("attribution-ig", "noising (by integrated gradients, 2 steps)")])
+def test_patch_by_attribution_reads_given_nodes_from_gradients(folder, capsys, method, says):
+    assert main(["patch", *_common(folder), "--nodes", "a1.h0,m0", "--method", method, "--steps", "2",
+                 "--top", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "noising (to first order)" in printed
+    assert says in printed
     rows = {line.split()[0]: line for line in printed.splitlines() if line.lstrip().startswith(("a1.h0", "m0"))}
     model, tokenizer = load_model(folder)
     task = tasks.load("ioi", tokenizer, size=8, seed=0, batch_size=4)
-    effects = patch_by_position(trace(model), task.batches[0], task.metric, nodes=["a1.h0", "m0"],
-                                method="attribution")
+    effects = patch_by_position(trace(model), task.batches[0], task.metric, nodes=["a1.h0", "m0"], method=method,
+                                steps=2)
     values, positions = effects.example(0, normalized=True)  # example 0: the first batch's first row
     for unit, row in zip(effects.units, values):
         (cell,) = re.findall(r"@(\d+) ([-+]\d+\.\d\d)", rows[unit])

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxcircuits import metrics, trace
+from fxcircuits import attribute, metrics, trace
 from fxcircuits.patching import position_weights
 from fxcircuits.positions import DIRECTIONS, _units, patch_by_position
 from fxcircuits.runs import Prepared
@@ -472,3 +472,31 @@ def test_bad_span_sweeps_are_refused(traced, prompts):
     outside = {**_spanned(prompts), "spans": {"A": torch.tensor([[1, 3], [4, 5], [2, 4]])}}  # row 0: padding
     with pytest.raises(ValueError, match="covers padded tokens"):
         patch_by_position(cm, outside, metrics.logit_diff, spans=True)
+
+
+def test_attribution_ig_by_position_adds_up_to_eap_ig_inputs(traced, prompts):
+    """Each node's integrated-gradient scores by position, summed over the positions and averaged over the prompts,
+    are its outgoing edges' EAP-IG-inputs scores (``attribute``, which keeps no position)."""
+    _, cm = traced("llama")
+    batch, nodes = _batch(prompts), cm.graph.upstream
+    by_position = patch_by_position(cm, batch, metrics.logit_diff, nodes=nodes, method="attribution-ig", steps=3,
+                                    masks_per_call=2)
+    scores = attribute(cm, [batch], "logit_diff", "eap-ig-inputs", steps=3, progress=False).tensor
+    per_node = torch.zeros(len(nodes)).index_add_(0, cm.graph.src, scores)
+    torch.testing.assert_close(by_position.effects.nansum(-1).mean(1), per_node, atol=1e-6, rtol=1e-4)
+    assert by_position.method == "attribution-ig" and by_position.effects[:, 0, :2].isnan().all()  # padding
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_attribution_ig_by_position_is_complete_as_its_steps_grow(prompts, name):
+    """Integrated gradients add up to the whole: the input node's effects over every position, to patching the
+    input everywhere (float64), with an error falling as 1/steps."""
+    cm = trace(make(name, dtype=torch.float64))
+    batch = _batch(prompts)
+    clean, corrupted, mask = batch["clean"], batch["corrupted"], batch["attention_mask"]
+    with torch.no_grad():
+        whole = metrics.logit_diff(cm(clean, mask), batch) - metrics.logit_diff(
+            cm(clean, mask, corrupted_input_ids=corrupted, node_mask={"input": 0.0}), batch)
+    errors = [(patch_by_position(cm, batch, metrics.logit_diff, nodes=["input"], method="attribution-ig",
+                                 steps=steps).effects[0].nansum(-1).double() - whole).abs().max() for steps in (16, 64)]
+    assert errors[1] < 0.05 * whole.abs().max() and errors[1] < errors[0] / 3

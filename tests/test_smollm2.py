@@ -127,6 +127,10 @@ def test_patching_by_span_traces_the_subject_to_the_last_token_across_templates(
     fractions = effects.mean(normalized=True)  # [layers, spans]
     assert fractions[:20, 2].min() > 0.95 and fractions[26:, 3].min() > 0.8 and fractions[26:, 2].abs().max() < 0.1
     assert fractions[:, :2].abs().max() < 1e-4
+    # By integrated gradients (5 steps) the sweep is estimated closely; measured on 32 prompts: correlation 0.962
+    # with the exact means (first-order attribution: 0.846, which gives S2 0.06 entering layer 0, for 1.00).
+    estimate = fxcircuits.patch_by_position(cm, task.batches, task.metric, spans=True, method="attribution-ig")
+    assert torch.corrcoef(torch.stack([effects.mean().flatten(), estimate.mean().flatten()]))[0, 1] > 0.93
 
 
 def test_abc_corruption_moves_the_first_names_too(smollm2):
