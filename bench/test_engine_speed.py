@@ -126,11 +126,12 @@ def test_patch_by_position(benchmark, smollm2, batch, method):
     print(f"= {ours / (runs * hf):.3f} of the {runs} HF forwards a sweep with hooks runs")
 
 
-@pytest.mark.parametrize("method", ["exact", "attribution"])
+@pytest.mark.parametrize("method", ["exact", "attribution", "attribution-ig"])
 def test_patch_by_span(benchmark, smollm2, tokenizer, method):
     """Causal tracing by span on 8 prompts of the built-in IOI task (its templates mixed): the stream entering each
-    of the 30 layers patched at IO, S1, S2 and END, each span whole, against the HF forward on those prompts.  A
-    sweep with hooks on the HF model runs one forward per layer and span, 30 × 4 of them."""
+    of the 30 layers patched at IO, S1, S2 and END, each span whole, or estimated from gradients (at the run, or at
+    5 points between the inputs), against the HF forward on those prompts.  A sweep with hooks on the HF model runs
+    one forward per layer and span, 30 × 4 of them."""
     model, cm, _, _ = smollm2
     (batch,) = fxcircuits.tasks.load("ioi", tokenizer, size=8, batch_size=8).batches
     sweep = lambda: fxcircuits.patch_by_position(cm, batch, fxcircuits.metrics.logit_diff, spans=True,  # noqa
