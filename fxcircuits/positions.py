@@ -4,10 +4,11 @@ A circuit's edges say *what* carries a behaviour; patching by position says *whe
 restricted to some positions (``patch_positions``, ``CircuitModel.forward``) patches its edges there alone.
 ``patch_by_position`` sweeps units × positions with it: for each unit — the residual stream entering a layer (causal
 tracing, Meng et al. 2022; TransformerLens's ``resid_pre``) or one node's output (a head, an MLP) — and each
-position, one patched run, many in one call, and the metric's change; or, to first order, every unit at every
-position from one backward pass (attribution patching).  On SmolLM2's first IOI prompt the stream carries the
-difference at the token the corrupted prompt changes (the subject's second mention) through layer 19, and at the
-last token from the name movers' layers on.
+position, one patched run, many in one call, and the metric's change; or, from gradients, every unit at every
+position at once (attribution patching; with integrated gradients, closer).  A position is a token, or a span:
+a named part of each prompt (IOI's S2), which lines up prompts of different templates so that their effects
+average.  On SmolLM2's IOI prompts the stream carries the difference at the token the corrupted prompt changes (the
+subject's second mention) through layer 19, and at the last token from the name movers' layers on.
 """
 from __future__ import annotations
 
