@@ -554,7 +554,7 @@ def _patch(args) -> int:
     _, tokenizer, cm, task = _setup(args)
     spans = None if args.spans is None else True if args.spans == "all" else args.spans.split(",")
     batches = task.batches if spans is not None else data.example(*_example(task, args.example))
-    effects = patch_by_position(cm, batches, task.metric, nodes=nodes, spans=spans or False, direction=args.direction,
+    effects = patch_by_position(cm, batches, task.metric, nodes=nodes, spans=spans, direction=args.direction,
                                 method=args.method, steps=args.steps, masks_per_call=args.per_call,
                                 progress=not args.no_progress)
     how = args.direction + {"exact": "", "attribution": " (to first order)",

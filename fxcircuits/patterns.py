@@ -75,7 +75,10 @@ class Patterns:
         elif query == "last":
             positions = answer_position({"clean": self.input_ids, "attention_mask": self.attention_mask})
         else:
-            positions = torch.full((len(self.input_ids),), query) % self.input_ids.shape[1]
+            seq = self.input_ids.shape[1]
+            if not -seq <= query < seq:
+                raise IndexError(f"query {query}: the prompts have positions 0 to {seq - 1}")
+            positions = torch.full((len(self.input_ids),), query % seq)
         if not self.attention_mask.gather(1, positions[:, None]).all():
             raise ValueError(f"query {query!r} is padding in some example: it attends to nothing")
         rows = self.weights[:, torch.arange(len(positions)), positions.to(self.weights.device)]  # [heads, batch, keys]
