@@ -209,7 +209,7 @@ def greater_than(tokenizer, size: int = 64, seed: int = 0, batch_size: int = 8) 
         yy = rng.randint(2, 98) if digits == 2 else 10 * rng.randint(1, 8) + 9
         values = dict(event=event, century=str(century))
         clean, spans = _fill(_YEARS_TEMPLATE, {**values, "start": f"{yy:02d}"}, {"start": "YY"})
-        corrupted, _ = _fill(_YEARS_TEMPLATE, {**values, "start": "01"}, {})
+        corrupted = _YEARS_TEMPLATE.format(**values, start="01")
         return Example(clean, corrupted, tuple(a for a in answers if int(a) * scale > yy),
                        tuple(a for a in answers if int(a) * scale <= yy), spans)
 
@@ -275,7 +275,7 @@ def sva(tokenizer, size: int = 64, seed: int = 0, batch_size: int = 8) -> Task:
         values = dict(frame=frame, preposition=preposition, attractor=attractor[1 - number])
         roles = {"subject": "subject", "attractor": "attractor"}
         clean, spans = _fill(_SVA_TEMPLATE, {**values, "subject": subject[number]}, roles)
-        corrupted, _ = _fill(_SVA_TEMPLATE, {**values, "subject": subject[1 - number]}, {})
+        corrupted = _SVA_TEMPLATE.format(**values, subject=subject[1 - number])
         return Example(clean, corrupted, tuple(" " + pair[number] for pair in verbs),
                        tuple(" " + pair[1 - number] for pair in verbs), spans)
 
@@ -318,9 +318,9 @@ def ioi(tokenizer, size: int = 64, seed: int = 0, batch_size: int = 8, corruptio
     keeping both in context; this is the corruption whose difference is exactly the duplicated-subject signal that
     IOI circuits carry, and the tokens before S2 are the same in both prompts.  Corruption ``"abc"`` (task
     ``ioi-abc``): all three mentions replaced by three other names ("When Paul and Kate went to the store, Luke gave
-    a drink to"), Wang et al.'s ABC distribution: the IO's and S1's positions differ too. Names are drawn from those that are single tokens for the tokenizer, the order of the
-    two first names (IO first or subject first) is random, and 8 templates are used. Metric ``logit_diff``:
-    logit(IO) − logit(subject). Spans (Wang et al.'s positions): ``IO``, ``S1`` and ``S2`` (the subject's two
+    a drink to"), Wang et al.'s ABC distribution: the IO's and S1's positions differ too. Names are drawn from
+    those that are single tokens for the tokenizer, the order of the two first names (IO first or subject first)
+    is random, and 8 templates are used. Metric ``logit_diff``: logit(IO) − logit(subject). Spans (Wang et al.'s positions): ``IO``, ``S1`` and ``S2`` (the subject's two
     mentions) and ``END`` (the last token).
     """
     if corruption not in _IOI_CORRUPTIONS:
