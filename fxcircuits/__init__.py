@@ -2,7 +2,8 @@
 
 The pipeline, one module per stage: capture (torch.export) → components (residual stream, heads, MLPs)
 → rewrite (per-edge inputs) → patching (masks over edges, at all positions or some; ``positions`` sweeps layers or
-nodes over them) → attribution (edge scores) → scores/circuit (selection, save/load) → evaluation (faithfulness,
+nodes over them) → attribution (edge scores) → scores/circuit (selection, save/load; ``positional``: edges scored
+and kept per span of the prompt) → evaluation (faithfulness,
 CPR/CMD) → lens, patterns and draw (what the circuit does and what each node writes straight into the logits, and
 each head from which token; where its heads look, and a picture of it).  Data: models (load_model), tasks, data
 (batches), metrics.
@@ -18,10 +19,12 @@ from .lens import DirectLogits, Lens, SourceLogits, direct_logits, logit_lens, s
 from .model import CircuitModel, trace
 from .models import load_model
 from .patterns import Patterns, attention_patterns
+from .positional import SpanCircuit, SpanScores, attribute_by_span
 from .positions import PositionEffects, patch_by_position
 from .scores import EdgeScores
 
 __all__ = ["trace", "CircuitModel", "CircuitGraph", "Circuit", "EdgeScores", "attribute", "METHODS", "evaluate",
            "Evaluator", "Evaluation", "logit_lens", "Lens", "direct_logits", "DirectLogits", "source_logits",
-           "SourceLogits", "attention_patterns", "Patterns", "patch_by_position", "PositionEffects", "load_model",
+           "SourceLogits", "attention_patterns", "Patterns", "patch_by_position", "PositionEffects", "attribute_by_span",
+           "SpanScores", "SpanCircuit", "load_model",
            "data", "metrics", "tasks", "CaptureError", "DecompositionError"]

@@ -153,6 +153,10 @@ class Circuit:
 
     def to_json(self, path: str | Path, **info) -> None:
         """Write the EAP-IG/MIB circuit JSON; ``info`` (model, task, method…) is kept in ``cfg``."""
+        Path(path).write_text(json.dumps(self.json_form(**info)))
+
+    def json_form(self, **info) -> dict:
+        """What ``to_json`` writes, as a dict: ``{"cfg", "nodes", "edges"}``."""
         g = self.graph
         alive = set(self.nodes)
         nodes = {name: {"in_graph": name in alive} for name in g.nodes}
@@ -161,7 +165,7 @@ class Circuit:
         scores = self.scores.tolist() if self.scores is not None else [0.0] * len(g.edges)
         edges = {name: {"score": s, "in_graph": bool(flag)}
                  for name, s, flag in zip(g.edges, scores, self.in_graph.tolist())}
-        Path(path).write_text(json.dumps({"cfg": self._cfg(info), "nodes": nodes, "edges": edges}))
+        return {"cfg": self._cfg(info), "nodes": nodes, "edges": edges}
 
     def to_pt(self, path: str | Path, **info) -> None:
         """Write the circuit as EAP-IG's ``Graph.to_pt`` does (``torch.save``; read by its ``Graph.from_pt`` and
@@ -179,7 +183,14 @@ class Circuit:
     @classmethod
     def from_json(cls, path: str | Path) -> "Circuit":
         """Read a circuit JSON written by fxcircuits, EAP-IG or for MIB."""
-        data = json.loads(Path(path).read_text())
+        return cls.from_json_form(json.loads(Path(path).read_text()), path)
+
+    @classmethod
+    def from_json_form(cls, data: dict, path: str | Path = "the circuit") -> "Circuit":
+        """A circuit from the dict ``from_json`` reads; ``path`` names where it came from, in errors."""
+        if isinstance(data, dict) and {"spans", "circuits"} <= data.keys():
+            raise ValueError(f"{path} holds a positional circuit, one circuit per span: read it with "
+                             "fxcircuits.SpanCircuit.load (or fxcircuits.positional.load_circuit, for either kind)")
         _require(data, {"cfg", "nodes", "edges"}, path)
         graph = CircuitGraph.from_config(data["cfg"])
         unknown = data["edges"].keys() - graph.edge_index.keys()

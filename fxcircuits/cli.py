@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import data
 from . import metrics as metrics_
 from . import tasks as tasks_
-from .attribution import METHODS, attribute
+from .attribution import GRADIENT_METHODS, METHODS, attribute
 from .circuit import FORMATS, Circuit
 from .components import DecompositionError
 from .draw import draw_circuit, draw_comparison, plot_faithfulness, plot_heatmap
@@ -36,6 +36,7 @@ from .lens import direct_logits, logit_lens, source_logits
 from .model import trace
 from .models import load_model
 from .patterns import attention_patterns
+from .positional import SpanCircuit, SpanScores, attribute_by_span, load_circuit
 from .positions import DIRECTIONS, patch_by_position
 from .positions import METHODS as POSITION_METHODS  # beside attribution's METHODS
 from .runs import ABLATIONS
@@ -87,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
                           "edges ACDC kept)")
     discover.add_argument("--threshold", type=float, help="ACDC's tau (default 0.01); with --selection threshold, "
                           "the least score an edge needs (|score|; for acdc, its signed score)")
+    discover.add_argument("--spans", nargs="?", const="all", help="a positional circuit: score and keep each edge "
+                          "at each span the task names (IOI: IO, S1, S2, END; your file's 'spans' field) and at the "
+                          "rest of the prompt apart, as (edge, span) pairs; optionally the comma-separated spans.  "
+                          "Gradient methods, topn or threshold; --edges counts pairs; saved as JSON, one EAP-IG "
+                          "circuit per span")
     discover.add_argument("--out", type=_circuit_path, default="circuit.json",
                           help="the circuit, in EAP-IG/MIB's format: .json, or .pt (torch.save, compact for large "
                           "models)")
@@ -279,6 +285,8 @@ def _size(text: str) -> int | float:
 def _discover(args) -> int:
     start = time.perf_counter()
     selection = _selection(args)
+    if args.spans:
+        return _discover_by_span(args, selection, start)
     _, _, cm, task = _setup(args)
     metric, ablation, patching = _patching(args, task, {})
     tau = {"threshold": args.threshold} if args.method == "acdc" and args.threshold is not None else {}
@@ -297,6 +305,48 @@ def _discover(args) -> int:
             f"{len(circuit.nodes)} nodes", "faithfulness": f"{faithfulness:.3f}",
             "time": f"{time.perf_counter() - start:.1f} s", "saved": f"{args.out}, {picture}"})
     return 0
+
+
+def _discover_by_span(args, selection: str, start: float) -> int:
+    """``discover --spans``: a positional circuit, and beside its faithfulness that of the plain circuit of as many
+    edges, cut from the same scores summed over the spans."""
+    if args.method not in GRADIENT_METHODS or selection not in ("topn", "threshold"):
+        raise SystemExit(f"--spans scores edges by span from gradients and keeps the best (edge, span) pairs: use "
+                         f"--method {' or '.join(GRADIENT_METHODS)} and --selection topn or threshold")
+    if Path(args.out).suffix.lower() != ".json":
+        raise SystemExit(f"a positional circuit is saved as JSON: --out {args.out} does not end in .json")
+    _, _, cm, task = _setup(args)
+    metric, ablation, patching = _patching(args, task, {})
+    spans = None if args.spans == "all" else args.spans.split(",")
+    scores = attribute_by_span(cm, task.batches, metric, args.method, spans=spans, steps=args.steps,
+                               progress=not args.no_progress, **patching)
+    circuit = scores.topn(0.01 if args.edges is None else args.edges) if selection == "topn" else (
+        scores.threshold(args.threshold))
+    evaluator = Evaluator(cm, task.batches, metric, **patching)
+    faithfulness = evaluator.evaluate(circuit).faithfulness
+    plain = scores.total().topn(len(circuit))
+    circuit.info.update(model=args.model, task=task.name, faithfulness=faithfulness)
+    circuit.save(args.out)
+    picture = args.draw or str(Path(args.out).with_suffix(".svg"))
+    union = circuit.union()
+    draw_circuit(union, picture, title=f"{args.model} · {task.name} · {args.method} by span · f = {faithfulness:.2f}")
+    _table({"model": args.model, "task": f"{task.name} ({len(task.examples)} examples)",
+            "metric": f"{metric}, patched edges {_carry(ablation)}",
+            "baseline metric": f"{evaluator.full.mean():.3f} clean, {evaluator.empty.mean():.3f} all edges patched",
+            "method": f"{args.method}, by span", "circuit": f"{_extent(circuit)}; {len(union)} edges and "
+            f"{len(union.nodes)} nodes in all", "faithfulness": f"{faithfulness:.3f}",
+            "plain circuit": f"{len(plain)} edges at every token: faithfulness "
+            f"{evaluator.evaluate(plain).faithfulness:.3f}",
+            "time": f"{time.perf_counter() - start:.1f} s", "saved": f"{args.out}, {picture} (the edges of all spans)"})
+    return 0
+
+
+def _extent(circuit: Circuit | SpanCircuit) -> str:
+    """How much a circuit keeps: its edges, or its (edge, span) pairs, per span."""
+    if isinstance(circuit, Circuit):
+        return f"{len(circuit)} edges"
+    per = ", ".join(f"{s} {int(f.sum())}" for s, f in zip(circuit.spans, circuit.in_graph))
+    return f"{len(circuit)} (edge, span) pairs ({per})"
 
 
 def _selection(args) -> str:
@@ -329,16 +379,17 @@ def _select(scores: EdgeScores, selection: str, args) -> Circuit:
 
 
 def _evaluate(args) -> int:
-    circuit = Circuit.load(args.circuit)
+    circuit = load_circuit(args.circuit)
     _, _, cm, task = _setup(args)
     metric, ablation, patching = _patching(args, task, circuit.info)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
     result = evaluator.evaluate(circuit)
-    rows = {"circuit": f"{len(circuit)} edges", "metric": f"{metric}, patched edges {_carry(ablation)}",
+    rows = {"circuit": _extent(circuit), "metric": f"{metric}, patched edges {_carry(ablation)}",
             "faithfulness": f"{result.faithfulness:.3f}",
             "completeness": f"{evaluator.completeness(circuit):.3f} (faithfulness with the circuit knocked out)"}
     if circuit.scores is not None:
-        scores = EdgeScores(circuit.graph, circuit.scores)
+        scores = (EdgeScores(circuit.graph, circuit.scores) if isinstance(circuit, Circuit)
+                  else SpanScores(circuit.graph, circuit.spans, circuit.scores))
         mib = evaluator.mib(scores, progress=not args.no_progress)
         rows.update({"CPR": f"{mib['cpr']:.3f}", "CMD": f"{mib['cmd']:.3f}",
                      "curve": " ".join(f"{p:g}:{f:.2f}" for p, f in zip(mib["cpr_curve"].fractions,
@@ -353,7 +404,8 @@ def _evaluate(args) -> int:
 
 
 def _show(args) -> int:
-    circuit = Circuit.load(args.circuit)
+    circuit = load_circuit(args.circuit)
+    circuit = circuit if isinstance(circuit, Circuit) else circuit.union()  # the edges of all its spans
     circuit = circuit.strongest(args.edges).pruned() if args.edges else circuit
     draw_circuit(circuit, args.out, title=args.title)
     print(f"{len(circuit)} edges, {len(circuit.nodes)} nodes → {args.out}")

@@ -335,6 +335,35 @@ def span_weights(ranges: torch.Tensor, seq: int) -> torch.Tensor:
     return ((positions >= ranges[:, :1]) & (positions < ranges[:, 1:])).float()
 
 
+REST = "rest"  # the class of the positions no named span covers (``position_classes``)
+
+
+def position_classes(batch: dict, names: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
+    """The prompt cut into classes of positions by its spans: the spans ``names`` (every span of the batch where
+    None), then ``"rest"`` for the positions none of them covers (padding included).  Returns the class names and
+    0/1 weights [classes, B, S], one class at each position: the ``mask_positions`` of a positional mask, one mask per
+    class (``CircuitModel.forward``), and the classes positional scores and circuits are kept by."""
+    spans = batch.get("spans") or {}
+    names = list(spans) if names is None else list(names)
+    if not names:
+        raise ValueError("no spans to cut the prompts by: pass batches with 'spans' (fxcircuits.data.make_batches, "
+                         "or a built-in task), or name some")
+    unknown = [n for n in names if n not in spans]
+    if unknown:
+        raise KeyError(f"no span {unknown[0]!r} in the batch; it has {sorted(spans)}")
+    if REST in names:
+        raise ValueError(f"a span named {REST!r} would be taken for the positions no span covers: rename it")
+    seq = batch["clean"].shape[1]
+    cover = torch.stack([span_weights(spans[n], seq) for n in names])
+    overlap = cover.sum(0) > 1
+    if overlap.any():
+        row, position = (int(i) for i in overlap.nonzero()[0])
+        both = [n for n, c in zip(names, cover[:, row, position]) if c]
+        raise ValueError(f"spans {both} overlap at position {position} of example {row}: a position belongs to one "
+                         "class alone; name disjoint spans")
+    return names + [REST], torch.cat([cover, 1 - cover.sum(0, keepdim=True)])
+
+
 def span_sums(values: torch.Tensor, spans: dict[str, torch.Tensor]) -> torch.Tensor:
     """``values`` [..., batch, seq] summed over each span's tokens (``batch["spans"]``): [..., batch, spans], in the
     order ``spans`` names them — what a head puts on IOI's IO, wherever each prompt has it."""

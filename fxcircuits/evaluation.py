@@ -18,6 +18,7 @@ from . import metrics as metrics_
 from .circuit import Circuit
 from .model import CircuitModel
 from .runs import Prepared, check_finite, ends, metric_values, prepare
+from .positional import SpanCircuit, SpanScores
 from .scores import EdgeScores
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -59,36 +60,43 @@ class Evaluator:
         check_finite(cm, self.prepared, self.metric, values)
         self.full, self.empty = values
 
-    def values(self, masks: torch.Tensor, progress: bool = False) -> torch.Tensor:
-        """Per-example metric under each edge mask [n, E]: [n, examples]."""
+    def values(self, masks: torch.Tensor, progress: bool = False, spans: list[str] | None = None) -> torch.Tensor:
+        """Per-example metric under each edge mask [n, E]: [n, examples].  With ``spans`` (a positional circuit's
+        classes, ``SpanCircuit.spans``), masks [n, classes, E], each class applied at its tokens."""
         chunks = masks.split(self.masks_per_call)
-        return torch.cat([metric_values(self.cm, self.prepared, self.metric, chunk)
+        named = None if spans is None else spans[:-1]  # the last class is the rest, which no span names
+        return torch.cat([metric_values(self.cm, self.prepared, self.metric, chunk, named)
                           for chunk in tqdm(chunks, desc="evaluate", disable=not progress or len(chunks) < 2)])
 
-    def faithfulness(self, masks: torch.Tensor, progress: bool = False) -> list[float]:
-        return [faithfulness(v.mean(), self.full.mean(), self.empty.mean()) for v in self.values(masks, progress)]
+    def faithfulness(self, masks: torch.Tensor, progress: bool = False, spans: list[str] | None = None) -> list[float]:
+        return [faithfulness(v.mean(), self.full.mean(), self.empty.mean())
+                for v in self.values(masks, progress, spans)]
 
-    def evaluate(self, circuit: Circuit) -> Evaluation:
-        return Evaluation(self.values(circuit.edge_mask(self.cm.graph)[None])[0], self.full, self.empty)
+    def evaluate(self, circuit: Circuit | SpanCircuit) -> Evaluation:
+        """A circuit, or a positional one, on the batches."""
+        return Evaluation(self.values(circuit.edge_mask(self.cm.graph)[None], spans=_spans(circuit))[0], self.full,
+                          self.empty)
 
-    def curve(self, scores: EdgeScores, fractions: Sequence[float] = MIB_FRACTIONS, absolute: bool = True,
-              progress: bool = False) -> "Curve":
-        """Faithfulness of the pruned top-``p`` circuits, ranked by |score| (``absolute``) or signed score."""
+    def curve(self, scores: EdgeScores | SpanScores, fractions: Sequence[float] = MIB_FRACTIONS,
+              absolute: bool = True, progress: bool = False) -> "Curve":
+        """Faithfulness of the pruned top-``p`` circuits, ranked by |score| (``absolute``) or signed score — of
+        (edge, span) pairs for scores by span, whose ``Curve.edges`` then counts those pairs."""
         circuits = [scores.topn(float(p), absolute) for p in fractions]
         masks = torch.stack([c.edge_mask(self.cm.graph) for c in circuits])
-        return Curve(list(fractions), [len(c) for c in circuits], self.faithfulness(masks, progress))
+        return Curve(list(fractions), [len(c) for c in circuits], self.faithfulness(masks, progress, _spans(scores)))
 
-    def mib(self, scores: EdgeScores, fractions: Sequence[float] = MIB_FRACTIONS, progress: bool = False) -> dict:
+    def mib(self, scores: EdgeScores | SpanScores, fractions: Sequence[float] = MIB_FRACTIONS,
+            progress: bool = False) -> dict:
         """MIB's CPR (signed ranking, area under f) and CMD (|score| ranking, area under |1 − f|), with curves."""
         signed = self.curve(scores, fractions, absolute=False, progress=progress)
         absolute = self.curve(scores, fractions, absolute=True, progress=progress)
         return {"cpr": cpr(signed.fractions, signed.faithfulness), "cmd": cmd(absolute.fractions, absolute.faithfulness),
                 "cpr_curve": signed, "cmd_curve": absolute}
 
-    def completeness(self, circuit: Circuit) -> float:
+    def completeness(self, circuit: Circuit | SpanCircuit) -> float:
         """Faithfulness of the model with the circuit knocked out (its edges patched, every other edge kept):
         near 0 when the circuit holds all of the behaviour."""
-        return self.faithfulness(1 - circuit.edge_mask(self.cm.graph)[None])[0]
+        return self.faithfulness(1 - circuit.edge_mask(self.cm.graph)[None], spans=_spans(circuit))[0]
 
     def minimality(self, circuit: Circuit, progress: bool = False) -> dict[str, float]:
         """For each edge of the circuit, f(C) − f(C without that edge): what the edge is worth."""
@@ -103,6 +111,11 @@ class Evaluator:
         return {self.cm.graph.edges[e]: whole - f for e, f in zip(edges.tolist(), without)}
 
 
+def _spans(circuit: Circuit | SpanCircuit | EdgeScores | SpanScores) -> list[str] | None:
+    """The classes of positions of a positional circuit or of scores by span; None for plain ones."""
+    return circuit.spans if isinstance(circuit, (SpanCircuit, SpanScores)) else None
+
+
 @dataclass
 class Curve:
     """Faithfulness against circuit size: the requested fractions, the edges kept after pruning, f."""
@@ -111,7 +124,7 @@ class Curve:
     faithfulness: list[float]
 
 
-def evaluate(cm: CircuitModel, circuit: Circuit, batches: Iterable[dict], metric: str | Callable,
+def evaluate(cm: CircuitModel, circuit: Circuit | SpanCircuit, batches: Iterable[dict], metric: str | Callable,
              **options) -> Evaluation:
     """Per-example metric of ``circuit`` (every other edge patched), with the full and empty baselines."""
     return Evaluator(cm, batches, metric, **options).evaluate(circuit)

@@ -4,6 +4,7 @@
     cm(input_ids, attention_mask)                                    # == model(...).logits
     cm(input_ids, attention_mask, corrupted_input_ids=c, edge_mask=m) # edges at 0 see the corrupted run
     cm(input_ids, attention_mask, corrupted_input_ids=c, node_mask={"m3": 0}, patch_positions=[5])  # ... there alone
+    cm(input_ids, attention_mask, corrupted_input_ids=c, edge_mask=[m_s2, m_rest], mask_positions=w)  # one per span
 
 A patched call costs one pass over the corrupted input and one over the clean input, whatever the mask — on
 a GPU and without a gradient, both in one batched pass; an ``edge_mask`` of shape [n_masks, n_edges] evaluates
@@ -25,7 +26,7 @@ from .components import (MLP, Attention, Components, DecompositionError, Step, c
 from .graph import CircuitGraph, Writer
 from . import heads
 from .heads import record_values
-from .patching import Scratch, Tap, dense_keep, position_weights, where_per_mask
+from .patching import Scratch, Tap, class_keep, dense_keep, mask_weights, position_weights, where_per_mask
 from .prefix import share_prefix
 from .rewrite import (build_patcher, build_patterns, build_plain, build_readout, build_recorder, build_sources,
                       build_streams, plan_attention)
@@ -181,9 +182,10 @@ def _one_token_too(cut: Callable):
             twice = [None if t is None else torch.cat([t, t], 1) for t in given]
             if twice[2] is not None:
                 kwargs["corrupted_input_ids"] = twice[2]
-            if kwargs.get("patch_positions") is not None:  # the second position is never patched
-                weights = position_weights(kwargs["patch_positions"], 1)
-                kwargs["patch_positions"] = torch.cat([weights, torch.zeros_like(weights)], -1)
+            for name, check in (("patch_positions", position_weights), ("mask_positions", mask_weights)):
+                if kwargs.get(name) is not None:  # the second position is never patched
+                    weights = check(kwargs[name], 1)
+                    kwargs[name] = torch.cat([weights, torch.zeros_like(weights)], -1)
             return cut(method(self, twice[0], twice[1], **kwargs))
         return run
     return wrap
@@ -413,7 +415,8 @@ class CircuitModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 corrupted_input_ids: torch.Tensor | None = None, edge_mask=None, node_mask=None,
                 corrupted_activations: torch.Tensor | None = None,
-                corrupted_side_inputs: list[torch.Tensor] | None = None, patch_positions=None) -> torch.Tensor:
+                corrupted_side_inputs: list[torch.Tensor] | None = None, patch_positions=None,
+                mask_positions=None) -> torch.Tensor:
         """Logits; with ``edge_mask``/``node_mask``, logits of the edge-patched run.
 
         ``edge_mask``: tensor in ``graph.edges`` order ([E], or [n_masks, E] to evaluate several masks at once,
@@ -428,20 +431,22 @@ class CircuitModel(nn.Module):
         ``patch_positions``: where the masks apply (elsewhere every edge is kept): position indices, the same for
         every prompt, or bool/float weights over the positions, [seq], [batch, seq] or [n_masks, batch, seq]
         (``patching.position_weights``).  Weights per mask with one mask given evaluate it at each of them: a
-        node's effect position by position, in one call."""
+        node's effect position by position, in one call.
+
+        ``mask_positions``: a mask with one class per part of the prompt — a positional circuit, whose edges are kept
+        at some tokens and patched at others.  Weights [classes, seq], [classes, batch, seq] or [n_masks, classes,
+        batch, seq] say where each class applies (``data.position_classes`` makes them from a batch's spans);
+        ``edge_mask``/``node_mask`` then hold one mask per class: [classes, n], [n_masks, classes, n], or a list of
+        ``classes`` masks of any form above.  At a position, an edge's mask is 1 − Σ_c w_c · (1 − m_c)."""
         input_ids, attention_mask = self.inputs(input_ids, attention_mask)
+        given = corrupted_input_ids, corrupted_activations, patch_positions, mask_positions
         if edge_mask is None and node_mask is None:
-            if corrupted_input_ids is not None or corrupted_activations is not None or patch_positions is not None:
-                raise ValueError("a corrupted run or patch_positions was given but no edge_mask or node_mask says what "
+            if any(g is not None for g in given):
+                raise ValueError("a corrupted run or positions were given but no edge_mask or node_mask says what "
                                  "to patch (the run would be the clean one): pass edge_mask= (0 patches an edge) or "
                                  "node_mask=, or drop them for the clean logits")
             return self.engine(input_ids).exported(input_ids, attention_mask)
-        keep = dense_keep(self.graph, edge_mask, node_mask, device=self.device)
-        where = None
-        if patch_positions is not None:
-            where = position_weights(patch_positions, input_ids.shape[1]).to(self.device)
-            if where.dim() == 3 and keep.shape[0] == 1:
-                keep = keep.expand(where.shape[0], -1, -1)
+        keep, where = self._keep(edge_mask, node_mask, patch_positions, mask_positions, input_ids.shape[1])
         if corrupted_input_ids is not None and corrupted_activations is None and self.runs_alongside():
             logits = self.patched_alongside(input_ids, attention_mask, self._corrupted(input_ids, corrupted_input_ids),
                                             keep, where)
@@ -449,9 +454,32 @@ class CircuitModel(nn.Module):
             other, recorded = self._other_run(input_ids, attention_mask, corrupted_input_ids, corrupted_activations,
                                               corrupted_side_inputs)
             logits = self.patched(input_ids, attention_mask, other, keep, recorded=recorded, where=where)
-        batched = (any(isinstance(m, torch.Tensor) and m.dim() == 2 for m in (edge_mask, node_mask))
-                   or where is not None and where.dim() == 3)
+        masks = 2 if mask_positions is None else 3  # a mask tensor's dimensions when it holds many masks
+        batched = (any(isinstance(m, torch.Tensor) and m.dim() == masks for m in (edge_mask, node_mask))
+                   or where is not None and where.dim() == masks + 1)
         return logits if batched else logits[0]
+
+    def _keep(self, edge_mask, node_mask, patch_positions, mask_positions,
+              seq: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``forward``'s masks as the patcher's block, and the weights of the positions where they apply."""
+        if mask_positions is not None:
+            if patch_positions is not None:
+                raise ValueError("give patch_positions (where every mask applies) or mask_positions (where each class "
+                                 "of a positional mask applies), not both: a class weighted by some positions alone "
+                                 "does what patch_positions does")
+            where = mask_weights(mask_positions, seq).to(self.device)
+            classes = where.shape[0 if where.dim() == 2 else -3]
+            keep = class_keep(self.graph, edge_mask, node_mask, classes, device=self.device)
+            if where.dim() == 4 and keep.shape[0] == 1:
+                keep = keep.expand(where.shape[0], -1, -1, -1)
+            return keep, where
+        keep = dense_keep(self.graph, edge_mask, node_mask, device=self.device)
+        if patch_positions is None:
+            return keep, None
+        where = position_weights(patch_positions, seq).to(self.device)
+        if where.dim() == 3 and keep.shape[0] == 1:
+            keep = keep.expand(where.shape[0], -1, -1)
+        return keep, where
 
     def patched(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, other: list[torch.Tensor],
                 keep: torch.Tensor, tap: Tap | None = None, recorded: list[torch.Tensor] | None = None,
@@ -470,7 +498,7 @@ class CircuitModel(nn.Module):
         if positions is not None:
             _check_positions(positions, input_ids)
         n, prefix = keep.shape[0], self._prefix(keep, input_ids)
-        where = None if where is None else where_per_mask(where, n, input_ids.shape[0])
+        where = None if where is None else where_per_mask(where, keep, input_ids.shape[0])
         if n > 1 and not prefix:
             input_ids, attention_mask = input_ids.repeat(n, 1), attention_mask.repeat(n, 1)
         return self._patch(input_ids, attention_mask, other, keep, tap, recorded, positions=positions, prefix=prefix,
@@ -500,7 +528,7 @@ class CircuitModel(nn.Module):
         the pace (a model this size on a GPU) that halves the operations a patched call launches; ``forward``
         takes this path where ``runs_alongside()``."""
         copies = 1 if self._prefix(keep, input_ids) else keep.shape[0]
-        where = None if where is None else where_per_mask(where, keep.shape[0], input_ids.shape[0])
+        where = None if where is None else where_per_mask(where, keep, input_ids.shape[0])
         input_ids = torch.cat([corrupted_input_ids, input_ids.repeat(copies, 1)])
         return self._patch(input_ids, attention_mask.repeat(copies + 1, 1), None, keep, None, None, ahead=True,
                            prefix=copies < keep.shape[0], where=where)

@@ -50,13 +50,24 @@ class DeltaStore:
     prefix: whether the masks share the layers before the first reader any of them moves: the pass runs them on
     one copy of the batch and widens to every mask's rows at that reader group, ``widen_at`` (``fxcircuits.prefix``).
     Writes of that one copy then serve every mask's rows here, as one batch of the other run does;
-    where: the positions each mask patches, [n_masks, batch, seq] (``position_weights``), or None for all of them.
-    The rows are weighted by it as they are written, so every sum over them — products, carried sums, the rows'
-    sum — and the mask's gradient see the edges patched there alone."""
+    where: the positions each mask patches, [n_masks, classes, batch, seq] (``position_weights``), or None for all
+    of them.  The rows are weighted by it as they are written, so every sum over them — products, carried sums, the
+    rows' sum — and the mask's gradient see the edges patched there alone.
+
+    A mask may also hold one block per class of positions, keep [n_masks, classes, n_upstream, n_downstream] with
+    ``where`` saying where each applies (``mask_weights``): an edge kept at some tokens and patched at others, as a
+    positional circuit is.  Because x_d[p] = x_d(run)[p] + Σ_s Σ_u (1 − m_s[u, d]) · w_s[p] · δ_u[p], each node then
+    writes one row per class, its difference weighted by that class's positions, and the classes' blocks are the
+    mask over those rows: every product, route and gradient below runs unchanged on them.  The rows lie group by
+    group, and within a group class by class (``_by_group``); ``sizes`` and ``starts`` count rows."""
 
     def __init__(self, keep: torch.Tensor, sizes: list[int], readers: list[int], reads: list[int],
                  scratch: Scratch | None = None, ahead: bool = False, prefix: bool = False,
                  where: torch.Tensor | None = None):
+        self.classes = 1 if keep.dim() == 3 else keep.shape[1]
+        if keep.dim() == 4:
+            keep = _by_group(keep, sizes)
+        sizes = [n * self.classes for n in sizes]
         self.scratch = None if torch.is_grad_enabled() else scratch  # a backward pass reads the rows after the run
         if ahead and torch.is_grad_enabled():
             raise RuntimeError("a patched pass that runs the other run alongside takes no gradient: run it under "
@@ -111,11 +122,14 @@ class DeltaStore:
                         self.buffer = (write.new_empty(shape, dtype=dtype) if fresh
                                        else self.scratch.take(write, shape, "rows", dtype))
                     self.widen(dtype)
-                    out = self.buffer[self.count:self.count + n].view(n, masks, *write.shape[2:])
-                    torch.sub(other, write if write.shape == out.shape else write.expand(out.shape), out=out)
-                    if self.where is not None:
-                        at_where(out, self.where, out)  # [n, n_masks, …] as ``at_where`` reads it
-                    self.count += n
+                    rows = n * self.classes
+                    out = self.buffer[self.count:self.count + rows].view(self.classes, n, masks, *write.shape[2:])
+                    first = out[0]
+                    torch.sub(other, write if write.shape == first.shape else write.expand(first.shape), out=first)
+                    if self.where is not None:  # each class's rows [n, n_masks, …] as ``at_where`` reads them
+                        for c in range(self.classes - 1, -1, -1):  # the first class's rows, read by all, weighted last
+                            at_where(first, self.where[:, c], out[c])
+                    self.count += rows
                 self.groups += 1
         return self.rows()
 
@@ -211,6 +225,25 @@ class DeltaStore:
                 self.sum = self.sum + self.buffer[self.summed:self.count].sum(0)
         self.summed = self.count
         return self.sum
+
+
+def _by_group(keep: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """A mask with one block per class of positions, [n_masks, classes, n_upstream, readers], as the rows of
+    ``DeltaStore`` lie: [n_masks, classes · n_upstream, readers], group after group, and within a group each class's
+    block of its nodes in turn — so that a group's rows, for every class, are written and read together."""
+    n_masks, classes, n_up, readers = keep.shape
+    order = [c * n_up + start + i for start, n in zip(itertools.accumulate(sizes, initial=0), sizes)
+             for c in range(classes) for i in range(n)]
+    return keep.reshape(n_masks, classes * n_up, readers).index_select(1, torch.tensor(order, device=keep.device))
+
+
+def _unweighted(grad: torch.Tensor, where: torch.Tensor | None) -> torch.Tensor:
+    """The gradient [classes · n, …] of one group's rows, class by class (``DeltaStore``), as the gradient [n, …] of
+    the group's difference they were weighted from: Σ_c where[:, c] · grad of class c's rows."""
+    if where is None:
+        return grad
+    by_class = grad.unflatten(0, (where.shape[1], -1))
+    return sum(at_where(by_class[c], where[:, c]) for c in range(where.shape[1]))
 
 
 def at_where(rows: torch.Tensor, where: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -510,11 +543,10 @@ class _Accumulate(torch.autograd.Function):
         grads = [None] * (2 * n_groups)
         if to_rows:
             flat = ctx.products.grad_rows(ctx.weights, grad_rows).reshape(ctx.rows.shape)
-            if ctx.where is not None:  # the rows were weighted by position as they were written
-                flat = at_where(flat, ctx.where)
             parts = iter(flat.split([n for n, kept in zip(ctx.sizes, ctx.stored) if kept]))
             for i, kept in enumerate(ctx.stored):
-                part = next(parts) if kept else None
+                # the rows were weighted by position as they were written, one row per class
+                part = _unweighted(next(parts), ctx.where) if kept else None
                 if part is not None and ctx.needs_input_grad[6 + i]:
                     grads[i] = -_sum_to(part, ctx.write_shapes[i])  # summed over masks in a shared prefix
                 if part is not None and ctx.needs_input_grad[6 + n_groups + i]:
@@ -578,9 +610,11 @@ def side_input(store: DeltaStore, run: torch.Tensor, other: torch.Tensor | None,
     mask's (None where that run leads this pass's rows, ``store.ahead``)."""
     if not store.moves(reader, reader + 1) and not store.keep.requires_grad:
         return run
-    weight = 1 - store.keep[:, 0, reader].to(run.dtype)
-    if store.where is not None:  # [n_masks, batch, seq]: the value is [rows, seq, …] (``components.check_sides``)
-        weight = weight[:, None, None] * store.where.to(run.dtype)
+    weight = 1 - store.keep[:, :store.classes, reader].to(run.dtype)  # the input node's rows, one per class
+    if store.where is None:
+        weight = weight[:, 0]
+    else:  # [n_masks, batch, seq]: the value is [rows, seq, …] (``components.check_sides``)
+        weight = torch.einsum("mc,mcbs->mbs", weight, store.where.to(run.dtype))
     if store.ahead:
         lead, rest = run.unflatten(0, (store.blocks, -1)).split([1, store.blocks - 1])
         return torch.cat([lead, _mixed(rest, lead, weight)]).flatten(0, 1)
@@ -742,16 +776,10 @@ def position_weights(patch_positions, seq: int) -> torch.Tensor:
     if isinstance(patch_positions, torch.Tensor) and (patch_positions.is_floating_point()
                                                        or patch_positions.dtype == torch.bool):
         weights = patch_positions
-        if weights.requires_grad:
-            raise ValueError("patch_positions takes no gradient: detach it (a gradient with respect to each position "
-                             "is not computed; a mask's gradient is, at the positions it patches)")
         if weights.dim() not in (1, 2, 3) or weights.shape[-1] != seq:
             raise ValueError(f"patch_positions has shape {tuple(weights.shape)}; expected weights over the {seq} "
                              f"positions: [{seq}], [batch, {seq}] or [n_masks, batch, {seq}]")
-        weights = weights.to(torch.float32) if weights.dtype == torch.bool else weights
-        if not weights.abs().amax().isfinite():
-            raise ValueError("patch_positions contains NaN or infinite values")
-        return weights
+        return _finite_weights(weights, "patch_positions")
     try:
         index = torch.as_tensor(patch_positions)
     except (TypeError, ValueError, RuntimeError):
@@ -765,13 +793,47 @@ def position_weights(patch_positions, seq: int) -> torch.Tensor:
     return torch.zeros(seq).index_fill_(0, index.flatten().long() % seq, 1.0)
 
 
-def where_per_mask(weights: torch.Tensor, n_masks: int, batch: int) -> torch.Tensor:
-    """``position_weights`` expanded to every mask and prompt, [n_masks, batch, seq], as ``DeltaStore`` reads them."""
-    full = weights.reshape(*[1] * (3 - weights.dim()), *weights.shape)
-    if full.shape[0] not in (1, n_masks) or full.shape[1] not in (1, batch):
-        raise ValueError(f"patch_positions has shape {tuple(weights.shape)} for {n_masks} mask(s) of {batch} prompt(s):"
-                         f" its leading sizes must be the masks' and the prompts' counts, or 1")
-    return full.expand(n_masks, batch, full.shape[2])
+def mask_weights(mask_positions, seq: int) -> torch.Tensor:
+    """``mask_positions`` — where each class of a mask applies (``CircuitModel.forward``) — checked, as weights
+    [classes, seq], [classes, batch, seq] or [n_masks, classes, batch, seq] over the ``seq`` positions (leading
+    sizes but the classes' may be 1).  The classes need not cover the prompt: where none applies every edge is kept."""
+    if not isinstance(mask_positions, torch.Tensor) or not (mask_positions.is_floating_point()
+                                                            or mask_positions.dtype == torch.bool):
+        raise ValueError("mask_positions must be a bool or float tensor of weights, one row of positions per class of "
+                         f"the mask (see fxcircuits.data.position_classes); got {type(mask_positions).__name__}")
+    if mask_positions.dim() not in (2, 3, 4) or mask_positions.shape[-1] != seq:
+        raise ValueError(f"mask_positions has shape {tuple(mask_positions.shape)}; expected weights over the {seq} "
+                         f"positions for each class of the mask: [classes, {seq}], [classes, batch, {seq}] or "
+                         f"[n_masks, classes, batch, {seq}]")
+    return _finite_weights(mask_positions, "mask_positions")
+
+
+def _finite_weights(weights: torch.Tensor, name: str) -> torch.Tensor:
+    """Position weights as a float tensor, refused where they need a gradient or hold NaN or ∞."""
+    if weights.requires_grad:
+        raise ValueError(f"{name} takes no gradient: detach it (a gradient with respect to each position is not "
+                         "computed; a mask's gradient is, at the positions it patches)")
+    weights = weights.to(torch.float32) if weights.dtype == torch.bool else weights
+    if not weights.abs().amax().isfinite():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return weights
+
+
+def where_per_mask(weights: torch.Tensor, keep: torch.Tensor, batch: int) -> torch.Tensor:
+    """``position_weights`` (a mask of one class, ``keep`` [n_masks, up, down]) or ``mask_weights`` (``keep``
+    [n_masks, classes, up, down]) expanded to every mask, class and prompt, [n_masks, classes, batch, seq], as
+    ``DeltaStore`` reads them."""
+    n_masks, classes = keep.shape[0], 1 if keep.dim() == 3 else keep.shape[1]
+    name = "patch_positions" if keep.dim() == 3 else "mask_positions"
+    if keep.dim() == 3:  # [seq], [batch, seq] or [n_masks, batch, seq]
+        full = weights.reshape(*[1] * (3 - weights.dim()), *weights.shape).unsqueeze(1)
+    else:  # [classes, seq], [classes, batch, seq] or [n_masks, classes, batch, seq]
+        full = weights[None, :, None] if weights.dim() == 2 else weights[None] if weights.dim() == 3 else weights
+    if full.shape[0] not in (1, n_masks) or full.shape[1] != classes or full.shape[2] not in (1, batch):
+        raise ValueError(f"{name} has shape {tuple(weights.shape)} for {n_masks} mask(s) of {classes} class(es) of "
+                         f"positions and {batch} prompt(s): its leading sizes must be the masks', the classes' and "
+                         "the prompts' counts (the masks' and the prompts' may be 1)")
+    return full.expand(n_masks, classes, batch, full.shape[3])
 
 
 def dense_keep(graph: CircuitGraph, edge_mask=None, node_mask=None, *, device=None) -> torch.Tensor:
@@ -793,3 +855,35 @@ def dense_keep(graph: CircuitGraph, edge_mask=None, node_mask=None, *, device=No
         raise ValueError("edge/node mask contains NaN or infinite values")
     keep = edges.new_ones(edges.shape[0], len(graph.upstream) * len(graph.downstream))
     return keep.index_copy_(1, graph.cells.to(edges.device), edges).view(-1, len(graph.upstream), len(graph.downstream))
+
+
+def class_keep(graph: CircuitGraph, edge_mask, node_mask, classes: int, *, device=None) -> torch.Tensor:
+    """Masks with one mask per class of positions (``mask_positions``) as the block ``DeltaStore`` reads,
+    [n_masks, classes, n_upstream, n_downstream].  Each mask is a tensor [classes, …] or [n_masks, classes, …] over
+    the edges or upstream nodes, or a list of ``classes`` masks as ``dense_keep`` takes them (a ``Circuit`` or a
+    dict for each class)."""
+    edges = _by_class(edge_mask, classes, "edge", lambda m: edge_vector(graph, m))
+    nodes = _by_class(node_mask, classes, "node", lambda m: node_vector(graph, m))
+    keep = dense_keep(graph, edges, nodes, device=device)
+    return keep.view(-1, classes, *keep.shape[1:])
+
+
+def _by_class(mask, classes: int, what: str, vector: Callable) -> torch.Tensor | None:
+    """One of ``class_keep``'s masks as a tensor [n_masks · classes, size]."""
+    if mask is None:
+        return None
+    if isinstance(mask, (list, tuple)):
+        if len(mask) != classes:
+            raise ValueError(f"{what}_mask lists {len(mask)} masks for mask_positions' {classes} classes of positions:"
+                             " give one per class")
+        parts = [vector(m) for m in mask]
+        if any(p.dim() != 1 for p in parts):
+            raise ValueError(f"each of the {what} masks listed is one mask; give many as a tensor "
+                             f"[n_masks, {classes}, n_{what}s]")
+        dtype = functools.reduce(torch.promote_types, (p.dtype for p in parts))
+        return torch.stack([p.to(parts[0].device, dtype) for p in parts])
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 3) or mask.shape[-2] != classes:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{what}_mask is {shape}; with mask_positions of {classes} classes of positions, give "
+                         f"[{classes}, n_{what}s], [n_masks, {classes}, n_{what}s] or a list of {classes} masks")
+    return vector(mask.reshape(-1, mask.shape[-1]))

@@ -332,7 +332,7 @@ class _Builder:
             ahead = self.graph.placeholder("ahead", default_value=False)  # the other run leads the batch (no other)
             self.positions = self.graph.placeholder("positions", default_value=None)  # [batch]: logits only there
             prefix = self.graph.placeholder("prefix", default_value=False)  # the masks share a prefix (``prefix``)
-            where = self.graph.placeholder("where", default_value=None)  # [n_masks, batch, seq]: positions patched
+            where = self.graph.placeholder("where", default_value=None)  # [n_masks, classes, batch, seq]: positions
             self.store = self.call(DeltaStore, self.keep, self.sizes, self.readers, self.reads, scratch, ahead, prefix,
                                    where)
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from . import metrics
-from .data import check_batch, to_device
+from .data import check_batch, position_classes, to_device
 from .model import CircuitModel
-from .patching import Tap, dense_keep
+from .patching import Tap, class_keep, dense_keep
 
 ABLATIONS = ("corrupted", "zero", "mean")
 
@@ -31,6 +31,11 @@ class Prepared:
     @property
     def size(self) -> int:
         return self.input_ids.shape[0]
+
+    def classes(self, spans: list[str]) -> torch.Tensor:
+        """The batch's classes of positions (``data.position_classes``: the spans named, then the rest) over its
+        prompts as prepared, which a capture may have padded: [classes, batch, seq]."""
+        return position_classes({**self.batch, "clean": self.input_ids}, spans)[1]
 
     def measure(self, cm: CircuitModel, metric, keep: torch.Tensor, *, input_ids: torch.Tensor | None = None,
                 other: list[torch.Tensor] | None = None, tap: Tap | None = None,
@@ -126,11 +131,19 @@ def examples(prepared: list[Prepared]) -> int:
     return sum(p.size for p in prepared)
 
 
-def metric_values(cm: CircuitModel, prepared: list[Prepared], metric, masks: torch.Tensor) -> torch.Tensor:
-    """The metric of every example under every edge mask [n, E], patched in one call per batch: [n, examples]."""
-    keep = dense_keep(cm.graph, masks, device=cm.device)
+def metric_values(cm: CircuitModel, prepared: list[Prepared], metric, masks: torch.Tensor,
+                  spans: list[str] | None = None) -> torch.Tensor:
+    """The metric of every example under every edge mask [n, E], patched in one call per batch: [n, examples].
+    With ``spans``, the masks are positional, [n, classes, E]: one per class of positions, the spans named and
+    the rest (``data.position_classes``), each applied at its class's tokens of each prompt."""
+    if spans is None:
+        keep = dense_keep(cm.graph, masks, device=cm.device)
+        with torch.no_grad():
+            values = [p.measure(cm, metric, keep, recorded=p.recorded) for p in prepared]
+        return torch.cat(values, -1).float().cpu()
+    keep = class_keep(cm.graph, masks, None, masks.shape[1], device=cm.device)
     with torch.no_grad():
-        values = [p.measure(cm, metric, keep, recorded=p.recorded) for p in prepared]
+        values = [p.measure(cm, metric, keep, recorded=p.recorded, where=p.classes(spans)) for p in prepared]
     return torch.cat(values, -1).float().cpu()
 
 

@@ -6,8 +6,8 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-from fxcircuits import (Circuit, CircuitGraph, DecompositionError, EdgeScores, Evaluator, attention_patterns, attribute,
-                        cli, load_model, patch_by_position, source_logits, tasks, trace)
+from fxcircuits import (Circuit, CircuitGraph, DecompositionError, EdgeScores, Evaluator, SpanCircuit,
+                        attention_patterns, attribute, cli, load_model, patch_by_position, source_logits, tasks, trace)
 from fxcircuits.cli import main
 
 
@@ -67,6 +67,37 @@ def test_discover_evaluate_show_lens(folder, tmp_path, capsys):
     assert all(0 <= float(p) <= 1 for p in correct[1::2]) and all(-1 <= float(p) <= 1 for p in push.split()[1::2])
     with pytest.raises(SystemExit, match="not both"):
         main(["lens", str(out), *_common(folder), "--nodes", "m0"])
+
+
+def test_discover_by_span_evaluate_and_show(folder, tmp_path, capsys):
+    """A positional circuit from the shell: its (edge, span) pairs per span, its faithfulness beside the plain
+    circuit of as many edges, saved and evaluated again to the same figure, and drawn."""
+    out = tmp_path / "by_span.json"
+    assert main(["discover", *_common(folder), "--method", "eap", "--spans", "--edges", "40", "--out",
+                 str(out)]) == 0
+    printed = capsys.readouterr().out
+    circuit = SpanCircuit.load(out)
+    assert circuit.spans == ["IO", "S1", "S2", "END", "rest"] and 0 < len(circuit) <= 40
+    per = ", ".join(f"{s} {len(e)}" for s, e in circuit.edges.items())
+    assert f"{len(circuit)} (edge, span) pairs ({per})" in printed
+    f = float(next(line for line in printed.splitlines() if line.startswith("faithfulness")).split()[-1])
+    assert f == pytest.approx(circuit.info["faithfulness"], abs=1e-3)
+    assert re.search(r"^plain circuit +\d+ edges at every token: faithfulness -?[\d.]+$", printed, re.M)
+    ET.parse(out.with_suffix(".svg"))
+
+    assert main(["evaluate", str(out), *_common(folder)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{f:.3f}" in printed and "CPR" in printed and "(edge, span) pairs" in printed
+    assert main(["show", str(out), "--out", str(tmp_path / "again.svg")]) == 0
+    assert capsys.readouterr().out.startswith(f"{len(circuit.union())} edges")
+
+    assert main(["discover", *_common(folder), "--method", "eap", "--spans", "S2,END", "--edges", "20",
+                 "--out", str(out)]) == 0
+    assert SpanCircuit.load(out).spans == ["S2", "END", "rest"]
+    with pytest.raises(SystemExit, match="--method eap or"):
+        main(["discover", *_common(folder), "--method", "exact", "--spans", "--out", str(out)])
+    with pytest.raises(SystemExit, match="saved as JSON"):
+        main(["discover", *_common(folder), "--method", "eap", "--spans", "--out", str(tmp_path / "c.pt")])
 
 
 def test_direct_lists_the_largest_shares_and_what_they_add_up_to(folder, tmp_path, capsys):

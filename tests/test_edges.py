@@ -40,29 +40,32 @@ def _head_write(model, z, head):
     return model.model.layers[0].self_attn.o_proj.forward(only)
 
 
-def _reference(model, clean, corrupted, edge):
-    """Logits with exactly one downstream input of the HF model shifted by the upstream node's difference."""
-    src, dst = edge.split("->")
+def _reference(model, clean, corrupted, patches: dict):
+    """Logits with downstream inputs of the HF model shifted by their upstream nodes' differences: each edge's
+    by its weight in ``patches``, a number or weights [batch, seq] over the positions (1 − its mask value)."""
     c, k = _recorded(model, clean), _recorded(model, corrupted)
-    delta = {"input": lambda: k["embed"] - c["embed"], "m0": lambda: k["mlp"] - c["mlp"],
-             "a0.h1": lambda: _head_write(model, k["z"], 1) - _head_write(model, c["z"], 1)}[src]()
-    layer, handles = model.model.layers[1], []
-    if dst == "logits":
-        handles.append(model.model.norm.register_forward_pre_hook(lambda m, a: (a[0] + delta,)))
-    elif dst == "m1":
-        handles.append(layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a: (a[0] + delta,)))
-    else:  # a1.h2<q|k|v>: recompute that head's slice of one projection from the shifted stream
-        head, role = int(dst[4]), dst[-2]
-        stream = {}
-        handles.append(layer.input_layernorm.register_forward_pre_hook(lambda m, a: stream.update(x=a[0])))
-        projection = getattr(layer.self_attn, f"{role}_proj")
+    deltas = {"input": lambda: k["embed"] - c["embed"], "m0": lambda: k["mlp"] - c["mlp"],
+              "a0.h1": lambda: _head_write(model, k["z"], 1) - _head_write(model, c["z"], 1)}
+    shifts = {}
+    for edge, weight in patches.items():
+        src, dst = edge.split("->")
+        weight = torch.as_tensor(weight, dtype=torch.float32)
+        shifts[dst] = shifts.get(dst, 0) + (weight[..., None] if weight.dim() else weight) * deltas[src]()
+    layer, stream = model.model.layers[1], {}
+    handles = [layer.input_layernorm.register_forward_pre_hook(lambda m, a: stream.update(x=a[0]))]
+    for dst, delta in shifts.items():
+        if dst == "logits":
+            handles.append(model.model.norm.register_forward_pre_hook(lambda m, a, d=delta: (a[0] + d,)))
+        elif dst == "m1":
+            handles.append(layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a, d=delta: (a[0] + d,)))
+        else:  # a1.h2<q|k|v>: recompute that head's slice of one projection from the shifted stream
+            head, role = int(dst[4]), dst[-2]
 
-        def shifted(m, a, out):
-            out = out.clone()
-            cols = slice(head * HEAD, (head + 1) * HEAD)
-            out[..., cols] = m.forward(layer.input_layernorm.forward(stream["x"] + delta))[..., cols]
-            return out
-        handles.append(projection.register_forward_hook(shifted))
+            def shifted(m, a, out, d=delta, cols=slice(head * HEAD, (head + 1) * HEAD)):
+                out = out.clone()
+                out[..., cols] = m.forward(layer.input_layernorm.forward(stream["x"] + d))[..., cols]
+                return out
+            handles.append(getattr(layer.self_attn, f"{role}_proj").register_forward_hook(shifted))
     try:
         with torch.no_grad():
             return model(input_ids=clean).logits
@@ -79,7 +82,7 @@ def test_one_edge_matches_hf_with_hooks(mha, pair, edge):
     with torch.no_grad():
         ours = cm(clean, corrupted_input_ids=corrupted, edge_mask={edge: 0.0})
         untouched = model(input_ids=clean).logits
-    reference = _reference(model, clean, corrupted, edge)
+    reference = _reference(model, clean, corrupted, {edge: 1.0})
     assert (reference - untouched).abs().max() > 1e-4, "the reference patch should change the logits"
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
 

@@ -1,0 +1,212 @@
+"""Positional circuits: edges kept at some parts of the prompt alone.
+
+A circuit says which edges carry a behaviour; a positional circuit says at which tokens too, as position-aware
+circuit discovery does (Haklay et al., 2025): in IOI, ``a0.h3->a2.h1<q>`` may matter at the last token and not at
+the subject's second mention.  The prompts are cut into classes of positions by their spans — each named span,
+then the rest (``data.position_classes``) — which line roles up across templates, and each edge is scored and
+kept per class.  The engine runs such a circuit in one patched pass: one mask per class, each applied at its
+class's tokens (``mask_positions``), so evaluating it costs what evaluating a circuit costs.
+
+    scores = fxcircuits.attribute_by_span(cm, batches, "logit_diff")   # SpanScores [classes, edges]
+    circuit = scores.topn(300)                                         # 300 (edge, span) pairs
+    fxcircuits.evaluate(cm, circuit, batches, "logit_diff").faithfulness
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics as metrics_
+from .attribution import GRADIENT_METHODS, tapped
+from .circuit import Circuit, _edge_flags
+from .data import REST, position_classes
+from .graph import CircuitGraph
+from .model import CircuitModel
+from .runs import Prepared, examples, prepare
+from .scores import EdgeScores, _count
+
+POINTS = {"eap": 1, "clean-corrupted": 2}  # gradient points per edge; the EAP-IG methods take ``steps``
+
+
+def attribute_by_span(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable,
+                      method: str = "eap-ig-inputs", *, spans: Sequence[str] | None = None, steps: int = 5,
+                      ablation: str = "corrupted", reference: Iterable[dict] | None = None,
+                      masks_per_call: int = 32, progress: bool = True) -> "SpanScores":
+    """Every edge's score at each class of positions: ``attribute``'s gradient methods, with each edge's score
+    at each token (its difference there times the gradient there) summed over the tokens of each class.  The
+    classes' scores of an edge add up to its ``attribute`` score.  ``spans``: the spans to keep apart (every span
+    the batches name where None); their tokens, and the rest, are the classes."""
+    if method not in GRADIENT_METHODS:
+        raise ValueError(f"scores by span come from gradients: method is one of {', '.join(GRADIENT_METHODS)}, "
+                         f"not {method!r}")
+    if steps < 1 or masks_per_call < 1:
+        raise ValueError(f"steps and masks_per_call must be at least 1, got {steps} and {masks_per_call}")
+    metric = metrics_.get(metric)
+    prepared = prepare(cm, batches, metric, ablation, reference)
+    names = _class_names(prepared, spans)
+    total = torch.zeros(len(names), len(cm.graph.edges))
+    for p in tqdm(prepared, desc=f"{method} by span", disable=not progress):
+        by_token = tapped(cm, p, metric, method, steps, masks_per_call, by_position=True)
+        total += _by_class(by_token[cm.graph.src, cm.graph.dst], p.classes(names[:-1]))
+    info = {"metric": metrics_.name_of(metric), "ablation": ablation, "examples": examples(prepared)}
+    if method.startswith("eap-ig"):
+        info["steps"] = steps
+    return SpanScores(cm.graph, names, total / (examples(prepared) * POINTS.get(method, steps)), method, info)
+
+
+def _class_names(prepared: list[Prepared], spans: Sequence[str] | None) -> list[str]:
+    """The classes' names: ``spans`` (the first batch's, where None) and the rest, checked on every batch."""
+    names = None if spans is None else list(spans)
+    for p in prepared:
+        names = position_classes(p.batch, names)[0][:-1]
+    return names + [REST]
+
+
+def _by_class(by_token: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Scores by token [E, batch · seq] summed over each class's tokens: [classes, E]."""
+    return weights.reshape(weights.shape[0], -1).to(by_token) @ by_token.T
+
+
+class SpanScores:
+    """A score per edge and class of positions, ``tensor`` [classes, E] (classes named by ``spans``, the last
+    ``"rest"``), and how they were found.  Sign and scale are ``EdgeScores``'."""
+
+    def __init__(self, graph: CircuitGraph, spans: Sequence[str], tensor: torch.Tensor, method: str = "",
+                 info: dict | None = None):
+        if tensor.shape != (len(spans), len(graph.edges)):
+            raise ValueError(f"scores have shape {tuple(tensor.shape)}; expected [{len(spans)}, {len(graph.edges)}]"
+                             " (one row of edge scores per class of positions)")
+        self.graph, self.spans, self.tensor = graph, list(spans), tensor.detach().float().cpu()
+        self.method, self.info = method, dict(info or {})
+
+    def __repr__(self) -> str:
+        return f"SpanScores({self.method or 'unnamed'}, {len(self.graph.edges)} edges × {self.spans})"
+
+    def __getitem__(self, key: tuple[str, str]) -> float:
+        """``scores["a0.h1->logits", "END"]``."""
+        edge, span = key
+        return float(self.tensor[self.spans.index(span), self.graph.edge_index[edge]])
+
+    def span(self, name: str) -> EdgeScores:
+        """One class's edge scores."""
+        return EdgeScores(self.graph, self.tensor[self.spans.index(name)], self.method, {**self.info, "span": name})
+
+    def total(self) -> EdgeScores:
+        """Each edge's scores summed over the classes: its score at every position, as ``attribute`` gives it."""
+        return EdgeScores(self.graph, self.tensor.sum(0), self.method, self.info)
+
+    def topn(self, n: int | float, absolute: bool = True) -> "SpanCircuit":
+        """The ``n`` highest-scoring (edge, class) pairs (a float is a fraction of them all), pruned."""
+        ranked = (self.tensor.abs() if absolute else self.tensor).flatten()
+        flags = torch.zeros(ranked.numel(), dtype=torch.bool)
+        flags[torch.argsort(ranked, descending=True, stable=True)[:_count(n, ranked.numel(), "(edge, span) pairs")]] = 1
+        return self._circuit(flags.view(self.tensor.shape))
+
+    def threshold(self, t: float, absolute: bool = True) -> "SpanCircuit":
+        """Every (edge, class) pair scoring at least ``t`` (|score| with ``absolute``), pruned."""
+        return self._circuit((self.tensor.abs() if absolute else self.tensor) >= t)
+
+    def _circuit(self, flags: torch.Tensor) -> "SpanCircuit":
+        return SpanCircuit(self.graph, self.spans, flags, self.tensor, {"method": self.method, **self.info}).pruned()
+
+
+class SpanCircuit:
+    """Edges of ``graph`` kept per class of positions: ``in_graph`` bool [classes, E], the classes named by
+    ``spans``.  It runs with every other edge patched, each class at its own tokens (``edge_mask``, with
+    ``data.position_classes`` for ``mask_positions``); ``fxcircuits.evaluate`` does that over a dataset."""
+
+    def __init__(self, graph: CircuitGraph, spans: Sequence[str], in_graph: torch.Tensor | dict[str, Iterable[str]],
+                 scores: torch.Tensor | None = None, info: dict | None = None):
+        self.graph, self.spans, self.info = graph, list(spans), dict(info or {})
+        if not self.spans or self.spans[-1] != REST:
+            raise ValueError(f"the classes {self.spans} must end with {REST!r}, the positions no span covers, as "
+                             "fxcircuits.data.position_classes cuts the prompts (a circuit keeps nothing there where "
+                             "that class keeps no edge)")
+        if isinstance(in_graph, dict):  # {span: edge names}
+            unknown = [s for s in in_graph if s not in self.spans]
+            if unknown:
+                raise KeyError(f"no class {unknown[0]!r} among the circuit's {self.spans}")
+            in_graph = torch.stack([_edge_flags(graph, in_graph.get(s, [])) for s in self.spans])
+        if in_graph.shape != (len(self.spans), len(graph.edges)):
+            raise ValueError(f"in_graph has shape {tuple(in_graph.shape)}; expected [{len(self.spans)}, "
+                             f"{len(graph.edges)}] (one row of edge flags per class of positions)")
+        self.in_graph = in_graph.bool().cpu()
+        self.scores = None if scores is None else scores.detach().float().cpu()
+
+    def __len__(self) -> int:
+        """The (edge, class) pairs kept."""
+        return int(self.in_graph.sum())
+
+    def __repr__(self) -> str:
+        per = ", ".join(f"{s}: {int(f.sum())}" for s, f in zip(self.spans, self.in_graph))
+        return f"SpanCircuit({len(self)} (edge, span) pairs of {len(self.graph.edges)} edges; {per})"
+
+    @property
+    def edges(self) -> dict[str, list[str]]:
+        """The edges kept in each class, by class name, in ``graph.edges`` order."""
+        return {s: self.span(s).edges for s in self.spans}
+
+    def span(self, name: str) -> Circuit:
+        """The edges kept in one class, as a circuit (to draw, or to save in the field's format)."""
+        flags = self.in_graph[self.spans.index(name)]
+        scores = None if self.scores is None else self.scores[self.spans.index(name)]
+        return Circuit(self.graph, flags, scores, {**self.info, "span": name})
+
+    def union(self) -> Circuit:
+        """Every edge kept in some class: the plain circuit this one refines."""
+        return Circuit(self.graph, self.in_graph.any(0), None, self.info)
+
+    def edge_mask(self, graph: CircuitGraph | None = None) -> torch.Tensor:
+        """The masks [classes, E] that run this circuit: 1 on its edges in each class, 0 (patched) elsewhere."""
+        if graph is not None and graph.edges != self.graph.edges:
+            raise ValueError("this circuit is of another graph: its edges are not the model's")
+        return self.in_graph.float()
+
+    def pruned(self) -> "SpanCircuit":
+        """Without the pairs that cannot matter: those whose edge leaves a node no kept edge enters, in any class
+        (its output is then the other run's at every token), or enters one that no kept edge leaves.  Per class
+        the test would be wrong: attention carries a node's inputs at one class's tokens into its output at
+        another's."""
+        return SpanCircuit(self.graph, self.spans, self.in_graph & self.union().pruned().in_graph, self.scores,
+                           self.info)
+
+    def save(self, path: str | Path) -> None:
+        """JSON: the classes' names, and per class the circuit in EAP-IG/MIB's JSON form (``Circuit.save``)."""
+        path = Path(path)
+        if path.suffix != ".json":
+            raise ValueError(f"a positional circuit is saved as JSON: {path.name} does not end in .json")
+        by_span = {s: self.span(s).json_form() for s in self.spans}
+        path.write_text(json.dumps({"spans": self.spans, "info": self.info, "circuits": by_span}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SpanCircuit":
+        """Read what ``save`` wrote."""
+        return cls.from_json_form(json.loads(Path(path).read_text()), path)
+
+    @classmethod
+    def from_json_form(cls, saved: dict, path: str | Path = "the circuit") -> "SpanCircuit":
+        """A positional circuit from the dict ``load`` reads; ``path`` names where it came from, in errors."""
+        if not is_positional(saved):
+            raise ValueError(f"{path} is not a positional circuit (no 'spans' and 'circuits'): a plain circuit "
+                             "loads with fxcircuits.Circuit.load")
+        circuits = [Circuit.from_json_form(saved["circuits"][s], f"{path}, span {s}") for s in saved["spans"]]
+        scores = None if any(c.scores is None for c in circuits) else torch.stack([c.scores for c in circuits])
+        return cls(circuits[0].graph, saved["spans"], torch.stack([c.in_graph for c in circuits]), scores,
+                   saved.get("info"))
+
+
+def is_positional(saved) -> bool:
+    """Whether a circuit file's JSON is a positional circuit's (``SpanCircuit.save``)."""
+    return isinstance(saved, dict) and {"spans", "circuits"} <= saved.keys()
+
+
+def load_circuit(path: str | Path) -> Circuit | SpanCircuit:
+    """A saved circuit, plain (EAP-IG/MIB's JSON or ``torch.save`` form) or positional (``SpanCircuit.save``)."""
+    if Path(path).suffix.lower() != ".json":
+        return Circuit.load(path)
+    saved = json.loads(Path(path).read_text())
+    return SpanCircuit.from_json_form(saved, path) if is_positional(saved) else Circuit.from_json_form(saved, path)

@@ -1,0 +1,130 @@
+"""Positional circuits: edge scores by span against the gradient of positional masks and against ``attribute``,
+and circuits of (edge, span) pairs evaluated against direct patched calls."""
+import pytest
+import torch
+
+import fxcircuits
+from fxcircuits import metrics
+from fxcircuits.data import position_classes
+from fxcircuits.positional import SpanCircuit, SpanScores, load_circuit
+from test_positions import _spanned
+
+
+@pytest.fixture
+def llama(traced):
+    return traced("llama")[1]
+
+
+def _mean_metric(cm, batch, masks, weights):
+    logits = cm(batch["clean"], batch["attention_mask"], corrupted_input_ids=batch["corrupted"], edge_mask=masks,
+                mask_positions=weights)
+    return metrics.logit_diff(logits, batch).mean()
+
+
+def test_eap_by_span_is_the_gradient_of_a_mask_per_class(llama, prompts):
+    """EAP's score of an edge at a class is the gradient of the metric with respect to that class's mask value at
+    every edge kept: the tap's scores by token, summed by class, against the engine's own mask gradient."""
+    batch = _spanned(prompts)
+    scores = fxcircuits.attribute_by_span(llama, [batch], "logit_diff", "eap", progress=False)
+    names, weights = position_classes(batch)
+    assert scores.spans == names == ["A", "B", "rest"]
+    keep = torch.ones(3, len(llama.graph.edges), requires_grad=True)
+    (grad,) = torch.autograd.grad(_mean_metric(llama, batch, keep, weights), keep)
+    torch.testing.assert_close(scores.tensor, grad, atol=1e-6, rtol=1e-4)
+    assert (grad[0] - grad[1]).abs().max() > 1e-3  # the classes differ
+
+
+@pytest.mark.parametrize("method", ["eap-ig-inputs", "eap-ig-activations", "clean-corrupted"])
+def test_scores_by_span_add_up_to_attribute(llama, prompts, method):
+    batch = _spanned(prompts)
+    halves = [{k: (v[:2] if k != "spans" else {n: r[:2] for n, r in v.items()}) for k, v in batch.items()},
+              {k: (v[2:] if k != "spans" else {n: r[2:] for n, r in v.items()}) for k, v in batch.items()}]
+    by_span = fxcircuits.attribute_by_span(llama, halves, "logit_diff", method, steps=3, progress=False)
+    plain = fxcircuits.attribute(llama, [batch], "logit_diff", method, steps=3, progress=False)
+    torch.testing.assert_close(by_span.total().tensor, plain.tensor, atol=1e-6, rtol=1e-4)
+    assert by_span.info["examples"] == 3 and by_span.method == method
+    only_b = fxcircuits.attribute_by_span(llama, halves, "logit_diff", method, spans=["B"], steps=3, progress=False)
+    assert only_b.spans == ["B", "rest"]
+    torch.testing.assert_close(only_b.span("B").tensor, by_span.span("B").tensor)
+    torch.testing.assert_close(only_b.span("rest").tensor, by_span.span("A").tensor + by_span.span("rest").tensor)
+
+
+def test_a_span_circuit_evaluates_as_its_masks_at_its_classes(llama, prompts):
+    """``evaluate`` of (edge, span) pairs is the metric of one call with a mask per class at its tokens; the same
+    edges in every class are the plain circuit, every pair is the model, and knocking the circuit out is
+    completeness measured the same way."""
+    batch = _spanned(prompts)
+    scores = fxcircuits.attribute_by_span(llama, [batch], "logit_diff", "eap", progress=False)
+    circuit = scores.topn(40)
+    assert 0 < len(circuit) <= 40 and circuit.spans == ["A", "B", "rest"]
+    weights = position_classes(batch)[1]
+    evaluator = fxcircuits.Evaluator(llama, [batch], "logit_diff")
+    with torch.no_grad():
+        direct = metrics.logit_diff(llama(batch["clean"], batch["attention_mask"],
+                                          corrupted_input_ids=batch["corrupted"], edge_mask=circuit.edge_mask(),
+                                          mask_positions=weights), batch)
+        knocked = _mean_metric(llama, batch, 1 - circuit.edge_mask(), weights)
+    evaluation = evaluator.evaluate(circuit)
+    torch.testing.assert_close(evaluation.circuit, direct.float())
+    assert evaluator.completeness(circuit) == pytest.approx(
+        fxcircuits.evaluation.faithfulness(knocked, evaluator.full.mean(), evaluator.empty.mean()), abs=1e-5)
+    plain = scores.total().topn(30)
+    alike = SpanCircuit(llama.graph, circuit.spans, plain.in_graph.expand(3, -1))
+    assert evaluator.evaluate(alike).faithfulness == pytest.approx(evaluator.evaluate(plain).faithfulness, abs=1e-5)
+    everything = SpanCircuit(llama.graph, circuit.spans, torch.ones(3, len(llama.graph.edges), dtype=torch.bool))
+    assert evaluator.evaluate(everything).faithfulness == pytest.approx(1.0, abs=1e-5)
+    curve = evaluator.curve(scores, fractions=[0.1, 1.0])
+    assert curve.edges == [len(scores.topn(0.1)), 3 * len(llama.graph.edges)]
+    # beside another mask, the kept rows are summed as all rows less the moved ones: rounding of 1e-7, over a
+    # full-minus-empty difference of 0.004 in this random model
+    assert curve.faithfulness[1] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_pruning_drops_pairs_whose_edge_no_kept_edge_feeds_or_reads(llama):
+    g = llama.graph
+    kept = {"A": ["input->a0.h0<q>", "a0.h0->logits"], "B": ["m1->logits"], "rest": ["a0.h1->m1"]}
+    circuit = SpanCircuit(g, ["A", "B", "rest"], kept)
+    assert circuit.edges == kept  # a0.h1 is fed at no class, but m1 is fed by it and read: the pairs stay apart
+    pruned = circuit.pruned()
+    assert pruned.edges == {"A": ["input->a0.h0<q>", "a0.h0->logits"], "B": [], "rest": []}
+    assert pruned.union().edges == ["input->a0.h0<q>", "a0.h0->logits"]
+    # across classes: a0.h0's input at A feeds its output at B through attention, so the pair at B stays
+    across = SpanCircuit(g, ["A", "B", "rest"], {"A": ["input->a0.h0<q>"], "B": ["a0.h0->logits"]}).pruned()
+    assert across.edges == {"A": ["input->a0.h0<q>"], "B": ["a0.h0->logits"], "rest": []}
+
+
+def test_span_scores_and_circuits_read_back(llama, prompts, tmp_path):
+    batch = _spanned(prompts)
+    scores = fxcircuits.attribute_by_span(llama, [batch], "logit_diff", "eap", progress=False)
+    edge = llama.graph.edges[5]
+    assert scores[edge, "B"] == pytest.approx(float(scores.tensor[1, 5]))
+    circuit = scores.threshold(float(scores.tensor.abs().max()) / 4)
+    circuit.save(tmp_path / "c.json")
+    again = SpanCircuit.load(tmp_path / "c.json")
+    assert again.spans == circuit.spans and again.edges == circuit.edges
+    torch.testing.assert_close(again.scores, circuit.scores)
+    assert again.span("A").info["span"] == "A"
+    with pytest.raises(ValueError, match="must end with 'rest'"):
+        SpanCircuit(llama.graph, ["A", "B"], torch.zeros(2, len(llama.graph.edges)))
+    with pytest.raises(KeyError, match="no class 'C'"):
+        SpanCircuit(llama.graph, ["A", "rest"], {"C": []})
+    with pytest.raises(ValueError, match="expected \\[3, 110\\]"):
+        SpanScores(llama.graph, ["A", "B", "rest"], torch.zeros(110))
+    circuit.span("A").save(tmp_path / "a.json")  # one class, in the field's own format
+    assert fxcircuits.Circuit.load(tmp_path / "a.json").edges == circuit.edges["A"]
+    with pytest.raises(ValueError, match="not a positional circuit"):
+        SpanCircuit.load(tmp_path / "a.json")
+    with pytest.raises(ValueError, match="holds a positional circuit"):
+        fxcircuits.Circuit.load(tmp_path / "c.json")
+    assert isinstance(load_circuit(tmp_path / "c.json"), SpanCircuit)
+    assert load_circuit(tmp_path / "a.json").edges == circuit.edges["A"]
+
+
+def test_scores_by_span_need_spans_and_gradients(llama, prompts):
+    batch = _spanned(prompts)
+    with pytest.raises(ValueError, match="come from gradients"):
+        fxcircuits.attribute_by_span(llama, [batch], "logit_diff", "exact")
+    with pytest.raises(ValueError, match="no spans"):
+        fxcircuits.attribute_by_span(llama, [{k: v for k, v in batch.items() if k != "spans"}], "logit_diff", "eap")
+    with pytest.raises(KeyError, match="no span 'C'"):
+        fxcircuits.attribute_by_span(llama, [batch], "logit_diff", "eap", spans=["C"])
