@@ -103,3 +103,20 @@ def test_exact_throughput(benchmark, smollm2, batches):
     benchmark.extra_info.update({"edges_per_second": n / seconds, "peak_mb": peak.grown_mb})
     print(f"\nexact: {n / seconds:.1f} edges/s on 8 prompts ({len(graph.edges) / (n / seconds) / 3600:.1f} h for "
           f"all {len(graph.edges)} edges); peak memory +{peak.grown_mb:.0f} MB")
+
+
+@pytest.mark.parametrize("method", ["eap", "eap-ig-inputs"])
+def test_scores_by_span_cost(benchmark, smollm2, tokenizer, method):
+    """Edge scores by span (IO, S1, S2, END and the rest; ``attribute_by_span``) against the same method's edge
+    scores (``attribute``), on 32 prompts of the built-in IOI task in batches of 8: the price of keeping each
+    token's score apart until it is summed by span."""
+    _, cm, _, _ = smollm2
+    task_batches = fxcircuits.tasks.load("ioi", tokenizer, size=32, batch_size=8).batches
+    plain, plain_mb = _timed(lambda: fxcircuits.attribute(cm, task_batches, "logit_diff", method, progress=False))
+    by_span, span_mb = _timed(lambda: fxcircuits.attribute_by_span(cm, task_batches, "logit_diff", method,
+                                                                    progress=False))
+    benchmark.pedantic(lambda: None, rounds=1)
+    benchmark.extra_info.update({"by_span_s": by_span, "plain_s": plain, "ratio": by_span / plain,
+                                 "by_span_peak_mb": span_mb, "plain_peak_mb": plain_mb})
+    print(f"\n{method} by span: {by_span:.2f} s vs {plain:.2f} s = {by_span / plain:.2f}x; "
+          f"peak memory +{span_mb:.0f} MB vs +{plain_mb:.0f} MB")

@@ -12,6 +12,7 @@ from operations import as_on_a_gpu, count
 from torch.utils.benchmark import Timer
 
 import fxcircuits
+from fxcircuits.data import position_classes
 
 
 def _median(fn) -> float:
@@ -144,6 +145,29 @@ def test_patch_by_span(benchmark, smollm2, tokenizer, method):
     runs = cm.graph.n_layers * len(batch["spans"])
     benchmark.extra_info["vs_hooked_sweep"] = ours / (runs * hf)
     print(f"= {ours / (runs * hf):.3f} of the {runs} HF forwards a sweep with hooks runs")
+
+
+def test_positional_circuit_run(benchmark, smollm2, tokenizer):
+    """A positional circuit on 8 prompts of the built-in IOI task: EAP's best (edge, span) pairs over IO, S1, S2,
+    END and the rest, as many as 1% of the edges, run with every other pair patched — one mask per span, each at its
+    tokens, in one patched pass — against the HF forward, and against the plain circuit of as many edges."""
+    model, cm, _, _ = smollm2
+    (batch,) = fxcircuits.tasks.load("ioi", tokenizer, size=8, batch_size=8).batches
+    scores = fxcircuits.attribute_by_span(cm, [batch], "logit_diff", "eap", progress=False)
+    circuit = scores.topn(len(cm.graph.edges) // 100)
+    plain = scores.total().topn(len(circuit))
+    weights = position_classes(batch)[1]
+    ids, mask, corrupted = batch["clean"], batch["attention_mask"], batch["corrupted"]
+    positional = lambda: cm(ids, mask, corrupted_input_ids=corrupted, edge_mask=circuit.edge_mask(),  # noqa: E731
+                            mask_positions=weights)
+    with torch.no_grad():
+        hf, ours = _alternating(lambda: model(input_ids=ids, attention_mask=mask), positional)
+        as_plain, again = _alternating(lambda: cm(ids, mask, corrupted_input_ids=corrupted, edge_mask=plain),
+                                       positional)
+        benchmark(positional)
+    _report(benchmark, "positional_circuit", ours, hf)
+    benchmark.extra_info["vs_plain_circuit"] = again / as_plain
+    print(f"= {again / as_plain:.2f}x the plain circuit of {len(plain)} edges ({as_plain * 1e3:.0f} ms)")
 
 
 @pytest.mark.parametrize("order", ["spread", "in_graph_order"])

@@ -25,6 +25,6 @@ from .scores import EdgeScores
 
 __all__ = ["trace", "CircuitModel", "CircuitGraph", "Circuit", "EdgeScores", "attribute", "METHODS", "evaluate",
            "Evaluator", "Evaluation", "logit_lens", "Lens", "direct_logits", "DirectLogits", "source_logits",
-           "SourceLogits", "attention_patterns", "Patterns", "patch_by_position", "PositionEffects", "attribute_by_span",
-           "SpanScores", "SpanCircuit", "load_model",
+           "SourceLogits", "attention_patterns", "Patterns", "patch_by_position", "PositionEffects",
+           "attribute_by_span", "SpanScores", "SpanCircuit", "load_model",
            "data", "metrics", "tasks", "CaptureError", "DecompositionError"]

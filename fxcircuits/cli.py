@@ -30,7 +30,7 @@ from . import tasks as tasks_
 from .attribution import GRADIENT_METHODS, METHODS, attribute
 from .circuit import FORMATS, Circuit
 from .components import DecompositionError
-from .draw import draw_circuit, draw_comparison, plot_faithfulness, plot_heatmap
+from .draw import draw_circuit, draw_comparison, draw_span_circuit, plot_faithfulness, plot_heatmap
 from .evaluation import Evaluator
 from .lens import direct_logits, logit_lens, source_logits
 from .model import trace
@@ -329,7 +329,8 @@ def _discover_by_span(args, selection: str, start: float) -> int:
     circuit.save(args.out)
     picture = args.draw or str(Path(args.out).with_suffix(".svg"))
     union = circuit.union()
-    draw_circuit(union, picture, title=f"{args.model} · {task.name} · {args.method} by span · f = {faithfulness:.2f}")
+    draw_span_circuit(circuit, picture, title=f"{args.model} · {task.name} · {args.method} by span · "
+                      f"f = {faithfulness:.2f}")
     _table({"model": args.model, "task": f"{task.name} ({len(task.examples)} examples)",
             "metric": f"{metric}, patched edges {_carry(ablation)}",
             "baseline metric": f"{evaluator.full.mean():.3f} clean, {evaluator.empty.mean():.3f} all edges patched",
@@ -337,7 +338,7 @@ def _discover_by_span(args, selection: str, start: float) -> int:
             f"{len(union.nodes)} nodes in all", "faithfulness": f"{faithfulness:.3f}",
             "plain circuit": f"{len(plain)} edges at every token: faithfulness "
             f"{evaluator.evaluate(plain).faithfulness:.3f}",
-            "time": f"{time.perf_counter() - start:.1f} s", "saved": f"{args.out}, {picture} (the edges of all spans)"})
+            "time": f"{time.perf_counter() - start:.1f} s", "saved": f"{args.out}, {picture}"})
     return 0
 
 
@@ -405,7 +406,12 @@ def _evaluate(args) -> int:
 
 def _show(args) -> int:
     circuit = load_circuit(args.circuit)
-    circuit = circuit if isinstance(circuit, Circuit) else circuit.union()  # the edges of all its spans
+    if isinstance(circuit, SpanCircuit):
+        if args.edges:
+            raise SystemExit("--edges cuts a plain circuit: a positional one is drawn whole, by span")
+        draw_span_circuit(circuit, args.out, title=args.title)
+        print(f"{_extent(circuit)}; {len(circuit.union())} edges, {len(circuit.union().nodes)} nodes → {args.out}")
+        return 0
     circuit = circuit.strongest(args.edges).pruned() if args.edges else circuit
     draw_circuit(circuit, args.out, title=args.title)
     print(f"{len(circuit)} edges, {len(circuit.nodes)} nodes → {args.out}")

@@ -26,6 +26,7 @@ from matplotlib.path import Path as BezierPath
 
 from .circuit import Circuit
 from .graph import QKV, CircuitGraph
+from .positional import SpanCircuit
 
 SUFFIXES = (".png", ".svg")
 
@@ -47,6 +48,8 @@ EDGE_WIDTH = (0.3, 2.4)  # edge linewidth range (points per inch of data unit), 
 
 SIGN_COLOURS = {"positive": "#2166ac", "negative": "#b2182b", "unscored": "#666666"}
 COMPARISON_COLOURS = {"both": "#542788", "first": "#1b7837", "second": "#e08214"}  # which circuit holds an edge
+SPAN_COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d")  # by span, in order
+SEVERAL_SPANS = "#333333"  # an edge a positional circuit keeps at more than one span
 PORT_COLOURS = {"q": "#1b9e77", "k": "#e6ab02", "v": "#7570b3"}
 NODE_COLOURS = {"head": "#fbfbfb", "mlp": "#e3e3e3", "end": "#d0d0d0"}
 
@@ -103,6 +106,28 @@ def draw_comparison(first: Circuit, second: Circuit, path: str | Path | None = N
     overlap = first.overlap(second)
     title = title if title is not None else (f"{labels[0]}: {len(first)} edges, {labels[1]}: {len(second)} edges, "
                                              f"{overlap['shared_edges']} shared (IoU {overlap['edge_iou']:.2f})")
+    return _draw(union, colours, strength, key, path, ax, title, compact)
+
+
+def draw_span_circuit(circuit: SpanCircuit, path: str | Path | None = None, *, ax: Axes | None = None,
+                      title: str | None = None, compact: bool = True) -> Figure:
+    """A positional circuit (``fxcircuits.positional``) laid out as ``draw_circuit`` lays out a circuit: every edge
+    it keeps at some span, coloured by that span (``SPAN_COLOURS`` in the order of ``circuit.spans``; one colour for
+    an edge kept at several), its width by its largest |score| among them."""
+    union = circuit.union()
+    kept = circuit.in_graph[:, union.in_graph]  # [spans, edges drawn]
+    colour = {s: SPAN_COLOURS[i % len(SPAN_COLOURS)] for i, s in enumerate(circuit.spans)}
+    held = [[s for s, k in zip(circuit.spans, column) if k] for column in kept.T.tolist()]
+    colours = [colour[h[0]] if len(h) == 1 else SEVERAL_SPANS for h in held]
+    if circuit.scores is None:
+        strength = np.full(len(held), 0.5)
+    else:
+        best = (circuit.scores[:, union.in_graph].abs() * kept).amax(0).numpy()
+        strength = best / max(best.max(initial=0.0), 1e-12)
+    shown = [s for s in circuit.spans if any(len(h) == 1 and h[0] == s for h in held)]
+    key = [(colour[s], f"at {s}") for s in shown] + [(SEVERAL_SPANS, "at several")] * any(len(h) > 1 for h in held)
+    per = ", ".join(f"{s} {int(k.sum())}" for s, k in zip(circuit.spans, circuit.in_graph))
+    title = title if title is not None else f"{len(circuit)} (edge, span) pairs ({per}), {len(union.nodes)} nodes"
     return _draw(union, colours, strength, key, path, ax, title, compact)
 
 

@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 from . import metrics as metrics_
 from .circuit import Circuit
 from .model import CircuitModel
-from .runs import Prepared, check_finite, ends, metric_values, prepare
 from .positional import SpanCircuit, SpanScores
+from .runs import Prepared, check_finite, ends, metric_values, prepare
 from .scores import EdgeScores
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -98,17 +98,21 @@ class Evaluator:
         near 0 when the circuit holds all of the behaviour."""
         return self.faithfulness(1 - circuit.edge_mask(self.cm.graph)[None], spans=_spans(circuit))[0]
 
-    def minimality(self, circuit: Circuit, progress: bool = False) -> dict[str, float]:
-        """For each edge of the circuit, f(C) − f(C without that edge): what the edge is worth."""
-        base = circuit.edge_mask(self.cm.graph)
-        edges = base.nonzero().flatten()
-        if len(edges) == 0:
+    def minimality(self, circuit: Circuit | SpanCircuit, progress: bool = False) -> dict:
+        """For each edge of the circuit — each (edge, span) pair of a positional one — f(C) − f(C without it):
+        what it is worth."""
+        base, spans = circuit.edge_mask(self.cm.graph), _spans(circuit)
+        kept = base.nonzero()  # [k, 1] edges, or [k, 2] (span, edge) pairs
+        if len(kept) == 0:
             return {}
-        masks = base.repeat(len(edges), 1)
-        masks[torch.arange(len(edges)), edges] = 0.0
-        whole = self.faithfulness(base[None])[0]
-        without = self.faithfulness(masks, progress)
-        return {self.cm.graph.edges[e]: whole - f for e, f in zip(edges.tolist(), without)}
+        masks = base.repeat(len(kept), *[1] * base.dim())
+        masks[(torch.arange(len(kept)), *kept.T)] = 0.0
+        whole = self.faithfulness(base[None], spans=spans)[0]
+        without = self.faithfulness(masks, progress, spans)
+        names = self.cm.graph.edges
+        keys = ([names[e] for (e,) in kept.tolist()] if spans is None
+                else [(names[e], spans[c]) for c, e in kept.tolist()])
+        return {key: whole - f for key, f in zip(keys, without)}
 
 
 def _spans(circuit: Circuit | SpanCircuit | EdgeScores | SpanScores) -> list[str] | None:

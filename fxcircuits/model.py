@@ -488,13 +488,16 @@ class CircuitModel(nn.Module):
 
         ``other``: the other run's outputs per writer group (``groups()``), [n, batch or 1, seq, d_model] (one
         batch serves every mask, and is never copied per mask), or [n, n_masks·batch, …] where each mask has its
-        own, followed by its side inputs as [1, batch, …] likewise (``recording()[0]`` is such a list); ``keep``: [n_masks, n_upstream, n_downstream] as ``patching.dense_keep`` builds it; ``tap``: a
+        own, followed by its side inputs as [1, batch, …] likewise (``recording()[0]`` is such a list); ``keep``:
+        [n_masks, n_upstream, n_downstream] as ``patching.dense_keep`` builds it (or with a class axis after the
+        masks', ``patching.class_keep``); ``tap``: a
         ``patching.Tap`` to score every edge in the backward pass; ``recorded``: where ``other`` is a recorded run
         of this batch, its projections (``recording()[1]``), from which the heads that read that run alone take
         theirs instead of computing them again; ``positions``: LongTensor [batch], one position per prompt, for
         the logits there alone, [n_masks, batch, 1, vocab] — the final norm and unembedding (a fifth of SmolLM2's
         forward) then run on one position per prompt, all that a metric reading one position needs; ``where``: the
-        positions the masks patch (``patching.position_weights``), all of them where None."""
+        positions the masks patch (``patching.position_weights``), or each class of them (``patching.mask_weights``),
+        all of them where None."""
         if positions is not None:
             _check_positions(positions, input_ids)
         n, prefix = keep.shape[0], self._prefix(keep, input_ids)

@@ -10,7 +10,9 @@ so a patched run costs one pass of the other input plus one pass of the patched 
 ``accumulate`` is the only place this sum is computed; on CUDA it runs the fused Triton kernels of
 ``fxcircuits.kernels`` (see ``products``).  A mask may apply at some positions alone, weights w[p] per prompt
 (``position_weights``): then each difference is weighted by w at its position as it is stored (``DeltaStore``),
-and x_d[p] = x_d(run)[p] + Σ_u (1 − m[u, d]) · w[p] · (a_u(other)[p] − a_u(run)[p]).
+and x_d[p] = x_d(run)[p] + Σ_u (1 − m[u, d]) · w[p] · (a_u(other)[p] − a_u(run)[p]).  A positional mask holds one
+mask per class of positions, each with its weights (``mask_weights``): the sum then runs over the classes too, and
+an edge may be kept at some tokens and patched at others in one run (``fxcircuits.positional``).
 """
 from __future__ import annotations
 
@@ -56,9 +58,9 @@ class DeltaStore:
 
     A mask may also hold one block per class of positions, keep [n_masks, classes, n_upstream, n_downstream] with
     ``where`` saying where each applies (``mask_weights``): an edge kept at some tokens and patched at others, as a
-    positional circuit is.  Because x_d[p] = x_d(run)[p] + Σ_s Σ_u (1 − m_s[u, d]) · w_s[p] · δ_u[p], each node then
-    writes one row per class, its difference weighted by that class's positions, and the classes' blocks are the
-    mask over those rows: every product, route and gradient below runs unchanged on them.  The rows lie group by
+    positional circuit is.  Because x_d[p] = x_d(run)[p] + Σ_s Σ_u (1 − m_s[u, d]) · w_s[p] · δ_u[p], each node
+    then writes one row per class, its difference weighted by that class's positions, and the classes' blocks are
+    the mask over those rows: every product, route and gradient below runs unchanged on them.  The rows lie group by
     group, and within a group class by class (``_by_group``); ``sizes`` and ``starts`` count rows."""
 
     def __init__(self, keep: torch.Tensor, sizes: list[int], readers: list[int], reads: list[int],
@@ -238,8 +240,8 @@ def _by_group(keep: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 
 
 def _unweighted(grad: torch.Tensor, where: torch.Tensor | None) -> torch.Tensor:
-    """The gradient [classes · n, …] of one group's rows, class by class (``DeltaStore``), as the gradient [n, …] of
-    the group's difference they were weighted from: Σ_c where[:, c] · grad of class c's rows."""
+    """The gradient [classes · n, …] of one group's rows, class by class (``DeltaStore``), as the gradient [n, …]
+    of the group's difference they were weighted from: Σ_c where[:, c] · grad of class c's rows."""
     if where is None:
         return grad
     by_class = grad.unflatten(0, (where.shape[1], -1))

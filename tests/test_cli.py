@@ -89,7 +89,9 @@ def test_discover_by_span_evaluate_and_show(folder, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"{f:.3f}" in printed and "CPR" in printed and "(edge, span) pairs" in printed
     assert main(["show", str(out), "--out", str(tmp_path / "again.svg")]) == 0
-    assert capsys.readouterr().out.startswith(f"{len(circuit.union())} edges")
+    assert f"; {len(circuit.union())} edges, {len(circuit.union().nodes)} nodes" in capsys.readouterr().out
+    drawn = {e.get("id") for e in ET.parse(tmp_path / "again.svg").iter()}
+    assert set(circuit.union().edges) <= drawn
 
     assert main(["discover", *_common(folder), "--method", "eap", "--spans", "S2,END", "--edges", "20",
                  "--out", str(out)]) == 0

@@ -9,9 +9,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from fxcircuits.circuit import Circuit
-from fxcircuits.draw import (COMPARISON_COLOURS, SIGN_COLOURS, _layout, draw_circuit, draw_comparison,
-                             plot_faithfulness, plot_heatmap)
+from fxcircuits.draw import (COMPARISON_COLOURS, SEVERAL_SPANS, SIGN_COLOURS, SPAN_COLOURS, _layout, draw_circuit,
+                             draw_comparison, draw_span_circuit, plot_faithfulness, plot_heatmap)
 from fxcircuits.graph import CircuitGraph
+from fxcircuits.positional import SpanCircuit
 
 LEFT_OUT = "a1.h2"  # no edge of the test circuits touches this head
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -92,6 +93,31 @@ def test_a_comparison_draws_both_circuits_edges_coloured_by_which_holds_them(tmp
     shared = len(set(first.edges) & set(second.edges))
     assert fig.axes[0].get_title() == (f"eap: {len(first)} edges, acdc: {len(second)} edges, {shared} shared "
                                        f"(IoU {shared / len(union):.2f})")
+
+
+def test_a_positional_circuit_draws_each_edge_coloured_by_its_span(tmp_path):
+    """Every edge kept at some span drawn once, in its span's colour, or the colour of several; widths follow the
+    largest |score| among its spans."""
+    graph = make_graph(False)
+    edges = signed_circuit(graph, 40).edges
+    kept = {"S2": edges[:25], "END": edges[15:], "rest": []}
+    scores = torch.randn(3, len(graph.edges), generator=torch.Generator().manual_seed(1))
+    circuit = SpanCircuit(graph, ["S2", "END", "rest"], kept, scores)
+    path = tmp_path / "by_span.svg"
+    fig = draw_span_circuit(circuit, path)
+    ids = svg_ids(path)
+    assert all(ids[name] == 1 for name in edges) and set(graph.edges) & set(ids) == set(edges)
+    for name in edges:
+        held = [s for s in ("S2", "END") if name in kept[s]]
+        colour = SEVERAL_SPANS if len(held) == 2 else SPAN_COLOURS[circuit.spans.index(held[0])]
+        assert np.allclose(artist(fig, name).get_edgecolor()[:3], _rgb(colour)), name
+    legend = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+    assert legend[:3] == ["at S2", "at END", "at several"]
+    assert fig.axes[0].get_title().startswith(f"{len(circuit)} (edge, span) pairs (S2 25, END {len(edges) - 15}, "
+                                              "rest 0)")
+    widest = max(edges, key=lambda e: max(abs(float(scores[circuit.spans.index(s), graph.edge_index[e]]))
+                                          for s in ("S2", "END") if e in kept[s]))
+    assert artist(fig, widest).get_linewidth() == max(artist(fig, e).get_linewidth() for e in edges)
 
 
 def test_png_is_written(tmp_path):

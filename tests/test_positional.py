@@ -80,6 +80,18 @@ def test_a_span_circuit_evaluates_as_its_masks_at_its_classes(llama, prompts):
     assert curve.faithfulness[1] == pytest.approx(1.0, abs=1e-4)
 
 
+def test_minimality_of_a_span_circuit_drops_one_pair_at_a_time(llama, prompts):
+    batch = _spanned(prompts)
+    circuit = SpanCircuit(llama.graph, ["A", "B", "rest"], {"A": ["input->logits", "m1->logits"], "B": ["m1->logits"],
+                                                            "rest": ["input->logits"]})
+    evaluator = fxcircuits.Evaluator(llama, [batch], "logit_diff")
+    worth = evaluator.minimality(circuit)
+    assert list(worth) == [("input->logits", "A"), ("m1->logits", "A"), ("m1->logits", "B"), ("input->logits", "rest")]
+    whole = evaluator.evaluate(circuit).faithfulness
+    without = SpanCircuit(llama.graph, circuit.spans, {"A": ["input->logits", "m1->logits"], "rest": ["input->logits"]})
+    assert worth["m1->logits", "B"] == pytest.approx(whole - evaluator.evaluate(without).faithfulness, abs=1e-5)
+
+
 def test_pruning_drops_pairs_whose_edge_no_kept_edge_feeds_or_reads(llama):
     g = llama.graph
     kept = {"A": ["input->a0.h0<q>", "a0.h0->logits"], "B": ["m1->logits"], "rest": ["a0.h1->m1"]}

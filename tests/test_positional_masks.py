@@ -25,9 +25,13 @@ def _halves(clean: torch.Tensor, seed: int = 5) -> torch.Tensor:
     return torch.stack([first, 1 - first])
 
 
-def test_edges_kept_at_some_positions_match_hooks(mha):
+@pytest.mark.parametrize("on_a_gpu", [False, True])
+def test_edges_kept_at_some_positions_match_hooks(mha, on_a_gpu, as_on_a_gpu):
     """Each class patches its own edges, some in part, at its own tokens of each prompt; the reference shifts each
-    reader of the HF model by the differences of its patched edges, weighted by those tokens."""
+    reader of the HF model by the differences of its patched edges, weighted by those tokens.  As on a GPU, the
+    corrupted run rides in the patched pass."""
+    if on_a_gpu:
+        as_on_a_gpu()
     model, cm = mha
     generator = torch.Generator().manual_seed(3)
     clean, corrupted = (torch.randint(0, 128, (2, 6), generator=generator) for _ in range(2))
@@ -128,6 +132,18 @@ def test_gradients_by_class_match_finite_differences(name, prompts):
             numeric = (metric(up, mask_positions=split) - metric(down, mask_positions=split)) / (2 * eps)
             assert abs(numeric - grad[c, i]) <= 1e-4 * grad.abs().max() + 2e-3 * abs(grad[c, i]), (c, i)
     assert grad.abs().max() > 0
+
+
+def test_prompts_of_one_token_take_positional_masks(traced):
+    """One-token prompts run at a second position too (``model._one_token_too``), where no class applies."""
+    _, cm = traced("llama")
+    generator = torch.Generator().manual_seed(2)
+    clean, corrupted = (torch.randint(0, 128, (2, 1), generator=generator) for _ in range(2))
+    edges = torch.rand(2, len(cm.graph.edges), generator=generator)
+    with torch.no_grad():
+        ours = cm(clean, corrupted_input_ids=corrupted, edge_mask=edges, mask_positions=torch.tensor([[0.3], [0.7]]))
+        mixed = 1 - 0.3 * (1 - edges[0]) - 0.7 * (1 - edges[1])
+        _close(ours, cm(clean, corrupted_input_ids=corrupted, edge_mask=mixed))
 
 
 def test_position_classes_cut_each_prompt_by_its_spans():

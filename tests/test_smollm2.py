@@ -193,3 +193,27 @@ def test_ioi_circuit_of_one_percent_of_edges_is_faithful(smollm2):
     chance = evaluator.evaluate(random.topn(0.01)).faithfulness
     assert faithfulness >= 0.4, f"IOI 1% EAP-IG circuit: faithfulness {faithfulness:.3f} (random: {chance:.3f})"
     assert faithfulness > chance + 0.2, f"faithfulness {faithfulness:.3f} is not above a random circuit's {chance:.3f}"
+
+
+def test_positional_scores_sit_where_the_prompts_differ(smollm2):
+    """IOI's corruption changes S2 alone, so no edge matters at IO or S1, which come before it: their scores are
+    exactly 0, and a circuit that keeps every edge there and none elsewhere runs as the empty circuit.  The spans'
+    scores add up to ``attribute``'s, and the same edges kept in every span are the plain circuit.  Measured
+    2026-12-05 (8f0e2e0, 32 prompts, EAP-IG-inputs): |score| shares S2 0.62, END 0.30, the rest 0.08; the top
+    1,232 (edge, span) pairs (1,144 pruned) give faithfulness 0.500, the plain circuit of 1,140 edges 0.466."""
+    _, tokenizer, cm = smollm2
+    task = fxcircuits.tasks.load("ioi", tokenizer, size=8, seed=0, batch_size=8)
+    scores = fxcircuits.attribute_by_span(cm, task.batches, task.metric, "eap", progress=False)
+    plain = fxcircuits.attribute(cm, task.batches, task.metric, "eap", progress=False)
+    assert scores.spans == ["IO", "S1", "S2", "END", "rest"]
+    torch.testing.assert_close(scores.total().tensor, plain.tensor, atol=1e-5 * plain.tensor.abs().max(), rtol=0)
+    share = scores.tensor.abs().sum(1) / scores.tensor.abs().sum()
+    assert share[0] == share[1] == 0 and share[2] > share[3] > share[4] > 0, share
+    evaluator = fxcircuits.Evaluator(cm, task.batches, task.metric)
+    before = torch.zeros(5, len(cm.graph.edges), dtype=torch.bool)
+    before[:2] = True
+    nothing = evaluator.evaluate(fxcircuits.SpanCircuit(cm.graph, scores.spans, before)).circuit
+    torch.testing.assert_close(nothing, evaluator.empty, atol=1e-4, rtol=0)
+    circuit = plain.topn(0.01)
+    alike = fxcircuits.SpanCircuit(cm.graph, scores.spans, circuit.in_graph.expand(5, -1))
+    assert evaluator.evaluate(alike).faithfulness == pytest.approx(evaluator.evaluate(circuit).faithfulness, abs=1e-4)
