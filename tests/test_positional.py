@@ -16,6 +16,7 @@ def llama(traced):
 
 
 def _mean_metric(cm, batch, masks, weights):
+    """The mean logit difference with ``masks`` [classes, E] at the classes ``weights`` [classes, batch, seq]."""
     logits = cm(batch["clean"], batch["attention_mask"], corrupted_input_ids=batch["corrupted"], edge_mask=masks,
                 mask_positions=weights)
     return metrics.logit_diff(logits, batch).mean()
@@ -34,7 +35,7 @@ def test_eap_by_span_is_the_gradient_of_a_mask_per_class(llama, prompts):
     assert (grad[0] - grad[1]).abs().max() > 1e-3  # the classes differ
 
 
-@pytest.mark.parametrize("method", ["eap-ig-inputs", "eap-ig-activations", "clean-corrupted"])
+@pytest.mark.parametrize("method", ["eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted"])
 def test_scores_by_span_add_up_to_attribute(llama, prompts, method):
     batch = _spanned(prompts)
     halves = [{k: (v[:2] if k != "spans" else {n: r[:2] for n, r in v.items()}) for k, v in batch.items()},
