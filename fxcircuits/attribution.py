@@ -69,11 +69,11 @@ def attribute(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable 
     else:
         scores = _learned_mask(cm, prepared, metric, progress, seed, steps=options.pop("mask_steps", 200), **options)
     if not torch.isfinite(scores).all():
-        raise _not_finite(cm, prepared, metric)
+        raise not_finite(cm, prepared, metric)
     return EdgeScores(cm.graph, scores, method, info)
 
 
-def _not_finite(cm: CircuitModel, prepared: list[Prepared], metric) -> ValueError:
+def not_finite(cm: CircuitModel, prepared: list[Prepared], metric) -> ValueError:
     """Why scores came out NaN or infinite: the examples where the clean or the fully patched run is (raised by
     ``check_finite``), else a run between the two."""
     check_finite(cm, prepared, metric)
@@ -105,8 +105,12 @@ def _gradient_scores(cm, prepared, metric, method, steps, per_call, progress) ->
             total += torch.autograd.grad(value, keep)[0][0].cpu()
             continue
         total += tapped(cm, p, metric, method, steps, per_call)
-    per_edge = {"eap": 1, "clean-corrupted": 2}.get(method, steps)
-    return total[cm.graph.src, cm.graph.dst] / (examples(prepared) * per_edge)
+    return total[cm.graph.src, cm.graph.dst] / (examples(prepared) * points_per_edge(method, steps))
+
+
+def points_per_edge(method: str, steps: int) -> int:
+    """How many gradient points a gradient method sums for each edge: its scores are their mean."""
+    return {"eap": 1, "clean-corrupted": 2}.get(method, steps)
 
 
 def tapped(cm: CircuitModel, p: Prepared, metric, method: str, steps: int, per_call: int,
@@ -263,7 +267,7 @@ def _learned_mask(cm, prepared, metric, progress, seed, *, steps: int, density: 
         keep = dense_keep(cm.graph, z.to(cm.device), device=cm.device)
         task = p.measure(cm, metric, keep).float().mean()
         if not task.isfinite():
-            raise _not_finite(cm, prepared, metric)
+            raise not_finite(cm, prepared, metric)
         expected = torch.sigmoid(log_alpha - shift).mean()
         gap = expected - density
         loss = -task + lambdas[0] * gap + lambdas[1] * gap ** 2

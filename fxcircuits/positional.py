@@ -21,16 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics as metrics_
-from .attribution import GRADIENT_METHODS, tapped
+from .attribution import GRADIENT_METHODS, not_finite, points_per_edge, tapped
 from .circuit import Circuit, _edge_flags
 from .data import REST, position_classes
 from .graph import CircuitGraph
 from .model import CircuitModel
 from .runs import Prepared, examples, prepare
 from .scores import EdgeScores, _count
-
-POINTS = {"eap": 1, "clean-corrupted": 2}  # gradient points per edge; the EAP-IG methods take ``steps``
-
 
 def attribute_by_span(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable,
                       method: str = "eap-ig-inputs", *, spans: Sequence[str] | None = None, steps: int = 5,
@@ -52,10 +49,12 @@ def attribute_by_span(cm: CircuitModel, batches: Iterable[dict], metric: str | C
     for p in tqdm(prepared, desc=f"{method} by span", disable=not progress):
         by_token = tapped(cm, p, metric, method, steps, masks_per_call, by_position=True)
         total += _by_class(by_token[cm.graph.src, cm.graph.dst], p.classes(names[:-1]))
+    if not torch.isfinite(total).all():
+        raise not_finite(cm, prepared, metric)
     info = {"metric": metrics_.name_of(metric), "ablation": ablation, "examples": examples(prepared)}
     if method.startswith("eap-ig"):
         info["steps"] = steps
-    return SpanScores(cm.graph, names, total / (examples(prepared) * POINTS.get(method, steps)), method, info)
+    return SpanScores(cm.graph, names, total / (examples(prepared) * points_per_edge(method, steps)), method, info)
 
 
 def _class_names(prepared: list[Prepared], spans: Sequence[str] | None) -> list[str]:

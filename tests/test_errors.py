@@ -641,6 +641,12 @@ def test_effects_by_position_that_nan_logits_would_fill_are_refused(poisoned, me
         fxcircuits.patch_by_position(poisoned, _nan_batch("corrupted"), "logit_diff", method=method)
 
 
+def test_scores_by_span_that_nan_logits_would_fill_are_refused(poisoned):
+    batch = {**_nan_batch("clean"), "spans": {"A": torch.tensor([[0, 2]] * 4)}}
+    with pytest.raises(ValueError, match=r"NaN or infinite on the clean run of 2 of 4 examples .*: 1, 3\)"):
+        fxcircuits.attribute_by_span(poisoned, [batch], "logit_diff", "eap", progress=False)
+
+
 def test_scores_that_overflow_between_the_runs_are_refused(poisoned):
     """A metric finite on the clean and the fully patched run but not at the points between them (here: wherever
     a gradient is taken) leaves some scores NaN: refused, saying where else to look."""
