@@ -109,6 +109,19 @@ class SpanScores:
         """Every (edge, class) pair scoring at least ``t`` (|score| with ``absolute``), pruned."""
         return self._circuit((self.tensor.abs() if absolute else self.tensor) >= t)
 
+    def save(self, path: str | Path) -> None:
+        """Every score in a positional circuit file with no pair in the circuit (``SpanCircuit.save``)."""
+        SpanCircuit(self.graph, self.spans, torch.zeros(self.tensor.shape, dtype=torch.bool), self.tensor,
+                    {"method": self.method, **self.info}).save(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SpanScores":
+        """Read what ``save`` wrote, or the scores of any positional circuit file that has them."""
+        circuit = SpanCircuit.load(path)
+        if circuit.scores is None:
+            raise ValueError(f"{path} holds a positional circuit without scores")
+        return cls(circuit.graph, circuit.spans, circuit.scores, str(circuit.info.get("method", "")), circuit.info)
+
     def _circuit(self, flags: torch.Tensor) -> "SpanCircuit":
         return SpanCircuit(self.graph, self.spans, flags, self.tensor, {"method": self.method, **self.info}).pruned()
 

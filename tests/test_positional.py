@@ -111,6 +111,10 @@ def test_span_scores_and_circuits_read_back(llama, prompts, tmp_path):
     scores = fxcircuits.attribute_by_span(llama, [batch], "logit_diff", "eap", progress=False)
     edge = llama.graph.edges[5]
     assert scores[edge, "B"] == pytest.approx(float(scores.tensor[1, 5]))
+    scores.save(tmp_path / "scores.json")
+    again = SpanScores.load(tmp_path / "scores.json")
+    assert again.spans == scores.spans and again.method == "eap" and again.info["examples"] == 3
+    torch.testing.assert_close(again.tensor, scores.tensor)
     circuit = scores.threshold(float(scores.tensor.abs().max()) / 4)
     circuit.save(tmp_path / "c.json")
     again = SpanCircuit.load(tmp_path / "c.json")
