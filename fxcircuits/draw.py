@@ -48,7 +48,8 @@ EDGE_WIDTH = (0.3, 2.4)  # edge linewidth range (points per inch of data unit), 
 
 SIGN_COLOURS = {"positive": "#2166ac", "negative": "#b2182b", "unscored": "#666666"}
 COMPARISON_COLOURS = {"both": "#542788", "first": "#1b7837", "second": "#e08214"}  # which circuit holds an edge
-SPAN_COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d")  # by span, in order
+# by span, in order: none of the ports' colours, nor the signs'
+SPAN_COLOURS = ("#d95f02", "#1f78b4", "#e7298a", "#8c510a", "#17becf", "#fb9a99", "#000080")
 SEVERAL_SPANS = "#333333"  # an edge a positional circuit keeps at more than one span
 PORT_COLOURS = {"q": "#1b9e77", "k": "#e6ab02", "v": "#7570b3"}
 NODE_COLOURS = {"head": "#fbfbfb", "mlp": "#e3e3e3", "end": "#d0d0d0"}

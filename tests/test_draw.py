@@ -9,8 +9,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from fxcircuits.circuit import Circuit
-from fxcircuits.draw import (COMPARISON_COLOURS, SEVERAL_SPANS, SIGN_COLOURS, SPAN_COLOURS, _layout, draw_circuit,
-                             draw_comparison, draw_span_circuit, plot_faithfulness, plot_heatmap)
+from fxcircuits.draw import (COMPARISON_COLOURS, PORT_COLOURS, SEVERAL_SPANS, SIGN_COLOURS, SPAN_COLOURS, _layout,
+                             draw_circuit, draw_comparison, draw_span_circuit, plot_faithfulness, plot_heatmap)
 from fxcircuits.graph import CircuitGraph
 from fxcircuits.positional import SpanCircuit
 
@@ -113,6 +113,7 @@ def test_a_positional_circuit_draws_each_edge_coloured_by_its_span(tmp_path):
         assert np.allclose(artist(fig, name).get_edgecolor()[:3], _rgb(colour)), name
     legend = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
     assert legend[:3] == ["at S2", "at END", "at several"]
+    assert not set(SPAN_COLOURS) & {*PORT_COLOURS.values(), *SIGN_COLOURS.values()}  # spans read apart from ports
     assert fig.axes[0].get_title().startswith(f"{len(circuit)} (edge, span) pairs (S2 25, END {len(edges) - 15}, "
                                               "rest 0)")
     widest = max(edges, key=lambda e: max(abs(float(scores[circuit.spans.index(s), graph.edge_index[e]]))
