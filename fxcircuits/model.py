@@ -470,15 +470,11 @@ class CircuitModel(nn.Module):
             where = mask_weights(mask_positions, seq).to(self.device)
             classes = where.shape[0 if where.dim() == 2 else -3]
             keep = class_keep(self.graph, edge_mask, node_mask, classes, device=self.device)
-            if where.dim() == 4 and keep.shape[0] == 1:
-                keep = keep.expand(where.shape[0], -1, -1, -1)
-            return keep, where
-        keep = dense_keep(self.graph, edge_mask, node_mask, device=self.device)
-        if patch_positions is None:
-            return keep, None
-        where = position_weights(patch_positions, seq).to(self.device)
-        if where.dim() == 3 and keep.shape[0] == 1:
-            keep = keep.expand(where.shape[0], -1, -1)
+        else:
+            keep = dense_keep(self.graph, edge_mask, node_mask, device=self.device)
+            where = None if patch_positions is None else position_weights(patch_positions, seq).to(self.device)
+        if where is not None and where.dim() == keep.dim() and keep.shape[0] == 1:  # weights per mask: one mask each
+            keep = keep.expand(where.shape[0], *keep.shape[1:])
         return keep, where
 
     def patched(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, other: list[torch.Tensor],

@@ -68,6 +68,9 @@ class DeltaStore:
                  where: torch.Tensor | None = None):
         self.classes = 1 if keep.dim() == 3 else keep.shape[1]
         if keep.dim() == 4:
+            if where is None:
+                raise ValueError("a mask with one block per class of positions needs the classes' positions: pass "
+                                 "their weights (mask_positions)")
             keep = _by_group(keep, sizes)
         sizes = [n * self.classes for n in sizes]
         self.scratch = None if torch.is_grad_enabled() else scratch  # a backward pass reads the rows after the run

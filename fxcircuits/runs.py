@@ -136,14 +136,11 @@ def metric_values(cm: CircuitModel, prepared: list[Prepared], metric, masks: tor
     """The metric of every example under every edge mask [n, E], patched in one call per batch: [n, examples].
     With ``spans``, the masks are positional, [n, classes, E]: one per class of positions, the spans named and
     the rest (``data.position_classes``), each applied at its class's tokens of each prompt."""
-    if spans is None:
-        keep = dense_keep(cm.graph, masks, device=cm.device)
-        with torch.no_grad():
-            values = [p.measure(cm, metric, keep, recorded=p.recorded) for p in prepared]
-        return torch.cat(values, -1).float().cpu()
-    keep = class_keep(cm.graph, masks, None, masks.shape[1], device=cm.device)
+    keep = (dense_keep(cm.graph, masks, device=cm.device) if spans is None
+            else class_keep(cm.graph, masks, None, masks.shape[1], device=cm.device))
     with torch.no_grad():
-        values = [p.measure(cm, metric, keep, recorded=p.recorded, where=p.classes(spans)) for p in prepared]
+        values = [p.measure(cm, metric, keep, recorded=p.recorded, where=None if spans is None else p.classes(spans))
+                  for p in prepared]
     return torch.cat(values, -1).float().cpu()
 
 

@@ -182,3 +182,6 @@ def test_bad_positional_masks_are_refused(traced, prompts):
         patch(edge_mask=edges, mask_positions=split * float("nan"))
     with pytest.raises(ValueError, match="the masks', the classes' and the prompts' counts"):
         patch(edge_mask=edges, mask_positions=torch.stack([split] * 2)[:, :, :2])
+    keep = torch.ones(1, 2, len(cm.graph.upstream), len(cm.graph.downstream))
+    with pytest.raises(ValueError, match="needs the classes' positions"), torch.no_grad():
+        cm.patched(*cm.inputs(clean, mask), cm.recording(corrupted, mask)[0], keep)
