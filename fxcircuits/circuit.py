@@ -188,7 +188,7 @@ class Circuit:
     @classmethod
     def from_json_form(cls, data: dict, path: str | Path = "the circuit") -> "Circuit":
         """A circuit from the dict ``from_json`` reads; ``path`` names where it came from, in errors."""
-        if isinstance(data, dict) and {"spans", "circuits"} <= data.keys():
+        if is_positional(data):
             raise ValueError(f"{path} holds a positional circuit, one circuit per span: read it with "
                              "fxcircuits.SpanCircuit.load (or fxcircuits.positional.load_circuit, for either kind)")
         _require(data, {"cfg", "nodes", "edges"}, path)
@@ -264,6 +264,12 @@ def _whole_nodes(path, nodes: Iterable[tuple[str, bool, object]]) -> None:
     if partial:
         raise ValueError(f"{path} keeps part of the neurons of {len(partial)} node(s), e.g. {partial[0]}: "
                          "neuron-level circuits are not edge circuits; fxcircuits reads circuits of whole nodes")
+
+
+def is_positional(saved) -> bool:
+    """Whether a circuit file's JSON is a positional circuit's (``positional.SpanCircuit.save``): one circuit per
+    span, which ``Circuit.from_json`` refuses and ``positional.load_circuit`` reads."""
+    return isinstance(saved, dict) and {"spans", "circuits"} <= saved.keys()
 
 
 def _require(data, keys: set[str], path) -> None:

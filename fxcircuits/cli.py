@@ -344,10 +344,7 @@ def _discover_by_span(args, selection: str, start: float) -> int:
 
 def _extent(circuit: Circuit | SpanCircuit) -> str:
     """How much a circuit keeps: its edges, or its (edge, span) pairs, per span."""
-    if isinstance(circuit, Circuit):
-        return f"{len(circuit)} edges"
-    per = ", ".join(f"{s} {int(f.sum())}" for s, f in zip(circuit.spans, circuit.in_graph))
-    return f"{len(circuit)} (edge, span) pairs ({per})"
+    return f"{len(circuit)} edges" if isinstance(circuit, Circuit) else circuit.extent()
 
 
 def _selection(args) -> str:

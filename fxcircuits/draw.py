@@ -127,8 +127,7 @@ def draw_span_circuit(circuit: SpanCircuit, path: str | Path | None = None, *, a
         strength = best / max(best.max(initial=0.0), 1e-12)
     shown = [s for s in circuit.spans if any(len(h) == 1 and h[0] == s for h in held)]
     key = [(colour[s], f"at {s}") for s in shown] + [(SEVERAL_SPANS, "at several")] * any(len(h) > 1 for h in held)
-    per = ", ".join(f"{s} {int(k.sum())}" for s, k in zip(circuit.spans, circuit.in_graph))
-    title = title if title is not None else f"{len(circuit)} (edge, span) pairs ({per}), {len(union.nodes)} nodes"
+    title = title if title is not None else f"{circuit.extent()}, {len(union.nodes)} nodes"
     return _draw(union, colours, strength, key, path, ax, title, compact)
 
 
