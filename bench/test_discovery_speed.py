@@ -105,16 +105,19 @@ def test_exact_throughput(benchmark, smollm2, batches):
           f"all {len(graph.edges)} edges); peak memory +{peak.grown_mb:.0f} MB")
 
 
-@pytest.mark.parametrize("method", ["eap", "eap-ig-inputs"])
+@pytest.mark.parametrize("method", ["eap", "eap-ig-inputs", "mask"])
 def test_scores_by_span_cost(benchmark, smollm2, tokenizer, method):
     """Edge scores by span (IO, S1, S2, END and the rest; ``attribute_by_span``) against the same method's edge
-    scores (``attribute``), on 32 prompts of the built-in IOI task in batches of 8: the price of keeping each
-    token's score apart until it is summed by span."""
+    scores (``attribute``), on 32 prompts of the built-in IOI task in batches of 8: for the gradient methods, the
+    price of keeping each token's score apart until it is summed by span; for a learned mask (8 steps), of a mask
+    per span in each step's patched pass and its backward."""
     _, cm, _, _ = smollm2
     task_batches = fxcircuits.tasks.load("ioi", tokenizer, size=32, batch_size=8).batches
-    plain, plain_mb = _timed(lambda: fxcircuits.attribute(cm, task_batches, "logit_diff", method, progress=False))
+    options = {"mask_steps": 8} if method == "mask" else {}
+    plain, plain_mb = _timed(lambda: fxcircuits.attribute(cm, task_batches, "logit_diff", method, progress=False,
+                                                          **options))
     by_span, span_mb = _timed(lambda: fxcircuits.attribute_by_span(cm, task_batches, "logit_diff", method,
-                                                                    progress=False))
+                                                                    progress=False, **options))
     benchmark.pedantic(lambda: None, rounds=1)
     benchmark.extra_info.update({"by_span_s": by_span, "plain_s": plain, "ratio": by_span / plain,
                                  "by_span_peak_mb": span_mb, "plain_peak_mb": plain_mb})

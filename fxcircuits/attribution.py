@@ -16,18 +16,20 @@ e patched).  Every method drives the same patcher (``CircuitModel.patched``):
 * ``mask`` learns a hard-concrete edge mask by gradient descent (Edge Pruning, Bhaskar et al. 2024).
 
 The other run is the corrupted prompt (``ablation="corrupted"``), zeros (``"zero"``) or the mean activation over
-``reference`` batches (``"mean"``).
+``reference`` batches (``"mean"``).  ``fxcircuits.attribute_by_span`` runs the same methods over masks per class
+of positions, [classes, E] (``scored``): a plain run is the one class of the whole prompt.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from . import metrics as metrics_
+from .data import REST, position_classes
 from .model import CircuitModel
-from .patching import Tap, dense_keep
+from .patching import Tap, class_keep, dense_keep
 from .runs import Prepared, check_finite, clean_values, examples, metric_values, prepare
 from .scores import EdgeScores
 
@@ -46,6 +48,21 @@ def attribute(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable 
     ``threshold``: ACDC's τ.  ``masks_per_call``: how many patched runs one batched call evaluates (integration
     steps, ``exact``, ``acdc``).  ``options`` are the learned mask's: ``mask_steps`` (200), ``density`` (the
     fraction of edges to keep, 0.05), ``lr`` (0.1).  Deterministic given ``seed``."""
+    scores, _, info = scored(cm, batches, metric, method, by_span=False, steps=steps, ablation=ablation,
+                             reference=reference, threshold=threshold, masks_per_call=masks_per_call,
+                             progress=progress, seed=seed, options=options)
+    return EdgeScores(cm.graph, scores, method, info)
+
+
+def scored(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable | None, method: str, *, by_span: bool,
+           spans: Sequence[str] | None = None, steps: int, ablation: str, reference: Iterable[dict] | None,
+           threshold: float, masks_per_call: int, progress: bool, seed: int,
+           options: dict) -> tuple[torch.Tensor, list[str] | None, dict]:
+    """What ``attribute`` and ``attribute_by_span`` share: the settings checked, the batches prepared and
+    ``method`` run.  Every method scores a mask per class of positions, [classes, E]: by span, the classes are
+    ``spans`` (every span the batches name where None) and the rest of the prompt, each patched at its own tokens
+    alone; else one class, the whole prompt, and the scores are [E].  Returns the scores, the classes' names (by
+    span) and how they were found."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if options and method != "mask":
@@ -57,20 +74,43 @@ def attribute(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable 
     metric = metrics_.get(metric if metric is not None else _default_metric(method))
     torch.manual_seed(seed)
     prepared = prepare(cm, batches, metric, ablation, reference)
+    names = _class_names(prepared, spans) if by_span else None
+    named = None if names is None else names[:-1]
     info = {"metric": metrics_.name_of(metric), "ablation": ablation, "examples": examples(prepared)}
     if method in GRADIENT_METHODS:
-        scores = _gradient_scores(cm, prepared, metric, method, steps, masks_per_call, progress)
+        scores = _gradient_scores(cm, prepared, metric, method, steps, masks_per_call, progress, named)
         if method.startswith("eap-ig"):  # the others take no steps
             info["steps"] = steps
     elif method == "exact":
-        scores = _exact(cm, prepared, metric, masks_per_call, progress)
+        scores = _exact(cm, prepared, metric, masks_per_call, progress, named)
     elif method == "acdc":
-        scores, info["threshold"] = _acdc(cm, prepared, metric, threshold, masks_per_call, progress), threshold
+        scores, info["threshold"] = _acdc(cm, prepared, metric, threshold, masks_per_call, progress, named), threshold
     else:
-        scores = _learned_mask(cm, prepared, metric, progress, seed, steps=options.pop("mask_steps", 200), **options)
+        options = dict(options)
+        scores = _learned_mask(cm, prepared, metric, progress, seed, named, steps=options.pop("mask_steps", 200),
+                               **options)
     if not torch.isfinite(scores).all():
         raise not_finite(cm, prepared, metric)
-    return EdgeScores(cm.graph, scores, method, info)
+    return (scores, names, info) if by_span else (scores[0], None, info)
+
+
+def _class_names(prepared: list[Prepared], spans: Sequence[str] | None) -> list[str]:
+    """The classes' names: ``spans`` (the first batch's, where None) and the rest, checked on every batch."""
+    names = None if spans is None else list(spans)
+    for p in prepared:
+        names = position_classes(p.batch, names)[0][:-1]
+    return names + [REST]
+
+
+def _shape(cm: CircuitModel, spans: list[str] | None) -> tuple[int, int]:
+    """Scores' and masks' shape: [classes, E], one class where ``spans`` is None."""
+    return (1 if spans is None else len(spans) + 1), len(cm.graph.edges)
+
+
+def _values(cm: CircuitModel, prepared: list[Prepared], metric, masks: torch.Tensor,
+            spans: list[str] | None) -> torch.Tensor:
+    """``metric_values`` of masks [n, classes, E], one class (the whole prompt) where ``spans`` is None."""
+    return metric_values(cm, prepared, metric, masks[:, 0] if spans is None else masks, spans)
 
 
 def not_finite(cm: CircuitModel, prepared: list[Prepared], metric) -> ValueError:
@@ -95,17 +135,26 @@ def _ones(cm: CircuitModel, n: int = 1) -> torch.Tensor:
 
 # ---------------------------------------------------------------- gradient methods
 
-def _gradient_scores(cm, prepared, metric, method, steps, per_call, progress) -> torch.Tensor:
-    """Σ over batches and points of the edge scores, divided by examples and by points per edge."""
-    total = torch.zeros(len(cm.graph.upstream), len(cm.graph.downstream))
-    for p in tqdm(prepared, desc=method, disable=not progress):
-        if method == "eap":  # at the clean point the mask's own gradient is the score: no tap, no clean pass
+def _gradient_scores(cm, prepared, metric, method, steps, per_call, progress, spans) -> torch.Tensor:
+    """Σ over batches and points of the edge scores, divided by examples and by points per edge: [classes, E].  By
+    span, each edge's score at each token summed over each class's tokens."""
+    total, (src, dst) = torch.zeros(_shape(cm, spans)), (cm.graph.src, cm.graph.dst)
+    for p in tqdm(prepared, desc=method if spans is None else f"{method} by span", disable=not progress):
+        if spans is not None:
+            total += _by_class(tapped(cm, p, metric, method, steps, per_call, by_position=True)[src, dst],
+                               p.classes(spans))
+        elif method == "eap":  # at the clean point the mask's own gradient is the score: no tap, no clean pass
             keep = _ones(cm).requires_grad_(True)
             value = p.measure(cm, metric, keep).sum()
-            total += torch.autograd.grad(value, keep)[0][0].cpu()
-            continue
-        total += tapped(cm, p, metric, method, steps, per_call)
-    return total[cm.graph.src, cm.graph.dst] / (examples(prepared) * points_per_edge(method, steps))
+            total[0] += torch.autograd.grad(value, keep)[0][0].cpu()[src, dst]
+        else:
+            total[0] += tapped(cm, p, metric, method, steps, per_call)[src, dst]
+    return total / (examples(prepared) * points_per_edge(method, steps))
+
+
+def _by_class(by_token: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Scores by token [E, batch · seq] summed over each class's tokens: [classes, E]."""
+    return weights.reshape(weights.shape[0], -1).to(by_token) @ by_token.T
 
 
 def points_per_edge(method: str, steps: int) -> int:
@@ -194,78 +243,82 @@ def _activation_points(cm, p: Prepared, clean: list[torch.Tensor], delta: torch.
 
 # ---------------------------------------------------------------- patching methods
 
-def _exact(cm, prepared, metric, per_call: int, progress: bool) -> torch.Tensor:
-    """score(e) = m(clean) − m(clean with e alone patched), ``per_call`` edges per batched call."""
-    n_edges = len(cm.graph.edges)
-    base = clean_values(cm, prepared, metric).mean()
-    scores = torch.empty(n_edges)
-    for first in tqdm(range(0, n_edges, per_call), desc="exact", disable=not progress):
-        edges = torch.arange(first, min(first + per_call, n_edges))
-        masks = torch.ones(len(edges), n_edges).index_put_((torch.arange(len(edges)), edges), torch.tensor(0.0))
-        scores[edges] = base - metric_values(cm, prepared, metric, masks).mean(-1)
-    return scores
+def _exact(cm, prepared, metric, per_call: int, progress: bool, spans) -> torch.Tensor:
+    """score(e) = m(clean) − m(clean with e alone patched), ``per_call`` edges per batched call; by span, e
+    patched at one class's tokens alone, class by class, so that a call's edges still share their readers."""
+    shape = _shape(cm, spans)
+    base, units = clean_values(cm, prepared, metric).mean(), shape[0] * shape[1]
+    scores = torch.empty(units)
+    for first in tqdm(range(0, units, per_call), desc="exact", disable=not progress):
+        chunk = torch.arange(first, min(first + per_call, units))
+        masks = torch.ones(len(chunk), units).index_put_((torch.arange(len(chunk)), chunk), torch.tensor(0.0))
+        scores[chunk] = base - _values(cm, prepared, metric, masks.view(-1, *shape), spans).mean(-1)
+    return scores.view(shape)
 
 
-def _acdc(cm, prepared, metric, tau: float, per_call: int, progress: bool) -> torch.Tensor:
+def _acdc(cm, prepared, metric, tau: float, per_call: int, progress: bool, spans) -> torch.Tensor:
     """ACDC: destinations from ``logits`` back to the first layer, each one's incoming edges from the latest
-    upstream node back; an edge is removed when removing it costs less than τ (mean metric before − after).
+    upstream node back (by span, each edge at each class in turn); an edge is removed when removing it costs less
+    than τ (mean metric before − after).
 
     Sequential decisions are evaluated speculatively in batches: mask j removes candidates i…j together, which
     is what the sequential walk evaluates if i…j−1 were all removed; at the first edge that must stay, the
     batch's later masks are void and the walk resumes after it.  Scores are each edge's cost when it was
     judged (edges of destinations that no longer reach ``logits`` are removed at no cost: score 0)."""
     g = cm.graph
-    current, scores = torch.ones(len(g.edges)), torch.zeros(len(g.edges))
-    value = float(metric_values(cm, prepared, metric, current[None]).mean())
+    current, scores = torch.ones(_shape(cm, spans)), torch.zeros(_shape(cm, spans))
+    value = float(_values(cm, prepared, metric, current[None], spans).mean())
     into = [[] for _ in g.downstream]
     for e, d in enumerate(g.dst.tolist()):
         into[d].append(e)
     for d in tqdm(range(len(g.downstream) - 1, -1, -1), desc="acdc", disable=not progress):
         reader = int(g.reader[d])
-        # a node (logits aside) with no kept outgoing edge reaches nothing: its inputs go at no cost
-        if reader < len(g.upstream) and not bool(current[g.src == reader].any()):
-            current[into[d]] = 0.0
+        # a node (logits aside) with no kept outgoing edge, at any class, reaches nothing: its inputs go at no cost
+        if reader < len(g.upstream) and not bool(current[:, g.src == reader].any()):
+            current[:, into[d]] = 0.0
             continue
-        candidates = [e for e in reversed(into[d]) if current[e] == 1]
+        candidates = [(c, e) for e in reversed(into[d]) for c in range(len(current)) if current[c, e] == 1]
         while candidates:
             batch = candidates[:per_call]
-            masks = current.repeat(len(batch), 1)
-            for j in range(len(batch)):
-                masks[j:, batch[j]] = 0.0
-            values = metric_values(cm, prepared, metric, masks).mean(-1).tolist()
+            masks = current.repeat(len(batch), 1, 1)
+            for j, (c, e) in enumerate(batch):
+                masks[j:, c, e] = 0.0
+            values = _values(cm, prepared, metric, masks, spans).mean(-1).tolist()
             kept_at = None
-            for j, e in enumerate(batch):
-                scores[e] = value - values[j]
-                if scores[e] >= tau:
+            for j, unit in enumerate(batch):
+                scores[unit] = value - values[j]
+                if scores[unit] >= tau:
                     kept_at = j
                     break
                 value = values[j]
-            removed = batch if kept_at is None else batch[:kept_at]
-            current[removed] = 0.0
+            for unit in (batch if kept_at is None else batch[:kept_at]):
+                current[unit] = 0.0
             candidates = candidates[len(batch) if kept_at is None else kept_at + 1:]
     return scores
 
 
 # ---------------------------------------------------------------- learned masks
 
-def _learned_mask(cm, prepared, metric, progress, seed, *, steps: int, density: float = 0.05, lr: float = 0.1,
+def _learned_mask(cm, prepared, metric, progress, seed, spans, *, steps: int, density: float = 0.05, lr: float = 0.1,
                   beta: float = 2 / 3, gamma: float = -0.1, zeta: float = 1.1) -> torch.Tensor:
-    """Edge Pruning: a hard-concrete gate per edge, trained to keep the metric while the expected fraction of
-    edges kept is driven to ``density`` by a Lagrangian (multipliers ascend, gates descend).  The scores are the
-    gates' log-odds: positive = kept by the learned mask, and ``topn`` ranks by how firmly."""
+    """Edge Pruning: a hard-concrete gate per edge (by span, per edge and class of positions), trained to keep the
+    metric while the expected fraction of gates kept is driven to ``density`` by a Lagrangian (multipliers ascend,
+    gates descend).  The scores are the gates' log-odds: positive = kept by the learned mask, and ``topn`` ranks
+    by how firmly."""
     generator = torch.Generator().manual_seed(seed)
-    n_edges = len(cm.graph.edges)
-    log_alpha = torch.full((n_edges,), 3.0, requires_grad=True)
+    shape = _shape(cm, spans)
+    log_alpha = torch.full(shape, 3.0, requires_grad=True)
     lambdas = torch.zeros(2, requires_grad=True)
     gates, multipliers = torch.optim.Adam([log_alpha], lr=lr), torch.optim.Adam([lambdas], lr=lr, maximize=True)
     shift = beta * torch.log(torch.tensor(-gamma / zeta))
     for step in tqdm(range(steps), desc="mask", disable=not progress):
         p = prepared[step % len(prepared)]
-        u = torch.rand(n_edges, generator=generator).clamp(1e-6, 1 - 1e-6)
+        u = torch.rand(shape, generator=generator).clamp(1e-6, 1 - 1e-6)
         s = torch.sigmoid((u.log() - (1 - u).log() + log_alpha) / beta) * (zeta - gamma) + gamma
-        z = s.clamp(0.0, 1.0)
-        keep = dense_keep(cm.graph, z.to(cm.device), device=cm.device)
-        task = p.measure(cm, metric, keep).float().mean()
+        z = s.clamp(0.0, 1.0).to(cm.device)
+        keep = (dense_keep(cm.graph, z[0], device=cm.device) if spans is None
+                else class_keep(cm.graph, z, None, shape[0], device=cm.device))
+        task = p.measure(cm, metric, keep, where=None if spans is None else p.classes(spans)).float().mean()
         if not task.isfinite():
             raise not_finite(cm, prepared, metric)
         expected = torch.sigmoid(log_alpha - shift).mean()

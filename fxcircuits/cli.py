@@ -91,8 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     discover.add_argument("--spans", nargs="?", const="all", help="a positional circuit: score and keep each edge "
                           "at each span the task names (IOI: IO, S1, S2, END; your file's 'spans' field) and at the "
                           "rest of the prompt apart, as (edge, span) pairs; optionally the comma-separated spans.  "
-                          "Gradient methods, topn or threshold; --edges counts pairs; saved as JSON, one EAP-IG "
-                          "circuit per span")
+                          "Any method; topn or threshold; --edges counts pairs; saved as JSON, one EAP-IG circuit "
+                          "per span")
     discover.add_argument("--out", type=_circuit_path, default="circuit.json",
                           help="the circuit, in EAP-IG/MIB's format: .json, or .pt (torch.save, compact for large "
                           "models)")
@@ -308,37 +308,38 @@ def _discover(args) -> int:
 
 
 def _discover_by_span(args, selection: str, start: float) -> int:
-    """``discover --spans``: a positional circuit, and beside its faithfulness that of the plain circuit of as many
-    edges, cut from the same scores summed over the spans."""
-    if args.method not in GRADIENT_METHODS or selection not in ("topn", "threshold"):
-        raise SystemExit(f"--spans scores edges by span from gradients and keeps the best (edge, span) pairs: use "
-                         f"--method {' or '.join(GRADIENT_METHODS)} and --selection topn or threshold")
+    """``discover --spans``: a positional circuit and, for the gradient methods, whose classes add up to each edge's
+    plain score, beside its faithfulness that of the plain circuit of as many edges cut from those sums."""
+    if selection not in ("topn", "threshold"):
+        raise SystemExit(f"--spans keeps the best (edge, span) pairs: use --selection topn or threshold, not "
+                         f"{selection}")
     if Path(args.out).suffix.lower() != ".json":
         raise SystemExit(f"a positional circuit is saved as JSON: --out {args.out} does not end in .json")
     _, _, cm, task = _setup(args)
     metric, ablation, patching = _patching(args, task, {})
+    tau = {"threshold": args.threshold} if args.method == "acdc" and args.threshold is not None else {}
     spans = None if args.spans == "all" else args.spans.split(",")
     scores = attribute_by_span(cm, task.batches, metric, args.method, spans=spans, steps=args.steps,
-                               progress=not args.no_progress, **patching)
-    circuit = scores.topn(0.01 if args.edges is None else args.edges) if selection == "topn" else (
-        scores.threshold(args.threshold))
+                               progress=not args.no_progress, seed=args.seed, **patching, **tau)
+    circuit = _select(scores, selection, args)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
     faithfulness = evaluator.evaluate(circuit).faithfulness
-    plain = scores.total().topn(len(circuit))
     circuit.info.update(model=args.model, task=task.name, faithfulness=faithfulness)
     circuit.save(args.out)
     picture = args.draw or str(Path(args.out).with_suffix(".svg"))
     union = circuit.union()
     draw_span_circuit(circuit, picture, title=f"{args.model} · {task.name} · {args.method} by span · "
                       f"f = {faithfulness:.2f}")
-    _table({"model": args.model, "task": f"{task.name} ({len(task.examples)} examples)",
+    rows = {"model": args.model, "task": f"{task.name} ({len(task.examples)} examples)",
             "metric": f"{metric}, patched edges {_carry(ablation)}",
             "baseline metric": f"{evaluator.full.mean():.3f} clean, {evaluator.empty.mean():.3f} all edges patched",
             "method": f"{args.method}, by span", "circuit": f"{_extent(circuit)}; {len(union)} edges and "
-            f"{len(union.nodes)} nodes in all", "faithfulness": f"{faithfulness:.3f}",
-            "plain circuit": f"{len(plain)} edges at every token: faithfulness "
-            f"{evaluator.evaluate(plain).faithfulness:.3f}",
-            "time": f"{time.perf_counter() - start:.1f} s", "saved": f"{args.out}, {picture}"})
+            f"{len(union.nodes)} nodes in all", "faithfulness": f"{faithfulness:.3f}"}
+    if args.method in GRADIENT_METHODS:
+        plain = scores.total().topn(len(circuit))
+        rows["plain circuit"] = (f"{len(plain)} edges at every token: faithfulness "
+                                 f"{evaluator.evaluate(plain).faithfulness:.3f}")
+    _table({**rows, "time": f"{time.perf_counter() - start:.1f} s", "saved": f"{args.out}, {picture}"})
     return 0
 
 
@@ -364,9 +365,9 @@ def _selection(args) -> str:
     return selection
 
 
-def _select(scores: EdgeScores, selection: str, args) -> Circuit:
-    """The circuit ``selection`` cuts from ``scores``.  ACDC's threshold cut is at its τ on the signed score: the
-    edges it kept."""
+def _select(scores: EdgeScores | SpanScores, selection: str, args) -> Circuit | SpanCircuit:
+    """The circuit ``selection`` cuts from ``scores`` (by span: topn or threshold).  ACDC's threshold cut is at
+    its τ on the signed score: the edges it kept."""
     if selection == "nodes":
         return scores.topn_nodes(args.nodes)
     if selection != "threshold":

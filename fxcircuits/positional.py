@@ -18,56 +18,32 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from . import metrics as metrics_
-from .attribution import GRADIENT_METHODS, not_finite, points_per_edge, tapped
+from .attribution import scored
 from .circuit import Circuit, _edge_flags, is_positional
-from .data import REST, position_classes
+from .data import REST
 from .graph import CircuitGraph
 from .model import CircuitModel
-from .runs import Prepared, examples, prepare
 from .scores import EdgeScores, _count
 
-def attribute_by_span(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable,
+
+def attribute_by_span(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable | None = None,
                       method: str = "eap-ig-inputs", *, spans: Sequence[str] | None = None, steps: int = 5,
-                      ablation: str = "corrupted", reference: Iterable[dict] | None = None,
-                      masks_per_call: int = 32, progress: bool = True) -> "SpanScores":
-    """Every edge's score at each class of positions: ``attribute``'s gradient methods, with each edge's score
-    at each token (its difference there times the gradient there) summed over the tokens of each class.  The
-    classes' scores of an edge add up to its ``attribute`` score.  ``spans``: the spans to keep apart (every span
-    the batches name where None); their tokens, and the rest, are the classes."""
-    if method not in GRADIENT_METHODS:
-        raise ValueError(f"scores by span come from gradients: method is one of {', '.join(GRADIENT_METHODS)}, "
-                         f"not {method!r}")
-    if steps < 1 or masks_per_call < 1:
-        raise ValueError(f"steps and masks_per_call must be at least 1, got {steps} and {masks_per_call}")
-    metric = metrics_.get(metric)
-    prepared = prepare(cm, batches, metric, ablation, reference)
-    names = _class_names(prepared, spans)
-    total = torch.zeros(len(names), len(cm.graph.edges))
-    for p in tqdm(prepared, desc=f"{method} by span", disable=not progress):
-        by_token = tapped(cm, p, metric, method, steps, masks_per_call, by_position=True)
-        total += _by_class(by_token[cm.graph.src, cm.graph.dst], p.classes(names[:-1]))
-    if not torch.isfinite(total).all():
-        raise not_finite(cm, prepared, metric)
-    info = {"metric": metrics_.name_of(metric), "ablation": ablation, "examples": examples(prepared)}
-    if method.startswith("eap-ig"):
-        info["steps"] = steps
-    return SpanScores(cm.graph, names, total / (examples(prepared) * points_per_edge(method, steps)), method, info)
+                      ablation: str = "corrupted", reference: Iterable[dict] | None = None, threshold: float = 0.01,
+                      masks_per_call: int = 32, progress: bool = True, seed: int = 0, **options) -> "SpanScores":
+    """Every edge's score at each class of positions, by any of ``attribute``'s methods and with its settings.
+    ``spans``: the spans to keep apart (every span the batches name where None); their tokens, and the rest, are
+    the classes.
 
-
-def _class_names(prepared: list[Prepared], spans: Sequence[str] | None) -> list[str]:
-    """The classes' names: ``spans`` (the first batch's, where None) and the rest, checked on every batch."""
-    names = None if spans is None else list(spans)
-    for p in prepared:
-        names = position_classes(p.batch, names)[0][:-1]
-    return names + [REST]
-
-
-def _by_class(by_token: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Scores by token [E, batch · seq] summed over each class's tokens: [classes, E]."""
-    return weights.reshape(weights.shape[0], -1).to(by_token) @ by_token.T
+    The gradient methods take each edge's score at each token (its difference there times the gradient there) and
+    sum it over each class's tokens, so an edge's classes add up to its ``attribute`` score.  ``exact`` patches
+    one edge at one class's tokens per run, ``acdc`` walks (edge, class) pairs as it walks edges, and ``mask``
+    learns a gate per pair (its ``density`` is a fraction of the pairs); their classes do not add up, as patching
+    everywhere is not the sum of patching each part."""
+    tensor, names, info = scored(cm, batches, metric, method, by_span=True, spans=spans, steps=steps,
+                                 ablation=ablation, reference=reference, threshold=threshold,
+                                 masks_per_call=masks_per_call, progress=progress, seed=seed, options=options)
+    return SpanScores(cm.graph, names, tensor, method, info)
 
 
 class SpanScores:
@@ -95,7 +71,8 @@ class SpanScores:
         return EdgeScores(self.graph, self.tensor[self.spans.index(name)], self.method, {**self.info, "span": name})
 
     def total(self) -> EdgeScores:
-        """Each edge's scores summed over the classes: its score at every position, as ``attribute`` gives it."""
+        """Each edge's scores summed over the classes: for the gradient methods, its score at every position, as
+        ``attribute`` gives it."""
         return EdgeScores(self.graph, self.tensor.sum(0), self.method, self.info)
 
     def topn(self, n: int | float, absolute: bool = True) -> "SpanCircuit":

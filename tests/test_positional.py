@@ -7,7 +7,8 @@ import fxcircuits
 from fxcircuits import metrics
 from fxcircuits.data import position_classes
 from fxcircuits.positional import SpanCircuit, SpanScores, load_circuit
-from test_positions import _spanned
+from test_positions import _batch, _spanned
+from zoo import make
 
 
 @pytest.fixture
@@ -137,10 +138,94 @@ def test_span_scores_and_circuits_read_back(llama, prompts, tmp_path):
     assert load_circuit(tmp_path / "a.json").edges == circuit.edges["A"]
 
 
-def test_scores_by_span_need_spans_and_gradients(llama, prompts):
+@pytest.fixture(scope="module")
+def llama64():
+    return fxcircuits.trace(make("llama", dtype=torch.float64))
+
+
+def _whole(prompts) -> dict:
+    """The batch with one span over every real token: its class is the whole prompt, the rest its padding."""
+    return {**_batch(prompts), "spans": {"all": torch.tensor([[2, 7], [0, 7], [0, 7]])}}
+
+
+def _shared_and_changed(prompts) -> dict:
+    """The batch cut where its clean and corrupted prompts part: the tokens they share (the first row's padding
+    aside, which is the rest), then the others."""
+    return {**_batch(prompts), "spans": {"shared": torch.tensor([[2, 3], [0, 3], [0, 3]]), "changed": torch.tensor([[3, 7]] * 3)}}
+
+
+def test_exact_by_span_patches_one_edge_at_one_class_per_run(llama64, prompts):
+    """Each (edge, class) score is m(clean) − m(that edge patched at that class's tokens alone), each pair run on
+    its own through ``cm(...)``; the batched calls (7 pairs each) cross from class to class."""
     batch = _spanned(prompts)
-    with pytest.raises(ValueError, match="come from gradients"):
-        fxcircuits.attribute_by_span(llama, [batch], "logit_diff", "exact")
+    scores = fxcircuits.attribute_by_span(llama64, [batch], "logit_diff", "exact", masks_per_call=7, progress=False)
+    names, weights = position_classes(batch)
+    assert scores.spans == names and scores.method == "exact"
+    n_edges = len(llama64.graph.edges)
+    clean = metrics.logit_diff(llama64(batch["clean"], batch["attention_mask"]), batch).mean()
+    pairs = [(c, e) for c in range(3) for e in range(c, n_edges, 13)]
+    reference = []
+    with torch.no_grad():
+        for c, e in pairs:
+            masks = torch.ones(3, n_edges, dtype=torch.float64)
+            masks[c, e] = 0.0
+            reference.append(clean - _mean_metric(llama64, batch, masks, weights))
+    torch.testing.assert_close(torch.stack([scores.tensor[c, e] for c, e in pairs]),
+                               torch.stack(reference).float(), atol=1e-6, rtol=1e-5)
+    assert (scores.tensor[0] - scores.tensor[1]).abs().max() > 1e-3  # the classes differ
+
+
+def test_one_class_over_the_whole_prompt_is_the_plain_method(llama64, prompts):
+    """A span over every token makes its class the whole prompt: exact and ACDC score it as ``attribute`` scores
+    the edges, and the rest, the first row's padding, moves nothing (ACDC removes it at no cost)."""
+    batch = _whole(prompts)
+    for method, options in (("exact", {}), ("acdc", {"threshold": 1e-3})):
+        by_span = fxcircuits.attribute_by_span(llama64, [batch], "kl", method, masks_per_call=9, progress=False,
+                                               **options)
+        plain = fxcircuits.attribute(llama64, [batch], "kl", method, masks_per_call=9, progress=False, **options)
+        assert by_span.spans == ["all", "rest"]
+        torch.testing.assert_close(by_span.span("all").tensor, plain.tensor, atol=1e-6, rtol=1e-5)
+        assert by_span.span("rest").tensor.abs().max() < 1e-6
+    kept = by_span.threshold(1e-3, absolute=False)
+    assert kept.edges["all"] == plain.threshold(1e-3, absolute=False).edges and kept.edges["rest"] == []
+
+
+def test_acdc_by_span_batched_equals_sequential(llama64, prompts):
+    """The speculative batches walk (edge, class) pairs as the one-at-a-time walk does.  Pairs at the tokens both
+    prompts share cost nothing, and go; a node stays while it feeds a kept pair at some class, so the walk reaches
+    the first layer through the class of tokens that differ."""
+    batch = _shared_and_changed(prompts)
+    runs = [fxcircuits.attribute_by_span(llama64, [batch], "kl", "acdc", threshold=1e-5, masks_per_call=n,
+                                         progress=False) for n in (1, 16)]
+    torch.testing.assert_close(runs[1].tensor, runs[0].tensor, atol=1e-9, rtol=1e-6)
+    kept = runs[0].threshold(1e-5, absolute=False)
+    assert kept.edges["shared"] == kept.edges["rest"] == [] and runs[0].span("shared").tensor.abs().max() < 1e-9
+    assert 0 < len(kept.edges["changed"]) < len(llama64.graph.edges)
+    assert any(e.startswith("input->a0.") for e in kept.edges["changed"])
+
+
+def test_a_mask_learned_by_span_moves_the_gates_that_matter(llama64, prompts):
+    """A gate per (edge, class): where both prompts agree, and at the first row's padding (the rest), patching
+    changes nothing and the task pulls on no gate, so those gates move alike, by the sparsity penalty alone; at
+    the tokens that differ they part.  (Alike to rounding: HF's attention takes its softmax in float32, and Adam
+    scales the gradient of 1e-9 that leaves to a step.)  Deterministic given the seed."""
+    batch = _shared_and_changed(prompts)
+    runs = [fxcircuits.attribute_by_span(llama64, [batch], "logit_diff", "mask", mask_steps=40, density=0.2,
+                                         lr=0.2, seed=3, progress=False) for _ in range(2)]
+    assert torch.equal(runs[0].tensor, runs[1].tensor) and runs[0].info["examples"] == 3
+    for idle in ("shared", "rest"):
+        gates = runs[0].span(idle).tensor
+        assert gates.max() < 0 and gates.max() - gates.min() < 0.01, idle
+    changed = runs[0].span("changed").tensor
+    assert changed.max() - changed.min() > 5 and (changed > 0).any()
+
+
+def test_scores_by_span_need_spans_and_a_method(llama, prompts):
+    batch = _spanned(prompts)
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        fxcircuits.attribute_by_span(llama, [batch], "logit_diff", "nope")
+    with pytest.raises(TypeError, match="options of method='mask'"):
+        fxcircuits.attribute_by_span(llama, [batch], "logit_diff", "exact", density=0.1)
     with pytest.raises(ValueError, match="no spans"):
         fxcircuits.attribute_by_span(llama, [{k: v for k, v in batch.items() if k != "spans"}], "logit_diff", "eap")
     with pytest.raises(KeyError, match="no span 'C'"):
