@@ -91,8 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     discover.add_argument("--spans", nargs="?", const="all", help="a positional circuit: score and keep each edge "
                           "at each span the task names (IOI: IO, S1, S2, END; your file's 'spans' field) and at the "
                           "rest of the prompt apart, as (edge, span) pairs; optionally the comma-separated spans.  "
-                          "Any method; topn or threshold; --edges counts pairs; saved as JSON, one EAP-IG circuit "
-                          "per span")
+                          "Any method; topn, greedy or threshold; --edges counts pairs; saved as JSON, one EAP-IG "
+                          "circuit per span")
     discover.add_argument("--out", type=_circuit_path, default="circuit.json",
                           help="the circuit, in EAP-IG/MIB's format: .json, or .pt (torch.save, compact for large "
                           "models)")
@@ -310,9 +310,8 @@ def _discover(args) -> int:
 def _discover_by_span(args, selection: str, start: float) -> int:
     """``discover --spans``: a positional circuit and, for the gradient methods, whose classes add up to each edge's
     plain score, beside its faithfulness that of the plain circuit of as many edges cut from those sums."""
-    if selection not in ("topn", "threshold"):
-        raise SystemExit(f"--spans keeps the best (edge, span) pairs: use --selection topn or threshold, not "
-                         f"{selection}")
+    if selection == "nodes":
+        raise SystemExit("--spans keeps (edge, span) pairs: use --selection topn, greedy or threshold, not nodes")
     if Path(args.out).suffix.lower() != ".json":
         raise SystemExit(f"a positional circuit is saved as JSON: --out {args.out} does not end in .json")
     _, _, cm, task = _setup(args)
@@ -366,8 +365,8 @@ def _selection(args) -> str:
 
 
 def _select(scores: EdgeScores | SpanScores, selection: str, args) -> Circuit | SpanCircuit:
-    """The circuit ``selection`` cuts from ``scores`` (by span: topn or threshold).  ACDC's threshold cut is at
-    its τ on the signed score: the edges it kept."""
+    """The circuit ``selection`` cuts from ``scores`` (by span: topn, greedy or threshold).  ACDC's threshold cut
+    is at its τ on the signed score: the edges it kept."""
     if selection == "nodes":
         return scores.topn_nodes(args.nodes)
     if selection != "threshold":

@@ -24,7 +24,7 @@ from .circuit import Circuit, _edge_flags, is_positional
 from .data import REST
 from .graph import CircuitGraph
 from .model import CircuitModel
-from .scores import EdgeScores, _count
+from .scores import EdgeScores, _count, grown
 
 
 def attribute_by_span(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable | None = None,
@@ -81,6 +81,12 @@ class SpanScores:
         flags = torch.zeros(ranked.numel(), dtype=torch.bool)
         flags[torch.argsort(ranked, descending=True, stable=True)[:_count(n, ranked.numel(), "(edge, span) pairs")]] = 1
         return self._circuit(flags.view(self.tensor.shape))
+
+    def greedy(self, n: int | float, absolute: bool = True) -> "SpanCircuit":
+        """``n`` (edge, class) pairs grown from ``logits`` backwards, best first (``EdgeScores.greedy``): a pair
+        becomes a candidate once its edge's destination node is in the circuit, at any class."""
+        return self._circuit(grown(self.graph, self.tensor.abs() if absolute else self.tensor,
+                                   _count(n, self.tensor.numel(), "(edge, span) pairs")))
 
     def threshold(self, t: float, absolute: bool = True) -> "SpanCircuit":
         """Every (edge, class) pair scoring at least ``t`` (|score| with ``absolute``), pruned."""

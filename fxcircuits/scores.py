@@ -76,23 +76,7 @@ class EdgeScores:
     def greedy(self, n: int | float, absolute: bool = True) -> Circuit:
         """``n`` edges grown from ``logits`` backwards, best first (EAP-IG's greedy search): an edge becomes a
         candidate once its destination node is in the circuit, so the result is connected by construction."""
-        g, ranked = self.graph, self._ranked(absolute).tolist()
-        count = _count(n, len(self))
-        into = [[] for _ in g.nodes]  # edges by destination node
-        for e, d in enumerate(g.dst.tolist()):
-            into[int(g.reader[d])].append(e)
-        flags, reached = torch.zeros(len(self), dtype=torch.bool), {len(g.nodes) - 1}
-        heap = [(-ranked[e], e) for e in into[-1]]
-        heapq.heapify(heap)
-        while heap and int(flags.sum()) < count:
-            _, e = heapq.heappop(heap)
-            flags[e] = True
-            source = int(g.src[e])
-            if source not in reached:
-                reached.add(source)
-                for parent in into[source]:
-                    heapq.heappush(heap, (-ranked[parent], parent))
-        return self._circuit(flags)
+        return self._circuit(grown(self.graph, self._ranked(absolute)[None], _count(n, len(self)))[0])
 
     def save(self, path: str | Path) -> None:
         """Every edge's score in a circuit file with no edge in the circuit: EAP-IG/MIB JSON for a path ending in
@@ -107,6 +91,36 @@ class EdgeScores:
         if circuit.scores is None:
             raise ValueError(f"{path} holds a circuit without scores")
         return cls(circuit.graph, circuit.scores, str(circuit.info.get("method", "")), circuit.info)
+
+
+def grown(graph: CircuitGraph, ranked: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` (edge, class) pairs of ``ranked`` [classes, E] grown from ``logits`` backwards, best first: a pair
+    becomes a candidate once its edge's destination node is in the circuit, at any class (attention carries a
+    node's inputs at one class's tokens into its output at another's).  Flags [classes, E]; one class is a plain
+    circuit."""
+    classes, n_edges = ranked.shape
+    flat = ranked.flatten().tolist()
+    into = [[] for _ in graph.nodes]  # edges by destination node
+    for e, d in enumerate(graph.dst.tolist()):
+        into[int(graph.reader[d])].append(e)
+    flags, reached, heap = torch.zeros(classes * n_edges, dtype=torch.bool), set(), []
+
+    def reach(node: int) -> None:
+        reached.add(node)
+        for e in into[node]:
+            for unit in range(e, classes * n_edges, n_edges):
+                heapq.heappush(heap, (-flat[unit], unit))
+
+    reach(len(graph.nodes) - 1)
+    for _ in range(count):
+        if not heap:
+            break
+        unit = heapq.heappop(heap)[1]
+        flags[unit] = True
+        source = int(graph.src[unit % n_edges])
+        if source not in reached:
+            reach(source)
+    return flags.view(classes, n_edges)
 
 
 def _count(n: int | float, total: int, what: str = "edges") -> int:

@@ -151,7 +151,30 @@ def _whole(prompts) -> dict:
 def _shared_and_changed(prompts) -> dict:
     """The batch cut where its clean and corrupted prompts part: the tokens they share (the first row's padding
     aside, which is the rest), then the others."""
-    return {**_batch(prompts), "spans": {"shared": torch.tensor([[2, 3], [0, 3], [0, 3]]), "changed": torch.tensor([[3, 7]] * 3)}}
+    spans = {"shared": torch.tensor([[2, 3], [0, 3], [0, 3]]), "changed": torch.tensor([[3, 7]] * 3)}
+    return {**_batch(prompts), "spans": spans}
+
+
+def test_greedy_by_span_grows_pairs_from_the_logits(llama, prompts):
+    """Pairs join best first once their edge's destination node is reached, at any class: each kept pair's edge
+    ends at logits or at the source of another kept pair.  Scores at one class alone grow as the plain greedy
+    search grows that class's edge scores."""
+    g = llama.graph
+    scores = fxcircuits.attribute_by_span(llama, [_spanned(prompts)], "logit_diff", "eap", progress=False)
+    circuit = scores.greedy(30)
+    assert 0 < len(circuit) <= 30
+    kept = circuit.in_graph.nonzero().tolist()
+    sources = {int(g.src[e]) for _, e in kept}
+    assert all(int(g.reader[g.dst[e]]) in sources | {len(g.nodes) - 1} for _, e in kept)
+    into_logits = scores.tensor[:, g.reader[g.dst] == len(g.nodes) - 1].abs()
+    first = circuit.in_graph[:, g.reader[g.dst] == len(g.nodes) - 1]
+    assert bool(first.flatten()[into_logits.flatten().argmax()])  # the best pair into logits comes first
+    alone = torch.zeros_like(scores.tensor)
+    alone[1] = scores.tensor[1]
+    plain = fxcircuits.EdgeScores(g, scores.tensor[1]).greedy(12)
+    assert (plain.scores[plain.in_graph] != 0).all()
+    one = SpanScores(g, scores.spans, alone).greedy(12)
+    assert one.edges == {"A": [], "B": plain.edges, "rest": []}
 
 
 def test_exact_by_span_patches_one_edge_at_one_class_per_run(llama64, prompts):
