@@ -391,15 +391,16 @@ def distinct_rows(rows: torch.Tensor, shared: bool) -> torch.Tensor:
     return rows[:1] if shared else rows
 
 
-def role_rows(rows: torch.Tensor | None, shared: bool, first: int, n: int, total: int) -> torch.Tensor | None:
-    """One role's (q, k or v) readers among a layer's ``total`` rows; the one shared row where all read the same.
-    A norm may have flattened the readers with batch and sequence (``view(-1, d)``): they lead, so they split.
-    None (no per-row scale: ``norms.Norm``) stays None."""
+def role_parts(rows: torch.Tensor | None, shared: bool, n: int, roles: int) -> tuple:
+    """Each role's (q, k or v) ``n`` readers among a layer's rows, by one split, whose gradient is one
+    concatenation (a slice per role would zero-fill all the rows for each); the one shared row for every role where
+    all read the same.  A norm may have flattened the readers with batch and sequence (``view(-1, d)``): they lead,
+    so they split.  None (no per-row scale: ``norms.Norm``) stays None."""
     if shared or rows is None:
-        return rows
-    if rows.shape[0] != total:
-        rows = rows.reshape(total, -1, rows.shape[-1])
-    return rows[first:first + n]
+        return (rows,) * roles
+    if rows.shape[0] != n * roles:
+        rows = rows.reshape(n * roles, -1, rows.shape[-1])
+    return rows.split(n)
 
 
 def role_shared(store, rows: torch.Tensor, shared: bool, first: int, n: int) -> bool:
@@ -411,7 +412,7 @@ def role_shared(store, rows: torch.Tensor, shared: bool, first: int, n: int) -> 
 
 def role_input(rows: torch.Tensor | None, alike: bool, shared: bool) -> torch.Tensor | None:
     """The rows one role projects: the first where its readers share one value (it already is the only one where
-    the whole layer shares).  None stays None (``role_rows``)."""
+    the whole layer shares).  None stays None (``role_parts``)."""
     return rows[:1] if alike and not shared and rows is not None else rows
 
 

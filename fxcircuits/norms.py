@@ -135,8 +135,31 @@ def row_scale(*rows: torch.Tensor) -> torch.Tensor:
 
 def mean_square(x: torch.Tensor, dim: list[int], keepdim: bool = False) -> torch.Tensor:
     """``mean(x², dim)`` as one reduction (the 2-norm, squared), never writing x² out."""
-    count = math.prod(x.shape[d] for d in dim)
-    return torch.linalg.vector_norm(x, 2, dim, keepdim).square() / count
+    return _MeanSquare.apply(x, dim, keepdim)
+
+
+class _MeanSquare(torch.autograd.Function):
+    """``mean_square`` with its gradient, x · 2g / count, as one pass over the rows: the 2-norm's own backward
+    divides the rows by the norm, masks the rows of norm 0 and multiplies, three passes, which cost a tenth of an
+    EAP-IG backward."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, dim: list[int], keepdim: bool) -> torch.Tensor:
+        count = math.prod(x.shape[d] for d in dim)
+        return torch.linalg.vector_norm(x, 2, dim, keepdim).square() / count
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, ctx.dim, ctx.keepdim = inputs
+        ctx.save_for_backward(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        if not ctx.keepdim:
+            for d in sorted(d % x.dim() for d in ctx.dim):
+                grad = grad.unsqueeze(d)
+        return x * (grad * (2 / math.prod(x.shape[d] for d in ctx.dim))), None, None
 
 
 def fuse_mean_square(gm: GraphModule) -> GraphModule:

@@ -41,7 +41,7 @@ from .components import (MATMUL, SDPA, SOFTMAX, Attention, Components, Decomposi
 from .heads import (RELAYOUT, HeadGate, Post, Projection, Ranges, broadcasts, columns_read, columns_written,
                     distinct_rows, first_projection, gather_heads, head_elements, head_writes, heads_sum,
                     last_projection, norm_share, place_columns, project_columns, project_rounds, region_module,
-                    repeated_heads, role_input, role_rows, role_shared, shared_input, to_ranges, wholly_patched)
+                    repeated_heads, role_input, role_parts, role_shared, shared_input, to_ranges, wholly_patched)
 from .norms import Norm, freeze_statistics
 from .patching import (DeltaStore, accumulate, at_positions, patched_rows, patched_rows_count, sequence_length,
                        side_input, tap, tap_side)
@@ -363,6 +363,14 @@ class _Builder:
     def _rows(self, stacked: Node, first: int, n: int) -> Node:
         return self.call(operator.getitem, stacked, slice(first, first + n))
 
+    def _split(self, stacked: Node, sizes: list[int]) -> list[Node]:
+        """``stacked``'s rows in consecutive parts of ``sizes``, by one split: its gradient is one concatenation,
+        where a slice per part would zero-fill the whole stack for each part, and sum the parts' fills."""
+        if len(sizes) == 1:
+            return [stacked]
+        parts = self.call(torch.split, stacked, sizes)
+        return [self.call(operator.getitem, parts, i) for i in range(len(sizes))]
+
     def _step(self, step: Step) -> None:
         if not self.acts:
             self.reference = self.env[step.start]
@@ -370,17 +378,17 @@ class _Builder:
         if self.patched:
             reads = self.step_reads[id(step)]
             sizes = [_read_size(*r) for r in reads]
-            inputs, first = self._readers(step.start, sum(sizes)), 0
+            inputs, first = self._split(self._readers(step.start, sum(sizes)), sizes), 0
             group = self.n_downstream - sum(sizes)  # the first reader of this step
-            for (writer, roles), size in zip(reads, sizes):
+            for (writer, roles), size, rows in zip(reads, sizes, inputs):
                 if isinstance(writer, MLP) and writer.read is None:
-                    self._patched_mlp(step, writer, self.call(operator.getitem, inputs, first), group + first)
+                    self._patched_mlp(step, writer, self.call(torch.squeeze, rows, 0), group + first)
                 elif isinstance(writer, MLP):  # its write is delayed: its block runs where it writes
-                    self.delayed[id(writer)] = (self.call(operator.getitem, inputs, first), group + first)
+                    self.delayed[id(writer)] = (self.call(torch.squeeze, rows, 0), group + first)
                 elif "q" in roles:  # a layer of this step: its q reads here
-                    self._patched_attention(step, writer, roles, inputs, first, group + first)
+                    self._patched_attention(step, writer, roles, rows, group + first)
                 else:  # a later layer's keys and values, read here: kept until its core runs
-                    self.shared[id(writer)] = self._read_roles(step, writer, roles, inputs, first, group + first)
+                    self.shared[id(writer)] = self._read_roles(step, writer, roles, rows, group + first)
                 first += size
             for writer in step.writers:
                 if id(writer) in self.delayed:  # after its block's nodes, which may follow the step it read at
@@ -407,18 +415,17 @@ class _Builder:
         for term in mlp.terms:
             self.env[term] = local[term]
 
-    def _patched_attention(self, step: Step, attention: Attention, roles: tuple[str, ...], inputs: Node, first: int,
+    def _patched_attention(self, step: Step, attention: Attention, roles: tuple[str, ...], rows: Node,
                            reader: int) -> None:
-        """``inputs[first:]`` are the layer's readers of ``roles`` (q first), ``reader`` the first one's position among
-        all readers; the other roles were read at an earlier step (``shared``)."""
+        """``rows`` are the layer's readers of ``roles`` (q first), ``reader`` the first one's position among all
+        readers; the other roles were read at an earlier step (``shared``)."""
         plan, h = self.plans[id(attention)], attention.n_heads
-        core_inputs = {**self.shared.pop(id(attention), {}), **self._read_roles(step, attention, roles, inputs, first,
-                                                                                reader)}
+        core_inputs = {**self.shared.pop(id(attention), {}), **self._read_roles(step, attention, roles, rows, reader)}
         output = self._core(attention, core_inputs)
         local = {attention.output: output}
         for node in plan.write.region:
             if attention.gate is not None and node is attention.gate.product:
-                gates = self._gates(step, attention, self._rows(inputs, first, h), reader)
+                gates = self._gates(step, attention, self._rows(rows, 0, h), reader)
                 local[node] = self.call(plan.write.head_gate, local[attention.gate.value], gates)
             else:
                 local[node] = self.copy(node, lambda a: local[a] if a in local else self.env[a])
@@ -427,14 +434,16 @@ class _Builder:
         self.env.update({n: local[n] for n in plan.write.region})
         self.env[attention.output] = output
 
-    def _read_roles(self, step: Step, attention: Attention, roles: tuple[str, ...], inputs: Node, first: int,
+    def _read_roles(self, step: Step, attention: Attention, roles: tuple[str, ...], rows: Node,
                     reader: int) -> dict[str, Node]:
-        """The core inputs of ``roles`` from the readers ``inputs[first:]`` (``reader``: the first one's position)."""
+        """The core inputs of ``roles`` from their readers' ``rows``, heads per role (``reader``: the first one's
+        position)."""
         h, reads = attention.n_heads, [self.plans[id(attention)].reads[role] for role in roles]
         if all(r.stacked for r in reads):
-            nodes = self._read_stacked(step, attention, roles, self._rows(inputs, first, len(roles) * h), reader)
+            nodes = self._read_stacked(step, attention, roles, rows, reader)
         else:
-            nodes = [self._read_apart(step, read, self._rows(inputs, first + i * h, h)) for i, read in enumerate(reads)]
+            parts = self._split(rows, [h] * len(reads))
+            nodes = [self._read_apart(step, read, part) for read, part in zip(reads, parts)]
         return dict(zip(roles, nodes))
 
     def _gates(self, step: Step, attention: Attention, rows: Node, reader: int) -> Node:
@@ -465,8 +474,9 @@ class _Builder:
         one_norm = len({(tuple(r.norm), r.projection.x) for r in reads}) == 1
         rows, scale, columns = self._stacked_norm(reads[0], rows, shared) if one_norm else (rows, None, ())
         core_inputs = []
+        parts = [self.call(role_parts, t, shared, n_heads, len(roles)) for t in (rows, scale)]
         for i, read in enumerate(reads):
-            x, s = (self.call(role_rows, t, shared, i * n_heads, n_heads, len(roles) * n_heads) for t in (rows, scale))
+            x, s = (self.call(operator.getitem, p, i) for p in parts)
             if not one_norm:
                 x, s, columns = self._stacked_norm(read, x, shared)
             rounds, alike = self._project(read, x, s, columns, shared, reader + i * n_heads, n_heads,

@@ -85,6 +85,21 @@ def test_row_scale_and_mean_square():
     assert row_scale(a) is a
 
 
+@pytest.mark.parametrize("dim, keepdim", [([-1], True), ([-1], False), ([1, 2], False), ([0, 2], True)])
+def test_mean_square_has_the_gradient_of_the_mean_of_squares(dim, keepdim):
+    """Its own backward (one pass over the rows) against finite differences, and against autograd through
+    pow and mean; rows of norm 0 get gradient 0, as they do through pow."""
+    x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x[1] = 0.0
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: mean_square(t, dim, keepdim), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: mean_square(t, dim, keepdim), (x,))
+    weights = torch.randn(x.pow(2).mean(dim, keepdim=keepdim).shape, dtype=torch.float64)
+    ours, = torch.autograd.grad((mean_square(x, dim, keepdim) * weights).sum(), x)
+    theirs, = torch.autograd.grad((x.pow(2).mean(dim, keepdim=keepdim) * weights).sum(), x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
+
+
 class _Readout(torch.nn.Module):
     """A final norm and unembedding as a model might write them."""
 
