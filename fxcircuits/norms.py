@@ -140,8 +140,8 @@ def mean_square(x: torch.Tensor, dim: list[int], keepdim: bool = False) -> torch
 
 class _MeanSquare(torch.autograd.Function):
     """``mean_square`` with its gradient, x · 2g / count, as one pass over the rows: the 2-norm's own backward
-    divides the rows by the norm, masks the rows of norm 0 and multiplies, three passes, which cost a tenth of an
-    EAP-IG backward."""
+    divides the rows by the norm, masks the rows of norm 0 and multiplies, three passes (0.76 s of a 13 s
+    EAP-IG-inputs run on 8 SmolLM2 prompts)."""
 
     @staticmethod
     def forward(x: torch.Tensor, dim: list[int], keepdim: bool) -> torch.Tensor:

@@ -360,9 +360,6 @@ class _Builder:
         inputs = self.call(tap, self.tap, inputs, self.n_upstream, first, self.n_downstream)
         return inputs if self.frame is None else self.call(operator.mul, inputs, self.frame)
 
-    def _rows(self, stacked: Node, first: int, n: int) -> Node:
-        return self.call(operator.getitem, stacked, slice(first, first + n))
-
     def _split(self, stacked: Node, sizes: list[int]) -> list[Node]:
         """``stacked``'s rows in consecutive parts of ``sizes``, by one split: its gradient is one concatenation,
         where a slice per part would zero-fill the whole stack for each part, and sum the parts' fills."""
@@ -425,7 +422,7 @@ class _Builder:
         local = {attention.output: output}
         for node in plan.write.region:
             if attention.gate is not None and node is attention.gate.product:
-                gates = self._gates(step, attention, self._rows(rows, 0, h), reader)
+                gates = self._gates(step, attention, self.call(operator.getitem, rows, slice(0, h)), reader)
                 local[node] = self.call(plan.write.head_gate, local[attention.gate.value], gates)
             else:
                 local[node] = self.copy(node, lambda a: local[a] if a in local else self.env[a])
