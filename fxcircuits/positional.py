@@ -24,7 +24,7 @@ from .circuit import Circuit, _edge_flags, is_positional
 from .data import REST
 from .graph import CircuitGraph
 from .model import CircuitModel
-from .scores import EdgeScores, _count, grown
+from .scores import EdgeScores, _count, grown, ranked
 
 
 def attribute_by_span(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable | None = None,
@@ -77,20 +77,20 @@ class SpanScores:
 
     def topn(self, n: int | float, absolute: bool = True) -> "SpanCircuit":
         """The ``n`` highest-scoring (edge, class) pairs (a float is a fraction of them all), pruned."""
-        ranked = (self.tensor.abs() if absolute else self.tensor).flatten()
-        flags = torch.zeros(ranked.numel(), dtype=torch.bool)
-        flags[torch.argsort(ranked, descending=True, stable=True)[:_count(n, ranked.numel(), "(edge, span) pairs")]] = 1
+        values = ranked(self.tensor, absolute).flatten()
+        flags = torch.zeros(values.numel(), dtype=torch.bool)
+        flags[torch.argsort(values, descending=True, stable=True)[:_count(n, values.numel(), "(edge, span) pairs")]] = 1
         return self._circuit(flags.view(self.tensor.shape))
 
     def greedy(self, n: int | float, absolute: bool = True) -> "SpanCircuit":
         """``n`` (edge, class) pairs grown from ``logits`` backwards, best first (``EdgeScores.greedy``): a pair
         becomes a candidate once its edge's destination node is in the circuit, at any class."""
-        return self._circuit(grown(self.graph, self.tensor.abs() if absolute else self.tensor,
+        return self._circuit(grown(self.graph, ranked(self.tensor, absolute),
                                    _count(n, self.tensor.numel(), "(edge, span) pairs")))
 
     def threshold(self, t: float, absolute: bool = True) -> "SpanCircuit":
         """Every (edge, class) pair scoring at least ``t`` (|score| with ``absolute``), pruned."""
-        return self._circuit((self.tensor.abs() if absolute else self.tensor) >= t)
+        return self._circuit(ranked(self.tensor, absolute) >= t)
 
     def save(self, path: str | Path) -> None:
         """Every score in a positional circuit file with no pair in the circuit (``SpanCircuit.save``)."""

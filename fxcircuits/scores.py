@@ -15,6 +15,11 @@ from .circuit import Circuit
 from .graph import CircuitGraph
 
 
+def ranked(scores: torch.Tensor, absolute: bool) -> torch.Tensor:
+    """What a selection ranks by: |score| with ``absolute`` (MIB's CMD), else the signed score (MIB's CPR)."""
+    return scores.abs() if absolute else scores
+
+
 class EdgeScores:
     """One score per edge of ``graph`` (``tensor``, float [E] in ``graph.edges`` order) and how they were found."""
 
@@ -38,9 +43,6 @@ class EdgeScores:
         every edge it sends)."""
         return dict(zip(self.graph.upstream, self.graph.by_source(self.tensor).tolist()))
 
-    def _ranked(self, absolute: bool) -> torch.Tensor:
-        return self.tensor.abs() if absolute else self.tensor
-
     def _circuit(self, flags: torch.Tensor, pruned: bool = True) -> Circuit:
         """The circuit of ``flags``, pruned unless told not, saying how its scores were found (method, metric,
         ablation…)."""
@@ -53,7 +55,7 @@ class EdgeScores:
         ``absolute=True`` ranks by |score| (MIB's CMD); ``False`` by signed score (MIB's CPR)."""
         count = _count(n, len(self))
         flags = torch.zeros(len(self), dtype=torch.bool)
-        flags[torch.argsort(self._ranked(absolute), descending=True, stable=True)[:count]] = True
+        flags[torch.argsort(ranked(self.tensor, absolute), descending=True, stable=True)[:count]] = True
         return self._circuit(flags)
 
     def topn_nodes(self, n: int | float, absolute: bool = True) -> Circuit:
@@ -62,21 +64,21 @@ class EdgeScores:
         ``logits``.  Running it patches every other node on all its edges: node (activation) patching, for every
         ablation.  Not pruned, for that reason: a kept node whose inputs are all patched still computes from them
         (under zero or mean ablation, not what patching it would give)."""
-        g, ranked = self.graph, self.graph.by_source(self.tensor)
+        g, by_node = self.graph, self.graph.by_source(self.tensor)
         kept = torch.zeros(len(g.nodes), dtype=torch.bool)
-        order = torch.argsort(ranked.abs() if absolute else ranked, descending=True, stable=True)
-        kept[order[:_count(n, len(ranked), "nodes")]] = True
+        order = torch.argsort(ranked(by_node, absolute), descending=True, stable=True)
+        kept[order[:_count(n, len(by_node), "nodes")]] = True
         kept[-1] = True  # logits reads whatever is kept
         return self._circuit(kept[g.src] & kept[g.reader[g.dst]], pruned=False)
 
     def threshold(self, t: float, absolute: bool = True) -> Circuit:
         """Every edge whose score (|score| with ``absolute``) is at least ``t``, pruned."""
-        return self._circuit(self._ranked(absolute) >= t)
+        return self._circuit(ranked(self.tensor, absolute) >= t)
 
     def greedy(self, n: int | float, absolute: bool = True) -> Circuit:
         """``n`` edges grown from ``logits`` backwards, best first (EAP-IG's greedy search): an edge becomes a
         candidate once its destination node is in the circuit, so the result is connected by construction."""
-        return self._circuit(grown(self.graph, self._ranked(absolute)[None], _count(n, len(self)))[0])
+        return self._circuit(grown(self.graph, ranked(self.tensor, absolute)[None], _count(n, len(self)))[0])
 
     def save(self, path: str | Path) -> None:
         """Every edge's score in a circuit file with no edge in the circuit: EAP-IG/MIB JSON for a path ending in
