@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     _model_options(discover)
     _patching_options(discover)
     discover.add_argument("--method", default="eap-ig-inputs", choices=METHODS)
-    discover.add_argument("--steps", type=_positive, default=5, help="integration steps of the EAP-IG methods")
+    discover.add_argument("--steps", type=_positive, help="integration steps of the EAP-IG methods (default 5), or "
+                          "the training steps of a learned mask (default 200)")
     discover.add_argument("--edges", type=_size,
                           help="circuit size for topn and greedy: a count (500) or a percentage (1%%; the default)")
     discover.add_argument("--nodes", type=_size,
@@ -289,9 +290,8 @@ def _discover(args) -> int:
         return _discover_by_span(args, selection, start)
     _, _, cm, task = _setup(args)
     metric, ablation, patching = _patching(args, task, {})
-    tau = {"threshold": args.threshold} if args.method == "acdc" and args.threshold is not None else {}
-    scores = attribute(cm, task.batches, metric, args.method, steps=args.steps, progress=not args.no_progress,
-                       seed=args.seed, **patching, **tau)
+    scores = attribute(cm, task.batches, metric, args.method, progress=not args.no_progress, seed=args.seed,
+                       **patching, **_method_options(args))
     circuit = _select(scores, selection, args)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
     faithfulness = evaluator.evaluate(circuit).faithfulness
@@ -316,10 +316,9 @@ def _discover_by_span(args, selection: str, start: float) -> int:
         raise SystemExit(f"a positional circuit is saved as JSON: --out {args.out} does not end in .json")
     _, _, cm, task = _setup(args)
     metric, ablation, patching = _patching(args, task, {})
-    tau = {"threshold": args.threshold} if args.method == "acdc" and args.threshold is not None else {}
     spans = None if args.spans == "all" else args.spans.split(",")
-    scores = attribute_by_span(cm, task.batches, metric, args.method, spans=spans, steps=args.steps,
-                               progress=not args.no_progress, seed=args.seed, **patching, **tau)
+    scores = attribute_by_span(cm, task.batches, metric, args.method, spans=spans, progress=not args.no_progress,
+                               seed=args.seed, **patching, **_method_options(args))
     circuit = _select(scores, selection, args)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
     faithfulness = evaluator.evaluate(circuit).faithfulness
@@ -340,6 +339,16 @@ def _discover_by_span(args, selection: str, start: float) -> int:
                                  f"{evaluator.evaluate(plain).faithfulness:.3f}")
     _table({**rows, "time": f"{time.perf_counter() - start:.1f} s", "saved": f"{args.out}, {picture}"})
     return 0
+
+
+def _method_options(args) -> dict:
+    """What ``args.method`` takes from the command line: the EAP-IG methods their steps, ACDC its τ, and a learned
+    mask its steps and the circuit's size (--edges, 1% by default), which it is trained to keep."""
+    if args.method == "mask":
+        return {"density": 0.01 if args.edges is None else args.edges,
+                **({} if args.steps is None else {"mask_steps": args.steps})}
+    tau = {"threshold": args.threshold} if args.method == "acdc" and args.threshold is not None else {}
+    return {"steps": 5 if args.steps is None else args.steps, **tau}
 
 
 def _extent(circuit: Circuit | SpanCircuit) -> str:

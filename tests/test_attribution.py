@@ -174,13 +174,44 @@ def test_acdc_batched_equals_sequential(llama64):
     assert 0 < len(kept) < len(llama64.graph.edges)
 
 
-def test_learned_mask_is_sparse_and_deterministic(llama64):
-    batch = _batch()
-    runs = [fxcircuits.attribute(llama64, [batch], "logit_diff", "mask", mask_steps=60, density=0.2, lr=0.2,
-                                 seed=3, progress=False) for _ in range(2)]
+def _distance(cm, batch, edge_mask: torch.Tensor) -> float:
+    """Mean |logit_diff(patched) − logit_diff(model)| over the examples, through the public call."""
+    with torch.no_grad():
+        model = logit_diff(cm(batch["clean"], batch["attention_mask"]), batch)
+        patched = logit_diff(cm(batch["clean"], batch["attention_mask"], corrupted_input_ids=batch["corrupted"],
+                                edge_mask=edge_mask), batch)
+    return float((patched - model).abs().mean())
+
+
+def test_a_learned_mask_keeps_the_model_at_its_density(llama64):
+    """The gates' probabilities of being open average to the density, about that many are open for sure, and the
+    circuit of those most surely open keeps the model's metric better than any of eight random circuits of as
+    many edges keep it (a mask that maximised the metric, or ranked the closed gates first, would not)."""
+    batch, edges = _batch(), len(llama64.graph.edges)
+    runs = [fxcircuits.attribute(llama64, [batch], "logit_diff", "mask", mask_steps=100, density=0.2, seed=3,
+                                 progress=False) for _ in range(2)]
     torch.testing.assert_close(runs[0].tensor, runs[1].tensor)
-    kept = float((runs[0].tensor > 0).float().mean())
-    assert kept < 0.6, kept
+    gates, count = runs[0].tensor, int(0.2 * edges)
+    assert abs(float(gates.mean()) - 0.2) < 1e-6 and abs(int((gates > 0.5).sum()) - count) <= count // 4
+    learned = torch.zeros(edges, dtype=torch.float64)
+    learned[gates.argsort(descending=True)[:count]] = 1.0
+    generator = torch.Generator().manual_seed(0)
+    chance = [_distance(llama64, batch, (torch.randperm(edges, generator=generator) < count).double())
+              for _ in range(8)]
+    assert _distance(llama64, batch, learned) < min(chance) / 2, (_distance(llama64, batch, learned), chance)
+
+
+def test_a_learned_mask_takes_a_count_of_edges_and_refuses_what_it_cannot_use(llama64):
+    scores = fxcircuits.attribute(llama64, [_batch()], "logit_diff", "mask", mask_steps=3, density=11,
+                                  progress=False)
+    torch.testing.assert_close(scores.tensor.sum(), torch.tensor(11.0))
+    with pytest.raises(ValueError, match="asked for 200 gates of 110"):
+        fxcircuits.attribute(llama64, [_batch()], "logit_diff", "mask", mask_steps=3, density=200, progress=False)
+    for bad in ({"warmup": 2}, {"mask_steps": 0}):
+        with pytest.raises(ValueError, match="a learned mask needs mask_steps of at least 1 and a warmup from 0"):
+            fxcircuits.attribute(llama64, [_batch()], "logit_diff", "mask", **{"mask_steps": 3, **bad}, progress=False)
+    with pytest.raises(TypeError, match=r"unknown options \['beta'\] of method='mask'; it takes mask_steps, density"):
+        fxcircuits.attribute(llama64, [_batch()], "logit_diff", "mask", beta=1.0, progress=False)
 
 
 @pytest.mark.parametrize("method", ["eap-ig-inputs", "exact"])

@@ -252,6 +252,22 @@ def test_metric_and_ablation_are_chosen_saved_and_read_back(folder, tmp_path, ca
         assert row.split()[-1] == f"{faithfulness[ablation]:.3f}" and "prob_diff" in printed
 
 
+def test_a_learned_mask_is_trained_to_the_size_asked_for(folder, tmp_path):
+    """``--method mask`` trains its gates for --steps steps to keep the --edges asked for: the saved scores (each
+    gate's probability of being open) add up to that count, and are ``attribute``'s with those options."""
+    model, tokenizer = load_model(folder)
+    cm, task = trace(model), tasks.load("ioi", tokenizer, size=8, batch_size=4)
+    scores = attribute(cm, task.batches, task.metric, "mask", mask_steps=20, density=12, progress=False)
+    out = tmp_path / "mask.json"
+    assert main(["discover", *_common(folder), "--method", "mask", "--steps", "20", "--edges", "12",
+                 "--out", str(out)]) == 0
+    circuit = Circuit.load(out)
+    assert circuit.info["steps"] == 20 and circuit.info["density"] == 12
+    torch.testing.assert_close(circuit.scores, scores.tensor)
+    torch.testing.assert_close(circuit.scores.sum(), torch.tensor(12.0))
+    assert circuit.edges == scores.topn(12).edges
+
+
 def test_selections_acdc_threshold_and_nodes(folder, tmp_path):
     """``--method acdc`` cuts its circuit at τ on the signed score (the edges ACDC kept), ``--threshold`` being τ;
     ``--selection threshold`` on another method keeps |score| ≥ the threshold; ``--nodes`` cuts a node-level

@@ -229,18 +229,19 @@ def test_acdc_by_span_batched_equals_sequential(llama64, prompts):
 
 def test_a_mask_learned_by_span_moves_the_gates_that_matter(llama64, prompts):
     """A gate per (edge, class): where both prompts agree, and at the first row's padding (the rest), patching
-    changes nothing and the task pulls on no gate, so those gates move alike, by the sparsity penalty alone; at
-    the tokens that differ they part.  (Alike to rounding: HF's attention takes its softmax in float32, and Adam
-    scales the gradient of 1e-9 that leaves to a step.)  Deterministic given the seed."""
+    changes nothing and the loss pulls on no gate, so those gates move alike, by the projection to the density
+    alone, and close; at the tokens that differ they part, from shut to open.  (Alike to rounding: HF's attention
+    takes its softmax in float32, and Adam scales the gradient of 1e-9 that leaves toward a step.)  Deterministic
+    given the seed."""
     batch = _shared_and_changed(prompts)
     runs = [fxcircuits.attribute_by_span(llama64, [batch], "logit_diff", "mask", mask_steps=40, density=0.2,
-                                         lr=0.2, seed=3, progress=False) for _ in range(2)]
+                                         seed=3, progress=False) for _ in range(2)]
     assert torch.equal(runs[0].tensor, runs[1].tensor) and runs[0].info["examples"] == 3
     for idle in ("shared", "rest"):
         gates = runs[0].span(idle).tensor
-        assert gates.max() < 0 and gates.max() - gates.min() < 0.01, idle
+        assert gates.max() < 0.5 and gates.max() - gates.min() < 0.05, idle
     changed = runs[0].span("changed").tensor
-    assert changed.max() - changed.min() > 5 and (changed > 0).any()
+    assert changed.max() - changed.min() > 0.9 and abs(float(runs[0].tensor.mean()) - 0.2) < 1e-6
 
 
 def test_scores_by_span_need_spans_and_a_method(llama, prompts):
