@@ -37,7 +37,8 @@ def main() -> None:
     print(f"metric {task.metric.__name__}: clean {task.baseline(cm):.3f}, corrupted "
           f"{task.baseline(cm, corrupted=True):.3f}")
 
-    scores = fxcircuits.attribute(cm, task.batches, task.metric, args.method)
+    trained = {"density": args.edges} if args.method == "mask" else {}  # a learned mask keeps as many as asked
+    scores = fxcircuits.attribute(cm, task.batches, task.metric, args.method, **trained)
     print("\nstrongest edges:")
     for index in scores.tensor.abs().argsort(descending=True)[:8].tolist():
         print(f"  {cm.graph.edges[index]:28} {scores.tensor[index]:+.4f}")

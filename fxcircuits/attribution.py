@@ -95,7 +95,7 @@ def scored(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable | N
     else:
         options = {"mask_steps": 200, "density": 0.05, **options}
         scores = _learned_mask(cm, prepared, metric, progress, seed, named, **options)
-        info.update(steps=options["mask_steps"], density=options["density"])
+        info.update(steps=options.pop("mask_steps"), **options)  # and lr, warmup where given
     if not torch.isfinite(scores).all():
         raise not_finite(cm, prepared, metric)
     return (scores, names, info) if by_span else (scores[0], None, info)

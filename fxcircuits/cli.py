@@ -233,7 +233,8 @@ def _setup(args):
     """(model, tokenizer, traced model, task) from the shared options."""
     torch.manual_seed(args.seed)
     print(f"loading {args.model} …", file=sys.stderr)
-    model, tokenizer = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    model, tokenizer = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype),
+                                  progress=not args.no_progress)
     cm = trace(model, progress=not args.no_progress)
     if args.task in tasks_.TASKS:
         task = tasks_.load(args.task, tokenizer, size=args.size, seed=args.seed, batch_size=args.batch_size)

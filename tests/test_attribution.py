@@ -202,9 +202,10 @@ def test_a_learned_mask_keeps_the_model_at_its_density(llama64):
 
 
 def test_a_learned_mask_takes_a_count_of_edges_and_refuses_what_it_cannot_use(llama64):
-    scores = fxcircuits.attribute(llama64, [_batch()], "logit_diff", "mask", mask_steps=3, density=11,
+    scores = fxcircuits.attribute(llama64, [_batch()], "logit_diff", "mask", mask_steps=3, density=11, lr=0.3,
                                   progress=False)
     torch.testing.assert_close(scores.tensor.sum(), torch.tensor(11.0))
+    assert {k: scores.info[k] for k in ("steps", "density", "lr")} == {"steps": 3, "density": 11, "lr": 0.3}
     with pytest.raises(ValueError, match="asked for 200 gates of 110"):
         fxcircuits.attribute(llama64, [_batch()], "logit_diff", "mask", mask_steps=3, density=200, progress=False)
     for bad in ({"warmup": 2}, {"mask_steps": 0}):

@@ -8,6 +8,7 @@ import importlib.util
 
 import pytest
 import torch
+from transformers.utils import logging as hf_logging
 
 from fxcircuits import models
 
@@ -30,6 +31,22 @@ def test_local_folder_loads_model_and_tokenizer(tiny_folder):
     ids = tokenizer("When Mary and John", return_tensors="pt").input_ids
     assert ids.tolist() == smollm2_tokenizer()("When Mary and John", return_tensors="pt").input_ids.tolist()
     assert model(ids).logits.shape == (1, ids.shape[1], len(tokenizer))
+
+
+def test_progress_false_hides_the_loading_bars_and_restores_the_switch(tiny_folder, capfd):
+    """Hugging Face's weights bar, and its GGUF de-quantizer's (SmolLM2), which has no switch of its own."""
+    models.load_model(str(tiny_folder))
+    assert "Loading weights" in capfd.readouterr().err
+    for name in (str(tiny_folder), "smollm2-135m"):
+        models.load_model(name, progress=False)
+        printed = capfd.readouterr().err
+        assert "Loading weights" not in printed and "GGUF" not in printed and hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a switch found off is left off
+    try:
+        models.load_model(str(tiny_folder), progress=False)
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def test_a_folder_may_be_a_path_object_or_relative(tiny_folder, monkeypatch):
