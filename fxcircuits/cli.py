@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     discover.add_argument("--method", default="eap-ig-inputs", choices=METHODS)
     discover.add_argument("--steps", type=_positive, help="integration steps of the EAP-IG methods (default 5), or "
                           "the training steps of a learned mask (default 200)")
+    discover.add_argument("--warm-start", choices=GRADIENT_METHODS + ("none",), default="eap-ig-inputs",
+                          help="the gradient method whose scores rank a learned mask's gates before it trains "
+                          "(default eap-ig-inputs, with the EAP-IG default of 5 steps); none starts them alike")
     discover.add_argument("--edges", type=_size,
                           help="circuit size for topn and greedy: a count (500) or a percentage (1%%; the default)")
     discover.add_argument("--nodes", type=_size,
@@ -344,9 +347,10 @@ def _discover_by_span(args, selection: str, start: float) -> int:
 
 def _method_options(args) -> dict:
     """What ``args.method`` takes from the command line: the EAP-IG methods their steps, ACDC its τ, and a learned
-    mask its steps and the circuit's size (--edges, 1% by default), which it is trained to keep."""
+    mask its steps, its warm start and the circuit's size (--edges, 1% by default), which it is trained to keep."""
     if args.method == "mask":
         return {"density": 0.01 if args.edges is None else args.edges,
+                "warm_start": None if args.warm_start == "none" else args.warm_start,
                 **({} if args.steps is None else {"mask_steps": args.steps})}
     tau = {"threshold": args.threshold} if args.method == "acdc" and args.threshold is not None else {}
     return {"steps": 5 if args.steps is None else args.steps, **tau}

@@ -183,13 +183,15 @@ def _distance(cm, batch, edge_mask: torch.Tensor) -> float:
     return float((patched - model).abs().mean())
 
 
-def test_a_learned_mask_keeps_the_model_at_its_density(llama64):
+@pytest.mark.parametrize("warm_start", ["eap-ig-inputs", None])
+def test_a_learned_mask_keeps_the_model_at_its_density(llama64, warm_start):
     """The gates' probabilities of being open average to the density, about that many are open for sure, and the
     circuit of those most surely open keeps the model's metric better than any of eight random circuits of as
-    many edges keep it (a mask that maximised the metric, or ranked the closed gates first, would not)."""
+    many edges keep it (a mask that maximised the metric, or ranked the closed gates first, would not), whether
+    the gates start ranked by EAP-IG or alike."""
     batch, edges = _batch(), len(llama64.graph.edges)
     runs = [fxcircuits.attribute(llama64, [batch], "logit_diff", "mask", mask_steps=100, density=0.2, seed=3,
-                                 progress=False) for _ in range(2)]
+                                 warm_start=warm_start, progress=False) for _ in range(2)]
     torch.testing.assert_close(runs[0].tensor, runs[1].tensor)
     gates, count = runs[0].tensor, int(0.2 * edges)
     assert abs(float(gates.mean()) - 0.2) < 1e-6 and abs(int((gates > 0.5).sum()) - count) <= count // 4
@@ -199,6 +201,21 @@ def test_a_learned_mask_keeps_the_model_at_its_density(llama64):
     chance = [_distance(llama64, batch, (torch.randperm(edges, generator=generator) < count).double())
               for _ in range(8)]
     assert _distance(llama64, batch, learned) < min(chance) / 2, (_distance(llama64, batch, learned), chance)
+
+
+def test_a_learned_mask_starts_from_its_warm_starts_ranking(llama64):
+    """With the gates kept still (lr 0), the projection alone closes them, all alike, so they end in the order of
+    the warm start's |scores|: the ranking is where training starts, and nothing else moves it."""
+    batch = _batch()
+    for method in ("eap", "eap-ig-inputs"):
+        prior = fxcircuits.attribute(llama64, [batch], "logit_diff", method, steps=3, progress=False).tensor
+        gates = fxcircuits.attribute(llama64, [batch], "logit_diff", "mask", mask_steps=4, density=0.1, lr=0.0,
+                                     warm_start=method, steps=3, progress=False)
+        assert torch.equal(gates.tensor.argsort(stable=True), prior.abs().argsort(stable=True))
+        assert gates.info["warm_start"] == method and gates.info.get("warm_start_steps") == (
+            3 if method == "eap-ig-inputs" else None)
+    with pytest.raises(ValueError, match="a learned mask's warm_start is a gradient method .* got 'exact'"):
+        fxcircuits.attribute(llama64, [batch], "logit_diff", "mask", warm_start="exact", progress=False)
 
 
 def test_a_learned_mask_takes_a_count_of_edges_and_refuses_what_it_cannot_use(llama64):

@@ -254,7 +254,8 @@ def test_metric_and_ablation_are_chosen_saved_and_read_back(folder, tmp_path, ca
 
 def test_a_learned_mask_is_trained_to_the_size_asked_for(folder, tmp_path):
     """``--method mask`` trains its gates for --steps steps to keep the --edges asked for: the saved scores (each
-    gate's probability of being open) add up to that count, and are ``attribute``'s with those options."""
+    gate's probability of being open) add up to that count, and are ``attribute``'s with those options; the
+    gates start ranked by EAP-IG, or alike with ``--warm-start none``."""
     model, tokenizer = load_model(folder)
     cm, task = trace(model), tasks.load("ioi", tokenizer, size=8, batch_size=4)
     scores = attribute(cm, task.batches, task.metric, "mask", mask_steps=20, density=12, progress=False)
@@ -265,7 +266,13 @@ def test_a_learned_mask_is_trained_to_the_size_asked_for(folder, tmp_path):
     assert circuit.info["steps"] == 20 and circuit.info["density"] == 12
     torch.testing.assert_close(circuit.scores, scores.tensor)
     torch.testing.assert_close(circuit.scores.sum(), torch.tensor(12.0))
-    assert circuit.edges == scores.topn(12).edges
+    assert circuit.edges == scores.topn(12).edges and circuit.info["warm_start"] == "eap-ig-inputs"
+    alike = attribute(cm, task.batches, task.metric, "mask", mask_steps=20, density=12, warm_start=None,
+                      progress=False)
+    assert main(["discover", *_common(folder), "--method", "mask", "--steps", "20", "--edges", "12",
+                 "--warm-start", "none", "--out", str(out)]) == 0
+    torch.testing.assert_close(Circuit.load(out).scores, alike.tensor)
+    assert Circuit.load(out).info["warm_start"] is None and not torch.equal(alike.tensor, scores.tensor)
 
 
 def test_selections_acdc_threshold_and_nodes(folder, tmp_path):
