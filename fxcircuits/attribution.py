@@ -14,7 +14,7 @@ e patched).  Every method drives the same patcher (``CircuitModel.patched``):
   readers, and the layers before them run once for all its masks (``fxcircuits.prefix``);
 * ``acdc`` prunes edges destination by destination (Conmy et al. 2023), many candidates per call;
 * ``mask`` learns a hard-concrete edge mask that keeps the model's metric at a given density (Edge Pruning,
-  Bhaskar et al. 2024).
+  Bhaskar et al. 2024), its gates starting ranked by a gradient method's scores.
 
 The other run is the corrupted prompt (``ablation="corrupted"``), zeros (``"zero"``) or the mean activation over
 ``reference`` batches (``"mean"``).  ``fxcircuits.attribute_by_span`` runs the same methods over masks per class

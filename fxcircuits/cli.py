@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     discover.add_argument("--method", default="eap-ig-inputs", choices=METHODS)
     discover.add_argument("--steps", type=_positive, help="integration steps of the EAP-IG methods (default 5), or "
                           "the training steps of a learned mask (default 200)")
-    discover.add_argument("--warm-start", choices=GRADIENT_METHODS + ("none",), default="eap-ig-inputs",
+    discover.add_argument("--warm-start", choices=GRADIENT_METHODS + ("none",),
                           help="the gradient method whose scores rank a learned mask's gates before it trains "
                           "(default eap-ig-inputs, with the EAP-IG default of 5 steps); none starts them alike")
     discover.add_argument("--edges", type=_size,
@@ -289,13 +289,13 @@ def _size(text: str) -> int | float:
 
 def _discover(args) -> int:
     start = time.perf_counter()
-    selection = _selection(args)
+    selection, options = _selection(args), _method_options(args)  # both refuse what they cannot use, before the run
     if args.spans:
-        return _discover_by_span(args, selection, start)
+        return _discover_by_span(args, selection, options, start)
     _, _, cm, task = _setup(args)
     metric, ablation, patching = _patching(args, task, {})
     scores = attribute(cm, task.batches, metric, args.method, progress=not args.no_progress, seed=args.seed,
-                       **patching, **_method_options(args))
+                       **patching, **options)
     circuit = _select(scores, selection, args)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
     faithfulness = evaluator.evaluate(circuit).faithfulness
@@ -311,7 +311,7 @@ def _discover(args) -> int:
     return 0
 
 
-def _discover_by_span(args, selection: str, start: float) -> int:
+def _discover_by_span(args, selection: str, options: dict, start: float) -> int:
     """``discover --spans``: a positional circuit and, for the gradient methods, whose classes add up to each edge's
     plain score, beside its faithfulness that of the plain circuit of as many edges cut from those sums."""
     if selection == "nodes":
@@ -322,7 +322,7 @@ def _discover_by_span(args, selection: str, start: float) -> int:
     metric, ablation, patching = _patching(args, task, {})
     spans = None if args.spans == "all" else args.spans.split(",")
     scores = attribute_by_span(cm, task.batches, metric, args.method, spans=spans, progress=not args.no_progress,
-                               seed=args.seed, **patching, **_method_options(args))
+                               seed=args.seed, **patching, **options)
     circuit = _select(scores, selection, args)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
     faithfulness = evaluator.evaluate(circuit).faithfulness
@@ -348,9 +348,12 @@ def _discover_by_span(args, selection: str, start: float) -> int:
 def _method_options(args) -> dict:
     """What ``args.method`` takes from the command line: the EAP-IG methods their steps, ACDC its τ, and a learned
     mask its steps, its warm start and the circuit's size (--edges, 1% by default), which it is trained to keep."""
+    if args.warm_start is not None and args.method != "mask":
+        raise SystemExit("--warm-start starts a learned mask's gates: add --method mask, or leave it out")
     if args.method == "mask":
         return {"density": 0.01 if args.edges is None else args.edges,
-                "warm_start": None if args.warm_start == "none" else args.warm_start,
+                **({} if args.warm_start is None else {"warm_start": None if args.warm_start == "none"
+                                                       else args.warm_start}),
                 **({} if args.steps is None else {"mask_steps": args.steps})}
     tau = {"threshold": args.threshold} if args.method == "acdc" and args.threshold is not None else {}
     return {"steps": 5 if args.steps is None else args.steps, **tau}

@@ -273,6 +273,8 @@ def test_a_learned_mask_is_trained_to_the_size_asked_for(folder, tmp_path):
                  "--warm-start", "none", "--out", str(out)]) == 0
     torch.testing.assert_close(Circuit.load(out).scores, alike.tensor)
     assert Circuit.load(out).info["warm_start"] is None and not torch.equal(alike.tensor, scores.tensor)
+    with pytest.raises(SystemExit, match="--warm-start starts a learned mask's gates: add --method mask"):
+        main(["discover", *_common(folder), "--warm-start", "eap", "--out", str(out)])
 
 
 def test_selections_acdc_threshold_and_nodes(folder, tmp_path):
