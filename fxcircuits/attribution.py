@@ -36,6 +36,7 @@ from .runs import Prepared, check_finite, clean_values, examples, metric_values,
 from .scores import EdgeScores, _count
 
 GRADIENT_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted")
+INTEGRATED = ("eap-ig-inputs", "eap-ig-activations")  # the gradient methods that take integration steps
 METHODS = GRADIENT_METHODS + ("exact", "acdc", "mask")
 MASK_OPTIONS = ("mask_steps", "density", "lr", "warmup", "warm_start")
 
@@ -87,7 +88,7 @@ def scored(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable | N
     info = {"metric": metrics_.name_of(metric), "ablation": ablation, "examples": examples(prepared)}
     if method in GRADIENT_METHODS:
         scores = _gradient_scores(cm, prepared, metric, method, steps, masks_per_call, progress, named)
-        if method.startswith("eap-ig"):  # the others take no steps
+        if method in INTEGRATED:
             info["steps"] = steps
     elif method == "exact":
         scores = _exact(cm, prepared, metric, masks_per_call, progress, named)
@@ -97,7 +98,7 @@ def scored(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable | N
         options = {"mask_steps": 200, "density": 0.05, "warm_start": "eap-ig-inputs", **options}
         scores = _learned_mask(cm, prepared, metric, progress, seed, named, steps, masks_per_call, **options)
         info.update(steps=options.pop("mask_steps"), **options)  # and lr, warmup where given
-        if str(options["warm_start"]).startswith("eap-ig"):
+        if options["warm_start"] in INTEGRATED:
             info["warm_start_steps"] = steps
     if not torch.isfinite(scores).all():
         raise not_finite(cm, prepared, metric)
