@@ -4,6 +4,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import fxcircuits
+from fxcircuits.attribution import _circuit_gates
 from fxcircuits.metrics import logit_diff
 from fxcircuits.patching import dense_keep
 from fxcircuits.runs import prepare
@@ -216,6 +217,40 @@ def test_a_learned_mask_starts_from_its_warm_starts_ranking(llama64):
             3 if method == "eap-ig-inputs" else None)
     with pytest.raises(ValueError, match="a learned mask's warm_start is a gradient method .* got 'exact'"):
         fxcircuits.attribute(llama64, [batch], "logit_diff", "mask", warm_start="exact", progress=False)
+
+
+def test_a_held_learned_mask_keeps_the_best_circuit_it_ran(llama64):
+    """Held at the density, the steps run the circuit that will be kept, and the gates returned are those of the
+    best circuit run: its distance, as ``info`` records it, is the public call's distance of the top fifth of
+    the scores, and it is no worse than the circuit the closing steps left, which the same closing without a
+    held phase returns (here the held steps improve it).  A held phase of sampled gates, or one that kept its
+    last circuit, would record another distance."""
+    batch, edges = _batch(), len(llama64.graph.edges)
+    closed, held = (fxcircuits.attribute(llama64, [batch], "logit_diff", "mask", mask_steps=steps, density=0.2,
+                                         warmup=warmup, seed=3, progress=False)
+                    for steps, warmup in ((60, 1.0), (120, 0.5)))  # the same 60 closing steps
+    assert "circuit_distance" not in closed.info
+
+    def distance(scores) -> float:
+        kept = torch.zeros(edges, dtype=torch.float64)
+        kept[scores.tensor.argsort(descending=True, stable=True)[:int(0.2 * edges)]] = 1.0
+        return _distance(llama64, batch, kept)
+
+    assert held.info["circuit_distance"] == pytest.approx(distance(held), rel=1e-6)
+    assert distance(held) < 0.9 * distance(closed), (distance(held), distance(closed))
+
+
+def test_a_held_circuits_gates_are_hard_with_their_probabilitys_gradient():
+    """The held circuit: the gates of highest log-odds open (ties in order, as ``topn`` takes them), the rest
+    shut, and the gradient of each gate's probability of being open passed straight through."""
+    log_odds = torch.tensor([[0.5, 2.0, -1.0, 2.0, 0.0]], requires_grad=True)
+    gates = _circuit_gates(log_odds, 2)
+    assert torch.equal(gates.detach(), torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0]]))
+    weights = torch.arange(1.0, 6.0)[None]
+    gradient, = torch.autograd.grad((gates * weights).sum(), [log_odds])
+    probability = torch.sigmoid(log_odds.detach())
+    torch.testing.assert_close(gradient, weights * probability * (1 - probability))
+    assert torch.equal(_circuit_gates(torch.zeros(1, 4), 3).detach(), torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
 
 
 def test_a_learned_mask_takes_a_count_of_edges_and_refuses_what_it_cannot_use(llama64):
