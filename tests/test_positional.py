@@ -232,7 +232,7 @@ def test_a_mask_learned_by_span_moves_the_gates_that_matter(llama64, prompts):
     changes nothing and the loss pulls on no gate, so those gates move alike, by the projection to the density
     alone, and close; at the tokens that differ they part, from shut to open.  (Alike to rounding: HF's attention
     takes its softmax in float32, and Adam scales the gradient of 1e-9 that leaves toward a step.)  Deterministic
-    given the seed."""
+    given the seed; the distance recorded is that of the circuit kept, run through the public call."""
     batch = _shared_and_changed(prompts)
     runs = [fxcircuits.attribute_by_span(llama64, [batch], "logit_diff", "mask", mask_steps=40, density=0.2,
                                          seed=3, progress=False) for _ in range(2)]
@@ -242,6 +242,16 @@ def test_a_mask_learned_by_span_moves_the_gates_that_matter(llama64, prompts):
         assert gates.max() < 0.5 and gates.max() - gates.min() < 0.05, idle
     changed = runs[0].span("changed").tensor
     assert changed.max() - changed.min() > 0.9 and abs(float(runs[0].tensor.mean()) - 0.2) < 1e-6
+    # the held circuit, the top fifth of the (edge, class) pairs, each class at its tokens, is the one recorded
+    kept = torch.zeros(runs[0].tensor.numel(), dtype=torch.float64)
+    kept[runs[0].tensor.flatten().argsort(descending=True, stable=True)[:int(0.2 * kept.numel())]] = 1.0
+    with torch.no_grad():
+        model = metrics.logit_diff(llama64(batch["clean"], batch["attention_mask"]), batch)
+        patched = metrics.logit_diff(llama64(batch["clean"], batch["attention_mask"],
+                                             corrupted_input_ids=batch["corrupted"],
+                                             edge_mask=kept.view(runs[0].tensor.shape),
+                                             mask_positions=position_classes(batch)[1]), batch)
+    assert runs[0].info["circuit_distance"] == pytest.approx(float((patched - model).abs().mean()), rel=1e-6)
 
 
 def test_scores_by_span_need_spans_and_a_method(llama, prompts):
