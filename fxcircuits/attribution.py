@@ -50,12 +50,12 @@ def attribute(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable 
     ``metric``: a name from ``fxcircuits.metrics`` or any ``metric(logits, batch) -> Tensor[B]``, larger meaning
     more of the task; ACDC defaults to ``"kl"``.  ``steps``: integration steps of the EAP-IG methods.
     ``threshold``: ACDC's τ.  ``masks_per_call``: how many patched runs one batched call evaluates (integration
-    steps, ``exact``, ``acdc``).  ``options`` are the learned mask's: ``mask_steps`` (200), ``density`` (the
-    fraction of edges it keeps, or an int count, 0.05), ``warm_start`` (the gradient method whose scores rank the
-    gates at the start, run with ``steps``, "eap-ig-inputs"; None starts them alike), ``lr`` (0.5), ``warmup``
-    (the fraction of the steps over which its gates close to ``density``, 0.75; the rest train the circuit that
-    ``topn(density)`` keeps, whose mean |metric − the model's| ``info["circuit_distance"]`` records).
-    Deterministic given ``seed``."""
+    steps, ``exact``, ``acdc``).  ``options`` are the learned mask's: ``mask_steps`` (passes over a batch, 200),
+    ``density`` (the fraction of edges it keeps, or an int count, 0.05), ``warm_start`` (the gradient method whose
+    scores rank the gates at the start, run with ``steps``, "eap-ig-inputs"; None starts them alike), ``lr``
+    (0.5), ``warmup`` (the fraction of the steps over which its gates close to ``density``, 0.75; the rest train
+    the circuit that ``topn(density)`` keeps, whose mean |metric − the model's| ``info["circuit_distance"]``
+    records).  Deterministic given ``seed``."""
     scores, _, info = scored(cm, batches, metric, method, by_span=False, steps=steps, ablation=ablation,
                              reference=reference, threshold=threshold, masks_per_call=masks_per_call,
                              progress=progress, seed=seed, options=options)
