@@ -2,7 +2,7 @@
 
 On the real SmolLM2-135M (offline, CPU): build a task, score every edge with EAP-IG, keep the best 1%,
 check that the circuit is faithful (everything outside it patched), see how faithfulness grows with circuit
-size, read what its nodes write with the logit lens (the talk's "upweight y > YY"), and save the circuit
+size and how many edges keep 85% of it, read what its nodes write with the logit lens (the talk's "upweight y > YY"), and save the circuit
 (EAP-IG/MIB JSON) and its picture.
 
     python examples/high_level_circuit_finding.py [--task greater-than] [--size 32] [--method eap-ig-inputs]
@@ -55,6 +55,9 @@ def main() -> None:
     curve = evaluator.curve(scores, FRACTIONS)
     print("faithfulness by circuit size: " + ", ".join(f"{n} edges {f:.2f}" for n, f in
                                                       zip(curve.edges, curve.faithfulness)))
+    smallest = evaluator.smallest(scores, 0.85)
+    print(f"the smallest circuit that keeps 85%: {len(smallest)} edges, faithfulness "
+          f"{smallest.info['faithfulness']:.3f}")
     plot_faithfulness(curve.fractions, curve.faithfulness, f"{args.out}_curve.png", label=args.method)
     explain(cm, circuit, task.batches[0], tokenizer)
     circuit.to_json(f"{args.out}.json", model="smollm2-135m", task=task.name, method=args.method)

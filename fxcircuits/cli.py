@@ -90,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
                           "logits, every edge among the --nodes best nodes (node patching), or every edge scoring at "
                           "least --threshold (default: topn; nodes when --nodes is given; for acdc, threshold: the "
                           "edges ACDC kept)")
+    discover.add_argument("--faithfulness", type=_target,
+                          help="size the circuit by what it must do: the smallest topn, greedy or nodes cut that "
+                          "reaches this faithfulness (0.85 or 85%%), found by patched runs of many sizes at once "
+                          "(Evaluator.smallest); instead of --edges or --nodes (a learned mask still trains to --edges)")
     discover.add_argument("--threshold", type=float, help="ACDC's tau (default 0.01); with --selection threshold, "
                           "the least score an edge needs (|score|; for acdc, its signed score)")
     discover.add_argument("--spans", nargs="?", const="all", help="a positional circuit: score and keep each edge "
@@ -287,6 +291,17 @@ def _size(text: str) -> int | float:
     return count
 
 
+def _target(text: str) -> float:
+    """``"85%"`` or ``"0.85"`` → 0.85, a faithfulness above 0; anything else is a usage error."""
+    try:
+        target = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        target = None
+    if target is None or not 0 < target < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a faithfulness above 0, as 0.85 or 85%")
+    return target
+
+
 def _discover(args) -> int:
     start = time.perf_counter()
     selection, options = _selection(args), _method_options(args)  # both refuse what they cannot use, before the run
@@ -296,8 +311,8 @@ def _discover(args) -> int:
     metric, ablation, patching = _patching(args, task, {})
     scores = attribute(cm, task.batches, metric, args.method, progress=not args.no_progress, seed=args.seed,
                        **patching, **options)
-    circuit = _select(scores, selection, args)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
+    circuit = _select(scores, selection, args, evaluator)
     faithfulness = evaluator.evaluate(circuit).faithfulness
     circuit.save(args.out, model=args.model, task=task.name, faithfulness=faithfulness)
     picture = args.draw or str(Path(args.out).with_suffix(".svg"))
@@ -306,7 +321,7 @@ def _discover(args) -> int:
             "metric": f"{metric}, patched edges {_carry(ablation)}",
             "baseline metric": f"{evaluator.full.mean():.3f} clean, {evaluator.empty.mean():.3f} all edges patched",
             "method": args.method, "circuit": f"{len(circuit)} of {len(cm.graph.edges)} edges, "
-            f"{len(circuit.nodes)} nodes", "faithfulness": f"{faithfulness:.3f}",
+            f"{len(circuit.nodes)} nodes", "faithfulness": f"{faithfulness:.3f}{_reached(args)}",
             "time": f"{time.perf_counter() - start:.1f} s", "saved": f"{args.out}, {picture}"})
     return 0
 
@@ -323,8 +338,8 @@ def _discover_by_span(args, selection: str, options: dict, start: float) -> int:
     spans = None if args.spans == "all" else args.spans.split(",")
     scores = attribute_by_span(cm, task.batches, metric, args.method, spans=spans, progress=not args.no_progress,
                                seed=args.seed, **patching, **options)
-    circuit = _select(scores, selection, args)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
+    circuit = _select(scores, selection, args, evaluator)
     faithfulness = evaluator.evaluate(circuit).faithfulness
     circuit.info.update(model=args.model, task=task.name, faithfulness=faithfulness)
     circuit.save(args.out)
@@ -336,13 +351,18 @@ def _discover_by_span(args, selection: str, options: dict, start: float) -> int:
             "metric": f"{metric}, patched edges {_carry(ablation)}",
             "baseline metric": f"{evaluator.full.mean():.3f} clean, {evaluator.empty.mean():.3f} all edges patched",
             "method": f"{args.method}, by span", "circuit": f"{_extent(circuit)}; {len(union)} edges and "
-            f"{len(union.nodes)} nodes in all", "faithfulness": f"{faithfulness:.3f}"}
+            f"{len(union.nodes)} nodes in all", "faithfulness": f"{faithfulness:.3f}{_reached(args)}"}
     if args.method in GRADIENT_METHODS:
         plain = scores.total().topn(len(circuit))
         rows["plain circuit"] = (f"{len(plain)} edges at every token: faithfulness "
                                  f"{evaluator.evaluate(plain).faithfulness:.3f}")
     _table({**rows, "time": f"{time.perf_counter() - start:.1f} s", "saved": f"{args.out}, {picture}"})
     return 0
+
+
+def _reached(args) -> str:
+    """What the faithfulness row adds when the circuit was sized by ``--faithfulness``."""
+    return "" if args.faithfulness is None else f" (the smallest cut that reaches {args.faithfulness:g})"
 
 
 def _method_options(args) -> dict:
@@ -367,8 +387,12 @@ def _extent(circuit: Circuit | SpanCircuit) -> str:
 def _selection(args) -> str:
     """``--selection``, or its default for the options and method; a size that does not size it is refused
     before the run, as is a threshold cut without a threshold."""
-    default = "nodes" if args.nodes is not None else "threshold" if args.method == "acdc" else "topn"
+    default = ("nodes" if args.nodes is not None else "threshold" if args.method == "acdc"
+               and args.faithfulness is None else "topn")
     selection = args.selection or default
+    if args.faithfulness is not None:
+        _sized_by_faithfulness(args, selection)
+        return selection
     sizes = {"topn": "edges", "greedy": "edges", "nodes": "nodes", "threshold": None}
     for option in ("edges", "nodes"):
         if getattr(args, option) is not None and sizes[selection] != option:
@@ -381,9 +405,24 @@ def _selection(args) -> str:
     return selection
 
 
-def _select(scores: EdgeScores | SpanScores, selection: str, args) -> Circuit | SpanCircuit:
-    """The circuit ``selection`` cuts from ``scores`` (by span: topn, greedy or threshold).  ACDC's threshold cut
-    is at its τ on the signed score: the edges it kept."""
+def _sized_by_faithfulness(args, selection: str) -> None:
+    """Refuses what ``--faithfulness`` cannot size, or a second size beside it (a learned mask's --edges is the
+    density it trains to, not the cut)."""
+    if selection == "threshold":
+        raise SystemExit("--faithfulness sizes a topn, greedy or nodes circuit: leave out --selection threshold, or "
+                         "--faithfulness")
+    given = [f"--{o}" for o in ("edges", "nodes") if getattr(args, o) is not None
+             and not (o == "edges" and args.method == "mask")]
+    if given:
+        raise SystemExit(f"{given[0]} and --faithfulness both size the circuit: give one of them")
+
+
+def _select(scores: EdgeScores | SpanScores, selection: str, args, evaluator: Evaluator) -> Circuit | SpanCircuit:
+    """The circuit ``selection`` cuts from ``scores`` (by span: topn, greedy or threshold): of the size asked
+    for, or the smallest that reaches ``--faithfulness``.  ACDC's threshold cut is at its τ on the signed score:
+    the edges it kept."""
+    if args.faithfulness is not None:
+        return evaluator.smallest(scores, args.faithfulness, selection, progress=not args.no_progress)
     if selection == "nodes":
         return scores.topn_nodes(args.nodes)
     if selection != "threshold":

@@ -3,11 +3,13 @@
 A circuit runs by edge patching: every edge outside it carries the other run's value (not node removal).
 Faithfulness f(C) = (m(C) − m(∅)) / (m(M) − m(∅)) with m the mean metric, M the full model and ∅ the empty
 circuit (every edge patched).  MIB's CPR and CMD (NOTES.md §4) integrate f, or |1 − f|, over circuits of the
-top 0.1% … 100% of edges.  Completeness knocks the circuit out of the full model; minimality asks, for each
-edge of the circuit, how much faithfulness it is worth.
+top 0.1% … 100% of edges.  ``smallest`` finds how few edges reach a given faithfulness (the
+size Hanna et al. 2024 compare methods by).  Completeness knocks the circuit out of the full model; minimality
+asks, for each edge of the circuit, how much faithfulness it is worth.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -93,6 +95,40 @@ class Evaluator:
         return {"cpr": cpr(signed.fractions, signed.faithfulness), "cmd": cmd(absolute.fractions, absolute.faithfulness),
                 "cpr_curve": signed, "cmd_curve": absolute}
 
+    def smallest(self, scores: EdgeScores | SpanScores, faithfulness: float = 0.85, selection: str = "topn",
+                 absolute: bool = True, progress: bool = False) -> Circuit | SpanCircuit:
+        """The smallest circuit that ``selection`` (``"topn"``, ``"greedy"`` or ``"nodes"``: ``topn_nodes``) cuts
+        from ``scores`` whose faithfulness reaches ``faithfulness``; that faithfulness in its
+        ``info["faithfulness"]``.
+
+        Faithfulness need not grow with the size, so no search short of trying every size is sure of the
+        smallest.  This one runs ``masks_per_call`` sizes at a time (one patched call per batch): spread
+        geometrically from 1 to all, then evenly inside the first bracket where the faithfulness crosses the
+        target, until the bracket is two adjacent sizes.  What it returns reaches the target and the cut one edge (node, pair) smaller does not;
+        a smaller circuit that reaches it between two sizes of its first spread can be missed."""
+        if not math.isfinite(faithfulness) or faithfulness <= 0:
+            raise ValueError(f"faithfulness {faithfulness} is no target: give one above 0 (0.85 for 85%); the empty "
+                             "circuit already has 0")
+        cut, total = _cutter(scores, selection, absolute)
+        tried: dict[int, float] = {0: 0.0}  # the empty circuit: every edge patched
+        spread = max(self.masks_per_call, 2)
+        with tqdm(desc="smallest", unit="circuit", disable=not progress) as bar:
+            def run(sizes: list[int]) -> tuple[int, int]:
+                sizes = sorted(set(sizes) - tried.keys())
+                masks = torch.stack([cut(n).edge_mask(self.cm.graph) for n in sizes])
+                tried.update(zip(sizes, self.faithfulness(masks, spans=_spans(scores))))
+                bar.update(len(sizes))
+                low, high = _bracket(tried, faithfulness, total)
+                bar.set_postfix_str(f"between {low} and {high}")
+                return low, high
+
+            low, high = run([round(total ** (i / (spread - 1))) for i in range(spread)])
+            while high - low > 1:
+                low, high = run(torch.linspace(low, high, spread + 2)[1:-1].round().long().tolist())
+        circuit = cut(high)
+        circuit.info["faithfulness"] = tried[high]
+        return circuit
+
     def completeness(self, circuit: Circuit | SpanCircuit) -> float:
         """Faithfulness of the model with the circuit knocked out (its edges patched, every other edge kept):
         near 0 when the circuit holds all of the behaviour."""
@@ -113,6 +149,29 @@ class Evaluator:
         keys = ([names[e] for (e,) in kept.tolist()] if spans is None
                 else [(names[e], spans[c]) for c, e in kept.tolist()])
         return {key: whole - f for key, f in zip(keys, without)}
+
+
+def _bracket(tried: dict[int, float], target: float, total: int) -> tuple[int, int]:
+    """The smallest size tried that reaches ``target``, and the largest tried below it, which does not."""
+    reached = [n for n, f in tried.items() if f >= target]
+    if not reached:
+        best = max(tried, key=tried.get)
+        raise ValueError(f"no circuit cut from these scores reaches faithfulness {target}: of the {len(tried)} sizes "
+                         f"tried, the best, {best} of {total}, has {tried[best]:.3f}")
+    high = min(reached)
+    return max(n for n in tried if n < high), high
+
+
+def _cutter(scores: EdgeScores | SpanScores, selection: str,
+            absolute: bool) -> tuple[Callable[[int], Circuit | SpanCircuit], int]:
+    """``selection`` as a function of the circuit's size, and the largest size: all edges (or (edge, span)
+    pairs), or all upstream nodes for ``"nodes"``."""
+    if selection == "nodes" and isinstance(scores, EdgeScores):
+        return (lambda n: scores.topn_nodes(n, absolute)), len(scores.graph.upstream)
+    if selection in ("topn", "greedy"):
+        return (lambda n: getattr(scores, selection)(n, absolute)), scores.tensor.numel()
+    raise ValueError(f"no selection {selection!r} by size for {type(scores).__name__}: use topn or greedy"
+                     + (", or nodes" if isinstance(scores, EdgeScores) else ""))
 
 
 def _spans(circuit: Circuit | SpanCircuit | EdgeScores | SpanScores) -> list[str] | None:

@@ -43,10 +43,12 @@ def prompts():
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
     """A random 2-layer Llama with SmolLM2's tokenizer, saved as a local model folder (so the built-in tasks
-    can be built for it)."""
+    can be built for it).  Seeded: the same weights whichever tests ran before."""
     folder = tmp_path_factory.mktemp("tiny-llama")
     config = LlamaConfig(vocab_size=len(smollm2_tokenizer()), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(folder)
     smollm2_tokenizer().save_pretrained(folder)
     return folder

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fxcircuits import (Circuit, CircuitGraph, DecompositionError, EdgeScores, Evaluator, SpanCircuit,
-                        attention_patterns, attribute, cli, load_model, patch_by_position, source_logits, tasks, trace)
+                        attention_patterns, attribute, attribute_by_span, cli, load_model, patch_by_position,
+                        source_logits, tasks, trace)
 from fxcircuits.cli import main
 
 
@@ -213,6 +214,8 @@ def test_attention_prints_and_draws_the_heads_weights(folder, tmp_path, capsys):
     (["discover", "--steps", "-1"], "'-1': give a whole number, 1 or more"),
     (["attention", "--heads", "a0.h0", "--position", "1.5"], "'1.5': give 'last', a position (an integer) or, "
                                                              "with --spans, a span's name"),
+    (["discover", "--faithfulness", "0"], "'0': give a faithfulness above 0, as 0.85 or 85%"),
+    (["discover", "--faithfulness", "most"], "'most': give a faithfulness above 0, as 0.85 or 85%"),
     (["discover", "--out", "circuit.svg"], "'circuit.svg': a circuit file ends in .json or .pt")])
 def test_options_out_of_their_range_are_usage_errors(folder, command, says, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -254,8 +257,9 @@ def test_metric_and_ablation_are_chosen_saved_and_read_back(folder, tmp_path, ca
 
 def test_a_learned_mask_is_trained_to_the_size_asked_for(folder, tmp_path):
     """``--method mask`` trains its gates for --steps steps to keep the --edges asked for: the saved scores (each
-    gate's probability of being open) add up to that count, and are ``attribute``'s with those options; the
-    gates start ranked by EAP-IG, or alike with ``--warm-start none``."""
+    gate's probability of being open) add up to that count, and are ``attribute``'s with those options (also
+    when ``--faithfulness`` cuts the circuit); the gates start ranked by EAP-IG, or alike with ``--warm-start
+    none``."""
     model, tokenizer = load_model(folder)
     cm, task = trace(model), tasks.load("ioi", tokenizer, size=8, batch_size=4)
     scores = attribute(cm, task.batches, task.metric, "mask", mask_steps=20, density=12, progress=False)
@@ -267,6 +271,10 @@ def test_a_learned_mask_is_trained_to_the_size_asked_for(folder, tmp_path):
     torch.testing.assert_close(circuit.scores, scores.tensor)
     torch.testing.assert_close(circuit.scores.sum(), torch.tensor(12.0))
     assert circuit.edges == scores.topn(12).edges and circuit.info["warm_start"] == "eap-ig-inputs"
+    assert main(["discover", *_common(folder), "--method", "mask", "--steps", "20", "--edges", "12",
+                 "--faithfulness", "0.8", "--out", str(out)]) == 0  # trained to 12 edges, cut where it reaches 0.8
+    smallest = Evaluator(cm, task.batches, task.metric).smallest(scores, 0.8)
+    assert Circuit.load(out).edges == smallest.edges and Circuit.load(out).info["density"] == 12
     alike = attribute(cm, task.batches, task.metric, "mask", mask_steps=20, density=12, warm_start=None,
                       progress=False)
     assert main(["discover", *_common(folder), "--method", "mask", "--steps", "20", "--edges", "12",
@@ -308,6 +316,32 @@ def test_selections_acdc_threshold_and_nodes(folder, tmp_path):
                           (["--method", "eap", "--selection", "threshold"], "needs --threshold")):
         with pytest.raises(SystemExit, match=says):
             main(["discover", *_common(folder), *options])
+
+
+def test_discover_sized_by_faithfulness(folder, tmp_path, capsys):
+    """``--faithfulness`` cuts the smallest circuit that reaches it, as ``Evaluator.smallest`` does, for plain and
+    positional circuits; a second size beside it, or a threshold cut, is refused before any run."""
+    model, tokenizer = load_model(folder)
+    cm, task = trace(model), tasks.load("ioi", tokenizer, size=8, batch_size=4)
+    evaluator = Evaluator(cm, task.batches, task.metric)
+    scores = attribute(cm, task.batches, task.metric, "eap", progress=False)
+    out = tmp_path / "c.json"
+    for options, expected in ((["--faithfulness", "80%"], evaluator.smallest(scores, 0.8)),
+                              (["--faithfulness", "0.5", "--selection", "nodes"],
+                               evaluator.smallest(scores, 0.5, "nodes"))):
+        assert main(["discover", *_common(folder), "--method", "eap", *options, "--out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert Circuit.load(out).edges == expected.edges and len(expected) < len(cm.graph.edges)
+        assert f"faithfulness     {expected.info['faithfulness']:.3f} (the smallest cut that reaches" in printed
+    assert main(["discover", *_common(folder), "--method", "eap", "--spans", "--faithfulness", "0.8", "--out",
+                 str(out)]) == 0
+    by_span = attribute_by_span(cm, task.batches, task.metric, "eap", progress=False)
+    assert torch.equal(SpanCircuit.load(out).in_graph, evaluator.smallest(by_span, 0.8).in_graph)
+    for options, says in ((["--edges", "5"], "--edges and --faithfulness both size the circuit"),
+                          (["--nodes", "5"], "--nodes and --faithfulness both size the circuit"),
+                          (["--selection", "threshold", "--threshold", "1"], "leave out --selection threshold")):
+        with pytest.raises(SystemExit, match=says):
+            main(["discover", *_common(folder), "--faithfulness", "0.8", *options])
 
 
 def test_refused_input_is_one_line_and_traceback_shows_where(tmp_path, capsys):

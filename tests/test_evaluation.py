@@ -6,7 +6,9 @@ import fxcircuits
 from fxcircuits import Circuit, EdgeScores
 from fxcircuits.evaluation import MIB_FRACTIONS, cmd, cpr
 from fxcircuits.metrics import logit_diff
+from fxcircuits.positional import SpanScores
 from test_attribution import _batch
+from test_positions import _spanned
 
 
 def test_cpr_and_cmd_by_hand():
@@ -20,6 +22,12 @@ def setup(traced):
     _, cm = traced("llama")
     batch = _batch()
     return cm, batch, fxcircuits.Evaluator(cm, [batch], "logit_diff")
+
+
+@pytest.fixture
+def llama_spans(traced, prompts):
+    """The tiny Llama, and a batch whose prompts name two spans, A and B."""
+    return traced("llama")[1], _spanned(prompts)
 
 
 def _direct(cm, batch, mask) -> torch.Tensor:
@@ -80,3 +88,64 @@ def test_a_task_the_corruption_does_not_change_is_refused(setup):
     same = {**batch, "corrupted": batch["clean"]}
     with pytest.raises(ValueError, match="faithfulness is undefined"):
         fxcircuits.evaluate(cm, Circuit(cm.graph, []), [same], "logit_diff").faithfulness
+
+
+def _cuts(scores, selection):
+    """``selection`` as a function of size, and every size it takes."""
+    if selection == "nodes":
+        return scores.topn_nodes, len(scores.graph.upstream)
+    return getattr(scores, selection), scores.tensor.numel()
+
+
+def _first_reaching(evaluator, scores, selection, target):
+    """Brute force: every size cut and run, the first that reaches ``target``, and how often f crosses it."""
+    cut, total = _cuts(scores, selection)
+    spans = getattr(scores, "spans", None)
+    f = evaluator.faithfulness(torch.stack([cut(n).edge_mask(evaluator.cm.graph) for n in range(total + 1)]),
+                               spans=spans)
+    crossings = sum(f[n] >= target > f[n - 1] for n in range(1, total + 1))
+    return next(n for n in range(total + 1) if f[n] >= target), crossings
+
+
+@pytest.mark.parametrize("per_call", [16, 3])  # one refinement, or many rounds of three sizes
+@pytest.mark.parametrize("selection, seed, target", [("topn", 1, 0.85), ("greedy", 2, 0.85), ("nodes", 3, 0.5)])
+def test_the_smallest_circuit_is_the_first_size_that_reaches_the_target(setup, selection, seed, target, per_call):
+    """On random scores whose faithfulness crosses the target once (checked here), the search finds the same size
+    as trying every size; what it records is the circuit's faithfulness."""
+    cm, batch, evaluator = setup
+    scores = EdgeScores(cm.graph, torch.randn(len(cm.graph.edges), generator=torch.Generator().manual_seed(seed)))
+    first, crossings = _first_reaching(evaluator, scores, selection, target)
+    assert crossings == 1 and first > 3  # the search has somewhere to look
+    few = fxcircuits.Evaluator(cm, [batch], "logit_diff", masks_per_call=per_call)
+    circuit = few.smallest(scores, target, selection)
+    assert circuit.edges == _cuts(scores, selection)[0](first).edges
+    assert circuit.info["faithfulness"] == pytest.approx(evaluator.evaluate(circuit).faithfulness, rel=1e-5)
+    assert circuit.info["faithfulness"] >= target
+
+
+def test_the_smallest_positional_circuit(llama_spans):
+    cm, batch = llama_spans
+    evaluator = fxcircuits.Evaluator(cm, [batch], "logit_diff", masks_per_call=4)
+    scores = SpanScores(cm.graph, ["A", "B", "rest"],
+                        torch.randn(3, len(cm.graph.edges), generator=torch.Generator().manual_seed(11)))
+    first, crossings = _first_reaching(evaluator, scores, "topn", 0.85)
+    assert crossings == 1 and first > 3
+    circuit = evaluator.smallest(scores, 0.85)
+    assert torch.equal(circuit.in_graph, scores.topn(first).in_graph)
+    assert circuit.info["faithfulness"] == pytest.approx(evaluator.evaluate(circuit).faithfulness, rel=1e-5)
+
+
+def test_a_target_no_circuit_reaches_is_refused(setup):
+    cm, _, evaluator = setup
+    scores = EdgeScores(cm.graph, torch.randn(len(cm.graph.edges), generator=torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match=r"no circuit cut from these scores reaches faithfulness 10.0: of the \d+ "
+                                         r"sizes tried, the best, \d+ of 110, has"):
+        evaluator.smallest(scores, 10.0)
+    for target in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="is no target: give one above 0"):
+            evaluator.smallest(scores, target)
+    with pytest.raises(ValueError, match="no selection 'threshold' by size for EdgeScores: use topn or greedy, or"):
+        evaluator.smallest(scores, 0.8, "threshold")
+    spans = SpanScores(cm.graph, ["A", "B", "rest"], torch.zeros(3, len(cm.graph.edges)))
+    with pytest.raises(ValueError, match="no selection 'nodes' by size for SpanScores: use topn or greedy$"):
+        evaluator.smallest(spans, 0.8, "nodes")

@@ -25,6 +25,8 @@ def test_high_level_circuit_finding(tmp_path):
     faithfulness = float(re.search(r"faithfulness (-?[\d.]+)", out).group(1))
     assert faithfulness > 0.5, out  # measured 0.770 on these 8 examples (1% of the edges)
     assert "123211 edges 1.00" in out  # the whole graph is the whole model
+    edges, reached = re.search(r"keeps 85%: (\d+) edges, faithfulness ([\d.]+)", out).groups()
+    assert 0 < int(edges) < 123211 and float(reached) >= 0.85, out
     push = float(re.search(r"of each alone:\n\s+\S+\s+([+-][\d.]+)", out).group(1))
     assert push > 0.05, out  # a node of the circuit alone favours the later years (a27.h4, +0.182, measured)
     for suffix in (".json", ".svg", "_curve.png"):
