@@ -83,6 +83,21 @@ def test_mib_curves(setup):
     assert result["cmd"] == pytest.approx(cmd(MIB_FRACTIONS, result["cmd_curve"].faithfulness))
 
 
+def test_circuits_per_call_default_to_what_the_device_runs_fastest(setup, as_on_a_gpu):
+    """Two per call on CPU (larger calls are slower per circuit there), 16 where launches set the pace; the
+    numbers do not depend on it."""
+    cm, batch, evaluator = setup
+    masks = (torch.rand(5, len(cm.graph.edges), generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    on_cpu = evaluator.values(masks)
+    assert evaluator.masks_per_call == 2
+    with pytest.raises(ValueError, match="masks_per_call must be at least 1, got 0"):
+        fxcircuits.Evaluator(cm, [batch], "logit_diff", masks_per_call=0)
+    as_on_a_gpu()
+    launch_bound = fxcircuits.Evaluator(cm, [batch], "logit_diff")
+    assert launch_bound.masks_per_call == 16
+    torch.testing.assert_close(launch_bound.values(masks), on_cpu, atol=1e-5, rtol=1e-5)
+
+
 def test_a_task_the_corruption_does_not_change_is_refused(setup):
     cm, batch, _ = setup
     same = {**batch, "corrupted": batch["clean"]}
@@ -107,7 +122,7 @@ def _first_reaching(evaluator, scores, selection, target):
     return next(n for n in range(total + 1) if f[n] >= target), crossings
 
 
-@pytest.mark.parametrize("per_call", [16, 3])  # one refinement, or many rounds of three sizes
+@pytest.mark.parametrize("per_call", [16, 3, None])  # one refinement, or many rounds of three sizes, or two
 @pytest.mark.parametrize("selection, seed, target", [("topn", 1, 0.85), ("greedy", 2, 0.85), ("nodes", 3, 0.5)])
 def test_the_smallest_circuit_is_the_first_size_that_reaches_the_target(setup, selection, seed, target, per_call):
     """On random scores whose faithfulness crosses the target once (checked here), the search finds the same size
