@@ -101,22 +101,25 @@ class Evaluator:
                 "cpr_curve": signed, "cmd_curve": absolute}
 
     def smallest(self, scores: EdgeScores | SpanScores, faithfulness: float = 0.85, selection: str = "topn",
-                 absolute: bool = True, progress: bool = False) -> Circuit | SpanCircuit:
+                 absolute: bool = True, per_round: int = 16, progress: bool = False) -> Circuit | SpanCircuit:
         """The smallest circuit that ``selection`` (``"topn"``, ``"greedy"`` or ``"nodes"``: ``topn_nodes``) cuts
         from ``scores`` whose faithfulness reaches ``faithfulness``; that faithfulness in its
         ``info["faithfulness"]``.
 
         Faithfulness need not grow with the size, so no search short of trying every size is sure of the
-        smallest.  This one runs ``masks_per_call`` sizes at a time (one patched call per batch), narrowing the
-        first bracket where the faithfulness crosses the target — spaced by a common ratio while the bracket spans
-        more than a factor 2, evenly after — until it is two adjacent sizes.  What it returns reaches the target and the cut one edge (node, pair) smaller does not;
+        smallest.  This one runs ``per_round`` sizes at a time, narrowing the first bracket where the
+        faithfulness crosses the target — spaced by a common ratio while the bracket spans more than a factor 2,
+        evenly after — until it is two adjacent sizes.  More per round miss fewer dips below the target and cost
+        more runs (on 32 SmolLM2 greater-than prompts, EAP at 85%: 2,654 edges 16 per round, 5,231 two per round);
+        the answer does not depend on ``masks_per_call``, only the time.  What it returns reaches the target and the cut one edge (node, pair) smaller does not;
         a smaller circuit that reaches it between two sizes of its first round can be missed."""
         if not math.isfinite(faithfulness) or faithfulness <= 0:
             raise ValueError(f"faithfulness {faithfulness} is no target: give one above 0 (0.85 for 85%); the empty "
                              "circuit already has 0")
+        if per_round < 1:
+            raise ValueError(f"per_round must be at least 1, got {per_round}")
         cut, total = _cutter(scores, selection, absolute)
         tried: dict[int, float] = {0: 0.0}  # the empty circuit: every edge patched
-        spread = max(self.masks_per_call, 2)  # the first round needs a size besides all of them
         with tqdm(desc="smallest", unit="circuit", disable=not progress) as bar:
             def run(sizes: list[int]) -> tuple[int, int]:
                 sizes = sorted(set(sizes) - tried.keys())
@@ -127,9 +130,9 @@ class Evaluator:
                 bar.set_postfix_str(f"between {low} and {high}")
                 return low, high
 
-            low, high = run(_between(0, total, spread - 1) + [total])
+            low, high = run(_between(0, total, per_round - 1) + [total])
             while high - low > 1:
-                low, high = run(_between(low, high, spread))
+                low, high = run(_between(low, high, per_round))
         circuit = cut(high)
         circuit.info["faithfulness"] = tried[high]
         return circuit

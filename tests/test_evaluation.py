@@ -85,7 +85,7 @@ def test_mib_curves(setup):
 
 def test_circuits_per_call_default_to_what_the_device_runs_fastest(setup, as_on_a_gpu):
     """Two per call on CPU (larger calls are slower per circuit there), 16 where launches set the pace; the
-    numbers do not depend on it."""
+    numbers, and the smallest circuit found, do not depend on it."""
     cm, batch, evaluator = setup
     masks = (torch.rand(5, len(cm.graph.edges), generator=torch.Generator().manual_seed(0)) > 0.5).float()
     on_cpu = evaluator.values(masks)
@@ -96,6 +96,8 @@ def test_circuits_per_call_default_to_what_the_device_runs_fastest(setup, as_on_
     launch_bound = fxcircuits.Evaluator(cm, [batch], "logit_diff")
     assert launch_bound.masks_per_call == 16
     torch.testing.assert_close(launch_bound.values(masks), on_cpu, atol=1e-5, rtol=1e-5)
+    scores = EdgeScores(cm.graph, torch.randn(len(cm.graph.edges), generator=torch.Generator().manual_seed(1)))
+    assert launch_bound.smallest(scores, 0.85).edges == evaluator.smallest(scores, 0.85).edges
 
 
 def test_a_task_the_corruption_does_not_change_is_refused(setup):
@@ -122,17 +124,16 @@ def _first_reaching(evaluator, scores, selection, target):
     return next(n for n in range(total + 1) if f[n] >= target), crossings
 
 
-@pytest.mark.parametrize("per_call", [16, 3, None])  # one refinement, or many rounds of three sizes, or two
+@pytest.mark.parametrize("per_round", [16, 3, 1])  # one refinement, or many rounds of three sizes, or one
 @pytest.mark.parametrize("selection, seed, target", [("topn", 1, 0.85), ("greedy", 2, 0.85), ("nodes", 3, 0.5)])
-def test_the_smallest_circuit_is_the_first_size_that_reaches_the_target(setup, selection, seed, target, per_call):
+def test_the_smallest_circuit_is_the_first_size_that_reaches_the_target(setup, selection, seed, target, per_round):
     """On random scores whose faithfulness crosses the target once (checked here), the search finds the same size
     as trying every size; what it records is the circuit's faithfulness."""
     cm, batch, evaluator = setup
     scores = EdgeScores(cm.graph, torch.randn(len(cm.graph.edges), generator=torch.Generator().manual_seed(seed)))
     first, crossings = _first_reaching(evaluator, scores, selection, target)
     assert crossings == 1 and first > 3  # the search has somewhere to look
-    few = fxcircuits.Evaluator(cm, [batch], "logit_diff", masks_per_call=per_call)
-    circuit = few.smallest(scores, target, selection)
+    circuit = evaluator.smallest(scores, target, selection, per_round=per_round)
     assert circuit.edges == _cuts(scores, selection)[0](first).edges
     assert circuit.info["faithfulness"] == pytest.approx(evaluator.evaluate(circuit).faithfulness, rel=1e-5)
     assert circuit.info["faithfulness"] >= target
@@ -140,12 +141,12 @@ def test_the_smallest_circuit_is_the_first_size_that_reaches_the_target(setup, s
 
 def test_the_smallest_positional_circuit(llama_spans):
     cm, batch = llama_spans
-    evaluator = fxcircuits.Evaluator(cm, [batch], "logit_diff", masks_per_call=4)
+    evaluator = fxcircuits.Evaluator(cm, [batch], "logit_diff")
     scores = SpanScores(cm.graph, ["A", "B", "rest"],
                         torch.randn(3, len(cm.graph.edges), generator=torch.Generator().manual_seed(11)))
     first, crossings = _first_reaching(evaluator, scores, "topn", 0.85)
     assert crossings == 1 and first > 3
-    circuit = evaluator.smallest(scores, 0.85)
+    circuit = evaluator.smallest(scores, 0.85, per_round=4)
     assert torch.equal(circuit.in_graph, scores.topn(first).in_graph)
     assert circuit.info["faithfulness"] == pytest.approx(evaluator.evaluate(circuit).faithfulness, rel=1e-5)
 
@@ -159,6 +160,8 @@ def test_a_target_no_circuit_reaches_is_refused(setup):
     for target in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="is no target: give one above 0"):
             evaluator.smallest(scores, target)
+    with pytest.raises(ValueError, match="per_round must be at least 1, got 0"):
+        evaluator.smallest(scores, 0.8, per_round=0)
     with pytest.raises(ValueError, match="no selection 'threshold' by size for EdgeScores: use topn or greedy, or"):
         evaluator.smallest(scores, 0.8, "threshold")
     spans = SpanScores(cm.graph, ["A", "B", "rest"], torch.zeros(3, len(cm.graph.edges)))
