@@ -110,7 +110,7 @@ class Evaluator:
         smallest.  This one runs ``per_round`` sizes at a time, narrowing the first bracket where the
         faithfulness crosses the target — spaced by a common ratio while the bracket spans more than a factor 2,
         evenly after — until it is two adjacent sizes.  More per round miss fewer dips below the target and cost
-        more runs (on 32 SmolLM2 greater-than prompts, EAP at 85%: 2,654 edges 16 per round, 5,231 two per round);
+        more runs (on 32 SmolLM2 greater-than prompts, EAP at 85%: 3,560 edges 16 per round, 5,231 two per round);
         the answer does not depend on ``masks_per_call``, only the time.  What it returns reaches the target and the cut one edge (node, pair) smaller does not;
         a smaller circuit that reaches it between two sizes of its first round can be missed."""
         if not math.isfinite(faithfulness) or faithfulness <= 0:
