@@ -93,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     discover.add_argument("--faithfulness", type=_target,
                           help="size the circuit by what it must do: the smallest topn, greedy or nodes cut that "
                           "reaches this faithfulness (0.85 or 85%%), found by patched runs of many sizes at once "
-                          "(Evaluator.smallest); instead of --edges or --nodes (a learned mask still trains to --edges)")
+                          "(Evaluator.smallest); instead of --edges or --nodes (a learned mask still trains to "
+                          "--edges)")
     discover.add_argument("--threshold", type=float, help="ACDC's tau (default 0.01); with --selection threshold, "
                           "the least score an edge needs (|score|; for acdc, its signed score)")
     discover.add_argument("--spans", nargs="?", const="all", help="a positional circuit: score and keep each edge "

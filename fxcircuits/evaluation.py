@@ -109,10 +109,10 @@ class Evaluator:
         Faithfulness need not grow with the size, so no search short of trying every size is sure of the
         smallest.  This one runs ``per_round`` sizes at a time, narrowing the first bracket where the
         faithfulness crosses the target — spaced by a common ratio while the bracket spans more than a factor 2,
-        evenly after — until it is two adjacent sizes.  More per round miss fewer dips below the target and cost
-        more runs (on 32 SmolLM2 greater-than prompts, EAP at 85%: 3,560 edges 16 per round, 5,231 two per round);
-        the answer does not depend on ``masks_per_call``, only the time.  What it returns reaches the target and the cut one edge (node, pair) smaller does not;
-        a smaller circuit that reaches it between two sizes of its first round can be missed."""
+        evenly after — until it is two adjacent sizes.  What it returns reaches the target and the cut one edge
+        (node, pair) smaller does not; a smaller circuit that reaches it between two sizes of its first round can
+        be missed.  More per round miss fewer such dips and cost more runs (on 32 SmolLM2 greater-than prompts,
+        EAP at 85%: 3,560 edges 16 per round, 5,231 two per round); ``masks_per_call`` changes only the time."""
         if not math.isfinite(faithfulness) or faithfulness <= 0:
             raise ValueError(f"faithfulness {faithfulness} is no target: give one above 0 (0.85 for 85%); the empty "
                              "circuit already has 0")
