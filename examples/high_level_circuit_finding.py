@@ -2,8 +2,8 @@
 
 On the real SmolLM2-135M (offline, CPU): build a task, score every edge with EAP-IG, keep the best 1%,
 check that the circuit is faithful (everything outside it patched), see how faithfulness grows with circuit
-size and how many edges keep 85% of it, read what its nodes write with the logit lens (the talk's "upweight y > YY"), and save the circuit
-(EAP-IG/MIB JSON) and its picture.
+size and how many edges keep 85% of it, read what its nodes write with the logit lens (the talk's "upweight
+y > YY"), and save the circuit (EAP-IG/MIB JSON) and its picture.
 
     python examples/high_level_circuit_finding.py [--task greater-than] [--size 32] [--method eap-ig-inputs]
 """
