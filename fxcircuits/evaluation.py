@@ -187,7 +187,7 @@ def _cutter(scores: EdgeScores | SpanScores, selection: str,
     if selection == "nodes" and isinstance(scores, EdgeScores):
         return (lambda n: scores.topn_nodes(n, absolute)), len(scores.graph.upstream)
     if selection in ("topn", "greedy"):
-        return (lambda n: getattr(scores, selection)(n, absolute)), scores.tensor.numel()
+        return scores.cuts(selection, absolute), scores.tensor.numel()
     raise ValueError(f"no selection {selection!r} by size for {type(scores).__name__}: use topn or greedy"
                      + (", or nodes" if isinstance(scores, EdgeScores) else ""))
 

@@ -24,7 +24,7 @@ from .circuit import Circuit, _edge_flags, is_positional
 from .data import REST
 from .graph import CircuitGraph
 from .model import CircuitModel
-from .scores import EdgeScores, _count, grown, ranked
+from .scores import EdgeScores, _count, kept, ordered, ranked
 
 
 def attribute_by_span(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable | None = None,
@@ -77,16 +77,19 @@ class SpanScores:
 
     def topn(self, n: int | float, absolute: bool = True) -> "SpanCircuit":
         """The ``n`` highest-scoring (edge, class) pairs (a float is a fraction of them all), pruned."""
-        values = ranked(self.tensor, absolute).flatten()
-        flags = torch.zeros(values.numel(), dtype=torch.bool)
-        flags[torch.argsort(values, descending=True, stable=True)[:_count(n, values.numel(), "(edge, span) pairs")]] = 1
-        return self._circuit(flags.view(self.tensor.shape))
+        return self.cuts("topn", absolute)(n)
 
     def greedy(self, n: int | float, absolute: bool = True) -> "SpanCircuit":
         """``n`` (edge, class) pairs grown from ``logits`` backwards, best first (``EdgeScores.greedy``): a pair
         becomes a candidate once its edge's destination node is in the circuit, at any class."""
-        return self._circuit(grown(self.graph, ranked(self.tensor, absolute),
-                                   _count(n, self.tensor.numel(), "(edge, span) pairs")))
+        return self.cuts("greedy", absolute)(n)
+
+    def cuts(self, selection: str = "topn", absolute: bool = True) -> Callable[[int | float], "SpanCircuit"]:
+        """``topn`` or ``greedy`` as a function of the size, the order of the pairs found once
+        (``EdgeScores.cuts``)."""
+        order = ordered(self.graph, self.tensor, selection, absolute)
+        return lambda n: self._circuit(kept(order, _count(n, self.tensor.numel(), "(edge, span) pairs"),
+                                            self.tensor.shape))
 
     def threshold(self, t: float, absolute: bool = True) -> "SpanCircuit":
         """Every (edge, class) pair scoring at least ``t`` (|score| with ``absolute``), pruned."""

@@ -7,6 +7,7 @@ nodes and edges, as EAP-IG prunes, so what it returns is a connected circuit fro
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,10 +54,13 @@ class EdgeScores:
         """The ``n`` highest-scoring edges (a float is a fraction of all edges: 0.01, or 1.0 for all), pruned.
 
         ``absolute=True`` ranks by |score| (MIB's CMD); ``False`` by signed score (MIB's CPR)."""
-        count = _count(n, len(self))
-        flags = torch.zeros(len(self), dtype=torch.bool)
-        flags[torch.argsort(ranked(self.tensor, absolute), descending=True, stable=True)[:count]] = True
-        return self._circuit(flags)
+        return self.cuts("topn", absolute)(n)
+
+    def cuts(self, selection: str = "topn", absolute: bool = True) -> Callable[[int | float], Circuit]:
+        """``topn`` or ``greedy`` as a function of the size, the order of the edges found once: for cutting many
+        sizes (greedy's order takes about 0.5 s on SmolLM2's 123,211 edges)."""
+        order = ordered(self.graph, self.tensor[None], selection, absolute)
+        return lambda n: self._circuit(kept(order, _count(n, len(self)), self.tensor.shape))
 
     def topn_nodes(self, n: int | float, absolute: bool = True) -> Circuit:
         """A node-level circuit, cut as EAP-IG's ``apply_topn(level="node")`` cuts one: the ``n`` upstream nodes of
@@ -78,7 +82,7 @@ class EdgeScores:
     def greedy(self, n: int | float, absolute: bool = True) -> Circuit:
         """``n`` edges grown from ``logits`` backwards, best first (EAP-IG's greedy search): an edge becomes a
         candidate once its destination node is in the circuit, so the result is connected by construction."""
-        return self._circuit(grown(self.graph, ranked(self.tensor, absolute)[None], _count(n, len(self)))[0])
+        return self.cuts("greedy", absolute)(n)
 
     def save(self, path: str | Path) -> None:
         """Every edge's score in a circuit file with no edge in the circuit: EAP-IG/MIB JSON for a path ending in
@@ -95,34 +99,44 @@ class EdgeScores:
         return cls(circuit.graph, circuit.scores, str(circuit.info.get("method", "")), circuit.info)
 
 
-def grown(graph: CircuitGraph, ranked: torch.Tensor, count: int) -> torch.Tensor:
-    """``count`` (edge, class) pairs of ``ranked`` [classes, E] grown from ``logits`` backwards, best first: a pair
-    becomes a candidate once its edge's destination node is in the circuit, at any class (attention carries a
-    node's inputs at one class's tokens into its output at another's).  Flags [classes, E]; one class is a plain
-    circuit."""
-    classes, n_edges = ranked.shape
-    flat = ranked.flatten().tolist()
+def ordered(graph: CircuitGraph, scores: torch.Tensor, selection: str, absolute: bool) -> torch.Tensor:
+    """The (edge, class) units of ``scores`` [classes, E], as flat indices, in the order ``selection`` keeps them:
+    the circuit of size n is the first n.  ``"topn"``: best first (``ranked``).  ``"greedy"``: as EAP-IG's greedy
+    search grows them from ``logits`` backwards, best first among the candidates — a unit becomes one once its
+    edge's destination node is in the circuit, at any class (attention carries a node's inputs at one class's
+    tokens into its output at another's); units it never reaches are left out."""
+    values = ranked(scores, absolute)
+    if selection == "topn":
+        return torch.argsort(values.flatten(), descending=True, stable=True)
+    if selection != "greedy":
+        raise ValueError(f"no selection {selection!r} by size: use topn or greedy")
+    n_edges, flat = values.shape[1], values.flatten().tolist()
     into = [[] for _ in graph.nodes]  # edges by destination node
     for e, d in enumerate(graph.dst.tolist()):
         into[int(graph.reader[d])].append(e)
-    flags, reached, heap = torch.zeros(classes * n_edges, dtype=torch.bool), set(), []
+    order, reached, heap = [], set(), []
 
     def reach(node: int) -> None:
         reached.add(node)
         for e in into[node]:
-            for unit in range(e, classes * n_edges, n_edges):
+            for unit in range(e, len(flat), n_edges):
                 heapq.heappush(heap, (-flat[unit], unit))
 
     reach(len(graph.nodes) - 1)
-    for _ in range(count):
-        if not heap:
-            break
+    while heap:
         unit = heapq.heappop(heap)[1]
-        flags[unit] = True
+        order.append(unit)
         source = int(graph.src[unit % n_edges])
         if source not in reached:
             reach(source)
-    return flags.view(classes, n_edges)
+    return torch.tensor(order, dtype=torch.long)
+
+
+def kept(order: torch.Tensor, count: int, shape: torch.Size) -> torch.Tensor:
+    """Flags of ``shape`` for the first ``count`` units of ``order`` (``ordered``)."""
+    flags = torch.zeros(shape.numel(), dtype=torch.bool)
+    flags[order[:count]] = True
+    return flags.view(shape)
 
 
 def _count(n: int | float, total: int, what: str = "edges") -> int:

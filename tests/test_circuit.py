@@ -59,6 +59,36 @@ def test_threshold_and_greedy(graph):
     assert greedy.edges == ["input->a1.h0<v>", "input->logits", "a1.h0->logits"]
 
 
+
+def _greedy_afresh(graph, scores: torch.Tensor, count: int) -> torch.Tensor:
+    """EAP-IG's greedy search run for one size on its own: ``count`` times, the best edge not yet taken whose
+    destination node is in the circuit (the lowest index among equals), its source node joining the circuit."""
+    reached, flags = {len(graph.nodes) - 1}, torch.zeros(len(graph.edges), dtype=torch.bool)
+    for _ in range(count):
+        candidates = [e for e in range(len(graph.edges))
+                      if not flags[e] and int(graph.reader[graph.dst[e]]) in reached]
+        if not candidates:
+            break
+        best = max(candidates, key=lambda e: (float(scores[e]), -e))
+        flags[best] = True
+        reached.add(int(graph.src[best]))
+    return flags
+
+
+@pytest.mark.parametrize("absolute", [True, False])
+def test_greedy_cuts_every_size_as_a_search_run_for_it_alone(graph, absolute):
+    """``cuts("greedy")`` orders the edges once and cuts each size from that order; every size equals the search
+    run afresh for it, with ties (scores rounded to a few values) broken alike."""
+    tensor = (torch.randn(len(graph.edges), generator=torch.Generator().manual_seed(3)) * 2).round() / 2
+    scores = EdgeScores(graph, tensor)
+    cut = scores.cuts("greedy", absolute)
+    for n in range(len(graph.edges) + 1):
+        reference = Circuit(graph, _greedy_afresh(graph, tensor.abs() if absolute else tensor, n), tensor).pruned()
+        assert cut(n).edges == reference.edges == scores.greedy(n, absolute).edges, n
+    with pytest.raises(ValueError, match="no selection 'threshold' by size: use topn or greedy"):
+        scores.cuts("threshold")
+
+
 def test_node_scores_sum_outgoing_edges(graph):
     scores = _scores(graph, {"a0.h1->logits": 1.5, "a0.h1->m1": -0.5, "m0->logits": 2.0})
     nodes = scores.nodes()
