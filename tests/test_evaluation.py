@@ -4,9 +4,10 @@ import torch
 
 import fxcircuits
 from fxcircuits import Circuit, EdgeScores
-from fxcircuits.evaluation import MIB_FRACTIONS, cmd, cpr
+from fxcircuits.evaluation import CPU_CALL_STREAM, MIB_FRACTIONS, cmd, cpr, per_call
 from fxcircuits.metrics import logit_diff
 from fxcircuits.positional import SpanScores
+from fxcircuits.runs import prepare
 from test_attribution import _batch
 from test_positions import _spanned
 
@@ -83,21 +84,40 @@ def test_mib_curves(setup):
     assert result["cmd"] == pytest.approx(cmd(MIB_FRACTIONS, result["cmd_curve"].faithfulness))
 
 
-def test_circuits_per_call_default_to_what_the_device_runs_fastest(setup, as_on_a_gpu):
-    """Two per call on CPU (larger calls are slower per circuit there), 16 where launches set the pace; the
-    numbers, and the smallest circuit found, do not depend on it."""
+def test_circuits_per_call_default_to_what_the_device_runs_fastest(traced, setup, as_on_a_gpu, monkeypatch):
+    """On CPU as many per call as keep the stream within ``CPU_CALL_STREAM`` (one, where two would pass it), 16
+    where launches set the pace; the numbers, and the smallest circuit found, do not depend on it."""
     cm, batch, evaluator = setup
     masks = (torch.rand(5, len(cm.graph.edges), generator=torch.Generator().manual_seed(0)) > 0.5).float()
-    on_cpu = evaluator.values(masks)
-    assert evaluator.masks_per_call == 2
+    scores = EdgeScores(cm.graph, torch.randn(len(cm.graph.edges), generator=torch.Generator().manual_seed(1)))
+    assert evaluator.masks_per_call == 16  # the tiny model's stream is far below the CPU's limit
+    width = traced("llama")[0].config.hidden_size
+    monkeypatch.setattr(fxcircuits.evaluation, "CPU_CALL_STREAM", batch["clean"].numel() * width)
+    one = fxcircuits.Evaluator(cm, [batch], "logit_diff")
+    assert one.masks_per_call == 1
+    torch.testing.assert_close(one.values(masks), evaluator.values(masks), atol=1e-5, rtol=1e-5)
+    assert one.smallest(scores, 0.85).edges == evaluator.smallest(scores, 0.85).edges
     with pytest.raises(ValueError, match="masks_per_call must be at least 1, got 0"):
         fxcircuits.Evaluator(cm, [batch], "logit_diff", masks_per_call=0)
     as_on_a_gpu()
-    launch_bound = fxcircuits.Evaluator(cm, [batch], "logit_diff")
-    assert launch_bound.masks_per_call == 16
-    torch.testing.assert_close(launch_bound.values(masks), on_cpu, atol=1e-5, rtol=1e-5)
-    scores = EdgeScores(cm.graph, torch.randn(len(cm.graph.edges), generator=torch.Generator().manual_seed(1)))
-    assert launch_bound.smallest(scores, 0.85).edges == evaluator.smallest(scores, 0.85).edges
+    assert fxcircuits.Evaluator(cm, [batch], "logit_diff").masks_per_call == 16
+
+
+def test_circuits_per_call_on_cpu_follow_the_largest_batch(traced):
+    """``CPU_CALL_STREAM`` over the largest batch's tokens times d_model, from 1 to 16; a count given is kept."""
+    model, cm = traced("llama")
+    width = model.config.hidden_size
+
+    def prepared(prompts: int, length: int):
+        clean, corrupted = torch.randint(3, 128, (2, prompts, length), generator=torch.Generator().manual_seed(0))
+        batch = {"clean": clean, "corrupted": corrupted, "correct": torch.full((prompts, 1), 4),
+                 "incorrect": torch.full((prompts, 1), 5)}
+        return prepare(cm, [batch], logit_diff)
+
+    short, long, huge = prepared(2, 3), prepared(16, 40), prepared(64, 40)
+    assert 16 * 40 * width * 2 < CPU_CALL_STREAM < 64 * 40 * width  # long: 2 or 3 a call; huge: under 1
+    assert per_call(short + long, None) == CPU_CALL_STREAM // (16 * 40 * width)
+    assert per_call(short, None) == 16 and per_call(huge, None) == 1 and per_call(huge, 5) == 5
 
 
 def test_a_task_the_corruption_does_not_change_is_refused(setup):
