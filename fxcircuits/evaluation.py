@@ -168,8 +168,10 @@ def per_call(prepared: list[Prepared], given: int | None) -> int:
     prompts of 17 tokens, the fastest per mask were: 8 prompts, d_model 64: 8–32 a call, 2.5× faster than one;
     d_model 256: 4, 2× faster than 32; d_model 512: 2, 1.4× faster than 32; SmolLM2 (576): 2, 10% faster than one
     (the search for IOI's 85% circuit: 118.5 s against 131.5 s) and 3× faster than 16.  32 prompts: d_model 64: 4,
-    4× faster than 32; d_model 256: 1–4, 3× faster than 32.  This rule gives 16, 5, 2, 2, 5 and 1.  ``attribute``'s exact runs differ: a call's masks patch neighbouring edges, the layers before
-    them run once for all, and larger calls share more (SmolLM2: 8 a call, twice as fast as one)."""
+    4× faster than 32; d_model 256: 1–4, 3× faster than 32.  This rule gives 16, 5, 2, 2, 5 and 1.
+
+    ``attribute``'s exact runs differ: a call's masks patch neighbouring edges, the layers before them run once for
+    all, and larger calls share more (SmolLM2: 8 a call, over twice as fast as one), so they keep their own count."""
     if given is not None:
         if given < 1:
             raise ValueError(f"masks_per_call must be at least 1, got {given}")

@@ -59,7 +59,6 @@ def test_threshold_and_greedy(graph):
     assert greedy.edges == ["input->a1.h0<v>", "input->logits", "a1.h0->logits"]
 
 
-
 def _greedy_afresh(graph, scores: torch.Tensor, count: int) -> torch.Tensor:
     """EAP-IG's greedy search run for one size on its own: ``count`` times, the best edge not yet taken whose
     destination node is in the circuit (the lowest index among equals), its source node joining the circuit."""
