@@ -35,7 +35,8 @@ from fxcircuits import patching
 SMOLLM2_135M = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
                 "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True, "rope_theta": 100000.0,
                 "max_position_embeddings": 2048, "rms_norm_eps": 1e-5}
-PATHS = {"kernels": patching.products, "torch": lambda rows, rows_sum=None: patching.TorchProducts(rows_sum)}
+PATHS = {"kernels": patching.products,
+         "torch": lambda rows, rows_sum=None, partition=None: patching.TorchProducts(rows_sum, partition)}
 
 
 def map_kernels_folder() -> None:

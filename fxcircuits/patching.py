@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
+from . import heads
 from .circuit import Circuit
 from .graph import CircuitGraph
 
@@ -61,7 +62,9 @@ class DeltaStore:
     positional circuit is.  Because x_d[p] = x_d(run)[p] + Σ_s Σ_u (1 − m_s[u, d]) · w_s[p] · δ_u[p], each node
     then writes one row per class, its difference weighted by that class's positions, and the classes' blocks are
     the mask over those rows: every product, route and gradient below runs unchanged on them.  The rows lie group by
-    group, and within a group class by class (``_by_group``); ``sizes`` and ``starts`` count rows."""
+    group, and within a group class by class (``_by_group``); ``sizes`` and ``starts`` count rows.  Where the
+    classes lie apart, as spans do, the dense products multiply each class's rows at its own positions alone
+    (``partition``, a ``Partition``), so that they cost what one class would."""
 
     def __init__(self, keep: torch.Tensor, sizes: list[int], readers: list[int], reads: list[int],
                  scratch: Scratch | None = None, ahead: bool = False, prefix: bool = False,
@@ -98,6 +101,7 @@ class DeltaStore:
         self.carry: tuple[int, int, int, torch.Tensor] | None = None  # readers first:last, over rows :count, sums
         self.widen_at = self._first_moved_group() if prefix else None
         self.where = where
+        self.partition = None if where is None else Partition.of(where, sizes, self.stored)
 
     def _first_moved_group(self) -> int:
         """The first reader group into which some mask moves an edge (the last, the logits, where none does)."""
@@ -131,6 +135,8 @@ class DeltaStore:
                     out = self.buffer[self.count:self.count + rows].view(self.classes, n, masks, *write.shape[2:])
                     first = out[0]
                     torch.sub(other, write if write.shape == first.shape else write.expand(first.shape), out=first)
+                    if self.partition is not None:
+                        self.partition.write(first, self.count // self.classes)
                     if self.where is not None:  # each class's rows [n, n_masks, …] as ``at_where`` reads them
                         for c in range(self.classes - 1, -1, -1):  # the first class's rows, read by all, weighted last
                             at_where(first, self.where[:, c], out[c])
@@ -160,6 +166,8 @@ class DeltaStore:
         whose layers' writes are normed in float32): the stream sums in the wider dtype, and so do the rows."""
         if self.buffer is not None and torch.promote_types(self.buffer.dtype, dtype) != self.buffer.dtype:
             self.buffer = self.buffer.to(dtype)
+            if self.partition is not None:
+                self.partition.widen(dtype)
             self.carry, self.sum, self.summed = None, None, 0  # sums of the narrower rows: summed again
         return self.rows()
 
@@ -199,7 +207,9 @@ class DeltaStore:
         sums = sums[first - start:last - start]
         if count == len(rows):
             return sums + stream
-        return weighted_rows(self._weights(count, len(rows), first, last, rows), rows[count:], stream).add_(sums)
+        since = None if self.partition is None else self.partition.after(count)
+        return weighted_rows(self._weights(count, len(rows), first, last, rows), rows[count:], stream,
+                             partition=since).add_(sums)
 
     def _sums(self, first: int, last: int, rows: torch.Tensor) -> torch.Tensor:
         """``carried``'s dense product over the rows so far for readers ``first:last``, written into the scratch where
@@ -207,7 +217,8 @@ class DeltaStore:
         replaces the one before, which no reader holds: ``carried`` hands out sums computed from it, never views."""
         weights = self._weights(0, len(rows), first, last, rows)
         shape = weights.shape[0], last - first, rows.shape[2]
-        return _dense_rows(weights, rows, out=None if self.scratch is None else self.scratch.take(rows, shape, "sums"))
+        out = None if self.scratch is None else self.scratch.take(rows, shape, "sums")
+        return _dense_rows(weights, rows, out=out, partition=self.partition)
 
     def _weights(self, start: int, stop: int, first: int, last: int, rows: torch.Tensor) -> torch.Tensor:
         """1 − keep over stored rows ``start:stop`` and readers ``first:last``, as ``weighted_rows`` takes it."""
@@ -261,6 +272,132 @@ def at_where(rows: torch.Tensor, where: torch.Tensor, out: torch.Tensor | None =
         return (shaped * weights).view(rows.shape)
     torch.mul(shaped, weights, out=out.view(shaped.shape))
     return out
+
+
+class Partition:
+    """The classes of a positional mask whose positions lie apart — no position in two classes — alike in every
+    mask of the call, as a task's spans are.  Each class's rows (``DeltaStore``) are then zero outside its own
+    positions, so a product over the rows need multiply each class's rows at its positions alone: the arithmetic
+    of one product for all the classes, where the rows as they lie cost one product per class.  Each class keeps
+    its rows at its positions, as they are written (``write``), in a block of its own, so that products read
+    them where they lie rather than gather them from the rows every time.
+
+    points: a mask's positions, batch · seq; positions: per class, its own among them, and weights: its weights
+    there; rows: per class, its rows among the stored rows (which lie group by group and within a group class by
+    class), one for each stored node in their order; nodes: how many nodes are stored; none: the positions of no
+    class (where every edge is kept: padding, or a part of the prompt no class names); own: per class, its rows
+    at its positions, [n_masks, nodes, positions, features], written as the store's rows are.  A product reads
+    the rows from the first stored row up to a group's end, or (``after``) from a group's start."""
+
+    def __init__(self, points: int, positions: list[torch.Tensor], weights: list[torch.Tensor], none: torch.Tensor,
+                 rows: list[torch.Tensor], nodes: int, own: list[torch.Tensor | None] | None = None, first: int = 0):
+        self.points, self.positions, self.weights, self.none = points, positions, weights, none
+        self.rows, self.nodes = rows, nodes
+        self.own, self.first = [None] * len(rows) if own is None else own, first
+
+    @classmethod
+    def of(cls, where: torch.Tensor, sizes: list[int], stored: list[bool]) -> Partition | None:
+        """The partition of ``where`` [n_masks, classes, batch, seq] over the groups of ``sizes`` rows that are
+        ``stored``; None where there is one class, the classes share a position or differ between masks, or the
+        device launches operations dearer than it multiplies (``heads.launch_bound``: a product per class)."""
+        n_masks, classes = where.shape[:2]
+        if classes == 1 or heads.launch_bound(where.device):
+            return None
+        first = where[0].reshape(classes, -1)
+        alike = n_masks == 1 or where.stride(0) == 0 or torch.equal(where, where[:1].expand_as(where))
+        if not alike or (first != 0).sum(0).max() > 1:
+            return None
+        groups = [n // classes for n, kept in zip(sizes, stored) if kept]
+        starts = itertools.accumulate((n * classes for n in groups), initial=0)
+        spans = [(start, n) for start, n in zip(starts, groups)]
+        rows = [torch.tensor([start + c * n + i for start, n in spans for i in range(n)], dtype=torch.long,
+                             device=where.device) for c in range(classes)]
+        positions = [row.nonzero().squeeze(1) for row in first]
+        weights, none = [row[at] for row, at in zip(first, positions)], (first == 0).all(0).nonzero().squeeze(1)
+        return cls(first.shape[1], positions, weights, none, rows, sum(groups))
+
+    def write(self, differences: torch.Tensor, node: int) -> None:
+        """Each class's rows of the stored nodes ``node:`` at its positions, from their ``differences``
+        [n, n_masks, …] — the rows as ``DeltaStore`` weights them, at those positions alone."""
+        n, n_masks = differences.shape[:2]
+        by_point = differences.reshape(n, n_masks, self.points, -1)
+        for c, (at, weight) in enumerate(zip(self.positions, self.weights)):
+            if self.own[c] is None:
+                self.own[c] = differences.new_empty(n_masks, self.nodes, len(at), by_point.shape[-1])
+            own = self.own[c][:, node:node + n]
+            torch.mul(by_point.index_select(2, at).transpose(0, 1), weight.to(own.dtype)[:, None], out=own)
+
+    def widen(self, dtype: torch.dtype) -> None:
+        """Hold the classes' rows in ``dtype`` from now on, as ``DeltaStore.widen`` does the rows."""
+        self.own[:] = [None if own is None else own.to(dtype) for own in self.own]
+
+    def after(self, start: int) -> Partition:
+        """The partition of the stored rows from ``start`` (a group's first row) on, counted from there."""
+        classes = len(self.rows)
+        rows = [rows[start // classes:] - start for rows in self.rows]
+        return Partition(self.points, self.positions, self.weights, self.none, rows, self.nodes, self.own,
+                         self.first + start // classes)
+
+    def _classes(self, n_rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """For each class with positions: its rows among the first ``n_rows`` (a group's end), those rows at its
+        positions [n_masks, rows, positions · features], its positions and its weights there."""
+        for rows, own, at, weight in zip(self.rows, self.own, self.positions, self.weights):
+            rows = rows[:n_rows // len(self.rows)]
+            if len(at):
+                yield rows, own[:, self.first:self.first + len(rows)].flatten(2), at, weight
+
+    def _index(self, n_masks: int, rows: torch.Tensor, at: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The index of ``rows`` at positions ``at`` in values [R, n_masks, points, features], in the order
+        [n_masks, rows, positions]."""
+        masks = torch.arange(n_masks, device=rows.device)
+        return rows[None, :, None], masks[:, None, None], at[None, None, :]
+
+    def _by_point(self, values: torch.Tensor) -> torch.Tensor:
+        """[R, n_masks, X] as [R, n_masks, points, features]."""
+        return values.view(*values.shape[:2], self.points, -1)
+
+    def dense(self, weights: torch.Tensor, rows: torch.Tensor, base: torch.Tensor | None,
+              out: torch.Tensor | None) -> torch.Tensor:
+        """``_dense_rows``: [d, n, x] = base[n, x] + Σ_u weights[n, u, d] · rows[u, n, x], written into ``out``
+        [n, d, x] where given; weights [n, u, d], rows [u, n, x]."""
+        n_masks, n_up, n_readers = weights.shape
+        out = rows.new_empty(n_masks, n_readers, rows.shape[2]) if out is None else out
+        if base is None:
+            out.zero_()
+        else:
+            out.copy_(torch.broadcast_to(base.reshape(n_masks, 1, -1), out.shape))
+        spread = out.view(n_masks, n_readers, self.points, -1)
+        for class_rows, own, at, _ in self._classes(n_up):
+            product = torch.bmm(weights.index_select(1, class_rows).transpose(1, 2), own)
+            spread.index_add_(2, at, product.view(n_masks, n_readers, len(at), -1))
+        return out.transpose(0, 1)
+
+    def grad_keep(self, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """``TorchProducts.grad_keep``: [n, u, d] = − Σ_x rows[u, n, x] · grad[d, n, x]."""
+        n_up, n_masks, n_readers = rows.shape[0], rows.shape[1], grad.shape[0]
+        out = rows.new_zeros(n_masks, n_up, n_readers)
+        readers = torch.arange(n_readers, device=rows.device)
+        for class_rows, own, at, _ in self._classes(n_up):
+            seen = self._by_point(grad)[self._index(n_masks, readers, at)]  # [n, readers, positions, features]
+            out.index_copy_(1, class_rows, -torch.bmm(own, seen.flatten(2).transpose(1, 2)))
+        return out
+
+    def grad_differences(self, weights: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient of the stored nodes' differences [nodes, n, x] — of which each class's rows are the
+        weighted copies — from the gradient of the readers' sums, grad [d, n, x], and 1 − keep, weights
+        [n, d, rows]: at each position, Σ_d weights[n, d, u] · grad[d, n, x] for u the row of its own class,
+        times that class's weight there (``TorchProducts.grad_rows``' dense route and ``_unweighted`` in one)."""
+        n_masks, n_readers, n_up = weights.shape
+        nodes = n_up // len(self.rows)
+        out = grad.new_empty(nodes, n_masks, grad.shape[2])
+        self._by_point(out).index_fill_(2, self.none, 0)  # the classes' positions are all written below
+        readers, every = (torch.arange(n, device=grad.device) for n in (n_readers, nodes))
+        for class_rows, _, at, weight in self._classes(n_up):
+            seen = self._by_point(grad)[self._index(n_masks, readers, at)]  # [n, readers, positions, features]
+            product = torch.bmm(weights.index_select(2, class_rows).transpose(1, 2), seen.flatten(2))
+            product = product.view(n_masks, nodes, len(at), -1).mul_(weight.to(product.dtype)[:, None])
+            self._by_point(out)[self._index(n_masks, every, at)] = product
+        return out
 
 
 def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -338,27 +475,32 @@ def _route(weights: torch.Tensor, rows: torch.Tensor, summed: bool) -> str:
 
 
 def weighted_rows(weights: torch.Tensor, rows: torch.Tensor, base: torch.Tensor | None = None,
-                  rows_sum: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+                  rows_sum: Callable[[], torch.Tensor] | None = None,
+                  partition: Partition | None = None) -> torch.Tensor:
     """``out[d, n] = base[n] + Σ_u weights[n, u, d] · rows[u, n]`` by the cheapest exact route.
 
     A circuit or a single-edge patch moves few edges (few non-zero weights); "patch everything but a circuit"
     keeps few (few weights below 1).  Both are summed entry by entry, reading one row per entry; a dense mix
     pays for the full product.  Each route gives the same numbers; the cheapest (``_dense_cost``) runs.
-    ``rows_sum`` gives Σ_u rows[u] [N, X] where the caller keeps it; the rows are summed here otherwise."""
+    ``rows_sum`` gives Σ_u rows[u] [N, X] where the caller keeps it; the rows are summed here otherwise.
+    ``partition``: the rows' classes of positions, where they lie apart (``Partition``), for the dense route."""
     route = _route(weights, rows, rows_sum is not None)
     if route == "moved":
         return _sparse_sum(weights, rows, base)
     if route == "kept":  # Σ_u w·row = Σ_u row − Σ_u (1 − w)·row
         total = (rows_sum() if rows_sum is not None else rows.sum(0)).reshape(rows.shape[1:])
         return _sparse_sum(weights - 1, rows, total if base is None else base + total)
-    return _dense_rows(weights, rows, base)
+    return _dense_rows(weights, rows, base, partition=partition)
 
 
 def _dense_rows(weights: torch.Tensor, rows: torch.Tensor, base: torch.Tensor | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, partition: Partition | None = None) -> torch.Tensor:
     """``weighted_rows``' dense route: one bmm over the masks, [n, d, u] @ [n, u, x], the base added by the same
     call (einsum would reach the same bmm through a dozen view ops, and where the host sets the pace each costs as
-    much as the product).  ``out``: where to write the product, [n, d, x], when there is no base."""
+    much as the product).  ``out``: where to write the product, [n, d, x], when there is no base.  Rows in
+    classes that lie apart (``partition``) multiply at their own class's positions alone."""
+    if partition is not None:
+        return partition.dense(weights, rows, base, out)
     product = weights.transpose(1, 2), rows.transpose(0, 1)
     if base is None:
         return torch.bmm(*product, out=out).transpose(0, 1)
@@ -402,18 +544,20 @@ class TorchProducts:
     """The three products of ``_Accumulate`` in torch, shaped as ``fxcircuits.kernels`` takes them.
 
     stream [N, X], keep [N, U, D], rows [U, N, X], grad [D, N, X] (N masks, U upstream nodes, D readers).
-    ``rows_sum``: where the caller keeps Σ_u rows[u] (the patcher's ``DeltaStore`` does), a function giving it."""
+    ``rows_sum``: where the caller keeps Σ_u rows[u] (the patcher's ``DeltaStore`` does), a function giving it;
+    ``partition``: where the rows are a positional mask's classes lying apart, which (``Partition``)."""
 
-    def __init__(self, rows_sum: Callable[[], torch.Tensor] | None = None):
-        self.rows_sum = rows_sum
+    def __init__(self, rows_sum: Callable[[], torch.Tensor] | None = None, partition: Partition | None = None):
+        self.rows_sum, self.partition = rows_sum, partition
 
     def accumulate(self, stream: torch.Tensor, keep: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """out[d, n] = stream[n] + Σ_u (1 − keep[n, u, d]) · rows[u, n], by ``weighted_rows``' cheapest route."""
-        return weighted_rows((1 - keep).to(rows.dtype), rows, stream, self.rows_sum)
+        return weighted_rows((1 - keep).to(rows.dtype), rows, stream, self.rows_sum, self.partition)
 
-    @staticmethod
-    def grad_keep(rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    def grad_keep(self, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """grad_keep[n, u, d] = − Σ_x rows[u, n, x] · grad[d, n, x]: the EAP edge scores."""
+        if self.partition is not None:
+            return self.partition.grad_keep(rows, grad)
         return -torch.einsum("unx,dnx->nud", rows, grad)
 
     @staticmethod
@@ -423,7 +567,8 @@ class TorchProducts:
         return weighted_rows((1 - keep).transpose(1, 2).to(grad.dtype), grad)
 
 
-def products(rows: torch.Tensor, rows_sum: Callable[[], torch.Tensor] | None = None):
+def products(rows: torch.Tensor, rows_sum: Callable[[], torch.Tensor] | None = None,
+             partition: Partition | None = None):
     """Who computes the accumulation: ``fxcircuits.kernels`` (fused Triton) for CUDA tensors of a dtype they
     read, else ``TorchProducts`` — always on CPU, where its sparse routes are the fast path.
 
@@ -431,9 +576,9 @@ def products(rows: torch.Tensor, rows_sum: Callable[[], torch.Tensor] | None = N
     failure to import or run the kernels is raised, never papered over by the slower path.  A benchmark
     compares the two paths by patching this function."""
     if not rows.is_cuda or importlib.util.find_spec("triton") is None:
-        return TorchProducts(rows_sum)
+        return TorchProducts(rows_sum, partition)
     from .kernels import accumulate as kernels
-    return kernels if rows.dtype in kernels.DTYPES else TorchProducts(rows_sum)
+    return kernels if rows.dtype in kernels.DTYPES else TorchProducts(rows_sum, partition)
 
 
 def _summary(keep: torch.Tensor) -> tuple[torch.Tensor, list[bool], list[bool], list[bool]]:
@@ -504,7 +649,7 @@ def _read(store: DeltaStore, stream: torch.Tensor, writes, others, first: int,
         weights = store.block[:, :len(rows), first:last]
         if n_readers > 1 and store.alike(first, last):  # readers weighted alike: one sum, handed to all
             weights = weights[..., :1]
-        out = products(rows, store.rows_sum).accumulate(flat, weights, by_mask)
+        out = products(rows, store.rows_sum, store.partition).accumulate(flat, weights, by_mask)
     out = out.to(stream.dtype)  # the readers read the stream's dtype, where the model casts its stream down
     return (out if out.shape[0] == n_readers else out.expand(n_readers, -1, -1)), rows
 
@@ -526,9 +671,10 @@ class _Accumulate(torch.autograd.Function):
         writes, others = writes_and_others[:n_groups], writes_and_others[n_groups:]
         out, ctx.rows = _read(store, stream, writes, others, first, last)
         ctx.moved = out is not None
-        ctx.products = products(ctx.rows, store.rows_sum)
+        ctx.products = products(ctx.rows, store.rows_sum, store.partition)
         ctx.weights = store.block[:, :len(ctx.rows), first:last]  # the stored rows' block of the mask
         ctx.sizes, ctx.stored, ctx.where = store.sizes[:n_groups], store.stored[:n_groups], store.where
+        ctx.partition = store.partition
         ctx.write_shapes, ctx.other_shapes = [w.shape for w in writes], [o.shape for o in others]
         ctx.save_for_backward(keep)
         return _as_read(out, stream, last - first)
@@ -547,16 +693,28 @@ class _Accumulate(torch.autograd.Function):
             grad_keep = ctx.products.grad_keep(ctx.rows.reshape(n_up, n_masks, -1), grad_rows).to(keep.dtype)
         grads = [None] * (2 * n_groups)
         if to_rows:
-            flat = ctx.products.grad_rows(ctx.weights, grad_rows).reshape(ctx.rows.shape)
-            parts = iter(flat.split([n for n, kept in zip(ctx.sizes, ctx.stored) if kept]))
-            for i, kept in enumerate(ctx.stored):
-                # the rows were weighted by position as they were written, one row per class
-                part = _unweighted(next(parts), ctx.where) if kept else None
+            for i, part in enumerate(_differences_grad(ctx, grad_rows)):
                 if part is not None and ctx.needs_input_grad[6 + i]:
                     grads[i] = -_sum_to(part, ctx.write_shapes[i])  # summed over masks in a shared prefix
                 if part is not None and ctx.needs_input_grad[6 + n_groups + i]:
                     grads[n_groups + i] = _sum_to(part, ctx.other_shapes[i])
         return (grad.sum(0), grad_keep, None, None, None, None, *grads)
+
+
+def _differences_grad(ctx, grad: torch.Tensor) -> list[torch.Tensor | None]:
+    """``_Accumulate.backward``: per upstream group, the gradient of its differences a_u(other) − a_u(run)
+    [n, rows of the masks, …] from the readers' ``grad`` [readers, n_masks, X]; None for a group not stored.
+    The rows were weighted by position as they were written, one row per class (``DeltaStore``)."""
+    per_group = [n for n, kept in zip(ctx.sizes, ctx.stored) if kept]
+    weights = None if ctx.partition is None else (1 - ctx.weights).transpose(1, 2).to(grad.dtype)
+    if weights is not None and _route(weights, grad, False) == "dense":
+        flat = ctx.partition.grad_differences(weights, grad)
+        classes = len(ctx.partition.rows)
+        parts = iter(flat.reshape(len(flat), *ctx.rows.shape[1:]).split([n // classes for n in per_group]))
+    else:
+        flat = ctx.products.grad_rows(ctx.weights, grad).reshape(ctx.rows.shape)
+        parts = (_unweighted(part, ctx.where) for part in flat.split(per_group))
+    return [next(parts) if kept else None for kept in ctx.stored]
 
 
 def accumulate(store: DeltaStore, stream: torch.Tensor, writes: list[torch.Tensor], others: list[torch.Tensor],

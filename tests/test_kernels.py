@@ -76,7 +76,7 @@ def _check_accumulate(dtype: torch.dtype) -> None:
 
     def run(path):
         inputs = [t.clone().requires_grad_(True) for t in (stream, keep, *writes, *others)]
-        with mock.patch.object(patching, "products", lambda rows, rows_sum=None: path):
+        with mock.patch.object(patching, "products", lambda rows, rows_sum=None, partition=None: path):
             store = patching.DeltaStore(inputs[1], [1, 12, 17], [7], [30])
             out = patching.accumulate(store, inputs[0], inputs[2:5], inputs[5:], 0, 7)
             out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(dtype))

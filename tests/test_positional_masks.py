@@ -6,6 +6,7 @@ import torch
 
 import fxcircuits
 from fxcircuits.data import position_classes
+from fxcircuits.patching import Partition, _dense_rows, _unweighted, at_where, weighted_rows
 from test_edges import _reference
 from test_patching import _close
 from zoo import make
@@ -132,6 +133,49 @@ def test_gradients_by_class_match_finite_differences(name, prompts):
             numeric = (metric(up, mask_positions=split) - metric(down, mask_positions=split)) / (2 * eps)
             assert abs(numeric - grad[c, i]) <= 1e-4 * grad.abs().max() + 2e-3 * abs(grad[c, i]), (c, i)
     assert grad.abs().max() > 0
+
+
+def test_products_of_classes_apart_equal_the_rows_as_they_lie():
+    """Classes whose positions lie apart multiply each class's rows at its own positions alone (``Partition``):
+    the same sums, gradients of the mask and gradients of the differences as the products over every class's rows
+    at every position, also from a group's start on.  Fresh memory is NaN here (deterministic filling), so a
+    position of no class left unwritten shows."""
+    generator = torch.Generator().manual_seed(0)
+    n_masks, classes, batch, seq, features, readers = 2, 3, 2, 5, 4, 3
+    of = torch.tensor([[0, 0, 3, 1, 1], [3, 1, 0, 0, 3]])  # class 2 at no position; 3: no class
+    where = (of == torch.arange(classes)[:, None, None]).double()
+    where = (where * (0.5 + torch.rand(where.shape, generator=generator, dtype=torch.float64))).expand(n_masks, -1,
+                                                                                                         -1, -1)
+    nodes, stored = [1, 3, 2], [True, False, True]
+    sizes = [n * classes for n in nodes]
+    partition = Partition.of(where, sizes, stored)
+    width = batch * seq * features
+    differences = [torch.randn(n, n_masks, width, generator=generator, dtype=torch.float64)
+                   for n, kept in zip(nodes, stored) if kept]
+    rows = torch.cat([at_where(d, where[:, c]) for d in differences for c in range(classes)])
+    for d, node in zip(differences, [0, 1]):
+        partition.write(d, node)
+    weights = torch.rand(n_masks, len(rows), readers, generator=generator, dtype=torch.float64)
+    base, grad = (torch.randn(*shape, generator=generator, dtype=torch.float64)
+                  for shape in ((n_masks, width), (readers, n_masks, width)))
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.testing.assert_close(partition.dense(weights, rows, base, None), _dense_rows(weights, rows, base))
+        torch.testing.assert_close(partition.after(classes).dense(weights[:, classes:], rows[classes:], None, None),
+                                   _dense_rows(weights[:, classes:], rows[classes:]))
+        torch.testing.assert_close(partition.grad_keep(rows, grad), -torch.einsum("unx,dnx->nud", rows, grad))
+        flat = weighted_rows(weights.transpose(1, 2), grad)
+        by_node = torch.cat([_unweighted(part, where) for part in flat.split([classes, 2 * classes])])
+        torch.testing.assert_close(partition.grad_differences(weights.transpose(1, 2), grad), by_node)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    overlapping = where.clone()
+    overlapping[:, 0] += where[:, 1]
+    unlike = where.clone()
+    unlike[1] = unlike[1].roll(1, -1)
+    for other in (overlapping, unlike, where[:, :1]):
+        assert Partition.of(other, sizes if other.shape[1] == classes else nodes, stored) is None
 
 
 def test_prompts_of_one_token_take_positional_masks(traced):
