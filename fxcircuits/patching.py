@@ -373,7 +373,8 @@ class Partition:
         return out.transpose(0, 1)
 
     def grad_keep(self, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """``TorchProducts.grad_keep``: [n, u, d] = − Σ_x rows[u, n, x] · grad[d, n, x]."""
+        """``TorchProducts.grad_keep``: [n, u, d] = − Σ_x rows[u, n, x] · grad[d, n, x], each class's rows read
+        from its own copy at its positions (``rows`` gives their count and shape alone)."""
         n_up, n_masks, n_readers = rows.shape[0], rows.shape[1], grad.shape[0]
         out = rows.new_zeros(n_masks, n_up, n_readers)
         readers = torch.arange(n_readers, device=rows.device)
