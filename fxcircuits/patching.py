@@ -135,8 +135,6 @@ class DeltaStore:
                     out = self.buffer[self.count:self.count + rows].view(self.classes, n, masks, *write.shape[2:])
                     first = out[0]
                     torch.sub(other, write if write.shape == first.shape else write.expand(first.shape), out=first)
-                    if self.partition is not None:
-                        self.partition.write(first, self.count // self.classes)
                     if self.where is not None:  # each class's rows [n, n_masks, …] as ``at_where`` reads them
                         for c in range(self.classes - 1, -1, -1):  # the first class's rows, read by all, weighted last
                             at_where(first, self.where[:, c], out[c])
@@ -166,8 +164,6 @@ class DeltaStore:
         whose layers' writes are normed in float32): the stream sums in the wider dtype, and so do the rows."""
         if self.buffer is not None and torch.promote_types(self.buffer.dtype, dtype) != self.buffer.dtype:
             self.buffer = self.buffer.to(dtype)
-            if self.partition is not None:
-                self.partition.widen(dtype)
             self.carry, self.sum, self.summed = None, None, 0  # sums of the narrower rows: summed again
         return self.rows()
 
@@ -279,21 +275,25 @@ class Partition:
     mask of the call, as a task's spans are.  Each class's rows (``DeltaStore``) are then zero outside its own
     positions, so a product over the rows need multiply each class's rows at its positions alone: the arithmetic
     of one product for all the classes, where the rows as they lie cost one product per class.  Each class keeps
-    its rows at its positions, as they are written (``write``), in a block of its own, so that products read
-    them where they lie rather than gather them from the rows every time.
+    its rows at its positions in a block of its own, copied from the rows group by group when a product first
+    reads them (``_fill``), so that products read them where they lie rather than gather them every time, and a
+    pass whose routes are all sparse (a circuit's) never copies them.
 
     points: a mask's positions, batch · seq; positions: per class, its own among them, and weights: its weights
     there; rows: per class, its rows among the stored rows (which lie group by group and within a group class by
-    class), one for each stored node in their order; nodes: how many nodes are stored; none: the positions of no
-    class (where every edge is kept: padding, or a part of the prompt no class names); own: per class, its rows
-    at its positions, [n_masks, nodes, positions, features], written as the store's rows are.  A product reads
-    the rows from the first stored row up to a group's end, or (``after``) from a group's start."""
+    class), one for each stored node in their order; groups: per stored group, its first row, its first node and
+    its nodes; none: the positions of no class (where every edge is kept: padding, or a part of the prompt no class
+    names); own: per class, its rows at its positions, [n_masks, nodes, positions, features], and filled: per
+    group, whether they hold its rows yet.  A product reads the rows from the first stored row up to a group's end,
+    or (``after``) from a group's start; ``after``'s partitions share ``own`` and ``filled``."""
 
     def __init__(self, points: int, positions: list[torch.Tensor], weights: list[torch.Tensor], none: torch.Tensor,
-                 rows: list[torch.Tensor], nodes: int, own: list[torch.Tensor | None] | None = None, first: int = 0):
+                 rows: list[torch.Tensor], groups: list[tuple[int, int, int]],
+                 own: list[torch.Tensor | None] | None = None, filled: list[bool] | None = None, first: int = 0):
         self.points, self.positions, self.weights, self.none = points, positions, weights, none
-        self.rows, self.nodes = rows, nodes
-        self.own, self.first = [None] * len(rows) if own is None else own, first
+        self.rows, self.groups, self.first = rows, groups, first
+        self.own = [None] * len(rows) if own is None else own
+        self.filled = [False] * len(groups) if filled is None else filled
 
     @classmethod
     def of(cls, where: torch.Tensor, sizes: list[int], stored: list[bool]) -> Partition | None:
@@ -307,44 +307,51 @@ class Partition:
         alike = n_masks == 1 or where.stride(0) == 0 or torch.equal(where, where[:1].expand_as(where))
         if not alike or (first != 0).sum(0).max() > 1:
             return None
-        groups = [n // classes for n, kept in zip(sizes, stored) if kept]
-        starts = itertools.accumulate((n * classes for n in groups), initial=0)
-        spans = [(start, n) for start, n in zip(starts, groups)]
-        rows = [torch.tensor([start + c * n + i for start, n in spans for i in range(n)], dtype=torch.long,
+        nodes = [n // classes for n, kept in zip(sizes, stored) if kept]
+        starts = itertools.accumulate((n * classes for n in nodes), initial=0)
+        groups = list(zip(starts, itertools.accumulate(nodes, initial=0), nodes))
+        rows = [torch.tensor([start + c * n + i for start, _, n in groups for i in range(n)], dtype=torch.long,
                              device=where.device) for c in range(classes)]
         positions = [row.nonzero().squeeze(1) for row in first]
         weights, none = [row[at] for row, at in zip(first, positions)], (first == 0).all(0).nonzero().squeeze(1)
-        return cls(first.shape[1], positions, weights, none, rows, sum(groups))
-
-    def write(self, differences: torch.Tensor, node: int) -> None:
-        """Each class's rows of the stored nodes ``node:`` at its positions, from their ``differences``
-        [n, n_masks, …] — the rows as ``DeltaStore`` weights them, at those positions alone."""
-        n, n_masks = differences.shape[:2]
-        by_point = differences.reshape(n, n_masks, self.points, -1)
-        for c, (at, weight) in enumerate(zip(self.positions, self.weights)):
-            if self.own[c] is None:
-                self.own[c] = differences.new_empty(n_masks, self.nodes, len(at), by_point.shape[-1])
-            own = self.own[c][:, node:node + n]
-            torch.mul(by_point.index_select(2, at).transpose(0, 1), weight.to(own.dtype)[:, None], out=own)
-
-    def widen(self, dtype: torch.dtype) -> None:
-        """Hold the classes' rows in ``dtype`` from now on, as ``DeltaStore.widen`` does the rows."""
-        self.own[:] = [None if own is None else own.to(dtype) for own in self.own]
+        return cls(first.shape[1], positions, weights, none, rows, groups)
 
     def after(self, start: int) -> Partition:
         """The partition of the stored rows from ``start`` (a group's first row) on, counted from there."""
         classes = len(self.rows)
         rows = [rows[start // classes:] - start for rows in self.rows]
-        return Partition(self.points, self.positions, self.weights, self.none, rows, self.nodes, self.own,
-                         self.first + start // classes)
+        return Partition(self.points, self.positions, self.weights, self.none, rows, self.groups, self.own,
+                         self.filled, self.first + start // classes)
 
-    def _classes(self, n_rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """For each class with positions: its rows among the first ``n_rows`` (a group's end), those rows at its
-        positions [n_masks, rows, positions · features], its positions and its weights there."""
-        for rows, own, at, weight in zip(self.rows, self.own, self.positions, self.weights):
-            rows = rows[:n_rows // len(self.rows)]
+    def _fill(self, rows: torch.Tensor) -> None:
+        """Copy each class's rows at its positions from ``rows`` [R, n_masks, X] (the stored rows from this
+        partition's first on) for the groups among them not copied yet.  The copies take the rows' dtype, which
+        widens where the stream is wider than the writes so far (``DeltaStore.widen``)."""
+        classes, n_masks = len(self.rows), rows.shape[1]
+        self.own[:] = [own if own is None or own.dtype == rows.dtype else own.to(rows.dtype) for own in self.own]
+        for g, (start, node, n) in enumerate(self.groups):
+            start -= self.first * classes
+            if self.filled[g] or start < 0 or start + n * classes > len(rows):
+                continue
+            by_class = rows[start:start + n * classes].view(classes, n, n_masks, self.points, -1)
+            for c, at in enumerate(self.positions):
+                if self.own[c] is None:
+                    nodes = sum(size for _, _, size in self.groups)
+                    self.own[c] = rows.new_empty(n_masks, nodes, len(at), by_class.shape[-1])
+                self.own[c][:, node:node + n] = by_class[c].index_select(2, at).transpose(0, 1)
+            self.filled[g] = True
+
+    def _classes(self, n_rows: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """For each class with positions: the class, its rows among the first ``n_rows`` (a group's end), its
+        positions and its weights there."""
+        for c, (rows, at, weight) in enumerate(zip(self.rows, self.positions, self.weights)):
             if len(at):
-                yield rows, own[:, self.first:self.first + len(rows)].flatten(2), at, weight
+                yield c, rows[:n_rows // len(self.rows)], at, weight
+
+    def _own(self, c: int, n: int) -> torch.Tensor:
+        """Class ``c``'s rows at its positions for this partition's first ``n`` nodes, [n_masks, n, positions ·
+        features]."""
+        return self.own[c][:, self.first:self.first + n].flatten(2)
 
     def _index(self, n_masks: int, rows: torch.Tensor, at: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The index of ``rows`` at positions ``at`` in values [R, n_masks, points, features], in the order
@@ -367,19 +374,22 @@ class Partition:
         else:
             out.copy_(torch.broadcast_to(base.reshape(n_masks, 1, -1), out.shape))
         spread = out.view(n_masks, n_readers, self.points, -1)
-        for class_rows, own, at, _ in self._classes(n_up):
-            product = torch.bmm(weights.index_select(1, class_rows).transpose(1, 2), own)
+        self._fill(rows)
+        for c, class_rows, at, _ in self._classes(n_up):
+            product = torch.bmm(weights.index_select(1, class_rows).transpose(1, 2), self._own(c, len(class_rows)))
             spread.index_add_(2, at, product.view(n_masks, n_readers, len(at), -1))
         return out.transpose(0, 1)
 
     def grad_keep(self, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """``TorchProducts.grad_keep``: [n, u, d] = − Σ_x rows[u, n, x] · grad[d, n, x], each class's rows read
-        from its own copy at its positions (``rows`` gives their count and shape alone)."""
+        from its own copy at its positions (``_fill``: copied from ``rows`` where a product has not yet)."""
         n_up, n_masks, n_readers = rows.shape[0], rows.shape[1], grad.shape[0]
         out = rows.new_zeros(n_masks, n_up, n_readers)
         readers = torch.arange(n_readers, device=rows.device)
-        for class_rows, own, at, _ in self._classes(n_up):
+        self._fill(rows)
+        for c, class_rows, at, _ in self._classes(n_up):
             seen = self._by_point(grad)[self._index(n_masks, readers, at)]  # [n, readers, positions, features]
+            own = self._own(c, len(class_rows))
             out.index_copy_(1, class_rows, -torch.bmm(own, seen.flatten(2).transpose(1, 2)))
         return out
 
@@ -393,7 +403,7 @@ class Partition:
         out = grad.new_empty(nodes, n_masks, grad.shape[2])
         self._by_point(out).index_fill_(2, self.none, 0)  # the classes' positions are all written below
         readers, every = (torch.arange(n, device=grad.device) for n in (n_readers, nodes))
-        for class_rows, _, at, weight in self._classes(n_up):
+        for _, class_rows, at, weight in self._classes(n_up):
             seen = self._by_point(grad)[self._index(n_masks, readers, at)]  # [n, readers, positions, features]
             product = torch.bmm(weights.index_select(2, class_rows).transpose(1, 2), seen.flatten(2))
             product = product.view(n_masks, nodes, len(at), -1).mul_(weight.to(product.dtype)[:, None])

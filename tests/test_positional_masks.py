@@ -138,8 +138,9 @@ def test_gradients_by_class_match_finite_differences(name, prompts):
 def test_products_of_classes_apart_equal_the_rows_as_they_lie():
     """Classes whose positions lie apart multiply each class's rows at its own positions alone (``Partition``):
     the same sums, gradients of the mask and gradients of the differences as the products over every class's rows
-    at every position, also from a group's start on.  Fresh memory is NaN here (deterministic filling), so a
-    position of no class left unwritten shows."""
+    at every position, also from a group's start on.  Each class's copy is filled from the rows group by group as
+    products first read them, and widened with the rows.  Fresh memory is NaN here (deterministic filling), so a
+    position of no class, or a group, left unwritten shows."""
     generator = torch.Generator().manual_seed(0)
     n_masks, classes, batch, seq, features, readers = 2, 3, 2, 5, 4, 3
     of = torch.tensor([[0, 0, 3, 1, 1], [3, 1, 0, 0, 3]])  # class 2 at no position; 3: no class
@@ -148,19 +149,20 @@ def test_products_of_classes_apart_equal_the_rows_as_they_lie():
                                                                                                          -1, -1)
     nodes, stored = [1, 3, 2], [True, False, True]
     sizes = [n * classes for n in nodes]
-    partition = Partition.of(where, sizes, stored)
     width = batch * seq * features
     differences = [torch.randn(n, n_masks, width, generator=generator, dtype=torch.float64)
                    for n, kept in zip(nodes, stored) if kept]
     rows = torch.cat([at_where(d, where[:, c]) for d in differences for c in range(classes)])
-    for d, node in zip(differences, [0, 1]):
-        partition.write(d, node)
     weights = torch.rand(n_masks, len(rows), readers, generator=generator, dtype=torch.float64)
     base, grad = (torch.randn(*shape, generator=generator, dtype=torch.float64)
                   for shape in ((n_masks, width), (readers, n_masks, width)))
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
+        partition = Partition.of(where, sizes, stored)
+        first = weights[:, :classes], rows[:classes]  # the first group's rows alone, as a pass has them there
+        torch.testing.assert_close(partition.dense(*first, base, None), _dense_rows(*first, base))
+        assert partition.filled == [True, False]
         torch.testing.assert_close(partition.dense(weights, rows, base, None), _dense_rows(weights, rows, base))
         torch.testing.assert_close(partition.after(classes).dense(weights[:, classes:], rows[classes:], None, None),
                                    _dense_rows(weights[:, classes:], rows[classes:]))
@@ -168,6 +170,14 @@ def test_products_of_classes_apart_equal_the_rows_as_they_lie():
         flat = weighted_rows(weights.transpose(1, 2), grad)
         by_node = torch.cat([_unweighted(part, where) for part in flat.split([classes, 2 * classes])])
         torch.testing.assert_close(partition.grad_differences(weights.transpose(1, 2), grad), by_node)
+        fresh = Partition.of(where, sizes, stored)  # the first product from a group's start on, after the rest
+        torch.testing.assert_close(fresh.after(classes).grad_keep(rows[classes:], grad),
+                                   -torch.einsum("unx,dnx->nud", rows[classes:], grad))
+        assert fresh.filled == [False, True]
+        narrow = Partition.of(where, sizes, stored)  # rows widened after the first group (``DeltaStore.widen``)
+        narrow.dense(first[0].float(), first[1].float(), None, None)
+        widened = rows.float().double()
+        torch.testing.assert_close(narrow.dense(weights, widened, base, None), _dense_rows(weights, widened, base))
     finally:
         torch.use_deterministic_algorithms(previous)
     overlapping = where.clone()
