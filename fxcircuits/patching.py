@@ -226,7 +226,7 @@ class DeltaStore:
 
     def _dense(self, first: int, last: int, rows: torch.Tensor) -> bool:
         """Whether readers ``first:last`` would take the dense product over the rows stored so far."""
-        return _route(self._weights(0, len(rows), first, last, rows), rows, True) == "dense"
+        return _route(self._weights(0, len(rows), first, last, rows), rows, True, self.partition) == "dense"
 
     def rows_sum(self) -> torch.Tensor:
         """Σ of the rows stored so far."""
@@ -471,16 +471,19 @@ def _dense_cost(n_masks: int, n_up: int, n_readers: int) -> float:
     return n_masks * n_up * min(5.0, max(0.5, n_readers / 2))
 
 
-def _route(weights: torch.Tensor, rows: torch.Tensor, summed: bool) -> str:
+def _route(weights: torch.Tensor, rows: torch.Tensor, summed: bool, partition: Partition | None = None) -> str:
     """How ``weighted_rows`` sums: "moved" (a sparse product over the non-zero weights), "kept" (the sum of all
     rows minus a sparse product over the weights below 1; ``summed``: that sum is kept by the caller) or "dense".
+    Where the rows' classes lie apart (``partition``), a dense product multiplies each class's rows at its own
+    positions alone, the arithmetic of one class's rows, while a sparse entry still reads its row whole.
     CUDA's sparse products lack bf16; there the Triton kernels skip empty tiles instead, so CUDA is dense."""
     if rows.is_cuda:
         return "dense"
     n_masks, n_up, n_readers = weights.shape
     moved = torch.count_nonzero(weights).item()
     kept = torch.count_nonzero(weights != 1).item() + (0 if summed else n_masks * n_up)
-    if min(moved, kept) > _dense_cost(n_masks, n_up, n_readers):
+    multiplied = n_up if partition is None else n_up // len(partition.rows)
+    if min(moved, kept) > _dense_cost(n_masks, multiplied, n_readers):
         return "dense"
     return "moved" if moved <= kept else "kept"
 
@@ -495,7 +498,7 @@ def weighted_rows(weights: torch.Tensor, rows: torch.Tensor, base: torch.Tensor 
     pays for the full product.  Each route gives the same numbers; the cheapest (``_dense_cost``) runs.
     ``rows_sum`` gives Σ_u rows[u] [N, X] where the caller keeps it; the rows are summed here otherwise.
     ``partition``: the rows' classes of positions, where they lie apart (``Partition``), for the dense route."""
-    route = _route(weights, rows, rows_sum is not None)
+    route = _route(weights, rows, rows_sum is not None, partition)
     if route == "moved":
         return _sparse_sum(weights, rows, base)
     if route == "kept":  # Σ_u w·row = Σ_u row − Σ_u (1 − w)·row
@@ -718,7 +721,7 @@ def _differences_grad(ctx, grad: torch.Tensor) -> list[torch.Tensor | None]:
     The rows were weighted by position as they were written, one row per class (``DeltaStore``)."""
     per_group = [n for n, kept in zip(ctx.sizes, ctx.stored) if kept]
     weights = None if ctx.partition is None else (1 - ctx.weights).transpose(1, 2).to(grad.dtype)
-    if weights is not None and _route(weights, grad, False) == "dense":
+    if weights is not None and _route(weights, grad, False, ctx.partition) == "dense":
         flat = ctx.partition.grad_differences(weights, grad)
         classes = len(ctx.partition.rows)
         parts = iter(flat.reshape(len(flat), *ctx.rows.shape[1:]).split([n // classes for n in per_group]))
