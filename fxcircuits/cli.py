@@ -313,8 +313,7 @@ def _discover(args) -> int:
     scores = attribute(cm, task.batches, metric, args.method, progress=not args.no_progress, seed=args.seed,
                        **patching, **options)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
-    circuit = _select(scores, selection, args, evaluator)
-    faithfulness = evaluator.evaluate(circuit).faithfulness
+    circuit, faithfulness = _select(scores, selection, args, evaluator)
     circuit.save(args.out, model=args.model, task=task.name, faithfulness=faithfulness)
     picture = args.draw or str(Path(args.out).with_suffix(".svg"))
     draw_circuit(circuit, picture, title=f"{args.model} · {task.name} · {args.method} · f = {faithfulness:.2f}")
@@ -340,8 +339,7 @@ def _discover_by_span(args, selection: str, options: dict, start: float) -> int:
     scores = attribute_by_span(cm, task.batches, metric, args.method, spans=spans, progress=not args.no_progress,
                                seed=args.seed, **patching, **options)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
-    circuit = _select(scores, selection, args, evaluator)
-    faithfulness = evaluator.evaluate(circuit).faithfulness
+    circuit, faithfulness = _select(scores, selection, args, evaluator)
     circuit.info.update(model=args.model, task=task.name, faithfulness=faithfulness)
     circuit.save(args.out)
     picture = args.draw or str(Path(args.out).with_suffix(".svg"))
@@ -418,12 +416,21 @@ def _sized_by_faithfulness(args, selection: str) -> None:
         raise SystemExit(f"{given[0]} and --faithfulness both size the circuit: give one of them")
 
 
-def _select(scores: EdgeScores | SpanScores, selection: str, args, evaluator: Evaluator) -> Circuit | SpanCircuit:
-    """The circuit ``selection`` cuts from ``scores`` (by span: topn, greedy or threshold): of the size asked
-    for, or the smallest that reaches ``--faithfulness``.  ACDC's threshold cut is at its τ on the signed score:
-    the edges it kept."""
+def _select(scores: EdgeScores | SpanScores, selection: str, args,
+            evaluator: Evaluator) -> tuple[Circuit | SpanCircuit, float]:
+    """The circuit ``selection`` cuts from ``scores`` (by span: topn, greedy or threshold), with its faithfulness
+    on the evaluator's batches: of the size asked for, or the smallest that reaches ``--faithfulness``, whose
+    faithfulness the search measured already."""
     if args.faithfulness is not None:
-        return evaluator.smallest(scores, args.faithfulness, selection, progress=not args.no_progress)
+        circuit = evaluator.smallest(scores, args.faithfulness, selection, progress=not args.no_progress)
+        return circuit, circuit.info["faithfulness"]
+    circuit = _cut(scores, selection, args)
+    return circuit, evaluator.evaluate(circuit).faithfulness
+
+
+def _cut(scores: EdgeScores | SpanScores, selection: str, args) -> Circuit | SpanCircuit:
+    """The circuit of the size asked for.  ACDC's threshold cut is at its τ on the signed score: the edges it
+    kept."""
     if selection == "nodes":
         return scores.topn_nodes(args.nodes)
     if selection != "threshold":
