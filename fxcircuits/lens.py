@@ -107,9 +107,9 @@ class DirectLogits(Readings):
         return super().token_ids(example) if self.tokens is None else self.tokens[example]
 
     def logit_diff(self, correct: torch.Tensor, incorrect: torch.Tensor, of: str = "nodes") -> torch.Tensor:
-        """The ``logit_diff`` metric — mean logit of the correct answers ([batch, K] ids, -1 padded) less that of
-        the incorrect ones — of each node's direct logits (``of="nodes"``: [rows, batch, positions]), of ``rest`` or
-        of ``total`` ([batch, positions]).  Every node's and the rest's add up to the total."""
+        """The ``logit_diff`` metric — mean logit of the correct answers ([batch, K] ids, -1 padded, or [batch])
+        less that of the incorrect ones — of each node's direct logits (``of="nodes"``: [rows, batch, positions]),
+        of ``rest`` or of ``total`` ([batch, positions]).  Every node's and the rest's add up to the total."""
         choices = {"nodes": self.logits, "rest": self.rest[None], "total": self.total[None]}
         if of not in choices:
             raise ValueError(f"of={of!r}: give one of {', '.join(map(repr, choices))}")
@@ -188,7 +188,7 @@ def _columns(tokens: torch.Tensor | None, token_ids: torch.Tensor) -> torch.Tens
     where the whole vocabulary was read): where each example's ``tokens`` hold them; an answer not read is refused."""
     if tokens is None:
         return token_ids
-    ids = token_ids.to(tokens.device)
+    ids = _answer_ids(token_ids, tokens.shape[0], tokens.device)
     found = (ids[:, :, None] == tokens[:, None, :]) & (ids[:, :, None] >= 0)
     missing = ((ids >= 0) & ~found.any(-1)).nonzero().tolist()
     if missing:
@@ -206,10 +206,19 @@ def _set_mean(values: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
 def _answers(values: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``values`` [rows, batch, …, vocab] at each example's answer ids [batch, K] (-1 padded):
     [rows, batch, …, K], and which of those are real answers."""
-    ids = token_ids.to(values.device)
+    ids = _answer_ids(token_ids, values.shape[1], values.device)
     shape = (1, ids.shape[0]) + (1,) * (values.dim() - 3) + (ids.shape[1],)
     index = ids.clamp(min=0).reshape(shape).expand(*values.shape[:-1], -1)
     return values.gather(-1, index), (ids >= 0).reshape(shape)
+
+
+def _answer_ids(token_ids, batch: int, device: torch.device) -> torch.Tensor:
+    """Answer ids as [batch, K]: one answer per example may come as [batch] (a batch's ``correct[:, 0]``)."""
+    ids = torch.as_tensor(token_ids, device=device)
+    if ids.dim() not in (1, 2) or ids.shape[0] != batch or ids.is_floating_point():
+        raise ValueError(f"answer ids of shape {list(ids.shape)} ({ids.dtype}): give the {batch} examples' token ids, "
+                         "[batch] or [batch, K] (-1 padded), as a batch's correct and incorrect hold them")
+    return ids[:, None] if ids.dim() == 1 else ids
 
 
 @torch.no_grad()

@@ -10,7 +10,8 @@ recorded in ``Task.notes``, never silently::
     for batch in task.batches: ...
 
 Built-in tasks: ``greater-than`` (Hanna et al. 2023), ``sva`` (subject-verb agreement), ``ioi`` and ``ioi-abc``
-(Wang et al. 2023; two corruptions). Your own data: :func:`from_file` (CSV or JSONL).
+(Wang et al. 2023; two corruptions), ``induction`` (a repeated sequence of words).  Your own data:
+:func:`from_file` (CSV or JSONL).
 """
 from __future__ import annotations
 
@@ -356,7 +357,61 @@ def ioi_abc(tokenizer, size: int = 64, seed: int = 0, batch_size: int = 8) -> Ta
     return ioi(tokenizer, size, seed, batch_size, corruption="abc")
 
 
-TASKS: dict[str, Callable[..., Task]] = {"greater-than": greater_than, "sva": sva, "ioi": ioi, "ioi-abc": ioi_abc}
+# ---------------------------------------------------------------------------------------------------------
+# induction
+
+_WORDS = ("anchor", "apple", "basket", "bottle", "bread", "bridge", "bucket", "button", "cactus", "camera",
+          "candle", "carpet", "castle", "chair", "clock", "cloud", "coffee", "cotton", "desert", "dinner", "doctor",
+          "donkey", "dragon", "eagle", "engine", "falcon", "farmer", "feather", "flower", "forest", "garden",
+          "glass", "glove", "goose", "gravel", "guitar", "hammer", "harbor", "helmet", "honey", "horse", "insect",
+          "iron", "island", "jacket", "jelly", "jewel", "jungle", "kettle", "kitchen", "ladder", "lamp", "lemon",
+          "letter", "lizard", "magnet", "marble", "market", "mirror", "monkey", "mountain", "napkin", "needle",
+          "nest", "nickel", "ocean", "onion", "orange", "oven", "paper", "parrot", "pencil", "piano", "pillow",
+          "planet", "queen", "rabbit", "ribbon", "river", "robot", "rocket", "saddle", "shadow", "sheep", "shirt",
+          "silver", "soap", "spider", "stone", "sugar", "table", "tent", "tiger", "tomato", "train", "truck",
+          "tunnel", "umbrella", "uncle", "valley", "vase", "velvet", "violin", "wagon", "walnut", "whale", "wheel",
+          "window", "winter", "yellow", "zebra")
+_WORDS_PREFIX = "Words:"  # so that every word, the first too, is the same token in both passes (" word")
+
+
+def induction(tokenizer, size: int = 64, seed: int = 0, batch_size: int = 8, length: int = 10) -> Task:
+    """"Words: river lamp tiger cloud … river lamp" → " tiger": a sequence repeats, and the model predicts the
+    next word from its first pass ([A][B] … [A] → [B]; Olsson et al. 2022, the induction task of Conmy et al.
+    2023, in words rather than random tokens, so that every tokenizer reads them alike).
+
+    ``length`` distinct words, drawn from those that are a single token, are followed by their first ``j``
+    again, ``j`` from 2 to ``length`` − 1 at random, so the prompt ends at A (word ``j`` − 1) and the answer
+    is B (word ``j``).  The corrupted prompt replaces B's first occurrence by a word the sequence lacks, whose
+    repeat would then be the answer; the two prompts differ at that one token.  Metric ``logit_diff``:
+    logit(B) − logit(the replacement).  Spans: ``A`` (the last word's first occurrence), ``B`` (the word after
+    it, where the corruption changes the prompt), ``END`` (the last token, A's second occurrence): an induction
+    head attends from ``END`` to ``B``, a previous-token head from ``B`` to ``A``.
+    """
+    if length < 3:
+        raise ValueError(f"induction needs a sequence of at least 3 words (A, B and one before A's repeat), got "
+                         f"length={length}")
+    notes: list[str] = []
+    words = _keep(_WORDS, [count == 1 for count in _token_counts(tokenizer, _WORDS)],
+                  "words that are a single token", notes, minimum=length + 1)
+
+    def draw(rng: random.Random) -> Example:
+        *sequence, other = rng.sample(words, length + 1)
+        j = rng.randrange(2, length)
+        clean, starts = _WORDS_PREFIX, []
+        for word in sequence + sequence[:j]:
+            starts.append(len(clean) + 1)
+            clean += " " + word
+        a, b = [(starts[i], starts[i] + len(sequence[i])) for i in (j - 1, j)]
+        corrupted = clean[:b[0]] + other + clean[b[1]:]
+        return Example(clean, corrupted, (" " + sequence[j],), (" " + other,),
+                       {"A": a, "B": b, "END": (len(clean) - 1, len(clean))})
+
+    return _task("induction", tokenizer, _sample(tokenizer, draw, size, seed, notes), "logit_diff", batch_size,
+                 notes)
+
+
+TASKS: dict[str, Callable[..., Task]] = {"greater-than": greater_than, "sva": sva, "ioi": ioi, "ioi-abc": ioi_abc,
+                                         "induction": induction}
 
 
 def load(name: str, tokenizer, *, size: int = 64, seed: int = 0, batch_size: int = 8) -> Task:

@@ -319,7 +319,8 @@ def test_direct_logits_of_some_tokens_are_those_of_the_whole_vocabulary(traced, 
 
 def test_direct_logits_of_tokens_refuse_what_they_cannot_read(traced):
     """Token ids outside the vocabulary, a row count other than the batch's, or no ids are refused; so is an
-    answer ``logit_diff`` is asked about that was not read."""
+    answer ``logit_diff`` is asked about that was not read, or answers shaped for another batch; one answer per
+    example may come as [batch]."""
     _, cm = traced("llama")
     ids, mask = _ids()
     for tokens, message in [([3, 128], "token 128 is not in the vocabulary of 128 tokens"),
@@ -330,6 +331,14 @@ def test_direct_logits_of_tokens_refuse_what_they_cannot_read(traced):
     direct = direct_logits(cm, ids, mask, tokens=[[3, 7], [5, 8]])
     with pytest.raises(ValueError, match=r"token 4 \(an answer of example 0\) was not read"):
         direct.logit_diff(torch.tensor([[3, 4], [5, -1]]), torch.tensor([[7], [8]]))
+    whole = direct_logits(cm, ids, mask)
+    for of in ["nodes", "total"]:  # one answer per example as [batch], as a batch's correct[:, 0] gives it
+        for read in [direct, whole]:
+            torch.testing.assert_close(read.logit_diff(torch.tensor([3, 5]), torch.tensor([7, 8]), of=of),
+                                       read.logit_diff(torch.tensor([[3], [5]]), torch.tensor([[7], [8]]), of=of))
+        for answers, shape in [([3, 5, 7], r"\[3\]"), ([[[3]], [[5]]], r"\[2, 1, 1\]"), ([3.0, 5.0], r"\[2\]")]:
+            with pytest.raises(ValueError, match=f"answer ids of shape {shape}.*the 2 examples' token ids"):
+                whole.logit_diff(torch.tensor(answers), torch.tensor([7, 8]), of=of)
 
 
 def test_direct_logits_of_a_circuit_and_their_top_tokens(traced):

@@ -163,6 +163,33 @@ def test_name_movers_read_the_indirect_object_across_templates(smollm2):
     assert share[0, 0] > 1.0 and share[1, 0] < -1.0 and share[2, 2] > 1.5
 
 
+INDUCTION_HEADS = ["a17.h3", "a17.h4", "a17.h5", "a18.h6", "a18.h7"]  # attend from A's repeat to B
+PREVIOUS_TOKEN_HEADS = ["a16.h0", "a11.h1", "a1.h2", "a2.h1"]  # attend from B to A
+
+
+def test_induction_heads_read_the_word_after_the_last_ones_first_occurrence(smollm2):
+    """On 16 induction prompts, five heads of layers 17-18 attend from the last token (A's repeat) to B, and four
+    earlier heads from B to A (previous-token heads); patching the five with the corrupted run's outputs takes most
+    of the logit difference, five other heads of those layers almost none.  Measured 2026-12-06: weights on B
+    0.60 to 0.94, on A 0.77 to 0.95; the metric 6.70 clean, 1.79 with the five patched, 6.56 with the others."""
+    _, tokenizer, cm = smollm2
+    task = fxcircuits.tasks.load("induction", tokenizer, size=16, seed=0, batch_size=8)
+    others = ["a17.h0", "a17.h8", "a18.h0", "a18.h2", "a18.h4"]
+    weights, queried, values = [], [], {"clean": [], "induction": [], "others": []}
+    for batch in task.batches:
+        ids, mask = batch["clean"], batch["attention_mask"]
+        patterns = fxcircuits.attention_patterns(cm, ids, mask, heads=INDUCTION_HEADS + PREVIOUS_TOKEN_HEADS)
+        weights.append(patterns.by_span(batch["spans"])[:len(INDUCTION_HEADS), :, 1])  # [heads, batch]: on B
+        queried.append(patterns.by_span(batch["spans"], query="B")[len(INDUCTION_HEADS):, :, 0])  # from B on A
+        for name, heads in [("clean", []), ("induction", INDUCTION_HEADS), ("others", others)]:
+            with torch.no_grad():
+                logits = cm(ids, mask, corrupted_input_ids=batch["corrupted"], node_mask={h: 0.0 for h in heads})
+            values[name].append(task.metric(logits, batch))
+    assert torch.cat(weights, 1).mean(1).min() > 0.5 and torch.cat(queried, 1).mean(1).min() > 0.7
+    clean, induction, others = (float(torch.cat(v).mean()) for v in values.values())
+    assert clean > 4.0 and induction < 0.5 * clean and others > 0.9 * clean, (clean, induction, others)
+
+
 def test_attribution_by_position_picks_the_nodes_patching_confirms(smollm2):
     """Attribution patching by position over all 301 nodes of the IOI task's first prompt, against patched runs of
     the 12 it ranks strongest.  Measured 2026-12-04: correlation 0.97 over their 12 × 16 fractions; a24.h4 at the

@@ -52,7 +52,8 @@ def test_examples_batches_and_answers_agree(built, tokenizer, name):
         assert [tokenizer.decode([t]) for t in correct + incorrect] == list(example.correct + example.incorrect)
 
 
-@pytest.mark.parametrize("name, differing", [("ioi", 1), ("ioi-abc", 3), ("sva", 1), ("greater-than", 2)])
+@pytest.mark.parametrize("name, differing", [("ioi", 1), ("ioi-abc", 3), ("sva", 1), ("greater-than", 2),
+                                             ("induction", 1)])
 def test_corruption_changes_only_the_task_tokens(built, name, differing):
     task = built[name]
     for clean, corrupted in zip(rows(task, "clean"), rows(task, "corrupted")):
@@ -88,6 +89,30 @@ def test_sva_correct_verbs_agree_with_the_clean_subject(built):
         assert set(example.correct) == ({" are", " were", " have"} if subject in plurals else {" is", " was", " has"})
 
 
+def test_induction_repeats_the_sequence_up_to_a_and_answers_the_word_after_its_first_occurrence(built):
+    """By token: the prompt ends with the first j words again, A's first occurrence is the last token's, B follows
+    it and is the answer, and the corrupted prompt's B, a word the sequence lacks, is the incorrect answer."""
+    task, lengths = built["induction"], set()
+    for batch in task.batches:
+        for row, (clean, corrupted) in enumerate(zip(batch["clean"].tolist(), batch["corrupted"].tolist())):
+            (a, _), (b, _), (end, _) = (batch["spans"][name][row].tolist() for name in ("A", "B", "END"))
+            first = 2  # "Words:" is two tokens
+            j = b - first  # B is word j
+            assert b == a + 1 and clean[end] == clean[a] and clean[end - j + 1:end + 1] == clean[first:first + j]
+            assert len(set(clean[first:b + 1])) == b + 1 - first and len(clean[first:end + 1]) == 10 + j
+            assert batch["correct"][row, 0] == clean[b] and batch["incorrect"][row, 0] == corrupted[b]
+            assert corrupted[b] not in clean[first:end + 1]
+            lengths.add(j)
+    assert lengths <= set(range(2, 10)) and len(lengths) > 3
+
+
+def test_induction_takes_the_sequence_length(tokenizer):
+    task = tasks.induction(tokenizer, size=4, length=3)
+    assert all(len(example.clean.split()) - 1 == 3 + 2 for example in task.examples)  # j = 2 alone
+    with pytest.raises(ValueError, match="at least 3 words .* got length=2"):
+        tasks.induction(tokenizer, size=4, length=2)
+
+
 def test_greater_than_digit_by_digit_is_the_exact_two_digit_metric(built):
     """SmolLM2 splits years into digits: the start year ends in 9, so the tens digit decides."""
     assert "digit by digit" in built["greater-than"].notes[0]
@@ -110,7 +135,8 @@ def toy_tokenizer(pattern):
 
 
 # The span each task's corruption changes: the tokens where its clean and corrupted prompts differ lie there.
-CHANGED = {"ioi": ["S2"], "ioi-abc": ["IO", "S1", "S2"], "greater-than": ["YY"], "sva": ["subject"]}
+CHANGED = {"ioi": ["S2"], "ioi-abc": ["IO", "S1", "S2"], "greater-than": ["YY"], "sva": ["subject"],
+           "induction": ["B"]}
 
 
 @pytest.mark.parametrize("name", list(tasks.TASKS))
@@ -119,7 +145,7 @@ def test_built_in_tasks_name_their_spans_in_every_example(built, tokenizer, name
     for batch in task.batches:
         assert list(batch["spans"]) == {"ioi": ["IO", "S1", "S2", "END"], "ioi-abc": ["IO", "S1", "S2", "END"],
                                         "greater-than": ["YY", "END"],
-                                        "sva": ["subject", "attractor", "END"]}[name]
+                                        "sva": ["subject", "attractor", "END"], "induction": ["A", "B", "END"]}[name]
         last = batch["attention_mask"].sum(-1)
         assert (batch["spans"]["END"] == torch.stack([last - 1, last], -1)).all()
         for row, index in enumerate(batch["index"].tolist()):
@@ -268,8 +294,9 @@ def test_baseline_runs_any_callable_and_fills_clean_logits_for_kl(tmp_path, toke
 # Measured on SmolLM2-135M-Instruct (float32, CPU), size 16, seed 0: clean IOI 4.28, greater-than 0.911,
 # SVA 0.234; over seeds 0-3 the per-example standard deviations are 2.1, 0.076 and 0.17, so each floor below
 # is > 4 standard errors of a 16-example mean under its measurement. Corrupted runs measured lower in all three
-# (size 64: IOI 0.64, greater-than -0.79, SVA -0.28).
-FLOORS = {"ioi": 2.0, "ioi-abc": 2.0, "greater-than": 0.7, "sva": 0.1}
+# (size 64: IOI 0.64, greater-than -0.79, SVA -0.28). Induction (measured 2026-12-06): clean 6.70 at seed 0, 6.43
+# to 8.49 over seeds 0-3, per-example standard deviation 2.1 to 3.1; corrupted -7.0 to -8.3.
+FLOORS = {"ioi": 2.0, "ioi-abc": 2.0, "greater-than": 0.7, "sva": 0.1, "induction": 4.0}
 
 
 @pytest.mark.slow
