@@ -80,6 +80,9 @@ class Evaluator:
 
     def evaluate(self, circuit: Circuit | SpanCircuit) -> Evaluation:
         """A circuit, or a positional one, on the batches."""
+        if not isinstance(circuit, (Circuit, SpanCircuit)):
+            raise TypeError(f"evaluate takes a Circuit or a SpanCircuit, not {type(circuit).__name__}: for edges by "
+                            "name, Circuit(cm.graph, names); for scores, a cut of them (scores.topn(n))")
         return Evaluation(self.values(circuit.edge_mask(self.cm.graph)[None], spans=_spans(circuit))[0], self.full,
                           self.empty)
 

@@ -24,7 +24,7 @@ from .circuit import Circuit, _edge_flags, is_positional
 from .data import REST
 from .graph import CircuitGraph
 from .model import CircuitModel
-from .scores import EdgeScores, _count, kept, ordered, ranked
+from .scores import EdgeScores, _count, at_least, kept, ordered
 
 
 def attribute_by_span(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable | None = None,
@@ -93,7 +93,7 @@ class SpanScores:
 
     def threshold(self, t: float, absolute: bool = True) -> "SpanCircuit":
         """Every (edge, class) pair scoring at least ``t`` (|score| with ``absolute``), pruned."""
-        return self._circuit(ranked(self.tensor, absolute) >= t)
+        return self._circuit(at_least(self.tensor, t, absolute))
 
     def save(self, path: str | Path) -> None:
         """Every score in a positional circuit file with no pair in the circuit (``SpanCircuit.save``)."""

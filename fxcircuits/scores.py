@@ -7,6 +7,7 @@ nodes and edges, as EAP-IG prunes, so what it returns is a connected circuit fro
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,13 @@ from .graph import CircuitGraph
 def ranked(scores: torch.Tensor, absolute: bool) -> torch.Tensor:
     """What a selection ranks by: |score| with ``absolute`` (MIB's CMD), else the signed score (MIB's CPR)."""
     return scores.abs() if absolute else scores
+
+
+def at_least(scores: torch.Tensor, t: float, absolute: bool) -> torch.Tensor:
+    """Which scores (``ranked``) reach the threshold ``t``; a NaN threshold, which none would, is refused."""
+    if math.isnan(t):
+        raise ValueError("threshold NaN keeps nothing: give a number (ACDC's τ, or -inf to keep every edge)")
+    return ranked(scores, absolute) >= t
 
 
 class EdgeScores:
@@ -77,7 +85,7 @@ class EdgeScores:
 
     def threshold(self, t: float, absolute: bool = True) -> Circuit:
         """Every edge whose score (|score| with ``absolute``) is at least ``t``, pruned."""
-        return self._circuit(ranked(self.tensor, absolute) >= t)
+        return self._circuit(at_least(self.tensor, t, absolute))
 
     def greedy(self, n: int | float, absolute: bool = True) -> Circuit:
         """``n`` edges grown from ``logits`` backwards, best first (EAP-IG's greedy search): an edge becomes a

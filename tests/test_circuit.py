@@ -1,5 +1,6 @@
 """Selection, pruning and the EAP-IG/MIB circuit files."""
 import json
+import math
 import re
 
 import networkx as nx
@@ -53,6 +54,9 @@ def test_threshold_and_greedy(graph):
     scores = _scores(graph, {"input->logits": 1.0, "input->a1.h0<v>": -3.0, "a1.h0->logits": 2.0,
                              "input->m1": 5.0})
     assert scores.threshold(1.5).edges == ["input->a1.h0<v>", "a1.h0->logits"]
+    assert len(scores.threshold(-math.inf, absolute=False)) == len(graph.edges)
+    with pytest.raises(ValueError, match="threshold NaN keeps nothing"):
+        scores.threshold(math.nan)
     # greedy grows from logits: input->m1 scores highest but m1 never reaches logits, so it is never a candidate
     greedy = scores.greedy(3)
     assert "input->m1" not in greedy.edges

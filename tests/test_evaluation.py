@@ -58,6 +58,8 @@ def test_full_and_empty_circuits(setup):
     assert evaluator.evaluate(nothing).faithfulness == pytest.approx(0.0, abs=1e-5)
     assert evaluator.completeness(everything) == pytest.approx(0.0, abs=1e-5)
     assert evaluator.completeness(nothing) == pytest.approx(1.0)
+    with pytest.raises(TypeError, match=r"takes a Circuit or a SpanCircuit, not list.*Circuit\(cm.graph, names\)"):
+        evaluator.evaluate(["input->logits"])
 
 
 def test_minimality_is_the_faithfulness_each_edge_is_worth(setup):

@@ -117,6 +117,8 @@ def test_span_scores_and_circuits_read_back(llama, prompts, tmp_path):
     assert again.spans == scores.spans and again.method == "eap" and again.info["examples"] == 3
     torch.testing.assert_close(again.tensor, scores.tensor)
     circuit = scores.threshold(float(scores.tensor.abs().max()) / 4)
+    with pytest.raises(ValueError, match="threshold NaN keeps nothing"):
+        scores.threshold(float("nan"))
     circuit.save(tmp_path / "c.json")
     again = SpanCircuit.load(tmp_path / "c.json")
     assert again.spans == circuit.spans and again.edges == circuit.edges
