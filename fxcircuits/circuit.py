@@ -183,7 +183,7 @@ class Circuit:
     @classmethod
     def from_json(cls, path: str | Path) -> "Circuit":
         """Read a circuit JSON written by fxcircuits, EAP-IG or for MIB."""
-        return cls.from_json_form(json.loads(Path(path).read_text()), path)
+        return cls.from_json_form(read_json(path), path)
 
     @classmethod
     def from_json_form(cls, data: dict, path: str | Path = "the circuit") -> "Circuit":
@@ -270,6 +270,14 @@ def is_positional(saved) -> bool:
     """Whether a circuit file's JSON is a positional circuit's (``positional.SpanCircuit.save``): one circuit per
     span, which ``Circuit.from_json`` refuses and ``positional.load_circuit`` reads."""
     return isinstance(saved, dict) and {"spans", "circuits"} <= saved.keys()
+
+
+def read_json(path: str | Path):
+    """A circuit file's JSON; a file that is not JSON is refused naming it, where json would name only a column."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not a circuit file: it is not JSON ({error})") from None
 
 
 def _require(data, keys: set[str], path) -> None:

@@ -55,6 +55,9 @@ def make_batches(tokenizer, clean: Sequence[str], corrupted: Sequence[str], corr
     41)}``; every example names the same parts.  Each becomes the tokens it overlaps, ``batch["spans"]`` (see the
     module's docstring).  It needs a tokenizer that reports offsets (a fast one).
     """
+    if isinstance(clean, str) or isinstance(corrupted, str):
+        raise TypeError("clean and corrupted are lists of prompts, one per example; got a single string (for one "
+                        "pair: [clean], [corrupted], [correct], [incorrect])")
     n = len(clean)
     if n == 0:
         raise ValueError("no prompt pairs given: a task needs at least one example")

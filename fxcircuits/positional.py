@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .attribution import scored
-from .circuit import Circuit, _edge_flags, is_positional
+from .circuit import Circuit, _edge_flags, is_positional, read_json
 from .data import REST
 from .graph import CircuitGraph
 from .model import CircuitModel
@@ -187,7 +187,7 @@ class SpanCircuit:
     @classmethod
     def load(cls, path: str | Path) -> "SpanCircuit":
         """Read what ``save`` wrote."""
-        return cls.from_json_form(json.loads(Path(path).read_text()), path)
+        return cls.from_json_form(read_json(path), path)
 
     @classmethod
     def from_json_form(cls, saved: dict, path: str | Path = "the circuit") -> "SpanCircuit":
@@ -205,5 +205,5 @@ def load_circuit(path: str | Path) -> Circuit | SpanCircuit:
     """A saved circuit, plain (EAP-IG/MIB's JSON or ``torch.save`` form) or positional (``SpanCircuit.save``)."""
     if Path(path).suffix.lower() != ".json":
         return Circuit.load(path)
-    saved = json.loads(Path(path).read_text())
+    saved = read_json(path)
     return SpanCircuit.from_json_form(saved, path) if is_positional(saved) else Circuit.from_json_form(saved, path)

@@ -417,6 +417,8 @@ TASKS: dict[str, Callable[..., Task]] = {"greater-than": greater_than, "sva": sv
 def load(name: str, tokenizer, *, size: int = 64, seed: int = 0, batch_size: int = 8) -> Task:
     """The built-in task ``name`` (one of :data:`TASKS`), ``size`` examples drawn with ``seed``."""
     key = name.lower().replace("_", "-")
+    if size < 1:
+        raise ValueError(f"size={size}: a task needs at least one example")
     if key not in TASKS:
         raise ValueError(f"unknown task {name!r}; the built-in tasks are {', '.join(TASKS)}; for your own data "
                          "use fxcircuits.tasks.from_file(path, tokenizer)")

@@ -215,6 +215,10 @@ def test_bad_files_and_names(graph, tmp_path):
     path.write_text(json.dumps({"cfg": CFG, "nodes": {}, "edges": {"a7.h0->logits": {"score": 1, "in_graph": True}}}))
     with pytest.raises(ValueError, match="a7.h0->logits"):
         Circuit.from_json(path)
+    path.write_text('{"cfg": ')
+    for load in (Circuit.load, fxcircuits.SpanCircuit.load, fxcircuits.positional.load_circuit):
+        with pytest.raises(ValueError, match=r"bad.json is not a circuit file: it is not JSON \(Expecting value"):
+            load(path)
     with pytest.raises(KeyError, match="not in this model's graph"):
         Circuit(graph, ["a0.h0->a0.h1<q>"])
     with pytest.raises(ValueError, match="asked for"):

@@ -87,6 +87,8 @@ def test_no_pairs_or_no_room_in_a_batch_is_refused(tokenizer):
         make_batches(tokenizer, [], [], [], [])
     with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
         make_batches(tokenizer, [IOI], [IOI_CORRUPTED], [" Mary"], [" John"], batch_size=0)
+    with pytest.raises(TypeError, match="lists of prompts, one per example; got a single string"):
+        make_batches(tokenizer, IOI, IOI_CORRUPTED, " Mary", " John")
 
 
 def test_drop_mismatched_warns_with_count_and_which(tokenizer):

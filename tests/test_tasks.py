@@ -185,7 +185,9 @@ def test_greater_than_refuses_other_year_splits():
         tasks.load("greater-than", toy_tokenizer(r" ?[A-Za-z]+| ?\d+| "), size=4)
 
 
-def test_unknown_task_lists_the_tasks(tokenizer):
+def test_an_unknown_task_or_no_examples_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="size=0: a task needs at least one example"):
+        tasks.load("ioi", tokenizer, size=0)
     with pytest.raises(ValueError, match="greater-than, sva, ioi, ioi-abc.*from_file"):
         tasks.load("docstring", tokenizer)
 
