@@ -208,10 +208,11 @@ def _node_options(parser: argparse.ArgumentParser, instead: str) -> None:
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="hub id, local folder, or smollm2-135m (offline)")
-    parser.add_argument("--task", default="ioi", help=f"{', '.join(tasks_.TASKS)}, or a .csv/.jsonl file of your own")
+    parser.add_argument("--task", type=_task, default="ioi",
+                        help=f"{', '.join(tasks_.TASKS)}, or a .csv/.jsonl file of your own")
     parser.add_argument("--size", type=_positive, default=32, help="number of examples of a built-in task")
     parser.add_argument("--batch-size", type=_positive, default=8)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -246,16 +247,47 @@ def _setup(args):
     cm = trace(model, progress=not args.no_progress)
     if args.task in tasks_.TASKS:
         task = tasks_.load(args.task, tokenizer, size=args.size, seed=args.seed, batch_size=args.batch_size)
-    elif Path(args.task).suffix in (".csv", ".jsonl"):
-        task = tasks_.from_file(args.task, tokenizer, batch_size=args.batch_size)
     else:
-        raise SystemExit(f"unknown task {args.task!r}: use one of {', '.join(tasks_.TASKS)} or a .csv/.jsonl file")
+        task = tasks_.from_file(args.task, tokenizer, batch_size=args.batch_size)
     return model, tokenizer, cm, task
 
 
 def _carry(ablation: str) -> str:
     return {"corrupted": "carry the corrupted prompt's values", "zero": "carry zero",
             "mean": "carry their mean over the task"}[ablation]
+
+
+def _task(text: str) -> str:
+    """A built-in task's name (as ``tasks.load`` spells it) or a task file that exists, checked before the model
+    loads."""
+    name = text.lower().replace("_", "-")
+    if name in tasks_.TASKS:
+        return name
+    if Path(text).suffix.lower() not in (".csv", ".jsonl"):
+        raise argparse.ArgumentTypeError(f"unknown task {text!r}: use one of {', '.join(tasks_.TASKS)} or a "
+                                         ".csv/.jsonl file")
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no task file {text!r}")
+    return text
+
+
+def _device(text: str) -> str:
+    """``cpu`` or a device of this machine's accelerator (``cuda``, ``cuda:1``, ``mps``), checked before the model
+    loads."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is no device: {error}") from None
+    if device.type == "cpu":
+        return text
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if accelerator is None or accelerator.type != device.type:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine's torch has no {device.type} device (its "
+                                         f"accelerator: {accelerator.type if accelerator else 'none'}); use cpu")
+    if device.index is not None and device.index >= torch.accelerator.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.accelerator.device_count()} "
+                                         f"{device.type} device(s), numbered from 0")
+    return text
 
 
 def _positive(text: str) -> int:

@@ -1,4 +1,5 @@
 """The command line end to end on a tiny random model saved as a local folder."""
+import argparse
 import json
 import re
 import xml.etree.ElementTree as ET
@@ -223,9 +224,30 @@ def test_options_out_of_their_range_are_usage_errors(folder, command, says, caps
     assert exit_.value.code == 2 and says in capsys.readouterr().err
 
 
-def test_unknown_task_is_refused(folder):
-    with pytest.raises(SystemExit, match="unknown task"):
-        main(["discover", "--model", folder, "--task", "nonsense", "--no-progress"])
+@pytest.mark.parametrize("option, value, says", [
+    ("--task", "nonsense", "argument --task: unknown task 'nonsense': use one of greater-than, sva, ioi, ioi-abc, "
+                           "induction or a .csv/.jsonl file"),
+    ("--task", "missing.jsonl", "argument --task: no task file 'missing.jsonl'"),
+    ("--device", "nowhere", "argument --device: 'nowhere' is no device: Expected one of cpu, cuda"),
+    ("--device", "hpu", "argument --device: 'hpu': this machine's torch has no hpu device")])
+def test_a_task_or_device_that_cannot_be_had_is_refused_before_the_model_loads(option, value, says, capsys,
+                                                                               monkeypatch):
+    monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["discover", option, value])
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_a_device_is_one_of_the_accelerators_devices(monkeypatch):
+    """As on a machine with one GPU: cuda and cuda:0 are taken, cuda:1 and mps are refused."""
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *args: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 1)
+    assert [cli._device(text) for text in ("cpu", "cuda", "cuda:0")] == ["cpu", "cuda", "cuda:0"]
+    for text, says in [("cuda:1", "this machine has 1 cuda device(s), numbered from 0"),
+                       ("mps", "no mps device (its accelerator: cuda)")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(says)):
+            cli._device(text)
 
 
 def test_metric_and_ablation_are_chosen_saved_and_read_back(folder, tmp_path, capsys):
