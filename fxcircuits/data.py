@@ -273,7 +273,7 @@ def check_batch(batch: dict, vocab_size: int | None = None) -> None:
     if "clean_logits" in batch:
         _check_clean_logits(batch)
     if "spans" in batch:
-        _check_spans(batch)
+        _check_spans(batch["spans"], *clean.shape, batch.get("attention_mask"))
 
 
 def _expect(batch: dict, key: str, *, what: str, dim: int | None = None, shape=None, dtype=None) -> None:
@@ -314,11 +314,11 @@ def _check_clean_logits(batch: dict) -> None:
         raise ValueError("batch['clean_logits'] holds NaN or infinite values")
 
 
-def _check_spans(batch: dict) -> None:
-    spans, (size, seq) = batch["spans"], batch["clean"].shape
+def _check_spans(spans, size: int, seq: int, mask: torch.Tensor | None = None) -> None:
+    """``spans`` as ``batch["spans"]`` holds them for ``size`` prompts of ``seq`` tokens: ranges within the prompts,
+    and (given the ``mask``) on real tokens."""
     if not isinstance(spans, dict) or not spans:
         raise ValueError("batch['spans'] must be a dict from a name to token ranges [B, 2] (see make_batches)")
-    mask = batch.get("attention_mask", torch.ones_like(batch["clean"]))
     for name, ranges in spans.items():
         if not isinstance(ranges, torch.Tensor) or ranges.shape != (size, 2) or ranges.dtype != torch.long:
             raise ValueError(f"batch['spans'][{name!r}] must be a LongTensor [B={size}, 2] of token ranges [start, "
@@ -328,7 +328,7 @@ def _check_spans(batch: dict) -> None:
         if ((start < 0) | (stop <= start) | (stop > seq)).any():
             raise ValueError(f"batch['spans'][{name!r}] must hold ranges 0 <= start < stop <= {seq}, got "
                              f"{ranges.tolist()}")
-        if (span_weights(ranges, seq).bool() & ~mask.bool()).any():
+        if mask is not None and (span_weights(ranges, seq).bool() & ~mask.bool()).any():
             raise ValueError(f"batch['spans'][{name!r}] covers padded tokens (attention_mask 0) in some row")
 
 
@@ -372,6 +372,7 @@ def span_sums(values: torch.Tensor, spans: dict[str, torch.Tensor]) -> torch.Ten
     order ``spans`` names them — what a head puts on IOI's IO, wherever each prompt has it."""
     if not spans:
         raise ValueError("no spans given: pass a batch's 'spans' (see fxcircuits.data.make_batches)")
+    _check_spans(spans, *values.shape[-2:])
     cover = torch.stack([span_weights(r.to(values.device), values.shape[-1]) for r in spans.values()], -1)
     return torch.einsum("...bs,bsn->...bn", values, cover.to(values.dtype))
 

@@ -59,7 +59,7 @@ def prepare(cm: CircuitModel, batches: Iterable[dict], metric, ablation: str = "
     means = mean_activations(cm, reference) if ablation == "mean" else None
     batches = list(batches)
     for batch in batches:  # before padding, which would hide clean and corrupted prompts of different lengths
-        check_batch(batch)
+        check_batch(batch, vocab_size=cm.vocab)  # answers index the logits: an id past them fails deep in a metric
     prepared = [_prepare(cm, batch, metric, ablation, means) for batch in served_lengths(cm, batches)]
     if not prepared:
         raise ValueError("no batches given: pass at least one batch (see fxcircuits.data.make_batches)")

@@ -360,6 +360,12 @@ def test_bad_arguments(llama64):
         fxcircuits.attribute(llama64, [batch], "logit_diff", "eap-ig-inputs", steps=0)
     with pytest.raises(ValueError, match="corrupted"):
         fxcircuits.attribute(llama64, [{**batch, "corrupted": batch["corrupted"][:, :5]}], "logit_diff", "eap")
+    answers = batch["correct"].clone()
+    answers[0, 0] = 300  # past the model's 128 ids: the metric's gather failed with an IndexError naming no batch
+    for evaluate in (lambda b: fxcircuits.attribute(llama64, [b], "logit_diff", "eap"),
+                     lambda b: fxcircuits.Evaluator(llama64, [b], "logit_diff")):
+        with pytest.raises(ValueError, match=r"batch\['correct'\] must hold answer token ids < 128 or -1"):
+            evaluate({**batch, "correct": answers})
 
 
 def test_bf16_models_attribute_like_fp32(traced):

@@ -131,6 +131,10 @@ def test_attention_by_span_sums_each_prompts_own_tokens(traced, prompts):
         patterns.by_span(spans, query=7)
     with pytest.raises(ValueError, match="no spans given"):
         patterns.by_span({})
+    for bad, says in [({"A": torch.tensor([[2, 9], [0, 1], [3, 6]])}, r"ranges 0 <= start < stop <= 7"),
+                      ({"A": spans["A"][:2]}, r"LongTensor \[B=3, 2\]")]:  # past the prompts; of another batch
+        with pytest.raises(ValueError, match=says):
+            patterns.by_span(bad)
 
 
 def test_patterns_of_chosen_layers_only(traced, prompts):
