@@ -32,18 +32,32 @@ class _LogitsOnly(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if getattr(output, "logits", None) is None:
+            raise CaptureError(f"{type(self.model).__name__} returns {type(output).__name__}, without logits: it is "
+                               "a base model, without the language-model head whose logits circuits explain; load "
+                               "the model with AutoModelForCausalLM")
+        return output.logits
 
 
-def _check_decoder_only(model: nn.Module) -> None:
-    config = getattr(model, "config", None)
+def _check_causal_lm(model) -> None:
+    """Refuse what is no loaded decoder-only causal LM, saying what to pass instead: the usual slips are a hub id,
+    ``load_model``'s (model, tokenizer) pair and weights still on the meta device (a base model without its head
+    is found as it runs: ``_LogitsOnly``)."""
     name = type(model).__name__
+    config = getattr(model, "config", None)
     if config is None:
+        hint = {str: "; for a hub id or folder, load it first: model, tokenizer = fxcircuits.load_model(name)",
+                tuple: "; fxcircuits.load_model returns (model, tokenizer): pass the model"}.get(type(model), "")
         raise CaptureError(f"{name} has no `.config`: fxcircuits.trace expects a transformers causal-LM object "
-                           "(e.g. from AutoModelForCausalLM.from_pretrained).")
+                           f"(e.g. from AutoModelForCausalLM.from_pretrained){hint}.")
     if getattr(config, "is_encoder_decoder", False):
         raise CaptureError(f"{name} is an encoder-decoder model; fxcircuits decomposes decoder-only causal LMs only. "
                            "Load a decoder-only checkpoint with AutoModelForCausalLM.")
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise CaptureError(f"{name} holds {len(meta)} parameters on the meta device, e.g. {meta[0]}: its weights "
+                           "were never loaded (from_config under init_empty_weights?); load them before tracing.")
 
 
 EXAMPLE_LENGTH = 5
@@ -95,7 +109,7 @@ class Lengths:
 def export(model: nn.Module, length: int | None = None) -> tuple[torch.fx.GraphModule, Lengths]:
     """Export ``model`` to an ATen-level GraphModule ``(input_ids, attention_mask) -> logits``, traced on prompts
     of ``length`` tokens (``EXAMPLE_LENGTH`` by default), with the prompt lengths it serves."""
-    _check_decoder_only(model)
+    _check_causal_lm(model)
     length = length or EXAMPLE_LENGTH
     high = _max_positions(model.config.get_text_config())
     if not 2 <= length <= high:
@@ -103,6 +117,8 @@ def export(model: nn.Module, length: int | None = None) -> tuple[torch.fx.GraphM
     try:
         with _evaluating(model):
             program = _export(model, length, high)
+    except CaptureError:
+        raise
     except Exception as error:  # export raises many exception types; all mean "not traceable"
         raise _untraceable(model, error) from error
     module = additive_masks(functional(program))

@@ -182,6 +182,21 @@ def test_encoder_decoder_models_are_refused():
         fxcircuits.trace(AutoModelForSeq2SeqLM.from_config(config))
 
 
+def test_what_is_no_loaded_causal_lm_is_refused_saying_what_to_pass():
+    """The usual slips: a hub id, load_model's (model, tokenizer) pair, a base model without its head, a model whose
+    weights were never loaded."""
+    model = make("llama")
+    with torch.device("meta"):
+        empty = AutoModelForCausalLM.from_config(model.config)
+    for given, says in [("smollm2-135m", r"str has no `.config`.*load it first: model, tokenizer = "
+                                         r"fxcircuits.load_model\(name\)"),
+                        ((model, None), r"tuple has no `.config`.*returns \(model, tokenizer\): pass the model"),
+                        (model.model, "LlamaModel returns BaseModelOutputWithPast, without logits: it is a base model"),
+                        (empty, "LlamaForCausalLM holds 21 parameters on the meta device, e.g. model.embed_tokens")]:
+        with pytest.raises(fxcircuits.CaptureError, match=says):
+            fxcircuits.trace(given)
+
+
 def test_a_model_export_cannot_trace_is_refused():
     """Control flow on a value (here: the sign of the embeddings' sum) cannot be traced at any length."""
     from transformers import LlamaConfig, LlamaForCausalLM
