@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import fxcircuits
-from fxcircuits.runs import metric_values, prepare
+from fxcircuits.attribution import EXACT_CALL_STREAM
+from fxcircuits.runs import call_size, metric_values, prepare
 
 
 @pytest.fixture(scope="module")
@@ -83,26 +84,35 @@ def test_gradient_method_cost(benchmark, smollm2, batches, method):
           f"peak memory +{ours_mb:.0f} MB vs +{hf_mb:.0f} MB")
 
 
-def test_exact_throughput(benchmark, smollm2, batches):
-    """``exact`` as ``attribute`` walks the edges — 32 consecutive edges per call — on four calls at 1/8, 3/8, 5/8
-    and 7/8 of the edge list (all 123k edges would take hours on CPU).  A call patches edges into one or two
-    readers, and the layers before them run once for all 32 masks, so its cost grows with its readers' depth:
-    the four calls stand for the whole walk."""
+@pytest.mark.parametrize("prompts", [8, 32])
+def test_exact_throughput(benchmark, smollm2, batch, prompts):
+    """``exact`` as ``attribute`` walks the edges — consecutive edges, as many per call as ``runs.call_size``
+    gives on CPU, and 32 a call, the count it used before, side by side — on four calls at 1/8, 3/8, 5/8 and 7/8
+    of the edge list (all 123k edges would take hours on CPU).  A call patches edges into one or two readers, and
+    the layers before them run once for all its masks, so its cost grows with its readers' depth: the four calls
+    stand for the whole walk."""
     _, cm, _, _ = smollm2
-    per_call, graph = 32, cm.graph
-    prepared = prepare(cm, batches[:1], fxcircuits.metrics.logit_diff)
+    graph, metric = cm.graph, fxcircuits.metrics.logit_diff
+    prepared = prepare(cm, [{k: v.repeat(prompts // 8, 1) for k, v in batch.items()}], metric)
+    chosen = call_size(prepared, None, cpu_stream=EXACT_CALL_STREAM, most=64, accelerator=32)
     starts = [len(graph.edges) * k // 8 for k in (1, 3, 5, 7)]
-    calls = [torch.ones(per_call, len(graph.edges)).index_put_(
-        (torch.arange(per_call), torch.arange(s, s + per_call)), torch.tensor(0.0)) for s in starts]
-    with PeakRSS() as peak:
-        start = time.perf_counter()
-        for masks in calls:
-            metric_values(cm, prepared, fxcircuits.metrics.logit_diff, masks)
-        seconds, n = time.perf_counter() - start, per_call * len(calls)
+    rates = {}
+    for per_call in (chosen, 32):
+        calls = [torch.ones(per_call, len(graph.edges)).index_put_(
+            (torch.arange(per_call), torch.arange(s, s + per_call)), torch.tensor(0.0)) for s in starts]
+        metric_values(cm, prepared, metric, calls[0])  # warm-up
+        with PeakRSS() as peak:
+            start = time.perf_counter()
+            for masks in calls:
+                metric_values(cm, prepared, metric, masks)
+            rates[per_call] = per_call * len(calls) / (time.perf_counter() - start), peak.grown_mb
     benchmark.pedantic(lambda: None, rounds=1)
-    benchmark.extra_info.update({"edges_per_second": n / seconds, "peak_mb": peak.grown_mb})
-    print(f"\nexact: {n / seconds:.1f} edges/s on 8 prompts ({len(graph.edges) / (n / seconds) / 3600:.1f} h for "
-          f"all {len(graph.edges)} edges); peak memory +{peak.grown_mb:.0f} MB")
+    (rate, mb), (rate_32, _) = rates[chosen], rates[32]
+    benchmark.extra_info.update({"per_call": chosen, "edges_per_second": rate, "edges_per_second_at_32": rate_32,
+                                 "peak_mb": mb})
+    print(f"\nexact, {prompts} prompts: {chosen} a call {rate:.1f} edges/s, 32 a call {rate_32:.1f} edges/s "
+          f"({rate / rate_32:.2f}x; {len(graph.edges) / rate / 3600:.1f} h for all {len(graph.edges)} edges); peak "
+          f"memory +{mb:.0f} MB")
 
 
 @pytest.mark.parametrize("method", ["eap", "eap-ig-inputs", "mask"])

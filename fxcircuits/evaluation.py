@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from . import heads, metrics as metrics_
+from . import metrics as metrics_
 from .circuit import Circuit
 from .model import CircuitModel
 from .positional import SpanCircuit, SpanScores
-from .runs import Prepared, check_finite, ends, metric_values, prepare
+from .runs import Prepared, call_size, check_finite, ends, metric_values, prepare
 from .scores import EdgeScores
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -174,15 +174,8 @@ def per_call(prepared: list[Prepared], given: int | None) -> int:
     4× faster than 32; d_model 256: 1–4, 3× faster than 32.  This rule gives 16, 5, 2, 2, 5 and 1.
 
     ``attribute``'s exact runs differ: a call's masks patch neighbouring edges, the layers before them run once for
-    all, and larger calls share more (SmolLM2: 8 a call, over twice as fast as one), so they keep their own count."""
-    if given is not None:
-        if given < 1:
-            raise ValueError(f"masks_per_call must be at least 1, got {given}")
-        return given
-    if heads.launch_bound(prepared[0].input_ids.device):
-        return 16
-    stream = max(p.input_ids.numel() * p.other[0].shape[-1] for p in prepared)
-    return max(1, min(16, CPU_CALL_STREAM // stream))
+    all, and larger calls share more, so they keep their own bound (``attribution.EXACT_CALL_STREAM``)."""
+    return call_size(prepared, given, cpu_stream=CPU_CALL_STREAM, most=16, accelerator=16)
 
 
 def _between(low: int, high: int, k: int) -> list[int]:

@@ -30,7 +30,8 @@ from .scores import EdgeScores, _count, at_least, kept, ordered
 def attribute_by_span(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable | None = None,
                       method: str = "eap-ig-inputs", *, spans: Sequence[str] | None = None, steps: int = 5,
                       ablation: str = "corrupted", reference: Iterable[dict] | None = None, threshold: float = 0.01,
-                      masks_per_call: int = 32, progress: bool = True, seed: int = 0, **options) -> "SpanScores":
+                      masks_per_call: int | None = None, progress: bool = True, seed: int = 0,
+                      **options) -> "SpanScores":
     """Every edge's score at each class of positions, by any of ``attribute``'s methods and with its settings.
     ``spans``: the spans to keep apart (every span the batches name where None); their tokens, and the rest, are
     the classes.

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import metrics
+from . import heads, metrics
 from .data import check_batch, position_classes, to_device
 from .model import CircuitModel
 from .patching import Tap, class_keep, dense_keep
@@ -49,6 +49,22 @@ class Prepared:
                             where=where)
         batch = self.batch if self.positions is None else {**self.batch, "position": torch.zeros_like(self.positions)}
         return metric(logits, batch)
+
+
+def call_size(prepared: list[Prepared], given: int | None, *, cpu_stream: int, most: int,
+              accelerator: int) -> int:
+    """How many masks a patched call runs on ``prepared``: ``given`` where given; ``accelerator`` where launches
+    set the pace (``heads.launch_bound``: a call's masks ride in one batch); on CPU as many as keep the call's
+    stream [masks · batch, seq, d_model] within ``cpu_stream`` values for the largest batch, 1 to ``most``: past
+    that the working set outgrows the caches and each mask costs more."""
+    if given is not None:
+        if given < 1:
+            raise ValueError(f"masks_per_call must be at least 1, got {given}")
+        return given
+    if heads.launch_bound(prepared[0].input_ids.device):
+        return accelerator
+    stream = max(p.input_ids.numel() * p.other[0].shape[-1] for p in prepared)
+    return max(1, min(most, cpu_stream // stream))
 
 
 def prepare(cm: CircuitModel, batches: Iterable[dict], metric, ablation: str = "corrupted",

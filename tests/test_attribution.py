@@ -83,6 +83,32 @@ def test_exact_equals_one_edge_at_a_time(llama64):
     torch.testing.assert_close(torch.tensor([scores[e] for e in edges]), reference.float(), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("method, most", [("exact", 64), ("acdc", 11)])  # ACDC: a destination's 11 candidates
+def test_patched_runs_per_call_default_to_what_the_device_runs_fastest(llama64, method, most, as_on_a_gpu,
+                                                                       monkeypatch):
+    """Exact and ACDC calls on CPU hold as many masks as keep the stream within ``EXACT_CALL_STREAM`` (64 at most:
+    the tiny model), 32 where launches set the pace, a count given as given; the scores do not depend on it."""
+    batch, sizes = _batch(), []
+    values = fxcircuits.attribution._values
+    monkeypatch.setattr(fxcircuits.attribution, "_values",
+                        lambda cm, prepared, metric, masks, spans: sizes.append(len(masks)) or values(
+                            cm, prepared, metric, masks, spans))
+
+    def calls(**options):
+        sizes.clear()
+        scores = fxcircuits.attribute(llama64, [batch], "kl", method, progress=False, **options).tensor
+        return scores, max(sizes)
+
+    default, largest = calls()
+    width = make("llama").config.hidden_size
+    monkeypatch.setattr(fxcircuits.attribution, "EXACT_CALL_STREAM", 3 * batch["clean"].numel() * width)
+    three, size = calls()
+    assert (largest, size) == (most, 3) and calls(masks_per_call=5)[1] == 5
+    torch.testing.assert_close(three, default, atol=1e-6, rtol=1e-5)
+    as_on_a_gpu()
+    assert calls()[1] == min(32, most)
+
+
 def test_prompts_of_one_token(llama64):
     """No capture serves one token (export specialises that size): attribution pads such batches on the right
     (``runs.served_lengths``).  Exact scores equal one-edge-at-a-time patching through ``cm(...)``, which takes one
@@ -356,7 +382,7 @@ def test_bad_arguments(llama64):
         fxcircuits.attribute(llama64, [batch], "logit_diff", "eap", density=0.1)
     with pytest.raises(ValueError, match="reference"):
         fxcircuits.attribute(llama64, [batch], "logit_diff", "eap", ablation="mean")
-    with pytest.raises(ValueError, match="steps and masks_per_call must be at least 1, got 0 and 32"):
+    with pytest.raises(ValueError, match="steps and masks_per_call must be at least 1, got 0 and None"):
         fxcircuits.attribute(llama64, [batch], "logit_diff", "eap-ig-inputs", steps=0)
     with pytest.raises(ValueError, match="corrupted"):
         fxcircuits.attribute(llama64, [{**batch, "corrupted": batch["corrupted"][:, :5]}], "logit_diff", "eap")
