@@ -293,6 +293,8 @@ def _edge_flags(graph: CircuitGraph, edges: Iterable[str] | torch.Tensor) -> tor
         if edges.shape != (len(graph.edges),):
             raise ValueError(f"edge flags have shape {tuple(edges.shape)}; expected [{len(graph.edges)}]")
         return edges.detach().cpu().bool()
+    if isinstance(edges, str):
+        raise TypeError(f"edges are a list of names, not one string: [{edges!r}] for one edge")
     edges = list(edges)
     unknown = [e for e in edges if e not in graph.edge_index]
     if unknown:

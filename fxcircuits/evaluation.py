@@ -90,6 +90,8 @@ class Evaluator:
               absolute: bool = True, progress: bool = False) -> "Curve":
         """Faithfulness of the pruned top-``p`` circuits, ranked by |score| (``absolute``) or signed score — of
         (edge, span) pairs for scores by span, whose ``Curve.edges`` then counts those pairs."""
+        if not fractions:
+            raise ValueError("no fractions to run: give the shares of the edges to keep, e.g. MIB_FRACTIONS")
         circuits = [scores.topn(float(p), absolute) for p in fractions]
         masks = torch.stack([c.edge_mask(self.cm.graph) for c in circuits])
         return Curve(list(fractions), [len(c) for c in circuits], self.faithfulness(masks, progress, _spans(scores)))

@@ -24,7 +24,7 @@ from .circuit import Circuit, _edge_flags, is_positional, read_json
 from .data import REST
 from .graph import CircuitGraph
 from .model import CircuitModel
-from .scores import EdgeScores, _count, at_least, kept, ordered
+from .scores import EdgeScores, _count, at_least, finite, kept, ordered
 
 
 def attribute_by_span(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable | None = None,
@@ -56,7 +56,7 @@ class SpanScores:
         if tensor.shape != (len(spans), len(graph.edges)):
             raise ValueError(f"scores have shape {tuple(tensor.shape)}; expected [{len(spans)}, {len(graph.edges)}]"
                              " (one row of edge scores per class of positions)")
-        self.graph, self.spans, self.tensor = graph, list(spans), tensor.detach().float().cpu()
+        self.graph, self.spans, self.tensor = graph, list(spans), finite(tensor.detach().float().cpu(), graph)
         self.method, self.info = method, dict(info or {})
 
     def __repr__(self) -> str:

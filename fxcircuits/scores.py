@@ -29,13 +29,22 @@ def at_least(scores: torch.Tensor, t: float, absolute: bool) -> torch.Tensor:
     return ranked(scores, absolute) >= t
 
 
+def finite(tensor: torch.Tensor, graph: CircuitGraph) -> torch.Tensor:
+    """Scores [..., E] as given, refused where any is NaN or infinite: no ranking can place those."""
+    bad = (~torch.isfinite(tensor)).nonzero()
+    if len(bad):
+        raise ValueError(f"{len(bad)} scores are NaN or infinite, e.g. {graph.edges[int(bad[0, -1])]}'s "
+                         f"({float(tensor[tuple(bad[0])])}): no ranking can place them")
+    return tensor
+
+
 class EdgeScores:
     """One score per edge of ``graph`` (``tensor``, float [E] in ``graph.edges`` order) and how they were found."""
 
     def __init__(self, graph: CircuitGraph, tensor: torch.Tensor, method: str = "", info: dict | None = None):
         if tensor.shape != (len(graph.edges),):
             raise ValueError(f"scores have shape {tuple(tensor.shape)}; expected [{len(graph.edges)}]")
-        self.graph, self.tensor = graph, tensor.detach().float().cpu()
+        self.graph, self.tensor = graph, finite(tensor.detach().float().cpu(), graph)
         self.method, self.info = method, dict(info or {})
 
     def __getitem__(self, edge: str) -> float:

@@ -121,6 +121,12 @@ def test_scores_save_and_load(graph, tmp_path):
         loaded = EdgeScores.load(tmp_path / f"scores{suffix}")
         torch.testing.assert_close(loaded.tensor, scores.tensor)
         assert loaded.method == "eap-ig-inputs" and loaded.info["steps"] == 5
+    broken = scores.tensor.clone()
+    broken[3] = math.nan  # a file of another tool's, say: ranked, NaN would sort as it happens to
+    Circuit(graph, [], broken).save(tmp_path / "broken.json")
+    for make in (lambda: EdgeScores(graph, broken), lambda: EdgeScores.load(tmp_path / "broken.json")):
+        with pytest.raises(ValueError, match=f"1 scores are NaN or infinite, e.g. {re.escape(graph.edges[3])}'s"):
+            make()
 
 
 @pytest.mark.parametrize("parallel", [False, True])
@@ -221,6 +227,8 @@ def test_bad_files_and_names(graph, tmp_path):
             load(path)
     with pytest.raises(KeyError, match="not in this model's graph"):
         Circuit(graph, ["a0.h0->a0.h1<q>"])
+    with pytest.raises(TypeError, match=r"edges are a list of names, not one string: \['input->logits'\]"):
+        Circuit(graph, "input->logits")
     with pytest.raises(ValueError, match="asked for"):
         EdgeScores(graph, torch.zeros(len(graph.edges))).topn(len(graph.edges) + 1)
     with pytest.raises(ValueError, match="1.5 is no fraction of the edges.*pass an int"):

@@ -84,6 +84,8 @@ def test_mib_curves(setup):
         assert all(n <= int(p * len(cm.graph.edges)) for n, p in zip(curve.edges, curve.fractions))
     assert result["cpr"] == pytest.approx(cpr(MIB_FRACTIONS, result["cpr_curve"].faithfulness))
     assert result["cmd"] == pytest.approx(cmd(MIB_FRACTIONS, result["cmd_curve"].faithfulness))
+    with pytest.raises(ValueError, match="no fractions to run"):
+        evaluator.curve(scores, [])
 
 
 def test_circuits_per_call_default_to_what_the_device_runs_fastest(traced, setup, as_on_a_gpu, monkeypatch):

@@ -119,6 +119,10 @@ def test_span_scores_and_circuits_read_back(llama, prompts, tmp_path):
     circuit = scores.threshold(float(scores.tensor.abs().max()) / 4)
     with pytest.raises(ValueError, match="threshold NaN keeps nothing"):
         scores.threshold(float("nan"))
+    broken = scores.tensor.clone()
+    broken[0, 2] = float("inf")
+    with pytest.raises(ValueError, match="1 scores are NaN or infinite"):
+        SpanScores(scores.graph, scores.spans, broken)
     circuit.save(tmp_path / "c.json")
     again = SpanCircuit.load(tmp_path / "c.json")
     assert again.spans == circuit.spans and again.edges == circuit.edges
