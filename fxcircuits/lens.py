@@ -26,7 +26,7 @@ from torch.func import jvp, vjp, vmap
 from .circuit import Circuit
 from .data import span_sums
 from .draw import plot_heatmap
-from .metrics import answer_position
+from .metrics import answer_mean, answer_position, answer_sum
 from .model import CircuitModel
 from .norms import freeze_statistics
 from .patterns import head_indices
@@ -79,8 +79,7 @@ class Lens(Readings):
     def answer_probs(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Probability of each example's answer set ([batch, K] ids, -1 padded) per row and position:
         [rows, batch, positions]."""
-        probs, valid = _answers(self.probs(), token_ids)
-        return (probs * valid).sum(-1)
+        return _per_example(answer_sum, self.probs(), token_ids)
 
 
 @dataclass
@@ -180,7 +179,8 @@ class SourceLogits:
 def _logit_diff(values: torch.Tensor, tokens: torch.Tensor | None, correct: torch.Tensor,
                 incorrect: torch.Tensor) -> torch.Tensor:
     """The ``logit_diff`` metric of ``values`` [rows, batch, …, vocab or K] (read at ``tokens``, or vocab-wide)."""
-    return _set_mean(values, _columns(tokens, correct)) - _set_mean(values, _columns(tokens, incorrect))
+    return (_per_example(answer_mean, values, _columns(tokens, correct))
+            - _per_example(answer_mean, values, _columns(tokens, incorrect)))
 
 
 def _columns(tokens: torch.Tensor | None, token_ids: torch.Tensor) -> torch.Tensor:
@@ -198,18 +198,11 @@ def _columns(tokens: torch.Tensor | None, token_ids: torch.Tensor) -> torch.Tens
     return torch.where(ids >= 0, found.int().argmax(-1), -1)
 
 
-def _set_mean(values: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    picked, valid = _answers(values, token_ids)
-    return (picked * valid).sum(-1) / valid.sum(-1)
-
-
-def _answers(values: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``values`` [rows, batch, …, vocab] at each example's answer ids [batch, K] (-1 padded):
-    [rows, batch, …, K], and which of those are real answers."""
+def _per_example(reduce, values: torch.Tensor, token_ids) -> torch.Tensor:
+    """``reduce`` (``metrics.answer_mean`` or ``answer_sum``) of ``values`` [rows, batch, …, vocab] over each
+    example's answer ids: [rows, batch, …], the batch moved next to the vocabulary, where the metrics keep it."""
     ids = _answer_ids(token_ids, values.shape[1], values.device)
-    shape = (1, ids.shape[0]) + (1,) * (values.dim() - 3) + (ids.shape[1],)
-    index = ids.clamp(min=0).reshape(shape).expand(*values.shape[:-1], -1)
-    return values.gather(-1, index), (ids >= 0).reshape(shape)
+    return reduce(values.movedim(1, -2), ids).movedim(-1, 1)
 
 
 def _answer_ids(token_ids, batch: int, device: torch.device) -> torch.Tensor:

@@ -55,12 +55,14 @@ def _gather(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torc
     return values.gather(-1, index), valid
 
 
-def _set_mean(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def answer_mean(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` [..., B, V] over each example's answer ids [B, K] (-1 padded): [..., B]."""
     picked, valid = _gather(values, ids)
     return (picked * valid).sum(-1) / valid.sum(-1)
 
 
-def _set_sum(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def answer_sum(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The sum of ``values`` [..., B, V] over each example's answer ids [B, K] (-1 padded): [..., B]."""
     picked, valid = _gather(values, ids)
     return (picked * valid).sum(-1)
 
@@ -75,14 +77,14 @@ def _at_answer(metric: Metric) -> Metric:
 def logit_diff(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """Mean logit of the correct answers minus mean logit of the incorrect ones (IOI's metric)."""
     values = logits_at_answer(logits, batch)
-    return _set_mean(values, batch["correct"]) - _set_mean(values, batch["incorrect"])
+    return answer_mean(values, batch["correct"]) - answer_mean(values, batch["incorrect"])
 
 
 @_at_answer
 def prob_diff(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """Σ p(correct) − Σ p(incorrect); greater-than's Σ_{y>YY} p(y) − Σ_{y≤YY} p(y), and SVA's."""
     probs = logits_at_answer(logits, batch).softmax(-1)
-    return _set_sum(probs, batch["correct"]) - _set_sum(probs, batch["incorrect"])
+    return answer_sum(probs, batch["correct"]) - answer_sum(probs, batch["incorrect"])
 
 
 @_at_answer
