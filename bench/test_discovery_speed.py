@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fxcircuits
-from fxcircuits.attribution import EXACT_CALL_STREAM
+from fxcircuits.attribution import EXACT_CALL_STREAM, POINTS_CALL_STREAM
 from fxcircuits.runs import call_size, metric_values, prepare
 
 
@@ -154,3 +154,27 @@ def test_curve_by_span_cost(benchmark, smollm2, tokenizer):
     benchmark.pedantic(lambda: None, rounds=1)
     benchmark.extra_info.update({"by_span_s": span, "plain_s": plain, "ratio": span / plain})
     print(f"\ncurve by span: {span:.2f} s vs {plain:.2f} s = {span / plain:.2f}x (the best of two, in turn)")
+
+
+@pytest.mark.parametrize("prompts", [8, 32])
+def test_gradient_points_per_call(benchmark, smollm2, batch, prompts):
+    """EAP-IG-inputs (5 steps) on 32 IOI prompts, in batches of ``prompts``, at one point a call and at all five
+    (``attribute`` on CPU chooses by ``POINTS_CALL_STREAM``): each twice, alternately, the faster of the two runs
+    kept (a process's first run of either is the slower).  A point's backward keeps every reader's input, so a
+    call's memory grows with its points: compare that in fresh processes."""
+    _, cm, _, _ = smollm2
+    batches = [{k: v.repeat(prompts // 8, 1) for k, v in batch.items()}] * (32 // prompts)
+    chosen = call_size(prepare(cm, batches[:1], fxcircuits.metrics.logit_diff), None, cpu_stream=POINTS_CALL_STREAM,
+                       most=5, accelerator=5)
+    seconds, scores = {1: [], 5: []}, {}
+    for per_call in (1, 5, 1, 5):
+        start = time.perf_counter()
+        scores[per_call] = fxcircuits.attribute(cm, batches, "logit_diff", "eap-ig-inputs", masks_per_call=per_call,
+                                                progress=False).tensor
+        seconds[per_call].append(time.perf_counter() - start)
+    benchmark.pedantic(lambda: None, rounds=1)
+    torch.testing.assert_close(scores[1], scores[5], atol=1e-6, rtol=1e-4)
+    one, five = min(seconds[1]), min(seconds[5])
+    benchmark.extra_info.update({"per_call": chosen, "seconds_at_1": one, "seconds_at_5": five})
+    print(f"\neap-ig-inputs, batches of {prompts}: one point a call {one:.1f} s, five {five:.1f} s ({five / one:.2f}x); "
+          f"attribute chooses {chosen}")

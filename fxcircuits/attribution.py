@@ -32,13 +32,23 @@ from . import metrics as metrics_
 from .data import REST, position_classes
 from .model import CircuitModel
 from .patching import Tap, class_keep, dense_keep
-from .runs import Prepared, call_size, check_finite, clean_values, examples, metric_values, prepare
+from .runs import (Prepared, call_size, check_finite, clean_values, examples, metric_values, prepare,
+                   within_memory)
 from .scores import EdgeScores, _count
 
 GRADIENT_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted")
 INTEGRATED = ("eap-ig-inputs", "eap-ig-activations")  # the gradient methods that take integration steps
 METHODS = GRADIENT_METHODS + ("exact", "acdc", "mask")
-POINTS_PER_CALL = 32  # integration points a call runs by default: steps of 5 run in one call
+POINTS_PER_CALL = 32  # gradient points a call runs at most, and where launches set the pace: steps of 5 in one
+# Gradient points on CPU: a call's stream bound.  A point's backward keeps every reader's input, about twice
+# [n_downstream, batch, seq, d_model] values, so a call's memory grows with its points, and past the caches each
+# point costs more.  On two cores (AMD EPYC, 32 MB L3), EAP-IG-inputs (5 steps), each in a fresh process: 8
+# prompts of 24 tokens on random 12-layer Llamas of d_model 256 ran alike at 1, 2 and 5 points a call, and of
+# d_model 512 within 4% at 2 and 5 (1: 16% slower); a 4-layer Llama of d_model 2048 fastest at 1 or 2 (5: 30%
+# slower; with 16 layers, 1.1B parameters, 5 a call ran out of 24 GB); SmolLM2, 17-token IOI prompts, at 5 in
+# batches of 8 (2: 14% slower, 1: 16%), and at 1 in one batch of 32 (2: 19% slower; 5: 70% slower, and its
+# memory grew by 10.4 GB against 1.5 GB).  This gives 5 (all the steps), 5, 1, 5 and 1.
+POINTS_CALL_STREAM = 2 ** 19
 # Exact and ACDC runs on CPU: a call's stream bound (``runs.call_size``).  Per mask, on two cores (AMD EPYC,
 # 32 MB L3), 17-token prompts, patching neighbouring edges: random 12-layer Llamas of d_model 64, 256, 512 with 8
 # prompts were fastest at 64, 16 and 32 a call, and within 9% from 16 to 64; SmolLM2 at 16 with 8 prompts (32:
@@ -56,15 +66,17 @@ def attribute(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable 
 
     ``metric``: a name from ``fxcircuits.metrics`` or any ``metric(logits, batch) -> Tensor[B]``, larger meaning
     more of the task; ACDC defaults to ``"kl"``.  ``steps``: integration steps of the EAP-IG methods.
-    ``threshold``: ACDC's τ.  ``masks_per_call``: how many patched runs one batched call evaluates: integration
-    points (default 32), or ``exact``'s and ``acdc``'s runs (default: 32 on an accelerator, and on CPU as many as
-    keep the call's stream within ``EXACT_CALL_STREAM`` values: SmolLM2, 17-token prompts, 26 in batches of 8, 6
-    in batches of 32); the scores do not depend on it.  ``options`` are the learned mask's: ``mask_steps``
-    (passes over a batch, 200), ``density`` (the fraction of edges it keeps, or an int count, 0.05), ``warm_start``
-    (the gradient method whose scores rank the gates at the start, run with ``steps``, "eap-ig-inputs"; None
-    starts them alike), ``lr`` (0.5), ``warmup`` (the fraction of the steps over which its gates close to
-    ``density``, 0.75; the rest train the circuit that ``topn(density)`` keeps, whose mean |metric − the model's|
-    ``info["circuit_distance"]`` records).  Deterministic given ``seed``."""
+    ``threshold``: ACDC's τ.  ``masks_per_call``: how many patched runs one batched call evaluates — gradient
+    points (default: 32 on an accelerator, and on CPU as many as keep the call's stream within
+    ``POINTS_CALL_STREAM`` values: SmolLM2, 17-token prompts, 5 in batches of 8, 1 in batches of 32), or
+    ``exact``'s and ``acdc``'s runs (default: 32 on an accelerator, and on CPU as many as keep the call's stream
+    within ``EXACT_CALL_STREAM`` values: 26 in batches of 8, 6 in batches of 32); the scores do not depend on it.
+    ``options`` are the learned mask's: ``mask_steps`` (passes over a batch, 200), ``density`` (the fraction of
+    edges it keeps, or an int count, 0.05), ``warm_start`` (the gradient method whose scores rank the gates at the
+    start, run with ``steps``, "eap-ig-inputs"; None starts them alike), ``lr`` (0.5), ``warmup`` (the fraction of
+    the steps over which its gates close to ``density``, 0.75; the rest train the circuit that ``topn(density)``
+    keeps, whose mean |metric − the model's| ``info["circuit_distance"]`` records).  Deterministic given
+    ``seed``."""
     scores, _, info = scored(cm, batches, metric, method, by_span=False, steps=steps, ablation=ablation,
                              reference=reference, threshold=threshold, masks_per_call=masks_per_call,
                              progress=progress, seed=seed, options=options)
@@ -99,8 +111,9 @@ def scored(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable | N
     info = {"metric": metrics_.name_of(metric), "ablation": ablation, "examples": examples(prepared)}
     if method in ("exact", "acdc"):
         masks_per_call = call_size(prepared, masks_per_call, cpu_stream=EXACT_CALL_STREAM, most=64, accelerator=32)
-    elif masks_per_call is None:
-        masks_per_call = POINTS_PER_CALL
+    else:  # gradient points: a gradient method's, or a learned mask's warm start
+        masks_per_call = call_size(prepared, masks_per_call, cpu_stream=POINTS_CALL_STREAM, most=POINTS_PER_CALL,
+                                   accelerator=POINTS_PER_CALL)
     if method in GRADIENT_METHODS:
         scores = _gradient_scores(cm, prepared, metric, method, steps, masks_per_call, progress, named)
         if method in INTEGRATED:
@@ -168,17 +181,27 @@ def _gradient_scores(cm, prepared, metric, method, steps, per_call, progress, sp
     """Σ over batches and points of the edge scores, divided by examples and by points per edge: [classes, E].  By
     span, each edge's score at each token summed over each class's tokens."""
     total, (src, dst) = torch.zeros(_shape(cm, spans)), (cm.graph.src, cm.graph.dst)
+    per_call = min(per_call, steps if method in INTEGRATED else 1)  # the points that share their inputs, at most
     for p in tqdm(prepared, desc=method if spans is None else f"{method} by span", disable=not progress):
-        if spans is not None:
-            total += _by_class(tapped(cm, p, metric, method, steps, per_call, by_position=True)[src, dst],
-                               p.classes(spans))
-        elif method == "eap":  # at the clean point the mask's own gradient is the score: no tap, no clean pass
-            keep = _ones(cm).requires_grad_(True)
-            value = p.measure(cm, metric, keep).sum()
-            total[0] += torch.autograd.grad(value, keep)[0][0].cpu()[src, dst]
+        def run(n: int) -> torch.Tensor:  # this batch's scores, n points a call
+            if method == "eap" and spans is None:
+                return _mask_gradient(cm, p, metric)
+            return tapped(cm, p, metric, method, steps, n, by_position=spans is not None)
+
+        scores, per_call = within_memory(run, per_call, p)
+        if spans is None:
+            total[0] += scores[src, dst]
         else:
-            total[0] += tapped(cm, p, metric, method, steps, per_call)[src, dst]
+            total += _by_class(scores[src, dst], p.classes(spans))
     return total / (examples(prepared) * points_per_edge(method, steps))
+
+
+def _mask_gradient(cm: CircuitModel, p: Prepared, metric) -> torch.Tensor:
+    """EAP's scores on one batch, [n_upstream, n_downstream]: at the clean point the mask's own gradient is the
+    score, so no tap and no clean pass apart are needed."""
+    keep = _ones(cm).requires_grad_(True)
+    value = p.measure(cm, metric, keep).sum()
+    return torch.autograd.grad(value, keep)[0][0].cpu()
 
 
 def _by_class(by_token: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

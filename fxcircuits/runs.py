@@ -5,8 +5,10 @@ prompt, zeros or reference means) and, for metrics that compare with the clean r
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+import gc
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -16,6 +18,7 @@ from .model import CircuitModel
 from .patching import Tap, class_keep, dense_keep
 
 ABLATIONS = ("corrupted", "zero", "mean")
+T = TypeVar("T")
 
 
 @dataclass
@@ -65,6 +68,26 @@ def call_size(prepared: list[Prepared], given: int | None, *, cpu_stream: int, m
         return accelerator
     stream = max(p.input_ids.numel() * p.other[0].shape[-1] for p in prepared)
     return max(1, min(most, cpu_stream // stream))
+
+
+def within_memory(run: Callable[[int], T], per_call: int, p: Prepared) -> tuple[T, int]:
+    """``run(per_call)`` on batch ``p``, and the count it ran at: where a call runs out of the accelerator's
+    memory, the count is halved and the batch run again, down to one a call, and the batches after it keep that
+    count.  A point's backward keeps every reader's input, so on a large model a few points of a batch can need
+    more memory than the device has; below one a call, smaller batches are the way, and the error says so."""
+    while True:
+        try:
+            return run(per_call), per_call
+        except torch.OutOfMemoryError as error:
+            if per_call == 1:
+                raise torch.OutOfMemoryError(
+                    f"one patched run of a batch of {p.size} prompts of {p.input_ids.shape[1]} tokens takes more "
+                    f"memory than {p.input_ids.device} has free ({error}); give smaller batches (batch_size of "
+                    "make_batches or tasks.load, --batch-size on the command line)") from error
+        per_call = max(1, per_call // 2)
+        gc.collect()  # the failed call's tensors, held by its traceback until now
+        if torch.accelerator.is_available():
+            torch.accelerator.empty_cache()
 
 
 def prepare(cm: CircuitModel, batches: Iterable[dict], metric, ablation: str = "corrupted",

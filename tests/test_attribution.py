@@ -109,6 +109,67 @@ def test_patched_runs_per_call_default_to_what_the_device_runs_fastest(llama64, 
     assert calls()[1] == min(32, most)
 
 
+def test_gradient_points_per_call_default_to_what_the_device_runs_fastest(llama64, as_on_a_gpu, monkeypatch):
+    """EAP-IG's points on CPU: as many a call as keep the stream within ``POINTS_CALL_STREAM`` (the tiny model: all
+    five steps in one call), 32 where launches set the pace, a count given as given; the scores do not depend on
+    it.  A learned mask's warm start takes its points the same way."""
+    batch, sizes = _batch(), []
+    measure = fxcircuits.runs.Prepared.measure
+    monkeypatch.setattr(fxcircuits.runs.Prepared, "measure",
+                        lambda self, cm, metric, keep, **options: sizes.append(len(keep)) or measure(
+                            self, cm, metric, keep, **options))
+
+    def calls(method="eap-ig-inputs", **options):
+        sizes.clear()
+        scores = fxcircuits.attribute(llama64, [batch], "logit_diff", method, steps=5, progress=False, **options)
+        return scores.tensor, sizes[:]
+
+    default, used = calls()
+    width = make("llama").config.hidden_size
+    monkeypatch.setattr(fxcircuits.attribution, "POINTS_CALL_STREAM", 2 * batch["clean"].numel() * width + 1)
+    two, used_two = calls()
+    assert used == [5] and used_two == [2, 2, 1] and calls(masks_per_call=3)[1] == [3, 2]
+    torch.testing.assert_close(two, default, atol=1e-6, rtol=1e-5)
+    assert calls("mask", mask_steps=1, density=0.5)[1][:3] == [2, 2, 1]  # then the mask's own step
+    as_on_a_gpu()
+    assert calls()[1] == [5]
+
+
+def test_gradient_points_back_off_where_the_accelerator_runs_out_of_memory(llama64, monkeypatch):
+    """A call of more points than the device's memory holds is run again at half as many, and the batches after it
+    keep that count; the scores are those of the calls that fit.  Where one point of a batch is too many, the
+    error names the batch and asks for smaller ones (an accelerator's out-of-memory error, simulated here)."""
+    batches, tried = [_batch(seed=1), _batch(seed=2)], []
+    tapped = fxcircuits.attribution.tapped
+
+    def fits(most):
+        def run(cm, p, metric, method, steps, per_call, by_position=False):
+            tried.append(per_call)
+            if per_call > most:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return tapped(cm, p, metric, method, steps, per_call, by_position)
+        monkeypatch.setattr(fxcircuits.attribution, "tapped", run)
+
+    def attribute(**options):
+        return fxcircuits.attribute(llama64, batches, "logit_diff", "eap-ig-inputs", steps=5, progress=False,
+                                    **options).tensor
+
+    fits(2)
+    backed_off = attribute(masks_per_call=8)
+    assert tried == [5, 2, 2]  # 8 capped at the 5 steps that share their inputs; the second batch starts at 2
+    fits(5)
+    torch.testing.assert_close(backed_off, attribute(masks_per_call=5), atol=1e-6, rtol=1e-5)
+    fits(0)
+    with pytest.raises(torch.OutOfMemoryError, match="batch of 3 prompts of 7 tokens.*smaller batches"):
+        attribute()
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(fxcircuits.attribution, "_mask_gradient", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match="smaller batches"):  # EAP: one point, nothing to halve
+        fxcircuits.attribute(llama64, batches, "logit_diff", "eap", progress=False)
+
+
 def test_prompts_of_one_token(llama64):
     """No capture serves one token (export specialises that size): attribution pads such batches on the right
     (``runs.served_lengths``).  Exact scores equal one-edge-at-a-time patching through ``cm(...)``, which takes one
