@@ -32,8 +32,8 @@ from . import metrics as metrics_
 from .data import REST, position_classes
 from .model import CircuitModel
 from .patching import Tap, class_keep, dense_keep
-from .runs import (Prepared, call_size, check_finite, clean_values, examples, metric_values, prepare,
-                   within_memory)
+from .runs import (Calls, Prepared, call_size, check_finite, clean_values, examples, metric_values,
+                   prepare)
 from .scores import EdgeScores, _count
 
 GRADIENT_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted")
@@ -110,21 +110,21 @@ def scored(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable | N
     named = None if names is None else names[:-1]
     info = {"metric": metrics_.name_of(metric), "ablation": ablation, "examples": examples(prepared)}
     if method in ("exact", "acdc"):
-        masks_per_call = call_size(prepared, masks_per_call, cpu_stream=EXACT_CALL_STREAM, most=64, accelerator=32)
+        calls = Calls(call_size(prepared, masks_per_call, cpu_stream=EXACT_CALL_STREAM, most=64, accelerator=32))
     else:  # gradient points: a gradient method's, or a learned mask's warm start
-        masks_per_call = call_size(prepared, masks_per_call, cpu_stream=POINTS_CALL_STREAM, most=POINTS_PER_CALL,
-                                   accelerator=POINTS_PER_CALL)
+        calls = Calls(call_size(prepared, masks_per_call, cpu_stream=POINTS_CALL_STREAM, most=POINTS_PER_CALL,
+                                accelerator=POINTS_PER_CALL))
     if method in GRADIENT_METHODS:
-        scores = _gradient_scores(cm, prepared, metric, method, steps, masks_per_call, progress, named)
+        scores = _gradient_scores(cm, prepared, metric, method, steps, calls, progress, named)
         if method in INTEGRATED:
             info["steps"] = steps
     elif method == "exact":
-        scores = _exact(cm, prepared, metric, masks_per_call, progress, named)
+        scores = _exact(cm, prepared, metric, calls, progress, named)
     elif method == "acdc":
-        scores, info["threshold"] = _acdc(cm, prepared, metric, threshold, masks_per_call, progress, named), threshold
+        scores, info["threshold"] = _acdc(cm, prepared, metric, threshold, calls, progress, named), threshold
     else:
         options = {"mask_steps": 200, "density": 0.05, "warm_start": "eap-ig-inputs", **options}
-        scores, circuit_distance = _learned_mask(cm, prepared, metric, progress, seed, named, steps, masks_per_call,
+        scores, circuit_distance = _learned_mask(cm, prepared, metric, progress, seed, named, steps, calls,
                                                  **options)
         info.update(steps=options.pop("mask_steps"), **options)  # and lr, warmup where given
         if circuit_distance is not None:
@@ -149,10 +149,12 @@ def _shape(cm: CircuitModel, spans: list[str] | None) -> tuple[int, int]:
     return (1 if spans is None else len(spans) + 1), len(cm.graph.edges)
 
 
-def _values(cm: CircuitModel, prepared: list[Prepared], metric, masks: torch.Tensor,
-            spans: list[str] | None) -> torch.Tensor:
-    """``metric_values`` of masks [n, classes, E], one class (the whole prompt) where ``spans`` is None."""
-    return metric_values(cm, prepared, metric, masks[:, 0] if spans is None else masks, spans)
+def _values(cm: CircuitModel, prepared: list[Prepared], metric, masks: torch.Tensor, spans: list[str] | None,
+            calls: Calls) -> torch.Tensor:
+    """``metric_values`` of masks [n, classes, E], one class (the whole prompt) where ``spans`` is None, in calls of
+    at most ``calls.size`` masks."""
+    masks = masks[:, 0] if spans is None else masks
+    return calls.split(masks, lambda chunk: metric_values(cm, prepared, metric, chunk, spans), prepared)
 
 
 def not_finite(cm: CircuitModel, prepared: list[Prepared], metric) -> ValueError:
@@ -177,18 +179,18 @@ def _ones(cm: CircuitModel, n: int = 1) -> torch.Tensor:
 
 # ---------------------------------------------------------------- gradient methods
 
-def _gradient_scores(cm, prepared, metric, method, steps, per_call, progress, spans) -> torch.Tensor:
+def _gradient_scores(cm, prepared, metric, method, steps, calls: Calls, progress, spans) -> torch.Tensor:
     """Σ over batches and points of the edge scores, divided by examples and by points per edge: [classes, E].  By
     span, each edge's score at each token summed over each class's tokens."""
     total, (src, dst) = torch.zeros(_shape(cm, spans)), (cm.graph.src, cm.graph.dst)
-    per_call = min(per_call, steps if method in INTEGRATED else 1)  # the points that share their inputs, at most
+    calls.size = min(calls.size, steps if method in INTEGRATED else 1)  # the points that share their inputs, at most
     for p in tqdm(prepared, desc=method if spans is None else f"{method} by span", disable=not progress):
         def run(n: int) -> torch.Tensor:  # this batch's scores, n points a call
             if method == "eap" and spans is None:
                 return _mask_gradient(cm, p, metric)
             return tapped(cm, p, metric, method, steps, n, by_position=spans is not None)
 
-        scores, per_call = within_memory(run, per_call, p)
+        scores = calls.run(run, [p])
         if spans is None:
             total[0] += scores[src, dst]
         else:
@@ -295,20 +297,21 @@ def _activation_points(cm, p: Prepared, clean: list[torch.Tensor], delta: torch.
 
 # ---------------------------------------------------------------- patching methods
 
-def _exact(cm, prepared, metric, per_call: int, progress: bool, spans) -> torch.Tensor:
+def _exact(cm, prepared, metric, calls: Calls, progress: bool, spans) -> torch.Tensor:
     """score(e) = m(clean) − m(clean with e alone patched), ``per_call`` edges per batched call; by span, e
     patched at one class's tokens alone, class by class, so that a call's edges still share their readers."""
     shape = _shape(cm, spans)
     base, units = clean_values(cm, prepared, metric).mean(), shape[0] * shape[1]
     scores = torch.empty(units)
+    per_call = calls.size  # a chunk's edges share their readers; one too large for memory is split in _values
     for first in tqdm(range(0, units, per_call), desc="exact", disable=not progress):
         chunk = torch.arange(first, min(first + per_call, units))
         masks = torch.ones(len(chunk), units).index_put_((torch.arange(len(chunk)), chunk), torch.tensor(0.0))
-        scores[chunk] = base - _values(cm, prepared, metric, masks.view(-1, *shape), spans).mean(-1)
+        scores[chunk] = base - _values(cm, prepared, metric, masks.view(-1, *shape), spans, calls).mean(-1)
     return scores.view(shape)
 
 
-def _acdc(cm, prepared, metric, tau: float, per_call: int, progress: bool, spans) -> torch.Tensor:
+def _acdc(cm, prepared, metric, tau: float, calls: Calls, progress: bool, spans) -> torch.Tensor:
     """ACDC: destinations from ``logits`` back to the first layer, each one's incoming edges from the latest
     upstream node back (by span, each edge at each class in turn); an edge is removed when removing it costs less
     than τ (mean metric before − after).
@@ -319,7 +322,7 @@ def _acdc(cm, prepared, metric, tau: float, per_call: int, progress: bool, spans
     judged (edges of destinations that no longer reach ``logits`` are removed at no cost: score 0)."""
     g = cm.graph
     current, scores = torch.ones(_shape(cm, spans)), torch.zeros(_shape(cm, spans))
-    value = float(_values(cm, prepared, metric, current[None], spans).mean())
+    value = float(_values(cm, prepared, metric, current[None], spans, calls).mean())
     into = [[] for _ in g.downstream]
     for e, d in enumerate(g.dst.tolist()):
         into[d].append(e)
@@ -331,11 +334,11 @@ def _acdc(cm, prepared, metric, tau: float, per_call: int, progress: bool, spans
             continue
         candidates = [(c, e) for e in reversed(into[d]) for c in range(len(current)) if current[c, e] == 1]
         while candidates:
-            batch = candidates[:per_call]
+            batch = candidates[:calls.size]
             masks = current.repeat(len(batch), 1, 1)
             for j, (c, e) in enumerate(batch):
                 masks[j:, c, e] = 0.0
-            values = _values(cm, prepared, metric, masks, spans).mean(-1).tolist()
+            values = _values(cm, prepared, metric, masks, spans, calls).mean(-1).tolist()
             kept_at = None
             for j, unit in enumerate(batch):
                 scores[unit] = value - values[j]
@@ -351,7 +354,7 @@ def _acdc(cm, prepared, metric, tau: float, per_call: int, progress: bool, spans
 
 # ---------------------------------------------------------------- learned masks
 
-def _learned_mask(cm, prepared, metric, progress, seed, spans, steps: int, per_call: int, *, mask_steps: int,
+def _learned_mask(cm, prepared, metric, progress, seed, spans, steps: int, calls: Calls, *, mask_steps: int,
                   density: int | float, warm_start: str | None, lr: float = 0.5,
                   warmup: float = 0.75) -> tuple[torch.Tensor, float | None]:
     """Edge Pruning: a hard-concrete gate per edge (by span, per edge and class of positions), trained so that each
@@ -400,7 +403,7 @@ def _learned_mask(cm, prepared, metric, progress, seed, spans, steps: int, per_c
     shift = beta * math.log(-gamma / zeta)  # log-odds of a gate being open = log_alpha - shift
     log_alpha = torch.full(shape, 6.0)  # each gate fully open in 99% of samples: the first steps run the model
     if warm_start is not None:
-        prior = _gradient_scores(cm, prepared, metric, warm_start, steps, per_call, progress, spans).cpu()
+        prior = _gradient_scores(cm, prepared, metric, warm_start, steps, calls, progress, spans).cpu()
         log_alpha += _rank_log_odds(prior.abs())
     log_alpha.requires_grad_(True)
     start = torch.sigmoid(log_alpha.detach() - shift).mean().item()  # the expected fraction open, falling to goal

@@ -20,7 +20,7 @@ from . import metrics as metrics_
 from .circuit import Circuit
 from .model import CircuitModel
 from .positional import SpanCircuit, SpanScores
-from .runs import Prepared, call_size, check_finite, ends, metric_values, prepare
+from .runs import Calls, Prepared, call_size, check_finite, ends, metric_values, prepare
 from .scores import EdgeScores
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -61,7 +61,7 @@ class Evaluator:
                  masks_per_call: int | None = None):
         self.cm, self.metric = cm, metrics_.get(metric)
         self.prepared: list[Prepared] = prepare(cm, batches, self.metric, ablation, reference)
-        self.masks_per_call = per_call(self.prepared, masks_per_call)
+        self.calls = Calls(per_call(self.prepared, masks_per_call))
         values = self.values(ends(cm.graph))
         check_finite(cm, self.prepared, self.metric, values)
         self.full, self.empty = values
@@ -69,10 +69,14 @@ class Evaluator:
     def values(self, masks: torch.Tensor, progress: bool = False, spans: list[str] | None = None) -> torch.Tensor:
         """Per-example metric under each edge mask [n, E]: [n, examples].  With ``spans`` (a positional circuit's
         classes, ``SpanCircuit.spans``), masks [n, classes, E], each class applied at its tokens."""
-        chunks = masks.split(self.masks_per_call)
         named = None if spans is None else spans[:-1]  # the last class is the rest, which no span names
-        return torch.cat([metric_values(self.cm, self.prepared, self.metric, chunk, named)
-                          for chunk in tqdm(chunks, desc="evaluate", disable=not progress or len(chunks) < 2)])
+        return self.calls.split(masks, lambda chunk: metric_values(self.cm, self.prepared, self.metric, chunk, named),
+                                self.prepared, desc="evaluate" if progress else None)
+
+    @property
+    def masks_per_call(self) -> int:
+        """Circuits a patched call runs now: ``per_call``'s count, or less where a call ran out of memory."""
+        return self.calls.size
 
     def faithfulness(self, masks: torch.Tensor, progress: bool = False, spans: list[str] | None = None) -> list[float]:
         return [faithfulness(v.mean(), self.full.mean(), self.empty.mean())

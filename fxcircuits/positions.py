@@ -29,7 +29,7 @@ from .draw import plot_heatmap
 from .lens import node_names
 from .model import CircuitModel
 from .patching import dense_keep
-from .runs import Prepared, check_finite, ends, metric_values, prepare
+from .runs import Calls, Prepared, check_finite, ends, metric_values, prepare
 
 DIRECTIONS = ("noising", "denoising")
 METHODS = ("exact", "attribution", "attribution-ig")
@@ -166,14 +166,15 @@ def patch_by_position(cm: CircuitModel, batches: dict | Iterable[dict], metric, 
     runs = [{**b, "clean": b["corrupted"], "corrupted": b["clean"]} if direction == "denoising" else b for b in given]
     prepared = prepare(cm, runs, metric)
     units, masks = _units(cm, nodes)
-    run_and_other = metric_values(cm, prepared, metric, ends(cm.graph))  # every edge kept, every one patched
+    calls = Calls(masks_per_call)
+    run_and_other = calls.split(ends(cm.graph), lambda both: metric_values(cm, prepared, metric, both), prepared)
     check_finite(cm, prepared, metric, run_and_other)  # a NaN of the model's own would fill every effect
-    run, other = run_and_other
+    run, other = run_and_other  # every edge kept, every one patched
     columns = [_columns(batch, names, p.input_ids.shape[1]) for batch, p in zip(given, prepared)]
     if method == "exact":
-        drops = _patched(cm, prepared, metric, masks, columns, run, masks_per_call, progress)
+        drops = _patched(cm, prepared, metric, masks, columns, run, calls, progress)
     else:
-        drops = [_attributed(cm, p, metric, masks, c, method, steps, masks_per_call) for p, c in zip(prepared, columns)]
+        drops = [_attributed(cm, p, metric, masks, c, method, steps, calls) for p, c in zip(prepared, columns)]
     drops = [d if names is not None else d.masked_fill(~_mask(b).bool(), float("nan")) for d, b in zip(drops, given)]
     effects = _joined(drops, fill=float("nan"))
     clean, corrupted = (run, other) if direction == "noising" else (other, run)
@@ -221,9 +222,10 @@ def _joined(parts: list[torch.Tensor], fill: float) -> torch.Tensor:
 
 
 def _patched(cm: CircuitModel, prepared: list[Prepared], metric, masks: torch.Tensor, columns: list[torch.Tensor],
-             run: torch.Tensor, per_call: int, progress: bool) -> list[torch.Tensor]:
+             run: torch.Tensor, calls: Calls, progress: bool) -> list[torch.Tensor]:
     """metric(run) − the metric with each unit patched at each position, [units, batch, positions] per batch: 0
     where the unit moves nothing there (``_moving``), a patched run's difference elsewhere."""
+    per_call = calls.size  # a chunk's masks share a prefix; one too large for memory is split in calls
     runs = []  # per batch, the (unit, position) pairs that move something: by unit, so a call's masks share a prefix
     for p, weights in zip(prepared, columns):
         moving = (_moving(cm, p, masks).float() @ weights.ne(0).any(1).float().T).ne(0)
@@ -237,10 +239,9 @@ def _patched(cm: CircuitModel, prepared: list[Prepared], metric, masks: torch.Te
         values = baseline.repeat(len(masks), len(weights), 1)  # [units, positions, batch]
         for start in range(0, len(pairs), per_call):
             chunk = torch.tensor(pairs[start:start + per_call])
-            keep = dense_keep(cm.graph, masks[chunk[:, 0]], device=cm.device)
-            where = weights[chunk[:, 1]].to(cm.device)
-            values[chunk[:, 0], chunk[:, 1]] = p.measure(cm, metric, keep, recorded=p.recorded,
-                                                         where=where).float().cpu()
+            values[chunk[:, 0], chunk[:, 1]] = calls.split(chunk, lambda part: p.measure(
+                cm, metric, dense_keep(cm.graph, masks[part[:, 0]], device=cm.device), recorded=p.recorded,
+                where=weights[part[:, 1]].to(cm.device)).float().cpu(), [p])
             bar.update()
         drops.append(baseline[None, :, None] - values.permute(0, 2, 1))
     bar.close()
@@ -261,14 +262,15 @@ def _moving(cm: CircuitModel, p: Prepared, masks: torch.Tensor) -> torch.Tensor:
 
 
 def _attributed(cm: CircuitModel, p: Prepared, metric, masks: torch.Tensor, columns: torch.Tensor, method: str,
-                steps: int, per_call: int) -> torch.Tensor:
+                steps: int, calls: Calls) -> torch.Tensor:
     """``_patched`` estimated from gradients, [units, batch, positions]: each edge's score at each token — at the
     run itself (``"attribution"``), or averaged over ``steps`` points with the input's edges at 0, 1/steps, …
     (``"attribution-ig"``, EAP-IG-inputs) — summed over each unit's edges (those its mask patches) and weighted by
     each position's ``columns``."""
     points = {"attribution": ("eap", 1), "attribution-ig": ("eap-ig-inputs", steps)}
     gradients, n_points = points[method]
-    scores = tapped(cm, p, metric, gradients, n_points, per_call, by_position=True) / n_points
+    calls.size = min(calls.size, n_points)  # the points that share their inputs, at most
+    scores = calls.run(lambda n: tapped(cm, p, metric, gradients, n_points, n, by_position=True), [p]) / n_points
     per_edge = scores[cm.graph.src, cm.graph.dst].float()  # [edges, batch · seq]
     by_token = ((1 - masks) @ per_edge).view(len(masks), p.size, -1)
     return torch.einsum("ubw,cbw->ubc", by_token, columns)

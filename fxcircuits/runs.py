@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
+from tqdm.auto import tqdm
 
 from . import heads, metrics
 from .data import check_batch, position_classes, to_device
@@ -70,24 +71,42 @@ def call_size(prepared: list[Prepared], given: int | None, *, cpu_stream: int, m
     return max(1, min(most, cpu_stream // stream))
 
 
-def within_memory(run: Callable[[int], T], per_call: int, p: Prepared) -> tuple[T, int]:
-    """``run(per_call)`` on batch ``p``, and the count it ran at: where a call runs out of the accelerator's
-    memory, the count is halved and the batch run again, down to one a call, and the batches after it keep that
-    count.  A point's backward keeps every reader's input, so on a large model a few points of a batch can need
-    more memory than the device has; below one a call, smaller batches are the way, and the error says so."""
-    while True:
-        try:
-            return run(per_call), per_call
-        except torch.OutOfMemoryError as error:
-            if per_call == 1:
-                raise torch.OutOfMemoryError(
-                    f"one patched run of a batch of {p.size} prompts of {p.input_ids.shape[1]} tokens takes more "
-                    f"memory than {p.input_ids.device} has free ({error}); give smaller batches (batch_size of "
-                    "make_batches or tasks.load, --batch-size on the command line)") from error
-        per_call = max(1, per_call // 2)
-        gc.collect()  # the failed call's tensors, held by its traceback until now
-        if torch.accelerator.is_available():
-            torch.accelerator.empty_cache()
+class Calls:
+    """How many masks — patched runs, or gradient points — a call runs: ``size`` (``call_size``), halved for that
+    call and every later one where a call runs out of the accelerator's memory.  A patched call keeps each of its
+    masks' differences from every upstream node, and a point's backward every reader's input, so on a large model a
+    few masks can need more memory than the device has (EAP-IG's reference runs out on 8B models on an 80 GB GPU);
+    where even one is too many, smaller batches are the way, and the error says so."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def run(self, calls: Callable[[int], T], prepared: list[Prepared]) -> T:
+        """``calls(n)`` with n = ``size``: what it returns, or, where it ran out of memory, ``calls`` again at half."""
+        while True:
+            try:
+                return calls(self.size)
+            except torch.OutOfMemoryError as error:
+                if self.size == 1:
+                    largest = max(prepared, key=lambda p: p.input_ids.numel())
+                    raise torch.OutOfMemoryError(
+                        f"one patched run of a batch of {largest.size} prompts of {largest.input_ids.shape[1]} tokens "
+                        f"takes more memory than {largest.input_ids.device} has free ({error}); give smaller batches "
+                        "(batch_size of make_batches or tasks.load, --batch-size on the command line)") from error
+            self.size = max(1, self.size // 2)
+            gc.collect()  # the failed call's tensors, held by its traceback until now
+            if torch.accelerator.is_available():
+                torch.accelerator.empty_cache()
+
+    def split(self, masks: torch.Tensor, call: Callable[[torch.Tensor], torch.Tensor], prepared: list[Prepared],
+              desc: str | None = None) -> torch.Tensor:
+        """``call`` on ``masks`` [n, …], ``size`` of them a call, the results joined along the first dimension; with
+        a progress bar over the calls where ``desc`` names it."""
+        def calls(n: int) -> torch.Tensor:
+            chunks = masks.split(n)
+            bar = tqdm(chunks, desc=desc, disable=desc is None or len(chunks) < 2)
+            return torch.cat([call(chunk) for chunk in bar])
+        return self.run(calls, prepared)
 
 
 def prepare(cm: CircuitModel, batches: Iterable[dict], metric, ablation: str = "corrupted",

@@ -91,8 +91,8 @@ def test_patched_runs_per_call_default_to_what_the_device_runs_fastest(llama64, 
     batch, sizes = _batch(), []
     values = fxcircuits.attribution._values
     monkeypatch.setattr(fxcircuits.attribution, "_values",
-                        lambda cm, prepared, metric, masks, spans: sizes.append(len(masks)) or values(
-                            cm, prepared, metric, masks, spans))
+                        lambda cm, prepared, metric, masks, *args: sizes.append(len(masks)) or values(
+                            cm, prepared, metric, masks, *args))
 
     def calls(**options):
         sizes.clear()

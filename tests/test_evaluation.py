@@ -107,6 +107,38 @@ def test_circuits_per_call_default_to_what_the_device_runs_fastest(traced, setup
     assert fxcircuits.Evaluator(cm, [batch], "logit_diff").masks_per_call == 16
 
 
+def test_calls_that_run_out_of_memory_run_again_at_half(setup, monkeypatch):
+    """Where a patched call runs out of the accelerator's memory (simulated: more than 4 circuits a call), the
+    ``Evaluator`` runs it again at half as many, keeps that count, and gives the numbers of calls that fit; where
+    one circuit does not fit, the error names the batch and asks for smaller ones.  ``attribute``'s exact runs
+    back off the same way."""
+    cm, batch, evaluator = setup
+    masks = (torch.rand(10, len(cm.graph.edges), generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    expected, tried = evaluator.values(masks), []
+    metric_values = fxcircuits.runs.metric_values
+
+    def fits(most):
+        def run(cm, prepared, metric, masks, spans=None):
+            tried.append(len(masks))
+            if len(masks) > most:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return metric_values(cm, prepared, metric, masks, spans)
+        monkeypatch.setattr(fxcircuits.evaluation, "metric_values", run)
+        monkeypatch.setattr(fxcircuits.attribution, "metric_values", run)
+
+    fits(4)
+    backed_off = fxcircuits.Evaluator(cm, [batch], "logit_diff", masks_per_call=16)
+    tried.clear()
+    torch.testing.assert_close(backed_off.values(masks), expected, atol=1e-5, rtol=1e-5)
+    assert backed_off.masks_per_call == 4 and tried == [10, 8, 4, 4, 2]  # all ten in one call, then 8, then 4
+    exact = [fxcircuits.attribute(cm, [batch], "logit_diff", "exact", masks_per_call=n, progress=False).tensor
+             for n in (8, 4)]
+    torch.testing.assert_close(exact[0], exact[1], atol=1e-6, rtol=1e-5)
+    fits(0)
+    with pytest.raises(torch.OutOfMemoryError, match="batch of 3 prompts of 7 tokens.*smaller batches"):
+        backed_off.values(masks)
+
+
 def test_circuits_per_call_on_cpu_follow_the_largest_batch(traced):
     """``CPU_CALL_STREAM`` over the largest batch's tokens times d_model, from 1 to 16; a count given is kept."""
     model, cm = traced("llama")

@@ -359,6 +359,25 @@ def test_runs_that_would_move_nothing_are_not_made(traced, prompts, monkeypatch)
     torch.testing.assert_close(skipping.effects, every.effects, equal_nan=True, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["exact", "attribution-ig"])
+def test_sweeps_that_run_out_of_memory_run_again_at_half(traced, prompts, method, monkeypatch):
+    """A call of more masks (or gradient points) than the accelerator's memory holds — simulated: more than one —
+    runs again at half as many; the effects are those of calls that fit."""
+    _, cm = traced("llama")
+    batch, measure = _batch(prompts), Prepared.measure
+    sweep = dict(nodes=["a0.h1", "m0", "m1"], method=method, steps=3)
+    expected = patch_by_position(cm, batch, metrics.logit_diff, masks_per_call=1, **sweep)
+
+    def one_at_a_time(self, cm, metric, keep, **kwargs):
+        if keep.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return measure(self, cm, metric, keep, **kwargs)
+
+    monkeypatch.setattr(Prepared, "measure", one_at_a_time)
+    backed_off = patch_by_position(cm, batch, metrics.logit_diff, masks_per_call=4, **sweep)
+    torch.testing.assert_close(backed_off.effects, expected.effects, equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
 SPANS = {"A": torch.tensor([[3, 5], [4, 5], [2, 4]]), "B": torch.tensor([[6, 7], [5, 7], [6, 7]])}  # per prompt
 
 
