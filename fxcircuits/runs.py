@@ -6,6 +6,7 @@ prompt, zeros or reference means) and, for metrics that compare with the clean r
 from __future__ import annotations
 
 import gc
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -93,6 +94,8 @@ class Calls:
                         f"one patched run of a batch of {largest.size} prompts of {largest.input_ids.shape[1]} tokens "
                         f"takes more memory than {largest.input_ids.device} has free ({error}); give smaller batches "
                         "(batch_size of make_batches or tasks.load, --batch-size on the command line)") from error
+            warnings.warn(f"out of memory at {self.size} masks a call: running {max(1, self.size // 2)} a call from "
+                          "here on (masks_per_call= starts there)", stacklevel=2)
             self.size = max(1, self.size // 2)
             gc.collect()  # the failed call's tensors, held by its traceback until now
             if torch.accelerator.is_available():

@@ -155,12 +155,14 @@ def test_gradient_points_back_off_where_the_accelerator_runs_out_of_memory(llama
                                     **options).tensor
 
     fits(2)
-    backed_off = attribute(masks_per_call=8)
+    with pytest.warns(UserWarning, match="out of memory at 5 masks a call: running 2"):
+        backed_off = attribute(masks_per_call=8)
     assert tried == [5, 2, 2]  # 8 capped at the 5 steps that share their inputs; the second batch starts at 2
     fits(5)
     torch.testing.assert_close(backed_off, attribute(masks_per_call=5), atol=1e-6, rtol=1e-5)
     fits(0)
-    with pytest.raises(torch.OutOfMemoryError, match="batch of 3 prompts of 7 tokens.*smaller batches"):
+    with pytest.raises(torch.OutOfMemoryError, match="batch of 3 prompts of 7 tokens.*smaller batches"), \
+            pytest.warns(UserWarning, match="out of memory"):
         attribute()
 
     def out_of_memory(*args):

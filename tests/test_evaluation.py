@@ -129,13 +129,18 @@ def test_calls_that_run_out_of_memory_run_again_at_half(setup, monkeypatch):
     fits(4)
     backed_off = fxcircuits.Evaluator(cm, [batch], "logit_diff", masks_per_call=16)
     tried.clear()
-    torch.testing.assert_close(backed_off.values(masks), expected, atol=1e-5, rtol=1e-5)
+    with pytest.warns(UserWarning, match="out of memory at") as warned:
+        torch.testing.assert_close(backed_off.values(masks), expected, atol=1e-5, rtol=1e-5)
+    assert [str(w.message).split(" from")[0] for w in warned] == ["out of memory at 16 masks a call: running 8 a call",
+                                                                    "out of memory at 8 masks a call: running 4 a call"]
     assert backed_off.masks_per_call == 4 and tried == [10, 8, 4, 4, 2]  # all ten in one call, then 8, then 4
-    exact = [fxcircuits.attribute(cm, [batch], "logit_diff", "exact", masks_per_call=n, progress=False).tensor
-             for n in (8, 4)]
+    with pytest.warns(UserWarning, match="out of memory at 8 masks a call: running 4"):
+        exact = [fxcircuits.attribute(cm, [batch], "logit_diff", "exact", masks_per_call=n, progress=False).tensor
+                 for n in (8, 4)]
     torch.testing.assert_close(exact[0], exact[1], atol=1e-6, rtol=1e-5)
     fits(0)
-    with pytest.raises(torch.OutOfMemoryError, match="batch of 3 prompts of 7 tokens.*smaller batches"):
+    with pytest.raises(torch.OutOfMemoryError, match="batch of 3 prompts of 7 tokens.*smaller batches"), \
+            pytest.warns(UserWarning, match="out of memory"):
         backed_off.values(masks)
 
 

@@ -374,7 +374,8 @@ def test_sweeps_that_run_out_of_memory_run_again_at_half(traced, prompts, method
         return measure(self, cm, metric, keep, **kwargs)
 
     monkeypatch.setattr(Prepared, "measure", one_at_a_time)
-    backed_off = patch_by_position(cm, batch, metrics.logit_diff, masks_per_call=4, **sweep)
+    with pytest.warns(UserWarning, match="out of memory at"):
+        backed_off = patch_by_position(cm, batch, metrics.logit_diff, masks_per_call=4, **sweep)
     torch.testing.assert_close(backed_off.effects, expected.effects, equal_nan=True, rtol=1e-5, atol=1e-6)
 
 
