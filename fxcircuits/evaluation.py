@@ -54,7 +54,7 @@ class Evaluator:
     """Batches prepared once (the other run recorded), then any number of circuits evaluated on them,
     ``masks_per_call`` per patched call: by default 16 on an accelerator, whose runs wait on their launches, and on
     CPU what runs fastest for the model's width and the batches' size (``per_call``; SmolLM2, batches of 8 IOI
-    prompts: two)."""
+    prompts: two); fewer from a call on that ran out of the accelerator's memory (``runs.Calls``)."""
 
     def __init__(self, cm: CircuitModel, batches: Iterable[dict], metric: str | Callable, *,
                  ablation: str = "corrupted", reference: Iterable[dict] | None = None,

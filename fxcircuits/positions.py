@@ -237,11 +237,15 @@ def _patched(cm: CircuitModel, prepared: list[Prepared], metric, masks: torch.Te
         baseline = run[offset:offset + p.size]
         offset += p.size
         values = baseline.repeat(len(masks), len(weights), 1)  # [units, positions, batch]
+
+        def measure(part: torch.Tensor) -> torch.Tensor:  # (unit, position) pairs [n, 2]: the metric [n, batch]
+            keep = dense_keep(cm.graph, masks[part[:, 0]], device=cm.device)
+            where = weights[part[:, 1]].to(cm.device)
+            return p.measure(cm, metric, keep, recorded=p.recorded, where=where).float().cpu()
+
         for start in range(0, len(pairs), per_call):
             chunk = torch.tensor(pairs[start:start + per_call])
-            values[chunk[:, 0], chunk[:, 1]] = calls.split(chunk, lambda part: p.measure(
-                cm, metric, dense_keep(cm.graph, masks[part[:, 0]], device=cm.device), recorded=p.recorded,
-                where=weights[part[:, 1]].to(cm.device)).float().cpu(), [p])
+            values[chunk[:, 0], chunk[:, 1]] = calls.split(chunk, measure, [p])
             bar.update()
         drops.append(baseline[None, :, None] - values.permute(0, 2, 1))
     bar.close()
