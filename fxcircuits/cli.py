@@ -226,16 +226,20 @@ def _patching_options(parser: argparse.ArgumentParser, recorded: bool = False) -
     parser.add_argument("--ablation", choices=ABLATIONS, help="what a patched edge carries instead: the corrupted "
                         "prompt's value, zero, or the node's mean output over the task's clean prompts "
                         f"(default: {first}corrupted)")
+    parser.add_argument("--per-call", type=_positive, help="patched runs or gradient points a call (default: what "
+                        "the device runs fastest; fewer from a call on that runs out of an accelerator's memory)")
 
 
 def _patching(args, task, recorded: dict) -> tuple[str, str, dict]:
     """The metric and ablation the command patches with — given on the command line, else as ``recorded`` (the
-    circuit file's cfg) says, else the task's metric and the corrupted prompt — and the options that give them."""
+    circuit file's cfg) says, else the task's metric and the corrupted prompt — and the options that give them,
+    with the runs a call (``--per-call``)."""
     metric = args.metric or recorded.get("metric")
     metric = metric if metric in metrics_.METRICS else metrics_.name_of(task.metric)
     ablation = args.ablation or recorded.get("ablation")
     ablation = ablation if ablation in ABLATIONS else "corrupted"
-    return metric, ablation, {"ablation": ablation, "reference": task.batches if ablation == "mean" else None}
+    return metric, ablation, {"ablation": ablation, "reference": task.batches if ablation == "mean" else None,
+                              "masks_per_call": args.per_call}
 
 
 def _setup(args):

@@ -95,7 +95,7 @@ class Calls:
                         f"takes more memory than {largest.input_ids.device} has free ({error}); give smaller batches "
                         "(batch_size of make_batches or tasks.load, --batch-size on the command line)") from error
             warnings.warn(f"out of memory at {self.size} masks a call: running {max(1, self.size // 2)} a call from "
-                          "here on (masks_per_call= starts there)", stacklevel=2)
+                          "here on (masks_per_call=, or --per-call, starts there)", stacklevel=2)
             self.size = max(1, self.size // 2)
             gc.collect()  # the failed call's tensors, held by its traceback until now
             if torch.accelerator.is_available():

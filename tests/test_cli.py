@@ -11,6 +11,7 @@ from fxcircuits import (Circuit, CircuitGraph, DecompositionError, EdgeScores, E
                         attention_patterns, attribute, attribute_by_span, cli, load_model, patch_by_position,
                         source_logits, tasks, trace)
 from fxcircuits.cli import main
+from fxcircuits.runs import Calls
 
 
 @pytest.fixture
@@ -213,6 +214,7 @@ def test_attention_prints_and_draws_the_heads_weights(folder, tmp_path, capsys):
     (["discover", "--size", "0"], "'0': give a whole number, 1 or more"),
     (["evaluate", "c.json", "--batch-size", "0"], "'0': give a whole number, 1 or more"),
     (["discover", "--steps", "-1"], "'-1': give a whole number, 1 or more"),
+    (["evaluate", "c.json", "--per-call", "0"], "'0': give a whole number, 1 or more"),
     (["attention", "--heads", "a0.h0", "--position", "1.5"], "'1.5': give 'last', a position (an integer) or, "
                                                              "with --spans, a span's name"),
     (["discover", "--faithfulness", "0"], "'0': give a faithfulness above 0, as 0.85 or 85%"),
@@ -275,6 +277,21 @@ def test_metric_and_ablation_are_chosen_saved_and_read_back(folder, tmp_path, ca
         printed = capsys.readouterr().out
         row = next(line for line in printed.splitlines() if line.startswith("faithfulness"))
         assert row.split()[-1] == f"{faithfulness[ablation]:.3f}" and "prob_diff" in printed
+
+
+def test_runs_a_call_are_given_to_attribution_and_evaluation(folder, tmp_path, monkeypatch):
+    """``--per-call`` sets how many runs a call both ``attribute`` and the ``Evaluator`` start at (EAP then takes
+    its one point); without it each sizes its calls itself."""
+    sizes, calls = [], Calls.__init__
+    monkeypatch.setattr(Calls, "__init__", lambda self, size: sizes.append(size) or calls(self, size))
+    out = str(tmp_path / "c.json")
+    assert main(["discover", *_common(folder), "--method", "exact", "--edges", "5", "--per-call", "3",
+                 "--out", out]) == 0
+    assert sizes == [3, 3]
+    sizes.clear()
+    assert main(["evaluate", out, *_common(folder), "--per-call", "2"]) == 0 and sizes == [2]
+    sizes.clear()
+    assert main(["evaluate", out, *_common(folder)]) == 0 and sizes == [16]  # the tiny model's CPU default
 
 
 def test_a_learned_mask_is_trained_to_the_size_asked_for(folder, tmp_path):
