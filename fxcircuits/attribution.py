@@ -298,7 +298,7 @@ def _activation_points(cm, p: Prepared, clean: list[torch.Tensor], delta: torch.
 # ---------------------------------------------------------------- patching methods
 
 def _exact(cm, prepared, metric, calls: Calls, progress: bool, spans) -> torch.Tensor:
-    """score(e) = m(clean) − m(clean with e alone patched), ``per_call`` edges per batched call; by span, e
+    """score(e) = m(clean) − m(clean with e alone patched), ``calls.size`` edges per batched call; by span, e
     patched at one class's tokens alone, class by class, so that a call's edges still share their readers."""
     shape = _shape(cm, spans)
     base, units = clean_values(cm, prepared, metric).mean(), shape[0] * shape[1]
