@@ -5,30 +5,18 @@
 ``tests/zoo.py`` holds the architectures the test suite checks on every run.  This survey asks the wider
 question for a new transformers release: for each model type registered for ``AutoModelForCausalLM``, it builds
 a tiny random configuration (sizes shrunk where the config has the usual fields), runs the HF model, and
-traces it.  A model that traces is checked on padded prompts against the untouched HF model:
+traces it.  A model that traces is checked on padded prompts against the untouched HF model: the checks of
+``fxcircuits.verify`` (what ``fxcircuits check`` runs on a user's model — ``clean``, ``corrupted``, ``logits``,
+``masks``, ``patterns``, ``direct``, ``tokens``, ``sources``; ``readout`` says whether direct logit attribution
+reads the model linearly, to first order (soft-capping), or is refused, with the reason: patching does not need
+it), and two more whose reference is a forward hook on the HF model:
 
-- ``clean``: no mask gives HF's logits;
-- ``zero``: every edge at 0 gives HF's logits on the corrupted prompts;
-- ``logits``: every edge into the logits at 0, the rest at 1, gives them too;
 - ``input``: the ``input`` node patched equals HF with every embedding of the tokens replaced by its value on the
   corrupted prompts (forward hooks on the ``nn.Embedding`` modules called with the token ids — the input
   embedding, and the per-layer embedding of Gemma 4's E-models, whose per-layer inputs the ``input`` node
   carries: an independent reference).
 - ``positions``: the ``input`` node patched at one position alone (``patch_positions``) equals HF with the
   embeddings of that position's token replaced by the corrupted token's, the same way.
-
-- ``masks``: masks evaluated together equal each on its own — for each layer's first q input and each MLP, a mask
-  that moves the edge from ``input`` into it beside an all-ones mask, in one call (the layers before that reader
-  are then run once for both: ``fxcircuits.prefix``), against the mask alone and the clean HF logits;
-- ``patterns``: ``cm.patterns`` equals HF's attention weights (the same weights with eager attention,
-  ``output_attentions``) on real query positions, where HF gives them for the attention layers alone;
-- ``direct``: every node's direct logits (``fxcircuits.direct_logits``, the final norm's statistics frozen) and
-  what no node writes add up to HF's logits at each prompt's last position.  ``readout`` says whether the frozen
-  readout is linear, taken to first order (soft-capping), or refused (with the reason): patching does not need it;
-- ``tokens``: direct logits read for a few tokens (``tokens=``, along each token's direction in the stream) equal
-  the vocab-wide ones at those tokens;
-- ``sources``: the first and last heads' direct logits split by key position (``fxcircuits.source_logits``) add up
-  to their direct logits.
 
 Each is a max |difference| over the logit scale (the weights' own, for ``patterns``), ``ok`` at ≤ 1e-4.
 Statuses: ``ok``; ``WRONG`` (traced, and a check failed: a defect); ``refused`` (fxcircuits raised its own error,
@@ -173,7 +161,6 @@ def check(model_type: str) -> dict:
         mask[0, :2] = 0  # left padding
         with torch.no_grad():
             hf = model(input_ids=clean, attention_mask=mask, use_cache=False).logits
-            hf_corrupted = model(input_ids=corrupted, attention_mask=mask, use_cache=False).logits
     except Exception as error:
         return {"status": "not-built", "error": _line(error)}
     started = time.perf_counter()
@@ -191,82 +178,23 @@ def check(model_type: str) -> dict:
     def difference(ours, reference):
         return (ours - reference)[valid].abs().max().item() / scale
 
-    n = len(cm.graph.edges)
-    into_logits = torch.tensor([0.0 if e.endswith("->logits") else 1.0 for e in cm.graph.edges])
     try:
         hybrid = clean.clone()
         hybrid[:, 4] = corrupted[:, 4]
+        found = fxcircuits.verify(cm, model, clean, mask, corrupted, tolerance=TOLERANCE)
         with torch.no_grad():
             hf_input, hf_position = (_embedded_as(model, clean, other, mask) for other in (corrupted, hybrid))
-            checks = {"clean": difference(cm(clean, mask), hf),
-                      "zero": difference(cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=torch.zeros(n)),
-                                         hf_corrupted),
-                      "logits": difference(cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=into_logits),
-                                           hf_corrupted),
-                      "input": difference(cm(clean, mask, corrupted_input_ids=corrupted, node_mask={"input": 0.0}),
+            hooked = {"input": difference(cm(clean, mask, corrupted_input_ids=corrupted, node_mask={"input": 0.0}),
                                           hf_input),
                       "positions": difference(cm(clean, mask, corrupted_input_ids=corrupted, node_mask={"input": 0.0},
-                                                 patch_positions=[4]), hf_position),
-                      "masks": _masks_difference(cm, clean, corrupted, mask, hf, difference)}
-        patterns = _patterns_difference(model_type, model, cm, clean, mask)
+                                                 patch_positions=[4]), hf_position)}
     except Exception as error:
         return {**result, "status": "crash", "error": _line(error)}
-    if patterns is not None:
-        checks["patterns"] = patterns
-    tokens = torch.tensor([[5, 9, 17], [3, 5, -1]])
-    try:
-        direct = fxcircuits.direct_logits(cm, clean, mask)
-        some = fxcircuits.direct_logits(cm, clean, mask, tokens=tokens)
-        heads = [n for n in cm.graph.upstream if n.startswith("a")]
-        sources = fxcircuits.source_logits(cm, clean, mask, heads=heads[:1] + heads[-1:])
-    except fxcircuits.DecompositionError as error:
-        result["readout"] = f"refused: {_line(error)}"
-    except Exception as error:
-        return {**result, "status": "crash", "error": f"direct_logits: {_line(error)}"}
-    else:
-        result["readout"] = "linear" if direct.linear else "first order"
-        last = hf[torch.arange(len(hf)), -1]  # the last position is real under left padding
-        checks["direct"] = (direct.logits.sum(0) + direct.rest)[:, 0].sub(last).abs().max().item() / scale
-        read = direct.logits.gather(-1, tokens.clamp(min=0)[None, :, None].expand(len(direct.labels), -1, 1, -1))
-        checks["tokens"] = (some.logits - read * (tokens >= 0)[:, None]).abs().max().item() / scale
-        split = sources.logits.sum(3) - direct.logits[[direct.labels.index(h) for h in sources.heads]]
-        checks["sources"] = split.abs().max().item() / scale
+    checks = {c.name: c.difference for c in found.checks if c.difference is not None}
+    checks.update(hooked)
+    result["readout"] = found.readout
     wrong = [k for k, v in checks.items() if not v <= TOLERANCE]
     return {**result, "status": "WRONG" if wrong else "ok", "checks": {k: float(f"{v:.2g}") for k, v in checks.items()}}
-
-
-def _masks_difference(cm, clean, corrupted, mask, hf, difference) -> float:
-    """The ``masks`` check: the largest difference of a mask run beside another from the same mask alone, and of an
-    all-ones mask run beside it from HF's clean logits."""
-    import torch
-    graph, worst = cm.graph, 0.0
-    for port in (p for p in graph.downstream if p.startswith("m") or p.endswith(".h0<q>")):
-        masks = torch.ones(2, len(graph.edges))
-        masks[0, graph.edge_index[f"input->{port}"]] = 0.0
-        together = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks)
-        alone = cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks[0])
-        worst = max(worst, difference(together[0], alone), difference(together[1], hf))
-    return worst
-
-
-def _patterns_difference(model_type: str, model, cm, clean, mask) -> float | None:
-    """Max |difference| between ``cm.patterns`` and HF's attention weights (the same weights run with eager
-    attention, ``output_attentions``) over real query positions; None where HF gives no weights to compare (no
-    eager attention, or weights for other layers than the attention layers)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    try:
-        eager = AutoModelForCausalLM.from_config(tiny_config(model_type), attn_implementation="eager").float().eval()
-        eager.load_state_dict(model.state_dict())
-        with torch.no_grad():
-            attentions = eager(input_ids=clean, attention_mask=mask, output_attentions=True, use_cache=False).attentions
-    except Exception:
-        return None
-    reference = [a for a in attentions or () if a is not None]
-    ours = cm.patterns(clean, mask)
-    if len(reference) != len(ours) or any(a.shape != b.shape for a, b in zip(ours, reference)):
-        return None
-    return max((a - b).abs().amax(-1).amax(1)[mask.bool()].max().item() for a, b in zip(ours, reference))
 
 
 def _embedded_as(model, clean, other, mask):

@@ -5,7 +5,8 @@ The pipeline, one module per stage: capture (torch.export) → components (resid
 nodes over them) → attribution (edge scores) → scores/circuit (selection, save/load; ``positional``: edges scored
 and kept per span of the prompt) → evaluation (faithfulness,
 CPR/CMD) → lens, patterns and draw (what the circuit does and what each node writes straight into the logits, and
-each head from which token; where its heads look, and a picture of it).  Data: models (load_model), tasks, data
+each head from which token; where its heads look, and a picture of it); verification (a traced model checked
+against the HF model it was traced from, on one's own prompts).  Data: models (load_model), tasks, data
 (batches), metrics.
 """
 from . import data, metrics, tasks
@@ -22,9 +23,10 @@ from .patterns import Patterns, attention_patterns
 from .positional import SpanCircuit, SpanScores, attribute_by_span
 from .positions import PositionEffects, patch_by_position
 from .scores import EdgeScores
+from .verification import Verification, verify
 
 __all__ = ["trace", "CircuitModel", "CircuitGraph", "Circuit", "EdgeScores", "attribute", "METHODS", "evaluate",
            "Evaluator", "Evaluation", "logit_lens", "Lens", "direct_logits", "DirectLogits", "source_logits",
            "SourceLogits", "attention_patterns", "Patterns", "patch_by_position", "PositionEffects",
-           "attribute_by_span", "SpanScores", "SpanCircuit", "load_model",
+           "attribute_by_span", "SpanScores", "SpanCircuit", "verify", "Verification", "load_model",
            "data", "metrics", "tasks", "CaptureError", "DecompositionError"]

@@ -115,7 +115,7 @@ def export(model: nn.Module, length: int | None = None) -> tuple[torch.fx.GraphM
     if not 2 <= length <= high:
         raise ValueError(f"prompts of {length} tokens: {type(model).__name__} takes prompts of 2 to {high} tokens")
     try:
-        with _evaluating(model):
+        with evaluating(model):
             program = _export(model, length, high)
     except CaptureError:
         raise
@@ -127,7 +127,7 @@ def export(model: nn.Module, length: int | None = None) -> tuple[torch.fx.GraphM
 
 
 @contextlib.contextmanager
-def _evaluating(model: nn.Module):
+def evaluating(model: nn.Module):
     """``model`` in eval mode (no dropout in the capture), each module's own mode given back afterwards: the user's
     model is theirs, perhaps in the middle of training."""
     modes = [(module, module.training) for module in model.modules()]

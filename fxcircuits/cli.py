@@ -1,5 +1,5 @@
-"""``fxcircuits`` on the command line: discover, evaluate, show, compare, lens, direct, attention and patch, each
-with ``--help``.
+"""``fxcircuits`` on the command line: discover, evaluate, show, compare, lens, direct, attention, patch and check,
+each with ``--help``.
 
     fxcircuits discover --model smollm2-135m --task ioi --method eap-ig-inputs --edges 1% --out circuit.json
     fxcircuits evaluate circuit.json --model smollm2-135m --task ioi --plot curve.png
@@ -12,6 +12,7 @@ with ``--help``.
     fxcircuits attention --model smollm2-135m --task ioi --heads a23.h0,a24.h4 --spans
     fxcircuits patch --model smollm2-135m --task ioi --out positions.png
     fxcircuits patch --model smollm2-135m --task ioi --spans --out spans.png
+    fxcircuits check --model ./my-model --task ioi
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from .positions import DIRECTIONS, patch_by_position
 from .positions import METHODS as POSITION_METHODS  # beside attribution's METHODS
 from .runs import ABLATIONS
 from .scores import EdgeScores
+from .verification import verify
 
 CIRCUIT_FILE = "circuit file, .json or .pt (fxcircuits, EAP-IG or MIB)"
 
@@ -192,6 +194,15 @@ def _parser() -> argparse.ArgumentParser:
                        "(attribution-ig) per call")
     patch.add_argument("--out", help="heatmap of the fractions, rows × tokens or spans (.svg or .png)")
     patch.set_defaults(run=_patch)
+    check = commands.add_parser("check", help="does fxcircuits compute this model exactly? traced against HF",
+                                description="Trace the model and check it against the untouched HF model on a "
+                                "task's first batch: the logits of a clean run, of runs with every edge (or every "
+                                "edge into the logits) patched, and of masks run together; the attention weights; "
+                                "and direct logit attribution's sums.  Exits 1 if any differs past the tolerance.")
+    _model_options(check)
+    check.add_argument("--tolerance", type=float, help="the largest difference that passes, as a fraction of the "
+                       "largest |logit| (default: 1e-4 in float32, 32 units in the last place in bfloat16/float16)")
+    check.set_defaults(run=_check)
     return parser
 
 
@@ -730,6 +741,25 @@ def _patch(args) -> int:
         by = "by token" if spans is None else f"by span, mean of {len(task.examples)}"
         effects.plot(tokenizer, args.out, example=example, title=f"{args.direction} {what}, {by} · {task.name}")
         print(f"heatmap → {args.out}")
+    return 0
+
+
+def _check(args) -> int:
+    model, _, cm, task = _setup(args)
+    batch = task.batches[0]
+    result = verify(cm, model, batch["clean"], batch["attention_mask"], batch["corrupted"], tolerance=args.tolerance)
+    graph = cm.graph
+    _table({"model": f"{cm.model_name} ({args.model}), {args.dtype} on {cm.device}",
+            "graph": f"{len(graph.upstream)} nodes ({sum(n[0] == 'a' for n in graph.upstream)} heads), "
+                     f"{len(graph.downstream)} inputs, {len(graph.edges):,} edges",
+            "prompts": f"{task.name}'s first batch: {batch['clean'].shape[0]} prompts of {batch['clean'].shape[1]} "
+                       "tokens, and their corrupted prompts"})
+    print(f"\n{result.table()}\n")
+    if result.failed:
+        print(f"WRONG: {', '.join(c.name for c in result.failed)} differ by more than {result.tolerance:.2g}")
+        return 1
+    print(f"ok: every check within {result.tolerance:.2g}" +
+          ("" if cm.dtype.itemsize >= 4 else f" ({args.dtype} rounds; --dtype float32 checks to the last digit)"))
     return 0
 
 

@@ -24,7 +24,7 @@ def _common(folder):
 
 
 @pytest.mark.parametrize("command", ["discover", "evaluate", "show", "compare", "lens", "direct", "attention",
-                                     "patch"])
+                                     "patch", "check"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])

@@ -1,0 +1,215 @@
+"""Check a traced model against the HF model it was traced from, on the prompts a study will run.
+
+The tests check every architecture they build on tiny random weights; a researcher's model has its own weights,
+dtype, device and prompts, and perhaps code of its own.  ``verify`` asks the untouched model itself where it can
+answer — its logits on the clean and on the corrupted prompts (every edge patched, or every edge into the logits),
+its attention weights under eager attention — and, where it cannot, checks identities that must hold: masks run
+in one call equal each run alone, every node's direct logits and what no node writes add up to the logits, and so
+do a head's direct logits split by key.  Each check is a largest difference over the real (unpadded) positions,
+in units of the largest |logit| (attention weights in their own units), against a tolerance that follows the dtype.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .capture import evaluating
+from .components import DecompositionError
+from .lens import direct_logits, source_logits
+from .model import CircuitModel
+
+FLOAT32_TOLERANCE = 1e-4  # what the tests hold every architecture to in float32, as a fraction of the logit scale
+HALF_ULPS = 32  # bfloat16, float16: each rounds where the model does not (see ``verify``)
+
+
+@dataclass
+class Check:
+    """One check: ``difference`` (None where it could not run, ``skipped`` saying why)."""
+    name: str
+    what: str
+    difference: float | None = None
+    skipped: str = ""
+
+    def passed(self, tolerance: float) -> bool:
+        return self.difference is not None and self.difference <= tolerance
+
+
+@dataclass
+class Verification:
+    """``verify``'s answer: each check's largest difference, and whether all that ran are within ``tolerance``.
+    ``readout``: how direct logit attribution reads this model — ``"linear"`` (exactly), ``"first order"``
+    (soft-capped logits), or ``"refused: …"`` with the reason (patching does not need it)."""
+    model: str
+    checks: list[Check]
+    tolerance: float
+    readout: str
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    @property
+    def failed(self) -> list[Check]:
+        """The checks that ran and differ by more than the tolerance (a difference that is NaN among them)."""
+        return [c for c in self.checks if c.difference is not None and not c.passed(self.tolerance)]
+
+    def table(self) -> str:
+        rows = [f"{'check':10s} {'difference':>10s}  {'':6s} what is compared"]
+        for c in self.checks:
+            if c.difference is None:
+                rows.append(f"{c.name:10s} {'—':>10s}  {'skip':6s} {c.what} ({c.skipped})")
+            else:
+                verdict = "ok" if c.passed(self.tolerance) else "WRONG"
+                rows.append(f"{c.name:10s} {c.difference:10.2e}  {verdict:6s} {c.what}")
+        rows.append(f"(the largest difference at real positions, in units of the largest |logit|, attention weights "
+                    f"in their own; tolerance {self.tolerance:.2g})")
+        return "\n".join(rows)
+
+
+@torch.no_grad()
+def verify(cm: CircuitModel, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+           corrupted_input_ids: torch.Tensor | None = None, *, tolerance: float | None = None) -> Verification:
+    """Check ``cm`` (``trace(model)``) against ``model`` on these prompts, [batch, seq], padded either side.
+
+    ``corrupted_input_ids``: the prompts patched in (a task's corrupted ones; default: each prompt's tokens in
+    reverse order, run under the same attention mask).  ``tolerance``: the largest difference that passes; by
+    default 1e-4 in float32 and float64, the tests' bound, and 32 units in the last place of bfloat16 or float16
+    (0.25, 0.031), in which a patched run, summing its inputs in another order, matches the model only to their
+    precision: on SmolLM2 it differs from HF by up to 3.9e-2 and 1.5e-2, as HF's own run in those dtypes differs
+    from its float32 run (by 4.9e-2 and 4.1e-3 of the logits, 0.15 and 0.013 of the attention weights).  The model
+    is run in eval mode, each module's mode given back afterwards."""
+    input_ids, attention_mask = cm.inputs(input_ids, attention_mask)
+    corrupted = input_ids.flip(-1) if corrupted_input_ids is None else cm.inputs(corrupted_input_ids)[0]
+    if corrupted.shape != input_ids.shape:
+        raise ValueError(f"clean and corrupted prompts differ in shape ({tuple(input_ids.shape)} and "
+                         f"{tuple(corrupted.shape)}): give the corrupted prompts padded as the clean ones")
+    if tolerance is None:
+        tolerance = FLOAT32_TOLERANCE if cm.dtype.itemsize >= 4 else HALF_ULPS * torch.finfo(cm.dtype).eps
+    with evaluating(model):
+        real = attention_mask.bool()
+        clean, hf_corrupted = (_hf_logits(model, ids, attention_mask, real) for ids in (input_ids, corrupted))
+        scale = clean[real].abs().max().item()
+
+        def difference(ours: torch.Tensor, reference: torch.Tensor) -> float:
+            return ((ours.float() - reference.float())[real].abs().max() / scale).item()
+
+        checks = _runs(cm, input_ids, attention_mask, corrupted, clean, hf_corrupted, difference)
+        checks.append(_patterns(cm, model, input_ids, attention_mask))
+    readings, readout = _readout(cm, input_ids, attention_mask, clean, scale)
+    return Verification(cm.model_name, checks + readings, tolerance, readout)
+
+
+def _hf_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               real: torch.Tensor) -> torch.Tensor:
+    """HF's logits, which the checks measure against: finite at every real position, or nothing to check."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    bad = (~logits.isfinite()).any(-1).logical_and(real).any(-1).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"the HF model's own logits are NaN or infinite on prompts {bad} (float16 overflowing?): "
+                         "nothing to check against; run it in float32 or bfloat16")
+    return logits
+
+
+def _runs(cm: CircuitModel, input_ids, attention_mask, corrupted, clean, hf_corrupted,
+          difference: Callable[[torch.Tensor, torch.Tensor], float]) -> list[Check]:
+    """The checks of ``cm``'s own runs against the HF model's logits on the clean and on the corrupted prompts."""
+    edges = cm.graph.edges
+    into_logits = torch.tensor([0.0 if e.endswith("->logits") else 1.0 for e in edges])
+
+    def patched(mask: torch.Tensor) -> torch.Tensor:
+        return cm(input_ids, attention_mask, corrupted_input_ids=corrupted, edge_mask=mask)
+
+    return [Check("clean", "no mask = HF's logits", difference(cm(input_ids, attention_mask), clean)),
+            Check("corrupted", "every edge patched = HF's logits on the corrupted prompts",
+                  difference(patched(torch.zeros(len(edges))), hf_corrupted)),
+            Check("logits", "every edge into the logits patched = HF's logits on the corrupted prompts",
+                  difference(patched(into_logits), hf_corrupted)),
+            Check("masks", "masks run in one call = each alone; an all-ones mask beside them = HF's logits",
+                  _masks(cm, patched, clean, difference))]
+
+
+def _masks(cm: CircuitModel, patched: Callable[[torch.Tensor], torch.Tensor], clean: torch.Tensor,
+           difference: Callable[[torch.Tensor, torch.Tensor], float]) -> float:
+    """The largest difference of a mask run beside an all-ones one from the same mask alone, and of the all-ones
+    mask from the clean logits; each mask patches the edge from ``input`` into the q input of a first, middle or
+    last attention layer, or into a first, middle or last MLP.  A call's masks share the layers below the first
+    reader they patch (``fxcircuits.prefix``), so each reader tried moves where that sharing ends."""
+    graph, worst = cm.graph, 0.0
+    for ports in ([p for p in graph.downstream if p.endswith(".h0<q>")], [p for p in graph.downstream if p[0] == "m"]):
+        for port in dict.fromkeys(ports[i] for i in (0, len(ports) // 2, -1)) if ports else ():
+            masks = torch.ones(2, len(graph.edges))
+            masks[0, graph.edge_index[f"input->{port}"]] = 0.0
+            together, alone = patched(masks), patched(masks[0])
+            worst = max(worst, difference(together[0], alone), difference(together[1], clean))
+    return worst
+
+
+def _patterns(cm: CircuitModel, model: nn.Module, input_ids, attention_mask) -> Check:
+    """``cm.patterns`` against the weights HF gives under eager attention (``output_attentions``), at real query
+    positions; the model's attention implementation is given back afterwards."""
+    check = Check("patterns", "attention weights = HF's under eager attention")
+    try:
+        with _eager_attention(model):
+            reference = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True,
+                              use_cache=False).attentions
+    except Exception as error:  # a model without eager attention, or whose outputs hold no weights
+        check.skipped = f"HF gives no eager weights: {type(error).__name__}: {_first_line(error)}"
+        return check
+    reference = [a for a in reference or () if a is not None]
+    ours = [w for w in cm.patterns(input_ids, attention_mask) if w is not None]
+    if len(reference) != len(ours) or any(a.shape != b.shape for a, b in zip(ours, reference)):
+        check.skipped = "HF's weights are not one per attention layer [batch, heads, query, key]"
+        return check
+    real = attention_mask.bool()
+    check.difference = max((a.float() - b.float()).abs().amax(-1).amax(1)[real].max().item()
+                           for a, b in zip(ours, reference))
+    return check
+
+
+@contextlib.contextmanager
+def _eager_attention(model: nn.Module):
+    """``model`` running eager attention, whose weights HF gives (``output_attentions``); its own given back."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+def _readout(cm: CircuitModel, input_ids, attention_mask, clean: torch.Tensor,
+             scale: float) -> tuple[list[Check], str]:
+    """Direct logit attribution's identities: every node's direct logits and the rest add up to HF's logits at each
+    prompt's last real token; read for a few tokens they equal the vocabulary-wide ones; the first and last heads'
+    direct logits split by key position add up to theirs; and how the readout is read (``Verification.readout``)."""
+    checks = [Check("direct", "every node's direct logits + the rest = HF's logits at the last token"),
+              Check("tokens", "direct logits read for some tokens = the vocabulary-wide ones there"),
+              Check("sources", "the first and last heads' direct logits by key position add up to theirs")]
+    tokens = input_ids[:, -3:].cpu()  # ids the vocabulary surely holds
+    heads = [n for n in cm.graph.upstream if n.startswith("a")]
+    try:
+        direct = direct_logits(cm, input_ids, attention_mask)
+        some = direct_logits(cm, input_ids, attention_mask, tokens=tokens)
+        sources = source_logits(cm, input_ids, attention_mask, heads=heads[:1] + heads[-1:]) if heads else None
+    except DecompositionError as error:  # a readout the engine cannot freeze: patching does not need it
+        for check in checks:
+            check.skipped = "the readout is refused"
+        return checks, f"refused: {_first_line(error)}"
+    last = clean.float().cpu()[torch.arange(len(clean)), direct.positions[:, 0]]
+    checks[0].difference = ((direct.logits.sum(0) + direct.rest)[:, 0] - last).abs().max().item() / scale
+    read = direct.logits.gather(-1, tokens[None, :, None].expand(len(direct.labels), -1, direct.logits.shape[2], -1))
+    checks[1].difference = (some.logits - read).abs().max().item() / scale
+    if sources is None:
+        checks[2].skipped = "no attention heads"
+    else:
+        split = sources.logits.sum(3) - direct.logits[[direct.labels.index(h) for h in sources.heads]]
+        checks[2].difference = split.abs().max().item() / scale
+    return checks, "linear" if direct.linear else "first order"
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]

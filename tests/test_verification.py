@@ -1,0 +1,136 @@
+"""``fxcircuits.verify`` and ``fxcircuits check``: a traced model checked against the HF model it was traced from,
+each check able to fail."""
+import pytest
+import torch
+
+import fxcircuits
+from fxcircuits import DecompositionError, verify
+from fxcircuits.cli import main
+from zoo import make
+
+CHECKS = ["clean", "corrupted", "logits", "masks", "patterns", "direct", "tokens", "sources"]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gemma2", "falcon_new_arch"])
+def test_a_traced_model_passes_every_check(traced, prompts, name):
+    model, cm = traced(name)
+    clean, corrupted, mask = prompts
+    found = verify(cm, model, clean, mask, corrupted)
+    assert [c.name for c in found.checks] == CHECKS
+    assert all(c.difference is not None for c in found.checks), found.table()
+    assert found.ok and found.tolerance == 1e-4, found.table()
+    assert found.readout == ("first order" if name == "gemma2" else "linear")  # Gemma 2 soft-caps its logits
+
+
+def test_another_models_trace_fails_what_the_hf_model_answers(traced, prompts):
+    """A trace of other weights matches the model nowhere its own answers are asked; what it checks against
+    itself (direct logits read by token and by key) still holds."""
+    model, _ = traced("llama")
+    clean, corrupted, mask = prompts
+    found = verify(fxcircuits.trace(make("llama", seed=1)), model, clean, mask, corrupted)
+    assert [c.name for c in found.failed] == ["clean", "corrupted", "logits", "masks", "patterns", "direct"]
+    assert not found.ok and found.table().count("WRONG") == 6
+
+
+@pytest.mark.parametrize("row", [0, 1])
+def test_masks_run_together_must_equal_each_alone(traced, prompts, monkeypatch, row):
+    """Off in a call of two masks: the first (one edge patched), checked against itself run alone, or the second
+    (all ones), checked against HF's logits."""
+    model, cm = traced("llama")
+    clean, corrupted, mask = prompts
+    forward = cm.forward
+
+    def off_together(*args, edge_mask=None, **kwargs):
+        out = forward(*args, edge_mask=edge_mask, **kwargs)
+        if torch.is_tensor(edge_mask) and edge_mask.dim() == 2:
+            out[row] += 1e-3 * out.abs().max()
+        return out
+    monkeypatch.setattr(cm, "forward", off_together)
+    assert [c.name for c in verify(cm, model, clean, mask, corrupted).failed] == ["masks"]
+
+
+def test_padding_is_not_compared(traced, prompts, monkeypatch):
+    """Logits and attention weights at padded positions are no part of the model's answer."""
+    model, cm = traced("llama")
+    clean, corrupted, mask = prompts
+    forward, patterns = cm.forward, cm.patterns
+    pad = ~mask.bool()
+    monkeypatch.setattr(cm, "forward", lambda *a, **k: forward(*a, **k).masked_fill(pad[..., None], 1e3))
+    monkeypatch.setattr(cm, "patterns", lambda *a, **k: [w.masked_fill(pad[:, None, :, None], 0.5)
+                                                         for w in patterns(*a, **k)])
+    found = verify(cm, model, clean, mask, corrupted)
+    assert found.ok and None not in [c.difference for c in found.checks], found.table()
+
+
+def test_patterns_must_equal_hfs(traced, prompts, monkeypatch):
+    model, cm = traced("llama")
+    clean, corrupted, mask = prompts
+    patterns = cm.patterns
+    monkeypatch.setattr(cm, "patterns", lambda *a, **k: [w if w is None else w.roll(1, -1) for w in patterns(*a, **k)])
+    assert [c.name for c in verify(cm, model, clean, mask, corrupted).failed] == ["patterns"]
+
+
+def test_the_model_is_run_as_it_computes_and_given_back(prompts):
+    """A model in training mode is checked without dropout (GPT-2's would make HF's logits random), and its
+    modes and attention implementation are as they were afterwards."""
+    model = make("gpt2")
+    cm = fxcircuits.trace(model)
+    model.train()
+    before = model.config._attn_implementation
+    clean, _, mask = prompts
+    found = verify(cm, model, clean, mask)  # the corrupted prompts: each prompt reversed
+    assert found.ok, found.table()
+    assert all(m.training for m in model.modules()) and model.config._attn_implementation == before != "eager"
+
+
+def test_half_precision_is_held_to_its_own(prompts):
+    model = make("llama", dtype=torch.bfloat16)
+    clean, corrupted, mask = prompts
+    found = verify(fxcircuits.trace(model), model, clean, mask, corrupted)
+    assert found.tolerance == 32 * torch.finfo(torch.bfloat16).eps
+    assert found.ok and 0 < max(c.difference for c in found.checks) < found.tolerance, found.table()
+
+
+def test_what_cannot_run_is_skipped_with_the_reason(traced, prompts, monkeypatch):
+    model, cm = traced("llama")
+    clean, corrupted, mask = prompts
+
+    def no_eager(_):
+        raise ValueError("this model has no eager attention")
+
+    def refused(*args, **kwargs):
+        raise DecompositionError("Tiny", None, "its readout mixes rows")
+    monkeypatch.setattr(model, "set_attn_implementation", no_eager)
+    monkeypatch.setattr(fxcircuits.verification, "direct_logits", refused)
+    found = verify(cm, model, clean, mask, corrupted)
+    skipped = {c.name: c.skipped for c in found.checks if c.difference is None}
+    assert set(skipped) == {"patterns", "direct", "tokens", "sources"} and found.ok
+    assert "no eager attention" in skipped["patterns"] and "its readout mixes rows" in found.readout
+    assert found.table().count("skip") == 4
+
+
+def test_prompts_of_different_shapes_are_refused(traced, prompts):
+    model, cm = traced("llama")
+    clean, corrupted, mask = prompts
+    with pytest.raises(ValueError, match="differ in shape"):
+        verify(cm, model, clean, mask, corrupted[:, :-1])
+
+
+def test_a_model_whose_own_logits_overflow_is_refused(prompts):
+    model = make("llama")
+    cm = fxcircuits.trace(model)
+    clean, corrupted, mask = prompts
+    with torch.no_grad():
+        model.lm_head.weight[:5] = float("inf")  # an edit in place, which the trace computes with too
+    with pytest.raises(ValueError, match=r"own logits are NaN or infinite on prompts \[0, 1, 2\]"):
+        verify(cm, model, clean, mask, corrupted)
+
+
+def test_check_on_the_command_line(tiny_folder, capsys):
+    common = ["check", "--model", str(tiny_folder), "--task", "ioi", "--size", "4", "--no-progress"]
+    assert main(common) == 0
+    printed = capsys.readouterr().out
+    assert "4 prompts of" in printed and all(f"\n{name} " in printed for name in CHECKS)
+    assert printed.strip().endswith("ok: every check within 0.0001")
+    assert main([*common, "--tolerance", "0"]) == 1  # every patched run rounds a little
+    assert "WRONG: corrupted" in capsys.readouterr().out
