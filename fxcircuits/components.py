@@ -212,7 +212,8 @@ def find_components(gm: GraphModule, model_name: str) -> Components:
     reach = descendants(source)
     selections = [n for n in gm.graph.nodes if n in reach and _key_selection(n)]
     chain = _dominator_chain(source, logits, _chosen(selections))
-    steps, sides, held = _steps(chain, model_name), [], frozenset()
+    attending = any(n.target in SDPA | SOFTMAX and _scores(n, reach) is not None for n in reach)
+    steps, sides, held = _steps(chain, model_name, attending), [], frozenset()
     stray = _stray_core(source, steps) if steps else None
     if not steps or stray is not None:
         found = _held_stream(source, logits, chain, _chosen(selections), model_name)
@@ -244,15 +245,16 @@ def _held_stream(source: Node, logits: Node, chain: list[Node], chosen: frozense
     return (chain, steps, sides, held) if steps else None
 
 
-def _steps(chain: list[Node], model_name: str) -> list[Step]:
-    """The residual steps along ``chain`` that have writers, or none where no attention layer writes."""
+def _steps(chain: list[Node], model_name: str, attending: bool = True) -> list[Step]:
+    """The residual steps along ``chain`` that have writers; none where the model has attention (``attending``)
+    and no attention layer writes to them."""
     counts = {"attention": 0, "mlp": 0}
     steps = []
     for step in _residual_steps(chain, model_name):
         step.writers = _writers(step, counts, model_name)
         if step.writers:
             steps.append(step)
-    return steps if counts["attention"] else []
+    return steps if counts["attention"] or not attending else []
 
 
 def _side_inputs(source: Node, chain: list[Node], cores: frozenset[Node]) -> list[Node]:

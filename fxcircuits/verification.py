@@ -152,6 +152,9 @@ def _patterns(cm: CircuitModel, model: nn.Module, input_ids, attention_mask) -> 
     """``cm.patterns`` against the weights HF gives under eager attention (``output_attentions``), at real query
     positions; the model's attention implementation is given back afterwards."""
     check = Check("patterns", "attention weights = HF's under eager attention")
+    if not cm.graph.n_heads:
+        check.skipped = "no attention layers"
+        return check
     try:
         with _eager_attention(model):
             reference = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True,

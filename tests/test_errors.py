@@ -371,17 +371,21 @@ def test_a_value_from_the_stream_added_to_the_heads_outputs_is_refused():
         fxcircuits.trace(model)
 
 
-def test_a_model_without_attention_is_refused_as_such():
-    """Granite 4.0's hybrid with Mamba-2 layers alone: its MoE router's softmax is not attention, so the error says
-    that no attention layer was found instead of pointing at the router as a second path to one."""
+def test_a_model_without_attention_is_its_other_writers():
+    """Granite 4.0's hybrid with Mamba-2 layers alone: its MoE router's softmax is not attention (it scores no keys),
+    so the model has none, and its Mamba layer and its MoE block beside the shared MLP are its nodes."""
     config = AutoConfig.for_model("granitemoehybrid", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128, mamba_n_heads=8,
                                   mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16, num_local_experts=4,
                                   num_experts_per_tok=2, layer_types=["linear_attention"])
-    with pytest.raises(fxcircuits.DecompositionError, match="GraniteMoeHybridForCausalLM: found no attention layer") \
-            as refusal:
-        fxcircuits.trace(AutoModelForCausalLM.from_config(config))
-    assert "more than one path" not in str(refusal.value)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    cm = fxcircuits.trace(model)
+    assert cm.graph.nodes == ["input", "m0", "m1", "logits"]
+    ids = torch.randint(3, 128, (2, 2, 7), generator=torch.Generator().manual_seed(0))
+    found = fxcircuits.verify(cm, model, ids[0], None, ids[1])
+    assert found.ok and [c.name for c in found.checks if c.difference is None] == ["patterns", "sources"], \
+        found.table()
 
 
 def test_keys_and_values_reused_outside_sdpa_are_refused():

@@ -6,7 +6,7 @@ import networkx as nx
 import pytest
 
 from fxcircuits.graph import CircuitGraph, Writer
-from zoo import CONFIGS
+from zoo import CONFIGS, NO_ATTENTION
 
 PARALLEL = {"gptj", "gpt_neox", "falcon_multi_query", "falcon_new_arch", "phi"}
 HYBRID = {"qwen3_5", "granite_hybrid"}  # a layer without attention: the formula's layers are attention layers
@@ -17,7 +17,7 @@ GRIFFIN = {"recurrent_gemma"}  # two recurrent layers before the attention layer
 DELAYED = {"longcat_flash"}  # two attention layers a decoder layer, and a delayed write
 
 
-@pytest.mark.parametrize("name", sorted(set(CONFIGS) - HYBRID - E_MODELS - GRIFFIN - DELAYED))
+@pytest.mark.parametrize("name", sorted(set(CONFIGS) - HYBRID - E_MODELS - GRIFFIN - DELAYED - NO_ATTENTION))
 def test_counts_follow_the_formula(traced, name):
     _, cm = traced(name)
     g, n_layers, n_heads = cm.graph, 2, 4
@@ -42,6 +42,16 @@ def test_a_writer_other_than_attention_is_an_mlp_node(traced, name):
     assert g.downstream[-3:] == ["a0.h3<v>", "m2", "logits"] and g.downstream[:2] == ["m0", "m1"]
     assert "m0->m1" in g.edge_index and "m1->a0.h2<k>" in g.edge_index and "a0.h1->m2" in g.edge_index
     assert len(g.edges) == 1 + 2 + 12 * 3 + 7 + 8
+
+
+def test_a_model_without_attention_is_a_chain_of_mlp_nodes(traced, prompts):
+    """Mamba has no attention layer: each layer's mixer (the selective scan) is one m node, which every later one
+    reads; the formula's attention layers are none, and so are the attention patterns."""
+    cm = traced("mamba")[1]
+    g = cm.graph
+    assert g.nodes == ["input", "m0", "m1", "logits"] and g.downstream == ["m0", "m1", "logits"]
+    assert g.edges == ["input->m0", "input->m1", "m0->m1", "input->logits", "m0->logits", "m1->logits"]
+    assert g.n_layers == g.n_heads == 0 and cm.patterns(prompts[0], prompts[2]) == []
 
 
 def test_griffins_recurrent_blocks_are_mlp_nodes(traced):

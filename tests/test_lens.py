@@ -8,7 +8,7 @@ from fxcircuits.circuit import Circuit
 from fxcircuits.components import DecompositionError
 from fxcircuits.lens import direct_logits, logit_lens, source_logits
 from fxcircuits.rewrite import SourceWrites
-from zoo import CONFIGS, make, modules
+from zoo import CONFIGS, NO_ATTENTION, make, modules
 
 
 def _ids():
@@ -385,7 +385,7 @@ def _heads(cm) -> list[str]:
     return heads[:2] + heads[-1:]
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", sorted(set(CONFIGS) - NO_ATTENTION))
 def test_source_logits_add_up_to_each_heads_direct_logits(traced, name):
     """Split by key position, a head's direct logits add up to its direct logits (``direct_logits``) at every real
     query position, vocab-wide and at given tokens: in every architecture (grouped and multi-query heads, MLA,

@@ -170,7 +170,13 @@ CONFIGS = {
                                         n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                         n_shared_experts=1, first_k_dense_replace=1, index_n_heads=2,
                                         index_head_dim=16, index_topk=64, indexer_types=["full", "shared"])),
+    # no attention at all: Mamba's selective scan (a Python loop over positions without its CUDA kernels, so
+    # torch.export traces it at fixed lengths alone) writes the stream, one m node a layer
+    "mamba": ("mamba", dict(hidden_size=64, num_hidden_layers=2, vocab_size=128, state_size=8, expand=2,
+                            conv_kernel=4)),
 }
+
+NO_ATTENTION = {"mamba"}  # no head to read, split, fold or draw patterns of
 
 # Test references only: (module writing the MLP node's output, attention output projection, post-attention
 # norm or None).  The engine itself never looks at these names.
@@ -206,6 +212,7 @@ MODULES = {
               "model.layers.{}.post_attention_layernorm"),
     "longcat_flash": ("model.layers.{}.mlps.0", "model.layers.{}.self_attn.0.o_proj", None),
     "qwen3_5": ("model.layers.{}.linear_attn", "model.layers.1.self_attn.o_proj", None),
+    "mamba": ("backbone.layers.{}.mixer", None, None),
     "granite_hybrid": ("model.layers.{}.mamba", "model.layers.1.self_attn.o_proj", None),
     "recurrent_gemma": ("model.layers.{}.temporal_block.linear_out", "model.layers.2.temporal_block.o_proj", None),
     "gemma3_multimodal": ("model.language_model.layers.{}.post_feedforward_layernorm",
