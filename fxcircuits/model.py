@@ -290,8 +290,9 @@ class CircuitModel(nn.Module):
             raise RuntimeError(f"{self.model_name} captured at {length} tokens does not serve a batch of "
                                f"{input_ids.shape[0]} prompts of that length")
         warn_at_caller(f"captured {self.model_name} again for prompts of {length} tokens, which no capture so far "
-                        "served (its code loops over chunks of the sequence in Python), in about the time trace took; "
-                        "attribution and evaluation pad a dataset's batches to a length one capture serves")
+                        "served (its code loops over the sequence in Python, by chunks or by positions), in about the "
+                        "time trace took; attribution and evaluation pad a dataset's batches to a length one capture "
+                        "serves")
         self.engines[str(length)] = engine
         self._served[tuple(input_ids.shape)] = engine
         return engine

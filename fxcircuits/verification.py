@@ -23,7 +23,7 @@ from .lens import direct_logits, source_logits
 from .model import CircuitModel
 
 FLOAT32_TOLERANCE = 1e-4  # what the tests hold every architecture to in float32, as a fraction of the logit scale
-HALF_ULPS = 32  # bfloat16, float16: each rounds where the model does not (see ``verify``)
+HALF_ULPS = 32  # bfloat16, float16: a patched run rounds at other places than the model does (see ``verify``)
 
 
 @dataclass
