@@ -212,8 +212,7 @@ def find_components(gm: GraphModule, model_name: str) -> Components:
     reach = descendants(source)
     selections = [n for n in gm.graph.nodes if n in reach and _key_selection(n)]
     chain = _dominator_chain(source, logits, _chosen(selections))
-    attending = any(n.target in SDPA | SOFTMAX and _scores(n, reach) is not None for n in reach)
-    steps, sides, held = _steps(chain, model_name, attending), [], frozenset()
+    steps, sides, held = _steps(chain, model_name, attending=bool(_cores(reach))), [], frozenset()
     stray = _stray_core(source, steps) if steps else None
     if not steps or stray is not None:
         found = _held_stream(source, logits, chain, _chosen(selections), model_name)
@@ -278,9 +277,13 @@ def _stray_core(source: Node, steps: list[Step]) -> Node | None:
     """An attention core outside every residual step, if any: one that reaches the later layers other than through
     the stream, so that the stream's chain skipped it."""
     spans = [(s.start, s.end) for s in steps]
-    reach = descendants(source)
-    return next((n for n in sorted(reach) if n.target in SDPA | SOFTMAX
-                 and not any(start < n <= end for start, end in spans) and _scores(n, reach) is not None), None)
+    return next((n for n in _cores(descendants(source)) if not any(start < n <= end for start, end in spans)), None)
+
+
+def _cores(reach: set[Node]) -> list[Node]:
+    """Every attention core among ``reach`` (what the tokens reach), in graph order: an SDPA call, or a softmax
+    over q·k scores (not a router's, which scores no keys)."""
+    return [n for n in sorted(reach) if n.target in SDPA | SOFTMAX and _scores(n, reach) is not None]
 
 
 def _core_inputs(source: Node) -> frozenset[Node]:
