@@ -212,13 +212,14 @@ def find_components(gm: GraphModule, model_name: str) -> Components:
     reach = descendants(source)
     selections = [n for n in gm.graph.nodes if n in reach and _key_selection(n)]
     chain = _dominator_chain(source, logits, _chosen(selections))
-    steps, sides, held = _steps(chain, model_name, attending=bool(_cores(reach))), [], frozenset()
-    stray = _stray_core(source, steps) if steps else None
+    cores = _cores(reach)
+    steps, sides, held = _steps(chain, model_name, attending=bool(cores)), [], frozenset()
+    stray = _stray_core(cores, steps) if steps else None
     if not steps or stray is not None:
         found = _held_stream(source, logits, chain, _chosen(selections), model_name)
         if found is not None:
             chain, steps, sides, held = found
-            stray = _stray_core(source, steps)
+            stray = _stray_core(cores, steps)
     if not steps:
         raise _no_attention(chain, model_name)
     if stray is not None:
@@ -273,11 +274,11 @@ def _side_inputs(source: Node, chain: list[Node], cores: frozenset[Node]) -> lis
             and any(u in after for u in data_users(n))]
 
 
-def _stray_core(source: Node, steps: list[Step]) -> Node | None:
-    """An attention core outside every residual step, if any: one that reaches the later layers other than through
-    the stream, so that the stream's chain skipped it."""
+def _stray_core(cores: list[Node], steps: list[Step]) -> Node | None:
+    """Of the model's attention ``cores``, one outside every residual step, if any: one that reaches the later layers
+    other than through the stream, so that the stream's chain skipped it."""
     spans = [(s.start, s.end) for s in steps]
-    return next((n for n in _cores(descendants(source)) if not any(start < n <= end for start, end in spans)), None)
+    return next((n for n in cores if not any(start < n <= end for start, end in spans)), None)
 
 
 def _cores(reach: set[Node]) -> list[Node]:
