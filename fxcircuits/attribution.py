@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics as metrics_
+from .caller import gradients
 from .data import REST, position_classes
 from .model import CircuitModel
 from .patching import Tap, class_keep, dense_keep
@@ -198,6 +199,7 @@ def _gradient_scores(cm, prepared, metric, method, steps, calls: Calls, progress
     return total / (examples(prepared) * points_per_edge(method, steps))
 
 
+@gradients("attribution by EAP (method='eap')")
 def _mask_gradient(cm: CircuitModel, p: Prepared, metric) -> torch.Tensor:
     """EAP's scores on one batch, [n_upstream, n_downstream]: at the clean point the mask's own gradient is the
     score, so no tap and no clean pass apart are needed."""
@@ -227,7 +229,7 @@ def tapped(cm: CircuitModel, p: Prepared, metric, method: str, steps: int, per_c
         for first in range(0, keep.shape[0], per_call):
             chunk = slice(first, first + per_call)
             tap = Tap(rows, len(cm.graph.downstream), side_rows, by_position=by_position)
-            with torch.enable_grad():
+            with gradients(f"attribution by {method!r}"):
                 value = p.measure(cm, metric, keep[chunk], input_ids=input_ids, other=_masks(other, chunk, p.size),
                                   tap=tap).sum()
                 total = total + tap.scores(value).cpu()
@@ -354,6 +356,7 @@ def _acdc(cm, prepared, metric, tau: float, calls: Calls, progress: bool, spans)
 
 # ---------------------------------------------------------------- learned masks
 
+@gradients("attribution by a learned mask (method='mask')")
 def _learned_mask(cm, prepared, metric, progress, seed, spans, steps: int, calls: Calls, *, mask_steps: int,
                   density: int | float, warm_start: str | None, lr: float = 0.5,
                   warmup: float = 0.75) -> tuple[torch.Tensor, float | None]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
+from .caller import gradients
 from .components import EXPANDING, RESHAPING, DecompositionError, between
 
 aten = torch.ops.aten
@@ -126,7 +127,7 @@ def columns_read(source: Node, target: Node, values: dict, masks: torch.Tensor |
     region = sorted(between(source, [target]))
     generator = torch.Generator().manual_seed(0)
     found = []
-    with torch.enable_grad():  # trace() may be called under torch.no_grad()
+    with gradients("trace()"):  # which heads a projection reads, by their gradients
         leaf = _random_like(values[source], generator).requires_grad_(True)
         out = _evaluate(region, values, source, leaf)[target]
         for head in range(out.shape[1] if masks is None else len(masks)):

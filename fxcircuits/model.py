@@ -303,8 +303,8 @@ class CircuitModel(nn.Module):
         None — checked: what every run of this model, and every attribution batch, goes through."""
         self.weights.check(self.device)
         input_ids = self._tokens(input_ids, "input_ids")
-        if input_ids.dim() != 2 or input_ids.shape[0] == 0:
-            raise ValueError(f"input_ids must be [batch, seq] with at least one prompt, got shape "
+        if input_ids.dim() != 2 or 0 in input_ids.shape:
+            raise ValueError(f"input_ids must be [batch, seq] with at least one prompt of one token, got shape "
                              f"{tuple(input_ids.shape)}")
         self._check_vocab(input_ids, "input_ids")
         if attention_mask is None:

@@ -363,6 +363,21 @@ def test_methods_are_deterministic(llama64, method):
     assert torch.equal(first.tensor, second.tensor)
 
 
+@pytest.mark.parametrize("method", ["eap", "eap-ig-inputs", "clean-corrupted", "mask"])
+def test_gradient_methods_run_under_no_grad_and_refuse_inference_mode_by_name(llama64, method):
+    """A study run under ``torch.no_grad()`` as a whole gets the same scores; inference mode, whose tensors can
+    never be saved for backward, is refused with the method's name rather than autograd's own error."""
+    options = {"mask_steps": 4} if method == "mask" else {}
+    batch = _batch()
+    scores = fxcircuits.attribute(llama64, [batch], "logit_diff", method, progress=False, **options)
+    with torch.no_grad():
+        assert torch.equal(fxcircuits.attribute(llama64, [batch], "logit_diff", method, progress=False,
+                                                **options).tensor, scores.tensor)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=rf"attribution by .*'{method}'.* takes gradients, "
+                                                                   r"which torch.inference_mode\(\) rules out"):
+        fxcircuits.attribute(llama64, [batch], "logit_diff", method, progress=False, **options)
+
+
 @pytest.mark.parametrize("name, edge", [("llama", 40), ("gemma4_per_layer", "input->m1")])
 def test_mean_ablation_uses_the_reference_means(request, name, edge):
     """The mean over the reference's real tokens of every node's output — and of every side input (Gemma 4's

@@ -1,4 +1,6 @@
 """Bad input gets a clear error that names the problem, never a wrong answer."""
+import re
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -48,9 +50,22 @@ def test_token_ids_and_masks_as_hf_takes_them_and_anything_else_refused(traced):
         cm(ids, corrupted_input_ids=ids.float(), edge_mask=torch.zeros(len(cm.graph.edges)))
     with pytest.raises(ValueError, match=r"attention_mask must be a tensor of input_ids' shape \(2, 7\)"):
         cm(ids, mask[:, 1:])
-    with pytest.raises(ValueError, match=r"input_ids must be \[batch, seq\] with at least one prompt, got shape "
-                                         r"\(0, 7\)"):
-        cm(ids[:0])
+    for empty in (ids[:0], ids[:, :0]):
+        expected = f"input_ids must be [batch, seq] with at least one prompt of one token, got shape {tuple(empty.shape)}"
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            cm(empty)
+
+
+def test_trace_under_no_grad_and_in_inference_mode():
+    """trace() tells which heads a projection reads by gradients: it takes them under the caller's no_grad, and
+    refuses inference mode by name, where autograd's own error would not say who asked for a gradient."""
+    model = make("llama")
+    edges = fxcircuits.trace(model).graph.edges
+    with torch.no_grad():
+        assert fxcircuits.trace(model).graph.edges == edges
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"trace\(\) takes gradients, which "
+                                                                   r"torch.inference_mode\(\) rules out"):
+        fxcircuits.trace(model)
 
 
 def test_the_corrupted_run_alongside_takes_no_gradient(llama):
