@@ -127,6 +127,22 @@ def test_patch_by_position(benchmark, smollm2, batch, method):
     print(f"= {ours / (runs * hf):.3f} of the {runs} HF forwards a sweep with hooks runs")
 
 
+@pytest.mark.parametrize("method", ["exact", "attribution"])
+def test_patch_nodes(benchmark, smollm2, batch, method):
+    """Every head and MLP (300) patched at every token of the 8 prompts, one at a time (300 patched runs, as many a
+    call as an ``Evaluator`` runs), or all of them to first order from one backward pass; against the HF forward.  A
+    sweep with hooks on the HF model runs one forward per node, 300 of them."""
+    model, cm, clean, _ = smollm2
+    sweep = lambda: fxcircuits.patch_nodes(cm, batch, fxcircuits.metrics.logit_diff, method=method)  # noqa: E731
+    with torch.no_grad():
+        hf, ours = _alternating(lambda: model(input_ids=clean).logits, sweep, min_runs=2)
+        benchmark.pedantic(sweep, rounds=1)
+    _report(benchmark, f"patch_nodes_{method}", ours, hf)
+    runs = len(cm.graph.upstream) - 1
+    benchmark.extra_info["vs_hooked_sweep"] = ours / (runs * hf)
+    print(f"= {ours / (runs * hf):.3f} of the {runs} HF forwards a sweep with hooks runs")
+
+
 @pytest.mark.parametrize("method", ["exact", "attribution", "attribution-ig"])
 def test_patch_by_span(benchmark, smollm2, tokenizer, method):
     """Causal tracing by span on 8 prompts of the built-in IOI task (its templates mixed): the stream entering each

@@ -12,6 +12,7 @@ each with ``--help``.
     fxcircuits attention --model smollm2-135m --task ioi --heads a23.h0,a24.h4 --spans
     fxcircuits patch --model smollm2-135m --task ioi --out positions.png
     fxcircuits patch --model smollm2-135m --task ioi --spans --out spans.png
+    fxcircuits patch --model smollm2-135m --task ioi --all-positions --out heads.png
     fxcircuits check --model ./my-model --task ioi
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ from .model import trace
 from .models import load_model
 from .patterns import attention_patterns
 from .positional import SpanCircuit, SpanScores, attribute_by_span, load_circuit
-from .positions import DIRECTIONS, patch_by_position
+from .positions import DIRECTIONS, patch_by_position, patch_nodes
 from .positions import METHODS as POSITION_METHODS  # beside attribution's METHODS
 from .runs import ABLATIONS
 from .scores import EdgeScores
@@ -177,7 +178,9 @@ def _parser() -> argparse.ArgumentParser:
                                 "outputs, patched at one token at a time; for each, the tokens where that moves the "
                                 "task's metric most, as a fraction of its difference between the clean and the "
                                 "corrupted prompt.  With --spans, at each named part of every example instead (IOI: "
-                                "IO, S1, S2, END), on average over the task.")
+                                "IO, S1, S2, END), on average over the task.  With --all-positions, each node at every "
+                                "token at once (by default every head and MLP), on average over the task: which heads "
+                                "and MLPs the behaviour needs, drawn as layers × heads.")
     _node_options(patch, instead="the stream entering each layer")
     patch.add_argument("--direction", choices=DIRECTIONS, default="noising", help="noising: the clean prompt, "
                        "values of the corrupted one patched in (what the behaviour needs); denoising: the other way "
@@ -190,9 +193,12 @@ def _parser() -> argparse.ArgumentParser:
     patch.add_argument("--spans", nargs="?", const="all", help="patch each span the task names, all of its tokens "
                        "at once, in every example, and average (IOI: IO, S1, S2, END; your file's 'spans' field); "
                        "optionally the comma-separated spans to patch")
-    patch.add_argument("--per-call", type=_positive, default=16, help="patched runs (exact) or integration points "
-                       "(attribution-ig) per call")
-    patch.add_argument("--out", help="heatmap of the fractions, rows × tokens or spans (.svg or .png)")
+    patch.add_argument("--all-positions", action="store_true", help="patch each node at every token at once, in "
+                       "every example, and average (nodes: every head and MLP unless given)")
+    patch.add_argument("--per-call", type=_positive, help="patched runs (exact) or integration points "
+                       "(attribution-ig) per call (default: 16 by position; by node, what fits the device best)")
+    patch.add_argument("--out", help="heatmap of the fractions, rows × tokens or spans, or layers × heads with "
+                       "--all-positions (.svg or .png)")
     patch.set_defaults(run=_patch)
     check = commands.add_parser("check", help="does fxcircuits compute this model exactly? traced against HF",
                                 description="Trace the model and check it against the untouched HF model on a "
@@ -717,14 +723,18 @@ def _span_table(rows: list[str], names: list[str], values: torch.Tensor, fmt: st
 
 def _patch(args) -> int:
     nodes = _read_nodes(args)
+    if args.all_positions and args.spans is not None:
+        raise SystemExit("--all-positions patches every token at once: leave out --spans")
     _, tokenizer, cm, task = _setup(args)
-    spans = None if args.spans is None else True if args.spans == "all" else args.spans.split(",")
-    batches = task.batches if spans is not None else data.example(*_example(task, args.example))
-    effects = patch_by_position(cm, batches, task.metric, nodes=nodes, spans=spans, direction=args.direction,
-                                method=args.method, steps=args.steps, masks_per_call=args.per_call,
-                                progress=not args.no_progress)
     how = args.direction + {"exact": "", "attribution": " (to first order)",
                             "attribution-ig": f" (by integrated gradients, {args.steps} steps)"}[args.method]
+    sweep = {"direction": args.direction, "method": args.method, "steps": args.steps, "progress": not args.no_progress,
+             **({} if args.per_call is None else {"masks_per_call": args.per_call})}
+    if args.all_positions:
+        return _patch_nodes(args, cm, task, nodes, how, sweep)
+    spans = None if args.spans is None else True if args.spans == "all" else args.spans.split(",")
+    batches = task.batches if spans is not None else data.example(*_example(task, args.example))
+    effects = patch_by_position(cm, batches, task.metric, nodes=nodes, spans=spans, **sweep)
     if spans is None:
         print(f"example {args.example}: {task.examples[args.example].clean!r}")
         print(f"{metrics_.name_of(task.metric)}: {float(effects.clean[0]):+.3f} on the clean prompt, "
@@ -740,6 +750,20 @@ def _patch(args) -> int:
         what = "the stream entering each layer" if nodes is None else "each node"
         by = "by token" if spans is None else f"by span, mean of {len(task.examples)}"
         effects.plot(tokenizer, args.out, example=example, title=f"{args.direction} {what}, {by} · {task.name}")
+        print(f"heatmap → {args.out}")
+    return 0
+
+
+def _patch_nodes(args, cm, task, nodes, how: str, sweep: dict) -> int:
+    """``patch --all-positions``: each node patched at every token, over the whole task."""
+    effects = patch_nodes(cm, task.batches, task.metric, nodes=nodes, **sweep)
+    print(f"{len(task.examples)} examples; {metrics_.name_of(task.metric)}: {float(effects.clean.mean()):+.3f} on "
+          f"the clean prompts, {float(effects.corrupted.mean()):+.3f} on the corrupted ones (means); {how}, the nodes "
+          "whose patching at every token moves it most, as a fraction of that difference, on average:")
+    print(effects.table(k=args.top, normalized=True))
+    if args.out:
+        effects.plot(args.out, title=f"{args.direction} each node at every token, mean of {len(task.examples)} · "
+                                     f"{task.name}")
         print(f"heatmap → {args.out}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Pictures of circuits, faithfulness curves and logit-lens heatmaps, drawn with matplotlib alone.
+"""Pictures of circuits, faithfulness curves, logit-lens heatmaps and values by node, drawn with matplotlib alone.
 
 Every function returns a ``matplotlib.figure.Figure`` and, given a ``path``, saves it as SVG or PNG by the
 path's suffix.  Figures are built on the non-interactive Agg canvas, never through ``pyplot``, so drawing works
@@ -201,6 +201,42 @@ def plot_heatmap(values, row_labels: Sequence[str], col_labels: Sequence[str], p
     return _save(fig, path)
 
 
+def plot_nodes(graph: CircuitGraph, nodes: Sequence[str], values, path: str | Path | None = None, *,
+               ax: Axes | None = None, title: str | None = None, fmt: str = "{:+.2f}") -> Figure:
+    """A value per node (``values`` [len(nodes)]: what patching it does, its direct share of the answer) laid out
+    as the model is: a row per decoder layer, a column per head and one for the layer's MLP — the layer × head
+    picture of activation-patching studies.  A row for ``input`` leads where it is among ``nodes``; cells of nodes
+    the model lacks, or that ``nodes`` leaves out, stay blank."""
+    values = _numpy(values)
+    if values.shape != (len(nodes),):
+        raise ValueError(f"values have shape {values.shape}; expected [{len(nodes)}], one per node")
+    unknown = [name for name in nodes if name not in graph.node_index]
+    if unknown:
+        raise KeyError(graph.not_a_node(unknown[0]))
+    rows, columns, cell = _node_grid(graph, "input" in nodes)
+    grid = np.full((len(rows), len(columns)), np.nan)
+    for name, value in zip(nodes, values):
+        grid[cell[name]] = value
+    return plot_heatmap(grid, rows, columns, path, ax=ax, title=title, fmt=fmt)
+
+
+def _node_grid(graph: CircuitGraph, with_input: bool) -> tuple[list[str], list[str], dict[str, tuple[int, int]]]:
+    """``plot_nodes``' rows (``L{layer}``, after ``input`` where asked for), columns (``h0`` … and ``mlp``), and
+    each node's cell."""
+    layers = graph.layers
+    columns = [f"h{h}" for h in range(max((w.n_heads for w in graph.writers if w.kind == "attention"), default=0))]
+    columns += ["mlp"] * any(w.kind == "mlp" for w in graph.writers)
+    first = int(with_input)
+    cell = {"input": (0, 0)} if with_input else {}
+    for w in graph.writers:
+        row = first + layers.index(w.layer)
+        if w.kind == "attention":
+            cell.update({f"a{w.layer}.h{h}": (row, h) for h in range(w.n_heads)})
+        else:
+            cell[f"m{w.layer}"] = (row, len(columns) - 1)
+    return ["input"] * with_input + [f"L{layer}" for layer in layers], columns, cell
+
+
 # ---- layout -------------------------------------------------------------------------------------------------
 
 
@@ -374,17 +410,19 @@ def _colour_scale(grid: np.ndarray, cmap: str | None, limits: tuple[float, float
     caller's ``cmap`` spans the values' range, or the caller's ``limits``."""
     if limits is not None:
         return {"cmap": cmap or "viridis", "vmin": limits[0], "vmax": limits[1]}
-    if cmap is None and grid.min(initial=0) < 0 < grid.max(initial=0):
-        bound = np.abs(grid).max()
+    if cmap is None and np.nanmin(grid, initial=0) < 0 < np.nanmax(grid, initial=0):
+        bound = np.nanmax(np.abs(grid))
         return {"cmap": "RdBu_r", "vmin": -bound, "vmax": bound}
     return {"cmap": cmap or "viridis"}
 
 
 def _annotate(ax: Axes, image, grid: np.ndarray, fmt: str) -> None:
-    """Write each value in its cell, dark on light colours and light on dark ones."""
+    """Write each value in its cell, dark on light colours and light on dark ones; a NaN cell, blank, is left so."""
     colours = image.cmap(image.norm(grid))
     luminance = colours[..., :3] @ np.array([0.299, 0.587, 0.114])
     for (row, col), value in np.ndenumerate(grid):
+        if np.isnan(value):
+            continue
         ax.text(col, row, fmt.format(value), ha="center", va="center", fontsize=7,
                 color="black" if luminance[row, col] > 0.5 else "white")
 
@@ -409,4 +447,4 @@ def _save(fig: Figure, path: str | Path | None) -> Figure:
     return fig
 
 
-__all__ = ["draw_circuit", "draw_comparison", "plot_faithfulness", "plot_heatmap"]
+__all__ = ["draw_circuit", "draw_comparison", "plot_faithfulness", "plot_heatmap", "plot_nodes"]

@@ -66,12 +66,14 @@ class Evaluator:
         check_finite(cm, self.prepared, self.metric, values)
         self.full, self.empty = values
 
-    def values(self, masks: torch.Tensor, progress: bool = False, spans: list[str] | None = None) -> torch.Tensor:
+    def values(self, masks: torch.Tensor, progress: bool = False, spans: list[str] | None = None,
+               desc: str = "evaluate") -> torch.Tensor:
         """Per-example metric under each edge mask [n, E]: [n, examples].  With ``spans`` (a positional circuit's
-        classes, ``SpanCircuit.spans``), masks [n, classes, E], each class applied at its tokens."""
+        classes, ``SpanCircuit.spans``), masks [n, classes, E], each class applied at its tokens.  ``progress``: a
+        bar over the calls, named ``desc``."""
         named = None if spans is None else spans[:-1]  # the last class is the rest, which no span names
         return self.calls.split(masks, lambda chunk: metric_values(self.cm, self.prepared, self.metric, chunk, named),
-                                self.prepared, desc="evaluate" if progress else None)
+                                self.prepared, desc=desc if progress else None)
 
     @property
     def masks_per_call(self) -> int:

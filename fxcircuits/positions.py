@@ -1,6 +1,8 @@
-"""Activation patching by position: which layer's stream, or which node, carries the behaviour at which token.
+"""Activation patching: which node carries the behaviour, and which layer's stream or node at which token.
 
-A circuit's edges say *what* carries a behaviour; patching by position says *where in the prompt*.  A mask
+``patch_nodes`` patches each node's output at every token at once, one node at a time: which heads and MLPs the
+behaviour needs (the layer × head picture of Wang et al.'s IOI; TransformerLens's ``*_all_pos`` patching).  A
+circuit's edges say *what* carries a behaviour; patching by position says *where in the prompt*.  A mask
 restricted to some positions (``patch_positions``, ``CircuitModel.forward``) patches its edges there alone.
 ``patch_by_position`` sweeps units × positions with it: for each unit — the residual stream entering a layer (causal
 tracing, Meng et al. 2022; TransformerLens's ``resid_pre``) or one node's output (a head, an MLP) — and each
@@ -22,14 +24,16 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from . import metrics
-from .attribution import differences, tapped
+from .attribution import POINTS_CALL_STREAM, POINTS_PER_CALL, differences, tapped
 from .circuit import Circuit
 from .data import span_weights
-from .draw import plot_heatmap
+from .draw import plot_heatmap, plot_nodes
+from .evaluation import Evaluator
+from .graph import CircuitGraph
 from .lens import node_names
 from .model import CircuitModel
 from .patching import dense_keep
-from .runs import Calls, Prepared, check_finite, ends, metric_values, prepare
+from .runs import Calls, Prepared, call_size, check_finite, ends, metric_values, prepare
 
 DIRECTIONS = ("noising", "denoising")
 METHODS = ("exact", "attribution", "attribution-ig")
@@ -128,6 +132,57 @@ class PositionEffects:
         return values, positions, [tokenizer.decode([int(i)]) for i in self.input_ids[example, positions]]
 
 
+@dataclass
+class NodeEffects:
+    """What patching each node's output at every token at once does to the metric, per prompt: ``effects``
+    [nodes, batch], ``units`` the nodes' names; ``clean``, ``corrupted`` [batch], the metric on either prompt;
+    ``direction`` and ``method`` as in ``PositionEffects``.  ``plot`` lays the nodes out as the model is (layers ×
+    heads, ``draw.plot_nodes``); ``example=`` picks one prompt, None the mean over them."""
+    units: list[str]
+    effects: torch.Tensor
+    clean: torch.Tensor
+    corrupted: torch.Tensor
+    direction: str
+    method: str
+    graph: CircuitGraph
+
+    @property
+    def normalized(self) -> torch.Tensor:
+        """``effects`` as a fraction of metric(clean) − metric(corrupted), per prompt."""
+        return self.effects / (self.clean - self.corrupted)[None]
+
+    def mean(self, normalized: bool = False) -> torch.Tensor:
+        """[nodes]: the mean over the prompts; ``normalized``, as a fraction of the mean whole effect (a ratio of
+        means, which a prompt whose clean and corrupted metrics nearly agree cannot blow up)."""
+        mean = self.effects.mean(1)
+        return mean / (self.clean - self.corrupted).mean() if normalized else mean
+
+    def values(self, example: int | None = None, normalized: bool = False) -> torch.Tensor:
+        """[nodes]: one prompt's effects, or (``example=None``) their mean."""
+        if example is None:
+            return self.mean(normalized)
+        if not -len(self.clean) <= example < len(self.clean):
+            raise IndexError(f"example {example}: the effects hold {len(self.clean)} prompts")
+        return (self.normalized if normalized else self.effects)[:, example]
+
+    def top(self, k: int = 10, example: int | None = None, normalized: bool = False) -> list[tuple[str, float]]:
+        """The ``k`` nodes whose patching moves the metric most (either sign): ``[(node, effect), …]``."""
+        values = self.values(example, normalized)
+        order = values.abs().topk(min(k, len(values))).indices.tolist()
+        return [(self.units[i], float(values[i])) for i in order]
+
+    def table(self, k: int = 10, example: int | None = None, normalized: bool = False) -> str:
+        """``top`` as aligned text, one node a line."""
+        tops = self.top(k, example, normalized)
+        width = max(len(unit) for unit, _ in tops)
+        return "\n".join(f"{unit:>{width}}  {value:+.3f}" for unit, value in tops)
+
+    def plot(self, path: str | Path | None = None, *, example: int | None = None, normalized: bool = True,
+             ax: Axes | None = None, title: str | None = None) -> Figure:
+        """The effects by layer and head (and MLP), as fractions of the whole by default."""
+        return plot_nodes(self.graph, self.units, self.values(example, normalized), path, ax=ax, title=title)
+
+
 @torch.no_grad()
 def patch_by_position(cm: CircuitModel, batches: dict | Iterable[dict], metric, *,
                       nodes: list[str] | Circuit | None = None, spans: bool | Sequence[str] = False,
@@ -148,22 +203,8 @@ def patch_by_position(cm: CircuitModel, batches: dict | Iterable[dict], metric, 
     gradient, as a first look to pick what to patch exactly; or ``"attribution-ig"``, the gradients averaged over
     ``steps`` points between the corrupted and the clean input (EAP-IG-inputs), ``masks_per_call`` points a call:
     ``steps`` gradients, and closer where one patch moves the metric far (the stream at the changed token)."""
-    if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}; choose one of {', '.join(DIRECTIONS)}")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if masks_per_call < 1 or steps < 1:
-        raise ValueError(f"masks_per_call and steps must be at least 1, got {masks_per_call} and {steps}")
-    metric = metrics.get(metric)
-    given = [batches] if isinstance(batches, dict) else list(batches)
-    if not given:
-        raise ValueError("no batches given: pass at least one batch (see fxcircuits.data.make_batches)")
+    given, metric, runs = _directed(batches, metric, direction, method, steps, masks_per_call)
     names = _span_names(given, spans)
-    if direction == "denoising" and metrics.needs_clean_logits(metric):
-        raise ValueError(f"{metrics.name_of(metric)} compares with the run being patched, which denoising runs on "
-                         "the corrupted prompts: use a metric of the answers (logit_diff, prob_diff, logprob), or "
-                         "noising")
-    runs = [{**b, "clean": b["corrupted"], "corrupted": b["clean"]} if direction == "denoising" else b for b in given]
     prepared = prepare(cm, runs, metric)
     units, masks = _units(cm, nodes)
     calls = Calls(masks_per_call)
@@ -181,6 +222,54 @@ def patch_by_position(cm: CircuitModel, batches: dict | Iterable[dict], metric, 
     return PositionEffects(units, effects if direction == "noising" else -effects, clean, corrupted, direction,
                            _joined([b["clean"].cpu() for b in given], fill=0),
                            _joined([_mask(b) for b in given], fill=0), method, names)
+
+
+@torch.no_grad()
+def patch_nodes(cm: CircuitModel, batches: dict | Iterable[dict], metric, *,
+                nodes: list[str] | Circuit | None = None, direction: str = "noising", method: str = "exact",
+                steps: int = 5, masks_per_call: int | None = None, progress: bool = False) -> NodeEffects:
+    """Patch each node's output at every token at once, one node at a time, on ``batches`` (a batch dict, or
+    several) and measure ``metric``: see ``NodeEffects``.  ``nodes``: names, or a circuit's nodes; None, every
+    head and MLP.  ``direction`` and ``method`` as for ``patch_by_position``: ``"exact"`` runs one patched run
+    per node (``masks_per_call`` of them a call; by default as many as an ``Evaluator`` runs), ``"attribution"``
+    estimates them all from one gradient, ``"attribution-ig"`` from ``steps``."""
+    given, metric, runs = _directed(batches, metric, direction, method, steps, masks_per_call)
+    units, masks = _units(cm, cm.graph.upstream[1:] if nodes is None else nodes)
+    evaluator = Evaluator(cm, runs, metric, masks_per_call=masks_per_call)  # checks the runs' metric is finite
+    run, other = evaluator.full, evaluator.empty  # every edge kept, every one patched
+    if method == "exact":
+        drops = run - evaluator.values(masks, progress, desc="patching nodes")
+    else:
+        prepared = evaluator.prepared
+        calls = Calls(call_size(prepared, masks_per_call, cpu_stream=POINTS_CALL_STREAM, most=POINTS_PER_CALL,
+                                accelerator=POINTS_PER_CALL))
+        drops = torch.cat([_attributed(cm, p, metric, masks, p.attention_mask.float().cpu()[None], method, steps,
+                                       calls)[..., 0] for p in prepared], -1)  # every real token, one column
+    clean, corrupted = (run, other) if direction == "noising" else (other, run)
+    return NodeEffects(units, drops if direction == "noising" else -drops, clean, corrupted, direction, method,
+                       cm.graph)
+
+
+def _directed(batches: dict | Iterable[dict], metric, direction: str, method: str, steps: int,
+              masks_per_call: int | None) -> tuple[list[dict], object, list[dict]]:
+    """The sweep's arguments checked: the batches as given, the metric, and the batches as run — for denoising the
+    corrupted prompts, the clean values patched in."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; choose one of {', '.join(DIRECTIONS)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if (masks_per_call is not None and masks_per_call < 1) or steps < 1:
+        raise ValueError(f"masks_per_call and steps must be at least 1, got {masks_per_call} and {steps}")
+    metric = metrics.get(metric)
+    given = [batches] if isinstance(batches, dict) else list(batches)
+    if not given:
+        raise ValueError("no batches given: pass at least one batch (see fxcircuits.data.make_batches)")
+    if direction == "denoising" and metrics.needs_clean_logits(metric):
+        raise ValueError(f"{metrics.name_of(metric)} compares with the run being patched, which denoising runs on "
+                         "the corrupted prompts: use a metric of the answers (logit_diff, prob_diff, logprob), or "
+                         "noising")
+    runs = [{**b, "clean": b["corrupted"], "corrupted": b["clean"]} if direction == "denoising" else b for b in given]
+    return given, metric, runs
 
 
 def _span_names(batches: list[dict], spans: bool | Sequence[str] | None) -> list[str] | None:

@@ -9,7 +9,7 @@ import torch
 
 from fxcircuits import (Circuit, CircuitGraph, DecompositionError, EdgeScores, Evaluator, SpanCircuit,
                         attention_patterns, attribute, attribute_by_span, cli, load_model, patch_by_position,
-                        source_logits, tasks, trace)
+                        patch_nodes, source_logits, tasks, trace)
 from fxcircuits.cli import main
 from fxcircuits.runs import Calls
 
@@ -444,6 +444,25 @@ def test_patch_by_span_averages_every_example_of_the_task(folder, tmp_path, caps
     with pytest.raises(SystemExit):
         main(["patch", *_common(folder), "--spans", "S3"])
     assert "no span named 'S3'" in capsys.readouterr().err
+
+
+def test_patch_at_all_positions_ranks_every_node_over_the_task(folder, tmp_path, capsys):
+    """``patch --all-positions``: every head and MLP patched at every token, the nodes of largest mean effect as
+    fractions of the mean whole over all of the task's examples — the library's figures — and a layer × head grid."""
+    out = tmp_path / "heads.png"
+    assert main(["patch", *_common(folder), "--all-positions", "--top", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("8 examples; logit_diff:") and out.stat().st_size > 0
+    model, tokenizer = load_model(folder)
+    task = tasks.load("ioi", tokenizer, size=8, seed=0, batch_size=4)
+    expected = patch_nodes(trace(model), task.batches, task.metric).top(3, normalized=True)
+    rows = [line.split() for line in printed.splitlines() if line.lstrip().startswith(("a", "m"))]
+    assert [row[0] for row in rows] == [node for node, _ in expected]
+    assert [float(row[1]) for row in rows] == pytest.approx([value for _, value in expected], abs=6e-4)
+    assert main(["patch", *_common(folder), "--all-positions", "--nodes", "m0,m1", "--method", "attribution"]) == 0
+    assert "noising (to first order)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="leave out --spans"):
+        main(["patch", *_common(folder), "--all-positions", "--spans"])
 
 
 def test_attention_by_span_averages_every_example_of_the_task(folder, tmp_path, capsys):

@@ -10,7 +10,8 @@ from matplotlib.figure import Figure
 
 from fxcircuits.circuit import Circuit
 from fxcircuits.draw import (COMPARISON_COLOURS, PORT_COLOURS, SEVERAL_SPANS, SIGN_COLOURS, SPAN_COLOURS, _layout,
-                             draw_circuit, draw_comparison, draw_span_circuit, plot_faithfulness, plot_heatmap)
+                             draw_circuit, draw_comparison, draw_span_circuit, plot_faithfulness, plot_heatmap,
+                             plot_nodes)
 from fxcircuits.graph import CircuitGraph
 from fxcircuits.positional import SpanCircuit
 
@@ -213,6 +214,32 @@ def test_heatmap_annotations_match_values(tmp_path):
     assert not plot_heatmap(torch.zeros(30, 30), list(map(str, range(30))), list(map(str, range(30)))).axes[0].texts
     with pytest.raises(ValueError, match="expected"):
         plot_heatmap(values, ["L0"], ["the", "cat", "sat"])
+
+
+def test_values_by_node_lie_by_layer_and_head(tmp_path):
+    """A row per layer, a column per head and one for the MLPs; a model with MLP-like mixers alone (Mamba) has that
+    column only.  Cells left out are blank — not coloured, not annotated, not counted in the colour scale."""
+    graph = CircuitGraph.from_config({"n_layers": 2, "n_heads": 3, "parallel_attn_mlp": False})
+    nodes = graph.upstream[1:]  # a0.h0 a0.h1 a0.h2 m0 a1.h0 …
+    values = torch.arange(len(nodes), dtype=torch.float) - 3
+    axes = plot_nodes(graph, nodes, values, tmp_path / "nodes.svg").axes[0]
+    grid = axes.images[0].get_array()
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["h0", "h1", "h2", "mlp"]
+    assert grid.tolist() == [[-3, -2, -1, 0], [1, 2, 3, 4]] and len(axes.texts) == 8
+    some = ["a1.h2", "m0"]
+    axes = plot_nodes(graph, some, torch.tensor([-0.5, 0.25])).axes[0]
+    image = axes.images[0]
+    assert image.get_array().mask.sum() == 6 and [float(t.get_text()) for t in axes.texts] == [0.25, -0.5]
+    assert (image.norm.vmin, image.norm.vmax) == (-0.5, 0.5)  # diverging around 0, the blanks aside
+    mixers = CircuitGraph.from_config({"n_layers": 0, "n_heads": 0, "parallel_attn_mlp": False,
+                                       "writers": [["mlp", 0, 1, 0], ["mlp", 1, 1, 1]]})
+    axes = plot_nodes(mixers, ["m0", "m1"], [1.0, 2.0]).axes[0]
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["mlp"]
+    assert [t.get_text() for t in axes.get_yticklabels()] == ["L0", "L1"]
+    with pytest.raises(ValueError, match=r"expected \[2\], one per node"):
+        plot_nodes(graph, some, [1.0])
+    with pytest.raises(KeyError, match="'a2.h0' is not an upstream node"):
+        plot_nodes(graph, ["a2.h0"], [1.0])
 
 
 def _rgb(hex_colour: str) -> tuple[float, float, float]:

@@ -235,9 +235,10 @@ def test_an_output_gate_follows_its_heads_q_input(prompts, name):
 
 def _hooked_node_patch(model, name, node, clean, corrupted, mask, at: torch.Tensor | None = None):
     """Reference on the unmodified HF model: replace one MLP's output, or one head's share of the attention
-    output, by its value on the corrupted prompt — at the positions ``at`` weights ([seq] or [batch, seq]; all
-    where None)."""
-    mlp_path, out_path, post_norm_path = (p and p.format(0) for p in modules(name))
+    output (``m1``, ``a0.h2``), by its value on the corrupted prompt — at the positions ``at`` weights ([seq] or
+    [batch, seq]; all where None)."""
+    layer = int(node[1:].split(".")[0])
+    mlp_path, out_path, post_norm_path = (p and p.format(layer) for p in modules(name))
     at = torch.ones(clean.shape[1]) if at is None else at
     def mix(run, other):  # [batch, seq, features], or [batch · seq, features] (OPT's MLP)
         by_position = (other - run).reshape(*clean.shape, -1)

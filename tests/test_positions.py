@@ -6,8 +6,9 @@ from torch import nn
 
 from fxcircuits import attribute, metrics, trace
 from fxcircuits.patching import position_weights
-from fxcircuits.positions import DIRECTIONS, _units, patch_by_position
+from fxcircuits.positions import DIRECTIONS, _units, patch_by_position, patch_nodes
 from fxcircuits.runs import Prepared
+from test_attribution import linear_gpt2
 from test_patching import _close, _hooked_node_patch, _run_with
 from zoo import CONFIGS, make
 
@@ -277,17 +278,22 @@ class _Tokens:
         return "".join(f"t{i}" for i in ids)
 
 
-def test_bad_sweeps_are_refused(traced, prompts):
+@pytest.mark.parametrize("sweep", [patch_by_position, patch_nodes])
+def test_bad_sweeps_are_refused(traced, prompts, sweep):
     _, cm = traced("llama")
     batch = _batch(prompts)
     with pytest.raises(ValueError, match="unknown direction"):
-        patch_by_position(cm, batch, metrics.logit_diff, direction="forwards")
+        sweep(cm, batch, metrics.logit_diff, direction="forwards")
+    with pytest.raises(ValueError, match="unknown method 'eap'"):
+        sweep(cm, batch, metrics.logit_diff, method="eap")
     with pytest.raises(ValueError, match="denoising"):
-        patch_by_position(cm, batch, metrics.kl_divergence, direction="denoising")
+        sweep(cm, batch, metrics.kl_divergence, direction="denoising")
     with pytest.raises(ValueError, match="masks_per_call"):
-        patch_by_position(cm, batch, metrics.logit_diff, masks_per_call=0)
-    with pytest.raises(KeyError, match="unknown node"):
-        patch_by_position(cm, batch, metrics.logit_diff, nodes=["a9.h0"])
+        sweep(cm, batch, metrics.logit_diff, masks_per_call=0)
+    with pytest.raises(KeyError, match="unknown node.*'a9.h0' is not an upstream node"):
+        sweep(cm, batch, metrics.logit_diff, nodes=["a9.h0"])
+    with pytest.raises(ValueError, match="no batches"):
+        sweep(cm, [], metrics.logit_diff)
     with pytest.raises(ValueError, match="holds no node"):
         cm.graph.into_layer(7)
 
@@ -520,3 +526,75 @@ def test_attribution_ig_by_position_is_complete_as_its_steps_grow(prompts, name)
     errors = [(patch_by_position(cm, batch, metrics.logit_diff, nodes=["input"], method="attribution-ig",
                                  steps=steps).effects[0].nansum(-1).double() - whole).abs().max() for steps in (16, 64)]
     assert errors[1] < 0.05 * whole.abs().max() and errors[1] < errors[0] / 3
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gemma2"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_patching_each_node_everywhere_matches_hooks(traced, prompts, name, direction):
+    """Every head and MLP, its output patched at every token: against the HF model with that output swapped by a
+    hook, in both directions; the runs' own metrics are HF's."""
+    model, cm = traced(name)
+    batch = _batch(prompts)
+    effects = patch_nodes(cm, batch, "logit_diff", direction=direction, masks_per_call=3)
+    assert effects.units == cm.graph.upstream[1:] and effects.effects.shape == (len(effects.units), 3)
+    with torch.no_grad():
+        expected = torch.stack([_hooked_effect(model, batch, direction, lambda run, other, mask: _hooked_node_patch(
+            model, name, node, run, other, mask)) for node in effects.units])
+        ends = [metrics.logit_diff(model(input_ids=batch[k], attention_mask=batch["attention_mask"]).logits, batch)
+                for k in ("clean", "corrupted")]
+    torch.testing.assert_close(effects.effects, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close([effects.clean, effects.corrupted], ends)
+    assert effects.effects.abs().max() > 1e-3  # the patches move the metric
+    one_at_a_time = patch_nodes(cm, [batch], "logit_diff", direction=direction, masks_per_call=1)
+    torch.testing.assert_close(one_at_a_time.effects, effects.effects)
+
+
+@pytest.mark.parametrize("method", ["attribution", "attribution-ig"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_node_attribution_sums_the_attribution_at_each_token(traced, prompts, method, direction):
+    """A node's effect everywhere, estimated from gradients, is its estimated effects at each token added up (they
+    are linear in the patch); attribution by position is checked against finite differences above."""
+    _, cm = traced("llama")
+    batch, nodes = _batch(prompts), ["input", "a0.h1", "m0", "a1.h3", "m1"]
+    everywhere = patch_nodes(cm, batch, metrics.logit_diff, nodes=nodes, direction=direction, method=method)
+    by_token = patch_by_position(cm, batch, metrics.logit_diff, nodes=nodes, direction=direction, method=method)
+    assert everywhere.method == method and everywhere.units == nodes
+    torch.testing.assert_close(everywhere.effects, by_token.effects.nansum(-1), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["attribution", "attribution-ig"])
+def test_node_attribution_is_exact_where_the_model_is_affine(prompts, method):
+    """On a GPT-2 whose logits are affine in every node's output (``linear_gpt2``) first order is exact: the
+    estimates are the patched runs' effects (kept in float32, as every metric value is)."""
+    cm = trace(linear_gpt2())
+    exact, estimate = (patch_nodes(cm, _batch(prompts), metrics.logit_diff, method=m) for m in ("exact", method))
+    scale = float(exact.effects.abs().max())
+    assert scale > 1e-2
+    torch.testing.assert_close(estimate.effects, exact.effects, atol=1e-6 * scale, rtol=0)  # float32 effects
+
+
+def test_node_effects_read_as_a_table_and_a_layer_by_head_grid(traced, prompts, tmp_path):
+    _, cm = traced("llama")
+    nodes = ["input", "a1.h2", "m0", "a0.h0"]
+    effects = patch_nodes(cm, _batch(prompts), metrics.logit_diff, nodes=nodes)
+    whole = effects.clean - effects.corrupted
+    torch.testing.assert_close(effects.normalized, effects.effects / whole)
+    torch.testing.assert_close(effects.mean(normalized=True), effects.effects.mean(1) / whole.mean())
+    torch.testing.assert_close(effects.values(example=2), effects.effects[:, 2])
+    top = effects.top(k=2, example=None)
+    strongest = int(effects.mean().abs().argmax())
+    assert len(top) == 2 and top[0] == (nodes[strongest], float(effects.mean()[strongest]))
+    assert effects.table(k=3).splitlines()[0].split() == [top[0][0], f"{top[0][1]:+.3f}"]
+    figure = effects.plot(tmp_path / "nodes.png", example=1, normalized=False)
+    assert (tmp_path / "nodes.png").stat().st_size > 0
+    axes = figure.axes[0]
+    assert [t.get_text() for t in axes.get_yticklabels()] == ["input", "L0", "L1"]
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["h0", "h1", "h2", "h3", "mlp"]
+    grid = axes.images[0].get_array()
+    cells = {"input": (0, 0), "a1.h2": (2, 2), "m0": (1, 4), "a0.h0": (1, 0)}
+    for node, (row, col) in cells.items():
+        assert grid[row, col] == pytest.approx(float(effects.effects[nodes.index(node), 1]))
+    assert int(grid.mask.sum()) == 15 - len(nodes)  # nodes not patched stay blank, and unannotated
+    assert len(axes.texts) == len(nodes)
+    with pytest.raises(IndexError, match="the effects hold 3 prompts"):
+        effects.top(example=3)
