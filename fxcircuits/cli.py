@@ -195,6 +195,9 @@ def _parser() -> argparse.ArgumentParser:
                        "optionally the comma-separated spans to patch")
     patch.add_argument("--all-positions", action="store_true", help="patch each node at every token at once, in "
                        "every example, and average (nodes: every head and MLP unless given)")
+    patch.add_argument("--ablation", choices=ABLATIONS, help="with --all-positions: what a patched node's output "
+                       "becomes — the corrupted prompt's, zero, or its mean over the task's clean prompts (default: "
+                       "corrupted)")
     patch.add_argument("--per-call", type=_positive, help="patched runs (exact) or integration points "
                        "(attribution-ig) per call (default: 16 by position; by node, what fits the device best)")
     patch.add_argument("--out", help="heatmap of the fractions, rows × tokens or spans, or layers × heads with "
@@ -725,6 +728,8 @@ def _patch(args) -> int:
     nodes = _read_nodes(args)
     if args.all_positions and args.spans is not None:
         raise SystemExit("--all-positions patches every token at once: leave out --spans")
+    if args.ablation and not args.all_positions:
+        raise SystemExit("--ablation knocks nodes out at every token: add --all-positions")
     _, tokenizer, cm, task = _setup(args)
     how = args.direction + {"exact": "", "attribution": " (to first order)",
                             "attribution-ig": f" (by integrated gradients, {args.steps} steps)"}[args.method]
@@ -756,14 +761,18 @@ def _patch(args) -> int:
 
 def _patch_nodes(args, cm, task, nodes, how: str, sweep: dict) -> int:
     """``patch --all-positions``: each node patched at every token, over the whole task."""
-    effects = patch_nodes(cm, task.batches, task.metric, nodes=nodes, **sweep)
+    ablation = args.ablation or "corrupted"
+    effects = patch_nodes(cm, task.batches, task.metric, nodes=nodes, ablation=ablation,
+                          reference=task.batches if ablation == "mean" else None, **sweep)
+    other = {"corrupted": "on the corrupted ones", "zero": "with every node's output zero",
+             "mean": "with every node's output at its mean"}[ablation]
+    how = how if ablation == "corrupted" else f"{how}, {ablation} ablation"
     print(f"{len(task.examples)} examples; {metrics_.name_of(task.metric)}: {float(effects.clean.mean()):+.3f} on "
-          f"the clean prompts, {float(effects.corrupted.mean()):+.3f} on the corrupted ones (means); {how}, the nodes "
-          "whose patching at every token moves it most, as a fraction of that difference, on average:")
+          f"the clean prompts, {float(effects.corrupted.mean()):+.3f} {other} (means); {how}, the nodes whose "
+          "patching at every token moves it most, as a fraction of that difference, on average:")
     print(effects.table(k=args.top, normalized=True))
     if args.out:
-        effects.plot(args.out, title=f"{args.direction} each node at every token, mean of {len(task.examples)} · "
-                                     f"{task.name}")
+        effects.plot(args.out, title=f"{how}: each node at every token, mean of {len(task.examples)} · {task.name}")
         print(f"heatmap → {args.out}")
     return 0
 

@@ -135,8 +135,9 @@ class PositionEffects:
 @dataclass
 class NodeEffects:
     """What patching each node's output at every token at once does to the metric, per prompt: ``effects``
-    [nodes, batch], ``units`` the nodes' names; ``clean``, ``corrupted`` [batch], the metric on either prompt;
-    ``direction`` and ``method`` as in ``PositionEffects``.  ``plot`` lays the nodes out as the model is (layers ×
+    [nodes, batch], ``units`` the nodes' names; ``clean``, ``corrupted`` [batch], the metric on either prompt
+    (under zero or mean ``ablation``, ``corrupted`` is the clean prompt's with every node so ablated); ``direction``
+    and ``method`` as in ``PositionEffects``.  ``plot`` lays the nodes out as the model is (layers ×
     heads, ``draw.plot_nodes``); ``example=`` picks one prompt, None the mean over them."""
     units: list[str]
     effects: torch.Tensor
@@ -144,6 +145,7 @@ class NodeEffects:
     corrupted: torch.Tensor
     direction: str
     method: str
+    ablation: str
     graph: CircuitGraph
 
     @property
@@ -227,15 +229,22 @@ def patch_by_position(cm: CircuitModel, batches: dict | Iterable[dict], metric, 
 @torch.no_grad()
 def patch_nodes(cm: CircuitModel, batches: dict | Iterable[dict], metric, *,
                 nodes: list[str] | Circuit | None = None, direction: str = "noising", method: str = "exact",
-                steps: int = 5, masks_per_call: int | None = None, progress: bool = False) -> NodeEffects:
+                ablation: str = "corrupted", reference: Iterable[dict] | None = None, steps: int = 5,
+                masks_per_call: int | None = None, progress: bool = False) -> NodeEffects:
     """Patch each node's output at every token at once, one node at a time, on ``batches`` (a batch dict, or
     several) and measure ``metric``: see ``NodeEffects``.  ``nodes``: names, or a circuit's nodes; None, every
     head and MLP.  ``direction`` and ``method`` as for ``patch_by_position``: ``"exact"`` runs one patched run
     per node (``masks_per_call`` of them a call; by default as many as an ``Evaluator`` runs), ``"attribution"``
-    estimates them all from one gradient, ``"attribution-ig"`` from ``steps``."""
+    estimates them all from one gradient, ``"attribution-ig"`` from ``steps``.  ``ablation``: what a patched
+    output becomes — the other prompt's (``"corrupted"``), zero (``"zero"``), or its mean over the real tokens of
+    ``reference`` batches (``"mean"``): knocking each node out of the clean run, which is noising."""
+    if ablation != "corrupted" and direction == "denoising":
+        raise ValueError(f"denoising patches the clean prompt's values into the corrupted run, and {ablation} "
+                         "ablation has none to patch in: knock nodes out of the clean run with direction='noising'")
     given, metric, runs = _directed(batches, metric, direction, method, steps, masks_per_call)
     units, masks = _units(cm, cm.graph.upstream[1:] if nodes is None else nodes)
-    evaluator = Evaluator(cm, runs, metric, masks_per_call=masks_per_call)  # checks the runs' metric is finite
+    evaluator = Evaluator(cm, runs, metric, ablation=ablation, reference=reference,
+                          masks_per_call=masks_per_call)  # checks the runs' metric is finite
     run, other = evaluator.full, evaluator.empty  # every edge kept, every one patched
     if method == "exact":
         drops = run - evaluator.values(masks, progress, desc="patching nodes")
@@ -247,7 +256,7 @@ def patch_nodes(cm: CircuitModel, batches: dict | Iterable[dict], metric, *,
                                        calls)[..., 0] for p in prepared], -1)  # every real token, one column
     clean, corrupted = (run, other) if direction == "noising" else (other, run)
     return NodeEffects(units, drops if direction == "noising" else -drops, clean, corrupted, direction, method,
-                       cm.graph)
+                       ablation, cm.graph)
 
 
 def _directed(batches: dict | Iterable[dict], metric, direction: str, method: str, steps: int,

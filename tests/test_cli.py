@@ -461,8 +461,17 @@ def test_patch_at_all_positions_ranks_every_node_over_the_task(folder, tmp_path,
     assert [float(row[1]) for row in rows] == pytest.approx([value for _, value in expected], abs=6e-4)
     assert main(["patch", *_common(folder), "--all-positions", "--nodes", "m0,m1", "--method", "attribution"]) == 0
     assert "noising (to first order)" in capsys.readouterr().out
+    assert main(["patch", *_common(folder), "--all-positions", "--nodes", "m0,a1.h0", "--ablation", "mean"]) == 0
+    printed = capsys.readouterr().out
+    mean = patch_nodes(trace(model), task.batches, task.metric, nodes=["m0", "a1.h0"], ablation="mean",
+                       reference=task.batches)
+    assert "with every node's output at its mean (means); noising, mean ablation" in printed
+    rows = {line.split()[0]: float(line.split()[1]) for line in printed.splitlines() if line.lstrip()[:2] in ("m0", "a1")}
+    assert rows == pytest.approx(dict(mean.top(2, normalized=True)), abs=6e-4)
     with pytest.raises(SystemExit, match="leave out --spans"):
         main(["patch", *_common(folder), "--all-positions", "--spans"])
+    with pytest.raises(SystemExit, match="add --all-positions"):
+        main(["patch", *_common(folder), "--ablation", "zero"])
 
 
 def test_attention_by_span_averages_every_example_of_the_task(folder, tmp_path, capsys):

@@ -9,8 +9,8 @@ from fxcircuits.patching import position_weights
 from fxcircuits.positions import DIRECTIONS, _units, patch_by_position, patch_nodes
 from fxcircuits.runs import Prepared
 from test_attribution import linear_gpt2
-from test_patching import _close, _hooked_node_patch, _run_with
-from zoo import CONFIGS, make
+from test_patching import _capture_input, _capture_output, _close, _hooked_node_patch, _run_with
+from zoo import CONFIGS, make, modules
 
 NODE_NAMES = ["llama", "gpt2", "opt", "bloom", "gemma2", "falcon_new_arch", "gpt_neox", "mixtral"]
 
@@ -547,6 +547,49 @@ def test_patching_each_node_everywhere_matches_hooks(traced, prompts, name, dire
     assert effects.effects.abs().max() > 1e-3  # the patches move the metric
     one_at_a_time = patch_nodes(cm, [batch], "logit_diff", direction=direction, masks_per_call=1)
     torch.testing.assert_close(one_at_a_time.effects, effects.effects)
+
+
+@pytest.mark.parametrize("ablation", ["zero", "mean"])
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_knocking_each_node_out_matches_hooks(traced, prompts, name, ablation):
+    """Zero and mean ablation of each node in the clean run, against hooks on the HF model that set each MLP's
+    output, or each head's columns of its output projection's input, to zero or to their mean over the prompts' real
+    tokens (the projection's bias is no head's: it stays, as the engine keeps it)."""
+    model, cm = traced(name)
+    batch = _batch(prompts)
+    effects = patch_nodes(cm, batch, "logit_diff", ablation=ablation, reference=[batch])
+    mlp_path, out_path, _ = modules(name)
+    clean, mask = batch["clean"], batch["attention_mask"]
+
+    def fill(values: torch.Tensor) -> torch.Tensor:  # [batch, seq, features]
+        real = mask.bool()
+        return torch.zeros_like(values) if ablation == "zero" else values[real].mean(0).expand_as(values)
+
+    def knocked_out(node: str):
+        layer = int(node[1:].split(".")[0])
+        if node.startswith("m"):
+            mlp = model.get_submodule(mlp_path.format(layer))
+            filled = fill(_capture_output(model, mlp, clean, mask))
+            return mlp.register_forward_hook(lambda m, i, o: filled)
+        out_proj, head = model.get_submodule(out_path.format(layer)), int(node.split("h")[-1])
+        width = (out_proj.weight.shape[0] if hasattr(out_proj, "nf") else out_proj.weight.shape[1]) // 4
+        cols = slice(head * width, (head + 1) * width)
+        filled = fill(_capture_input(model, out_proj, clean, mask)[..., cols])
+
+        def set_head(module, args):
+            z = args[0].clone()
+            z[..., cols] = filled
+            return (z,)
+        return out_proj.register_forward_pre_hook(set_head)
+
+    with torch.no_grad():
+        unpatched = metrics.logit_diff(model(input_ids=clean, attention_mask=mask).logits, batch)
+        expected = torch.stack([unpatched - metrics.logit_diff(_run_with(model, knocked_out(n), clean, mask), batch)
+                                for n in effects.units])
+    torch.testing.assert_close(effects.effects, expected, atol=1e-5, rtol=1e-4)
+    assert effects.ablation == ablation and effects.effects.abs().max() > 1e-3
+    with pytest.raises(ValueError, match=f"{ablation} ablation has none to patch in"):
+        patch_nodes(cm, batch, "logit_diff", ablation=ablation, reference=[batch], direction="denoising")
 
 
 @pytest.mark.parametrize("method", ["attribution", "attribution-ig"])
