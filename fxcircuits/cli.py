@@ -32,7 +32,8 @@ from . import tasks as tasks_
 from .attribution import GRADIENT_METHODS, METHODS, attribute
 from .circuit import FORMATS, Circuit
 from .components import DecompositionError
-from .draw import draw_circuit, draw_comparison, draw_span_circuit, plot_faithfulness, plot_heatmap
+from .draw import (draw_circuit, draw_comparison, draw_span_circuit, plot_faithfulness, plot_heatmap,
+                   plot_nodes)
 from .evaluation import Evaluator
 from .lens import direct_logits, logit_lens, source_logits
 from .model import trace
@@ -152,6 +153,8 @@ def _parser() -> argparse.ArgumentParser:
     _node_options(direct, instead="every node")
     direct.add_argument("--rows", type=_positive, default=20, help="how many nodes to list, largest |share| first")
     direct.add_argument("--out", help="heatmap of the listed nodes' shares, nodes × examples (.svg or .png)")
+    direct.add_argument("--grid", help="every node's mean share laid out as the model is, layers × heads and MLPs "
+                        "(.svg or .png)")
     direct.set_defaults(run=_direct)
     attention = commands.add_parser("attention", help="where given heads look, and what they write from there",
                                     description="The attention patterns of given heads on one of a task's examples: "
@@ -631,6 +634,10 @@ def _direct(args) -> int:
         plot_heatmap(shares[order], [labels[i] for i in order], [str(i) for i in range(shares.shape[1])], args.out,
                      title=f"direct logit difference · {task.name}")
         print(f"heatmap → {args.out}")
+    if args.grid:
+        plot_nodes(cm.graph, labels, shares.mean(1), args.grid,
+                   title=f"direct logit difference, mean of {shares.shape[1]} · {task.name}")
+        print(f"grid → {args.grid}")
     return 0
 
 

@@ -11,6 +11,7 @@ from fxcircuits import (Circuit, CircuitGraph, DecompositionError, EdgeScores, E
                         attention_patterns, attribute, attribute_by_span, cli, load_model, patch_by_position,
                         patch_nodes, source_logits, tasks, trace)
 from fxcircuits.cli import main
+from fxcircuits.draw import plot_nodes
 from fxcircuits.runs import Calls
 
 
@@ -113,9 +114,10 @@ def test_discover_by_span_evaluate_and_show(folder, tmp_path, capsys):
         main(["discover", *_common(folder), "--method", "eap", "--spans", "--out", str(tmp_path / "c.pt")])
 
 
-def test_direct_lists_the_largest_shares_and_what_they_add_up_to(folder, tmp_path, capsys):
+def test_direct_lists_the_largest_shares_and_what_they_add_up_to(folder, tmp_path, capsys, monkeypatch):
     """``direct`` lists the nodes of largest mean direct share of the logit difference, and accounts for the
-    model's logit difference: the nodes read, the others, and what no node writes (nothing, in a Llama)."""
+    model's logit difference: the nodes read, the others, and what no node writes (nothing, in a Llama); and draws
+    every node's mean share by layer and head."""
     def accounts() -> dict[str, float]:
         printed = capsys.readouterr().out
         shares = printed.split("largest first:\n")[1].split("\nthe model")[0].split()
@@ -123,9 +125,15 @@ def test_direct_lists_the_largest_shares_and_what_they_add_up_to(folder, tmp_pat
                                   r"what no node writes) +([-+][\d.]+)", printed, re.M))
         return dict(zip(shares[::2], map(float, shares[1::2]))), {k: float(v) for k, v in account.items()}
 
-    assert main(["direct", *_common(folder), "--rows", "3", "--out", str(tmp_path / "direct.svg")]) == 0
+    grid, drawn = tmp_path / "grid.svg", {}
+    monkeypatch.setattr(cli, "plot_nodes", lambda graph, nodes, values, path, **kw: drawn.update(zip(nodes, values))
+                        or plot_nodes(graph, nodes, values, path, **kw))
+    assert main(["direct", *_common(folder), "--rows", "3", "--out", str(tmp_path / "direct.svg"),
+                 "--grid", str(grid)]) == 0
     shares, account = accounts()
     graph = trace(load_model(folder)[0]).graph
+    assert list(drawn) == graph.upstream and grid.stat().st_size > 0  # every node, laid out by layer and head
+    assert {node: float(drawn[node]) for node in shares} == pytest.approx(shares, abs=6e-4)
     assert len(shares) == 3 and set(shares) <= set(graph.upstream)
     assert [abs(v) for v in shares.values()] == sorted(map(abs, shares.values()), reverse=True)
     read = account[f"the {len(graph.upstream)} nodes read"]
