@@ -18,7 +18,7 @@ from pathlib import Path
 import networkx as nx
 import torch
 
-from .graph import CircuitGraph
+from .graph import CircuitGraph, names
 
 FORMATS = {".json": "json", ".pt": "pt", ".pth": "pt"}  # suffix → the format read and written
 
@@ -293,9 +293,7 @@ def _edge_flags(graph: CircuitGraph, edges: Iterable[str] | torch.Tensor) -> tor
         if edges.shape != (len(graph.edges),):
             raise ValueError(f"edge flags have shape {tuple(edges.shape)}; expected [{len(graph.edges)}]")
         return edges.detach().cpu().bool()
-    if isinstance(edges, str):
-        raise TypeError(f"edges are a list of names, not one string: [{edges!r}] for one edge")
-    edges = list(edges)
+    edges = names(edges, "edge")
     unknown = [e for e in edges if e not in graph.edge_index]
     if unknown:
         raise KeyError(f"circuit has {len(unknown)} edge(s) not in this model's graph, e.g. {unknown[:3]}; "

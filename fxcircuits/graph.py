@@ -12,13 +12,21 @@ that layer's own inputs); edges grouped by downstream input, then by upstream no
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import networkx as nx
 import torch
 
 QKV = ("q", "k", "v")
+
+
+def names(given: Iterable[str], what: str) -> list[str]:
+    """``given`` names as a list, one string refused: it would be read as its characters, and each one reported
+    as no name of the graph."""
+    if isinstance(given, str):
+        raise TypeError(f"{what}s are a list of names, not one string: [{given!r}] for one {what}")
+    return list(given)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from torch.func import jvp, vjp, vmap
 from .circuit import Circuit
 from .data import span_sums
 from .draw import plot_heatmap
+from .graph import names
 from .metrics import answer_mean, answer_position, answer_sum
 from .model import CircuitModel
 from .norms import freeze_statistics
@@ -353,9 +354,8 @@ def node_names(cm: CircuitModel, nodes: list[str] | Circuit | None) -> list[str]
         nodes = [n for n in nodes.nodes if n in nodes.graph.node_index]
     if nodes is None:
         return None
-    if isinstance(nodes, str):  # which would read as its characters
-        raise TypeError(f"nodes are a list of names, not one string: [{nodes!r}] for one node")
-    if not len(nodes):
+    nodes = names(nodes, "node")
+    if not nodes:
         raise ValueError("no nodes to read: give node names, or a circuit with edges (an empty circuit has no nodes)")
     unknown = [n for n in nodes if n not in cm.graph.node_index]
     if unknown:

@@ -920,6 +920,8 @@ def edge_vector(graph: CircuitGraph, edge_mask) -> torch.Tensor:
 
 def node_vector(graph: CircuitGraph, node_mask) -> torch.Tensor:
     """A ``node_mask`` given as tensor [U] / [N, U] over upstream nodes, or ``{node: value}`` dict."""
+    if not isinstance(node_mask, (Mapping, torch.Tensor)):
+        raise TypeError(f"node_mask must be a tensor or a dict of node names, not {type(node_mask).__name__}")
     return _vector(node_mask, graph.node_index, "node", "cm.graph.upstream", graph.not_a_node)
 
 

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from .data import span_sums
 from .draw import plot_heatmap
+from .graph import names
 from .metrics import answer_position
 from .model import CircuitModel
 
@@ -107,12 +108,12 @@ def attention_patterns(cm: CircuitModel, input_ids: torch.Tensor, attention_mask
 
 def head_indices(cm: CircuitModel, heads: list[str] | None) -> tuple[list[str], list[tuple[int, int]]]:
     """Head node names (every head where None), each checked, and their (layer, head) indices."""
-    names = [n for n in cm.graph.upstream if n.startswith("a")]
-    heads = names if heads is None else list(heads)
-    unknown = [h for h in heads if h not in names]
+    every = [n for n in cm.graph.upstream if n.startswith("a")]
+    heads = every if heads is None else names(heads, "head")
+    unknown = [h for h in heads if h not in every]
     if not heads:
-        raise ValueError(f"no heads given: name some, e.g. {names[0]!r} (see cm.graph.upstream)")
+        raise ValueError(f"no heads given: name some, e.g. {every[0]!r} (see cm.graph.upstream)")
     if unknown:
-        raise KeyError(f"unknown head(s) {unknown[:3]}; heads are named a{{layer}}.h{{head}}, e.g. {names[0]!r} "
+        raise KeyError(f"unknown head(s) {unknown[:3]}; heads are named a{{layer}}.h{{head}}, e.g. {every[0]!r} "
                        "(see cm.graph.upstream)")
     return heads, [(int(layer[1:]), int(head[1:])) for layer, head in (h.split(".") for h in heads)]

@@ -95,6 +95,20 @@ def test_unknown_edge_and_node_names(llama):
         llama(ids, corrupted_input_ids=ids, edge_mask=fxcircuits.Circuit(bigger, ["m4->logits"]))
 
 
+
+def test_one_name_where_a_list_of_names_is_asked_for(llama):
+    """A string is iterable, and read as a list of names it would be its characters, each reported unknown."""
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    for call, what in [(lambda: fxcircuits.logit_lens(llama, ids, nodes="m0"), "node"),
+                       (lambda: fxcircuits.attention_patterns(llama, ids, heads="a0.h1"), "head"),
+                       (lambda: fxcircuits.source_logits(llama, ids, heads="a0.h1"), "head"),
+                       (lambda: fxcircuits.Circuit(llama.graph, "input->m0"), "edge")]:
+        with pytest.raises(TypeError, match=f"{what}s are a list of names, not one string: \\[.*\\] for one {what}"):
+            call()
+    with pytest.raises(TypeError, match="node_mask must be a tensor or a dict of node names, not str"):
+        llama(ids, corrupted_input_ids=ids, node_mask="m0")
+
+
 def test_nan_in_masks_or_ablation_values(llama):
     ids = torch.zeros(1, 4, dtype=torch.long)
     mask = torch.ones(len(llama.graph.edges))

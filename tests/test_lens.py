@@ -171,8 +171,6 @@ def test_answers_and_top_tokens(traced):
     assert "input" in lens.table(Tokenizer(), k=2)
     with pytest.raises(KeyError, match="unknown node.*'m9' is not an upstream node"):
         logit_lens(cm, ids, mask, nodes=["m9"])
-    with pytest.raises(TypeError, match=r"nodes are a list of names, not one string: \['m0'\] for one node"):
-        logit_lens(cm, ids, mask, nodes="m0")
 
 
 def test_positions_outside_the_prompts_are_refused(traced):
