@@ -105,7 +105,12 @@ def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
 
 
 def _as_list(answers: Sequence[str] | str) -> list[str]:
-    return [answers] if isinstance(answers, str) else list(answers)
+    """An example's answers as a list: one string, or a list of strings."""
+    answers = [answers] if isinstance(answers, str) else answers
+    if not isinstance(answers, Sequence) or not all(isinstance(answer, str) for answer in answers):
+        raise TypeError(f"an example's answers are a string or a list of strings (' Mary' or [' Mary', ' Anna']), "
+                        f"got {answers!r}")
+    return list(answers)
 
 
 def _show(tokenizer, ids: Sequence[int]) -> list[str]:
