@@ -241,7 +241,7 @@ def patch_nodes(cm: CircuitModel, batches: dict | Iterable[dict], metric, *,
     if ablation != "corrupted" and direction == "denoising":
         raise ValueError(f"denoising patches the clean prompt's values into the corrupted run, and {ablation} "
                          "ablation has none to patch in: knock nodes out of the clean run with direction='noising'")
-    given, metric, runs = _directed(batches, metric, direction, method, steps, masks_per_call)
+    _, metric, runs = _directed(batches, metric, direction, method, steps, masks_per_call)
     units, masks = _units(cm, cm.graph.upstream[1:] if nodes is None else nodes)
     evaluator = Evaluator(cm, runs, metric, ablation=ablation, reference=reference,
                           masks_per_call=masks_per_call)  # checks the runs' metric is finite
