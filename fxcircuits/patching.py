@@ -912,22 +912,20 @@ def edge_vector(graph: CircuitGraph, edge_mask) -> torch.Tensor:
     """An ``edge_mask`` given as tensor, ``{edge: value}`` dict or ``Circuit`` → tensor [E] or [N, E]."""
     if isinstance(edge_mask, Circuit):
         return edge_mask.edge_mask(graph)
-    if not isinstance(edge_mask, (Mapping, torch.Tensor)):
-        raise TypeError("edge_mask must be a tensor, a dict of edge names or a Circuit, "
-                        f"not {type(edge_mask).__name__}")
-    return _vector(edge_mask, graph.edge_index, "edge", "cm.graph.edges", graph.not_an_edge)
+    return _vector(edge_mask, graph.edge_index, "edge", "cm.graph.edges", graph.not_an_edge, also=" or a Circuit")
 
 
 def node_vector(graph: CircuitGraph, node_mask) -> torch.Tensor:
     """A ``node_mask`` given as tensor [U] / [N, U] over upstream nodes, or ``{node: value}`` dict."""
-    if not isinstance(node_mask, (Mapping, torch.Tensor)):
-        raise TypeError(f"node_mask must be a tensor or a dict of node names, not {type(node_mask).__name__}")
     return _vector(node_mask, graph.node_index, "node", "cm.graph.upstream", graph.not_a_node)
 
 
-def _vector(mask, index: Mapping[str, int], what: str, listing: str, why: Callable[[str], str]) -> torch.Tensor:
+def _vector(mask, index: Mapping[str, int], what: str, listing: str, why: Callable[[str], str],
+            also: str = "") -> torch.Tensor:
     """A mask by name (missing names = 1) or by position, checked against the ``index`` it refers to; ``why``
-    says why a name is none of its names."""
+    says why a name is none of its names, ``also`` what else the caller takes."""
+    if not isinstance(mask, (Mapping, torch.Tensor)):
+        raise TypeError(f"{what}_mask must be a tensor or a dict of {what} names{also}, not {type(mask).__name__}")
     if isinstance(mask, Mapping):
         unknown = [name for name in mask if name not in index]
         if unknown:

@@ -107,6 +107,8 @@ def test_one_name_where_a_list_of_names_is_asked_for(llama):
             call()
     with pytest.raises(TypeError, match="node_mask must be a tensor or a dict of node names, not str"):
         llama(ids, corrupted_input_ids=ids, node_mask="m0")
+    with pytest.raises(TypeError, match="edge_mask must be a tensor or a dict of edge names or a Circuit, not list"):
+        llama(ids, corrupted_input_ids=ids, edge_mask=[1.0] * len(llama.graph.edges))
 
 
 def test_nan_in_masks_or_ablation_values(llama):
