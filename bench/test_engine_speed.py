@@ -128,17 +128,21 @@ def test_patch_by_position(benchmark, smollm2, batch, method):
 
 
 @pytest.mark.parametrize("method", ["exact", "attribution"])
-def test_patch_nodes(benchmark, smollm2, batch, method):
+@pytest.mark.parametrize("units", ["nodes", "inputs"])
+def test_patch_everywhere(benchmark, smollm2, batch, units, method):
     """Every head and MLP (300) patched at every token of the 8 prompts, one at a time (300 patched runs, as many a
-    call as an ``Evaluator`` runs), or all of them to first order from one backward pass; against the HF forward.  A
-    sweep with hooks on the HF model runs one forward per node, 300 of them."""
+    call as an ``Evaluator`` runs), or all of them to first order from one backward pass; or every head's q, k and v
+    input and every MLP's input (840, ``patch_inputs``); against the HF forward.  A sweep with hooks on the HF model
+    runs one forward per node or input (a key or value input of a query head sharing its key-value head takes two
+    with hooks, counted as one here)."""
     model, cm, clean, _ = smollm2
-    sweep = lambda: fxcircuits.patch_nodes(cm, batch, fxcircuits.metrics.logit_diff, method=method)  # noqa: E731
+    patch = fxcircuits.patch_nodes if units == "nodes" else fxcircuits.patch_inputs
+    sweep = lambda: patch(cm, batch, fxcircuits.metrics.logit_diff, method=method)  # noqa: E731
     with torch.no_grad():
         hf, ours = _alternating(lambda: model(input_ids=clean).logits, sweep, min_runs=2)
         benchmark.pedantic(sweep, rounds=1)
-    _report(benchmark, f"patch_nodes_{method}", ours, hf)
-    runs = len(cm.graph.upstream) - 1
+    _report(benchmark, f"patch_{units}_{method}", ours, hf)
+    runs = len(cm.graph.upstream) - 1 if units == "nodes" else len(cm.graph.downstream) - 1
     benchmark.extra_info["vs_hooked_sweep"] = ours / (runs * hf)
     print(f"= {ours / (runs * hf):.3f} of the {runs} HF forwards a sweep with hooks runs")
 

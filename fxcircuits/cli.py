@@ -40,7 +40,7 @@ from .model import trace
 from .models import load_model
 from .patterns import attention_patterns
 from .positional import SpanCircuit, SpanScores, attribute_by_span, load_circuit
-from .positions import DIRECTIONS, patch_by_position, patch_nodes
+from .positions import DIRECTIONS, patch_by_position, patch_inputs, patch_nodes
 from .positions import METHODS as POSITION_METHODS  # beside attribution's METHODS
 from .runs import ABLATIONS
 from .scores import EdgeScores
@@ -183,7 +183,8 @@ def _parser() -> argparse.ArgumentParser:
                                 "corrupted prompt.  With --spans, at each named part of every example instead (IOI: "
                                 "IO, S1, S2, END), on average over the task.  With --all-positions, each node at every "
                                 "token at once (by default every head and MLP), on average over the task: which heads "
-                                "and MLPs the behaviour needs, drawn as layers × heads.")
+                                "and MLPs the behaviour needs, drawn as layers × heads.  With --inputs, heads' q, k "
+                                "and v inputs and MLPs' inputs instead of outputs.")
     _node_options(patch, instead="the stream entering each layer")
     patch.add_argument("--direction", choices=DIRECTIONS, default="noising", help="noising: the clean prompt, "
                        "values of the corrupted one patched in (what the behaviour needs); denoising: the other way "
@@ -198,6 +199,12 @@ def _parser() -> argparse.ArgumentParser:
                        "optionally the comma-separated spans to patch")
     patch.add_argument("--all-positions", action="store_true", help="patch each node at every token at once, in "
                        "every example, and average (nodes: every head and MLP unless given)")
+    patch.add_argument("--inputs", nargs="?", const="all", help="patch downstream inputs instead of outputs: "
+                       "each head's q, k and v input and each MLP's input (through which of them a head matters), "
+                       "or the comma-separated inputs, e.g. 'a23.h3<q>,a23.h3<k>,m20'")
+    patch.add_argument("--receivers", help="comma-separated inputs each node is patched into alone, its other edges "
+                       "left as they are (path patching: which heads move the name movers' queries), e.g. "
+                       "'a23.h3<q>,a23.h0<q>'")
     patch.add_argument("--ablation", choices=ABLATIONS, help="with --all-positions: what a patched node's output "
                        "becomes — the corrupted prompt's, zero, or its mean over the task's clean prompts (default: "
                        "corrupted)")
@@ -737,16 +744,27 @@ def _patch(args) -> int:
         raise SystemExit("--all-positions patches every token at once: leave out --spans")
     if args.ablation and not args.all_positions:
         raise SystemExit("--ablation knocks nodes out at every token: add --all-positions")
+    if args.inputs and nodes is not None:
+        raise SystemExit("--inputs patches inputs, not nodes: leave out the circuit and --nodes")
+    receivers = args.receivers.split(",") if args.receivers else None
+    if receivers and (args.inputs or (nodes is None and not args.all_positions)):
+        raise SystemExit("--receivers patches nodes' outputs into them: give --nodes (or a circuit), or "
+                         "--all-positions for every head and MLP, and leave out --inputs")
     _, tokenizer, cm, task = _setup(args)
+    inputs = None if args.inputs is None else cm.graph.downstream[:-1] if args.inputs == "all" else \
+        args.inputs.split(",")
     how = args.direction + {"exact": "", "attribution": " (to first order)",
-                            "attribution-ig": f" (by integrated gradients, {args.steps} steps)"}[args.method]
+                            "attribution-ig": f" (by integrated gradients, {args.steps} steps)"}[args.method] + \
+        (f", into {', '.join(receivers)} alone" if receivers else "")
     sweep = {"direction": args.direction, "method": args.method, "steps": args.steps, "progress": not args.no_progress,
              **({} if args.per_call is None else {"masks_per_call": args.per_call})}
     if args.all_positions:
-        return _patch_nodes(args, cm, task, nodes, how, sweep)
+        units = {"inputs": inputs} if inputs is not None else {"nodes": nodes, "receivers": receivers}
+        return _patch_everywhere(args, cm, task, units, how, sweep)
     spans = None if args.spans is None else True if args.spans == "all" else args.spans.split(",")
     batches = task.batches if spans is not None else data.example(*_example(task, args.example))
-    effects = patch_by_position(cm, batches, task.metric, nodes=nodes, spans=spans, **sweep)
+    effects = patch_by_position(cm, batches, task.metric, nodes=nodes, inputs=inputs, receivers=receivers,
+                                spans=spans, **sweep)
     if spans is None:
         print(f"example {args.example}: {task.examples[args.example].clean!r}")
         print(f"{metrics_.name_of(task.metric)}: {float(effects.clean[0]):+.3f} on the clean prompt, "
@@ -759,27 +777,30 @@ def _patch(args) -> int:
     example = None if spans is not None else 0
     print(effects.table(tokenizer, k=args.top, example=example, normalized=True))
     if args.out:
-        what = "the stream entering each layer" if nodes is None else "each node"
+        what = "each input" if inputs else "the stream entering each layer" if nodes is None else "each node"
         by = "by token" if spans is None else f"by span, mean of {len(task.examples)}"
         effects.plot(tokenizer, args.out, example=example, title=f"{args.direction} {what}, {by} · {task.name}")
         print(f"heatmap → {args.out}")
     return 0
 
 
-def _patch_nodes(args, cm, task, nodes, how: str, sweep: dict) -> int:
-    """``patch --all-positions``: each node patched at every token, over the whole task."""
+def _patch_everywhere(args, cm, task, units: dict, how: str, sweep: dict) -> int:
+    """``patch --all-positions``: each node (``units``: ``nodes`` and ``receivers``) or input (``inputs``) patched
+    at every token, over the whole task."""
     ablation = args.ablation or "corrupted"
-    effects = patch_nodes(cm, task.batches, task.metric, nodes=nodes, ablation=ablation,
-                          reference=task.batches if ablation == "mean" else None, **sweep)
-    other = {"corrupted": "on the corrupted ones", "zero": "with every node's output zero",
-             "mean": "with every node's output at its mean"}[ablation]
+    patch, what, patched = (patch_inputs, "input", "input") if "inputs" in units else (patch_nodes, "node",
+                                                                                      "node's output")
+    effects = patch(cm, task.batches, task.metric, **units, **sweep, ablation=ablation,
+                    reference=task.batches if ablation == "mean" else None)
+    other = {"corrupted": "on the corrupted ones", "zero": f"with every {patched} zero",
+             "mean": f"with every {patched} at its mean"}[ablation]
     how = how if ablation == "corrupted" else f"{how}, {ablation} ablation"
     print(f"{len(task.examples)} examples; {metrics_.name_of(task.metric)}: {float(effects.clean.mean()):+.3f} on "
-          f"the clean prompts, {float(effects.corrupted.mean()):+.3f} {other} (means); {how}, the nodes whose "
+          f"the clean prompts, {float(effects.corrupted.mean()):+.3f} {other} (means); {how}, the {what}s whose "
           "patching at every token moves it most, as a fraction of that difference, on average:")
     print(effects.table(k=args.top, normalized=True))
     if args.out:
-        effects.plot(args.out, title=f"{how}: each node at every token, mean of {len(task.examples)} · {task.name}")
+        effects.plot(args.out, title=f"{how}: each {what} at every token, mean of {len(task.examples)} · {task.name}")
         print(f"heatmap → {args.out}")
     return 0
 

@@ -207,34 +207,60 @@ def plot_nodes(graph: CircuitGraph, nodes: Sequence[str], values, path: str | Pa
     as the model is: a row per decoder layer, a column per head and one for the layer's MLP — the layer × head
     picture of activation-patching studies.  A row for ``input`` leads where it is among ``nodes``; cells of nodes
     the model lacks, or that ``nodes`` leaves out, stay blank."""
-    values = _numpy(values)
-    if values.shape != (len(nodes),):
-        raise ValueError(f"values have shape {values.shape}; expected [{len(nodes)}], one per node")
     unknown = [name for name in nodes if name not in graph.node_index]
     if unknown:
         raise KeyError(graph.not_a_node(unknown[0]))
-    rows, columns, cell = _node_grid(graph, "input" in nodes)
-    grid = np.full((len(rows), len(columns)), np.nan)
-    for name, value in zip(nodes, values):
-        grid[cell[name]] = value
-    return plot_heatmap(grid, rows, columns, path, ax=ax, title=title, fmt=fmt)
+    return _plot_cells(_grid(graph, ("",), "input" in nodes, False), nodes, values, path, ax, title, fmt)
 
 
-def _node_grid(graph: CircuitGraph, with_input: bool) -> tuple[list[str], list[str], dict[str, tuple[int, int]]]:
-    """``plot_nodes``' rows (``L{layer}``, after ``input`` where asked for), columns (``h0`` … and ``mlp``), and
-    each node's cell."""
+def plot_inputs(graph: CircuitGraph, inputs: Sequence[str], values, path: str | Path | None = None, *,
+                ax: Axes | None = None, title: str | None = None, fmt: str = "{:+.2f}") -> Figure:
+    """A value per downstream input (``values`` [len(inputs)]: what patching it does) laid out as ``plot_nodes``
+    lays out nodes, with a column for each head's query, key and value input (``h0<q>`` …, all queries first, so
+    each role reads as a block) and one for the MLP's input; a row for ``logits`` ends the grid where it is among
+    ``inputs``.  One colour scale for all, so a head's roles compare at a glance."""
+    unknown = [name for name in inputs if name not in graph.port_index]
+    if unknown:
+        raise KeyError(graph.not_an_input(unknown[0]))
+    return _plot_cells(_grid(graph, QKV, False, "logits" in inputs), inputs, values, path, ax, title, fmt)
+
+
+def _plot_cells(grid: tuple[list[str], list[str], dict[str, tuple[int, int]]], names: Sequence[str], values,
+                path: str | Path | None, ax: Axes | None, title: str | None, fmt: str) -> Figure:
+    """``values``, one per name, each in its cell of ``grid`` (rows, columns, cells), as a heatmap."""
+    values = _numpy(values)
+    if values.shape != (len(names),):
+        raise ValueError(f"values have shape {values.shape}; expected [{len(names)}], one per name")
+    rows, columns, cell = grid
+    cells = np.full((len(rows), len(columns)), np.nan)
+    for name, value in zip(names, values):
+        cells[cell[name]] = value
+    return plot_heatmap(cells, rows, columns, path, ax=ax, title=title, fmt=fmt)
+
+
+def _grid(graph: CircuitGraph, roles: Sequence[str], with_input: bool,
+          with_logits: bool) -> tuple[list[str], list[str], dict[str, tuple[int, int]]]:
+    """Rows (``L{layer}``, after ``input`` and before ``logits`` where asked for), columns (per role, ``h0`` … —
+    ``h0<q>`` … where ``roles`` are q, k and v — then ``mlp``), and each name's cell: a head's per role (its
+    inputs', or its own for the role ``""``), an MLP's in the last column, ``input`` and ``logits`` in the first."""
     layers = graph.layers
-    columns = [f"h{h}" for h in range(max((w.n_heads for w in graph.writers if w.kind == "attention"), default=0))]
+    n_heads = max((w.n_heads for w in graph.writers if w.kind == "attention"), default=0)
+    suffix = {role: f"<{role}>" if role else "" for role in roles}
+    columns = [f"h{h}{suffix[role]}" for role in roles for h in range(n_heads)]
     columns += ["mlp"] * any(w.kind == "mlp" for w in graph.writers)
     first = int(with_input)
     cell = {"input": (0, 0)} if with_input else {}
     for w in graph.writers:
         row = first + layers.index(w.layer)
         if w.kind == "attention":
-            cell.update({f"a{w.layer}.h{h}": (row, h) for h in range(w.n_heads)})
+            cell.update({f"a{w.layer}.h{h}{suffix[role]}": (row, r * n_heads + h)
+                         for r, role in enumerate(roles) for h in range(w.n_heads)})
         else:
             cell[f"m{w.layer}"] = (row, len(columns) - 1)
-    return ["input"] * with_input + [f"L{layer}" for layer in layers], columns, cell
+    if with_logits:
+        cell["logits"] = (first + len(layers), 0)
+    rows = ["input"] * with_input + [f"L{layer}" for layer in layers] + ["logits"] * with_logits
+    return rows, columns, cell
 
 
 # ---- layout -------------------------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ class CircuitGraph:
         if source not in self.node_index:
             return f"{name!r}: {self.not_a_node(source)}"
         if port not in self.port_index:
-            return f"{name!r}: {self._not_an_input(port)}"
+            return f"{name!r}: {self.not_an_input(port)}"
         return (f"{name!r}: {source} writes to the stream after {port} reads it (or as it reads it), so no edge joins "
                 "them; edges run from earlier writers to later readers")
 
@@ -129,8 +129,10 @@ class CircuitGraph:
         return (f"{name!r} is not an upstream node of this graph: those are 'input', the heads "
                 f"{self._span('a')} and the MLPs {self._span('m')} (cm.graph.upstream)")
 
-    def _not_an_input(self, port: str) -> str:
-        """Why ``port`` is no downstream input."""
+    def not_an_input(self, port) -> str:
+        """Why ``port`` is no downstream input (what edges end at, and what input patching patches)."""
+        if not isinstance(port, str):
+            return f"{port!r} ({type(port).__name__}) is no input name: those are strings such as {self.downstream[0]!r}"
         if f"{port}<q>" in self.port_index:
             return f"{port} is a head, read through three inputs: name one, {port}<q>, {port}<k> or {port}<v>"
         node = port.partition("<")[0]

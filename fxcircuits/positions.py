@@ -1,11 +1,12 @@
 """Activation patching: which node carries the behaviour, and which layer's stream or node at which token.
 
 ``patch_nodes`` patches each node's output at every token at once, one node at a time: which heads and MLPs the
-behaviour needs (the layer × head picture of Wang et al.'s IOI; TransformerLens's ``*_all_pos`` patching).  A
-circuit's edges say *what* carries a behaviour; patching by position says *where in the prompt*.  A mask
+behaviour needs (the layer × head picture of Wang et al.'s IOI; TransformerLens's ``*_all_pos`` patching);
+``patch_inputs`` patches each head's query, key and value input, and each MLP's input: through which of them a head
+matters.  A circuit's edges say *what* carries a behaviour; patching by position says *where in the prompt*.  A mask
 restricted to some positions (``patch_positions``, ``CircuitModel.forward``) patches its edges there alone.
 ``patch_by_position`` sweeps units × positions with it: for each unit — the residual stream entering a layer (causal
-tracing, Meng et al. 2022; TransformerLens's ``resid_pre``) or one node's output (a head, an MLP) — and each
+tracing, Meng et al. 2022; TransformerLens's ``resid_pre``), one node's output (a head, an MLP) or one input — and each
 position, one patched run, many in one call, and the metric's change; or, from gradients, every unit at every
 position at once (attribution patching; with integrated gradients, closer).  A position is a token, or a span:
 a named part of each prompt (IOI's S2), which lines up prompts of different templates so that their effects
@@ -27,9 +28,9 @@ from . import metrics
 from .attribution import POINTS_CALL_STREAM, POINTS_PER_CALL, differences, tapped
 from .circuit import Circuit
 from .data import span_weights
-from .draw import plot_heatmap, plot_nodes
+from .draw import plot_heatmap, plot_inputs, plot_nodes
 from .evaluation import Evaluator
-from .graph import CircuitGraph
+from .graph import CircuitGraph, names as name_list
 from .lens import node_names
 from .model import CircuitModel
 from .patching import dense_keep
@@ -137,8 +138,9 @@ class NodeEffects:
     """What patching each node's output at every token at once does to the metric, per prompt: ``effects``
     [nodes, batch], ``units`` the nodes' names; ``clean``, ``corrupted`` [batch], the metric on either prompt
     (under zero or mean ``ablation``, ``corrupted`` is the clean prompt's with every node so ablated); ``direction``
-    and ``method`` as in ``PositionEffects``.  ``plot`` lays the nodes out as the model is (layers ×
-    heads, ``draw.plot_nodes``); ``example=`` picks one prompt, None the mean over them."""
+    and ``method`` as in ``PositionEffects``; ``inputs``: the units are downstream inputs (``patch_inputs``), not
+    nodes' outputs; ``receivers``: the inputs each node was patched into alone (path patching), or None.  ``plot`` lays them out as the model is (layers × heads, ``draw.plot_nodes``; inputs by layer
+    and each head's q, k and v, ``draw.plot_inputs``); ``example=`` picks one prompt, None the mean over them."""
     units: list[str]
     effects: torch.Tensor
     clean: torch.Tensor
@@ -147,6 +149,8 @@ class NodeEffects:
     method: str
     ablation: str
     graph: CircuitGraph
+    inputs: bool = False
+    receivers: list[str] | None = None
 
     @property
     def normalized(self) -> torch.Tensor:
@@ -182,19 +186,24 @@ class NodeEffects:
     def plot(self, path: str | Path | None = None, *, example: int | None = None, normalized: bool = True,
              ax: Axes | None = None, title: str | None = None) -> Figure:
         """The effects by layer and head (and MLP), as fractions of the whole by default."""
-        return plot_nodes(self.graph, self.units, self.values(example, normalized), path, ax=ax, title=title)
+        plot = plot_inputs if self.inputs else plot_nodes
+        return plot(self.graph, self.units, self.values(example, normalized), path, ax=ax, title=title)
 
 
 @torch.no_grad()
 def patch_by_position(cm: CircuitModel, batches: dict | Iterable[dict], metric, *,
-                      nodes: list[str] | Circuit | None = None, spans: bool | Sequence[str] = False,
+                      nodes: list[str] | Circuit | None = None, inputs: Sequence[str] | None = None,
+                      receivers: Sequence[str] | None = None, spans: bool | Sequence[str] = False,
                       direction: str = "noising", method: str = "exact", steps: int = 5, masks_per_call: int = 16,
                       progress: bool = False) -> PositionEffects:
     """Patch each unit at each position of ``batches`` (a batch dict, or several: ``clean``, ``corrupted``,
     ``attention_mask`` and what ``metric`` reads) and measure ``metric``: see ``PositionEffects``.
 
     ``nodes``: node names (or a circuit's nodes) whose outputs to patch one at a time; None patches the residual
-    stream entering each layer instead (``CircuitGraph.into_layer``).  ``spans``: False patches at each token; True
+    stream entering each layer instead (``CircuitGraph.into_layer``).  ``inputs``: downstream input names
+    (``"a23.h3<k>"``, ``"m20"``) to patch one at a time instead, each read from the other run there (see
+    ``patch_inputs``): at which tokens a head's keys or values matter.  ``receivers``: with ``nodes``, each node
+    patched on its edges into these inputs alone (path patching, see ``patch_nodes``).  ``spans``: False patches at each token; True
     at each span the batches name (``batch["spans"]``, ``data.make_batches``; the built-in tasks name theirs), all
     of its tokens at once, or a list of those names — positions that line up across prompts of different templates.
     ``direction``: ``"noising"`` (the clean run, the corrupted values patched in) or ``"denoising"`` (the other way
@@ -208,7 +217,7 @@ def patch_by_position(cm: CircuitModel, batches: dict | Iterable[dict], metric, 
     given, metric, runs = _directed(batches, metric, direction, method, steps, masks_per_call)
     names = _span_names(given, spans)
     prepared = prepare(cm, runs, metric)
-    units, masks = _units(cm, nodes)
+    units, masks = _units(cm, nodes, inputs, receivers)
     calls = Calls(masks_per_call)
     run_and_other = calls.split(ends(cm.graph), lambda both: metric_values(cm, prepared, metric, both), prepared)
     check_finite(cm, prepared, metric, run_and_other)  # a NaN of the model's own would fill every effect
@@ -228,26 +237,63 @@ def patch_by_position(cm: CircuitModel, batches: dict | Iterable[dict], metric, 
 
 @torch.no_grad()
 def patch_nodes(cm: CircuitModel, batches: dict | Iterable[dict], metric, *,
-                nodes: list[str] | Circuit | None = None, direction: str = "noising", method: str = "exact",
-                ablation: str = "corrupted", reference: Iterable[dict] | None = None, steps: int = 5,
-                masks_per_call: int | None = None, progress: bool = False) -> NodeEffects:
+                nodes: list[str] | Circuit | None = None, receivers: Sequence[str] | None = None,
+                direction: str = "noising", method: str = "exact", ablation: str = "corrupted",
+                reference: Iterable[dict] | None = None, steps: int = 5, masks_per_call: int | None = None,
+                progress: bool = False) -> NodeEffects:
     """Patch each node's output at every token at once, one node at a time, on ``batches`` (a batch dict, or
     several) and measure ``metric``: see ``NodeEffects``.  ``nodes``: names, or a circuit's nodes; None, every
     head and MLP.  ``direction`` and ``method`` as for ``patch_by_position``: ``"exact"`` runs one patched run
     per node (``masks_per_call`` of them a call; by default as many as an ``Evaluator`` runs), ``"attribution"``
     estimates them all from one gradient, ``"attribution-ig"`` from ``steps``.  ``ablation``: what a patched
     output becomes — the other prompt's (``"corrupted"``), zero (``"zero"``), or its mean over the real tokens of
-    ``reference`` batches (``"mean"``): knocking each node out of the clean run, which is noising."""
+    ``reference`` batches (``"mean"``): knocking each node out of the clean run, which is noising.
+
+    ``receivers``: downstream inputs (``"a23.h3<q>"``, ``"m20"``); each node is then patched on its edges into them
+    alone, every other path from it left as it is — path patching (Wang et al. 2022: which heads move the name
+    movers' queries), each sender's direct effect through the receivers.  A node that writes after every receiver
+    reads has no such edge, and its effect is 0."""
+    units = _units(cm, cm.graph.upstream[1:] if nodes is None else nodes, None, receivers)
+    return _everywhere(cm, batches, metric, units, direction, method, ablation, reference, steps, masks_per_call,
+                       progress, receivers=None if receivers is None else list(receivers))
+
+
+@torch.no_grad()
+def patch_inputs(cm: CircuitModel, batches: dict | Iterable[dict], metric, *, inputs: Sequence[str] | None = None,
+                 direction: str = "noising", method: str = "exact", ablation: str = "corrupted",
+                 reference: Iterable[dict] | None = None, steps: int = 5, masks_per_call: int | None = None,
+                 progress: bool = False) -> NodeEffects:
+    """Patch each downstream input at every token at once, one at a time, and measure ``metric``: see
+    ``NodeEffects``.  An input is what one reader reads from the stream — a head's query, key or value input
+    (``"a23.h3<q>"``), an MLP's input (``"m20"``), the logits' — and patching it patches every edge into it, so
+    its reader alone computes from the other run's stream: TransformerLens's q, k and v patching, which tells
+    whether a head matters for what it attends from or for what it moves.  ``inputs``: names; None, every head's
+    q, k and v and every MLP's input.  The rest as for ``patch_nodes``; ``"zero"`` and ``"mean"`` ablation set
+    the input itself (the sum of what its edges carry) to zero or its mean, before its reader's norm."""
+    units = _units(cm, None, cm.graph.downstream[:-1] if inputs is None else inputs)
+    return _everywhere(cm, batches, metric, units, direction, method, ablation, reference, steps, masks_per_call,
+                       progress, inputs=True)
+
+
+def _everywhere(cm: CircuitModel, batches: dict | Iterable[dict], metric, units: tuple[list[str], torch.Tensor],
+                direction: str, method: str, ablation: str, reference: Iterable[dict] | None, steps: int,
+                masks_per_call: int | None, progress: bool, **kind) -> NodeEffects:
+    """Each unit (names, edge masks) patched at every token: ``patch_nodes`` and ``patch_inputs``; ``kind``, what
+    ``NodeEffects`` records of the units (``inputs``, ``receivers``)."""
     if ablation != "corrupted" and direction == "denoising":
         raise ValueError(f"denoising patches the clean prompt's values into the corrupted run, and {ablation} "
-                         "ablation has none to patch in: knock nodes out of the clean run with direction='noising'")
+                         "ablation has none to patch in: knock units out of the clean run with direction='noising'")
     _, metric, runs = _directed(batches, metric, direction, method, steps, masks_per_call)
-    units, masks = _units(cm, cm.graph.upstream[1:] if nodes is None else nodes)
+    names, masks = units
     evaluator = Evaluator(cm, runs, metric, ablation=ablation, reference=reference,
                           masks_per_call=masks_per_call)  # checks the runs' metric is finite
     run, other = evaluator.full, evaluator.empty  # every edge kept, every one patched
     if method == "exact":
-        drops = run - evaluator.values(masks, progress, desc="patching nodes")
+        drops = torch.zeros(len(masks), len(run))
+        patching = masks.ne(1).any(1)  # a sender that writes after every receiver reads patches nothing: no run
+        if patching.any():
+            desc = f"patching {'inputs' if kind.get('inputs') else 'nodes'}"
+            drops[patching] = run - evaluator.values(masks[patching], progress, desc=desc)
     else:
         prepared = evaluator.prepared
         calls = Calls(call_size(prepared, masks_per_call, cpu_stream=POINTS_CALL_STREAM, most=POINTS_PER_CALL,
@@ -255,8 +301,8 @@ def patch_nodes(cm: CircuitModel, batches: dict | Iterable[dict], metric, *,
         drops = torch.cat([_attributed(cm, p, metric, masks, p.attention_mask.float().cpu()[None], method, steps,
                                        calls)[..., 0] for p in prepared], -1)  # every real token, one column
     clean, corrupted = (run, other) if direction == "noising" else (other, run)
-    return NodeEffects(units, drops if direction == "noising" else -drops, clean, corrupted, direction, method,
-                       ablation, cm.graph)
+    return NodeEffects(names, drops if direction == "noising" else -drops, clean, corrupted, direction, method,
+                       ablation, cm.graph, **kind)
 
 
 def _directed(batches: dict | Iterable[dict], metric, direction: str, method: str, steps: int,
@@ -378,12 +424,40 @@ def _attributed(cm: CircuitModel, p: Prepared, metric, masks: torch.Tensor, colu
     return torch.einsum("ubw,cbw->ubc", by_token, columns)
 
 
-def _units(cm: CircuitModel, nodes: list[str] | Circuit | None) -> tuple[list[str], torch.Tensor]:
-    """The units' names and their edge masks [units, E]: 0 on the edges each one patches."""
+def _units(cm: CircuitModel, nodes: list[str] | Circuit | None, inputs: Sequence[str] | None,
+           receivers: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
+    """The units' names and their edge masks [units, E]: 0 on the edges each one patches — given nodes' outgoing
+    edges (into ``receivers`` alone where given), given inputs' incoming edges, or (neither given) the edges into
+    each layer."""
+    if nodes is not None and inputs is not None:
+        raise ValueError("patch nodes' outputs (nodes=) or downstream inputs (inputs=), not both at once")
+    if receivers is not None and nodes is None:
+        raise ValueError("receivers= keeps each patched node's edges into them alone (path patching): name the nodes "
+                         "whose outputs to patch (nodes=) too")
+    graph = cm.graph
+    if inputs is not None:
+        names = _input_names(graph, inputs)
+        index = torch.tensor([graph.port_index[n] for n in names])
+        return names, (graph.dst[None, :] != index[:, None]).float()
     if nodes is None:
-        layers = cm.graph.layers
-        return [f"layer {layer}" for layer in layers], torch.stack([(~cm.graph.into_layer(layer)).float()
-                                                                    for layer in layers])
+        return [f"layer {layer}" for layer in graph.layers], torch.stack([(~graph.into_layer(layer)).float()
+                                                                          for layer in graph.layers])
     names = node_names(cm, nodes)
-    index = torch.tensor([cm.graph.node_index[n] for n in names])
-    return names, (cm.graph.src[None, :] != index[:, None]).float()
+    index = torch.tensor([graph.node_index[n] for n in names])
+    kept = graph.src[None, :] != index[:, None]
+    if receivers is not None:
+        into = torch.zeros(len(graph.downstream), dtype=torch.bool)
+        into[[graph.port_index[n] for n in _input_names(graph, receivers)]] = True
+        kept |= ~into[graph.dst][None, :]
+    return names, kept.float()
+
+
+def _input_names(graph: CircuitGraph, inputs: Sequence[str]) -> list[str]:
+    """Downstream input names as given, each checked."""
+    inputs = name_list(inputs, "input")
+    if not inputs:
+        raise ValueError("inputs=[] names no input to patch: give names such as 'a0.h0<q>' (cm.graph.downstream)")
+    unknown = [name for name in inputs if name not in graph.port_index]
+    if unknown:
+        raise KeyError(f"unknown input{'s' if len(unknown) > 1 else ''} {unknown[:3]}: {graph.not_an_input(unknown[0])}")
+    return inputs

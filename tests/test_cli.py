@@ -9,7 +9,7 @@ import torch
 
 from fxcircuits import (Circuit, CircuitGraph, DecompositionError, EdgeScores, Evaluator, SpanCircuit,
                         attention_patterns, attribute, attribute_by_span, cli, load_model, patch_by_position,
-                        patch_nodes, source_logits, tasks, trace)
+                        patch_inputs, patch_nodes, source_logits, tasks, trace)
 from fxcircuits.cli import main
 from fxcircuits.draw import plot_nodes
 from fxcircuits.runs import Calls
@@ -480,6 +480,44 @@ def test_patch_at_all_positions_ranks_every_node_over_the_task(folder, tmp_path,
         main(["patch", *_common(folder), "--all-positions", "--spans"])
     with pytest.raises(SystemExit, match="add --all-positions"):
         main(["patch", *_common(folder), "--ablation", "zero"])
+
+
+def test_patch_inputs_and_paths_rank_as_the_library_does(folder, tmp_path, capsys):
+    """``patch --all-positions --inputs``: each head's q, k and v input and each MLP's input patched at every token,
+    ranked as the library ranks them, drawn by layer and role; given inputs by position too.  ``--receivers``: each
+    node patched into given inputs alone (path patching), everywhere and by position."""
+    out = tmp_path / "qkv.png"
+    assert main(["patch", *_common(folder), "--all-positions", "--inputs", "--top", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "the inputs whose patching at every token moves it most" in printed and out.stat().st_size > 0
+    model, tokenizer = load_model(folder)
+    task = tasks.load("ioi", tokenizer, size=8, seed=0, batch_size=4)
+    expected = patch_inputs(trace(model), task.batches, task.metric).top(4, normalized=True)
+    rows = [line.split() for line in printed.splitlines() if line.lstrip().startswith(("a", "m"))]
+    assert [row[0] for row in rows] == [port for port, _ in expected]
+    assert [float(row[1]) for row in rows] == pytest.approx([value for _, value in expected], abs=6e-4)
+    assert main(["patch", *_common(folder), "--all-positions", "--inputs", "m1,a1.h0<k>", "--ablation", "zero"]) == 0
+    assert "with every input zero (means); noising, zero ablation" in capsys.readouterr().out
+    assert main(["patch", *_common(folder), "--inputs", "a1.h0<k>,a1.h0<q>", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "a1.h0<k>" in printed and "a1.h0<q>" in printed
+    with pytest.raises(SystemExit, match="leave out the circuit and --nodes"):
+        main(["patch", *_common(folder), "--inputs", "--nodes", "m0"])
+    assert main(["patch", *_common(folder), "--all-positions", "--nodes", "a0.h1,m0", "--receivers", "a1.h0<q>,m1"]) == 0
+    printed = capsys.readouterr().out
+    paths = patch_nodes(trace(model), task.batches, task.metric, nodes=["a0.h1", "m0"], receivers=["a1.h0<q>", "m1"])
+    assert "noising, into a1.h0<q>, m1 alone, the nodes whose patching" in printed
+    rows = {line.split()[0]: float(line.split()[1]) for line in printed.splitlines() if line.lstrip()[:2] in ("m0", "a0")}
+    assert rows == pytest.approx(dict(paths.top(2, normalized=True)), abs=6e-4)
+    assert main(["patch", *_common(folder), "--nodes", "a0.h1", "--receivers", "m1"]) == 0
+    printed = capsys.readouterr().out
+    assert "noising, into m1 alone, the tokens where patching each row" in printed and "a0.h1" in printed
+    for wrong in (["--receivers", "m1"], ["--inputs", "--receivers", "m1"]):
+        with pytest.raises(SystemExit, match="--receivers patches nodes' outputs into them"):
+            main(["patch", *_common(folder), *wrong])
+    with pytest.raises(SystemExit):
+        main(["patch", *_common(folder), "--all-positions", "--inputs", "a1.h0"])
+    assert "a1.h0 is a head, read through three inputs" in capsys.readouterr().err
 
 
 def test_attention_by_span_averages_every_example_of_the_task(folder, tmp_path, capsys):

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from fxcircuits.circuit import Circuit
 from fxcircuits.draw import (COMPARISON_COLOURS, PORT_COLOURS, SEVERAL_SPANS, SIGN_COLOURS, SPAN_COLOURS, _layout,
                              draw_circuit, draw_comparison, draw_span_circuit, plot_faithfulness, plot_heatmap,
-                             plot_nodes)
+                             plot_inputs, plot_nodes)
 from fxcircuits.graph import CircuitGraph
 from fxcircuits.positional import SpanCircuit
 
@@ -236,10 +236,32 @@ def test_values_by_node_lie_by_layer_and_head(tmp_path):
     axes = plot_nodes(mixers, ["m0", "m1"], [1.0, 2.0]).axes[0]
     assert [t.get_text() for t in axes.get_xticklabels()] == ["mlp"]
     assert [t.get_text() for t in axes.get_yticklabels()] == ["L0", "L1"]
-    with pytest.raises(ValueError, match=r"expected \[2\], one per node"):
+    with pytest.raises(ValueError, match=r"expected \[2\], one per name"):
         plot_nodes(graph, some, [1.0])
     with pytest.raises(KeyError, match="'a2.h0' is not an upstream node"):
         plot_nodes(graph, ["a2.h0"], [1.0])
+
+
+def test_values_by_input_lie_by_layer_and_role(tmp_path):
+    """A column per head and role, the queries first, then the MLPs' inputs; ``logits`` in a row of its own at the
+    end.  Names that are nodes, not inputs, are refused."""
+    graph = CircuitGraph.from_config({"n_layers": 2, "n_heads": 2, "parallel_attn_mlp": False})
+    inputs = graph.downstream  # a0.h0<q> a0.h1<q> a0.h0<k> … m0 a1.h0<q> … m1 logits
+    values = torch.arange(len(inputs), dtype=torch.float)
+    axes = plot_inputs(graph, inputs, values, tmp_path / "inputs.png").axes[0]
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["h0<q>", "h1<q>", "h0<k>", "h1<k>", "h0<v>", "h1<v>",
+                                                              "mlp"]
+    assert [t.get_text() for t in axes.get_yticklabels()] == ["L0", "L1", "logits"]
+    grid = axes.images[0].get_array()
+    assert grid[:2].tolist() == [list(range(7)), list(range(7, 14))] and grid[2, 0] == 14 and grid.mask[2].sum() == 6
+    axes = plot_inputs(graph, ["a1.h1<v>", "m0"], [0.5, -1.0]).axes[0]
+    grid = axes.images[0].get_array()
+    assert (grid[1, 5], grid[0, 6]) == (0.5, -1.0) and grid.mask.sum() == 12
+    assert [t.get_text() for t in axes.get_yticklabels()] == ["L0", "L1"]
+    with pytest.raises(KeyError, match="a0.h1 is a head, read through three inputs"):
+        plot_inputs(graph, ["a0.h1"], [1.0])
+    with pytest.raises(ValueError, match=r"expected \[1\], one per name"):
+        plot_inputs(graph, ["m0"], [1.0, 2.0])
 
 
 def _rgb(hex_colour: str) -> tuple[float, float, float]:

@@ -6,7 +6,7 @@ from torch import nn
 
 from fxcircuits import attribute, metrics, trace
 from fxcircuits.patching import position_weights
-from fxcircuits.positions import DIRECTIONS, _units, patch_by_position, patch_nodes
+from fxcircuits.positions import DIRECTIONS, _units, patch_by_position, patch_inputs, patch_nodes
 from fxcircuits.runs import Prepared
 from test_attribution import linear_gpt2
 from test_patching import _capture_input, _capture_output, _close, _hooked_node_patch, _run_with
@@ -273,6 +273,28 @@ def test_the_effects_read_as_a_table_and_a_heatmap(traced, prompts, tmp_path):
     assert len(figure.axes[0].get_yticklabels()) == 2 and len(figure.axes[0].get_xticklabels()) == 7
 
 
+@pytest.mark.parametrize("sweep", [patch_by_position, patch_inputs])
+def test_bad_inputs_are_refused_by_name(traced, prompts, sweep):
+    """An input named as its head, as a node, as one string or not at all; and nodes and inputs at once."""
+    _, cm = traced("llama")
+    batch = _batch(prompts)
+    for inputs, error in [(["a0.h1"], "a0.h1 is a head, read through three inputs: name one, a0.h1<q>"),
+                          (["a9.h0<q>"], r"unknown input.*'a9.h0<q>' is not a downstream input"),
+                          (["input"], "'input' is not a downstream input"), ([3], "is no input name"),
+                          ("a0.h1<q>", r"inputs are a list of names, not one string: \['a0.h1<q>'\]"),
+                          ([], "names no input")]:
+        with pytest.raises((KeyError, TypeError, ValueError), match=error):
+            sweep(cm, batch, metrics.logit_diff, inputs=inputs)
+    with pytest.raises(ValueError, match=r"nodes' outputs \(nodes=\) or downstream inputs \(inputs=\), not both"):
+        patch_by_position(cm, batch, metrics.logit_diff, nodes=["m0"], inputs=["m0"])
+    with pytest.raises(ValueError, match=r"receivers= keeps each patched node's edges into them alone.*\(nodes=\) too"):
+        patch_by_position(cm, batch, metrics.logit_diff, receivers=["m1"])
+    with pytest.raises(KeyError, match="a1.h0 is a head, read through three inputs"):
+        patch_nodes(cm, batch, metrics.logit_diff, receivers=["a1.h0"])
+    with pytest.raises(TypeError, match="inputs are a list of names, not one string"):
+        patch_nodes(cm, batch, metrics.logit_diff, receivers="m1")
+
+
 class _Tokens:
     def decode(self, ids):
         return "".join(f"t{i}" for i in ids)
@@ -325,7 +347,7 @@ def test_attribution_by_position_is_the_slope_of_patching_there(prompts, name, n
     assert estimate.method == "attribution"
     run, other = (batch["clean"], batch["corrupted"]) if direction == "noising" else (batch["corrupted"],
                                                                                        batch["clean"])
-    _, masks = _units(cm, nodes)
+    _, masks = _units(cm, nodes, None)
     h, mask = 1e-3, batch["attention_mask"]
     scale = float(estimate.effects.nan_to_num().abs().max())  # HF rounds some steps in float32: ~1e-7 of the metric
     with torch.no_grad():
@@ -592,25 +614,31 @@ def test_knocking_each_node_out_matches_hooks(traced, prompts, name, ablation):
         patch_nodes(cm, batch, "logit_diff", ablation=ablation, reference=[batch], direction="denoising")
 
 
+UNITS = {"nodes": ["input", "a0.h1", "m0", "a1.h3", "m1"], "inputs": ["a0.h1<q>", "a0.h2<k>", "a1.h3<v>", "m0",
+                                                                    "logits"]}
+
+
 @pytest.mark.parametrize("method", ["attribution", "attribution-ig"])
 @pytest.mark.parametrize("direction", DIRECTIONS)
-def test_node_attribution_sums_the_attribution_at_each_token(traced, prompts, method, direction):
-    """A node's effect everywhere, estimated from gradients, is its estimated effects at each token added up (they
-    are linear in the patch); attribution by position is checked against finite differences above."""
+@pytest.mark.parametrize("kind", UNITS)
+def test_node_attribution_sums_the_attribution_at_each_token(traced, prompts, method, direction, kind):
+    """A node's (or an input's) effect everywhere, estimated from gradients, is its estimated effects at each token
+    added up (they are linear in the patch); attribution by position is checked against finite differences above."""
     _, cm = traced("llama")
-    batch, nodes = _batch(prompts), ["input", "a0.h1", "m0", "a1.h3", "m1"]
-    everywhere = patch_nodes(cm, batch, metrics.logit_diff, nodes=nodes, direction=direction, method=method)
-    by_token = patch_by_position(cm, batch, metrics.logit_diff, nodes=nodes, direction=direction, method=method)
-    assert everywhere.method == method and everywhere.units == nodes
+    batch, units, sweep = _batch(prompts), UNITS[kind], patch_nodes if kind == "nodes" else patch_inputs
+    everywhere = sweep(cm, batch, metrics.logit_diff, **{kind: units}, direction=direction, method=method)
+    by_token = patch_by_position(cm, batch, metrics.logit_diff, **{kind: units}, direction=direction, method=method)
+    assert everywhere.method == method and everywhere.units == by_token.units == units
     torch.testing.assert_close(everywhere.effects, by_token.effects.nansum(-1), atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["attribution", "attribution-ig"])
-def test_node_attribution_is_exact_where_the_model_is_affine(prompts, method):
+@pytest.mark.parametrize("sweep", [patch_nodes, patch_inputs])
+def test_node_attribution_is_exact_where_the_model_is_affine(prompts, method, sweep):
     """On a GPT-2 whose logits are affine in every node's output (``linear_gpt2``) first order is exact: the
-    estimates are the patched runs' effects (kept in float32, as every metric value is)."""
+    estimates are the patched runs' effects (kept in float32, as every metric value is); so for its inputs."""
     cm = trace(linear_gpt2())
-    exact, estimate = (patch_nodes(cm, _batch(prompts), metrics.logit_diff, method=m) for m in ("exact", method))
+    exact, estimate = (sweep(cm, _batch(prompts), metrics.logit_diff, method=m) for m in ("exact", method))
     scale = float(exact.effects.abs().max())
     assert scale > 1e-2
     torch.testing.assert_close(estimate.effects, exact.effects, atol=1e-6 * scale, rtol=0)  # float32 effects
@@ -641,3 +669,170 @@ def test_node_effects_read_as_a_table_and_a_layer_by_head_grid(traced, prompts, 
     assert len(axes.texts) == len(nodes)
     with pytest.raises(IndexError, match="the effects hold 3 prompts"):
         effects.top(example=3)
+
+
+PROJECTIONS = {"gpt2": "transformer.h.{}.attn.c_attn", "llama": "model.layers.{}.self_attn.{}_proj",
+               "gemma2": "model.layers.{}.self_attn.{}_proj"}
+NORMS = {"gpt2": ("transformer.h.{}.ln_1", "transformer.h.{}.ln_2"),  # what attention and the MLP read through
+         "llama": ("model.layers.{}.input_layernorm", "model.layers.{}.post_attention_layernorm")}
+
+
+def _hooked_input_patch(model, name: str, port: str, run, mask, instead, at: torch.Tensor | None = None):
+    """Reference on the HF model: one head's query, key or value input (``a1.h2<k>``) or one MLP's input (``m0``)
+    read from another stream, the rest of the run as it is.  ``instead(module, mlp)`` gives what the reader then
+    computes: the MLP's input, or the whole output of the head's projection (q, k and v fused in GPT-2), of which
+    the head's columns are swapped in.  A key or value head serves several query heads (grouped-query attention),
+    so the patched head's output is taken from a run with its key or value head swapped, and swapped alone into
+    the output projection's input of the run.  ``at``: the positions swapped, 0/1 [seq] (all where None)."""
+    at = torch.ones(run.shape[1], dtype=torch.bool) if at is None else at.bool()
+    layer = int(port[1:].split("<")[0].split(".")[0])
+    mlp_path, out_path, _ = modules(name)
+    if not port.endswith(">"):
+        mlp = model.get_submodule(mlp_path.format(layer))
+        replaced = instead(mlp, True)
+        return _run_with(model, mlp.register_forward_pre_hook(lambda m, a: (torch.where(at[:, None], replaced, a[0]),)),
+                         run, mask)
+    head, role = int(port.split(".h")[1][:-3]), port[-2]
+    config, fused = model.config, name == "gpt2"
+    width = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    group = config.num_attention_heads // getattr(config, "num_key_value_heads", config.num_attention_heads)
+    projection = model.get_submodule(PROJECTIONS[name].format(layer, role))
+    start = (head if role == "q" else head // group) * width + fused * "qkv".index(role) * config.hidden_size
+    cols, z_cols = slice(start, start + width), slice(head * width, (head + 1) * width)
+    replaced, out_proj, swapped = instead(projection, False), model.get_submodule(out_path.format(layer)), {}
+
+    def swap(module, args, out):
+        out = out.clone()
+        out[..., cols] = torch.where(at[:, None], replaced[..., cols], out[..., cols])
+        return out
+
+    def set_head(module, args):
+        z = args[0].clone()
+        z[..., z_cols] = swapped["z"][..., z_cols]
+        return (z,)
+
+    _run_with(model, [projection.register_forward_hook(swap),
+                      out_proj.register_forward_pre_hook(lambda m, a: swapped.update(z=a[0].clone()))], run, mask)
+    return _run_with(model, out_proj.register_forward_pre_hook(set_head), run, mask)
+
+
+def _from_the_other_run(model, other, mask):
+    """``instead`` for ``_hooked_input_patch``: what the reader computes on the other prompt."""
+    return lambda module, mlp: (_capture_input if mlp else _capture_output)(model, module, other, mask)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gemma2"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_patching_each_input_everywhere_matches_hooks(traced, prompts, name, direction):
+    """Every head's q, k and v input and every MLP's input, read from the other run at every token: against the HF
+    model with the head's projection columns (or the MLP's input) swapped by hooks, in both directions; the logits'
+    input patched is the whole difference."""
+    model, cm = traced(name)
+    batch = _batch(prompts)
+    effects = patch_inputs(cm, batch, "logit_diff", direction=direction, masks_per_call=5)
+    assert effects.units == cm.graph.downstream[:-1] and effects.inputs
+    with torch.no_grad():
+        expected = torch.stack([_hooked_effect(model, batch, direction, lambda run, other, mask: _hooked_input_patch(
+            model, name, port, run, mask, _from_the_other_run(model, other, mask))) for port in effects.units])
+    torch.testing.assert_close(effects.effects, expected, atol=1e-5, rtol=1e-4)
+    for role in ("q", "k", "v"):  # each role moves the metric somewhere, past 5× the tolerance (random GPT-2's
+        assert effects.effects[[u.endswith(f"<{role}>") for u in effects.units]].abs().max() > 5e-5  # q: 9e-5)
+    logits = patch_inputs(cm, batch, "logit_diff", inputs=["logits"], direction=direction)
+    torch.testing.assert_close(logits.effects[0], logits.clean - logits.corrupted)
+
+
+@pytest.mark.parametrize("name, ablation", [("gpt2", "mean"), ("llama", "mean"), ("llama", "zero")])
+def test_knocking_each_input_out_matches_hooks(traced, prompts, name, ablation):
+    """Zero and mean ablation of each input in the clean run: against the HF model whose reader reads, through its
+    own norm, a stream set to zero or to its mean over the prompts' real tokens.  (Zero on Llama alone: GPT-2's
+    projection biases are no node's, and stay in an input whose every edge carries zero.)"""
+    model, cm = traced(name)
+    batch = _batch(prompts)
+    clean, mask = batch["clean"], batch["attention_mask"]
+    effects = patch_inputs(cm, batch, "logit_diff", ablation=ablation, reference=[batch])
+
+    def knocked_out(port: str):
+        layer = int(port[1:].split("<")[0].split(".")[0])
+        norm = model.get_submodule(NORMS[name][not port.endswith(">")].format(layer))
+        stream = _capture_input(model, norm, clean, mask)
+        filled = torch.zeros_like(stream) if ablation == "zero" else stream[mask.bool()].mean(0).expand_as(stream)
+        return lambda module, mlp: norm(filled) if mlp else module(norm(filled))
+
+    with torch.no_grad():
+        unpatched = metrics.logit_diff(model(input_ids=clean, attention_mask=mask).logits, batch)
+        expected = torch.stack([unpatched - metrics.logit_diff(_hooked_input_patch(
+            model, name, port, clean, mask, knocked_out(port)), batch) for port in effects.units])
+    torch.testing.assert_close(effects.effects, expected, atol=1e-5, rtol=1e-4)
+    assert effects.ablation == ablation and effects.effects.abs().max() > 1e-3
+
+
+def test_patching_inputs_by_position_matches_hooks(traced, prompts):
+    """A head's q, k and v input and an MLP's input, each read from the corrupted run at one token: the keys and
+    values there reach every later query, the query there only its own token."""
+    model, cm = traced("llama")
+    batch, inputs = _batch(prompts), ["a0.h1<q>", "a0.h3<k>", "a0.h2<v>", "m0", "a1.h0<k>"]
+    effects = patch_by_position(cm, batch, "logit_diff", inputs=inputs)
+    assert effects.units == inputs
+    with torch.no_grad():
+        for i, port in enumerate(inputs):
+            for position in (3, 5):
+                at = position_weights([position], batch["clean"].shape[1])
+                expected = _hooked_effect(model, batch, "noising", lambda run, other, mask: _hooked_input_patch(
+                    model, "llama", port, run, mask, _from_the_other_run(model, other, mask), at))
+                torch.testing.assert_close(effects.effects[i, :, position], expected, atol=1e-5, rtol=1e-4)
+    assert effects.effects[:, :, 3:].abs().amax(-1).gt(1e-4).all()  # every input moves the metric somewhere
+
+
+def test_input_effects_plot_by_layer_and_role(traced, prompts, tmp_path):
+    _, cm = traced("llama")
+    inputs = ["a1.h2<k>", "m0", "a0.h0<q>", "logits"]
+    effects = patch_inputs(cm, _batch(prompts), metrics.logit_diff, inputs=inputs)
+    axes = effects.plot(tmp_path / "inputs.png", example=2, normalized=False).axes[0]
+    assert (tmp_path / "inputs.png").stat().st_size > 0
+    assert [t.get_text() for t in axes.get_yticklabels()] == ["L0", "L1", "logits"]
+    grid = axes.images[0].get_array()
+    for port, cell in zip(inputs, [(1, 6), (0, 12), (0, 0), (2, 0)]):
+        assert grid[cell] == pytest.approx(float(effects.effects[inputs.index(port), 2]))
+    assert effects.table(k=1).split()[0] == effects.top(1)[0][0]
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_path_patching_into_one_input_matches_hooks(traced, prompts, direction):
+    """Each of a0.h1 and m0 patched on its edge into one input alone (path patching): against the HF model whose
+    reader alone reads the stream plus the sender's change (the other run's output minus the run's: a head's
+    columns of o_proj's input through o_proj, which has no bias in Llama), the rest of the run as it is."""
+    model, cm = traced("llama")
+    batch, senders = _batch(prompts), ["a0.h1", "m0"]
+    mlp_path, out_path, _ = modules("llama")
+
+    def change(sender, run, other, mask):  # [batch, seq, d]: what the sender writes in the other run, less the run's
+        if sender.startswith("m"):
+            mlp = model.get_submodule(mlp_path.format(0))
+            return _capture_output(model, mlp, other, mask) - _capture_output(model, mlp, run, mask)
+        out_proj, cols = model.get_submodule(out_path.format(0)), slice(16, 32)  # head 1 of 4, 16 wide
+        z = _capture_input(model, out_proj, other, mask) - _capture_input(model, out_proj, run, mask)
+        return out_proj(torch.zeros_like(z).index_copy(-1, torch.arange(16, 32), z[..., cols]))
+
+    def reading(port, sender, run, other, mask):  # ``instead`` for _hooked_input_patch
+        norm = model.get_submodule(NORMS["llama"][not port.endswith(">")].format(1))
+        stream = _capture_input(model, norm, run, mask) + change(sender, run, other, mask)
+        return lambda module, mlp: norm(stream) if mlp else module(norm(stream))
+
+    with torch.no_grad():
+        for port in ("m1", "a1.h2<q>", "a1.h0<k>", "a1.h3<v>"):
+            effects = patch_nodes(cm, batch, "logit_diff", nodes=senders, receivers=[port], direction=direction)
+            assert effects.receivers == [port] and effects.units == senders
+            for sender, ours in zip(senders, effects.effects):
+                expected = _hooked_effect(model, batch, direction, lambda run, other, mask: _hooked_input_patch(
+                    model, "llama", port, run, mask, reading(port, sender, run, other, mask)))
+                torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+                assert ours.abs().max() > 1e-4
+        everything = patch_nodes(cm, batch, "logit_diff", receivers=cm.graph.downstream, direction=direction)
+        torch.testing.assert_close(everything.effects, patch_nodes(cm, batch, "logit_diff", direction=direction).effects)
+        late = patch_nodes(cm, batch, "logit_diff", nodes=["a1.h0", "m0", "m1"], receivers=["a1.h2<q>"])
+        assert late.effects[[0, 2]].eq(0).all() and late.effects[1].ne(0).all()  # a1.h0 and m1 write after it reads
+    receivers = ["a1.h2<q>", "m1"]  # to first order, a path's effect everywhere sums its effects at each token
+    everywhere = patch_nodes(cm, batch, "logit_diff", nodes=senders, receivers=receivers, method="attribution")
+    by_token = patch_by_position(cm, batch, "logit_diff", nodes=senders, receivers=receivers, method="attribution")
+    torch.testing.assert_close(everywhere.effects, by_token.effects.nansum(-1), atol=1e-6, rtol=1e-4)
+    assert everywhere.effects.abs().min() > 0
