@@ -2,7 +2,9 @@
 import argparse
 import json
 import re
+import shlex
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 import torch
@@ -562,3 +564,17 @@ def test_patch_by_attribution_reads_given_nodes_from_gradients(folder, capsys, m
         (cell,) = re.findall(r"@(\d+) ([-+]\d+\.\d\d)", rows[unit])
         assert int(cell[0]) == int(positions[row.abs().argmax()])
         assert float(cell[1]) == pytest.approx(float(row[row.abs().argmax()]), abs=0.006)
+
+
+def test_every_command_the_readme_shows_parses():
+    """Each ``fxcircuits …`` line of the README's shell examples is a command the parser takes, options and all: a
+    renamed option would otherwise leave the README wrong and no test failing."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    lines = [line.split(" && ")[-1] for block in blocks for line in block.splitlines()]
+    commands = [shlex.split(line, comments=True)[1:] for line in lines if line.startswith("fxcircuits ")]
+    assert len(commands) > 20
+    parser = cli._parser()
+    for argv in commands:
+        args = parser.parse_args(argv)
+        assert args.command == argv[0] and callable(args.run)
