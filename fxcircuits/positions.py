@@ -6,9 +6,9 @@ behaviour needs (the layer × head picture of Wang et al.'s IOI; TransformerLens
 matters.  A circuit's edges say *what* carries a behaviour; patching by position says *where in the prompt*.  A mask
 restricted to some positions (``patch_positions``, ``CircuitModel.forward``) patches its edges there alone.
 ``patch_by_position`` sweeps units × positions with it: for each unit — the residual stream entering a layer (causal
-tracing, Meng et al. 2022; TransformerLens's ``resid_pre``), one node's output (a head, an MLP) or one input — and each
-position, one patched run, many in one call, and the metric's change; or, from gradients, every unit at every
-position at once (attribution patching; with integrated gradients, closer).  A position is a token, or a span:
+tracing, Meng et al. 2022; TransformerLens's ``resid_pre``), one node's output (a head, an MLP) or one input —
+and each position, one patched run, many in one call, and the metric's change; or, from gradients, every unit at
+every position at once (attribution patching; with integrated gradients, closer).  A position is a token, or a span:
 a named part of each prompt (IOI's S2), which lines up prompts of different templates so that their effects
 average.  On SmolLM2's IOI prompts the stream carries the difference at the token the corrupted prompt changes (the
 subject's second mention) through layer 19, and at the last token from the name movers' layers on.
@@ -43,8 +43,9 @@ METHODS = ("exact", "attribution", "attribution-ig")
 @dataclass
 class PositionEffects:
     """What patching each unit at each position does to the metric, per prompt: ``effects`` [units, batch, positions],
-    NaN at padding.  ``units``: node names, or ``"layer {l}"`` for the stream entering layer l.  A position is a
-    token, or with ``spans`` (their names) a named part of each prompt — IOI's ``S2``, wherever each prompt has it.
+    NaN at padding.  ``units``: node or input names, or ``"layer {l}"`` for the stream entering layer l.  A
+    position is a token, or with ``spans`` (their names) a named part of each prompt — IOI's ``S2``, wherever each
+    prompt has it.
 
     Noising runs the clean prompts and patches in the corrupted prompts' values: the effect is metric(clean) −
     metric(patched), how much the behaviour needs that unit there.  Denoising runs the corrupted prompts and patches
@@ -135,12 +136,13 @@ class PositionEffects:
 
 @dataclass
 class NodeEffects:
-    """What patching each node's output at every token at once does to the metric, per prompt: ``effects``
-    [nodes, batch], ``units`` the nodes' names; ``clean``, ``corrupted`` [batch], the metric on either prompt
-    (under zero or mean ``ablation``, ``corrupted`` is the clean prompt's with every node so ablated); ``direction``
-    and ``method`` as in ``PositionEffects``; ``inputs``: the units are downstream inputs (``patch_inputs``), not
-    nodes' outputs; ``receivers``: the inputs each node was patched into alone (path patching), or None.  ``plot`` lays them out as the model is (layers × heads, ``draw.plot_nodes``; inputs by layer
-    and each head's q, k and v, ``draw.plot_inputs``); ``example=`` picks one prompt, None the mean over them."""
+    """What patching each node's output (or input) at every token at once does to the metric, per prompt:
+    ``effects`` [nodes, batch], ``units`` the nodes' names; ``clean``, ``corrupted`` [batch], the metric on either
+    prompt (under zero or mean ``ablation``, ``corrupted`` is the clean prompt's with every node so ablated);
+    ``direction`` and ``method`` as in ``PositionEffects``; ``inputs``: the units are downstream inputs
+    (``patch_inputs``), not nodes' outputs; ``receivers``: the inputs each node was patched into alone (path
+    patching), or None.  ``plot`` lays them out as the model is (layers × heads, ``draw.plot_nodes``; inputs by
+    layer and each head's q, k and v, ``draw.plot_inputs``); ``example=`` picks one prompt, None the mean."""
     units: list[str]
     effects: torch.Tensor
     clean: torch.Tensor
@@ -203,9 +205,10 @@ def patch_by_position(cm: CircuitModel, batches: dict | Iterable[dict], metric, 
     stream entering each layer instead (``CircuitGraph.into_layer``).  ``inputs``: downstream input names
     (``"a23.h3<k>"``, ``"m20"``) to patch one at a time instead, each read from the other run there (see
     ``patch_inputs``): at which tokens a head's keys or values matter.  ``receivers``: with ``nodes``, each node
-    patched on its edges into these inputs alone (path patching, see ``patch_nodes``).  ``spans``: False patches at each token; True
-    at each span the batches name (``batch["spans"]``, ``data.make_batches``; the built-in tasks name theirs), all
-    of its tokens at once, or a list of those names — positions that line up across prompts of different templates.
+    patched on its edges into these inputs alone (path patching, see ``patch_nodes``).  ``spans``: False patches
+    at each token; True at each span the batches name (``batch["spans"]``, ``data.make_batches``; the built-in
+    tasks name theirs), all of its tokens at once, or a list of those names — positions that line up across prompts
+    of different templates.
     ``direction``: ``"noising"`` (the clean run, the corrupted values patched in) or ``"denoising"`` (the other way
     round).  ``method``: ``"exact"``, one patched run per unit and position, ``masks_per_call`` of them (units ×
     positions) a call, each holding a whole batch of prompts; or ``"attribution"``, attribution patching: each
@@ -456,8 +459,9 @@ def _input_names(graph: CircuitGraph, inputs: Sequence[str]) -> list[str]:
     """Downstream input names as given, each checked."""
     inputs = name_list(inputs, "input")
     if not inputs:
-        raise ValueError("inputs=[] names no input to patch: give names such as 'a0.h0<q>' (cm.graph.downstream)")
+        raise ValueError("an empty list names no input: give names such as 'a0.h0<q>' (cm.graph.downstream)")
     unknown = [name for name in inputs if name not in graph.port_index]
     if unknown:
-        raise KeyError(f"unknown input{'s' if len(unknown) > 1 else ''} {unknown[:3]}: {graph.not_an_input(unknown[0])}")
+        raise KeyError(f"unknown input{'s' if len(unknown) > 1 else ''} {unknown[:3]}: "
+                       f"{graph.not_an_input(unknown[0])}")
     return inputs

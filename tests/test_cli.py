@@ -505,11 +505,13 @@ def test_patch_inputs_and_paths_rank_as_the_library_does(folder, tmp_path, capsy
     assert "a1.h0<k>" in printed and "a1.h0<q>" in printed
     with pytest.raises(SystemExit, match="leave out the circuit and --nodes"):
         main(["patch", *_common(folder), "--inputs", "--nodes", "m0"])
-    assert main(["patch", *_common(folder), "--all-positions", "--nodes", "a0.h1,m0", "--receivers", "a1.h0<q>,m1"]) == 0
+    options = ["--all-positions", "--nodes", "a0.h1,m0", "--receivers", "a1.h0<q>,m1"]
+    assert main(["patch", *_common(folder), *options]) == 0
     printed = capsys.readouterr().out
     paths = patch_nodes(trace(model), task.batches, task.metric, nodes=["a0.h1", "m0"], receivers=["a1.h0<q>", "m1"])
     assert "noising, into a1.h0<q>, m1 alone, the nodes whose patching" in printed
-    rows = {line.split()[0]: float(line.split()[1]) for line in printed.splitlines() if line.lstrip()[:2] in ("m0", "a0")}
+    rows = {line.split()[0]: float(line.split()[1]) for line in printed.splitlines()
+            if line.lstrip()[:2] in ("m0", "a0")}
     assert rows == pytest.approx(dict(paths.top(2, normalized=True)), abs=6e-4)
     assert main(["patch", *_common(folder), "--nodes", "a0.h1", "--receivers", "m1"]) == 0
     printed = capsys.readouterr().out

@@ -282,7 +282,7 @@ def test_bad_inputs_are_refused_by_name(traced, prompts, sweep):
                           (["a9.h0<q>"], r"unknown input.*'a9.h0<q>' is not a downstream input"),
                           (["input"], "'input' is not a downstream input"), ([3], "is no input name"),
                           ("a0.h1<q>", r"inputs are a list of names, not one string: \['a0.h1<q>'\]"),
-                          ([], "names no input")]:
+                          ([], "an empty list names no input")]:
         with pytest.raises((KeyError, TypeError, ValueError), match=error):
             sweep(cm, batch, metrics.logit_diff, inputs=inputs)
     with pytest.raises(ValueError, match=r"nodes' outputs \(nodes=\) or downstream inputs \(inputs=\), not both"):
@@ -828,7 +828,8 @@ def test_path_patching_into_one_input_matches_hooks(traced, prompts, direction):
                 torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
                 assert ours.abs().max() > 1e-4
         everything = patch_nodes(cm, batch, "logit_diff", receivers=cm.graph.downstream, direction=direction)
-        torch.testing.assert_close(everything.effects, patch_nodes(cm, batch, "logit_diff", direction=direction).effects)
+        plain = patch_nodes(cm, batch, "logit_diff", direction=direction)
+        torch.testing.assert_close(everything.effects, plain.effects)
         late = patch_nodes(cm, batch, "logit_diff", nodes=["a1.h0", "m0", "m1"], receivers=["a1.h2<q>"])
         assert late.effects[[0, 2]].eq(0).all() and late.effects[1].ne(0).all()  # a1.h0 and m1 write after it reads
     receivers = ["a1.h2<q>", "m1"]  # to first order, a path's effect everywhere sums its effects at each token
