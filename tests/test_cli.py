@@ -456,6 +456,14 @@ def test_patch_by_span_averages_every_example_of_the_task(folder, tmp_path, caps
     assert "no span named 'S3'" in capsys.readouterr().err
 
 
+def _prints_top(printed: str, expected: list[tuple[str, float]]) -> None:
+    """The printed table (``NodeEffects.table``: a name and a signed value a line) is ``expected``, in order."""
+    rows = [line.split() for line in printed.splitlines()]
+    rows = [row for row in rows if len(row) == 2 and row[1][0] in "+-"]
+    assert [row[0] for row in rows] == [name for name, _ in expected]
+    assert [float(row[1]) for row in rows] == pytest.approx([value for _, value in expected], abs=6e-4)
+
+
 def test_patch_at_all_positions_ranks_every_node_over_the_task(folder, tmp_path, capsys):
     """``patch --all-positions``: every head and MLP patched at every token, the nodes of largest mean effect as
     fractions of the mean whole over all of the task's examples — the library's figures — and a layer × head grid."""
@@ -465,10 +473,7 @@ def test_patch_at_all_positions_ranks_every_node_over_the_task(folder, tmp_path,
     assert printed.startswith("8 examples; logit_diff:") and out.stat().st_size > 0
     model, tokenizer = load_model(folder)
     task = tasks.load("ioi", tokenizer, size=8, seed=0, batch_size=4)
-    expected = patch_nodes(trace(model), task.batches, task.metric).top(3, normalized=True)
-    rows = [line.split() for line in printed.splitlines() if line.lstrip().startswith(("a", "m"))]
-    assert [row[0] for row in rows] == [node for node, _ in expected]
-    assert [float(row[1]) for row in rows] == pytest.approx([value for _, value in expected], abs=6e-4)
+    _prints_top(printed, patch_nodes(trace(model), task.batches, task.metric).top(3, normalized=True))
     assert main(["patch", *_common(folder), "--all-positions", "--nodes", "m0,m1", "--method", "attribution"]) == 0
     assert "noising (to first order)" in capsys.readouterr().out
     assert main(["patch", *_common(folder), "--all-positions", "--nodes", "m0,a1.h0", "--ablation", "mean"]) == 0
@@ -476,8 +481,7 @@ def test_patch_at_all_positions_ranks_every_node_over_the_task(folder, tmp_path,
     mean = patch_nodes(trace(model), task.batches, task.metric, nodes=["m0", "a1.h0"], ablation="mean",
                        reference=task.batches)
     assert "with every node's output at its mean (means); noising, mean ablation" in printed
-    rows = {line.split()[0]: float(line.split()[1]) for line in printed.splitlines() if line.lstrip()[:2] in ("m0", "a1")}
-    assert rows == pytest.approx(dict(mean.top(2, normalized=True)), abs=6e-4)
+    _prints_top(printed, mean.top(2, normalized=True))
     with pytest.raises(SystemExit, match="leave out --spans"):
         main(["patch", *_common(folder), "--all-positions", "--spans"])
     with pytest.raises(SystemExit, match="add --all-positions"):
@@ -494,10 +498,7 @@ def test_patch_inputs_and_paths_rank_as_the_library_does(folder, tmp_path, capsy
     assert "the inputs whose patching at every token moves it most" in printed and out.stat().st_size > 0
     model, tokenizer = load_model(folder)
     task = tasks.load("ioi", tokenizer, size=8, seed=0, batch_size=4)
-    expected = patch_inputs(trace(model), task.batches, task.metric).top(4, normalized=True)
-    rows = [line.split() for line in printed.splitlines() if line.lstrip().startswith(("a", "m"))]
-    assert [row[0] for row in rows] == [port for port, _ in expected]
-    assert [float(row[1]) for row in rows] == pytest.approx([value for _, value in expected], abs=6e-4)
+    _prints_top(printed, patch_inputs(trace(model), task.batches, task.metric).top(4, normalized=True))
     assert main(["patch", *_common(folder), "--all-positions", "--inputs", "m1,a1.h0<k>", "--ablation", "zero"]) == 0
     assert "with every input zero (means); noising, zero ablation" in capsys.readouterr().out
     assert main(["patch", *_common(folder), "--inputs", "a1.h0<k>,a1.h0<q>", "--out", str(out)]) == 0
@@ -510,9 +511,7 @@ def test_patch_inputs_and_paths_rank_as_the_library_does(folder, tmp_path, capsy
     printed = capsys.readouterr().out
     paths = patch_nodes(trace(model), task.batches, task.metric, nodes=["a0.h1", "m0"], receivers=["a1.h0<q>", "m1"])
     assert "noising, into a1.h0<q>, m1 alone, the nodes whose patching" in printed
-    rows = {line.split()[0]: float(line.split()[1]) for line in printed.splitlines()
-            if line.lstrip()[:2] in ("m0", "a0")}
-    assert rows == pytest.approx(dict(paths.top(2, normalized=True)), abs=6e-4)
+    _prints_top(printed, paths.top(2, normalized=True))
     assert main(["patch", *_common(folder), "--nodes", "a0.h1", "--receivers", "m1"]) == 0
     printed = capsys.readouterr().out
     assert "noising, into m1 alone, the tokens where patching each row" in printed and "a0.h1" in printed
