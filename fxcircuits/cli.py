@@ -788,8 +788,10 @@ def _patch_everywhere(args, cm, task, units: dict, how: str, sweep: dict) -> int
     """``patch --all-positions``: each node (``units``: ``nodes`` and ``receivers``) or input (``inputs``) patched
     at every token, over the whole task."""
     ablation = args.ablation or "corrupted"
-    patch, what, patched = (patch_inputs, "input", "input") if "inputs" in units else (patch_nodes, "node",
-                                                                                      "node's output")
+    if "inputs" in units:
+        patch, what, patched = patch_inputs, "input", "input"
+    else:
+        patch, what, patched = patch_nodes, "node", "node's output"
     effects = patch(cm, task.batches, task.metric, **units, **sweep, ablation=ablation,
                     reference=task.batches if ablation == "mean" else None)
     other = {"corrupted": "on the corrupted ones", "zero": f"with every {patched} zero",
