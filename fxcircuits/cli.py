@@ -35,6 +35,7 @@ from .components import DecompositionError
 from .draw import (draw_circuit, draw_comparison, draw_span_circuit, plot_faithfulness, plot_heatmap,
                    plot_nodes)
 from .evaluation import Evaluator
+from .graph import CircuitGraph
 from .lens import direct_logits, logit_lens, source_logits
 from .model import trace
 from .models import load_model
@@ -200,8 +201,9 @@ def _parser() -> argparse.ArgumentParser:
     patch.add_argument("--all-positions", action="store_true", help="patch each node at every token at once, in "
                        "every example, and average (nodes: every head and MLP unless given)")
     patch.add_argument("--inputs", nargs="?", const="all", help="patch downstream inputs instead of outputs: "
-                       "each head's q, k and v input and each MLP's input (through which of them a head matters), "
-                       "or the comma-separated inputs, e.g. 'a23.h3<q>,a23.h3<k>,m20'")
+                       "each head's q, k and v input and each MLP's input (through which of them a head matters; "
+                       "with a circuit, the inputs its edges enter), or the comma-separated inputs, e.g. "
+                       "'a23.h3<q>,a23.h3<k>,m20'")
     patch.add_argument("--receivers", help="comma-separated inputs each node is patched into alone, its other edges "
                        "left as they are (path patching: which heads move the name movers' queries), e.g. "
                        "'a23.h3<q>,a23.h0<q>'")
@@ -744,15 +746,16 @@ def _patch(args) -> int:
         raise SystemExit("--all-positions patches every token at once: leave out --spans")
     if args.ablation and not args.all_positions:
         raise SystemExit("--ablation knocks nodes out at every token: add --all-positions")
-    if args.inputs and nodes is not None:
-        raise SystemExit("--inputs patches inputs, not nodes: leave out the circuit and --nodes")
+    if args.inputs and (args.nodes or (args.circuit and args.inputs != "all")):
+        raise SystemExit("--inputs patches inputs, not nodes: leave out --nodes (with a circuit, a bare --inputs "
+                         "patches the inputs its edges enter)")
     receivers = args.receivers.split(",") if args.receivers else None
     if receivers and (args.inputs or (nodes is None and not args.all_positions)):
         raise SystemExit("--receivers patches nodes' outputs into them: give --nodes (or a circuit), or "
                          "--all-positions for every head and MLP, and leave out --inputs")
     _, tokenizer, cm, task = _setup(args)
-    inputs = None if args.inputs is None else cm.graph.downstream[:-1] if args.inputs == "all" else \
-        args.inputs.split(",")
+    inputs = _read_inputs(args, nodes, cm.graph)
+    nodes = None if inputs is not None else nodes
     how = args.direction + {"exact": "", "attribution": " (to first order)",
                             "attribution-ig": f" (by integrated gradients, {args.steps} steps)"}[args.method] + \
         (f", into {', '.join(receivers)} alone" if receivers else "")
@@ -777,11 +780,22 @@ def _patch(args) -> int:
     example = None if spans is not None else 0
     print(effects.table(tokenizer, k=args.top, example=example, normalized=True))
     if args.out:
-        what = "each input" if inputs else "the stream entering each layer" if nodes is None else "each node"
+        what = "each input" if inputs is not None else "the stream entering each layer" if nodes is None else \
+            "each node"
         by = "by token" if spans is None else f"by span, mean of {len(task.examples)}"
         effects.plot(tokenizer, args.out, example=example, title=f"{args.direction} {what}, {by} · {task.name}")
         print(f"heatmap → {args.out}")
     return 0
+
+
+def _read_inputs(args, nodes: Circuit | list[str] | None, graph: CircuitGraph) -> Circuit | list[str] | None:
+    """What ``patch --inputs`` patches: the inputs listed; with a bare ``--inputs``, a circuit's (those its edges
+    enter) or every head's q, k and v and every MLP's input; None without ``--inputs``."""
+    if args.inputs is None:
+        return None
+    if args.inputs != "all":
+        return args.inputs.split(",")
+    return nodes if isinstance(nodes, Circuit) else graph.downstream[:-1]
 
 
 def _patch_everywhere(args, cm, task, units: dict, how: str, sweep: dict) -> int:

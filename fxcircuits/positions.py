@@ -194,8 +194,8 @@ class NodeEffects:
 
 @torch.no_grad()
 def patch_by_position(cm: CircuitModel, batches: dict | Iterable[dict], metric, *,
-                      nodes: list[str] | Circuit | None = None, inputs: Sequence[str] | None = None,
-                      receivers: Sequence[str] | None = None, spans: bool | Sequence[str] = False,
+                      nodes: list[str] | Circuit | None = None, inputs: Sequence[str] | Circuit | None = None,
+                      receivers: Sequence[str] | Circuit | None = None, spans: bool | Sequence[str] = False,
                       direction: str = "noising", method: str = "exact", steps: int = 5, masks_per_call: int = 16,
                       progress: bool = False) -> PositionEffects:
     """Patch each unit at each position of ``batches`` (a batch dict, or several: ``clean``, ``corrupted``,
@@ -240,7 +240,7 @@ def patch_by_position(cm: CircuitModel, batches: dict | Iterable[dict], metric, 
 
 @torch.no_grad()
 def patch_nodes(cm: CircuitModel, batches: dict | Iterable[dict], metric, *,
-                nodes: list[str] | Circuit | None = None, receivers: Sequence[str] | None = None,
+                nodes: list[str] | Circuit | None = None, receivers: Sequence[str] | Circuit | None = None,
                 direction: str = "noising", method: str = "exact", ablation: str = "corrupted",
                 reference: Iterable[dict] | None = None, steps: int = 5, masks_per_call: int | None = None,
                 progress: bool = False) -> NodeEffects:
@@ -252,17 +252,19 @@ def patch_nodes(cm: CircuitModel, batches: dict | Iterable[dict], metric, *,
     output becomes — the other prompt's (``"corrupted"``), zero (``"zero"``), or its mean over the real tokens of
     ``reference`` batches (``"mean"``): knocking each node out of the clean run, which is noising.
 
-    ``receivers``: downstream inputs (``"a23.h3<q>"``, ``"m20"``); each node is then patched on its edges into them
-    alone, every other path from it left as it is — path patching (Wang et al. 2022: which heads move the name
-    movers' queries), each sender's direct effect through the receivers.  A node that writes after every receiver
-    reads has no such edge, and its effect is 0."""
+    ``receivers``: downstream inputs (``"a23.h3<q>"``, ``"m20"``; or a circuit's, those its edges enter); each node
+    is then patched on its edges into them alone, every other path from it left as it is — path patching (Wang et
+    al. 2022: which heads move the name movers' queries), each sender's direct effect through the receivers.  A
+    node that writes after every receiver reads has no such edge, and its effect is 0."""
+    receivers = None if receivers is None else _input_names(cm.graph, receivers)
     units = _units(cm, cm.graph.upstream[1:] if nodes is None else nodes, None, receivers)
     return _everywhere(cm, batches, metric, units, direction, method, ablation, reference, steps, masks_per_call,
-                       progress, receivers=None if receivers is None else list(receivers))
+                       progress, receivers=receivers)
 
 
 @torch.no_grad()
-def patch_inputs(cm: CircuitModel, batches: dict | Iterable[dict], metric, *, inputs: Sequence[str] | None = None,
+def patch_inputs(cm: CircuitModel, batches: dict | Iterable[dict], metric, *,
+                 inputs: Sequence[str] | Circuit | None = None,
                  direction: str = "noising", method: str = "exact", ablation: str = "corrupted",
                  reference: Iterable[dict] | None = None, steps: int = 5, masks_per_call: int | None = None,
                  progress: bool = False) -> NodeEffects:
@@ -270,9 +272,10 @@ def patch_inputs(cm: CircuitModel, batches: dict | Iterable[dict], metric, *, in
     ``NodeEffects``.  An input is what one reader reads from the stream — a head's query, key or value input
     (``"a23.h3<q>"``), an MLP's input (``"m20"``), the logits' — and patching it patches every edge into it, so
     its reader alone computes from the other run's stream: TransformerLens's q, k and v patching, which tells
-    whether a head matters for what it attends from or for what it moves.  ``inputs``: names; None, every head's
-    q, k and v and every MLP's input.  The rest as for ``patch_nodes``; ``"zero"`` and ``"mean"`` ablation set
-    the input itself (the sum of what its edges carry) to zero or its mean, before its reader's norm."""
+    whether a head matters for what it attends from or for what it moves.  ``inputs``: names, or a circuit (the
+    inputs its edges enter); None, every head's q, k and v and every MLP's input.  The rest as for
+    ``patch_nodes``; ``"zero"`` and ``"mean"`` ablation set the input itself (the sum of what its edges carry) to
+    zero or its mean, before its reader's norm — save what no node writes (a projection's bias), which stays."""
     units = _units(cm, None, cm.graph.downstream[:-1] if inputs is None else inputs)
     return _everywhere(cm, batches, metric, units, direction, method, ablation, reference, steps, masks_per_call,
                        progress, inputs=True)
@@ -427,8 +430,8 @@ def _attributed(cm: CircuitModel, p: Prepared, metric, masks: torch.Tensor, colu
     return torch.einsum("ubw,cbw->ubc", by_token, columns)
 
 
-def _units(cm: CircuitModel, nodes: list[str] | Circuit | None, inputs: Sequence[str] | None,
-           receivers: Sequence[str] | None = None) -> tuple[list[str], torch.Tensor]:
+def _units(cm: CircuitModel, nodes: list[str] | Circuit | None, inputs: Sequence[str] | Circuit | None,
+           receivers: Sequence[str] | Circuit | None = None) -> tuple[list[str], torch.Tensor]:
     """The units' names and their edge masks [units, E]: 0 on the edges each one patches — given nodes' outgoing
     edges (into ``receivers`` alone where given), given inputs' incoming edges, or (neither given) the edges into
     each layer."""
@@ -455,8 +458,10 @@ def _units(cm: CircuitModel, nodes: list[str] | Circuit | None, inputs: Sequence
     return names, kept.float()
 
 
-def _input_names(graph: CircuitGraph, inputs: Sequence[str]) -> list[str]:
-    """Downstream input names as given, each checked."""
+def _input_names(graph: CircuitGraph, inputs: Sequence[str] | Circuit) -> list[str]:
+    """Downstream input names as given, each checked; or the inputs a circuit's edges enter, in graph order."""
+    if isinstance(inputs, Circuit):
+        inputs = [inputs.graph.downstream[d] for d in inputs.graph.dst[inputs.in_graph].unique().tolist()]
     inputs = name_list(inputs, "input")
     if not inputs:
         raise ValueError("an empty list names no input: give names such as 'a0.h0<q>' (cm.graph.downstream)")

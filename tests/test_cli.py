@@ -504,8 +504,16 @@ def test_patch_inputs_and_paths_rank_as_the_library_does(folder, tmp_path, capsy
     assert main(["patch", *_common(folder), "--inputs", "a1.h0<k>,a1.h0<q>", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "a1.h0<k>" in printed and "a1.h0<q>" in printed
-    with pytest.raises(SystemExit, match="leave out the circuit and --nodes"):
+    with pytest.raises(SystemExit, match="leave out --nodes"):
         main(["patch", *_common(folder), "--inputs", "--nodes", "m0"])
+    circuit = tmp_path / "c.json"
+    Circuit(CircuitGraph.from_config(trace(model).graph.cfg), ["a0.h1->a1.h0<v>", "m0->m1"]).save(circuit)
+    assert main(["patch", str(circuit), *_common(folder), "--all-positions", "--inputs"]) == 0
+    printed = capsys.readouterr().out
+    entered = patch_inputs(trace(model), task.batches, task.metric, inputs=["a1.h0<v>", "m1"])
+    _prints_top(printed, entered.top(5, normalized=True))
+    with pytest.raises(SystemExit, match="with a circuit, a bare --inputs patches the inputs its edges enter"):
+        main(["patch", str(circuit), *_common(folder), "--inputs", "m1"])
     options = ["--all-positions", "--nodes", "a0.h1,m0", "--receivers", "a1.h0<q>,m1"]
     assert main(["patch", *_common(folder), *options]) == 0
     printed = capsys.readouterr().out

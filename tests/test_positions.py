@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxcircuits import attribute, metrics, trace
+from fxcircuits import Circuit, attribute, metrics, trace
 from fxcircuits.patching import position_weights
 from fxcircuits.positions import DIRECTIONS, _units, patch_by_position, patch_inputs, patch_nodes
 from fxcircuits.runs import Prepared
@@ -837,3 +837,18 @@ def test_path_patching_into_one_input_matches_hooks(traced, prompts, direction):
     by_token = patch_by_position(cm, batch, "logit_diff", nodes=senders, receivers=receivers, method="attribution")
     torch.testing.assert_close(everywhere.effects, by_token.effects.nansum(-1), atol=1e-6, rtol=1e-4)
     assert everywhere.effects.abs().min() > 0
+
+
+def test_a_circuit_names_the_inputs_its_edges_enter(traced, prompts):
+    """``inputs=`` and ``receivers=`` take a circuit: the inputs its edges enter, in graph order."""
+    _, cm = traced("llama")
+    batch = _batch(prompts)
+    circuit = Circuit(cm.graph, ["a0.h1->m1", "input->a1.h2<k>", "m0->a1.h2<k>", "a1.h0->logits"])
+    entered = ["a1.h2<k>", "m1", "logits"]
+    by_circuit = patch_inputs(cm, batch, metrics.logit_diff, inputs=circuit)
+    assert by_circuit.units == entered
+    torch.testing.assert_close(by_circuit.effects, patch_inputs(cm, batch, metrics.logit_diff, inputs=entered).effects)
+    paths = patch_nodes(cm, batch, metrics.logit_diff, nodes=["a0.h1", "m0"], receivers=circuit)
+    assert paths.receivers == entered
+    torch.testing.assert_close(paths.effects, patch_nodes(cm, batch, metrics.logit_diff, nodes=["a0.h1", "m0"],
+                                                          receivers=entered).effects)
