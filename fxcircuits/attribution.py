@@ -33,7 +33,7 @@ from .caller import gradients
 from .data import REST, position_classes
 from .model import CircuitModel
 from .patching import Tap, class_keep, dense_keep
-from .runs import (Calls, Prepared, call_size, check_finite, clean_values, examples, metric_values,
+from .runs import (Calls, Prepared, call_size, check_counts, check_finite, clean_values, examples, metric_values,
                    prepare)
 from .scores import EdgeScores, _count
 
@@ -59,11 +59,12 @@ EXACT_CALL_STREAM = 2 ** 21
 MASK_OPTIONS = ("mask_steps", "density", "lr", "warmup", "warm_start")
 
 
-def attribute(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable | None = None,
+def attribute(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Callable | None = None,
               method: str = "eap-ig-inputs", *, steps: int = 5, ablation: str = "corrupted",
               reference: Iterable[dict] | None = None, threshold: float = 0.01, masks_per_call: int | None = None,
               progress: bool = True, seed: int = 0, **options) -> EdgeScores:
-    """Score every edge of ``cm.graph`` on ``batches`` (see ``fxcircuits.data``) with ``metric``.
+    """Score every edge of ``cm.graph`` on ``batches`` (a batch dict, or several; see ``fxcircuits.data``) with
+    ``metric``.
 
     ``metric``: a name from ``fxcircuits.metrics`` or any ``metric(logits, batch) -> Tensor[B]``, larger meaning
     more of the task; ACDC defaults to ``"kl"``.  ``steps``: integration steps of the EAP-IG methods.
@@ -84,9 +85,9 @@ def attribute(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable 
     return EdgeScores(cm.graph, scores, method, info)
 
 
-def scored(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable | None, method: str, *, by_span: bool,
-           spans: Sequence[str] | None = None, steps: int, ablation: str, reference: Iterable[dict] | None,
-           threshold: float, masks_per_call: int | None, progress: bool, seed: int,
+def scored(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Callable | None, method: str, *,
+           by_span: bool, spans: Sequence[str] | None = None, steps: int, ablation: str,
+           reference: Iterable[dict] | None, threshold: float, masks_per_call: int | None, progress: bool, seed: int,
            options: dict) -> tuple[torch.Tensor, list[str] | None, dict]:
     """What ``attribute`` and ``attribute_by_span`` share: the settings checked, the batches prepared and
     ``method`` run.  Every method scores a mask per class of positions, [classes, E]: by span, the classes are
@@ -100,8 +101,7 @@ def scored(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable | N
     if set(options) - set(MASK_OPTIONS):
         raise TypeError(f"unknown options {sorted(set(options) - set(MASK_OPTIONS))} of method='mask'; it takes "
                         f"{', '.join(MASK_OPTIONS)}")
-    if steps < 1 or (masks_per_call is not None and masks_per_call < 1):
-        raise ValueError(f"steps and masks_per_call must be at least 1, got {steps} and {masks_per_call}")
+    check_counts(steps=steps, masks_per_call=masks_per_call)
     if method == "clean-corrupted" and ablation != "corrupted":
         raise ValueError("clean-corrupted takes gradients at the corrupted input, so it needs ablation='corrupted'")
     metric = metrics_.get(metric if metric is not None else _default_metric(method))
@@ -139,7 +139,7 @@ def scored(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable | N
 
 def _class_names(prepared: list[Prepared], spans: Sequence[str] | None) -> list[str]:
     """The classes' names: ``spans`` (the first batch's, where None) and the rest, checked on every batch."""
-    names = None if spans is None else list(spans)
+    names = spans
     for p in prepared:
         names = position_classes(p.batch, names)[0][:-1]
     return names + [REST]

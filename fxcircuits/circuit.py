@@ -76,9 +76,7 @@ class Circuit:
         if not isinstance(other, Circuit):
             return NotImplemented
         if other.graph.edges != self.graph.edges:
-            differ = next((a, b) for a, b in itertools.zip_longest(self.graph.edges, other.graph.edges) if a != b)
-            raise ValueError(f"the circuits are of different graphs ({len(self.graph.edges)} and "
-                             f"{len(other.graph.edges)} edges; first difference {differ[0]!r} against {differ[1]!r}): "
+            raise ValueError(f"the circuits are of different graphs ({_difference(self.graph, other.graph)}): "
                              "combine or compare circuits of one model, or of models of one architecture")
         same = self.scores is not None and other.scores is not None and torch.equal(self.scores, other.scores)
         return Circuit(self.graph, op(self.in_graph, other.in_graph), self.scores if same else None)
@@ -94,10 +92,20 @@ class Circuit:
                 "node_iou": len(mine & theirs) / len(mine | theirs) if mine | theirs else 1.0}
 
     def edge_mask(self, graph: CircuitGraph) -> torch.Tensor:
-        """The mask [E] of ``graph`` that runs this circuit: 1 on its edges, 0 (patched) everywhere else."""
+        """The mask [E] of ``graph`` that runs this circuit: 1 on its edges, 0 (patched) everywhere else.  ``graph``
+        must hold the edges the circuit's does, in any order: a name such as ``m1->logits`` is another edge in a
+        deeper model, whose layers past the circuit's would all be patched."""
         if graph.edges == self.graph.edges:
             return self.in_graph.float()
+        self.check_graph(graph)
         return _edge_flags(graph, self.edges).float()
+
+    def check_graph(self, graph: CircuitGraph) -> None:
+        """Refuse a model's ``graph`` that holds other edges than the circuit's (in any order), before its names are
+        read there."""
+        if graph.edges != self.graph.edges and graph.edge_index.keys() != self.graph.edge_index.keys():
+            raise ValueError(f"this circuit is of another graph than the model's ({_difference(self.graph, graph)}): "
+                             "run a circuit on the model it was found on, or on one of its architecture and size")
 
     def to_networkx(self) -> nx.DiGraph:
         """The circuit as ``graph.to_networkx()`` draws the whole graph — its edges (with their ``score`` when the
@@ -120,6 +128,8 @@ class Circuit:
         if self.scores is None:
             raise ValueError("this circuit has no scores to rank its edges by; draw it whole, or pass a subset of "
                              "its edges to Circuit(graph, edges)")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"strongest takes a count of edges, an int from 0; got {n!r}")
         index = self.in_graph.nonzero().flatten()
         flags = torch.zeros_like(self.in_graph)
         flags[index[self.scores[index].abs().argsort(descending=True, stable=True)[:n]]] = True
@@ -192,7 +202,14 @@ class Circuit:
             raise ValueError(f"{path} holds a positional circuit, one circuit per span: read it with "
                              "fxcircuits.SpanCircuit.load (or fxcircuits.positional.load_circuit, for either kind)")
         _require(data, {"cfg", "nodes", "edges"}, path)
-        graph = CircuitGraph.from_config(data["cfg"])
+        for key in ("nodes", "edges"):
+            if not isinstance(data[key], dict) or not all(isinstance(v, dict) for v in data[key].values()):
+                raise ValueError(f"{path}: its {key} are not an object of {key[:-1]} names, each with its flags")
+        unflagged = next((name for name, edge in data["edges"].items() if not isinstance(edge.get("in_graph"), bool)),
+                         None)
+        if unflagged is not None:
+            raise ValueError(f"{path}: edge {unflagged!r} has no in_graph flag (true or false)")
+        graph = _graph(data["cfg"], path)
         unknown = data["edges"].keys() - graph.edge_index.keys()
         if unknown:
             raise ValueError(f"{path} names {len(unknown)} edges that a {data['cfg']['n_layers']}-layer, "
@@ -210,9 +227,15 @@ class Circuit:
     def from_pt(cls, path: str | Path) -> "Circuit":
         """Read a circuit written by ``to_pt`` or by EAP-IG's ``Graph.to_pt``.  The cells of no edge are left out:
         EAP-IG scores every [src, dst] pair, and its node-level circuits flag every pair leaving a kept node."""
-        data = torch.load(path, weights_only=True)
+        try:
+            data = torch.load(path, weights_only=True)
+        except OSError:
+            raise
+        except Exception as error:  # what unpickling a file of another kind raises varies with its bytes
+            raise ValueError(f"{path} is not a circuit file: torch.load cannot read it as torch.save writes one "
+                             f"({type(error).__name__})") from None
         _require(data, {"cfg", "src_nodes", "dst_nodes", "edges_scores", "edges_in_graph", "nodes_in_graph"}, path)
-        graph = CircuitGraph.from_config(data["cfg"])
+        graph = _graph(data["cfg"], path)
         shape = (len(graph.upstream), len(graph.downstream))
         if (list(data["src_nodes"]), list(data["dst_nodes"])) != (graph.upstream, graph.downstream):
             raise ValueError(f"{path}: its src_nodes and dst_nodes are not those of the graph its cfg describes "
@@ -230,7 +253,7 @@ class Circuit:
         if self.graph.d_model is None:
             raise ValueError("this graph does not know d_model, which EAP-IG's Graph.from_json needs; build it with "
                              "fxcircuits.trace(model) or CircuitGraph.from_config({... 'd_model': ...})")
-        return {**self.info, **info, **self.graph.cfg, "scored": self.scores is not None}
+        return {**plain_info({**self.info, **info}), **self.graph.cfg, "scored": self.scores is not None}
 
     @classmethod
     def _from_cfg(cls, graph: CircuitGraph, cfg: dict, in_graph, scores: torch.Tensor) -> "Circuit":
@@ -246,6 +269,33 @@ class Circuit:
         matrix = torch.zeros(len(g.upstream) * len(g.downstream), dtype=values.dtype)
         matrix[g.cells] = values
         return matrix.view(len(g.upstream), len(g.downstream))
+
+
+def plain_info(info: dict) -> dict:
+    """``info`` in the plain values a circuit file holds — numbers, strings, lists and dicts of them; numpy's and
+    torch's numbers and arrays made Python's — each refused by name otherwise, when saving: JSON cannot write
+    the rest, and the ``weights_only`` load that reads a ``.pt`` file back refuses it."""
+    plain = {}
+    for key, value in info.items():
+        try:
+            plain[key] = json.loads(json.dumps(value, default=_listed))
+        except (TypeError, ValueError):
+            raise TypeError(f"the circuit's info {key!r} is a {type(value).__name__}, which a circuit file cannot "
+                            "hold: give numbers, strings, or lists and dicts of them (a metric by its name)") from None
+    return plain
+
+
+def _listed(value):
+    """What JSON writes for a numpy or torch value: its Python number, or nested list of them."""
+    if not hasattr(value, "tolist"):
+        raise TypeError(type(value).__name__)
+    return value.tolist()
+
+
+def _difference(mine: CircuitGraph, theirs: CircuitGraph) -> str:
+    """How two graphs' edge lists differ, for an error: their sizes and the first edge where they part."""
+    first = next((a, b) for a, b in itertools.zip_longest(mine.edges, theirs.edges) if a != b)
+    return f"{len(mine.edges)} and {len(theirs.edges)} edges; first difference {first[0]!r} against {first[1]!r}"
 
 
 def _format(path: str | Path) -> str:
@@ -280,6 +330,24 @@ def read_json(path: str | Path):
         raise ValueError(f"{path} is not a circuit file: it is not JSON ({error})") from None
 
 
+def _graph(cfg, path) -> CircuitGraph:
+    """The graph a circuit file's ``cfg`` describes, refused naming what is wrong with it."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: its cfg is a {type(cfg).__name__}, not an object of n_layers, n_heads and "
+                         "parallel_attn_mlp")
+    if "writers" not in cfg:
+        shapes = {"n_layers": int, "n_heads": int, "parallel_attn_mlp": bool}
+        wrong = [key for key, kind in shapes.items() if not isinstance(cfg.get(key), kind)
+                 or (kind is int and (isinstance(cfg[key], bool) or cfg[key] < 0))]
+        if wrong:
+            raise ValueError(f"{path}: its cfg's {wrong[0]} is {cfg.get(wrong[0])!r}; a circuit file's cfg holds "
+                             "n_layers and n_heads (whole numbers) and parallel_attn_mlp (true or false)")
+    try:
+        return CircuitGraph.from_config(cfg)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: its cfg's writers describe no graph ({error!r})") from None
+
+
 def _require(data, keys: set[str], path) -> None:
     """Refuse a file that is no circuit file, naming what it lacks."""
     missing = keys - data.keys() if isinstance(data, dict) else keys
@@ -292,6 +360,9 @@ def _edge_flags(graph: CircuitGraph, edges: Iterable[str] | torch.Tensor) -> tor
     if isinstance(edges, torch.Tensor):
         if edges.shape != (len(graph.edges),):
             raise ValueError(f"edge flags have shape {tuple(edges.shape)}; expected [{len(graph.edges)}]")
+        if edges.dtype != torch.bool and not ((edges == 0) | (edges == 1)).all():
+            raise ValueError("edge flags are bool, or 0 and 1: other values (a soft mask, scores) say no edge is in "
+                             "or out; cut them to a circuit first, e.g. EdgeScores(graph, values).topn(n)")
         return edges.detach().cpu().bool()
     edges = names(edges, "edge")
     unknown = [e for e in edges if e not in graph.edge_index]

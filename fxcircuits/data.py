@@ -17,11 +17,12 @@ A batch is a dict of tensors:
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
 from .caller import warn_at_caller
+from .graph import names as name_list
 
 Answers = Sequence[Sequence[str]] | Sequence[str]
 Spans = Mapping[str, tuple[int, int]]  # a name → the character range [start, stop) of a prompt it covers
@@ -63,10 +64,11 @@ def make_batches(tokenizer, clean: Sequence[str], corrupted: Sequence[str], corr
         raise ValueError("no prompt pairs given: a task needs at least one example")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if not (len(corrupted) == len(correct) == len(incorrect) == n) or (spans is not None and len(spans) != n):
-        raise ValueError(f"clean, corrupted, correct, incorrect (and spans, if given) must have one entry per "
-                         f"example; got lengths {n}, {len(corrupted)}, {len(correct)}, {len(incorrect)}"
-                         + (f", {len(spans)}" if spans is not None else ""))
+    optional = {name: len(given) for name, given in (("labels", labels), ("spans", spans)) if given is not None}
+    if not (len(corrupted) == len(correct) == len(incorrect) == n) or any(k != n for k in optional.values()):
+        raise ValueError(f"clean, corrupted, correct, incorrect (and labels and spans, if given) must have one entry "
+                         f"per example; got lengths {n}, {len(corrupted)}, {len(correct)}, {len(incorrect)}"
+                         + "".join(f", {k} ({name})" for name, k in optional.items()))
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     labels = list(labels) if labels is not None else [f"example {i}" for i in range(n)]
@@ -240,6 +242,11 @@ def _pad(rows: list[list[int]], value: int, side: str) -> torch.Tensor:
     return torch.tensor(padded, dtype=torch.long)
 
 
+def batch_list(batches: dict | Iterable[dict]) -> list[dict]:
+    """``batches`` as a list: one batch dict given alone is one batch, where ``list()`` would take its keys."""
+    return [batches] if isinstance(batches, dict) else list(batches)
+
+
 def check_batch(batch: dict, vocab_size: int | None = None) -> None:
     """Raise ``ValueError`` naming the key and what is expected if ``batch`` is not a well-formed batch.
 
@@ -352,7 +359,7 @@ def position_classes(batch: dict, names: Sequence[str] | None = None) -> tuple[l
     0/1 weights [classes, B, S], one class at each position: the ``mask_positions`` of a positional mask, one mask per
     class (``CircuitModel.forward``), and the classes positional scores and circuits are kept by."""
     spans = batch.get("spans") or {}
-    names = list(spans) if names is None else list(names)
+    names = list(spans) if names is None else name_list(names, "span")
     if not names:
         raise ValueError("no spans to cut the prompts by: pass batches with 'spans' (fxcircuits.data.make_batches, "
                          "or a built-in task), or name some")

@@ -20,7 +20,7 @@ from . import metrics as metrics_
 from .circuit import Circuit
 from .model import CircuitModel
 from .positional import SpanCircuit, SpanScores
-from .runs import Calls, Prepared, call_size, check_finite, ends, metric_values, prepare
+from .runs import Calls, Prepared, call_size, check_counts, check_finite, ends, metric_values, prepare
 from .scores import EdgeScores
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -56,7 +56,7 @@ class Evaluator:
     CPU what runs fastest for the model's width and the batches' size (``per_call``; SmolLM2, batches of 8 IOI
     prompts: two); fewer from a call on that ran out of the accelerator's memory (``runs.Calls``)."""
 
-    def __init__(self, cm: CircuitModel, batches: Iterable[dict], metric: str | Callable, *,
+    def __init__(self, cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Callable, *,
                  ablation: str = "corrupted", reference: Iterable[dict] | None = None,
                  masks_per_call: int | None = None):
         self.cm, self.metric = cm, metrics_.get(metric)
@@ -96,6 +96,7 @@ class Evaluator:
               absolute: bool = True, progress: bool = False) -> "Curve":
         """Faithfulness of the pruned top-``p`` circuits, ranked by |score| (``absolute``) or signed score — of
         (edge, span) pairs for scores by span, whose ``Curve.edges`` then counts those pairs."""
+        _scores_given(scores, "curve")
         if not fractions:
             raise ValueError("no fractions to run: give the shares of the edges to keep, e.g. MIB_FRACTIONS")
         circuits = [scores.topn(float(p), absolute) for p in fractions]
@@ -126,8 +127,8 @@ class Evaluator:
         if not math.isfinite(faithfulness) or faithfulness <= 0:
             raise ValueError(f"faithfulness {faithfulness} is no target: give one above 0 (0.85 for 85%); the empty "
                              "circuit already has 0")
-        if per_round < 1:
-            raise ValueError(f"per_round must be at least 1, got {per_round}")
+        _scores_given(scores, "smallest")
+        check_counts(per_round=per_round)
         cut, total = _cutter(scores, selection, absolute)
         tried: dict[int, float] = {0: 0.0}  # the empty circuit: every edge patched
         with tqdm(desc="smallest", unit="circuit", disable=not progress) as bar:
@@ -207,6 +208,14 @@ def _bracket(tried: dict[int, float], target: float, total: int) -> tuple[int, i
     return max(n for n in tried if n < high), high
 
 
+def _scores_given(scores, use: str) -> None:
+    """Refuse what is not scores to cut circuits from, naming what to pass."""
+    if not isinstance(scores, (EdgeScores, SpanScores)):
+        raise TypeError(f"{use} cuts circuits from scores, EdgeScores or SpanScores (as attribute and "
+                        f"attribute_by_span give them), not a {type(scores).__name__}"
+                        + ("; evaluate runs a circuit" if isinstance(scores, (Circuit, SpanCircuit)) else ""))
+
+
 def _cutter(scores: EdgeScores | SpanScores, selection: str,
             absolute: bool) -> tuple[Callable[[int], Circuit | SpanCircuit], int]:
     """``selection`` as a function of the circuit's size, and the largest size: all edges (or (edge, span)
@@ -232,7 +241,7 @@ class Curve:
     faithfulness: list[float]
 
 
-def evaluate(cm: CircuitModel, circuit: Circuit | SpanCircuit, batches: Iterable[dict], metric: str | Callable,
+def evaluate(cm: CircuitModel, circuit: Circuit | SpanCircuit, batches: dict | Iterable[dict], metric: str | Callable,
              **options) -> Evaluation:
     """Per-example metric of ``circuit`` (every other edge patched), with the full and empty baselines."""
     return Evaluator(cm, batches, metric, **options).evaluate(circuit)

@@ -14,6 +14,7 @@ it moves into the answer.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from numbers import Integral
 from pathlib import Path
@@ -52,6 +53,8 @@ class Readings:
     def top(self, tokenizer, k: int = 5, example: int = 0, position: int = -1) -> list[tuple[str, list]]:
         """For each row, the ``k`` tokens of largest value for one example at one of the read positions:
         ``[(label, [(token, value), …]), …]``."""
+        _check_k(k)
+        _check_read(example, position, self.positions.shape)
         ids = self.token_ids(example).to(self.logits.device)
         real = ids >= 0
         values, columns = self.values()[:, example, position][:, real].topk(min(k, int(real.sum())), dim=-1)
@@ -149,6 +152,7 @@ class SourceLogits:
             position: int = -1) -> list[tuple[str, list]]:
         """For each head, the ``k`` key tokens of largest share (either sign) of its direct logit difference for one
         example at one read position: ``[(head, [(token, key position, share), …]), …]``."""
+        _check_k(k)
         shares, keys = self._at_keys(correct, incorrect, example, position)
         order = shares.abs().topk(min(k, len(keys)), dim=-1).indices
         ids = self.input_ids[example, keys]
@@ -166,6 +170,7 @@ class SourceLogits:
     def _at_keys(self, correct: torch.Tensor, incorrect: torch.Tensor, example: int,
                  position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each head's shares over one example's real keys at one read position, [heads, keys], and those keys."""
+        _check_read(example, position, self.positions.shape)
         keys = self.attention_mask[example].bool().nonzero().flatten()
         return self.logit_diff(correct, incorrect)[:, example, position][:, keys.to(self.logits.device)], keys
 
@@ -203,7 +208,22 @@ def _per_example(reduce, values: torch.Tensor, token_ids) -> torch.Tensor:
     """``reduce`` (``metrics.answer_mean`` or ``answer_sum``) of ``values`` [rows, batch, …, vocab] over each
     example's answer ids: [rows, batch, …], the batch moved next to the vocabulary, where the metrics keep it."""
     ids = _answer_ids(token_ids, values.shape[1], values.device)
+    if (ids >= values.shape[-1]).any():
+        raise ValueError(f"answer id {int(ids.max())} is past the vocabulary, which has {values.shape[-1]} tokens")
     return reduce(values.movedim(1, -2), ids).movedim(-1, 1)
+
+
+def _check_k(k) -> None:
+    if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
+        raise ValueError(f"k={k!r}: give how many tokens to list, an int of at least 1")
+
+
+def _check_read(example, position, read: torch.Size) -> None:
+    """Refuse an example or a read position out of the ``read`` [batch, positions] range by name: a bare index
+    error would not say which."""
+    for what, index, size in (("example", example, read[0]), ("position", position, read[1])):
+        if isinstance(index, bool) or not isinstance(index, Integral) or not -size <= index < size:
+            raise IndexError(f"{what}={index!r}: {size} {what}s were read, {what} 0 to {size - 1} (or -1 for the last)")
 
 
 def _answer_ids(token_ids, batch: int, device: torch.device) -> torch.Tensor:
@@ -351,6 +371,7 @@ def _token_table(tokens, batch: int, vocab: int) -> torch.Tensor:
 def node_names(cm: CircuitModel, nodes: list[str] | Circuit | None) -> list[str] | None:
     """Node names to read: as given (each checked), or a circuit's writing nodes in graph order."""
     if isinstance(nodes, Circuit):
+        nodes.check_graph(cm.graph)
         nodes = [n for n in nodes.nodes if n in nodes.graph.node_index]
     if nodes is None:
         return None
@@ -378,13 +399,15 @@ def _positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pos
     if isinstance(positions, str) and positions == "all":
         return torch.arange(seq).expand(batch, seq)
     if isinstance(positions, torch.Tensor) and positions.dim() == 2:  # each example's own: a span's last token
-        outside = ((positions < -seq) | (positions >= seq)).any()
-        if positions.shape[0] != batch or positions.is_floating_point() or outside:
+        indices = not (positions.is_floating_point() or positions.dtype == torch.bool)
+        if positions.shape[0] != batch or not indices or ((positions < -seq) | (positions >= seq)).any():
             raise ValueError(f"positions of shape {tuple(positions.shape)}: per-example positions are integers "
                              f"[batch={batch}, positions] from {-seq} to {seq - 1}")
         return positions.cpu()
     positions = positions.tolist() if hasattr(positions, "tolist") else positions  # a tensor or an array
-    if isinstance(positions, str) or not all(isinstance(p, Integral) and -seq <= p < seq for p in positions):
-        raise ValueError(f"positions={positions!r}: give 'last', 'all' or a list of positions from {-seq} to "
-                         f"{seq - 1} (the prompts are {seq} tokens)")
-    return torch.tensor(list(positions)).expand(batch, -1)
+    positions = [positions] if isinstance(positions, Integral) else positions
+    listed = list(positions) if isinstance(positions, Iterable) and not isinstance(positions, str) else []
+    if not listed or not all(isinstance(p, Integral) and not isinstance(p, bool) and -seq <= p < seq for p in listed):
+        raise ValueError(f"positions={positions!r}: give 'last', 'all', a position or a list of positions from "
+                         f"{-seq} to {seq - 1} (the prompts are {seq} tokens)")
+    return torch.tensor(listed).expand(batch, -1)

@@ -128,6 +128,20 @@ def get(name: str | Metric) -> Metric:
     return METRICS[name]
 
 
+def measured(metric: Metric, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """``metric(logits, batch)``, refused unless it gives one value per example (and per run, where ``logits``
+    hold several runs): ``logits.shape[:-2]``.  A metric that returns the batch's mean is the usual slip, and it
+    would pass unseen — scores scaled by 1/B, batches of other sizes weighed wrongly — where it did not fail."""
+    value = metric(logits, batch)
+    expected = list(logits.shape[:-2])
+    if not isinstance(value, torch.Tensor) or list(value.shape) != expected:
+        got = f"shape {list(value.shape)}" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+        raise ValueError(f"the metric {name_of(metric)!r} gave {got} for logits of shape {list(logits.shape)}; a "
+                         f"metric gives one value per example (and per run), {expected} here: return each "
+                         "example's value, not their mean (fxcircuits averages them)")
+    return value
+
+
 def name_of(metric: Metric) -> str:
     """The name :func:`get` knows ``metric`` by (``"kl"``, not the function's ``kl_divergence``), so that a saved
     circuit says which metric found it in a form that loads again; another callable's own ``__name__``."""

@@ -393,15 +393,22 @@ class CircuitModel(nn.Module):
         layer's output path."""
         input_ids, attention_mask = self.inputs(input_ids, attention_mask)
         self._attention_layers(heads)
+        counts = {w.layer: w.n_heads for w in self.graph.writers if w.kind == "attention"}
+        for layer, indices in heads.items():
+            n = counts.get(layer, 0)
+            unknown = [h for h in indices if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < n]
+            if unknown:
+                has = f"its heads are 0 to {n - 1} (a{layer}.h0 to a{layer}.h{n - 1})" if n else "it has no heads"
+                raise ValueError(f"no head {unknown[0]!r} in a{layer}: {has}")
         return list(self.engine(input_ids).sources(input_ids, attention_mask, dict(heads)))
 
     def _attention_layers(self, layers: Iterable[int]) -> set[int]:
-        """``layers`` as a set, each checked to be one of the attention layers."""
+        """``layers`` as a set, each checked to be one of the attention layers (an int)."""
         wanted = set(layers)
-        unknown = sorted(wanted - set(range(self.graph.n_layers)))
+        unknown = sorted(wanted - set(range(self.graph.n_layers)), key=repr)
         if unknown:
-            raise ValueError(f"no attention layer {unknown[0]}: {self.model_name} has {self.graph.n_layers}, "
-                             f"a0 to a{self.graph.n_layers - 1}")
+            raise ValueError(f"no attention layer {unknown[0]!r}: {self.model_name} has {self.graph.n_layers}, "
+                             f"numbered 0 to {self.graph.n_layers - 1} (a0 to a{self.graph.n_layers - 1})")
         return wanted
 
     def recording(self, input_ids: torch.Tensor,
@@ -425,7 +432,7 @@ class CircuitModel(nn.Module):
         ``node_mask``: tensor over ``graph.upstream`` or ``{node_name: value}``; a node at 0 sends its other-run
         output along all its outgoing edges.  The other run is ``corrupted_input_ids`` (same shape as
         ``input_ids``), or ``corrupted_activations`` (e.g. zeros or means of ``activations(...)`` for zero or mean
-        ablation, broadcastable to [n_upstream, batch, seq, d_model]); with ``corrupted_activations``, a model with side
+        ablation, [n_upstream, batch or 1, seq or 1, d_model]); with ``corrupted_activations``, a model with side
         inputs (``side_shapes``) takes their values too, ``corrupted_side_inputs`` (e.g. zeros, or means of
         ``side_inputs(...)``), each broadcastable to [batch, seq, …].
 
@@ -547,12 +554,17 @@ class CircuitModel(nn.Module):
             raise ValueError("a masked run needs exactly one of corrupted_input_ids (patch from a corrupted prompt) or "
                              "corrupted_activations (zero / mean ablation values)")
         if corrupted_activations is not None:
+            if not isinstance(corrupted_activations, torch.Tensor):
+                raise TypeError("corrupted_activations is one tensor [n_upstream, batch, seq, d_model], as "
+                                f"activations() returns, not a {type(corrupted_activations).__name__}")
+            shape, (batch, seq) = tuple(corrupted_activations.shape), input_ids.shape
+            n, width = len(self.graph.upstream), self.graph.d_model
+            fits = len(shape) == 4 and (shape[0], shape[3]) == (n, width)
+            if not (fits and shape[1] in (1, batch) and shape[2] in (1, seq)):
+                raise ValueError(f"corrupted_activations have shape {shape}; expected [{n}, {batch} (the batch) or 1, "
+                                 f"{seq} (the sequence) or 1, {width}] as activations() returns")
             if not torch.isfinite(corrupted_activations).all():
                 raise ValueError("corrupted_activations contain NaN or infinite values")
-            shape, batch = tuple(corrupted_activations.shape), input_ids.shape[0]
-            if len(shape) != 4 or shape[0] != len(self.graph.upstream) or shape[1] not in (1, batch):
-                raise ValueError(f"corrupted_activations have shape {shape}; expected [{len(self.graph.upstream)}, "
-                                 f"{batch} (the batch) or 1, seq, d_model] as activations() returns")
             groups = list(corrupted_activations.to(self.device).split(self.graph.group_sizes))
             return groups + self._side_values(corrupted_side_inputs, input_ids), None
         if corrupted_side_inputs is not None:

@@ -932,13 +932,25 @@ def _vector(mask, index: Mapping[str, int], what: str, listing: str, why: Callab
             raise KeyError(f"unknown {what} name{'s' if len(unknown) > 1 else ''} in {what}_mask "
                            f"({len(unknown)} of {len(mask)}): {why(unknown[0])}")
         vector = torch.ones(len(index), dtype=torch.float64)  # the values as given: a float64 model reads them all
-        for name, value in mask.items():
-            vector[index[name]] = float(value)
-        return vector
+        if not any(isinstance(value, torch.Tensor) for value in mask.values()):
+            for name, value in mask.items():
+                vector[index[name]] = float(value)
+            return vector
+        # tensors are placed without leaving autograd's graph: a value that requires a gradient gets it
+        at = torch.tensor([index[name] for name in mask], dtype=torch.long)
+        return vector.index_put((at,), torch.stack([_one_value(v, name, what) for name, v in mask.items()]))
     if mask.dim() not in (1, 2) or mask.shape[-1] != len(index):
         raise ValueError(f"{what}_mask has shape {tuple(mask.shape)}; expected [{len(index)}] (one value per {what} "
                          f"in {listing} order) or [n_masks, {len(index)}]")
     return mask
+
+
+def _one_value(value, name: str, what: str) -> torch.Tensor:
+    """One mask value given by name, as a float64 scalar on the CPU (a tensor keeps its gradient)."""
+    value = torch.as_tensor(value)
+    if value.numel() != 1:
+        raise ValueError(f"{what}_mask[{name!r}] holds {value.numel()} values; give one value a name")
+    return value.reshape(()).to("cpu", torch.float64)
 
 
 def position_weights(patch_positions, seq: int) -> torch.Tensor:

@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 
 from .attribution import scored
-from .circuit import Circuit, _edge_flags, is_positional, read_json
+from .circuit import Circuit, _edge_flags, is_positional, plain_info, read_json
 from .data import REST
 from .graph import CircuitGraph
 from .model import CircuitModel
 from .scores import EdgeScores, _count, at_least, finite, kept, ordered
 
 
-def attribute_by_span(cm: CircuitModel, batches: Iterable[dict], metric: str | Callable | None = None,
+def attribute_by_span(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Callable | None = None,
                       method: str = "eap-ig-inputs", *, spans: Sequence[str] | None = None, steps: int = 5,
                       ablation: str = "corrupted", reference: Iterable[dict] | None = None, threshold: float = 0.01,
                       masks_per_call: int | None = None, progress: bool = True, seed: int = 0,
@@ -65,11 +65,11 @@ class SpanScores:
     def __getitem__(self, key: tuple[str, str]) -> float:
         """``scores["a0.h1->logits", "END"]``."""
         edge, span = key
-        return float(self.tensor[self.spans.index(span), self.graph.edge_index[edge]])
+        return float(self.tensor[_class_index(self.spans, span), self.graph.edge_index[edge]])
 
     def span(self, name: str) -> EdgeScores:
         """One class's edge scores."""
-        return EdgeScores(self.graph, self.tensor[self.spans.index(name)], self.method, {**self.info, "span": name})
+        return EdgeScores(self.graph, self.tensor[_class_index(self.spans, name)], self.method, {**self.info, "span": name})
 
     def total(self) -> EdgeScores:
         """Each edge's scores summed over the classes: for the gradient methods, its score at every position, as
@@ -155,8 +155,8 @@ class SpanCircuit:
 
     def span(self, name: str) -> Circuit:
         """The edges kept in one class, as a circuit (to draw, or to save in the field's format)."""
-        flags = self.in_graph[self.spans.index(name)]
-        scores = None if self.scores is None else self.scores[self.spans.index(name)]
+        flags = self.in_graph[_class_index(self.spans, name)]
+        scores = None if self.scores is None else self.scores[_class_index(self.spans, name)]
         return Circuit(self.graph, flags, scores, {**self.info, "span": name})
 
     def union(self) -> Circuit:
@@ -180,10 +180,10 @@ class SpanCircuit:
     def save(self, path: str | Path) -> None:
         """JSON: the classes' names, and per class the circuit in EAP-IG/MIB's JSON form (``Circuit.save``)."""
         path = Path(path)
-        if path.suffix != ".json":
+        if path.suffix.lower() != ".json":
             raise ValueError(f"a positional circuit is saved as JSON: {path.name} does not end in .json")
         by_span = {s: self.span(s).json_form() for s in self.spans}
-        path.write_text(json.dumps({"spans": self.spans, "info": self.info, "circuits": by_span}))
+        path.write_text(json.dumps({"spans": self.spans, "info": plain_info(self.info), "circuits": by_span}))
 
     @classmethod
     def load(cls, path: str | Path) -> "SpanCircuit":
@@ -200,6 +200,13 @@ class SpanCircuit:
         scores = None if any(c.scores is None for c in circuits) else torch.stack([c.scores for c in circuits])
         return cls(circuits[0].graph, saved["spans"], torch.stack([c.in_graph for c in circuits]), scores,
                    saved.get("info"))
+
+
+def _class_index(spans: list[str], name: str) -> int:
+    """Where the class ``name`` lies among ``spans``, refused by name where it is none of them."""
+    if name not in spans:
+        raise KeyError(f"no span {name!r}: the classes are {', '.join(map(repr, spans))}")
+    return spans.index(name)
 
 
 def load_circuit(path: str | Path) -> Circuit | SpanCircuit:

@@ -27,14 +27,14 @@ from tqdm.auto import tqdm
 from . import metrics
 from .attribution import POINTS_CALL_STREAM, POINTS_PER_CALL, differences, tapped
 from .circuit import Circuit
-from .data import span_weights
+from .data import batch_list, span_weights
 from .draw import plot_heatmap, plot_inputs, plot_nodes
 from .evaluation import Evaluator
 from .graph import CircuitGraph, names as name_list
 from .lens import node_names
 from .model import CircuitModel
 from .patching import dense_keep
-from .runs import Calls, Prepared, call_size, check_finite, ends, metric_values, prepare
+from .runs import Calls, Prepared, call_size, check_counts, check_finite, ends, metric_values, prepare
 
 DIRECTIONS = ("noising", "denoising")
 METHODS = ("exact", "attribution", "attribution-ig")
@@ -196,8 +196,8 @@ class NodeEffects:
 def patch_by_position(cm: CircuitModel, batches: dict | Iterable[dict], metric, *,
                       nodes: list[str] | Circuit | None = None, inputs: Sequence[str] | Circuit | None = None,
                       receivers: Sequence[str] | Circuit | None = None, spans: bool | Sequence[str] = False,
-                      direction: str = "noising", method: str = "exact", steps: int = 5, masks_per_call: int = 16,
-                      progress: bool = False) -> PositionEffects:
+                      direction: str = "noising", method: str = "exact", steps: int = 5,
+                      masks_per_call: int | None = None, progress: bool = False) -> PositionEffects:
     """Patch each unit at each position of ``batches`` (a batch dict, or several: ``clean``, ``corrupted``,
     ``attention_mask`` and what ``metric`` reads) and measure ``metric``: see ``PositionEffects``.
 
@@ -211,17 +211,23 @@ def patch_by_position(cm: CircuitModel, batches: dict | Iterable[dict], metric, 
     of different templates.
     ``direction``: ``"noising"`` (the clean run, the corrupted values patched in) or ``"denoising"`` (the other way
     round).  ``method``: ``"exact"``, one patched run per unit and position, ``masks_per_call`` of them (units ×
-    positions) a call, each holding a whole batch of prompts; or ``"attribution"``, attribution patching: each
-    edge's first-order score at each position from one forward and backward pass of the run (``patching.Tap`` by
-    position), summed over each unit's edges — every node of a large model at every position, at the cost of one
-    gradient, as a first look to pick what to patch exactly; or ``"attribution-ig"``, the gradients averaged over
-    ``steps`` points between the corrupted and the clean input (EAP-IG-inputs), ``masks_per_call`` points a call:
-    ``steps`` gradients, and closer where one patch moves the metric far (the stream at the changed token)."""
+    positions; 16 where None) a call, each holding a whole batch of prompts; or ``"attribution"``, attribution
+    patching: each edge's first-order score at each position from one forward and backward pass of the run
+    (``patching.Tap`` by position), summed over each unit's edges — every node of a large model at every position,
+    at the cost of one gradient, as a first look to pick what to patch exactly; or ``"attribution-ig"``, the
+    gradients averaged over ``steps`` points between the corrupted and the clean input (EAP-IG-inputs),
+    ``masks_per_call`` points a call: ``steps`` gradients, and closer where one patch moves the metric far (the
+    stream at the changed token)."""
     given, metric, runs = _directed(batches, metric, direction, method, steps, masks_per_call)
     names = _span_names(given, spans)
     prepared = prepare(cm, runs, metric)
     units, masks = _units(cm, nodes, inputs, receivers)
-    calls = Calls(masks_per_call)
+    idle = [unit for unit, mask in zip(units, masks) if bool(mask.eq(1).all())]
+    if receivers is not None and idle:
+        raise ValueError(f"no edge from {', '.join(idle[:3])} enters the receivers: a node that writes after every "
+                         "receiver reads sends them nothing, and its effect would be 0 at every token; give nodes "
+                         "of earlier layers")
+    calls = Calls(16 if masks_per_call is None else masks_per_call)
     run_and_other = calls.split(ends(cm.graph), lambda both: metric_values(cm, prepared, metric, both), prepared)
     check_finite(cm, prepared, metric, run_and_other)  # a NaN of the model's own would fill every effect
     run, other = run_and_other  # every edge kept, every one patched
@@ -319,10 +325,9 @@ def _directed(batches: dict | Iterable[dict], metric, direction: str, method: st
         raise ValueError(f"unknown direction {direction!r}; choose one of {', '.join(DIRECTIONS)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if (masks_per_call is not None and masks_per_call < 1) or steps < 1:
-        raise ValueError(f"masks_per_call and steps must be at least 1, got {masks_per_call} and {steps}")
+    check_counts(masks_per_call=masks_per_call, steps=steps)
     metric = metrics.get(metric)
-    given = [batches] if isinstance(batches, dict) else list(batches)
+    given = batch_list(batches)
     if not given:
         raise ValueError("no batches given: pass at least one batch (see fxcircuits.data.make_batches)")
     if direction == "denoising" and metrics.needs_clean_logits(metric):
@@ -340,7 +345,7 @@ def _span_names(batches: list[dict], spans: bool | Sequence[str] | None) -> list
     if not all("spans" in batch for batch in batches):
         raise ValueError("patching by span needs batches that name their spans (batch['spans']): build them with "
                          "fxcircuits.data.make_batches(..., spans=...), or use a built-in task, which names its own")
-    names = list(batches[0]["spans"]) if spans is True else list(spans)
+    names = list(batches[0]["spans"]) if spans is True else name_list(spans, "span")
     for batch in batches:
         missing = [name for name in names if name not in batch["spans"]]
         if missing:
@@ -461,6 +466,7 @@ def _units(cm: CircuitModel, nodes: list[str] | Circuit | None, inputs: Sequence
 def _input_names(graph: CircuitGraph, inputs: Sequence[str] | Circuit) -> list[str]:
     """Downstream input names as given, each checked; or the inputs a circuit's edges enter, in graph order."""
     if isinstance(inputs, Circuit):
+        inputs.check_graph(graph)
         inputs = [inputs.graph.downstream[d] for d in inputs.graph.dst[inputs.in_graph].unique().tolist()]
     inputs = name_list(inputs, "input")
     if not inputs:

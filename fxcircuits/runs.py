@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import heads, metrics
-from .data import check_batch, position_classes, to_device
+from .data import batch_list, check_batch, position_classes, to_device
 from .model import CircuitModel
 from .patching import Tap, class_keep, dense_keep
 
@@ -53,7 +53,15 @@ class Prepared:
                             self.other if other is None else other, keep, tap, recorded, positions=self.positions,
                             where=where)
         batch = self.batch if self.positions is None else {**self.batch, "position": torch.zeros_like(self.positions)}
-        return metric(logits, batch)
+        return metrics.measured(metric, logits, batch)
+
+
+def check_counts(**counts: int | None) -> None:
+    """Refuse a count that is no int of at least 1, by its name (None, where a default stands in, passes): a float
+    would fail later, deep in a split or a range."""
+    for name, n in counts.items():
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"{name} is a count, an int of at least 1; got {n!r}")
 
 
 def call_size(prepared: list[Prepared], given: int | None, *, cpu_stream: int, most: int,
@@ -63,8 +71,7 @@ def call_size(prepared: list[Prepared], given: int | None, *, cpu_stream: int, m
     stream [masks · batch, seq, d_model] within ``cpu_stream`` values for the largest batch, 1 to ``most``: past
     that the working set outgrows the caches and each mask costs more."""
     if given is not None:
-        if given < 1:
-            raise ValueError(f"masks_per_call must be at least 1, got {given}")
+        check_counts(masks_per_call=given)
         return given
     if heads.launch_bound(prepared[0].input_ids.device):
         return accelerator
@@ -112,13 +119,16 @@ class Calls:
         return self.run(calls, prepared)
 
 
-def prepare(cm: CircuitModel, batches: Iterable[dict], metric, ablation: str = "corrupted",
+def prepare(cm: CircuitModel, batches: dict | Iterable[dict], metric, ablation: str = "corrupted",
             reference: Iterable[dict] | None = None) -> list[Prepared]:
     """Check and prepare every batch; ``ablation`` picks the other run (``reference`` for ``"mean"``)."""
     if ablation not in ABLATIONS:
         raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
+    if reference is not None and ablation != "mean":
+        raise ValueError(f"reference= is the data mean ablation averages over, and {ablation} ablation does not read "
+                         "it: drop it, or pass ablation='mean'")
     means = mean_activations(cm, reference) if ablation == "mean" else None
-    batches = list(batches)
+    batches = batch_list(batches)
     for batch in batches:  # before padding, which would hide clean and corrupted prompts of different lengths
         check_batch(batch, vocab_size=cm.vocab)  # answers index the logits: an id past them fails deep in a metric
     prepared = [_prepare(cm, batch, metric, ablation, means) for batch in served_lengths(cm, batches)]
@@ -176,7 +186,7 @@ def mean_activations(cm: CircuitModel, reference: Iterable[dict] | None) -> list
         raise ValueError("ablation='mean' averages activations over a reference dataset: pass reference=batches")
     totals, count = None, 0
     with torch.no_grad():
-        for batch in served_lengths(cm, reference):
+        for batch in served_lengths(cm, batch_list(reference)):
             ids = batch["clean"].to(cm.device)
             mask = batch.get("attention_mask", torch.ones_like(ids)).to(cm.device)
             sums = [(v.float() * mask.view(1, *mask.shape, *[1] * (v.dim() - 3))).sum((1, 2), keepdim=True)
@@ -231,4 +241,5 @@ def check_finite(cm: CircuitModel, prepared: list[Prepared], metric, values: tor
 def clean_values(cm: CircuitModel, prepared: list[Prepared], metric) -> torch.Tensor:
     """The metric of every example on the unpatched model: [examples]."""
     with torch.no_grad():
-        return torch.cat([metric(cm(p.input_ids, p.attention_mask), p.batch) for p in prepared]).float().cpu()
+        return torch.cat([metrics.measured(metric, cm(p.input_ids, p.attention_mask), p.batch)
+                          for p in prepared]).float().cpu()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import numbers
 from collections.abc import Callable
 from pathlib import Path
 
@@ -157,12 +158,18 @@ def kept(order: torch.Tensor, count: int, shape: torch.Size) -> torch.Tensor:
 
 
 def _count(n: int | float, total: int, what: str = "edges") -> int:
-    """``n`` of ``total`` edges (or nodes): an int is a count, a float a fraction (MIB's int(p·E); 1.0 is all)."""
-    if isinstance(n, float):
+    """``n`` of ``total`` edges (or nodes): an integer is a count, any other real number a fraction (MIB's
+    int(p·E); 1.0 is all) — numpy's and one-element tensors' alike, which ``int()`` would truncate to 0."""
+    if isinstance(n, torch.Tensor) and n.numel() == 1:
+        n = n.item()
+    if isinstance(n, numbers.Integral) and not isinstance(n, bool):
+        if not 0 <= n <= total:
+            raise ValueError(f"asked for {n} {what} of {total}")
+        return int(n)
+    if isinstance(n, numbers.Real) and not isinstance(n, bool):
         if not 0 <= n <= 1:
             raise ValueError(f"{n} is no fraction of the {what}: a float is a fraction from 0 to 1 (0.01 keeps 1%); "
                              f"pass an int to keep a count of {what}")
         return int(n * total)
-    if not 0 <= n <= total:
-        raise ValueError(f"asked for {n} {what} of {total}")
-    return int(n)
+    raise TypeError(f"{n!r} is neither a count of {what} (an int) nor a fraction of them (a float from 0 to 1: 0.01 "
+                    "keeps 1%)")

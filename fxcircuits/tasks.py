@@ -81,7 +81,7 @@ class Task:
                 if _metrics.needs_clean_logits(self.metric):
                     clean = _logits(model, batch["clean"], batch["attention_mask"]) if corrupted else logits
                     batch["clean_logits"] = _metrics.logits_at_answer(clean, batch)
-                total += self.metric(logits, batch).sum().item()
+                total += _metrics.measured(self.metric, logits, batch).sum().item()
         return total / len(self.examples)
 
 
@@ -417,8 +417,8 @@ TASKS: dict[str, Callable[..., Task]] = {"greater-than": greater_than, "sva": sv
 def load(name: str, tokenizer, *, size: int = 64, seed: int = 0, batch_size: int = 8) -> Task:
     """The built-in task ``name`` (one of :data:`TASKS`), ``size`` examples drawn with ``seed``."""
     key = name.lower().replace("_", "-")
-    if size < 1:
-        raise ValueError(f"size={size}: a task needs at least one example")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size={size!r}: a task's size is a count of examples, an int of at least 1")
     if key not in TASKS:
         raise ValueError(f"unknown task {name!r}; the built-in tasks are {', '.join(TASKS)}; for your own data "
                          "use fxcircuits.tasks.from_file(path, tokenizer)")
@@ -481,8 +481,9 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict | str]]:
         try:
             row = json.loads(text)
         except json.JSONDecodeError as error:
-            row = f"not valid JSON ({error.msg})"
-        rows.append((line, row if isinstance(row, (dict, str)) else "not a JSON object"))
+            rows.append((line, f"not valid JSON ({error.msg})"))
+            continue
+        rows.append((line, row if isinstance(row, dict) else "not a JSON object"))  # a JSON string is no row either
     return rows
 
 
@@ -530,7 +531,11 @@ def _answers(value) -> tuple[str, ...] | None:
 
 
 def _file_metric(path: Path, rows: list[dict]) -> str:
-    names = {row["metric"] for row in rows if row.get("metric")}
+    given = [row["metric"] for row in rows if row.get("metric")]
+    if any(not isinstance(name, str) for name in given):
+        raise ValueError(f"{path}: the metric field names a metric, such as \"kl\"; got "
+                         f"{next(name for name in given if not isinstance(name, str))!r}")
+    names = set(given)
     if len(names) > 1:
         raise ValueError(f"{path}: the metric field holds several metrics ({', '.join(sorted(names))}); a task "
                          "has one metric, so use one value throughout or pass metric=")

@@ -460,7 +460,7 @@ def test_bad_arguments(llama64):
         fxcircuits.attribute(llama64, [batch], "logit_diff", "eap", density=0.1)
     with pytest.raises(ValueError, match="reference"):
         fxcircuits.attribute(llama64, [batch], "logit_diff", "eap", ablation="mean")
-    with pytest.raises(ValueError, match="steps and masks_per_call must be at least 1, got 0 and None"):
+    with pytest.raises(ValueError, match="steps is a count, an int of at least 1; got 0"):
         fxcircuits.attribute(llama64, [batch], "logit_diff", "eap-ig-inputs", steps=0)
     with pytest.raises(ValueError, match="corrupted"):
         fxcircuits.attribute(llama64, [{**batch, "corrupted": batch["corrupted"][:, :5]}], "logit_diff", "eap")

@@ -4,11 +4,13 @@ import math
 import re
 
 import networkx as nx
+import numpy as np
 import pytest
 import torch
 
 import fxcircuits
 from fxcircuits import Circuit, CircuitGraph, EdgeScores
+from zoo import make
 
 CFG = {"n_layers": 2, "n_heads": 2, "parallel_attn_mlp": False, "d_model": 8}
 
@@ -225,6 +227,21 @@ def test_bad_files_and_names(graph, tmp_path):
     for load in (Circuit.load, fxcircuits.SpanCircuit.load, fxcircuits.positional.load_circuit):
         with pytest.raises(ValueError, match=r"bad.json is not a circuit file: it is not JSON \(Expecting value"):
             load(path)
+    good = Circuit(graph, graph.edges[:3]).json_form()
+    for broken, says in (({"cfg": []}, "its cfg is a list, not an object of n_layers, n_heads"),
+                         ({"cfg": {**CFG, "n_layers": "two"}}, "its cfg's n_layers is 'two'; a circuit file's cfg"),
+                         ({"cfg": {k: v for k, v in CFG.items() if k != "n_heads"}}, "its cfg's n_heads is None"),
+                         ({"cfg": {**CFG, "writers": [[1]]}}, "its cfg's writers describe no graph"),
+                         ({"edges": None}, "its edges are not an object of edge names"),
+                         ({"edges": {name: {"score": 0, "in_graph": "yes"} for name in good["edges"]}},
+                          "edge 'input->a0.h0<q>' has no in_graph flag")):
+        path.write_text(json.dumps({**good, **broken}))
+        with pytest.raises(ValueError, match=re.escape(says)):
+            Circuit.load(path)
+    for text in ("hi\n", json.dumps(good)):  # no torch.save file, whatever the unpickler makes of its bytes
+        (tmp_path / "bad.pt").write_text(text)
+        with pytest.raises(ValueError, match="bad.pt is not a circuit file: torch.load cannot read it as torch.save"):
+            Circuit.load(tmp_path / "bad.pt")
     with pytest.raises(KeyError, match="not in this model's graph"):
         Circuit(graph, ["a0.h0->a0.h1<q>"])
     with pytest.raises(TypeError, match=r"edges are a list of names, not one string: \['input->logits'\]"):
@@ -279,6 +296,9 @@ def test_strongest_keeps_a_circuits_edges_of_largest_abs_score(graph):
     assert circuit.strongest(10).edges == circuit.edges
     with pytest.raises(ValueError, match="no scores to rank"):
         Circuit(graph, circuit.edges).strongest(2)
+    for bad in (-1, 2.5, True):  # -1 would slice off the weakest edge
+        with pytest.raises(ValueError, match=f"strongest takes a count of edges, an int from 0; got {bad}"):
+            circuit.strongest(bad)
 
 
 def test_a_float_is_a_fraction_and_one_is_every_edge(graph):
@@ -287,6 +307,19 @@ def test_a_float_is_a_fraction_and_one_is_every_edge(graph):
     assert len(scores.topn(1.0)) == len(graph.edges) == len(scores.greedy(1.0))
     assert scores.topn(1).edges == ["input->logits"]
     assert len(scores.topn(0.0)) == 0
+
+
+@pytest.mark.parametrize("half", [torch.tensor(0.5), np.float32(0.5), np.float64(0.5)])
+def test_fractions_and_counts_of_numpy_and_torch_are_read_as_python_s(graph, half):
+    """A fraction as a tensor or numpy number keeps that share (``int()`` would make it 0 edges); numpy's and
+    one-element tensors' integers are counts; what is no number is refused."""
+    scores = EdgeScores(graph, torch.linspace(0.1, 1, len(graph.edges)))
+    assert scores.topn(half).edges == scores.topn(0.5).edges != []
+    assert scores.topn_nodes(half).edges == scores.topn_nodes(0.5).edges
+    assert scores.topn(np.int64(3)).edges == scores.topn(torch.tensor(3)).edges == scores.topn(3).edges
+    for bad in ("10%", True, [3]):
+        with pytest.raises(TypeError, match="is neither a count of edges .* nor a fraction of them"):
+            scores.topn(bad)
 
 
 def test_a_circuit_runs_as_an_edge_mask(traced):
@@ -351,3 +384,42 @@ def test_circuits_of_different_graphs_do_not_combine(graph):
             Circuit(graph, graph.edges[:5]) | Circuit(deeper, edges)
     with pytest.raises(TypeError):
         Circuit(graph, graph.edges[:5]) & set(graph.edges[:5])
+
+
+def test_a_circuit_of_another_graph_is_refused_where_it_would_run(traced):
+    """A circuit of a 2-layer Llama run on a 3-layer one would patch every edge into layer 2: refused, where a
+    circuit read back from its file (a graph of its own with the same edges) runs as the circuit itself."""
+    _, cm = traced("llama")
+    deeper = fxcircuits.trace(make("llama", num_hidden_layers=3))
+    circuit = EdgeScores(cm.graph, torch.linspace(-1, 1, len(cm.graph.edges))).topn(20)
+    with pytest.raises(ValueError, match=r"another graph than the model's \(110 and 262 edges; first difference"):
+        circuit.edge_mask(deeper.graph)
+    batch = {"clean": torch.zeros(1, 4, dtype=torch.long), "corrupted": torch.ones(1, 4, dtype=torch.long),
+             "correct": torch.tensor([[2]]), "incorrect": torch.tensor([[3]])}
+    for read in (lambda: fxcircuits.logit_lens(deeper, batch["clean"], nodes=circuit),  # nodes and inputs alike
+                 lambda: fxcircuits.patch_nodes(deeper, batch, "logit_diff", receivers=circuit)):
+        with pytest.raises(ValueError, match="another graph than the model's"):
+            read()
+    read_back = Circuit(CircuitGraph.from_config(json.loads(json.dumps(cm.graph.cfg))), circuit.edges)
+    assert torch.equal(read_back.edge_mask(cm.graph), circuit.in_graph.float())
+
+
+def test_edge_flags_are_bool_or_zero_and_one(graph):
+    flags = torch.zeros(len(graph.edges))
+    flags[:3] = 1
+    assert Circuit(graph, flags).edges == graph.edges[:3]
+    with pytest.raises(ValueError, match="edge flags are bool, or 0 and 1: other values .* say no edge is in or out"):
+        Circuit(graph, flags * 0.5)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".pt"])
+def test_info_saves_as_plain_values_or_is_refused_by_name(graph, tmp_path, suffix):
+    """numpy's and torch's numbers and arrays are saved as Python's, and load back (a .pt file's weights_only
+    load refuses anything else); what no circuit file holds is refused when saving, naming it."""
+    circuit = Circuit(graph, graph.edges[:3])
+    path = tmp_path / f"c{suffix}"
+    circuit.save(path, faithfulness=np.float32(0.5), sizes=torch.tensor([1, 2]), step=np.int64(3))
+    assert {k: Circuit.load(path).info[k] for k in ("faithfulness", "sizes", "step")} == \
+        {"faithfulness": 0.5, "sizes": [1, 2], "step": 3}
+    with pytest.raises(TypeError, match="the circuit's info 'metric' is a function, which a circuit file cannot"):
+        circuit.save(path, metric=lambda logits, batch: logits)

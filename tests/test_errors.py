@@ -705,3 +705,123 @@ def test_scores_that_overflow_between_the_runs_are_refused(poisoned):
         return value * float("nan") if torch.is_grad_enabled() else value
     with pytest.raises(ValueError, match="finite on the clean run and with every edge patched: a run between"):
         fxcircuits.attribute(poisoned, [_nan_batch(None)], fragile, "eap", progress=False)
+
+
+def _batch(rows: int = 4) -> dict:
+    """A batch of ``rows`` examples for the tiny models, answers 7 against 8."""
+    generator = torch.Generator().manual_seed(2)
+    clean, corrupted = (torch.randint(6, 128, (rows, 5), generator=generator) for _ in range(2))
+    return {"clean": clean, "corrupted": corrupted, "attention_mask": torch.ones(rows, 5, dtype=torch.long),
+            "correct": torch.tensor([[7]] * rows), "incorrect": torch.tensor([[8]] * rows)}
+
+
+@pytest.mark.parametrize("method", ["eap", "eap-ig-inputs", "exact"])
+def test_a_metric_that_averages_the_batch_itself_is_refused(llama, method):
+    """A metric giving the batch's mean would scale every gradient score by 1/B (by 1/(B·steps) for EAP-IG) and
+    break the patched runs' joins; refused naming the shape it must give."""
+    def mean_diff(logits, batch):
+        return fxcircuits.metrics.logit_diff(logits, batch).mean()
+    with pytest.raises(ValueError, match=r"gave shape \[\] for logits of shape .*one value per example.*not their "
+                                         r"mean"):
+        fxcircuits.attribute(llama, [_batch()], mean_diff, method, progress=False)
+    with pytest.raises(ValueError, match=r"gave a float"):
+        fxcircuits.Evaluator(llama, [_batch()], lambda logits, batch: 1.0)
+
+
+def test_one_batch_dict_is_one_batch_everywhere(llama):
+    """A batch dict given where batches are asked for is the one batch (``list()`` would take its keys)."""
+    batch = _batch()
+    assert torch.equal(fxcircuits.attribute(llama, batch, "logit_diff", "eap", progress=False).tensor,
+                       fxcircuits.attribute(llama, [batch], "logit_diff", "eap", progress=False).tensor)
+    circuit = fxcircuits.Circuit(llama.graph, llama.graph.edges[:40])
+    assert fxcircuits.evaluate(llama, circuit, batch, "logit_diff").faithfulness == \
+        fxcircuits.evaluate(llama, circuit, [batch], "logit_diff").faithfulness
+    mean_one = fxcircuits.Evaluator(llama, [batch], "logit_diff", ablation="mean", reference=batch)
+    mean_list = fxcircuits.Evaluator(llama, [batch], "logit_diff", ablation="mean", reference=[batch])
+    assert torch.equal(mean_one.empty, mean_list.empty)
+    with pytest.raises(ValueError, match="reference= is the data mean ablation averages over.*ablation='mean'"):
+        fxcircuits.Evaluator(llama, [batch], "logit_diff", reference=[batch])
+
+
+@pytest.mark.parametrize("count, says", [(2.5, r"masks_per_call is a count, an int of at least 1; got 2\.5"),
+                                         (0, "masks_per_call is a count"), (True, "got True")])
+def test_counts_that_are_no_whole_number_are_refused_by_name(llama, count, says):
+    batch = _batch()
+    with pytest.raises(ValueError, match=says):
+        fxcircuits.Evaluator(llama, [batch], "logit_diff", masks_per_call=count)
+    with pytest.raises(ValueError, match=says):
+        fxcircuits.attribute(llama, [batch], "logit_diff", "exact", masks_per_call=count, progress=False)
+    with pytest.raises(ValueError, match=says):
+        fxcircuits.patch_by_position(llama, batch, "logit_diff", masks_per_call=count)
+    with pytest.raises(ValueError, match="steps is a count"):
+        fxcircuits.attribute(llama, [batch], "logit_diff", "eap-ig-inputs", steps=2.5, progress=False)
+    scores = fxcircuits.attribute(llama, [batch], "logit_diff", "eap", progress=False)
+    with pytest.raises(ValueError, match="per_round is a count"):
+        fxcircuits.Evaluator(llama, [batch], "logit_diff").smallest(scores, per_round=1.5)
+
+
+def test_patch_by_position_takes_no_call_size_as_its_default(llama):
+    batch = _batch(2)
+    assert torch.equal(fxcircuits.patch_by_position(llama, batch, "logit_diff", masks_per_call=None).effects,
+                       fxcircuits.patch_by_position(llama, batch, "logit_diff", masks_per_call=16).effects)
+
+
+def test_what_is_no_scores_is_refused_where_circuits_are_cut(llama):
+    circuit = fxcircuits.Circuit(llama.graph, llama.graph.edges[:5])
+    evaluator = fxcircuits.Evaluator(llama, [_batch()], "logit_diff")
+    for run in (evaluator.smallest, evaluator.curve, evaluator.mib):
+        with pytest.raises(TypeError, match="cuts circuits from scores, EdgeScores or SpanScores.*not a Circuit; "
+                                            "evaluate runs a circuit"):
+            run(circuit)
+
+
+def test_one_span_name_as_a_string_is_refused_saying_to_list_it(llama):
+    batch = {**_batch(), "spans": {"S2": torch.tensor([[1, 2]] * 4), "END": torch.tensor([[4, 5]] * 4)}}
+    with pytest.raises(TypeError, match=r"spans are a list of names, not one string: \['S2'\]"):
+        fxcircuits.patch_by_position(llama, batch, "logit_diff", spans="S2")
+    with pytest.raises(TypeError, match=r"\['S2'\] for one span"):
+        fxcircuits.attribute_by_span(llama, [batch], "logit_diff", "eap", spans="S2", progress=False)
+    scores = fxcircuits.attribute_by_span(llama, [batch], "logit_diff", "eap", spans=["S2"], progress=False)
+    with pytest.raises(KeyError, match="no span 'Z': the classes are 'S2', 'rest'"):
+        scores[llama.graph.edges[0], "Z"]
+    with pytest.raises(KeyError, match="no span 'Z'"):
+        scores.topn(10).span("Z")
+
+
+def test_ablation_values_of_another_length_width_or_type_are_refused(llama):
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    acts = llama.activations(ids)
+    zeros = torch.zeros(len(llama.graph.edges))
+    for bad in (acts[:, :, :3], acts[..., :32], acts[:1]):
+        with pytest.raises(ValueError, match=r"corrupted_activations have shape .*4 \(the sequence\) or 1, 64\]"):
+            llama(ids, corrupted_activations=bad, edge_mask=zeros)
+    with pytest.raises(TypeError, match="corrupted_activations is one tensor .* not a list"):
+        llama(ids, corrupted_activations=[acts], edge_mask=zeros)
+    means = acts.mean((1, 2), keepdim=True)  # [n, 1, 1, d_model]: the same for every example and token
+    assert torch.equal(llama(ids, corrupted_activations=means, edge_mask=zeros),
+                       llama(ids, corrupted_activations=means.expand_as(acts), edge_mask=zeros))
+
+
+def test_heads_that_a_layer_lacks_are_refused_where_sources_are_read(llama):
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    for heads, says in (({1: [9]}, r"no head 9 in a1: its heads are 0 to 3"), ({1: [-1]}, "no head -1 in a1"),
+                        ({"1": [0]}, r"no attention layer '1': .* numbered 0 to 1")):
+        with pytest.raises(ValueError, match=says):
+            llama.sources(ids, heads=heads)
+
+
+def test_mask_values_given_by_name_as_tensors_keep_their_gradient(llama):
+    """A dict of tensor values is as differentiable as a tensor mask: the same gradient reaches each value."""
+    ids, corrupted = _batch(2)["clean"], _batch(2)["corrupted"]
+    names = llama.graph.edges[3], llama.graph.edges[40]
+    values = {name: torch.tensor(v, requires_grad=True) for name, v in zip(names, (0.25, 0.75))}
+    llama(ids, corrupted_input_ids=corrupted, edge_mask=values).sum().backward()
+    mask = torch.ones(len(llama.graph.edges), dtype=torch.float64)
+    mask[[llama.graph.edge_index[n] for n in names]] = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    mask.requires_grad_()
+    llama(ids, corrupted_input_ids=corrupted, edge_mask=mask).sum().backward()
+    for name, value in values.items():
+        assert value.grad is not None and value.grad != 0
+        assert torch.allclose(value.grad.double(), mask.grad[llama.graph.edge_index[name]], rtol=1e-4)
+    with pytest.raises(ValueError, match=r"edge_mask\['.*'\] holds 2 values; give one value a name"):
+        llama(ids, corrupted_input_ids=corrupted, edge_mask={names[0]: torch.ones(2)})

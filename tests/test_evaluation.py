@@ -101,7 +101,7 @@ def test_circuits_per_call_default_to_what_the_device_runs_fastest(traced, setup
     assert one.masks_per_call == 1
     torch.testing.assert_close(one.values(masks), evaluator.values(masks), atol=1e-5, rtol=1e-5)
     assert one.smallest(scores, 0.85).edges == evaluator.smallest(scores, 0.85).edges
-    with pytest.raises(ValueError, match="masks_per_call must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="masks_per_call is a count, an int of at least 1; got 0"):
         fxcircuits.Evaluator(cm, [batch], "logit_diff", masks_per_call=0)
     as_on_a_gpu()
     assert fxcircuits.Evaluator(cm, [batch], "logit_diff").masks_per_call == 16
@@ -221,7 +221,7 @@ def test_a_target_no_circuit_reaches_is_refused(setup):
     for target in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="is no target: give one above 0"):
             evaluator.smallest(scores, target)
-    with pytest.raises(ValueError, match="per_round must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="per_round is a count, an int of at least 1; got 0"):
         evaluator.smallest(scores, 0.8, per_round=0)
     with pytest.raises(ValueError, match="no selection 'threshold' by size for EdgeScores: use topn or greedy, or"):
         evaluator.smallest(scores, 0.8, "threshold")

@@ -169,6 +169,14 @@ def test_answers_and_top_tokens(traced):
     best = int(probs[-1, 1, 0].argmax())
     assert top[-1][1][0] == (f"<{best}>", pytest.approx(float(probs[-1, 1, 0, best])))
     assert "input" in lens.table(Tokenizer(), k=2)
+    with pytest.raises(ValueError, match="k=-1: give how many tokens to list, an int of at least 1"):
+        lens.top(Tokenizer(), k=-1)
+    for where, says in (({"example": 2}, "example=2: 2 examples were read, example 0 to 1"),
+                        ({"position": 1}, "position=1: 1 positions were read, position 0 to 0")):
+        with pytest.raises(IndexError, match=says):
+            lens.table(Tokenizer(), **where)
+    with pytest.raises(ValueError, match="answer id 128 is past the vocabulary, which has 128 tokens"):
+        lens.answer_probs(torch.tensor([[128], [5]]))
     with pytest.raises(KeyError, match="unknown node.*'m9' is not an upstream node"):
         logit_lens(cm, ids, mask, nodes=["m9"])
 
@@ -176,12 +184,14 @@ def test_answers_and_top_tokens(traced):
 def test_positions_outside_the_prompts_are_refused(traced):
     _, cm = traced("llama")
     ids, mask = _ids()
-    for positions in ([6], "first", [0.5]):
-        with pytest.raises(ValueError, match="give 'last', 'all' or a list of positions from -6 to 5"):
+    for positions in ([6], "first", [0.5], [], [True], 6):
+        with pytest.raises(ValueError, match="give 'last', 'all', a position or a list of positions from -6 to 5"):
             logit_lens(cm, ids, mask, positions=positions)
     for positions in ([-1, 0], torch.tensor([-1, 0]), (-1, 0)):
         assert logit_lens(cm, ids, mask, positions=positions).positions.tolist() == [[-1, 0], [-1, 0]]
-    for positions in (torch.tensor([[1], [6]]), torch.tensor([[1, 2]]), torch.tensor([[1.0], [2.0]])):
+    assert logit_lens(cm, ids, mask, positions=3).positions.tolist() == [[3], [3]]
+    for positions in (torch.tensor([[1], [6]]), torch.tensor([[1, 2]]), torch.tensor([[1.0], [2.0]]),
+                      torch.ones(2, 1, dtype=torch.bool)):
         with pytest.raises(ValueError, match="per-example positions are integers \\[batch=2, positions\\]"):
             logit_lens(cm, ids, mask, positions=positions)
 

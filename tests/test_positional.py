@@ -126,6 +126,8 @@ def test_span_scores_and_circuits_read_back(llama, prompts, tmp_path):
     circuit.save(tmp_path / "c.json")
     again = SpanCircuit.load(tmp_path / "c.json")
     assert again.spans == circuit.spans and again.edges == circuit.edges
+    circuit.save(tmp_path / "C.JSON")  # as Circuit.save takes it
+    assert load_circuit(tmp_path / "C.JSON").edges == circuit.edges
     torch.testing.assert_close(again.scores, circuit.scores)
     assert again.span("A").info["span"] == "A"
     with pytest.raises(ValueError, match="must end with 'rest'"):

@@ -832,6 +832,8 @@ def test_path_patching_into_one_input_matches_hooks(traced, prompts, direction):
         torch.testing.assert_close(everything.effects, plain.effects)
         late = patch_nodes(cm, batch, "logit_diff", nodes=["a1.h0", "m0", "m1"], receivers=["a1.h2<q>"])
         assert late.effects[[0, 2]].eq(0).all() and late.effects[1].ne(0).all()  # a1.h0 and m1 write after it reads
+        with pytest.raises(ValueError, match="no edge from a1.h0, m1 enters the receivers: a node that writes after"):
+            patch_by_position(cm, batch, "logit_diff", nodes=["a1.h0", "m0", "m1"], receivers=["a1.h2<q>"])
     receivers = ["a1.h2<q>", "m1"]  # to first order, a path's effect everywhere sums its effects at each token
     everywhere = patch_nodes(cm, batch, "logit_diff", nodes=senders, receivers=receivers, method="attribution")
     by_token = patch_by_position(cm, batch, "logit_diff", nodes=senders, receivers=receivers, method="attribution")

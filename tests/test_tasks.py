@@ -186,8 +186,9 @@ def test_greater_than_refuses_other_year_splits():
 
 
 def test_an_unknown_task_or_no_examples_is_refused(tokenizer):
-    with pytest.raises(ValueError, match="size=0: a task needs at least one example"):
-        tasks.load("ioi", tokenizer, size=0)
+    for size in (0, 2.5):  # 2.5 made three examples
+        with pytest.raises(ValueError, match=f"size={size}: a task's size is a count of examples, an int of at"):
+            tasks.load("ioi", tokenizer, size=size)
     with pytest.raises(ValueError, match="greater-than, sva, ioi, ioi-abc.*from_file"):
         tasks.load("docstring", tokenizer)
 
@@ -252,10 +253,16 @@ def test_from_file_reports_every_bad_row_by_line(tmp_path, tokenizer):
                      "line 5: missing or empty correct, incorrect", "line 6: more fields than the header"):
         assert expected in str(error.value)
     jsonl = tmp_path / "bad.jsonl"
-    jsonl.write_text(f'{{"clean": "{IOI}"}}\n[1]\nnot json\n', encoding="utf-8")
+    jsonl.write_text(f'{{"clean": "{IOI}"}}\n[1]\nnot json\n"hello"\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"(?s)line 1: missing or empty corrupted, correct, incorrect.*"
-                                         r"line 2: not a JSON object.*line 3: not valid JSON"):
+                                         r"line 2: not a JSON object.*line 3: not valid JSON.*line 4: not a JSON "
+                                         r"object"):  # a string, not taken for its own error
         tasks.from_file(jsonl, tokenizer)
+    listed = tmp_path / "listed.jsonl"
+    listed.write_text(json.dumps({"clean": IOI, "corrupted": IOI_CORRUPTED, "correct": " Mary", "incorrect": " John",
+                                  "metric": ["kl"]}), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"the metric field names a metric, such as \"kl\"; got \['kl'\]"):
+        tasks.from_file(listed, tokenizer)
     with pytest.raises(ValueError, match="lacks the column"):
         tasks.from_file(write_csv(tmp_path / "header.csv", [["clean", "corrupted", "answer"], ["a", "b", "c"]]),
                         tokenizer)
