@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 from . import data
 from . import metrics as metrics_
 from . import tasks as tasks_
-from .attribution import GRADIENT_METHODS, METHODS, attribute
+from .attribution import GRADIENT_METHODS, INTEGRATED, METHODS, attribute
 from .circuit import FORMATS, Circuit
 from .components import DecompositionError
-from .draw import (draw_circuit, draw_comparison, draw_span_circuit, plot_faithfulness, plot_heatmap,
+from .draw import (SUFFIXES, draw_circuit, draw_comparison, draw_span_circuit, plot_faithfulness, plot_heatmap,
                    plot_nodes)
 from .evaluation import Evaluator
 from .graph import CircuitGraph
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.traceback:
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        parser.exit(1, f"fxcircuits {args.command}: error: {message}\n(--traceback shows where it was raised)\n")
+        parser.exit(1, f"fxcircuits {args.command}: error: {message}\n(fxcircuits --traceback {args.command} … shows "
+                       "where it was raised)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     discover.add_argument("--out", type=_circuit_path, default="circuit.json",
                           help="the circuit, in EAP-IG/MIB's format: .json, or .pt (torch.save, compact for large "
                           "models)")
-    discover.add_argument("--draw", help="picture of the circuit (.svg or .png; default: next to --out)")
+    discover.add_argument("--draw", type=_picture, help="picture of the circuit (.svg or .png; default: next to --out)")
     discover.set_defaults(run=_discover)
 
     evaluate = commands.add_parser("evaluate", help="faithfulness of a saved circuit; curve, CPR and CMD",
@@ -119,12 +120,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("circuit", help=CIRCUIT_FILE)
     _model_options(evaluate)
     _patching_options(evaluate, recorded=True)
-    evaluate.add_argument("--plot", help="faithfulness curve picture (.svg or .png)")
+    evaluate.add_argument("--plot", type=_picture, help="faithfulness curve picture (.svg or .png)")
     evaluate.set_defaults(run=_evaluate)
 
     show = commands.add_parser("show", help="draw a saved circuit", description="Draw a saved circuit.")
     show.add_argument("circuit", help=CIRCUIT_FILE)
-    show.add_argument("--out", required=True, help="the picture (.svg or .png)")
+    show.add_argument("--out", required=True, type=_picture, help="the picture (.svg or .png)")
     show.add_argument("--title")
     show.add_argument("--edges", type=_positive, help="draw only the circuit's N edges of largest |score| (pruned): "
                       "a thousand edges do not read")
@@ -136,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
                                   "over union, the strongest edges each holds alone, and a picture of both.")
     compare.add_argument("circuits", nargs=2, metavar="circuit", help=CIRCUIT_FILE)
     compare.add_argument("--top", type=_positive, default=5, help="how many of the edges each holds alone to list")
-    compare.add_argument("--out", help="picture of both, edges coloured by which holds them (.svg or .png)")
+    compare.add_argument("--out", type=_picture, help="picture of both, edges coloured by which holds them (.svg or .png)")
     compare.set_defaults(run=_compare)
 
     lens = commands.add_parser("lens", help="logit lens: what each layer's stream, or given nodes, predict",
@@ -144,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
                                "every layer (or of the given nodes, or of a saved circuit's nodes) and the "
                                "answer's probability.")
     _node_options(lens, instead="the stream after each layer")
-    lens.add_argument("--out", help="heatmap of the answer probability, rows × examples (.svg or .png)")
+    lens.add_argument("--out", type=_picture, help="heatmap of the answer probability, rows × examples (.svg or .png)")
     lens.set_defaults(run=_lens)
     direct = commands.add_parser("direct", help="direct logit attribution: what each node writes to the answer",
                                  description="Direct logit attribution over a task: each node's share of "
@@ -153,8 +154,8 @@ def _parser() -> argparse.ArgumentParser:
                                  "share, the tokens they push up most in one example, and what no node writes.")
     _node_options(direct, instead="every node")
     direct.add_argument("--rows", type=_positive, default=20, help="how many nodes to list, largest |share| first")
-    direct.add_argument("--out", help="heatmap of the listed nodes' shares, nodes × examples (.svg or .png)")
-    direct.add_argument("--grid", help="every node's mean share laid out as the model is, layers × heads and MLPs "
+    direct.add_argument("--out", type=_picture, help="heatmap of the listed nodes' shares, nodes × examples (.svg or .png)")
+    direct.add_argument("--grid", type=_picture, help="every node's mean share laid out as the model is, layers × heads and MLPs "
                         "(.svg or .png)")
     direct.set_defaults(run=_direct)
     attention = commands.add_parser("attention", help="where given heads look, and what they write from there",
@@ -172,8 +173,8 @@ def _parser() -> argparse.ArgumentParser:
     attention.add_argument("--spans", action="store_true", help="the weight on each span and what each head writes "
                            "from it, averaged over all of the task's examples, instead of one example's tokens")
     attention.add_argument("--top", type=_positive, default=3)
-    attention.add_argument("--out", help="heatmap of the weights, heads × tokens (.svg or .png)")
-    attention.add_argument("--direct-out", help="heatmap of what each head writes to the logit difference from each "
+    attention.add_argument("--out", type=_picture, help="heatmap of the weights, heads × tokens (.svg or .png)")
+    attention.add_argument("--direct-out", type=_picture, help="heatmap of what each head writes to the logit difference from each "
                            "token, heads × tokens (.svg or .png)")
     attention.set_defaults(run=_attention)
     patch = commands.add_parser("patch", help="activation patching by position: which layer or node, at which token",
@@ -212,7 +213,7 @@ def _parser() -> argparse.ArgumentParser:
                        "corrupted)")
     patch.add_argument("--per-call", type=_positive, help="patched runs (exact) or integration points "
                        "(attribution-ig) per call (default: 16 by position; by node, what fits the device best)")
-    patch.add_argument("--out", help="heatmap of the fractions, rows × tokens or spans, or layers × heads with "
+    patch.add_argument("--out", type=_picture, help="heatmap of the fractions, rows × tokens or spans, or layers × heads with "
                        "--all-positions (.svg or .png)")
     patch.set_defaults(run=_patch)
     check = commands.add_parser("check", help="does fxcircuits compute this model exactly? traced against HF",
@@ -221,7 +222,7 @@ def _parser() -> argparse.ArgumentParser:
                                 "edge into the logits) patched, and of masks run together; the attention weights; "
                                 "and direct logit attribution's sums.  Exits 1 if any differs past the tolerance.")
     _model_options(check)
-    check.add_argument("--tolerance", type=float, help="the largest difference that passes, as a fraction of the "
+    check.add_argument("--tolerance", type=_tolerance, help="the largest difference that passes, as a fraction of the "
                        "largest |logit| (default: 1e-4 in float32, 32 units in the last place in bfloat16/float16)")
     check.set_defaults(run=_check)
     return parser
@@ -240,8 +241,8 @@ def _node_options(parser: argparse.ArgumentParser, instead: str) -> None:
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="hub id, local folder, or smollm2-135m (offline)")
-    parser.add_argument("--task", type=_task, default="ioi",
-                        help=f"{', '.join(tasks_.TASKS)}, or a .csv/.jsonl file of your own")
+    parser.add_argument("--task", type=_task, help=f"{', '.join(tasks_.TASKS)}, or a .csv/.jsonl file of your own "
+                        "(default: the task a given circuit was found on, else ioi)")
     parser.add_argument("--size", type=_positive, default=32, help="number of examples of a built-in task")
     parser.add_argument("--batch-size", type=_positive, default=8)
     parser.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -264,9 +265,10 @@ def _patching_options(parser: argparse.ArgumentParser, recorded: bool = False) -
 
 def _patching(args, task, recorded: dict) -> tuple[str, str, dict]:
     """The metric and ablation the command patches with — given on the command line, else as ``recorded`` (the
-    circuit file's cfg) says, else the task's metric and the corrupted prompt — and the options that give them,
-    with the runs a call (``--per-call``)."""
-    metric = args.metric or recorded.get("metric")
+    circuit file's cfg) says (its metric where the task is the one it was found on), else the task's metric and the
+    corrupted prompt — and the options that give them, with the runs a call (``--per-call``)."""
+    same_task = recorded.get("task") in (None, task.name)
+    metric = args.metric or (recorded.get("metric") if same_task else None)
     metric = metric if metric in metrics_.METRICS else metrics_.name_of(task.metric)
     ablation = args.ablation or recorded.get("ablation")
     ablation = ablation if ablation in ABLATIONS else "corrupted"
@@ -274,18 +276,30 @@ def _patching(args, task, recorded: dict) -> tuple[str, str, dict]:
                               "masks_per_call": args.per_call}
 
 
-def _setup(args):
-    """(model, tokenizer, traced model, task) from the shared options."""
+def _setup(args, recorded: dict | None = None):
+    """(model, tokenizer, traced model, task) from the shared options; the task is ``--task``, else the one a
+    circuit file was found on (``recorded``: its info), else IOI."""
+    name = args.task or _recorded_task(recorded or {})
     torch.manual_seed(args.seed)
     print(f"loading {args.model} …", file=sys.stderr)
     model, tokenizer = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype),
                                   progress=not args.no_progress)
     cm = trace(model, progress=not args.no_progress)
-    if args.task in tasks_.TASKS:
-        task = tasks_.load(args.task, tokenizer, size=args.size, seed=args.seed, batch_size=args.batch_size)
+    if name in tasks_.TASKS:
+        task = tasks_.load(name, tokenizer, size=args.size, seed=args.seed, batch_size=args.batch_size)
     else:
-        task = tasks_.from_file(args.task, tokenizer, batch_size=args.batch_size)
+        task = tasks_.from_file(name, tokenizer, batch_size=args.batch_size)
     return model, tokenizer, cm, task
+
+
+def _recorded_task(recorded: dict) -> str:
+    """The built-in task a circuit file says it was found on; IOI where it names none.  A task file, which the
+    circuit names by its stem alone, must be given again."""
+    name = recorded.get("task")
+    if name is None or name in tasks_.TASKS:
+        return name or "ioi"
+    raise SystemExit(f"the circuit was found on the task {name!r}, which is no built-in task: give its file with "
+                     "--task (or the task to run it on)")
 
 
 def _carry(ablation: str) -> str:
@@ -332,6 +346,16 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _tolerance(text: str) -> float:
+    try:
+        tolerance = float(text)
+    except ValueError:
+        tolerance = float("nan")
+    if not 0 <= tolerance < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a tolerance of 0 or more, as 1e-4")
+    return tolerance
+
+
 def _position(text: str) -> int | str:
     """``"last"``, a position in the prompts (negative counts from their end), or a span's name (IOI's ``S2``)."""
     if text.lstrip("-").isdigit():
@@ -343,9 +367,24 @@ def _position(text: str) -> int | str:
 
 
 def _circuit_path(text: str) -> str:
-    """A path a circuit can be saved to (``.json`` or ``.pt``), checked before the run rather than after it."""
+    """A path a circuit can be saved to (``.json`` or ``.pt``, in a folder that exists), checked before the run
+    rather than after it."""
     if Path(text).suffix.lower() not in FORMATS:
         raise argparse.ArgumentTypeError(f"{text!r}: a circuit file ends in {' or '.join(FORMATS)}")
+    return _in_a_folder(text)
+
+
+def _picture(text: str) -> str:
+    """A path a picture can be saved to (``.svg`` or ``.png``, in a folder that exists), checked before the run."""
+    if Path(text).suffix.lower() not in SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{text!r}: a picture ends in {' or '.join(SUFFIXES)}")
+    return _in_a_folder(text)
+
+
+def _in_a_folder(text: str) -> str:
+    folder = Path(text).parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: there is no folder {str(folder)!r} to write it in")
     return text
 
 
@@ -355,7 +394,7 @@ def _size(text: str) -> int | float:
         count = float(text[:-1]) / 100 if text.endswith("%") else int(text)
     except ValueError:
         count = None
-    if count is None or count < 0 or (text.endswith("%") and count > 1):
+    if count is None or not 0 <= count < float("inf") or (text.endswith("%") and count > 1):
         raise argparse.ArgumentTypeError(f"{text!r}: give a count (500) or a percentage from 0% to 100% (1%)")
     return count
 
@@ -377,6 +416,7 @@ def _discover(args) -> int:
     if args.spans:
         return _discover_by_span(args, selection, options, start)
     _, _, cm, task = _setup(args)
+    _fits(args, cm.graph)
     metric, ablation, patching = _patching(args, task, {})
     scores = attribute(cm, task.batches, metric, args.method, progress=not args.no_progress, seed=args.seed,
                        **patching, **options)
@@ -427,6 +467,14 @@ def _discover_by_span(args, selection: str, options: dict, start: float) -> int:
     return 0
 
 
+def _fits(args, graph: CircuitGraph) -> None:
+    """Refuse a count of edges or nodes past what the model has, once it is traced and before the run."""
+    for option, total in (("edges", len(graph.edges)), ("nodes", len(graph.upstream))):
+        count = getattr(args, option)
+        if isinstance(count, int) and count > total:
+            raise SystemExit(f"--{option} {count}: {args.model} has {total:,} {option}; give fewer, or a percentage")
+
+
 def _reached(args) -> str:
     """What the faithfulness row adds when the circuit was sized by ``--faithfulness``."""
     return "" if args.faithfulness is None else f" (the smallest cut that reaches {args.faithfulness:g})"
@@ -437,6 +485,12 @@ def _method_options(args) -> dict:
     mask its steps, its warm start and the circuit's size (--edges, 1% by default), which it is trained to keep."""
     if args.warm_start is not None and args.method != "mask":
         raise SystemExit("--warm-start starts a learned mask's gates: add --method mask, or leave it out")
+    if args.steps is not None and args.method not in INTEGRATED + ("mask",):
+        raise SystemExit(f"--steps counts the integration steps of {' and '.join(INTEGRATED)}, or a learned mask's "
+                         f"training steps; {args.method} takes none: leave it out")
+    if args.threshold is not None and args.method != "acdc" and args.selection != "threshold":
+        raise SystemExit("--threshold is ACDC's tau, or the least score of --selection threshold: add one of them, "
+                         "or leave it out")
     if args.method == "mask":
         return {"density": 0.01 if args.edges is None else args.edges,
                 **({} if args.warm_start is None else {"warm_start": None if args.warm_start == "none"
@@ -461,10 +515,16 @@ def _selection(args) -> str:
         _sized_by_faithfulness(args, selection)
         return selection
     sizes = {"topn": "edges", "greedy": "edges", "nodes": "nodes", "threshold": None}
-    for option in ("edges", "nodes"):
-        if getattr(args, option) is not None and sizes[selection] != option:
-            raise SystemExit(f"--{option} does not size a {selection} circuit: give "
-                             + (f"--{sizes[selection]}" if sizes[selection] else "--threshold") + " instead")
+    given = [o for o in ("edges", "nodes") if getattr(args, o) is not None
+             and not (o == "edges" and args.method == "mask")]  # a learned mask trains to --edges
+    if len(given) == 2:
+        raise SystemExit("--edges and --nodes both size the circuit: give one of them (--nodes for node patching)")
+    for option in given:
+        if sizes[selection] != option:
+            instead = (f"give --{sizes[selection]} instead" if sizes[selection] else "ACDC's own cut keeps the edges "
+                       "it kept; add --selection topn to cut its scores by size" if args.selection is None
+                       else "give --threshold instead")
+            raise SystemExit(f"--{option} does not size a {selection} circuit: {instead}")
     if selection == "nodes" and args.nodes is None:
         raise SystemExit("--selection nodes needs --nodes: how many nodes to keep (40) or what share of them (10%)")
     if selection == "threshold" and args.threshold is None and args.method != "acdc":
@@ -510,11 +570,17 @@ def _cut(scores: EdgeScores | SpanScores, selection: str, args) -> Circuit | Spa
 
 def _evaluate(args) -> int:
     circuit = load_circuit(args.circuit)
-    _, _, cm, task = _setup(args)
+    if args.plot and circuit.scores is None:
+        raise SystemExit(f"--plot draws the faithfulness curve of the circuit's scores, and {args.circuit} holds "
+                         "none: leave --plot out")
+    _, _, cm, task = _setup(args, circuit.info)
     metric, ablation, patching = _patching(args, task, circuit.info)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
     result = evaluator.evaluate(circuit)
-    rows = {"circuit": _extent(circuit), "metric": f"{metric}, patched edges {_carry(ablation)}",
+    found = circuit.info.get("task")
+    rows = {"model": args.model, "task": f"{task.name} ({len(task.examples)} examples)"
+            + (f"; the circuit was found on {found}" if found not in (None, task.name) else ""),
+            "circuit": _extent(circuit), "metric": f"{metric}, patched edges {_carry(ablation)}",
             "faithfulness": f"{result.faithfulness:.3f}",
             "completeness": f"{evaluator.completeness(circuit):.3f} (faithfulness with the circuit knocked out)"}
     if circuit.scores is not None:
@@ -548,7 +614,7 @@ def _show(args) -> int:
 
 
 def _compare(args) -> int:
-    first, second = map(Circuit.load, args.circuits)
+    first, second = (_plain_circuit(path, "compare") for path in args.circuits)
     labels = _labels(args.circuits)
     try:
         overlap = first.overlap(second)
@@ -597,12 +663,26 @@ def _read_nodes(args) -> Circuit | list[str] | None:
     """The nodes ``lens`` and ``direct`` read: a circuit file's, ``--nodes``, or None."""
     if args.circuit and args.nodes:
         raise SystemExit("give a circuit or --nodes, not both")
-    return Circuit.load(args.circuit) if args.circuit else args.nodes.split(",") if args.nodes else None
+    return _plain_circuit(args.circuit, args.command) if args.circuit else args.nodes.split(",") if args.nodes else None
+
+
+def _plain_circuit(path: str, command: str) -> Circuit:
+    """The plain circuit a file holds, a positional one refused as the command line says it."""
+    circuit = load_circuit(path)
+    if isinstance(circuit, SpanCircuit):
+        raise SystemExit(f"{path} holds a positional circuit, and {command} reads a plain one (show and evaluate "
+                         "take either)")
+    return circuit
+
+
+def _found(nodes: Circuit | list[str] | None) -> dict | None:
+    """What a circuit read for its nodes says of how it was found (its task), where one was read."""
+    return nodes.info if isinstance(nodes, Circuit) else None
 
 
 def _lens(args) -> int:
     nodes = _read_nodes(args)
-    _, tokenizer, cm, task = _setup(args)
+    _, tokenizer, cm, task = _setup(args, _found(nodes))
     batch, row = _example(task, args.example)
     lens = logit_lens(cm, batch["clean"], batch["attention_mask"], nodes=nodes)
     print(f"example {args.example}: {task.examples[args.example].clean!r}")
@@ -622,10 +702,10 @@ def _lens(args) -> int:
 
 def _direct(args) -> int:
     nodes = _read_nodes(args)
-    _, tokenizer, cm, task = _setup(args)
+    _, tokenizer, cm, task = _setup(args, _found(nodes))
+    batch, row = _example(task, args.example)
     labels, shares, whole, linear = _direct_shares(cm, task, nodes)
     order = shares.mean(1).abs().argsort(descending=True)[:args.rows].tolist()
-    batch, row = _example(task, args.example)
     one = slice(row, row + 1)  # its top tokens are read vocab-wide: of that example alone
     strongest = direct_logits(cm, batch["clean"][one], batch["attention_mask"][one],
                               nodes=[labels[i] for i in order])
@@ -753,7 +833,7 @@ def _patch(args) -> int:
     if receivers and (args.inputs or (nodes is None and not args.all_positions)):
         raise SystemExit("--receivers patches nodes' outputs into them: give --nodes (or a circuit), or "
                          "--all-positions for every head and MLP, and leave out --inputs")
-    _, tokenizer, cm, task = _setup(args)
+    _, tokenizer, cm, task = _setup(args, _found(nodes))
     inputs = _read_inputs(args, nodes, cm.graph)
     nodes = None if inputs is not None else nodes
     how = args.direction + {"exact": "", "attribution": " (to first order)",

