@@ -167,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
                                     "average over every example, by the spans the task names (IOI: IO, S1, S2, END).")
     _model_options(attention)
     attention.add_argument("--heads", required=True, help="comma-separated heads, e.g. a9.h6,a10.h0")
-    attention.add_argument("--example", type=int, default=0, help="which example to read")
+    attention.add_argument("--example", type=int, help="which example to read (default 0)")
     attention.add_argument("--position", type=_position, default="last", help="query position: last, an index, or "
                            "with --spans a span's name (its last token)")
     attention.add_argument("--spans", action="store_true", help="the weight on each span and what each head writes "
@@ -195,7 +195,7 @@ def _parser() -> argparse.ArgumentParser:
                        "and token; attribution: all of them to first order, from one backward pass (attribution "
                        "patching: fast enough for every node, a first look); attribution-ig: from gradients "
                        "averaged over --steps points between the corrupted and the clean input")
-    patch.add_argument("--steps", type=_positive, default=5, help="integration steps of attribution-ig")
+    patch.add_argument("--steps", type=_positive, help="integration steps of attribution-ig (default 5)")
     patch.add_argument("--spans", nargs="?", const="all", help="patch each span the task names, all of its tokens "
                        "at once, in every example, and average (IOI: IO, S1, S2, END; your file's 'spans' field); "
                        "optionally the comma-separated spans to patch")
@@ -215,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
                        "(attribution-ig) per call (default: 16 by position; by node, what fits the device best)")
     patch.add_argument("--out", type=_picture, help="heatmap of the fractions, rows × tokens or spans, or layers × heads with "
                        "--all-positions (.svg or .png)")
-    patch.set_defaults(run=_patch)
+    patch.set_defaults(run=_patch, example=None)  # None: not given, which --spans and --all-positions need
     check = commands.add_parser("check", help="does fxcircuits compute this model exactly? traced against HF",
                                 description="Trace the model and check it against the untouched HF model on a "
                                 "task's first batch: the logits of a clean run, of runs with every edge (or every "
@@ -748,13 +748,16 @@ def _direct_shares(cm, task, nodes) -> tuple[list[str], torch.Tensor, dict[str, 
 def _attention(args) -> int:
     if args.position != "last" and isinstance(args.position, str) and not args.spans:
         raise SystemExit(f"--position {args.position!r} names a span: add --spans")
+    if args.spans and args.example is not None:
+        raise SystemExit("--example picks one example, and --spans averages every example: leave it out")
     _, tokenizer, cm, task = _setup(args)
     if args.spans:
         return _attention_by_span(args, cm, task)
-    batch, row = _example(task, args.example)
+    index = args.example or 0
+    batch, row = _example(task, index)
     position = args.position
     patterns = attention_patterns(cm, batch["clean"], batch["attention_mask"], heads=args.heads.split(","))
-    print(f"example {args.example}: {task.examples[args.example].clean!r}")
+    print(f"example {index}: {task.examples[index].clean!r}")
     try:
         print(patterns.table(tokenizer, k=args.top, example=row, position=position))
     except IndexError as error:
@@ -829,6 +832,12 @@ def _patch(args) -> int:
     if args.inputs and (args.nodes or (args.circuit and args.inputs != "all")):
         raise SystemExit("--inputs patches inputs, not nodes: leave out --nodes (with a circuit, a bare --inputs "
                          "patches the inputs its edges enter)")
+    if args.example is not None and (args.all_positions or args.spans is not None):
+        raise SystemExit("--example picks the example patched token by token, and --all-positions and --spans "
+                         "average every example: leave it out")
+    if args.steps is not None and args.method != "attribution-ig":
+        raise SystemExit(f"--steps counts the integration steps of --method attribution-ig; {args.method} takes none: "
+                         "leave it out")
     receivers = args.receivers.split(",") if args.receivers else None
     if receivers and (args.inputs or (nodes is None and not args.all_positions)):
         raise SystemExit("--receivers patches nodes' outputs into them: give --nodes (or a circuit), or "
@@ -836,20 +845,21 @@ def _patch(args) -> int:
     _, tokenizer, cm, task = _setup(args, _found(nodes))
     inputs = _read_inputs(args, nodes, cm.graph)
     nodes = None if inputs is not None else nodes
+    steps, index = args.steps or 5, args.example or 0
     how = args.direction + {"exact": "", "attribution": " (to first order)",
-                            "attribution-ig": f" (by integrated gradients, {args.steps} steps)"}[args.method] + \
+                            "attribution-ig": f" (by integrated gradients, {steps} steps)"}[args.method] + \
         (f", into {', '.join(receivers)} alone" if receivers else "")
-    sweep = {"direction": args.direction, "method": args.method, "steps": args.steps, "progress": not args.no_progress,
+    sweep = {"direction": args.direction, "method": args.method, "steps": steps, "progress": not args.no_progress,
              **({} if args.per_call is None else {"masks_per_call": args.per_call})}
     if args.all_positions:
         units = {"inputs": inputs} if inputs is not None else {"nodes": nodes, "receivers": receivers}
         return _patch_everywhere(args, cm, task, units, how, sweep)
     spans = None if args.spans is None else True if args.spans == "all" else args.spans.split(",")
-    batches = task.batches if spans is not None else data.example(*_example(task, args.example))
+    batches = task.batches if spans is not None else data.example(*_example(task, index))
     effects = patch_by_position(cm, batches, task.metric, nodes=nodes, inputs=inputs, receivers=receivers,
                                 spans=spans, **sweep)
     if spans is None:
-        print(f"example {args.example}: {task.examples[args.example].clean!r}")
+        print(f"example {index}: {task.examples[index].clean!r}")
         print(f"{metrics_.name_of(task.metric)}: {float(effects.clean[0]):+.3f} on the clean prompt, "
               f"{float(effects.corrupted[0]):+.3f} on the corrupted one; {how}, the tokens where patching each row "
               "moves it most, as a fraction of that difference:")

@@ -283,6 +283,18 @@ def test_a_task_or_device_that_cannot_be_had_is_refused_before_the_model_loads(o
     assert exit_.value.code == 2 and says in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, says", [
+    (["patch", "--all-positions", "--example", "3"], "--example picks the example patched token by token, and "
+                                                     "--all-positions and --spans average every example"),
+    (["patch", "--spans", "--example", "3"], "--all-positions and --spans average every example"),
+    (["patch", "--steps", "9"], "--steps counts the integration steps of --method attribution-ig; exact takes none"),
+    (["attention", "--heads", "a0.h0", "--spans", "--example", "3"], "--spans averages every example")])
+def test_options_a_command_would_not_read_are_refused_before_the_model_loads(command, says, monkeypatch):
+    monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit, match=says):
+        main(command)
+
+
 def test_a_device_is_one_of_the_accelerators_devices(monkeypatch):
     """As on a machine with one GPU: cuda and cuda:0 are taken, cuda:1 and mps are refused."""
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)

@@ -91,7 +91,7 @@ def test_unknown_edge_and_node_names(llama):
     with pytest.raises(KeyError, match="not in this model's graph.*m1 writes to the stream after m0 reads it"):
         fxcircuits.Circuit(llama.graph, ["m1->m0"])
     bigger = fxcircuits.CircuitGraph.from_config({"n_layers": 5, "n_heads": 4, "parallel_attn_mlp": False})
-    with pytest.raises(KeyError, match="not in this model's graph"):
+    with pytest.raises(ValueError, match=r"this circuit is of another graph than the model's \(761 and 110 edges"):
         llama(ids, corrupted_input_ids=ids, edge_mask=fxcircuits.Circuit(bigger, ["m4->logits"]))
 
 
