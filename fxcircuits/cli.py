@@ -247,7 +247,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=_positive, default=8)
     parser.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_seed, default=0)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -356,6 +356,12 @@ def _tolerance(text: str) -> float:
     return tolerance
 
 
+def _seed(text: str) -> int:
+    if not text.lstrip("-").isdigit() or not -2 ** 63 <= int(text) < 2 ** 64:  # what torch.manual_seed takes
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number from -2**63 to 2**64 - 1")
+    return int(text)
+
+
 def _position(text: str) -> int | str:
     """``"last"``, a position in the prompts (negative counts from their end), or a span's name (IOI's ``S2``)."""
     if text.lstrip("-").isdigit():
@@ -442,6 +448,7 @@ def _discover_by_span(args, selection: str, options: dict, start: float) -> int:
     if Path(args.out).suffix.lower() != ".json":
         raise SystemExit(f"a positional circuit is saved as JSON: --out {args.out} does not end in .json")
     _, _, cm, task = _setup(args)
+    _spans_named(task)
     metric, ablation, patching = _patching(args, task, {})
     spans = None if args.spans == "all" else args.spans.split(",")
     scores = attribute_by_span(cm, task.batches, metric, args.method, spans=spans, progress=not args.no_progress,
@@ -789,8 +796,7 @@ def _attention(args) -> int:
 def _attention_by_span(args, cm, task) -> int:
     """``attention --spans``: per head, the mean weight on each span and its mean direct share of the logit
     difference from each, over every example of the task."""
-    if "spans" not in task.batches[0]:
-        raise SystemExit(f"--spans: the task {task.name!r} names no spans (give your file a 'spans' field)")
+    _spans_named(task)
     heads, names = args.heads.split(","), list(task.batches[0]["spans"])
     weights, shares = [], []
     for batch in tqdm(task.batches, desc="attention by span", unit="batch", disable=args.no_progress):
@@ -814,6 +820,12 @@ def _attention_by_span(args, cm, task) -> int:
                      title=f"mean direct logit difference by span read · {task.name}")
         print(f"heatmap → {args.direct_out}")
     return 0
+
+
+def _spans_named(task) -> None:
+    """Refuse ``--spans`` on a task that names no spans, saying how a task file names them."""
+    if not all("spans" in batch for batch in task.batches):
+        raise SystemExit(f"--spans: the task {task.name!r} names no spans (give your file a 'spans' field)")
 
 
 def _span_table(rows: list[str], names: list[str], values: torch.Tensor, fmt: str) -> str:
@@ -855,6 +867,8 @@ def _patch(args) -> int:
         units = {"inputs": inputs} if inputs is not None else {"nodes": nodes, "receivers": receivers}
         return _patch_everywhere(args, cm, task, units, how, sweep)
     spans = None if args.spans is None else True if args.spans == "all" else args.spans.split(",")
+    if spans is not None:
+        _spans_named(task)
     batches = task.batches if spans is not None else data.example(*_example(task, index))
     effects = patch_by_position(cm, batches, task.metric, nodes=nodes, inputs=inputs, receivers=receivers,
                                 spans=spans, **sweep)

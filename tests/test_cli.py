@@ -262,7 +262,8 @@ def test_attention_prints_and_draws_the_heads_weights(folder, tmp_path, capsys):
                                                              "with --spans, a span's name"),
     (["discover", "--faithfulness", "0"], "'0': give a faithfulness above 0, as 0.85 or 85%"),
     (["discover", "--faithfulness", "most"], "'most': give a faithfulness above 0, as 0.85 or 85%"),
-    (["discover", "--out", "circuit.svg"], "'circuit.svg': a circuit file ends in .json or .pt")])
+    (["discover", "--out", "circuit.svg"], "'circuit.svg': a circuit file ends in .json or .pt"),
+    (["discover", "--seed", "99999999999999999999"], "give a whole number from -2**63 to 2**64 - 1")])
 def test_options_out_of_their_range_are_usage_errors(folder, command, says, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--model", folder])
@@ -293,6 +294,18 @@ def test_options_a_command_would_not_read_are_refused_before_the_model_loads(com
     monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit, match=says):
         main(command)
+
+
+def test_spans_of_a_task_file_that_names_none_are_refused_saying_how_to_name_them(folder, tmp_path):
+    task = tmp_path / "plain.jsonl"
+    task.write_text(json.dumps({"clean": "When Mary and John went to the store, John gave a drink to",
+                                "corrupted": "When Mary and John went to the store, Paul gave a drink to",
+                                "correct": " Mary", "incorrect": " John"}) + "\n")
+    options = ["--model", folder, "--task", str(task), "--no-progress"]
+    for command in (["discover", "--method", "eap", "--spans"], ["patch", "--spans"],
+                    ["attention", "--heads", "a0.h0", "--spans"]):
+        with pytest.raises(SystemExit, match="--spans: the task 'plain' names no spans \\(give your file a 'spans'"):
+            main([*command, *options])
 
 
 def test_a_device_is_one_of_the_accelerators_devices(monkeypatch):
