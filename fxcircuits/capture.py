@@ -11,7 +11,9 @@ downstream assumes position t only sees tokens ≤ t.
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import sympy
 import torch
@@ -32,7 +34,9 @@ class _LogitsOnly(nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        output = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        tupled = getattr(self.model.config, "return_dict", True) is False  # a config set to return tuples
+        output = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                            **({"return_dict": True} if tupled else {}))
         if getattr(output, "logits", None) is None:
             raise CaptureError(f"{type(self.model).__name__} returns {type(output).__name__}, without logits: it is "
                                "a base model, without the language-model head whose logits circuits explain; load "
@@ -72,13 +76,13 @@ def example_inputs(model: nn.Module, length: int = EXAMPLE_LENGTH) -> tuple[torc
 
 
 def _max_positions(config) -> int:
-    """Longest sequence we export for: export needs a finite bound, and some models (GPT-Neo) guard against
-    exactly ``max_position_embeddings``, so we stop one short of it.  ``config``: the language model's own (a
-    multimodal model keeps it as its text config)."""
+    """Longest sequence we export for: export needs a finite bound, and the model's whole context is the one it
+    was built for (a model whose code guards a shorter length has export narrow the range to it).  ``config``:
+    the language model's own (a multimodal model keeps it as its text config)."""
     for key in ("max_position_embeddings", "n_positions", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 3:
-            return value - 1
+            return value
     return 2**16
 
 
@@ -113,9 +117,10 @@ def export(model: nn.Module, length: int | None = None) -> tuple[torch.fx.GraphM
     length = length or EXAMPLE_LENGTH
     high = _max_positions(model.config.get_text_config())
     if not 2 <= length <= high:
-        raise ValueError(f"prompts of {length} tokens: {type(model).__name__} takes prompts of 2 to {high} tokens")
+        raise ValueError(f"prompts of {length} tokens: fxcircuits captures {type(model).__name__} for prompts of "
+                         f"up to {high} tokens, its context (max_position_embeddings)")
     try:
-        with evaluating(model):
+        with evaluating(model), attributes_kept(model):
             program = _export(model, length, high)
     except CaptureError:
         raise
@@ -137,6 +142,23 @@ def evaluating(model: nn.Module):
     finally:
         for module, training in modes:
             module.training = training
+
+
+@contextlib.contextmanager
+def attributes_kept(model: nn.Module):
+    """The tensors ``model``'s modules hold as plain attributes, as they were before: code that caches a tensor on
+    a module as it runs (HF's LongRoPE keeps ``long_inv_freq``) caches a fake one under export, which every later
+    run of the model, and a second capture, would read."""
+    kept = [(module, {k: v for k, v in vars(module).items() if isinstance(v, torch.Tensor)})
+            for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, tensors in kept:
+            now = {k for k, v in vars(module).items() if isinstance(v, torch.Tensor)}
+            for key in now - tensors.keys():
+                del module.__dict__[key]
+            module.__dict__.update(tensors)
 
 
 def _export(model: nn.Module, length: int, high: int) -> torch.export.ExportedProgram:
@@ -176,6 +198,10 @@ def _untraceable(model: nn.Module, error: Exception) -> CaptureError:
     hint = "" if implementation in (None, "sdpa", "eager") else (
         f" It runs its attention with {implementation!r}: switch to 'sdpa' (or 'eager') before tracing, "
         "model.set_attn_implementation('sdpa'), or load it with attn_implementation='sdpa'.")
+    calls = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', str(error))
+    if calls:  # the model's own line export stopped at, which its message quotes (a branch on data, say)
+        path, line, function, code = calls[-1]
+        hint = f" It stopped at {Path(path).name}:{line} in {function}: `{code.strip()}`.{hint}"
     return CaptureError(f"torch.export could not trace {type(model).__name__}: {type(error).__name__}: "
                         f"{str(error).splitlines()[0] if str(error) else ''}. fxcircuits needs a model that "
                         f"torch.export handles with use_cache=False.{hint}")

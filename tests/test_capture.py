@@ -218,3 +218,44 @@ def test_a_model_in_training_is_captured_without_dropout_and_given_back_as_it_wa
         ours = cm(ids)
         assert torch.equal(ours, cm(ids))
         assert torch.allclose(ours, model.eval()(ids).logits, atol=1e-5)
+
+
+LONGROPE = {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+            "original_max_position_embeddings": 16}
+
+
+def test_tensors_a_model_caches_on_itself_while_exported_are_given_back_as_they_were():
+    """HF's LongRoPE caches ``long_inv_freq`` on its rotary module as it first runs: under export, a fake tensor,
+    which left there made the HF model's own later runs wrong (past the original length, where the long factors
+    apply) and a second capture fail.  The model is left as it was; its runs and ours agree with an untouched one."""
+    import fxcircuits
+    model, untouched = make("llama", rope_scaling=dict(LONGROPE)), make("llama", rope_scaling=dict(LONGROPE))
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(0))  # past 16: the long factors
+    cm = fxcircuits.trace(model)
+    fakes = [name for module in model.modules() for name, value in vars(module).items()
+             if isinstance(value, torch._subclasses.FakeTensor)]
+    assert fakes == []
+    with torch.no_grad():
+        expected = untouched(input_ids=ids).logits
+        assert torch.equal(model(input_ids=ids).logits, expected)
+        assert (cm(ids) - expected).abs().max() <= 1e-4 * expected.abs().max()
+        assert (fxcircuits.trace(model)(ids[:, :8]) - untouched(input_ids=ids[:, :8]).logits).abs().max() <= 1e-4
+
+
+def test_a_model_configured_to_return_tuples_is_captured_as_it_computes():
+    """``config.return_dict = False`` (HF then returns a tuple) is no base model: its logits are captured."""
+    import fxcircuits
+    model = make("falcon_new_arch")
+    model.config.return_dict = False
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(fxcircuits.trace(model)(ids), model(input_ids=ids)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_an_export_failure_names_the_models_line_it_stopped_at():
+    """Dynamic NTK RoPE branches on the prompt's length against a cached one, which export cannot follow: the
+    refusal quotes that line of the model's code."""
+    import fxcircuits
+    model = make("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(fxcircuits.CaptureError, match=r"It stopped at modeling_rope_utils.py:\d+ in \w+: `if "):
+        fxcircuits.trace(model)

@@ -164,11 +164,15 @@ def test_positions_of_another_shape_are_refused(llama):
             llama.patched(ids, torch.ones_like(ids), other, keep, positions=bad)
 
 
-def test_a_prompt_longer_than_the_model_takes_is_refused(llama):
-    """The zoo's llama embeds 64 positions; export's bound on the length is one short of them (GPT-Neo guards
-    against exactly that many)."""
-    with pytest.raises(ValueError, match="LlamaForCausalLM takes prompts of 2 to 63 tokens"):
-        llama(torch.zeros(1, 70, dtype=torch.long))
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gpt_neo"])
+def test_prompts_fill_the_models_context_and_no_more(traced, name):
+    """The zoo's models embed 64 positions: a prompt of all 64 runs as HF runs it, a longer one is refused."""
+    model, cm = traced(name)
+    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
+    logits = model(input_ids=ids).logits
+    assert (cm(ids) - logits).abs().max() <= 1e-4 * logits.abs().max()
+    with pytest.raises(ValueError, match=f"{type(model).__name__} for prompts of up to 64 tokens, its context"):
+        cm(torch.zeros(1, 70, dtype=torch.long))
 
 
 def test_a_masked_run_needs_exactly_one_other_run(llama):
