@@ -137,7 +137,8 @@ def _parser() -> argparse.ArgumentParser:
                                   "over union, the strongest edges each holds alone, and a picture of both.")
     compare.add_argument("circuits", nargs=2, metavar="circuit", help=CIRCUIT_FILE)
     compare.add_argument("--top", type=_positive, default=5, help="how many of the edges each holds alone to list")
-    compare.add_argument("--out", type=_picture, help="picture of both, edges coloured by which holds them (.svg or .png)")
+    compare.add_argument("--out", type=_picture,
+                         help="picture of both, edges coloured by which holds them (.svg or .png)")
     compare.set_defaults(run=_compare)
 
     lens = commands.add_parser("lens", help="logit lens: what each layer's stream, or given nodes, predict",
@@ -154,9 +155,10 @@ def _parser() -> argparse.ArgumentParser:
                                  "share, the tokens they push up most in one example, and what no node writes.")
     _node_options(direct, instead="every node")
     direct.add_argument("--rows", type=_positive, default=20, help="how many nodes to list, largest |share| first")
-    direct.add_argument("--out", type=_picture, help="heatmap of the listed nodes' shares, nodes × examples (.svg or .png)")
-    direct.add_argument("--grid", type=_picture, help="every node's mean share laid out as the model is, layers × heads and MLPs "
-                        "(.svg or .png)")
+    direct.add_argument("--out", type=_picture,
+                        help="heatmap of the listed nodes' shares, nodes × examples (.svg or .png)")
+    direct.add_argument("--grid", type=_picture, help="every node's mean share laid out as the model is, layers × "
+                        "heads and MLPs (.svg or .png)")
     direct.set_defaults(run=_direct)
     attention = commands.add_parser("attention", help="where given heads look, and what they write from there",
                                     description="The attention patterns of given heads on one of a task's examples: "
@@ -174,8 +176,8 @@ def _parser() -> argparse.ArgumentParser:
                            "from it, averaged over all of the task's examples, instead of one example's tokens")
     attention.add_argument("--top", type=_positive, default=3)
     attention.add_argument("--out", type=_picture, help="heatmap of the weights, heads × tokens (.svg or .png)")
-    attention.add_argument("--direct-out", type=_picture, help="heatmap of what each head writes to the logit difference from each "
-                           "token, heads × tokens (.svg or .png)")
+    attention.add_argument("--direct-out", type=_picture, help="heatmap of what each head writes to the logit "
+                           "difference from each token, heads × tokens (.svg or .png)")
     attention.set_defaults(run=_attention)
     patch = commands.add_parser("patch", help="activation patching by position: which layer or node, at which token",
                                 description="Activation patching by position on one of a task's examples: the "
@@ -213,9 +215,9 @@ def _parser() -> argparse.ArgumentParser:
                        "corrupted)")
     patch.add_argument("--per-call", type=_positive, help="patched runs (exact) or integration points "
                        "(attribution-ig) per call (default: 16 by position; by node, what fits the device best)")
-    patch.add_argument("--out", type=_picture, help="heatmap of the fractions, rows × tokens or spans, or layers × heads with "
-                       "--all-positions (.svg or .png)")
-    patch.set_defaults(run=_patch, example=None)  # None: not given, which --spans and --all-positions need
+    patch.add_argument("--out", type=_picture, help="heatmap of the fractions, rows × tokens or spans, or layers × "
+                       "heads with --all-positions (.svg or .png)")
+    patch.set_defaults(run=_patch, example=None)  # None unless given: --spans and --all-positions refuse it
     check = commands.add_parser("check", help="does fxcircuits compute this model exactly? traced against HF",
                                 description="Trace the model and check it against the untouched HF model on a "
                                 "task's first batch: the logits of a clean run, of runs with every edge (or every "
