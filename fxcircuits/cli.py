@@ -174,7 +174,7 @@ def _parser() -> argparse.ArgumentParser:
                            "with --spans a span's name (its last token)")
     attention.add_argument("--spans", action="store_true", help="the weight on each span and what each head writes "
                            "from it, averaged over all of the task's examples, instead of one example's tokens")
-    attention.add_argument("--top", type=_positive, default=3)
+    attention.add_argument("--top", type=_positive, help="how many tokens to list per head (default 3)")
     attention.add_argument("--out", type=_picture, help="heatmap of the weights, heads × tokens (.svg or .png)")
     attention.add_argument("--direct-out", type=_picture, help="heatmap of what each head writes to the logit "
                            "difference from each token, heads × tokens (.svg or .png)")
@@ -247,6 +247,8 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
                         "(default: the task a given circuit was found on, else ioi)")
     parser.add_argument("--size", type=_positive, default=32, help="number of examples of a built-in task")
     parser.add_argument("--batch-size", type=_positive, default=8)
+    parser.add_argument("--drop-mismatched", action="store_true", help="with a task file: drop the rows whose clean "
+                        "and corrupted prompts tokenize to different lengths, with a warning naming their lines")
     parser.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
     parser.add_argument("--seed", type=_seed, default=0)
@@ -282,6 +284,8 @@ def _setup(args, recorded: dict | None = None):
     """(model, tokenizer, traced model, task) from the shared options; the task is ``--task``, else the one a
     circuit file was found on (``recorded``: its info), else IOI."""
     name = args.task or _recorded_task(recorded or {})
+    if args.drop_mismatched and name in tasks_.TASKS:
+        raise SystemExit("--drop-mismatched reads a task file; the built-in tasks draw only pairs of one length")
     torch.manual_seed(args.seed)
     print(f"loading {args.model} …", file=sys.stderr)
     model, tokenizer = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype),
@@ -290,7 +294,7 @@ def _setup(args, recorded: dict | None = None):
     if name in tasks_.TASKS:
         task = tasks_.load(name, tokenizer, size=args.size, seed=args.seed, batch_size=args.batch_size)
     else:
-        task = tasks_.from_file(name, tokenizer, batch_size=args.batch_size)
+        task = tasks_.from_file(name, tokenizer, batch_size=args.batch_size, drop_mismatched=args.drop_mismatched)
     return model, tokenizer, cm, task
 
 
@@ -757,8 +761,9 @@ def _direct_shares(cm, task, nodes) -> tuple[list[str], torch.Tensor, dict[str, 
 def _attention(args) -> int:
     if args.position != "last" and isinstance(args.position, str) and not args.spans:
         raise SystemExit(f"--position {args.position!r} names a span: add --spans")
-    if args.spans and args.example is not None:
-        raise SystemExit("--example picks one example, and --spans averages every example: leave it out")
+    if args.spans and (args.example is not None or args.top is not None):
+        raise SystemExit("--example and --top pick one example's tokens, and --spans averages every example by "
+                         "span: leave them out")
     _, tokenizer, cm, task = _setup(args)
     if args.spans:
         return _attention_by_span(args, cm, task)
@@ -768,7 +773,7 @@ def _attention(args) -> int:
     patterns = attention_patterns(cm, batch["clean"], batch["attention_mask"], heads=args.heads.split(","))
     print(f"example {index}: {task.examples[index].clean!r}")
     try:
-        print(patterns.table(tokenizer, k=args.top, example=row, position=position))
+        print(patterns.table(tokenizer, k=args.top or 3, example=row, position=position))
     except IndexError as error:
         raise SystemExit(f"--{error}") from None
     one = slice(row, row + 1)
@@ -782,7 +787,7 @@ def _attention(args) -> int:
         sources = None
         print(f"(not split: {error})")
     else:
-        print(sources.table(tokenizer, *answers, k=args.top))
+        print(sources.table(tokenizer, *answers, k=args.top or 3))
     if args.out:
         where = "the last token" if position == "last" else f"position {position}"
         patterns.plot(tokenizer, args.out, example=row, position=position,

@@ -131,7 +131,8 @@ def _aligned(tokenizer, clean_ids, corrupted_ids, labels, drop_mismatched: bool)
             f"  clean:     {_show(tokenizer, clean_ids[i])}\n  corrupted: {_show(tokenizer, corrupted_ids[i])}\n"
             "Patching swaps activations position by position, so both prompts must tokenize to the same length: "
             "rephrase the corrupted prompt (e.g. use a word that is as many tokens as the one it replaces), "
-            "drop the example, or pass drop_mismatched=True to drop such pairs with a warning.")
+            "drop the example, or pass drop_mismatched=True (--drop-mismatched on the command line) to drop such "
+            "pairs with a warning.")
     if mismatched:
         warn_at_caller(f"dropped {len(mismatched)} of {len(clean_ids)} prompt pairs whose clean and corrupted "
                        f"prompts tokenize to different lengths: {', '.join(labels[i] for i in mismatched)}")

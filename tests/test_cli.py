@@ -289,7 +289,8 @@ def test_a_task_or_device_that_cannot_be_had_is_refused_before_the_model_loads(o
                                                      "--all-positions and --spans average every example"),
     (["patch", "--spans", "--example", "3"], "--all-positions and --spans average every example"),
     (["patch", "--steps", "9"], "--steps counts the integration steps of --method attribution-ig; exact takes none"),
-    (["attention", "--heads", "a0.h0", "--spans", "--example", "3"], "--spans averages every example")])
+    (["attention", "--heads", "a0.h0", "--spans", "--example", "3"], "--spans averages every example by span"),
+    (["attention", "--heads", "a0.h0", "--spans", "--top", "2"], "--example and --top pick one example's tokens")])
 def test_options_a_command_would_not_read_are_refused_before_the_model_loads(command, says, monkeypatch):
     monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit, match=says):
@@ -306,6 +307,24 @@ def test_spans_of_a_task_file_that_names_none_are_refused_saying_how_to_name_the
                     ["attention", "--heads", "a0.h0", "--spans"]):
         with pytest.raises(SystemExit, match="--spans: the task 'plain' names no spans \\(give your file a 'spans'"):
             main([*command, *options])
+
+
+def test_mismatched_rows_of_a_task_file_are_dropped_where_asked(folder, tmp_path, capsys):
+    clean = "When Mary and John went to the store, John gave a drink to"
+    rows = [{"clean": clean, "corrupted": clean.replace("John gave", "Bartholomew gave"), "correct": " Mary",
+             "incorrect": " John"}, {"clean": clean, "corrupted": clean.replace("John gave", "Paul gave"),
+                                     "correct": " Mary", "incorrect": " John"}]
+    task = tmp_path / "mixed.jsonl"
+    task.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    options = ["lens", "--model", folder, "--task", str(task), "--no-progress"]
+    with pytest.raises(SystemExit):
+        main(options)
+    assert "line 1: the clean prompt is" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="dropped 1 of 2 .*: line 1"):
+        assert main([*options, "--drop-mismatched"]) == 0
+    assert capsys.readouterr().out.startswith(f"example 0: {clean!r}")
+    with pytest.raises(SystemExit, match="--drop-mismatched reads a task file"):
+        main(["lens", "--model", folder, "--task", "ioi", "--drop-mismatched"])
 
 
 def test_a_device_is_one_of_the_accelerators_devices(monkeypatch):
