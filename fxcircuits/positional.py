@@ -69,7 +69,8 @@ class SpanScores:
 
     def span(self, name: str) -> EdgeScores:
         """One class's edge scores."""
-        return EdgeScores(self.graph, self.tensor[_class_index(self.spans, name)], self.method, {**self.info, "span": name})
+        return EdgeScores(self.graph, self.tensor[_class_index(self.spans, name)], self.method,
+                          {**self.info, "span": name})
 
     def total(self) -> EdgeScores:
         """Each edge's scores summed over the classes: for the gradient methods, its score at every position, as

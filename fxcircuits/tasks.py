@@ -532,9 +532,9 @@ def _answers(value) -> tuple[str, ...] | None:
 
 def _file_metric(path: Path, rows: list[dict]) -> str:
     given = [row["metric"] for row in rows if row.get("metric")]
-    if any(not isinstance(name, str) for name in given):
-        raise ValueError(f"{path}: the metric field names a metric, such as \"kl\"; got "
-                         f"{next(name for name in given if not isinstance(name, str))!r}")
+    wrong = [name for name in given if not isinstance(name, str)]
+    if wrong:
+        raise ValueError(f"{path}: the metric field names a metric, such as \"kl\"; got {wrong[0]!r}")
     names = set(given)
     if len(names) > 1:
         raise ValueError(f"{path}: the metric field holds several metrics ({', '.join(sorted(names))}); a task "
