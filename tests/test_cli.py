@@ -654,8 +654,8 @@ def test_attention_by_span_averages_every_example_of_the_task(folder, tmp_path, 
 @pytest.mark.parametrize("method, says", [("attribution", "noising (to first order)"),
                                           ("attribution-ig", "noising (by integrated gradients, 2 steps)")])
 def test_patch_by_attribution_reads_given_nodes_from_gradients(folder, capsys, method, says):
-    assert main(["patch", *_common(folder), "--nodes", "a1.h0,m0", "--method", method, "--steps", "2",
-                 "--top", "1"]) == 0
+    steps = ["--steps", "2"] if method == "attribution-ig" else []  # attribution takes none
+    assert main(["patch", *_common(folder), "--nodes", "a1.h0,m0", "--method", method, *steps, "--top", "1"]) == 0
     printed = capsys.readouterr().out
     assert says in printed
     rows = {line.split()[0]: line for line in printed.splitlines() if line.lstrip().startswith(("a1.h0", "m0"))}
