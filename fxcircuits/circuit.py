@@ -104,8 +104,7 @@ class Circuit:
         """Refuse a model's ``graph`` that holds other edges than the circuit's (in any order), before its names are
         read there."""
         if graph.edges != self.graph.edges and graph.edge_index.keys() != self.graph.edge_index.keys():
-            raise ValueError(f"this circuit is of another graph than the model's ({_difference(self.graph, graph)}): "
-                             "run a circuit on the model it was found on, or on one of its architecture and size")
+            raise _another_graph(self.graph, graph)
 
     def to_networkx(self) -> nx.DiGraph:
         """The circuit as ``graph.to_networkx()`` draws the whole graph — its edges (with their ``score`` when the
@@ -290,6 +289,12 @@ def _listed(value):
     if not hasattr(value, "tolist"):
         raise TypeError(type(value).__name__)
     return value.tolist()
+
+
+def _another_graph(mine: CircuitGraph, model: CircuitGraph) -> ValueError:
+    """The refusal of a circuit of the graph ``mine`` run on a model of the graph ``model``."""
+    return ValueError(f"this circuit is of another graph than the model's ({_difference(mine, model)}): run a "
+                      "circuit on the model it was found on, or on one of its architecture and size")
 
 
 def _difference(mine: CircuitGraph, theirs: CircuitGraph) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .attribution import scored
-from .circuit import Circuit, _edge_flags, is_positional, plain_info, read_json
+from .circuit import Circuit, _another_graph, _edge_flags, is_positional, plain_info, read_json
 from .data import REST
 from .graph import CircuitGraph
 from .model import CircuitModel
@@ -167,7 +167,7 @@ class SpanCircuit:
     def edge_mask(self, graph: CircuitGraph | None = None) -> torch.Tensor:
         """The masks [classes, E] that run this circuit: 1 on its edges in each class, 0 (patched) elsewhere."""
         if graph is not None and graph.edges != self.graph.edges:
-            raise ValueError("this circuit is of another graph: its edges are not the model's")
+            raise _another_graph(self.graph, graph)
         return self.in_graph.float()
 
     def pruned(self) -> "SpanCircuit":

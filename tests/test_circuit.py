@@ -392,8 +392,9 @@ def test_a_circuit_of_another_graph_is_refused_where_it_would_run(traced):
     _, cm = traced("llama")
     deeper = fxcircuits.trace(make("llama", num_hidden_layers=3))
     circuit = EdgeScores(cm.graph, torch.linspace(-1, 1, len(cm.graph.edges))).topn(20)
-    with pytest.raises(ValueError, match=r"another graph than the model's \(110 and 262 edges; first difference"):
-        circuit.edge_mask(deeper.graph)
+    for either in (circuit, fxcircuits.SpanCircuit(cm.graph, ["A", "rest"], {"A": circuit.edges})):
+        with pytest.raises(ValueError, match=r"another graph than the model's \(110 and 262 edges; first difference"):
+            either.edge_mask(deeper.graph)
     batch = {"clean": torch.zeros(1, 4, dtype=torch.long), "corrupted": torch.ones(1, 4, dtype=torch.long),
              "correct": torch.tensor([[2]]), "incorrect": torch.tensor([[3]])}
     for read in (lambda: fxcircuits.logit_lens(deeper, batch["clean"], nodes=circuit),  # nodes and inputs alike
