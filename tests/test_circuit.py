@@ -10,7 +10,7 @@ import torch
 
 import fxcircuits
 from fxcircuits import Circuit, CircuitGraph, EdgeScores
-from zoo import make
+import zoo
 
 CFG = {"n_layers": 2, "n_heads": 2, "parallel_attn_mlp": False, "d_model": 8}
 
@@ -390,7 +390,7 @@ def test_a_circuit_of_another_graph_is_refused_where_it_would_run(traced):
     """A circuit of a 2-layer Llama run on a 3-layer one would patch every edge into layer 2: refused, where a
     circuit read back from its file (a graph of its own with the same edges) runs as the circuit itself."""
     _, cm = traced("llama")
-    deeper = fxcircuits.trace(make("llama", num_hidden_layers=3))
+    deeper = fxcircuits.trace(zoo.make("llama", num_hidden_layers=3))
     circuit = EdgeScores(cm.graph, torch.linspace(-1, 1, len(cm.graph.edges))).topn(20)
     for either in (circuit, fxcircuits.SpanCircuit(cm.graph, ["A", "rest"], {"A": circuit.edges})):
         with pytest.raises(ValueError, match=r"another graph than the model's \(110 and 262 edges; first difference"):

@@ -571,6 +571,11 @@ def test_patching_each_node_everywhere_matches_hooks(traced, prompts, name, dire
     torch.testing.assert_close(one_at_a_time.effects, effects.effects)
 
 
+def _reference(ablation: str, batch: dict) -> list[dict] | None:
+    """The reference batches mean ablation averages over (zero ablation reads none, and refuses them)."""
+    return [batch] if ablation == "mean" else None
+
+
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_knocking_each_node_out_matches_hooks(traced, prompts, name, ablation):
@@ -579,7 +584,7 @@ def test_knocking_each_node_out_matches_hooks(traced, prompts, name, ablation):
     tokens (the projection's bias is no head's: it stays, as the engine keeps it)."""
     model, cm = traced(name)
     batch = _batch(prompts)
-    effects = patch_nodes(cm, batch, "logit_diff", ablation=ablation, reference=[batch])
+    effects = patch_nodes(cm, batch, "logit_diff", ablation=ablation, reference=_reference(ablation, batch))
     mlp_path, out_path, _ = modules(name)
     clean, mask = batch["clean"], batch["attention_mask"]
 
@@ -749,7 +754,7 @@ def test_knocking_each_input_out_matches_hooks(traced, prompts, name, ablation):
     model, cm = traced(name)
     batch = _batch(prompts)
     clean, mask = batch["clean"], batch["attention_mask"]
-    effects = patch_inputs(cm, batch, "logit_diff", ablation=ablation, reference=[batch])
+    effects = patch_inputs(cm, batch, "logit_diff", ablation=ablation, reference=_reference(ablation, batch))
 
     def knocked_out(port: str):
         layer = int(port[1:].split("<")[0].split(".")[0])
