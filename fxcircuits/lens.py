@@ -32,6 +32,7 @@ from .metrics import answer_mean, answer_position, answer_sum
 from .model import CircuitModel
 from .norms import freeze_statistics
 from .patterns import head_indices
+from .runs import check_counts
 
 
 @dataclass
@@ -53,7 +54,7 @@ class Readings:
     def top(self, tokenizer, k: int = 5, example: int = 0, position: int = -1) -> list[tuple[str, list]]:
         """For each row, the ``k`` tokens of largest value for one example at one of the read positions:
         ``[(label, [(token, value), …]), …]``."""
-        _check_k(k)
+        check_counts(k=k)
         _check_read(example, position, self.positions.shape)
         ids = self.token_ids(example).to(self.logits.device)
         real = ids >= 0
@@ -152,7 +153,7 @@ class SourceLogits:
             position: int = -1) -> list[tuple[str, list]]:
         """For each head, the ``k`` key tokens of largest share (either sign) of its direct logit difference for one
         example at one read position: ``[(head, [(token, key position, share), …]), …]``."""
-        _check_k(k)
+        check_counts(k=k)
         shares, keys = self._at_keys(correct, incorrect, example, position)
         order = shares.abs().topk(min(k, len(keys)), dim=-1).indices
         ids = self.input_ids[example, keys]
@@ -211,11 +212,6 @@ def _per_example(reduce, values: torch.Tensor, token_ids) -> torch.Tensor:
     if (ids >= values.shape[-1]).any():
         raise ValueError(f"answer id {int(ids.max())} is past the vocabulary, which has {values.shape[-1]} tokens")
     return reduce(values.movedim(1, -2), ids).movedim(-1, 1)
-
-
-def _check_k(k) -> None:
-    if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
-        raise ValueError(f"k={k!r}: give how many tokens to list, an int of at least 1")
 
 
 def _check_read(example, position, read: torch.Size) -> None:

@@ -169,7 +169,7 @@ def test_answers_and_top_tokens(traced):
     best = int(probs[-1, 1, 0].argmax())
     assert top[-1][1][0] == (f"<{best}>", pytest.approx(float(probs[-1, 1, 0, best])))
     assert "input" in lens.table(Tokenizer(), k=2)
-    with pytest.raises(ValueError, match="k=-1: give how many tokens to list, an int of at least 1"):
+    with pytest.raises(ValueError, match="k is a count, an int of at least 1; got -1"):
         lens.top(Tokenizer(), k=-1)
     for where, says in (({"example": 2}, "example=2: 2 examples were read, example 0 to 1"),
                         ({"position": 1}, "position=1: 1 positions were read, position 0 to 0")):
