@@ -11,7 +11,9 @@ downstream assumes position t only sees tokens ≤ t.
 from __future__ import annotations
 
 import contextlib
+import io
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,7 +122,7 @@ def export(model: nn.Module, length: int | None = None) -> tuple[torch.fx.GraphM
         raise ValueError(f"prompts of {length} tokens: fxcircuits captures {type(model).__name__} for prompts of "
                          f"up to {high} tokens, its context (max_position_embeddings)")
     try:
-        with evaluating(model), attributes_kept(model):
+        with evaluating(model), attributes_kept(model), partial_graph_unprinted():
             program = _export(model, length, high)
     except CaptureError:
         raise
@@ -159,6 +161,21 @@ def attributes_kept(model: nn.Module):
             for key in now - tensors.keys():
                 del module.__dict__[key]
             module.__dict__.update(tensors)
+
+
+@contextlib.contextmanager
+def partial_graph_unprinted():
+    """What export writes to stderr, less the partial graph it prints when it fails: thousands of lines for a real
+    model, above the one error that names the model's line to change."""
+    written = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(written):
+            yield
+    except Exception as error:
+        graph = getattr(error, "partial_fx_graph", None)
+        sys.stderr.write(written.getvalue().replace(f"{graph}\n", "") if graph else written.getvalue())
+        raise
+    sys.stderr.write(written.getvalue())
 
 
 def _export(model: nn.Module, length: int, high: int) -> torch.export.ExportedProgram:

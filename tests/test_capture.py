@@ -1,4 +1,6 @@
 """Capture: the exported program as the functional ATen graph the later stages read."""
+import sys
+
 import pytest
 import torch
 from torch._export.utils import _is_cia_op, _is_preservable_cia_op
@@ -252,10 +254,26 @@ def test_a_model_configured_to_return_tuples_is_captured_as_it_computes():
         torch.testing.assert_close(fxcircuits.trace(model)(ids), model(input_ids=ids)[0], atol=1e-5, rtol=1e-4)
 
 
-def test_an_export_failure_names_the_models_line_it_stopped_at():
+def test_an_export_failure_names_the_models_line_it_stopped_at(capsys):
     """Dynamic NTK RoPE branches on the prompt's length against a cached one, which export cannot follow: the
-    refusal quotes that line of the model's code."""
+    refusal quotes that line of the model's code, and torch's print of the partial graph does not bury it."""
     import fxcircuits
     model = make("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     with pytest.raises(fxcircuits.CaptureError, match=r"It stopped at modeling_rope_utils.py:\d+ in \w+: `if "):
         fxcircuits.trace(model)
+    assert "def forward" not in capsys.readouterr().err
+
+
+def test_what_export_writes_to_stderr_is_passed_on_but_the_partial_graph(capsys):
+    from fxcircuits.capture import partial_graph_unprinted
+
+    class Failed(Exception):
+        partial_fx_graph = "def forward(self):\n    pass"
+
+    with partial_graph_unprinted():
+        print("a warning", file=sys.stderr)
+    with pytest.raises(Failed), partial_graph_unprinted():
+        print("another", file=sys.stderr)
+        print(Failed.partial_fx_graph, file=sys.stderr)
+        raise Failed
+    assert capsys.readouterr().err == "a warning\nanother\n"
