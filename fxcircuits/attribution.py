@@ -60,15 +60,17 @@ MASK_OPTIONS = ("mask_steps", "density", "lr", "warmup", "warm_start")
 
 
 def attribute(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Callable | None = None,
-              method: str = "eap-ig-inputs", *, steps: int = 5, ablation: str = "corrupted",
-              reference: Iterable[dict] | None = None, threshold: float = 0.01, masks_per_call: int | None = None,
+              method: str = "eap-ig-inputs", *, steps: int | None = None, ablation: str = "corrupted",
+              reference: Iterable[dict] | None = None, threshold: float | None = None,
+              masks_per_call: int | None = None,
               progress: bool = True, seed: int = 0, **options) -> EdgeScores:
     """Score every edge of ``cm.graph`` on ``batches`` (a batch dict, or several; see ``fxcircuits.data``) with
     ``metric``.
 
     ``metric``: a name from ``fxcircuits.metrics`` or any ``metric(logits, batch) -> Tensor[B]``, larger meaning
-    more of the task; ACDC defaults to ``"kl"``.  ``steps``: integration steps of the EAP-IG methods.
-    ``threshold``: ACDC's τ.  ``masks_per_call``: how many patched runs one batched call evaluates — gradient
+    more of the task; ACDC defaults to ``"kl"``.  ``steps``: integration steps of the EAP-IG methods (and of a
+    learned mask's warm start), 5.  ``threshold``: ACDC's τ, 0.01.  Each is refused by the methods that do not read
+    it, where it would change nothing unseen.  ``masks_per_call``: how many patched runs one batched call evaluates — gradient
     points (default: 32 on an accelerator, and on CPU as many as keep the call's stream within
     ``POINTS_CALL_STREAM`` values: SmolLM2, 17-token prompts, 5 in batches of 8, 1 in batches of 32), or
     ``exact``'s and ``acdc``'s runs (default: 32 on an accelerator, and on CPU as many as keep the call's stream
@@ -86,8 +88,9 @@ def attribute(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Ca
 
 
 def scored(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Callable | None, method: str, *,
-           by_span: bool, spans: Sequence[str] | None = None, steps: int, ablation: str,
-           reference: Iterable[dict] | None, threshold: float, masks_per_call: int | None, progress: bool, seed: int,
+           by_span: bool, spans: Sequence[str] | None = None, steps: int | None, ablation: str,
+           reference: Iterable[dict] | None, threshold: float | None, masks_per_call: int | None, progress: bool,
+           seed: int,
            options: dict) -> tuple[torch.Tensor, list[str] | None, dict]:
     """What ``attribute`` and ``attribute_by_span`` share: the settings checked, the batches prepared and
     ``method`` run.  Every method scores a mask per class of positions, [classes, E]: by span, the classes are
@@ -102,10 +105,11 @@ def scored(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Calla
         raise TypeError(f"unknown options {sorted(set(options) - set(MASK_OPTIONS))} of method='mask'; it takes "
                         f"{', '.join(MASK_OPTIONS)}")
     check_counts(steps=steps, masks_per_call=masks_per_call)
+    steps = _read_by(method, INTEGRATED + ("mask",), 5, steps=steps)
+    threshold = _read_by(method, ("acdc",), 0.01, threshold=threshold)
     if method == "clean-corrupted" and ablation != "corrupted":
         raise ValueError("clean-corrupted takes gradients at the corrupted input, so it needs ablation='corrupted'")
     metric = metrics_.get(metric if metric is not None else _default_metric(method))
-    torch.manual_seed(seed)
     prepared = prepare(cm, batches, metric, ablation, reference)
     names = _class_names(prepared, spans) if by_span else None
     named = None if names is None else names[:-1]
@@ -135,6 +139,17 @@ def scored(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Calla
     if not torch.isfinite(scores).all():
         raise not_finite(cm, prepared, metric)
     return (scores, names, info) if by_span else (scores[0], None, info)
+
+
+def _read_by(method: str, readers: tuple[str, ...], default, **setting):
+    """The one setting given (``default`` where None), refused where ``method`` is not among its ``readers``."""
+    (name, value), = setting.items()
+    if value is None:
+        return default
+    if method not in readers:
+        raise TypeError(f"{name}={value!r} is read by method {' or '.join(map(repr, readers))}, not by {method!r}: "
+                        "leave it out")
+    return value
 
 
 def _class_names(prepared: list[Prepared], spans: Sequence[str] | None) -> list[str]:
@@ -183,7 +198,8 @@ def _ones(cm: CircuitModel, n: int = 1) -> torch.Tensor:
 def _gradient_scores(cm, prepared, metric, method, steps, calls: Calls, progress, spans) -> torch.Tensor:
     """Σ over batches and points of the edge scores, divided by examples and by points per edge: [classes, E].  By
     span, each edge's score at each token summed over each class's tokens."""
-    total, (src, dst) = torch.zeros(_shape(cm, spans)), (cm.graph.src, cm.graph.dst)
+    total = torch.zeros(_shape(cm, spans), dtype=metrics_.wide_dtype(cm.dtype))
+    src, dst = cm.graph.src, cm.graph.dst
     calls.size = min(calls.size, steps if method in INTEGRATED else 1)  # the points that share their inputs, at most
     for p in tqdm(prepared, desc=method if spans is None else f"{method} by span", disable=not progress):
         def run(n: int) -> torch.Tensor:  # this batch's scores, n points a call
@@ -304,7 +320,7 @@ def _exact(cm, prepared, metric, calls: Calls, progress: bool, spans) -> torch.T
     patched at one class's tokens alone, class by class, so that a call's edges still share their readers."""
     shape = _shape(cm, spans)
     base, units = clean_values(cm, prepared, metric).mean(), shape[0] * shape[1]
-    scores = torch.empty(units)
+    scores = torch.empty(units, dtype=base.dtype)
     per_call = calls.size  # a chunk's edges share their readers; one too large for memory is split in _values
     for first in tqdm(range(0, units, per_call), desc="exact", disable=not progress):
         chunk = torch.arange(first, min(first + per_call, units))
@@ -323,7 +339,8 @@ def _acdc(cm, prepared, metric, tau: float, calls: Calls, progress: bool, spans)
     batch's later masks are void and the walk resumes after it.  Scores are each edge's cost when it was
     judged (edges of destinations that no longer reach ``logits`` are removed at no cost: score 0)."""
     g = cm.graph
-    current, scores = torch.ones(_shape(cm, spans)), torch.zeros(_shape(cm, spans))
+    current = torch.ones(_shape(cm, spans))
+    scores = torch.zeros(_shape(cm, spans), dtype=metrics_.wide_dtype(cm.dtype))
     value = float(_values(cm, prepared, metric, current[None], spans, calls).mean())
     into = [[] for _ in g.downstream]
     for e, d in enumerate(g.dst.tolist()):

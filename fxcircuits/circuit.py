@@ -19,6 +19,7 @@ import networkx as nx
 import torch
 
 from .graph import CircuitGraph, names
+from .metrics import wide
 
 FORMATS = {".json": "json", ".pt": "pt", ".pth": "pt"}  # suffix → the format read and written
 
@@ -33,7 +34,7 @@ class Circuit:
         self.in_graph = _edge_flags(graph, edges)
         if scores is not None and scores.shape != (len(graph.edges),):
             raise ValueError(f"scores have shape {tuple(scores.shape)}; expected one per edge, [{len(graph.edges)}]")
-        self.scores = None if scores is None else scores.detach().float().cpu()
+        self.scores = None if scores is None else wide(scores.detach()).cpu()
 
     def __len__(self) -> int:
         return int(self.in_graph.sum())

@@ -142,11 +142,12 @@ def _parser() -> argparse.ArgumentParser:
     compare.set_defaults(run=_compare)
 
     lens = commands.add_parser("lens", help="logit lens: what each layer's stream, or given nodes, predict",
-                               description="The logit lens on a task's first examples: the top tokens after "
-                               "every layer (or of the given nodes, or of a saved circuit's nodes) and the "
-                               "answer's probability.")
+                               description="The logit lens on the batch of a task's examples that holds --example: "
+                               "that example's top tokens after every layer (or of the given nodes, or of a saved "
+                               "circuit's nodes), and the answer's probability over the batch's examples.")
     _node_options(lens, instead="the stream after each layer")
-    lens.add_argument("--out", type=_picture, help="heatmap of the answer probability, rows × examples (.svg or .png)")
+    lens.add_argument("--out", type=_picture, help="heatmap of the answer probability, rows × the examples of the "
+                      "batch that holds --example, by their index in the task (.svg or .png)")
     lens.set_defaults(run=_lens)
     direct = commands.add_parser("direct", help="direct logit attribution: what each node writes to the answer",
                                  description="Direct logit attribution over a task: each node's share of "
@@ -510,7 +511,7 @@ def _method_options(args) -> dict:
                                                        else args.warm_start}),
                 **({} if args.steps is None else {"mask_steps": args.steps})}
     tau = {"threshold": args.threshold} if args.method == "acdc" and args.threshold is not None else {}
-    return {"steps": 5 if args.steps is None else args.steps, **tau}
+    return {**({} if args.steps is None else {"steps": args.steps}), **tau}
 
 
 def _extent(circuit: Circuit | SpanCircuit) -> str:
@@ -604,12 +605,22 @@ def _evaluate(args) -> int:
                      "curve": " ".join(f"{p:g}:{f:.2f}" for p, f in zip(mib["cpr_curve"].fractions,
                                                                        mib["cpr_curve"].faithfulness))})
         if args.plot:
-            figure = plot_faithfulness(mib["cmd_curve"].fractions, mib["cmd_curve"].faithfulness, label="|score|")
-            plot_faithfulness(mib["cpr_curve"].fractions, mib["cpr_curve"].faithfulness, args.plot,
-                              ax=figure.axes[0], label="signed score")
+            _plot_curves(mib, scores.tensor.numel(), args.plot)
             rows["plot"] = args.plot
     _table(rows)
     return 0
+
+
+def _plot_curves(mib: dict, total: int, path: str) -> None:
+    """MIB's two faithfulness curves (``Evaluator.mib``), each circuit at the fraction of the ``total`` edges (or
+    (edge, span) pairs) it keeps after pruning, as the axis says, not at the fraction asked for, which pruning cuts
+    down (a few strong edges no kept edge feeds keep nothing); a circuit pruned to nothing has no place on the log
+    axis and is left out."""
+    figure = None
+    for curve, label, save in ((mib["cmd_curve"], "|score|", None), (mib["cpr_curve"], "signed score", path)):
+        kept = [(n / total, f) for n, f in zip(curve.edges, curve.faithfulness) if n > 0]
+        sizes, faithfulness = zip(*kept) if kept else ((), ())
+        figure = plot_faithfulness(sizes, faithfulness, save, ax=figure.axes[0] if figure else None, label=label)
 
 
 def _show(args) -> int:
@@ -702,12 +713,14 @@ def _lens(args) -> int:
     print(lens.table(tokenizer, k=args.top, example=row))
     answers = lens.answer_probs(batch["correct"])[:, :, 0]
     push = answers - lens.answer_probs(batch["incorrect"])[:, :, 0]
+    examples = range(args.example - row, args.example - row + answers.shape[1])  # the batch's, as the task numbers them
     for what, values, fmt in (("p(correct answer)", answers, "{:.2f}"),
                               ("p(correct) − p(incorrect)", push, "{:+.2f}")):
-        print(f"\n{what} per row, mean over the batch:")
+        print(f"\n{what} per row, mean over examples {examples[0]} to {examples[-1]} (the batch of example "
+              f"{args.example}):")
         print(_columns([f"{label} {fmt.format(p)}" for label, p in zip(lens.labels, values.mean(1).tolist())]))
     if args.out:
-        plot_heatmap(answers, lens.labels, [str(i) for i in range(answers.shape[1])], args.out,
+        plot_heatmap(answers, lens.labels, [str(i) for i in examples], args.out,
                      title=f"p(correct) through the layers · {task.name}")
         print(f"heatmap → {args.out}")
     return 0

@@ -204,9 +204,10 @@ def plot_heatmap(values, row_labels: Sequence[str], col_labels: Sequence[str], p
 def plot_nodes(graph: CircuitGraph, nodes: Sequence[str], values, path: str | Path | None = None, *,
                ax: Axes | None = None, title: str | None = None, fmt: str = "{:+.2f}") -> Figure:
     """A value per node (``values`` [len(nodes)]: what patching it does, its direct share of the answer) laid out
-    as the model is: a row per decoder layer, a column per head and one for the layer's MLP — the layer × head
-    picture of activation-patching studies.  A row for ``input`` leads where it is among ``nodes``; cells of nodes
-    the model lacks, or that ``nodes`` leaves out, stay blank."""
+    as the model is: a row per layer, a column per head and one for the layer's MLP — the layer × head picture of
+    activation-patching studies (a hybrid's rows are its blocks, ``CircuitGraph.blocks``, named by their nodes).
+    A row for ``input`` leads where it is among ``nodes``; cells of nodes the model lacks, or that ``nodes`` leaves
+    out, stay blank."""
     unknown = [name for name in nodes if name not in graph.node_index]
     if unknown:
         raise KeyError(graph.not_a_node(unknown[0]))
@@ -240,26 +241,26 @@ def _plot_cells(grid: tuple[list[str], list[str], dict[str, tuple[int, int]]], n
 
 def _grid(graph: CircuitGraph, roles: Sequence[str], with_input: bool,
           with_logits: bool) -> tuple[list[str], list[str], dict[str, tuple[int, int]]]:
-    """Rows (``L{layer}``, after ``input`` and before ``logits`` where asked for), columns (per role, ``h0`` … —
-    ``h0<q>`` … where ``roles`` are q, k and v — then ``mlp``), and each name's cell: a head's per role (its
-    inputs', or its own for the role ``""``), an MLP's in the last column, ``input`` and ``logits`` in the first."""
-    layers = graph.layers
+    """Rows (a block's, ``CircuitGraph.blocks``: ``L{layer}``, after ``input`` and before ``logits`` where asked
+    for), columns (per role, ``h0`` … — ``h0<q>`` … where ``roles`` are q, k and v — then ``mlp``), and each name's
+    cell: a head's per role (its inputs', or its own for the role ``""``), an MLP's in the last column, ``input``
+    and ``logits`` in the first."""
+    blocks = graph.blocks
     n_heads = max((w.n_heads for w in graph.writers if w.kind == "attention"), default=0)
     suffix = {role: f"<{role}>" if role else "" for role in roles}
     columns = [f"h{h}{suffix[role]}" for role in roles for h in range(n_heads)]
     columns += ["mlp"] * any(w.kind == "mlp" for w in graph.writers)
     first = int(with_input)
     cell = {"input": (0, 0)} if with_input else {}
-    for w in graph.writers:
-        row = first + layers.index(w.layer)
+    for row, w in ((first + index, w) for index, block in enumerate(blocks) for w in block.writers):
         if w.kind == "attention":
             cell.update({f"a{w.layer}.h{h}{suffix[role]}": (row, r * n_heads + h)
                          for r, role in enumerate(roles) for h in range(w.n_heads)})
         else:
             cell[f"m{w.layer}"] = (row, len(columns) - 1)
     if with_logits:
-        cell["logits"] = (first + len(layers), 0)
-    rows = ["input"] * with_input + [f"L{layer}" for layer in layers] + ["logits"] * with_logits
+        cell["logits"] = (first + len(blocks), 0)
+    rows = ["input"] * with_input + [block.name for block in blocks] + ["logits"] * with_logits
     return rows, columns, cell
 
 

@@ -95,10 +95,12 @@ class Evaluator:
     def curve(self, scores: EdgeScores | SpanScores, fractions: Sequence[float] = MIB_FRACTIONS,
               absolute: bool = True, progress: bool = False) -> "Curve":
         """Faithfulness of the pruned top-``p`` circuits, ranked by |score| (``absolute``) or signed score — of
-        (edge, span) pairs for scores by span, whose ``Curve.edges`` then counts those pairs."""
+        (edge, span) pairs for scores by span, whose ``Curve.edges`` then counts those pairs — smallest ``p``
+        first."""
         _scores_given(scores, "curve")
         if not fractions:
             raise ValueError("no fractions to run: give the shares of the edges to keep, e.g. MIB_FRACTIONS")
+        fractions = sorted(fractions)
         circuits = [scores.topn(float(p), absolute) for p in fractions]
         masks = torch.stack([c.edge_mask(self.cm.graph) for c in circuits])
         return Curve(list(fractions), [len(c) for c in circuits], self.faithfulness(masks, progress, _spans(scores)))
@@ -130,7 +132,9 @@ class Evaluator:
         _scores_given(scores, "smallest")
         check_counts(per_round=per_round)
         cut, total = _cutter(scores, selection, absolute)
-        tried: dict[int, float] = {0: 0.0}  # the empty circuit: every edge patched
+        # the empty circuit patches every edge, the full one none: faithfulness 0 and 1 by definition, which a run
+        # among other masks would meet only to rounding (0.99999996 failed a target of 1)
+        tried: dict[int, float] = {0: 0.0, total: 1.0}
         with tqdm(desc="smallest", unit="circuit", disable=not progress) as bar:
             def run(sizes: list[int]) -> tuple[int, int]:
                 sizes = sorted(set(sizes) - tried.keys())
@@ -141,7 +145,7 @@ class Evaluator:
                 bar.set_postfix_str(f"between {low} and {high}")
                 return low, high
 
-            low, high = run(_between(0, total, per_round - 1) + [total])
+            low, high = run(_between(0, total, per_round))
             while high - low > 1:
                 low, high = run(_between(low, high, per_round))
         circuit = cut(high)
@@ -248,8 +252,12 @@ def evaluate(cm: CircuitModel, circuit: Circuit | SpanCircuit, batches: dict | I
 
 
 def _area(fractions: Sequence[float], values: Sequence[float]) -> float:
-    """Σ_i (p_{i+1} − p_i)·(v_i + v_{i+1})/2: trapezoids on the linear fractions, as MIB integrates."""
-    return sum((b - a) * (u + v) / 2 for a, b, u, v in zip(fractions, fractions[1:], values, values[1:]))
+    """Σ_i (p_{i+1} − p_i)·(v_i + v_{i+1})/2 over the fractions in increasing order (given in another, the sum
+    would flip its sign or mean nothing): trapezoids on the linear fractions, as MIB integrates."""
+    if len(fractions) != len(values):
+        raise ValueError(f"{len(fractions)} fractions and {len(values)} faithfulness values: give one per fraction")
+    points = sorted(zip(fractions, values))
+    return sum((b - a) * (u + v) / 2 for (a, u), (b, v) in zip(points, points[1:]))
 
 
 def cpr(fractions: Sequence[float], faithfulness_values: Sequence[float]) -> float:

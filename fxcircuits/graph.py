@@ -40,6 +40,11 @@ class Writer:
     step: int
     read_step: int | None = None
 
+    @property
+    def name(self) -> str:
+        """``a{layer}`` (its heads are ``a{layer}.h{h}``) or ``m{layer}``."""
+        return f"{'a' if self.kind == 'attention' else 'm'}{self.layer}"
+
     def reads(self) -> list[tuple[str, int]]:
         """Its downstream inputs, each with the step at which it reads."""
         early = self.step if self.read_step is None else self.read_step
@@ -48,6 +53,22 @@ class Writer:
         heads = [f"a{self.layer}.h{h}" for h in range(self.n_heads)]
         steps = {"q": self.step, "k": early, "v": early}
         return [(f"{head}<{role}>", steps[role]) for role in QKV for head in heads]
+
+
+@dataclass(frozen=True)
+class Block:
+    """An attention layer and the writer after it (beside it, where parallel), or a writer alone: a row of a layers
+    × heads picture, and a unit of causal tracing.  ``layer``: the layer it is, where every block of the graph is
+    one layer's attention and MLP (or one of them), as in any transformer; None in a hybrid, which counts its
+    attention layers and its other writers apart and may hold a recurrent block or a second attention within one
+    decoder layer — which the graph cannot tell from a layer of its own, so such a block is named by its nodes."""
+    writers: tuple[Writer, ...]
+    layer: int | None
+
+    @property
+    def name(self) -> str:
+        """``L{layer}``, or its writers' names (``m0``, ``a2 m3``)."""
+        return f"L{self.layer}" if self.layer is not None else " ".join(w.name for w in self.writers)
 
 
 class CircuitGraph:
@@ -178,21 +199,25 @@ class CircuitGraph:
         return [1] + [w.n_heads if w.kind == "attention" else 1 for w in self.writers]
 
     @property
-    def layers(self) -> list[int]:
-        """The decoder layers that hold a node, in order."""
-        return sorted({w.layer for w in self.writers})
+    def blocks(self) -> list[Block]:
+        """The writers in stream order, grouped into blocks: each attention layer starts one, and a writer after
+        another that is not attention starts one too."""
+        groups: list[list[Writer]] = []
+        for w in sorted(self.writers, key=lambda w: (w.step, w.kind != "attention")):
+            if not groups or w.kind == "attention" or any(v.kind != "attention" for v in groups[-1]):
+                groups.append([])
+            groups[-1].append(w)
+        layers = [{w.layer for w in group} for group in groups]
+        layered = all(len(one) == 1 for one in layers) and len(set().union(*layers)) == len(groups)
+        return [Block(tuple(group), group[0].layer if layered else None) for group in groups]
 
-    def into_layer(self, layer: int) -> torch.Tensor:
-        """The edges that carry the residual stream into decoder layer ``layer``, bool [E]: from every node written
-        before the layer first reads the stream to every input read there or later.  Patched at a position, they
-        patch the stream entering the layer there (causal tracing's unit, TransformerLens's ``resid_pre``): the
-        layer and those after it see that position's stream from the other run, the layers before their own.  (Keys
+    def into(self, block: Block) -> torch.Tensor:
+        """The edges that carry the residual stream into ``block``, bool [E]: from every node written before the
+        block first reads the stream to every input read there or later.  Patched at a position, they patch the
+        stream entering the block there (causal tracing's unit, TransformerLens's ``resid_pre`` for a layer): the
+        block and those after it see that position's stream from the other run, the blocks before their own.  (Keys
         and values a layer reuses from an earlier one were read before it, and stay as they were.)"""
-        reads = [step for w in self.writers if w.layer == layer for name, step in w.reads()
-                 if not name.endswith(("<k>", "<v>"))]
-        if not reads:
-            raise ValueError(f"layer {layer} holds no node: the layers are {self.layers[0]} to {self.layers[-1]}")
-        first = min(reads)
+        first = min(step for w in block.writers for name, step in w.reads() if not name.endswith(("<k>", "<v>")))
         return (self.write_steps[self.src] < first) & (self.read_steps[self.dst] >= first)
 
     @property

@@ -31,7 +31,7 @@ from .graph import names
 from .metrics import answer_mean, answer_position, answer_sum
 from .model import CircuitModel
 from .norms import freeze_statistics
-from .patterns import head_indices
+from .patterns import check_index, check_read, check_real, head_indices
 from .runs import check_counts
 
 
@@ -55,7 +55,7 @@ class Readings:
         """For each row, the ``k`` tokens of largest value for one example at one of the read positions:
         ``[(label, [(token, value), …]), …]``."""
         check_counts(k=k)
-        _check_read(example, position, self.positions.shape)
+        check_read(example, position, self.positions.shape)
         ids = self.token_ids(example).to(self.logits.device)
         real = ids >= 0
         values, columns = self.values()[:, example, position][:, real].topk(min(k, int(real.sum())), dim=-1)
@@ -147,6 +147,8 @@ class SourceLogits:
                 position: int = -1) -> torch.Tensor:
         """Each head's direct share of the logit difference from each span it reads (``batch["spans"]``), at one
         read position of every example: [heads, batch, spans] — IOI's name movers write for the IO from the IO."""
+        check_index("position", position, self.positions.shape[1])
+        self._check_real(torch.arange(len(self.positions)), position)
         return span_sums(self.logit_diff(correct, incorrect)[:, :, position], spans)
 
     def top(self, tokenizer, correct: torch.Tensor, incorrect: torch.Tensor, k: int = 3, example: int = 0,
@@ -171,9 +173,17 @@ class SourceLogits:
     def _at_keys(self, correct: torch.Tensor, incorrect: torch.Tensor, example: int,
                  position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each head's shares over one example's real keys at one read position, [heads, keys], and those keys."""
-        _check_read(example, position, self.positions.shape)
+        check_read(example, position, self.positions.shape)
+        self._check_real(torch.tensor([example]), position)
         keys = self.attention_mask[example].bool().nonzero().flatten()
         return self.logit_diff(correct, incorrect)[:, example, position][:, keys.to(self.logits.device)], keys
+
+    def _check_real(self, examples: torch.Tensor, position: int) -> None:
+        """Refuse a read position that is padding in some of ``examples`` (``patterns.check_real``): a head's
+        weights from a padding query are no token's, and neither is what it writes from them."""
+        tokens = self.positions[examples, position]
+        shared = f" (token {int(tokens[0])})" if len(tokens.unique()) == 1 else ""
+        check_real(self.attention_mask, examples, tokens, f"read position {position}{shared}")
 
     def table(self, tokenizer, correct: torch.Tensor, incorrect: torch.Tensor, k: int = 3, example: int = 0,
               position: int = -1) -> str:
@@ -212,14 +222,6 @@ def _per_example(reduce, values: torch.Tensor, token_ids) -> torch.Tensor:
     if (ids >= values.shape[-1]).any():
         raise ValueError(f"answer id {int(ids.max())} is past the vocabulary, which has {values.shape[-1]} tokens")
     return reduce(values.movedim(1, -2), ids).movedim(-1, 1)
-
-
-def _check_read(example, position, read: torch.Size) -> None:
-    """Refuse an example or a read position out of the ``read`` [batch, positions] range by name: a bare index
-    error would not say which."""
-    for what, index, size in (("example", example, read[0]), ("position", position, read[1])):
-        if isinstance(index, bool) or not isinstance(index, Integral) or not -size <= index < size:
-            raise IndexError(f"{what}={index!r}: {size} {what}s were read, {what} 0 to {size - 1} (or -1 for the last)")
 
 
 def _answer_ids(token_ids, batch: int, device: torch.device) -> torch.Tensor:

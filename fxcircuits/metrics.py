@@ -43,8 +43,19 @@ def logits_at_answer(logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """
     position = answer_position(batch).to(logits.device)
     rows = torch.arange(position.shape[0], device=logits.device)
-    picked = logits[..., rows, position, :]
-    return picked.to(torch.promote_types(picked.dtype, torch.float32))  # float64 stays float64
+    return wide(logits[..., rows, position, :])
+
+
+def wide(values: torch.Tensor) -> torch.Tensor:
+    """``values`` in float32, or in their own dtype where it is wider: a float64 model's metrics, scores and
+    differences between them keep float64's digits (a small score is a difference of two large values), and bf16's
+    are not rounded again."""
+    return values.to(wide_dtype(values.dtype))
+
+
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What ``wide`` turns ``dtype`` into: the dtype of a model's scores."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _gather(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +142,8 @@ def get(name: str | Metric) -> Metric:
 def measured(metric: Metric, logits: torch.Tensor, batch: dict) -> torch.Tensor:
     """``metric(logits, batch)``, refused unless it gives one value per example (and per run, where ``logits``
     hold several runs): ``logits.shape[:-2]``.  A metric that returns the batch's mean is the usual slip, and it
-    would pass unseen — scores scaled by 1/B, batches of other sizes weighed wrongly — where it did not fail."""
+    would pass unseen — scores scaled by 1/B, batches of other sizes weighed wrongly — where it did not fail.
+    The value comes ``wide``."""
     value = metric(logits, batch)
     expected = list(logits.shape[:-2])
     if not isinstance(value, torch.Tensor) or list(value.shape) != expected:
@@ -139,7 +151,7 @@ def measured(metric: Metric, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         raise ValueError(f"the metric {name_of(metric)!r} gave {got} for logits of shape {list(logits.shape)}; a "
                          f"metric gives one value per example (and per run), {expected} here: return each "
                          "example's value, not their mean (fxcircuits averages them)")
-    return value
+    return wide(value)
 
 
 def name_of(metric: Metric) -> str:

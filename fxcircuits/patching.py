@@ -830,19 +830,22 @@ class Tap:
         self.delta, self.sides = delta.detach(), [s.detach() for s in sides]
         positions = (delta.shape[1] * delta.shape[2],) if by_position else ()
         self.shape = (delta.shape[0], n_downstream, *positions)
+        self.dtype = torch.promote_types(delta.dtype, torch.float32)  # a float64 model's scores keep its digits
         self.parts: list[tuple[int, int, torch.Tensor]] = []  # first and last reader, the leaf of their scores
 
     def part(self, n_upstream: int, first: int, last: int) -> torch.Tensor:
         """A leaf for the scores of the first ``n_upstream`` upstream nodes into readers ``first:last``."""
-        leaf = torch.zeros(n_upstream, last - first, *self.shape[2:], device=self.delta.device, requires_grad=True)
+        leaf = torch.zeros(n_upstream, last - first, *self.shape[2:], device=self.delta.device, dtype=self.dtype,
+                           requires_grad=True)
         self.parts.append((first, last, leaf))
         return leaf
 
     def scores(self, value: torch.Tensor) -> torch.Tensor:
-        """Every edge's score, the gradient of ``value`` (the metric, summed) with respect to its weight: float32
-        [n_upstream, n_downstream] (× batch · seq by position).  No gradient of the model's parameters is taken."""
+        """Every edge's score, the gradient of ``value`` (the metric, summed) with respect to its weight: float32, or
+        float64 in a float64 model, [n_upstream, n_downstream] (× batch · seq by position).  No gradient of the
+        model's parameters is taken."""
         grads = torch.autograd.grad(value, [leaf for *_, leaf in self.parts], allow_unused=True)
-        out = torch.zeros(self.shape, device=self.delta.device)
+        out = torch.zeros(self.shape, device=self.delta.device, dtype=self.dtype)
         for (first, last, leaf), grad in zip(self.parts, grads):
             if grad is not None:
                 out[:leaf.shape[0], first:last] += grad

@@ -8,6 +8,7 @@ heads by their node names and reads them from one query position, by default the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from .draw import plot_heatmap
 from .graph import names
 from .metrics import answer_position
 from .model import CircuitModel
+from .runs import check_counts
 
 
 @dataclass
@@ -40,19 +42,19 @@ class Patterns:
         """Every head's weights from one query position of one example over that example's real tokens,
         [heads, keys], and those tokens' positions.  ``position``: ``"last"`` (the example's last real token, the
         one that predicts the answer) or an index into the sequence."""
-        if position == "last":
+        check_index("example", example, len(self.input_ids))
+        if isinstance(position, str) and position == "last":
             position = int(answer_position({"clean": self.input_ids, "attention_mask": self.attention_mask})[example])
-        mask = self.attention_mask[example].bool()
-        if not -len(mask) <= position < len(mask):
-            raise IndexError(f"position {position}: the prompts have positions 0 to {len(mask) - 1}")
-        if not mask[position]:
-            raise ValueError(f"position {position} of example {example} is padding: it attends to nothing")
-        keys = mask.nonzero().flatten()
+        else:
+            check_index("position", position, self.input_ids.shape[1], also=", 'last' for the last real token")
+        check_real(self.attention_mask, torch.tensor([example]), torch.tensor([position]), f"position {position}")
+        keys = self.attention_mask[example].bool().nonzero().flatten()
         return self.weights[:, example, position][:, keys], keys
 
     def top(self, tokenizer, k: int = 3, example: int = 0, position: int | str = "last") -> list[tuple[str, list]]:
         """For each head, the ``k`` tokens it attends to most from one query position:
         ``[(head, [(token, weight), …]), …]`` (tokens as the tokenizer decodes them, one by one)."""
+        check_counts(k=k)
         weights, keys = self.query(example, position)
         values, order = weights.topk(min(k, len(keys)), dim=-1)
         ids = self.input_ids[example, keys.to(self.input_ids.device)]
@@ -80,8 +82,7 @@ class Patterns:
             if not -seq <= query < seq:
                 raise IndexError(f"query {query}: the prompts have positions 0 to {seq - 1}")
             positions = torch.full((len(self.input_ids),), query % seq)
-        if not self.attention_mask.gather(1, positions[:, None]).all():
-            raise ValueError(f"query {query!r} is padding in some example: it attends to nothing")
+        check_real(self.attention_mask, torch.arange(len(positions)), positions, f"query {query!r}")
         rows = self.weights[:, torch.arange(len(positions)), positions.to(self.weights.device)]  # [heads, batch, keys]
         return span_sums(rows, spans)
 
@@ -104,6 +105,32 @@ def attention_patterns(cm: CircuitModel, input_ids: torch.Tensor, attention_mask
     weights = torch.stack([layers[layer][:, head] for layer, head in picks])
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     return Patterns(heads, weights, input_ids.cpu(), mask.cpu())
+
+
+def check_read(example, position, read: torch.Size) -> None:
+    """Refuse an example or a read position out of the ``read`` [batch, positions] range by name: a bare index
+    error would not say which."""
+    check_index("example", example, read[0])
+    check_index("position", position, read[1])
+
+
+def check_index(what: str, index, size: int, also: str = "") -> None:
+    """Refuse ``index`` where it is no int from -``size`` to ``size`` - 1, naming ``what`` it indexes (``also``:
+    what else it may be): a bare IndexError would not say which, and a float or a string fails deeper, in torch."""
+    if isinstance(index, bool) or not isinstance(index, Integral) or not -size <= index < size:
+        raise IndexError(f"{what}={index!r}: {size} {what}s were read, {what} 0 to {size - 1} (or -1 for the "
+                         f"last{also})")
+
+
+def check_real(attention_mask: torch.Tensor, examples: torch.Tensor, positions: torch.Tensor, what: str) -> None:
+    """Refuse a query position (``positions``, of ``examples``) that is padding, naming the examples: a padding
+    query attends to nothing, so what is read there — its weights, what a head writes from them — is no token's
+    behaviour, only what the implementation fills in."""
+    padding = ~attention_mask[examples, positions].bool()
+    if padding.any():
+        bad = examples[padding].tolist()
+        raise ValueError(f"{what} of example{'s' * (len(bad) > 1)} {', '.join(map(str, bad[:8]))} is padding: it "
+                         "attends to nothing; query one of the prompt's real tokens (attention_mask 1)")
 
 
 def head_indices(cm: CircuitModel, heads: list[str] | None) -> tuple[list[str], list[tuple[int, int]]]:

@@ -23,15 +23,16 @@ from .attribution import scored
 from .circuit import Circuit, _another_graph, _edge_flags, is_positional, plain_info, read_json
 from .data import REST
 from .graph import CircuitGraph
+from .metrics import wide
 from .model import CircuitModel
 from .scores import EdgeScores, _count, at_least, finite, kept, ordered
 
 
 def attribute_by_span(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Callable | None = None,
-                      method: str = "eap-ig-inputs", *, spans: Sequence[str] | None = None, steps: int = 5,
-                      ablation: str = "corrupted", reference: Iterable[dict] | None = None, threshold: float = 0.01,
-                      masks_per_call: int | None = None, progress: bool = True, seed: int = 0,
-                      **options) -> "SpanScores":
+                      method: str = "eap-ig-inputs", *, spans: Sequence[str] | None = None,
+                      steps: int | None = None, ablation: str = "corrupted", reference: Iterable[dict] | None = None,
+                      threshold: float | None = None, masks_per_call: int | None = None, progress: bool = True,
+                      seed: int = 0, **options) -> "SpanScores":
     """Every edge's score at each class of positions, by any of ``attribute``'s methods and with its settings.
     ``spans``: the spans to keep apart (every span the batches name where None); their tokens, and the rest, are
     the classes.
@@ -56,14 +57,18 @@ class SpanScores:
         if tensor.shape != (len(spans), len(graph.edges)):
             raise ValueError(f"scores have shape {tuple(tensor.shape)}; expected [{len(spans)}, {len(graph.edges)}]"
                              " (one row of edge scores per class of positions)")
-        self.graph, self.spans, self.tensor = graph, list(spans), finite(tensor.detach().float().cpu(), graph)
+        self.graph, self.spans, self.tensor = graph, list(spans), finite(wide(tensor.detach()).cpu(), graph)
         self.method, self.info = method, dict(info or {})
 
     def __repr__(self) -> str:
         return f"SpanScores({self.method or 'unnamed'}, {len(self.graph.edges)} edges × {self.spans})"
 
     def __getitem__(self, key: tuple[str, str]) -> float:
-        """``scores["a0.h1->logits", "END"]``."""
+        """``scores["a0.h1->logits", "END"]``: an edge has a score per class, so one name alone picks none."""
+        if not (isinstance(key, tuple) and len(key) == 2):
+            raise KeyError(f"scores[{key!r}]: an edge has a score per class of positions; index as scores[edge, span] "
+                           f"(spans {', '.join(map(repr, self.spans))}), or take scores.span(name) for one class's "
+                           "edge scores, scores.total() for each edge's summed over them")
         edge, span = key
         return float(self.tensor[_class_index(self.spans, span), self.graph.edge_index[edge]])
 
@@ -135,7 +140,7 @@ class SpanCircuit:
             raise ValueError(f"in_graph has shape {tuple(in_graph.shape)}; expected [{len(self.spans)}, "
                              f"{len(graph.edges)}] (one row of edge flags per class of positions)")
         self.in_graph = in_graph.bool().cpu()
-        self.scores = None if scores is None else scores.detach().float().cpu()
+        self.scores = None if scores is None else wide(scores.detach()).cpu()
 
     def __len__(self) -> int:
         """The (edge, class) pairs kept."""

@@ -43,7 +43,8 @@ METHODS = ("exact", "attribution", "attribution-ig")
 @dataclass
 class PositionEffects:
     """What patching each unit at each position does to the metric, per prompt: ``effects`` [units, batch, positions],
-    NaN at padding.  ``units``: node or input names, or ``"layer {l}"`` for the stream entering layer l.  A
+    NaN at padding.  ``units``: node or input names, or ``"layer {l}"`` for the stream entering layer l (in a
+    hybrid, ``"into a2 m3"`` for the stream entering the block of those nodes, ``CircuitGraph.blocks``).  A
     position is a token, or with ``spans`` (their names) a named part of each prompt — IOI's ``S2``, wherever each
     prompt has it.
 
@@ -98,15 +99,18 @@ class PositionEffects:
         """For each unit, the ``k`` positions where patching it moves the metric most (either sign), in one prompt
         or (``example=None``) on average: ``[(unit, [(token or span, position, effect), …]), …]``, as fractions of
         the whole where ``normalized``.  ``tokenizer`` names the tokens (by span it is not needed)."""
+        check_counts(k=k)
         values, positions, labels = self._view(tokenizer, example, normalized)
         order = values.abs().nan_to_num(-1.0).topk(min(k, len(positions)), dim=-1).indices
         return [(unit, [(labels[i], int(positions[i]), float(row[i])) for i in picks])
                 for unit, row, picks in zip(self.units, values, order.tolist())]
 
     def table(self, tokenizer=None, k: int = 3, example: int | None = 0, normalized: bool = False) -> str:
-        """``top`` as aligned text, one row per unit, each token with its position (each span by its name)."""
+        """``top`` as aligned text, one row per unit, each token with its position (each span by its name, each
+        position of the mean by token by its ``@position`` label alone: no one token stands there)."""
         width = max(len(unit) for unit in self.units)
-        cell = ("{0} {2:+.2f}" if self.spans is not None else "{0!r}@{1} {2:+.2f}").format
+        tokens = self.spans is None and example is not None
+        cell = ("{0!r}@{1} {2:+.2f}" if tokens else "{0} {2:+.2f}").format
         return "\n".join(f"{unit:>{width}}  " + "  ".join(cell(*top) for top in tops)
                          for unit, tops in self.top(tokenizer, k, example, normalized))
 
@@ -175,6 +179,7 @@ class NodeEffects:
 
     def top(self, k: int = 10, example: int | None = None, normalized: bool = False) -> list[tuple[str, float]]:
         """The ``k`` nodes whose patching moves the metric most (either sign): ``[(node, effect), …]``."""
+        check_counts(k=k)
         values = self.values(example, normalized)
         order = values.abs().topk(min(k, len(values))).indices.tolist()
         return [(self.units[i], float(values[i])) for i in order]
@@ -202,7 +207,7 @@ def patch_by_position(cm: CircuitModel, batches: dict | Iterable[dict], metric, 
     ``attention_mask`` and what ``metric`` reads) and measure ``metric``: see ``PositionEffects``.
 
     ``nodes``: node names (or a circuit's nodes) whose outputs to patch one at a time; None patches the residual
-    stream entering each layer instead (``CircuitGraph.into_layer``).  ``inputs``: downstream input names
+    stream entering each layer instead (``CircuitGraph.into``).  ``inputs``: downstream input names
     (``"a23.h3<k>"``, ``"m20"``) to patch one at a time instead, each read from the other run there (see
     ``patch_inputs``): at which tokens a head's keys or values matter.  ``receivers``: with ``nodes``, each node
     patched on its edges into these inputs alone (path patching, see ``patch_nodes``).  ``spans``: False patches
@@ -301,7 +306,7 @@ def _everywhere(cm: CircuitModel, batches: dict | Iterable[dict], metric, units:
                           masks_per_call=masks_per_call)  # checks the runs' metric is finite
     run, other = evaluator.full, evaluator.empty  # every edge kept, every one patched
     if method == "exact":
-        drops = torch.zeros(len(masks), len(run))
+        drops = torch.zeros(len(masks), len(run), dtype=run.dtype)
         patching = masks.ne(1).any(1)  # a sender that writes after every receiver reads patches nothing: no run
         if patching.any():
             desc = f"patching {'inputs' if kind.get('inputs') else 'nodes'}"
@@ -396,7 +401,7 @@ def _patched(cm: CircuitModel, prepared: list[Prepared], metric, masks: torch.Te
         def measure(part: torch.Tensor) -> torch.Tensor:  # (unit, position) pairs [n, 2]: the metric [n, batch]
             keep = dense_keep(cm.graph, masks[part[:, 0]], device=cm.device)
             where = weights[part[:, 1]].to(cm.device)
-            return p.measure(cm, metric, keep, recorded=p.recorded, where=where).float().cpu()
+            return p.measure(cm, metric, keep, recorded=p.recorded, where=where).cpu()
 
         for start in range(0, len(pairs), per_call):
             chunk = torch.tensor(pairs[start:start + per_call])
@@ -430,9 +435,9 @@ def _attributed(cm: CircuitModel, p: Prepared, metric, masks: torch.Tensor, colu
     gradients, n_points = points[method]
     calls.size = min(calls.size, n_points)  # the points that share their inputs, at most
     scores = calls.run(lambda n: tapped(cm, p, metric, gradients, n_points, n, by_position=True), [p]) / n_points
-    per_edge = scores[cm.graph.src, cm.graph.dst].float()  # [edges, batch · seq]
-    by_token = ((1 - masks) @ per_edge).view(len(masks), p.size, -1)
-    return torch.einsum("ubw,cbw->ubc", by_token, columns)
+    per_edge = metrics.wide(scores[cm.graph.src, cm.graph.dst])  # [edges, batch · seq]
+    by_token = ((1 - masks).to(per_edge) @ per_edge).view(len(masks), p.size, -1)
+    return torch.einsum("ubw,cbw->ubc", by_token, columns.to(by_token))
 
 
 def _units(cm: CircuitModel, nodes: list[str] | Circuit | None, inputs: Sequence[str] | Circuit | None,
@@ -451,8 +456,9 @@ def _units(cm: CircuitModel, nodes: list[str] | Circuit | None, inputs: Sequence
         index = torch.tensor([graph.port_index[n] for n in names])
         return names, (graph.dst[None, :] != index[:, None]).float()
     if nodes is None:
-        return [f"layer {layer}" for layer in graph.layers], torch.stack([(~graph.into_layer(layer)).float()
-                                                                          for layer in graph.layers])
+        blocks = graph.blocks
+        return ([f"layer {b.layer}" if b.layer is not None else f"into {b.name}" for b in blocks],
+                torch.stack([(~graph.into(b)).float() for b in blocks]))
     names = node_names(cm, nodes)
     index = torch.tensor([graph.node_index[n] for n in names])
     kept = graph.src[None, :] != index[:, None]

@@ -212,7 +212,7 @@ def metric_values(cm: CircuitModel, prepared: list[Prepared], metric, masks: tor
     with torch.no_grad():
         values = [p.measure(cm, metric, keep, recorded=p.recorded, where=None if spans is None else p.classes(spans))
                   for p in prepared]
-    return torch.cat(values, -1).float().cpu()
+    return torch.cat(values, -1).cpu()
 
 
 def ends(graph) -> torch.Tensor:
@@ -242,4 +242,4 @@ def clean_values(cm: CircuitModel, prepared: list[Prepared], metric) -> torch.Te
     """The metric of every example on the unpatched model: [examples]."""
     with torch.no_grad():
         return torch.cat([metrics.measured(metric, cm(p.input_ids, p.attention_mask), p.batch)
-                          for p in prepared]).float().cpu()
+                          for p in prepared]).cpu()

@@ -16,6 +16,7 @@ import torch
 
 from .circuit import Circuit
 from .graph import CircuitGraph
+from .metrics import wide
 
 
 def ranked(scores: torch.Tensor, absolute: bool) -> torch.Tensor:
@@ -45,7 +46,7 @@ class EdgeScores:
     def __init__(self, graph: CircuitGraph, tensor: torch.Tensor, method: str = "", info: dict | None = None):
         if tensor.shape != (len(graph.edges),):
             raise ValueError(f"scores have shape {tuple(tensor.shape)}; expected [{len(graph.edges)}]")
-        self.graph, self.tensor = graph, finite(tensor.detach().float().cpu(), graph)
+        self.graph, self.tensor = graph, finite(wide(tensor.detach()).cpu(), graph)
         self.method, self.info = method, dict(info or {})
 
     def __getitem__(self, edge: str) -> float:

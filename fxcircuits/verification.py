@@ -4,9 +4,10 @@ The tests check every architecture they build on tiny random weights; a research
 dtype, device and prompts, and perhaps code of its own.  ``verify`` asks the untouched model itself where it can
 answer — its logits on the clean and on the corrupted prompts (every edge patched, or every edge into the logits),
 its attention weights under eager attention — and, where it cannot, checks identities that must hold: masks run
-in one call equal each run alone, every node's direct logits and what no node writes add up to the logits, and so
-do a head's direct logits split by key.  Each check is a largest difference over the real (unpadded) positions,
-in units of the largest |logit| (attention weights in their own units), against a tolerance that follows the dtype.
+in one call equal each run alone, patching every input of a head equals patching the head, every node's direct
+logits and what no node writes add up to the logits, and so do a head's direct logits split by key.  Each check
+is a largest difference over the real (unpadded) positions, in units of the largest |logit| (attention weights in
+their own units), against a tolerance that follows the dtype.
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from torch import nn
 
 from .capture import evaluating
 from .components import DecompositionError
+from .graph import QKV
 from .lens import direct_logits, source_logits
 from .model import CircuitModel
+from .rewrite import SourceWrites
 
 FLOAT32_TOLERANCE = 1e-4  # what the tests hold every architecture to in float32, as a fraction of the logit scale
 HALF_ULPS = 32  # bfloat16, float16: a patched run rounds at other places than the model does (see ``verify``)
@@ -116,23 +119,25 @@ def _hf_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
 
 def _runs(cm: CircuitModel, input_ids, attention_mask, corrupted, clean, hf_corrupted,
           difference: Callable[[torch.Tensor, torch.Tensor], float]) -> list[Check]:
-    """The checks of ``cm``'s own runs against the HF model's logits on the clean and on the corrupted prompts."""
+    """The checks of ``cm``'s own runs against the HF model's logits on the clean and on the corrupted prompts,
+    and against each other where HF has no answer (masks in one call, a head's inputs against the head)."""
     edges = cm.graph.edges
     into_logits = torch.tensor([0.0 if e.endswith("->logits") else 1.0 for e in edges])
 
-    def patched(mask: torch.Tensor) -> torch.Tensor:
-        return cm(input_ids, attention_mask, corrupted_input_ids=corrupted, edge_mask=mask)
+    def patched(**masks) -> torch.Tensor:
+        return cm(input_ids, attention_mask, corrupted_input_ids=corrupted, **masks)
 
     return [Check("clean", "no mask = HF's logits", difference(cm(input_ids, attention_mask), clean)),
             Check("corrupted", "every edge patched = HF's logits on the corrupted prompts",
-                  difference(patched(torch.zeros(len(edges))), hf_corrupted)),
+                  difference(patched(edge_mask=torch.zeros(len(edges))), hf_corrupted)),
             Check("logits", "every edge into the logits patched = HF's logits on the corrupted prompts",
-                  difference(patched(into_logits), hf_corrupted)),
+                  difference(patched(edge_mask=into_logits), hf_corrupted)),
             Check("masks", "masks run in one call = each alone; an all-ones mask beside them = HF's logits",
-                  _masks(cm, patched, clean, difference))]
+                  _masks(cm, patched, clean, difference)),
+            _heads(cm, patched, difference)]
 
 
-def _masks(cm: CircuitModel, patched: Callable[[torch.Tensor], torch.Tensor], clean: torch.Tensor,
+def _masks(cm: CircuitModel, patched: Callable[..., torch.Tensor], clean: torch.Tensor,
            difference: Callable[[torch.Tensor, torch.Tensor], float]) -> float:
     """The largest difference of a mask run beside an all-ones one from the same mask alone, and of the all-ones
     mask from the clean logits; each mask patches the edge from ``input`` into the q input of a first, middle or
@@ -140,12 +145,74 @@ def _masks(cm: CircuitModel, patched: Callable[[torch.Tensor], torch.Tensor], cl
     reader they patch (``fxcircuits.prefix``), so each reader tried moves where that sharing ends."""
     graph, worst = cm.graph, 0.0
     for ports in ([p for p in graph.downstream if p.endswith(".h0<q>")], [p for p in graph.downstream if p[0] == "m"]):
-        for port in dict.fromkeys(ports[i] for i in (0, len(ports) // 2, -1)) if ports else ():
+        for port in _first_middle_last(ports):
             masks = torch.ones(2, len(graph.edges))
             masks[0, graph.edge_index[f"input->{port}"]] = 0.0
-            together, alone = patched(masks), patched(masks[0])
+            together, alone = patched(edge_mask=masks), patched(edge_mask=masks[0])
             worst = max(worst, difference(together[0], alone), difference(together[1], clean))
     return worst
+
+
+def _heads(cm: CircuitModel, patched: Callable[..., torch.Tensor],
+           difference: Callable[[torch.Tensor, torch.Tensor], float]) -> Check:
+    """Every edge into a head's q, k and v inputs patched against the head itself patched (``node_mask``), for the
+    first and last head of a first, middle and last attention layer: the largest difference.
+
+    The runs checked against HF cannot see how the heads' inputs are split: every edge patched, none, or those into
+    the logits is the same run whichever head each q (k, v) input feeds, and ``masks`` compares the split with
+    itself.  Here one head's inputs are patched alone, so they must reach that head's write, which the node mask
+    takes from the exported graph's own per-head output split (``sources`` checks that one).  Exact, as a head
+    computes its write from its q, k and v inputs alone — an output gate from its q input, which carries it; grouped
+    keys and values from its own copy of the projection; keys and values an earlier layer computed read where that
+    layer reads them, as its k and v inputs are — so with all three from the other run its write is the other run's,
+    which the node mask sends, and nothing else changes.  Not so where a norm after attention (Gemma 2–4, OLMo 2)
+    scales every head's write by a statistic of the layer's whole write: one head's inputs then move all of the
+    layer's writes, which no node mask does, and no patched run gives one head other inputs than the rest of its
+    layer without that.  There the layer's heads are patched together (``_head_groups``), which checks their reads
+    but not which head each input feeds."""
+    check = Check("heads", "every edge into a head's q, k, v patched = the head patched (where a norm couples "
+                           "a layer's heads: all of them)")
+    groups = _head_groups(cm)
+    if not groups:
+        check.skipped = "no attention heads"
+        return check
+    check.difference = max(difference(patched(edge_mask=_inputs_patched(cm, group)),
+                                      patched(node_mask=dict.fromkeys(group, 0.0))) for group in groups)
+    return check
+
+
+def _inputs_patched(cm: CircuitModel, heads: list[str]) -> torch.Tensor:
+    """An edge mask that patches every edge into ``heads``' q, k and v inputs and keeps the others."""
+    ports = torch.tensor([cm.graph.port_index[f"{head}<{role}>"] for head in heads for role in QKV])
+    return torch.isin(cm.graph.dst, ports).logical_not().float()
+
+
+def _head_groups(cm: CircuitModel) -> list[list[str]]:
+    """The heads ``_heads`` patches together: the first and the last head of a first, middle and last attention
+    layer, one at a time, or all of a layer's heads at once where a norm couples them (``_norm_coupled``)."""
+    coupled, groups = _norm_coupled(cm), []
+    for writer in _first_middle_last([w for w in cm.graph.writers if w.kind == "attention" and w.n_heads]):
+        heads = [f"a{writer.layer}.h{h}" for h in range(writer.n_heads)]
+        groups += [heads] if writer.layer in coupled else [[head] for head in _first_middle_last(heads, middle=False)]
+    return groups
+
+
+def _norm_coupled(cm: CircuitModel) -> set[int]:
+    """The attention layers whose write path takes a statistic of the whole write (a norm's scale), read from the
+    trace's own copy of that path with its statistics frozen for ``source_logits`` (``rewrite.SourceWrites``: a
+    detached statistic) rather than found a second time; every capture has the same layers.  A path it refuses to
+    freeze counts as coupled, since what it refuses mixes the write's values.  Not measured from runs: a coupled
+    layer's node outputs look like those of heads that each write alone, and the runs that would differ (one head's
+    inputs patched) are those under check."""
+    detach = torch.ops.aten.detach.default
+    writes = [n.target for n in cm.first.sources.graph.nodes if isinstance(n.target, SourceWrites)]
+    return {w.layer for w in writes
+            if w.refusal is not None or any(n.target is detach for n in w.write.graph.nodes)}
+
+
+def _first_middle_last(items: list, middle: bool = True) -> list:
+    """The first, middle and last of ``items`` (or the first and last), each once: where a check tries a few."""
+    return list(dict.fromkeys(items[i] for i in ((0, len(items) // 2, -1) if middle else (0, -1)))) if items else []
 
 
 def _patterns(cm: CircuitModel, model: nn.Module, input_ids, attention_mask) -> Check:

@@ -15,8 +15,8 @@ def test_survey_checks_refuses_and_flags(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     results = {r["type"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert results["llama"]["status"] == "ok" and results["laguna"]["status"] == "ok"
-    assert set(results["llama"]["checks"]) == {"clean", "corrupted", "logits", "input", "positions", "masks", "patterns",
-                                                 "direct", "tokens", "sources"}
+    assert set(results["llama"]["checks"]) == {"clean", "corrupted", "logits", "input", "positions", "masks", "heads",
+                                                 "patterns", "direct", "tokens", "sources"}
     assert results["llama"]["readout"] == results["laguna"]["readout"] == "linear"
     assert all(v <= 1e-4 for v in results["laguna"]["checks"].values())
     assert results["bert"]["status"] == "refused" and "not causal" in results["bert"]["error"]

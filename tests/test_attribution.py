@@ -4,7 +4,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import fxcircuits
-from fxcircuits.attribution import _circuit_gates
+from fxcircuits.attribution import INTEGRATED, _circuit_gates
 from fxcircuits.metrics import logit_diff
 from fxcircuits.patching import dense_keep
 from fxcircuits.runs import prepare
@@ -19,6 +19,11 @@ def _batch(vocab: int = 128, seed: int = 1) -> dict:
     mask[0, :2] = 0  # left padding in the first row
     return {"clean": clean, "corrupted": corrupted, "attention_mask": mask,
             "correct": torch.tensor([[5], [6], [7]]), "incorrect": torch.tensor([[8, 9], [9, -1], [10, -1]])}
+
+
+def steps_of(method: str, steps: int) -> dict:
+    """``steps=`` for the methods that read it (the EAP-IG methods), which the others refuse."""
+    return {"steps": steps} if method in INTEGRATED else {}
 
 
 def linear_gpt2() -> GPT2LMHeadModel:
@@ -63,7 +68,7 @@ def _exact_reference(cm, batch, edges) -> torch.Tensor:
 def test_gradient_methods_equal_exact_patching_on_a_linear_model(linear, method):
     batch = _batch()
     exact = fxcircuits.attribute(linear, [batch], "logit_diff", "exact", progress=False)
-    scores = fxcircuits.attribute(linear, [batch], "logit_diff", method, steps=3, progress=False)
+    scores = fxcircuits.attribute(linear, [batch], "logit_diff", method, progress=False, **steps_of(method, 3))
     assert exact.tensor.abs().max() > 1e-3  # the task is not trivial
     torch.testing.assert_close(scores.tensor, exact.tensor, atol=1e-5 * exact.tensor.abs().max(), rtol=1e-5)
 
@@ -75,12 +80,24 @@ def test_zero_ablation_eap_equals_exact_on_a_linear_model(linear):
     torch.testing.assert_close(eap.tensor, exact.tensor, atol=1e-5 * exact.tensor.abs().max(), rtol=1e-5)
 
 
-def test_exact_equals_one_edge_at_a_time(llama64):
+@pytest.fixture(scope="module")
+def gpt2_64():
+    return fxcircuits.trace(make("gpt2", dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", ["exact", "acdc"])
+def test_exact_equals_one_edge_at_a_time(gpt2_64, method):
+    """In the model's float64 (GPT-2's: Llama's runs its norms in float32): a small score is the difference of two
+    large metrics, which float32 would round (scores of 2e-9 came out 7e-9, or 0).  ACDC's first destination, the
+    logits, judges its edges one at a time from the full model, as exact does, while each costs less than τ."""
     batch = _batch()
-    scores = fxcircuits.attribute(llama64, [batch], "logit_diff", "exact", masks_per_call=7, progress=False)
-    edges = llama64.graph.edges[::9]
-    reference = _exact_reference(llama64, batch, edges)
-    torch.testing.assert_close(torch.tensor([scores[e] for e in edges]), reference.float(), atol=1e-5, rtol=1e-4)
+    options = {"threshold": 1e9} if method == "acdc" else {}
+    scores = fxcircuits.attribute(gpt2_64, [batch], "logit_diff", method, masks_per_call=7, progress=False, **options)
+    edges = gpt2_64.graph.edges[::9] if method == "exact" else [gpt2_64.graph.edges[-1]]
+    reference = _exact_reference(gpt2_64, batch, edges)
+    assert scores.tensor.dtype == torch.float64
+    torch.testing.assert_close(torch.tensor([scores[e] for e in edges], dtype=torch.float64), reference,
+                               atol=1e-12, rtol=1e-9)
 
 
 @pytest.mark.parametrize("method, most", [("exact", 64), ("acdc", 11)])  # ACDC: a destination's 11 candidates
@@ -121,7 +138,8 @@ def test_gradient_points_per_call_default_to_what_the_device_runs_fastest(llama6
 
     def calls(method="eap-ig-inputs", **options):
         sizes.clear()
-        scores = fxcircuits.attribute(llama64, [batch], "logit_diff", method, steps=5, progress=False, **options)
+        scores = fxcircuits.attribute(llama64, [batch], "logit_diff", method, progress=False, **steps_of(method, 5),
+                                      **options)
         return scores.tensor, sizes[:]
 
     default, used = calls()
@@ -298,7 +316,8 @@ def test_a_learned_mask_starts_from_its_warm_starts_ranking(llama64):
     the warm start's |scores|: the ranking is where training starts, and nothing else moves it."""
     batch = _batch()
     for method in ("eap", "eap-ig-inputs"):
-        prior = fxcircuits.attribute(llama64, [batch], "logit_diff", method, steps=3, progress=False).tensor
+        prior = fxcircuits.attribute(llama64, [batch], "logit_diff", method, progress=False,
+                                     **steps_of(method, 3)).tensor
         gates = fxcircuits.attribute(llama64, [batch], "logit_diff", "mask", mask_steps=4, density=0.1, lr=0.0,
                                      warm_start=method, steps=3, progress=False)
         assert torch.equal(gates.tensor.argsort(stable=True), prior.abs().argsort(stable=True))
@@ -356,11 +375,27 @@ def test_a_learned_mask_takes_a_count_of_edges_and_refuses_what_it_cannot_use(ll
         fxcircuits.attribute(llama64, [_batch()], "logit_diff", "mask", beta=1.0, progress=False)
 
 
-@pytest.mark.parametrize("method", ["eap-ig-inputs", "exact"])
-def test_methods_are_deterministic(llama64, method):
-    batch = _batch()
-    first, second = (fxcircuits.attribute(llama64, [batch], "logit_diff", method, progress=False) for _ in range(2))
+@pytest.mark.parametrize("method, setting", [("eap", {"steps": 50}), ("exact", {"steps": 5}),
+                                             ("eap-ig-inputs", {"threshold": 0.3}), ("mask", {"threshold": 0.01})])
+def test_a_setting_the_method_does_not_read_is_refused(llama64, method, setting):
+    """EAP run with steps=50 gave the scores of the defaults, and recorded neither: the setting changed nothing."""
+    (name, value), = setting.items()
+    with pytest.raises(TypeError, match=rf"{name}={value} is read by method .*, not by '{method}': leave it out"):
+        fxcircuits.attribute(llama64, [_batch()], "logit_diff", method, progress=False, **setting)
+    with pytest.raises(TypeError, match=rf"{name}={value} is read by method"):
+        fxcircuits.attribute_by_span(llama64, [_batch()], "logit_diff", method, progress=False, **setting)
+
+
+@pytest.mark.parametrize("method", ["eap-ig-inputs", "exact", "mask"])
+def test_methods_are_deterministic_and_leave_the_callers_random_state_alone(llama64, method):
+    """The same scores twice; and torch's global generator as the caller left it, so that a study drawing prompts
+    between runs does not draw the same ones each time."""
+    batch, options = _batch(), {"mask_steps": 3} if method == "mask" else {}
+    state = torch.random.get_rng_state()
+    first, second = (fxcircuits.attribute(llama64, [batch], "logit_diff", method, progress=False, **options)
+                     for _ in range(2))
     assert torch.equal(first.tensor, second.tensor)
+    assert torch.equal(torch.random.get_rng_state(), state)
 
 
 @pytest.mark.parametrize("method", ["eap", "eap-ig-inputs", "clean-corrupted", "mask"])

@@ -13,7 +13,8 @@ from fxcircuits import (Circuit, CircuitGraph, DecompositionError, EdgeScores, E
                         attention_patterns, attribute, attribute_by_span, cli, load_model, patch_by_position,
                         patch_inputs, patch_nodes, source_logits, tasks, trace)
 from fxcircuits.cli import main
-from fxcircuits.draw import plot_nodes
+from fxcircuits.draw import plot_faithfulness, plot_nodes
+from fxcircuits.evaluation import MIB_FRACTIONS
 from fxcircuits.runs import Calls
 
 
@@ -70,12 +71,40 @@ def test_discover_evaluate_show_lens(folder, tmp_path, capsys):
     ET.parse(tmp_path / "lens.svg")
 
     assert main(["lens", str(out), *_common(folder)]) == 0  # the circuit's nodes, explained
-    _, correct, push = capsys.readouterr().out.split("mean over the batch:\n")
+    _, correct, push = capsys.readouterr().out.split("mean over examples 0 to 3 (the batch of example 0):\n")
     correct = correct.split("\n\n")[0].split()
     assert correct[::2] == push.split()[::2] == [n for n in circuit.nodes if n != "logits"]
     assert all(0 <= float(p) <= 1 for p in correct[1::2]) and all(-1 <= float(p) <= 1 for p in push.split()[1::2])
     with pytest.raises(SystemExit, match="not both"):
         main(["lens", str(out), *_common(folder), "--nodes", "m0"])
+
+
+def test_lens_labels_its_heatmap_with_the_tasks_examples(folder, tmp_path, capsys, monkeypatch):
+    """The lens reads the batch that holds --example: its heatmap's columns are that batch's examples as the task
+    numbers them (4 to 7 for example 6 in batches of 4), not 0 to 3, and the means say which examples they are."""
+    drawn = {}
+    monkeypatch.setattr(cli, "plot_heatmap", lambda values, rows, columns, path, **kw: drawn.update(columns=columns))
+    assert main(["lens", *_common(folder), "--example", "6", "--out", str(tmp_path / "lens.svg")]) == 0
+    assert drawn["columns"] == ["4", "5", "6", "7"]
+    assert capsys.readouterr().out.count("mean over examples 4 to 7 (the batch of example 6):") == 2
+
+
+def test_evaluate_plots_each_curve_at_the_fraction_of_edges_its_circuits_keep(folder, tmp_path, monkeypatch):
+    """The curve's x axis says "fraction of edges in the circuit": each point is at the edges its circuit keeps
+    after pruning over the graph's edges, not at the fraction asked for; a circuit pruned to nothing is left out
+    of the log axis."""
+    graph = trace(load_model(folder)[0]).graph
+    scores = EdgeScores(graph, torch.randn(len(graph.edges), generator=torch.Generator().manual_seed(0)))
+    scores.topn(0.1).to_json(tmp_path / "c.json", method="eap", task="ioi")
+    drawn = []
+    monkeypatch.setattr(cli, "plot_faithfulness", lambda sizes, faithfulness, path=None, **kw: drawn.append(
+        (list(sizes), kw["label"])) or plot_faithfulness(sizes, faithfulness, path, **kw))
+    assert main(["evaluate", str(tmp_path / "c.json"), *_common(folder), "--plot", str(tmp_path / "c.png")]) == 0
+    for (sizes, label), absolute in zip(drawn, (True, False)):
+        kept = [len(scores.topn(p, absolute)) / len(graph.edges) for p in MIB_FRACTIONS]
+        assert label == ("|score|" if absolute else "signed score") and sizes == [k for k in kept if k > 0]
+        assert sizes != list(MIB_FRACTIONS)  # pruning and rounding moved them from the fractions asked for
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _unscored(circuit: Circuit, tmp_path) -> Path:
@@ -246,7 +275,7 @@ def test_attention_prints_and_draws_the_heads_weights(folder, tmp_path, capsys):
     ET.parse(tmp_path / "direct.svg")
     with pytest.raises(SystemExit, match="the task has 8 examples"):
         main(["attention", *_common(folder), "--heads", "a1.h0", "--example", "8"])
-    with pytest.raises(SystemExit, match=r"--position 99: the prompts have positions 0 to \d+"):
+    with pytest.raises(SystemExit, match=r"--position=99: \d+ positions were read, position 0 to \d+ .*'last'"):
         main(["attention", *_common(folder), "--heads", "a1.h0", "--position", "99"])
 
 

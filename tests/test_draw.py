@@ -242,6 +242,21 @@ def test_values_by_node_lie_by_layer_and_head(tmp_path):
         plot_nodes(graph, ["a2.h0"], [1.0])
 
 
+def test_a_hybrids_values_lie_in_rows_of_its_blocks():
+    """RecurrentGemma's writers (recurrent block, MLP, recurrent block, MLP, then attention and MLP) count attention
+    and the rest apart: its heads a0 share a row with m4, the MLP after them, not with m0, and rows are named by
+    their nodes, each node in a cell of its own."""
+    writers = [["mlp", 0, 0, 0], ["mlp", 1, 0, 1], ["mlp", 2, 0, 2], ["mlp", 3, 0, 3], ["attention", 0, 2, 4],
+               ["mlp", 4, 0, 5]]
+    graph = CircuitGraph.from_config({"n_layers": 1, "n_heads": 2, "parallel_attn_mlp": False, "writers": writers})
+    nodes = graph.upstream[1:]
+    axes = plot_nodes(graph, nodes, torch.arange(len(nodes), dtype=torch.float)).axes[0]
+    assert [t.get_text() for t in axes.get_yticklabels()] == ["m0", "m1", "m2", "m3", "a0 m4"]
+    grid = axes.images[0].get_array()
+    assert grid[4].tolist() == [nodes.index("a0.h0"), nodes.index("a0.h1"), nodes.index("m4")]
+    assert grid.count() == len(nodes)
+
+
 def test_values_by_input_lie_by_layer_and_role(tmp_path):
     """A column per head and role, the queries first, then the MLPs' inputs; ``logits`` in a row of its own at the
     end.  Names that are nodes, not inputs, are refused."""

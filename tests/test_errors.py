@@ -419,7 +419,7 @@ def test_a_model_without_attention_is_its_other_writers():
     assert cm.graph.nodes == ["input", "m0", "m1", "logits"]
     ids = torch.randint(3, 128, (2, 2, 7), generator=torch.Generator().manual_seed(0))
     found = fxcircuits.verify(cm, model, ids[0], None, ids[1])
-    assert found.ok and [c.name for c in found.checks if c.difference is None] == ["patterns", "sources"], \
+    assert found.ok and [c.name for c in found.checks if c.difference is None] == ["heads", "patterns", "sources"], \
         found.table()
 
 

@@ -512,3 +512,34 @@ def test_source_logits_rank_the_keys_and_refuse_what_they_cannot_split(traced):
     assert split({1: [0]}, weights, values, weights @ values, torch.zeros(1, 3, 2)) is None
     with pytest.raises(DecompositionError, match="the attention output's path to the stream mixes a row's values"):
         split({0: [0]}, weights, values, weights @ values, torch.zeros(1, 3, 2))
+
+
+def test_source_logits_refuse_a_padding_read_position_as_patterns_do(traced):
+    """A read position at an example's padding (a query that attends to nothing) is refused by ``top``, ``table``,
+    ``plot`` and ``by_span``, naming the example, as ``Patterns`` refuses it — not printed as if a head wrote it;
+    a read position past those read is refused by name."""
+    _, cm = traced("llama")
+    ids, mask = _ids()
+    mask = mask.flip(1)  # example 1 right-padded: positions 4 and 5 are padding
+    correct, incorrect = torch.tensor([3, 4]), torch.tensor([5, 6])
+    spans = {"X": torch.tensor([[0, 2], [0, 3]])}
+
+    class Tokenizer:
+        def decode(self, ids):
+            return f"<{ids[0]}>"
+
+    for positions, where in (([5], {}), ("all", {"position": 4}), ("all", {"position": -1})):
+        sources = source_logits(cm, ids, mask, heads=["a1.h2"], positions=positions)
+        token = 5 if where.get("position", -1) == -1 else 4
+        says = f"read position {where.get('position', -1)} \\(token {token}\\) of example 1 is padding"
+        for read in (lambda: sources.table(Tokenizer(), correct, incorrect, example=1, **where),
+                     lambda: sources.plot(Tokenizer(), correct, incorrect, example=1, **where),
+                     lambda: sources.by_span(spans, correct, incorrect, **where)):
+            with pytest.raises(ValueError, match=says):
+                read()
+        assert sources.top(Tokenizer(), correct, incorrect, example=0, **where)  # example 0 is real there
+    with pytest.raises(ValueError, match="padding"):
+        fxcircuits.attention_patterns(cm, ids, mask, heads=["a1.h2"]).query(example=1, position=5)
+    one = source_logits(cm, ids, mask, heads=["a1.h2"])
+    with pytest.raises(IndexError, match="position=3: 1 positions were read, position 0 to 0"):
+        one.by_span(spans, correct, incorrect, position=3)

@@ -99,13 +99,31 @@ def test_attention_patterns_by_head_name(traced, prompts):
     assert [t.get_text() for t in figure.axes[0].get_yticklabels()] == ["a1.h2", "a0.h0"]
     with pytest.raises(ValueError, match="padding"):
         patterns.query(example=0, position=1)
-    with pytest.raises(IndexError, match=f"position {clean.shape[1]}: the prompts have positions 0 to "):
+    with pytest.raises(IndexError, match=f"position={clean.shape[1]}: 7 positions were read, position 0 to 6"):
         patterns.query(example=0, position=clean.shape[1])
     with pytest.raises(KeyError, match="a{layer}.h{head}"):
         fxcircuits.attention_patterns(cm, clean, mask, heads=["a7.h0"])
     with pytest.raises(KeyError, match="not among"):
         patterns["a1.h0"]
     assert len(fxcircuits.attention_patterns(cm, clean, mask).heads) == sum(w.shape[1] for w in every)
+
+
+def test_patterns_refuse_examples_positions_and_counts_by_name(traced, prompts):
+    """An example past the batch, a query position that is no index or ``"last"``, and a count below 1 are refused
+    naming which, by every reader — not an IndexError or a TypeError from torch that names nothing."""
+    _, cm = traced("llama")
+    clean, _, mask = prompts
+    patterns = fxcircuits.attention_patterns(cm, clean, mask, heads=["a1.h2"])
+    for read in (lambda: patterns.table(_Tokens(), example=5), lambda: patterns.top(_Tokens(), example=-4),
+                 lambda: patterns.plot(_Tokens(), example=5, position=3), lambda: patterns.query(5)):
+        with pytest.raises(IndexError, match="example=(5|-4): 3 examples were read, example 0 to 2"):
+            read()
+    for position in (2.0, "first", True):
+        with pytest.raises(IndexError, match=f"position={position!r}: 7 positions were read, .* 'last' for the last"):
+            patterns.query(0, position)
+    for k in (0, -1, 1.5):
+        with pytest.raises(ValueError, match=f"k is a count, an int of at least 1; got {k}"):
+            patterns.top(_Tokens(), k=k)
 
 
 def test_attention_by_span_sums_each_prompts_own_tokens(traced, prompts):

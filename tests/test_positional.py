@@ -7,6 +7,7 @@ import fxcircuits
 from fxcircuits import metrics
 from fxcircuits.data import position_classes
 from fxcircuits.positional import SpanCircuit, SpanScores, load_circuit
+from test_attribution import steps_of
 from test_positions import _batch, _spanned
 from zoo import make
 
@@ -41,11 +42,12 @@ def test_scores_by_span_add_up_to_attribute(llama, prompts, method):
     batch = _spanned(prompts)
     halves = [{k: (v[:2] if k != "spans" else {n: r[:2] for n, r in v.items()}) for k, v in batch.items()},
               {k: (v[2:] if k != "spans" else {n: r[2:] for n, r in v.items()}) for k, v in batch.items()}]
-    by_span = fxcircuits.attribute_by_span(llama, halves, "logit_diff", method, steps=3, progress=False)
-    plain = fxcircuits.attribute(llama, [batch], "logit_diff", method, steps=3, progress=False)
+    by_span = fxcircuits.attribute_by_span(llama, halves, "logit_diff", method, progress=False, **steps_of(method, 3))
+    plain = fxcircuits.attribute(llama, [batch], "logit_diff", method, progress=False, **steps_of(method, 3))
     torch.testing.assert_close(by_span.total().tensor, plain.tensor, atol=1e-6, rtol=1e-4)
     assert by_span.info["examples"] == 3 and by_span.method == method
-    only_b = fxcircuits.attribute_by_span(llama, halves, "logit_diff", method, spans=["B"], steps=3, progress=False)
+    only_b = fxcircuits.attribute_by_span(llama, halves, "logit_diff", method, spans=["B"], progress=False,
+                                          **steps_of(method, 3))
     assert only_b.spans == ["B", "rest"]
     torch.testing.assert_close(only_b.span("B").tensor, by_span.span("B").tensor)
     torch.testing.assert_close(only_b.span("rest").tensor, by_span.span("A").tensor + by_span.span("rest").tensor)
@@ -146,6 +148,20 @@ def test_span_scores_and_circuits_read_back(llama, prompts, tmp_path):
     assert load_circuit(tmp_path / "a.json").edges == circuit.edges["A"]
 
 
+def test_span_scores_are_indexed_by_edge_and_span(llama):
+    """An edge alone picks no score of ``SpanScores`` (it has one per class): refused saying to give the span too,
+    or to take a class's scores or their sum, not "too many values to unpack"."""
+    scores = SpanScores(llama.graph, ["A", "rest"], torch.arange(2.0)[:, None].expand(2, len(llama.graph.edges)))
+    edge = llama.graph.edges[-1]
+    assert scores[edge, "rest"] == 1.0
+    for key in (edge, (edge,), (edge, "A", "rest")):
+        with pytest.raises(KeyError, match=r"index as scores\[edge, span\] \(spans 'A', 'rest'\).*scores.span"
+                                           r"\(name\).*scores.total\(\)"):
+            scores[key]
+    with pytest.raises(KeyError, match="no span 'B'"):
+        scores[edge, "B"]
+
+
 @pytest.fixture(scope="module")
 def llama64():
     return fxcircuits.trace(make("llama", dtype=torch.float64))
@@ -201,8 +217,8 @@ def test_exact_by_span_patches_one_edge_at_one_class_per_run(llama64, prompts):
             masks = torch.ones(3, n_edges, dtype=torch.float64)
             masks[c, e] = 0.0
             reference.append(clean - _mean_metric(llama64, batch, masks, weights))
-    torch.testing.assert_close(torch.stack([scores.tensor[c, e] for c, e in pairs]),
-                               torch.stack(reference).float(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(torch.stack([scores.tensor[c, e] for c, e in pairs]), torch.stack(reference),
+                               atol=1e-6, rtol=1e-5)
     assert (scores.tensor[0] - scores.tensor[1]).abs().max() > 1e-3  # the classes differ
 
 

@@ -166,12 +166,12 @@ def test_attribution_scores_the_same_with_a_shared_prefix(method, name):
     copy.  Exact patching and ACDC share the layers before the readers they judge (on Mixtral, an MoE block among
     them: exact patching scored 21 of its 110 edges wrong before ``rewrite.from_sizes``).  Every score equals the one
     found with every mask running the whole model."""
-    from test_attribution import _batch
+    from test_attribution import _batch, steps_of
     cm = fxcircuits.trace(make(name, dtype=torch.float64))
     scores = []
     for shared in (True, False):
         cm.shares_prefix = shared
-        scores.append(fxcircuits.attribute(cm, [_batch()], "logit_diff", method, steps=3, masks_per_call=7,
-                                           progress=False).tensor)
+        scores.append(fxcircuits.attribute(cm, [_batch()], "logit_diff", method, masks_per_call=7, progress=False,
+                                           **steps_of(method, 3)).tensor)
     assert scores[0].abs().max() > 1e-3
     torch.testing.assert_close(scores[0], scores[1], rtol=1e-6, atol=1e-9 * float(scores[1].abs().max()))

@@ -8,7 +8,7 @@ from fxcircuits import DecompositionError, verify
 from fxcircuits.cli import main
 from zoo import make
 
-CHECKS = ["clean", "corrupted", "logits", "masks", "patterns", "direct", "tokens", "sources"]
+CHECKS = ["clean", "corrupted", "logits", "masks", "heads", "patterns", "direct", "tokens", "sources"]
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "gemma2", "falcon_new_arch", "mamba"])
@@ -18,7 +18,8 @@ def test_a_traced_model_passes_every_check(traced, prompts, name):
     found = verify(cm, model, clean, mask, corrupted)
     assert [c.name for c in found.checks] == CHECKS
     skipped = {c.name: c.skipped for c in found.checks if c.difference is None}
-    assert skipped == ({} if cm.graph.n_heads else {"patterns": "no attention layers", "sources": "no attention heads"})
+    assert skipped == ({} if cm.graph.n_heads else {"patterns": "no attention layers", "heads": "no attention heads",
+                                                    "sources": "no attention heads"})
     assert found.ok and found.tolerance == 1e-4, found.table()
     assert found.readout == ("first order" if name == "gemma2" else "linear")  # Gemma 2 soft-caps its logits
 
@@ -48,6 +49,34 @@ def test_masks_run_together_must_equal_each_alone(traced, prompts, monkeypatch, 
         return out
     monkeypatch.setattr(cm, "forward", off_together)
     assert [c.name for c in verify(cm, model, clean, mask, corrupted).failed] == ["masks"]
+
+
+def test_heads_fed_each_others_inputs_fail(prompts, monkeypatch):
+    """A trace whose heads each read another head's q, k and v columns (a wrong per-head split of the inputs) runs
+    the clean and the corrupted prompts as HF does, and every mask in one call as alone; patching one head's
+    inputs then moves another head's write, which only the heads check sees."""
+    columns_read = fxcircuits.rewrite.columns_read
+    monkeypatch.setattr(fxcircuits.rewrite, "columns_read", lambda *a, **k: columns_read(*a, **k)[::-1])
+    model = make("llama")
+    clean, corrupted, mask = prompts
+    found = verify(fxcircuits.trace(model), model, clean, mask, corrupted)
+    assert [c.name for c in found.failed] == ["heads"] and found.failed[0].difference > 0.1, found.table()
+    assert "WRONG  every edge into a head's q, k, v patched = the head patched" in found.table()
+
+
+@pytest.mark.parametrize("name", ["gemma4_kv_shared", "recurrent_gemma", "qwen3_next", "granite_swa",
+                                  "falcon_multi_query"])
+def test_a_heads_inputs_patched_are_the_head_patched(traced, prompts, name):
+    """Exact where heads share keys and values (grouped, multi-query, or an earlier layer's), an output gate reads
+    the q input, a sink scales the core's output, and in a hybrid, whose attention layers are numbered apart; where
+    a norm of the whole write scales every head's write (Gemma 4), a layer's heads are patched together."""
+    model, cm = traced(name)
+    clean, corrupted, mask = prompts
+    found = verify(cm, model, clean, mask, corrupted)
+    heads = next(c for c in found.checks if c.name == "heads")
+    assert heads.difference is not None and heads.passed(found.tolerance), found.table()
+    coupled = fxcircuits.verification._norm_coupled(cm)
+    assert coupled == (set(range(cm.graph.n_layers)) if name == "gemma4_kv_shared" else set())
 
 
 def test_padding_is_not_compared(traced, prompts, monkeypatch):
