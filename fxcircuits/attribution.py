@@ -62,16 +62,15 @@ MASK_OPTIONS = ("mask_steps", "density", "lr", "warmup", "warm_start")
 def attribute(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Callable | None = None,
               method: str = "eap-ig-inputs", *, steps: int | None = None, ablation: str = "corrupted",
               reference: Iterable[dict] | None = None, threshold: float | None = None,
-              masks_per_call: int | None = None,
-              progress: bool = True, seed: int = 0, **options) -> EdgeScores:
+              masks_per_call: int | None = None, progress: bool = True, seed: int = 0, **options) -> EdgeScores:
     """Score every edge of ``cm.graph`` on ``batches`` (a batch dict, or several; see ``fxcircuits.data``) with
     ``metric``.
 
     ``metric``: a name from ``fxcircuits.metrics`` or any ``metric(logits, batch) -> Tensor[B]``, larger meaning
     more of the task; ACDC defaults to ``"kl"``.  ``steps``: integration steps of the EAP-IG methods (and of a
     learned mask's warm start), 5.  ``threshold``: ACDC's τ, 0.01.  Each is refused by the methods that do not read
-    it, where it would change nothing unseen.  ``masks_per_call``: how many patched runs one batched call evaluates — gradient
-    points (default: 32 on an accelerator, and on CPU as many as keep the call's stream within
+    it, where it would change nothing unseen.  ``masks_per_call``: how many patched runs one batched call
+    evaluates — gradient points (default: 32 on an accelerator, and on CPU as many as keep the call's stream within
     ``POINTS_CALL_STREAM`` values: SmolLM2, 17-token prompts, 5 in batches of 8, 1 in batches of 32), or
     ``exact``'s and ``acdc``'s runs (default: 32 on an accelerator, and on CPU as many as keep the call's stream
     within ``EXACT_CALL_STREAM`` values: 26 in batches of 8, 6 in batches of 32); the scores do not depend on it.
@@ -90,8 +89,7 @@ def attribute(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Ca
 def scored(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Callable | None, method: str, *,
            by_span: bool, spans: Sequence[str] | None = None, steps: int | None, ablation: str,
            reference: Iterable[dict] | None, threshold: float | None, masks_per_call: int | None, progress: bool,
-           seed: int,
-           options: dict) -> tuple[torch.Tensor, list[str] | None, dict]:
+           seed: int, options: dict) -> tuple[torch.Tensor, list[str] | None, dict]:
     """What ``attribute`` and ``attribute_by_span`` share: the settings checked, the batches prepared and
     ``method`` run.  Every method scores a mask per class of positions, [classes, E]: by span, the classes are
     ``spans`` (every span the batches name where None) and the rest of the prompt, each patched at its own tokens

@@ -207,8 +207,8 @@ def patch_by_position(cm: CircuitModel, batches: dict | Iterable[dict], metric, 
     ``attention_mask`` and what ``metric`` reads) and measure ``metric``: see ``PositionEffects``.
 
     ``nodes``: node names (or a circuit's nodes) whose outputs to patch one at a time; None patches the residual
-    stream entering each layer instead (``CircuitGraph.into``).  ``inputs``: downstream input names
-    (``"a23.h3<k>"``, ``"m20"``) to patch one at a time instead, each read from the other run there (see
+    stream entering each layer (each block of a hybrid) instead (``CircuitGraph.into``).  ``inputs``: downstream
+    input names (``"a23.h3<k>"``, ``"m20"``) to patch one at a time instead, each read from the other run there (see
     ``patch_inputs``): at which tokens a head's keys or values matter.  ``receivers``: with ``nodes``, each node
     patched on its edges into these inputs alone (path patching, see ``patch_nodes``).  ``spans``: False patches
     at each token; True at each span the batches name (``batch["spans"]``, ``data.make_batches``; the built-in
