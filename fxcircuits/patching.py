@@ -30,6 +30,7 @@ import torch
 from . import heads
 from .circuit import Circuit
 from .graph import CircuitGraph
+from .metrics import wide_dtype
 
 
 class DeltaStore:
@@ -830,7 +831,7 @@ class Tap:
         self.delta, self.sides = delta.detach(), [s.detach() for s in sides]
         positions = (delta.shape[1] * delta.shape[2],) if by_position else ()
         self.shape = (delta.shape[0], n_downstream, *positions)
-        self.dtype = torch.promote_types(delta.dtype, torch.float32)  # a float64 model's scores keep its digits
+        self.dtype = wide_dtype(delta.dtype)  # a float64 model's scores keep its digits
         self.parts: list[tuple[int, int, torch.Tensor]] = []  # first and last reader, the leaf of their scores
 
     def part(self, n_upstream: int, first: int, last: int) -> torch.Tensor:
