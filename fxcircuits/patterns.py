@@ -79,8 +79,7 @@ class Patterns:
             positions = answer_position({"clean": self.input_ids, "attention_mask": self.attention_mask})
         else:
             seq = self.input_ids.shape[1]
-            if not -seq <= query < seq:
-                raise IndexError(f"query {query}: the prompts have positions 0 to {seq - 1}")
+            check_index("query position", query, seq, also=", 'last' for the last real token, or a span's name")
             positions = torch.full((len(self.input_ids),), query % seq)
         check_real(self.attention_mask, torch.arange(len(positions)), positions, f"query {query!r}")
         rows = self.weights[:, torch.arange(len(positions)), positions.to(self.weights.device)]  # [heads, batch, keys]

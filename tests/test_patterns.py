@@ -145,7 +145,7 @@ def test_attention_by_span_sums_each_prompts_own_tokens(traced, prompts):
         patterns.by_span(spans, query="C")
     with pytest.raises(ValueError, match="padding"):
         patterns.by_span(spans, query=0)  # example 0 is left-padded by two
-    with pytest.raises(IndexError, match="query 7: the prompts have positions 0 to 6"):
+    with pytest.raises(IndexError, match="query position=7: 7 query positions were read, query position 0 to 6"):
         patterns.by_span(spans, query=7)
     with pytest.raises(ValueError, match="no spans given"):
         patterns.by_span({})
