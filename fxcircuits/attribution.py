@@ -277,11 +277,22 @@ def _points(cm, p: Prepared, clean: list[torch.Tensor], delta: torch.Tensor, sid
         yield p.input_ids, _ones(cm), p.other, delta, sides
         yield p.batch["corrupted"], _ones(cm), p.other, delta, sides
     elif method == "eap-ig-inputs":  # the input node's edges at k/steps, k = 0 … steps−1 (NOTES.md §4)
+        _check_start(p)
         keep = _ones(cm, steps)
         keep[:, 0, :] = torch.arange(steps, device=keep.device)[:, None] / steps
         yield p.input_ids, keep, p.other, delta, sides
     else:
         yield from _activation_points(cm, p, clean, delta, sides, steps)
+
+
+def _check_start(p: Prepared) -> None:
+    """Refuse EAP-IG-inputs' path where it starts at an all-zero input (zero ablation): every layer then reads a
+    zero stream, where a norm's gradient is 1/√eps, and the scores grow by that factor layer by layer (3e2 on a
+    2-layer GPT-2, 1e27 on other 2-layer models) — the method's own definition, but no ranking of edges."""
+    if not p.other[0].any():
+        raise ValueError("eap-ig-inputs integrates from the other run's input, here all zero (zero ablation): at "
+                         "that point every layer reads a zero stream, where the norms' gradients blow up, so its "
+                         "scores rank nothing; use method 'eap-ig-activations' or 'eap', or ablation 'mean'")
 
 
 def _activation_points(cm, p: Prepared, clean: list[torch.Tensor], delta: torch.Tensor, sides: list[torch.Tensor],

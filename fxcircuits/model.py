@@ -103,49 +103,79 @@ def _capture_at(model: nn.Module, length: int) -> "Engine":
 
 
 class TracedWeights:
-    """The model's parameters as ``trace`` found them: whether they still are the ones the captures compute with.
+    """The model's parameters, buffers and submodules as ``trace`` found them: whether they still are the ones the
+    captures compute with.
 
-    The captured graphs hold the model's own tensors, so a weight edited in place (``weight.mul_(0)``,
-    ``weight.copy_(new)``) reaches every run.  A parameter replaced by another tensor (assigned, or loaded with
-    ``load_state_dict(..., assign=True)``) does not: the captures would go on computing with the old one, a wrong
-    answer with no error.  Nor does a model converted to another dtype (``.half()``, or its norms alone kept in
-    fp32) or moved to another device: the captures keep the casts and device they were traced with.  ``check``
-    finds either before a run and names the parameter and what to do; it reads each parameter's slot and dtype
-    (tens of µs a run), and the device the captures' own weights are on now: the model's, or copies of them where
-    the ``CircuitModel`` itself was moved.  ``device``: theirs at the trace."""
+    The captured graphs hold the model's own tensors, so a weight or buffer edited in place (``weight.mul_(0)``,
+    ``weight.copy_(new)``) reaches every run.  A tensor replaced by another (a parameter assigned, or loaded with
+    ``load_state_dict(..., assign=True)``; a buffer assigned; a submodule swapped, as ``merge_and_unload`` or
+    pruning a layer does) does not: the captures would go on computing with the old one, a wrong answer with no
+    error.  Nor does a model converted to another dtype (``.half()``, or its norms alone kept in fp32) or moved to
+    another device: the captures keep the casts and device they were traced with.  ``check`` finds any of these
+    before a run and names the tensor or module and what to do; it reads each slot and dtype (tens of µs a run),
+    and the device the captures' own weights are on now: the model's, or copies of them where the
+    ``CircuitModel`` itself was moved.  A buffer the model's own forward reassigns (HF's long-RoPE sets
+    ``inv_freq`` to one of two tensors by the prompt's length) is refused only where its values differ from those
+    traced.  ``device``: theirs at the trace."""
 
     def __init__(self, model: nn.Module, device: torch.device):
         self.model_name, self.device = type(model).__name__, device
-        self.slots = [(f"{prefix}.{key}" if prefix else key, module._parameters, key, tensor, tensor.dtype,
-                       tensor.device) for prefix, module in model.named_modules()
-                      for key, tensor in module._parameters.items() if tensor is not None]
+        modules = list(model.named_modules())
+        self.parameters = [(slot, slot[3].dtype, slot[3].device)
+                           for slot in _slots(modules, "_parameters", "parameter")]
+        self.buffers = _slots(modules, "_buffers", "buffer")
+        self.modules = _slots(modules, "_modules", "submodule")
 
     def check(self, device: torch.device) -> None:
         """Raise where the captures' weights are no longer on the device traced (they are on ``device``), or a
-        parameter is no longer the tensor traced, or no longer in the dtype traced."""
+        submodule, parameter or buffer is no longer the one traced, or a parameter no longer in the dtype traced."""
         if device != self.device:
             raise RuntimeError(self._moved(self.device, device))
-        for name, slots, key, tensor, dtype, traced_on in self.slots:
-            now = slots.get(key)
+        for what, held, key, module in self.modules:
+            if held.get(key) is not module:
+                raise RuntimeError(self._replaced(what, "assigned, or swapped by merge_and_unload or a pruning tool"))
+        for (what, held, key, tensor), dtype, traced_on in self.parameters:
+            now = held.get(key)
             if now is not tensor or now.dtype is not dtype:
-                raise RuntimeError(self._changed(name, now, dtype, traced_on))
+                raise RuntimeError(self._changed(what, now, dtype, traced_on))
+        for what, held, key, tensor in self.buffers:
+            now = held.get(key)
+            if now is not tensor and not _same(now, tensor):
+                raise RuntimeError(self._changed(what, now, tensor.dtype, tensor.device))
 
-    def _changed(self, name: str, now: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> str:
-        """What happened to parameter ``name`` (now ``now``, traced in ``dtype`` on ``device``), and what to do."""
+    def _changed(self, what: str, now: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> str:
+        """What happened to ``what`` (a parameter or buffer, now ``now``, traced in ``dtype`` on ``device``), and
+        what to do."""
         if now is not None and now.device != device:
-            return self._moved(device, now.device, f" ({name})")
+            return self._moved(device, now.device, f" ({what})")
         if now is not None and now.dtype is not dtype:
-            return (f"{self.model_name} was traced with its parameter {name} in {dtype}, and it is now {now.dtype}; "
-                    "the captured graphs keep the casts they were traced with, so call fxcircuits.trace(model) again "
-                    "after converting the model")
-        return (f"{self.model_name}'s parameter {name} is no longer the tensor fxcircuits.trace captured (it was "
-                "replaced, e.g. assigned or loaded with load_state_dict(..., assign=True)), so the captured graphs "
-                "would compute with the old one: change weights in place (with torch.no_grad(): weight.copy_(new)), "
-                "or call fxcircuits.trace(model) again")
+            return (f"{self.model_name} was traced with its {what} in {dtype}, and it is now {now.dtype}; the "
+                    "captured graphs keep the casts they were traced with, so call fxcircuits.trace(model) again "
+                    "after converting the model (converting the traced model, cm.half() or cm.to(dtype), converts "
+                    "the model too: they share their parameters)")
+        return self._replaced(what, "assigned, or loaded with load_state_dict(..., assign=True)",
+                              "change it in place (with torch.no_grad(): tensor.copy_(new)), or ")
+
+    def _replaced(self, what: str, how: str, instead: str = "") -> str:
+        return (f"{self.model_name}'s {what} is no longer the one fxcircuits.trace captured (it was replaced: {how}), "
+                f"so the captured graphs would compute with the old one: {instead}call fxcircuits.trace(model) again")
 
     def _moved(self, traced: torch.device, now: torch.device, which: str = "") -> str:
         return (f"{self.model_name} was traced on {traced} and has since been moved to {now}{which}; the captured "
                 "graphs keep their device, so call fxcircuits.trace(model) again on the device you want to run on")
+
+
+def _slots(modules: list[tuple[str, nn.Module]], table: str, kind: str) -> list[tuple[str, dict, str, object]]:
+    """Every entry of each module's ``table`` (``_parameters``, ``_buffers`` or ``_modules``): what it is (``kind``
+    and its dotted name), the dict that holds it, its key there, and what it holds now."""
+    return [(f"{kind} {prefix + '.' if prefix else ''}{key}", getattr(module, table), key, held)
+            for prefix, module in modules for key, held in getattr(module, table).items() if held is not None]
+
+
+def _same(now: torch.Tensor | None, traced: torch.Tensor) -> bool:
+    """Whether a buffer that is another tensor now holds what the traced one holds (dtype, device, values)."""
+    return (now is not None and now.dtype == traced.dtype and now.device == traced.device
+            and now.shape == traced.shape and torch.equal(now, traced))
 
 
 class Engine(nn.Module):
@@ -434,7 +464,10 @@ class CircuitModel(nn.Module):
         ``input_ids``), or ``corrupted_activations`` (e.g. zeros or means of ``activations(...)`` for zero or mean
         ablation, [n_upstream, batch or 1, seq or 1, d_model]); with ``corrupted_activations``, a model with side
         inputs (``side_shapes``) takes their values too, ``corrupted_side_inputs`` (e.g. zeros, or means of
-        ``side_inputs(...)``), each broadcastable to [batch, seq, …].
+        ``side_inputs(...)``), each broadcastable to [batch, seq, …].  The corrupted prompt's run is recorded
+        without a gradient, a constant as patching takes it (a backward through it would double the cost of every
+        mask gradient): a gradient for the model's weights comes through the clean run alone, and one through both
+        takes ``corrupted_activations=activations(corrupted)`` recorded with gradients.
 
         ``patch_positions``: where the masks apply (elsewhere every edge is kept): position indices, the same for
         every prompt, or bool/float weights over the positions, [seq], [batch, seq] or [n_masks, batch, seq]

@@ -455,7 +455,8 @@ class Scratch:
         size = math.prod(shape)
         held = self._buffers.get(use)
         if held is None or held.numel() < size or held.dtype != dtype or held.device != like.device:
-            self._buffers[use] = held = like.new_empty(size, dtype=dtype)
+            with torch.inference_mode(False):  # memory made under inference mode could not be written outside it
+                self._buffers[use] = held = like.new_empty(size, dtype=dtype)
         return held[:size].view(shape)
 
     def clear(self) -> None:
@@ -696,6 +697,11 @@ class _Accumulate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        with unautocast(grad.device.type):  # as the forward ran (``accumulate``)
+            return _Accumulate._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         (keep,) = ctx.saved_tensors
         n_masks, n_up, n_readers = keep.shape
         # with every edge kept clean (attribution at the clean point) no row reaches the output: no product, and
@@ -745,9 +751,17 @@ def accumulate(store: DeltaStore, stream: torch.Tensor, writes: list[torch.Tenso
     Where the other run rides in the same pass (``store.ahead``), it is the first of 1 + n_masks blocks of rows
     and ``others`` is unused: see ``_alongside``.
     Returns [n_readers, *stream.shape]: a view of ``stream`` where no edge into the readers is patched."""
-    if store.ahead:
-        return _alongside(store, stream, writes, first, last)
-    return _accumulate(store, stream, writes, others, first, last)
+    with unautocast(stream.device.type):
+        if store.ahead:
+            return _alongside(store, stream, writes, first, last)
+        return _accumulate(store, stream, writes, others, first, last)
+
+
+def unautocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off, where it is on: the sums run at the rows' precision, as the GPU kernels run them, rather than
+    at autocast's (bf16 or fp16 products, some of which MKL's sparse CSR product has no kernel for)."""
+    on = torch.is_autocast_enabled(device_type)
+    return torch.autocast(device_type, enabled=False) if on else contextlib.nullcontext()
 
 
 def _alongside(store: DeltaStore, stream: torch.Tensor, writes: list[torch.Tensor], first: int,

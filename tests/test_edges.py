@@ -136,3 +136,37 @@ def test_mask_gradients_match_finite_differences(name, pair):
             numeric = (metric(up) - metric(down)) / (2 * eps)
             assert abs(numeric - grad[i]) <= slack + 2e-3 * abs(numeric), (cm.graph.edges[i], numeric, grad[i])
     assert grad.abs().sum() > 0
+
+
+def test_weight_gradients_take_the_corrupted_run_as_a_constant_unless_it_is_given_with_its_gradient(pair):
+    """The corrupted prompt's run is recorded without a gradient: a weight's gradient through a patched run is
+    that of the clean run with the corrupted one held fixed, and ``corrupted_activations`` recorded with gradients
+    gives the whole derivative (central finite differences, the weight edited in place; on GPT-2 the two differ by
+    2×, so neither could pass for the other)."""
+    model = make("gpt2", dtype=torch.float64)
+    cm = fxcircuits.trace(model)
+    clean, corrupted = pair
+    weight, (row, column) = model.transformer.h[0].mlp.c_proj.weight, (3, 5)
+    mask = torch.rand(len(cm.graph.edges), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def metric(**other):
+        return cm(clean, edge_mask=mask, **other)[:, -1, 7].sum()
+
+    def gradient(**other):
+        return torch.autograd.grad(metric(**other), weight)[0][row, column]
+
+    fixed = cm.activations(corrupted).detach()
+    assert torch.isclose(gradient(corrupted_input_ids=corrupted), gradient(corrupted_activations=fixed), rtol=1e-9)
+    whole = gradient(corrupted_activations=cm.activations(corrupted))
+    eps, original = 1e-4, weight[row, column].item()
+
+    def moved(step):
+        with torch.no_grad():
+            weight[row, column] = original + step
+            value = metric(corrupted_input_ids=corrupted)
+            weight[row, column] = original
+        return value
+
+    numeric = (moved(eps) - moved(-eps)) / (2 * eps)
+    assert torch.isclose(whole, numeric, rtol=1e-6)
+    assert not torch.isclose(gradient(corrupted_input_ids=corrupted), numeric, rtol=0.1)

@@ -1,4 +1,5 @@
 """Bad input gets a clear error that names the problem, never a wrong answer."""
+import copy
 import re
 
 import pytest
@@ -608,16 +609,32 @@ def _load_assigned(model):
     model.load_state_dict({k: v * 2 for k, v in model.state_dict().items()}, assign=True)
 
 
+def _swap_module(model):
+    model.model.layers[1].mlp = copy.deepcopy(model.model.layers[1].mlp)
+
+
+def _assign_buffer(model):
+    rotary = model.model.rotary_emb
+    rotary.inv_freq = rotary.inv_freq * 0.5
+
+
 @pytest.mark.parametrize("change, says", [
-    (_replace, "model.layers.0.mlp.down_proj.weight is no longer the tensor fxcircuits.trace captured"),
-    (_load_assigned, "is no longer the tensor fxcircuits.trace captured"),
+    (_replace, "parameter model.layers.0.mlp.down_proj.weight is no longer the one fxcircuits.trace captured"),
+    (_load_assigned, "is no longer the one fxcircuits.trace captured"),
+    (_swap_module, "submodule model.layers.1.mlp is no longer the one fxcircuits.trace captured"),
+    (_assign_buffer, "buffer model.rotary_emb.inv_freq is no longer the one fxcircuits.trace captured"),
+    (lambda model: model.half().float(), "buffer model.rotary_emb.inv_freq is no longer the one"),
     (lambda model: model.double(), "traced with its parameter model.embed_tokens.weight in torch.float32, and it is "
                                    "now torch.float64"),
     (lambda model: model.model.norm.double(), "model.norm.weight in torch.float32, and it is now torch.float64"),
+    (lambda model: fxcircuits.trace(model).half(), "converting the traced model, cm.half() or cm.to(dtype), "
+                                                   "converts the model too"),
     (lambda model: model.to("meta"), "traced on cpu and has since been moved to meta")])
 def test_weights_replaced_or_converted_after_the_trace_ask_for_a_new_trace(change, says):
-    """A parameter replaced by another tensor would leave the captures computing with the old one (a wrong answer,
-    no error); one converted or moved would fail inside the run: each is named before the run, with what to do."""
+    """A parameter, buffer or submodule replaced by another would leave the captures computing with the old one (a
+    wrong answer, no error: a swapped MLP moved the logits by 1.5, a halved RoPE frequency by 6e-3, a model
+    converted to fp16 and back by 1e-6, through its rounded frequencies); a parameter converted or moved would fail
+    inside the run: each is named before the run, with what to do."""
     model = make("llama")
     cm = fxcircuits.trace(model)
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
@@ -625,6 +642,18 @@ def test_weights_replaced_or_converted_after_the_trace_ask_for_a_new_trace(chang
     with pytest.raises(RuntimeError, match="trace") as raised:
         cm(ids)
     assert says in str(raised.value)
+
+
+def test_a_buffer_reassigned_to_the_same_values_still_runs():
+    """A model's forward may reassign a buffer to a tensor of the same values (HF's long-RoPE picks one of two
+    frequency tensors by the prompt's length): that is no change, and the run goes on, equal to HF's."""
+    model = make("llama")
+    cm = fxcircuits.trace(model)
+    rotary = model.model.rotary_emb
+    rotary.inv_freq = rotary.inv_freq.clone()
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(cm(ids), model(ids).logits, rtol=0, atol=1e-5)
 
 
 def test_lora_adapters_on_attention_are_refused_with_how_to_merge_them():

@@ -429,6 +429,31 @@ def test_bfloat16_models(name, prompts):
     assert difference <= 2e-2 * reference.float().abs().max()
 
 
+def test_patched_runs_under_autocast_sum_at_the_rows_precision(traced, prompts):
+    """Under CPU autocast (bf16) every route runs — a single edge and a circuit take sparse products, which MKL's
+    CSR has no bf16 kernel for (they raised NotImplementedError) — with the sums in the rows' float32, so the runs
+    match the same masks outside autocast to bf16's precision, all edges patched HF's corrupted run under autocast,
+    and the mask's gradient flows."""
+    model, cm = traced("llama")
+    clean, corrupted, mask = prompts
+    n = len(cm.graph.edges)
+    one_edge = torch.ones(n).index_fill(0, torch.tensor([5]), 0.0)
+    circuit = (torch.rand(n, generator=torch.Generator().manual_seed(5)) > 0.1).float()
+    soft = torch.rand(n, generator=torch.Generator().manual_seed(6))
+    patch = lambda m: cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=m)  # noqa: E731
+    with torch.no_grad():
+        plain = [patch(m) for m in (one_edge, circuit, soft)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = [patch(m) for m in (one_edge, circuit, soft)]
+            patched, reference = patch(torch.zeros(n)), model(input_ids=corrupted, attention_mask=mask).logits
+    for a, b in [*zip(cast, plain), (patched, reference)]:
+        assert (a.float() - b.float())[mask.bool()].abs().max() <= 2e-2 * b.float().abs().max()
+    edge_mask = one_edge.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        patch(edge_mask)[:, -1].float().sum().backward()
+    assert edge_mask.grad.isfinite().all() and edge_mask.grad.abs().sum() > 0
+
+
 def test_a_float64_model_reads_masks_by_name_and_node_masks_as_given(prompts):
     """A mask value of 1/3 by name, or a float64 node mask of 1/3, is the float64 tensor mask of 1/3 on those
     edges, to the last bit (both were rounded to float32 once: 1.6e-9 and 3.1e-8 off on this Llama)."""
@@ -650,6 +675,22 @@ def test_runs_without_a_gradient_write_their_rows_into_the_kept_scratch(traced, 
         return edge_mask.grad
 
     torch.testing.assert_close(gradient(lambda: patched(masks[1])), gradient(lambda: None), rtol=0, atol=0)
+
+
+def test_a_run_under_inference_mode_leaves_a_scratch_that_later_runs_can_write(traced, prompts):
+    """Memory made under ``torch.inference_mode()`` cannot be written outside it: the scratch is made outside it, so
+    a patched run there does not break every later run without a gradient (they raised "Inplace update to
+    inference tensor outside InferenceMode"), and the numbers are the same in both modes."""
+    _, cm = traced("llama")
+    clean, corrupted, mask = prompts
+    masks = torch.rand(3, len(cm.graph.edges), generator=torch.Generator().manual_seed(4))
+    patched = lambda: cm(clean, mask, corrupted_input_ids=corrupted, edge_mask=masks)  # noqa: E731
+    cm.scratch.clear()
+    with torch.inference_mode():
+        inferred = patched()
+    assert not any(held.is_inference() for held in cm.scratch._buffers.values())
+    with torch.no_grad():
+        torch.testing.assert_close(patched(), inferred, rtol=0, atol=0)
 
 
 def test_a_capture_serves_the_lengths_its_code_allows_and_others_are_captured_on_first_use(traced, monkeypatch):
