@@ -3,7 +3,7 @@
 A circuit runs by patching every edge outside it (``cm(..., edge_mask=circuit)``).  It is saved in the two forms
 EAP-IG writes and MIB takes as submissions, so a circuit found here loads in those tools and back:
 - JSON (NOTES.md §4): ``{"cfg", "nodes", "edges"}`` with every node and edge of the full graph, an ``in_graph``
-  flag and a score;
+  flag and a score (which MIB's submissions of several circuits leave out: those read as circuits without scores);
 - ``torch.save`` (``Graph.to_pt``), compact for large models: ``cfg``, the ``src_nodes`` (upstream) and
   ``dst_nodes`` (downstream inputs) in graph order, and [src, dst] matrices of edge scores and flags, in which the
   cells of no edge (``m1->m0``) hold zeros.
@@ -218,10 +218,7 @@ class Circuit:
         _whole_nodes(path, [(name, node["in_graph"], node["neurons"]) for name, node in data["nodes"].items()
                             if "neurons" in node])
         in_graph = [name for name, edge in data["edges"].items() if edge["in_graph"]]
-        scores = torch.zeros(len(graph.edges))
-        for name, edge in data["edges"].items():
-            scores[graph.edge_index[name]] = float(edge.get("score") or 0.0)
-        return cls._from_cfg(graph, data["cfg"], in_graph, scores)
+        return cls._from_cfg(graph, data["cfg"], in_graph, _json_scores(graph, data["edges"], path))
 
     @classmethod
     def from_pt(cls, path: str | Path) -> "Circuit":
@@ -256,9 +253,10 @@ class Circuit:
         return {**plain_info({**self.info, **info}), **self.graph.cfg, "scored": self.scores is not None}
 
     @classmethod
-    def _from_cfg(cls, graph: CircuitGraph, cfg: dict, in_graph, scores: torch.Tensor) -> "Circuit":
-        """A circuit read back: the scores only where the file says it has them (EAP-IG's files always do), and
-        what ``cfg`` holds beyond the graph's shape as ``info``."""
+    def _from_cfg(cls, graph: CircuitGraph, cfg: dict, in_graph, scores: torch.Tensor | None) -> "Circuit":
+        """A circuit read back, with the ``scores`` read (None where a JSON file's edges carry none) unless its
+        ``cfg`` says it has none (fxcircuits writes an unscored circuit's scores as zeros, as EAP-IG's loader needs
+        a score on every edge), and what ``cfg`` holds beyond the graph's shape as ``info``."""
         known = graph.cfg  # built once: it rebuilds the convention's graph to compare
         info = {k: v for k, v in cfg.items() if k not in known and k != "scored"}
         return cls(graph, in_graph, scores if cfg.get("scored", True) else None, info)
@@ -269,6 +267,28 @@ class Circuit:
         matrix = torch.zeros(len(g.upstream) * len(g.downstream), dtype=values.dtype)
         matrix[g.cells] = values
         return matrix.view(len(g.upstream), len(g.downstream))
+
+
+def _json_scores(graph: CircuitGraph, edges: dict[str, dict], path) -> torch.Tensor | None:
+    """The scores [E] of a circuit JSON's ``edges``, or None where no edge carries one (``score`` missing or null):
+    MIB's submissions of many circuits use EAP-IG's format without them, and reading those as zeros would rank
+    and evaluate them as scores.  A file that scores some edges and not others is refused: no ranking is right."""
+    given = {name: edge.get("score") for name, edge in edges.items()}
+    unscored = [name for name, score in given.items() if score is None]
+    if len(unscored) == len(given):
+        return None
+    if unscored:
+        scored = next(name for name, score in given.items() if score is not None)
+        raise ValueError(f"{path}: {len(given) - len(unscored)} of its {len(given)} edges carry a score and the "
+                         f"others none (e.g. {scored!r} does, {unscored[0]!r} does not); a circuit file scores "
+                         "every edge or none: write it again with a score on each edge, or with none")
+    wrong = next((name for name, score in given.items() if isinstance(score, bool)
+                  or not isinstance(score, (int, float))), None)
+    if wrong is not None:
+        raise ValueError(f"{path}: edge {wrong!r} has the score {given[wrong]!r}; a score is a number")
+    scores = torch.zeros(len(graph.edges))
+    scores[[graph.edge_index[name] for name in given]] = torch.tensor(list(given.values()), dtype=scores.dtype)
+    return scores
 
 
 def plain_info(info: dict) -> dict:

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from .attribution import scored
-from .circuit import Circuit, _another_graph, _edge_flags, is_positional, plain_info, read_json
+from .circuit import Circuit, _another_graph, _difference, _edge_flags, is_positional, plain_info, read_json
 from .data import REST
 from .graph import CircuitGraph
 from .metrics import wide
 from .model import CircuitModel
-from .scores import EdgeScores, _count, at_least, finite, kept, ordered
+from .scores import EdgeScores, _count, at_least, finite, kept, method_apart, ordered
 
 
 def attribute_by_span(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Callable | None = None,
@@ -113,7 +113,7 @@ class SpanScores:
         circuit = SpanCircuit.load(path)
         if circuit.scores is None:
             raise ValueError(f"{path} holds a positional circuit without scores")
-        return cls(circuit.graph, circuit.spans, circuit.scores, str(circuit.info.get("method", "")), circuit.info)
+        return cls(circuit.graph, circuit.spans, circuit.scores, *method_apart(circuit.info))
 
     def _circuit(self, flags: torch.Tensor) -> "SpanCircuit":
         return SpanCircuit(self.graph, self.spans, flags, self.tensor, {"method": self.method, **self.info}).pruned()
@@ -202,10 +202,44 @@ class SpanCircuit:
         if not is_positional(saved):
             raise ValueError(f"{path} is not a positional circuit (no 'spans' and 'circuits'): a plain circuit "
                              "loads with fxcircuits.Circuit.load")
-        circuits = [Circuit.from_json_form(saved["circuits"][s], f"{path}, span {s}") for s in saved["spans"]]
-        scores = None if any(c.scores is None for c in circuits) else torch.stack([c.scores for c in circuits])
-        return cls(circuits[0].graph, saved["spans"], torch.stack([c.in_graph for c in circuits]), scores,
-                   saved.get("info"))
+        circuits = _span_circuits(saved, path)
+        scores = None if circuits[0].scores is None else torch.stack([c.scores for c in circuits])
+        try:
+            return cls(circuits[0].graph, saved["spans"], torch.stack([c.in_graph for c in circuits]), scores,
+                       saved.get("info"))
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+
+
+def _span_circuits(saved: dict, path) -> list[Circuit]:
+    """Each span's circuit of a positional circuit file, in the order its ``spans`` lists them, refused naming the
+    file and what is damaged — spans that are no list of names, a span without its circuit or a circuit of no
+    span, circuits of different graphs, some scored and some not — where stacking them would fail obscurely or
+    read a string's letters as spans.  ``SpanCircuit.load`` and ``SpanScores.load`` read files through it."""
+    spans, by_span = saved["spans"], saved["circuits"]
+    if not (isinstance(spans, list) and spans and all(isinstance(s, str) for s in spans)
+            and len(set(spans)) == len(spans)):
+        raise ValueError(f"{path}: spans must be a list of names, each once, the last {REST!r}; got {spans!r}")
+    if not isinstance(by_span, dict):
+        raise ValueError(f"{path}: its circuits must be an object from span names to circuits; got a "
+                         f"{type(by_span).__name__}")
+    for span in spans:
+        if span not in by_span:
+            raise ValueError(f"{path}: span {span!r} is listed in spans but has no circuit")
+    for span in by_span:
+        if span not in spans:
+            raise ValueError(f"{path}: it holds a circuit for span {span!r}, which its spans ({spans}) do not list")
+    circuits = [Circuit.from_json_form(by_span[s], f"{path}, span {s}") for s in spans]
+    for span, circuit in zip(spans[1:], circuits[1:]):
+        if circuit.graph.edges != circuits[0].graph.edges:
+            raise ValueError(f"{path}: the circuits of spans {spans[0]!r} and {span!r} are of different graphs "
+                             f"({_difference(circuits[0].graph, circuit.graph)}): a positional circuit's spans are "
+                             "all of one model's graph")
+        if (circuit.scores is None) != (circuits[0].scores is None):
+            scored, unscored = (spans[0], span) if circuit.scores is None else (span, spans[0])
+            raise ValueError(f"{path}: span {scored!r}'s circuit has scores and span {unscored!r}'s none: a "
+                             "positional circuit scores every span or none")
+    return circuits
 
 
 def _class_index(spans: list[str], name: str) -> int:

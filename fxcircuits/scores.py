@@ -106,8 +106,7 @@ class EdgeScores:
     def save(self, path: str | Path) -> None:
         """Every edge's score in a circuit file with no edge in the circuit: EAP-IG/MIB JSON for a path ending in
         ``.json``, EAP-IG's ``torch.save`` form (compact for large graphs) for ``.pt`` or ``.pth``."""
-        Circuit(self.graph, torch.zeros(len(self), dtype=torch.bool), self.tensor).save(
-            path, method=self.method, **self.info)
+        self._circuit(torch.zeros(len(self), dtype=torch.bool), pruned=False).save(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "EdgeScores":
@@ -115,7 +114,14 @@ class EdgeScores:
         circuit = Circuit.load(path)
         if circuit.scores is None:
             raise ValueError(f"{path} holds a circuit without scores")
-        return cls(circuit.graph, circuit.scores, str(circuit.info.get("method", "")), circuit.info)
+        return cls(circuit.graph, circuit.scores, *method_apart(circuit.info))
+
+
+def method_apart(info: dict) -> tuple[str, dict]:
+    """A score file's ``method`` and the rest of its ``info``, apart, as scores hold them: the file keeps the method
+    among the circuit's info, and scores that kept it in both would write it twice when saved again."""
+    rest = dict(info)
+    return str(rest.pop("method", "")), rest
 
 
 def ordered(graph: CircuitGraph, scores: torch.Tensor, selection: str, absolute: bool) -> torch.Tensor:

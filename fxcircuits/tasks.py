@@ -159,7 +159,9 @@ def _task(name: str, tokenizer, examples: list[Example], metric: str, batch_size
 
 def _fill(template: str, values: dict[str, str], roles: dict[str, str]) -> tuple[str, dict[str, tuple[int, int]]]:
     """``template.format(**values)``, and the character range of each field named in ``roles`` (field → span
-    name), with ``"END"``, the prompt's last character (the token whose next-token prediction is scored)."""
+    name), with ``"END"``, the prompt's last character (the token whose next-token prediction is scored), unless a
+    role names the field that ends the prompt ``"END"`` itself: then END is that whole field (SVA's attractor
+    noun, all its tokens), as a position belongs to one span alone."""
     text, spans = "", {}
     for literal, name, _, _ in string.Formatter().parse(template):
         text += literal
@@ -167,7 +169,8 @@ def _fill(template: str, values: dict[str, str], roles: dict[str, str]) -> tuple
             if name in roles:
                 spans[roles[name]] = (len(text), len(text) + len(values[name]))
             text += values[name]
-    return text, {**{role: spans[role] for role in roles.values()}, "END": (len(text) - 1, len(text))}
+    end = {} if "END" in spans else {"END": (len(text) - 1, len(text))}
+    return text, {**{role: spans[role] for role in roles.values()}, **end}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,7 +264,8 @@ def sva(tokenizer, size: int = 64, seed: int = 0, batch_size: int = 8) -> Task:
     case where agreement is not just copying the nearest noun. Metric ``prob_diff``: Σ p(verbs agreeing with
     the clean subject) − Σ p(the others), over the pairs is/are, was/were, has/have that are single tokens.
     Only nouns whose singular and plural are as many tokens as each other are used (so the prompts align).
-    Spans: ``subject``, ``attractor`` and ``END`` (the last token).
+    Spans: ``subject`` and ``END``, the attractor noun that ends the prompt (all its tokens), where the verb is
+    predicted.
     """
     notes: list[str] = []
     nouns = _keep(_NOUNS, [a is not None and a == b for a, b in _pair_counts(tokenizer, _NOUNS)],
@@ -274,7 +278,7 @@ def sva(tokenizer, size: int = 64, seed: int = 0, batch_size: int = 8) -> Task:
         number = rng.randrange(2)  # the clean subject's: 0 singular, 1 plural (the index into each pair)
         frame, preposition = rng.choice(_SVA_FRAMES), rng.choice(_PREPOSITIONS)
         values = dict(frame=frame, preposition=preposition, attractor=attractor[1 - number])
-        roles = {"subject": "subject", "attractor": "attractor"}
+        roles = {"subject": "subject", "attractor": "END"}
         clean, spans = _fill(_SVA_TEMPLATE, {**values, "subject": subject[number]}, roles)
         corrupted = _SVA_TEMPLATE.format(**values, subject=subject[1 - number])
         return Example(clean, corrupted, tuple(" " + pair[number] for pair in verbs),

@@ -117,18 +117,64 @@ def test_json_round_trip_in_the_eap_ig_format(graph, tmp_path):
 
 
 def test_scores_save_and_load(graph, tmp_path):
+    """Scores read back are the scores saved — the method apart from the rest of the info, as given — and save
+    again (the file keeps the method among its info: kept in both, it was written twice)."""
     scores = EdgeScores(graph, torch.randn(len(graph.edges)), "eap-ig-inputs", {"steps": 5})
     for suffix in (".json", ".pt"):
         scores.save(tmp_path / f"scores{suffix}")
         loaded = EdgeScores.load(tmp_path / f"scores{suffix}")
-        torch.testing.assert_close(loaded.tensor, scores.tensor)
-        assert loaded.method == "eap-ig-inputs" and loaded.info["steps"] == 5
+        loaded.save(tmp_path / f"again{suffix}")
+        for read in (loaded, EdgeScores.load(tmp_path / f"again{suffix}")):
+            assert torch.equal(read.tensor, scores.tensor)
+            assert read.method == "eap-ig-inputs" and read.info == {"steps": 5}
     broken = scores.tensor.clone()
     broken[3] = math.nan  # a file of another tool's, say: ranked, NaN would sort as it happens to
     Circuit(graph, [], broken).save(tmp_path / "broken.json")
     for make in (lambda: EdgeScores(graph, broken), lambda: EdgeScores.load(tmp_path / "broken.json")):
         with pytest.raises(ValueError, match=f"1 scores are NaN or infinite, e.g. {re.escape(graph.edges[3])}'s"):
             make()
+
+
+def _without_scores(form: dict, edges=None, null: bool = False) -> dict:
+    """A circuit's JSON form as MIB's submissions of many circuits write it: EAP-IG's, without fxcircuits'
+    ``scored`` and the nodes' scores, and without the scores of ``edges`` (all where None): each one's key dropped,
+    or null with ``null``."""
+    cfg = {k: v for k, v in form["cfg"].items() if k != "scored"}
+    unscored = {name: {**edge, "score": None} if null else {"in_graph": edge["in_graph"]}
+                for name, edge in form["edges"].items() if edges is None or name in edges}
+    return {"cfg": cfg, "nodes": {name: {"in_graph": node["in_graph"]} for name, node in form["nodes"].items()},
+            "edges": {**form["edges"], **unscored}}
+
+
+@pytest.mark.parametrize("null", [False, True])
+def test_a_json_file_without_scores_is_an_unscored_circuit(graph, tmp_path, null):
+    """Edges without a score (key missing or null) are a circuit without scores, as fxcircuits' own unscored
+    circuits read back, not one whose every score is 0: nothing ranks its edges or reads its scores."""
+    circuit = EdgeScores(graph, torch.linspace(-1, 1, len(graph.edges)), "eap").topn(6)
+    path = tmp_path / "unscored.json"
+    path.write_text(json.dumps(_without_scores(circuit.json_form(), null=null)))
+    Circuit(graph, circuit.edges).save(tmp_path / "ours.json")
+    for read in (Circuit.load(path), Circuit.load(tmp_path / "ours.json")):
+        assert read.scores is None and read.edges == circuit.edges and read.node_scores() is None
+        with pytest.raises(ValueError, match="no scores to rank its edges by"):
+            read.strongest(3)
+    with pytest.raises(ValueError, match="unscored.json holds a circuit without scores"):
+        EdgeScores.load(path)
+
+
+def test_a_json_file_scoring_some_edges_is_refused(graph, tmp_path):
+    form = EdgeScores(graph, torch.linspace(-1, 1, len(graph.edges)), "eap").topn(6).json_form()
+    path = tmp_path / "partly.json"
+    path.write_text(json.dumps(_without_scores(form, edges=graph.edges[:2])))
+    with pytest.raises(ValueError, match=re.escape(f"partly.json: {len(graph.edges) - 2} of its {len(graph.edges)} "
+                                                   f"edges carry a score and the others none (e.g. "
+                                                   f"{graph.edges[2]!r} does, {graph.edges[0]!r} does not)")):
+        Circuit.load(path)
+    form["edges"][graph.edges[1]]["score"] = "high"
+    path.write_text(json.dumps(form))
+    with pytest.raises(ValueError, match=re.escape(f"edge {graph.edges[1]!r} has the score 'high'; a score is a "
+                                                   "number")):
+        Circuit.load(path)
 
 
 @pytest.mark.parametrize("parallel", [False, True])

@@ -1,10 +1,13 @@
 """Positional circuits: edge scores by span against the gradient of positional masks and against ``attribute``,
 and circuits of (edge, span) pairs evaluated against direct patched calls."""
+import json
+import re
+
 import pytest
 import torch
 
 import fxcircuits
-from fxcircuits import metrics
+from fxcircuits import CircuitGraph, EdgeScores, metrics
 from fxcircuits.data import position_classes
 from fxcircuits.positional import SpanCircuit, SpanScores, load_circuit
 from test_attribution import steps_of
@@ -146,6 +149,65 @@ def test_span_scores_and_circuits_read_back(llama, prompts, tmp_path):
         fxcircuits.Circuit.load(tmp_path / "c.json")
     assert isinstance(load_circuit(tmp_path / "c.json"), SpanCircuit)
     assert load_circuit(tmp_path / "a.json").edges == circuit.edges["A"]
+
+
+SPANS, CFG = ["S2", "END", "rest"], {"n_layers": 2, "n_heads": 2, "parallel_attn_mlp": False, "d_model": 8}
+
+
+def _span_scores(n_layers: int = 2) -> SpanScores:
+    graph = CircuitGraph.from_config({**CFG, "n_layers": n_layers})
+    tensor = torch.randn(len(SPANS), len(graph.edges), generator=torch.Generator().manual_seed(n_layers))
+    return SpanScores(graph, SPANS, tensor, "eap", {"examples": 3})
+
+
+def test_span_scores_read_back_save_again_as_they_were(tmp_path):
+    """Read back, the method is apart from the rest of the info, as given; a class's scores, or their sum, save
+    again and read back as they were (the file keeps the method among its info: kept in both, it was written
+    twice)."""
+    scores = _span_scores()
+    scores.save(tmp_path / "scores.json")
+    loaded = SpanScores.load(tmp_path / "scores.json")
+    assert loaded.spans == SPANS and torch.equal(loaded.tensor, scores.tensor)
+    assert loaded.method == "eap" and loaded.info == {"examples": 3}
+    for name, part, original in (("end", loaded.span("END"), scores.span("END")),
+                                 ("total", loaded.total(), scores.total())):
+        for suffix in (".json", ".pt"):
+            part.save(tmp_path / f"{name}{suffix}")
+            again = EdgeScores.load(tmp_path / f"{name}{suffix}")
+            assert torch.equal(again.tensor, original.tensor)
+            assert again.method == "eap" and again.info == original.info
+
+
+def test_damaged_positional_files_are_refused_naming_the_file_and_the_problem(tmp_path):
+    """A positional circuit file whose spans and circuits disagree — in their names, their graphs, or having
+    scores — is refused naming the file and what is wrong, by every reader, rather than failing in torch.stack
+    (no ValueError, a traceback from the shell), on a bare KeyError, or reading a string's letters as spans."""
+    two, three = _span_scores(2), _span_scores(3)
+    forms = {}
+    for name, scores in (("two", two), ("three", three)):
+        scores.save(tmp_path / f"{name}.json")
+        forms[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    good = forms["two"]["circuits"]
+    unscored = fxcircuits.Circuit(two.graph, []).json_form(span="END")
+    cases = [({"circuits": {**good, "END": forms["three"]["circuits"]["END"]}},
+              f"the circuits of spans 'S2' and 'END' are of different graphs ({len(two.graph.edges)} and "
+              f"{len(three.graph.edges)} edges; first difference"),
+             ({"circuits": {s: c for s, c in good.items() if s != "END"}},
+              "span 'END' is listed in spans but has no circuit"),
+             ({"circuits": {**good, "IO": good["S2"]}}, "it holds a circuit for span 'IO', which its spans"),
+             ({"spans": "S2"}, "spans must be a list of names, each once, the last 'rest'; got 'S2'"),
+             ({"spans": ["S2", "S2", "END", "rest"]}, "spans must be a list of names, each once"),
+             ({"spans": []}, "spans must be a list of names"),
+             ({"circuits": [good["S2"]]}, "its circuits must be an object from span names to circuits; got a list"),
+             ({"circuits": {**good, "END": unscored}}, "span 'S2''s circuit has scores and span 'END''s none"),
+             ({"spans": ["S2", "END"], "circuits": {s: c for s, c in good.items() if s != "rest"}},
+              "the classes ['S2', 'END'] must end with 'rest'")]
+    path = tmp_path / "damaged.json"
+    for change, says in cases:
+        path.write_text(json.dumps({**forms["two"], **change}))
+        for load in (SpanCircuit.load, SpanScores.load, load_circuit):
+            with pytest.raises(ValueError, match=re.escape(f"{path}: {says}")):
+                load(path)
 
 
 def test_span_scores_are_indexed_by_edge_and_span(llama):

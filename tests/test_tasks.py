@@ -9,6 +9,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from fxcircuits import metrics, tasks
+from fxcircuits.data import position_classes
 from test_models import smollm2, smollm2_tokenizer
 
 SIZE = 24
@@ -145,9 +146,10 @@ def test_built_in_tasks_name_their_spans_in_every_example(built, tokenizer, name
     for batch in task.batches:
         assert list(batch["spans"]) == {"ioi": ["IO", "S1", "S2", "END"], "ioi-abc": ["IO", "S1", "S2", "END"],
                                         "greater-than": ["YY", "END"],
-                                        "sva": ["subject", "attractor", "END"], "induction": ["A", "B", "END"]}[name]
+                                        "sva": ["subject", "END"], "induction": ["A", "B", "END"]}[name]
         last = batch["attention_mask"].sum(-1)
-        assert (batch["spans"]["END"] == torch.stack([last - 1, last], -1)).all()
+        assert (batch["spans"]["END"][:, 1] == last).all()  # SVA's END: the attractor noun, all its tokens
+        assert name == "sva" or (batch["spans"]["END"][:, 0] == last - 1).all()
         for row, index in enumerate(batch["index"].tolist()):
             example, ids = task.examples[index], batch["clean"][row]
             for span, (start, stop) in example.spans.items():
@@ -158,6 +160,21 @@ def test_built_in_tasks_name_their_spans_in_every_example(built, tokenizer, name
             differ = (ids != batch["corrupted"][row]).nonzero().flatten().tolist()
             changed = [p for span in CHANGED[name] for p in range(*batch["spans"][span][row].tolist())]
             assert differ and differ == sorted(changed)
+
+
+def test_sva_spans_are_the_subject_and_the_attractor_noun_that_ends_the_prompt(built, tokenizer):
+    """SVA's END is its attractor, the noun the verb is predicted after (all its tokens), so that its spans cut the
+    prompts into disjoint classes, as positional circuits need: a span of the attractor beside END overlapped it."""
+    task = built["sva"]
+    for batch in task.batches:
+        assert position_classes(batch)[0] == ["subject", "END", "rest"]
+        for row, index in enumerate(batch["index"].tolist()):
+            clean, spans = task.examples[index].clean, task.examples[index].spans
+            subject, attractor = re.fullmatch(r".* that the (\w+) .* the (\w+)", clean).groups()
+            assert clean[slice(*spans["END"])] == attractor and spans["END"][1] == len(clean)  # the word, whole
+            for span, noun in (("subject", subject), ("END", attractor)):
+                start, stop = batch["spans"][span][row].tolist()
+                assert tokenizer.decode(batch["clean"][row, start:stop]) == " " + noun
 
 
 @pytest.mark.parametrize("name", ["ioi", "ioi-abc"])
