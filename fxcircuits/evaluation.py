@@ -206,8 +206,9 @@ def _bracket(tried: dict[int, float], target: float, total: int) -> tuple[int, i
     reached = [n for n, f in tried.items() if f >= target]
     if not reached:
         best = max(tried, key=tried.get)
+        shown = f"{tried[best]:.3f}" if round(tried[best], 3) < target else repr(tried[best])  # never the target
         raise ValueError(f"no circuit cut from these scores reaches faithfulness {target}: of the {len(tried)} sizes "
-                         f"tried, the best, {best} of {total}, has {tried[best]:.3f}")
+                         f"tried, the best, {best} of {total}, has {shown}")
     high = min(reached)
     return max(n for n in tried if n < high), high
 

@@ -4,7 +4,7 @@ import torch
 
 import fxcircuits
 from fxcircuits import Circuit, EdgeScores
-from fxcircuits.evaluation import CPU_CALL_STREAM, MIB_FRACTIONS, cmd, cpr, per_call
+from fxcircuits.evaluation import CPU_CALL_STREAM, MIB_FRACTIONS, _bracket, cmd, cpr, per_call
 from fxcircuits.metrics import logit_diff
 from fxcircuits.positional import SpanScores
 from fxcircuits.runs import prepare
@@ -237,6 +237,10 @@ def test_a_target_no_circuit_reaches_is_refused(setup):
     with pytest.raises(ValueError, match=r"no circuit cut from these scores reaches faithfulness 10.0: of the \d+ "
                                          r"sizes tried, the best, \d+ of 110, has"):
         evaluator.smallest(scores, 10.0)
+    with pytest.raises(ValueError, match=r"the best, 7 of 110, has 0\.8499996$"):  # not 0.850, the target missed
+        _bracket({0: 0.0, 7: 0.8499996, 110: 0.2}, 0.85, 110)
+    with pytest.raises(ValueError, match=r"the best, 7 of 110, has 0\.812$"):
+        _bracket({0: 0.0, 7: 0.8123, 110: 0.2}, 0.85, 110)
     for target in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="is no target: give one above 0"):
             evaluator.smallest(scores, target)
