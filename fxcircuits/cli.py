@@ -71,8 +71,16 @@ def main(argv: list[str] | None = None) -> int:
                        "where it was raised)\n")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors take one line, as every other refusal does: argparse prints the
+    command's whole usage first (16 lines for discover), which buries the one line that says what is wrong."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists what it takes)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fxcircuits", description="Find, evaluate and draw circuits in any "
+    parser = _Parser(prog="fxcircuits", description="Find, evaluate and draw circuits in any "
                                      "Hugging Face decoder-only model.")
     parser.add_argument("--traceback", action="store_true", help="show where an error was raised, not just what")
     commands = parser.add_subparsers(dest="command", metavar="command")

@@ -294,9 +294,12 @@ def test_attention_prints_and_draws_the_heads_weights(folder, tmp_path, capsys):
     (["discover", "--out", "circuit.svg"], "'circuit.svg': a circuit file ends in .json or .pt"),
     (["discover", "--seed", "99999999999999999999"], "give a whole number from -2**63 to 2**64 - 1")])
 def test_options_out_of_their_range_are_usage_errors(folder, command, says, capsys):
+    """Refused in one line that names the option and says what it takes (argparse printed the usage above it)."""
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--model", folder])
-    assert exit_.value.code == 2 and says in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and says in err and len(err.splitlines()) == 1
+    assert err.startswith(f"fxcircuits {command[0]}: error: ") and err.endswith("--help lists what it takes)\n")
 
 
 @pytest.mark.parametrize("option, value, says", [
