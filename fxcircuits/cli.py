@@ -80,8 +80,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fxcircuits", description="Find, evaluate and draw circuits in any "
-                                     "Hugging Face decoder-only model.")
+    parser = _Parser(prog="fxcircuits", description="Find, evaluate and draw circuits in any Hugging Face "
+                     "decoder-only model.")
     parser.add_argument("--traceback", action="store_true", help="show where an error was raised, not just what")
     commands = parser.add_subparsers(dest="command", metavar="command")
     discover = commands.add_parser("discover", help="score every edge on a task, keep the best, evaluate, draw",

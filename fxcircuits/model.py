@@ -114,9 +114,9 @@ class TracedWeights:
     another device: the captures keep the casts and device they were traced with.  ``check`` finds any of these
     before a run and names the tensor or module and what to do; it reads each slot and dtype (tens of µs a run),
     and the device the captures' own weights are on now: the model's, or copies of them where the
-    ``CircuitModel`` itself was moved.  A buffer the model's own forward reassigns (HF's long-RoPE sets
-    ``inv_freq`` to one of two tensors by the prompt's length) is refused only where its values differ from those
-    traced.  ``device``: theirs at the trace."""
+    ``CircuitModel`` itself was moved.  A buffer that is another tensor now (a forward that registers a buffer it
+    recomputes afresh) is refused only where its values differ from those traced.  ``device``: theirs at the
+    trace."""
 
     def __init__(self, model: nn.Module, device: torch.device):
         self.model_name, self.device = type(model).__name__, device

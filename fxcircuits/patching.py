@@ -697,7 +697,7 @@ class _Accumulate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        with unautocast(grad.device.type):  # as the forward ran (``accumulate``)
+        with _unautocast(grad.device.type):  # as the forward ran (``accumulate``)
             return _Accumulate._backward(ctx, grad)
 
     @staticmethod
@@ -751,13 +751,13 @@ def accumulate(store: DeltaStore, stream: torch.Tensor, writes: list[torch.Tenso
     Where the other run rides in the same pass (``store.ahead``), it is the first of 1 + n_masks blocks of rows
     and ``others`` is unused: see ``_alongside``.
     Returns [n_readers, *stream.shape]: a view of ``stream`` where no edge into the readers is patched."""
-    with unautocast(stream.device.type):
+    with _unautocast(stream.device.type):
         if store.ahead:
             return _alongside(store, stream, writes, first, last)
         return _accumulate(store, stream, writes, others, first, last)
 
 
-def unautocast(device_type: str) -> contextlib.AbstractContextManager:
+def _unautocast(device_type: str) -> contextlib.AbstractContextManager:
     """Autocast off, where it is on: the sums run at the rows' precision, as the GPU kernels run them, rather than
     at autocast's (bf16 or fp16 products, some of which MKL's sparse CSR product has no kernel for)."""
     on = torch.is_autocast_enabled(device_type)

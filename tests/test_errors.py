@@ -645,8 +645,8 @@ def test_weights_replaced_or_converted_after_the_trace_ask_for_a_new_trace(chang
 
 
 def test_a_buffer_reassigned_to_the_same_values_still_runs():
-    """A model's forward may reassign a buffer to a tensor of the same values (HF's long-RoPE picks one of two
-    frequency tensors by the prompt's length): that is no change, and the run goes on, equal to HF's."""
+    """A model's forward may register a buffer it recomputes as a new tensor of the same values: that is no
+    change, and the run goes on, equal to HF's."""
     model = make("llama")
     cm = fxcircuits.trace(model)
     rotary = model.model.rotary_emb
