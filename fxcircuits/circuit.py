@@ -85,9 +85,11 @@ class Circuit:
     def overlap(self, other: "Circuit") -> dict[str, float]:
         """How far two circuits agree, as circuits found by two methods (or on two tasks or models) are compared:
         the edges and nodes they share, and each count over their union's (intersection over union: 1 is the same
-        circuit, 0 disjoint; two empty circuits count as the same)."""
+        circuit, 0 disjoint; two empty circuits count as the same).  Nodes are the heads and MLPs: every circuit
+        with an edge holds ``input`` and ``logits``, which would lift the IoU of two disjoint circuits of k heads
+        each from 0 to 2 / (2k + 2)."""
         shared, union = len(self & other), len(self | other)
-        mine, theirs = set(self.nodes), set(other.nodes)
+        mine, theirs = (set(c.nodes) - {"input", "logits"} for c in (self, other))
         return {"shared_edges": shared, "edge_iou": shared / union if union else 1.0,
                 "shared_nodes": len(mine & theirs),
                 "node_iou": len(mine & theirs) / len(mine | theirs) if mine | theirs else 1.0}
@@ -243,7 +245,8 @@ class Circuit:
         if data.get("neurons_in_graph") is not None:
             _whole_nodes(path, zip(graph.upstream, data["nodes_in_graph"].tolist(), data["neurons_in_graph"]))
         flags, scores = (data[key].reshape(-1)[graph.cells] for key in ("edges_in_graph", "edges_scores"))
-        return cls._from_cfg(graph, data["cfg"], flags.bool(), scores.float())
+        wide = scores.dtype == torch.float64  # a float64 model's scores, as they were saved
+        return cls._from_cfg(graph, data["cfg"], flags.bool(), scores if wide else scores.float())
 
     def _cfg(self, info: dict) -> dict:
         """The file's ``cfg``: the graph's shape as the convention gives it, with what is known of the circuit."""
@@ -286,9 +289,16 @@ def _json_scores(graph: CircuitGraph, edges: dict[str, dict], path) -> torch.Ten
                   or not isinstance(score, (int, float))), None)
     if wrong is not None:
         raise ValueError(f"{path}: edge {wrong!r} has the score {given[wrong]!r}; a score is a number")
-    scores = torch.zeros(len(graph.edges))
-    scores[[graph.edge_index[name] for name in given]] = torch.tensor(list(given.values()), dtype=scores.dtype)
+    values = torch.tensor(list(given.values()), dtype=torch.float64)
+    scores = torch.zeros(len(graph.edges), dtype=_narrowest(values))
+    scores[[graph.edge_index[name] for name in given]] = values.to(scores.dtype)
     return scores
+
+
+def _narrowest(values: torch.Tensor) -> torch.dtype:
+    """float32 where every one of ``values`` is a float32 (as a float32 model's scores, written by JSON exactly, all
+    are), float64 otherwise: a float64 model's scores come back as they were, not rounded to float32's 7 digits."""
+    return torch.float32 if torch.equal(values.float().double(), values) else torch.float64
 
 
 def plain_info(info: dict) -> dict:

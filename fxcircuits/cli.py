@@ -655,7 +655,7 @@ def _compare(args) -> int:
     rows = {label: ", ".join([f"{len(c)} edges, {len(c.nodes)} nodes", *_recorded(c.info)])
             for label, c in zip(labels, (first, second))}
     rows.update({"shared edges": f"{overlap['shared_edges']} (IoU {overlap['edge_iou']:.3f})",
-                 "shared nodes": f"{overlap['shared_nodes']} (IoU {overlap['node_iou']:.3f})"})
+                 "shared nodes": f"{overlap['shared_nodes']} heads and MLPs (IoU {overlap['node_iou']:.3f})"})
     for label, mine, theirs in ((labels[0], first, second), (labels[1], second, first)):
         alone = mine - theirs
         rows[f"only in {label}"] = "\n".join([f"{len(alone)} edges", *_strongest(mine, alone, args.top)])

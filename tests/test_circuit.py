@@ -116,6 +116,17 @@ def test_json_round_trip_in_the_eap_ig_format(graph, tmp_path):
     assert loaded.info["model"] == "tiny"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scores_load_back_in_their_precision(graph, tmp_path, dtype):
+    """A float64 model's scores come back from either file as saved, not rounded to float32 (a score of 1 + 1e-12
+    read as 1); a float32 model's come back as float32."""
+    values = 1 + torch.arange(len(graph.edges), dtype=dtype) * 1e-12
+    for suffix in (".json", ".pt"):
+        EdgeScores(graph, values, "eap").save(tmp_path / f"scores{suffix}")
+        loaded = EdgeScores.load(tmp_path / f"scores{suffix}").tensor
+        assert loaded.dtype == dtype and torch.equal(loaded, values)
+
+
 def test_scores_save_and_load(graph, tmp_path):
     """Scores read back are the scores saved — the method apart from the rest of the info, as given — and save
     again (the file keeps the method among its info: kept in both, it was written twice)."""
@@ -416,8 +427,10 @@ def test_circuits_combine_as_sets_of_edge_names(graph, tmp_path):
 def test_overlap_counts_shared_edges_and_nodes(graph):
     one = Circuit(graph, ["input->a0.h1<q>", "a0.h1->m0", "m0->logits"])
     two = Circuit(graph, ["input->a0.h1<k>", "a0.h1->m0", "input->m1", "m1->logits"])
-    # edges: 1 shared of 6; nodes: {input, a0.h1, m0, logits} and {input, a0.h1, m0, m1, logits}
-    assert one.overlap(two) == {"shared_edges": 1, "edge_iou": 1 / 6, "shared_nodes": 4, "node_iou": 4 / 5}
+    # edges: 1 shared of 6; nodes (heads and MLPs): {a0.h1, m0} and {a0.h1, m0, m1}
+    assert one.overlap(two) == {"shared_edges": 1, "edge_iou": 1 / 6, "shared_nodes": 2, "node_iou": 2 / 3}
+    apart = Circuit(graph, ["input->a0.h0<q>", "a0.h0->logits"]), Circuit(graph, ["input->m1", "m1->logits"])
+    assert apart[0].overlap(apart[1])["node_iou"] == 0.0  # input and logits, in both, are no shared component
     assert one.overlap(one)["edge_iou"] == 1.0 and one.overlap(Circuit(graph, []))["edge_iou"] == 0.0
     assert Circuit(graph, []).overlap(Circuit(graph, [])) == {"shared_edges": 0, "edge_iou": 1.0,
                                                             "shared_nodes": 0, "node_iou": 1.0}

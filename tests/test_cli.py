@@ -224,7 +224,7 @@ def test_compare_prints_what_two_circuits_share_and_draws_both(tmp_path, capsys)
     overlap = big.overlap(other)
     assert f"big            {len(big)} edges, {len(big.nodes)} nodes, method eap" in printed
     assert f"shared edges   {overlap['shared_edges']} (IoU {overlap['edge_iou']:.3f})" in printed
-    assert f"shared nodes   {overlap['shared_nodes']} (IoU {overlap['node_iou']:.3f})" in printed
+    assert f"shared nodes   {overlap['shared_nodes']} heads and MLPs (IoU {overlap['node_iou']:.3f})" in printed
     alone = big - other
     strongest = sorted(alone.edges, key=lambda e: -abs(scores[e]))[:2]
     assert f"only in big    {len(alone)} edges\n" + "".join(f"               {e} {scores[e]:+.4g}\n"
