@@ -56,6 +56,8 @@ REFUSALS = (ValueError, KeyError, OSError, ImportError)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``fxcircuits`` command: runs ``argv`` (the process's arguments if None) and returns the exit status; a
+    refusal prints one line (its traceback with ``--traceback``)."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -280,7 +282,7 @@ def _patching(args, task, recorded: dict) -> tuple[str, str, dict]:
     """The metric and ablation the command patches with — given on the command line, else as ``recorded`` (the
     circuit file's cfg) says (its metric where the task is the one it was found on), else the task's metric and the
     corrupted prompt — and the options that give them, with the runs a call (``--per-call``)."""
-    same_task = recorded.get("task") in (None, task.name)
+    same_task = recorded.get("task") is None or _found_on(recorded) == _found_on(_task_info(args, task))
     metric = args.metric or (recorded.get("metric") if same_task else None)
     metric = metric if metric in metrics_.METRICS else metrics_.name_of(task.metric)
     ablation = args.ablation or recorded.get("ablation")
@@ -308,13 +310,25 @@ def _setup(args, recorded: dict | None = None):
 
 
 def _recorded_task(recorded: dict) -> str:
-    """The built-in task a circuit file says it was found on; IOI where it names none.  A task file, which the
-    circuit names by its stem alone, must be given again."""
-    name = recorded.get("task")
-    if name is None or name in tasks_.TASKS:
+    """The built-in task a circuit file says it was found on; IOI where it names none.  A task file must be given
+    again (its rows may have changed since): a file named ``ioi.jsonl`` is no more the built-in IOI than any other."""
+    name, file = recorded.get("task"), recorded.get("task_file")
+    if file is None and (name is None or name in tasks_.TASKS):
         return name or "ioi"
-    raise SystemExit(f"the circuit was found on the task {name!r}, which is no built-in task: give its file with "
-                     "--task (or the task to run it on)")
+    raise SystemExit(f"the circuit was found on the task file {file or name!r}, not a built-in task: give that file "
+                     "with --task (or the task to run it on)")
+
+
+def _task_info(args, task) -> dict[str, str]:
+    """What a circuit file records of the task it was found on: its name and, for a task file, the file's path."""
+    built_in = args.task is None or args.task in tasks_.TASKS  # None: the built-in task a circuit file named
+    return {"task": task.name, **({} if built_in else {"task_file": str(Path(args.task).resolve())})}
+
+
+def _found_on(info: dict) -> tuple:
+    """The task a circuit's ``info`` names, the built-in task or the file: which two circuits must share to be
+    compared on one metric (a file's stem may be a built-in task's name)."""
+    return info.get("task"), info.get("task_file")
 
 
 def _carry(ablation: str) -> str:
@@ -443,12 +457,10 @@ def _discover(args) -> int:
                        **patching, **options)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
     circuit, faithfulness = _select(scores, selection, args, evaluator)
-    circuit.save(args.out, model=args.model, task=task.name, faithfulness=faithfulness)
-    picture = args.draw or str(Path(args.out).with_suffix(".svg"))
+    circuit.save(args.out, model=args.model, **_task_info(args, task), faithfulness=faithfulness)
+    picture = _drawn_at(args)
     draw_circuit(circuit, picture, title=f"{args.model} · {task.name} · {args.method} · f = {faithfulness:.2f}")
-    _table({"model": args.model, "task": f"{task.name} ({len(task.examples)} examples)",
-            "metric": f"{metric}, patched edges {_carry(ablation)}",
-            "baseline metric": f"{evaluator.full.mean():.3f} clean, {evaluator.empty.mean():.3f} all edges patched",
+    _table({**_run_rows(args, task, metric, ablation, evaluator),
             "method": args.method, "circuit": f"{len(circuit)} of {len(cm.graph.edges)} edges, "
             f"{len(circuit.nodes)} nodes", "faithfulness": f"{faithfulness:.3f}{_reached(args)}",
             "time": f"{time.perf_counter() - start:.1f} s", "saved": f"{args.out}, {picture}"})
@@ -470,16 +482,13 @@ def _discover_by_span(args, selection: str, options: dict, start: float) -> int:
                                seed=args.seed, **patching, **options)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
     circuit, faithfulness = _select(scores, selection, args, evaluator)
-    circuit.info.update(model=args.model, task=task.name, faithfulness=faithfulness)
+    circuit.info.update(model=args.model, **_task_info(args, task), faithfulness=faithfulness)
     circuit.save(args.out)
-    picture = args.draw or str(Path(args.out).with_suffix(".svg"))
+    picture = _drawn_at(args)
     union = circuit.union()
     draw_span_circuit(circuit, picture, title=f"{args.model} · {task.name} · {args.method} by span · "
                       f"f = {faithfulness:.2f}")
-    rows = {"model": args.model, "task": f"{task.name} ({len(task.examples)} examples)",
-            "metric": f"{metric}, patched edges {_carry(ablation)}",
-            "baseline metric": f"{evaluator.full.mean():.3f} clean, {evaluator.empty.mean():.3f} all edges patched",
-            "method": f"{args.method}, by span", "circuit": f"{_extent(circuit)}; {len(union)} edges and "
+    rows = {**_run_rows(args, task, metric, ablation, evaluator), "method": f"{args.method}, by span", "circuit": f"{_extent(circuit)}; {len(union)} edges and "
             f"{len(union.nodes)} nodes in all", "faithfulness": f"{faithfulness:.3f}{_reached(args)}"}
     if args.method in GRADIENT_METHODS:
         plain = scores.total().topn(len(circuit))
@@ -487,6 +496,19 @@ def _discover_by_span(args, selection: str, options: dict, start: float) -> int:
                                  f"{evaluator.evaluate(plain).faithfulness:.3f}")
     _table({**rows, "time": f"{time.perf_counter() - start:.1f} s", "saved": f"{args.out}, {picture}"})
     return 0
+
+
+def _drawn_at(args) -> str:
+    """Where discovery draws its circuit: ``--draw``, else beside ``--out`` as SVG."""
+    return args.draw or str(Path(args.out).with_suffix(".svg"))
+
+
+def _run_rows(args, task, metric: str, ablation: str, evaluator: Evaluator) -> dict[str, str]:
+    """The rows a discovery's table opens with: what was run, on what, and the metric's two ends (the model's own
+    value and every edge patched), between which faithfulness is measured."""
+    return {"model": args.model, "task": f"{task.name} ({len(task.examples)} examples)",
+            "metric": f"{metric}, patched edges {_carry(ablation)}",
+            "baseline metric": f"{evaluator.full.mean():.3f} clean, {evaluator.empty.mean():.3f} all edges patched"}
 
 
 def _fits(args, graph: CircuitGraph) -> None:
@@ -599,9 +621,10 @@ def _evaluate(args) -> int:
     metric, ablation, patching = _patching(args, task, circuit.info)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
     result = evaluator.evaluate(circuit)
-    found = circuit.info.get("task")
+    found = _found_on(circuit.info)
     rows = {"model": args.model, "task": f"{task.name} ({len(task.examples)} examples)"
-            + (f"; the circuit was found on {found}" if found not in (None, task.name) else ""),
+            + (f"; the circuit was found on {found[1] or found[0]}"
+               if found[0] is not None and found != _found_on(_task_info(args, task)) else ""),
             "circuit": _extent(circuit), "metric": f"{metric}, patched edges {_carry(ablation)}",
             "faithfulness": f"{result.faithfulness:.3f}",
             "completeness": f"{evaluator.completeness(circuit):.3f} (faithfulness with the circuit knocked out)"}

@@ -174,7 +174,8 @@ class Scale:
 @dataclass
 class Step:
     """One residual step: ``end = start + Σ writer terms (+ constants)``, or ``start · α + Σ writer terms`` where
-    the model scales the residual it carries by a constant (Doge's learned ``input_residual``, one per channel)."""
+    the model scales the residual it carries by a constant, one per channel as Doge's learned ``input_residual``
+    (Doge itself is refused for its attention; the zoo's ``scaled_residual`` is a Llama with that factor)."""
     start: Node                            # the stream value every writer of this step reads
     end: Node                              # the add node that yields the next stream value
     adds: list[Node]                       # the add nodes of the step's sum
@@ -616,7 +617,7 @@ def _writers(step: Step, counts: dict[str, int], model_name: str) -> list[Attent
     terms, _ = _sum_terms(step.end, inside | {step.end})
     carry = step.carry.node if step.carry else None
     terms = [t for t in terms if t is not step.start and t is not carry and t in inside]  # terms that read the stream
-    cores = _attention_cores(step, inside, model_name)
+    cores = _attention_cores(inside, model_name)
     attention_terms: dict[int, list[Node]] = {i: [] for i in range(len(cores))}
     mlp_terms = []
     for term in terms:
@@ -648,7 +649,7 @@ def _meta_shape(node: Node) -> tuple:
     return tuple(node.meta["val"].shape)
 
 
-def _attention_cores(step: Step, inside: set[Node], model_name: str) -> list[tuple[list[Node], Node, dict]]:
+def _attention_cores(inside: set[Node], model_name: str) -> list[tuple[list[Node], Node, dict]]:
     """Each core as (its nodes, its output, its q/k/v inputs), in graph order.
 
     Core inputs and output are per-head tensors [batch, heads, ...]; where an eager implementation folds
@@ -666,7 +667,7 @@ def _attention_cores(step: Step, inside: set[Node], model_name: str) -> list[tup
             inputs = {"q": _per_head(q, True), "k": _per_head(k, True), "v": _per_head(out.args[1], True)}
             output, core = _joined(_per_head(out, False), inputs, inside)
             cores.append((sorted(core), output, inputs))
-    for nodes, out, inputs in cores:
+    for _, _, inputs in cores:
         for role, node in inputs.items():
             shape = _meta_shape(node)
             if len(shape) != 4:

@@ -474,4 +474,5 @@ def _save(fig: Figure, path: str | Path | None) -> Figure:
     return fig
 
 
-__all__ = ["draw_circuit", "draw_comparison", "plot_faithfulness", "plot_heatmap", "plot_nodes"]
+__all__ = ["draw_circuit", "draw_comparison", "draw_span_circuit", "plot_faithfulness", "plot_heatmap", "plot_inputs",
+           "plot_nodes"]

@@ -222,14 +222,18 @@ class CircuitGraph:
 
     @property
     def n_layers(self) -> int:
+        """The attention layers, as the EAP-IG/MIB convention counts a model's layers: a hybrid's recurrent or
+        MLP-only blocks are not among them."""
         return sum(w.kind == "attention" for w in self.writers)
 
     @property
     def n_heads(self) -> int:
+        """Query heads per attention layer, the most of any layer's (the convention's one number)."""
         return max(w.n_heads for w in self.writers)
 
     @property
     def parallel_attn_mlp(self) -> bool:
+        """Whether a layer's attention and MLP read the same stream (GPT-J, Pythia): neither feeds the other."""
         steps = [w.step for w in self.writers]
         return len(set(steps)) < len(steps)
 

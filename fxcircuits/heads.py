@@ -13,7 +13,8 @@ Two questions are answered numerically, once, at trace time, on a small random i
   follows (bias dropped; a norm after attention keeps the normalisation scale of the whole write, so the
   heads' writes still sum exactly to what the layer adds to the stream).
 
-The functions at the bottom are called by the rewritten graph at run time.
+The functions below the line marking run-time helpers are called by the rewritten graph as it runs (``Post``
+is built at trace time and called at run time).
 """
 from __future__ import annotations
 
@@ -265,6 +266,49 @@ def to_ranges(columns: frozenset[int] | set[int]) -> Ranges:
         else:
             ranges.append([c, 1])
     return tuple((s, n) for s, n in ranges)
+
+
+def batch_uses(source: Node, target: Node, externals: list[Node]) -> tuple[str | None, ...] | None:
+    """How a region from ``source`` to ``target`` that reads ``externals`` sees the batch, from the shapes export
+    captured: per external, "size" (a size that counts batch elements: multiply it by the rounds folded into the
+    batch), "rows" (a tensor with a leading axis of batch elements: repeat it) or None (neither).  None where
+    folding rounds into the leading axis cannot apply: the source or target does not lead with the batch, or the
+    batch appears any other way."""
+    placeholder = next(iter(source.graph.find_nodes(op="placeholder")))  # input_ids [batch, seq]
+    batch = _symbol(placeholder.meta.get("val").shape[0])
+    if batch is None or _leading(source, batch) != "rows" or _leading(target, batch) != "rows":
+        return None
+    uses = tuple(_leading(e, batch) for e in externals)
+    return None if "other" in uses else uses
+
+
+def _symbol(size):
+    """The sympy expression of a symbolic size, or None for a plain int."""
+    return size.node.expr if isinstance(size, torch.SymInt) else None
+
+
+def _counts(size, batch) -> str | None:
+    """Whether a size counts batch elements: "linear" (a multiple of the batch), None (free of it) or "other"."""
+    expr = _symbol(size)
+    if expr is None or batch not in expr.free_symbols:
+        return None
+    return "linear" if batch not in (expr / batch).free_symbols else "other"
+
+
+def _leading(node: Node, batch) -> str | None:
+    """"size" for a size counting the batch, "rows" for a tensor whose leading axis alone does, None for a value
+    free of the batch, "other" for anything else."""
+    if "val" not in node.meta:
+        return "other"
+    value = node.meta["val"]
+    if isinstance(value, torch.SymInt):
+        return {"linear": "size", None: None}.get(_counts(value, batch), "other")
+    if not isinstance(value, torch.Tensor):
+        return None if isinstance(value, (int, float, bool, type(None))) else "other"
+    counts = [_counts(size, batch) for size in value.shape]
+    if not any(counts):
+        return None
+    return "rows" if counts[0] == "linear" and not any(counts[1:]) else "other"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -535,49 +579,6 @@ class Post:
         if rounds.shape[0] == 1:
             return self.module(rounds[0], *externals).unsqueeze(0)
         return self._apart(rounds, externals) if self.uses is None else self._folded(rounds, externals)
-
-
-def batch_uses(source: Node, target: Node, externals: list[Node]) -> tuple[str | None, ...] | None:
-    """How a region from ``source`` to ``target`` that reads ``externals`` sees the batch, from the shapes export
-    captured: per external, "size" (a size that counts batch elements: multiply it by the rounds folded into the
-    batch), "rows" (a tensor with a leading axis of batch elements: repeat it) or None (neither).  None where
-    folding rounds into the leading axis cannot apply: the source or target does not lead with the batch, or the
-    batch appears any other way."""
-    placeholder = next(iter(source.graph.find_nodes(op="placeholder")))  # input_ids [batch, seq]
-    batch = _symbol(placeholder.meta.get("val").shape[0])
-    if batch is None or _leading(source, batch) != "rows" or _leading(target, batch) != "rows":
-        return None
-    uses = tuple(_leading(e, batch) for e in externals)
-    return None if "other" in uses else uses
-
-
-def _symbol(size):
-    """The sympy expression of a symbolic size, or None for a plain int."""
-    return size.node.expr if isinstance(size, torch.SymInt) else None
-
-
-def _counts(size, batch) -> str | None:
-    """Whether a size counts batch elements: "linear" (a multiple of the batch), None (free of it) or "other"."""
-    expr = _symbol(size)
-    if expr is None or batch not in expr.free_symbols:
-        return None
-    return "linear" if batch not in (expr / batch).free_symbols else "other"
-
-
-def _leading(node: Node, batch) -> str | None:
-    """"size" for a size counting the batch, "rows" for a tensor whose leading axis alone does, None for a value
-    free of the batch, "other" for anything else."""
-    if "val" not in node.meta:
-        return "other"
-    value = node.meta["val"]
-    if isinstance(value, torch.SymInt):
-        return {"linear": "size", None: None}.get(_counts(value, batch), "other")
-    if not isinstance(value, torch.Tensor):
-        return None if isinstance(value, (int, float, bool, type(None))) else "other"
-    counts = [_counts(size, batch) for size in value.shape]
-    if not any(counts):
-        return None
-    return "rows" if counts[0] == "linear" and not any(counts[1:]) else "other"
 
 
 def gather_heads(core: torch.Tensor, picks: tuple[tuple[int, int], ...], shared: bool) -> torch.Tensor:

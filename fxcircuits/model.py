@@ -262,18 +262,22 @@ class CircuitModel(nn.Module):
 
     @property
     def first(self) -> Engine:
+        """The first capture: what any prompt length shares (the weights, the graph, the readout)."""
         return next(iter(self.engines.values()))
 
     @property
     def exported(self) -> nn.Module:
+        """The program ``torch.export`` captured (the first capture's), unmodified: it holds the weights."""
         return self.first.exported
 
     @property
     def recorder(self) -> nn.Module:
+        """The rewritten graph that returns every upstream node's output (``activations``), first capture's."""
         return self.first.recorder
 
     @property
     def patcher(self) -> nn.Module:
+        """The rewritten graph that assembles every downstream input from its edges under a mask, first capture's."""
         return self.first.patcher
 
     @property
@@ -284,10 +288,12 @@ class CircuitModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where the weights are, and so where inputs are taken to."""
         return next(self.exported.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The weights' dtype, which the model computes in."""
         return next(self.exported.parameters()).dtype
 
     def serving(self, input_ids: torch.Tensor) -> Engine | None:

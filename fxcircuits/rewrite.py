@@ -437,7 +437,7 @@ class _Builder:
         position)."""
         h, reads = attention.n_heads, [self.plans[id(attention)].reads[role] for role in roles]
         if all(r.stacked for r in reads):
-            nodes = self._read_stacked(step, attention, roles, rows, reader)
+            nodes = self._read_stacked(attention, roles, rows, reader)
         else:
             parts = self._split(rows, [h] * len(reads))
             nodes = [self._read_apart(step, read, part) for read, part in zip(reads, parts)]
@@ -457,7 +457,7 @@ class _Builder:
                                   self._recorded_index(attention, "gate"))
         return self._run_post(read, rounds)
 
-    def _read_stacked(self, step: Step, attention: Attention, roles: tuple[str, ...], rows: Node,
+    def _read_stacked(self, attention: Attention, roles: tuple[str, ...], rows: Node,
                       reader: int) -> list[Node]:
         """The core's inputs of ``roles`` (q, k and v, or some) from a layer's rows, heads per role: norms over all
         rows at once, one batched matmul per role, the post-projection path once over all rounds.  Where the mask weights every edge into

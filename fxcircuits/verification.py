@@ -38,6 +38,7 @@ class Check:
     skipped: str = ""
 
     def passed(self, tolerance: float) -> bool:
+        """Ran, and within ``tolerance`` (a NaN difference is not)."""
         return self.difference is not None and self.difference <= tolerance
 
 
@@ -53,6 +54,7 @@ class Verification:
 
     @property
     def ok(self) -> bool:
+        """Every check that ran is within the tolerance (a skipped check neither passes nor fails)."""
         return not self.failed
 
     @property
@@ -61,6 +63,8 @@ class Verification:
         return [c for c in self.checks if c.difference is not None and not c.passed(self.tolerance)]
 
     def table(self) -> str:
+        """One line per check — its largest difference, ok / WRONG / skip, and what it compares — as ``fxcircuits
+        check`` prints it."""
         rows = [f"{'check':10s} {'difference':>10s}  {'':6s} what is compared"]
         for c in self.checks:
             if c.difference is None:

@@ -127,9 +127,32 @@ def test_evaluate_runs_a_circuit_on_the_task_it_was_found_on(folder, tmp_path, c
     assert main(["evaluate", str(out), *options, "--task", "ioi"]) == 0
     printed = capsys.readouterr().out
     assert "ioi (8 examples); the circuit was found on sva" in printed and re.search(r"metric\s+logit_diff,", printed)
-    Circuit.load(out).save(tmp_path / "mine.json", task="mine")  # a task file's stem
-    with pytest.raises(SystemExit, match="found on the task 'mine', which is no built-in task: give its file"):
+    Circuit.load(out).save(tmp_path / "mine.json", task="mine")  # a task file's stem, as older files record it
+    with pytest.raises(SystemExit, match="found on the task file 'mine', not a built-in task: give that file"):
         main(["evaluate", str(tmp_path / "mine.json"), *options])
+
+
+def test_a_circuit_found_on_a_task_file_is_not_run_on_the_built_in_task_of_its_name(folder, tmp_path, capsys):
+    """A task file named ``ioi.jsonl`` is recorded by its path: evaluating its circuit asks for the file again,
+    rather than running the built-in IOI (32 other prompts) under the same name."""
+    task = tmp_path / "ioi.jsonl"
+    task.write_text(json.dumps({"clean": "When Mary and John went to the store, John gave a drink to",
+                                "corrupted": "When Mary and John went to the store, Paul gave a drink to",
+                                "correct": " Mary", "incorrect": " John"}) + "\n")
+    out = tmp_path / "mine.json"
+    options = ["--model", folder, "--no-progress"]
+    assert main(["discover", *options, "--task", str(task), "--method", "eap", "--edges", "20%", "--out",
+                 str(out)]) == 0
+    found = float(re.search(r"faithfulness\s+(\S+)", capsys.readouterr().out).group(1))
+    assert Circuit.load(out).info["task_file"] == str(task.resolve())
+    with pytest.raises(SystemExit, match=f"found on the task file {re.escape(repr(str(task.resolve())))}"):
+        main(["evaluate", str(out), *options])
+    assert main(["evaluate", str(out), *options, "--task", str(task)]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"task\s+ioi \(1 examples\)\n", printed)  # the circuit's own task: no note
+    assert float(re.search(r"faithfulness\s+(\S+)", printed).group(1)) == pytest.approx(found, abs=1e-3)
+    assert main(["evaluate", str(out), *options, "--task", "ioi", "--size", "4"]) == 0
+    assert f"; the circuit was found on {task.resolve()}" in capsys.readouterr().out
 
 
 def test_discover_by_span_evaluate_and_show(folder, tmp_path, capsys):
