@@ -82,10 +82,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per step a researcher takes, each added by its own ``_add_…``."""
     parser = _Parser(prog="fxcircuits", description="Find, evaluate and draw circuits in any Hugging Face "
                      "decoder-only model.")
     parser.add_argument("--traceback", action="store_true", help="show where an error was raised, not just what")
     commands = parser.add_subparsers(dest="command", metavar="command")
+    for add in (_add_discover, _add_evaluate, _add_show, _add_compare, _add_lens, _add_direct, _add_attention,
+                _add_patch, _add_check):
+        add(commands)
+    return parser
+
+
+def _add_discover(commands) -> None:
+    """``fxcircuits discover``: score every edge on a task, keep the best, evaluate, draw."""
     discover = commands.add_parser("discover", help="score every edge on a task, keep the best, evaluate, draw",
                                    description="Score every edge on a task, select a circuit, evaluate its "
                                    "faithfulness, save it in EAP-IG/MIB's format and draw it.")
@@ -124,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     discover.add_argument("--draw", type=_picture, help="picture of the circuit (.svg or .png; default: next to --out)")
     discover.set_defaults(run=_discover)
 
+
+def _add_evaluate(commands) -> None:
+    """``fxcircuits evaluate``: faithfulness of a saved circuit; curve, CPR and CMD."""
     evaluate = commands.add_parser("evaluate", help="faithfulness of a saved circuit; curve, CPR and CMD",
                                    description="Faithfulness of a saved circuit on a task; with scores in the "
                                    "file, also MIB's faithfulness curve, CPR and CMD.")
@@ -133,6 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--plot", type=_picture, help="faithfulness curve picture (.svg or .png)")
     evaluate.set_defaults(run=_evaluate)
 
+
+def _add_show(commands) -> None:
+    """``fxcircuits show``: draw a saved circuit."""
     show = commands.add_parser("show", help="draw a saved circuit", description="Draw a saved circuit.")
     show.add_argument("circuit", help=CIRCUIT_FILE)
     show.add_argument("--out", required=True, type=_picture, help="the picture (.svg or .png)")
@@ -141,6 +156,9 @@ def _parser() -> argparse.ArgumentParser:
                       "a thousand edges do not read")
     show.set_defaults(run=_show)
 
+
+def _add_compare(commands) -> None:
+    """``fxcircuits compare``: two saved circuits: shared edges and nodes, what each adds."""
     compare = commands.add_parser("compare", help="two saved circuits: shared edges and nodes, what each adds",
                                   description="Compare two saved circuits of one model (two methods, tasks, sizes or "
                                   "models of one architecture): the edges and nodes they share, their intersection "
@@ -151,6 +169,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="picture of both, edges coloured by which holds them (.svg or .png)")
     compare.set_defaults(run=_compare)
 
+
+def _add_lens(commands) -> None:
+    """``fxcircuits lens``: logit lens: what each layer's stream, or given nodes, predict."""
     lens = commands.add_parser("lens", help="logit lens: what each layer's stream, or given nodes, predict",
                                description="The logit lens on the batch of a task's examples that holds --example: "
                                "that example's top tokens after every layer (or of the given nodes, or of a saved "
@@ -159,6 +180,10 @@ def _parser() -> argparse.ArgumentParser:
     lens.add_argument("--out", type=_picture, help="heatmap of the answer probability, rows × the examples of the "
                       "batch that holds --example, by their index in the task (.svg or .png)")
     lens.set_defaults(run=_lens)
+
+
+def _add_direct(commands) -> None:
+    """``fxcircuits direct``: direct logit attribution: what each node writes to the answer."""
     direct = commands.add_parser("direct", help="direct logit attribution: what each node writes to the answer",
                                  description="Direct logit attribution over a task: each node's share of "
                                  "logit(correct) − logit(incorrect) that it writes straight into the final stream, "
@@ -171,6 +196,10 @@ def _parser() -> argparse.ArgumentParser:
     direct.add_argument("--grid", type=_picture, help="every node's mean share laid out as the model is, layers × "
                         "heads and MLPs (.svg or .png)")
     direct.set_defaults(run=_direct)
+
+
+def _add_attention(commands) -> None:
+    """``fxcircuits attention``: where given heads look, and what they write from there."""
     attention = commands.add_parser("attention", help="where given heads look, and what they write from there",
                                     description="The attention patterns of given heads on one of a task's examples: "
                                     "the tokens each head attends to most from one query position (by default "
@@ -190,6 +219,10 @@ def _parser() -> argparse.ArgumentParser:
     attention.add_argument("--direct-out", type=_picture, help="heatmap of what each head writes to the logit "
                            "difference from each token, heads × tokens (.svg or .png)")
     attention.set_defaults(run=_attention)
+
+
+def _add_patch(commands) -> None:
+    """``fxcircuits patch``: activation patching by position: which layer or node, at which token."""
     patch = commands.add_parser("patch", help="activation patching by position: which layer or node, at which token",
                                 description="Activation patching by position on one of a task's examples: the "
                                 "residual stream entering each layer (causal tracing), or each of given nodes' "
@@ -229,6 +262,10 @@ def _parser() -> argparse.ArgumentParser:
     patch.add_argument("--out", type=_picture, help="heatmap of the fractions, rows × tokens or spans, or layers × "
                        "heads with --all-positions (.svg or .png)")
     patch.set_defaults(run=_patch, example=None)  # None unless given: --spans and --all-positions refuse it
+
+
+def _add_check(commands) -> None:
+    """``fxcircuits check``: does fxcircuits compute this model exactly? traced against HF."""
     check = commands.add_parser("check", help="does fxcircuits compute this model exactly? traced against HF",
                                 description="Trace the model and check it against the untouched HF model on a "
                                 "task's first batch: the logits of a clean run, of runs with every edge (or every "
@@ -238,7 +275,6 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--tolerance", type=_tolerance, help="the largest difference that passes, as a fraction of the "
                        "largest |logit| (default: 1e-4 in float32, 32 units in the last place in bfloat16/float16)")
     check.set_defaults(run=_check)
-    return parser
 
 
 def _node_options(parser: argparse.ArgumentParser, instead: str) -> None:
@@ -488,7 +524,8 @@ def _discover_by_span(args, selection: str, options: dict, start: float) -> int:
     union = circuit.union()
     draw_span_circuit(circuit, picture, title=f"{args.model} · {task.name} · {args.method} by span · "
                       f"f = {faithfulness:.2f}")
-    rows = {**_run_rows(args, task, metric, ablation, evaluator), "method": f"{args.method}, by span", "circuit": f"{_extent(circuit)}; {len(union)} edges and "
+    rows = {**_run_rows(args, task, metric, ablation, evaluator), "method": f"{args.method}, by span",
+            "circuit": f"{_extent(circuit)}; {len(union)} edges and "
             f"{len(union.nodes)} nodes in all", "faithfulness": f"{faithfulness:.3f}{_reached(args)}"}
     if args.method in GRADIENT_METHODS:
         plain = scores.total().topn(len(circuit))
