@@ -1,7 +1,8 @@
 """Discovery cost against the bare HF model doing the same passes (issue 3), measured side by side.
 
 EAP needs a corrupted forward, a clean forward and a clean forward + backward; the reference implementation
-spends ~13x what the bare model spends on them (NOTES.md §5).  Target: ``eap`` ≤ 1.5x.  32 IOI prompts in
+spends ~13x what the bare model spends on them (EAP-IG on TransformerLens 2.18: EAP 69 s on these prompts, the bare
+passes 5.35 s, measured on this project's CPU).  Target: ``eap`` ≤ 1.5x.  32 IOI prompts in
 batches of 8, SmolLM2-135M on CPU.  Peak memory is the resident-set growth during the call."""
 import threading
 import time

@@ -3,8 +3,8 @@
     scores = fxcircuits.attribute(cm, batches, "logit_diff", method="eap-ig-inputs")
     circuit = scores.topn(0.01)
 
-Sign and scale as EAP-IG/MIB (NOTES.md §4): score(e) ≈ mean over examples of metric(clean) − metric(clean with
-e patched).  Every method drives the same patcher (``CircuitModel.patched``):
+Sign and scale as EAP-IG's reference implementation and MIB: score(e) ≈ mean over examples of metric(clean) −
+metric(clean with e patched).  Every method drives the same patcher (``CircuitModel.patched``):
 
 * gradient methods (``eap``, ``eap-ig-inputs``, ``eap-ig-activations``, ``clean-corrupted``) run it at one or
   more points between the clean and the other run, with a ``patching.Tap`` that turns one backward pass into a
@@ -30,12 +30,11 @@ from tqdm.auto import tqdm
 
 from . import metrics as metrics_
 from .caller import gradients
-from .data import REST, position_classes
+from .data import REST, check_counts, position_classes
 from .model import CircuitModel
 from .patching import Tap, class_keep, dense_keep
-from .runs import (Calls, Prepared, call_size, check_counts, check_finite, clean_values, examples, metric_values,
-                   prepare)
-from .scores import EdgeScores, _count
+from .runs import Calls, Prepared, call_size, check_finite, clean_values, examples, metric_values, prepare
+from .scores import EdgeScores, count_of
 
 GRADIENT_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted")
 INTEGRATED = ("eap-ig-inputs", "eap-ig-activations")  # the gradient methods that take integration steps
@@ -115,8 +114,7 @@ def scored(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Calla
     if method in ("exact", "acdc"):
         calls = Calls(call_size(prepared, masks_per_call, cpu_stream=EXACT_CALL_STREAM, most=64, accelerator=32))
     else:  # gradient points: a gradient method's, or a learned mask's warm start
-        calls = Calls(call_size(prepared, masks_per_call, cpu_stream=POINTS_CALL_STREAM, most=POINTS_PER_CALL,
-                                accelerator=POINTS_PER_CALL))
+        calls = point_calls(prepared, masks_per_call)
     if method in GRADIENT_METHODS:
         scores = _gradient_scores(cm, prepared, metric, method, steps, calls, progress, named)
         if method in INTEGRATED:
@@ -198,7 +196,7 @@ def _gradient_scores(cm, prepared, metric, method, steps, calls: Calls, progress
     span, each edge's score at each token summed over each class's tokens."""
     total = torch.zeros(_shape(cm, spans), dtype=metrics_.wide_dtype(cm.dtype))
     src, dst = cm.graph.src, cm.graph.dst
-    calls.size = min(calls.size, steps if method in INTEGRATED else 1)  # the points that share their inputs, at most
+    fit_points(calls, method, steps)
     for p in tqdm(prepared, desc=method if spans is None else f"{method} by span", disable=not progress):
         def run(n: int) -> torch.Tensor:  # this batch's scores, n points a call
             if method == "eap" and spans is None:
@@ -219,12 +217,39 @@ def _mask_gradient(cm: CircuitModel, p: Prepared, metric) -> torch.Tensor:
     score, so no tap and no clean pass apart are needed."""
     keep = _ones(cm).requires_grad_(True)
     value = p.measure(cm, metric, keep).sum()
-    return torch.autograd.grad(value, keep)[0][0].cpu()
+    return torch.autograd.grad(differentiable(value, "eap"), keep)[0][0].cpu()
+
+
+def differentiable(value: torch.Tensor, method: str) -> torch.Tensor:
+    """``value``, a metric's (or what a learned mask trains on), if it carries a gradient.  A metric read through
+    ``argmax``, a comparison or an integer cast (accuracy, say) carries none, and autograd's own error ("element 0
+    of tensors does not require grad") would name neither the metric nor what to do instead."""
+    if not value.requires_grad:
+        raise ValueError(f"{method!r} takes the metric's gradient, and this metric's value carries none (computed "
+                         "through argmax, a comparison, an integer cast or .detach(), as accuracy is): give a "
+                         "differentiable metric (logit_diff, prob_diff, logprob, kl), or score with method='exact' "
+                         "or 'acdc', which only run it")
+    return value
 
 
 def _by_class(by_token: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Scores by token [E, batch · seq] summed over each class's tokens: [classes, E]."""
     return weights.reshape(weights.shape[0], -1).to(by_token) @ by_token.T
+
+
+def point_calls(prepared: list[Prepared], masks_per_call: int | None) -> Calls:
+    """How many gradient points a call runs on ``prepared``: ``masks_per_call`` where given, else
+    ``POINTS_PER_CALL`` on an accelerator and, on CPU, as many as keep the call's stream within
+    ``POINTS_CALL_STREAM`` values (``runs.call_size``) — for attribution and for attribution patching alike."""
+    return Calls(call_size(prepared, masks_per_call, cpu_stream=POINTS_CALL_STREAM, most=POINTS_PER_CALL,
+                           accelerator=POINTS_PER_CALL))
+
+
+def fit_points(calls: Calls, method: str, steps: int) -> None:
+    """Cap ``calls`` at the points of ``method`` that share their inputs — an integrated method's ``steps``, else
+    one (``_points`` yields clean-corrupted's two apart): ``tapped`` runs each such set in calls of its own, so a
+    larger size would fill no call, and an out-of-memory halving would start from a size never run."""
+    calls.size = min(calls.size, steps if method in INTEGRATED else 1)
 
 
 def points_per_edge(method: str, steps: int) -> int:
@@ -246,7 +271,7 @@ def tapped(cm: CircuitModel, p: Prepared, metric, method: str, steps: int, per_c
             with gradients(f"attribution by {method!r}"):
                 value = p.measure(cm, metric, keep[chunk], input_ids=input_ids, other=_masks(other, chunk, p.size),
                                   tap=tap).sum()
-                total = total + tap.scores(value).cpu()
+                total = total + tap.scores(differentiable(value, method)).cpu()
     return total
 
 
@@ -276,7 +301,8 @@ def _points(cm, p: Prepared, clean: list[torch.Tensor], delta: torch.Tensor, sid
     elif method == "clean-corrupted":
         yield p.input_ids, _ones(cm), p.other, delta, sides
         yield p.batch["corrupted"], _ones(cm), p.other, delta, sides
-    elif method == "eap-ig-inputs":  # the input node's edges at k/steps, k = 0 … steps−1 (NOTES.md §4)
+    elif method == "eap-ig-inputs":  # the input node's edges at k/steps, k = 0 … steps−1, as EAP-IG's reference
+        # takes them (the corrupted end included, the clean end not): scores comparable with published ones
         _check_start(p)
         keep = _ones(cm, steps)
         keep[:, 0, :] = torch.arange(steps, device=keep.device)[:, None] / steps
@@ -425,7 +451,7 @@ def _learned_mask(cm, prepared, metric, progress, seed, spans, steps: int, calls
                          f"got {warm_start!r}")
     generator = torch.Generator().manual_seed(seed)
     shape, n = _shape(cm, spans), len(prepared)
-    kept = _count(density, shape[0] * shape[1], "gates")
+    kept = count_of(density, shape[0] * shape[1], "gates")
     goal = kept / (shape[0] * shape[1])
     model = clean_values(cm, prepared, metric).to(cm.device).split([p.size for p in prepared])
     beta, gamma, zeta = 2 / 3, -0.1, 1.1  # the hard-concrete's temperature and stretch (Louizos et al. 2018)
@@ -455,7 +481,7 @@ def _learned_mask(cm, prepared, metric, progress, seed, spans, steps: int, calls
     for step in range(closing):  # the sampled gates close to the density
         u = torch.rand(shape, generator=generator).clamp(1e-6, 1 - 1e-6)
         z = (torch.sigmoid((u.log() - (1 - u).log() + log_alpha) / beta) * (zeta - gamma) + gamma).clamp(0, 1)
-        distance = distances(step % n, z).mean()
+        distance = differentiable(distances(step % n, z).mean(), "mask")
         # gradients for the gates only: the model's parameters stay untouched
         log_alpha.grad, = torch.autograd.grad(distance, [log_alpha])
         gates.step()

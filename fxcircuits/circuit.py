@@ -2,8 +2,9 @@
 
 A circuit runs by patching every edge outside it (``cm(..., edge_mask=circuit)``).  It is saved in the two forms
 EAP-IG writes and MIB takes as submissions, so a circuit found here loads in those tools and back:
-- JSON (NOTES.md §4): ``{"cfg", "nodes", "edges"}`` with every node and edge of the full graph, an ``in_graph``
-  flag and a score (which MIB's submissions of several circuits leave out: those read as circuits without scores);
+- JSON, as EAP-IG's ``Graph.to_json`` writes it: ``{"cfg", "nodes", "edges"}`` with every node and edge of the
+  full graph, an ``in_graph`` flag and a score (which MIB's submissions of several circuits leave out: those read
+  as circuits without scores);
 - ``torch.save`` (``Graph.to_pt``), compact for large models: ``cfg``, the ``src_nodes`` (upstream) and
   ``dst_nodes`` (downstream inputs) in graph order, and [src, dst] matrices of edge scores and flags, in which the
   cells of no edge (``m1->m0``) hold zeros.
@@ -31,7 +32,7 @@ class Circuit:
     def __init__(self, graph: CircuitGraph, edges: Iterable[str] | torch.Tensor,
                  scores: torch.Tensor | None = None, info: dict | None = None):
         self.graph, self.info = graph, dict(info or {})  # info: model, task, method… kept in the JSON's cfg
-        self.in_graph = _edge_flags(graph, edges)
+        self.in_graph = edge_flags(graph, edges)
         if scores is not None and scores.shape != (len(graph.edges),):
             raise ValueError(f"scores have shape {tuple(scores.shape)}; expected one per edge, [{len(graph.edges)}]")
         self.scores = None if scores is None else wide(scores.detach()).cpu()
@@ -77,7 +78,7 @@ class Circuit:
         if not isinstance(other, Circuit):
             return NotImplemented
         if other.graph.edges != self.graph.edges:
-            raise ValueError(f"the circuits are of different graphs ({_difference(self.graph, other.graph)}): "
+            raise ValueError(f"the circuits are of different graphs ({graph_difference(self.graph, other.graph)}): "
                              "combine or compare circuits of one model, or of models of one architecture")
         same = self.scores is not None and other.scores is not None and torch.equal(self.scores, other.scores)
         return Circuit(self.graph, op(self.in_graph, other.in_graph), self.scores if same else None)
@@ -101,13 +102,13 @@ class Circuit:
         if graph.edges == self.graph.edges:
             return self.in_graph.float()
         self.check_graph(graph)
-        return _edge_flags(graph, self.edges).float()
+        return edge_flags(graph, self.edges).float()
 
     def check_graph(self, graph: CircuitGraph) -> None:
         """Refuse a model's ``graph`` that holds other edges than the circuit's (in any order), before its names are
         read there."""
         if graph.edges != self.graph.edges and graph.edge_index.keys() != self.graph.edge_index.keys():
-            raise _another_graph(self.graph, graph)
+            raise another_graph(self.graph, graph)
 
     def to_networkx(self) -> nx.DiGraph:
         """The circuit as ``graph.to_networkx()`` draws the whole graph — its edges (with their ``score`` when the
@@ -322,14 +323,16 @@ def _listed(value):
     return value.tolist()
 
 
-def _another_graph(mine: CircuitGraph, model: CircuitGraph) -> ValueError:
-    """The refusal of a circuit of the graph ``mine`` run on a model of the graph ``model``."""
-    return ValueError(f"this circuit is of another graph than the model's ({_difference(mine, model)}): run a "
+def another_graph(mine: CircuitGraph, model: CircuitGraph) -> ValueError:
+    """The refusal of a circuit of the graph ``mine`` run on a model of the graph ``model``: plain circuits and
+    positional ones (``positional.SpanCircuit``) refuse alike."""
+    return ValueError(f"this circuit is of another graph than the model's ({graph_difference(mine, model)}): run a "
                       "circuit on the model it was found on, or on one of its architecture and size")
 
 
-def _difference(mine: CircuitGraph, theirs: CircuitGraph) -> str:
-    """How two graphs' edge lists differ, for an error: their sizes and the first edge where they part."""
+def graph_difference(mine: CircuitGraph, theirs: CircuitGraph) -> str:
+    """How two graphs' edge lists differ, for an error: their sizes and the first edge where they part (in every
+    refusal of circuits of different graphs, plain or positional)."""
     first = next((a, b) for a, b in itertools.zip_longest(mine.edges, theirs.edges) if a != b)
     return f"{len(mine.edges)} and {len(theirs.edges)} edges; first difference {first[0]!r} against {first[1]!r}"
 
@@ -391,8 +394,9 @@ def _require(data, keys: set[str], path) -> None:
         raise ValueError(f"{path} is not an EAP-IG/MIB circuit file: it lacks {sorted(missing)}")
 
 
-def _edge_flags(graph: CircuitGraph, edges: Iterable[str] | torch.Tensor) -> torch.Tensor:
-    """Edge names or a bool tensor [E] → bool tensor [E], with a clear error for names the graph lacks."""
+def edge_flags(graph: CircuitGraph, edges: Iterable[str] | torch.Tensor) -> torch.Tensor:
+    """Edge names or a bool tensor [E] → bool tensor [E], with a clear error for names the graph lacks: how a
+    circuit, and each class of a positional one, reads the edges it is given."""
     if isinstance(edges, torch.Tensor):
         if edges.shape != (len(graph.edges),):
             raise ValueError(f"edge flags have shape {tuple(edges.shape)}; expected [{len(graph.edges)}]")

@@ -59,10 +59,13 @@ def make_batches(tokenizer, clean: Sequence[str], corrupted: Sequence[str], corr
     if isinstance(clean, str) or isinstance(corrupted, str):
         raise TypeError("clean and corrupted are lists of prompts, one per example; got a single string (for one "
                         "pair: [clean], [corrupted], [correct], [incorrect])")
+    if isinstance(correct, str) or isinstance(incorrect, str):  # else read as one answer per character
+        raise TypeError("correct and incorrect are lists of answers, one per example (each a string or a list of "
+                        "strings); got a single string (the same answers for every example: [answer] * n)")
     n = len(clean)
     if n == 0:
         raise ValueError("no prompt pairs given: a task needs at least one example")
-    if batch_size < 1:
+    if not is_count(batch_size):
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     optional = {name: len(given) for name, given in (("labels", labels), ("spans", spans)) if given is not None}
     if not (len(corrupted) == len(correct) == len(incorrect) == n) or any(k != n for k in optional.values()):
@@ -243,6 +246,27 @@ def _pad(rows: list[list[int]], value: int, side: str) -> torch.Tensor:
     return torch.tensor(padded, dtype=torch.long)
 
 
+def is_count(n) -> bool:
+    """Whether ``n`` is a count: an int of at least 1.  A bool is none, although Python's bool is an int, and a
+    float none either: it would fail later, deep in a split or a range, or count a fraction of something."""
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+
+def check_counts(**counts: int | None) -> None:
+    """Refuse a count that is no int of at least 1 (``is_count``), by its name (None, where a default stands in,
+    passes)."""
+    for name, n in counts.items():
+        if n is not None and not is_count(n):
+            raise ValueError(f"{name} is a count, an int of at least 1; got {n!r}")
+
+
+def attention_mask(batch: dict) -> torch.Tensor:
+    """``batch["attention_mask"]``, or where the batch gives none, ones shaped like its clean prompts: every token
+    real, as the model reads a batch without a mask."""
+    mask = batch.get("attention_mask")
+    return torch.ones_like(batch["clean"]) if mask is None else mask
+
+
 def batch_list(batches: dict | Iterable[dict]) -> list[dict]:
     """``batches`` as a list: one batch dict given alone is one batch, where ``list()`` would take its keys."""
     return [batches] if isinstance(batches, dict) else list(batches)
@@ -396,8 +420,7 @@ def example(batch: dict, row: int) -> dict:
     if not -len(batch["clean"]) <= row < len(batch["clean"]):
         raise IndexError(f"row {row}: the batch holds {len(batch['clean'])} examples")
     row %= len(batch["clean"])  # a slice from -1 to 0 would be empty
-    mask = batch.get("attention_mask")
-    real = (torch.ones_like(batch["clean"][row]) if mask is None else mask[row]).bool().nonzero().flatten()
+    real = attention_mask(batch)[row].bool().nonzero().flatten()
     start, stop = int(real[0]), int(real[-1]) + 1
     one = {key: value[row:row + 1] for key, value in batch.items() if key != "spans"}
     for key in ("clean", "corrupted", "attention_mask"):

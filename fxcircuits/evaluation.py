@@ -2,9 +2,10 @@
 
 A circuit runs by edge patching: every edge outside it carries the other run's value (not node removal).
 Faithfulness f(C) = (m(C) − m(∅)) / (m(M) − m(∅)) with m the mean metric, M the full model and ∅ the empty
-circuit (every edge patched).  MIB's CPR and CMD (NOTES.md §4) integrate f, or |1 − f|, over circuits of the
-top 0.1% … 100% of edges.  ``smallest`` finds how few edges reach a given faithfulness (the
-size Hanna et al. 2024 compare methods by).  Completeness knocks the circuit out of the full model; minimality
+circuit (every edge patched).  MIB's CPR and CMD integrate f, or |1 − f|, over circuits of the
+top 0.1% … 100% of edges, each pruned, ranked by signed score for CPR and by |score| for CMD, as MIB's own scripts
+rank them.  ``smallest`` finds how few edges reach a given faithfulness (the size Hanna et al. 2024 compare
+methods by).  Completeness knocks the circuit out of the full model; minimality
 asks, for each edge of the circuit, how much faithfulness it is worth.
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ from . import metrics as metrics_
 from .circuit import Circuit
 from .model import CircuitModel
 from .positional import SpanCircuit, SpanScores
-from .runs import Calls, Prepared, call_size, check_counts, check_finite, ends, metric_values, prepare
+from .data import check_counts
+from .runs import Calls, Prepared, call_size, check_finite, ends, metric_values, prepare
 from .scores import EdgeScores
 
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)

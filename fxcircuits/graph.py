@@ -1,6 +1,6 @@
 """The computational graph as the field names it: upstream nodes, downstream inputs, and the edges between.
 
-Names follow EAP-IG / MIB (NOTES.md §4): ``input``, ``a{layer}.h{head}``, ``m{layer}``, ``logits``; an edge is
+Names follow EAP-IG's reference implementation and MIB: ``input``, ``a{layer}.h{head}``, ``m{layer}``, ``logits``; an edge is
 ``"{src}->{dst}"`` with ``<q>``, ``<k>`` or ``<v>`` appended when the destination is a head.  Every writer to the
 residual stream feeds every reader that reads the stream after it was written, so an MLP reads the heads of
 its own layer unless attention and MLP run in parallel.  Order is fixed: upstream nodes by the position where

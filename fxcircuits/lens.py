@@ -25,14 +25,15 @@ from matplotlib.figure import Figure
 from torch.func import jvp, vjp, vmap
 
 from .circuit import Circuit
-from .data import span_sums
+from . import data
+from .data import check_counts, span_sums
 from .draw import plot_heatmap
 from .graph import names
 from .metrics import answer_mean, answer_position, answer_sum
 from .model import CircuitModel
 from .norms import freeze_statistics
 from .patterns import check_index, check_read, check_real, head_indices
-from .runs import check_counts
+from .runs import nan_logits_advice
 
 
 @dataclass
@@ -297,7 +298,7 @@ def source_logits(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: tor
                          for layer, head in picks])  # [heads, keys, batch, seq, d_model]
     logits = final.through(_at(parts.flatten(0, 1), final.read.to(cm.device)), chunk_size)
     logits = logits.unflatten(0, parts.shape[:2]).movedim(1, 3)  # [heads, batch, positions, keys, …]
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    mask = data.attention_mask({"clean": input_ids, "attention_mask": attention_mask})
     return SourceLogits(heads, logits, final.read, input_ids.cpu(), mask.cpu(), final.linear, tokens=final.tokens)
 
 
@@ -316,10 +317,9 @@ class _FinalStream:
         self.stream = _at(streams[-1:], self.read.to(cm.device))[0]
         bad = (~torch.isfinite(self.stream)).flatten(1).any(1).nonzero().flatten().tolist()
         if bad:  # the norm's statistics would be NaN, and with them every node's direct logits
+            causes, remedies = nan_logits_advice(cm)
             raise ValueError(f"the final stream is NaN or infinite at the positions read in examples {bad[:8]}: the "
-                             f"model's own logits are too (check cm(ids, mask); {cm.model_name} in {cm.dtype}: "
-                             "float16 can overflow, and some HF models return NaN in float64 under padding); run the "
-                             "model in float32, pad on the other side, or leave those examples out")
+                             f"model's own logits are too (check cm(ids, mask); {causes}); {remedies}")
         self.total = cm.readout(self.stream)
         self.tokens = None if tokens is None else _token_table(tokens, batch=self.total.shape[0],
                                                                vocab=self.total.shape[-1])

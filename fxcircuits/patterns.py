@@ -15,12 +15,12 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .data import span_sums
+from . import data
+from .data import check_counts, span_sums
 from .draw import plot_heatmap
 from .graph import names
 from .metrics import answer_position
 from .model import CircuitModel
-from .runs import check_counts
 
 
 @dataclass
@@ -102,7 +102,7 @@ def attention_patterns(cm: CircuitModel, input_ids: torch.Tensor, attention_mask
     heads, picks = head_indices(cm, heads)
     layers = cm.patterns(input_ids, attention_mask, layers={layer for layer, _ in picks})
     weights = torch.stack([layers[layer][:, head] for layer, head in picks])
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    mask = data.attention_mask({"clean": input_ids, "attention_mask": attention_mask})
     return Patterns(heads, weights, input_ids.cpu(), mask.cpu())
 
 

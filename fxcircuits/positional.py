@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 
 from .attribution import scored
-from .circuit import Circuit, _another_graph, _difference, _edge_flags, is_positional, plain_info, read_json
+from .circuit import (Circuit, another_graph, edge_flags, graph_difference, is_positional, plain_info,
+                      read_json)
 from .data import REST
 from .graph import CircuitGraph
 from .metrics import wide
 from .model import CircuitModel
-from .scores import EdgeScores, _count, at_least, finite, kept, method_apart, ordered
+from .scores import EdgeScores, Scores
 
 
 def attribute_by_span(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Callable | None = None,
@@ -48,77 +49,6 @@ def attribute_by_span(cm: CircuitModel, batches: dict | Iterable[dict], metric: 
     return SpanScores(cm.graph, names, tensor, method, info)
 
 
-class SpanScores:
-    """A score per edge and class of positions, ``tensor`` [classes, E] (classes named by ``spans``, the last
-    ``"rest"``), and how they were found.  Sign and scale are ``EdgeScores``'."""
-
-    def __init__(self, graph: CircuitGraph, spans: Sequence[str], tensor: torch.Tensor, method: str = "",
-                 info: dict | None = None):
-        if tensor.shape != (len(spans), len(graph.edges)):
-            raise ValueError(f"scores have shape {tuple(tensor.shape)}; expected [{len(spans)}, {len(graph.edges)}]"
-                             " (one row of edge scores per class of positions)")
-        self.graph, self.spans, self.tensor = graph, list(spans), finite(wide(tensor.detach()).cpu(), graph)
-        self.method, self.info = method, dict(info or {})
-
-    def __repr__(self) -> str:
-        return f"SpanScores({self.method or 'unnamed'}, {len(self.graph.edges)} edges × {self.spans})"
-
-    def __getitem__(self, key: tuple[str, str]) -> float:
-        """``scores["a0.h1->logits", "END"]``: an edge has a score per class, so one name alone picks none."""
-        if not (isinstance(key, tuple) and len(key) == 2):
-            raise KeyError(f"scores[{key!r}]: an edge has a score per class of positions; index as scores[edge, span] "
-                           f"(spans {', '.join(map(repr, self.spans))}), or take scores.span(name) for one class's "
-                           "edge scores, scores.total() for each edge's summed over them")
-        edge, span = key
-        return float(self.tensor[_class_index(self.spans, span), self.graph.edge_index[edge]])
-
-    def span(self, name: str) -> EdgeScores:
-        """One class's edge scores."""
-        return EdgeScores(self.graph, self.tensor[_class_index(self.spans, name)], self.method,
-                          {**self.info, "span": name})
-
-    def total(self) -> EdgeScores:
-        """Each edge's scores summed over the classes: for the gradient methods, its score at every position, as
-        ``attribute`` gives it."""
-        return EdgeScores(self.graph, self.tensor.sum(0), self.method, self.info)
-
-    def topn(self, n: int | float, absolute: bool = True) -> "SpanCircuit":
-        """The ``n`` highest-scoring (edge, class) pairs (a float is a fraction of them all), pruned."""
-        return self.cuts("topn", absolute)(n)
-
-    def greedy(self, n: int | float, absolute: bool = True) -> "SpanCircuit":
-        """``n`` (edge, class) pairs grown from ``logits`` backwards, best first (``EdgeScores.greedy``): a pair
-        becomes a candidate once its edge's destination node is in the circuit, at any class."""
-        return self.cuts("greedy", absolute)(n)
-
-    def cuts(self, selection: str = "topn", absolute: bool = True) -> Callable[[int | float], "SpanCircuit"]:
-        """``topn`` or ``greedy`` as a function of the size, the order of the pairs found once
-        (``EdgeScores.cuts``)."""
-        order = ordered(self.graph, self.tensor, selection, absolute)
-        return lambda n: self._circuit(kept(order, _count(n, self.tensor.numel(), "(edge, span) pairs"),
-                                            self.tensor.shape))
-
-    def threshold(self, t: float, absolute: bool = True) -> "SpanCircuit":
-        """Every (edge, class) pair scoring at least ``t`` (|score| with ``absolute``), pruned."""
-        return self._circuit(at_least(self.tensor, t, absolute))
-
-    def save(self, path: str | Path) -> None:
-        """Every score in a positional circuit file with no pair in the circuit (``SpanCircuit.save``)."""
-        SpanCircuit(self.graph, self.spans, torch.zeros(self.tensor.shape, dtype=torch.bool), self.tensor,
-                    {"method": self.method, **self.info}).save(path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "SpanScores":
-        """Read what ``save`` wrote, or the scores of any positional circuit file that has them."""
-        circuit = SpanCircuit.load(path)
-        if circuit.scores is None:
-            raise ValueError(f"{path} holds a positional circuit without scores")
-        return cls(circuit.graph, circuit.spans, circuit.scores, *method_apart(circuit.info))
-
-    def _circuit(self, flags: torch.Tensor) -> "SpanCircuit":
-        return SpanCircuit(self.graph, self.spans, flags, self.tensor, {"method": self.method, **self.info}).pruned()
-
-
 class SpanCircuit:
     """Edges of ``graph`` kept per class of positions: ``in_graph`` bool [classes, E], the classes named by
     ``spans``.  It runs with every other edge patched, each class at its own tokens (``edge_mask``, with
@@ -135,7 +65,7 @@ class SpanCircuit:
             unknown = [s for s in in_graph if s not in self.spans]
             if unknown:
                 raise KeyError(f"no class {unknown[0]!r} among the circuit's {self.spans}")
-            in_graph = torch.stack([_edge_flags(graph, in_graph.get(s, [])) for s in self.spans])
+            in_graph = torch.stack([edge_flags(graph, in_graph.get(s, [])) for s in self.spans])
         if in_graph.shape != (len(self.spans), len(graph.edges)):
             raise ValueError(f"in_graph has shape {tuple(in_graph.shape)}; expected [{len(self.spans)}, "
                              f"{len(graph.edges)}] (one row of edge flags per class of positions)")
@@ -172,7 +102,7 @@ class SpanCircuit:
     def edge_mask(self, graph: CircuitGraph | None = None) -> torch.Tensor:
         """The masks [classes, E] that run this circuit: 1 on its edges in each class, 0 (patched) elsewhere."""
         if graph is not None and graph.edges != self.graph.edges:
-            raise _another_graph(self.graph, graph)
+            raise another_graph(self.graph, graph)
         return self.in_graph.float()
 
     def pruned(self) -> "SpanCircuit":
@@ -211,6 +141,50 @@ class SpanCircuit:
             raise ValueError(f"{path}: {error}") from None
 
 
+class SpanScores(Scores):
+    """A score per edge and class of positions, ``tensor`` [classes, E] (classes named by ``spans``, the last
+    ``"rest"``), and how they were found.  Sign and scale are ``EdgeScores``'."""
+
+    circuit_type = SpanCircuit
+    kind = "positional circuit"
+    unit = "(edge, span) pairs"
+
+    def __init__(self, graph: CircuitGraph, spans: Sequence[str], tensor: torch.Tensor, method: str = "",
+                 info: dict | None = None):
+        if tensor.shape != (len(spans), len(graph.edges)):
+            raise ValueError(f"scores have shape {tuple(tensor.shape)}; expected [{len(spans)}, {len(graph.edges)}]"
+                             " (one row of edge scores per class of positions)")
+        self.spans = list(spans)
+        super().__init__(graph, tensor, method, info)
+
+    @staticmethod
+    def _layout(source) -> tuple:
+        """The classes' names, which ``SpanCircuit`` takes between the graph and the flags."""
+        return (source.spans,)
+
+    def __repr__(self) -> str:
+        return f"SpanScores({self.method or 'unnamed'}, {len(self.graph.edges)} edges × {self.spans})"
+
+    def __getitem__(self, key: tuple[str, str]) -> float:
+        """``scores["a0.h1->logits", "END"]``: an edge has a score per class, so one name alone picks none."""
+        if not (isinstance(key, tuple) and len(key) == 2):
+            raise KeyError(f"scores[{key!r}]: an edge has a score per class of positions; index as scores[edge, span] "
+                           f"(spans {', '.join(map(repr, self.spans))}), or take scores.span(name) for one class's "
+                           "edge scores, scores.total() for each edge's summed over them")
+        edge, span = key
+        return float(self.tensor[_class_index(self.spans, span), self.graph.edge_index[edge]])
+
+    def span(self, name: str) -> EdgeScores:
+        """One class's edge scores."""
+        return EdgeScores(self.graph, self.tensor[_class_index(self.spans, name)], self.method,
+                          {**self.info, "span": name})
+
+    def total(self) -> EdgeScores:
+        """Each edge's scores summed over the classes: for the gradient methods, its score at every position, as
+        ``attribute`` gives it."""
+        return EdgeScores(self.graph, self.tensor.sum(0), self.method, self.info)
+
+
 def _span_circuits(saved: dict, path) -> list[Circuit]:
     """Each span's circuit of a positional circuit file, in the order its ``spans`` lists them, refused naming the
     file and what is damaged — spans that are no list of names, a span without its circuit or a circuit of no
@@ -233,8 +207,8 @@ def _span_circuits(saved: dict, path) -> list[Circuit]:
     for span, circuit in zip(spans[1:], circuits[1:]):
         if circuit.graph.edges != circuits[0].graph.edges:
             raise ValueError(f"{path}: the circuits of spans {spans[0]!r} and {span!r} are of different graphs "
-                             f"({_difference(circuits[0].graph, circuit.graph)}): a positional circuit's spans are "
-                             "all of one model's graph")
+                             f"({graph_difference(circuits[0].graph, circuit.graph)}): a positional circuit's spans "
+                             "are all of one model's graph")
         if (circuit.scores is None) != (circuits[0].scores is None):
             scored, unscored = (spans[0], span) if circuit.scores is None else (span, spans[0])
             raise ValueError(f"{path}: span {scored!r}'s circuit has scores and span {unscored!r}'s none: a "

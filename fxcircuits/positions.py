@@ -25,19 +25,20 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from . import metrics
-from .attribution import POINTS_CALL_STREAM, POINTS_PER_CALL, differences, tapped
+from .attribution import differences, fit_points, point_calls, points_per_edge, tapped
 from .circuit import Circuit
-from .data import batch_list, span_weights
+from .data import attention_mask, batch_list, check_counts, span_weights
 from .draw import plot_heatmap, plot_inputs, plot_nodes
 from .evaluation import Evaluator
 from .graph import CircuitGraph, names as name_list
 from .lens import node_names
 from .model import CircuitModel
 from .patching import dense_keep
-from .runs import Calls, Prepared, call_size, check_counts, check_finite, ends, metric_values, prepare
+from .runs import Calls, Prepared
 
 DIRECTIONS = ("noising", "denoising")
 METHODS = ("exact", "attribution", "attribution-ig")
+GRADIENTS = {"attribution": "eap", "attribution-ig": "eap-ig-inputs"}  # the attribution method of each estimate
 
 
 @dataclass
@@ -225,28 +226,28 @@ def patch_by_position(cm: CircuitModel, batches: dict | Iterable[dict], metric, 
     stream at the changed token)."""
     given, metric, runs = _directed(batches, metric, direction, method, steps, masks_per_call)
     names = _span_names(given, spans)
-    prepared = prepare(cm, runs, metric)
     units, masks = _units(cm, nodes, inputs, receivers)
     idle = [unit for unit, mask in zip(units, masks) if bool(mask.eq(1).all())]
     if receivers is not None and idle:
         raise ValueError(f"no edge from {', '.join(idle[:3])} enters the receivers: a node that writes after every "
                          "receiver reads sends them nothing, and its effect would be 0 at every token; give nodes "
                          "of earlier layers")
-    calls = Calls(16 if masks_per_call is None else masks_per_call)
-    run_and_other = calls.split(ends(cm.graph), lambda both: metric_values(cm, prepared, metric, both), prepared)
-    check_finite(cm, prepared, metric, run_and_other)  # a NaN of the model's own would fill every effect
-    run, other = run_and_other  # every edge kept, every one patched
+    # the runs prepared, and their metric checked finite: a NaN of the model's own would fill every effect
+    evaluator = Evaluator(cm, runs, metric, masks_per_call=16 if masks_per_call is None else masks_per_call)
+    prepared, calls = evaluator.prepared, evaluator.calls
+    run, other = evaluator.full, evaluator.empty  # every edge kept, every one patched
     columns = [_columns(batch, names, p.input_ids.shape[1]) for batch, p in zip(given, prepared)]
     if method == "exact":
         drops = _patched(cm, prepared, metric, masks, columns, run, calls, progress)
     else:
         drops = [_attributed(cm, p, metric, masks, c, method, steps, calls) for p, c in zip(prepared, columns)]
-    drops = [d if names is not None else d.masked_fill(~_mask(b).bool(), float("nan")) for d, b in zip(drops, given)]
+    real = [attention_mask(b).cpu() for b in given]
+    drops = [d if names is not None else d.masked_fill(~r.bool(), float("nan")) for d, r in zip(drops, real)]
     effects = _joined(drops, fill=float("nan"))
     clean, corrupted = (run, other) if direction == "noising" else (other, run)
     return PositionEffects(units, effects if direction == "noising" else -effects, clean, corrupted, direction,
                            _joined([b["clean"].cpu() for b in given], fill=0),
-                           _joined([_mask(b) for b in given], fill=0), method, names)
+                           _joined(real, fill=0), method, names)
 
 
 @torch.no_grad()
@@ -313,8 +314,7 @@ def _everywhere(cm: CircuitModel, batches: dict | Iterable[dict], metric, units:
             drops[patching] = run - evaluator.values(masks[patching], progress, desc=desc)
     else:
         prepared = evaluator.prepared
-        calls = Calls(call_size(prepared, masks_per_call, cpu_stream=POINTS_CALL_STREAM, most=POINTS_PER_CALL,
-                                accelerator=POINTS_PER_CALL))
+        calls = point_calls(prepared, masks_per_call)
         drops = torch.cat([_attributed(cm, p, metric, masks, p.attention_mask.float().cpu()[None], method, steps,
                                        calls)[..., 0] for p in prepared], -1)  # every real token, one column
     clean, corrupted = (run, other) if direction == "noising" else (other, run)
@@ -368,10 +368,6 @@ def _columns(batch: dict, names: list[str] | None, width: int) -> torch.Tensor:
         size, seq = batch["clean"].shape
         return torch.eye(seq, width)[:, None].expand(seq, size, width)
     return torch.stack([span_weights(batch["spans"][name].cpu(), width) for name in names])
-
-
-def _mask(batch: dict) -> torch.Tensor:
-    return batch.get("attention_mask", torch.ones_like(batch["clean"])).cpu()
 
 
 def _joined(parts: list[torch.Tensor], fill: float) -> torch.Tensor:
@@ -431,10 +427,10 @@ def _attributed(cm: CircuitModel, p: Prepared, metric, masks: torch.Tensor, colu
     run itself (``"attribution"``), or averaged over ``steps`` points with the input's edges at 0, 1/steps, …
     (``"attribution-ig"``, EAP-IG-inputs) — summed over each unit's edges (those its mask patches) and weighted by
     each position's ``columns``."""
-    points = {"attribution": ("eap", 1), "attribution-ig": ("eap-ig-inputs", steps)}
-    gradients, n_points = points[method]
-    calls.size = min(calls.size, n_points)  # the points that share their inputs, at most
-    scores = calls.run(lambda n: tapped(cm, p, metric, gradients, n_points, n, by_position=True), [p]) / n_points
+    gradients = GRADIENTS[method]
+    fit_points(calls, gradients, steps)
+    scores = calls.run(lambda n: tapped(cm, p, metric, gradients, steps, n, by_position=True), [p])
+    scores = scores / points_per_edge(gradients, steps)
     per_edge = metrics.wide(scores[cm.graph.src, cm.graph.dst])  # [edges, batch · seq]
     by_token = ((1 - masks).to(per_edge) @ per_edge).view(len(masks), p.size, -1)
     return torch.einsum("ubw,cbw->ubc", by_token, columns.to(by_token))

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import heads, metrics
-from .data import batch_list, check_batch, position_classes, to_device
+from .data import attention_mask, batch_list, check_batch, check_counts, position_classes, to_device
 from .model import CircuitModel
 from .patching import Tap, class_keep, dense_keep
 
@@ -54,14 +54,6 @@ class Prepared:
                             where=where)
         batch = self.batch if self.positions is None else {**self.batch, "position": torch.zeros_like(self.positions)}
         return metrics.measured(metric, logits, batch)
-
-
-def check_counts(**counts: int | None) -> None:
-    """Refuse a count that is no int of at least 1, by its name (None, where a default stands in, passes): a float
-    would fail later, deep in a split or a range."""
-    for name, n in counts.items():
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ValueError(f"{name} is a count, an int of at least 1; got {n!r}")
 
 
 def call_size(prepared: list[Prepared], given: int | None, *, cpu_stream: int, most: int,
@@ -154,7 +146,7 @@ def _padded(batch: dict, length: int) -> dict:
     if not extra:
         return batch
     padded = {key: batch[key] for key in ("clean", "corrupted") if key in batch}
-    padded["attention_mask"] = batch.get("attention_mask", torch.ones_like(batch["clean"]))
+    padded["attention_mask"] = attention_mask(batch)
     return {**batch, **{key: torch.nn.functional.pad(value, (0, extra)) for key, value in padded.items()}}
 
 
@@ -187,8 +179,7 @@ def mean_activations(cm: CircuitModel, reference: Iterable[dict] | None) -> list
     totals, count = None, 0
     with torch.no_grad():
         for batch in served_lengths(cm, batch_list(reference)):
-            ids = batch["clean"].to(cm.device)
-            mask = batch.get("attention_mask", torch.ones_like(ids)).to(cm.device)
+            ids, mask = batch["clean"].to(cm.device), attention_mask(batch).to(cm.device)
             sums = [(v.float() * mask.view(1, *mask.shape, *[1] * (v.dim() - 3))).sum((1, 2), keepdim=True)
                     for v in cm.recording(ids, mask)[0]]
             totals = sums if totals is None else [t + s for t, s in zip(totals, sums)]
@@ -229,13 +220,19 @@ def check_finite(cm: CircuitModel, prepared: list[Prepared], metric, values: tor
     for row, run in zip(values, ("the clean run", "the run with every edge patched")):
         bad = (~torch.isfinite(row)).nonzero().flatten().tolist()
         if bad:
+            causes, remedies = nan_logits_advice(cm)
             raise ValueError(f"the metric is NaN or infinite on {run} of {len(bad)} of {row.numel()} examples "
                              f"(counting from 0 over the batches: {', '.join(map(str, bad[:8]))}"
                              f"{' …' if len(bad) > 8 else ''}), and so would every score and faithfulness be. The "
-                             f"model's own logits are the usual cause: check cm(ids, mask) there ({cm.model_name} "
-                             f"in {cm.dtype}: float16 can overflow, and some HF models return NaN in float64 under "
-                             "padding), then run the model in float32, pad on the other side, or leave those "
-                             "examples out")
+                             f"model's own logits are the usual cause: check cm(ids, mask) there ({causes}), then "
+                             f"{remedies}")
+
+
+def nan_logits_advice(cm: CircuitModel) -> tuple[str, str]:
+    """Where the model's own logits are NaN or infinite, the usual causes for ``cm``'s model and dtype, and the ways
+    out: one advice for every error that meets them (``check_finite``, the lens's final stream)."""
+    return (f"{cm.model_name} in {cm.dtype}: float16 can overflow, and some HF models return NaN in float64 under "
+            "padding", "run the model in float32, pad on the other side, or leave those examples out")
 
 
 def clean_values(cm: CircuitModel, prepared: list[Prepared], metric) -> torch.Tensor:

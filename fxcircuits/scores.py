@@ -1,8 +1,10 @@
 """Edge scores, and the ways the field turns them into a circuit: top-n edges, greedy, threshold, top-n nodes.
 
-Sign and scale follow EAP-IG/MIB (NOTES.md §4): score(e) ≈ mean over examples of metric(clean) −
-metric(clean with e patched); positive means the edge helps the task.  Every edge selection is pruned of dangling
-nodes and edges, as EAP-IG prunes, so what it returns is a connected circuit from ``input`` to ``logits``.
+Sign and scale follow EAP-IG's reference implementation and MIB: score(e) ≈ mean over examples of metric(clean) −
+metric(clean with e patched), summed over positions and hidden dimensions; positive means the edge helps the task.
+Every edge selection (top-n, greedy, threshold) is pruned of dangling nodes and edges, as EAP-IG prunes, so what it
+returns is a connected circuit from ``input`` to ``logits``.  The node selection (``topn_nodes``) is not: it runs
+as node patching, where a kept node whose inputs are all patched still computes from them.
 """
 from __future__ import annotations
 
@@ -11,12 +13,16 @@ import math
 import numbers
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .circuit import Circuit
 from .graph import CircuitGraph
 from .metrics import wide
+
+if TYPE_CHECKING:  # positional.py builds on this module
+    from .positional import SpanCircuit, SpanScores
 
 
 def ranked(scores: torch.Tensor, absolute: bool) -> torch.Tensor:
@@ -40,14 +46,87 @@ def finite(tensor: torch.Tensor, graph: CircuitGraph) -> torch.Tensor:
     return tensor
 
 
-class EdgeScores:
+class Scores:
+    """What ``EdgeScores`` and ``SpanScores`` share: scores over the units of ``graph`` — its edges, or (edge, class
+    of positions) pairs — refused where one is not finite, how they were found (``method``; ``info``: metric,
+    ablation…), and their cuts into circuits.  A subclass checks the tensor's shape and says what its cuts are:
+    ``circuit_type``, built by ``_layout`` and ``_circuit``; ``kind``, its name in errors; ``unit``, what a cut's
+    size counts."""
+
+    circuit_type: type = Circuit
+    kind = "circuit"
+    unit = "edges"
+
+    def __init__(self, graph: CircuitGraph, tensor: torch.Tensor, method: str = "", info: dict | None = None):
+        self.graph, self.tensor = graph, finite(wide(tensor.detach()).cpu(), graph)
+        self.method, self.info = method, dict(info or {})
+
+    @staticmethod
+    def _layout(source) -> tuple:
+        """What ``circuit_type`` takes between the graph and the flags, read off these scores or off a circuit of
+        that type (``load``): nothing for plain circuits."""
+        return ()
+
+    def _circuit(self, flags: torch.Tensor, pruned: bool = True) -> Circuit | SpanCircuit:
+        """The circuit of ``flags``, pruned unless told not, saying how its scores were found (method, metric,
+        ablation…)."""
+        circuit = self.circuit_type(self.graph, *self._layout(self), flags, self.tensor,
+                                    {"method": self.method, **self.info})
+        return circuit.pruned() if pruned else circuit
+
+    def _unselected(self) -> Circuit | SpanCircuit:
+        """Every score and no unit kept: what ``save`` writes, as a circuit file holds scores."""
+        return self._circuit(torch.zeros(self.tensor.shape, dtype=torch.bool), pruned=False)
+
+    def topn(self, n: int | float, absolute: bool = True) -> Circuit | SpanCircuit:
+        """The ``n`` highest-scoring edges (by span, (edge, class) pairs; a float is a fraction of them all: 0.01,
+        or 1.0 for all), pruned.
+
+        ``absolute=True`` ranks by |score| (MIB's CMD); ``False`` by signed score (MIB's CPR)."""
+        return self.cuts("topn", absolute)(n)
+
+    def greedy(self, n: int | float, absolute: bool = True) -> Circuit | SpanCircuit:
+        """``n`` edges (by span, (edge, class) pairs) grown from ``logits`` backwards, best first (EAP-IG's greedy
+        search): one becomes a candidate once its edge's destination node is in the circuit (by span, at any
+        class), so the result is connected by construction."""
+        return self.cuts("greedy", absolute)(n)
+
+    def cuts(self, selection: str = "topn",
+             absolute: bool = True) -> Callable[[int | float], Circuit | SpanCircuit]:
+        """``topn`` or ``greedy`` as a function of the size, the order of the edges (by span, pairs) found once:
+        for cutting many sizes (greedy's order takes about 0.5 s on SmolLM2's 123,211 edges)."""
+        rows = self.tensor.reshape(-1, len(self.graph.edges))  # [classes, E]: edge scores are one class
+        order = ordered(self.graph, rows, selection, absolute)
+        return lambda n: self._circuit(kept(order, count_of(n, self.tensor.numel(), self.unit), self.tensor.shape))
+
+    def threshold(self, t: float, absolute: bool = True) -> Circuit | SpanCircuit:
+        """Every edge (by span, (edge, class) pair) whose score (|score| with ``absolute``) is at least ``t``,
+        pruned."""
+        return self._circuit(at_least(self.tensor, t, absolute))
+
+    def save(self, path: str | Path) -> None:
+        """Every score in a circuit file with nothing in the circuit: for edge scores EAP-IG/MIB JSON for a path
+        ending in ``.json``, EAP-IG's ``torch.save`` form (compact for large graphs) for ``.pt`` or ``.pth``; by
+        span, a positional circuit file (``SpanCircuit.save``)."""
+        self._unselected().save(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> EdgeScores | SpanScores:
+        """Read what ``save`` wrote, or the scores of any circuit file of the kind that has them (EAP-IG/MIB's,
+        for edge scores; a positional one, by span)."""
+        circuit = cls.circuit_type.load(path)
+        if circuit.scores is None:
+            raise ValueError(f"{path} holds a {cls.kind} without scores")
+        return cls(circuit.graph, *cls._layout(circuit), circuit.scores, *method_apart(circuit.info))
+
+
+class EdgeScores(Scores):
     """One score per edge of ``graph`` (``tensor``, float [E] in ``graph.edges`` order) and how they were found."""
 
     def __init__(self, graph: CircuitGraph, tensor: torch.Tensor, method: str = "", info: dict | None = None):
         if tensor.shape != (len(graph.edges),):
             raise ValueError(f"scores have shape {tuple(tensor.shape)}; expected [{len(graph.edges)}]")
-        self.graph, self.tensor = graph, finite(wide(tensor.detach()).cpu(), graph)
-        self.method, self.info = method, dict(info or {})
+        super().__init__(graph, tensor, method, info)
 
     def __getitem__(self, edge: str) -> float:
         return float(self.tensor[self.graph.edge_index[edge]])
@@ -61,25 +140,7 @@ class EdgeScores:
     def nodes(self) -> dict[str, float]:
         """Node-level scores: the sum of each upstream node's outgoing edge scores (patching a node patches
         every edge it sends)."""
-        return dict(zip(self.graph.upstream, self.graph.by_source(self.tensor).tolist()))
-
-    def _circuit(self, flags: torch.Tensor, pruned: bool = True) -> Circuit:
-        """The circuit of ``flags``, pruned unless told not, saying how its scores were found (method, metric,
-        ablation…)."""
-        circuit = Circuit(self.graph, flags, self.tensor, {"method": self.method, **self.info})
-        return circuit.pruned() if pruned else circuit
-
-    def topn(self, n: int | float, absolute: bool = True) -> Circuit:
-        """The ``n`` highest-scoring edges (a float is a fraction of all edges: 0.01, or 1.0 for all), pruned.
-
-        ``absolute=True`` ranks by |score| (MIB's CMD); ``False`` by signed score (MIB's CPR)."""
-        return self.cuts("topn", absolute)(n)
-
-    def cuts(self, selection: str = "topn", absolute: bool = True) -> Callable[[int | float], Circuit]:
-        """``topn`` or ``greedy`` as a function of the size, the order of the edges found once: for cutting many
-        sizes (greedy's order takes about 0.5 s on SmolLM2's 123,211 edges)."""
-        order = ordered(self.graph, self.tensor[None], selection, absolute)
-        return lambda n: self._circuit(kept(order, _count(n, len(self)), self.tensor.shape))
+        return self._unselected().node_scores()
 
     def topn_nodes(self, n: int | float, absolute: bool = True) -> Circuit:
         """A node-level circuit, cut as EAP-IG's ``apply_topn(level="node")`` cuts one: the ``n`` upstream nodes of
@@ -90,31 +151,9 @@ class EdgeScores:
         g, by_node = self.graph, self.graph.by_source(self.tensor)
         kept = torch.zeros(len(g.nodes), dtype=torch.bool)
         order = torch.argsort(ranked(by_node, absolute), descending=True, stable=True)
-        kept[order[:_count(n, len(by_node), "nodes")]] = True
+        kept[order[:count_of(n, len(by_node), "nodes")]] = True
         kept[-1] = True  # logits reads whatever is kept
         return self._circuit(kept[g.src] & kept[g.reader[g.dst]], pruned=False)
-
-    def threshold(self, t: float, absolute: bool = True) -> Circuit:
-        """Every edge whose score (|score| with ``absolute``) is at least ``t``, pruned."""
-        return self._circuit(at_least(self.tensor, t, absolute))
-
-    def greedy(self, n: int | float, absolute: bool = True) -> Circuit:
-        """``n`` edges grown from ``logits`` backwards, best first (EAP-IG's greedy search): an edge becomes a
-        candidate once its destination node is in the circuit, so the result is connected by construction."""
-        return self.cuts("greedy", absolute)(n)
-
-    def save(self, path: str | Path) -> None:
-        """Every edge's score in a circuit file with no edge in the circuit: EAP-IG/MIB JSON for a path ending in
-        ``.json``, EAP-IG's ``torch.save`` form (compact for large graphs) for ``.pt`` or ``.pth``."""
-        self._circuit(torch.zeros(len(self), dtype=torch.bool), pruned=False).save(path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "EdgeScores":
-        """Read what ``save`` wrote, or any EAP-IG/MIB circuit file with scores."""
-        circuit = Circuit.load(path)
-        if circuit.scores is None:
-            raise ValueError(f"{path} holds a circuit without scores")
-        return cls(circuit.graph, circuit.scores, *method_apart(circuit.info))
 
 
 def method_apart(info: dict) -> tuple[str, dict]:
@@ -164,9 +203,10 @@ def kept(order: torch.Tensor, count: int, shape: torch.Size) -> torch.Tensor:
     return flags.view(shape)
 
 
-def _count(n: int | float, total: int, what: str = "edges") -> int:
-    """``n`` of ``total`` edges (or nodes): an integer is a count, any other real number a fraction (MIB's
-    int(p·E); 1.0 is all) — numpy's and one-element tensors' alike, which ``int()`` would truncate to 0."""
+def count_of(n: int | float, total: int, what: str = "edges") -> int:
+    """``n`` of ``total`` edges (or nodes, (edge, span) pairs, a learned mask's gates: ``what``): an integer is a
+    count, any other real number a fraction (MIB's int(p·E); 1.0 is all) — numpy's and one-element tensors' alike,
+    which ``int()`` would truncate to 0.  Every cut by size reads its size so, and so does a mask's density."""
     if isinstance(n, torch.Tensor) and n.numel() == 1:
         n = n.item()
     if isinstance(n, numbers.Integral) and not isinstance(n, bool):

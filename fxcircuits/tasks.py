@@ -27,7 +27,7 @@ import torch
 from transformers import PreTrainedModel
 
 from . import metrics as _metrics
-from .data import continuations, make_batches, to_device
+from .data import continuations, is_count, make_batches, to_device
 from .metrics import Metric
 
 
@@ -421,7 +421,7 @@ TASKS: dict[str, Callable[..., Task]] = {"greater-than": greater_than, "sva": sv
 def load(name: str, tokenizer, *, size: int = 64, seed: int = 0, batch_size: int = 8) -> Task:
     """The built-in task ``name`` (one of :data:`TASKS`), ``size`` examples drawn with ``seed``."""
     key = name.lower().replace("_", "-")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    if not is_count(size):
         raise ValueError(f"size={size!r}: a task's size is a count of examples, an int of at least 1")
     if key not in TASKS:
         raise ValueError(f"unknown task {name!r}; the built-in tasks are {', '.join(TASKS)}; for your own data "
@@ -440,7 +440,7 @@ def from_file(path: str | Path, tokenizer, *, metric: str | Metric | None = None
     """A task from a CSV or JSONL file with fields ``clean``, ``corrupted``, ``correct``, ``incorrect``.
 
     Answers are continuations of the clean prompt, leading space included; several answers are separated by
-    ``|`` in CSV and are a list in JSONL. The metric is ``metric`` if given, else the file's ``metric`` field
+    ``|`` in CSV and are a list in JSONL (where a string is one answer, ``|`` and all). The metric is ``metric`` if given, else the file's ``metric`` field
     (one value for the whole file), else ``logit_diff``. Malformed rows (missing fields, empty strings, bad
     JSON) raise ``ValueError`` listing the rows by line number. Rows whose clean and corrupted prompts
     tokenize to different lengths raise too, or with ``drop_mismatched=True`` are dropped with a warning
@@ -452,7 +452,7 @@ def from_file(path: str | Path, tokenizer, *, metric: str | Metric | None = None
     if suffix not in (".csv", ".jsonl"):
         raise ValueError(f"{path}: expected a .csv or .jsonl file")
     rows = _read_csv(path) if suffix == ".csv" else _read_jsonl(path)
-    parsed = [(line, _parse_row(row)) for line, row in rows]
+    parsed = [(line, _parse_row(row, separated=suffix == ".csv")) for line, row in rows]
     problems = [f"line {line}: {result}" for line, result in parsed if isinstance(result, str)]
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
@@ -473,7 +473,11 @@ def _read_csv(path: Path) -> list[tuple[int, dict]]:
         if missing:
             raise ValueError(f"{path}: the header (line 1) lacks the column(s) {', '.join(missing)}; expected "
                              f"{', '.join(_COLUMNS)} and optionally metric")
-        return [(reader.line_num, row) for row in reader]
+        rows, first = [], 2  # the line each record starts on: a quoted field may span several
+        for row in reader:
+            rows.append((first, row))
+            first = reader.line_num + 1
+        return rows
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict | str]]:
@@ -491,14 +495,15 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict | str]]:
     return rows
 
 
-def _parse_row(row: dict | str) -> Example | str:
-    """The row as an Example, or a description of what is wrong with it."""
+def _parse_row(row: dict | str, separated: bool) -> Example | str:
+    """The row as an Example, or a description of what is wrong with it; ``separated``: its answers are strings
+    of answers separated by ``|`` (CSV's)."""
     if isinstance(row, str):
         return row
     if None in row:  # csv.DictReader's key for fields beyond the header's
         return "more fields than the header has (quote fields that contain commas)"
     prompts = {key: row.get(key) for key in ("clean", "corrupted")}
-    answers = {key: _answers(row.get(key)) for key in ("correct", "incorrect")}
+    answers = {key: _answers(row.get(key), separated) for key in ("correct", "incorrect")}
     bad = [key for key, value in prompts.items() if not (isinstance(value, str) and value.strip())]
     bad += [key for key, value in answers.items() if value is None]
     if bad:
@@ -526,9 +531,10 @@ def _spans(value) -> dict[str, tuple[int, int]] | None:
     return {str(name): (r[0], r[1]) for name, r in value.items()}
 
 
-def _answers(value) -> tuple[str, ...] | None:
-    """An answer field's strings ("a|b" in CSV, a list in JSONL), or None if missing or any part is empty."""
-    parts = value.split("|") if isinstance(value, str) else value
+def _answers(value, separated: bool) -> tuple[str, ...] | None:
+    """An answer field's strings ("a|b" in CSV, where ``separated``; a list, or one string, in JSONL: " |" is an
+    answer there), or None if missing or any part is empty."""
+    parts = (value.split("|") if separated else [value]) if isinstance(value, str) else value
     if not isinstance(parts, list) or not parts or not all(isinstance(p, str) and p.strip() for p in parts):
         return None
     return tuple(parts)

@@ -89,6 +89,9 @@ def test_no_pairs_or_no_room_in_a_batch_is_refused(tokenizer):
         make_batches(tokenizer, [IOI], [IOI_CORRUPTED], [" Mary"], [" John"], batch_size=0)
     with pytest.raises(TypeError, match="lists of prompts, one per example; got a single string"):
         make_batches(tokenizer, IOI, IOI_CORRUPTED, " Mary", " John")
+    for correct, incorrect in (("Paris", ["Tokyo"] * 5), ([" Paris"] * 5, "Tokyo")):  # five prompts, five letters
+        with pytest.raises(TypeError, match="lists of answers, one per example .*got a single string"):
+            make_batches(tokenizer, [IOI] * 5, [IOI_CORRUPTED] * 5, correct, incorrect)
     with pytest.raises(ValueError, match=r"must have one entry per example; got lengths 2, 2, 2, 2, 1 \(labels\)"):
         make_batches(tokenizer, [IOI] * 2, [IOI_CORRUPTED] * 2, [" Mary"] * 2, [" John"] * 2, labels=["one"])
     for answer in (None, [" Mary", 3]):  # a missing value read from a table, a number among strings

@@ -761,6 +761,19 @@ def test_a_metric_that_averages_the_batch_itself_is_refused(llama, method):
         fxcircuits.Evaluator(llama, [_batch()], lambda logits, batch: 1.0)
 
 
+def test_a_metric_without_a_gradient_is_refused_by_the_methods_that_take_one(llama):
+    """Accuracy (an argmax compared with the answer) has no gradient: the gradient methods refuse it by name, and the
+    methods that only run the metric score with it."""
+    def accuracy(logits, batch):
+        return (fxcircuits.metrics.logits_at_answer(logits, batch).argmax(-1) == batch["correct"][:, 0]).float()
+    for method, options in (("eap", {}), ("eap-ig-inputs", {}), ("clean-corrupted", {}), ("eap-ig-activations", {}),
+                            ("mask", {"mask_steps": 2, "warm_start": None})):
+        with pytest.raises(ValueError, match=f"{method!r} takes the metric's gradient, and this metric's value "
+                                             "carries none .* or score with method='exact' or 'acdc'"):
+            fxcircuits.attribute(llama, [_batch()], accuracy, method, progress=False, **options)
+    assert fxcircuits.attribute(llama, [_batch()], accuracy, "exact", progress=False).tensor.isfinite().all()
+
+
 def test_one_batch_dict_is_one_batch_everywhere(llama):
     """A batch dict given where batches are asked for is the one batch (``list()`` would take its keys)."""
     batch = _batch()

