@@ -44,7 +44,8 @@ def make_batches(tokenizer, clean: Sequence[str], corrupted: Sequence[str], corr
 
     Prompts are tokenized with the tokenizer's own special tokens (a BOS where the tokenizer adds one;
     SmolLM2's GGUF tokenizer adds none), as the model saw them in training. Tokenizers without a pad token
-    pad with EOS; padded positions are masked, so the id does not matter. Right padding (the default) keeps
+    (or with one added past their vocabulary, which the model may not embed) pad with EOS; padded positions are
+    masked, so the id does not matter. Right padding (the default) keeps
     every real token at the position it has unpadded, so models that number positions from the first slot
     give exactly the unpadded logits.
 
@@ -233,10 +234,14 @@ def _check_disjoint(tokenizer, labels, correct_ids, incorrect_ids) -> None:
 
 
 def _pad_id(tokenizer) -> int:
+    """The id padding is written with: the pad token, else EOS, else 0.  Padded positions are masked out, so any
+    id the model can embed will do; a token added to the tokenizer past its own vocabulary (``add_special_tokens(
+    {"pad_token": ...})`` without resizing the model's embeddings) may have no row in the model, so it is passed
+    over."""
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
+        if token_id is not None and token_id < tokenizer.vocab_size:
             return token_id
-    return 0  # padded positions are masked out, so any id in the vocabulary will do
+    return 0
 
 
 def _pad(rows: list[list[int]], value: int, side: str) -> torch.Tensor:

@@ -126,6 +126,17 @@ def test_tokenizer_without_pad_token_pads_with_eos(tokenizer):
     assert batch["clean"][1, -1].item() == no_pad.eos_token_id
 
 
+def test_a_pad_token_added_past_the_vocabulary_is_not_written(tokenizer):
+    """A pad token added to the tokenizer alone (id 49152 of SmolLM2's 49152) has no embedding in the model: the
+    masked padding is written with EOS instead, an id every model of that tokenizer embeds."""
+    added = copy.deepcopy(tokenizer)
+    added.add_special_tokens({"pad_token": "<pad>"})
+    assert added.pad_token_id >= added.vocab_size
+    (batch,) = make_batches(added, [IOI, SHORT], [IOI_CORRUPTED, "The key on the cabinet"], [" Mary", " are"],
+                            [" John", " is"])
+    assert batch["clean"][1, -1].item() == added.eos_token_id and batch["clean"].max() < added.vocab_size
+
+
 def good_batch():
     return {"clean": torch.tensor([[1, 2, 3], [4, 5, 0]]), "corrupted": torch.tensor([[1, 9, 3], [4, 8, 0]]),
             "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
