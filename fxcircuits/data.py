@@ -76,6 +76,7 @@ def make_batches(tokenizer, clean: Sequence[str], corrupted: Sequence[str], corr
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     labels = list(labels) if labels is not None else [f"example {i}" for i in range(n)]
+    _check_appends_nothing(tokenizer)
     clean_ids, corrupted_ids = _encode(tokenizer, clean), _encode(tokenizer, corrupted)
     keep = _aligned(tokenizer, clean_ids, corrupted_ids, labels, drop_mismatched)
     if not keep:
@@ -108,6 +109,18 @@ def make_batches(tokenizer, clean: Sequence[str], corrupted: Sequence[str], corr
 
 def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+
+
+def _check_appends_nothing(tokenizer) -> None:
+    """Refuse a tokenizer that ends every text it encodes with a special token (an EOS its post-processor adds):
+    each prompt would end with it, the model would be scored on what follows an end of text, and no answer could
+    continue a prompt."""
+    plain, special = (tokenizer("The", add_special_tokens=add)["input_ids"] for add in (False, True))
+    if special[-1] != plain[-1] and special[-1] in tokenizer.all_special_ids:
+        raise ValueError(f"the tokenizer appends {tokenizer.convert_ids_to_tokens(special[-1])!r} to every text it "
+                         "encodes, so each prompt would end with it and the answer is scored as the token after "
+                         "it: load the tokenizer without it (add_eos_token=False where it takes that option), or "
+                         "drop it from its post-processor")
 
 
 def _as_list(answers: Sequence[str] | str) -> list[str]:

@@ -137,6 +137,18 @@ def test_a_pad_token_added_past_the_vocabulary_is_not_written(tokenizer):
     assert batch["clean"][1, -1].item() == added.eos_token_id and batch["clean"].max() < added.vocab_size
 
 
+def test_a_tokenizer_that_ends_every_text_with_eos_is_refused_naming_it(tokenizer):
+    """Every prompt would end with EOS, and the answer be scored after it: refused naming the token, not the
+    answers (which then fail to continue any prompt)."""
+    from tokenizers import processors
+    appends = copy.deepcopy(tokenizer)
+    eos = appends.eos_token
+    appends._tokenizer.post_processor = processors.TemplateProcessing(single=f"$A {eos}",
+                                                                      special_tokens=[(eos, appends.eos_token_id)])
+    with pytest.raises(ValueError, match=f"the tokenizer appends {re.escape(repr(eos))} to every text it encodes"):
+        make_batches(appends, [IOI], [IOI_CORRUPTED], [" Mary"], [" John"])
+
+
 def good_batch():
     return {"clean": torch.tensor([[1, 2, 3], [4, 5, 0]]), "corrupted": torch.tensor([[1, 9, 3], [4, 8, 0]]),
             "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
