@@ -254,10 +254,10 @@ def _grid(graph: CircuitGraph, roles: Sequence[str], with_input: bool,
     cell = {"input": (0, 0)} if with_input else {}
     for row, w in ((first + index, w) for index, block in enumerate(blocks) for w in block.writers):
         if w.kind == "attention":
-            cell.update({f"a{w.layer}.h{h}{suffix[role]}": (row, r * n_heads + h)
-                         for r, role in enumerate(roles) for h in range(w.n_heads)})
+            cell.update({f"{head}{suffix[role]}": (row, r * n_heads + h)
+                         for r, role in enumerate(roles) for h, head in enumerate(w.nodes)})
         else:
-            cell[f"m{w.layer}"] = (row, len(columns) - 1)
+            cell[w.name] = (row, len(columns) - 1)
     if with_logits:
         cell["logits"] = (first + len(blocks), 0)
     rows = ["input"] * with_input + [block.name for block in blocks] + ["logits"] * with_logits
@@ -274,8 +274,8 @@ def _rows(graph: CircuitGraph) -> list[tuple[str, str, list[str]]]:
     for step in sorted({w.step for w in graph.writers}):
         writers = [w for w in graph.writers if w.step == step]
         attention = [w for w in writers if w.kind == "attention"]
-        heads = [f"a{w.layer}.h{h}" for w in attention for h in range(w.n_heads)]
-        mlps = [f"m{w.layer}" for w in writers if w.kind == "mlp"]
+        heads = [node for w in attention for node in w.nodes]
+        mlps = [w.name for w in writers if w.kind == "mlp"]
         rows.append(("heads", f"L{attention[0].layer}", heads + mlps) if attention else ("mlp", "", mlps))
     return rows + [("end", "", ["logits"])]
 

@@ -45,14 +45,18 @@ class Writer:
         """``a{layer}`` (its heads are ``a{layer}.h{h}``) or ``m{layer}``."""
         return f"{'a' if self.kind == 'attention' else 'm'}{self.layer}"
 
+    @property
+    def nodes(self) -> list[str]:
+        """The upstream nodes it writes: its heads ``a{layer}.h{h}``, or itself ``m{layer}``."""
+        return [f"{self.name}.h{h}" for h in range(self.n_heads)] if self.kind == "attention" else [self.name]
+
     def reads(self) -> list[tuple[str, int]]:
         """Its downstream inputs, each with the step at which it reads."""
         early = self.step if self.read_step is None else self.read_step
         if self.kind != "attention":
-            return [(f"m{self.layer}", early)]
-        heads = [f"a{self.layer}.h{h}" for h in range(self.n_heads)]
+            return [(self.name, early)]
         steps = {"q": self.step, "k": early, "v": early}
-        return [(f"{head}<{role}>", steps[role]) for role in QKV for head in heads]
+        return [(f"{head}<{role}>", steps[role]) for role in QKV for head in self.nodes]
 
 
 @dataclass(frozen=True)
@@ -79,9 +83,8 @@ class CircuitGraph:
         self.upstream: list[str] = ["input"]
         writes = [-1]
         for w in writers:
-            names = [f"a{w.layer}.h{h}" for h in range(w.n_heads)] if w.kind == "attention" else [f"m{w.layer}"]
-            self.upstream += names
-            writes += [w.step] * len(names)
+            self.upstream += w.nodes
+            writes += [w.step] * len(w.nodes)
         if writes != sorted(writes):
             raise ValueError("writers must be listed in the order they write to the stream")
         inputs = sorted([r for w in writers for r in w.reads()], key=lambda r: r[1]) + [("logits", n_steps)]

@@ -245,7 +245,7 @@ def logit_lens(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: torch.
     a list of positions, or each example's own, [batch, positions] (IOI's S2: ``spans["S2"][:, 1:] - 1``)."""
     nodes = node_names(cm, nodes)
     if nodes is None:
-        labels = ["input"] + [f"{'a' if w.kind == 'attention' else 'm'}{w.layer}" for w in cm.graph.writers]
+        labels = ["input"] + [w.name for w in cm.graph.writers]
         values = cm.streams(input_ids, attention_mask)
     else:
         labels = nodes

@@ -196,7 +196,7 @@ def _head_groups(cm: CircuitModel) -> list[list[str]]:
     layer, one at a time, or all of a layer's heads at once where a norm couples them (``_norm_coupled``)."""
     coupled, groups = _norm_coupled(cm), []
     for writer in _first_middle_last([w for w in cm.graph.writers if w.kind == "attention" and w.n_heads]):
-        heads = [f"a{writer.layer}.h{h}" for h in range(writer.n_heads)]
+        heads = writer.nodes
         groups += [heads] if writer.layer in coupled else [[head] for head in _first_middle_last(heads, middle=False)]
     return groups
 
