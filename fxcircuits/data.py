@@ -279,10 +279,15 @@ def check_counts(**counts: int | None) -> None:
 
 
 def attention_mask(batch: dict) -> torch.Tensor:
-    """``batch["attention_mask"]``, or where the batch gives none, ones shaped like its clean prompts: every token
-    real, as the model reads a batch without a mask."""
-    mask = batch.get("attention_mask")
-    return torch.ones_like(batch["clean"]) if mask is None else mask
+    """``batch["attention_mask"]``, or where the batch gives none, ones shaped like its clean prompts
+    (``real_tokens``)."""
+    return real_tokens(batch["clean"], batch.get("attention_mask"))
+
+
+def real_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``attention_mask``, or where none is given, ones shaped like ``input_ids``: every token real, as the model
+    reads prompts without a mask."""
+    return torch.ones_like(input_ids) if attention_mask is None else attention_mask
 
 
 def batch_list(batches: dict | Iterable[dict]) -> list[dict]:

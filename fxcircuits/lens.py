@@ -25,8 +25,7 @@ from matplotlib.figure import Figure
 from torch.func import jvp, vjp, vmap
 
 from .circuit import Circuit
-from . import data
-from .data import check_counts, span_sums
+from .data import check_counts, real_tokens, span_sums
 from .draw import plot_heatmap
 from .graph import names
 from .metrics import answer_mean, answer_position, answer_sum
@@ -298,7 +297,7 @@ def source_logits(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: tor
                          for layer, head in picks])  # [heads, keys, batch, seq, d_model]
     logits = final.through(_at(parts.flatten(0, 1), final.read.to(cm.device)), chunk_size)
     logits = logits.unflatten(0, parts.shape[:2]).movedim(1, 3)  # [heads, batch, positions, keys, …]
-    mask = data.attention_mask({"clean": input_ids, "attention_mask": attention_mask})
+    mask = real_tokens(input_ids, attention_mask)
     return SourceLogits(heads, logits, final.read, input_ids.cpu(), mask.cpu(), final.linear, tokens=final.tokens)
 
 

@@ -15,8 +15,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from . import data
-from .data import check_counts, span_sums
+from .data import check_counts, real_tokens, span_sums
 from .draw import plot_heatmap
 from .graph import names
 from .metrics import answer_position
@@ -102,7 +101,7 @@ def attention_patterns(cm: CircuitModel, input_ids: torch.Tensor, attention_mask
     heads, picks = head_indices(cm, heads)
     layers = cm.patterns(input_ids, attention_mask, layers={layer for layer, _ in picks})
     weights = torch.stack([layers[layer][:, head] for layer, head in picks])
-    mask = data.attention_mask({"clean": input_ids, "attention_mask": attention_mask})
+    mask = real_tokens(input_ids, attention_mask)
     return Patterns(heads, weights, input_ids.cpu(), mask.cpu())
 
 
