@@ -6,7 +6,8 @@ symbol gives — a hybrid's chunked scan (Qwen3.5's linear attention, a Mamba-2 
 sequence in Python — export records what the code assumed (one chunk) as runtime assertions on it, and the
 capture serves the lengths that satisfy them (``Lengths``); ``CircuitModel`` captures again for a length none
 of its captures serves.  We check up front that the model is a decoder-only *causal* LM: everything
-downstream assumes position t only sees tokens ≤ t.
+downstream assumes position t only sees tokens ≤ t.  Code that recomputes state from the prompt's values as it runs
+(HF's dynamic NTK RoPE) is captured at the state it keeps for the prompts we serve (``ropes_held``).
 """
 from __future__ import annotations
 
@@ -88,6 +89,58 @@ def _max_positions(config) -> int:
     return 2**16
 
 
+def dynamic_ropes(model: nn.Module) -> list[tuple[nn.Module, list[str]]]:
+    """HF's dynamic NTK rotary embeddings in ``model``, each with the prefixes of its dynamic frequency buffers:
+    ``""`` for a module of one RoPE type, ``"{layer_type}_"`` for each dynamic type of a module that keeps one per
+    kind of layer (``rope_type`` a dict).  Found by HF's convention that every rotary module shares
+    (``modeling_rope_utils.dynamic_rope_update`` reads ``rope_type``), not per model."""
+    found = []
+    for module in model.modules():
+        kinds = getattr(module, "rope_type", None)
+        kinds = kinds if isinstance(kinds, dict) else {None: kinds}
+        prefixes = [f"{kind}_" if kind else "" for kind, rope in kinds.items() if "dynamic" in str(rope)]
+        if prefixes and hasattr(module, "original_max_seq_len"):
+            found.append((module, prefixes))
+    return found
+
+
+def _longest(model: nn.Module) -> tuple[int, str]:
+    """The longest prompt we capture ``model`` for, and why: its context (``_max_positions``), or one token short
+    of where a dynamic NTK RoPE rescales its frequencies.  From that length on, HF's dynamic RoPE rotates by the
+    frequencies of the longest prompt the module has run (it keeps them, and resets them only for a shorter
+    prompt), so its logits depend on the model's history; below it, always on the original frequencies."""
+    high, why = _max_positions(model.config.get_text_config()), "its context (max_position_embeddings)"
+    for module, _ in dynamic_ropes(model):
+        if module.original_max_seq_len - 1 < high:
+            high = module.original_max_seq_len - 1
+            why = (f"below the {module.original_max_seq_len} from which its dynamic NTK RoPE rescales its frequencies "
+                   "by the longest prompt the model has run")
+    return high, why
+
+
+@contextlib.contextmanager
+def ropes_held(model: nn.Module):
+    """Dynamic NTK RoPE at its original frequencies while export runs.  HF's dynamic RoPE compares the prompt's
+    largest position with the length it last rescaled for, a branch on the positions' values that export cannot
+    follow; on the prompts we capture for (``_longest``) it always lands on the original frequencies.  So for the
+    capture each dynamic module reads as the ``"default"`` type, which the update leaves alone, with its original
+    frequencies in place; both given back afterwards."""
+    held = []
+    for module, prefixes in dynamic_ropes(model):
+        held.append((module, module.rope_type, {p: getattr(module, f"{p}inv_freq") for p in prefixes}))
+        module.rope_type = ({kind: "default" if "dynamic" in rope else rope for kind, rope in module.rope_type.items()}
+                            if isinstance(module.rope_type, dict) else "default")
+        for prefix in prefixes:
+            setattr(module, f"{prefix}inv_freq", getattr(module, f"{prefix}original_inv_freq"))
+    try:
+        yield
+    finally:
+        for module, rope_type, frequencies in held:
+            module.rope_type = rope_type
+            for prefix, inv_freq in frequencies.items():
+                setattr(module, f"{prefix}inv_freq", inv_freq)
+
+
 @dataclass(frozen=True)
 class Lengths:
     """The prompt sizes one capture serves: the example length it was traced at, and what export recorded of the
@@ -117,12 +170,12 @@ def export(model: nn.Module, length: int | None = None) -> tuple[torch.fx.GraphM
     of ``length`` tokens (``EXAMPLE_LENGTH`` by default), with the prompt lengths it serves."""
     _check_causal_lm(model)
     length = length or EXAMPLE_LENGTH
-    high = _max_positions(model.config.get_text_config())
+    high, why = _longest(model)
     if not 2 <= length <= high:
         raise ValueError(f"prompts of {length} tokens: fxcircuits captures {type(model).__name__} for prompts of "
-                         f"up to {high} tokens, its context (max_position_embeddings)")
+                         f"up to {high} tokens, {why}")
     try:
-        with evaluating(model), attributes_kept(model), partial_graph_unprinted():
+        with evaluating(model), attributes_kept(model), ropes_held(model), partial_graph_unprinted():
             program = _export(model, length, high)
     except CaptureError:
         raise

@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .caller import warn_at_caller
-from .capture import Lengths, example_inputs, export
+from .capture import Lengths, dynamic_ropes, example_inputs, export
 from .components import (MLP, Attention, Components, DecompositionError, Step, check_scales, check_sides,
                          find_components)
 from .graph import CircuitGraph, Writer
@@ -115,15 +115,19 @@ class TracedWeights:
     before a run and names the tensor or module and what to do; it reads each slot and dtype (tens of µs a run),
     and the device the captures' own weights are on now: the model's, or copies of them where the
     ``CircuitModel`` itself was moved.  A buffer that is another tensor now (a forward that registers a buffer it
-    recomputes afresh) is refused only where its values differ from those traced.  ``device``: theirs at the
-    trace."""
+    recomputes afresh) is refused only where its values differ from those traced; a dynamic NTK RoPE's
+    frequencies, which HF rescales for a prompt past the model's context, are not watched: the captures hold its
+    original ones (``capture.ropes_held``).  ``device``: theirs at the trace."""
 
     def __init__(self, model: nn.Module, device: torch.device):
         self.model_name, self.device = type(model).__name__, device
         modules = list(model.named_modules())
         self.parameters = [(slot, slot[3].dtype, slot[3].device)
                            for slot in _slots(modules, "_parameters", "parameter")]
-        self.buffers = _slots(modules, "_buffers", "buffer")
+        rescaled = {(id(module._buffers), f"{prefix}inv_freq") for module, prefixes in dynamic_ropes(model)
+                    for prefix in prefixes}
+        self.buffers = [slot for slot in _slots(modules, "_buffers", "buffer")
+                        if (id(slot[1]), slot[2]) not in rescaled]
         self.modules = _slots(modules, "_modules", "submodule")
 
     def check(self, device: torch.device) -> None:

@@ -254,14 +254,59 @@ def test_a_model_configured_to_return_tuples_is_captured_as_it_computes():
         torch.testing.assert_close(fxcircuits.trace(model)(ids), model(input_ids=ids)[0], atol=1e-5, rtol=1e-4)
 
 
-def test_an_export_failure_names_the_models_line_it_stopped_at(capsys):
-    """Dynamic NTK RoPE branches on the prompt's length against a cached one, which export cannot follow: the
-    refusal quotes that line of the model's code, and torch's print of the partial graph does not bury it."""
+def test_an_export_failure_names_the_models_line_it_stopped_at(capsys, monkeypatch):
+    """A branch on the values export cannot follow: the refusal quotes that line of the model's code, and torch's
+    print of the partial graph does not bury it."""
     import fxcircuits
-    model = make("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
-    with pytest.raises(fxcircuits.CaptureError, match=r"It stopped at modeling_rope_utils.py:\d+ in \w+: `if "):
+    model = make("llama")
+
+    def branching(hidden_states):
+        if hidden_states.sum() > 0:
+            return hidden_states
+        return -hidden_states
+
+    monkeypatch.setattr(model.model.norm, "forward", branching)
+    with pytest.raises(fxcircuits.CaptureError,
+                       match=r"It stopped at test_capture.py:\d+ in branching: `if hidden_states.sum\(\) > 0:`"):
         fxcircuits.trace(model)
     assert "def forward" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, rope", [
+    ("llama", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
+    ("gemma3", dict(rope_parameters={"full_attention": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+                     layer_types=["sliding_attention", "full_attention"])),
+])
+def test_dynamic_ntk_rope_is_captured_below_where_it_rescales(name, rope):
+    """HF's dynamic NTK RoPE branches on the prompt's positions against the length it last rescaled for.  Below the
+    model's context it always rotates by its original frequencies, which the capture holds: HF's logits at every
+    length up to one short of the context, also after HF has run (and rescaled for) a longer prompt; the context
+    itself, where HF's answer depends on what it ran before, is refused by name.  The module is given back as it
+    was."""
+    import fxcircuits
+    model = make(name, **rope)
+    rotary = next(module for module in model.modules() if hasattr(module, "rope_type"))
+    kept = dict(rotary.__dict__["_buffers"]), rotary.rope_type
+    cm = fxcircuits.trace(model)
+    assert dict(rotary.__dict__["_buffers"]) == kept[0] and rotary.rope_type == kept[1]
+    generator = torch.Generator().manual_seed(0)
+    context = model.config.max_position_embeddings
+    with torch.no_grad():
+        for grown in (False, True):
+            if grown:  # past the context: HF rescales its frequencies and keeps them
+                before = rotary.inv_freq if name == "llama" else rotary.full_attention_inv_freq
+                model(input_ids=torch.randint(0, 128, (1, context + 16), generator=generator))
+                after = rotary.inv_freq if name == "llama" else rotary.full_attention_inv_freq
+                assert not torch.equal(before, after)
+            for length in (3, 30, context - 1):
+                ids = torch.randint(0, 128, (2, length), generator=generator)
+                ours = cm(ids)  # first: HF's run of a shorter prompt resets its frequencies
+                expected = model(input_ids=ids).logits
+                assert (ours - expected).abs().max() <= 1e-4 * expected.abs().max()
+        with pytest.raises(ValueError, match=f"up to {context - 1} tokens, below the {context} from which its dynamic "
+                                             "NTK RoPE rescales"):
+            cm(torch.randint(0, 128, (1, context), generator=generator))
 
 
 def test_what_export_writes_to_stderr_is_passed_on_but_the_partial_graph(capsys):
