@@ -45,7 +45,7 @@ from .positions import DIRECTIONS, patch_by_position, patch_inputs, patch_nodes
 from .positions import METHODS as POSITION_METHODS  # beside attribution's METHODS
 from .runs import ABLATIONS
 from .scores import EdgeScores
-from .verification import verify
+from .verification import Verification, verify
 
 CIRCUIT_FILE = "circuit file, .json or .pt (fxcircuits, EAP-IG or MIB)"
 
@@ -267,10 +267,11 @@ def _add_patch(commands) -> None:
 def _add_check(commands) -> None:
     """``fxcircuits check``: does fxcircuits compute this model exactly? traced against HF."""
     check = commands.add_parser("check", help="does fxcircuits compute this model exactly? traced against HF",
-                                description="Trace the model and check it against the untouched HF model on a "
-                                "task's first batch: the logits of a clean run, of runs with every edge (or every "
+                                description="Trace the model and check it against the untouched HF model on "
+                                "every batch of a task: the logits of a clean run, of runs with every edge (or every "
                                 "edge into the logits) patched, and of masks run together; the attention weights; "
-                                "and direct logit attribution's sums.  Exits 1 if any differs past the tolerance.")
+                                "and direct logit attribution's sums.  Prints each check's largest difference over "
+                                "the batches, and exits 1 if any differs past the tolerance, naming the batches.")
     _model_options(check)
     check.add_argument("--tolerance", type=_tolerance, help="the largest difference that passes, as a fraction of the "
                        "largest |logit| (default: 1e-4 in float32, 32 units in the last place in bfloat16/float16)")
@@ -1014,18 +1015,30 @@ def _patch_everywhere(args, cm, task, units: dict, how: str, sweep: dict) -> int
 
 
 def _check(args) -> int:
+    """``fxcircuits check``: ``verify`` on every batch of the task, as a batch of another length may be captured
+    otherwise and any batch may hold the prompts the model is computed wrong on; one table of each check's largest
+    difference over the batches (``Verification.merge``), and a failure names the batches it is in."""
     model, _, cm, task = _setup(args)
-    batch = task.batches[0]
-    result = verify(cm, model, batch["clean"], batch["attention_mask"], batch["corrupted"], tolerance=args.tolerance)
+    batches, parts = task.batches, {}
+    for i, batch in enumerate(tqdm(batches, desc="check", unit="batch", disable=args.no_progress or len(batches) < 2)):
+        parts[f"batch {i} ({batch['clean'].shape[1]} tokens)"] = verify(
+            cm, model, batch["clean"], batch["attention_mask"], batch["corrupted"], tolerance=args.tolerance)
+    result = Verification.merge(parts)
+    shortest, longest = min(b["clean"].shape[1] for b in batches), max(b["clean"].shape[1] for b in batches)
     graph = cm.graph
     _table({"model": f"{cm.model_name} ({args.model}), {args.dtype} on {cm.device}",
             "graph": f"{len(graph.upstream)} nodes ({sum(n[0] == 'a' for n in graph.upstream)} heads), "
                      f"{len(graph.downstream)} inputs, {len(graph.edges):,} edges",
-            "prompts": f"{task.name}'s first batch: {batch['clean'].shape[0]} prompts of {batch['clean'].shape[1]} "
-                       "tokens, and their corrupted prompts"})
+            "prompts": f"{task.name}: {sum(len(b['clean']) for b in batches)} prompts in {len(batches)} "
+                       f"{'batch' if len(batches) == 1 else 'batches'} of "
+                       f"{shortest if shortest == longest else f'{shortest}–{longest}'} tokens, and their corrupted "
+                       "prompts"})
     print(f"\n{result.table()}\n")
     if result.failed:
-        print(f"WRONG: {', '.join(c.name for c in result.failed)} differ by more than {result.tolerance:.2g}")
+        failed_in = {c.name: result.failed_in(c.name) for c in result.failed}
+        where = "; ".join(f"{name} in " + ("every batch" if len(labels) == len(batches) > 1 else ", ".join(labels))
+                          for name, labels in failed_in.items())
+        print(f"WRONG: {where} differ by more than {result.tolerance:.2g}")
         return 1
     print(f"ok: every check within {result.tolerance:.2g}" +
           ("" if cm.dtype.itemsize >= 4 else f" ({args.dtype} rounds; --dtype float32 checks to the last digit)"))

@@ -7,13 +7,15 @@ its attention weights under eager attention — and, where it cannot, checks ide
 in one call equal each run alone, patching every input of a head equals patching the head, every node's direct
 logits and what no node writes add up to the logits, and so do a head's direct logits split by key.  Each check
 is a largest difference over the real (unpadded) positions, in units of the largest |logit| (attention weights in
-their own units), against a tolerance that follows the dtype.
+their own units), against a tolerance that follows the dtype.  ``Verification.merge`` makes one answer of several
+batches' (``fxcircuits check`` checks every batch of a task: a batch of another length may be captured otherwise).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -31,11 +33,13 @@ HALF_ULPS = 32  # bfloat16, float16: a patched run rounds at other places than t
 
 @dataclass
 class Check:
-    """One check: ``difference`` (None where it could not run, ``skipped`` saying why)."""
+    """One check: ``difference`` (None where it could not run, ``skipped`` saying why); in a merged Verification,
+    ``worst`` names the part (batch) whose difference it is."""
     name: str
     what: str
     difference: float | None = None
     skipped: str = ""
+    worst: str = ""
 
     def passed(self, tolerance: float) -> bool:
         """Ran, and within ``tolerance`` (a NaN difference is not)."""
@@ -46,11 +50,42 @@ class Check:
 class Verification:
     """``verify``'s answer: each check's largest difference, and whether all that ran are within ``tolerance``.
     ``readout``: how direct logit attribution reads this model — ``"linear"`` (exactly), ``"first order"``
-    (soft-capped logits), or ``"refused: …"`` with the reason (patching does not need it)."""
+    (soft-capped logits), or ``"refused: …"`` with the reason (patching does not need it).  ``parts``: in a merged
+    Verification (``merge``), the ones merged, by the label naming each (a batch); empty for one ``verify``."""
     model: str
     checks: list[Check]
     tolerance: float
     readout: str
+    parts: dict[str, Verification] = field(default_factory=dict)
+
+    @classmethod
+    def merge(cls, parts: dict[str, Verification]) -> Verification:
+        """One Verification of several of one model under one tolerance (``verify`` on each batch of a task), by
+        labels that name them: each check's largest difference over the parts that ran it, with the label of the
+        part it came from (``Check.worst``), as a check is as wrong as its worst batch; a NaN anywhere is the
+        difference, so that it fails rather than lose to a number in ``max``.  A check no part ran is skipped for
+        the first part's reason.  The parts are kept, so ``failed_in`` can name every one a check failed in."""
+        if not parts:
+            raise ValueError("nothing to merge: give at least one Verification")
+        first, *rest = parts.values()
+        kind = (first.model, first.tolerance, [c.name for c in first.checks])
+        if any((p.model, p.tolerance, [c.name for c in p.checks]) != kind for p in rest):
+            raise ValueError("Verification.merge merges one model's checks under one tolerance; these differ in "
+                             "model, tolerance or checks")
+        checks = []
+        for i, check in enumerate(first.checks):
+            ran = [(label, p.checks[i].difference) for label, p in parts.items() if p.checks[i].difference is not None]
+            if ran:
+                label, difference = max(ran, key=lambda found: math.inf if math.isnan(found[1]) else found[1])
+                checks.append(Check(check.name, check.what, difference, worst=label))
+            else:
+                checks.append(replace(check))
+        return cls(first.model, checks, first.tolerance, first.readout, dict(parts))
+
+    def failed_in(self, name: str) -> list[str]:
+        """The labels of the parts (``merge``) in which check ``name`` failed: where to look for the prompts that
+        it is wrong on."""
+        return [label for label, part in self.parts.items() if any(c.name == name for c in part.failed)]
 
     @property
     def ok(self) -> bool:
@@ -63,15 +98,16 @@ class Verification:
         return [c for c in self.checks if c.difference is not None and not c.passed(self.tolerance)]
 
     def table(self) -> str:
-        """One line per check — its largest difference, ok / WRONG / skip, and what it compares — as ``fxcircuits
-        check`` prints it."""
+        """One line per check — its largest difference, ok / WRONG / skip, and what it compares; merged from
+        several parts, the part it is largest in — as ``fxcircuits check`` prints it."""
         rows = [f"{'check':10s} {'difference':>10s}  {'':6s} what is compared"]
         for c in self.checks:
             if c.difference is None:
                 rows.append(f"{c.name:10s} {'—':>10s}  {'skip':6s} {c.what} ({c.skipped})")
             else:
                 verdict = "ok" if c.passed(self.tolerance) else "WRONG"
-                rows.append(f"{c.name:10s} {c.difference:10.2e}  {verdict:6s} {c.what}")
+                where = f"; largest in {c.worst}" if len(self.parts) > 1 else ""
+                rows.append(f"{c.name:10s} {c.difference:10.2e}  {verdict:6s} {c.what}{where}")
         rows.append(f"(the largest difference at real positions, in units of the largest |logit|, attention weights "
                     f"in their own; tolerance {self.tolerance:.2g})")
         return "\n".join(rows)

@@ -382,6 +382,59 @@ def test_mismatched_rows_of_a_task_file_are_dropped_where_asked(folder, tmp_path
         main(["lens", "--model", folder, "--task", "ioi", "--drop-mismatched"])
 
 
+def _two_lengths(folder, tmp_path) -> tuple[Path, list[int]]:
+    """A task file of four prompts, two of one token length and then two longer, so batches of two hold one
+    length each; and the two lengths, as the model's tokenizer counts them."""
+    prompts = ["When Mary and John went to the store, John gave a drink to"] * 2 + \
+        ["After Mary and John went to the big old store, John gave a drink to"] * 2
+    task = tmp_path / "lengths.jsonl"
+    task.write_text("".join(json.dumps({"clean": p, "corrupted": p.replace("John gave", "Paul gave"),
+                                        "correct": " Mary", "incorrect": " John"}) + "\n" for p in prompts))
+    tokenizer = load_model(folder)[1]
+    return task, [len(tokenizer(prompts[i]).input_ids) for i in (0, 2)]
+
+
+def test_check_verifies_every_batch_of_a_task(folder, tmp_path, capsys, monkeypatch):
+    """Prompts of two lengths, in two batches: both are verified, the prompts row says so, and a check that fails
+    in both says so rather than list them."""
+    task, (short, long) = _two_lengths(folder, tmp_path)
+    assert short < long
+    verify, verified = cli.verify, []
+    monkeypatch.setattr(cli, "verify", lambda cm, model, ids, *args, **kwargs: verified.append(ids.shape[1]) or
+                        verify(cm, model, ids, *args, **kwargs))
+    options = ["check", "--model", folder, "--task", str(task), "--batch-size", "2", "--no-progress"]
+    assert main(options) == 0
+    printed = capsys.readouterr().out
+    assert verified == [short, long]
+    assert f"lengths: 4 prompts in 2 batches of {short}–{long} tokens, and their corrupted prompts" in printed
+    assert "; largest in batch " in printed and printed.strip().endswith("ok: every check within 0.0001")
+    assert main([*options, "--tolerance", "0"]) == 1  # every patched run rounds a little
+    assert "WRONG: corrupted in every batch; " in capsys.readouterr().out
+
+
+def test_check_names_the_batch_a_check_fails_in(folder, tmp_path, capsys, monkeypatch):
+    """A trace off only on the longer prompts, with every edge patched: ``corrupted`` fails in their batch alone,
+    which the WRONG line names by index and length."""
+    task, (_, long) = _two_lengths(folder, tmp_path)
+
+    def off_on_long_prompts(model, **kwargs):
+        cm = trace(model, **kwargs)
+        forward = cm.forward
+
+        def off(input_ids, *args, edge_mask=None, **kwargs):
+            out = forward(input_ids, *args, edge_mask=edge_mask, **kwargs)
+            every_edge = torch.is_tensor(edge_mask) and not edge_mask.any()
+            return out + 1e-2 * out.abs().max() if every_edge and input_ids.shape[1] == long else out
+        monkeypatch.setattr(cm, "forward", off)
+        return cm
+    monkeypatch.setattr(cli, "trace", off_on_long_prompts)
+    assert main(["check", "--model", folder, "--task", str(task), "--batch-size", "2", "--no-progress"]) == 1
+    printed = capsys.readouterr().out
+    assert printed.strip().splitlines()[-1] == f"WRONG: corrupted in batch 1 ({long} tokens) differ by more than 0.0001"
+    row = next(line for line in printed.splitlines() if line.startswith("corrupted "))
+    assert "WRONG" in row and row.endswith(f"; largest in batch 1 ({long} tokens)")
+
+
 def test_a_device_is_one_of_the_accelerators_devices(monkeypatch):
     """As on a machine with one GPU: cuda and cuda:0 are taken, cuda:1 and mps are refused."""
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)

@@ -1,10 +1,13 @@
 """``fxcircuits.verify`` and ``fxcircuits check``: a traced model checked against the HF model it was traced from,
 each check able to fail."""
+import copy
+import math
+
 import pytest
 import torch
 
 import fxcircuits
-from fxcircuits import DecompositionError, verify
+from fxcircuits import DecompositionError, Verification, verify
 from fxcircuits.cli import main
 from zoo import make
 
@@ -156,11 +159,52 @@ def test_a_model_whose_own_logits_overflow_is_refused(prompts):
         verify(cm, model, clean, mask, corrupted)
 
 
+def test_merged_verifications_hold_each_checks_largest_difference(traced, prompts):
+    """``Verification.merge`` of two batches, one of a trace of other weights (which fails): each check's
+    difference is the largest of the batches' own, named by the batch it is from, and a failure names the batches
+    it is in; a check skipped in one batch is the other's, and one skipped in both stays skipped."""
+    model, cm = traced("llama")
+    clean, corrupted, mask = prompts
+    parts = {"short": verify(cm, model, clean[1:, 2:], mask[1:, 2:], corrupted[1:, 2:]),
+             "other": verify(fxcircuits.trace(make("llama", seed=1)), model, clean, mask, corrupted)}
+    for part, name in [(parts["short"], "patterns"), (parts["short"], "sources"), (parts["other"], "sources")]:
+        part.checks[CHECKS.index(name)].difference, part.checks[CHECKS.index(name)].skipped = None, "none"
+    merged = Verification.merge(parts)
+    assert [c.name for c in merged.checks] == CHECKS and merged.tolerance == 1e-4
+    for i, check in enumerate(merged.checks[:-1]):
+        differences = [part.checks[i].difference for part in parts.values()]
+        assert check.difference == max(d for d in differences if d is not None)
+        assert parts[check.worst].checks[i].difference == check.difference
+    assert merged.checks[CHECKS.index("patterns")].worst == "other"
+    assert merged.checks[-1].difference is None and merged.checks[-1].skipped == "none"
+    assert [c.name for c in merged.failed] == [c.name for c in parts["other"].failed] == \
+        ["clean", "corrupted", "logits", "masks", "patterns", "direct"]
+    assert all(merged.failed_in(c.name) == ["other"] for c in merged.failed) and merged.failed_in("tokens") == []
+    assert "; largest in other" in merged.table() and "; largest in" not in Verification.merge(
+        {"short": parts["short"]}).table()
+
+
+def test_a_nan_in_any_batch_fails_the_merged_check(traced, prompts):
+    """``max`` would keep a number over a NaN after it: the merged check is NaN, and fails, in that batch."""
+    model, cm = traced("llama")
+    clean, corrupted, mask = prompts
+    first = verify(cm, model, clean, mask, corrupted)
+    second = copy.deepcopy(first)
+    second.checks[0].difference = math.nan
+    merged = Verification.merge({"first": first, "second": second})
+    assert first.ok and math.isnan(merged.checks[0].difference) and merged.checks[0].worst == "second"
+    assert [c.name for c in merged.failed] == ["clean"] and merged.failed_in("clean") == ["second"]
+    assert "WRONG" in merged.table().splitlines()[1]
+    second.tolerance = 1e-3
+    with pytest.raises(ValueError, match="one model's checks under one tolerance"):
+        Verification.merge({"first": first, "second": second})
+
+
 def test_check_on_the_command_line(tiny_folder, capsys):
     common = ["check", "--model", str(tiny_folder), "--task", "ioi", "--size", "4", "--no-progress"]
     assert main(common) == 0
     printed = capsys.readouterr().out
-    assert "4 prompts of" in printed and all(f"\n{name} " in printed for name in CHECKS)
-    assert printed.strip().endswith("ok: every check within 0.0001")
+    assert "ioi: 4 prompts in 1 batch of" in printed and all(f"\n{name} " in printed for name in CHECKS)
+    assert printed.strip().endswith("ok: every check within 0.0001") and "largest in" not in printed
     assert main([*common, "--tolerance", "0"]) == 1  # every patched run rounds a little
-    assert "WRONG: corrupted" in capsys.readouterr().out
+    assert "WRONG: corrupted in batch 0 (" in capsys.readouterr().out
