@@ -220,15 +220,19 @@ def _mask_gradient(cm: CircuitModel, p: Prepared, metric) -> torch.Tensor:
     return torch.autograd.grad(differentiable(value, "eap"), keep)[0][0].cpu()
 
 
-def differentiable(value: torch.Tensor, method: str) -> torch.Tensor:
+WITHOUT_GRADIENTS = "method='exact' or 'acdc'"  # attribute's methods that only run the metric
+
+
+def differentiable(value: torch.Tensor, method: str, instead: str = WITHOUT_GRADIENTS) -> torch.Tensor:
     """``value``, a metric's (or what a learned mask trains on), if it carries a gradient.  A metric read through
     ``argmax``, a comparison or an integer cast (accuracy, say) carries none, and autograd's own error ("element 0
-    of tensors does not require grad") would name neither the metric nor what to do instead."""
+    of tensors does not require grad") would name neither the metric nor what to do instead: ``method``, as the
+    caller named it, and ``instead``, the caller's methods that only run the metric."""
     if not value.requires_grad:
         raise ValueError(f"{method!r} takes the metric's gradient, and this metric's value carries none (computed "
                          "through argmax, a comparison, an integer cast or .detach(), as accuracy is): give a "
-                         "differentiable metric (logit_diff, prob_diff, logprob, kl), or score with method='exact' "
-                         "or 'acdc', which only run it")
+                         f"differentiable metric (logit_diff, prob_diff, logprob, kl), or score with {instead}, "
+                         "without gradients")
     return value
 
 
@@ -258,20 +262,22 @@ def points_per_edge(method: str, steps: int) -> int:
 
 
 def tapped(cm: CircuitModel, p: Prepared, metric, method: str, steps: int, per_call: int,
-           by_position: bool = False) -> torch.Tensor:
+           by_position: bool = False, named: tuple[str, str] | None = None) -> torch.Tensor:
     """Every edge's tap score (``Tap``) on one batch, summed over the points ``method`` takes its gradients at
     (``_points``; "eap": the run itself), ``per_call`` points a call: [n_upstream, n_downstream], or by position
-    [n_upstream, n_downstream, batch · seq]."""
+    [n_upstream, n_downstream, batch · seq].  ``named``: how the caller's messages name the method and the
+    caller's methods without gradients (``differentiable``), where the caller is not ``attribute``."""
     clean, delta, sides = differences(cm, p)
+    name, instead = named or (method, WITHOUT_GRADIENTS)
     total = 0.0
     for input_ids, keep, other, rows, side_rows in _points(cm, p, clean, delta, sides, method, steps):
         for first in range(0, keep.shape[0], per_call):
             chunk = slice(first, first + per_call)
             tap = Tap(rows, len(cm.graph.downstream), side_rows, by_position=by_position)
-            with gradients(f"attribution by {method!r}"):
+            with gradients(f"attribution by {name!r}"):
                 value = p.measure(cm, metric, keep[chunk], input_ids=input_ids, other=_masks(other, chunk, p.size),
                                   tap=tap).sum()
-                total = total + tap.scores(differentiable(value, method)).cpu()
+                total = total + tap.scores(differentiable(value, name, instead)).cpu()
     return total
 
 

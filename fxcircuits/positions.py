@@ -429,7 +429,8 @@ def _attributed(cm: CircuitModel, p: Prepared, metric, masks: torch.Tensor, colu
     each position's ``columns``."""
     gradients = GRADIENTS[method]
     fit_points(calls, gradients, steps)
-    scores = calls.run(lambda n: tapped(cm, p, metric, gradients, steps, n, by_position=True), [p])
+    named = method, "method='exact'"
+    scores = calls.run(lambda n: tapped(cm, p, metric, gradients, steps, n, by_position=True, named=named), [p])
     scores = scores / points_per_edge(gradients, steps)
     per_edge = metrics.wide(scores[cm.graph.src, cm.graph.dst])  # [edges, batch · seq]
     by_token = ((1 - masks).to(per_edge) @ per_edge).view(len(masks), p.size, -1)

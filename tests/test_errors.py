@@ -772,6 +772,11 @@ def test_a_metric_without_a_gradient_is_refused_by_the_methods_that_take_one(lla
                                              "carries none .* or score with method='exact' or 'acdc'"):
             fxcircuits.attribute(llama, [_batch()], accuracy, method, progress=False, **options)
     assert fxcircuits.attribute(llama, [_batch()], accuracy, "exact", progress=False).tensor.isfinite().all()
+    for method in ("attribution", "attribution-ig"):  # patch_by_position's names, and its method without gradients
+        with pytest.raises(ValueError, match=f"{method!r} takes the metric's gradient, and this metric's value "
+                                             "carries none .* or score with method='exact', without gradients"):
+            fxcircuits.patch_by_position(llama, _batch(), accuracy, method=method, progress=False)
+    assert fxcircuits.patch_by_position(llama, _batch(), accuracy, progress=False).effects.isfinite().all()
 
 
 def test_one_batch_dict_is_one_batch_everywhere(llama):
