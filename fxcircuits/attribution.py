@@ -23,6 +23,7 @@ of positions, [classes, E] (``scored``): a plain run is the one class of the who
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -104,6 +105,9 @@ def scored(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Calla
     check_counts(steps=steps, masks_per_call=masks_per_call)
     steps = _read_by(method, INTEGRATED + ("mask",), 5, steps=steps)
     threshold = _read_by(method, ("acdc",), 0.01, threshold=threshold)
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not threshold > 0:
+        raise ValueError(f"threshold={threshold!r}: ACDC's τ is a positive number (it removes an edge whose removal "
+                         "costs less than τ; at τ ≤ 0 an edge removed at no cost would score as one kept)")
     if method == "clean-corrupted" and ablation != "corrupted":
         raise ValueError("clean-corrupted takes gradients at the corrupted input, so it needs ablation='corrupted'")
     metric = metrics_.get(metric if metric is not None else _default_metric(method))

@@ -3,7 +3,7 @@
 Sign and scale follow EAP-IG's reference implementation and MIB: score(e) ≈ mean over examples of metric(clean) −
 metric(clean with e patched), summed over positions and hidden dimensions; positive means the edge helps the task.
 Every edge selection (top-n, greedy, threshold) is pruned of dangling nodes and edges, as EAP-IG prunes, so what it
-returns is a connected circuit from ``input`` to ``logits``.  The node selection (``topn_nodes``) is not: it runs
+returns is a connected circuit from ``input`` to ``logits`` (a threshold unless told not: ACDC's own circuit).  The node selection (``topn_nodes``) is not: it runs
 as node patching, where a kept node whose inputs are all patched still computes from them.
 """
 from __future__ import annotations
@@ -99,10 +99,15 @@ class Scores:
         order = ordered(self.graph, rows, selection, absolute)
         return lambda n: self._circuit(kept(order, count_of(n, self.tensor.numel(), self.unit), self.tensor.shape))
 
-    def threshold(self, t: float, absolute: bool = True) -> Circuit | SpanCircuit:
+    def threshold(self, t: float, absolute: bool = True, prune: bool = True) -> Circuit | SpanCircuit:
         """Every edge (by span, (edge, class) pair) whose score (|score| with ``absolute``) is at least ``t``,
-        pruned."""
-        return self._circuit(at_least(self.tensor, t, absolute))
+        pruned unless ``prune=False``.
+
+        ACDC's scores at its τ, signed and unpruned, are the edges it kept: ``threshold(scores.info["threshold"],
+        absolute=False, prune=False)``.  Pruned, they would lose the edges out of a node whose inputs ACDC all
+        removed after it had judged those edges: under zero or mean ablation such a node still writes what it
+        computes from the ablated stream, which ACDC measured and pruning would patch away."""
+        return self._circuit(at_least(self.tensor, t, absolute), pruned=prune)
 
     def save(self, path: str | Path) -> None:
         """Every score in a circuit file with nothing in the circuit: for edge scores EAP-IG/MIB JSON for a path

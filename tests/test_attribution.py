@@ -299,6 +299,30 @@ def test_acdc_batched_equals_sequential(llama64):
     assert 0 < len(kept) < len(llama64.graph.edges)
 
 
+@pytest.mark.parametrize("ablation", ["zero", "corrupted"])
+def test_acdcs_kept_edges_are_its_circuit_its_costs_adding_up_to_the_metrics_change(gpt2_64, ablation):
+    """Each removal's score is what it cost the metric at its turn, and an edge removed at no cost changes
+    nothing, so the metric of the edges ACDC kept (its scores at τ, signed and unpruned) is the model's less the
+    removed edges' scores.  Pruned, the circuit also loses the edges out of MLPs whose inputs ACDC removed later:
+    under zero ablation such an MLP writes what it computes from zeros, which ACDC measured, and pruning changes
+    the metric (on this model, of these edges)."""
+    batches, tau = [_batch(seed=1), _batch(seed=3)], 1e-4
+    scores = fxcircuits.attribute(gpt2_64, batches, "logit_diff", "acdc", threshold=tau, ablation=ablation,
+                                  progress=False)
+    evaluator = fxcircuits.Evaluator(gpt2_64, batches, "logit_diff", ablation=ablation)
+    kept = scores.threshold(tau, absolute=False, prune=False)
+    assert bool((scores.tensor[kept.in_graph] >= tau).all()) and bool((scores.tensor[~kept.in_graph] < tau).all())
+    result = evaluator.evaluate(kept)
+    expected = result.full.mean() - scores.tensor[~kept.in_graph].sum()
+    assert abs(float(result.circuit.mean() - expected)) <= 1e-9 * float(result.full.abs().max())
+    pruned = scores.threshold(tau, absolute=False)
+    if ablation == "zero":
+        assert len(pruned) < len(kept)
+        assert abs(float(evaluator.evaluate(pruned).circuit.mean() - expected)) > 1e-3 * float(result.full.abs().max())
+    with pytest.raises(ValueError, match=r"threshold=0: ACDC's τ is a positive number"):
+        fxcircuits.attribute(gpt2_64, batches, "logit_diff", "acdc", threshold=0, progress=False)
+
+
 def _distance(cm, batch, edge_mask: torch.Tensor) -> float:
     """Mean |logit_diff(patched) − logit_diff(model)| over the examples, through the public call."""
     with torch.no_grad():

@@ -531,8 +531,15 @@ def test_selections_acdc_threshold_and_nodes(folder, tmp_path):
     assert main(["discover", *_common(folder), "--method", "acdc", "--metric", "logit_diff", "--threshold", repr(tau),
                  "--out", str(out)]) == 0
     circuit = Circuit.load(out)
-    assert circuit.edges == acdc.threshold(tau, absolute=False).edges and circuit.info["threshold"] == tau
+    assert circuit.edges == acdc.threshold(tau, absolute=False, prune=False).edges and circuit.info["threshold"] == tau
     assert 0 < len(circuit) < len(cm.graph.edges)
+    # under zero ablation an MLP whose inputs ACDC removed still writes what it computes from zeros: kept, unpruned
+    zero = attribute(cm, task.batches, task.metric, "acdc", threshold=tau, ablation="zero", progress=False)
+    assert main(["discover", *_common(folder), "--method", "acdc", "--metric", "logit_diff", "--threshold", repr(tau),
+                 "--ablation", "zero", "--out", str(out)]) == 0
+    circuit = Circuit.load(out)
+    assert circuit.edges == zero.threshold(tau, absolute=False, prune=False).edges
+    assert len(circuit) > len(zero.threshold(tau, absolute=False))  # 12 edges kept, 9 of them pruned
 
     scores = attribute(cm, task.batches, task.metric, "eap", progress=False)
     cut = float(scores.tensor.abs().quantile(0.9))
