@@ -190,7 +190,10 @@ def _default_metric(method: str) -> str:
 
 
 def _ones(cm: CircuitModel, n: int = 1) -> torch.Tensor:
-    return dense_keep(cm.graph, device=cm.device).expand(n, -1, -1).clone()
+    """``n`` masks keeping every edge, in the dtype of the model's scores (``metrics.wide_dtype``): a float64
+    model's gradient in the mask, and EAP-IG-inputs' points k/steps set in it, keep float64's digits."""
+    every = torch.ones(len(cm.graph.edges), dtype=metrics_.wide_dtype(cm.dtype))
+    return dense_keep(cm.graph, every, device=cm.device).expand(n, -1, -1).clone()
 
 
 # ---------------------------------------------------------------- gradient methods

@@ -173,14 +173,14 @@ def _zeros(cm: CircuitModel) -> list[torch.Tensor]:
 
 def mean_activations(cm: CircuitModel, reference: Iterable[dict] | None) -> list[torch.Tensor]:
     """The other run of mean ablation: every node's output (per writer group, [n, 1, 1, d_model]), then every side
-    input ([1, 1, 1, …]), averaged over the real tokens of ``reference``."""
+    input ([1, 1, 1, …]), averaged over the real tokens of ``reference``, in float32 or the model's wider dtype."""
     if reference is None:
         raise ValueError("ablation='mean' averages activations over a reference dataset: pass reference=batches")
     totals, count = None, 0
     with torch.no_grad():
         for batch in served_lengths(cm, batch_list(reference)):
             ids, mask = batch["clean"].to(cm.device), attention_mask(batch).to(cm.device)
-            sums = [(v.float() * mask.view(1, *mask.shape, *[1] * (v.dim() - 3))).sum((1, 2), keepdim=True)
+            sums = [(metrics.wide(v) * mask.view(1, *mask.shape, *[1] * (v.dim() - 3))).sum((1, 2), keepdim=True)
                     for v in cm.recording(ids, mask)[0]]
             totals = sums if totals is None else [t + s for t, s in zip(totals, sums)]
             count += int(mask.sum())

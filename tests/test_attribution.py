@@ -323,6 +323,23 @@ def test_acdcs_kept_edges_are_its_circuit_its_costs_adding_up_to_the_metrics_cha
         fxcircuits.attribute(gpt2_64, batches, "logit_diff", "acdc", threshold=0, progress=False)
 
 
+def test_a_float64_models_gradients_points_and_means_keep_float64s_digits(llama64):
+    """The masks that gradients are taken in (EAP's scores are their gradient; EAP-IG-inputs sets its points
+    k/steps in them) and mean ablation's means are in the model's float64: a float32 mask left every EAP score a
+    float32 number, 1/3 off by 1e-8, and means summed in float32 moved exact scores by 1e-8."""
+    from fxcircuits import attribution, runs
+    batch = _batch()
+    eap = fxcircuits.attribute(llama64, [batch], "logit_diff", "eap", progress=False).tensor
+    assert eap.dtype == torch.float64 and not torch.equal(eap, eap.float().double())
+    assert attribution._ones(llama64, 3).dtype == torch.float64
+    mask = batch["attention_mask"].double()
+    recorded = llama64.recording(batch["clean"], batch["attention_mask"])[0]
+    for mean, values in zip(runs.mean_activations(llama64, [batch]), recorded):
+        weights = mask.view(1, *mask.shape, *[1] * (values.dim() - 3))
+        assert mean.dtype == torch.float64
+        torch.testing.assert_close(mean, (values * weights).sum((1, 2), keepdim=True) / mask.sum(), rtol=1e-13, atol=0)
+
+
 def _distance(cm, batch, edge_mask: torch.Tensor) -> float:
     """Mean |logit_diff(patched) − logit_diff(model)| over the examples, through the public call."""
     with torch.no_grad():
