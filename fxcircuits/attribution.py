@@ -77,8 +77,8 @@ def attribute(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Ca
     ``options`` are the learned mask's: ``mask_steps`` (passes over a batch, 200), ``density`` (the fraction of
     edges it keeps, or an int count, 0.05), ``warm_start`` (the gradient method whose scores rank the gates at the
     start, run with ``steps``, "eap-ig-inputs"; None starts them alike), ``lr`` (0.5), ``warmup`` (the fraction of
-    the steps over which its gates close to ``density``, 0.75; the rest train the circuit that ``topn(density)``
-    keeps, whose mean |metric − the model's| ``info["circuit_distance"]`` records).  Deterministic given
+    the steps over which its gates close to ``density``, 0.75; the rest train the circuit that ``topn(density,
+    prune=False)`` keeps, whose mean |metric − the model's| ``info["circuit_distance"]`` records).  Deterministic given
     ``seed``."""
     scores, _, info = scored(cm, batches, metric, method, by_span=False, steps=steps, ablation=ablation,
                              reference=reference, threshold=threshold, masks_per_call=masks_per_call,
@@ -318,7 +318,7 @@ def _points(cm, p: Prepared, clean: list[torch.Tensor], delta: torch.Tensor, sid
         # takes them (the corrupted end included, the clean end not): scores comparable with published ones
         _check_start(p)
         keep = _ones(cm, steps)
-        keep[:, 0, :] = torch.arange(steps, device=keep.device)[:, None] / steps
+        keep[:, 0, :] = torch.arange(steps, device=keep.device, dtype=keep.dtype)[:, None] / steps
         yield p.input_ids, keep, p.other, delta, sides
     else:
         yield from _activation_points(cm, p, clean, delta, sides, steps)
@@ -454,7 +454,7 @@ def _learned_mask(cm, prepared, metric, progress, seed, spans, steps: int, calls
     32 SmolLM2 prompts at 1% this took IOI's faithfulness from 1.27 to 1.06 and greater-than's from 0.80 to 0.96.
 
     The scores are each gate's probability of being open: they average to ``density``, and ``topn`` of that
-    many keeps the held circuit.  Also returns that circuit's distance (None where no step was held).  The
+    many, unpruned, keeps the held circuit.  Also returns that circuit's distance (None where no step was held).  The
     steps are passes over one batch; the held ones are rounded up to whole passes over the batches."""
     if mask_steps < 1 or not 0 <= warmup <= 1:
         raise ValueError(f"a learned mask needs mask_steps of at least 1 and a warmup from 0 to 1 (the fraction of its "

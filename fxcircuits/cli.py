@@ -639,12 +639,14 @@ def _select(scores: EdgeScores | SpanScores, selection: str, args,
 
 
 def _cut(scores: EdgeScores | SpanScores, selection: str, args) -> Circuit | SpanCircuit:
-    """The circuit of the size asked for.  ACDC's threshold cut is at its τ on the signed score, unpruned: the
-    edges it kept (``EdgeScores.threshold``)."""
+    """The circuit of the size asked for.  A method's own circuit is cut unpruned, as the method measured it
+    (``EdgeScores.topn``): ACDC's at its τ on the signed score, the edges it kept; a learned mask's top edges at
+    the density it trained to (``--edges``), the circuit it trained."""
     if selection == "nodes":
         return scores.topn_nodes(args.nodes)
     if selection != "threshold":
-        return getattr(scores, selection)(0.01 if args.edges is None else args.edges)
+        return getattr(scores, selection)(0.01 if args.edges is None else args.edges,
+                                          prune=not (args.method == "mask" and selection == "topn"))
     if args.method == "acdc":
         return scores.threshold(scores.info["threshold"], absolute=False, prune=False)
     return scores.threshold(args.threshold)

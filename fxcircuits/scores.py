@@ -3,7 +3,8 @@
 Sign and scale follow EAP-IG's reference implementation and MIB: score(e) ≈ mean over examples of metric(clean) −
 metric(clean with e patched), summed over positions and hidden dimensions; positive means the edge helps the task.
 Every edge selection (top-n, greedy, threshold) is pruned of dangling nodes and edges, as EAP-IG prunes, so what it
-returns is a connected circuit from ``input`` to ``logits`` (a threshold unless told not: ACDC's own circuit).  The node selection (``topn_nodes``) is not: it runs
+returns is a connected circuit from ``input`` to ``logits``, unless told not to (``prune=False``: the circuits ACDC
+and a learned mask find, which they measured unpruned).  The node selection (``topn_nodes``) is not: it runs
 as node patching, where a kept node whose inputs are all patched still computes from them.
 """
 from __future__ import annotations
@@ -78,26 +79,30 @@ class Scores:
         """Every score and no unit kept: what ``save`` writes, as a circuit file holds scores."""
         return self._circuit(torch.zeros(self.tensor.shape, dtype=torch.bool), pruned=False)
 
-    def topn(self, n: int | float, absolute: bool = True) -> Circuit | SpanCircuit:
+    def topn(self, n: int | float, absolute: bool = True, prune: bool = True) -> Circuit | SpanCircuit:
         """The ``n`` highest-scoring edges (by span, (edge, class) pairs; a float is a fraction of them all: 0.01,
-        or 1.0 for all), pruned.
+        or 1.0 for all), pruned unless ``prune=False``.
 
-        ``absolute=True`` ranks by |score| (MIB's CMD); ``False`` by signed score (MIB's CPR)."""
-        return self.cuts("topn", absolute)(n)
+        ``absolute=True`` ranks by |score| (MIB's CMD); ``False`` by signed score (MIB's CPR).  A learned mask's
+        top ``density`` gates, unpruned, are the circuit it trained (``info["circuit_distance"]`` is its
+        distance): pruned, they would lose the edges out of a node whose inputs are all patched, which under zero
+        or mean ablation still writes what it computes from the ablated stream."""
+        return self.cuts("topn", absolute, prune)(n)
 
-    def greedy(self, n: int | float, absolute: bool = True) -> Circuit | SpanCircuit:
+    def greedy(self, n: int | float, absolute: bool = True, prune: bool = True) -> Circuit | SpanCircuit:
         """``n`` edges (by span, (edge, class) pairs) grown from ``logits`` backwards, best first (EAP-IG's greedy
         search): one becomes a candidate once its edge's destination node is in the circuit (by span, at any
-        class), so the result is connected by construction."""
-        return self.cuts("greedy", absolute)(n)
+        class), so the result is connected to the logits by construction; pruned unless ``prune=False``."""
+        return self.cuts("greedy", absolute, prune)(n)
 
-    def cuts(self, selection: str = "topn",
-             absolute: bool = True) -> Callable[[int | float], Circuit | SpanCircuit]:
+    def cuts(self, selection: str = "topn", absolute: bool = True,
+             prune: bool = True) -> Callable[[int | float], Circuit | SpanCircuit]:
         """``topn`` or ``greedy`` as a function of the size, the order of the edges (by span, pairs) found once:
         for cutting many sizes (greedy's order takes about 0.5 s on SmolLM2's 123,211 edges)."""
         rows = self.tensor.reshape(-1, len(self.graph.edges))  # [classes, E]: edge scores are one class
         order = ordered(self.graph, rows, selection, absolute)
-        return lambda n: self._circuit(kept(order, count_of(n, self.tensor.numel(), self.unit), self.tensor.shape))
+        return lambda n: self._circuit(kept(order, count_of(n, self.tensor.numel(), self.unit), self.tensor.shape),
+                                       pruned=prune)
 
     def threshold(self, t: float, absolute: bool = True, prune: bool = True) -> Circuit | SpanCircuit:
         """Every edge (by span, (edge, class) pair) whose score (|score| with ``absolute``) is at least ``t``,

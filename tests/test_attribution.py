@@ -331,7 +331,10 @@ def test_a_float64_models_gradients_points_and_means_keep_float64s_digits(llama6
     batch = _batch()
     eap = fxcircuits.attribute(llama64, [batch], "logit_diff", "eap", progress=False).tensor
     assert eap.dtype == torch.float64 and not torch.equal(eap, eap.float().double())
-    assert attribution._ones(llama64, 3).dtype == torch.float64
+    p = prepare(llama64, [batch], logit_diff)[0]
+    clean, delta, sides = attribution.differences(llama64, p)
+    (_, keep, *_), = attribution._points(llama64, p, clean, delta, sides, "eap-ig-inputs", 5)
+    assert keep.dtype == torch.float64 and torch.equal(keep[:, 0, 0], torch.tensor([0, 1, 2, 3, 4.0]).double() / 5)
     mask = batch["attention_mask"].double()
     recorded = llama64.recording(batch["clean"], batch["attention_mask"])[0]
     for mean, values in zip(runs.mean_activations(llama64, [batch]), recorded):
@@ -404,6 +407,26 @@ def test_a_held_learned_mask_keeps_the_best_circuit_it_ran(llama64):
 
     assert held.info["circuit_distance"] == pytest.approx(distance(held), rel=1e-6)
     assert distance(held) < 0.9 * distance(closed), (distance(held), distance(closed))
+
+
+def test_a_learned_masks_circuit_is_its_top_gates_unpruned_under_zero_ablation(gpt2_64):
+    """Under zero ablation a node whose inputs are all patched still writes what it computes from zeros (GPT-2's
+    biases), so the circuit a learned mask trained and measured is its top ``density`` gates unpruned: their
+    distance is the one ``info`` records, where pruned they lose edges (on this model) and are another circuit."""
+    batches = [_batch(seed=1), _batch(seed=3)]
+    scores = fxcircuits.attribute(gpt2_64, batches, "logit_diff", "mask", density=0.1, mask_steps=24,
+                                  ablation="zero", warm_start="eap", progress=False)
+    evaluator = fxcircuits.Evaluator(gpt2_64, batches, "logit_diff", ablation="zero")
+
+    def distance(circuit) -> float:
+        result = evaluator.evaluate(circuit)
+        return float((result.circuit - result.full).abs().mean())
+
+    held = scores.topn(0.1, prune=False)
+    assert len(held) == int(0.1 * len(gpt2_64.graph.edges))
+    assert distance(held) == pytest.approx(scores.info["circuit_distance"], rel=1e-9)
+    pruned = scores.topn(0.1)
+    assert len(pruned) < len(held) and distance(pruned) != pytest.approx(distance(held), rel=1e-3)
 
 
 def test_a_held_circuits_gates_are_hard_with_their_probabilitys_gradient():

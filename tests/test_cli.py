@@ -504,7 +504,8 @@ def test_a_learned_mask_is_trained_to_the_size_asked_for(folder, tmp_path):
     assert circuit.info["steps"] == 20 and circuit.info["density"] == 12
     torch.testing.assert_close(circuit.scores, scores.tensor)
     torch.testing.assert_close(circuit.scores.sum(), torch.tensor(12.0))
-    assert circuit.edges == scores.topn(12).edges and circuit.info["warm_start"] == "eap-ig-inputs"
+    assert circuit.edges == scores.topn(12, prune=False).edges and circuit.info["warm_start"] == "eap-ig-inputs"
+    assert len(circuit) == 12  # the circuit it trained, unpruned
     assert main(["discover", *_common(folder), "--method", "mask", "--steps", "20", "--edges", "12",
                  "--faithfulness", "0.8", "--out", str(out)]) == 0  # trained to 12 edges, cut where it reaches 0.8
     smallest = Evaluator(cm, task.batches, task.metric).smallest(scores, 0.8)
