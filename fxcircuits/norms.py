@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.fx import Graph, GraphModule, Node, map_arg
+from torch.fx.operator_schemas import normalize_function
 
 from . import heads
 from .components import DecompositionError
@@ -216,8 +217,7 @@ def freeze_statistics(readout: GraphModule, model_name: str, reading: str = "the
             continue
         elif node.target in FUSED_NORMS:
             graph.erase_node(env[node])
-            args, kwargs = map_arg((node.args, node.kwargs), env.__getitem__)
-            env[node] = FUSED_NORMS[node.target](graph, node.meta["val"].dtype, *args, **kwargs)
+            env[node] = _written_out(graph, FusedNorm.of(node), env)
             dependent.add(node)
             if read[0] in affine:
                 affine.add(node)
@@ -254,32 +254,42 @@ def _statistic(node: Node) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[-1] == 1
 
 
-def _layer_norm(graph: Graph, dtype: torch.dtype, x: Node, shape, weight=None, bias=None, eps: float = 1e-5,
-                *_) -> Node:
-    dims = list(range(-len(shape), 0))
-    variance = graph.call_function(aten.var.correction, (x, dims), {"correction": 0, "keepdim": True})
-    centred = graph.call_function(aten.sub.Tensor, (x, graph.call_function(aten.mean.dim, (x, dims, True))))
-    return _scaled(graph, centred, _frozen_rstd(graph, variance, eps), weight, bias)
+@dataclass(frozen=True)
+class FusedNorm:
+    """A fused ``layer_norm(x, shape, weight, bias, eps)`` or ``rms_norm(x, shape, weight, eps)`` call, read alike
+    with torch's defaults filled in (LayerNorm's ε 1e-5; RMSNorm's the machine epsilon of its input's dtype), for
+    the two places that take one apart: the readout frozen here, and a head's share of a norm in its write
+    (``rewrite.linear_share``).  ``centre``: LayerNorm's, which removes the row's mean."""
+    x: Node
+    shape: list[int]
+    weight: Node | None
+    bias: Node | None
+    eps: float
+    centre: bool
+
+    @classmethod
+    def of(cls, node: Node) -> FusedNorm:
+        bound = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+        eps = bound["eps"] if bound["eps"] is not None else torch.finfo(bound["input"].meta["val"].dtype).eps
+        return cls(bound["input"], bound["normalized_shape"], bound["weight"], bound.get("bias"), eps,
+                   node.target is aten.layer_norm.default)
 
 
-def _rms_norm(graph: Graph, dtype: torch.dtype, x: Node, shape, weight=None, eps: float | None = None) -> Node:
-    dims = list(range(-len(shape), 0))
-    if eps is None:  # as torch does: the machine epsilon of the input's dtype
-        eps = torch.finfo(dtype).eps
-    square = graph.call_function(aten.mean.dim, (graph.call_function(aten.mul.Tensor, (x, x)), dims, True))
-    return _scaled(graph, x, _frozen_rstd(graph, square, eps), weight, None)
-
-
-def _frozen_rstd(graph: Graph, variance: Node, eps: float) -> Node:
-    rstd = graph.call_function(aten.rsqrt.default, (graph.call_function(aten.add.Tensor, (variance, eps)),))
-    return graph.call_function(aten.detach.default, (rstd,))
-
-
-def _scaled(graph: Graph, x: Node, rstd: Node, weight, bias) -> Node:
-    out = graph.call_function(aten.mul.Tensor, (x, rstd))
+def _written_out(graph: Graph, norm: FusedNorm, env: dict) -> Node:
+    """``norm`` spelt out in ``graph`` (its arguments ``env``'s copies), the row's statistic — variance or mean
+    square — detached."""
+    x, weight, bias = map_arg((norm.x, norm.weight, norm.bias), env.__getitem__)
+    dims = list(range(-len(norm.shape), 0))
+    if norm.centre:
+        spread = graph.call_function(aten.var.correction, (x, dims), {"correction": 0, "keepdim": True})
+        x = graph.call_function(aten.sub.Tensor, (x, graph.call_function(aten.mean.dim, (x, dims, True))))
+    else:
+        spread = graph.call_function(aten.mean.dim, (graph.call_function(aten.mul.Tensor, (x, x)), dims, True))
+    rstd = graph.call_function(aten.rsqrt.default, (graph.call_function(aten.add.Tensor, (spread, norm.eps)),))
+    out = graph.call_function(aten.mul.Tensor, (x, graph.call_function(aten.detach.default, (rstd,))))
     if weight is not None:
         out = graph.call_function(aten.mul.Tensor, (out, weight))
     return out if bias is None else graph.call_function(aten.add.Tensor, (out, bias))
 
 
-FUSED_NORMS = {aten.layer_norm.default: _layer_norm, aten.rms_norm.default: _rms_norm}
+FUSED_NORMS = {aten.layer_norm.default, aten.rms_norm.default}

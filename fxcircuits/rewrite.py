@@ -42,7 +42,7 @@ from .heads import (RELAYOUT, HeadGate, Post, Projection, Ranges, broadcasts, co
                     distinct_rows, first_projection, gather_heads, head_elements, head_writes, heads_sum,
                     last_projection, norm_share, place_columns, project_columns, project_rounds, region_module,
                     repeated_heads, role_input, role_parts, role_shared, shared_input, to_ranges, wholly_patched)
-from .norms import Norm, freeze_statistics
+from .norms import FUSED_NORMS, FusedNorm, Norm, freeze_statistics
 from .patching import (DeltaStore, accumulate, at_positions, patched_rows, patched_rows_count, sequence_length,
                        side_input, tap, tap_side)
 
@@ -619,7 +619,6 @@ UNARY_LINEAR = {aten.neg.default: (), aten.clone.default: (), aten.type_as.defau
                 aten.unsqueeze.default: (1,), aten.squeeze.dim: (1,), aten.mean.dim: (1,),
                 aten.sum.dim_IntList: (1,), aten.slice.Tensor: (1,), aten.select.int: (1,)}
 RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
-NORMS = {aten.layer_norm.default, aten.rms_norm.default}  # over the last dimension: a factor from the whole write
 
 
 def linear_share(builder: _Builder, node: Node, shares: dict, values: dict, dependent: set[Node]) -> Node | None:
@@ -654,14 +653,11 @@ def linear_share(builder: _Builder, node: Node, shares: dict, values: dict, depe
         return builder.graph.call_function(target, tuple(new_args), dict(node.kwargs))
     if target in RESHAPES:
         return call(reshape_heads, shares[first], [arg_value(s) for s in args[1]])
-    if target in NORMS and len(args[1]) == 1:
-        centre = target is aten.layer_norm.default
-        weight = arg_value(args[2]) if len(args) > 2 else None
-        at = 4 if centre else 3  # layer_norm(x, shape, weight, bias, eps); rms_norm(x, shape, weight, eps)
-        eps = args[at] if len(args) > at else None
-        if eps is None:  # LayerNorm's default, and RMSNorm's: the input dtype's machine epsilon
-            eps = 1e-5 if centre else torch.finfo(first.meta["val"].dtype).eps
-        return call(norm_share, shares[first], values[first], weight, eps, centre)
+    if target in FUSED_NORMS:  # over the last dimension: a factor from the whole write
+        norm = FusedNorm.of(node)
+        if len(norm.shape) != 1:
+            return None
+        return call(norm_share, shares[first], values[first], arg_value(norm.weight), norm.eps, norm.centre)
     if target is aten.linear.default:
         return call(aten.linear.default, shares[first], arg_value(args[1]))
     if target in (aten.matmul.default, aten.mm.default) and args[1] not in dependent:
