@@ -78,8 +78,8 @@ def attribute(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Ca
     edges it keeps, or an int count, 0.05), ``warm_start`` (the gradient method whose scores rank the gates at the
     start, run with ``steps``, "eap-ig-inputs"; None starts them alike), ``lr`` (0.5), ``warmup`` (the fraction of
     the steps over which its gates close to ``density``, 0.75; the rest train the circuit that ``topn(density,
-    prune=False)`` keeps, whose mean |metric − the model's| ``info["circuit_distance"]`` records).  Deterministic given
-    ``seed``."""
+    prune=False)`` keeps, whose mean |metric − the model's| ``info["circuit_distance"]`` records).  Deterministic
+    given ``seed``."""
     scores, _, info = scored(cm, batches, metric, method, by_span=False, steps=steps, ablation=ablation,
                              reference=reference, threshold=threshold, masks_per_call=masks_per_call,
                              progress=progress, seed=seed, options=options)

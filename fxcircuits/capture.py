@@ -128,8 +128,9 @@ def ropes_held(model: nn.Module):
     held = []
     for module, prefixes in dynamic_ropes(model):
         held.append((module, module.rope_type, {p: getattr(module, f"{p}inv_freq") for p in prefixes}))
-        module.rope_type = ({kind: "default" if "dynamic" in rope else rope for kind, rope in module.rope_type.items()}
-                            if isinstance(module.rope_type, dict) else "default")
+        kinds = module.rope_type
+        module.rope_type = ({kind: "default" if "dynamic" in str(rope) else rope for kind, rope in kinds.items()}
+                            if isinstance(kinds, dict) else "default")
         for prefix in prefixes:
             setattr(module, f"{prefix}inv_freq", getattr(module, f"{prefix}original_inv_freq"))
     try:
