@@ -3,8 +3,9 @@
 A circuit runs by patching every edge outside it (``cm(..., edge_mask=circuit)``).  It is saved in the two forms
 EAP-IG writes and MIB takes as submissions, so a circuit found here loads in those tools and back:
 - JSON, as EAP-IG's ``Graph.to_json`` writes it: ``{"cfg", "nodes", "edges"}`` with every node and edge of the
-  full graph, an ``in_graph`` flag and a score (which MIB's submissions of several circuits leave out: those read
-  as circuits without scores);
+  full graph, an ``in_graph`` flag, and each edge's score (which MIB's submissions of several circuits leave out:
+  those read as circuits without scores).  Nodes get no score: EAP-IG reads one as node attribution, which an
+  edge circuit has not (its loader would rank nodes by it, and its writer then fails on the ``logits`` node);
 - ``torch.save`` (``Graph.to_pt``), compact for large models: ``cfg``, the ``src_nodes`` (upstream) and
   ``dst_nodes`` (downstream inputs) in graph order, and [src, dst] matrices of edge scores and flags, in which the
   cells of no edge (``m1->m0``) hold zeros.
@@ -172,9 +173,7 @@ class Circuit:
         """What ``to_json`` writes, as a dict: ``{"cfg", "nodes", "edges"}``."""
         g = self.graph
         alive = set(self.nodes)
-        nodes = {name: {"in_graph": name in alive} for name in g.nodes}
-        for name, score in (self.node_scores() or {}).items():
-            nodes[name]["score"] = score
+        nodes = {name: {"in_graph": name in alive} for name in g.nodes}  # no "score": EAP-IG's node attribution
         scores = self.scores.tolist() if self.scores is not None else [0.0] * len(g.edges)
         edges = {name: {"score": s, "in_graph": bool(flag)}
                  for name, s, flag in zip(g.edges, scores, self.in_graph.tolist())}
@@ -189,8 +188,6 @@ class Circuit:
                 "edges_scores": self._matrix(self.scores if self.scores is not None else torch.zeros(len(g.edges))),
                 "edges_in_graph": self._matrix(self.in_graph),
                 "nodes_in_graph": torch.tensor([name in alive for name in g.upstream])}
-        if self.scores is not None:
-            data["nodes_scores"] = g.by_source(self.scores)
         torch.save(data, path)
 
     @classmethod
@@ -260,10 +257,13 @@ class Circuit:
     def _from_cfg(cls, graph: CircuitGraph, cfg: dict, in_graph, scores: torch.Tensor | None) -> "Circuit":
         """A circuit read back, with the ``scores`` read (None where a JSON file's edges carry none) unless its
         ``cfg`` says it has none (fxcircuits writes an unscored circuit's scores as zeros, as EAP-IG's loader needs
-        a score on every edge), and what ``cfg`` holds beyond the graph's shape as ``info``."""
+        a score on every edge), and what ``cfg`` holds beyond the graph's shape as ``info``.  A file that does not
+        say (EAP-IG's, or one made by hand for it) and scores every edge 0 is taken as unscored too: no attribution
+        scores every edge exactly 0, and a ranking of ties would give CPR and CMD that mean nothing."""
         known = graph.cfg  # built once: it rebuilds the convention's graph to compare
         info = {k: v for k, v in cfg.items() if k not in known and k != "scored"}
-        return cls(graph, in_graph, scores if cfg.get("scored", True) else None, info)
+        scored = cfg.get("scored", scores is not None and bool(scores.any()))
+        return cls(graph, in_graph, scores if scored else None, info)
 
     def _matrix(self, values: torch.Tensor) -> torch.Tensor:
         """Per-edge ``values`` [E] laid out as EAP-IG's [src, dst] matrix, zeros where no edge is."""

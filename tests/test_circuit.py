@@ -110,6 +110,7 @@ def test_json_round_trip_in_the_eap_ig_format(graph, tmp_path):
     assert {"n_layers", "n_heads", "parallel_attn_mlp", "d_model"} <= set(data["cfg"]) and data["cfg"]["task"] == "ioi"
     assert set(data["edges"]) == set(graph.edges) and set(data["nodes"]) == set(graph.nodes)
     assert all(set(e) == {"score", "in_graph"} for e in data["edges"].values())
+    assert all(set(n) == {"in_graph"} for n in data["nodes"].values())  # a node's "score" is EAP-IG's node attribution
     loaded = Circuit.from_json(path)
     assert loaded.edges == circuit.edges and loaded.nodes == circuit.nodes
     torch.testing.assert_close(loaded.scores, circuit.scores)
@@ -173,6 +174,21 @@ def test_a_json_file_without_scores_is_an_unscored_circuit(graph, tmp_path, null
         EdgeScores.load(path)
 
 
+def test_a_file_that_does_not_say_whether_it_is_scored_and_scores_every_edge_0_is_unscored(graph, tmp_path):
+    """EAP-IG's files carry no ``scored``; one made by hand for it scores every edge 0.0, which no attribution
+    does: read as a circuit without scores, so no CPR or CMD is computed from a ranking of ties.  One edge scored
+    is enough to read the scores."""
+    circuit = Circuit(graph, EdgeScores(graph, torch.linspace(-1, 1, len(graph.edges)), "eap").topn(6).edges)
+    form = circuit.json_form()
+    del form["cfg"]["scored"]
+    path = tmp_path / "by_hand.json"
+    path.write_text(json.dumps(form))
+    assert Circuit.load(path).scores is None and Circuit.load(path).edges == circuit.edges
+    form["edges"][graph.edges[0]]["score"] = 0.5
+    path.write_text(json.dumps(form))
+    assert Circuit.load(path).scores[0] == 0.5
+
+
 def test_a_json_file_scoring_some_edges_is_refused(graph, tmp_path):
     form = EdgeScores(graph, torch.linspace(-1, 1, len(graph.edges)), "eap").topn(6).json_form()
     path = tmp_path / "partly.json"
@@ -220,6 +236,7 @@ def test_pt_files_lay_out_edges_as_eap_ig_indexes_them(parallel, tmp_path):
         flagged[cell] = name in circuit
     assert torch.equal(flagged, data["edges_in_graph"]) and data["cfg"]["task"] == "ioi"
     assert data["nodes_in_graph"].tolist() == [name in circuit.nodes for name in graph.upstream]
+    assert "nodes_scores" not in data  # EAP-IG's node attribution, which an edge circuit has not
     loaded = Circuit.load(tmp_path / "circuit.pt")
     assert loaded.edges == circuit.edges and torch.equal(loaded.scores, scores.tensor) and loaded.info["task"] == "ioi"
     Circuit(graph, circuit.edges).save(tmp_path / "unscored.pth")
