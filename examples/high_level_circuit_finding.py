@@ -45,7 +45,7 @@ def main() -> None:
     nodes = sorted(scores.nodes().items(), key=lambda item: -abs(item[1]))[:6]
     print("strongest nodes: " + ", ".join(f"{name} {value:+.3f}" for name, value in nodes))
 
-    circuit = scores.topn(args.edges)
+    circuit = scores.topn(args.edges, prune=args.method != "mask")  # a learned mask's: the gates it trained
     evaluator = fxcircuits.Evaluator(cm, task.batches, task.metric)
     faithfulness = evaluator.evaluate(circuit).faithfulness
     print(f"\ncircuit: {len(circuit)} edges, {len(circuit.nodes)} nodes; faithfulness {faithfulness:.3f} "
