@@ -127,7 +127,8 @@ def scored(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Calla
         scores = _exact(cm, prepared, metric, calls, progress, named)
     elif method == "acdc":
         scores, info["threshold"] = _acdc(cm, prepared, metric, threshold, calls, progress, named), threshold
-    else:
+    else:  # checked first: the warm start's NaN scores would become ranks, and few steps may miss the NaNs
+        check_finite(cm, prepared, metric)
         options = {"mask_steps": 200, "density": 0.05, "warm_start": "eap-ig-inputs", **options}
         scores, circuit_distance = _learned_mask(cm, prepared, metric, progress, seed, named, steps, calls,
                                                  **options)

@@ -279,12 +279,18 @@ def _untraceable(model: nn.Module, error: Exception) -> CaptureError:
 
 
 def _check_causal(module: torch.fx.GraphModule, model: nn.Module, length: int) -> None:
-    """Changing the last token must leave every earlier position's logits untouched."""
+    """Changing the last token must leave every earlier position's logits untouched.  Logits that are not finite
+    (float16 overflowing) show nothing, and the probes that find the model's parts run on such prompts too: they
+    are refused as what they are."""
     input_ids, attention_mask = example_inputs(model, length)
     changed = input_ids.clone()
     changed[:, -1] = (changed[:, -1] + 1) % model.get_input_embeddings().num_embeddings
     with torch.no_grad():
         before, after = module(input_ids, attention_mask), module(changed, attention_mask)
+    if not (before.isfinite().all() and after.isfinite().all()):
+        raise CaptureError(f"{type(model).__name__}'s logits are NaN or infinite on random prompts of {length} tokens "
+                           f"in {next(model.parameters()).dtype} (float16 overflows where activations grow large), so "
+                           "fxcircuits cannot probe its parts: load it in float32 or bfloat16, and trace it again")
     if not torch.allclose(before[:, :-1], after[:, :-1], atol=1e-5, rtol=1e-4):
         raise CaptureError(f"{type(model).__name__} is not causal: changing the last token changed the logits at "
                            "earlier positions. fxcircuits decomposes causal (decoder-only) language models.")

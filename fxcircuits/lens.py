@@ -332,7 +332,8 @@ class _FinalStream:
         if self.tokens is None:
             return vmap(lambda part: jvp(self.frozen, (self.stream,), (part,))[1], chunk_size=chunk_size)(parts)
         directions = _directions(self.frozen, self.stream, self.tokens.to(self.stream.device), chunk_size)
-        return torch.einsum("rbpd,kbpd->rbpk", parts, directions)
+        common = torch.promote_types(parts.dtype, directions.dtype)  # an MoE's float32 write in a bf16 stream
+        return torch.einsum("rbpd,kbpd->rbpk", parts.to(common), directions.to(common))
 
 
 def _directions(frozen, stream: torch.Tensor, tokens: torch.Tensor, chunk_size: int) -> torch.Tensor:

@@ -272,6 +272,18 @@ def test_an_export_failure_names_the_models_line_it_stopped_at(capsys, monkeypat
     assert "def forward" not in capsys.readouterr().err
 
 
+def test_a_model_whose_logits_overflow_is_refused_as_overflowing():
+    """float16 logits that overflow to NaN show neither causality nor the model's parts, which the probes find:
+    refused as overflowing (it was called "not causal"), with what to do."""
+    import fxcircuits
+    model = make("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1e6)
+    with pytest.raises(fxcircuits.CaptureError, match=r"logits are NaN or infinite on random prompts of 5 tokens in "
+                                                      r"torch.float16 .* load it in float32 or bfloat16"):
+        fxcircuits.trace(model.half())
+
+
 @pytest.mark.parametrize("name, rope", [
     ("llama", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
     ("gemma3", dict(rope_parameters={"full_attention": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4},

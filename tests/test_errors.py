@@ -718,6 +718,15 @@ def test_nan_logits_name_the_examples_and_the_run(poisoned, method):
         fxcircuits.Evaluator(poisoned, batches[:1], "logit_diff")
 
 
+@pytest.mark.parametrize("mask_steps", [1, 3])
+def test_a_learned_mask_refuses_nan_logits_before_its_warm_start_ranks_them(poisoned, mask_steps):
+    """The warm start's NaN scores would become ranks, and a few steps need not run the poisoned examples with
+    every edge patched: the clean and the fully patched run are checked first, as the other methods' are."""
+    with pytest.raises(ValueError, match=r"the run with every edge patched of 2 of 4 examples .*: 1, 3\)"):
+        fxcircuits.attribute(poisoned, [_nan_batch("corrupted")], "logit_diff", "mask", mask_steps=mask_steps,
+                             progress=False)
+
+
 @pytest.mark.parametrize("method", ["exact", "attribution"])
 def test_effects_by_position_that_nan_logits_would_fill_are_refused(poisoned, method):
     with pytest.raises(ValueError, match=r"the run with every edge patched of 2 of 4 examples .*: 1, 3\)"):
