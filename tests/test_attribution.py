@@ -165,7 +165,8 @@ def test_gradient_points_per_call_default_to_what_the_device_runs_fastest(llama6
     two, used_two = calls()
     assert used == [5] and used_two == [2, 2, 1] and calls(masks_per_call=3)[1] == [3, 2]
     torch.testing.assert_close(two, default, atol=1e-6, rtol=1e-5)
-    assert calls("mask", mask_steps=1, density=0.5)[1][:3] == [2, 2, 1]  # then the mask's own step
+    # the clean and the fully patched run checked first, then the warm start's points, then the mask's own step
+    assert calls("mask", mask_steps=1, density=0.5)[1][:4] == [2, 2, 2, 1]
     as_on_a_gpu()
     assert calls()[1] == [5]
 
