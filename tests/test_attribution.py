@@ -117,14 +117,30 @@ def test_exact_equals_one_edge_at_a_time(gpt2_64, method):
                                atol=1e-12, rtol=1e-9)
 
 
-@pytest.mark.parametrize("method, most", [("exact", 64), ("acdc", 11)])  # ACDC: a destination's 11 candidates
+@pytest.mark.parametrize("method", ["exact", "acdc"])
+def test_patched_runs_are_measured_against_a_run_of_their_own_call(method):
+    """A call runs every reader any of its masks moves on the patched path, which rounds otherwise than the model's
+    fused pass; each call carries the run its masks are measured against.  Where the corrupted prompt is the clean
+    one, an edge out of ``input`` (the same embeddings in both runs) changes nothing, and in bfloat16 scores exactly
+    0 (against the model's own run, −3.5e-4: the rounding of its reader's path)."""
+    cm = fxcircuits.trace(make("llama", dtype=torch.bfloat16))
+    batch = {**_batch(), "corrupted": _batch()["clean"]}
+    scores = fxcircuits.attribute(cm, [batch], "logit_diff", method, progress=False, masks_per_call=7,
+                                  **({"threshold": 1e-3} if method == "acdc" else {}))
+    judged = [e for e in cm.graph.edges if e.startswith("input->")]
+    judged = judged if method == "exact" else [e for e in judged if e.endswith("->logits")]
+    assert [scores[e] for e in judged] == [0.0] * len(judged)
+
+
+@pytest.mark.parametrize("method, most", [("exact", 64), ("acdc", 12)])  # ACDC: a destination's 11 candidates
 def test_patched_runs_per_call_default_to_what_the_device_runs_fastest(llama64, method, most, as_on_a_gpu,
                                                                        monkeypatch):
     """Exact and ACDC calls on CPU hold as many masks as keep the stream within ``EXACT_CALL_STREAM`` (64 at most:
-    the tiny model), 32 where launches set the pace, a count given as given; the scores do not depend on it."""
+    the tiny model), 32 where launches set the pace, a count given as given, the run they are measured against
+    among them; the scores do not depend on it."""
     batch, sizes = _batch(), []
-    values = fxcircuits.attribution._values
-    monkeypatch.setattr(fxcircuits.attribution, "_values",
+    values = fxcircuits.attribution.metric_values
+    monkeypatch.setattr(fxcircuits.attribution, "metric_values",
                         lambda cm, prepared, metric, masks, *args: sizes.append(len(masks)) or values(
                             cm, prepared, metric, masks, *args))
 
