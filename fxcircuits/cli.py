@@ -143,6 +143,10 @@ def _add_evaluate(commands) -> None:
     _model_options(evaluate)
     _patching_options(evaluate, recorded=True)
     evaluate.add_argument("--plot", type=_picture, help="faithfulness curve picture (.svg or .png)")
+    evaluate.add_argument("--selection", choices=("topn", "greedy", "nodes"),
+                          help="how the curve's circuits are cut from the file's scores, as MIB cuts them: the top "
+                          "share of the edges (default), edges grown greedily from the logits (its apply_greedy), or "
+                          "the top share of the nodes with every edge among them (its node level)")
     evaluate.set_defaults(run=_evaluate)
 
 
@@ -654,9 +658,13 @@ def _cut(scores: EdgeScores | SpanScores, selection: str, args) -> Circuit | Spa
 
 def _evaluate(args) -> int:
     circuit = load_circuit(args.circuit)
-    if args.plot and circuit.scores is None:
-        raise SystemExit(f"--plot draws the faithfulness curve of the circuit's scores, and {args.circuit} holds "
-                         "none: leave --plot out")
+    for option, given in (("--plot", args.plot), ("--selection", args.selection)):
+        if given and circuit.scores is None:
+            raise SystemExit(f"{option} is for the faithfulness curve of the circuit's scores, and {args.circuit} "
+                             f"holds none: leave {option} out")
+    if args.selection == "nodes" and isinstance(circuit, SpanCircuit):
+        raise SystemExit(f"--selection nodes cuts a share of the nodes, and {args.circuit} scores (edge, span) pairs: "
+                         "use topn or greedy")
     _, _, cm, task = _setup(args, circuit.info)
     metric, ablation, patching = _patching(args, task, circuit.info)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
@@ -671,9 +679,9 @@ def _evaluate(args) -> int:
     if circuit.scores is not None:
         scores = (EdgeScores(circuit.graph, circuit.scores) if isinstance(circuit, Circuit)
                   else SpanScores(circuit.graph, circuit.spans, circuit.scores))
-        mib = evaluator.mib(scores, progress=not args.no_progress)
+        mib = evaluator.mib(scores, progress=not args.no_progress, selection=args.selection or "topn")
         rows.update({"CPR": f"{mib['cpr']:.3f}", "CMD": f"{mib['cmd']:.3f}",
-                     "curve": " ".join(f"{p:g}:{f:.2f}" for p, f in zip(mib["cpr_curve"].fractions,
+                     f"curve ({args.selection or 'topn'})": " ".join(f"{p:g}:{f:.2f}" for p, f in zip(mib["cpr_curve"].fractions,
                                                                        mib["cpr_curve"].faithfulness))})
         if args.plot:
             _plot_curves(mib, scores.tensor.numel(), args.plot)

@@ -95,23 +95,27 @@ class Evaluator:
                           self.empty)
 
     def curve(self, scores: EdgeScores | SpanScores, fractions: Sequence[float] = MIB_FRACTIONS,
-              absolute: bool = True, progress: bool = False) -> "Curve":
-        """Faithfulness of the pruned top-``p`` circuits, ranked by |score| (``absolute``) or signed score — of
-        (edge, span) pairs for scores by span, whose ``Curve.edges`` then counts those pairs — smallest ``p``
-        first."""
+              absolute: bool = True, progress: bool = False, selection: str = "topn") -> "Curve":
+        """Faithfulness of the circuits of the top ``p`` of the edges, ranked by |score| (``absolute``) or signed
+        score, smallest ``p`` first, each cut by ``selection`` as MIB cuts them: ``"topn"`` (its default) and
+        ``"greedy"`` (grown from the logits, its ``apply_greedy``) pruned, ``"nodes"`` the top ``p`` of the upstream
+        nodes (``topn_nodes``, its node level; unpruned, as a node-level circuit runs as node patching).  For scores
+        by span, of (edge, span) pairs, which ``Curve.edges`` then counts."""
         _scores_given(scores, "curve")
         if not fractions:
             raise ValueError("no fractions to run: give the shares of the edges to keep, e.g. MIB_FRACTIONS")
         fractions = sorted(fractions)
-        circuits = [scores.topn(float(p), absolute) for p in fractions]
+        cut = _cutter(scores, selection, absolute)[0]
+        circuits = [cut(float(p)) for p in fractions]
         masks = torch.stack([c.edge_mask(self.cm.graph) for c in circuits])
         return Curve(list(fractions), [len(c) for c in circuits], self.faithfulness(masks, progress, _spans(scores)))
 
     def mib(self, scores: EdgeScores | SpanScores, fractions: Sequence[float] = MIB_FRACTIONS,
-            progress: bool = False) -> dict:
-        """MIB's CPR (signed ranking, area under f) and CMD (|score| ranking, area under |1 − f|), with curves."""
-        signed = self.curve(scores, fractions, absolute=False, progress=progress)
-        absolute = self.curve(scores, fractions, absolute=True, progress=progress)
+            progress: bool = False, selection: str = "topn") -> dict:
+        """MIB's CPR (signed ranking, area under f) and CMD (|score| ranking, area under |1 − f|), with curves;
+        ``selection`` as in ``curve``."""
+        signed = self.curve(scores, fractions, absolute=False, progress=progress, selection=selection)
+        absolute = self.curve(scores, fractions, absolute=True, progress=progress, selection=selection)
         return {"cpr": cpr(signed.fractions, signed.faithfulness), "cmd": cmd(absolute.fractions, absolute.faithfulness),
                 "cpr_curve": signed, "cmd_curve": absolute}
 

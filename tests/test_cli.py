@@ -53,7 +53,7 @@ def test_discover_evaluate_show_lens(folder, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"{f:.3f}" in printed and "CPR" in printed and "CMD" in printed
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(SystemExit, match="--plot draws the faithfulness curve of the circuit's scores, and .* holds "
+    with pytest.raises(SystemExit, match="--plot is for the faithfulness curve of the circuit's scores, and .* holds "
                                          "none"):
         main(["evaluate", str(_unscored(circuit, tmp_path)), *_common(folder), "--plot", str(tmp_path / "c.png")])
 
@@ -105,6 +105,22 @@ def test_evaluate_plots_each_curve_at_the_fraction_of_edges_its_circuits_keep(fo
         assert label == ("|score|" if absolute else "signed score") and sizes == [k for k in kept if k > 0]
         assert sizes != list(MIB_FRACTIONS)  # pruning and rounding moved them from the fractions asked for
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_cuts_the_curve_as_asked(folder, tmp_path, capsys):
+    """--selection greedy or nodes draws MIB's apply_greedy or node-level curve: the points are the faithfulness of
+    the circuits ``Evaluator.curve`` cuts so; a file without scores has no curve to cut, and says so."""
+    model = load_model(folder)[0]
+    graph = trace(model).graph
+    scores = EdgeScores(graph, torch.randn(len(graph.edges), generator=torch.Generator().manual_seed(0)))
+    circuit = scores.topn(0.1)
+    circuit.to_json(tmp_path / "c.json", method="eap", task="ioi")
+    assert main(["evaluate", str(tmp_path / "c.json"), *_common(folder), "--selection", "nodes"]) == 0
+    printed = re.search(r"curve \(nodes\)\s+(.*)\n", capsys.readouterr().out).group(1)
+    shares = [float(point.split(":")[0]) for point in printed.split()]
+    assert shares == list(MIB_FRACTIONS)
+    with pytest.raises(SystemExit, match="--selection is for the faithfulness curve .* holds none"):
+        main(["evaluate", str(_unscored(circuit, tmp_path)), *_common(folder), "--selection", "greedy"])
 
 
 def _unscored(circuit: Circuit, tmp_path) -> Path:

@@ -97,6 +97,28 @@ def test_mib_curves(setup):
     assert (shuffled["cpr"], shuffled["cmd"]) == pytest.approx((in_order["cpr"], in_order["cmd"]))
 
 
+@pytest.mark.parametrize("selection", ["greedy", "nodes"])
+def test_mib_curves_cut_greedily_or_by_nodes(setup, selection):
+    """MIB's ``apply_greedy`` curves and its node-level ones: each point is the faithfulness of the circuit that
+    ``greedy`` or ``topn_nodes`` cuts at that fraction of the edges or of the nodes, ranked signed for CPR."""
+    cm, batch, evaluator = setup
+    scores = fxcircuits.attribute(cm, [batch], "logit_diff", "eap", progress=False)
+    fractions = [0.05, 0.2, 1.0]
+    result = evaluator.mib(scores, fractions, selection=selection)
+    for key, absolute in (("cpr_curve", False), ("cmd_curve", True)):
+        circuits = [scores.greedy(p, absolute) if selection == "greedy" else scores.topn_nodes(p, absolute)
+                    for p in fractions]
+        curve = result[key]
+        assert curve.edges == [len(c) for c in circuits] and curve.faithfulness[-1] == pytest.approx(1.0)
+        expected = [evaluator.evaluate(c).faithfulness for c in circuits]
+        assert curve.faithfulness == pytest.approx(expected, abs=1e-6)
+    assert result["cpr"] == pytest.approx(cpr(fractions, result["cpr_curve"].faithfulness))
+    topn = evaluator.mib(scores, fractions)["cpr_curve"]
+    assert topn.edges != result["cpr_curve"].edges  # another cut: 5% of the nodes is not 5% of the edges, greedy
+    with pytest.raises(ValueError, match="no selection 'threshold' by size"):
+        evaluator.curve(scores, fractions, selection="threshold")
+
+
 def test_circuits_per_call_default_to_what_the_device_runs_fastest(traced, setup, as_on_a_gpu, monkeypatch):
     """On CPU as many per call as keep the stream within ``CPU_CALL_STREAM`` (one, where two would pass it), 16
     where launches set the pace; the numbers, and the smallest circuit found, do not depend on it."""
