@@ -1,8 +1,8 @@
 """fxcircuits: find circuits in any Hugging Face decoder-only model.
 
 The pipeline, one module per stage: capture (torch.export) → components (residual stream, heads, MLPs) → rewrite
-(per-edge inputs) → patching (masks over edges, at all positions or some; ``positions`` patches each node or each
-head's q, k, v input, or sweeps them or layers over the positions) → attribution (edge scores) → scores/circuit
+(per-edge inputs) → patching (masks over edges, at all positions or some; ``activation_patching`` patches each node
+or each head's q, k, v input, or sweeps them or layers over the positions) → attribution (edge scores) → scores/circuit
 (selection, save/load; ``positional``: edges scored and kept per span of the prompt) → evaluation (faithfulness,
 CPR/CMD) → lens, patterns and draw (what the circuit does and what each node writes straight into the logits, and
 each head from which token; where its heads look, and a picture of it); verification (a traced model checked against
@@ -20,7 +20,7 @@ from .model import CircuitModel, trace
 from .models import load_model
 from .patterns import Patterns, attention_patterns
 from .positional import SpanCircuit, SpanScores, attribute_by_span
-from .positions import NodeEffects, PositionEffects, patch_by_position, patch_inputs, patch_nodes
+from .activation_patching import NodeEffects, PositionEffects, patch_by_position, patch_inputs, patch_nodes
 from .scores import EdgeScores
 from .verification import Verification, verify
 

@@ -41,8 +41,8 @@ from .model import trace
 from .models import load_model
 from .patterns import attention_patterns
 from .positional import SpanCircuit, SpanScores, attribute_by_span, load_circuit
-from .positions import DIRECTIONS, patch_by_position, patch_inputs, patch_nodes
-from .positions import METHODS as POSITION_METHODS  # beside attribution's METHODS
+from .activation_patching import DIRECTIONS, patch_by_position, patch_inputs, patch_nodes
+from .activation_patching import METHODS as POSITION_METHODS  # beside attribution's METHODS
 from .runs import ABLATIONS
 from .scores import EdgeScores
 from .verification import Verification, verify

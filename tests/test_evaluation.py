@@ -9,7 +9,7 @@ from fxcircuits.metrics import logit_diff
 from fxcircuits.positional import SpanScores
 from fxcircuits.runs import prepare
 from test_attribution import _batch
-from test_positions import _spanned
+from test_activation_patching import _spanned
 
 
 def test_cpr_and_cmd_by_hand():

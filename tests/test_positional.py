@@ -11,7 +11,7 @@ from fxcircuits import CircuitGraph, EdgeScores, metrics
 from fxcircuits.data import position_classes
 from fxcircuits.positional import SpanCircuit, SpanScores, load_circuit
 from test_attribution import steps_of
-from test_positions import _batch, _spanned
+from test_activation_patching import _batch, _spanned
 from zoo import make
 
 

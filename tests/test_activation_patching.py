@@ -6,7 +6,7 @@ from torch import nn
 
 from fxcircuits import Circuit, attribute, metrics, trace
 from fxcircuits.patching import position_weights
-from fxcircuits.positions import DIRECTIONS, _units, patch_by_position, patch_inputs, patch_nodes
+from fxcircuits.activation_patching import DIRECTIONS, _units, patch_by_position, patch_inputs, patch_nodes
 from fxcircuits.runs import Prepared
 from test_attribution import linear_gpt2
 from test_patching import _capture_input, _capture_output, _close, _hooked_node_patch, _run_with
@@ -414,7 +414,7 @@ def test_runs_that_would_move_nothing_are_not_made(traced, prompts, monkeypatch)
     monkeypatch.setattr(Prepared, "measure", counted)
     skipping = patch_by_position(cm, batch, metrics.logit_diff, nodes=["a0.h1", "m1"])
     assert sum(made) == 2 * 4 and (skipping.effects[:, 1:, :3] == 0).all()  # row 0: padding there
-    monkeypatch.setattr("fxcircuits.positions._moving", lambda cm, p, masks: torch.ones(len(masks), 7, dtype=bool))
+    monkeypatch.setattr("fxcircuits.activation_patching._moving", lambda cm, p, masks: torch.ones(len(masks), 7, dtype=bool))
     every = patch_by_position(cm, batch, metrics.logit_diff, nodes=["a0.h1", "m1"])
     assert sum(made) == 2 * 4 + 2 * 7
     torch.testing.assert_close(skipping.effects, every.effects, equal_nan=True, rtol=0, atol=1e-6)
