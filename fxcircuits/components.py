@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import GraphModule, Node
 
+from .ops import COPIES, EXPANDS, LAYOUTS, MATMULS, METADATA_CHECKS, RESHAPES, SDPA, SOFTMAXES
+
 aten = torch.ops.aten
 
 
@@ -65,15 +67,7 @@ def _source(node: Node) -> str | None:
 
 # Ops that pass the residual stream through unchanged in value (some change its shape, e.g. OPT flattens
 # batch and sequence around its MLP).
-TRANSPARENT = {aten.clone.default, aten.contiguous.default, aten.alias.default, aten._to_copy.default,
-               aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-SOFTMAX = {aten.softmax.int, aten._softmax.default}
-MATMUL = {aten.matmul.default, aten.bmm.default, aten.mm.default}
-SDPA = {aten.scaled_dot_product_attention.default}
-SKIPPED = {aten._assert_tensor_metadata.default}
-RESHAPING = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
-             aten.permute.default, aten.clone.default, aten.contiguous.default}
-EXPANDING = {aten.expand.default, aten.unsqueeze.default}
+TRANSPARENT = COPIES | RESHAPES
 
 
 def is_tensor_node(node: Node) -> bool:
@@ -84,7 +78,7 @@ def is_tensor_node(node: Node) -> bool:
 
 
 def data_users(node: Node) -> list[Node]:
-    return [n for n in node.users if n.op == "output" or (is_tensor_node(n) and n.target not in SKIPPED)]
+    return [n for n in node.users if n.op == "output" or (is_tensor_node(n) and n.target not in METADATA_CHECKS)]
 
 
 def descendants(node: Node, held: frozenset[Node] = frozenset()) -> set[Node]:
@@ -285,7 +279,7 @@ def _stray_core(cores: list[Node], steps: list[Step]) -> Node | None:
 def _cores(reach: set[Node]) -> list[Node]:
     """Every attention core among ``reach`` (what the tokens reach), in graph order: an SDPA call, or a softmax
     over q·k scores (not a router's, which scores no keys)."""
-    return [n for n in sorted(reach) if n.target in SDPA | SOFTMAX and _scores(n, reach) is not None]
+    return [n for n in sorted(reach) if n.target in SDPA | SOFTMAXES and _scores(n, reach) is not None]
 
 
 def _core_inputs(source: Node) -> frozenset[Node]:
@@ -323,7 +317,7 @@ def _key_root(core: Node, reach: set[Node]) -> Node:
     which a layer that reuses an earlier layer's keys shares with that layer's core."""
     scores = _scores(core, reach)
     key = scores.args[1] if scores.target in SDPA else _score_operands(scores, reach)[1]
-    while key.target in RESHAPING | EXPANDING or _whole_slice(key):
+    while key.target in LAYOUTS | EXPANDS or _whole_slice(key):
         key = key.args[0]
     return key
 
@@ -660,7 +654,7 @@ def _attention_cores(inside: set[Node], model_name: str) -> list[tuple[list[Node
             q, k, v = node.args[:3]
             cores.append(([node], node, {"q": q, "k": k, "v": v}))
         elif (score := _scores(node, inside)) is not None:
-            out = _nearest(node, descendants, lambda n: n.target in MATMUL)
+            out = _nearest(node, descendants, lambda n: n.target in MATMULS)
             if out is None or out.args[0] not in descendants(node) | {node}:
                 raise DecompositionError(model_name, node, "attention softmax is not followed by a matmul with values")
             q, k = _score_operands(score, inside)
@@ -716,10 +710,9 @@ def _chosen(selections: list[Node]) -> frozenset[Node]:
     return frozenset(u for s in selections for u in s.users)
 
 
-KEPT_AS_IS = {aten._to_copy.default, aten.clone.default, aten.contiguous.default, aten.alias.default}
 FROM_METADATA = {aten.new_ones.default, aten.new_zeros.default, aten.new_full.default, aten.new_empty.default}
 # what an attention mask passes through on its way to the scores: reshapes, and combining with other masks
-MASKING = KEPT_AS_IS | RESHAPING | EXPANDING | {
+MASKING = COPIES | LAYOUTS | EXPANDS | {
     aten.slice.Tensor, aten.select.int, aten.bitwise_not.default, aten.logical_not.default,
     aten.__and__.Tensor, aten.bitwise_and.Tensor, aten.logical_and.default, aten.__or__.Tensor,
     aten.bitwise_or.Tensor, aten.logical_or.default, aten.masked_fill.Scalar, aten.masked_fill.Tensor,
@@ -743,7 +736,7 @@ def _key_selection(node: Node) -> bool:
     while frontier:
         indices = frontier.pop()
         for user in data_users(indices):
-            if user.target in KEPT_AS_IS:
+            if user.target in COPIES:
                 frontier.append(user)
             elif user.target in FROM_METADATA and user.args[0] is indices and indices not in user.args[1:]:
                 continue  # a fresh tensor that takes only the dtype and device
@@ -764,7 +757,7 @@ def _masks_scores(marks: Node) -> bool:
             as_mask = len(user.args) > 3 and user.args[3] is node or user.kwargs.get("attn_mask") is node
             if user.target in SDPA and as_mask and node not in user.args[:3]:
                 continue
-            if user.target in SOFTMAX or user in seen:
+            if user.target in SOFTMAXES or user in seen:
                 continue
             if user.target not in MASKING:
                 return False
@@ -803,14 +796,14 @@ def _scores(node: Node, inside: set[Node]) -> Node | None:
     attention."""
     if node.target in SDPA:
         return node
-    if node.target not in SOFTMAX:
+    if node.target not in SOFTMAXES:
         return None
     return _nearest(node, ancestors, lambda n: _score_operands(n, inside) is not None)
 
 
 def _score_operands(node: Node, inside: set[Node]) -> tuple[Node, Node] | None:
     """(q, k) if ``node`` multiplies two stream-dependent tensors: ``matmul``/``bmm``, or ``baddbmm``."""
-    if node.target in MATMUL:
+    if node.target in MATMULS:
         operands = node.args[:2]
     elif node.target is aten.baddbmm.default:
         operands = node.args[1:3]
@@ -822,10 +815,10 @@ def _score_operands(node: Node, inside: set[Node]) -> tuple[Node, Node] | None:
 def _per_head(node: Node, upward: bool) -> Node:
     """Follow reshapes from ``node`` (to its input, or to its only reshaping user) to the nearest 4-d tensor."""
     while len(_meta_shape(node)) != 4:
-        if upward and node.target in RESHAPING:
+        if upward and node.target in LAYOUTS:
             node = node.args[0]
             continue
-        users = [u for u in node.users if u.target in RESHAPING]
+        users = [u for u in node.users if u.target in LAYOUTS]
         if upward or len(users) != 1:
             break
         node = users[0]

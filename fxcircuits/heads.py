@@ -25,7 +25,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .caller import gradients
-from .components import EXPANDING, RESHAPING, DecompositionError, between
+from .components import DecompositionError, between
+from .ops import EXPANDS, LAYOUTS
 
 aten = torch.ops.aten
 
@@ -144,7 +145,7 @@ def repeated_heads(target: Node, values: dict) -> Node:
     where there is none.  Patching gives every query head its own keys and values, so such copies would only be
     thrown away: the heads are gathered from before them (``gather_heads``)."""
     found, node = target, target
-    while node.target in RESHAPING | EXPANDING | {aten.slice.Tensor} and isinstance(node.args[0], Node):
+    while node.target in LAYOUTS | EXPANDS | {aten.slice.Tensor} and isinstance(node.args[0], Node):
         node = node.args[0]
         if _repeats_heads(node, target, values):
             found = node

@@ -36,10 +36,11 @@ from torch.fx.operator_schemas import normalize_function
 from . import heads
 from .components import DecompositionError
 from .heads import region_module
+from .ops import COPIES, EXPANDS, PERMUTES, REDUCTIONS, RESHAPES
 
 aten = torch.ops.aten
 # Operations that leave a value as it is when they keep its dtype (``to(float32)`` on fp32 rows, ``type_as``)
-IDENTITIES = {aten._to_copy.default, aten.type_as.default, aten.clone.default, aten.alias.default}
+IDENTITIES = COPIES | {aten.type_as.default}
 
 
 @dataclass(frozen=True)
@@ -183,10 +184,8 @@ def fuse_mean_square(gm: GraphModule) -> GraphModule:
 # --------------------------------------------------------------------------------------------------
 # The final norm with its statistics frozen, for direct logit attribution.
 
-VIEWS = IDENTITIES | {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.slice.Tensor,
-                      aten.select.int, aten.expand.default, aten.permute.default, aten.transpose.int, aten.t.default,
-                      aten.unsqueeze.default, aten.squeeze.dim, aten.contiguous.default, aten.flatten.using_ints}
-REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList}  # of a value not affine in the stream: a norm's statistic
+VIEWS = IDENTITIES | RESHAPES | PERMUTES | EXPANDS | {aten.slice.Tensor, aten.select.int, aten.t.default,
+                                                    aten.squeeze.dim, aten.flatten.using_ints}
 SUMS = {aten.add.Tensor, aten.sub.Tensor, aten.neg.default} | REDUCTIONS
 # Products linear in one stream-dependent factor, and the argument positions it may take
 PRODUCTS = {aten.mul.Tensor: (0, 1), aten.div.Tensor: (0,), aten.linear.default: (0,), aten.mm.default: (0, 1),

@@ -36,24 +36,24 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from .components import (MATMUL, SDPA, SOFTMAX, Attention, Components, DecompositionError, MLP, Scale, Step,
-                         ancestors, between, descendants, is_tensor_node)
+from .components import (Attention, Components, DecompositionError, MLP, Scale, Step, ancestors, between,
+                         descendants, is_tensor_node)
 from .heads import (RELAYOUT, HeadGate, Post, Projection, Ranges, broadcasts, columns_read, columns_written,
                     distinct_rows, first_projection, gather_heads, head_elements, head_writes, heads_sum,
                     last_projection, norm_share, place_columns, project_columns, project_rounds, region_module,
                     repeated_heads, role_input, role_parts, role_shared, shared_input, to_ranges, wholly_patched)
 from .norms import FUSED_NORMS, FusedNorm, Norm, freeze_statistics
+from .ops import MATMULS, METADATA_CHECKS, RESHAPES, SDPA, SOFTMAXES
 from .patching import (DeltaStore, accumulate, at_positions, patched_rows, patched_rows_count, sequence_length,
                        side_input, tap, tap_side)
 
 aten = torch.ops.aten
 QKV = ("q", "k", "v")
-DROPPED = {aten._assert_tensor_metadata.default}
 
 
 def _dropped(node: Node) -> bool:
     """Export's input guards (a submodule call) and metadata asserts: left out of every graph built here."""
-    return node.op == "call_module" or node.target in DROPPED
+    return node.op == "call_module" or node.target in METADATA_CHECKS
 
 
 @dataclass
@@ -618,7 +618,7 @@ UNARY_LINEAR = {aten.neg.default: (), aten.clone.default: (), aten.type_as.defau
                 aten.permute.default: (1,),
                 aten.unsqueeze.default: (1,), aten.squeeze.dim: (1,), aten.mean.dim: (1,),
                 aten.sum.dim_IntList: (1,), aten.slice.Tensor: (1,), aten.select.int: (1,)}
-RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
+SHAPES = RESHAPES | {aten.expand.default}  # the same values in another shape, or broadcast
 
 
 def linear_share(builder: _Builder, node: Node, shares: dict, values: dict, dependent: set[Node]) -> Node | None:
@@ -651,7 +651,7 @@ def linear_share(builder: _Builder, node: Node, shares: dict, values: dict, depe
         new_args = [shares[first]] + [_shift(a) if i in UNARY_LINEAR[target] else arg_value(a)
                                       for i, a in enumerate(args[1:], start=1)]
         return builder.graph.call_function(target, tuple(new_args), dict(node.kwargs))
-    if target in RESHAPES:
+    if target in SHAPES:
         return call(reshape_heads, shares[first], [arg_value(s) for s in args[1]])
     if target in FUSED_NORMS:  # over the last dimension: a factor from the whole write
         norm = FusedNorm.of(node)
@@ -676,7 +676,7 @@ def sums_to_whole(node: Node, whole: set[Node], dependent: set[Node]) -> bool:
         return all(isinstance(a, Node) and a in whole for a in node.args[:2])
     if node.target is aten.linear.default:
         return len(node.args) < 3 or node.args[2] is None
-    return node.target in UNARY_LINEAR or node.target in RESHAPES or node.target in (
+    return node.target in UNARY_LINEAR or node.target in SHAPES or node.target in (
         aten.mul.Tensor, aten.div.Tensor, aten.matmul.default, aten.mm.default)
 
 
@@ -789,8 +789,8 @@ def _copy_taking(gm: GraphModule, name: str) -> tuple[Graph, dict[Node, Node], N
 
 def _weights_of_values(attention: Attention) -> Node:
     """The operand of a written-out core's last product that comes from its softmax: the attention weights."""
-    softmax = next(n for n in attention.core if n.target in SOFTMAX)
-    product = max(n for n in attention.core if n.target in MATMUL)
+    softmax = next(n for n in attention.core if n.target in SOFTMAXES)
+    product = max(n for n in attention.core if n.target in MATMULS)
     return next(a for a in product.args[:2] if a is softmax or softmax in ancestors(a))
 
 
@@ -843,7 +843,7 @@ def build_sources(gm: GraphModule, components: Components) -> GraphModule:
             args, kwargs = torch.fx.node.map_arg((product.args, product.kwargs), env.__getitem__)
             weights, values = graph.call_function(sdpa_pattern, args, kwargs), args[2]
         else:
-            weights, product = _weights_of_values(attention), max(n for n in attention.core if n.target in MATMUL)
+            weights, product = _weights_of_values(attention), max(n for n in attention.core if n.target in MATMULS)
             values = next(a for a in product.args[:2] if a is not weights)
             weights, values = env[weights], env[values]
         # from the product on (a sink's factor on the core's output, GraniteSWA's, is a constant of this path)
