@@ -28,7 +28,7 @@ from .circuit import Circuit
 from .data import check_counts, real_tokens, span_sums
 from .draw import plot_heatmap
 from .graph import names
-from .metrics import answer_mean, answer_position, answer_sum
+from .metrics import answer_mean, answer_position, answer_sum, wide
 from .model import CircuitModel
 from .norms import freeze_statistics
 from .patterns import check_index, check_read, check_real, head_indices
@@ -79,7 +79,7 @@ class Lens(Readings):
         return self.probs()
 
     def probs(self) -> torch.Tensor:
-        return self.logits.float().softmax(-1)
+        return wide(self.logits).softmax(-1)  # a float64 model's in float64
 
     def answer_probs(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Probability of each example's answer set ([batch, K] ids, -1 padded) per row and position:
@@ -279,13 +279,14 @@ def direct_logits(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: tor
 
 @torch.no_grad()
 def source_logits(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                  heads: list[str], positions: str | list[int] | torch.Tensor = "last",
+                  heads: list[str] | Circuit | None, positions: str | list[int] | torch.Tensor = "last",
                   tokens: list[int] | torch.Tensor | None = None, chunk_size: int = 16) -> SourceLogits:
-    """Direct logit attribution of ``heads`` (``"a23.h3"``…), split by the key position each reads: which token's
-    value a head moves into the answer.  A head's output is its attention weights times its values, summed over
-    the keys, and its path to the logits is linear once the norms' statistics are frozen, so each key's part adds
-    up to the head's direct logits (``direct_logits``).  ``positions`` and ``tokens`` as for ``direct_logits``;
-    each head takes one pass through its layer's output path per key (``cm.sources``)."""
+    """Direct logit attribution of ``heads`` (``"a23.h3"``…; a ``Circuit``'s heads, in graph order; every head where
+    None), split by the key position each reads: which token's value a head moves into the answer.  A head's output
+    is its attention weights times its values, summed over the keys, and its path to the logits is linear once the
+    norms' statistics are frozen, so each key's part adds up to the head's direct logits (``direct_logits``).
+    ``positions`` and ``tokens`` as for ``direct_logits``; each head takes one pass through its layer's output path
+    per key (``cm.sources``)."""
     heads, picks = head_indices(cm, heads)
     final = _FinalStream(cm, input_ids, attention_mask, positions, tokens)
     wanted: dict[int, list[int]] = {}
@@ -310,6 +311,7 @@ class _FinalStream:
 
     def __init__(self, cm: CircuitModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, positions,
                  tokens):
+        cm.inputs(input_ids, attention_mask)  # refused by name (a prompt not batched…) before they are read here
         self.frozen, self.linear = freeze_statistics(cm.readout, cm.model_name)
         self.read = _positions(input_ids, attention_mask, positions)
         streams, self.scales = cm.streams_and_scales(input_ids, attention_mask)
@@ -407,5 +409,6 @@ def _positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pos
     listed = list(positions) if isinstance(positions, Iterable) and not isinstance(positions, str) else []
     if not listed or not all(isinstance(p, Integral) and not isinstance(p, bool) and -seq <= p < seq for p in listed):
         raise ValueError(f"positions={positions!r}: give 'last', 'all', a position or a list of positions from "
-                         f"{-seq} to {seq - 1} (the prompts are {seq} tokens)")
+                         f"{-seq} to {seq - 1} (the prompts are {seq} tokens), or each example's own as a tensor "
+                         f"[batch={batch}, positions]")
     return torch.tensor(listed).expand(batch, -1)

@@ -15,6 +15,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from .circuit import Circuit
 from .data import check_counts, real_tokens, span_sums
 from .draw import plot_heatmap
 from .graph import names
@@ -96,8 +97,9 @@ class Patterns:
 
 @torch.no_grad()
 def attention_patterns(cm: CircuitModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                       heads: list[str] | None = None) -> Patterns:
-    """The attention patterns of ``heads`` (node names such as ``"a9.h6"``; every head where None) on a batch."""
+                       heads: list[str] | Circuit | None = None) -> Patterns:
+    """The attention patterns of ``heads`` (node names such as ``"a9.h6"``; a ``Circuit``'s heads, in graph order;
+    every head where None) on a batch."""
     heads, picks = head_indices(cm, heads)
     layers = cm.patterns(input_ids, attention_mask, layers={layer for layer, _ in picks})
     weights = torch.stack([layers[layer][:, head] for layer, head in picks])
@@ -116,8 +118,9 @@ def check_index(what: str, index, size: int, also: str = "") -> None:
     """Refuse ``index`` where it is no int from -``size`` to ``size`` - 1, naming ``what`` it indexes (``also``:
     what else it may be): a bare IndexError would not say which, and a float or a string fails deeper, in torch."""
     if isinstance(index, bool) or not isinstance(index, Integral) or not -size <= index < size:
+        given = "" if isinstance(index, Integral) else f"; give an int ({type(index).__name__} given)"
         raise IndexError(f"{what}={index!r}: {size} {what}s were read, {what} 0 to {size - 1} (or -1 for the "
-                         f"last{also})")
+                         f"last{also}){given}")
 
 
 def check_real(attention_mask: torch.Tensor, examples: torch.Tensor, positions: torch.Tensor, what: str) -> None:
@@ -131,9 +134,16 @@ def check_real(attention_mask: torch.Tensor, examples: torch.Tensor, positions: 
                          "attends to nothing; query one of the prompt's real tokens (attention_mask 1)")
 
 
-def head_indices(cm: CircuitModel, heads: list[str] | None) -> tuple[list[str], list[tuple[int, int]]]:
-    """Head node names (every head where None), each checked, and their (layer, head) indices."""
+def head_indices(cm: CircuitModel, heads: list[str] | Circuit | None) -> tuple[list[str], list[tuple[int, int]]]:
+    """Head node names (every head where None; a circuit's heads, in graph order), each checked, and their
+    (layer, head) indices."""
     every = [n for n in cm.graph.upstream if n.startswith("a")]
+    if isinstance(heads, Circuit):  # as the lens reads a circuit's nodes (``lens.node_names``)
+        heads.check_graph(cm.graph)
+        heads = [n for n in heads.nodes if n in every]
+        if not heads:
+            raise ValueError("the circuit has no heads (no edge leaves or enters an a{layer}.h{head} node): give "
+                             f"head names{f', e.g. {every[0]!r}' if every else ''}")
     heads = every if heads is None else names(heads, "head")
     unknown = [h for h in heads if h not in every]
     if not heads:

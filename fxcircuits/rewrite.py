@@ -813,7 +813,8 @@ def sdpa_pattern(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, at
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     if enable_gqa:
         key = key.repeat_interleave(query.shape[-3] // key.shape[-3], -3)
-    scores = (query @ key.transpose(-2, -1)).float() * scale
+    scores = query @ key.transpose(-2, -1)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale  # float32, float64 kept
     n_q, n_k = scores.shape[-2:]
     if is_causal:
         attn_mask = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).tril()

@@ -543,3 +543,28 @@ def test_source_logits_refuse_a_padding_read_position_as_patterns_do(traced):
     one = source_logits(cm, ids, mask, heads=["a1.h2"])
     with pytest.raises(IndexError, match="position=3: 1 positions were read, position 0 to 0"):
         one.by_span(spans, correct, incorrect, position=3)
+
+
+def test_prompts_not_batched_are_refused_by_name(traced):
+    """One prompt given as [seq] is refused by every reader as every run refuses it, saying the shape to give — not
+    an unpacking error from reading the positions before the prompts are checked."""
+    _, cm = traced("llama")
+    ids, _ = _ids()
+    for read in (lambda: logit_lens(cm, ids[0]), lambda: direct_logits(cm, ids[0]),
+                 lambda: direct_logits(cm, ids[0], tokens=[3]), lambda: source_logits(cm, ids[0], heads=["a0.h0"])):
+        with pytest.raises(ValueError, match=r"input_ids must be \[batch, seq\]"):
+            read()
+    with pytest.raises(ValueError, match=r"or each example's own as a tensor \[batch=2, positions\]"):
+        logit_lens(cm, ids, positions=[[3], [5]])
+
+
+def test_lens_probabilities_of_a_float64_model_are_float64():
+    """A float64 model's lens ranks and sums probabilities in float64 (``metrics.wide``), not rounded to float32."""
+    cm = fxcircuits.trace(make("llama", dtype=torch.float64))
+    ids, mask = _ids()
+    lens = logit_lens(cm, ids, mask)
+    assert lens.logits.dtype == lens.probs().dtype == torch.float64
+    torch.testing.assert_close(lens.probs(), lens.logits.softmax(-1), atol=1e-15, rtol=0)
+    answers = torch.tensor([[3, 4], [5, -1]])
+    expected = torch.stack([lens.logits.softmax(-1)[:, 0, 0, [3, 4]].sum(-1), lens.logits.softmax(-1)[:, 1, 0, 5]], 1)
+    torch.testing.assert_close(lens.answer_probs(answers)[:, :, 0], expected, atol=1e-15, rtol=0)

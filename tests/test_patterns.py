@@ -59,6 +59,22 @@ def test_sdpa_pattern_times_values_is_sdpa(options):
         q, k, v, **kwargs), atol=1e-6)
 
 
+def test_a_float64_models_patterns_keep_float64s_digits():
+    """The weights of an SDPA core are computed in the model's dtype where it is wider than float32: a float64
+    GPT-2's, against HF's eager ones, to float64's rounding (its scores made float32 were 1e-9 off, and its heads' writes by key position
+    then added up to their direct logits only to 6e-10)."""
+    model = make("gpt2", dtype=torch.float64)
+    cm = fxcircuits.trace(model)  # its SDPA cores, whose weights the trace spells out
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = make("gpt2", dtype=torch.float64, attn_implementation="eager")(
+            ids, output_attentions=True).attentions
+    assert max((mine - theirs).abs().max().item() for mine, theirs in zip(cm.patterns(ids), reference)) < 1e-14
+    sources = fxcircuits.source_logits(cm, ids, heads=["a0.h0", "a1.h3"], positions="all")
+    direct = fxcircuits.direct_logits(cm, ids, nodes=["a0.h0", "a1.h3"], positions="all")
+    assert (sources.logits.sum(3) - direct.logits).abs().max() < 1e-13 * direct.logits.abs().max()
+
+
 def test_head_names_are_the_heads_whose_writes_the_weights_make(traced, prompts):
     """Node ``a0.h{h}``'s output is head h's weights times its values, through its columns of the output
     projection — values and projection taken from the HF model's own modules."""
@@ -162,3 +178,31 @@ def test_patterns_of_chosen_layers_only(traced, prompts):
     assert chosen[0] is None and torch.equal(chosen[1], every[1])
     with pytest.raises(ValueError, match="no attention layer 2"):
         cm.patterns(clean, mask, layers=[2])
+
+
+def test_heads_given_as_a_circuit_are_its_heads_in_graph_order(traced, prompts):
+    """``heads=circuit``, as the lens takes ``nodes=circuit``: the heads its edges leave or enter (also through a q, k
+    or v input), in graph order, for patterns and source logits alike; a circuit without heads is refused, saying
+    what to give."""
+    _, cm = traced("llama")
+    clean, _, mask = prompts
+    circuit = fxcircuits.Circuit(cm.graph, ["a1.h2->m1", "m1->logits", "input->a0.h3<k>", "m0->a1.h0<v>"])
+    patterns = fxcircuits.attention_patterns(cm, clean, mask, heads=circuit)
+    assert patterns.heads == ["a0.h3", "a1.h0", "a1.h2"]
+    named = fxcircuits.attention_patterns(cm, clean, mask, heads=patterns.heads)
+    torch.testing.assert_close(patterns.weights, named.weights, atol=0, rtol=0)
+    sources = fxcircuits.source_logits(cm, clean, mask, heads=circuit)
+    assert sources.heads == patterns.heads
+    torch.testing.assert_close(sources.logits, fxcircuits.source_logits(cm, clean, mask, heads=patterns.heads).logits,
+                               atol=0, rtol=0)
+    with pytest.raises(ValueError, match="the circuit has no heads.*give head names"):
+        fxcircuits.attention_patterns(cm, clean, mask, heads=fxcircuits.Circuit(cm.graph, ["m0->m1"]))
+
+
+def test_a_query_position_given_as_a_tensor_is_refused_asking_for_an_int(traced, prompts):
+    """A position in range but given as a tensor is refused saying to give an int — not as if out of range."""
+    _, cm = traced("llama")
+    clean, _, mask = prompts
+    patterns = fxcircuits.attention_patterns(cm, clean, mask, heads=["a1.h2"])
+    with pytest.raises(IndexError, match=r"position=tensor\(5\): .*; give an int \(Tensor given\)"):
+        patterns.query(0, torch.tensor(5))
