@@ -301,6 +301,9 @@ def _everywhere(cm: CircuitModel, batches: dict | Iterable[dict], metric, units:
     if ablation != "corrupted" and direction == "denoising":
         raise ValueError(f"denoising patches the clean prompt's values into the corrupted run, and {ablation} "
                          "ablation has none to patch in: knock units out of the clean run with direction='noising'")
+    if ablation == "zero" and method == "attribution-ig":  # attribution's own refusal would name its methods
+        raise ValueError("method 'attribution-ig' integrates from the other run's input, all zero under zero ablation, "
+                         "where the norms' gradients blow up: use method 'attribution' or 'exact', or ablation 'mean'")
     _, metric, runs = _directed(batches, metric, direction, method, steps, masks_per_call)
     names, masks = units
     evaluator = Evaluator(cm, runs, metric, ablation=ablation, reference=reference,
@@ -358,6 +361,9 @@ def _span_names(batches: list[dict], spans: bool | Sequence[str] | None) -> list
                              f"{', '.join(map(repr, batch['spans']))}")
     if not names:
         raise ValueError("spans=[] names no span to patch at")
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"spans={names!r} names {', '.join(map(repr, twice))} more than once: name each span once")
     return names
 
 

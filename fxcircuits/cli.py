@@ -297,7 +297,8 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="hub id, local folder, or smollm2-135m (offline)")
     parser.add_argument("--task", type=_task, help=f"{', '.join(tasks_.TASKS)}, or a .csv/.jsonl file of your own "
                         "(default: the task a given circuit was found on, else ioi)")
-    parser.add_argument("--size", type=_positive, default=32, help="number of examples of a built-in task")
+    parser.add_argument("--size", type=_positive, help="number of examples of a built-in task (default 32; a task "
+                        "file runs all of its rows)")
     parser.add_argument("--batch-size", type=_positive, default=8)
     parser.add_argument("--drop-mismatched", action="store_true", help="with a task file: drop the rows whose clean "
                         "and corrupted prompts tokenize to different lengths, with a warning naming their lines")
@@ -338,13 +339,17 @@ def _setup(args, recorded: dict | None = None):
     name = args.task or _recorded_task(recorded or {})
     if args.drop_mismatched and name in tasks_.TASKS:
         raise SystemExit("--drop-mismatched reads a task file; the built-in tasks draw only pairs of one length")
+    if args.size is not None and name not in tasks_.TASKS:
+        raise SystemExit(f"--size draws examples of a built-in task, and {name} is a task file, whose every row runs: "
+                         "leave --size out (or keep the rows you want in the file)")
     torch.manual_seed(args.seed)
     print(f"loading {args.model} …", file=sys.stderr)
     model, tokenizer = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype),
                                   progress=not args.no_progress)
     cm = trace(model, progress=not args.no_progress)
     if name in tasks_.TASKS:
-        task = tasks_.load(name, tokenizer, size=args.size, seed=args.seed, batch_size=args.batch_size)
+        task = tasks_.load(name, tokenizer, size=32 if args.size is None else args.size, seed=args.seed,
+                           batch_size=args.batch_size)
     else:
         task = tasks_.from_file(name, tokenizer, batch_size=args.batch_size, drop_mismatched=args.drop_mismatched)
     return model, tokenizer, cm, task
@@ -465,13 +470,14 @@ def _in_a_folder(text: str) -> str:
 
 
 def _size(text: str) -> int | float:
-    """``"1%"`` → 0.01 (a fraction of all edges or nodes), ``"500"`` → 500; anything else is a usage error."""
+    """``"1%"`` → 0.01 (a fraction of all edges or nodes), ``"500"`` → 500; anything else, none included (an empty
+    circuit), is a usage error."""
     try:
         count = float(text[:-1]) / 100 if text.endswith("%") else int(text)
     except ValueError:
         count = None
-    if count is None or not 0 <= count < float("inf") or (text.endswith("%") and count > 1):
-        raise argparse.ArgumentTypeError(f"{text!r}: give a count (500) or a percentage from 0% to 100% (1%)")
+    if count is None or not 0 < count < float("inf") or (text.endswith("%") and count > 1):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a count (500) or a percentage above 0%, up to 100% (1%)")
     return count
 
 
@@ -517,8 +523,9 @@ def _discover_by_span(args, selection: str, options: dict, start: float) -> int:
         raise SystemExit(f"a positional circuit is saved as JSON: --out {args.out} does not end in .json")
     _, _, cm, task = _setup(args)
     _spans_named(task)
-    metric, ablation, patching = _patching(args, task, {})
     spans = None if args.spans == "all" else args.spans.split(",")
+    _fits(args, cm.graph, classes=len(data.position_classes(task.batches[0], spans)[0]))  # the spans and the rest
+    metric, ablation, patching = _patching(args, task, {})
     scores = attribute_by_span(cm, task.batches, metric, args.method, spans=spans, progress=not args.no_progress,
                                seed=args.seed, **patching, **options)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
@@ -533,7 +540,7 @@ def _discover_by_span(args, selection: str, options: dict, start: float) -> int:
             "circuit": f"{_extent(circuit)}; {len(union)} edges and "
             f"{len(union.nodes)} nodes in all", "faithfulness": f"{faithfulness:.3f}{_reached(args)}"}
     if args.method in GRADIENT_METHODS:
-        plain = scores.total().topn(len(circuit))
+        plain = scores.total().topn(min(len(circuit), len(cm.graph.edges)))  # more pairs than edges: every edge
         rows["plain circuit"] = (f"{len(plain)} edges at every token: faithfulness "
                                  f"{evaluator.evaluate(plain).faithfulness:.3f}")
     _table({**rows, "time": f"{time.perf_counter() - start:.1f} s", "saved": f"{args.out}, {picture}"})
@@ -553,12 +560,20 @@ def _run_rows(args, task, metric: str, ablation: str, evaluator: Evaluator) -> d
             "baseline metric": f"{evaluator.full.mean():.3f} clean, {evaluator.empty.mean():.3f} all edges patched"}
 
 
-def _fits(args, graph: CircuitGraph) -> None:
-    """Refuse a count of edges or nodes past what the model has, once it is traced and before the run."""
-    for option, total in (("edges", len(graph.edges)), ("nodes", len(graph.upstream))):
+def _fits(args, graph: CircuitGraph, classes: int | None = None) -> None:
+    """Refuse a count of edges or nodes past what the model has, or a share of them that keeps none (as
+    ``scores.count_of`` rounds it), once it is traced and before the run; by span (``classes``: the spans and the
+    rest), of (edge, span) pairs, the edges times the classes."""
+    sizes = (("edges", len(graph.edges), "edges"), ("nodes", len(graph.upstream), "nodes")) if classes is None else \
+        (("edges", len(graph.edges) * classes, f"(edge, span) pairs ({len(graph.edges):,} edges at {classes} spans, "
+                                                "the rest included)"),)
+    for option, total, what in sizes:
         count = getattr(args, option)
         if isinstance(count, int) and count > total:
-            raise SystemExit(f"--{option} {count}: {args.model} has {total:,} {option}; give fewer, or a percentage")
+            raise SystemExit(f"--{option} {count}: {args.model} has {total:,} {what}; give fewer, or a percentage")
+        if isinstance(count, float) and int(count * total) == 0:
+            raise SystemExit(f"--{option} {count * 100:g}%: that share of {args.model}'s {total:,} {what} keeps none; "
+                             "give a larger one, or a count")
 
 
 def _reached(args) -> str:
@@ -680,9 +695,9 @@ def _evaluate(args) -> int:
         scores = (EdgeScores(circuit.graph, circuit.scores) if isinstance(circuit, Circuit)
                   else SpanScores(circuit.graph, circuit.spans, circuit.scores))
         mib = evaluator.mib(scores, progress=not args.no_progress, selection=args.selection or "topn")
-        rows.update({"CPR": f"{mib['cpr']:.3f}", "CMD": f"{mib['cmd']:.3f}",
-                     f"curve ({args.selection or 'topn'})": " ".join(f"{p:g}:{f:.2f}" for p, f in zip(mib["cpr_curve"].fractions,
-                                                                       mib["cpr_curve"].faithfulness))})
+        curve = mib["cpr_curve"]
+        rows.update({"CPR": f"{mib['cpr']:.3f}", "CMD": f"{mib['cmd']:.3f}", f"curve ({args.selection or 'topn'})":
+                     " ".join(f"{p:g}:{f:.2f}" for p, f in zip(curve.fractions, curve.faithfulness))})
         if args.plot:
             _plot_curves(mib, scores.tensor.numel(), args.plot)
             rows["plot"] = args.plot
@@ -710,6 +725,9 @@ def _show(args) -> int:
         draw_span_circuit(circuit, args.out, title=args.title)
         print(f"{_extent(circuit)}; {len(circuit.union())} edges, {len(circuit.union().nodes)} nodes → {args.out}")
         return 0
+    if args.edges and circuit.scores is None:
+        raise SystemExit(f"--edges draws the circuit's strongest edges, and {args.circuit} holds no scores to rank "
+                         "them by: leave --edges out")
     circuit = circuit.strongest(args.edges).pruned() if args.edges else circuit
     draw_circuit(circuit, args.out, title=args.title)
     print(f"{len(circuit)} edges, {len(circuit.nodes)} nodes → {args.out}")
@@ -949,6 +967,13 @@ def _patch(args) -> int:
     if args.steps is not None and args.method != "attribution-ig":
         raise SystemExit(f"--steps counts the integration steps of --method attribution-ig; {args.method} takes none: "
                          "leave it out")
+    if args.per_call is not None and args.method == "attribution":
+        raise SystemExit("--per-call counts the patched runs of --method exact or the points of attribution-ig; "
+                         "attribution takes one backward pass: leave it out")
+    if args.ablation == "zero" and args.method == "attribution-ig":
+        raise SystemExit("--method attribution-ig integrates from the other run's input, all zero under --ablation "
+                         "zero, where the norms' gradients blow up: use --method attribution or exact, or --ablation "
+                         "mean")
     receivers = args.receivers.split(",") if args.receivers else None
     if receivers and (args.inputs or (nodes is None and not args.all_positions)):
         raise SystemExit("--receivers patches nodes' outputs into them: give --nodes (or a circuit), or "

@@ -66,7 +66,14 @@ def load_tokenizer(name_or_path: str | Path):
     if Path(source).is_dir() and not extra and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
         raise ValueError(f"{name_or_path} holds no tokenizer ({', '.join(TOKENIZER_FILES)}): save the model's "
                          "beside it, tokenizer.save_pretrained(folder)")
-    return AutoTokenizer.from_pretrained(source, **extra)
+    try:
+        return AutoTokenizer.from_pretrained(source, **extra)
+    except OSError as error:  # a hub id: HF's message takes lines, and says nothing of what else to give
+        if Path(source).is_dir():
+            raise
+        why = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise OSError(f"{name_or_path!r} is no local folder, and the Hugging Face hub gave no model of that id ({why}); "
+                      f"give a folder that save_pretrained wrote, or {SMOLLM2!r} (offline)") from error
 
 
 def _source(name_or_path: str | Path) -> tuple[str, dict]:

@@ -838,7 +838,7 @@ class Tap:
     points of one batch side by side (masks × batch rows); their gradients are summed.  sides: the same difference
     of each side input (``side_input``), [batch, …], whose gradient counts for the ``input`` node's edge.
     by_position: keep each prompt's positions apart, scores [n_upstream, n_downstream, batch · seq]: the score of
-    each edge patched at one position (``fxcircuits.positions``)."""
+    each edge patched at one position (``fxcircuits.activation_patching``)."""
 
     def __init__(self, delta: torch.Tensor, n_downstream: int, sides: list[torch.Tensor] = (),
                  by_position: bool = False):

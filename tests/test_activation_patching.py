@@ -353,6 +353,14 @@ def test_bad_sweeps_are_refused(traced, prompts, sweep):
         sweep(cm, [], metrics.logit_diff)
 
 
+def test_attribution_ig_from_a_zero_input_is_refused_naming_what_patching_runs(traced, prompts):
+    """EAP-IG-inputs' path from an all-zero input ranks nothing; refused in patching's own terms, not attribute's
+    (whose methods 'eap-ig-activations' and 'eap' patch_nodes does not take)."""
+    _, cm = traced("llama")
+    with pytest.raises(ValueError, match="'attribution-ig' .* use method 'attribution' or 'exact', or ablation 'mean'"):
+        patch_nodes(cm, _batch(prompts), metrics.logit_diff, method="attribution-ig", ablation="zero")
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_the_input_node_patched_at_one_position_is_the_prompt_with_that_token_swapped(traced, prompts, name):
     """What is written before the first layer at a position depends on its token alone, so the ``input`` node
@@ -548,6 +556,8 @@ def test_bad_span_sweeps_are_refused(traced, prompts):
         patch_by_position(cm, _spanned(prompts), metrics.logit_diff, spans=["A", "C"])
     with pytest.raises(ValueError, match="names no span"):
         patch_by_position(cm, _spanned(prompts), metrics.logit_diff, spans=[])
+    with pytest.raises(ValueError, match="names 'A' more than once"):
+        patch_by_position(cm, _spanned(prompts), metrics.logit_diff, spans=["A", "A"])
     with pytest.raises(ValueError, match="no batches"):
         patch_by_position(cm, [], metrics.logit_diff)
     outside = {**_spanned(prompts), "spans": {"A": torch.tensor([[1, 3], [4, 5], [2, 4]])}}  # row 0: padding

