@@ -294,7 +294,8 @@ def _node_options(parser: argparse.ArgumentParser, instead: str) -> None:
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="hub id, local folder, or smollm2-135m (offline)")
+    parser.add_argument("--model", help="hub id, local folder, or smollm2-135m (offline; the default, where no given "
+                        "circuit names the model it was found on)")
     parser.add_argument("--task", type=_task, help=f"{', '.join(tasks_.TASKS)}, or a .csv/.jsonl file of your own "
                         "(default: the task a given circuit was found on, else ioi)")
     parser.add_argument("--size", type=_positive, help="number of examples of a built-in task (default 32; a task "
@@ -334,8 +335,9 @@ def _patching(args, task, recorded: dict) -> tuple[str, str, dict]:
 
 
 def _setup(args, recorded: dict | None = None):
-    """(model, tokenizer, traced model, task) from the shared options; the task is ``--task``, else the one a
-    circuit file was found on (``recorded``: its info), else IOI."""
+    """(model, tokenizer, traced model, task) from the shared options; the model and the task are ``--model`` and
+    ``--task``, else those a circuit file was found on (``recorded``: its info), else SmolLM2 and IOI."""
+    args.model = args.model or (recorded or {}).get("model") or "smollm2-135m"
     name = args.task or _recorded_task(recorded or {})
     if args.drop_mismatched and name in tasks_.TASKS:
         raise SystemExit("--drop-mismatched reads a task file; the built-in tasks draw only pairs of one length")
@@ -369,6 +371,13 @@ def _task_info(args, task) -> dict[str, str]:
     """What a circuit file records of the task it was found on: its name and, for a task file, the file's path."""
     built_in = args.task is None or args.task in tasks_.TASKS  # None: the built-in task a circuit file named
     return {"task": task.name, **({} if built_in else {"task_file": str(Path(args.task).resolve())})}
+
+
+def _model_info(args) -> str:
+    """What a circuit file records of the model it was found on, which the commands that read it load by default:
+    a hub id as given, a local folder as an absolute path (the file may be read from another folder)."""
+    folder = Path(args.model).expanduser()
+    return str(folder.resolve()) if folder.is_dir() else args.model
 
 
 def _found_on(info: dict) -> tuple:
@@ -504,7 +513,7 @@ def _discover(args) -> int:
                        **patching, **options)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
     circuit, faithfulness = _select(scores, selection, args, evaluator)
-    circuit.save(args.out, model=args.model, **_task_info(args, task), faithfulness=faithfulness)
+    circuit.save(args.out, model=_model_info(args), **_task_info(args, task), faithfulness=faithfulness)
     picture = _drawn_at(args)
     draw_circuit(circuit, picture, title=f"{args.model} · {task.name} · {args.method} · f = {faithfulness:.2f}")
     _table({**_run_rows(args, task, metric, ablation, evaluator),
@@ -530,7 +539,7 @@ def _discover_by_span(args, selection: str, options: dict, start: float) -> int:
                                seed=args.seed, **patching, **options)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
     circuit, faithfulness = _select(scores, selection, args, evaluator)
-    circuit.info.update(model=args.model, **_task_info(args, task), faithfulness=faithfulness)
+    circuit.info.update(model=_model_info(args), **_task_info(args, task), faithfulness=faithfulness)
     circuit.save(args.out)
     picture = _drawn_at(args)
     union = circuit.union()
@@ -797,7 +806,7 @@ def _plain_circuit(path: str, command: str) -> Circuit:
 
 
 def _found(nodes: Circuit | list[str] | None) -> dict | None:
-    """What a circuit read for its nodes says of how it was found (its task), where one was read."""
+    """What a circuit read for its nodes says of how it was found (its model and task), where one was read."""
     return nodes.info if isinstance(nodes, Circuit) else None
 
 

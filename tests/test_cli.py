@@ -123,6 +123,21 @@ def test_evaluate_cuts_the_curve_as_asked(folder, tmp_path, capsys):
         main(["evaluate", str(_unscored(circuit, tmp_path)), *_common(folder), "--selection", "greedy"])
 
 
+def test_a_circuit_runs_on_the_model_it_was_found_on(folder, tmp_path, capsys, monkeypatch):
+    """Without --model, evaluate (as lens, direct, patch) loads the model the circuit file names — a folder by its
+    absolute path, so the file may be read from anywhere — not SmolLM2, whose graph it would not fit."""
+    monkeypatch.chdir(Path(folder).parent)
+    options = ["--task", "ioi", "--size", "8", "--batch-size", "4", "--no-progress"]
+    out = tmp_path / "c.json"
+    assert main(["discover", "--model", Path(folder).name, *options, "--method", "eap", "--edges", "20%",
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["cfg"]["model"] == str(Path(folder).resolve())
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["evaluate", str(out), *options]) == 0
+    assert re.search(rf"model\s+{re.escape(str(Path(folder).resolve()))}\n", capsys.readouterr().out)
+
+
 def _unscored(circuit: Circuit, tmp_path) -> Path:
     path = tmp_path / "unscored.json"
     Circuit(circuit.graph, circuit.in_graph, None, circuit.info).save(path)
