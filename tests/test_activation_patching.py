@@ -353,14 +353,6 @@ def test_bad_sweeps_are_refused(traced, prompts, sweep):
         sweep(cm, [], metrics.logit_diff)
 
 
-def test_attribution_ig_from_a_zero_input_is_refused_naming_what_patching_runs(traced, prompts):
-    """EAP-IG-inputs' path from an all-zero input ranks nothing; refused in patching's own terms, not attribute's
-    (whose methods 'eap-ig-activations' and 'eap' patch_nodes does not take)."""
-    _, cm = traced("llama")
-    with pytest.raises(ValueError, match="'attribution-ig' .* use method 'attribution' or 'exact', or ablation 'mean'"):
-        patch_nodes(cm, _batch(prompts), metrics.logit_diff, method="attribution-ig", ablation="zero")
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_the_input_node_patched_at_one_position_is_the_prompt_with_that_token_swapped(traced, prompts, name):
     """What is written before the first layer at a position depends on its token alone, so the ``input`` node

@@ -90,7 +90,7 @@ def test_eap_ig_inputs_from_an_all_zero_input_is_refused(linear):
         fxcircuits.attribute(linear, [batch], "logit_diff", "eap-ig-inputs", ablation="zero", progress=False)
     with pytest.raises(ValueError, match=says):
         fxcircuits.attribute(linear, [batch], "logit_diff", "mask", ablation="zero", progress=False, mask_steps=1)
-    with pytest.raises(ValueError, match=says):
+    with pytest.raises(ValueError, match="'attribution-ig' integrates from the other run's input, all zero"):
         fxcircuits.patch_nodes(linear, [batch], "logit_diff", method="attribution-ig", ablation="zero")
     scores = fxcircuits.attribute(linear, [batch], "logit_diff", "eap-ig-activations", ablation="zero",
                                   progress=False)
