@@ -176,7 +176,7 @@ def _costs(cm: CircuitModel, prepared: list[Prepared], metric, reference: torch.
     ``norms`` and ``heads``), for every mask of the call, and that path rounds otherwise than the model's fused
     pass.  Two runs of one call differ by their masks alone; measured against a run of another call, or the model's
     own, a score carries that rounding too: in bfloat16, as much as an edge's effect (exact's scores of a tiny Llama
-    rank by |score| with Spearman 0.61 against float64's where this gives 0.86)."""
+    rank by |score| with Spearman 0.61 against float64's where this gives 0.85)."""
     masks = torch.cat([reference[None], masks])
     values = metric_values(cm, prepared, metric, masks[:, 0] if spans is None else masks, spans).mean(-1)
     return values[0] - values[1:]

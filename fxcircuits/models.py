@@ -72,8 +72,8 @@ def load_tokenizer(name_or_path: str | Path):
         if Path(source).is_dir():
             raise
         why = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise OSError(f"{name_or_path!r} is no local folder, and the Hugging Face hub gave no model of that id ({why}); "
-                      f"give a folder that save_pretrained wrote, or {SMOLLM2!r} (offline)") from error
+        raise OSError(f"{name_or_path!r} is no local folder, and the Hugging Face hub gave no model of that id "
+                      f"({why}); give a folder that save_pretrained wrote, or {SMOLLM2!r} (offline)") from error
 
 
 def _source(name_or_path: str | Path) -> tuple[str, dict]:

@@ -414,7 +414,8 @@ def test_runs_that_would_move_nothing_are_not_made(traced, prompts, monkeypatch)
     monkeypatch.setattr(Prepared, "measure", counted)
     skipping = patch_by_position(cm, batch, metrics.logit_diff, nodes=["a0.h1", "m1"])
     assert sum(made) == 2 * 4 and (skipping.effects[:, 1:, :3] == 0).all()  # row 0: padding there
-    monkeypatch.setattr("fxcircuits.activation_patching._moving", lambda cm, p, masks: torch.ones(len(masks), 7, dtype=bool))
+    monkeypatch.setattr("fxcircuits.activation_patching._moving",
+                        lambda cm, p, masks: torch.ones(len(masks), 7, dtype=bool))
     every = patch_by_position(cm, batch, metrics.logit_diff, nodes=["a0.h1", "m1"])
     assert sum(made) == 2 * 4 + 2 * 7
     torch.testing.assert_close(skipping.effects, every.effects, equal_nan=True, rtol=0, atol=1e-6)

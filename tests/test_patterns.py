@@ -61,8 +61,8 @@ def test_sdpa_pattern_times_values_is_sdpa(options):
 
 def test_a_float64_models_patterns_keep_float64s_digits():
     """The weights of an SDPA core are computed in the model's dtype where it is wider than float32: a float64
-    GPT-2's, against HF's eager ones, to float64's rounding (its scores made float32 were 1e-9 off, and its heads' writes by key position
-    then added up to their direct logits only to 6e-10)."""
+    GPT-2's, against HF's eager ones, to float64's rounding (its scores made float32 were 1e-9 off, and its heads'
+    writes by key position then added up to their direct logits only to 6e-10)."""
     model = make("gpt2", dtype=torch.float64)
     cm = fxcircuits.trace(model)  # its SDPA cores, whose weights the trace spells out
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
