@@ -34,11 +34,12 @@ from tqdm.auto import tqdm
 
 from . import metrics as metrics_
 from .caller import gradients
+from .circuit import count_of
 from .data import REST, check_counts, position_classes
 from .model import CircuitModel
 from .patching import Tap, class_keep, dense_keep
 from .runs import Calls, Prepared, call_size, check_finite, clean_values, examples, metric_values, prepare
-from .scores import EdgeScores, count_of
+from .scores import EdgeScores
 
 GRADIENT_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted")
 INTEGRATED = ("eap-ig-inputs", "eap-ig-activations")  # the gradient methods that take integration steps

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import numbers
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -126,17 +127,18 @@ class Circuit:
                     circuit.edges[src, dst]["score"] = float(self.scores[self.graph.edge_index[name]])
         return circuit
 
-    def strongest(self, n: int) -> "Circuit":
-        """The circuit's ``n`` edges of largest |score|: the core of a circuit too large to draw legibly (a few
-        hundred edges are; a 1% circuit of a 30-layer model has a thousand).  ``.pruned()`` drops what then dangles."""
+    def strongest(self, n: int | float) -> "Circuit":
+        """The circuit's ``n`` edges of largest |score| (a float: that fraction of its edges, 0.1 for a tenth): the
+        core of a circuit too large to draw legibly (a few hundred edges are; a 1% circuit of a 30-layer model has a
+        thousand).  A count past the circuit's size keeps it all.  ``.pruned()`` drops what then dangles."""
         if self.scores is None:
             raise ValueError("this circuit has no scores to rank its edges by; draw it whole, or pass a subset of "
                              "its edges to Circuit(graph, edges)")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"strongest takes a count of edges, an int from 0; got {n!r}")
         index = self.in_graph.nonzero().flatten()
+        whole = isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > len(index)
+        count = count_of(len(index) if whole else n, len(index))
         flags = torch.zeros_like(self.in_graph)
-        flags[index[self.scores[index].abs().argsort(descending=True, stable=True)[:n]]] = True
+        flags[index[self.scores[index].abs().argsort(descending=True, stable=True)[:count]]] = True
         return Circuit(self.graph, flags, self.scores, self.info)
 
     def pruned(self) -> "Circuit":
@@ -423,3 +425,22 @@ def _nodes_alive(graph: CircuitGraph, keep: torch.Tensor) -> torch.Tensor:
     incoming[graph.reader[graph.dst[keep]]] = True
     incoming[0] = True
     return outgoing & incoming
+
+
+def count_of(n: int | float, total: int, what: str = "edges") -> int:
+    """``n`` of ``total`` edges (or nodes, (edge, span) pairs, a learned mask's gates: ``what``): an integer is a
+    count, any other real number a fraction (MIB's int(p·E); 1.0 is all) — numpy's and one-element tensors' alike,
+    which ``int()`` would truncate to 0.  Every cut by size reads its size so, and so does a mask's density."""
+    if isinstance(n, torch.Tensor) and n.numel() == 1:
+        n = n.item()
+    if isinstance(n, numbers.Integral) and not isinstance(n, bool):
+        if not 0 <= n <= total:
+            raise ValueError(f"asked for {n} {what} of {total}")
+        return int(n)
+    if isinstance(n, numbers.Real) and not isinstance(n, bool):
+        if not 0 <= n <= 1:
+            raise ValueError(f"{n} is no fraction of the {what}: a float is a fraction from 0 to 1 (0.01 keeps 1%); "
+                             f"pass an int to keep a count of {what}")
+        return int(n * total)
+    raise TypeError(f"{n!r} is neither a count of {what} (an int) nor a fraction of them (a float from 0 to 1: 0.01 "
+                    "keeps 1%)")

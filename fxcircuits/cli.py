@@ -156,8 +156,8 @@ def _add_show(commands) -> None:
     show.add_argument("circuit", help=CIRCUIT_FILE)
     show.add_argument("--out", required=True, type=_picture, help="the picture (.svg or .png)")
     show.add_argument("--title")
-    show.add_argument("--edges", type=_positive, help="draw only the circuit's N edges of largest |score| (pruned): "
-                      "a thousand edges do not read")
+    show.add_argument("--edges", type=_size, help="draw only the circuit's N edges of largest |score|, or a share "
+                      "of them (10%%), pruned: a thousand edges do not read")
     show.set_defaults(run=_show)
 
 
@@ -491,13 +491,19 @@ def _size(text: str) -> int | float:
 
 
 def _target(text: str) -> float:
-    """``"85%"`` or ``"0.85"`` → 0.85, a faithfulness above 0; anything else is a usage error."""
+    """``"85%"`` or ``"0.85"`` → 0.85, a faithfulness above 0; anything else is a usage error.  A plain number above
+    1 is refused before the run: ``85`` is a share of 85 times the model's, no search reaches it, and it most often
+    means 85%; a target past the model's own is written as a percentage (105%)."""
     try:
         target = float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
         target = None
     if target is None or not 0 < target < float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r}: give a faithfulness above 0, as 0.85 or 85%")
+    if target > 1 and not text.endswith("%"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a faithfulness is a share of the model's own (1 is all of it): "
+                                         f"give {target / 100:g} or {text}%; past the model's own, write a "
+                                         "percentage (105%)")
     return target
 
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import heapq
 import math
-import numbers
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from .circuit import Circuit
+from .circuit import Circuit, count_of
 from .graph import CircuitGraph
 from .metrics import wide
 
@@ -213,20 +212,3 @@ def kept(order: torch.Tensor, count: int, shape: torch.Size) -> torch.Tensor:
     return flags.view(shape)
 
 
-def count_of(n: int | float, total: int, what: str = "edges") -> int:
-    """``n`` of ``total`` edges (or nodes, (edge, span) pairs, a learned mask's gates: ``what``): an integer is a
-    count, any other real number a fraction (MIB's int(p·E); 1.0 is all) — numpy's and one-element tensors' alike,
-    which ``int()`` would truncate to 0.  Every cut by size reads its size so, and so does a mask's density."""
-    if isinstance(n, torch.Tensor) and n.numel() == 1:
-        n = n.item()
-    if isinstance(n, numbers.Integral) and not isinstance(n, bool):
-        if not 0 <= n <= total:
-            raise ValueError(f"asked for {n} {what} of {total}")
-        return int(n)
-    if isinstance(n, numbers.Real) and not isinstance(n, bool):
-        if not 0 <= n <= 1:
-            raise ValueError(f"{n} is no fraction of the {what}: a float is a fraction from 0 to 1 (0.01 keeps 1%); "
-                             f"pass an int to keep a count of {what}")
-        return int(n * total)
-    raise TypeError(f"{n!r} is neither a count of {what} (an int) nor a fraction of them (a float from 0 to 1: 0.01 "
-                    "keeps 1%)")

@@ -368,10 +368,15 @@ def test_strongest_keeps_a_circuits_edges_of_largest_abs_score(graph):
     assert circuit.strongest(3).edges == ["input->a0.h0<q>", "input->m1", "a0.h0->logits"]
     assert circuit.strongest(3).pruned().edges == ["input->a0.h0<q>", "a0.h0->logits"]  # m1 feeds nothing now
     assert circuit.strongest(10).edges == circuit.edges
+    assert circuit.strongest(0.5).edges == ["input->a0.h0<q>", "a0.h0->logits"]  # a share of its own 4 edges
+    assert circuit.strongest(0.6).edges == circuit.strongest(2).edges  # int(0.6 · 4), as every cut by size rounds
+    assert circuit.strongest(1.0).edges == circuit.edges
     with pytest.raises(ValueError, match="no scores to rank"):
         Circuit(graph, circuit.edges).strongest(2)
-    for bad in (-1, 2.5, True):  # -1 would slice off the weakest edge
-        with pytest.raises(ValueError, match=f"strongest takes a count of edges, an int from 0; got {bad}"):
+    for bad, error, message in ((-1, ValueError, "asked for -1 edges of 4"),  # -1 would slice off the weakest edge
+                                (2.5, ValueError, "2.5 is no fraction of the edges"),
+                                (True, TypeError, "True is neither a count of edges")):
+        with pytest.raises(error, match=message):
             circuit.strongest(bad)
 
 

@@ -64,6 +64,9 @@ def test_discover_evaluate_show_lens(folder, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-1].startswith(f"{len(core)} edges, {len(core.nodes)} nodes → ")
     assert len(core) <= 5
     assert set(core.edges) == set(circuit.edges) & {e.get("id") for e in ET.parse(tmp_path / "core.svg").iter()}
+    assert main(["show", str(out), "--edges", "50%", "--out", str(tmp_path / "half.svg")]) == 0  # of its own edges
+    half = circuit.strongest(len(circuit) // 2).pruned()
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"{len(half)} edges, {len(half.nodes)} nodes → ")
 
     assert main(["lens", *_common(folder), "--out", str(tmp_path / "lens.svg")]) == 0
     printed = capsys.readouterr().out
@@ -347,6 +350,8 @@ def test_attention_prints_and_draws_the_heads_weights(folder, tmp_path, capsys):
                                                              "with --spans, a span's name"),
     (["discover", "--faithfulness", "0"], "'0': give a faithfulness above 0, as 0.85 or 85%"),
     (["discover", "--faithfulness", "most"], "'most': give a faithfulness above 0, as 0.85 or 85%"),
+    (["discover", "--faithfulness", "85"], "'85': a faithfulness is a share of the model's own (1 is all of it): give "
+                                            "0.85 or 85%"),
     (["discover", "--out", "circuit.svg"], "'circuit.svg': a circuit file ends in .json or .pt"),
     (["discover", "--seed", "99999999999999999999"], "give a whole number from -2**63 to 2**64 - 1")])
 def test_options_out_of_their_range_are_usage_errors(folder, command, says, capsys):
