@@ -246,6 +246,8 @@ def _add_patch(commands) -> None:
                        "patching: fast enough for every node, a first look); attribution-ig: from gradients "
                        "averaged over --steps points between the corrupted and the clean input")
     patch.add_argument("--steps", type=_positive, help="integration steps of attribution-ig (default 5)")
+    patch.add_argument("--metric", choices=sorted(metrics_.METRICS), help="what scores the task (default: the "
+                       "task's); kl, the divergence from the clean prompt's prediction, with noising alone")
     patch.add_argument("--spans", nargs="?", const="all", help="patch each span the task names, all of its tokens "
                        "at once, in every example, and average (IOI: IO, S1, S2, END; your file's 'spans' field); "
                        "optionally the comma-separated spans to patch")
@@ -989,6 +991,9 @@ def _patch(args) -> int:
         raise SystemExit("--method attribution-ig integrates from the other run's input, all zero under --ablation "
                          "zero, where the norms' gradients blow up: use --method attribution or exact, or --ablation "
                          "mean")
+    if args.metric and args.direction == "denoising" and metrics_.needs_clean_logits(metrics_.get(args.metric)):
+        raise SystemExit(f"--metric {args.metric} compares with the run being patched, which denoising runs on the "
+                         "corrupted prompts: use a metric of the answers (logit_diff, prob_diff, logprob), or noising")
     receivers = args.receivers.split(",") if args.receivers else None
     if receivers and (args.inputs or (nodes is None and not args.all_positions)):
         raise SystemExit("--receivers patches nodes' outputs into them: give --nodes (or a circuit), or "
@@ -997,6 +1002,7 @@ def _patch(args) -> int:
     inputs = _read_inputs(args, nodes, cm.graph)
     nodes = None if inputs is not None else nodes
     steps, index = args.steps or 5, args.example or 0
+    metric = metrics_.get(args.metric or task.metric)
     how = args.direction + {"exact": "", "attribution": " (to first order)",
                             "attribution-ig": f" (by integrated gradients, {steps} steps)"}[args.method] + \
         (f", into {', '.join(receivers)} alone" if receivers else "")
@@ -1004,20 +1010,20 @@ def _patch(args) -> int:
              **({} if args.per_call is None else {"masks_per_call": args.per_call})}
     if args.all_positions:
         units = {"inputs": inputs} if inputs is not None else {"nodes": nodes, "receivers": receivers}
-        return _patch_everywhere(args, cm, task, units, how, sweep)
+        return _patch_everywhere(args, cm, task, metric, units, how, sweep)
     spans = None if args.spans is None else True if args.spans == "all" else args.spans.split(",")
     if spans is not None:
         _spans_named(task)
     batches = task.batches if spans is not None else data.example(*_example(task, index))
-    effects = patch_by_position(cm, batches, task.metric, nodes=nodes, inputs=inputs, receivers=receivers,
+    effects = patch_by_position(cm, batches, metric, nodes=nodes, inputs=inputs, receivers=receivers,
                                 spans=spans, **sweep)
     if spans is None:
         print(f"example {index}: {task.examples[index].clean!r}")
-        print(f"{metrics_.name_of(task.metric)}: {float(effects.clean[0]):+.3f} on the clean prompt, "
+        print(f"{metrics_.name_of(metric)}: {float(effects.clean[0]):+.3f} on the clean prompt, "
               f"{float(effects.corrupted[0]):+.3f} on the corrupted one; {how}, the tokens where patching each row "
               "moves it most, as a fraction of that difference:")
     else:
-        print(f"{len(task.examples)} examples; {metrics_.name_of(task.metric)}: {float(effects.clean.mean()):+.3f} on "
+        print(f"{len(task.examples)} examples; {metrics_.name_of(metric)}: {float(effects.clean.mean()):+.3f} on "
               f"the clean prompts, {float(effects.corrupted.mean()):+.3f} on the corrupted ones (means); {how}, the "
               "spans where patching each row moves it most, as a fraction of that difference, on average:")
     example = None if spans is not None else 0
@@ -1041,7 +1047,7 @@ def _read_inputs(args, nodes: Circuit | list[str] | None, graph: CircuitGraph) -
     return nodes if isinstance(nodes, Circuit) else graph.downstream[:-1]
 
 
-def _patch_everywhere(args, cm, task, units: dict, how: str, sweep: dict) -> int:
+def _patch_everywhere(args, cm, task, metric, units: dict, how: str, sweep: dict) -> int:
     """``patch --all-positions``: each node (``units``: ``nodes`` and ``receivers``) or input (``inputs``) patched
     at every token, over the whole task."""
     ablation = args.ablation or "corrupted"
@@ -1049,12 +1055,12 @@ def _patch_everywhere(args, cm, task, units: dict, how: str, sweep: dict) -> int
         patch, what, patched = patch_inputs, "input", "input"
     else:
         patch, what, patched = patch_nodes, "node", "node's output"
-    effects = patch(cm, task.batches, task.metric, **units, **sweep, ablation=ablation,
+    effects = patch(cm, task.batches, metric, **units, **sweep, ablation=ablation,
                     reference=task.batches if ablation == "mean" else None)
     other = {"corrupted": "on the corrupted ones", "zero": f"with every {patched} zero",
              "mean": f"with every {patched} at its mean"}[ablation]
     how = how if ablation == "corrupted" else f"{how}, {ablation} ablation"
-    print(f"{len(task.examples)} examples; {metrics_.name_of(task.metric)}: {float(effects.clean.mean()):+.3f} on "
+    print(f"{len(task.examples)} examples; {metrics_.name_of(metric)}: {float(effects.clean.mean()):+.3f} on "
           f"the clean prompts, {float(effects.corrupted.mean()):+.3f} {other} (means); {how}, the {what}s whose "
           "patching at every token moves it most, as a fraction of that difference, on average:")
     print(effects.table(k=args.top, normalized=True))

@@ -386,7 +386,9 @@ def test_a_task_or_device_that_cannot_be_had_is_refused_before_the_model_loads(o
     (["attention", "--heads", "a0.h0", "--spans", "--top", "2"], "--example and --top pick one example's tokens"),
     (["patch", "--method", "attribution", "--per-call", "3"], "attribution takes one backward pass: leave it out"),
     (["patch", "--all-positions", "--method", "attribution-ig", "--ablation", "zero"],
-     "use --method attribution or exact, or --ablation mean")])
+     "use --method attribution or exact, or --ablation mean"),
+    (["patch", "--direction", "denoising", "--metric", "kl"], "--metric kl compares with the run being patched, "
+                                                              "which denoising runs on the corrupted prompts")])
 def test_options_a_command_would_not_read_are_refused_before_the_model_loads(command, says, monkeypatch):
     monkeypatch.setattr(cli, "load_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit, match=says):
@@ -774,6 +776,10 @@ def test_patch_at_all_positions_ranks_every_node_over_the_task(folder, tmp_path,
                        reference=task.batches)
     assert "with every node's output at its mean (means); noising, mean ablation" in printed
     _prints_top(printed, mean.top(2, normalized=True))
+    assert main(["patch", *_common(folder), "--all-positions", "--nodes", "m0,a1.h0", "--metric", "kl"]) == 0
+    printed = capsys.readouterr().out  # the divergence from the clean prediction: none on the clean prompts
+    assert printed.startswith("8 examples; kl: ") and "0.000 on the clean prompts" in printed
+    _prints_top(printed, patch_nodes(trace(model), task.batches, "kl", nodes=["m0", "a1.h0"]).top(2, normalized=True))
     with pytest.raises(SystemExit, match="leave out --spans"):
         main(["patch", *_common(folder), "--all-positions", "--spans"])
     with pytest.raises(SystemExit, match="add --all-positions"):
