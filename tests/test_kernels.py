@@ -17,7 +17,8 @@ pytest.importorskip("triton")
 # than one tile holds; masks whose weight tiles are all zero (skipped), none zero, or partly zero
 SIZES = [(1, 37, 5, 3 * 7 * 11), (2, 20, 67, 200), (1, 131, 3, 70)]
 KEEPS = ["dense", "binary", "zeros", "ones", "one edge"]
-TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2}}
+TOLERANCE = {torch.float32: {"rtol": 1e-5, "atol": 1e-5}, torch.bfloat16: {"rtol": 2e-2, "atol": 2e-2},
+             torch.float16: {"rtol": 1e-3, "atol": 1e-3}}
 
 
 def _levels(shape, generator) -> torch.Tensor:
@@ -86,7 +87,49 @@ def _check_accumulate(dtype: torch.dtype) -> None:
         torch.testing.assert_close(ours, reference, **TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def _check_model(dtype: torch.dtype) -> None:
+    """Whole patched runs through the kernels (as on CUDA) equal the torch path's, logits and mask gradients (EAP's
+    product): tiny Llama (grouped keys and values) and GPT-2 (biases), left padding, three masks in one call —
+    soft, a circuit's, one edge — and a positional mask of two classes, each product routed as on CUDA (no sums
+    carried from reader to reader: ``DeltaStore.carried``).  ``_check_accumulate`` checks one ``accumulate``; this
+    checks every call a patched run makes of it, on the strides and slices the runs hand over."""
+    from unittest import mock
+
+    import fxcircuits
+    from fxcircuits import patching
+    from fxcircuits.kernels import accumulate as kernels
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from zoo import make
+
+    generator = torch.Generator().manual_seed(2)
+    ids, corrupted = (torch.randint(0, 100, (2, 6), generator=generator) for _ in range(2))
+    attention_mask = torch.ones(2, 6, dtype=torch.long)
+    attention_mask[1, :2] = 0
+    classes = torch.zeros(2, 6)
+    classes[0, 4:], classes[1, :4] = 1, 1  # the last two tokens, and the rest
+    for name in ("llama", "gpt2"):
+        cm = fxcircuits.trace(make(name).to(dtype))
+        n = len(cm.graph.edges)
+        masks = torch.stack([_levels((n,), generator), (torch.rand(n, generator=generator) < 0.1).float(),
+                             torch.ones(n).index_fill(0, torch.tensor([n // 2]), 0.0)])
+        calls = {"three masks": {"edge_mask": masks},
+                 "by position": {"edge_mask": masks[:2], "mask_positions": classes}}
+        for what, call in calls.items():
+            def run(path, call=call):
+                mask = call["edge_mask"].clone().requires_grad_(True)
+                with mock.patch.object(patching, "products", lambda rows, rows_sum=None, partition=None: path), \
+                        mock.patch.object(patching.DeltaStore, "carried", lambda *args: None):  # CUDA's route
+                    logits = cm(ids, attention_mask, corrupted_input_ids=corrupted, **{**call, "edge_mask": mask})
+                    logits.float().square().mean().backward()
+                return logits, mask.grad
+
+            for ours, reference in zip(run(kernels), run(patching.TorchProducts())):  # in units of the largest
+                scale = reference.float().abs().max()
+                torch.testing.assert_close(ours.float() / scale, reference.float() / scale, **TOLERANCE[dtype],
+                                           msg=lambda message, where=f"{name}, {what}": f"{where}: {message}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_kernels_equal_the_torch_products(dtype):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}  # this session's modules
     result = subprocess.run([sys.executable, __file__, dtype], env=env, capture_output=True, text=True, timeout=120,
@@ -97,3 +140,4 @@ def test_kernels_equal_the_torch_products(dtype):
 if __name__ == "__main__":
     _check_products(getattr(torch, sys.argv[1]))
     _check_accumulate(getattr(torch, sys.argv[1]))
+    _check_model(getattr(torch, sys.argv[1]))
