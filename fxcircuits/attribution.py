@@ -16,7 +16,9 @@ metric(clean with e patched).  Every method drives the same patcher (``CircuitMo
 * ``acdc`` prunes edges destination by destination (Conmy et al. 2023), many candidates per call, each call
   beside the mask they are removed from;
 * ``mask`` learns a hard-concrete edge mask that keeps the model's metric at a given density (Edge Pruning,
-  Bhaskar et al. 2024), its gates starting ranked by a gradient method's scores.
+  Bhaskar et al. 2024), its gates starting ranked by a gradient method's scores;
+* ``information-flow-routes`` (Ferrando & Voita 2024) drives no patcher: each edge's share of its reader's input
+  in the clean run (``fxcircuits.routes``), with no metric and no other run.
 
 The other run is the corrupted prompt (``ablation="corrupted"``), zeros (``"zero"``) or the mean activation over
 ``reference`` batches (``"mean"``).  ``fxcircuits.attribute_by_span`` runs the same methods over masks per class
@@ -33,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics as metrics_
+from . import routes
 from .caller import gradients
 from .circuit import count_of
 from .data import REST, check_counts, position_classes
@@ -43,7 +46,7 @@ from .scores import EdgeScores
 
 GRADIENT_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted")
 INTEGRATED = ("eap-ig-inputs", "eap-ig-activations")  # the gradient methods that take integration steps
-METHODS = GRADIENT_METHODS + ("exact", "acdc", "mask")
+METHODS = GRADIENT_METHODS + ("exact", "acdc", "mask", routes.METHOD)
 POINTS_PER_CALL = 32  # gradient points a call runs at most, and where launches set the pace: steps of 5 in one
 # Gradient points on CPU: a call's stream bound.  A point's backward keeps every reader's input, about twice
 # [n_downstream, batch, seq, d_model] values, so a call's memory grows with its points, and past the caches each
@@ -71,7 +74,8 @@ def attribute(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Ca
     ``metric``.
 
     ``metric``: a name from ``fxcircuits.metrics`` or any ``metric(logits, batch) -> Tensor[B]``, larger meaning
-    more of the task; ACDC defaults to ``"kl"``.  ``steps``: integration steps of the EAP-IG methods (and of a
+    more of the task; ACDC defaults to ``"kl"``; information flow routes read none, nor an ablation, a reference or
+    ``masks_per_call``.  ``steps``: integration steps of the EAP-IG methods (and of a
     learned mask's warm start), 5.  ``threshold``: ACDC's τ, 0.01.  Each is refused by the methods that do not read
     it, where it would change nothing unseen.  ``masks_per_call``: how many patched runs one batched call
     evaluates — gradient points (default: 32 on an accelerator, and on CPU as many as keep the call's stream within
@@ -112,6 +116,10 @@ def scored(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Calla
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not threshold > 0:
         raise ValueError(f"threshold={threshold!r}: ACDC's τ is a positive number (it removes an edge whose removal "
                          "costs less than τ; at τ ≤ 0 an edge removed at no cost would score as one kept)")
+    if method == routes.METHOD:
+        return _routes(cm, batches, by_span, spans, progress, metric=metric,
+                       ablation=None if ablation == "corrupted" else ablation, reference=reference,
+                       masks_per_call=masks_per_call)
     if method == "clean-corrupted" and ablation != "corrupted":
         raise ValueError("clean-corrupted takes gradients at the corrupted input, so it needs ablation='corrupted'")
     metric = metrics_.get(metric if metric is not None else _default_metric(method))
@@ -144,6 +152,19 @@ def scored(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Calla
     if not torch.isfinite(scores).all():
         raise not_finite(cm, prepared, metric)
     return (scores, names, info) if by_span else (scores[0], None, info)
+
+
+def _routes(cm: CircuitModel, batches, by_span: bool, spans: Sequence[str] | None, progress: bool,
+            **unread) -> tuple[torch.Tensor, list[str] | None, dict]:
+    """``scored`` for information flow routes (``fxcircuits.routes``): shares of a clean run's streams, which read
+    no metric, no other run and no patched calls, so each of those given is refused."""
+    given = [f"{name}={value!r}" for name, value in unread.items() if value is not None]
+    if given:
+        raise TypeError(f"{', '.join(given)}: method {routes.METHOD!r} scores each edge's share of its reader's input "
+                        "in the clean run, reading no metric, other run or patched calls: leave "
+                        f"{'it' if len(given) == 1 else 'them'} out")
+    scores, names, count = routes.route_scores(cm, batches, spans, by_span, progress)
+    return (scores, names, {"examples": count}) if by_span else (scores[0], None, {"examples": count})
 
 
 def _read_by(method: str, readers: tuple[str, ...], default, **setting):

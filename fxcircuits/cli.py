@@ -43,6 +43,7 @@ from .patterns import attention_patterns
 from .positional import SpanCircuit, SpanScores, attribute_by_span, load_circuit
 from .activation_patching import DIRECTIONS, patch_by_position, patch_inputs, patch_nodes
 from .activation_patching import METHODS as POSITION_METHODS  # beside attribution's METHODS
+from .routes import METHOD as ROUTES
 from .runs import ABLATIONS
 from .scores import EdgeScores
 from .verification import Verification, verify
@@ -114,7 +115,7 @@ def _add_discover(commands) -> None:
                           help="how the circuit is cut from the scores: the --edges best, grown greedily from the "
                           "logits, every edge among the --nodes best nodes (node patching), or every edge scoring at "
                           "least --threshold (default: topn; nodes when --nodes is given; for acdc, threshold: the "
-                          "edges ACDC kept)")
+                          "edges ACDC kept; for information-flow-routes, greedy, as MIB cuts its scores)")
     discover.add_argument("--faithfulness", type=_target,
                           help="size the circuit by what it must do: the smallest topn, greedy or nodes cut that "
                           "reaches this faithfulness (0.85 or 85%%), found by patched runs of many sizes at once "
@@ -517,11 +518,12 @@ def _discover(args) -> int:
     _, _, cm, task = _setup(args)
     _fits(args, cm.graph)
     metric, ablation, patching = _patching(args, task, {})
-    scores = attribute(cm, task.batches, metric, args.method, progress=not args.no_progress, seed=args.seed,
-                       **patching, **options)
+    scores = attribute(cm, task.batches, method=args.method, progress=not args.no_progress, seed=args.seed,
+                       **_read(args, metric, patching), **options)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
     circuit, faithfulness = _select(scores, selection, args, evaluator)
-    circuit.save(args.out, model=_model_info(args), **_task_info(args, task), faithfulness=faithfulness)
+    circuit.save(args.out, model=_model_info(args), **_task_info(args, task), **_evaluated(metric, ablation),
+                 faithfulness=faithfulness)
     picture = _drawn_at(args)
     draw_circuit(circuit, picture, title=f"{args.model} · {task.name} · {args.method} · f = {faithfulness:.2f}")
     _table({**_run_rows(args, task, metric, ablation, evaluator),
@@ -543,11 +545,12 @@ def _discover_by_span(args, selection: str, options: dict, start: float) -> int:
     spans = None if args.spans == "all" else args.spans.split(",")
     _fits(args, cm.graph, classes=len(data.position_classes(task.batches[0], spans)[0]))  # the spans and the rest
     metric, ablation, patching = _patching(args, task, {})
-    scores = attribute_by_span(cm, task.batches, metric, args.method, spans=spans, progress=not args.no_progress,
-                               seed=args.seed, **patching, **options)
+    scores = attribute_by_span(cm, task.batches, method=args.method, spans=spans, progress=not args.no_progress,
+                               seed=args.seed, **_read(args, metric, patching), **options)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
     circuit, faithfulness = _select(scores, selection, args, evaluator)
-    circuit.info.update(model=_model_info(args), **_task_info(args, task), faithfulness=faithfulness)
+    circuit.info.update(model=_model_info(args), **_task_info(args, task), **_evaluated(metric, ablation),
+                        faithfulness=faithfulness)
     circuit.save(args.out)
     picture = _drawn_at(args)
     union = circuit.union()
@@ -562,6 +565,19 @@ def _discover_by_span(args, selection: str, options: dict, start: float) -> int:
                                  f"{evaluator.evaluate(plain).faithfulness:.3f}")
     _table({**rows, "time": f"{time.perf_counter() - start:.1f} s", "saved": f"{args.out}, {picture}"})
     return 0
+
+
+def _read(args, metric: str, patching: dict) -> dict:
+    """What ``--method`` scores with of the metric and the patching options: all of them, but information flow
+    routes score the clean run alone, so there they only evaluate the circuit."""
+    return {} if args.method == ROUTES else {"metric": metric, **patching}
+
+
+def _evaluated(metric: str, ablation: str) -> dict:
+    """What a circuit file records of how its faithfulness was measured, which ``evaluate`` and the other commands
+    then take as their defaults: the method's own metric and ablation, and for information flow routes, which
+    read neither, those of the evaluation alone."""
+    return {"metric": metric, "ablation": ablation}
 
 
 def _drawn_at(args) -> str:
@@ -627,7 +643,7 @@ def _selection(args) -> str:
     """``--selection``, or its default for the options and method; a size that does not size it is refused
     before the run, as is a threshold cut without a threshold."""
     default = ("nodes" if args.nodes is not None else "threshold" if args.method == "acdc"
-               and args.faithfulness is None else "topn")
+               and args.faithfulness is None else "greedy" if args.method == ROUTES else "topn")
     selection = args.selection or default
     if args.faithfulness is not None:
         _sized_by_faithfulness(args, selection)

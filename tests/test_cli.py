@@ -677,6 +677,27 @@ def test_discover_sized_by_faithfulness(folder, tmp_path, capsys):
             main(["discover", *_common(folder), "--faithfulness", "0.8", *options])
 
 
+def test_discover_by_information_flow_routes(folder, tmp_path, capsys):
+    """``--method information-flow-routes`` scores the clean prompts alone and, as MIB does, cuts its scores
+    greedily; the metric and the ablation then evaluate the circuit (here zero ablation), by span too."""
+    model, tokenizer = load_model(folder)
+    cm, task = trace(model), tasks.load("ioi", tokenizer, size=8, batch_size=4)
+    scores = attribute(cm, task.batches, method="information-flow-routes", progress=False)
+    out = tmp_path / "routes.json"
+    assert main(["discover", *_common(folder), "--method", "information-flow-routes", "--edges", "20",
+                 "--ablation", "zero", "--out", str(out)]) == 0
+    expected = scores.greedy(20)
+    faithfulness = Evaluator(cm, task.batches, task.metric, ablation="zero").evaluate(expected).faithfulness
+    circuit = Circuit.load(out)
+    assert circuit.edges == expected.edges and torch.equal(circuit.scores, scores.tensor)
+    assert circuit.info["method"] == "information-flow-routes" and circuit.info["ablation"] == "zero"
+    assert f"faithfulness     {faithfulness:.3f}" in capsys.readouterr().out
+    assert main(["discover", *_common(folder), "--method", "information-flow-routes", "--spans", "--edges", "30",
+                 "--out", str(out)]) == 0
+    by_span = attribute_by_span(cm, task.batches, method="information-flow-routes", progress=False)
+    assert torch.equal(SpanCircuit.load(out).in_graph, by_span.greedy(30).in_graph)
+
+
 def test_refused_input_is_one_line_and_traceback_shows_where(tmp_path, capsys):
     """A missing file, an unknown node or a bad picture suffix: exit status 1 and the library's message on stderr;
     with --traceback the exception itself."""

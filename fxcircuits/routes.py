@@ -1,0 +1,99 @@
+"""Information flow routes (Ferrando & Voita 2024): every edge scored by its share of what its reader reads.
+
+    scores = fxcircuits.attribute(cm, batches, method="information-flow-routes")
+    circuit = scores.greedy(0.01)   # as MIB cuts these scores
+
+No metric, no corrupted prompt and no gradient: one clean run.  A reader d reads the stream x_d, to which every
+upstream node u written before it has added its output c_u.  The edge u → d scores u's proximity to x_d,
+max(0, ‖x_d‖₁ − ‖x_d − c_u‖₁), as a share of all of d's sources' proximities at that token, then averaged over
+the prompt's real tokens and over the examples: each reader's incoming scores add up to 1.  These are the
+formula and the averaging of EAP-IG's reference implementation (``information-flow-routes``), which MIB
+evaluates by ``greedy`` cuts (``apply_greedy``).  As there, x_d is the stream as the model holds it, with what no
+node writes (an output projection's bias) in it, and c_u is in the stream's scale at d (``stream_scales``).
+All of a layer's q, k and v inputs read one stream, so they score alike, as in the reference; an ``input`` edge
+that also carries a side input (Gemma 3n's per-layer embedding) is scored on the stream.  By span, the average
+runs over each class's real tokens instead (``attribute_by_span``).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import attention_mask, batch_list, position_classes
+from .metrics import wide
+from .model import CircuitModel
+from .runs import served_lengths
+
+METHOD = "information-flow-routes"  # EAP-IG's and MIB's name
+CHUNK = 64  # upstream nodes whose distances to a stream are taken at once: [CHUNK, batch, seq, d_model] values
+
+
+def route_scores(cm: CircuitModel, batches: dict | Iterable[dict], spans: Sequence[str] | None = None,
+                 by_span: bool = False, progress: bool = True) -> tuple[torch.Tensor, list[str] | None, int]:
+    """Scores [classes, E] — one class, the whole prompt, unless ``by_span`` (the spans named, every span of the
+    batches where None, then the rest) — the class names (by span) and the number of examples."""
+    batches = served_lengths(cm, batch_list(batches))
+    if not batches:
+        raise ValueError("no batches given: pass at least one batch (see fxcircuits.data.make_batches)")
+    total, names, count = None, None, 0
+    for batch in tqdm(batches, desc=METHOD, unit="batch", disable=not progress or len(batches) < 2):
+        names, weights = _classes(batch, spans, by_span)
+        shares = _shares(cm, batch["clean"].to(cm.device), attention_mask(batch).to(cm.device), weights)
+        total = shares if total is None else total + shares
+        count += batch["clean"].shape[0]
+    per_stream = total / count  # [classes, streams, upstream]
+    graph = cm.graph
+    return per_stream[:, _stream_of(cm)[graph.dst], graph.src], names, count
+
+
+def _classes(batch: dict, spans: Sequence[str] | None, by_span: bool) -> tuple[list[str] | None, torch.Tensor]:
+    """The batch's classes of real positions, [classes, B, S]: all of them as one, or by span (padding in none)."""
+    real = attention_mask(batch).bool()
+    if not by_span:
+        return None, real[None]
+    names, weights = position_classes(batch, spans)
+    return names, weights.bool() & real.to(weights.device)
+
+
+def _stream_of(cm: CircuitModel) -> torch.Tensor:
+    """For each downstream input, the index in ``CircuitModel.streams`` of the stream it reads: the stream after
+    the last writer group among its sources, which are a prefix of the upstream nodes ending at a group's end."""
+    ends = torch.tensor(cm.graph.group_sizes).cumsum(0)
+    sources = torch.tensor(cm.graph.n_sources)
+    stream = torch.searchsorted(ends, sources)
+    if not torch.equal(ends[stream], sources):
+        raise RuntimeError("a reader's sources end within a writer group, which no graph has")
+    return stream
+
+
+@torch.no_grad()
+def _shares(cm: CircuitModel, input_ids: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ over the batch's examples of each node's share of each stream, averaged over the tokens of each class:
+    [classes, streams, upstream] (0 for a node written after the stream)."""
+    outputs = wide(cm.activations(input_ids, mask))  # [U, B, S, D], in the first layer's scale
+    streams, scales = (wide(t) for t in cm.streams_and_scales(input_ids, mask))
+    weights = weights.to(outputs.dtype)
+    tokens = weights.sum(-1).clamp(min=1)  # [classes, B]: a class absent from a prompt adds 0 for it
+    ends = torch.tensor(cm.graph.group_sizes).cumsum(0).tolist()
+    shares = outputs.new_zeros(len(weights), len(streams), len(outputs))
+    for k, (stream, scale) in enumerate(zip(streams, scales)):
+        proximity = _proximity(stream, outputs[:ends[k]], scale)  # [n, B, S]
+        total = proximity.sum(0)
+        share = proximity / torch.where(total > 0, total, 1)  # a stream no node is near at a token: no shares
+        real = weights.any(0)
+        if not share[:, real].isfinite().all():
+            raise ValueError(f"the stream after {k} writer groups is not finite at a real token: information flow "
+                             "routes need a finite clean run (a float16 model overflowing? run it in float32)")
+        shares[:, k, :ends[k]] = torch.einsum("nbs,cbs->cn", share.where(real, 0), weights / tokens[..., None])
+    return shares
+
+
+def _proximity(stream: torch.Tensor, outputs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """max(0, ‖x‖₁ − ‖x − c_u‖₁) at every token for x = ``stream`` [B, S, D] and c_u = ``scale`` · ``outputs``[u],
+    [n, B, S], a chunk of nodes at a time."""
+    size = stream.abs().sum(-1)
+    parts = [(size - (stream - scale * chunk).abs().sum(-1)).clamp(min=0) for chunk in outputs.split(CHUNK)]
+    return torch.cat(parts)
+
