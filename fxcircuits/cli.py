@@ -34,7 +34,7 @@ from .circuit import FORMATS, Circuit
 from .components import DecompositionError
 from .draw import (SUFFIXES, draw_circuit, draw_comparison, draw_span_circuit, plot_faithfulness, plot_heatmap,
                    plot_nodes)
-from .evaluation import Evaluator
+from .evaluation import Evaluator, mib_selection
 from .graph import CircuitGraph
 from .lens import direct_logits, logit_lens, source_logits
 from .model import trace
@@ -146,8 +146,9 @@ def _add_evaluate(commands) -> None:
     evaluate.add_argument("--plot", type=_picture, help="faithfulness curve picture (.svg or .png)")
     evaluate.add_argument("--selection", choices=("topn", "greedy", "nodes"),
                           help="how the curve's circuits are cut from the file's scores, as MIB cuts them: the top "
-                          "share of the edges (default), edges grown greedily from the logits (its apply_greedy), or "
-                          "the top share of the nodes with every edge among them (its node level)")
+                          "share of the edges (default), edges grown greedily from the logits (its apply_greedy; the "
+                          "default for information-flow-routes), or the top share of the nodes with every edge among "
+                          "them (its node level)")
     evaluate.set_defaults(run=_evaluate)
 
 
@@ -725,11 +726,13 @@ def _evaluate(args) -> int:
             "faithfulness": f"{result.faithfulness:.3f}",
             "completeness": f"{evaluator.completeness(circuit):.3f} (faithfulness with the circuit knocked out)"}
     if circuit.scores is not None:
-        scores = (EdgeScores(circuit.graph, circuit.scores) if isinstance(circuit, Circuit)
-                  else SpanScores(circuit.graph, circuit.spans, circuit.scores))
-        mib = evaluator.mib(scores, progress=not args.no_progress, selection=args.selection or "topn")
+        method = circuit.info.get("method", "")
+        scores = (EdgeScores(circuit.graph, circuit.scores, method) if isinstance(circuit, Circuit)
+                  else SpanScores(circuit.graph, circuit.spans, circuit.scores, method))
+        selection = args.selection or mib_selection(scores)  # MIB's: greedy for information flow routes
+        mib = evaluator.mib(scores, progress=not args.no_progress, selection=selection)
         curve = mib["cpr_curve"]
-        rows.update({"CPR": f"{mib['cpr']:.3f}", "CMD": f"{mib['cmd']:.3f}", f"curve ({args.selection or 'topn'})":
+        rows.update({"CPR": f"{mib['cpr']:.3f}", "CMD": f"{mib['cmd']:.3f}", f"curve ({selection})":
                      " ".join(f"{p:g}:{f:.2f}" for p, f in zip(curve.fractions, curve.faithfulness))})
         if args.plot:
             _plot_curves(mib, scores.tensor.numel(), args.plot)

@@ -21,6 +21,7 @@ from . import metrics as metrics_
 from .circuit import Circuit
 from .model import CircuitModel
 from .positional import SpanCircuit, SpanScores
+from .routes import METHOD as ROUTES
 from .data import check_counts
 from .runs import Calls, Prepared, call_size, check_finite, ends, metric_values, prepare
 from .scores import EdgeScores
@@ -95,10 +96,11 @@ class Evaluator:
                           self.empty)
 
     def curve(self, scores: EdgeScores | SpanScores, fractions: Sequence[float] = MIB_FRACTIONS,
-              absolute: bool = True, progress: bool = False, selection: str = "topn") -> "Curve":
+              absolute: bool = True, progress: bool = False, selection: str | None = None) -> "Curve":
         """Faithfulness of the circuits of the top ``p`` of the edges, ranked by |score| (``absolute``) or signed
         score, smallest ``p`` first, each cut by ``selection`` as MIB cuts them: ``"topn"`` (its default) and
-        ``"greedy"`` (grown from the logits, its ``apply_greedy``) pruned, ``"nodes"`` the top ``p`` of the upstream
+        ``"greedy"`` (grown from the logits, its ``apply_greedy``, its default for information flow routes; None
+        picks MIB's default for the method of ``scores``) pruned, ``"nodes"`` the top ``p`` of the upstream
         nodes (``topn_nodes``, its node level; unpruned, as a node-level circuit runs as node patching).  For scores
         by span, of (edge, span) pairs, which ``Curve.edges`` then counts."""
         _scores_given(scores, "curve")
@@ -111,7 +113,7 @@ class Evaluator:
         return Curve(list(fractions), [len(c) for c in circuits], self.faithfulness(masks, progress, _spans(scores)))
 
     def mib(self, scores: EdgeScores | SpanScores, fractions: Sequence[float] = MIB_FRACTIONS,
-            progress: bool = False, selection: str = "topn") -> dict:
+            progress: bool = False, selection: str | None = None) -> dict:
         """MIB's CPR (signed ranking, area under f) and CMD (|score| ranking, area under |1 − f|), with curves;
         ``selection`` as in ``curve``."""
         signed = self.curve(scores, fractions, absolute=False, progress=progress, selection=selection)
@@ -119,10 +121,10 @@ class Evaluator:
         return {"cpr": cpr(signed.fractions, signed.faithfulness), "cmd": cmd(absolute.fractions, absolute.faithfulness),
                 "cpr_curve": signed, "cmd_curve": absolute}
 
-    def smallest(self, scores: EdgeScores | SpanScores, faithfulness: float = 0.85, selection: str = "topn",
+    def smallest(self, scores: EdgeScores | SpanScores, faithfulness: float = 0.85, selection: str | None = None,
                  absolute: bool = True, per_round: int = 16, progress: bool = False) -> Circuit | SpanCircuit:
-        """The smallest circuit that ``selection`` (``"topn"``, ``"greedy"`` or ``"nodes"``: ``topn_nodes``) cuts
-        from ``scores`` whose faithfulness reaches ``faithfulness``; that faithfulness in its
+        """The smallest circuit that ``selection`` (``"topn"``, ``"greedy"`` or ``"nodes"``: ``topn_nodes``; None as in
+        ``curve``) cuts from ``scores`` whose faithfulness reaches ``faithfulness``; that faithfulness in its
         ``info["faithfulness"]``.
 
         Faithfulness need not grow with the size, so no search short of trying every size is sure of the
@@ -227,10 +229,18 @@ def _scores_given(scores, use: str) -> None:
                         + ("; evaluate runs a circuit" if isinstance(scores, (Circuit, SpanCircuit)) else ""))
 
 
-def _cutter(scores: EdgeScores | SpanScores, selection: str,
+def mib_selection(scores: EdgeScores | SpanScores) -> str:
+    """How MIB cuts a method's scores by size: greedily from the logits for information flow routes (its
+    ``apply_greedy``), since every reader's scores add up to 1 and the top ones go into the first layers, whose
+    edges top-n would keep and pruning then drop; top-n for every other method."""
+    return "greedy" if scores.method == ROUTES else "topn"
+
+
+def _cutter(scores: EdgeScores | SpanScores, selection: str | None,
             absolute: bool) -> tuple[Callable[[int], Circuit | SpanCircuit], int]:
     """``selection`` as a function of the circuit's size, and the largest size: all edges (or (edge, span)
-    pairs), or all upstream nodes for ``"nodes"``."""
+    pairs), or all upstream nodes for ``"nodes"``; None as MIB cuts the scores' method (``mib_selection``)."""
+    selection = selection or mib_selection(scores)
     if selection == "nodes" and isinstance(scores, EdgeScores):
         return (lambda n: scores.topn_nodes(n, absolute)), len(scores.graph.upstream)
     if selection in ("topn", "greedy"):

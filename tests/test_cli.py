@@ -692,6 +692,10 @@ def test_discover_by_information_flow_routes(folder, tmp_path, capsys):
     assert circuit.edges == expected.edges and torch.equal(circuit.scores, scores.tensor)
     assert circuit.info["method"] == "information-flow-routes" and circuit.info["ablation"] == "zero"
     assert f"faithfulness     {faithfulness:.3f}" in capsys.readouterr().out
+    assert main(["evaluate", str(out), *_common(folder)]) == 0  # the file's zero ablation, MIB's greedy curve
+    cpr = Evaluator(cm, task.batches, task.metric, ablation="zero").mib(scores, selection="greedy")["cpr"]
+    printed = capsys.readouterr().out
+    assert "curve (greedy)" in printed and re.search(rf"^CPR +{cpr:.3f}$", printed, re.MULTILINE)
     assert main(["discover", *_common(folder), "--method", "information-flow-routes", "--spans", "--edges", "30",
                  "--out", str(out)]) == 0
     by_span = attribute_by_span(cm, task.batches, method="information-flow-routes", progress=False)

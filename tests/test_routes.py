@@ -147,3 +147,19 @@ def test_a_stream_that_is_not_finite_at_a_real_token_is_refused():
     batch["clean"][1, 3] = 5
     with pytest.raises(ValueError, match="is not finite at a real token: information flow routes need a finite"):
         fxcircuits.attribute(cm, batch, method="information-flow-routes", progress=False)
+
+
+def test_mibs_curves_cut_routes_greedily_and_other_scores_by_top_n(tiny_folder):
+    """As MIB's evaluation does (``apply_greedy`` for information flow routes): ``selection=None`` picks greedy for
+    these scores, whose top ones feed the first layers and dangle once the top-n cut is pruned, and topn for EAP's."""
+    model, tokenizer = fxcircuits.load_model(str(tiny_folder))
+    cm = fxcircuits.trace(model)
+    batches = fxcircuits.tasks.load("ioi", tokenizer, size=4, batch_size=4).batches
+    evaluator = fxcircuits.Evaluator(cm, batches, "logit_diff")
+    fractions = [0.05, 0.2]
+    for method, selection in (("information-flow-routes", "greedy"), ("eap", "topn")):
+        scores = fxcircuits.attribute(cm, batches, method=method, progress=False,
+                                      **({} if method == "information-flow-routes" else {"metric": "logit_diff"}))
+        assert evaluator.curve(scores, fractions).edges == evaluator.curve(scores, fractions, selection=selection).edges
+    routes = fxcircuits.attribute(cm, batches, method="information-flow-routes", progress=False)
+    assert evaluator.curve(routes, fractions, selection="topn").edges != evaluator.curve(routes, fractions).edges
