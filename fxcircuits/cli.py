@@ -523,7 +523,8 @@ def _discover(args) -> int:
                        **_read(args, metric, patching), **options)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
     circuit, faithfulness = _select(scores, selection, args, evaluator)
-    circuit.save(args.out, model=_model_info(args), **_task_info(args, task), **_evaluated(metric, ablation),
+    # the metric and ablation it was evaluated with, which evaluate then takes (information flow routes read neither)
+    circuit.save(args.out, model=_model_info(args), **_task_info(args, task), metric=metric, ablation=ablation,
                  faithfulness=faithfulness)
     picture = _drawn_at(args)
     draw_circuit(circuit, picture, title=f"{args.model} · {task.name} · {args.method} · f = {faithfulness:.2f}")
@@ -550,7 +551,7 @@ def _discover_by_span(args, selection: str, options: dict, start: float) -> int:
                                seed=args.seed, **_read(args, metric, patching), **options)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
     circuit, faithfulness = _select(scores, selection, args, evaluator)
-    circuit.info.update(model=_model_info(args), **_task_info(args, task), **_evaluated(metric, ablation),
+    circuit.info.update(model=_model_info(args), **_task_info(args, task), metric=metric, ablation=ablation,
                         faithfulness=faithfulness)
     circuit.save(args.out)
     picture = _drawn_at(args)
@@ -572,13 +573,6 @@ def _read(args, metric: str, patching: dict) -> dict:
     """What ``--method`` scores with of the metric and the patching options: all of them, but information flow
     routes score the clean run alone, so there they only evaluate the circuit."""
     return {} if args.method == ROUTES else {"metric": metric, **patching}
-
-
-def _evaluated(metric: str, ablation: str) -> dict:
-    """What a circuit file records of how its faithfulness was measured, which ``evaluate`` and the other commands
-    then take as their defaults: the method's own metric and ablation, and for information flow routes, which
-    read neither, those of the evaluation alone."""
-    return {"metric": metric, "ablation": ablation}
 
 
 def _drawn_at(args) -> str:
@@ -644,7 +638,7 @@ def _selection(args) -> str:
     """``--selection``, or its default for the options and method; a size that does not size it is refused
     before the run, as is a threshold cut without a threshold."""
     default = ("nodes" if args.nodes is not None else "threshold" if args.method == "acdc"
-               and args.faithfulness is None else "greedy" if args.method == ROUTES else "topn")
+               and args.faithfulness is None else mib_selection(args.method))
     selection = args.selection or default
     if args.faithfulness is not None:
         _sized_by_faithfulness(args, selection)
@@ -729,7 +723,7 @@ def _evaluate(args) -> int:
         method = circuit.info.get("method", "")
         scores = (EdgeScores(circuit.graph, circuit.scores, method) if isinstance(circuit, Circuit)
                   else SpanScores(circuit.graph, circuit.spans, circuit.scores, method))
-        selection = args.selection or mib_selection(scores)  # MIB's: greedy for information flow routes
+        selection = args.selection or mib_selection(method)  # MIB's: greedy for information flow routes
         mib = evaluator.mib(scores, progress=not args.no_progress, selection=selection)
         curve = mib["cpr_curve"]
         rows.update({"CPR": f"{mib['cpr']:.3f}", "CMD": f"{mib['cmd']:.3f}", f"curve ({selection})":

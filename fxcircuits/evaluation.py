@@ -229,18 +229,18 @@ def _scores_given(scores, use: str) -> None:
                         + ("; evaluate runs a circuit" if isinstance(scores, (Circuit, SpanCircuit)) else ""))
 
 
-def mib_selection(scores: EdgeScores | SpanScores) -> str:
-    """How MIB cuts a method's scores by size: greedily from the logits for information flow routes (its
+def mib_selection(method: str) -> str:
+    """How MIB cuts ``method``'s scores by size: greedily from the logits for information flow routes (its
     ``apply_greedy``), since every reader's scores add up to 1 and the top ones go into the first layers, whose
     edges top-n would keep and pruning then drop; top-n for every other method."""
-    return "greedy" if scores.method == ROUTES else "topn"
+    return "greedy" if method == ROUTES else "topn"
 
 
 def _cutter(scores: EdgeScores | SpanScores, selection: str | None,
             absolute: bool) -> tuple[Callable[[int], Circuit | SpanCircuit], int]:
     """``selection`` as a function of the circuit's size, and the largest size: all edges (or (edge, span)
     pairs), or all upstream nodes for ``"nodes"``; None as MIB cuts the scores' method (``mib_selection``)."""
-    selection = selection or mib_selection(scores)
+    selection = selection or mib_selection(scores.method)
     if selection == "nodes" and isinstance(scores, EdgeScores):
         return (lambda n: scores.topn_nodes(n, absolute)), len(scores.graph.upstream)
     if selection in ("topn", "greedy"):

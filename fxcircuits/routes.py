@@ -74,19 +74,20 @@ def _shares(cm: CircuitModel, input_ids: torch.Tensor, mask: torch.Tensor, weigh
     [classes, streams, upstream] (0 for a node written after the stream)."""
     outputs = wide(cm.activations(input_ids, mask))  # [U, B, S, D], in the first layer's scale
     streams, scales = (wide(t) for t in cm.streams_and_scales(input_ids, mask))
-    weights = weights.to(outputs.dtype)
-    tokens = weights.sum(-1).clamp(min=1)  # [classes, B]: a class absent from a prompt adds 0 for it
+    weights = weights.to(outputs.device, outputs.dtype)
+    real = weights.any(0)
+    averaging = weights / weights.sum(-1, keepdim=True).clamp(min=1)  # a class absent from a prompt adds 0 for it
     ends = torch.tensor(cm.graph.group_sizes).cumsum(0).tolist()
+    names = ["input"] + [w.name for w in cm.graph.writers]
     shares = outputs.new_zeros(len(weights), len(streams), len(outputs))
     for k, (stream, scale) in enumerate(zip(streams, scales)):
         proximity = _proximity(stream, outputs[:ends[k]], scale)  # [n, B, S]
         total = proximity.sum(0)
         share = proximity / torch.where(total > 0, total, 1)  # a stream no node is near at a token: no shares
-        real = weights.any(0)
         if not share[:, real].isfinite().all():
-            raise ValueError(f"the stream after {k} writer groups is not finite at a real token: information flow "
-                             "routes need a finite clean run (a float16 model overflowing? run it in float32)")
-        shares[:, k, :ends[k]] = torch.einsum("nbs,cbs->cn", share.where(real, 0), weights / tokens[..., None])
+            raise ValueError(f"the stream after {names[k]} is not finite at a real token: information flow routes "
+                             "need a finite clean run (a float16 model overflowing? run it in float32)")
+        shares[:, k, :ends[k]] = torch.einsum("nbs,cbs->cn", share.where(real, 0), averaging)
     return shares
 
 
