@@ -295,6 +295,27 @@ def batch_list(batches: dict | Iterable[dict]) -> list[dict]:
     return [batches] if isinstance(batches, dict) else list(batches)
 
 
+def check_prompts(batch: dict, vocab_size: int | None = None) -> None:
+    """``check_batch``'s checks of the clean prompts and their mask alone, for what reads nothing else
+    (information flow routes): ids [B, S] in range, a 0/1 mask of their shape with a real token in every row."""
+    if "clean" not in batch:
+        raise ValueError("batch is missing 'clean', the prompts: a LongTensor [B, S] (see "
+                         "fxcircuits.data.make_batches)")
+    clean = batch["clean"]
+    _expect(batch, "clean", dim=2, dtype=torch.long, what="token ids [B, S]")
+    if clean.numel() == 0:
+        raise ValueError(f"batch['clean'] is empty (shape {tuple(clean.shape)}); expected at least one token")
+    limit = f"< {vocab_size}" if vocab_size is not None else ""
+    _ids_in_range(batch, "clean", 0, vocab_size, f"token ids >= 0 {limit}")
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        _expect(batch, "attention_mask", shape=clean.shape, what="a 0/1 mask shaped like batch['clean']")
+        if ((mask != 0) & (mask != 1)).any():
+            raise ValueError("batch['attention_mask'] must hold only 0 and 1 (1 = real token)")
+        if (mask.sum(-1) == 0).any():
+            raise ValueError("batch['attention_mask'] has a row with no real token (all zeros)")
+
+
 def check_batch(batch: dict, vocab_size: int | None = None) -> None:
     """Raise ``ValueError`` naming the key and what is expected if ``batch`` is not a well-formed batch.
 
@@ -306,21 +327,11 @@ def check_batch(batch: dict, vocab_size: int | None = None) -> None:
         if key not in batch:
             raise ValueError(f"batch is missing {key!r}; a batch needs 'clean' and 'corrupted' LongTensors [B, S] "
                              "and 'correct' and 'incorrect' LongTensors [B, K] (see fxcircuits.data.make_batches)")
+    check_prompts(batch, vocab_size)
     clean = batch["clean"]
-    _expect(batch, "clean", dim=2, dtype=torch.long, what="token ids [B, S]")
-    if clean.numel() == 0:
-        raise ValueError(f"batch['clean'] is empty (shape {tuple(clean.shape)}); expected at least one token")
     _expect(batch, "corrupted", shape=clean.shape, dtype=torch.long, what="token ids aligned with batch['clean']")
     limit = f"< {vocab_size}" if vocab_size is not None else ""
-    for key in ("clean", "corrupted"):
-        _ids_in_range(batch, key, 0, vocab_size, f"token ids >= 0 {limit}")
-    mask = batch.get("attention_mask")
-    if mask is not None:
-        _expect(batch, "attention_mask", shape=clean.shape, what="a 0/1 mask shaped like batch['clean']")
-        if ((mask != 0) & (mask != 1)).any():
-            raise ValueError("batch['attention_mask'] must hold only 0 and 1 (1 = real token)")
-        if (mask.sum(-1) == 0).any():
-            raise ValueError("batch['attention_mask'] has a row with no real token (all zeros)")
+    _ids_in_range(batch, "corrupted", 0, vocab_size, f"token ids >= 0 {limit}")
     for key in ("correct", "incorrect"):
         _expect(batch, key, dim=2, dtype=torch.long, what="answer token ids [B, K] padded with -1")
         if batch[key].shape[0] != clean.shape[0]:

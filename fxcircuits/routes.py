@@ -10,9 +10,13 @@ the prompt's real tokens and over the examples: each reader's incoming scores ad
 formula and the averaging of EAP-IG's reference implementation (``information-flow-routes``), which MIB
 evaluates by ``greedy`` cuts (``apply_greedy``).  As there, x_d is the stream as the model holds it, with what no
 node writes (an output projection's bias) in it, and c_u is in the stream's scale at d (``stream_scales``).
+One node differs: ``input`` is everything written before the first layer, position embeddings included, where
+EAP-IG's is the token embedding alone (``hook_embed``) and a learned position embedding stays in the stream
+unattributed; so on models with learned absolute positions (GPT-2, OPT) the scores differ from EAP-IG's (by up to
+0.2 on a tiny random GPT-2), and on rotary ones they agree (1.8e-7 in float32, run against EAP-IG's own code).
 All of a layer's q, k and v inputs read one stream, so they score alike, as in the reference; an ``input`` edge
-that also carries a side input (Gemma 3n's per-layer embedding) is scored on the stream.  By span, the average
-runs over each class's real tokens instead (``attribute_by_span``).
+that also carries a side input (the per-layer embeddings of Gemma 4's E models) is scored on the stream.  By span, the average
+runs over each class's real tokens instead, and over the prompts that hold some (``attribute_by_span``).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import attention_mask, batch_list, position_classes
+from .data import attention_mask, batch_list, check_prompts, position_classes
 from .metrics import wide
 from .model import CircuitModel
 from .runs import served_lengths
@@ -34,18 +38,21 @@ def route_scores(cm: CircuitModel, batches: dict | Iterable[dict], spans: Sequen
                  by_span: bool = False, progress: bool = True) -> tuple[torch.Tensor, list[str] | None, int]:
     """Scores [classes, E] — one class, the whole prompt, unless ``by_span`` (the spans named, every span of the
     batches where None, then the rest) — the class names (by span) and the number of examples."""
-    batches = served_lengths(cm, batch_list(batches))
+    batches = batch_list(batches)
     if not batches:
         raise ValueError("no batches given: pass at least one batch (see fxcircuits.data.make_batches)")
-    total, names, count = None, None, 0
-    for batch in tqdm(batches, desc=METHOD, unit="batch", disable=not progress or len(batches) < 2):
+    for batch in batches:
+        check_prompts(batch, vocab_size=cm.vocab)
+    total, names, count, examples = None, None, 0, 0
+    for batch in tqdm(served_lengths(cm, batches), desc=METHOD, unit="batch", disable=not progress or len(batches) < 2):
         names, weights = _classes(batch, spans, by_span)
         shares = _shares(cm, batch["clean"].to(cm.device), attention_mask(batch).to(cm.device), weights)
         total = shares if total is None else total + shares
-        count += batch["clean"].shape[0]
-    per_stream = total / count  # [classes, streams, upstream]
+        count += weights.any(-1).sum(-1)  # per class, the prompts that hold some of its tokens
+        examples += batch["clean"].shape[0]
+    per_stream = total / count.clamp(min=1).to(total)[:, None, None]  # [classes, streams, upstream]
     graph = cm.graph
-    return per_stream[:, _stream_of(cm)[graph.dst], graph.src], names, count
+    return per_stream[:, _stream_of(cm)[graph.dst], graph.src], names, examples
 
 
 def _classes(batch: dict, spans: Sequence[str] | None, by_span: bool) -> tuple[list[str] | None, torch.Tensor]:

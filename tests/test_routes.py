@@ -1,5 +1,8 @@
 """Information flow routes (``fxcircuits.routes``) against EAP-IG's formula computed on the untouched HF model, whose
-streams and node outputs forward hooks read."""
+streams and node outputs forward hooks read.  The reference's ``input`` is ours, the stream entering the first layer;
+EAP-IG's own code, run on TransformerLens with the same weights, takes the token embedding alone, and agrees on a
+rotary model (1.8e-7 in float32) but not on GPT-2, whose position embedding it leaves unattributed (the module's
+docstring)."""
 import pytest
 import torch
 
@@ -116,6 +119,25 @@ def test_routes_by_span_average_over_each_spans_real_tokens():
         ours = scores.tensor[c, [scores.graph.edge_index[e] for e in reference]]
         torch.testing.assert_close(ours, torch.tensor(list(reference.values()), dtype=torch.float64), rtol=0, atol=1e-12,
                                    msg=lambda message, name=name: f"{name}: {message}")
+
+
+def test_routes_by_span_average_over_the_prompts_that_hold_each_span():
+    """A span empty in one prompt is averaged over the others: each reader's scores at it still add up to 1."""
+    batch = _prompts()
+    batch["spans"]["END"][2] = torch.tensor([3, 3])  # no token of the third prompt
+    scores = fxcircuits.attribute_by_span(fxcircuits.trace(make("llama")), batch, method="information-flow-routes",
+                                          progress=False)
+    graph = scores.graph
+    sums = torch.zeros(3, len(graph.downstream), dtype=scores.tensor.dtype).index_add_(1, graph.dst, scores.tensor)
+    torch.testing.assert_close(sums, torch.ones_like(sums), rtol=0, atol=1e-5)
+
+
+def test_prompts_without_a_real_token_are_refused():
+    """As every other method refuses them: such a prompt would count as an example and scale every score down."""
+    batch = _prompts()
+    batch["attention_mask"][1] = 0
+    with pytest.raises(ValueError, match="has a row with no real token"):
+        fxcircuits.attribute(fxcircuits.trace(make("gpt2")), batch, method="information-flow-routes")
 
 
 @pytest.mark.parametrize("name", ["gpt_neox", "gemma2", "gemma4", "scaled_residual", "mixtral", "qwen3_5"])
