@@ -31,7 +31,7 @@ from .model import CircuitModel
 from .runs import served_lengths
 
 METHOD = "information-flow-routes"  # EAP-IG's and MIB's name
-CHUNK = 64  # upstream nodes whose distances to a stream are taken at once: [CHUNK, batch, seq, d_model] values
+BLOCK = 2 ** 24  # values of the nodes' outputs laid out for the distances at once: [tokens, nodes, d_model]
 
 
 def route_scores(cm: CircuitModel, batches: dict | Iterable[dict], spans: Sequence[str] | None = None,
@@ -78,30 +78,31 @@ def _stream_of(cm: CircuitModel) -> torch.Tensor:
 @torch.no_grad()
 def _shares(cm: CircuitModel, input_ids: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Σ over the batch's examples of each node's share of each stream, averaged over the tokens of each class:
-    [classes, streams, upstream] (0 for a node written after the stream)."""
-    outputs = wide(cm.activations(input_ids, mask))  # [U, B, S, D], in the first layer's scale
+    [classes, streams, upstream] (0 for a node written after the stream).  A token's shares depend on that token
+    alone, so they are taken a block of tokens at a time, the nodes' outputs there laid out [tokens, nodes, d_model]
+    for ``torch.cdist``, whose L1 distances are the proximities' (five times faster on CPU than the differences
+    taken one by one, where they are bound by memory)."""
+    outputs = wide(cm.activations(input_ids, mask)).flatten(1, 2)  # [U, tokens, D], in the first layer's scale
     streams, scales = (wide(t) for t in cm.streams_and_scales(input_ids, mask))
-    weights = weights.to(outputs.device, outputs.dtype)
-    real = weights.any(0)
-    averaging = weights / weights.sum(-1, keepdim=True).clamp(min=1)  # a class absent from a prompt adds 0 for it
+    streams, unscaled = streams.flatten(1, 2), scales.eq(1).all(-1).tolist()
+    weights = weights.to(outputs.device, outputs.dtype)  # [classes, B, S]
+    real = weights.any(0).flatten()
+    # each of a prompt's tokens of a class weighs 1 / their number, [classes, tokens]: a class absent adds 0
+    averaging = (weights / weights.sum(-1, keepdim=True).clamp(min=1)).flatten(1)
     ends = torch.tensor(cm.graph.group_sizes).cumsum(0).tolist()
     names = ["input"] + [w.name for w in cm.graph.writers]
     shares = outputs.new_zeros(len(weights), len(streams), len(outputs))
-    for k, (stream, scale) in enumerate(zip(streams, scales)):
-        proximity = _proximity(stream, outputs[:ends[k]], scale)  # [n, B, S]
-        total = proximity.sum(0)
-        share = proximity / torch.where(total > 0, total, 1)  # a stream no node is near at a token: no shares
-        if not share[:, real].isfinite().all():
-            raise ValueError(f"the stream after {names[k]} is not finite at a real token: information flow routes "
-                             "need a finite clean run (a float16 model overflowing? run it in float32)")
-        shares[:, k, :ends[k]] = torch.einsum("nbs,cbs->cn", share.where(real, 0), averaging)
+    block = max(1, BLOCK // (outputs.shape[0] * outputs.shape[2]))
+    for rows in torch.arange(outputs.shape[1], device=outputs.device).split(block):
+        nodes = outputs[:, rows].transpose(0, 1).contiguous()  # [block, U, D]
+        for k, (stream, scale) in enumerate(zip(streams, scales)):
+            x, n = stream[rows], ends[k]
+            written = nodes[:, :n] if unscaled[k] else nodes[:, :n] * scale  # in the stream's scale
+            proximity = (x.abs().sum(-1, keepdim=True) - torch.cdist(x[:, None], written, p=1)[:, 0]).clamp(min=0)
+            total = proximity.sum(-1, keepdim=True)
+            share = proximity / torch.where(total > 0, total, 1)  # a stream no node is near at a token: no shares
+            if not share[real[rows]].isfinite().all():
+                raise ValueError(f"the stream after {names[k]} is not finite at a real token: information flow "
+                                 "routes need a finite clean run (a float16 model overflowing? run it in float32)")
+            shares[:, k, :n] += averaging[:, rows] @ share.where(real[rows, None], 0)
     return shares
-
-
-def _proximity(stream: torch.Tensor, outputs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """max(0, ‖x‖₁ − ‖x − c_u‖₁) at every token for x = ``stream`` [B, S, D] and c_u = ``scale`` · ``outputs``[u],
-    [n, B, S], a chunk of nodes at a time."""
-    size = stream.abs().sum(-1)
-    parts = [(size - (stream - scale * chunk).abs().sum(-1)).clamp(min=0) for chunk in outputs.split(CHUNK)]
-    return torch.cat(parts)
-

@@ -104,6 +104,16 @@ def test_routes_equal_eap_igs_formula_on_the_hf_models_own_streams(name, padding
     assert scores.method == "information-flow-routes" and scores.info == {"examples": 3}
 
 
+def test_routes_are_the_same_taken_a_few_tokens_at_a_time(monkeypatch):
+    """``routes.BLOCK`` bounds the nodes' outputs laid out at once; blocks of two tokens give the same scores."""
+    from fxcircuits import routes
+    cm, batch = fxcircuits.trace(make("llama").double()), _prompts()
+    whole = fxcircuits.attribute(cm, batch, method="information-flow-routes", progress=False).tensor
+    monkeypatch.setattr(routes, "BLOCK", 2 * len(cm.graph.upstream) * cm.graph.d_model)
+    torch.testing.assert_close(fxcircuits.attribute(cm, batch, method="information-flow-routes",
+                                                    progress=False).tensor, whole, rtol=0, atol=1e-14)
+
+
 def test_routes_by_span_average_over_each_spans_real_tokens():
     """``attribute_by_span``: each class's scores are the formula averaged over that class's real tokens alone (the
     rest excludes the padding)."""
