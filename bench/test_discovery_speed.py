@@ -85,6 +85,27 @@ def test_gradient_method_cost(benchmark, smollm2, batches, method):
           f"peak memory +{ours_mb:.0f} MB vs +{hf_mb:.0f} MB")
 
 
+def test_information_flow_routes_cost(benchmark, smollm2, batches):
+    """Information flow routes against the bare HF model's clean forwards on the same prompts: their one clean run
+    (a recording pass and a stepping pass) and the L1 distance of every node's output to every stream it feeds, at
+    every token."""
+    model, cm, _, _ = smollm2
+
+    def forwards():
+        with torch.no_grad():
+            for batch in batches:
+                model(input_ids=batch["clean"])
+
+    hf, hf_mb = _timed(forwards)
+    ours, ours_mb = _timed(lambda: fxcircuits.attribute(cm, batches, method="information-flow-routes",
+                                                        progress=False))
+    benchmark.pedantic(lambda: None, rounds=1)
+    benchmark.extra_info.update({"ours_s": ours, "hf_s": hf, "ratio": ours / hf, "ours_peak_mb": ours_mb,
+                                 "hf_peak_mb": hf_mb})
+    print(f"\ninformation-flow-routes: {ours:.2f} s vs bare HF clean forwards {hf:.2f} s = {ours / hf:.2f}x; "
+          f"peak memory +{ours_mb:.0f} MB vs +{hf_mb:.0f} MB")
+
+
 @pytest.mark.parametrize("prompts", [8, 32])
 def test_exact_throughput(benchmark, smollm2, batch, prompts):
     """``exact`` as ``attribute`` walks the edges — consecutive edges, as many per call as ``runs.call_size``
