@@ -38,7 +38,7 @@ from . import metrics as metrics_
 from . import routes
 from .caller import gradients
 from .circuit import count_of
-from .data import REST, check_counts, position_classes
+from .data import check_counts, class_names
 from .model import CircuitModel
 from .patching import Tap, class_keep, dense_keep
 from .runs import Calls, Prepared, call_size, check_finite, clean_values, examples, metric_values, prepare
@@ -120,11 +120,15 @@ def scored(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Calla
         return _routes(cm, batches, by_span, spans, progress, metric=metric,
                        ablation=None if ablation == "corrupted" else ablation, reference=reference,
                        masks_per_call=masks_per_call)
+    if method == "eap" and metric is not None and metrics_.needs_clean_logits(metrics_.get(metric)):
+        raise ValueError(f"{metrics_.name_of(metrics_.get(metric))} is smallest at the clean run, where eap takes its "
+                         "gradient: every score would be 0; use eap-ig-inputs, exact or acdc, or a metric of the "
+                         "answers (logit_diff, prob_diff, logprob)")
     if method == "clean-corrupted" and ablation != "corrupted":
         raise ValueError("clean-corrupted takes gradients at the corrupted input, so it needs ablation='corrupted'")
     metric = metrics_.get(metric if metric is not None else _default_metric(method))
     prepared = prepare(cm, batches, metric, ablation, reference)
-    names = _class_names(prepared, spans) if by_span else None
+    names = class_names([p.batch for p in prepared], spans) if by_span else None
     named = None if names is None else names[:-1]
     info = {"metric": metrics_.name_of(metric), "ablation": ablation, "examples": examples(prepared)}
     if method in ("exact", "acdc"):
@@ -158,7 +162,8 @@ def _routes(cm: CircuitModel, batches, by_span: bool, spans: Sequence[str] | Non
             **unread) -> tuple[torch.Tensor, list[str] | None, dict]:
     """``scored`` for information flow routes (``fxcircuits.routes``): shares of a clean run's streams, which read
     no metric, no other run and no patched calls, so each of those given is refused."""
-    given = [f"{name}={value!r}" for name, value in unread.items() if value is not None]
+    given = [f"{name}={value!r}" if isinstance(value, (str, int, float)) else f"{name}=…"
+             for name, value in unread.items() if value is not None]
     if given:
         raise TypeError(f"{', '.join(given)}: method {routes.METHOD!r} scores each edge's share of its reader's input "
                         "in the clean run, reading no metric, other run or patched calls: leave "
@@ -176,14 +181,6 @@ def _read_by(method: str, readers: tuple[str, ...], default, **setting):
         raise TypeError(f"{name}={value!r} is read by method {' or '.join(map(repr, readers))}, not by {method!r}: "
                         "leave it out")
     return value
-
-
-def _class_names(prepared: list[Prepared], spans: Sequence[str] | None) -> list[str]:
-    """The classes' names: ``spans`` (the first batch's, where None) and the rest, checked on every batch."""
-    names = spans
-    for p in prepared:
-        names = position_classes(p.batch, names)[0][:-1]
-    return names + [REST]
 
 
 def _shape(cm: CircuitModel, spans: list[str] | None) -> tuple[int, int]:

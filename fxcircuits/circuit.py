@@ -135,6 +135,7 @@ class Circuit:
             raise ValueError("this circuit has no scores to rank its edges by; draw it whole, or pass a subset of "
                              "its edges to Circuit(graph, edges)")
         index = self.in_graph.nonzero().flatten()
+        n = n.item() if isinstance(n, torch.Tensor) and n.numel() == 1 else n
         whole = isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > len(index)
         count = count_of(len(index) if whole else n, len(index))
         flags = torch.zeros_like(self.in_graph)

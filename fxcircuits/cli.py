@@ -101,7 +101,9 @@ def _add_discover(commands) -> None:
                                    "faithfulness, save it in EAP-IG/MIB's format and draw it.")
     _model_options(discover)
     _patching_options(discover)
-    discover.add_argument("--method", default="eap-ig-inputs", choices=METHODS)
+    discover.add_argument("--method", default="eap-ig-inputs", choices=METHODS, help="how edges are scored "
+                          "(default eap-ig-inputs; information-flow-routes reads the clean prompts alone, and --metric "
+                          "and --ablation then only evaluate the circuit)")
     discover.add_argument("--steps", type=_positive, help="integration steps of the EAP-IG methods (default 5), or "
                           "the training steps of a learned mask (default 200)")
     discover.add_argument("--warm-start", choices=GRADIENT_METHODS + ("none",),
@@ -505,9 +507,9 @@ def _target(text: str) -> float:
     if target is None or not 0 < target < float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r}: give a faithfulness above 0, as 0.85 or 85%")
     if target > 1 and not text.endswith("%"):
+        meant = f"give {target / 100:g} or {text.strip()}%; past" if target >= 10 else "past"
         raise argparse.ArgumentTypeError(f"{text!r}: a faithfulness is a share of the model's own (1 is all of it): "
-                                         f"give {target / 100:g} or {text}%; past the model's own, write a "
-                                         "percentage (105%)")
+                                         f"{meant} the model's own, write a percentage ({target * 100:g}%)")
     return target
 
 
@@ -523,6 +525,7 @@ def _discover(args) -> int:
                        **_read(args, metric, patching), **options)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
     circuit, faithfulness = _select(scores, selection, args, evaluator)
+    _kept_some(circuit, selection)
     # the metric and ablation it was evaluated with, which evaluate then takes (information flow routes read neither)
     circuit.save(args.out, model=_model_info(args), **_task_info(args, task), metric=metric, ablation=ablation,
                  faithfulness=faithfulness)
@@ -551,6 +554,7 @@ def _discover_by_span(args, selection: str, options: dict, start: float) -> int:
                                seed=args.seed, **_read(args, metric, patching), **options)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
     circuit, faithfulness = _select(scores, selection, args, evaluator)
+    _kept_some(circuit, selection)
     circuit.info.update(model=_model_info(args), **_task_info(args, task), metric=metric, ablation=ablation,
                         faithfulness=faithfulness)
     circuit.save(args.out)
@@ -567,6 +571,13 @@ def _discover_by_span(args, selection: str, options: dict, start: float) -> int:
                                  f"{evaluator.evaluate(plain).faithfulness:.3f}")
     _table({**rows, "time": f"{time.perf_counter() - start:.1f} s", "saved": f"{args.out}, {picture}"})
     return 0
+
+
+def _kept_some(circuit: Circuit | SpanCircuit, selection: str) -> None:
+    """Refuse to save a cut that kept nothing: its edges all dangled once pruned."""
+    if not circuit.in_graph.any():
+        raise SystemExit(f"the {selection} cut keeps no edge once pruned: its edges reach no logits (information flow "
+                         "routes' strongest feed the first layers); cut greedily (--selection greedy) or keep more")
 
 
 def _read(args, metric: str, patching: dict) -> dict:
@@ -758,10 +769,21 @@ def _show(args) -> int:
     if args.edges and circuit.scores is None:
         raise SystemExit(f"--edges draws the circuit's strongest edges, and {args.circuit} holds no scores to rank "
                          "them by: leave --edges out")
-    circuit = circuit.strongest(args.edges).pruned() if args.edges else circuit
+    if args.edges:
+        core = circuit.strongest(args.edges).pruned()
+        if not len(core):
+            raise SystemExit(f"the {_count(args.edges, len(circuit))} strongest of the circuit's {len(circuit)} edges "
+                             "keep no edge once pruned (nothing they feed reaches the logits; information flow "
+                             "routes' strongest feed the first layers): give more, or draw it whole")
+        circuit = core
     draw_circuit(circuit, args.out, title=args.title)
     print(f"{len(circuit)} edges, {len(circuit.nodes)} nodes → {args.out}")
     return 0
+
+
+def _count(size: int | float, total: int) -> int:
+    """How many of ``total`` a ``--edges`` size keeps (a share as ``count_of`` rounds it; a count past them all)."""
+    return int(size * total) if isinstance(size, float) else min(size, total)
 
 
 def _compare(args) -> int:
@@ -1004,6 +1026,10 @@ def _patch(args) -> int:
         raise SystemExit("--method attribution-ig integrates from the other run's input, all zero under --ablation "
                          "zero, where the norms' gradients blow up: use --method attribution or exact, or --ablation "
                          "mean")
+    if args.metric and args.method == "attribution" and metrics_.needs_clean_logits(metrics_.get(args.metric)):
+        raise SystemExit(f"--metric {args.metric} is smallest at the clean run, where --method attribution takes its "
+                         "gradient: every effect would be 0; use --method exact or attribution-ig, or a metric of "
+                         "the answers (logit_diff, prob_diff, logprob)")
     if args.metric and args.direction == "denoising" and metrics_.needs_clean_logits(metrics_.get(args.metric)):
         raise SystemExit(f"--metric {args.metric} compares with the run being patched, which denoising runs on the "
                          "corrupted prompts: use a metric of the answers (logit_diff, prob_diff, logprob), or noising")

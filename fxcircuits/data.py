@@ -298,6 +298,7 @@ def batch_list(batches: dict | Iterable[dict]) -> list[dict]:
 def check_prompts(batch: dict, vocab_size: int | None = None) -> None:
     """``check_batch``'s checks of the clean prompts and their mask alone, for what reads nothing else
     (information flow routes): ids [B, S] in range, a 0/1 mask of their shape with a real token in every row."""
+    _a_dict(batch)
     if "clean" not in batch:
         raise ValueError("batch is missing 'clean', the prompts: a LongTensor [B, S] (see "
                          "fxcircuits.data.make_batches)")
@@ -305,8 +306,8 @@ def check_prompts(batch: dict, vocab_size: int | None = None) -> None:
     _expect(batch, "clean", dim=2, dtype=torch.long, what="token ids [B, S]")
     if clean.numel() == 0:
         raise ValueError(f"batch['clean'] is empty (shape {tuple(clean.shape)}); expected at least one token")
-    limit = f"< {vocab_size}" if vocab_size is not None else ""
-    _ids_in_range(batch, "clean", 0, vocab_size, f"token ids >= 0 {limit}")
+    limit = f" < {vocab_size}" if vocab_size is not None else ""
+    _ids_in_range(batch, "clean", 0, vocab_size, f"token ids >= 0{limit}")
     mask = batch.get("attention_mask")
     if mask is not None:
         _expect(batch, "attention_mask", shape=clean.shape, what="a 0/1 mask shaped like batch['clean']")
@@ -323,6 +324,7 @@ def check_batch(batch: dict, vocab_size: int | None = None) -> None:
     row, that every row has at least one correct and one incorrect answer, that positions point at real
     tokens, that ``clean_logits`` is finite, and, given ``vocab_size``, that every token id is in range.
     """
+    _a_dict(batch)
     for key in ("clean", "corrupted", "correct", "incorrect"):
         if key not in batch:
             raise ValueError(f"batch is missing {key!r}; a batch needs 'clean' and 'corrupted' LongTensors [B, S] "
@@ -330,13 +332,13 @@ def check_batch(batch: dict, vocab_size: int | None = None) -> None:
     check_prompts(batch, vocab_size)
     clean = batch["clean"]
     _expect(batch, "corrupted", shape=clean.shape, dtype=torch.long, what="token ids aligned with batch['clean']")
-    limit = f"< {vocab_size}" if vocab_size is not None else ""
-    _ids_in_range(batch, "corrupted", 0, vocab_size, f"token ids >= 0 {limit}")
+    limit = f" < {vocab_size}" if vocab_size is not None else ""
+    _ids_in_range(batch, "corrupted", 0, vocab_size, f"token ids >= 0{limit}")
     for key in ("correct", "incorrect"):
         _expect(batch, key, dim=2, dtype=torch.long, what="answer token ids [B, K] padded with -1")
         if batch[key].shape[0] != clean.shape[0]:
             raise ValueError(f"batch[{key!r}] has {batch[key].shape[0]} rows but batch['clean'] has {clean.shape[0]}")
-        _ids_in_range(batch, key, -1, vocab_size, f"answer token ids {limit} or -1 for padding")
+        _ids_in_range(batch, key, -1, vocab_size, f"answer token ids{limit} or -1 for padding")
         if ((batch[key] >= 0).sum(-1) == 0).any():
             raise ValueError(f"batch[{key!r}] has a row with no answer (all -1); every example needs at least one")
     if "position" in batch:
@@ -357,6 +359,21 @@ def _expect(batch: dict, key: str, *, what: str, dim: int | None = None, shape=N
         raise ValueError(f"batch[{key!r}] must be {what}, shape {tuple(shape)}; got shape {tuple(value.shape)}")
     if dtype is not None and value.dtype != dtype:
         raise ValueError(f"batch[{key!r}] must be {what} of dtype {dtype}, got {value.dtype}")
+
+
+def _a_dict(batch) -> None:
+    if not isinstance(batch, dict):
+        raise TypeError(f"a batch is a dict of tensors, {{'clean': ids [B, S], 'attention_mask': …}} (more for "
+                        f"patching: fxcircuits.data.make_batches), not a {type(batch).__name__}: pass {{'clean': ids}}")
+
+
+def class_names(batches: list[dict], spans: Sequence[str] | None) -> list[str]:
+    """The classes of positions of scores by span: ``spans`` (the first batch's, where None) and the rest, checked
+    on every batch, so that each batch's classes line up with the first's."""
+    names = spans
+    for batch in batches:
+        names = position_classes(batch, names)[0][:-1]
+    return names + [REST]
 
 
 def _ids_in_range(batch: dict, key: str, low: int, vocab_size: int | None, what: str) -> None:

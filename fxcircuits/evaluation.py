@@ -240,7 +240,7 @@ def _cutter(scores: EdgeScores | SpanScores, selection: str | None,
             absolute: bool) -> tuple[Callable[[int], Circuit | SpanCircuit], int]:
     """``selection`` as a function of the circuit's size, and the largest size: all edges (or (edge, span)
     pairs), or all upstream nodes for ``"nodes"``; None as MIB cuts the scores' method (``mib_selection``)."""
-    selection = selection or mib_selection(scores.method)
+    selection = mib_selection(scores.method) if selection is None else selection
     if selection == "nodes" and isinstance(scores, EdgeScores):
         return (lambda n: scores.topn_nodes(n, absolute)), len(scores.graph.upstream)
     if selection in ("topn", "greedy"):

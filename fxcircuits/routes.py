@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import attention_mask, batch_list, check_prompts, position_classes
+from .data import attention_mask, batch_list, check_prompts, class_names, position_classes
 from .metrics import wide
 from .model import CircuitModel
 from .runs import served_lengths
@@ -43,9 +43,10 @@ def route_scores(cm: CircuitModel, batches: dict | Iterable[dict], spans: Sequen
         raise ValueError("no batches given: pass at least one batch (see fxcircuits.data.make_batches)")
     for batch in batches:
         check_prompts(batch, vocab_size=cm.vocab)
-    total, names, count, examples = None, None, 0, 0
+    names = class_names(batches, spans) if by_span else None  # every batch's classes lined up with the first's
+    total, count, examples = None, 0, 0
     for batch in tqdm(served_lengths(cm, batches), desc=METHOD, unit="batch", disable=not progress or len(batches) < 2):
-        names, weights = _classes(batch, spans, by_span)
+        weights = _classes(batch, names)
         shares = _shares(cm, batch["clean"].to(cm.device), attention_mask(batch).to(cm.device), weights)
         total = shares if total is None else total + shares
         count += weights.any(-1).sum(-1)  # per class, the prompts that hold some of its tokens
@@ -55,13 +56,14 @@ def route_scores(cm: CircuitModel, batches: dict | Iterable[dict], spans: Sequen
     return per_stream[:, _stream_of(cm)[graph.dst], graph.src], names, examples
 
 
-def _classes(batch: dict, spans: Sequence[str] | None, by_span: bool) -> tuple[list[str] | None, torch.Tensor]:
-    """The batch's classes of real positions, [classes, B, S]: all of them as one, or by span (padding in none)."""
+def _classes(batch: dict, names: list[str] | None) -> torch.Tensor:
+    """The batch's classes of real positions, [classes, B, S]: all of them as one, or by span, ``names`` ending
+    with the rest (padding in none)."""
     real = attention_mask(batch).bool()
-    if not by_span:
-        return None, real[None]
-    names, weights = position_classes(batch, spans)
-    return names, weights.bool() & real.to(weights.device)
+    if names is None:
+        return real[None]
+    weights = position_classes(batch, names[:-1])[1]
+    return weights.bool() & real.to(weights.device)
 
 
 def _stream_of(cm: CircuitModel) -> torch.Tensor:

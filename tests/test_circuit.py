@@ -371,6 +371,7 @@ def test_strongest_keeps_a_circuits_edges_of_largest_abs_score(graph):
     assert circuit.strongest(0.5).edges == ["input->a0.h0<q>", "a0.h0->logits"]  # a share of its own 4 edges
     assert circuit.strongest(0.6).edges == circuit.strongest(2).edges  # int(0.6 · 4), as every cut by size rounds
     assert circuit.strongest(1.0).edges == circuit.edges
+    assert circuit.strongest(torch.tensor(1000)).edges == circuit.edges  # a one-element tensor reads as its number
     with pytest.raises(ValueError, match="no scores to rank"):
         Circuit(graph, circuit.edges).strongest(2)
     for bad, error, message in ((-1, ValueError, "asked for -1 edges of 4"),  # -1 would slice off the weakest edge

@@ -67,6 +67,9 @@ def test_discover_evaluate_show_lens(folder, tmp_path, capsys):
     assert main(["show", str(out), "--edges", "50%", "--out", str(tmp_path / "half.svg")]) == 0  # of its own edges
     half = circuit.strongest(len(circuit) // 2).pruned()
     assert capsys.readouterr().out.splitlines()[-1].startswith(f"{len(half)} edges, {len(half.nodes)} nodes → ")
+    with pytest.raises(SystemExit, match=f"the 0 strongest of the circuit's {len(circuit)} edges keep no edge once "
+                                         "pruned"):  # a share that keeps none draws nothing
+        main(["show", str(out), "--edges", "0.1%", "--out", str(tmp_path / "none.svg")])
 
     assert main(["lens", *_common(folder), "--out", str(tmp_path / "lens.svg")]) == 0
     printed = capsys.readouterr().out
@@ -352,6 +355,8 @@ def test_attention_prints_and_draws_the_heads_weights(folder, tmp_path, capsys):
     (["discover", "--faithfulness", "most"], "'most': give a faithfulness above 0, as 0.85 or 85%"),
     (["discover", "--faithfulness", "85"], "'85': a faithfulness is a share of the model's own (1 is all of it): give "
                                             "0.85 or 85%"),
+    (["discover", "--faithfulness", "1.5"], "'1.5': a faithfulness is a share of the model's own (1 is all of it): "
+                                             "past the model's own, write a percentage (150%)"),
     (["discover", "--out", "circuit.svg"], "'circuit.svg': a circuit file ends in .json or .pt"),
     (["discover", "--seed", "99999999999999999999"], "give a whole number from -2**63 to 2**64 - 1")])
 def test_options_out_of_their_range_are_usage_errors(folder, command, says, capsys):
@@ -387,6 +392,8 @@ def test_a_task_or_device_that_cannot_be_had_is_refused_before_the_model_loads(o
     (["patch", "--method", "attribution", "--per-call", "3"], "attribution takes one backward pass: leave it out"),
     (["patch", "--all-positions", "--method", "attribution-ig", "--ablation", "zero"],
      "use --method attribution or exact, or --ablation mean"),
+    (["patch", "--method", "attribution", "--metric", "kl"], "--metric kl is smallest at the clean run, where "
+                                                             "--method attribution takes its gradient"),
     (["patch", "--direction", "denoising", "--metric", "kl"], "--metric kl compares with the run being patched, "
                                                               "which denoising runs on the corrupted prompts")])
 def test_options_a_command_would_not_read_are_refused_before_the_model_loads(command, says, monkeypatch):
@@ -700,6 +707,10 @@ def test_discover_by_information_flow_routes(folder, tmp_path, capsys):
                  "--out", str(out)]) == 0
     by_span = attribute_by_span(cm, task.batches, method="information-flow-routes", progress=False)
     assert torch.equal(SpanCircuit.load(out).in_graph, by_span.greedy(30).in_graph)
+    assert not len(scores.topn(20))  # its top edges feed the first layers, and pruned they are gone: refused
+    with pytest.raises(SystemExit, match="the topn cut keeps no edge once pruned"):
+        main(["discover", *_common(folder), "--method", "information-flow-routes", "--selection", "topn", "--edges",
+              "20", "--out", str(tmp_path / "none.json")])
 
 
 def test_refused_input_is_one_line_and_traceback_shows_where(tmp_path, capsys):

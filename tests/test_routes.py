@@ -142,6 +142,27 @@ def test_routes_by_span_average_over_the_prompts_that_hold_each_span():
     torch.testing.assert_close(sums, torch.ones_like(sums), rtol=0, atol=1e-5)
 
 
+def test_routes_by_span_line_up_each_batchs_spans_with_the_firsts():
+    """A second batch naming its spans in another order is read in the first's; one lacking a span is refused by name,
+    as every method by span refuses it."""
+    cm, first = fxcircuits.trace(make("llama")), _prompts()
+    second = {**first, "spans": {"END": first["spans"]["END"], "S": first["spans"]["S"]}}
+    twice = fxcircuits.attribute_by_span(cm, [first, first], method="information-flow-routes", progress=False)
+    swapped = fxcircuits.attribute_by_span(cm, [first, second], method="information-flow-routes", progress=False)
+    assert swapped.spans == ["S", "END", "rest"] and torch.equal(swapped.tensor, twice.tensor)
+    with pytest.raises(KeyError, match="no span 'END' in the batch"):
+        fxcircuits.attribute_by_span(cm, [first, {**first, "spans": {"S": first["spans"]["S"]}}],
+                                     method="information-flow-routes", progress=False)
+
+
+def test_prompts_that_are_no_batch_are_refused_by_name():
+    cm = fxcircuits.trace(make("gpt2"))
+    with pytest.raises(TypeError, match=r"a batch is a dict of tensors, .* not a Tensor: pass \{'clean': ids\}"):
+        fxcircuits.attribute(cm, _prompts()["clean"], method="information-flow-routes")
+    with pytest.raises(TypeError, match="^reference=…: method 'information-flow-routes' scores"):  # one line
+        fxcircuits.attribute(cm, _prompts(), method="information-flow-routes", reference=[_prompts()])
+
+
 def test_prompts_without_a_real_token_are_refused():
     """As every other method refuses them: such a prompt would count as an example and scale every score down."""
     batch = _prompts()
@@ -195,3 +216,7 @@ def test_mibs_curves_cut_routes_greedily_and_other_scores_by_top_n(tiny_folder):
         assert evaluator.curve(scores, fractions).edges == evaluator.curve(scores, fractions, selection=selection).edges
     routes = fxcircuits.attribute(cm, batches, method="information-flow-routes", progress=False)
     assert evaluator.curve(routes, fractions, selection="topn").edges != evaluator.curve(routes, fractions).edges
+    with pytest.raises(ValueError, match="no selection '' by size"):
+        evaluator.curve(routes, fractions, selection="")
+    with pytest.raises(ValueError, match="kl is smallest at the clean run, where eap takes its gradient"):
+        fxcircuits.attribute(cm, batches, "kl", method="eap")
