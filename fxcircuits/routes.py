@@ -15,8 +15,8 @@ EAP-IG's is the token embedding alone (``hook_embed``) and a learned position em
 unattributed; so on models with learned absolute positions (GPT-2, OPT) the scores differ from EAP-IG's (by up to
 0.2 on a tiny random GPT-2), and on rotary ones they agree (1.8e-7 in float32, run against EAP-IG's own code).
 All of a layer's q, k and v inputs read one stream, so they score alike, as in the reference; an ``input`` edge
-that also carries a side input (the per-layer embeddings of Gemma 4's E models) is scored on the stream.  By span, the average
-runs over each class's real tokens instead, and over the prompts that hold some (``attribute_by_span``).
+that also carries a side input (the per-layer embeddings of Gemma 4's E models) is scored on the stream.  By span,
+the average runs over each class's real tokens instead, and over the prompts that hold some (``attribute_by_span``).
 """
 from __future__ import annotations
 

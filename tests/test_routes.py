@@ -127,7 +127,8 @@ def test_routes_by_span_average_over_each_spans_real_tokens():
     for c, name in enumerate(names):
         reference = _reference(model, batch["clean"], batch["attention_mask"], classes[c].double() * real)
         ours = scores.tensor[c, [scores.graph.edge_index[e] for e in reference]]
-        torch.testing.assert_close(ours, torch.tensor(list(reference.values()), dtype=torch.float64), rtol=0, atol=1e-12,
+        expected = torch.tensor(list(reference.values()), dtype=torch.float64)
+        torch.testing.assert_close(ours, expected, rtol=0, atol=1e-12,
                                    msg=lambda message, name=name: f"{name}: {message}")
 
 
