@@ -770,20 +770,16 @@ def _show(args) -> int:
         raise SystemExit(f"--edges draws the circuit's strongest edges, and {args.circuit} holds no scores to rank "
                          "them by: leave --edges out")
     if args.edges:
-        core = circuit.strongest(args.edges).pruned()
+        strongest = circuit.strongest(args.edges)
+        core = strongest.pruned()
         if not len(core):
-            raise SystemExit(f"the {_count(args.edges, len(circuit))} strongest of the circuit's {len(circuit)} edges "
-                             "keep no edge once pruned (nothing they feed reaches the logits; information flow "
-                             "routes' strongest feed the first layers): give more, or draw it whole")
+            raise SystemExit(f"the {len(strongest)} strongest of the circuit's {len(circuit)} edges keep no edge once "
+                             "pruned (nothing they feed reaches the logits; information flow routes' strongest feed "
+                             "the first layers): give more, or draw it whole")
         circuit = core
     draw_circuit(circuit, args.out, title=args.title)
     print(f"{len(circuit)} edges, {len(circuit.nodes)} nodes → {args.out}")
     return 0
-
-
-def _count(size: int | float, total: int) -> int:
-    """How many of ``total`` a ``--edges`` size keeps (a share as ``count_of`` rounds it; a count past them all)."""
-    return int(size * total) if isinstance(size, float) else min(size, total)
 
 
 def _compare(args) -> int:
