@@ -338,10 +338,8 @@ def _directed(batches: dict | Iterable[dict], metric, direction: str, method: st
     given = batch_list(batches)
     if not given:
         raise ValueError("no batches given: pass at least one batch (see fxcircuits.data.make_batches)")
-    if method == "attribution" and metrics.needs_clean_logits(metric):
-        raise ValueError(f"{metrics.name_of(metric)} is smallest at the clean run, where method 'attribution' takes "
-                         "its gradient: every effect would be 0; use method 'exact' or 'attribution-ig', or a metric "
-                         "of the answers (logit_diff, prob_diff, logprob)")
+    if method == "attribution":
+        metrics.check_gradient_at_clean(metric, "method 'attribution'", "method 'exact' or 'attribution-ig'")
     if direction == "denoising" and metrics.needs_clean_logits(metric):
         raise ValueError(f"{metrics.name_of(metric)} compares with the run being patched, which denoising runs on "
                          "the corrupted prompts: use a metric of the answers (logit_diff, prob_diff, logprob), or "

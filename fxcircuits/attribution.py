@@ -120,10 +120,8 @@ def scored(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Calla
         return _routes(cm, batches, by_span, spans, progress, metric=metric,
                        ablation=None if ablation == "corrupted" else ablation, reference=reference,
                        masks_per_call=masks_per_call)
-    if method == "eap" and metric is not None and metrics_.needs_clean_logits(metrics_.get(metric)):
-        raise ValueError(f"{metrics_.name_of(metrics_.get(metric))} is smallest at the clean run, where eap takes its "
-                         "gradient: every score would be 0; use eap-ig-inputs, exact or acdc, or a metric of the "
-                         "answers (logit_diff, prob_diff, logprob)")
+    if method == "eap" and metric is not None:
+        metrics_.check_gradient_at_clean(metrics_.get(metric), "eap", "eap-ig-inputs, exact or acdc")
     if method == "clean-corrupted" and ablation != "corrupted":
         raise ValueError("clean-corrupted takes gradients at the corrupted input, so it needs ablation='corrupted'")
     metric = metrics_.get(metric if metric is not None else _default_metric(method))

@@ -1022,10 +1022,12 @@ def _patch(args) -> int:
         raise SystemExit("--method attribution-ig integrates from the other run's input, all zero under --ablation "
                          "zero, where the norms' gradients blow up: use --method attribution or exact, or --ablation "
                          "mean")
-    if args.metric and args.method == "attribution" and metrics_.needs_clean_logits(metrics_.get(args.metric)):
-        raise SystemExit(f"--metric {args.metric} is smallest at the clean run, where --method attribution takes its "
-                         "gradient: every effect would be 0; use --method exact or attribution-ig, or a metric of "
-                         "the answers (logit_diff, prob_diff, logprob)")
+    if args.metric and args.method == "attribution":  # refused before the model loads
+        try:
+            metrics_.check_gradient_at_clean(metrics_.get(args.metric), "--method attribution",
+                                             "--method exact or attribution-ig")
+        except ValueError as error:
+            raise SystemExit(f"--metric {error}") from None
     if args.metric and args.direction == "denoising" and metrics_.needs_clean_logits(metrics_.get(args.metric)):
         raise SystemExit(f"--metric {args.metric} compares with the run being patched, which denoising runs on the "
                          "corrupted prompts: use a metric of the answers (logit_diff, prob_diff, logprob), or noising")

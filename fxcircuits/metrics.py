@@ -165,6 +165,15 @@ def needs_clean_logits(metric: Metric) -> bool:
     return bool(getattr(metric, "needs_clean_logits", False))
 
 
+def check_gradient_at_clean(metric: Metric, method: str, instead: str) -> None:
+    """Refuse a metric that compares with the clean run (KL) for ``method``, which takes its gradient at the clean
+    run, where such a metric is smallest: every value would be 0.  ``instead``: the methods to use."""
+    if needs_clean_logits(metric):
+        raise ValueError(f"{name_of(metric)} is smallest at the clean run, where {method} takes its gradient: every "
+                         f"value would be 0; use {instead}, or a metric of the answers (logit_diff, prob_diff, "
+                         "logprob)")
+
+
 def reads_answer_alone(metric: Metric) -> bool:
     """Whether ``metric`` reads the logits at :func:`answer_position` and nowhere else (every metric here does;
     a callable may say so with ``metric.reads_answer_alone = True``): patched runs then compute the logits there

@@ -345,6 +345,8 @@ def test_bad_sweeps_are_refused(traced, prompts, sweep):
         sweep(cm, batch, metrics.logit_diff, method="eap")
     with pytest.raises(ValueError, match="denoising"):
         sweep(cm, batch, metrics.kl_divergence, direction="denoising")
+    with pytest.raises(ValueError, match="kl is smallest at the clean run, where method 'attribution' takes"):
+        sweep(cm, batch, metrics.kl_divergence, method="attribution")
     with pytest.raises(ValueError, match="masks_per_call"):
         sweep(cm, batch, metrics.logit_diff, masks_per_call=0)
     with pytest.raises(KeyError, match="unknown node.*'a9.h0' is not an upstream node"):
