@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fxcircuits
+from fxcircuits import ablations
 from fxcircuits.attribution import EXACT_CALL_STREAM, POINTS_CALL_STREAM
 from fxcircuits.runs import call_size, metric_values, prepare
 
@@ -200,3 +201,53 @@ def test_gradient_points_per_call(benchmark, smollm2, batch, prompts):
     benchmark.extra_info.update({"per_call": chosen, "seconds_at_1": one, "seconds_at_5": five})
     print(f"\neap-ig-inputs, batches of {prompts}: one point a call {one:.1f} s, five {five:.1f} s ({five / one:.2f}x); "
           f"attribute chooses {chosen}")
+
+
+def _replaced(model, node: str, value: torch.Tensor):
+    """A hook sending ``value`` in place of a Llama node's output: the embeddings, an MLP's output, or a head's share
+    of its output projection."""
+    if node == "input":
+        return model.get_input_embeddings().register_forward_hook(lambda m, i, out: value.expand_as(out))
+    layer = model.model.layers[int(node[1:].split(".")[0])]
+    if node.startswith("m"):
+        return layer.mlp.register_forward_hook(lambda m, i, out: value.expand_as(out))
+    o_proj, width = layer.self_attn.o_proj, layer.self_attn.head_dim
+    cols = slice(int(node.split("h")[-1]) * width, (int(node.split("h")[-1]) + 1) * width)
+    weight = o_proj.weight[:, cols].T
+    return o_proj.register_forward_hook(lambda m, args, out: out - args[0][..., cols] @ weight + value)
+
+
+def test_optimal_ablation_step_cost(benchmark, smollm2, batch):
+    """One step of optimal ablation against what MIB's ``oa.py`` runs for it, one node at a time: the HF model with
+    the node's output replaced by a constant (a hook), its next-token cross-entropy, and the gradient of the
+    constant.  The nodes of four calls, at 1/8, 3/8, 5/8 and 7/8 of the node list (a whole step, 301 nodes, takes
+    minutes on CPU), where ours ablates a call's nodes side by side and shares the layers before them."""
+    model, cm, _, _ = smollm2
+    prompts = ablations._prompts(cm, [batch])
+    targets = [ablations._targets(cm, ids, mask, "cross-entropy") for ids, mask in prompts]
+    values, tokens = ablations.mean_ablation(cm, [batch]).values, int(targets[0][1].sum())
+    n, per_call = len(cm.graph.upstream), ablations._per_call(cm, prompts, None)
+    chunks = tuple(torch.arange(n * k // 8, n * k // 8 + per_call) for k in (1, 3, 5, 7))
+    ids = batch["clean"]
+
+    def one_at_a_time():
+        for node in (cm.graph.upstream[i] for chunk in chunks for i in chunk):
+            group, row = ablations._place(cm, cm.graph.upstream.index(node), node)
+            value = values[group][row].reshape(-1).clone().requires_grad_(True)
+            handle = _replaced(model, node, value)
+            try:
+                logits = model(input_ids=ids).logits[:, :-1]
+            finally:
+                handle.remove()
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+            torch.autograd.grad(loss, value)
+
+    hf, hf_mb = _timed(one_at_a_time)
+    ours, ours_mb = _timed(lambda: ablations._pass(cm, prompts, targets, values, chunks, "cross-entropy", tokens,
+                                                   True))
+    benchmark.pedantic(lambda: None, rounds=1)
+    benchmark.extra_info.update({"ours_s": ours, "hf_s": hf, "ratio": ours / hf, "nodes": per_call * 4,
+                                 "ours_peak_mb": ours_mb, "hf_peak_mb": hf_mb})
+    print(f"\noptimal ablation, {per_call * 4} nodes: {ours:.2f} s vs one at a time on HF {hf:.2f} s = "
+          f"{ours / hf:.2f}x; peak memory +{ours_mb:.0f} MB vs +{hf_mb:.0f} MB; a whole step ≈ "
+          f"{ours / (per_call * 4) * n:.0f} s")

@@ -10,6 +10,7 @@ checked against the HF model it was traced from, on one's own prompts). Data: mo
 (batches), metrics.
 """
 from . import data, metrics, tasks
+from .ablations import Ablation, mean_ablation, optimal_ablation, zero_ablation
 from .attribution import METHODS, attribute
 from .capture import CaptureError
 from .circuit import Circuit
@@ -30,4 +31,5 @@ __all__ = ["trace", "CircuitModel", "CircuitGraph", "Circuit", "EdgeScores", "at
            "SourceLogits", "attention_patterns", "Patterns", "patch_by_position", "PositionEffects",
            "patch_nodes", "patch_inputs", "NodeEffects",
            "attribute_by_span", "SpanScores", "SpanCircuit", "verify", "Verification", "load_model",
-           "data", "metrics", "tasks", "CaptureError", "DecompositionError"]
+           "Ablation", "zero_ablation", "mean_ablation", "optimal_ablation", "data", "metrics", "tasks",
+           "CaptureError", "DecompositionError"]

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from . import metrics
+from .ablations import Ablation
 from .attribution import differences, fit_points, point_calls, points_per_edge, tapped
 from .circuit import Circuit
 from .data import attention_mask, batch_list, check_counts, span_weights
@@ -253,7 +254,7 @@ def patch_by_position(cm: CircuitModel, batches: dict | Iterable[dict], metric, 
 @torch.no_grad()
 def patch_nodes(cm: CircuitModel, batches: dict | Iterable[dict], metric, *,
                 nodes: list[str] | Circuit | None = None, receivers: Sequence[str] | Circuit | None = None,
-                direction: str = "noising", method: str = "exact", ablation: str = "corrupted",
+                direction: str = "noising", method: str = "exact", ablation: str | Ablation = "corrupted",
                 reference: Iterable[dict] | None = None, steps: int = 5, masks_per_call: int | None = None,
                 progress: bool = False) -> NodeEffects:
     """Patch each node's output at every token at once, one node at a time, on ``batches`` (a batch dict, or
@@ -277,7 +278,7 @@ def patch_nodes(cm: CircuitModel, batches: dict | Iterable[dict], metric, *,
 @torch.no_grad()
 def patch_inputs(cm: CircuitModel, batches: dict | Iterable[dict], metric, *,
                  inputs: Sequence[str] | Circuit | None = None,
-                 direction: str = "noising", method: str = "exact", ablation: str = "corrupted",
+                 direction: str = "noising", method: str = "exact", ablation: str | Ablation = "corrupted",
                  reference: Iterable[dict] | None = None, steps: int = 5, masks_per_call: int | None = None,
                  progress: bool = False) -> NodeEffects:
     """Patch each downstream input at every token at once, one at a time, and measure ``metric``: see
@@ -294,14 +295,14 @@ def patch_inputs(cm: CircuitModel, batches: dict | Iterable[dict], metric, *,
 
 
 def _everywhere(cm: CircuitModel, batches: dict | Iterable[dict], metric, units: tuple[list[str], torch.Tensor],
-                direction: str, method: str, ablation: str, reference: Iterable[dict] | None, steps: int,
+                direction: str, method: str, ablation: str | Ablation, reference: Iterable[dict] | None, steps: int,
                 masks_per_call: int | None, progress: bool, **kind) -> NodeEffects:
     """Each unit (names, edge masks) patched at every token: ``patch_nodes`` and ``patch_inputs``; ``kind``, what
     ``NodeEffects`` records of the units (``inputs``, ``receivers``)."""
     if ablation != "corrupted" and direction == "denoising":
         raise ValueError(f"denoising patches the clean prompt's values into the corrupted run, and {ablation} "
                          "ablation has none to patch in: knock units out of the clean run with direction='noising'")
-    if ablation == "zero" and method == "attribution-ig":  # attribution's own refusal would name its methods
+    if str(ablation) == "zero" and method == "attribution-ig":  # attribution's own refusal would name its methods
         raise ValueError("method 'attribution-ig' integrates from the other run's input, all zero under zero ablation, "
                          "where the norms' gradients blow up: use method 'attribution' or 'exact', or ablation 'mean'")
     _, metric, runs = _directed(batches, metric, direction, method, steps, masks_per_call)
@@ -322,7 +323,7 @@ def _everywhere(cm: CircuitModel, batches: dict | Iterable[dict], metric, units:
                                        calls)[..., 0] for p in prepared], -1)  # every real token, one column
     clean, corrupted = (run, other) if direction == "noising" else (other, run)
     return NodeEffects(names, drops if direction == "noising" else -drops, clean, corrupted, direction, method,
-                       ablation, cm.graph, **kind)
+                       str(ablation), cm.graph, **kind)
 
 
 def _directed(batches: dict | Iterable[dict], metric, direction: str, method: str, steps: int,

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from . import metrics as metrics_
 from . import routes
+from .ablations import Ablation
 from .caller import gradients
 from .circuit import count_of
 from .data import check_counts, class_names
@@ -67,7 +68,7 @@ MASK_OPTIONS = ("mask_steps", "density", "lr", "warmup", "warm_start")
 
 
 def attribute(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Callable | None = None,
-              method: str = "eap-ig-inputs", *, steps: int | None = None, ablation: str = "corrupted",
+              method: str = "eap-ig-inputs", *, steps: int | None = None, ablation: str | Ablation = "corrupted",
               reference: Iterable[dict] | None = None, threshold: float | None = None,
               masks_per_call: int | None = None, progress: bool = True, seed: int = 0, **options) -> EdgeScores:
     """Score every edge of ``cm.graph`` on ``batches`` (a batch dict, or several; see ``fxcircuits.data``) with
@@ -95,7 +96,7 @@ def attribute(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Ca
 
 
 def scored(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Callable | None, method: str, *,
-           by_span: bool, spans: Sequence[str] | None = None, steps: int | None, ablation: str,
+           by_span: bool, spans: Sequence[str] | None = None, steps: int | None, ablation: str | Ablation,
            reference: Iterable[dict] | None, threshold: float | None, masks_per_call: int | None, progress: bool,
            seed: int, options: dict) -> tuple[torch.Tensor, list[str] | None, dict]:
     """What ``attribute`` and ``attribute_by_span`` share: the settings checked, the batches prepared and
@@ -128,7 +129,7 @@ def scored(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Calla
     prepared = prepare(cm, batches, metric, ablation, reference)
     names = class_names([p.batch for p in prepared], spans) if by_span else None
     named = None if names is None else names[:-1]
-    info = {"metric": metrics_.name_of(metric), "ablation": ablation, "examples": examples(prepared)}
+    info = {"metric": metrics_.name_of(metric), "ablation": str(ablation), "examples": examples(prepared)}
     if method in ("exact", "acdc"):
         calls = Calls(call_size(prepared, masks_per_call, cpu_stream=EXACT_CALL_STREAM, most=64, accelerator=32))
     else:  # gradient points: a gradient method's, or a learned mask's warm start

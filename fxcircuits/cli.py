@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from . import data
 from . import metrics as metrics_
 from . import tasks as tasks_
+from .ablations import Ablation, mean_ablation, optimal_ablation
 from .attribution import GRADIENT_METHODS, INTEGRATED, METHODS, attribute
 from .circuit import FORMATS, Circuit
 from .components import DecompositionError
@@ -265,8 +266,9 @@ def _add_patch(commands) -> None:
                        "left as they are (path patching: which heads move the name movers' queries), e.g. "
                        "'a23.h3<q>,a23.h0<q>'")
     patch.add_argument("--ablation", choices=ABLATIONS, help="with --all-positions: what a patched node's output "
-                       "becomes — the corrupted prompt's, zero, or its mean over the task's clean prompts (default: "
-                       "corrupted)")
+                       "becomes — the corrupted prompt's, zero, its mean over the task's clean prompts, or its "
+                       "optimal ablation value there (the constant that keeps the model's predictions closest to its "
+                       "own; default: corrupted)")
     patch.add_argument("--per-call", type=_positive, help="patched runs (exact) or integration points "
                        "(attribution-ig) per call (default: 16 by position; by node, what fits the device best)")
     patch.add_argument("--out", type=_picture, help="heatmap of the fractions, rows × tokens or spans, or layers × "
@@ -321,23 +323,31 @@ def _patching_options(parser: argparse.ArgumentParser, recorded: bool = False) -
     parser.add_argument("--metric", choices=sorted(metrics_.METRICS),
                         help=f"what scores the task (default: {first}the task's)")
     parser.add_argument("--ablation", choices=ABLATIONS, help="what a patched edge carries instead: the corrupted "
-                        "prompt's value, zero, or the node's mean output over the task's clean prompts "
-                        f"(default: {first}corrupted)")
+                        "prompt's value, zero, the node's mean output over the task's clean prompts, or its "
+                        "optimal ablation value there (the constant that keeps the model's predictions closest to "
+                        f"its own, learned first; default: {first}corrupted)")
     parser.add_argument("--per-call", type=_positive, help="patched runs or gradient points a call (default: what "
                         "the device runs fastest; fewer from a call on that runs out of an accelerator's memory)")
 
 
-def _patching(args, task, recorded: dict) -> tuple[str, str, dict]:
+def _patching(args, cm, task, recorded: dict) -> tuple[str, str, dict]:
     """The metric and ablation the command patches with — given on the command line, else as ``recorded`` (the
     circuit file's cfg) says (its metric where the task is the one it was found on), else the task's metric and the
-    corrupted prompt — and the options that give them, with the runs a call (``--per-call``)."""
+    corrupted prompt — and the options that give them, with the runs a call (``--per-call``): an ablation's values
+    computed once, over the task's clean prompts, for every run that reads them."""
     same_task = recorded.get("task") is None or _found_on(recorded) == _found_on(_task_info(args, task))
     metric = args.metric or (recorded.get("metric") if same_task else None)
     metric = metric if metric in metrics_.METRICS else metrics_.name_of(task.metric)
     ablation = args.ablation or recorded.get("ablation")
     ablation = ablation if ablation in ABLATIONS else "corrupted"
-    return metric, ablation, {"ablation": ablation, "reference": task.batches if ablation == "mean" else None,
-                              "masks_per_call": args.per_call}
+    return metric, ablation, {"ablation": _ablation(args, cm, task, ablation), "masks_per_call": args.per_call}
+
+
+def _ablation(args, cm, task, ablation: str) -> str | Ablation:
+    """``ablation`` as the library takes it: by name, or where it is computed over the task, its values."""
+    if ablation == "optimal":
+        return optimal_ablation(cm, task.batches, progress=not args.no_progress)
+    return mean_ablation(cm, task.batches) if ablation == "mean" else ablation
 
 
 def _setup(args, recorded: dict | None = None):
@@ -394,7 +404,8 @@ def _found_on(info: dict) -> tuple:
 
 def _carry(ablation: str) -> str:
     return {"corrupted": "carry the corrupted prompt's values", "zero": "carry zero",
-            "mean": "carry their mean over the task"}[ablation]
+            "mean": "carry their mean over the task", "optimal": "carry their optimal ablation value over the task"}[
+        ablation]
 
 
 def _task(text: str) -> str:
@@ -520,7 +531,7 @@ def _discover(args) -> int:
         return _discover_by_span(args, selection, options, start)
     _, _, cm, task = _setup(args)
     _fits(args, cm.graph)
-    metric, ablation, patching = _patching(args, task, {})
+    metric, ablation, patching = _patching(args, cm, task, {})
     scores = attribute(cm, task.batches, method=args.method, progress=not args.no_progress, seed=args.seed,
                        **_read(args, metric, patching), **options)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
@@ -549,7 +560,7 @@ def _discover_by_span(args, selection: str, options: dict, start: float) -> int:
     _spans_named(task)
     spans = None if args.spans == "all" else args.spans.split(",")
     _fits(args, cm.graph, classes=len(data.position_classes(task.batches[0], spans)[0]))  # the spans and the rest
-    metric, ablation, patching = _patching(args, task, {})
+    metric, ablation, patching = _patching(args, cm, task, {})
     scores = attribute_by_span(cm, task.batches, method=args.method, spans=spans, progress=not args.no_progress,
                                seed=args.seed, **_read(args, metric, patching), **options)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
@@ -720,7 +731,7 @@ def _evaluate(args) -> int:
         raise SystemExit(f"--selection nodes cuts a share of the nodes, and {args.circuit} scores (edge, span) pairs: "
                          "use topn or greedy")
     _, _, cm, task = _setup(args, circuit.info)
-    metric, ablation, patching = _patching(args, task, circuit.info)
+    metric, ablation, patching = _patching(args, cm, task, circuit.info)
     evaluator = Evaluator(cm, task.batches, metric, **patching)
     result = evaluator.evaluate(circuit)
     found = _found_on(circuit.info)
@@ -1092,10 +1103,10 @@ def _patch_everywhere(args, cm, task, metric, units: dict, how: str, sweep: dict
         patch, what, patched = patch_inputs, "input", "input"
     else:
         patch, what, patched = patch_nodes, "node", "node's output"
-    effects = patch(cm, task.batches, metric, **units, **sweep, ablation=ablation,
-                    reference=task.batches if ablation == "mean" else None)
+    effects = patch(cm, task.batches, metric, **units, **sweep, ablation=_ablation(args, cm, task, ablation))
     other = {"corrupted": "on the corrupted ones", "zero": f"with every {patched} zero",
-             "mean": f"with every {patched} at its mean"}[ablation]
+             "mean": f"with every {patched} at its mean",
+             "optimal": f"with every {patched} at its optimal ablation value"}[ablation]
     how = how if ablation == "corrupted" else f"{how}, {ablation} ablation"
     print(f"{len(task.examples)} examples; {metrics_.name_of(metric)}: {float(effects.clean.mean()):+.3f} on "
           f"the clean prompts, {float(effects.corrupted.mean()):+.3f} {other} (means); {how}, the {what}s whose "

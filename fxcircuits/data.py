@@ -290,6 +290,27 @@ def real_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) ->
     return torch.ones_like(input_ids) if attention_mask is None else attention_mask
 
 
+def served_lengths(cm, batches: Iterable[dict]) -> list[dict]:
+    """``batches``, with those whose length no capture of ``cm`` (a ``CircuitModel``) serves (``capture.Lengths``: a
+    hybrid's chunked scan serves the lengths of one chunk; none serves one token) padded on the right to the
+    longest prompt, and to two tokens at least, so that one more capture at most serves them all.  The padded
+    positions are masked, and a causal model's outputs at the real tokens do not depend on them."""
+    batches = list(batches)
+    if not batches:
+        return batches
+    longest = max(2, *(batch["clean"].shape[1] for batch in batches))
+    return [batch if cm.serving(batch["clean"]) is not None else _padded(batch, longest) for batch in batches]
+
+
+def _padded(batch: dict, length: int) -> dict:
+    extra = length - batch["clean"].shape[1]
+    if not extra:
+        return batch
+    padded = {key: batch[key] for key in ("clean", "corrupted") if key in batch}
+    padded["attention_mask"] = attention_mask(batch)
+    return {**batch, **{key: torch.nn.functional.pad(value, (0, extra)) for key, value in padded.items()}}
+
+
 def batch_list(batches: dict | Iterable[dict]) -> list[dict]:
     """``batches`` as a list: one batch dict given alone is one batch, where ``list()`` would take its keys."""
     return [batches] if isinstance(batches, dict) else list(batches)

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics as metrics_
+from .ablations import Ablation
 from .circuit import Circuit
 from .model import CircuitModel
 from .positional import SpanCircuit, SpanScores
@@ -60,7 +61,7 @@ class Evaluator:
     prompts: two); fewer from a call on that ran out of the accelerator's memory (``runs.Calls``)."""
 
     def __init__(self, cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Callable, *,
-                 ablation: str = "corrupted", reference: Iterable[dict] | None = None,
+                 ablation: str | Ablation = "corrupted", reference: Iterable[dict] | None = None,
                  masks_per_call: int | None = None):
         self.cm, self.metric = cm, metrics_.get(metric)
         self.prepared: list[Prepared] = prepare(cm, batches, self.metric, ablation, reference)

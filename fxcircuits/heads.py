@@ -423,13 +423,22 @@ def launch_bound(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
-def shared_input(rows: torch.Tensor) -> bool:
-    """Whether every reader of ``rows`` [readers, …] sees the same value and none needs its own gradient.
+def shared_input(store, tap, rows: torch.Tensor) -> bool:
+    """Whether every reader of ``rows`` [readers, …] sees the same value and none needs its own gradient
+    (``own_gradients``).
 
     ``accumulate`` hands one value, expanded, to readers whose edges are all weighted alike (none patched, or
     every one by the same node mask).  Their heads then all read one stream, as in the unmodified model, so the
     plain projection serves them all."""
-    return rows.stride(0) == 0 and not (rows.requires_grad and torch.is_grad_enabled())
+    return rows.stride(0) == 0 and not own_gradients(store, tap)
+
+
+def own_gradients(store, tap) -> bool:
+    """Whether each reader needs a gradient of its own: where the gradient of the mask (``store``'s, a
+    ``patching.DeltaStore``: EAP's edge scores) or a tap's (``patching.Tap``) is taken, both of which read every
+    reader's.  A gradient for anything else — the other run's values (optimal ablation), the model's weights —
+    flows through a value the readers share as it flows through the model."""
+    return torch.is_grad_enabled() and (tap is not None or store.keep.requires_grad)
 
 
 def distinct_rows(rows: torch.Tensor, shared: bool) -> torch.Tensor:
@@ -449,11 +458,11 @@ def role_parts(rows: torch.Tensor | None, shared: bool, n: int, roles: int) -> t
     return rows.split(n)
 
 
-def role_shared(store, rows: torch.Tensor, shared: bool, first: int, n: int) -> bool:
+def role_shared(store, tap, shared: bool, first: int, n: int) -> bool:
     """Whether one role's ``n`` readers (from reader ``first``) all see one value: the layer's readers all do
     (``shared``), or the mask (``store``, a ``patching.DeltaStore``) weights their edges alike — say the k inputs
-    of a layer none of whose k edges a circuit keeps — and none needs its own gradient."""
-    return shared or not (rows.requires_grad and torch.is_grad_enabled()) and store.alike(first, first + n)
+    of a layer none of whose k edges a circuit keeps — and none needs its own gradient (``own_gradients``)."""
+    return shared or not own_gradients(store, tap) and store.alike(first, first + n)
 
 
 def role_input(rows: torch.Tensor | None, alike: bool, shared: bool) -> torch.Tensor | None:

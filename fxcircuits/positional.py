@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .ablations import Ablation
 from .attribution import scored
 from .circuit import (Circuit, another_graph, edge_flags, graph_difference, is_positional, plain_info,
                       read_json)
@@ -31,7 +32,8 @@ from .scores import EdgeScores, Scores
 
 def attribute_by_span(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Callable | None = None,
                       method: str = "eap-ig-inputs", *, spans: Sequence[str] | None = None,
-                      steps: int | None = None, ablation: str = "corrupted", reference: Iterable[dict] | None = None,
+                      steps: int | None = None, ablation: str | Ablation = "corrupted",
+                      reference: Iterable[dict] | None = None,
                       threshold: float | None = None, masks_per_call: int | None = None, progress: bool = True,
                       seed: int = 0, **options) -> "SpanScores":
     """Every edge's score at each class of positions, by any of ``attribute``'s methods and with its settings.

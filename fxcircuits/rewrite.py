@@ -451,7 +451,7 @@ class _Builder:
         read = self.plans[id(attention)].write.gate
         if not read.stacked:
             return self._run_post(read, self._rounds_apart(step, read, rows))
-        shared = self.call(shared_input, rows)
+        shared = self.call(shared_input, self.store, self.tap, rows)
         x, s, columns = self._stacked_norm(read, self.call(distinct_rows, rows, shared), shared)
         rounds, _ = self._project(read, x, s, columns, shared, reader, attention.n_heads,
                                   self._recorded_index(attention, "gate"))
@@ -466,7 +466,7 @@ class _Builder:
         their projection from that run's recording.  The norms' last factors are applied across the projection
         (``norms``)."""
         n_heads, reads = attention.n_heads, [self.plans[id(attention)].reads[role] for role in roles]
-        shared = self.call(shared_input, rows)
+        shared = self.call(shared_input, self.store, self.tap, rows)
         rows = self.call(distinct_rows, rows, shared)
         one_norm = len({(tuple(r.norm), r.projection.x) for r in reads}) == 1
         rows, scale, columns = self._stacked_norm(reads[0], rows, shared) if one_norm else (rows, None, ())
@@ -486,7 +486,7 @@ class _Builder:
         """The projection's rounds for ``n`` readers' normed rows ``x`` (from reader ``reader``), and whether they
         all read one value.  ``recorded``: the index of the projection's output among the recorder's, whose heads
         the mask patches wholly then take (``wholly_patched``)."""
-        alike = self.call(role_shared, self.store, x, shared, reader, n)
+        alike = self.call(role_shared, self.store, self.tap, shared, reader, n)
         wholly, taken = (), None
         if recorded is not None:
             taken = self.call(recorded_at, self.recording, recorded)

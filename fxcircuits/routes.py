@@ -25,10 +25,9 @@ from collections.abc import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import attention_mask, batch_list, check_prompts, class_names, position_classes
+from .data import attention_mask, batch_list, check_prompts, class_names, position_classes, served_lengths
 from .metrics import wide
 from .model import CircuitModel
-from .runs import served_lengths
 
 METHOD = "information-flow-routes"  # EAP-IG's and MIB's name
 BLOCK = 2 ** 24  # values of the nodes' outputs laid out for the distances at once: [tokens, nodes, d_model]

@@ -1,7 +1,8 @@
 """Batches made ready to patch, shared by attribution and evaluation.
 
 Preparing a batch runs what every later patched call reuses: the other run's activations (the corrupted
-prompt, zeros or reference means) and, for metrics that compare with the clean run (KL), the clean logits.
+prompt's, or an ablation's values: ``fxcircuits.ablations``) and, for metrics that compare with the clean run
+(KL), the clean logits.
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import heads, metrics
-from .data import attention_mask, batch_list, check_batch, check_counts, position_classes, to_device
+from .ablations import NAMES, Ablation, ablation_of
+from .data import batch_list, check_batch, check_counts, position_classes, served_lengths, to_device
 from .model import CircuitModel
 from .patching import Tap, class_keep, dense_keep
 
-ABLATIONS = ("corrupted", "zero", "mean")
+ABLATIONS = ("corrupted",) + NAMES  # by name
 T = TypeVar("T")
 
 
@@ -111,82 +113,33 @@ class Calls:
         return self.run(calls, prepared)
 
 
-def prepare(cm: CircuitModel, batches: dict | Iterable[dict], metric, ablation: str = "corrupted",
+def prepare(cm: CircuitModel, batches: dict | Iterable[dict], metric, ablation: str | Ablation = "corrupted",
             reference: Iterable[dict] | None = None) -> list[Prepared]:
-    """Check and prepare every batch; ``ablation`` picks the other run (``reference`` for ``"mean"``)."""
-    if ablation not in ABLATIONS:
-        raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
-    if reference is not None and ablation != "mean":
-        raise ValueError(f"reference= is the data mean ablation averages over, and {ablation} ablation does not read "
-                         "it: drop it, or pass ablation='mean'")
-    means = mean_activations(cm, reference) if ablation == "mean" else None
+    """Check and prepare every batch; ``ablation`` picks the other run: the corrupted prompt, or values
+    (``fxcircuits.ablations``: by name, computed over ``reference`` where they read one)."""
+    values = ablation_of(cm, ablation, reference)
     batches = batch_list(batches)
     for batch in batches:  # before padding, which would hide clean and corrupted prompts of different lengths
         check_batch(batch, vocab_size=cm.vocab)  # answers index the logits: an id past them fails deep in a metric
-    prepared = [_prepare(cm, batch, metric, ablation, means) for batch in served_lengths(cm, batches)]
+    prepared = [_prepare(cm, batch, metric, values) for batch in served_lengths(cm, batches)]
     if not prepared:
         raise ValueError("no batches given: pass at least one batch (see fxcircuits.data.make_batches)")
     return prepared
 
 
-def served_lengths(cm: CircuitModel, batches: Iterable[dict]) -> list[dict]:
-    """``batches``, with those whose length no capture of ``cm`` serves (``capture.Lengths``: a hybrid's chunked
-    scan serves the lengths of one chunk; none serves one token) padded on the right to the longest prompt, and
-    to two tokens at least, so that one more capture at most serves them all.  The padded positions are masked,
-    and a causal model's outputs at the real tokens do not depend on them."""
-    batches = list(batches)
-    if not batches:
-        return batches
-    longest = max(2, *(batch["clean"].shape[1] for batch in batches))
-    return [batch if cm.serving(batch["clean"]) is not None else _padded(batch, longest) for batch in batches]
-
-
-def _padded(batch: dict, length: int) -> dict:
-    extra = length - batch["clean"].shape[1]
-    if not extra:
-        return batch
-    padded = {key: batch[key] for key in ("clean", "corrupted") if key in batch}
-    padded["attention_mask"] = attention_mask(batch)
-    return {**batch, **{key: torch.nn.functional.pad(value, (0, extra)) for key, value in padded.items()}}
-
-
-def _prepare(cm: CircuitModel, batch: dict, metric, ablation: str, means: torch.Tensor | None) -> Prepared:
+def _prepare(cm: CircuitModel, batch: dict, metric, values: Ablation | None) -> Prepared:
     batch = to_device(batch, cm.device)
     ids, mask = cm.inputs(batch["clean"], batch.get("attention_mask"))
     with torch.no_grad():
         if metrics.needs_clean_logits(metric):
             batch["clean_logits"] = metrics.logits_at_answer(cm(ids, mask), batch)
         recorded = None
-        if ablation == "corrupted":
+        if values is None:
             other, recorded = cm.recording(batch["corrupted"], mask)
         else:
-            other = [v.to(cm.device, cm.dtype) for v in (_zeros(cm) if means is None else means)]
+            other = [v.to(cm.device, cm.dtype) for v in values.values]
     positions = metrics.answer_position(batch) if metrics.reads_answer_alone(metric) else None
     return Prepared(batch, ids, mask, other, recorded, positions)
-
-
-def _zeros(cm: CircuitModel) -> list[torch.Tensor]:
-    """The other run of zero ablation, as ``CircuitModel.patched`` takes it: per writer group, then per side input."""
-    groups = [torch.zeros(n, 1, 1, cm.graph.d_model) for n in cm.graph.group_sizes]
-    return groups + [torch.zeros(1, 1, 1, *shape) for shape in cm.side_shapes]
-
-
-def mean_activations(cm: CircuitModel, reference: Iterable[dict] | None) -> list[torch.Tensor]:
-    """The other run of mean ablation: every node's output (per writer group, [n, 1, 1, d_model]), then every side
-    input ([1, 1, 1, …]), averaged over the real tokens of ``reference``, in float32 or the model's wider dtype."""
-    if reference is None:
-        raise ValueError("ablation='mean' averages activations over a reference dataset: pass reference=batches")
-    totals, count = None, 0
-    with torch.no_grad():
-        for batch in served_lengths(cm, batch_list(reference)):
-            ids, mask = batch["clean"].to(cm.device), attention_mask(batch).to(cm.device)
-            sums = [(metrics.wide(v) * mask.view(1, *mask.shape, *[1] * (v.dim() - 3))).sum((1, 2), keepdim=True)
-                    for v in cm.recording(ids, mask)[0]]
-            totals = sums if totals is None else [t + s for t, s in zip(totals, sums)]
-            count += int(mask.sum())
-    if totals is None:
-        raise ValueError("ablation='mean' averages over the reference batches, but reference holds none")
-    return [t / count for t in totals]
 
 
 def examples(prepared: list[Prepared]) -> int:

@@ -226,7 +226,7 @@ def test_gradient_points_back_off_where_the_accelerator_runs_out_of_memory(llama
 
 def test_prompts_of_one_token(llama64):
     """No capture serves one token (export specialises that size): attribution pads such batches on the right
-    (``runs.served_lengths``).  Exact scores equal one-edge-at-a-time patching through ``cm(...)``, which takes one
+    (``data.served_lengths``).  Exact scores equal one-edge-at-a-time patching through ``cm(...)``, which takes one
     token itself, and EAP equals EAP on the same batch padded by hand."""
     batch = {key: value[:, -1:] for key, value in _batch().items() if key in ("clean", "corrupted")}
     batch.update(correct=torch.tensor([[5], [6], [7]]), incorrect=torch.tensor([[8], [9], [10]]),
@@ -344,7 +344,7 @@ def test_a_float64_models_gradients_points_and_means_keep_float64s_digits(llama6
     """The masks that gradients are taken in (EAP's scores are their gradient; EAP-IG-inputs sets its points
     k/steps in them) and mean ablation's means are in the model's float64: a float32 mask left every EAP score a
     float32 number, 1/3 off by 1e-8, and means summed in float32 moved exact scores by 1e-8."""
-    from fxcircuits import attribution, runs
+    from fxcircuits import ablations, attribution
     batch = _batch()
     eap = fxcircuits.attribute(llama64, [batch], "logit_diff", "eap", progress=False).tensor
     assert eap.dtype == torch.float64 and not torch.equal(eap, eap.float().double())
@@ -354,7 +354,7 @@ def test_a_float64_models_gradients_points_and_means_keep_float64s_digits(llama6
     assert keep.dtype == torch.float64 and torch.equal(keep[:, 0, 0], torch.tensor([0, 1, 2, 3, 4.0]).double() / 5)
     mask = batch["attention_mask"].double()
     recorded = llama64.recording(batch["clean"], batch["attention_mask"])[0]
-    for mean, values in zip(runs.mean_activations(llama64, [batch]), recorded):
+    for mean, values in zip(ablations.mean_ablation(llama64, [batch]).values, recorded):
         weights = mask.view(1, *mask.shape, *[1] * (values.dim() - 3))
         assert mean.dtype == torch.float64
         torch.testing.assert_close(mean, (values * weights).sum((1, 2), keepdim=True) / mask.sum(), rtol=1e-13, atol=0)

@@ -11,7 +11,7 @@ import torch
 
 from fxcircuits import (Circuit, CircuitGraph, DecompositionError, EdgeScores, Evaluator, SpanCircuit,
                         attention_patterns, attribute, attribute_by_span, cli, load_model, patch_by_position,
-                        patch_inputs, patch_nodes, source_logits, tasks, trace)
+                        optimal_ablation, patch_inputs, patch_nodes, source_logits, tasks, trace)
 from fxcircuits.cli import main
 from fxcircuits.draw import plot_faithfulness, plot_nodes
 from fxcircuits.evaluation import MIB_FRACTIONS
@@ -562,6 +562,36 @@ def test_metric_and_ablation_are_chosen_saved_and_read_back(folder, tmp_path, ca
         printed = capsys.readouterr().out
         row = next(line for line in printed.splitlines() if line.startswith("faithfulness"))
         assert row.split()[-1] == f"{faithfulness[ablation]:.3f}" and "prob_diff" in printed
+
+
+def test_optimal_ablation_is_learned_once_and_read_back(folder, tmp_path, capsys, monkeypatch):
+    """``--ablation optimal`` learns the values once over the task's clean prompts, for scoring and evaluating
+    both; the file records it, and ``evaluate`` learns them again (deterministic) to evaluate as the file says."""
+    learned = []
+
+    def optimal(cm, reference, **options):  # fewer steps than a user's, counted
+        learned.append(options)
+        return optimal_ablation(cm, reference, **{**options, "steps": 3})
+    monkeypatch.setattr(cli, "optimal_ablation", optimal)
+    out = tmp_path / "circuit.json"
+    assert main(["discover", *_common(folder), "--method", "eap", "--ablation", "optimal", "--edges", "10%",
+                 "--out", str(out)]) == 0
+    assert "patched edges carry their optimal ablation value over the task" in capsys.readouterr().out
+    assert learned == [{"progress": False}]
+    cfg = json.loads(out.read_text())["cfg"]
+    assert cfg["ablation"] == "optimal"
+
+    model, tokenizer = load_model(folder)
+    cm, task = trace(model), tasks.load("ioi", tokenizer, size=8, batch_size=4)
+    values = optimal_ablation(cm, task.batches, steps=3, progress=False)
+    circuit = Circuit.from_json(out)
+    assert circuit.edges == attribute(cm, task.batches, task.metric, "eap", ablation=values,
+                                      progress=False).topn(0.1).edges
+    faithfulness = Evaluator(cm, task.batches, task.metric, ablation=values).evaluate(circuit).faithfulness
+    assert cfg["faithfulness"] == pytest.approx(faithfulness, abs=1e-6)
+    assert main(["evaluate", str(out), *_common(folder)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("faithfulness"))
+    assert row.split()[-1] == f"{faithfulness:.3f}" and len(learned) == 2
 
 
 def test_runs_a_call_are_given_to_attribution_and_evaluation(folder, tmp_path, monkeypatch):

@@ -799,7 +799,8 @@ def test_one_batch_dict_is_one_batch_everywhere(llama):
     mean_one = fxcircuits.Evaluator(llama, [batch], "logit_diff", ablation="mean", reference=batch)
     mean_list = fxcircuits.Evaluator(llama, [batch], "logit_diff", ablation="mean", reference=[batch])
     assert torch.equal(mean_one.empty, mean_list.empty)
-    with pytest.raises(ValueError, match="reference= is the data mean ablation averages over.*ablation='mean'"):
+    with pytest.raises(ValueError, match="reference= is the data mean and optimal ablation are computed over.*"
+                                         "ablation='mean'"):
         fxcircuits.Evaluator(llama, [batch], "logit_diff", reference=[batch])
 
 
