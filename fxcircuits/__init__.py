@@ -2,7 +2,8 @@
 
 The pipeline, one module per stage: capture (torch.export) → components (residual stream, heads, MLPs) → rewrite
 (per-edge inputs) → patching (masks over edges, at all positions or some; ``activation_patching`` patches each node
-or each head's q, k, v input, or sweeps them or layers over the positions) → attribution (edge scores) →
+or each head's q, k, v input, or sweeps them or layers over the positions; ``ablations``: what a patched edge
+carries where the other run is no prompt — zeros, means, optimal constants) → attribution (edge scores) →
 scores/circuit (selection, save/load; ``positional``: edges scored and kept per span of the prompt) → evaluation
 (faithfulness, CPR/CMD) → lens, patterns and draw (what the circuit does and what each node writes straight into the
 logits, and each head from which token; where its heads look, and a picture of it); verification (a traced model

@@ -48,6 +48,16 @@ class Ablation:
         group, row = _place(cm, cm.graph.upstream.index(name) if name in cm.graph.upstream else -1, name)
         return self.values[group][row].reshape(-1)
 
+    def save(self, path) -> None:
+        """Write the values and ``info`` (``torch.save``): optimal ones take long to learn, and serve again."""
+        torch.save({"name": self.name, "values": [v.cpu() for v in self.values], "info": self.info}, path)
+
+    @classmethod
+    def load(cls, path) -> Ablation:
+        """Values ``save`` wrote, on the CPU; a patched run moves them to the model's device."""
+        saved = torch.load(path, weights_only=True)
+        return cls(saved["name"], saved["values"], saved["info"])
+
     def check(self, cm: CircuitModel) -> None:
         """Refuse values whose shapes are not ``cm``'s: found for another model, they would patch the wrong nodes."""
         wanted = ([(n, 1, 1, cm.graph.d_model) for n in cm.graph.group_sizes]
@@ -55,8 +65,8 @@ class Ablation:
         given = [tuple(v.shape) for v in self.values]
         if given != wanted:
             raise ValueError(f"this {self.name} ablation holds values shaped {given[:3]}… ({len(given)} tensors), "
-                             f"and {cm.model_name} takes {wanted[:3]}… ({len(wanted)}): it was found for another model; "
-                             "compute it for this one")
+                             f"and {cm.model_name} takes {wanted[:3]}… ({len(wanted)}): it was found for another "
+                             "model; compute it for this one")
 
 
 def ablation_of(cm: CircuitModel, ablation: str | Ablation, reference: Iterable[dict] | None) -> Ablation | None:

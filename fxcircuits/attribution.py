@@ -20,8 +20,9 @@ metric(clean with e patched).  Every method drives the same patcher (``CircuitMo
 * ``information-flow-routes`` (Ferrando & Voita 2024) drives no patcher: each edge's share of its reader's input
   in the clean run (``fxcircuits.routes``), with no metric and no other run.
 
-The other run is the corrupted prompt (``ablation="corrupted"``), zeros (``"zero"``) or the mean activation over
-``reference`` batches (``"mean"``).  ``fxcircuits.attribute_by_span`` runs the same methods over masks per class
+The other run is the corrupted prompt (``ablation="corrupted"``), zeros (``"zero"``), the mean activation over
+``reference`` batches (``"mean"``), each node's optimal ablation constant learned over them (``"optimal"``), or
+values computed once (``fxcircuits.ablations``).  ``fxcircuits.attribute_by_span`` runs the same methods over masks per class
 of positions, [classes, E] (``scored``): a plain run is the one class of the whole prompt.
 """
 from __future__ import annotations

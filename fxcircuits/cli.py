@@ -340,7 +340,8 @@ def _patching(args, cm, task, recorded: dict) -> tuple[str, str, dict]:
     metric = metric if metric in metrics_.METRICS else metrics_.name_of(task.metric)
     ablation = args.ablation or recorded.get("ablation")
     ablation = ablation if ablation in ABLATIONS else "corrupted"
-    return metric, ablation, {"ablation": _ablation(args, cm, task, ablation), "masks_per_call": args.per_call}
+    values = _recorded_values(args, recorded, ablation, same_task) or _ablation(args, cm, task, ablation)
+    return metric, ablation, {"ablation": values, "masks_per_call": args.per_call}
 
 
 def _ablation(args, cm, task, ablation: str) -> str | Ablation:
@@ -348,6 +349,26 @@ def _ablation(args, cm, task, ablation: str) -> str | Ablation:
     if ablation == "optimal":
         return optimal_ablation(cm, task.batches, progress=not args.no_progress)
     return mean_ablation(cm, task.batches) if ablation == "mean" else ablation
+
+
+def _recorded_values(args, recorded: dict, ablation: str, same_task: bool) -> Ablation | None:
+    """The optimal ablation values discovery learned and saved beside the circuit (``ablation_values`` in its
+    file), where they are what the command would learn again — on the same model and task — and still there."""
+    saved = recorded.get("ablation_values")
+    if ablation != "optimal" or saved is None or not same_task or recorded.get("model") != _model_info(args):
+        return None
+    return Ablation.load(saved) if Path(saved).is_file() else None
+
+
+def _saved_values(args, patching: dict) -> dict:
+    """Learned ablation values, saved beside the circuit file (``<out>.optimal.pt``), which ``evaluate`` and the
+    other commands reading the circuit then reuse: what the file records of them."""
+    values = patching["ablation"]
+    if not isinstance(values, Ablation) or values.name != "optimal":
+        return {}
+    path = Path(args.out).with_suffix(".optimal.pt").resolve()
+    values.save(path)
+    return {"ablation_values": str(path)}
 
 
 def _setup(args, recorded: dict | None = None):
@@ -538,14 +559,15 @@ def _discover(args) -> int:
     circuit, faithfulness = _select(scores, selection, args, evaluator)
     _kept_some(circuit, selection)
     # the metric and ablation it was evaluated with, which evaluate then takes (information flow routes read neither)
+    values = _saved_values(args, patching)
     circuit.save(args.out, model=_model_info(args), **_task_info(args, task), metric=metric, ablation=ablation,
-                 faithfulness=faithfulness)
+                 faithfulness=faithfulness, **values)
     picture = _drawn_at(args)
     draw_circuit(circuit, picture, title=f"{args.model} · {task.name} · {args.method} · f = {faithfulness:.2f}")
     _table({**_run_rows(args, task, metric, ablation, evaluator),
             "method": args.method, "circuit": f"{len(circuit)} of {len(cm.graph.edges)} edges, "
             f"{len(circuit.nodes)} nodes", "faithfulness": f"{faithfulness:.3f}{_reached(args)}",
-            "time": f"{time.perf_counter() - start:.1f} s", "saved": f"{args.out}, {picture}"})
+            "time": f"{time.perf_counter() - start:.1f} s", "saved": ", ".join([args.out, picture, *values.values()])})
     return 0
 
 
@@ -566,8 +588,9 @@ def _discover_by_span(args, selection: str, options: dict, start: float) -> int:
     evaluator = Evaluator(cm, task.batches, metric, **patching)
     circuit, faithfulness = _select(scores, selection, args, evaluator)
     _kept_some(circuit, selection)
+    values = _saved_values(args, patching)
     circuit.info.update(model=_model_info(args), **_task_info(args, task), metric=metric, ablation=ablation,
-                        faithfulness=faithfulness)
+                        faithfulness=faithfulness, **values)
     circuit.save(args.out)
     picture = _drawn_at(args)
     union = circuit.union()
@@ -580,7 +603,8 @@ def _discover_by_span(args, selection: str, options: dict, start: float) -> int:
         plain = scores.total().topn(min(len(circuit), len(cm.graph.edges)))  # more pairs than edges: every edge
         rows["plain circuit"] = (f"{len(plain)} edges at every token: faithfulness "
                                  f"{evaluator.evaluate(plain).faithfulness:.3f}")
-    _table({**rows, "time": f"{time.perf_counter() - start:.1f} s", "saved": f"{args.out}, {picture}"})
+    _table({**rows, "time": f"{time.perf_counter() - start:.1f} s", "saved": ", ".join([args.out, picture,
+                                                                                         *values.values()])})
     return 0
 
 

@@ -185,3 +185,18 @@ def test_a_bf16_model_learns_in_float32():
     optimal = optimal_ablation(cm, [_prompts()], steps=3, progress=False)
     assert all(v.dtype == torch.float32 for v in optimal.values)
     assert (optimal.info["optimal"] <= optimal.info["mean"]).all()
+
+
+def test_values_saved_and_loaded_patch_alike(traced, tmp_path):
+    """``save`` then ``load`` gives the same values, name and info, which patch as the values learned did."""
+    _, cm = traced("llama")
+    optimal = optimal_ablation(cm, [_prompts()], steps=2, progress=False)
+    optimal.save(tmp_path / "values.pt")
+    loaded = Ablation.load(tmp_path / "values.pt")
+    assert loaded.name == "optimal" and loaded.info.keys() == optimal.info.keys()
+    assert all(torch.equal(a, b) for a, b in zip(loaded.values, optimal.values))
+    assert torch.equal(loaded.info["optimal"], optimal.info["optimal"])
+    batch = {**_prompts(), "corrupted": _prompts()["clean"], "correct": torch.tensor([[5], [9], [3]]),
+             "incorrect": torch.tensor([[7], [1], [2]])}
+    assert torch.equal(fxcircuits.Evaluator(cm, batch, "logit_diff", ablation=loaded).empty,
+                       fxcircuits.Evaluator(cm, batch, "logit_diff", ablation=optimal).empty)

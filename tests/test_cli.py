@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fxcircuits import (Circuit, CircuitGraph, DecompositionError, EdgeScores, Evaluator, SpanCircuit,
+from fxcircuits import (Ablation, Circuit, CircuitGraph, DecompositionError, EdgeScores, Evaluator, SpanCircuit,
                         attention_patterns, attribute, attribute_by_span, cli, load_model, patch_by_position,
                         optimal_ablation, patch_inputs, patch_nodes, source_logits, tasks, trace)
 from fxcircuits.cli import main
@@ -566,7 +566,8 @@ def test_metric_and_ablation_are_chosen_saved_and_read_back(folder, tmp_path, ca
 
 def test_optimal_ablation_is_learned_once_and_read_back(folder, tmp_path, capsys, monkeypatch):
     """``--ablation optimal`` learns the values once over the task's clean prompts, for scoring and evaluating
-    both; the file records it, and ``evaluate`` learns them again (deterministic) to evaluate as the file says."""
+    both, and saves them beside the circuit; the file records both, and ``evaluate`` reads the values back where
+    they are still there, and learns them again (deterministic) where they are not."""
     learned = []
 
     def optimal(cm, reference, **options):  # fewer steps than a user's, counted
@@ -576,10 +577,11 @@ def test_optimal_ablation_is_learned_once_and_read_back(folder, tmp_path, capsys
     out = tmp_path / "circuit.json"
     assert main(["discover", *_common(folder), "--method", "eap", "--ablation", "optimal", "--edges", "10%",
                  "--out", str(out)]) == 0
-    assert "patched edges carry their optimal ablation value over the task" in capsys.readouterr().out
-    assert learned == [{"progress": False}]
+    printed = capsys.readouterr().out
+    assert "patched edges carry their optimal ablation value over the task" in printed
+    assert learned == [{"progress": False}] and str(tmp_path / "circuit.optimal.pt") in printed
     cfg = json.loads(out.read_text())["cfg"]
-    assert cfg["ablation"] == "optimal"
+    assert cfg["ablation"] == "optimal" and cfg["ablation_values"] == str(tmp_path / "circuit.optimal.pt")
 
     model, tokenizer = load_model(folder)
     cm, task = trace(model), tasks.load("ioi", tokenizer, size=8, batch_size=4)
@@ -589,9 +591,13 @@ def test_optimal_ablation_is_learned_once_and_read_back(folder, tmp_path, capsys
                                       progress=False).topn(0.1).edges
     faithfulness = Evaluator(cm, task.batches, task.metric, ablation=values).evaluate(circuit).faithfulness
     assert cfg["faithfulness"] == pytest.approx(faithfulness, abs=1e-6)
-    assert main(["evaluate", str(out), *_common(folder)]) == 0
-    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("faithfulness"))
-    assert row.split()[-1] == f"{faithfulness:.3f}" and len(learned) == 2
+    saved = Ablation.load(cfg["ablation_values"])
+    assert saved.name == "optimal" and all(torch.equal(a, b) for a, b in zip(saved.values, values.values))
+    for learns in (0, 1):
+        assert main(["evaluate", str(out), *_common(folder)]) == 0
+        row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("faithfulness"))
+        assert row.split()[-1] == f"{faithfulness:.3f}" and len(learned) == 1 + learns
+        Path(cfg["ablation_values"]).unlink(missing_ok=True)  # the second time, learned again
 
 
 def test_runs_a_call_are_given_to_attribution_and_evaluation(folder, tmp_path, monkeypatch):
