@@ -137,6 +137,7 @@ def optimal_ablation(cm: CircuitModel, reference: dict | Iterable[dict], *, loss
     prompts a constant can learn the template — SmolLM2 with one of its MLPs replaced by a constant learned on IOI
     prompts predicts them better than the model does (``bench/RESULTS.md``): information the ablation puts in
     rather than takes out.
+
     Found by Adam from the mean ablation, every node at once: ``steps`` steps, each over all of ``reference``.  A
     value moves in units of its node's spread (the root mean square of its outputs about their mean), about ``lr``
     of one a step at most, so that one ``lr`` serves heads that write 1e-3 and MLPs that write 1e2.  A call ablates
