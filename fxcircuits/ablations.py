@@ -31,14 +31,15 @@ LOSSES = ("kl", "cross-entropy")
 CALL_STREAM = 2 ** 19
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Ablation:
     """Values that every patched edge carries from its source node: ``values`` as ``CircuitModel.patched`` takes the
     other run, computed once and read by every method and evaluation given ``ablation=`` this.  ``name``: how they
-    were found (``"zero"``, ``"mean"``, ``"optimal"``); ``info``: what finding them measured."""
+    were found (``"zero"``, ``"mean"``, ``"optimal"``); ``info``: what finding them measured.  Compared by identity
+    (``==`` of lists of tensors has no one truth value)."""
     name: str
     values: list[torch.Tensor]
-    info: dict = field(default_factory=dict, compare=False)
+    info: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
         return self.name
