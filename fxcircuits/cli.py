@@ -425,8 +425,8 @@ def _found_on(info: dict) -> tuple:
 
 def _carry(ablation: str) -> str:
     return {"corrupted": "carry the corrupted prompt's values", "zero": "carry zero",
-            "mean": "carry their mean over the task", "optimal": "carry their optimal ablation value over the task"}[
-        ablation]
+            "mean": "carry their mean over the task",
+            "optimal": "carry their optimal ablation value over the task"}[ablation]
 
 
 def _task(text: str) -> str:
@@ -567,7 +567,8 @@ def _discover(args) -> int:
     _table({**_run_rows(args, task, metric, ablation, evaluator),
             "method": args.method, "circuit": f"{len(circuit)} of {len(cm.graph.edges)} edges, "
             f"{len(circuit.nodes)} nodes", "faithfulness": f"{faithfulness:.3f}{_reached(args)}",
-            "time": f"{time.perf_counter() - start:.1f} s", "saved": ", ".join([args.out, picture, *values.values()])})
+            "time": f"{time.perf_counter() - start:.1f} s",
+            "saved": ", ".join([args.out, picture, *values.values()])})
     return 0
 
 
@@ -603,8 +604,8 @@ def _discover_by_span(args, selection: str, options: dict, start: float) -> int:
         plain = scores.total().topn(min(len(circuit), len(cm.graph.edges)))  # more pairs than edges: every edge
         rows["plain circuit"] = (f"{len(plain)} edges at every token: faithfulness "
                                  f"{evaluator.evaluate(plain).faithfulness:.3f}")
-    _table({**rows, "time": f"{time.perf_counter() - start:.1f} s", "saved": ", ".join([args.out, picture,
-                                                                                         *values.values()])})
+    _table({**rows, "time": f"{time.perf_counter() - start:.1f} s",
+            "saved": ", ".join([args.out, picture, *values.values()])})
     return 0
 
 
