@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from . import heads, metrics
+from . import metrics
 from .caller import gradients
-from .data import attention_mask, batch_list, check_counts, check_prompts, served_lengths
+from .data import attention_mask, batch_list, check_counts, check_prompts, fitting_call, served_lengths
 from .model import CircuitModel
 from .patching import dense_keep
 
@@ -277,11 +277,6 @@ def _place(cm: CircuitModel, index: int, name: str) -> tuple[int, int]:
 
 
 def _per_call(cm: CircuitModel, prompts, given: int | None) -> int:
-    """Nodes ablated a call: ``given``; 32 where launches set the pace; on CPU as many as keep the call's stream
-    [nodes · batch, seq, d_model] within ``CALL_STREAM`` values, 1 to 32."""
-    if given is not None:
-        return given
-    if heads.launch_bound(cm.device):
-        return 32
+    """Nodes ablated a call (``data.fitting_call``): 32 at most, each a stream [batch, seq, d_model]."""
     stream = max(ids.numel() for ids, _ in prompts) * cm.graph.d_model
-    return max(1, min(32, CALL_STREAM // stream))
+    return fitting_call(cm.device, stream, given, cpu_stream=CALL_STREAM, most=32, accelerator=32)

@@ -21,6 +21,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from . import heads
 from .caller import warn_at_caller
 from .graph import names as name_list
 
@@ -276,6 +277,21 @@ def check_counts(**counts: int | None) -> None:
     for name, n in counts.items():
         if n is not None and not is_count(n):
             raise ValueError(f"{name} is a count, an int of at least 1; got {n!r}")
+
+
+def fitting_call(device: torch.device, stream: int, given: int | None, *, cpu_stream: int, most: int,
+                 accelerator: int) -> int:
+    """How many masks — patched runs, gradient points, ablated nodes — a call runs, when one mask's stream
+    [batch, seq, d_model] for the largest batch holds ``stream`` values: ``given`` where given; ``accelerator`` where
+    launches set the pace (``heads.launch_bound``: a call's masks ride in one batch); on CPU as many as keep the
+    call's stream within ``cpu_stream`` values, 1 to ``most``: past that the working set outgrows the caches and
+    each mask costs more."""
+    if given is not None:
+        check_counts(masks_per_call=given)
+        return given
+    if heads.launch_bound(device):
+        return accelerator
+    return max(1, min(most, cpu_stream // stream))
 
 
 def attention_mask(batch: dict) -> torch.Tensor:

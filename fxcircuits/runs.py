@@ -15,9 +15,9 @@ from typing import TypeVar
 import torch
 from tqdm.auto import tqdm
 
-from . import heads, metrics
+from . import metrics
 from .ablations import NAMES, Ablation, ablation_of
-from .data import batch_list, check_batch, check_counts, position_classes, served_lengths, to_device
+from .data import batch_list, check_batch, fitting_call, position_classes, served_lengths, to_device
 from .model import CircuitModel
 from .patching import Tap, class_keep, dense_keep
 
@@ -60,17 +60,10 @@ class Prepared:
 
 def call_size(prepared: list[Prepared], given: int | None, *, cpu_stream: int, most: int,
               accelerator: int) -> int:
-    """How many masks a patched call runs on ``prepared``: ``given`` where given; ``accelerator`` where launches
-    set the pace (``heads.launch_bound``: a call's masks ride in one batch); on CPU as many as keep the call's
-    stream [masks · batch, seq, d_model] within ``cpu_stream`` values for the largest batch, 1 to ``most``: past
-    that the working set outgrows the caches and each mask costs more."""
-    if given is not None:
-        check_counts(masks_per_call=given)
-        return given
-    if heads.launch_bound(prepared[0].input_ids.device):
-        return accelerator
+    """How many masks a patched call runs on ``prepared`` (``data.fitting_call``, for its largest batch)."""
     stream = max(p.input_ids.numel() * p.other[0].shape[-1] for p in prepared)
-    return max(1, min(most, cpu_stream // stream))
+    return fitting_call(prepared[0].input_ids.device, stream, given, cpu_stream=cpu_stream, most=most,
+                        accelerator=accelerator)
 
 
 class Calls:
