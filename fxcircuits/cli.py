@@ -1,10 +1,11 @@
-"""``fxcircuits`` on the command line: discover, evaluate, show, compare, lens, direct, attention, patch and check,
-each with ``--help``.
+"""``fxcircuits`` on the command line: discover, evaluate, show, compare, submit, lens, direct, attention, patch and
+check, each with ``--help``.
 
     fxcircuits discover --model smollm2-135m --task ioi --method eap-ig-inputs --edges 1% --out circuit.json
     fxcircuits evaluate circuit.json --model smollm2-135m --task ioi --plot curve.png
     fxcircuits show circuit.json --out circuit.svg
     fxcircuits compare eap.json eap-ig.json --out both.svg
+    fxcircuits submit ioi.json mcqa.json --out submission/
     fxcircuits lens --model smollm2-135m --task ioi --out lens.png
     fxcircuits lens circuit.json --model smollm2-135m --task ioi
     fxcircuits direct --model smollm2-135m --task ioi --out direct.png
@@ -46,7 +47,9 @@ from .activation_patching import DIRECTIONS, patch_by_position, patch_inputs, pa
 from .activation_patching import METHODS as POSITION_METHODS  # beside attribution's METHODS
 from .routes import METHOD as ROUTES
 from .runs import ABLATIONS
-from .scores import EdgeScores
+from .scores import EdgeScores, method_apart
+from .submission import FORMATS as SUBMISSION_FORMATS
+from .submission import FORMS, folder_of, save_submission, submission_notes
 from .verification import Verification, verify
 
 CIRCUIT_FILE = "circuit file, .json or .pt (fxcircuits, EAP-IG or MIB)"
@@ -89,8 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                      "decoder-only model.")
     parser.add_argument("--traceback", action="store_true", help="show where an error was raised, not just what")
     commands = parser.add_subparsers(dest="command", metavar="command")
-    for add in (_add_discover, _add_evaluate, _add_show, _add_compare, _add_lens, _add_direct, _add_attention,
-                _add_patch, _add_check):
+    for add in (_add_discover, _add_evaluate, _add_show, _add_compare, _add_submit, _add_lens, _add_direct,
+                _add_attention, _add_patch, _add_check):
         add(commands)
     return parser
 
@@ -177,6 +180,34 @@ def _add_compare(commands) -> None:
     compare.add_argument("--out", type=_picture,
                          help="picture of both, edges coloured by which holds them (.svg or .png)")
     compare.set_defaults(run=_compare)
+
+
+def _add_submit(commands) -> None:
+    """``fxcircuits submit``: saved circuits' scores laid out as a MIB leaderboard submission."""
+    submit = commands.add_parser("submit", help="lay saved circuits' scores out as a MIB leaderboard submission",
+                                 description="Lay the scores of saved circuits out as the MIB leaderboard's circuit "
+                                 "track reads them: a folder per task and model (ioi_gpt2, mcqa_qwen2.5), holding "
+                                 "every edge's score in one file, which the leaderboard ranks itself, or with --form "
+                                 "circuits nine circuits of at most 0.1% … 50% of the edges, cut as --selection cuts "
+                                 "them.  Names each folder from the task and model the file records, and says what "
+                                 "the leaderboard would skip.")
+    submit.add_argument("circuits", nargs="+", metavar="circuit", help=f"{CIRCUIT_FILE}, with scores (as discover "
+                        "saves them); one per task and model")
+    submit.add_argument("--out", required=True, help="the submission's folder (made if missing); each file's task "
+                        "and model get a folder in it")
+    submit.add_argument("--form", choices=FORMS, default="importances", help="importances: every edge's score in "
+                        "one file (default); circuits: nine circuits, each as --selection cuts it")
+    submit.add_argument("--selection", choices=("topn", "greedy"), help="with --form circuits, how each is cut "
+                        "from the scores: the best edges, or grown greedily from the logits (default: as MIB cuts "
+                        "the method: greedy for information-flow-routes, else topn)")
+    submit.add_argument("--signed", action="store_true", help="with --form circuits, rank by signed score (what "
+                        "CPR ranks by) rather than |score| (CMD's)")
+    submit.add_argument("--format", choices=SUBMISSION_FORMATS, default="pt", help="file format (default pt, as "
+                        "MIB's scripts write them)")
+    submit.add_argument("--task", help="MIB's name of the task, for the folder (default: the one the file records)")
+    submit.add_argument("--model", help="MIB's name of the model, for the folder (gpt2, qwen2.5, gemma2, llama3, "
+                        "interpbench; default: the one the file records)")
+    submit.set_defaults(run=_submit)
 
 
 def _add_lens(commands) -> None:
@@ -837,6 +868,40 @@ def _compare(args) -> int:
         draw_comparison(first, second, args.out, labels=labels)
         print(f"picture → {args.out}")
     return 0
+
+
+def _submit(args) -> int:
+    if args.form == "importances" and (args.selection or args.signed):
+        raise SystemExit("--selection and --signed cut --form circuits; importances hold every score, which the "
+                         "leaderboard ranks itself")
+    scores = [_scores_of(path) for path in args.circuits]
+    names = {}
+    for path, s in zip(args.circuits, scores):  # every folder named before any is written
+        name = folder_of(s, args.task, args.model)
+        if name in names:
+            raise SystemExit(f"{names[name]} and {path} both go to {name}: a folder holds one task on one model")
+        names[name] = path
+    options = {"form": args.form, "format": args.format}
+    if args.form == "circuits":
+        options.update(selection=args.selection, absolute=not args.signed)
+    rows = {}
+    for path, s in zip(args.circuits, scores):
+        folder = save_submission(s, args.out, task=args.task, model=args.model, **options)
+        files = sorted(p.name for p in folder.iterdir())
+        rows[path] = f"{folder}: {files[0] if len(files) == 1 else f'{len(files)} circuits'}"
+    _table(rows)
+    for note in submission_notes(args.out):
+        print(f"note: {note}")
+    return 0
+
+
+def _scores_of(path: str) -> EdgeScores:
+    """The edge scores a saved circuit holds, refused where it holds none."""
+    circuit = _plain_circuit(path, "submit")
+    if circuit.scores is None:
+        raise SystemExit(f"{path} holds a circuit without scores, and a MIB submission is cut from every edge's "
+                         "score: submit the file discover saves")
+    return EdgeScores(circuit.graph, circuit.scores, *method_apart(circuit.info))
 
 
 def _recorded(info: dict) -> list[str]:

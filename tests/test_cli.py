@@ -27,8 +27,8 @@ def _common(folder):
     return ["--model", folder, "--task", "ioi", "--size", "8", "--batch-size", "4", "--no-progress"]
 
 
-@pytest.mark.parametrize("command", ["discover", "evaluate", "show", "compare", "lens", "direct", "attention",
-                                     "patch", "check"])
+@pytest.mark.parametrize("command", ["discover", "evaluate", "show", "compare", "submit", "lens", "direct",
+                                     "attention", "patch", "check"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -269,6 +269,43 @@ def test_direct_lists_the_largest_shares_and_what_they_add_up_to(folder, tmp_pat
     some, account = accounts()
     assert set(some) == {"m0", "a1.h0"} and "the 2 nodes read" in account
     assert account["the 2 nodes read"] + account["the other nodes"] == pytest.approx(read, abs=2e-3)
+
+
+def test_submit_lays_saved_scores_out_for_mib_and_says_what_it_would_skip(tmp_path, capsys):
+    """Each file's scores in the folder of the task and model it records (or the ones named), as importances or
+    nine circuits; what the leaderboard would skip is noted, what cannot be submitted refused."""
+    graph = CircuitGraph.from_config({"n_layers": 2, "n_heads": 2, "parallel_attn_mlp": False, "d_model": 8})
+    scores = EdgeScores(graph, torch.randn(len(graph.edges), generator=torch.Generator().manual_seed(0)), "eap",
+                        {"task": "ioi", "model": "openai-community/gpt2"})
+    scores.topn(12).save(tmp_path / "ioi.json")
+    scores.topn(12).save(tmp_path / "mcqa.pt", task="mcqa", model="/models/Qwen2.5-0.5B")
+    out = tmp_path / "submission"
+    assert main(["submit", str(tmp_path / "ioi.json"), str(tmp_path / "mcqa.pt"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{tmp_path / 'ioi.json'}  {out / 'ioi_gpt2'}: importances.pt" in printed and "note" not in printed
+    assert torch.equal(EdgeScores.load(out / "mcqa_qwen2.5" / "importances.pt").tensor, scores.tensor)
+
+    assert main(["submit", str(tmp_path / "ioi.json"), "--out", str(tmp_path / "nine"), "--form", "circuits",
+                 "--signed", "--selection", "greedy", "--model", "smollm2-135m"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{tmp_path / 'nine' / 'ioi_smollm2-135m'}: 9 circuits" in printed
+    assert "note: ioi_smollm2-135m: the leaderboard evaluates no ioi on smollm2-135m and skips it" in printed
+    assert "note: MIB takes submissions for two tasks at least; this one has 0" in printed
+    circuit = Circuit.load(tmp_path / "nine" / "ioi_smollm2-135m" / "edges_50pct.pt")
+    assert circuit.edges == scores.greedy(0.5, absolute=False).edges
+
+    with pytest.raises(SystemExit, match="--selection and --signed cut --form circuits"):
+        main(["submit", str(tmp_path / "ioi.json"), "--out", str(out), "--signed"])
+    with pytest.raises(SystemExit, match="ioi.json and .*ioi.json both go to ioi_gpt2: a folder holds one task on "
+                                         "one model"):
+        main(["submit", str(tmp_path / "ioi.json"), str(tmp_path / "ioi.json"), "--out", str(tmp_path / "twice")])
+    Circuit(graph, graph.edges[:3]).save(tmp_path / "bare.json", task="ioi", model="gpt2")
+    with pytest.raises(SystemExit, match="bare.json holds a circuit without scores"):
+        main(["submit", str(tmp_path / "bare.json"), "--out", str(out)])
+    with pytest.raises(SystemExit) as refused:
+        main(["submit", str(tmp_path / "ioi.json"), "--out", str(out), "--form", "circuits"])
+    assert refused.value.code == 1
+    assert "ioi_gpt2 already holds importances.pt" in capsys.readouterr().err
 
 
 def test_compare_prints_what_two_circuits_share_and_draws_both(tmp_path, capsys):
