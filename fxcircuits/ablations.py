@@ -12,6 +12,7 @@ run (``CircuitModel.patched``): per writer group [n, 1, 1, d_model], then per si
 """
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -55,8 +56,15 @@ class Ablation:
 
     @classmethod
     def load(cls, path) -> Ablation:
-        """Values ``save`` wrote, on the CPU; a patched run moves them to the model's device."""
-        saved = torch.load(path, weights_only=True)
+        """Values ``save`` wrote, on the CPU; a patched run moves them to the model's device.  Any other file is
+        refused by name (a circuit's ``.pt`` loads too, as a dict of other keys)."""
+        try:
+            saved = torch.load(path, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+            raise ValueError(f"{path} is no file torch.save wrote: Ablation.save writes ablation values") from error
+        if not isinstance(saved, dict) or not {"name", "values", "info"} <= saved.keys():
+            raise ValueError(f"{path} holds no ablation values: Ablation.save writes them (discover saves optimal "
+                             "ones beside the circuit, as <out>.optimal.pt)")
         return cls(saved["name"], saved["values"], saved["info"])
 
     def check(self, cm: CircuitModel) -> None:

@@ -300,6 +300,7 @@ def _add_patch(commands) -> None:
                        "becomes — the corrupted prompt's, zero, its mean over the task's clean prompts, or its "
                        "optimal ablation value there (the constant that keeps the model's predictions closest to its "
                        "own; default: corrupted)")
+    _value_options(patch)
     patch.add_argument("--per-call", type=_positive, help="patched runs (exact) or integration points "
                        "(attribution-ig) per call (default: 16 by position; by node, what fits the device best)")
     patch.add_argument("--out", type=_picture, help="heatmap of the fractions, rows × tokens or spans, or layers × "
@@ -359,6 +360,18 @@ def _patching_options(parser: argparse.ArgumentParser, recorded: bool = False) -
                         f"its own, learned first; default: {first}corrupted)")
     parser.add_argument("--per-call", type=_positive, help="patched runs or gradient points a call (default: what "
                         "the device runs fastest; fewer from a call on that runs out of an accelerator's memory)")
+    _value_options(parser)
+
+
+def _value_options(parser: argparse.ArgumentParser) -> None:
+    """``--ablation-values`` and ``--optimal-steps``: ablation values computed before, or how long to learn them."""
+    parser.add_argument("--ablation-values", type=_values_file, metavar="FILE", help="ablation values computed "
+                        "before (Ablation.save; discover saves optimal ones beside the circuit, <out>.optimal.pt), "
+                        "patched in instead of computing them again (optimal ones learned on a GPU, say); "
+                        "--ablation is then their kind")
+    parser.add_argument("--optimal-steps", type=_positive, help="Adam steps that learn --ablation optimal (default "
+                        "100; a step costs about a forward and backward pass per node: on two CPU cores, about 2 "
+                        "minutes for SmolLM2 on 8 prompts)")
 
 
 def _patching(args, cm, task, recorded: dict) -> tuple[str, str, dict]:
@@ -369,24 +382,45 @@ def _patching(args, cm, task, recorded: dict) -> tuple[str, str, dict]:
     same_task = recorded.get("task") is None or _found_on(recorded) == _found_on(_task_info(args, task))
     metric = args.metric or (recorded.get("metric") if same_task else None)
     metric = metric if metric in metrics_.METRICS else metrics_.name_of(task.metric)
-    ablation = args.ablation or recorded.get("ablation")
-    ablation = ablation if ablation in ABLATIONS else "corrupted"
+    ablation = _ablation_name(args, recorded.get("ablation"))
     values = _recorded_values(args, recorded, ablation, same_task) or _ablation(args, cm, task, ablation)
     return metric, ablation, {"ablation": values, "masks_per_call": args.per_call}
 
 
+def _ablation_name(args, recorded: str | None) -> str:
+    """The ablation a command patches with: ``--ablation``, else the kind of ``--ablation-values``, else the one a
+    circuit file ``recorded``, else the corrupted prompt; options that contradict it refused."""
+    given = args.ablation_values
+    if given is not None and args.ablation not in (None, given.name):
+        raise SystemExit(f"--ablation-values holds {given.name} ablation values, and --ablation asks for "
+                         f"{args.ablation}: leave one out")
+    name = args.ablation or (given.name if given is not None else None) or recorded
+    name = name if name in ABLATIONS else "corrupted"
+    if args.optimal_steps is not None and (name != "optimal" or given is not None):
+        raise SystemExit("--optimal-steps sets how long optimal ablation values are learned, and this command "
+                         + ("reads them from --ablation-values" if given is not None else f"patches with {name}")
+                         + ": leave it out")
+    return name
+
+
 def _ablation(args, cm, task, ablation: str) -> str | Ablation:
-    """``ablation`` as the library takes it: by name, or where it is computed over the task, its values."""
+    """``ablation`` as the library takes it: the values given (``--ablation-values``), by name, or where it is
+    computed over the task, its values."""
+    if args.ablation_values is not None:
+        return args.ablation_values
     if ablation == "optimal":
-        return optimal_ablation(cm, task.batches, progress=not args.no_progress)
+        steps = {} if args.optimal_steps is None else {"steps": args.optimal_steps}
+        return optimal_ablation(cm, task.batches, progress=not args.no_progress, **steps)
     return mean_ablation(cm, task.batches) if ablation == "mean" else ablation
 
 
 def _recorded_values(args, recorded: dict, ablation: str, same_task: bool) -> Ablation | None:
     """The optimal ablation values discovery learned and saved beside the circuit (``ablation_values`` in its
-    file), where they are what the command would learn again — on the same model and task — and still there."""
+    file), where they are what the command would learn again — on the same model and task, with no other values
+    or steps given — and still there."""
     saved = recorded.get("ablation_values")
-    if ablation != "optimal" or saved is None or not same_task or recorded.get("model") != _model_info(args):
+    if (ablation != "optimal" or saved is None or not same_task or recorded.get("model") != _model_info(args)
+            or args.ablation_values is not None or args.optimal_steps is not None):
         return None
     return Ablation.load(saved) if Path(saved).is_file() else None
 
@@ -531,6 +565,14 @@ def _circuit_path(text: str) -> str:
     if Path(text).suffix.lower() not in FORMATS:
         raise argparse.ArgumentTypeError(f"{text!r}: a circuit file ends in {' or '.join(FORMATS)}")
     return _in_a_folder(text)
+
+
+def _values_file(text: str) -> Ablation:
+    """Ablation values a file holds (``Ablation.load``), read before the model loads."""
+    try:
+        return Ablation.load(text)
+    except (OSError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _picture(text: str) -> str:
@@ -1105,8 +1147,9 @@ def _patch(args) -> int:
     nodes = _read_nodes(args)
     if args.all_positions and args.spans is not None:
         raise SystemExit("--all-positions patches every token at once: leave out --spans")
-    if args.ablation and not args.all_positions:
-        raise SystemExit("--ablation knocks nodes out at every token: add --all-positions")
+    if (args.ablation or args.ablation_values or args.optimal_steps) and not args.all_positions:
+        raise SystemExit("--ablation, --ablation-values and --optimal-steps knock nodes out at every token: add "
+                         "--all-positions")
     if args.inputs and (args.nodes or (args.circuit and args.inputs != "all")):
         raise SystemExit("--inputs patches inputs, not nodes: leave out --nodes (with a circuit, a bare --inputs "
                          "patches the inputs its edges enter)")
@@ -1119,7 +1162,7 @@ def _patch(args) -> int:
     if args.per_call is not None and args.method == "attribution":
         raise SystemExit("--per-call counts the patched runs of --method exact or the points of attribution-ig; "
                          "attribution takes one backward pass: leave it out")
-    if args.ablation == "zero" and args.method == "attribution-ig":
+    if _ablation_name(args, None) == "zero" and args.method == "attribution-ig":
         raise SystemExit("--method attribution-ig integrates from the other run's input, all zero under --ablation "
                          "zero, where the norms' gradients blow up: use --method attribution or exact, or --ablation "
                          "mean")
@@ -1188,7 +1231,7 @@ def _read_inputs(args, nodes: Circuit | list[str] | None, graph: CircuitGraph) -
 def _patch_everywhere(args, cm, task, metric, units: dict, how: str, sweep: dict) -> int:
     """``patch --all-positions``: each node (``units``: ``nodes`` and ``receivers``) or input (``inputs``) patched
     at every token, over the whole task."""
-    ablation = args.ablation or "corrupted"
+    ablation = _ablation_name(args, None)
     if "inputs" in units:
         patch, what, patched = patch_inputs, "input", "input"
     else:

@@ -200,3 +200,9 @@ def test_values_saved_and_loaded_patch_alike(traced, tmp_path):
              "incorrect": torch.tensor([[7], [1], [2]])}
     assert torch.equal(fxcircuits.Evaluator(cm, batch, "logit_diff", ablation=loaded).empty,
                        fxcircuits.Evaluator(cm, batch, "logit_diff", ablation=optimal).empty)
+    fxcircuits.Circuit(cm.graph, cm.graph.edges[:2]).save(tmp_path / "circuit.pt")
+    with pytest.raises(ValueError, match="circuit.pt holds no ablation values: Ablation.save writes them"):
+        Ablation.load(tmp_path / "circuit.pt")
+    (tmp_path / "text.pt").write_text("{}")
+    with pytest.raises(ValueError, match="text.pt is no file torch.save wrote: Ablation.save writes ablation values"):
+        Ablation.load(tmp_path / "text.pt")

@@ -637,6 +637,57 @@ def test_optimal_ablation_is_learned_once_and_read_back(folder, tmp_path, capsys
         Path(cfg["ablation_values"]).unlink(missing_ok=True)  # the second time, learned again
 
 
+def test_ablation_values_given_are_patched_in_and_optimal_steps_set_the_learning(folder, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """``--ablation-values`` patches values computed before (their kind the ablation) in discover, evaluate and
+    patch, learning nothing; ``--optimal-steps`` sets optimal ablation's steps; contradictions are refused."""
+    model, tokenizer = load_model(folder)
+    cm, task = trace(model), tasks.load("ioi", tokenizer, size=8, batch_size=4)
+    values = optimal_ablation(cm, task.batches, steps=2, progress=False)
+    values.save(tmp_path / "values.pt")
+    learned = []
+
+    def optimal(cm, reference, **options):
+        learned.append(options)
+        return optimal_ablation(cm, reference, **options)
+    monkeypatch.setattr(cli, "optimal_ablation", optimal)
+    out = tmp_path / "circuit.json"
+    assert main(["discover", *_common(folder), "--method", "eap", "--edges", "10%", "--ablation-values",
+                 str(tmp_path / "values.pt"), "--out", str(out)]) == 0
+    assert "patched edges carry their optimal ablation value over the task" in capsys.readouterr().out
+    assert learned == [] and json.loads(out.read_text())["cfg"]["ablation"] == "optimal"
+    expected = attribute(cm, task.batches, task.metric, "eap", ablation=values, progress=False).topn(0.1)
+    assert Circuit.from_json(out).edges == expected.edges
+    assert main(["evaluate", str(out), *_common(folder), "--ablation-values", str(tmp_path / "values.pt")]) == 0
+    faithfulness = Evaluator(cm, task.batches, task.metric, ablation=values).evaluate(expected).faithfulness
+    assert f"faithfulness  {faithfulness:.3f}" in capsys.readouterr().out and learned == []
+    assert main(["patch", *_common(folder), "--all-positions", "--nodes", "a0.h0,m1", "--ablation-values",
+                 str(tmp_path / "values.pt")]) == 0
+    assert "optimal ablation" in capsys.readouterr().out and learned == []
+
+    assert main(["evaluate", str(out), *_common(folder), "--optimal-steps", "2"]) == 0  # learned again, 2 steps
+    assert learned == [{"progress": False, "steps": 2}]
+
+    for options, refusal in (
+            (["--ablation", "mean", "--ablation-values", str(tmp_path / "values.pt")],
+             "--ablation-values holds optimal ablation values, and --ablation asks for mean: leave one out"),
+            (["--optimal-steps", "3"], "--optimal-steps sets how long optimal ablation values are learned, and this "
+                                       "command patches with corrupted: leave it out"),
+            (["--optimal-steps", "3", "--ablation-values", str(tmp_path / "values.pt")],
+             "this command reads them from --ablation-values")):
+        with pytest.raises(SystemExit, match=re.escape(refusal)):
+            main(["discover", *_common(folder), "--method", "eap", *options, "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="add --all-positions"):
+        main(["patch", *_common(folder), "--ablation-values", str(tmp_path / "values.pt")])
+    with pytest.raises(SystemExit) as refused:
+        main(["evaluate", str(out), *_common(folder), "--ablation-values", str(out)])
+    assert refused.value.code == 2 and "is no file torch.save wrote" in capsys.readouterr().err
+    Ablation("optimal", [torch.zeros(1, 1, 1, 3)]).save(tmp_path / "other.pt")
+    with pytest.raises(SystemExit) as refused:
+        main(["evaluate", str(out), *_common(folder), "--ablation-values", str(tmp_path / "other.pt")])
+    assert refused.value.code == 1 and "it was found for another model" in capsys.readouterr().err
+
+
 def test_runs_a_call_are_given_to_attribution_and_evaluation(folder, tmp_path, monkeypatch):
     """``--per-call`` sets how many runs a call both ``attribute`` and the ``Evaluator`` start at (EAP then takes
     its one point); without it each sizes its calls itself."""
