@@ -383,7 +383,8 @@ def _patching(args, cm, task, recorded: dict) -> tuple[str, str, dict]:
     metric = args.metric or (recorded.get("metric") if same_task else None)
     metric = metric if metric in metrics_.METRICS else metrics_.name_of(task.metric)
     ablation = _ablation_name(args, recorded.get("ablation"))
-    values = _recorded_values(args, recorded, ablation, same_task) or _ablation(args, cm, task, ablation)
+    values = (_recorded_values(args, recorded, ablation, same_task)
+              or _ablation(args, cm, task, ablation, recorded.get("optimal_steps")))
     return metric, ablation, {"ablation": values, "masks_per_call": args.per_call}
 
 
@@ -403,14 +404,16 @@ def _ablation_name(args, recorded: str | None) -> str:
     return name
 
 
-def _ablation(args, cm, task, ablation: str) -> str | Ablation:
+def _ablation(args, cm, task, ablation: str, recorded_steps: int | None = None) -> str | Ablation:
     """``ablation`` as the library takes it: the values given (``--ablation-values``), by name, or where it is
-    computed over the task, its values."""
+    computed over the task, its values; optimal ones learned for ``--optimal-steps``, else the steps a circuit file
+    ``recorded``, else the library's default."""
     if args.ablation_values is not None:
         return args.ablation_values
     if ablation == "optimal":
-        steps = {} if args.optimal_steps is None else {"steps": args.optimal_steps}
-        return optimal_ablation(cm, task.batches, progress=not args.no_progress, **steps)
+        steps = args.optimal_steps or recorded_steps
+        return optimal_ablation(cm, task.batches, progress=not args.no_progress,
+                                **({} if steps is None else {"steps": steps}))
     return mean_ablation(cm, task.batches) if ablation == "mean" else ablation
 
 
@@ -433,7 +436,7 @@ def _saved_values(args, patching: dict) -> dict:
         return {}
     path = Path(args.out).with_suffix(".optimal.pt").resolve()
     values.save(path)
-    return {"ablation_values": str(path)}
+    return {"ablation_values": str(path), "optimal_steps": values.info.get("steps")}
 
 
 def _setup(args, recorded: dict | None = None):
@@ -641,7 +644,7 @@ def _discover(args) -> int:
             "method": args.method, "circuit": f"{len(circuit)} of {len(cm.graph.edges)} edges, "
             f"{len(circuit.nodes)} nodes", "faithfulness": f"{faithfulness:.3f}{_reached(args)}",
             "time": f"{time.perf_counter() - start:.1f} s",
-            "saved": ", ".join([args.out, picture, *values.values()])})
+            "saved": ", ".join(p for p in (args.out, picture, values.get("ablation_values")) if p)})
     return 0
 
 
@@ -678,7 +681,7 @@ def _discover_by_span(args, selection: str, options: dict, start: float) -> int:
         rows["plain circuit"] = (f"{len(plain)} edges at every token: faithfulness "
                                  f"{evaluator.evaluate(plain).faithfulness:.3f}")
     _table({**rows, "time": f"{time.perf_counter() - start:.1f} s",
-            "saved": ", ".join([args.out, picture, *values.values()])})
+            "saved": ", ".join(p for p in (args.out, picture, values.get("ablation_values")) if p)})
     return 0
 
 

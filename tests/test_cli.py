@@ -667,6 +667,16 @@ def test_ablation_values_given_are_patched_in_and_optimal_steps_set_the_learning
 
     assert main(["evaluate", str(out), *_common(folder), "--optimal-steps", "2"]) == 0  # learned again, 2 steps
     assert learned == [{"progress": False, "steps": 2}]
+    learned.clear()
+    assert main(["discover", *_common(folder), "--method", "eap", "--edges", "10%", "--ablation", "optimal",
+                 "--optimal-steps", "2", "--out", str(out)]) == 0
+    cfg = json.loads(out.read_text())["cfg"]
+    assert learned == [{"progress": False, "steps": 2}] and cfg["optimal_steps"] == 2
+    assert Circuit.from_json(out).edges == expected.edges  # values learned as those given above were
+    Path(cfg["ablation_values"]).unlink()
+    assert main(["evaluate", str(out), *_common(folder)]) == 0  # learned again as the file records
+    assert learned[1:] == [{"progress": False, "steps": 2}]
+    capsys.readouterr()
 
     for options, refusal in (
             (["--ablation", "mean", "--ablation-values", str(tmp_path / "values.pt")],
