@@ -8,7 +8,9 @@ Zero ablation sends zeros; mean ablation each node's mean output over a referenc
 Janson 2024, "Optimal ablation for interpretability"; MIB's "EAP (optimal ablation)" baseline) the constant that,
 sent in place of that node's output alone at every token, keeps the model's loss on the reference prompts lowest.
 Each is a constant per node, the same at every position and in every prompt, held as the patcher takes the other
-run (``CircuitModel.patched``): per writer group [n, 1, 1, d_model], then per side input [1, 1, 1, …].
+run (``CircuitModel.patched``): per writer group [n, 1, 1, d_model], then per side input [1, 1, 1, …].  Positional
+mean ablation (EAP-IG's and MIB's ``mean-positional``) is the mean at each position over prompts of one length,
+[n, 1, seq, d_model]: it serves prompts of that length alone.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from .data import attention_mask, batch_list, check_counts, check_prompts, fitti
 from .model import CircuitModel
 from .patching import dense_keep
 
-NAMES = ("zero", "mean", "optimal")
+NAMES = ("zero", "mean", "mean-positional", "optimal")
 LOSSES = ("kl", "cross-entropy")
 # Nodes ablated a call on CPU while learning optimal values: a call's stream bound, as for gradient points
 # (``attribution.POINTS_CALL_STREAM``), since each such run is differentiated too.
@@ -45,10 +47,17 @@ class Ablation:
     def __str__(self) -> str:
         return self.name
 
+    @property
+    def length(self) -> int | None:
+        """The prompt length positional values serve (their seq axis); None for constants, which serve any."""
+        seq = self.values[0].shape[2]
+        return None if seq == 1 and self.name != "mean-positional" else seq
+
     def node(self, cm: CircuitModel, name: str) -> torch.Tensor:
-        """The value node ``name`` (``cm.graph.upstream``) sends, [d_model]."""
+        """The value node ``name`` (``cm.graph.upstream``) sends, [d_model]; positional ones, [seq, d_model]."""
         group, row = _place(cm, cm.graph.upstream.index(name) if name in cm.graph.upstream else -1, name)
-        return self.values[group][row].reshape(-1)
+        value = self.values[group][row, 0]
+        return value[0] if self.length is None else value
 
     def save(self, path) -> None:
         """Write the values and ``info`` (``torch.save``): optimal ones take long to learn, and serve again."""
@@ -69,13 +78,24 @@ class Ablation:
 
     def check(self, cm: CircuitModel) -> None:
         """Refuse values whose shapes are not ``cm``'s: found for another model, they would patch the wrong nodes."""
-        wanted = ([(n, 1, 1, cm.graph.d_model) for n in cm.graph.group_sizes]
-                  + [(1, 1, 1, *shape) for shape in cm.side_shapes])
+        seq = self.length or 1
+        wanted = ([(n, 1, seq, cm.graph.d_model) for n in cm.graph.group_sizes]
+                  + [(1, 1, seq, *shape) for shape in cm.side_shapes])
         given = [tuple(v.shape) for v in self.values]
         if given != wanted:
             raise ValueError(f"this {self.name} ablation holds values shaped {given[:3]}… ({len(given)} tensors), "
                              f"and {cm.model_name} takes {wanted[:3]}… ({len(wanted)}): it was found for another "
                              "model; compute it for this one")
+
+    def check_prompts(self, attention_mask: torch.Tensor) -> None:
+        """Refuse prompts that positional values do not serve: another length, or padded (a padded prompt's tokens
+        are not at the positions the means were taken at)."""
+        if self.length is None:
+            return
+        if attention_mask.shape[1] != self.length or not attention_mask.all():
+            raise ValueError(f"positional mean ablation holds a mean for each of {self.length} positions, and a batch "
+                             f"holds {_lengths(attention_mask)}: it serves unpadded prompts of {self.length} tokens "
+                             "alone (prompts of one template), or use mean ablation")
 
 
 def ablation_of(cm: CircuitModel, ablation: str | Ablation, reference: Iterable[dict] | None) -> Ablation | None:
@@ -89,7 +109,7 @@ def ablation_of(cm: CircuitModel, ablation: str | Ablation, reference: Iterable[
     if ablation not in ("corrupted",) + NAMES:
         raise ValueError(f"unknown ablation {ablation!r}; choose one of corrupted, {', '.join(NAMES)}, or pass "
                          "values (fxcircuits.optimal_ablation(cm, batches), mean_ablation)")
-    if reference is not None and ablation not in ("mean", "optimal"):
+    if reference is not None and ablation not in ("mean", "mean-positional", "optimal"):
         raise ValueError(f"reference= is the data mean and optimal ablation are computed over, and {ablation} "
                          "ablation does not read it: drop it, or pass ablation='mean' or 'optimal'")
     if ablation == "corrupted":
@@ -98,7 +118,9 @@ def ablation_of(cm: CircuitModel, ablation: str | Ablation, reference: Iterable[
         return zero_ablation(cm)
     if reference is None:
         raise ValueError(f"ablation={ablation!r} is computed over a reference dataset: pass reference=batches")
-    return mean_ablation(cm, reference) if ablation == "mean" else optimal_ablation(cm, reference)
+    if ablation == "optimal":
+        return optimal_ablation(cm, reference)
+    return mean_ablation(cm, reference, positional=ablation == "mean-positional")
 
 
 def zero_ablation(cm: CircuitModel) -> Ablation:
@@ -108,10 +130,39 @@ def zero_ablation(cm: CircuitModel) -> Ablation:
     return Ablation("zero", groups + [torch.zeros(1, 1, 1, *shape, dtype=wide) for shape in cm.side_shapes])
 
 
-def mean_ablation(cm: CircuitModel, reference: dict | Iterable[dict]) -> Ablation:
+def mean_ablation(cm: CircuitModel, reference: dict | Iterable[dict], positional: bool = False) -> Ablation:
     """Every node's output and every side input averaged over the real tokens of ``reference``'s clean prompts, in
-    float32 or the model's wider dtype."""
-    return _mean(cm, _prompts(cm, reference))
+    float32 or the model's wider dtype.  ``positional``: averaged at each position apart, over prompts that must
+    all be of one length and unpadded (EAP-IG's ``mean-positional``: a task's template puts each role at one
+    position), [n, 1, seq, d_model]; it then serves prompts of that length alone (``Ablation.check_prompts``)."""
+    prompts = _prompts(cm, reference)
+    return _positional_mean(cm, prompts) if positional else _mean(cm, prompts)
+
+
+def _positional_mean(cm: CircuitModel, prompts: list[tuple[torch.Tensor, torch.Tensor]]) -> Ablation:
+    """``mean_ablation(positional=True)`` over prompts already checked."""
+    lengths = sorted({mask.shape[1] for _, mask in prompts})
+    masks = torch.cat([mask for _, mask in prompts if mask.shape[1] == lengths[-1]])
+    if len(lengths) > 1 or not masks.all():
+        found = (f"batches of {', '.join(map(str, lengths))} tokens" if len(lengths) > 1
+                 else f"padded {_lengths(masks)}")
+        raise ValueError(f"positional mean ablation averages each position over prompts of one length, and the "
+                         f"reference holds {found}: give unpadded prompts of one template's length, or use mean "
+                         "ablation")
+    with torch.no_grad():
+        sums = None
+        for ids, mask in prompts:
+            batch_sums = [metrics.wide(v).sum(1, keepdim=True) for v in cm.recording(ids, mask)[0]]
+            sums = batch_sums if sums is None else [t + s for t, s in zip(sums, batch_sums)]
+    count = sum(len(ids) for ids, _ in prompts)
+    return Ablation("mean-positional", [t / count for t in sums], {"prompts": count})
+
+
+def _lengths(attention_mask: torch.Tensor) -> str:
+    """How long the prompts of a batch's ``attention_mask`` are, in real tokens: "prompts of 12 to 17 tokens"."""
+    real = attention_mask.sum(1)
+    low, high = int(real.min()), int(real.max())
+    return f"prompts of {low} tokens" if low == high else f"prompts of {low} to {high} tokens"
 
 
 def _mean(cm: CircuitModel, prompts: list[tuple[torch.Tensor, torch.Tensor]]) -> Ablation:

@@ -21,9 +21,10 @@ metric(clean with e patched).  Every method drives the same patcher (``CircuitMo
   in the clean run (``fxcircuits.routes``), with no metric and no other run.
 
 The other run is the corrupted prompt (``ablation="corrupted"``), zeros (``"zero"``), the mean activation over
-``reference`` batches (``"mean"``), each node's optimal ablation constant learned over them (``"optimal"``), or
-values computed once (``fxcircuits.ablations``).  ``fxcircuits.attribute_by_span`` runs the same methods over masks per class
-of positions, [classes, E] (``scored``): a plain run is the one class of the whole prompt.
+``reference`` batches (``"mean"``; at each position, ``"mean-positional"``), each node's optimal ablation constant
+learned over them (``"optimal"``), or values computed once (``fxcircuits.ablations``).
+``fxcircuits.attribute_by_span`` runs the same methods over masks per class of positions, [classes, E]
+(``scored``): a plain run is the one class of the whole prompt.
 """
 from __future__ import annotations
 

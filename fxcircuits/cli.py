@@ -297,7 +297,8 @@ def _add_patch(commands) -> None:
                        "left as they are (path patching: which heads move the name movers' queries), e.g. "
                        "'a23.h3<q>,a23.h0<q>'")
     patch.add_argument("--ablation", choices=ABLATIONS, help="with --all-positions: what a patched node's output "
-                       "becomes — the corrupted prompt's, zero, its mean over the task's clean prompts, or its "
+                       "becomes — the corrupted prompt's, zero, its mean over the task's clean prompts (at each "
+                       "position apart: mean-positional, for prompts of one length), or its "
                        "optimal ablation value there (the constant that keeps the model's predictions closest to its "
                        "own; default: corrupted)")
     _value_options(patch)
@@ -355,7 +356,8 @@ def _patching_options(parser: argparse.ArgumentParser, recorded: bool = False) -
     parser.add_argument("--metric", choices=sorted(metrics_.METRICS),
                         help=f"what scores the task (default: {first}the task's)")
     parser.add_argument("--ablation", choices=ABLATIONS, help="what a patched edge carries instead: the corrupted "
-                        "prompt's value, zero, the node's mean output over the task's clean prompts, or its "
+                        "prompt's value, zero, the node's mean output over the task's clean prompts (at each "
+                        "position apart: mean-positional, for prompts of one length), or its "
                         "optimal ablation value there (the constant that keeps the model's predictions closest to "
                         f"its own, learned first; default: {first}corrupted)")
     parser.add_argument("--per-call", type=_positive, help="patched runs or gradient points a call (default: what "
@@ -414,7 +416,9 @@ def _ablation(args, cm, task, ablation: str, recorded_steps: int | None = None) 
         steps = args.optimal_steps or recorded_steps
         return optimal_ablation(cm, task.batches, progress=not args.no_progress,
                                 **({} if steps is None else {"steps": steps}))
-    return mean_ablation(cm, task.batches) if ablation == "mean" else ablation
+    if ablation in ("mean", "mean-positional"):
+        return mean_ablation(cm, task.batches, positional=ablation == "mean-positional")
+    return ablation
 
 
 def _recorded_values(args, recorded: dict, ablation: str, same_task: bool) -> Ablation | None:
@@ -494,6 +498,7 @@ def _found_on(info: dict) -> tuple:
 def _carry(ablation: str) -> str:
     return {"corrupted": "carry the corrupted prompt's values", "zero": "carry zero",
             "mean": "carry their mean over the task",
+            "mean-positional": "carry their mean at each position over the task",
             "optimal": "carry their optimal ablation value over the task"}[ablation]
 
 
@@ -1242,6 +1247,7 @@ def _patch_everywhere(args, cm, task, metric, units: dict, how: str, sweep: dict
     effects = patch(cm, task.batches, metric, **units, **sweep, ablation=_ablation(args, cm, task, ablation))
     other = {"corrupted": "on the corrupted ones", "zero": f"with every {patched} zero",
              "mean": f"with every {patched} at its mean",
+             "mean-positional": f"with every {patched} at its mean at each position",
              "optimal": f"with every {patched} at its optimal ablation value"}[ablation]
     how = how if ablation == "corrupted" else f"{how}, {ablation} ablation"
     print(f"{len(task.examples)} examples; {metrics_.name_of(metric)}: {float(effects.clean.mean()):+.3f} on "

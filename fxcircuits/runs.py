@@ -130,6 +130,7 @@ def _prepare(cm: CircuitModel, batch: dict, metric, values: Ablation | None) -> 
         if values is None:
             other, recorded = cm.recording(batch["corrupted"], mask)
         else:
+            values.check_prompts(mask)
             other = [v.to(cm.device, cm.dtype) for v in values.values]
     positions = metrics.answer_position(batch) if metrics.reads_answer_alone(metric) else None
     return Prepared(batch, ids, mask, other, recorded, positions)

@@ -150,6 +150,77 @@ def test_values_are_read_by_every_method_as_by_name(traced, prompts):
     assert exact.info["ablation"] == "optimal" and exact.tensor.abs().max() > 1e-4
 
 
+def _outputs(model, name: str, node: str, ids: torch.Tensor) -> torch.Tensor:
+    """``node``'s output [batch, seq, d_model] in the HF model's run on ``ids``, as a hook reads it: what
+    ``_replaced`` would replace (a head's share of its output projection, without the bias)."""
+    mlp_path, out_path, _ = modules(name)
+    seen = []
+    if node == "input" or node.startswith("m"):
+        module = (INPUT_MODULES[name] if node == "input" else mlp_path.format(int(node[1:])))
+        handle = model.get_submodule(module).register_forward_hook(lambda m, i, o: seen.append(o))
+    else:
+        out_proj, head = model.get_submodule(out_path.format(int(node[1:].split(".")[0]))), int(node.split("h")[-1])
+        conv = hasattr(out_proj, "nf")
+        width = out_proj.weight.shape[0 if conv else 1] // 4
+        cols = slice(head * width, (head + 1) * width)
+        weight = out_proj.weight[cols] if conv else out_proj.weight[:, cols].T
+        handle = out_proj.register_forward_hook(lambda m, args, out: seen.append(args[0][..., cols] @ weight))
+    with torch.no_grad():
+        _run_with(model, handle, ids, None)
+    return seen[0]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_positional_means_patch_each_position_as_hooks_give_them(traced, name):
+    """Positional mean ablation averages each node's output at each position over prompts of one length, and a
+    node patched to it takes each position's mean there: ``patch_nodes``' effects equal the HF model's with that
+    node's output replaced, by a hook, with its outputs on the reference averaged at each position."""
+    model, cm = traced(name)
+    generator = torch.Generator().manual_seed(5)
+    reference = {"clean": torch.randint(0, 128, (4, 8), generator=generator)}
+    clean = torch.randint(0, 128, (3, 8), generator=generator)
+    batch = {"clean": clean, "corrupted": clean, "correct": torch.tensor([[5], [9], [3]]),
+             "incorrect": torch.tensor([[7], [1], [2]])}
+    nodes = ["input", "a0.h1", "m0", "a1.h3", "m1"]
+    effects = fxcircuits.patch_nodes(cm, batch, "logit_diff", nodes=nodes, ablation="mean-positional",
+                                     reference=[reference])
+    means = mean_ablation(cm, reference, positional=True)
+    with torch.no_grad():
+        own = metrics.logit_diff(model(input_ids=clean).logits, batch)
+        for node, found in zip(nodes, effects.effects):
+            value = _outputs(model, name, node, reference["clean"]).mean(0)  # [seq, d_model]
+            torch.testing.assert_close(means.node(cm, node).float(), value, atol=1e-6, rtol=1e-5)
+            replaced = _run_with(model, _replaced(model, name, node, value), clean, None)
+            torch.testing.assert_close(found, own - metrics.logit_diff(replaced, batch), atol=1e-5, rtol=1e-4)
+    assert effects.ablation == "mean-positional" and effects.effects.abs().max() > 1e-3
+    assert means.length == 8 and means.node(cm, "m0").shape == (8, cm.graph.d_model)
+    torch.testing.assert_close(means.values[2].mean(2, keepdim=True), mean_ablation(cm, reference).values[2])
+
+
+def test_positional_means_serve_prompts_of_their_length_alone(traced, tmp_path):
+    """Positional means are taken over unpadded prompts of one length and serve those alone; saved, they load
+    back positional."""
+    _, cm = traced("llama")
+    generator = torch.Generator().manual_seed(5)
+    same = {"clean": torch.randint(0, 128, (4, 8), generator=generator)}
+    longer = {"clean": torch.randint(0, 128, (2, 9), generator=generator)}
+    with pytest.raises(ValueError, match="averages each position over prompts of one length, and the reference holds "
+                                         "batches of 8, 9 tokens"):
+        mean_ablation(cm, [same, longer], positional=True)
+    with pytest.raises(ValueError, match="the reference holds padded prompts of 5 to 8 tokens"):
+        mean_ablation(cm, _prompts(), positional=True)
+    means = mean_ablation(cm, same, positional=True)
+    batch = {**longer, "corrupted": longer["clean"], "correct": torch.tensor([[5], [9]]),
+             "incorrect": torch.tensor([[7], [1]])}
+    with pytest.raises(ValueError, match="holds a mean for each of 8 positions, and a batch holds prompts of 9 tokens: "
+                                         "it serves unpadded prompts of 8 tokens alone"):
+        fxcircuits.Evaluator(cm, batch, "logit_diff", ablation=means)
+    means.save(tmp_path / "means.pt")
+    loaded = Ablation.load(tmp_path / "means.pt")
+    assert loaded.length == 8
+    loaded.check(cm)
+
+
 def test_bad_ablations_are_refused_by_name(traced):
     _, cm = traced("llama")
     other = fxcircuits.trace(make("llama", num_hidden_layers=3))
@@ -163,7 +234,8 @@ def test_bad_ablations_are_refused_by_name(traced):
         ablations.ablation_of(cm, "optimal", None)
     with pytest.raises(ValueError, match="does not read it"):
         ablations.ablation_of(cm, "zero", [batch])
-    with pytest.raises(ValueError, match="unknown ablation 'best'; choose one of corrupted, zero, mean, optimal"):
+    with pytest.raises(ValueError, match="unknown ablation 'best'; choose one of corrupted, zero, mean, "
+                                         "mean-positional, optimal"):
         ablations.ablation_of(cm, "best", None)
     with pytest.raises(ValueError, match="unknown loss 'mse'"):
         optimal_ablation(cm, [batch], loss="mse")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fxcircuits import (Ablation, Circuit, CircuitGraph, DecompositionError, EdgeScores, Evaluator, SpanCircuit,
-                        attention_patterns, attribute, attribute_by_span, cli, load_model, patch_by_position,
-                        optimal_ablation, patch_inputs, patch_nodes, source_logits, tasks, trace)
+                        attention_patterns, attribute, attribute_by_span, cli, load_model, mean_ablation,
+                        patch_by_position, optimal_ablation, patch_inputs, patch_nodes, source_logits, tasks, trace)
 from fxcircuits.cli import main
 from fxcircuits.draw import plot_faithfulness, plot_nodes
 from fxcircuits.evaluation import MIB_FRACTIONS
@@ -190,6 +190,34 @@ def test_a_circuit_found_on_a_task_file_is_not_run_on_the_built_in_task_of_its_n
     assert float(re.search(r"faithfulness\s+(\S+)", printed).group(1)) == pytest.approx(found, abs=1e-3)
     assert main(["evaluate", str(out), *options, "--task", "ioi", "--size", "4"]) == 0
     assert f"; the circuit was found on {task.resolve()}" in capsys.readouterr().out
+
+
+def test_positional_mean_ablation_serves_a_task_of_one_template(folder, tmp_path, capsys):
+    """``--ablation mean-positional`` averages each position over the task's clean prompts, all of one length:
+    discover and evaluate patch with it, and the file records it; a task of several lengths is refused."""
+    template = "When {} and John went to the store, John gave a drink to"
+    task = tmp_path / "one.jsonl"
+    task.write_text("".join(json.dumps({"clean": template.format(name), "corrupted": template.format(name).replace(
+        "John gave", "Paul gave"), "correct": f" {name}", "incorrect": " John"}) + "\n" for name in ("Mary", "Anna")))
+    out = tmp_path / "circuit.json"
+    options = ["--model", folder, "--task", str(task), "--no-progress", "--ablation", "mean-positional"]
+    assert main(["discover", *options, "--method", "eap", "--edges", "20%", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "patched edges carry their mean at each position over the task" in printed
+    found = float(re.search(r"faithfulness\s+(\S+)", printed).group(1))
+    assert Circuit.load(out).info["ablation"] == "mean-positional"
+    model, tokenizer = load_model(folder)
+    cm, loaded = trace(model), tasks.from_file(task, tokenizer)
+    means = mean_ablation(cm, loaded.batches, positional=True)
+    scores = attribute(cm, loaded.batches, loaded.metric, "eap", ablation=means, progress=False)
+    assert Circuit.load(out).edges == scores.topn(0.2).edges
+    assert main(["evaluate", str(out), "--model", folder, "--task", str(task), "--no-progress"]) == 0
+    assert float(re.search(r"faithfulness\s+(\S+)", capsys.readouterr().out).group(1)) == pytest.approx(found,
+                                                                                                     abs=1e-3)
+    with pytest.raises(SystemExit) as refused:
+        main(["evaluate", str(out), *_common(folder)])
+    assert refused.value.code == 1 and "positional mean ablation averages each position over prompts of one length" \
+        in capsys.readouterr().err
 
 
 def test_discover_by_span_evaluate_and_show(folder, tmp_path, capsys):
