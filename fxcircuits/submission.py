@@ -33,15 +33,15 @@ PAIRS = {"ioi": ("gpt2", "qwen2.5", "gemma2", "llama3", "interpbench"), "mcqa": 
 def save_submission(scores: EdgeScores, root: str | Path, *, task: str | None = None, model: str | None = None,
                     form: str = "importances", selection: str | None = None, absolute: bool = True,
                     format: str = "pt") -> Path:
-    """Write ``scores`` into ``root``'s folder for their task and model (``folder_name``; by default the task and
-    model their ``info`` names, as ``attribute``'s scores from the CLI and circuit files record them) and return
-    that folder.
+    """Write ``scores`` into ``root``'s folder for their task and model (``folder_name``) and return that folder.
+    By default the task and model are those the scores' ``info`` records: scores read from a circuit file that
+    ``discover`` saved record both, ``attribute``'s own neither (name them).
 
     ``form="importances"``: every edge's score in one file, ``importances.pt`` (or ``.json``), which MIB ranks
     itself.  ``form="circuits"``: nine circuits, ``edges_{p}pct.pt`` for each share p% in ``FRACTIONS``, each
     cut by ``selection`` (``"topn"`` or ``"greedy"``; None: as MIB cuts the scores' method, greedy for information
-    flow routes) to int(p% · E) edges (MIB's count), ranked by |score| (``absolute``, what CMD ranks by) or signed score (CPR's), then
-    pruned, which only removes edges.  The leaderboard scores both CPR and CMD on those nine.
+    flow routes) to int(p% · E) edges (MIB's count), ranked by |score| (``absolute``, what CMD ranks by) or signed
+    score (CPR's), then pruned, which only removes edges.  The leaderboard measures CPR and CMD on those same nine.
 
     A folder holding files other than these is refused, as the leaderboard would read them too; these files are
     overwritten."""

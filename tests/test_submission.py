@@ -110,7 +110,8 @@ def test_a_folder_is_written_again_but_never_beside_other_files(graph, tmp_path)
 
 def test_what_it_cannot_write_is_refused(graph, tmp_path):
     bare = EdgeScores(graph, torch.randn(len(graph.edges)), "eap")
-    with pytest.raises(ValueError, match=r"do not record their task, .*name it \(task=…, or --task; MIB's: ioi, mcqa"):
+    with pytest.raises(ValueError, match=r"do not record their task, .*name it \(task=…, or --task; MIB's: ioi, "
+                                         "mcqa"):
         save_submission(bare, tmp_path)
     with pytest.raises(ValueError, match="selection and absolute are for form='circuits'"):
         save_submission(_scores(graph), tmp_path, selection="greedy")
