@@ -20,22 +20,31 @@ def _prompts() -> dict:
     return {"clean": clean, "attention_mask": mask}
 
 
-def _replaced(model, name: str, node: str, value: torch.Tensor):
-    """A hook on the HF model that sends ``value`` [d_model] in place of ``node``'s output at every token: the
-    embeddings' sum for ``input``, an MLP's output, or one head's share of its output projection (the projection's
-    bias is no head's, and stays)."""
+def _site(model, name: str, node: str):
+    """Where ``node``'s output is in the HF model: the module whose output it is (the embeddings' sum for ``input``,
+    an MLP), with (None, None); or for a head, its output projection, the head's input columns and their weight
+    [width, d_model] (the projection's bias is no head's)."""
     mlp_path, out_path, _ = modules(name)
     if node == "input":
-        return model.get_submodule(INPUT_MODULES[name]).register_forward_hook(lambda m, i, o: value.expand_as(o))
+        return model.get_submodule(INPUT_MODULES[name]), None, None
     layer = int(node[1:].split(".")[0])
     if node.startswith("m"):
-        return model.get_submodule(mlp_path.format(layer)).register_forward_hook(lambda m, i, o: value.expand_as(o))
+        return model.get_submodule(mlp_path.format(layer)), None, None
     out_proj, head = model.get_submodule(out_path.format(layer)), int(node.split("h")[-1])
     conv = hasattr(out_proj, "nf")  # GPT-2's Conv1D: weight [in, out]
     width = out_proj.weight.shape[0 if conv else 1] // 4
     cols = slice(head * width, (head + 1) * width)
-    weight = out_proj.weight[cols] if conv else out_proj.weight[:, cols].T
-    return out_proj.register_forward_hook(lambda m, args, out: out - args[0][..., cols] @ weight + value)
+    return out_proj, cols, out_proj.weight[cols] if conv else out_proj.weight[:, cols].T
+
+
+def _replaced(model, name: str, node: str, value: torch.Tensor):
+    """A hook on the HF model that sends ``value`` [d_model] in place of ``node``'s output at every token: the
+    embeddings' sum for ``input``, an MLP's output, or one head's share of its output projection (the projection's
+    bias is no head's, and stays)."""
+    module, cols, weight = _site(model, name, node)
+    if cols is None:
+        return module.register_forward_hook(lambda m, i, o: value.expand_as(o))
+    return module.register_forward_hook(lambda m, args, out: out - args[0][..., cols] @ weight + value)
 
 
 def _reference(model, name: str, node: str, value: torch.Tensor, batch: dict, loss: str) -> torch.Tensor:
@@ -153,18 +162,10 @@ def test_values_are_read_by_every_method_as_by_name(traced, prompts):
 def _outputs(model, name: str, node: str, ids: torch.Tensor) -> torch.Tensor:
     """``node``'s output [batch, seq, d_model] in the HF model's run on ``ids``, as a hook reads it: what
     ``_replaced`` would replace (a head's share of its output projection, without the bias)."""
-    mlp_path, out_path, _ = modules(name)
+    module, cols, weight = _site(model, name, node)
     seen = []
-    if node == "input" or node.startswith("m"):
-        module = (INPUT_MODULES[name] if node == "input" else mlp_path.format(int(node[1:])))
-        handle = model.get_submodule(module).register_forward_hook(lambda m, i, o: seen.append(o))
-    else:
-        out_proj, head = model.get_submodule(out_path.format(int(node[1:].split(".")[0]))), int(node.split("h")[-1])
-        conv = hasattr(out_proj, "nf")
-        width = out_proj.weight.shape[0 if conv else 1] // 4
-        cols = slice(head * width, (head + 1) * width)
-        weight = out_proj.weight[cols] if conv else out_proj.weight[:, cols].T
-        handle = out_proj.register_forward_hook(lambda m, args, out: seen.append(args[0][..., cols] @ weight))
+    handle = module.register_forward_hook(
+        lambda m, args, out: seen.append(out if cols is None else args[0][..., cols] @ weight))
     with torch.no_grad():
         _run_with(model, handle, ids, None)
     return seen[0]
