@@ -53,14 +53,18 @@ class PeakRSS:
 def _bare_passes(model, batches):
     """What any EAP must run: corrupted forward, clean forward, clean forward + backward (to the embeddings;
     no parameter gradients)."""
-    embed = model.get_input_embeddings()
     for batch in batches:
         with torch.no_grad():
             model(input_ids=batch["corrupted"])
             model(input_ids=batch["clean"])
-        x = embed(batch["clean"]).detach().requires_grad_(True)
-        logits = model(inputs_embeds=x).logits
-        torch.autograd.grad(fxcircuits.metrics.logit_diff(logits, batch).sum(), x)
+        _bare_gradient(model, batch)
+
+
+def _bare_gradient(model, batch):
+    """The clean forward and backward to the embeddings, as a patched run's gradient needs them."""
+    x = model.get_input_embeddings()(batch["clean"]).detach().requires_grad_(True)
+    logits = model(inputs_embeds=x).logits
+    torch.autograd.grad(fxcircuits.metrics.logit_diff(logits, batch).sum(), x)
 
 
 def _timed(fn) -> tuple[float, float]:
@@ -137,6 +141,26 @@ def test_exact_throughput(benchmark, smollm2, batch, prompts):
           f"({rate / rate_32:.2f}x; {len(graph.edges) / rate / 3600:.1f} h for all {len(graph.edges)} edges); peak "
           f"memory +{mb:.0f} MB")
 
+
+
+@pytest.mark.parametrize("method", ["mask", "ugs"])
+def test_learned_mask_step_cost(benchmark, smollm2, batch, method):
+    """A learned mask's steps against the bare HF model's forward and backward (to the embeddings, no parameter
+    gradients) on the same 8 prompts, once per mask the steps run: Edge Pruning runs one a step (8 steps, no warm
+    start), UGS its 2 samples (4 steps).  Each of ours also takes the gradient of every edge's mask, which the bare
+    pass has none of: the ratio is what that costs."""
+    model, cm, _, _ = smollm2
+    for p in model.parameters():
+        p.requires_grad_(False)
+    options, runs = ({"mask_steps": 8, "warm_start": None}, 8) if method == "mask" else ({"mask_steps": 4}, 8)
+    hf, hf_mb = _timed(lambda: [_bare_gradient(model, batch) for _ in range(runs)])
+    ours, ours_mb = _timed(lambda: fxcircuits.attribute(cm, [batch], "logit_diff", method, progress=False,
+                                                        **options))
+    benchmark.pedantic(lambda: None, rounds=1)
+    benchmark.extra_info.update({"ours_s": ours, "hf_s": hf, "ratio": ours / hf, "per_mask_s": ours / runs,
+                                 "ours_peak_mb": ours_mb, "hf_peak_mb": hf_mb})
+    print(f"\n{method}: {ours:.2f} s for {runs} masks vs bare HF passes {hf:.2f} s = {ours / hf:.2f}x; "
+          f"peak memory +{ours_mb:.0f} MB vs +{hf_mb:.0f} MB")
 
 @pytest.mark.parametrize("method", ["eap", "eap-ig-inputs", "mask"])
 def test_scores_by_span_cost(benchmark, smollm2, tokenizer, method):

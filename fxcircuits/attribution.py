@@ -29,7 +29,6 @@ learned over them (``"optimal"``), or values computed once (``fxcircuits.ablatio
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
 
@@ -37,19 +36,20 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics as metrics_
-from . import routes
+from . import learned, routes
 from .ablations import Ablation
 from .caller import gradients
-from .circuit import count_of
 from .data import check_counts, class_names
 from .model import CircuitModel
-from .patching import Tap, class_keep, dense_keep
-from .runs import Calls, Prepared, call_size, check_finite, clean_values, examples, metric_values, prepare
+from .patching import Tap, dense_keep
+from .runs import (WITHOUT_GRADIENTS, Calls, Prepared, call_size, check_finite, differentiable, examples, mask_shape,
+                   metric_values, not_finite, prepare)
 from .scores import EdgeScores
 
 GRADIENT_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted")
 INTEGRATED = ("eap-ig-inputs", "eap-ig-activations")  # the gradient methods that take integration steps
-METHODS = GRADIENT_METHODS + ("exact", "acdc", "mask", routes.METHOD)
+LEARNED = ("mask", "ugs")  # the learned masks (``fxcircuits.learned``)
+METHODS = GRADIENT_METHODS + ("exact", "acdc") + LEARNED + (routes.METHOD,)
 POINTS_PER_CALL = 32  # gradient points a call runs at most, and where launches set the pace: steps of 5 in one
 # Gradient points on CPU: a call's stream bound.  A point's backward keeps every reader's input, about twice
 # [n_downstream, batch, seq, d_model] values, so a call's memory grows with its points, and past the caches each
@@ -66,7 +66,9 @@ POINTS_CALL_STREAM = 2 ** 19
 # 6% slower), at 8 with 32 prompts (32: 38% slower); d_model 256 with 32 prompts flat from 8 to 32.  This gives 64,
 # 60, 30, 26, 15 and 6.
 EXACT_CALL_STREAM = 2 ** 21
-MASK_OPTIONS = ("mask_steps", "density", "lr", "warmup", "warm_start")
+LEARNED_DEFAULTS = {"mask": {"mask_steps": 200, "density": 0.05, "warm_start": "eap-ig-inputs"},
+                    "ugs": {"mask_steps": 100, "samples": 2, "penalty": 1e-3, "lr": 0.05}}  # recorded in info
+OPTIONS = {"mask": (*LEARNED_DEFAULTS["mask"], "lr", "warmup"), "ugs": tuple(LEARNED_DEFAULTS["ugs"])}
 
 
 def attribute(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Callable | None = None,
@@ -85,12 +87,15 @@ def attribute(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Ca
     ``POINTS_CALL_STREAM`` values: SmolLM2, 17-token prompts, 5 in batches of 8, 1 in batches of 32), or
     ``exact``'s and ``acdc``'s runs (default: 32 on an accelerator, and on CPU as many as keep the call's stream
     within ``EXACT_CALL_STREAM`` values: 26 in batches of 8, 6 in batches of 32); the scores do not depend on it.
-    ``options`` are the learned mask's: ``mask_steps`` (passes over a batch, 200), ``density`` (the fraction of
-    edges it keeps, or an int count, 0.05), ``warm_start`` (the gradient method whose scores rank the gates at the
-    start, run with ``steps``, "eap-ig-inputs"; None starts them alike), ``lr`` (0.5), ``warmup`` (the fraction of
-    the steps over which its gates close to ``density``, 0.75; the rest train the circuit that ``topn(density,
-    prune=False)`` keeps, whose mean |metric − the model's| ``info["circuit_distance"]`` records).  Deterministic
-    given ``seed``."""
+    ``options`` are the learned masks'.  Edge Pruning (``"mask"``): ``mask_steps`` (passes over a batch, 200),
+    ``density`` (the fraction of edges it keeps, or an int count, 0.05), ``warm_start`` (the gradient method whose
+    scores rank the gates at the start, run with ``steps``, "eap-ig-inputs"; None starts them alike), ``lr``
+    (0.5), ``warmup`` (the fraction of the steps over which its gates close to ``density``, 0.75; the rest train
+    the circuit that ``topn(density, prune=False)`` keeps, whose mean |metric − the model's|
+    ``info["circuit_distance"]`` records).  Uniform gradient sampling (``"ugs"``): ``mask_steps`` (100),
+    ``samples`` (masks a step draws, each run on its batch, 2), ``penalty`` (λ on the expected number of edges
+    kept, in the metric's units, 1e-3), ``lr`` (0.05); ``masks_per_call`` also counts the samples it runs a
+    call.  Deterministic given ``seed``."""
     scores, _, info = scored(cm, batches, metric, method, by_span=False, steps=steps, ablation=ablation,
                              reference=reference, threshold=threshold, masks_per_call=masks_per_call,
                              progress=progress, seed=seed, options=options)
@@ -108,11 +113,12 @@ def scored(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Calla
     span) and how they were found."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if options and method != "mask":
-        raise TypeError(f"{sorted(options)} are options of method='mask', not of {method!r}")
-    if set(options) - set(MASK_OPTIONS):
-        raise TypeError(f"unknown options {sorted(set(options) - set(MASK_OPTIONS))} of method='mask'; it takes "
-                        f"{', '.join(MASK_OPTIONS)}")
+    if options and method not in LEARNED:
+        raise TypeError(f"{sorted(options)} are options of a learned mask (method 'mask' or 'ugs'), not of "
+                        f"{method!r}")
+    if options and set(options) - set(OPTIONS[method]):
+        raise TypeError(f"unknown options {sorted(set(options) - set(OPTIONS[method]))} of method={method!r}; it "
+                        f"takes {', '.join(OPTIONS[method])}")
     check_counts(steps=steps, masks_per_call=masks_per_call)
     steps = _read_by(method, INTEGRATED + ("mask",), 5, steps=steps)
     threshold = _read_by(method, ("acdc",), 0.01, threshold=threshold)
@@ -146,14 +152,7 @@ def scored(cm: CircuitModel, batches: dict | Iterable[dict], metric: str | Calla
         scores, info["threshold"] = _acdc(cm, prepared, metric, threshold, calls, progress, named), threshold
     else:  # checked first: the warm start's NaN scores would become ranks, and few steps may miss the NaNs
         check_finite(cm, prepared, metric)
-        options = {"mask_steps": 200, "density": 0.05, "warm_start": "eap-ig-inputs", **options}
-        scores, circuit_distance = _learned_mask(cm, prepared, metric, progress, seed, named, steps, calls,
-                                                 **options)
-        info.update(steps=options.pop("mask_steps"), **options)  # and lr, warmup where given
-        if circuit_distance is not None:
-            info["circuit_distance"] = circuit_distance
-        if options["warm_start"] in INTEGRATED:
-            info["warm_start_steps"] = steps
+        scores = _learned(cm, prepared, metric, method, progress, seed, named, steps, calls, options, info)
     if not torch.isfinite(scores).all():
         raise not_finite(cm, prepared, metric)
     return (scores, names, info) if by_span else (scores[0], None, info)
@@ -184,9 +183,27 @@ def _read_by(method: str, readers: tuple[str, ...], default, **setting):
     return value
 
 
-def _shape(cm: CircuitModel, spans: list[str] | None) -> tuple[int, int]:
-    """Scores' and masks' shape: [classes, E], one class where ``spans`` is None."""
-    return (1 if spans is None else len(spans) + 1), len(cm.graph.edges)
+def _learned(cm, prepared, metric, method: str, progress, seed, spans, steps: int, calls: Calls, options: dict,
+             info: dict) -> torch.Tensor:
+    """A learned mask's scores (``fxcircuits.learned``), with what it ran with added to ``info``: its options
+    as given or by default, and for Edge Pruning, its warm start's steps and its held circuit's distance."""
+    options = {**LEARNED_DEFAULTS[method], **options}
+    info.update(steps=options["mask_steps"], **{k: v for k, v in options.items() if k != "mask_steps"})
+    if method == "ugs":
+        return learned.uniform_gradient_sampling(cm, prepared, metric, progress, seed, spans, calls, **options)
+    start = options.pop("warm_start")
+    if start is not None and start not in GRADIENT_METHODS:
+        raise ValueError(f"a learned mask's warm_start is a gradient method ({', '.join(GRADIENT_METHODS)}) or None, "
+                         f"got {start!r}")
+    prior = None if start is None else (
+        lambda: _gradient_scores(cm, prepared, metric, start, steps, calls, progress, spans).cpu())
+    scores, circuit_distance = learned.edge_pruning(cm, prepared, metric, progress, seed, spans, prior=prior,
+                                                    **options)
+    if circuit_distance is not None:
+        info["circuit_distance"] = circuit_distance
+    if start in INTEGRATED:
+        info["warm_start_steps"] = steps
+    return scores
 
 
 def _costs(cm: CircuitModel, prepared: list[Prepared], metric, reference: torch.Tensor, masks: torch.Tensor,
@@ -200,15 +217,6 @@ def _costs(cm: CircuitModel, prepared: list[Prepared], metric, reference: torch.
     masks = torch.cat([reference[None], masks])
     values = metric_values(cm, prepared, metric, masks[:, 0] if spans is None else masks, spans).mean(-1)
     return values[0] - values[1:]
-
-
-def not_finite(cm: CircuitModel, prepared: list[Prepared], metric) -> ValueError:
-    """Why scores came out NaN or infinite: the examples where the clean or the fully patched run is (raised by
-    ``check_finite``), else a run between the two."""
-    check_finite(cm, prepared, metric)
-    return ValueError("some edges' scores are NaN or infinite, although the metric is finite on the clean run and "
-                      "with every edge patched: a run between the two (an integration step, a candidate mask) or "
-                      "its gradient overflowed; run the model in float32")
 
 
 def _default_metric(method: str) -> str:
@@ -230,7 +238,7 @@ def _ones(cm: CircuitModel, n: int = 1) -> torch.Tensor:
 def _gradient_scores(cm, prepared, metric, method, steps, calls: Calls, progress, spans) -> torch.Tensor:
     """Σ over batches and points of the edge scores, divided by examples and by points per edge: [classes, E].  By
     span, each edge's score at each token summed over each class's tokens."""
-    total = torch.zeros(_shape(cm, spans), dtype=metrics_.wide_dtype(cm.dtype))
+    total = torch.zeros(mask_shape(cm, spans), dtype=metrics_.wide_dtype(cm.dtype))
     src, dst = cm.graph.src, cm.graph.dst
     fit_points(calls, method, steps)
     for p in tqdm(prepared, desc=method if spans is None else f"{method} by span", disable=not progress):
@@ -254,22 +262,6 @@ def _mask_gradient(cm: CircuitModel, p: Prepared, metric) -> torch.Tensor:
     keep = _ones(cm).requires_grad_(True)
     value = p.measure(cm, metric, keep).sum()
     return torch.autograd.grad(differentiable(value, "eap"), keep)[0][0].cpu()
-
-
-WITHOUT_GRADIENTS = "method='exact' or 'acdc'"  # attribute's methods that only run the metric
-
-
-def differentiable(value: torch.Tensor, method: str, instead: str = WITHOUT_GRADIENTS) -> torch.Tensor:
-    """``value``, a metric's (or what a learned mask trains on), if it carries a gradient.  A metric read through
-    ``argmax``, a comparison or an integer cast (accuracy, say) carries none, and autograd's own error ("element 0
-    of tensors does not require grad") would name neither the metric nor what to do instead: ``method``, as the
-    caller named it, and ``instead``, the caller's methods that only run the metric."""
-    if not value.requires_grad:
-        raise ValueError(f"{method!r} takes the metric's gradient, and this metric's value carries none (computed "
-                         "through argmax, a comparison, an integer cast or .detach(), as accuracy is): give a "
-                         f"differentiable metric (logit_diff, prob_diff, logprob, kl), or score with {instead}, "
-                         "without gradients")
-    return value
 
 
 def _by_class(by_token: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -395,7 +387,7 @@ def _activation_points(cm, p: Prepared, clean: list[torch.Tensor], delta: torch.
 def _exact(cm, prepared, metric, calls: Calls, progress: bool, spans) -> torch.Tensor:
     """score(e) = m(clean) − m(clean with e alone patched); by span, e patched at one class's tokens alone, class by
     class, so that a call's edges still share their readers."""
-    shape = _shape(cm, spans)
+    shape = mask_shape(cm, spans)
     units, first = shape[0] * shape[1], 0
     scores = torch.empty(units, dtype=metrics_.wide_dtype(cm.dtype))
     with tqdm(total=units, desc="exact", disable=not progress) as bar:
@@ -427,8 +419,8 @@ def _acdc(cm, prepared, metric, tau: float, calls: Calls, progress: bool, spans)
     judged (edges of destinations that no longer reach ``logits`` are removed at no cost: score 0).  A call runs
     the mask before the batch too, ``_costs``: mask j's cost is then its difference from mask j − 1 in one call."""
     g = cm.graph
-    current = torch.ones(_shape(cm, spans))
-    scores = torch.zeros(_shape(cm, spans), dtype=metrics_.wide_dtype(cm.dtype))
+    current = torch.ones(mask_shape(cm, spans))
+    scores = torch.zeros(mask_shape(cm, spans), dtype=metrics_.wide_dtype(cm.dtype))
     into = [[] for _ in g.downstream]
     for e, d in enumerate(g.dst.tolist()):
         into[d].append(e)
@@ -463,136 +455,3 @@ def _removals(cm, prepared, metric, current: torch.Tensor, candidates: list, spa
         masks[j:, c, e] = 0.0
     costs = _costs(cm, prepared, metric, current, masks, spans)
     return torch.diff(costs, prepend=costs.new_zeros(1)).tolist()
-
-
-# ---------------------------------------------------------------- learned masks
-
-@gradients("attribution by a learned mask (method='mask')")
-def _learned_mask(cm, prepared, metric, progress, seed, spans, steps: int, calls: Calls, *, mask_steps: int,
-                  density: int | float, warm_start: str | None, lr: float = 0.5,
-                  warmup: float = 0.75) -> tuple[torch.Tensor, float | None]:
-    """Edge Pruning: a hard-concrete gate per edge (by span, per edge and class of positions), trained so that each
-    example's metric under the sampled gates stays the model's own (the loss is their mean distance, which for
-    ``"kl"`` is Edge Pruning's KL to the model) while the expected fraction of open gates falls from all of them
-    to ``density`` (a fraction, or an int count of gates) over the first ``warmup`` of the steps; then it holds.
-
-    Edge Pruning holds that fraction with a Lagrangian; here every step ends with a projection instead, which
-    shifts all gates' log-odds alike until the fraction is the target (``_held``).  A multiplier of the mean over
-    the gates pulls on each gate 1/E as hard, so it must grow to about E times the loss's pull on a gate, which at
-    Adam's pace takes thousands of steps on a model of 10⁵ edges (SmolLM2 kept 48% of them after 200, against a
-    density of 5%); the projection holds the fraction from the first step.  The loss matches the model rather
-    than maximising the metric: a mask that maximises it finds runs far past the model's own value.
-
-    The gates start ranked by ``warm_start``'s scores (a gradient method, run with ``steps`` on the same
-    batches; None starts them all alike).  Gates that start alike and fully open get no gradient (the
-    hard-concrete clamps them at 1), so the first closures are blind: on greater-than, where patching the year's
-    path anywhere flips the answer, they cut it and left the mask where no gate has a gradient (faithfulness
-    0.000 at 1%), and on eight IOI prompts the same befell it (0.001); started from EAP-IG's ranking, it kept
-    0.85 and 1.33 (bench/RESULTS.md).
-
-    Once the gates are held at the density, the steps train the circuit that will be kept rather than samples
-    around it: the ``density`` gates most surely open, shut hard, with the gradient of their probabilities
-    (``_circuit_gates``).  Samples open gates that the circuit leaves shut and shut gates that it keeps, and
-    the two part ways: on those eight IOI prompts the samples' distance ended at 2.2 (the fully patched run's is
-    3.6) while the circuit overshot the model by a third (1.33).  A circuit's gradient is taken where it stands,
-    and a whole gate's swap can undo it (on a model of 110 edges two circuits traded places every few steps), so
-    each held step runs its circuit on every batch, and the gates returned are those of the best circuit run.  On
-    32 SmolLM2 prompts at 1% this took IOI's faithfulness from 1.27 to 1.06 and greater-than's from 0.80 to 0.96.
-
-    The scores are each gate's probability of being open: they average to ``density``, and ``topn`` of that
-    many, unpruned, keeps the held circuit.  Also returns that circuit's distance (None where no step was held).  The
-    steps are passes over one batch; the held ones are rounded up to whole passes over the batches."""
-    if mask_steps < 1 or not 0 <= warmup <= 1:
-        raise ValueError(f"a learned mask needs mask_steps of at least 1 and a warmup from 0 to 1 (the fraction of its "
-                         f"steps over which its gates close to density), got {mask_steps} and {warmup}")
-    if warm_start is not None and warm_start not in GRADIENT_METHODS:
-        raise ValueError(f"a learned mask's warm_start is a gradient method ({', '.join(GRADIENT_METHODS)}) or None, "
-                         f"got {warm_start!r}")
-    generator = torch.Generator().manual_seed(seed)
-    shape, n = _shape(cm, spans), len(prepared)
-    kept = count_of(density, shape[0] * shape[1], "gates")
-    goal = kept / (shape[0] * shape[1])
-    model = clean_values(cm, prepared, metric).to(cm.device).split([p.size for p in prepared])
-    beta, gamma, zeta = 2 / 3, -0.1, 1.1  # the hard-concrete's temperature and stretch (Louizos et al. 2018)
-    shift = beta * math.log(-gamma / zeta)  # log-odds of a gate being open = log_alpha - shift
-    log_alpha = torch.full(shape, 6.0)  # each gate fully open in 99% of samples: the first steps run the model
-    if warm_start is not None:
-        prior = _gradient_scores(cm, prepared, metric, warm_start, steps, calls, progress, spans).cpu()
-        log_alpha += _rank_log_odds(prior.abs())
-    log_alpha.requires_grad_(True)
-    start = torch.sigmoid(log_alpha.detach() - shift).mean().item()  # the expected fraction open, falling to goal
-    gates = torch.optim.Adam([log_alpha], lr=lr)
-    closing = math.ceil(warmup * mask_steps)
-    held = math.ceil((mask_steps - closing) / n)
-    bar = tqdm(total=closing + held * n, desc="mask", disable=not progress)
-
-    def distances(i: int, z: torch.Tensor) -> torch.Tensor:
-        """Each example's |metric − the model's| in batch i under the gates z."""
-        keep = (dense_keep(cm.graph, z[0].to(cm.device), device=cm.device) if spans is None
-                else class_keep(cm.graph, z.to(cm.device), None, shape[0], device=cm.device))
-        where = None if spans is None else prepared[i].classes(spans)
-        found = (prepared[i].measure(cm, metric, keep, where=where) - model[i]).abs()
-        if not found.isfinite().all():
-            raise not_finite(cm, prepared, metric)
-        bar.update()
-        return found
-
-    for step in range(closing):  # the sampled gates close to the density
-        u = torch.rand(shape, generator=generator).clamp(1e-6, 1 - 1e-6)
-        z = (torch.sigmoid((u.log() - (1 - u).log() + log_alpha) / beta) * (zeta - gamma) + gamma).clamp(0, 1)
-        distance = differentiable(distances(step % n, z).mean(), "mask")
-        # gradients for the gates only: the model's parameters stay untouched
-        log_alpha.grad, = torch.autograd.grad(distance, [log_alpha])
-        gates.step()
-        bar.set_postfix(distance=f"{distance.item():.3g}", refresh=False)
-        with torch.no_grad():
-            done = min(1.0, (step + 1) / max(1.0, warmup * mask_steps))
-            log_alpha -= _held(log_alpha - shift, start + (goal - start) * done)
-    with torch.no_grad():
-        log_alpha -= _held(log_alpha - shift, goal)
-    best, lowest = log_alpha.detach().clone(), None
-    for _ in range(held):  # the circuit itself, on every batch
-        log_alpha.grad, total = torch.zeros_like(log_alpha), 0.0
-        for i in range(n):
-            distance = distances(i, _circuit_gates(log_alpha - shift, kept)).sum() / examples(prepared)
-            log_alpha.grad += torch.autograd.grad(distance, [log_alpha])[0]
-            total += distance.item()
-        if lowest is None or total < lowest:
-            best, lowest = log_alpha.detach().clone(), total
-        gates.step()
-        bar.set_postfix(distance=f"{total:.3g}", best=f"{lowest:.3g}", refresh=False)
-        with torch.no_grad():
-            log_alpha -= _held(log_alpha - shift, goal)
-    bar.close()
-    return torch.sigmoid(best - shift), lowest
-
-
-def _circuit_gates(log_odds: torch.Tensor, count: int) -> torch.Tensor:
-    """The ``count`` gates of highest log-odds open and every other gate shut, ties taken in order as
-    ``EdgeScores.topn`` takes them, with the gradient of each gate's probability of being open (straight-through):
-    the forward pass runs the circuit itself, and the backward pass tells each gate which way it should move."""
-    open_ = torch.sigmoid(log_odds)
-    chosen = torch.zeros(log_odds.numel())
-    chosen[log_odds.detach().flatten().argsort(descending=True, stable=True)[:count]] = 1.0
-    return chosen.reshape(log_odds.shape) + (open_ - open_.detach())  # exactly 0 or 1 forward
-
-
-def _rank_log_odds(importance: torch.Tensor) -> torch.Tensor:
-    """The log-odds of each entry's quantile in ``importance``, ties sharing their mean quantile (edges that no
-    run tells apart, such as those at a class of positions the prompts never change, stay alike): spread
-    evenly, whatever the scores' scale, from about -log(n) for the least to +log(n) for the most."""
-    flat = importance.flatten().to(torch.float64)
-    ordered = flat.sort().values
-    below, through = torch.searchsorted(ordered, flat), torch.searchsorted(ordered, flat, right=True)
-    quantile = (below + through) / (2 * flat.numel())
-    return (quantile.log() - (-quantile).log1p()).to(torch.float32).reshape(importance.shape)
-
-
-def _held(log_odds: torch.Tensor, fraction: float) -> float:
-    """The shift c for which sigmoid(log_odds - c) averages to ``fraction``, by bisection (the mean falls as c
-    grows); 50 halvings of [-100, 100] leave it within 1e-13."""
-    low, high = -100.0, 100.0
-    for _ in range(50):
-        middle = (low + high) / 2
-        low, high = (middle, high) if torch.sigmoid(log_odds - middle).mean() > fraction else (low, middle)
-    return (low + high) / 2

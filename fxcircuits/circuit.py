@@ -143,15 +143,8 @@ class Circuit:
         return Circuit(self.graph, flags, self.scores, self.info)
 
     def pruned(self) -> "Circuit":
-        """The circuit without dangling pieces, as EAP-IG prunes: repeatedly drop nodes that lack an incoming edge
-        (``input`` needs none) or an outgoing one (``logits`` needs none), then the edges that touch them."""
-        g, keep = self.graph, self.in_graph.clone()
-        while True:
-            alive = _nodes_alive(g, keep)
-            pruned = keep & alive[g.src] & alive[g.reader[g.dst]]
-            if torch.equal(pruned, keep):
-                return Circuit(g, keep, self.scores, self.info)
-            keep = pruned
+        """The circuit without dangling pieces, as EAP-IG prunes (``undangled``)."""
+        return Circuit(self.graph, undangled(self.graph, self.in_graph), self.scores, self.info)
 
     def node_scores(self) -> dict[str, float] | None:
         """A node's score is the sum of its outgoing edges' scores: patching a node patches all of them."""
@@ -417,14 +410,26 @@ def edge_flags(graph: CircuitGraph, edges: Iterable[str] | torch.Tensor) -> torc
     return flags
 
 
-def _nodes_alive(graph: CircuitGraph, keep: torch.Tensor) -> torch.Tensor:
-    """Nodes with an outgoing kept edge and an incoming one (``input`` counts as fed, ``logits`` as read)."""
-    outgoing = torch.zeros(len(graph.nodes), dtype=torch.bool)
-    outgoing[graph.src[keep]] = True
-    outgoing[-1] = True
-    incoming = torch.zeros(len(graph.nodes), dtype=torch.bool)
-    incoming[graph.reader[graph.dst[keep]]] = True
-    incoming[0] = True
+def undangled(graph: CircuitGraph, keep: torch.Tensor) -> torch.Tensor:
+    """Edge flags [..., E] without dangling pieces, each row alone: repeatedly drop nodes that lack an incoming
+    kept edge (``input`` needs none) or an outgoing one (``logits`` needs none), then the edges that touch them."""
+    rows = keep.reshape(-1, len(graph.edges))
+    while True:
+        alive = _nodes_alive(graph, rows)
+        pruned = rows & alive[:, graph.src] & alive[:, graph.reader[graph.dst]]
+        if torch.equal(pruned, rows):
+            return pruned.view_as(keep)
+        rows = pruned
+
+
+def _nodes_alive(graph: CircuitGraph, rows: torch.Tensor) -> torch.Tensor:
+    """Per row of edge flags [n, E], the nodes with an outgoing kept edge and an incoming one (``input`` counts
+    as fed, ``logits`` as read): [n, nodes]."""
+    flags = rows.to(torch.int32)
+    outgoing = flags.new_zeros(len(rows), len(graph.nodes)).index_add_(1, graph.src, flags) > 0
+    incoming = flags.new_zeros(len(rows), len(graph.nodes)).index_add_(1, graph.reader[graph.dst], flags) > 0
+    outgoing[:, -1] = True
+    incoming[:, 0] = True
     return outgoing & incoming
 
 

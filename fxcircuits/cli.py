@@ -31,7 +31,7 @@ from . import data
 from . import metrics as metrics_
 from . import tasks as tasks_
 from .ablations import Ablation, mean_ablation, optimal_ablation
-from .attribution import GRADIENT_METHODS, INTEGRATED, METHODS, attribute
+from .attribution import GRADIENT_METHODS, INTEGRATED, LEARNED, METHODS, attribute
 from .circuit import FORMATS, Circuit
 from .components import DecompositionError
 from .draw import (SUFFIXES, draw_circuit, draw_comparison, draw_span_circuit, plot_faithfulness, plot_heatmap,
@@ -109,10 +109,13 @@ def _add_discover(commands) -> None:
                           "(default eap-ig-inputs; information-flow-routes reads the clean prompts alone, and --metric "
                           "and --ablation then only evaluate the circuit)")
     discover.add_argument("--steps", type=_positive, help="integration steps of the EAP-IG methods (default 5), or "
-                          "the training steps of a learned mask (default 200)")
+                          "the training steps of a learned mask (default: mask 200, ugs 100)")
     discover.add_argument("--warm-start", choices=GRADIENT_METHODS + ("none",),
                           help="the gradient method whose scores rank a learned mask's gates before it trains "
                           "(default eap-ig-inputs, with the EAP-IG default of 5 steps); none starts them alike")
+    discover.add_argument("--penalty", type=_non_negative, help="ugs's lambda: the penalty on the expected number of "
+                          "edges kept, in the metric's units; the least pull on the metric an edge needs to stay "
+                          "(default 0.001)")
     discover.add_argument("--edges", type=_size,
                           help="circuit size for topn and greedy: a count (500) or a percentage (1%%; the default)")
     discover.add_argument("--nodes", type=_size,
@@ -318,7 +321,7 @@ def _add_check(commands) -> None:
                                 "and direct logit attribution's sums.  Prints each check's largest difference over "
                                 "the batches, and exits 1 if any differs past the tolerance, naming the batches.")
     _model_options(check)
-    check.add_argument("--tolerance", type=_tolerance, help="the largest difference that passes, as a fraction of the "
+    check.add_argument("--tolerance", type=_non_negative, help="the largest difference that passes, as a fraction of the "
                        "largest |logit| (default: 1e-4 in float32, 32 units in the last place in bfloat16/float16)")
     check.set_defaults(run=_check)
 
@@ -541,14 +544,15 @@ def _positive(text: str) -> int:
     return int(text)
 
 
-def _tolerance(text: str) -> float:
+def _non_negative(text: str) -> float:
+    """A finite number of 0 or more (a tolerance, a penalty)."""
     try:
-        tolerance = float(text)
+        number = float(text)
     except ValueError:
-        tolerance = float("nan")
-    if not 0 <= tolerance < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: give a tolerance of 0 or more, as 1e-4")
-    return tolerance
+        number = float("nan")
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of 0 or more, as 1e-4")
+    return number
 
 
 def _seed(text: str) -> int:
@@ -738,13 +742,16 @@ def _reached(args) -> str:
 
 
 def _method_options(args) -> dict:
-    """What ``args.method`` takes from the command line: the EAP-IG methods their steps, ACDC its τ, and a learned
-    mask its steps, its warm start and the circuit's size (--edges, 1% by default), which it is trained to keep."""
+    """What ``args.method`` takes from the command line: the EAP-IG methods their steps, ACDC its τ, a learned
+    mask (Edge Pruning) its steps, its warm start and the circuit's size (--edges, 1% by default), which it is
+    trained to keep, and UGS its steps and its penalty."""
     if args.warm_start is not None and args.method != "mask":
         raise SystemExit("--warm-start starts a learned mask's gates: add --method mask, or leave it out")
-    if args.steps is not None and args.method not in INTEGRATED + ("mask",):
+    if args.penalty is not None and args.method != "ugs":
+        raise SystemExit("--penalty is the lambda of uniform gradient sampling: add --method ugs, or leave it out")
+    if args.steps is not None and args.method not in INTEGRATED + LEARNED:
         raise SystemExit(f"--steps counts the integration steps of {' and '.join(INTEGRATED)}, or a learned mask's "
-                         f"training steps; {args.method} takes none: leave it out")
+                         f"training steps ({' and '.join(LEARNED)}); {args.method} takes none: leave it out")
     if args.threshold is not None and args.method != "acdc" and args.selection != "threshold":
         raise SystemExit("--threshold is ACDC's tau, or the least score of --selection threshold: add one of them, "
                          "or leave it out")
@@ -753,6 +760,9 @@ def _method_options(args) -> dict:
                 **({} if args.warm_start is None else {"warm_start": None if args.warm_start == "none"
                                                        else args.warm_start}),
                 **({} if args.steps is None else {"mask_steps": args.steps})}
+    if args.method == "ugs":
+        return {**({} if args.steps is None else {"mask_steps": args.steps}),
+                **({} if args.penalty is None else {"penalty": args.penalty})}
     tau = {"threshold": args.threshold} if args.method == "acdc" and args.threshold is not None else {}
     return {**({} if args.steps is None else {"steps": args.steps}), **tau}
 

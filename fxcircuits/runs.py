@@ -187,3 +187,33 @@ def clean_values(cm: CircuitModel, prepared: list[Prepared], metric) -> torch.Te
     with torch.no_grad():
         return torch.cat([metrics.measured(metric, cm(p.input_ids, p.attention_mask), p.batch)
                           for p in prepared]).cpu()
+
+
+def mask_shape(cm: CircuitModel, spans: list[str] | None) -> tuple[int, int]:
+    """Scores' and masks' shape: [classes, E], one class where ``spans`` is None."""
+    return (1 if spans is None else len(spans) + 1), len(cm.graph.edges)
+
+
+def not_finite(cm: CircuitModel, prepared: list[Prepared], metric) -> ValueError:
+    """Why scores came out NaN or infinite: the examples where the clean or the fully patched run is (raised by
+    ``check_finite``), else a run between the two."""
+    check_finite(cm, prepared, metric)
+    return ValueError("some edges' scores are NaN or infinite, although the metric is finite on the clean run and "
+                      "with every edge patched: a run between the two (an integration step, a candidate mask) or "
+                      "its gradient overflowed; run the model in float32")
+
+
+WITHOUT_GRADIENTS = "method='exact' or 'acdc'"  # attribute's methods that only run the metric
+
+
+def differentiable(value: torch.Tensor, method: str, instead: str = WITHOUT_GRADIENTS) -> torch.Tensor:
+    """``value``, a metric's (or what a learned mask trains on), if it carries a gradient.  A metric read through
+    ``argmax``, a comparison or an integer cast (accuracy, say) carries none, and autograd's own error ("element 0
+    of tensors does not require grad") would name neither the metric nor what to do instead: ``method``, as the
+    caller named it, and ``instead``, the caller's methods that only run the metric."""
+    if not value.requires_grad:
+        raise ValueError(f"{method!r} takes the metric's gradient, and this metric's value carries none (computed "
+                         "through argmax, a comparison, an integer cast or .detach(), as accuracy is): give a "
+                         f"differentiable metric (logit_diff, prob_diff, logprob, kl), or score with {instead}, "
+                         "without gradients")
+    return value

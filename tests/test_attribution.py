@@ -4,7 +4,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import fxcircuits
-from fxcircuits.attribution import INTEGRATED, _circuit_gates
+from fxcircuits.attribution import INTEGRATED
 from fxcircuits.metrics import logit_diff
 from fxcircuits.patching import dense_keep
 from fxcircuits.runs import prepare
@@ -360,119 +360,6 @@ def test_a_float64_models_gradients_points_and_means_keep_float64s_digits(llama6
         torch.testing.assert_close(mean, (values * weights).sum((1, 2), keepdim=True) / mask.sum(), rtol=1e-13, atol=0)
 
 
-def _distance(cm, batch, edge_mask: torch.Tensor) -> float:
-    """Mean |logit_diff(patched) − logit_diff(model)| over the examples, through the public call."""
-    with torch.no_grad():
-        model = logit_diff(cm(batch["clean"], batch["attention_mask"]), batch)
-        patched = logit_diff(cm(batch["clean"], batch["attention_mask"], corrupted_input_ids=batch["corrupted"],
-                                edge_mask=edge_mask), batch)
-    return float((patched - model).abs().mean())
-
-
-@pytest.mark.parametrize("warm_start", ["eap-ig-inputs", None])
-def test_a_learned_mask_keeps_the_model_at_its_density(llama64, warm_start):
-    """The gates' probabilities of being open average to the density, about that many are open for sure, and the
-    circuit of those most surely open keeps the model's metric better than any of eight random circuits of as
-    many edges keep it (a mask that maximised the metric, or ranked the closed gates first, would not), whether
-    the gates start ranked by EAP-IG or alike."""
-    batch, edges = _batch(), len(llama64.graph.edges)
-    runs = [fxcircuits.attribute(llama64, [batch], "logit_diff", "mask", mask_steps=100, density=0.2, seed=3,
-                                 warm_start=warm_start, progress=False) for _ in range(2)]
-    torch.testing.assert_close(runs[0].tensor, runs[1].tensor)
-    gates, count = runs[0].tensor, int(0.2 * edges)
-    assert abs(float(gates.mean()) - 0.2) < 1e-6 and abs(int((gates > 0.5).sum()) - count) <= count // 4
-    learned = torch.zeros(edges, dtype=torch.float64)
-    learned[gates.argsort(descending=True)[:count]] = 1.0
-    generator = torch.Generator().manual_seed(0)
-    chance = [_distance(llama64, batch, (torch.randperm(edges, generator=generator) < count).double())
-              for _ in range(8)]
-    assert _distance(llama64, batch, learned) < min(chance) / 2, (_distance(llama64, batch, learned), chance)
-
-
-def test_a_learned_mask_starts_from_its_warm_starts_ranking(llama64):
-    """With the gates kept still (lr 0), the projection alone closes them, all alike, so they end in the order of
-    the warm start's |scores|: the ranking is where training starts, and nothing else moves it."""
-    batch = _batch()
-    for method in ("eap", "eap-ig-inputs"):
-        prior = fxcircuits.attribute(llama64, [batch], "logit_diff", method, progress=False,
-                                     **steps_of(method, 3)).tensor
-        gates = fxcircuits.attribute(llama64, [batch], "logit_diff", "mask", mask_steps=4, density=0.1, lr=0.0,
-                                     warm_start=method, steps=3, progress=False)
-        assert torch.equal(gates.tensor.argsort(stable=True), prior.abs().argsort(stable=True))
-        assert gates.info["warm_start"] == method and gates.info.get("warm_start_steps") == (
-            3 if method == "eap-ig-inputs" else None)
-    with pytest.raises(ValueError, match="a learned mask's warm_start is a gradient method .* got 'exact'"):
-        fxcircuits.attribute(llama64, [batch], "logit_diff", "mask", warm_start="exact", progress=False)
-
-
-def test_a_held_learned_mask_keeps_the_best_circuit_it_ran(llama64):
-    """Held at the density, the steps run the circuit that will be kept, and the gates returned are those of the
-    best circuit run: its distance, as ``info`` records it, is the public call's distance of the top fifth of
-    the scores, and it is no worse than the circuit the closing steps left, which the same closing without a
-    held phase returns (here the held steps improve it).  A held phase of sampled gates, or one that kept its
-    last circuit, would record another distance."""
-    batch, edges = _batch(), len(llama64.graph.edges)
-    closed, held = (fxcircuits.attribute(llama64, [batch], "logit_diff", "mask", mask_steps=steps, density=0.2,
-                                         warmup=warmup, seed=3, progress=False)
-                    for steps, warmup in ((60, 1.0), (120, 0.5)))  # the same 60 closing steps
-    assert "circuit_distance" not in closed.info
-
-    def distance(scores) -> float:
-        kept = torch.zeros(edges, dtype=torch.float64)
-        kept[scores.tensor.argsort(descending=True, stable=True)[:int(0.2 * edges)]] = 1.0
-        return _distance(llama64, batch, kept)
-
-    assert held.info["circuit_distance"] == pytest.approx(distance(held), rel=1e-6)
-    assert distance(held) < 0.9 * distance(closed), (distance(held), distance(closed))
-
-
-def test_a_learned_masks_circuit_is_its_top_gates_unpruned_under_zero_ablation(gpt2_64):
-    """Under zero ablation a node whose inputs are all patched still writes what it computes from zeros (GPT-2's
-    biases), so the circuit a learned mask trained and measured is its top ``density`` gates unpruned: their
-    distance is the one ``info`` records, where pruned they lose edges (on this model) and are another circuit."""
-    batches = [_batch(seed=1), _batch(seed=3)]
-    scores = fxcircuits.attribute(gpt2_64, batches, "logit_diff", "mask", density=0.1, mask_steps=24,
-                                  ablation="zero", warm_start="eap", progress=False)
-    evaluator = fxcircuits.Evaluator(gpt2_64, batches, "logit_diff", ablation="zero")
-
-    def distance(circuit) -> float:
-        result = evaluator.evaluate(circuit)
-        return float((result.circuit - result.full).abs().mean())
-
-    held = scores.topn(0.1, prune=False)
-    assert len(held) == int(0.1 * len(gpt2_64.graph.edges))
-    assert distance(held) == pytest.approx(scores.info["circuit_distance"], rel=1e-9)
-    pruned = scores.topn(0.1)
-    assert len(pruned) < len(held) and distance(pruned) != pytest.approx(distance(held), rel=1e-3)
-
-
-def test_a_held_circuits_gates_are_hard_with_their_probabilitys_gradient():
-    """The held circuit: the gates of highest log-odds open (ties in order, as ``topn`` takes them), the rest
-    shut, and the gradient of each gate's probability of being open passed straight through."""
-    log_odds = torch.tensor([[0.5, 2.0, -1.0, 2.0, 0.0]], requires_grad=True)
-    gates = _circuit_gates(log_odds, 2)
-    assert torch.equal(gates.detach(), torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0]]))
-    weights = torch.arange(1.0, 6.0)[None]
-    gradient, = torch.autograd.grad((gates * weights).sum(), [log_odds])
-    probability = torch.sigmoid(log_odds.detach())
-    torch.testing.assert_close(gradient, weights * probability * (1 - probability))
-    assert torch.equal(_circuit_gates(torch.zeros(1, 4), 3).detach(), torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
-
-
-def test_a_learned_mask_takes_a_count_of_edges_and_refuses_what_it_cannot_use(llama64):
-    scores = fxcircuits.attribute(llama64, [_batch()], "logit_diff", "mask", mask_steps=3, density=11, lr=0.3,
-                                  progress=False)
-    torch.testing.assert_close(scores.tensor.sum(), torch.tensor(11.0))
-    assert {k: scores.info[k] for k in ("steps", "density", "lr")} == {"steps": 3, "density": 11, "lr": 0.3}
-    with pytest.raises(ValueError, match="asked for 200 gates of 110"):
-        fxcircuits.attribute(llama64, [_batch()], "logit_diff", "mask", mask_steps=3, density=200, progress=False)
-    for bad in ({"warmup": 2}, {"mask_steps": 0}):
-        with pytest.raises(ValueError, match="a learned mask needs mask_steps of at least 1 and a warmup from 0"):
-            fxcircuits.attribute(llama64, [_batch()], "logit_diff", "mask", **{"mask_steps": 3, **bad}, progress=False)
-    with pytest.raises(TypeError, match=r"unknown options \['beta'\] of method='mask'; it takes mask_steps, density"):
-        fxcircuits.attribute(llama64, [_batch()], "logit_diff", "mask", beta=1.0, progress=False)
-
-
 @pytest.mark.parametrize("method, setting", [("eap", {"steps": 50}), ("exact", {"steps": 5}),
                                              ("eap-ig-inputs", {"threshold": 0.3}), ("mask", {"threshold": 0.01})])
 def test_a_setting_the_method_does_not_read_is_refused(llama64, method, setting):
@@ -589,7 +476,7 @@ def test_bad_arguments(llama64):
         fxcircuits.attribute(llama64, [batch], "logit_diff", "magic")
     with pytest.raises(ValueError, match="needs a metric"):
         fxcircuits.attribute(llama64, [batch], None, "eap")
-    with pytest.raises(TypeError, match="options of method='mask'"):
+    with pytest.raises(TypeError, match=r"options of a learned mask \(method 'mask' or 'ugs'\), not of 'eap'"):
         fxcircuits.attribute(llama64, [batch], "logit_diff", "eap", density=0.1)
     with pytest.raises(ValueError, match="reference"):
         fxcircuits.attribute(llama64, [batch], "logit_diff", "eap", ablation="mean")

@@ -772,6 +772,27 @@ def test_a_learned_mask_is_trained_to_the_size_asked_for(folder, tmp_path):
         main(["discover", *_common(folder), "--warm-start", "eap", "--out", str(out)])
 
 
+
+def test_uniform_gradient_sampling_runs_its_steps_at_its_penalty(folder, tmp_path):
+    """``--method ugs`` trains for --steps steps at --penalty: the saved scores are ``attribute``'s with those
+    options, and the circuit their top --edges, pruned (MIB cuts UGS's scores by top-n, as other methods'); its
+    options are refused with other methods."""
+    model, tokenizer = load_model(folder)
+    cm, task = trace(model), tasks.load("ioi", tokenizer, size=8, batch_size=4)
+    scores = attribute(cm, task.batches, task.metric, "ugs", mask_steps=6, penalty=0.01, progress=False)
+    out = tmp_path / "ugs.json"
+    assert main(["discover", *_common(folder), "--method", "ugs", "--steps", "6", "--penalty", "0.01", "--edges",
+                 "12", "--out", str(out)]) == 0
+    circuit = Circuit.load(out)
+    assert {k: circuit.info[k] for k in ("method", "steps", "samples", "penalty")} == {
+        "method": "ugs", "steps": 6, "samples": 2, "penalty": 0.01}
+    torch.testing.assert_close(circuit.scores, scores.tensor)
+    assert circuit.edges == scores.topn(12).edges
+    with pytest.raises(SystemExit, match="--penalty is the lambda of uniform gradient sampling: add --method ugs"):
+        main(["discover", *_common(folder), "--method", "mask", "--penalty", "0.1", "--out", str(out)])
+    with pytest.raises(SystemExit, match="--steps counts .* training steps \\(mask and ugs\\); exact takes none"):
+        main(["discover", *_common(folder), "--method", "exact", "--steps", "3", "--out", str(out)])
+
 def test_selections_acdc_threshold_and_nodes(folder, tmp_path):
     """``--method acdc`` cuts its circuit at τ on the signed score (the edges ACDC kept), ``--threshold`` being τ;
     ``--selection threshold`` on another method keeps |score| ≥ the threshold; ``--nodes`` cuts a node-level
@@ -898,7 +919,7 @@ def test_refused_input_is_one_line_and_traceback_shows_where(tmp_path, capsys):
     for tolerance in ("nan", "-1"):
         with pytest.raises(SystemExit):
             main(["check", "--tolerance", tolerance])
-        assert f"'{tolerance}': give a tolerance of 0 or more" in capsys.readouterr().err
+        assert f"'{tolerance}': give a number of 0 or more" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError):
         main(["--traceback", "show", missing, "--out", str(tmp_path / "c.svg")])
 

@@ -776,7 +776,7 @@ def test_a_metric_without_a_gradient_is_refused_by_the_methods_that_take_one(lla
     def accuracy(logits, batch):
         return (fxcircuits.metrics.logits_at_answer(logits, batch).argmax(-1) == batch["correct"][:, 0]).float()
     for method, options in (("eap", {}), ("eap-ig-inputs", {}), ("clean-corrupted", {}), ("eap-ig-activations", {}),
-                            ("mask", {"mask_steps": 2, "warm_start": None})):
+                            ("mask", {"mask_steps": 2, "warm_start": None}), ("ugs", {"mask_steps": 2})):
         with pytest.raises(ValueError, match=f"{method!r} takes the metric's gradient, and this metric's value "
                                              "carries none .* or score with method='exact' or 'acdc'"):
             fxcircuits.attribute(llama, [_batch()], accuracy, method, progress=False, **options)

@@ -340,11 +340,27 @@ def test_a_mask_learned_by_span_moves_the_gates_that_matter(llama64, prompts):
     assert runs[0].info["circuit_distance"] == pytest.approx(float((patched - model).abs().mean()), rel=1e-6)
 
 
+
+def test_uniform_gradient_sampling_by_span_moves_the_edges_that_matter(llama64, prompts):
+    """An edge per class: where both prompts agree, and at the first row's padding (the rest), patching changes
+    nothing, and the penalty alone moves those edges, all alike, down from where they start (σ(1)); at the tokens
+    that differ the distance pulls them apart.  Deterministic given the seed."""
+    batch = _shared_and_changed(prompts)
+    runs = [fxcircuits.attribute_by_span(llama64, [batch], "logit_diff", "ugs", mask_steps=40, seed=3,
+                                         progress=False) for _ in range(2)]
+    assert torch.equal(runs[0].tensor, runs[1].tensor) and runs[0].tensor.shape == (3, len(llama64.graph.edges))
+    start = torch.sigmoid(torch.tensor(1.0, dtype=torch.float64))
+    for idle in ("shared", "rest"):
+        kept = runs[0].span(idle).tensor
+        assert kept.max() < start and kept.max() - kept.min() < 1e-3, idle
+    changed = runs[0].span("changed").tensor
+    assert changed.max() - changed.min() > 0.3
+
 def test_scores_by_span_need_spans_and_a_method(llama, prompts):
     batch = _spanned(prompts)
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         fxcircuits.attribute_by_span(llama, [batch], "logit_diff", "nope")
-    with pytest.raises(TypeError, match="options of method='mask'"):
+    with pytest.raises(TypeError, match=r"options of a learned mask \(method 'mask' or 'ugs'\), not of 'exact'"):
         fxcircuits.attribute_by_span(llama, [batch], "logit_diff", "exact", density=0.1)
     with pytest.raises(ValueError, match="no spans"):
         fxcircuits.attribute_by_span(llama, [{k: v for k, v in batch.items() if k != "spans"}], "logit_diff", "eap")
