@@ -214,7 +214,8 @@ def uniform_gradient_sampling(cm: CircuitModel, prepared: list[Prepared], metric
         torch.nn.utils.clip_grad_norm_([logits], UGS_CLIP)
         optimizer.step()
         optimizer.zero_grad()
-        bar.set_postfix(distance=f"{sum(total):.3g}", kept=f"{torch.sigmoid(logits).mean().item():.3f}",
+        ran = total[-math.ceil(samples / calls.size):]  # the calls that ran to the end, after any out of memory
+        bar.set_postfix(distance=f"{sum(ran):.3g}", kept=f"{torch.sigmoid(logits).mean().item():.3f}",
                         refresh=False)
     return torch.sigmoid(logits.detach().double())
 
