@@ -321,8 +321,8 @@ def _add_check(commands) -> None:
                                 "and direct logit attribution's sums.  Prints each check's largest difference over "
                                 "the batches, and exits 1 if any differs past the tolerance, naming the batches.")
     _model_options(check)
-    check.add_argument("--tolerance", type=_non_negative, help="the largest difference that passes, as a fraction of the "
-                       "largest |logit| (default: 1e-4 in float32, 32 units in the last place in bfloat16/float16)")
+    check.add_argument("--tolerance", type=_non_negative, help="the largest difference that passes, as a fraction of "
+                       "the largest |logit| (default: 1e-4 in float32, 32 units in the last place in bfloat16/float16)")
     check.set_defaults(run=_check)
 
 

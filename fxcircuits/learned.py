@@ -68,11 +68,11 @@ def edge_pruning(cm: CircuitModel, prepared: list[Prepared], metric, progress: b
     than maximising the metric: a mask that maximises it finds runs far past the model's own value.
 
     The gates start ranked by the scores ``prior()`` gives (a gradient method's on the same batches, the warm
-    start, run once the settings are checked; None starts them all alike).  Gates that start alike and fully open get no gradient (the hard-concrete clamps them
-    at 1), so the first closures are blind: on greater-than, where patching the year's path anywhere flips the
-    answer, they cut it and left the mask where no gate has a gradient (faithfulness 0.000 at 1%), and on eight
-    IOI prompts the same befell it (0.001); started from EAP-IG's ranking, it kept 0.85 and 1.33
-    (bench/RESULTS.md).
+    start, run once the settings are checked; None starts them all alike).  Gates that start alike and fully open
+    get no gradient (the hard-concrete clamps them at 1), so the first closures are blind: on greater-than, where
+    patching the year's path anywhere flips the answer, they cut it and left the mask where no gate has a gradient
+    (faithfulness 0.000 at 1%), and on eight IOI prompts the same befell it (0.001); started from EAP-IG's ranking,
+    it kept 0.85 and 1.33 (bench/RESULTS.md).
 
     Once the gates are held at the density, the steps train the circuit that will be kept rather than samples
     around it: the ``density`` gates most surely open, shut hard, with the gradient of their probabilities
