@@ -21,8 +21,7 @@ from tqdm.auto import tqdm
 from .caller import gradients
 from .circuit import count_of, undangled
 from .model import CircuitModel
-from .patching import class_keep, dense_keep
-from .runs import Calls, Prepared, clean_values, differentiable, examples, mask_shape, not_finite
+from .runs import Calls, Prepared, clean_values, differentiable, examples, keep_of, mask_shape, not_finite
 
 UGS_START = 1.0  # every edge's logit at the start: kept in σ(1) = 73% of samples, as UGS starts
 UGS_CLIP = 5.0  # the largest norm of a step's gradient, as UGS clips it
@@ -39,8 +38,7 @@ class Distances:
     def __call__(self, i: int, masks: torch.Tensor) -> torch.Tensor:
         """[n_masks, batch] on batch ``i``."""
         cm, p = self.cm, self.prepared[i]
-        keep = (dense_keep(cm.graph, masks[:, 0].to(cm.device), device=cm.device) if self.spans is None
-                else class_keep(cm.graph, masks.to(cm.device), None, masks.shape[1], device=cm.device))
+        keep = keep_of(cm, masks[:, 0] if self.spans is None else masks, self.spans)
         where = None if self.spans is None else p.classes(self.spans)
         found = (p.measure(cm, self.metric, keep, where=where) - self.model[i]).abs()
         if not found.isfinite().all():

@@ -145,13 +145,21 @@ def metric_values(cm: CircuitModel, prepared: list[Prepared], metric, masks: tor
     """The metric of every example under every edge mask [n, E], patched in one call per batch: [n, examples].
     With ``spans``, the masks are positional, [n, classes, E]: one per class of positions, the spans named and
     the rest (``data.position_classes``), each applied at its class's tokens of each prompt."""
-    keep = (dense_keep(cm.graph, masks, device=cm.device) if spans is None
-            else class_keep(cm.graph, masks, None, masks.shape[1], device=cm.device))
+    keep = keep_of(cm, masks, spans)
     with torch.no_grad():
         values = [p.measure(cm, metric, keep, recorded=p.recorded, where=None if spans is None else p.classes(spans))
                   for p in prepared]
     return torch.cat(values, -1).cpu()
 
+
+
+def keep_of(cm: CircuitModel, masks: torch.Tensor, spans: list[str] | None) -> torch.Tensor:
+    """Edge masks [n, E], or with ``spans`` positional ones [n, classes, E], as the block a patched call reads,
+    on the model's device."""
+    masks = masks.to(cm.device)
+    if spans is None:
+        return dense_keep(cm.graph, masks, device=cm.device)
+    return class_keep(cm.graph, masks, None, masks.shape[1], device=cm.device)
 
 def ends(graph) -> torch.Tensor:
     """The two masks faithfulness is measured between, [2, E]: every edge kept (the model), every edge patched."""
