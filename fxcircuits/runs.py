@@ -152,7 +152,6 @@ def metric_values(cm: CircuitModel, prepared: list[Prepared], metric, masks: tor
     return torch.cat(values, -1).cpu()
 
 
-
 def keep_of(cm: CircuitModel, masks: torch.Tensor, spans: list[str] | None) -> torch.Tensor:
     """Edge masks [n, E], or with ``spans`` positional ones [n, classes, E], as the block a patched call reads,
     on the model's device."""
@@ -160,6 +159,7 @@ def keep_of(cm: CircuitModel, masks: torch.Tensor, spans: list[str] | None) -> t
     if spans is None:
         return dense_keep(cm.graph, masks, device=cm.device)
     return class_keep(cm.graph, masks, None, masks.shape[1], device=cm.device)
+
 
 def ends(graph) -> torch.Tensor:
     """The two masks faithfulness is measured between, [2, E]: every edge kept (the model), every edge patched."""
