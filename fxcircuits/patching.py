@@ -213,7 +213,7 @@ class DeltaStore:
         there is one (``Scratch``: fresh memory this size is mapped afresh by the OS every time).  Each product
         replaces the one before, which no reader holds: ``carried`` hands out sums computed from it, never views."""
         weights = self._weights(0, len(rows), first, last, rows)
-        shape = weights.shape[0], last - first, rows.shape[2]
+        shape = last - first, weights.shape[0], rows.shape[2]
         out = None if self.scratch is None else self.scratch.take(rows, shape, "sums")
         return _dense_rows(weights, rows, out=out, partition=self.partition)
 
@@ -367,19 +367,21 @@ class Partition:
     def dense(self, weights: torch.Tensor, rows: torch.Tensor, base: torch.Tensor | None,
               out: torch.Tensor | None) -> torch.Tensor:
         """``_dense_rows``: [d, n, x] = base[n, x] + Σ_u weights[n, u, d] · rows[u, n, x], written into ``out``
-        [n, d, x] where given; weights [n, u, d], rows [u, n, x]."""
+        [d, n, x] where given; weights [n, u, d], rows [u, n, x]."""
         n_masks, n_up, n_readers = weights.shape
-        out = rows.new_empty(n_masks, n_readers, rows.shape[2]) if out is None else out
+        out = rows.new_empty(n_readers, n_masks, rows.shape[2]) if out is None else out
         if base is None:
             out.zero_()
         else:
-            out.copy_(torch.broadcast_to(base.reshape(n_masks, 1, -1), out.shape))
-        spread = out.view(n_masks, n_readers, self.points, -1)
+            out.copy_(torch.broadcast_to(base, out.shape))
+        spread = out.view(n_readers, n_masks, self.points, -1)
         self._fill(rows)
         for c, class_rows, at, _ in self._classes(n_up):
-            product = torch.bmm(weights.index_select(1, class_rows).transpose(1, 2), self._own(c, len(class_rows)))
-            spread.index_add_(2, at, product.view(n_masks, n_readers, len(at), -1))
-        return out.transpose(0, 1)
+            own = self._own(c, len(class_rows))
+            product = own.new_empty(n_readers, n_masks, own.shape[2])  # in the output's layout (``_dense_rows``)
+            torch.bmm(weights.index_select(1, class_rows).transpose(1, 2), own, out=product.transpose(0, 1))
+            spread.index_add_(2, at, product.view(n_readers, n_masks, len(at), -1))
+        return out
 
     def grad_keep(self, rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """``TorchProducts.grad_keep``: [n, u, d] = − Σ_x rows[u, n, x] · grad[d, n, x], each class's rows read
@@ -397,7 +399,7 @@ class Partition:
     def grad_differences(self, weights: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """The gradient of the stored nodes' differences [nodes, n, x] — of which each class's rows are the
         weighted copies — from the gradient of the readers' sums, grad [d, n, x], and 1 − keep, weights
-        [n, d, rows]: at each position, Σ_d weights[n, d, u] · grad[d, n, x] for u the row of its own class,
+        [n, d, rows] (keep − 1 gives the writes' gradient, ``_writes_grad``): at each position, Σ_d weights[n, d, u] · grad[d, n, x] for u the row of its own class,
         times that class's weight there (``TorchProducts.grad_rows``' dense route and ``_unweighted`` in one)."""
         n_masks, n_readers, n_up = weights.shape
         nodes = n_up // len(self.rows)
@@ -513,15 +515,21 @@ def _dense_rows(weights: torch.Tensor, rows: torch.Tensor, base: torch.Tensor | 
                out: torch.Tensor | None = None, partition: Partition | None = None) -> torch.Tensor:
     """``weighted_rows``' dense route: one bmm over the masks, [n, d, u] @ [n, u, x], the base added by the same
     call (einsum would reach the same bmm through a dozen view ops, and where the host sets the pace each costs as
-    much as the product).  ``out``: where to write the product, [n, d, x], when there is no base.  Rows in
-    classes that lie apart (``partition``) multiply at their own class's positions alone."""
+    much as the product).  The bmm writes straight into the output's layout, [d, n, x] (``out`` where given), as
+    a transposed view: its own layout, [n, d, x], would be copied by every reader's reshape — on SmolLM2 a
+    gradient's two products spent a fifth of their time in that copy.  Rows in classes that lie apart
+    (``partition``) multiply at their own class's positions alone."""
     if partition is not None:
         return partition.dense(weights, rows, base, out)
+    n_masks, _, n_readers = weights.shape
+    out = rows.new_empty(n_readers, n_masks, rows.shape[2]) if out is None else out
     product = weights.transpose(1, 2), rows.transpose(0, 1)
     if base is None:
-        return torch.bmm(*product, out=out).transpose(0, 1)
-    start = torch.broadcast_to(base, (weights.shape[2], *rows.shape[1:])).transpose(0, 1)
-    return torch.baddbmm(start, *product).transpose(0, 1)
+        torch.bmm(*product, out=out.transpose(0, 1))
+    else:
+        start = torch.broadcast_to(base, out.shape).transpose(0, 1)
+        torch.baddbmm(start, *product, out=out.transpose(0, 1))
+    return out
 
 
 CSR_ROW_ENTRIES = 24  # entries in an output row beyond which MKL's CSR product loses to torch's COO one (below)
@@ -714,26 +722,30 @@ class _Accumulate(torch.autograd.Function):
             grad_keep = ctx.products.grad_keep(ctx.rows.reshape(n_up, n_masks, -1), grad_rows).to(keep.dtype)
         grads = [None] * (2 * n_groups)
         if to_rows:
-            for i, part in enumerate(_differences_grad(ctx, grad_rows)):
+            for i, part in enumerate(_writes_grad(ctx, grad_rows)):
                 if part is not None and ctx.needs_input_grad[6 + i]:
-                    grads[i] = -_sum_to(part, ctx.write_shapes[i])  # summed over masks in a shared prefix
+                    grads[i] = _sum_to(part, ctx.write_shapes[i])  # summed over masks in a shared prefix
                 if part is not None and ctx.needs_input_grad[6 + n_groups + i]:
-                    grads[n_groups + i] = _sum_to(part, ctx.other_shapes[i])
+                    grads[n_groups + i] = -_sum_to(part, ctx.other_shapes[i])
         return (grad.sum(0), grad_keep, None, None, None, None, *grads)
 
 
-def _differences_grad(ctx, grad: torch.Tensor) -> list[torch.Tensor | None]:
-    """``_Accumulate.backward``: per upstream group, the gradient of its differences a_u(other) − a_u(run)
-    [n, rows of the masks, …] from the readers' ``grad`` [readers, n_masks, X]; None for a group not stored.
-    The rows were weighted by position as they were written, one row per class (``DeltaStore``)."""
+def _writes_grad(ctx, grad: torch.Tensor) -> list[torch.Tensor | None]:
+    """``_Accumulate.backward``: per upstream group, the gradient of this run's writes a_u(run) [n, rows of the
+    masks, …] — minus that of the differences a_u(other) − a_u(run) the rows hold — from the readers' ``grad``
+    [readers, n_masks, X]; None for a group not stored.  The rows were weighted by position as they were written,
+    one row per class (``DeltaStore``).
+
+    The sign is taken in the weights, or in place in the one fresh product that holds every group's gradient:
+    negating into new memory would cost what mapping it does, tens of MB a call on CPU (``Scratch``)."""
     per_group = [n for n, kept in zip(ctx.sizes, ctx.stored) if kept]
-    weights = None if ctx.partition is None else (1 - ctx.weights).transpose(1, 2).to(grad.dtype)
+    weights = None if ctx.partition is None else (ctx.weights - 1).transpose(1, 2).to(grad.dtype)
     if weights is not None and _route(weights, grad, False, ctx.partition) == "dense":
         flat = ctx.partition.grad_differences(weights, grad)
         classes = len(ctx.partition.rows)
         parts = iter(flat.reshape(len(flat), *ctx.rows.shape[1:]).split([n // classes for n in per_group]))
     else:
-        flat = ctx.products.grad_rows(ctx.weights, grad).reshape(ctx.rows.shape)
+        flat = ctx.products.grad_rows(ctx.weights, grad).reshape(ctx.rows.shape).neg_()
         parts = (_unweighted(part, ctx.where) for part in flat.split(per_group))
     return [next(parts) if kept else None for kept in ctx.stored]
 
