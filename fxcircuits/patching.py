@@ -399,8 +399,9 @@ class Partition:
     def grad_differences(self, weights: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """The gradient of the stored nodes' differences [nodes, n, x] — of which each class's rows are the
         weighted copies — from the gradient of the readers' sums, grad [d, n, x], and 1 − keep, weights
-        [n, d, rows] (keep − 1 gives the writes' gradient, ``_writes_grad``): at each position, Σ_d weights[n, d, u] · grad[d, n, x] for u the row of its own class,
-        times that class's weight there (``TorchProducts.grad_rows``' dense route and ``_unweighted`` in one)."""
+        [n, d, rows] (keep − 1 gives the writes' gradient: ``_writes_grad``): at each position,
+        Σ_d weights[n, d, u] · grad[d, n, x] for u the row of its own class, times that class's weight there
+        (``TorchProducts.grad_rows``' dense route and ``_unweighted`` in one)."""
         n_masks, n_readers, n_up = weights.shape
         nodes = n_up // len(self.rows)
         out = grad.new_empty(nodes, n_masks, grad.shape[2])
@@ -739,9 +740,9 @@ def _writes_grad(ctx, grad: torch.Tensor) -> list[torch.Tensor | None]:
     The sign is taken in the weights, or in place in the one fresh product that holds every group's gradient:
     negating into new memory would cost what mapping it does, tens of MB a call on CPU (``Scratch``)."""
     per_group = [n for n, kept in zip(ctx.sizes, ctx.stored) if kept]
-    weights = None if ctx.partition is None else (ctx.weights - 1).transpose(1, 2).to(grad.dtype)
-    if weights is not None and _route(weights, grad, False, ctx.partition) == "dense":
-        flat = ctx.partition.grad_differences(weights, grad)
+    weights = None if ctx.partition is None else (1 - ctx.weights).transpose(1, 2).to(grad.dtype)
+    if weights is not None and _route(weights, grad, False, ctx.partition) == "dense":  # routed as 1 − keep
+        flat = ctx.partition.grad_differences(weights.neg_(), grad)
         classes = len(ctx.partition.rows)
         parts = iter(flat.reshape(len(flat), *ctx.rows.shape[1:]).split([n // classes for n in per_group]))
     else:
